@@ -1,0 +1,209 @@
+"""The immutable data model and its content addressing.
+
+Every content asset (system prompt, message, conversation node) is a frozen msgspec Struct.
+Its canonical bytes are deterministic msgpack (map keys sorted, default-valued fields left
+out, so adding an optional field later does not change old digests); its digest is
+``blake3(kind byte || canonical bytes)``; its UUID is derived from that digest. What is
+hashed is exactly the encoded fields: no timestamps, no database ids.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from enum import IntEnum
+from typing import Any, ClassVar, Literal, TypeAlias
+from uuid import UUID
+
+import blake3
+import msgspec
+
+from immagent.ids import uuid_from_digest
+
+__all__ = [
+    "EMPTY_CONVERSATION",
+    "AgentRecord",
+    "Asset",
+    "ConversationNode",
+    "Digest",
+    "Kind",
+    "Message",
+    "Role",
+    "SystemPrompt",
+    "ToolCall",
+    "decode_asset",
+    "digest_of",
+    "encode",
+    "state_digest",
+]
+
+Digest: TypeAlias = bytes
+Role = Literal["user", "assistant", "tool"]
+
+
+class Kind(IntEnum):
+    """Asset kinds; the kind byte is hashed, so equal bytes of two kinds never collide."""
+
+    SYSTEM_PROMPT = 1
+    MESSAGE = 2
+    NODE = 3
+    AGENT_STATE = 4
+
+
+_encoder = msgspec.msgpack.Encoder(order="deterministic")
+
+
+def encode(obj: object) -> bytes:
+    """Canonical bytes of an asset (deterministic msgpack)."""
+    return _encoder.encode(obj)
+
+
+def digest_of(kind: Kind, body: bytes) -> Digest:
+    """The 32-byte blake3 digest of stored bytes; verification re-runs exactly this."""
+    hasher = blake3.blake3(bytes((kind,)))
+    hasher.update(body)
+    return hasher.digest()
+
+
+class _Content(msgspec.Struct, frozen=True, omit_defaults=True, dict=True, weakref=True):
+    """Shared behaviour of content assets: canonical body, digest and derived UUID."""
+
+    kind: ClassVar[Kind]
+
+    @functools.cached_property
+    def body(self) -> bytes:
+        """Canonical encoded bytes (what the store keeps)."""
+        return encode(self)
+
+    @functools.cached_property
+    def digest(self) -> Digest:
+        """blake3 over the kind byte and the canonical bytes."""
+        return digest_of(self.kind, self.body)
+
+    @property
+    def id(self) -> UUID:
+        """A UUID derived from the digest: same content, same id, in any store."""
+        return uuid_from_digest(self.digest)
+
+    def refs(self) -> tuple[Digest, ...]:
+        """Digests this asset points at (the edges garbage collection follows)."""
+        return ()
+
+
+class SystemPrompt(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True):
+    """A system prompt; stored once however many agents use it."""
+
+    text: str
+    kind: ClassVar[Kind] = Kind.SYSTEM_PROMPT
+
+
+class ToolCall(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A tool call requested by the model; ``arguments`` is the JSON text it produced."""
+
+    id: str
+    name: str
+    arguments: str = "{}"
+
+
+class Message(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True):
+    """One conversation message.
+
+    Assistant messages carry the token usage of the call that produced them and, for
+    audits, the model and the call parameters (``call_config``) that produced them.
+    Tool results carry ``tool_call_id`` and ``is_error``.
+    """
+
+    role: Role
+    content: str | None = None
+    tool_calls: tuple[ToolCall, ...] | None = None
+    tool_call_id: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    model: str | None = None
+    call_config: dict[str, Any] | None = None
+    is_error: bool = False
+    kind: ClassVar[Kind] = Kind.MESSAGE
+
+
+class ConversationNode(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True):
+    """A link of the conversation hash chain: its parent node and the messages it adds.
+
+    ``length`` is the number of messages from the root up to and including this node.
+    The empty conversation is the node with no parent and no messages.
+    """
+
+    parent: Digest | None = None
+    messages: tuple[Digest, ...] = ()
+    length: int = 0
+    kind: ClassVar[Kind] = Kind.NODE
+
+    def refs(self) -> tuple[Digest, ...]:
+        return self.messages if self.parent is None else (self.parent, *self.messages)
+
+    def extend(self, messages: Iterable[Message]) -> ConversationNode:
+        """The node that appends ``messages`` to this conversation."""
+        digests = tuple(m.digest for m in messages)
+        return ConversationNode(parent=self.digest, messages=digests,
+                                length=self.length + len(digests))
+
+
+EMPTY_CONVERSATION = ConversationNode()
+
+Asset: TypeAlias = SystemPrompt | Message | ConversationNode
+
+_decoders: dict[Kind, msgspec.msgpack.Decoder[Any]] = {
+    Kind.SYSTEM_PROMPT: msgspec.msgpack.Decoder(SystemPrompt),
+    Kind.MESSAGE: msgspec.msgpack.Decoder(Message),
+    Kind.NODE: msgspec.msgpack.Decoder(ConversationNode),
+}
+
+
+def decode_asset(kind: int, body: bytes) -> Asset:
+    """Decode stored bytes of a content asset (raises msgspec.DecodeError if malformed)."""
+    asset: Asset = _decoders[Kind(kind)].decode(body)
+    return asset
+
+
+class _StateContent(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What an agent state's digest pins (lineage and timestamps are not content)."""
+
+    name: str
+    model: str
+    system_prompt: Digest
+    conversation: Digest
+    model_config: dict[str, Any] = {}
+    metadata: dict[str, Any] = {}
+
+
+def state_digest(name: str, model: str, system_prompt: Digest, conversation: Digest,
+                 model_config: Mapping[str, Any], metadata: Mapping[str, Any]) -> Digest:
+    """Digest of an agent state's whole content.
+
+    The conversation digest pins every message transitively (a Merkle chain), so equal
+    digests mean equal prompt, model, config, metadata and full conversation.
+    """
+    content = _StateContent(name=name, model=model, system_prompt=system_prompt,
+                            conversation=conversation, model_config=dict(model_config),
+                            metadata=dict(metadata))
+    return digest_of(Kind.AGENT_STATE, encode(content))
+
+
+class AgentRecord(msgspec.Struct, frozen=True):
+    """One stored agent state: identity and lineage plus the digests of its content."""
+
+    id: UUID
+    parent_id: UUID | None
+    created_at: datetime
+    name: str
+    model: str
+    system_prompt: Digest
+    conversation: Digest
+    model_config: dict[str, Any]
+    metadata: dict[str, Any]
+    digest: Digest
+
+    def expected_digest(self) -> Digest:
+        """Recompute the state digest from the fields (what verification compares)."""
+        return state_digest(self.name, self.model, self.system_prompt, self.conversation,
+                            self.model_config, self.metadata)

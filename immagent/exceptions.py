@@ -1,0 +1,96 @@
+"""The ImmAgentError tree: every error the library raises on purpose is one of these."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+__all__ = [
+    "AgentNotFoundError",
+    "AgentNotRegisteredError",
+    "AssetNotFoundError",
+    "BundleError",
+    "ImmAgentError",
+    "IntegrityError",
+    "LLMError",
+    "MessageNotFoundError",
+    "SchemaVersionError",
+    "StoreClosedError",
+    "StoreConnectionError",
+    "StoreError",
+    "ToolExecutionError",
+    "ValidationError",
+]
+
+
+class ImmAgentError(Exception):
+    """Base class of every error raised by immagent."""
+
+
+class ValidationError(ImmAgentError, ValueError):
+    """Input was rejected before anything was written; ``field`` names the culprit."""
+
+    def __init__(self, field: str, message: str, value: Any = None) -> None:
+        self.field = field
+        self.value = value
+        super().__init__(f"{field}: {message}")
+
+
+class AssetNotFoundError(ImmAgentError, LookupError):
+    """A referenced asset is not in the store."""
+
+    def __init__(self, what: str, key: UUID | bytes | str) -> None:
+        self.key = key
+        shown = key.hex() if isinstance(key, bytes) else str(key)
+        super().__init__(f"{what} not found: {shown}")
+
+
+class AgentNotFoundError(AssetNotFoundError):
+    """No agent state with this id exists (never created, or deleted)."""
+
+    def __init__(self, agent_id: UUID | str) -> None:
+        self.agent_id = agent_id
+        super().__init__("agent", agent_id)
+
+
+class MessageNotFoundError(AssetNotFoundError):
+    """A conversation references a message the store does not hold."""
+
+    def __init__(self, key: UUID | bytes | str) -> None:
+        super().__init__("message", key)
+
+
+class AgentNotRegisteredError(ImmAgentError):
+    """The agent is not bound to an open Store (built by hand, or its store was closed)."""
+
+
+class StoreError(ImmAgentError):
+    """The storage backend failed; the message says what and the cause is chained."""
+
+
+class StoreConnectionError(StoreError):
+    """The database could not be reached or opened (the message never shows a password)."""
+
+
+class StoreClosedError(StoreError):
+    """The Store was used after close()."""
+
+
+class SchemaVersionError(StoreError):
+    """The database holds a schema version this immagent does not know, or none yet."""
+
+
+class IntegrityError(ImmAgentError):
+    """Stored or exported data does not match its digest or has a dangling reference."""
+
+
+class BundleError(IntegrityError):
+    """An audit bundle is unreadable, malformed or tampered with."""
+
+
+class LLMError(ImmAgentError):
+    """The language-model call failed (after retries, where retrying made sense)."""
+
+
+class ToolExecutionError(ImmAgentError):
+    """An MCP tool could not be run, or its server failed."""

@@ -1,0 +1,47 @@
+"""Identifier helpers: time-ordered UUIDv7 for agent states, UUIDv8 derived from digests."""
+
+from __future__ import annotations
+
+import os
+import time
+from uuid import UUID
+
+__all__ = ["uuid7", "uuid_from_digest"]
+
+_last_ms = 0
+_counter = 0
+
+
+def uuid7() -> UUID:
+    """A fresh RFC 9562 version-7 UUID: 48-bit Unix milliseconds, then randomness.
+
+    Within one millisecond a 12-bit counter keeps the ids of one process increasing, so
+    sorting agent ids sorts them by creation time.
+    """
+    global _last_ms, _counter
+    ms = time.time_ns() // 1_000_000
+    if ms <= _last_ms:
+        ms = _last_ms
+        _counter += 1
+        if _counter > 0xFFF:  # counter exhausted: borrow the next millisecond
+            ms += 1
+            _counter = 0
+    else:
+        _counter = 0
+    _last_ms = ms
+    rand = int.from_bytes(os.urandom(8), "big")
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80
+    value |= 0x7 << 76 | _counter << 64
+    value |= 0b10 << 62 | rand & ((1 << 62) - 1)
+    return UUID(int=value)
+
+
+def uuid_from_digest(digest: bytes) -> UUID:
+    """The version-8 UUID that names a content asset: its digest's first 122 bits.
+
+    The same content always gets the same UUID, so ids can be compared across stores.
+    """
+    raw = bytearray(digest[:16])
+    raw[6] = (raw[6] & 0x0F) | 0x80  # version 8 (custom)
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return UUID(bytes=bytes(raw))

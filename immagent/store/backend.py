@@ -1,0 +1,103 @@
+"""The narrow interface every storage backend implements (PostgreSQL, SQLite).
+
+Backends store bytes and records; they know nothing of caching, validation or agents'
+behaviour. Every method is a coroutine; each write method is one transaction, so a failed
+call writes nothing. Backends raise ``StoreError`` subclasses, never raw driver errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import NamedTuple, Protocol
+from uuid import UUID
+
+from immagent.assets import AgentRecord, Asset, Digest
+
+__all__ = ["Backend", "GCResult", "StoredAsset", "stored"]
+
+#: Version of the storage layout written by init_schema(); bump it with a migration.
+SCHEMA_VERSION = 1
+
+
+class StoredAsset(NamedTuple):
+    """One row of the asset log: digest, kind, outgoing references, canonical body."""
+
+    digest: Digest
+    kind: int
+    refs: tuple[Digest, ...]
+    body: bytes
+
+
+def stored(asset: Asset) -> StoredAsset:
+    """The row that stores ``asset``."""
+    return StoredAsset(asset.digest, int(asset.kind), asset.refs(), asset.body)
+
+
+class GCResult(NamedTuple):
+    """What one gc sweep removed."""
+
+    assets_removed: int
+    bytes_freed: int
+    assets_kept: int
+
+
+class Backend(Protocol):
+    """Storage operations. Asset rows are append-only; agent rows are inserted or deleted."""
+
+    async def close(self) -> None:
+        """Release connections; idempotent."""
+
+    async def ping(self) -> bool:
+        """True when the database answers a trivial query."""
+
+    async def init_schema(self) -> None:
+        """Create the tables if missing (idempotent); refuse an unknown schema version."""
+
+    async def check_schema(self) -> None:
+        """Raise SchemaVersionError unless the schema exists at SCHEMA_VERSION."""
+
+    async def write(self, assets: Sequence[StoredAsset], agents: Sequence[AgentRecord]) -> None:
+        """In one transaction: insert assets (ignoring ones already present) and agent rows.
+
+        Holds the shared side of the gc lock, so a concurrent sweep can never delete an
+        asset this transaction deduplicated onto.
+        """
+
+    async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, tuple[int, bytes]]:
+        """Fetch (kind, body) for the digests present; absent ones are left out."""
+
+    async def get_chain(self, head: Digest) -> list[tuple[Digest, bytes]]:
+        """The conversation nodes from ``head`` back to the root, as (digest, body),
+        newest first, in one round trip. Stops early at a missing node."""
+
+    async def get_agents(self, ids: Sequence[UUID]) -> list[AgentRecord]:
+        """The agent rows with these ids, in no particular order; missing ones left out."""
+
+    async def list_agents(self, limit: int, offset: int, name: str | None) -> list[AgentRecord]:
+        """Agent rows in creation order (oldest first), optionally with an exact name."""
+
+    async def count_agents(self, name: str | None) -> int:
+        """Number of agent rows, optionally with an exact name."""
+
+    async def lineage(self, agent_id: UUID) -> list[AgentRecord]:
+        """The agent and its ancestors, newest first, in one round trip; stops cleanly
+        at a parent that was deleted."""
+
+    async def children(self, agent_id: UUID) -> list[UUID]:
+        """Ids of agent states whose parent is ``agent_id``."""
+
+    async def delete_agents(self, ids: Sequence[UUID]) -> int:
+        """Delete agent rows (never assets); returns how many existed."""
+
+    async def gc(self) -> GCResult:
+        """Delete every asset no agent row reaches through refs; exclusive gc lock held."""
+
+    def iter_assets(self, batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
+        """Every stored asset, in batches, for verification and export (bounded memory)."""
+        ...
+
+    async def asset_stats(self) -> dict[int, tuple[int, int]]:
+        """Per kind: (number of assets, total body bytes)."""
+
+    async def storage_bytes(self) -> int:
+        """Bytes the backend occupies on disk for immagent's tables (indexes included)."""

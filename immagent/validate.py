@@ -1,0 +1,100 @@
+"""Boundary validation: user input is checked and normalised here, before anything is hashed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+from uuid import UUID
+
+from immagent.exceptions import ValidationError
+
+__all__ = [
+    "MAX_INPUT_BYTES",
+    "MAX_NAME_CHARS",
+    "check_json_mapping",
+    "check_text",
+    "check_uuid",
+]
+
+#: Largest user input accepted by ``advance`` (UTF-8 bytes). Larger inputs are almost
+#: always a bug (a file read by mistake) and would blow any model's context anyway.
+MAX_INPUT_BYTES = 1_000_000
+#: Longest agent name or model string.
+MAX_NAME_CHARS = 1_000
+
+JSONValue = None | bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"]
+
+
+def check_text(field: str, value: object, *, max_bytes: int | None = None) -> str:
+    """Return ``value`` if it is a non-blank str without NUL characters, else raise.
+
+    Text is kept byte-exact (no Unicode normalisation): the digest pins what the model saw.
+    """
+    if not isinstance(value, str):
+        raise ValidationError(field, f"must be a str, got {type(value).__name__}", value)
+    if not value.strip():
+        raise ValidationError(field, "must not be empty", value)
+    if "\x00" in value:
+        raise ValidationError(field, "must not contain NUL characters", value)
+    if max_bytes is not None and len(value.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise ValidationError(field, f"is longer than the limit of {max_bytes} bytes", value)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(field, "must be valid Unicode (lone surrogate)", value) from None
+    return value
+
+
+def check_uuid(field: str, value: object) -> UUID:
+    """Accept a UUID or its string form; anything else is a ValidationError."""
+    if isinstance(value, UUID):
+        return value
+    if isinstance(value, str):
+        try:
+            return UUID(value)
+        except ValueError:
+            raise ValidationError(field, f"is not a valid UUID: {value!r}", value) from None
+    raise ValidationError(field, f"must be a UUID, got {type(value).__name__}", value)
+
+
+def check_json_mapping(field: str, value: object) -> dict[str, Any]:
+    """Validate a JSON-like mapping and return its canonical form.
+
+    Canonical means: keys are str, floats are finite, ``-0.0`` becomes ``0`` and integral
+    floats become ints (so ``temperature=1`` and ``temperature=1.0`` hash alike), tuples
+    become lists.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValidationError(field, f"must be a mapping, got {type(value).__name__}", value)
+    return {_key(field, k): _json(f"{field}.{k}", v) for k, v in value.items()}
+
+
+def _key(field: str, key: object) -> str:
+    if not isinstance(key, str):
+        raise ValidationError(field, f"keys must be str, got {key!r}", key)
+    if "\x00" in key:
+        raise ValidationError(field, "keys must not contain NUL characters", key)
+    return key
+
+
+def _json(field: str, value: object) -> Any:
+    if value is None or isinstance(value, bool | str):
+        if isinstance(value, str) and "\x00" in value:
+            raise ValidationError(field, "must not contain NUL characters", value)
+        return value
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**64:
+            raise ValidationError(field, "integer out of the 64-bit range", value)
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValidationError(field, f"must be a finite number, got {value!r}", value)
+        return int(value) if value.is_integer() and abs(value) < 2**53 else value
+    if isinstance(value, list | tuple):
+        return [_json(f"{field}[{i}]", v) for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        return {_key(field, k): _json(f"{field}.{k}", v) for k, v in value.items()}
+    raise ValidationError(field, f"must be JSON-like, got {type(value).__name__}", value)
