@@ -129,13 +129,15 @@ class Message(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True
 class ConversationNode(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True):
     """A link of the conversation hash chain: its parent node and the messages it adds.
 
-    ``length`` is the number of messages from the root up to and including this node.
-    The empty conversation is the node with no parent and no messages.
+    ``length`` and ``size`` are the number of messages and their total encoded bytes from
+    the root up to and including this node: what a copy-per-step layout would store, known
+    without reading the history. The empty conversation has no parent and no messages.
     """
 
     parent: Digest | None = None
     messages: tuple[Digest, ...] = ()
     length: int = 0
+    size: int = 0
     kind: ClassVar[Kind] = Kind.NODE
 
     def refs(self) -> tuple[Digest, ...]:
@@ -143,9 +145,10 @@ class ConversationNode(_Content, frozen=True, omit_defaults=True, dict=True, wea
 
     def extend(self, messages: Iterable[Message]) -> ConversationNode:
         """The node that appends ``messages`` to this conversation."""
-        digests = tuple(m.digest for m in messages)
-        return ConversationNode(parent=self.digest, messages=digests,
-                                length=self.length + len(digests))
+        added = tuple(messages)
+        return ConversationNode(parent=self.digest, messages=tuple(m.digest for m in added),
+                                length=self.length + len(added),
+                                size=self.size + sum(len(m.body) for m in added))
 
 
 EMPTY_CONVERSATION = ConversationNode()

@@ -13,7 +13,7 @@ from uuid import UUID
 
 from immagent.assets import AgentRecord, Asset, Digest
 
-__all__ = ["Backend", "GCResult", "StoredAsset", "stored"]
+__all__ = ["SCHEMA_VERSION", "Backend", "GCResult", "StoredAsset", "external_refs", "stored"]
 
 #: Version of the storage layout written by init_schema(); bump it with a migration.
 SCHEMA_VERSION = 1
@@ -31,6 +31,22 @@ class StoredAsset(NamedTuple):
 def stored(asset: Asset) -> StoredAsset:
     """The row that stores ``asset``."""
     return StoredAsset(asset.digest, int(asset.kind), asset.refs(), asset.body)
+
+
+def external_refs(assets: Sequence[StoredAsset], agents: Sequence[AgentRecord]) -> list[Digest]:
+    """Digests a write points at but does not itself contain.
+
+    A backend checks, inside the write transaction and under the gc lock, that these still
+    exist: otherwise a sweep that ran just before could leave the new state dangling.
+    """
+    inside = {a.digest for a in assets}
+    wanted: set[Digest] = set()
+    for a in assets:
+        wanted.update(a.refs)
+    for r in agents:
+        wanted.add(r.system_prompt)
+        wanted.add(r.conversation)
+    return sorted(wanted - inside)
 
 
 class GCResult(NamedTuple):

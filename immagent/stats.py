@@ -1,0 +1,32 @@
+"""Storage statistics: what is stored, and what sharing saves compared with copying."""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = ["StoreStats"]
+
+
+class StoreStats(msgspec.Struct, frozen=True):
+    """A snapshot of a store's size.
+
+    ``logical_bytes`` is what a copy-per-state layout would hold: for every agent state,
+    its system prompt plus every message of its conversation. ``payload_bytes`` is what
+    immagent holds in asset bodies; ``disk_bytes`` adds rows, indexes and agent rows.
+    """
+
+    agents: int
+    assets_by_kind: dict[str, tuple[int, int]]  # kind name -> (count, body bytes)
+    payload_bytes: int
+    disk_bytes: int
+    logical_bytes: int
+
+    @property
+    def assets(self) -> int:
+        """Number of stored assets of every kind."""
+        return sum(n for n, _ in self.assets_by_kind.values())
+
+    @property
+    def sharing_ratio(self) -> float:
+        """logical / payload bytes: how many times over sharing pays (1.0 = no sharing)."""
+        return self.logical_bytes / self.payload_bytes if self.payload_bytes else 1.0

@@ -1,0 +1,383 @@
+"""PostgreSQL backend: psycopg 3 async with a psycopg_pool connection pool.
+
+Concurrency with gc: every write transaction takes the *shared* side of one advisory lock
+and gc takes the *exclusive* side, so a sweep never runs while a writer is between
+"this asset already exists, I will point at it" and its commit. Writers also check, under
+that lock, that every asset they point at and do not insert themselves still exists, which
+closes the other window (a sweep that ran before the writer's transaction began).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import psycopg.conninfo
+import psycopg_pool
+from psycopg import errors as pg_errors
+
+from immagent.assets import AgentRecord, Digest, Kind
+from immagent.exceptions import (
+    AssetNotFoundError,
+    SchemaVersionError,
+    StoreClosedError,
+    StoreConnectionError,
+    StoreError,
+)
+from immagent.store._codec import decode_map, encode_map
+from immagent.store.backend import SCHEMA_VERSION, GCResult, StoredAsset, external_refs
+from immagent.store.schema import schema_sql
+
+__all__ = ["PostgresBackend", "safe_dsn"]
+
+log = logging.getLogger("immagent")
+
+# Advisory lock keys (arbitrary constants, namespaced by a fixed high word).
+_GC_LOCK = 0x1A3A_6E70_0000_0001
+_SCHEMA_LOCK = 0x1A3A_6E70_0000_0002
+
+_AGENT_COLUMNS = ("id, parent_id, created_at, name, model, system_prompt, conversation, "
+                  "model_config, metadata, digest")
+
+
+def safe_dsn(dsn: str) -> str:
+    """The DSN with any password removed, fit for error messages and logs."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<unparseable DSN>"
+    params.pop("password", None)
+    host, port, db = params.get("host", "localhost"), params.get("port", 5432), params.get("dbname")
+    user = str(params.get("user") or "")
+    return f"postgresql://{user + '@' if user else ''}{host}:{port}/{db or ''}"
+
+
+@contextlib.contextmanager
+def _mapped(operation: str) -> Iterator[None]:
+    """Translate driver errors into the ImmAgentError tree, naming the operation."""
+    try:
+        yield
+    except psycopg_pool.PoolClosed as e:
+        raise StoreClosedError(f"{operation}: the store is closed") from e
+    except psycopg_pool.PoolTimeout as e:
+        raise StoreConnectionError(f"{operation}: no database connection available ({e})") from e
+    except pg_errors.UndefinedTable as e:
+        raise SchemaVersionError(
+            f"{operation}: immagent tables are missing; call `await store.init_schema()`"
+        ) from e
+    except psycopg.OperationalError as e:
+        raise StoreConnectionError(f"{operation}: database connection failed: {e}") from e
+    except psycopg.Error as e:
+        raise StoreError(f"{operation} failed: {type(e).__name__}: {e}") from e
+
+
+def _record(row: tuple[Any, ...]) -> AgentRecord:
+    return AgentRecord(
+        id=row[0], parent_id=row[1], created_at=row[2], name=row[3], model=row[4],
+        system_prompt=bytes(row[5]), conversation=bytes(row[6]),
+        model_config=decode_map(bytes(row[7])), metadata=decode_map(bytes(row[8])),
+        digest=bytes(row[9]),
+    )
+
+
+class PostgresBackend:
+    """Backend over one psycopg_pool.AsyncConnectionPool."""
+
+    def __init__(self, pool: psycopg_pool.AsyncConnectionPool[Any], dsn: str) -> None:
+        self._pool = pool
+        self.dsn = safe_dsn(dsn)
+
+    @classmethod
+    async def open(cls, dsn: str, *, min_size: int = 2, max_size: int = 10,
+                   max_inactive_connection_lifetime: float = 300.0,
+                   connect_timeout: float = 10.0) -> PostgresBackend:
+        """Connect, failing fast with a clear error when the server is unreachable."""
+        shown = safe_dsn(dsn)
+        # One direct connection first: the pool would only retry silently until timeout.
+        try:
+            probe = await psycopg.AsyncConnection.connect(dsn, connect_timeout=int(connect_timeout))
+        except psycopg.Error as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            password = _password(dsn)
+            if password:
+                reason = reason.replace(password, "***")
+            raise StoreConnectionError(f"cannot connect to {shown}: {reason}") from None
+        await probe.close()
+        pool: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
+            dsn, min_size=min_size, max_size=max_size,
+            max_idle=max_inactive_connection_lifetime, timeout=30.0, open=False,
+            name="immagent",
+        )
+        with _mapped("connect"):
+            await pool.open(wait=True, timeout=connect_timeout)
+        return cls(pool, dsn)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def ping(self) -> bool:
+        try:
+            async with self._pool.connection(timeout=5.0) as conn:
+                await conn.execute("SELECT 1")
+            return True
+        except (psycopg.Error, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed):
+            return False
+
+    # -- schema ---------------------------------------------------------------------------
+
+    async def init_schema(self) -> None:
+        with _mapped("init_schema"):
+            async with self._pool.connection() as conn, conn.transaction():
+                # Serialise concurrent initialisers: CREATE ... IF NOT EXISTS can still race.
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                found = await self._version(conn)
+                if found is not None and found != SCHEMA_VERSION:
+                    raise _unknown_version(found)
+                await conn.execute(schema_sql().encode())
+                await conn.execute(
+                    "INSERT INTO immagent_schema (version) VALUES (%s) ON CONFLICT DO NOTHING",
+                    (SCHEMA_VERSION,),
+                )
+
+    async def check_schema(self) -> None:
+        with _mapped("check_schema"):
+            async with self._pool.connection() as conn:
+                found = await self._version(conn)
+        if found is None:
+            raise SchemaVersionError("no immagent schema here; call `await store.init_schema()`")
+        if found != SCHEMA_VERSION:
+            raise _unknown_version(found)
+
+    @staticmethod
+    async def _version(conn: psycopg.AsyncConnection[Any]) -> int | None:
+        cur = await conn.execute("SELECT to_regclass('immagent_schema') IS NOT NULL")
+        row = await cur.fetchone()
+        if not row or not row[0]:
+            return None
+        cur = await conn.execute("SELECT max(version) FROM immagent_schema")
+        row = await cur.fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def write(self, assets: Sequence[StoredAsset], agents: Sequence[AgentRecord]) -> None:
+        external = external_refs(assets, agents)
+        with _mapped("write"):
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (_GC_LOCK,))
+                async with conn.cursor() as cur:
+                    if assets:
+                        await cur.executemany(
+                            "INSERT INTO immagent_assets (digest, kind, refs, body) "
+                            "VALUES (%s, %s, %s, %s) ON CONFLICT (digest) DO NOTHING",
+                            [(a.digest, a.kind, list(a.refs), a.body) for a in assets],
+                        )
+                    if external:
+                        await cur.execute(
+                            "SELECT d FROM unnest(%s::bytea[]) AS d WHERE NOT EXISTS "
+                            "(SELECT 1 FROM immagent_assets WHERE digest = d)",
+                            (external,),
+                        )
+                        missing = await cur.fetchall()
+                        if missing:
+                            raise AssetNotFoundError("referenced asset", bytes(missing[0][0]))
+                    if agents:
+                        await cur.executemany(
+                            f"INSERT INTO immagent_agents ({_AGENT_COLUMNS}) "
+                            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                            [_agent_params(a) for a in agents],
+                        )
+
+    async def delete_agents(self, ids: Sequence[UUID]) -> int:
+        with _mapped("delete"):
+            async with self._pool.connection() as conn, conn.transaction():
+                cur = await conn.execute(
+                    "DELETE FROM immagent_agents WHERE id = ANY(%s)", (list(ids),)
+                )
+                return int(cur.rowcount)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, tuple[int, bytes]]:
+        if not digests:
+            return {}
+        with _mapped("get_assets"):
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT digest, kind, body FROM immagent_assets WHERE digest = ANY(%s)",
+                    (list(digests),),
+                )
+                rows = await cur.fetchall()
+        return {bytes(d): (k, bytes(b)) for d, k, b in rows}
+
+    async def get_chain(self, head: Digest) -> list[tuple[Digest, bytes]]:
+        # refs[1] is the parent for every node that has one; the kind filter stops the walk
+        # at the root (whose refs, if any, are messages).
+        with _mapped("get_chain"):
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    """
+                    WITH RECURSIVE chain(digest, body, refs, depth) AS (
+                        SELECT digest, body, refs, 0 FROM immagent_assets
+                         WHERE digest = %(head)s AND kind = %(node)s
+                        UNION ALL
+                        SELECT a.digest, a.body, a.refs, c.depth + 1
+                          FROM chain c JOIN immagent_assets a
+                            ON a.digest = c.refs[1] AND a.kind = %(node)s
+                    )
+                    SELECT digest, body FROM chain ORDER BY depth
+                    """,
+                    {"head": head, "node": int(Kind.NODE)},
+                )
+                rows = await cur.fetchall()
+        return [(bytes(d), bytes(b)) for d, b in rows]
+
+    async def get_agents(self, ids: Sequence[UUID]) -> list[AgentRecord]:
+        if not ids:
+            return []
+        return await self._agents(
+            f"SELECT {_AGENT_COLUMNS} FROM immagent_agents WHERE id = ANY(%s)", (list(ids),)
+        )
+
+    async def list_agents(self, limit: int, offset: int, name: str | None) -> list[AgentRecord]:
+        if name is None:
+            return await self._agents(
+                f"SELECT {_AGENT_COLUMNS} FROM immagent_agents ORDER BY seq LIMIT %s OFFSET %s",
+                (limit, offset),
+            )
+        return await self._agents(
+            f"SELECT {_AGENT_COLUMNS} FROM immagent_agents WHERE name = %s "
+            "ORDER BY seq LIMIT %s OFFSET %s",
+            (name, limit, offset),
+        )
+
+    async def count_agents(self, name: str | None) -> int:
+        with _mapped("count_agents"):
+            async with self._pool.connection() as conn:
+                if name is None:
+                    cur = await conn.execute("SELECT count(*) FROM immagent_agents")
+                else:
+                    cur = await conn.execute(
+                        "SELECT count(*) FROM immagent_agents WHERE name = %s", (name,)
+                    )
+                row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def lineage(self, agent_id: UUID) -> list[AgentRecord]:
+        cols = ", ".join(f"a.{c.strip()}" for c in _AGENT_COLUMNS.split(","))
+        return await self._agents(
+            f"""
+            WITH RECURSIVE line AS (
+                SELECT {_AGENT_COLUMNS}, 0 AS depth FROM immagent_agents WHERE id = %s
+                UNION ALL
+                SELECT {cols}, l.depth + 1
+                  FROM line l JOIN immagent_agents a ON a.id = l.parent_id
+            )
+            SELECT {_AGENT_COLUMNS} FROM line ORDER BY depth
+            """,
+            (agent_id,),
+        )
+
+    async def children(self, agent_id: UUID) -> list[UUID]:
+        with _mapped("children"):
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT id FROM immagent_agents WHERE parent_id = %s ORDER BY seq",
+                    (agent_id,),
+                )
+                return [row[0] for row in await cur.fetchall()]
+
+    async def _agents(self, sql: str, params: Sequence[Any]) -> list[AgentRecord]:
+        with _mapped("load agents"):
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(sql.encode(), params)
+                rows = await cur.fetchall()
+        return [_record(r) for r in rows]
+
+    # -- maintenance ----------------------------------------------------------------------
+
+    async def gc(self) -> GCResult:
+        with _mapped("gc"):
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_GC_LOCK,))
+                cur = await conn.execute(
+                    """
+                    WITH RECURSIVE reach(digest) AS (
+                        SELECT unnest(ARRAY[system_prompt, conversation]) FROM immagent_agents
+                        UNION
+                        SELECT r FROM reach
+                          JOIN immagent_assets a ON a.digest = reach.digest
+                          CROSS JOIN LATERAL unnest(a.refs) AS r
+                    ), swept AS (
+                        DELETE FROM immagent_assets a
+                         WHERE NOT EXISTS (SELECT 1 FROM reach WHERE reach.digest = a.digest)
+                        RETURNING octet_length(a.body) AS size
+                    )
+                    SELECT count(*), coalesce(sum(size), 0),
+                           (SELECT count(*) FROM immagent_assets)
+                      FROM swept
+                    """
+                )
+                row = await cur.fetchone()
+        assert row is not None
+        removed, freed, before = int(row[0]), int(row[1]), int(row[2])
+        # The sub-select sees the snapshot from before the DELETE.
+        return GCResult(assets_removed=removed, bytes_freed=freed, assets_kept=before - removed)
+
+    async def iter_assets(self, batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
+        with _mapped("iter_assets"):
+            # A server-side cursor keeps memory bounded on large stores.
+            async with (
+                self._pool.connection() as conn,
+                conn.transaction(),
+                conn.cursor(name="immagent_iter_assets") as cur,
+            ):
+                await cur.execute(
+                    "SELECT digest, kind, refs, body FROM immagent_assets ORDER BY digest"
+                )
+                while rows := await cur.fetchmany(batch_size):
+                    yield [StoredAsset(bytes(d), k, tuple(bytes(r) for r in refs), bytes(b))
+                           for d, k, refs, b in rows]
+
+    async def asset_stats(self) -> dict[int, tuple[int, int]]:
+        with _mapped("asset_stats"):
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT kind, count(*), coalesce(sum(octet_length(body)), 0) "
+                    "FROM immagent_assets GROUP BY kind"
+                )
+                rows = await cur.fetchall()
+        return {int(k): (int(n), int(b)) for k, n, b in rows}
+
+    async def storage_bytes(self) -> int:
+        with _mapped("storage_bytes"):
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT coalesce(sum(pg_total_relation_size(c)), 0) FROM unnest(ARRAY["
+                    "'immagent_assets', 'immagent_agents', 'immagent_schema']::regclass[]) c"
+                )
+                row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+
+def _password(dsn: str) -> str | None:
+    try:
+        return psycopg.conninfo.conninfo_to_dict(dsn).get("password")  # type: ignore[return-value]
+    except psycopg.ProgrammingError:
+        return None
+
+
+def _unknown_version(found: int) -> SchemaVersionError:
+    return SchemaVersionError(
+        f"database schema version {found} is not supported by this immagent "
+        f"(it knows version {SCHEMA_VERSION}); upgrade immagent or use another database"
+    )
+
+
+def _agent_params(a: AgentRecord) -> tuple[Any, ...]:
+    return (a.id, a.parent_id, a.created_at, a.name, a.model, a.system_prompt, a.conversation,
+            encode_map(a.model_config), encode_map(a.metadata), a.digest)

@@ -1,0 +1,447 @@
+"""Store: the one place that knows both the cache and the backend.
+
+Reads go cache first, then one chain query plus one batched body fetch; every body read
+from the database is re-hashed before it is trusted. Writes validate first, build every
+asset in memory, then hand the backend one batch (one transaction).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import msgspec
+
+from immagent import registry
+from immagent.agent import PersistentAgent
+from immagent.assets import (
+    EMPTY_CONVERSATION,
+    AgentRecord,
+    Asset,
+    ConversationNode,
+    Digest,
+    Kind,
+    Message,
+    SystemPrompt,
+    decode_asset,
+    digest_of,
+    state_digest,
+)
+from immagent.cache import AssetCache
+from immagent.exceptions import (
+    AgentNotFoundError,
+    AssetNotFoundError,
+    IntegrityError,
+    MessageNotFoundError,
+    StoreClosedError,
+    ValidationError,
+)
+from immagent.ids import uuid7
+from immagent.stats import StoreStats
+from immagent.store.backend import Backend, GCResult, stored
+from immagent.validate import MAX_NAME_CHARS, check_json_mapping, check_text, check_uuid
+
+if TYPE_CHECKING:
+    from immagent.advance import ToolProvider
+
+__all__ = ["Store"]
+
+log = logging.getLogger("immagent")
+
+
+class Store:
+    """Persistent agents over PostgreSQL or SQLite. Open with ``await Store.connect(dsn)``;
+    use as ``async with``. Safe to share between tasks of one event loop."""
+
+    def __init__(self, backend: Backend, *, description: str = "") -> None:
+        self._backend = backend
+        self._cache = AssetCache()
+        self._closed = False
+        self.description = description
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        dsn: str | os.PathLike[str],
+        *,
+        min_size: int = 2,
+        max_size: int = 10,
+        max_inactive_connection_lifetime: float = 300.0,
+    ) -> Store:
+        """Open a store: ``postgresql://…`` for PostgreSQL, ``sqlite:///path.db`` (or a bare
+        path ending in ``.db``) for the embedded SQLite backend."""
+        if isinstance(dsn, os.PathLike):
+            dsn = os.fspath(dsn)
+        if not isinstance(dsn, str) or not dsn.strip():
+            raise ValidationError("dsn", "must be a non-empty str", dsn)
+        if not (isinstance(min_size, int) and isinstance(max_size, int)
+                and 0 <= min_size <= max_size and max_size >= 1):
+            raise ValidationError(
+                "max_size", f"need 0 <= min_size <= max_size, max_size >= 1 "
+                f"(got min_size={min_size!r}, max_size={max_size!r})", max_size)
+        if dsn.startswith(("postgresql://", "postgres://")) or "dbname=" in dsn:
+            from immagent.store.postgres import PostgresBackend, safe_dsn
+
+            backend: Backend = await PostgresBackend.open(
+                dsn, min_size=min_size, max_size=max_size,
+                max_inactive_connection_lifetime=max_inactive_connection_lifetime,
+            )
+            return cls(backend, description=safe_dsn(dsn))
+        path = _sqlite_path(dsn)
+        if path is not None:
+            from immagent.store.sqlite import SQLiteBackend
+
+            backend = await SQLiteBackend.open(path)
+            return cls(backend, description=f"sqlite:///{path}")
+        raise ValidationError(
+            "dsn", f"unsupported DSN {dsn!r}: use postgresql://… or sqlite:///path.db", dsn
+        )
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        """True after close()."""
+        return self._closed
+
+    async def close(self) -> None:
+        """Close the connection pool; idempotent."""
+        if not self._closed:
+            self._closed = True
+            await self._backend.close()
+
+    async def ping(self) -> bool:
+        """True when the database answers."""
+        return not self._closed and await self._backend.ping()
+
+    async def init_schema(self) -> None:
+        """Create immagent's tables if missing (idempotent; refuses unknown versions)."""
+        await self._open().init_schema()
+
+    def clear_cache(self) -> None:
+        """Forget every cached asset (only useful to measure or to free memory)."""
+        self._cache.clear()
+
+    def _open(self) -> Backend:
+        if self._closed:
+            raise StoreClosedError("the store is closed")
+        return self._backend
+
+    # -- agents ---------------------------------------------------------------------------
+
+    async def create_agent(
+        self,
+        name: str,
+        system_prompt: str,
+        model: str,
+        model_config: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> PersistentAgent:
+        """Create and save a new agent with an empty conversation."""
+        backend = self._open()
+        name = check_text("name", name, max_bytes=MAX_NAME_CHARS)
+        prompt = SystemPrompt(text=check_text("system_prompt", system_prompt))
+        model = check_text("model", model, max_bytes=MAX_NAME_CHARS)
+        config = check_json_mapping("model_config", model_config)
+        meta = check_json_mapping("metadata", metadata)
+        record = _new_record(None, name, model, prompt.digest, EMPTY_CONVERSATION.digest,
+                             config, meta)
+        await backend.write([stored(prompt), stored(EMPTY_CONVERSATION)], [record])
+        self._cache.put(prompt)
+        log.info("created agent %s (%s)", record.id, name)
+        return self._bind(record)
+
+    async def load_agent(self, agent_id: UUID | str) -> PersistentAgent:
+        """The agent state with this id; AgentNotFoundError if there is none."""
+        agent_id = check_uuid("agent_id", agent_id)
+        records = await self._open().get_agents([agent_id])
+        if not records:
+            raise AgentNotFoundError(agent_id)
+        return self._bind(records[0])
+
+    async def load_agents(self, agent_ids: Sequence[UUID | str]) -> list[PersistentAgent]:
+        """Several agent states in one query, in the order asked; any missing id raises."""
+        ids = [check_uuid("agent_ids", i) for i in agent_ids]
+        by_id = {r.id: r for r in await self._open().get_agents(ids)}
+        for i in ids:
+            if i not in by_id:
+                raise AgentNotFoundError(i)
+        return [self._bind(by_id[i]) for i in ids]
+
+    async def list_agents(self, limit: int = 100, offset: int = 0,
+                          name: str | None = None) -> list[PersistentAgent]:
+        """Agent states in creation order, a page at a time, optionally of one name."""
+        _check_page(limit, offset)
+        if name is not None:
+            name = check_text("name", name)
+        return [self._bind(r) for r in await self._open().list_agents(limit, offset, name)]
+
+    async def count_agents(self, name: str | None = None) -> int:
+        """How many agent states are stored (optionally with this exact name)."""
+        if name is not None:
+            name = check_text("name", name)
+        return await self._open().count_agents(name)
+
+    async def find_by_name(self, name: str) -> list[PersistentAgent]:
+        """Every agent state with exactly this name, oldest first."""
+        name = check_text("name", name)
+        backend = self._open()
+        found: list[PersistentAgent] = []
+        page = 1000
+        while True:
+            batch = await backend.list_agents(page, len(found), name)
+            found.extend(self._bind(r) for r in batch)
+            if len(batch) < page:
+                return found
+
+    async def delete(self, agent: PersistentAgent | UUID | str) -> None:
+        """Delete one agent state. Its assets stay until gc(); other states are untouched
+        (a child's parent_id then names a deleted state and lineage walks stop there)."""
+        agent_id = agent.id if isinstance(agent, PersistentAgent) else check_uuid("agent", agent)
+        if await self._open().delete_agents([agent_id]) == 0:
+            raise AgentNotFoundError(agent_id)
+        log.info("deleted agent %s", agent_id)
+
+    async def gc(self) -> GCResult:
+        """Remove every asset that no stored agent state can reach; safe while other tasks
+        or processes write (see docs/architecture.md)."""
+        result = await self._open().gc()
+        log.info("gc removed %d assets (%d bytes)", result.assets_removed, result.bytes_freed)
+        return result
+
+    async def stats(self, page_size: int = 1000) -> StoreStats:
+        """Sizes of what is stored and of what a copy-per-state layout would store.
+
+        Reads every agent row once (paged) and each distinct head node and prompt once.
+        """
+        backend = self._open()
+        by_kind = await backend.asset_stats()
+        logical = 0
+        offset = 0
+        while batch := await backend.list_agents(page_size, offset, None):
+            offset += len(batch)
+            digests = {d for r in batch for d in (r.system_prompt, r.conversation)}
+            sizes: dict[Digest, int] = {}
+            for asset in await self._assets(sorted(digests), "asset"):
+                sizes[asset.digest] = (asset.size if isinstance(asset, ConversationNode)
+                                       else len(asset.body))
+            logical += sum(sizes[r.system_prompt] + sizes[r.conversation] for r in batch)
+        return StoreStats(
+            agents=offset,
+            assets_by_kind={Kind(k).name.lower(): v for k, v in sorted(by_kind.items())},
+            payload_bytes=sum(b for _, b in by_kind.values()),
+            disk_bytes=await backend.storage_bytes(),
+            logical_bytes=logical,
+        )
+
+    # -- per-agent operations (PersistentAgent's methods delegate here) --------------------
+
+    async def get_messages(self, agent: PersistentAgent) -> tuple[Message, ...]:
+        """All messages of ``agent``'s conversation, oldest first."""
+        return await self._history(agent.conversation_digest)
+
+    async def get_system_prompt(self, agent: PersistentAgent) -> str:
+        """The system prompt text of ``agent``."""
+        (prompt,) = await self._assets([agent.system_prompt_digest], "system prompt")
+        assert isinstance(prompt, SystemPrompt)
+        return prompt.text
+
+    async def get_lineage(self, agent: PersistentAgent) -> list[PersistentAgent]:
+        """``agent`` and its stored ancestors, newest first."""
+        records = await self._open().lineage(agent.id)
+        if not records:
+            raise AgentNotFoundError(agent.id)
+        return [self._bind(r) for r in records]
+
+    async def clone(self, agent: PersistentAgent) -> PersistentAgent:
+        """Same content, new id, parent = ``agent``; writes one agent row and no assets."""
+        r = agent._record()
+        record = _new_record(agent.id, r.name, r.model, r.system_prompt, r.conversation,
+                             r.model_config, r.metadata)
+        await self._open().write([], [record])
+        return self._bind(record)
+
+    async def with_metadata(self, agent: PersistentAgent,
+                            metadata: Mapping[str, Any]) -> PersistentAgent:
+        """A new state of ``agent`` with ``metadata`` replacing the old metadata."""
+        meta = check_json_mapping("metadata", metadata)
+        r = agent._record()
+        record = _new_record(agent.id, r.name, r.model, r.system_prompt, r.conversation,
+                             r.model_config, meta)
+        await self._open().write([], [record])
+        return self._bind(record)
+
+    async def advance(
+        self,
+        agent: PersistentAgent,
+        input: str,
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        top_p: float | None = None,
+        mcp: ToolProvider | None = None,
+        max_retries: int = 3,
+        timeout: float = 120.0,
+        max_tool_rounds: int = 10,
+    ) -> PersistentAgent:
+        """Run one turn of ``agent`` and save the result as a new state (see
+        PersistentAgent.advance)."""
+        from immagent import llm
+        from immagent.advance import advance as run_turn
+
+        self._open()
+        per_call = {"temperature": temperature, "max_tokens": max_tokens, "top_p": top_p}
+        config = check_json_mapping(
+            "model_config",
+            {**agent.model_config, **{k: v for k, v in per_call.items() if v is not None}},
+        )
+        history = await self.get_messages(agent)
+        system_prompt = await self.get_system_prompt(agent)
+        complete = llm.bind(agent.model, system_prompt, config, max_retries, timeout)
+        new_messages = await run_turn(history=history, user_input=input, complete=complete,
+                                      tools=mcp, max_tool_rounds=max_tool_rounds)
+        return await self.append(agent, new_messages, history=history)
+
+    async def append(self, agent: PersistentAgent, messages: Sequence[Message], *,
+                     history: tuple[Message, ...] | None = None) -> PersistentAgent:
+        """Save a new state of ``agent`` whose conversation adds ``messages``.
+
+        Writes only the new messages, one conversation node and one agent row, in one
+        transaction. This is the store-only half of advance (also used by imports and
+        benchmarks).
+        """
+        backend = self._open()
+        if not messages:
+            raise ValidationError("messages", "a step must add at least one message", messages)
+        parent = await self._node(agent.conversation_digest)
+        node = parent.extend(messages)
+        r = agent._record()
+        record = _new_record(agent.id, r.name, r.model, r.system_prompt, node.digest,
+                             r.model_config, r.metadata)
+        unique = {m.digest: m for m in messages}
+        await backend.write([*(stored(m) for m in unique.values()), stored(node)], [record])
+        for m in unique.values():
+            self._cache.put(m)
+        self._cache.put(node)
+        if history is not None:
+            self._cache.put_history(node.digest, (*history, *messages))
+        return self._bind(record)
+
+    # -- reading assets -------------------------------------------------------------------
+
+    def _bind(self, record: AgentRecord) -> PersistentAgent:
+        return registry.bind(PersistentAgent._from_record(record), self)
+
+    async def _node(self, digest: Digest) -> ConversationNode:
+        (node,) = await self._assets([digest], "conversation node")
+        if not isinstance(node, ConversationNode):
+            raise IntegrityError(f"asset {digest.hex()} is not a conversation node")
+        return node
+
+    async def _assets(self, digests: Sequence[Digest], what: str) -> list[Asset]:
+        """Assets by digest: cache first, the rest in one batched, digest-checked fetch."""
+        missing = [d for d in dict.fromkeys(digests) if self._cache.get(d) is None]
+        if missing:
+            rows = await self._open().get_assets(missing)
+            for d in missing:
+                if d not in rows:
+                    if what == "message":
+                        raise MessageNotFoundError(d)
+                    raise AssetNotFoundError(what, d)
+                kind, body = rows[d]
+                self._cache.put(_decode_checked(d, kind, body))
+        found: list[Asset] = []
+        for d in digests:
+            asset = self._cache.get(d)
+            if asset is None:  # evicted between the fetch and now: fetch alone
+                return await self._assets(digests, what)
+            found.append(asset)
+        return found
+
+    async def _history(self, head: Digest) -> tuple[Message, ...]:
+        cached = self._cache.history(head)
+        if cached is not None:
+            return cached
+        # Walk cached nodes; stop at a cached history or the first node not in the cache.
+        nodes: list[ConversationNode] = []
+        prefix: tuple[Message, ...] = ()
+        cursor: Digest | None = head
+        while cursor is not None:
+            if nodes and (hit := self._cache.history(cursor)) is not None:
+                prefix = hit
+                break
+            node = self._cache.get(cursor)
+            if node is None:
+                break
+            if not isinstance(node, ConversationNode):
+                raise IntegrityError(f"asset {cursor.hex()} is not a conversation node")
+            nodes.append(node)
+            cursor = node.parent
+        if cursor is not None and not prefix:
+            chain = await self._open().get_chain(cursor)
+            for digest, body in chain:
+                node = _decode_checked(digest, Kind.NODE, body)
+                assert isinstance(node, ConversationNode)
+                self._cache.put(node)
+                nodes.append(node)
+            if not chain or nodes[-1].parent is not None:
+                gap = cursor if not chain else nodes[-1].parent
+                assert gap is not None
+                raise AssetNotFoundError("conversation node", gap)
+        digests = [d for node in reversed(nodes) for d in node.messages]
+        messages = await self._assets(digests, "message")
+        history = prefix + tuple(m for m in messages if isinstance(m, Message))
+        if len(history) != len(prefix) + len(digests):
+            raise IntegrityError(f"conversation {head.hex()} references a non-message asset")
+        self._cache.put_history(head, history)
+        return history
+
+
+def _decode_checked(digest: Digest, kind: int, body: bytes) -> Asset:
+    """Decode a stored body after proving it still hashes to its digest."""
+    if digest_of(Kind(kind), body) != digest:
+        raise IntegrityError(f"asset {digest.hex()} is corrupt: its body does not match "
+                             "its digest (run store.verify())")
+    try:
+        return decode_asset(kind, body)
+    except (msgspec.DecodeError, ValueError) as e:
+        raise IntegrityError(f"asset {digest.hex()} cannot be decoded: {e}") from e
+
+
+def _new_record(parent_id: UUID | None, name: str, model: str, system_prompt: Digest,
+                conversation: Digest, model_config: dict[str, Any],
+                metadata: dict[str, Any]) -> AgentRecord:
+    return AgentRecord(
+        id=uuid7(), parent_id=parent_id, created_at=datetime.now(UTC), name=name,
+        model=model, system_prompt=system_prompt, conversation=conversation,
+        model_config=model_config, metadata=metadata,
+        digest=state_digest(name, model, system_prompt, conversation, model_config, metadata),
+    )
+
+
+def _check_page(limit: object, offset: object) -> None:
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10_000:
+        raise ValidationError("limit", f"must be an int from 1 to 10000, got {limit!r}", limit)
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ValidationError("offset", f"must be an int >= 0, got {offset!r}", offset)
+
+
+def _sqlite_path(dsn: str) -> str | None:
+    """The file path named by a SQLite DSN, or None if ``dsn`` is not one."""
+    if dsn.startswith("sqlite:///"):
+        return dsn.removeprefix("sqlite:///") or None
+    if dsn.startswith("sqlite://"):
+        return None
+    if dsn.endswith((".db", ".sqlite", ".sqlite3")) and "://" not in dsn:
+        return dsn
+    return None

@@ -1,0 +1,111 @@
+"""Test harness: a real PostgreSQL (started here when IMMAGENT_TEST_DSN is unset) and real
+SQLite files. Every backend-agnostic test runs against both through the ``store`` fixture."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, settings
+
+import immagent
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+# Hypothesis profiles: quick in CI, deep locally with HYPOTHESIS_PROFILE=deep.
+settings.register_profile("ci", max_examples=40, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.register_profile("deep", max_examples=1000, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+BACKENDS = ["postgres", "sqlite"]
+
+
+def _server_dsn() -> str:
+    """A PostgreSQL server: $IMMAGENT_TEST_DSN, or one started by our own script."""
+    dsn = os.environ.get("IMMAGENT_TEST_DSN")
+    if dsn:
+        return dsn
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "ensure-postgres.sh")],
+                         check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[str]:
+    """DSN of a fresh database, created for this test session and dropped after it."""
+    server = _server_dsn()
+    name = f"immagent_t_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    params = psycopg.conninfo.conninfo_to_dict(server)
+    params["dbname"] = name
+    yield psycopg.conninfo.make_conninfo(**params)  # type: ignore[arg-type]
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def _pg_schema(pg_dsn: str) -> str:
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        from immagent.store.schema import schema_sql
+
+        conn.execute(schema_sql().encode())
+        conn.execute("INSERT INTO immagent_schema (version) VALUES (1) ON CONFLICT DO NOTHING")
+    return pg_dsn
+
+
+def _truncate(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("TRUNCATE immagent_assets, immagent_agents")
+
+
+@pytest.fixture
+def pg_store_dsn(_pg_schema: str) -> str:
+    """The session database, emptied for this test."""
+    _truncate(_pg_schema)
+    return _pg_schema
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def store_dsn(backend_name: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty store's DSN on the parametrised backend."""
+    if backend_name == "postgres":
+        return str(request.getfixturevalue("pg_store_dsn"))
+    return f"sqlite:///{tmp_path / 'store.db'}"
+
+
+@pytest.fixture
+async def store(store_dsn: str) -> AsyncIterator[immagent.Store]:
+    """An open, initialised, empty Store on each backend."""
+    s = await immagent.Store.connect(store_dsn, min_size=1, max_size=4)
+    await s.init_schema()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def count_rows(dsn: str, table: str, where: str = "TRUE") -> int:
+    """Rows in one of our tables, read behind the Store's back (for storage assertions)."""
+    if dsn.startswith("sqlite:///"):
+        import sqlite3
+
+        with sqlite3.connect(dsn.removeprefix("sqlite:///")) as conn:
+            return int(conn.execute(f"SELECT count(*) FROM {table} WHERE {where}").fetchone()[0])
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(f"SELECT count(*) FROM {table} WHERE {where}".encode()).fetchone()
+        assert row is not None
+        return int(row[0])
