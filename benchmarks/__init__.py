@@ -1,0 +1,1 @@
+"""Benchmarks: storage efficiency and speed of immagent, side by side with LangGraph."""

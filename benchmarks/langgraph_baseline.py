@@ -1,0 +1,227 @@
+"""The comparison baseline: the same scenarios through LangGraph's checkpointers.
+
+The graph is what a LangGraph user would write for a chat agent: the state is a messages
+list with the ``add_messages`` reducer, and one node appends the assistant reply (a canned,
+fixed-size text, the same one the immagent side stores). Each turn is one ``ainvoke`` with
+the user message on the turn's thread, default durability ("async": every super-step is
+checkpointed). A fork copies the base thread's latest state into a new thread with
+``aupdate_state`` (LangGraph threads share no storage) and then advances that thread.
+
+Stored bytes: PostgreSQL, the sum of ``pg_total_relation_size`` over the checkpointer's
+tables in a database of their own; SQLite, the file size after
+``PRAGMA wal_checkpoint(TRUNCATE)``.
+
+Run alone: ``python -m benchmarks.langgraph_baseline --dsn postgresql://... --n 10 100``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypedDict
+
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
+
+from benchmarks.common import (
+    REPLY_BYTES,
+    USER_BYTES,
+    Timer,
+    drop_database,
+    fmt_bytes,
+    fresh_database,
+    pg_relation_bytes,
+    print_table,
+    remove_sqlite_files,
+    reply_text,
+    sqlite_file_bytes,
+    user_text,
+)
+
+__all__ = ["BACKENDS", "ForkResult", "LinearResult", "run_forks", "run_linear"]
+
+Backend = Literal["postgres", "sqlite"]
+BACKENDS: tuple[Backend, ...] = ("postgres", "sqlite")
+
+#: Tables AsyncPostgresSaver.setup() creates; all of them count as stored bytes.
+PG_TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes", "checkpoint_migrations")
+#: Database the PostgreSQL runs use (dropped and re-created per run).
+PG_DATABASE = "immagent_bench_langgraph"
+TURN_PAYLOAD = USER_BYTES + REPLY_BYTES
+
+
+class ChatState(TypedDict):
+    """The graph state: one messages channel with LangGraph's standard reducer."""
+
+    messages: Annotated[list[AnyMessage], add_messages]
+
+
+def _reply(state: ChatState) -> dict[str, list[AnyMessage]]:
+    """The only node: append the canned reply to the last user message."""
+    last = state["messages"][-1]
+    return {"messages": [AIMessage(content=reply_text(str(last.content)))]}
+
+
+def build_graph(checkpointer: BaseCheckpointSaver[Any]) -> Any:
+    """START -> reply -> END, checkpointed by ``checkpointer``."""
+    builder = StateGraph(ChatState)
+    builder.add_node("reply", _reply)
+    builder.add_edge(START, "reply")
+    builder.add_edge("reply", END)
+    return builder.compile(checkpointer=checkpointer)
+
+
+@dataclass(frozen=True)
+class LinearResult:
+    """One thread advanced ``turns`` times."""
+
+    backend: Backend
+    turns: int
+    stored_bytes: int
+    payload_bytes: int
+    seconds: float
+
+    @property
+    def bytes_per_turn(self) -> float:
+        return self.stored_bytes / self.turns
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "bytes_per_turn": self.bytes_per_turn}
+
+
+@dataclass(frozen=True)
+class ForkResult:
+    """A ``base_turns`` thread, then ``forks`` forks each advanced ``fork_turns`` times."""
+
+    backend: Backend
+    base_turns: int
+    forks: int
+    fork_turns: int
+    base_bytes: int
+    total_bytes: int
+    seconds: float
+
+    @property
+    def bytes_per_fork(self) -> float:
+        return (self.total_bytes - self.base_bytes) / self.forks
+
+    @property
+    def fork_payload_bytes(self) -> int:
+        """What one fork adds logically: its own user messages and replies."""
+        return self.fork_turns * TURN_PAYLOAD
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "bytes_per_fork": self.bytes_per_fork,
+                "fork_payload_bytes": self.fork_payload_bytes}
+
+
+@contextlib.asynccontextmanager
+async def open_saver(
+    backend: Backend, dsn: str | None, workdir: Path
+) -> AsyncIterator[tuple[BaseCheckpointSaver[Any], Callable[[], Awaitable[int]]]]:
+    """A fresh, empty checkpointer and a function that measures its stored bytes."""
+    if backend == "postgres":
+        if dsn is None:
+            raise ValueError("the postgres backend needs a DSN")
+        db_dsn = await fresh_database(dsn, PG_DATABASE)
+        try:
+            async with AsyncPostgresSaver.from_conn_string(db_dsn) as pg_saver:
+                await pg_saver.setup()
+
+                async def pg_measure() -> int:
+                    return await pg_relation_bytes(db_dsn, PG_TABLES)
+
+                yield pg_saver, pg_measure
+        finally:
+            await drop_database(dsn, PG_DATABASE)
+    else:
+        path = workdir / "langgraph.sqlite"
+        remove_sqlite_files(path)
+        try:
+            async with AsyncSqliteSaver.from_conn_string(str(path)) as sqlite_saver:
+                await sqlite_saver.setup()
+
+                async def sqlite_measure() -> int:
+                    return await asyncio.to_thread(sqlite_file_bytes, path)
+
+                yield sqlite_saver, sqlite_measure
+        finally:
+            remove_sqlite_files(path)
+
+
+def _config(thread: str) -> RunnableConfig:
+    return {"configurable": {"thread_id": thread}}
+
+
+async def _advance(graph: Any, thread: str, turns: range) -> None:
+    """One ``ainvoke`` per turn on ``thread``, each with that turn's user message."""
+    for turn in turns:
+        message = HumanMessage(content=user_text(thread, turn))
+        await graph.ainvoke({"messages": [message]}, _config(thread))
+
+
+async def run_linear(backend: Backend, turns: int, *, dsn: str | None,
+                     workdir: Path) -> LinearResult:
+    """Scenario 1: one thread advanced ``turns`` times, from an empty store."""
+    async with open_saver(backend, dsn, workdir) as (saver, measure):
+        graph = build_graph(saver)
+        with Timer() as timer:
+            await _advance(graph, "linear", range(turns))
+        stored = await measure()
+    return LinearResult(backend, turns, stored, turns * TURN_PAYLOAD, timer.seconds)
+
+
+async def run_forks(backend: Backend, *, dsn: str | None, workdir: Path, base_turns: int = 100,
+                    forks: int = 50, fork_turns: int = 5) -> ForkResult:
+    """Scenario 2: a base thread, then forks of its latest state, each advanced a little."""
+    async with open_saver(backend, dsn, workdir) as (saver, measure):
+        graph = build_graph(saver)
+        with Timer() as timer:
+            await _advance(graph, "base", range(base_turns))
+            base_bytes = await measure()
+            snapshot = await graph.aget_state(_config("base"))
+            for index in range(forks):
+                thread = f"fork{index}"
+                await graph.aupdate_state(_config(thread), snapshot.values, as_node="reply")
+                await _advance(graph, thread, range(fork_turns))
+        total = await measure()
+    return ForkResult(backend, base_turns, forks, fork_turns, base_bytes, total, timer.seconds)
+
+
+async def _main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dsn", help="PostgreSQL server DSN (a scratch database is used)")
+    parser.add_argument("--n", type=int, nargs="+", default=[10, 100])
+    parser.add_argument("--forks", action="store_true", help="also run the fork scenario")
+    args = parser.parse_args(argv)
+    backends = [b for b in BACKENDS if b == "sqlite" or args.dsn]
+    with tempfile.TemporaryDirectory(prefix="immagent-bench-") as tmp:
+        rows: list[list[object]] = []
+        for backend in backends:
+            for n in args.n:
+                r = await run_linear(backend, n, dsn=args.dsn, workdir=Path(tmp))
+                rows.append([backend, n, fmt_bytes(r.stored_bytes), fmt_bytes(r.bytes_per_turn),
+                             f"{r.seconds:.2f}"])
+        print_table("LangGraph linear", ["backend", "N", "stored", "bytes/turn", "s"], rows)
+        if args.forks:
+            fork_rows: list[list[object]] = []
+            for backend in backends:
+                f = await run_forks(backend, dsn=args.dsn, workdir=Path(tmp))
+                fork_rows.append([backend, fmt_bytes(f.base_bytes), fmt_bytes(f.bytes_per_fork),
+                                  fmt_bytes(f.fork_payload_bytes), f"{f.seconds:.2f}"])
+            print_table("LangGraph forks", ["backend", "base", "per fork", "fork payload", "s"],
+                        fork_rows)
+
+
+if __name__ == "__main__":
+    asyncio.run(_main())
