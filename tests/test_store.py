@@ -1,0 +1,273 @@
+"""The behavioural contract every backend must pass (runs on PostgreSQL and SQLite)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+
+import immagent
+from immagent import Message, PersistentAgent, Store
+from immagent.assets import Kind
+from tests.conftest import count_rows
+
+PROMPT = "You are helpful."
+
+
+def turn(i: int, text: str = "") -> list[Message]:
+    return [Message(role="user", content=f"question {i}{text}"),
+            Message(role="assistant", content=f"answer {i}{text}", input_tokens=3,
+                    output_tokens=2)]
+
+
+def assets(dsn: str, kind: Kind | None = None) -> int:
+    return count_rows(dsn, "immagent_assets", "TRUE" if kind is None else f"kind = {int(kind)}")
+
+
+async def test_create_and_load_round_trip(store: Store) -> None:
+    agent = await store.create_agent("bot", PROMPT, "immagent/echo",
+                                     model_config={"temperature": 0.5}, metadata={"team": "a"})
+    assert agent.parent_id is None and agent.id.version == 7
+    assert agent.created_at.tzinfo is not None
+    store.clear_cache()
+    loaded = await store.load_agent(str(agent.id))
+    for field in ("id", "created_at", "name", "parent_id", "model", "digest",
+                  "system_prompt_id", "conversation_id"):
+        assert getattr(loaded, field) == getattr(agent, field), field
+    assert dict(loaded.model_config) == {"temperature": 0.5}
+    assert dict(loaded.metadata) == {"team": "a"}
+    assert await loaded.get_system_prompt() == PROMPT
+    assert await loaded.get_messages() == ()
+
+
+async def test_step_is_a_new_state_and_stores_only_what_it_adds(
+        store: Store, store_dsn: str) -> None:
+    agent = await store.create_agent("bot", PROMPT, "immagent/echo")
+    before = assets(store_dsn)
+    step = await store.append(agent, turn(1))
+    assert step.id != agent.id and step.parent_id == agent.id and step.digest != agent.digest
+    assert assets(store_dsn, Kind.MESSAGE) == 2 and assets(store_dsn) == before + 3
+    step2 = await store.append(step, turn(2))
+    assert assets(store_dsn) == before + 6
+    assert count_rows(store_dsn, "immagent_agents") == 3
+    store.clear_cache()
+    assert await step2.get_messages() == (*turn(1), *turn(2))
+    # The old state is unchanged.
+    assert await (await store.load_agent(agent.id)).get_messages() == ()
+
+
+async def test_same_prompt_is_stored_once_for_1000_agents(store: Store, store_dsn: str) -> None:
+    await asyncio.gather(*(store.create_agent(f"a{i}", PROMPT, "m") for i in range(1000)))
+    assert await store.count_agents() == 1000
+    assert assets(store_dsn, Kind.SYSTEM_PROMPT) == 1
+    assert assets(store_dsn, Kind.NODE) == 1  # the shared empty conversation
+
+
+async def test_clone_adds_no_assets(store: Store, store_dsn: str) -> None:
+    agent = await store.append(await store.create_agent("bot", PROMPT, "m"), turn(1))
+    before = assets(store_dsn)
+    clone = await agent.clone()
+    assert assets(store_dsn) == before
+    assert clone.id != agent.id and clone.parent_id == agent.id
+    assert clone.digest == agent.digest and clone.conversation_id == agent.conversation_id
+    assert await clone.get_messages() == await agent.get_messages()
+
+
+async def test_forks_share_history_and_identical_messages(store: Store, store_dsn: str) -> None:
+    base = await store.create_agent("bot", PROMPT, "m")
+    for i in range(5):
+        base = await store.append(base, turn(i))
+    nodes, msgs = assets(store_dsn, Kind.NODE), assets(store_dsn, Kind.MESSAGE)
+    a = await store.append(base, turn(99, " fork"))
+    b = await store.append(base, turn(99, " fork"))  # identical content, another lineage
+    assert a.id != b.id and a.digest == b.digest
+    assert assets(store_dsn, Kind.MESSAGE) == msgs + 2
+    assert assets(store_dsn, Kind.NODE) == nodes + 1
+
+
+async def test_metadata_change_is_a_new_state(store: Store) -> None:
+    agent = await store.create_agent("bot", PROMPT, "m", metadata={"v": 1})
+    changed = await agent.with_metadata({"v": 2})
+    assert changed.parent_id == agent.id and changed.digest != agent.digest
+    assert dict(changed.metadata) == {"v": 2} and dict(agent.metadata) == {"v": 1}
+    with pytest.raises(immagent.ValidationError) as err:
+        await agent.with_metadata({"v": float("nan")})
+    assert err.value.field == "metadata.v"
+
+
+async def test_lineage_list_count_find(store: Store) -> None:
+    a = await store.create_agent("bot", PROMPT, "m")
+    b = await store.append(a, turn(1))
+    c = await store.append(b, turn(2))
+    await store.create_agent("other", PROMPT, "m")
+    assert [x.id for x in await c.get_lineage()] == [c.id, b.id, a.id]
+    assert [x.id for x in await store.list_agents()][:3] == [a.id, b.id, c.id]
+    assert [x.id for x in await store.list_agents(limit=1, offset=1)] == [b.id]
+    assert await store.count_agents() == 4
+    assert await store.count_agents(name="bot") == 3
+    assert [x.id for x in await store.find_by_name("bot")] == [a.id, b.id, c.id]
+    assert await store.find_by_name("nobody") == []
+    loaded = await store.load_agents([c.id, a.id])
+    assert [x.id for x in loaded] == [c.id, a.id]
+
+
+async def test_delete_keeps_other_agents_intact(store: Store) -> None:
+    a = await store.create_agent("bot", PROMPT, "m")
+    b = await store.append(a, turn(1))
+    c = await store.append(b, turn(2))
+    await store.delete(b)
+    with pytest.raises(immagent.AgentNotFoundError):
+        await store.load_agent(b.id)
+    assert [x.id for x in await c.get_lineage()] == [c.id]  # stops at the deleted parent
+    store.clear_cache()
+    assert len(await c.get_messages()) == 4
+    with pytest.raises(immagent.AgentNotFoundError):
+        await store.delete(b.id)
+
+
+async def test_concurrent_steps_from_one_agent_make_siblings(store: Store) -> None:
+    agent = await store.create_agent("bot", PROMPT, "m")
+    steps = await asyncio.gather(*(store.append(agent, turn(i)) for i in range(50)))
+    assert len({s.id for s in steps}) == 50
+    assert all(s.parent_id == agent.id for s in steps)
+    store.clear_cache()
+    for i, s in enumerate(await store.load_agents([s.id for s in steps])):
+        assert await s.get_messages() == tuple(turn(i))
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"name": ""}, "name"),
+    ({"name": "   "}, "name"),
+    ({"name": "a\x00b"}, "name"),
+    ({"name": 42}, "name"),
+    ({"system_prompt": ""}, "system_prompt"),
+    ({"system_prompt": "x\x00"}, "system_prompt"),
+    ({"model": " "}, "model"),
+    ({"model": None}, "model"),
+    ({"model_config": {"temperature": float("inf")}}, "model_config.temperature"),
+    ({"model_config": ["not", "a", "map"]}, "model_config"),
+    ({"metadata": {1: "x"}}, "metadata"),
+])
+async def test_bad_input_is_rejected_and_writes_nothing(
+        store: Store, store_dsn: str, kwargs: dict[str, object], field: str) -> None:
+    args: dict[str, object] = {"name": "bot", "system_prompt": PROMPT, "model": "m", **kwargs}
+    with pytest.raises(immagent.ValidationError) as err:
+        await store.create_agent(**args)  # type: ignore[arg-type]
+    assert err.value.field == field and field.split(".")[0] in str(err.value)
+    assert count_rows(store_dsn, "immagent_agents") == 0 and assets(store_dsn) == 0
+
+
+async def test_unknown_and_malformed_ids(store: Store) -> None:
+    with pytest.raises(immagent.AgentNotFoundError) as err:
+        await store.load_agent(uuid.uuid4())
+    assert "agent not found" in str(err.value)
+    with pytest.raises(immagent.ValidationError) as bad:
+        await store.load_agent("not-a-uuid")
+    assert bad.value.field == "agent_id" and "not-a-uuid" in str(bad.value)
+    with pytest.raises(immagent.ValidationError):
+        await store.list_agents(limit=0)
+    with pytest.raises(immagent.ValidationError):
+        await store.list_agents(offset=-1)
+
+
+async def test_step_onto_a_swept_history_fails_cleanly(store: Store, store_dsn: str) -> None:
+    agent = await store.append(await store.create_agent("bot", PROMPT, "m"), turn(1))
+    await store.delete(agent)
+    await store.gc()
+    store.clear_cache()
+    rows = count_rows(store_dsn, "immagent_agents")
+    with pytest.raises(immagent.AssetNotFoundError):
+        await store.append(agent, turn(2))
+    assert count_rows(store_dsn, "immagent_agents") == rows
+
+
+async def test_unbound_agent_and_closed_store(store_dsn: str) -> None:
+    loose = PersistentAgent(id=uuid.uuid4(), created_at=datetime.now(UTC), name="x",
+                            parent_id=None, model="m", model_config={}, metadata={},
+                            digest=b"0" * 32, system_prompt_digest=b"1" * 32,
+                            conversation_digest=b"2" * 32)
+    with pytest.raises(immagent.AgentNotRegisteredError):
+        await loose.get_messages()
+    s = await Store.connect(store_dsn, min_size=1, max_size=2)
+    await s.init_schema()
+    agent = await s.create_agent("bot", PROMPT, "m")
+    assert await s.ping()
+    await s.close()
+    await s.close()  # idempotent
+    assert not await s.ping()
+    with pytest.raises(immagent.StoreClosedError):
+        await agent.clone()
+    with pytest.raises(immagent.StoreClosedError):
+        await s.create_agent("bot", PROMPT, "m")
+
+
+async def test_init_schema_is_idempotent_and_refuses_unknown_versions(
+        store: Store, store_dsn: str) -> None:
+    await store.init_schema()
+    await store.init_schema()
+    await _set_schema_version(store_dsn, 999)
+    try:
+        with pytest.raises(immagent.SchemaVersionError) as err:
+            await store.init_schema()
+        assert "999" in str(err.value)
+    finally:
+        await _set_schema_version(store_dsn, None)
+
+
+async def _set_schema_version(dsn: str, version: int | None) -> None:
+    sql = ("DELETE FROM immagent_schema WHERE version <> 1" if version is None
+           else f"INSERT INTO immagent_schema (version) VALUES ({version})")
+    if dsn.startswith("sqlite:///"):
+        import sqlite3
+
+        with sqlite3.connect(dsn.removeprefix("sqlite:///")) as conn:
+            conn.execute(sql)
+        return
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.encode())
+
+
+async def test_stats_report_sharing(store: Store) -> None:
+    base = await store.create_agent("bot", PROMPT, "m")
+    for i in range(10):
+        base = await store.append(base, turn(i))
+    for _ in range(5):
+        await base.clone()
+    stats = await store.stats()
+    assert stats.agents == 16
+    assert stats.assets_by_kind["message"][0] == 20
+    assert stats.logical_bytes > 5 * stats.assets_by_kind["message"][1]
+    assert stats.sharing_ratio > 1 and stats.disk_bytes > 0
+
+
+async def test_connect_errors_are_clear_and_hide_the_password() -> None:
+    with pytest.raises(immagent.StoreConnectionError) as err:
+        await Store.connect("postgresql://bob:s3cret@127.0.0.1:1/nowhere")
+    assert "s3cret" not in str(err.value) and "127.0.0.1:1" in str(err.value)
+    assert err.value.__cause__ is None  # the driver error (and its DSN) is not chained
+    with pytest.raises(immagent.ValidationError) as bad:
+        await Store.connect("mysql://x")
+    assert bad.value.field == "dsn"
+    with pytest.raises(immagent.ValidationError):
+        await Store.connect("")
+
+
+async def test_tables_missing_gives_schema_error(pg_dsn: str) -> None:
+    import psycopg
+
+    name = f"immagent_empty_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"'.encode())
+    try:
+        dsn = psycopg.conninfo.make_conninfo(pg_dsn, dbname=name)
+        async with await Store.connect(dsn, min_size=1) as s:
+            with pytest.raises(immagent.SchemaVersionError) as err:
+                await s.create_agent("bot", PROMPT, "m")
+            assert "init_schema" in str(err.value)
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)'.encode())
