@@ -98,7 +98,10 @@ def test_conversation_chain_pins_history() -> None:
     assert one.refs() == (one.parent, b.digest)
 
 
-@given(st.dictionaries(st.text("abcxyz", max_size=5), st.floats(allow_nan=False, allow_infinity=False)))
+finite = st.floats(allow_nan=False, allow_infinity=False)
+
+
+@given(st.dictionaries(st.text("abcxyz", max_size=5), finite))
 def test_config_numbers_are_canonical(config: dict[str, float]) -> None:
     as_ints = {k: int(v) if v.is_integer() and abs(v) < 2**53 else v for k, v in config.items()}
     sp, conv = b"\x01" * 32, b"\x02" * 32

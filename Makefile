@@ -1,0 +1,51 @@
+# Every target bootstraps uv and the venv itself, so `make demo` and `make test` work on a
+# fresh machine. LiteLLM must never reach the network on import.
+SHELL := /bin/bash
+export UV_SYSTEM_CERTS := 1
+export UV_PYTHON_DOWNLOADS := never
+export LITELLM_LOCAL_MODEL_COST_MAP := True
+UV := $(shell bash scripts/bootstrap.sh)
+RUN = $(UV) run --no-sync
+
+.PHONY: dev fmt lint typecheck check test test-cov bench bench-full demo pg clean
+
+dev:            ## install the venv with every extra and dev tool
+	@bash scripts/bootstrap.sh >/dev/null && echo "venv ready: .venv"
+
+demo:           ## the main job: two chat turns on the embedded SQLite default, then the log
+	@$(RUN) immagent --db demo.db chat "Hello!"
+	@$(RUN) immagent --db demo.db chat "What can you do?"
+	@$(RUN) immagent --db demo.db log --name assistant
+
+fmt:
+	$(RUN) ruff format immagent tests benchmarks examples
+	$(RUN) ruff check --fix immagent tests benchmarks examples
+
+lint:
+	$(RUN) ruff check immagent tests benchmarks examples
+
+typecheck:
+	$(RUN) mypy
+
+check: lint typecheck
+
+pg:             ## start (or find) the throwaway PostgreSQL used by tests and benchmarks
+	@bash scripts/ensure-postgres.sh
+
+test:           ## the whole suite against real PostgreSQL (started here) and SQLite
+	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
+	  $(RUN) pytest
+
+test-cov:
+	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
+	  $(RUN) pytest --cov=immagent --cov-report=term-missing
+
+bench:          ## quick benchmarks (tables); `make bench-full` for the full sizes
+	@$(RUN) python -m benchmarks.run --dsn "$$(bash scripts/ensure-postgres.sh)"
+
+bench-full:
+	@$(RUN) python -m benchmarks.run --full --dsn "$$(bash scripts/ensure-postgres.sh)" \
+	  --json bench-results.json --plot benchmarks/storage-growth.png
+
+clean:
+	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache demo.db*
