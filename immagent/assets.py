@@ -59,11 +59,13 @@ def encode(obj: object) -> bytes:
     return _encoder.encode(obj)
 
 
-def digest_of(kind: Kind, body: bytes) -> Digest:
+def digest_of(kind: int, body: bytes) -> Digest:
     """The 32-byte blake3 digest of stored bytes; verification re-runs exactly this."""
-    hasher = blake3.blake3(bytes((kind,)))
-    hasher.update(body)
-    return hasher.digest()
+    prefix = _PREFIXES.get(kind) or bytes((kind,))
+    return blake3.blake3(prefix + body).digest()
+
+
+_PREFIXES = {int(k): bytes((k,)) for k in Kind}
 
 
 class _Content(msgspec.Struct, frozen=True, omit_defaults=True, dict=True, weakref=True):
@@ -155,16 +157,19 @@ EMPTY_CONVERSATION = ConversationNode()
 
 Asset: TypeAlias = SystemPrompt | Message | ConversationNode
 
-_decoders: dict[Kind, msgspec.msgpack.Decoder[Any]] = {
-    Kind.SYSTEM_PROMPT: msgspec.msgpack.Decoder(SystemPrompt),
-    Kind.MESSAGE: msgspec.msgpack.Decoder(Message),
-    Kind.NODE: msgspec.msgpack.Decoder(ConversationNode),
+_decoders: dict[int, msgspec.msgpack.Decoder[Any]] = {
+    int(Kind.SYSTEM_PROMPT): msgspec.msgpack.Decoder(SystemPrompt),
+    int(Kind.MESSAGE): msgspec.msgpack.Decoder(Message),
+    int(Kind.NODE): msgspec.msgpack.Decoder(ConversationNode),
 }
 
 
 def decode_asset(kind: int, body: bytes) -> Asset:
     """Decode stored bytes of a content asset (raises msgspec.DecodeError if malformed)."""
-    asset: Asset = _decoders[Kind(kind)].decode(body)
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        raise ValueError(f"unknown asset kind {kind}")
+    asset: Asset = decoder.decode(body)
     return asset
 
 

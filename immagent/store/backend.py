@@ -13,7 +13,15 @@ from uuid import UUID
 
 from immagent.assets import AgentRecord, Asset, Digest
 
-__all__ = ["SCHEMA_VERSION", "Backend", "GCResult", "StoredAsset", "external_refs", "stored"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "Backend",
+    "DanglingRef",
+    "GCResult",
+    "StoredAsset",
+    "external_refs",
+    "stored",
+]
 
 #: Version of the storage layout written by init_schema(); bump it with a migration.
 SCHEMA_VERSION = 1
@@ -57,6 +65,14 @@ class GCResult(NamedTuple):
     assets_kept: int
 
 
+class DanglingRef(NamedTuple):
+    """A reference to an asset the store does not hold: what is missing and who points at it
+    (an asset's digest, or an agent row's id)."""
+
+    missing: Digest
+    referrer: Digest | UUID
+
+
 class Backend(Protocol):
     """Storage operations. Asset rows are append-only; agent rows are inserted or deleted."""
 
@@ -86,6 +102,12 @@ class Backend(Protocol):
         """The conversation nodes from ``head`` back to the root, as (digest, body),
         newest first, in one round trip. Stops early at a missing node."""
 
+    async def get_conversation(
+        self, head: Digest
+    ) -> tuple[list[tuple[Digest, bytes]], dict[Digest, tuple[int, bytes]]]:
+        """The chain from ``head`` (as get_chain) and the (kind, body) of every non-node
+        asset those nodes reference, in one round trip where the database allows."""
+
     async def get_agents(self, ids: Sequence[UUID]) -> list[AgentRecord]:
         """The agent rows with these ids, in no particular order; missing ones left out."""
 
@@ -111,6 +133,24 @@ class Backend(Protocol):
     def iter_assets(self, batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
         """Every stored asset, in batches, for verification and export (bounded memory)."""
         ...
+
+    def iter_reachable(self, roots: Sequence[Digest],
+                       batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
+        """Every stored asset reachable from ``roots`` through refs (each once, any order),
+        in batches; absent digests are skipped (dangling_refs reports them)."""
+        ...
+
+    async def dangling_refs(self, agent_ids: Sequence[UUID] | None = None,
+                            limit: int = 10_000) -> list[DanglingRef]:
+        """References to absent assets, computed in the database (an anti-join), at most
+        ``limit``: from every asset and agent row, or (``agent_ids`` given) only from those
+        agent rows and the assets reachable from them. Distinct (missing, referrer) pairs."""
+
+    async def delete_lineage(self, agent_id: UUID) -> list[UUID]:
+        """In one transaction: delete the agent row, then each ancestor with no other child
+        row, stopping at the first one that has one (or is absent). Returns the deleted ids,
+        newest first; empty when ``agent_id`` does not exist. Concurrent calls are
+        serialised so that two siblings deleted at once still remove their parent."""
 
     async def asset_stats(self) -> dict[int, tuple[int, int]]:
         """Per kind: (number of assets, total body bytes)."""

@@ -23,13 +23,20 @@ from psycopg import errors as pg_errors
 from immagent.assets import AgentRecord, Digest, Kind
 from immagent.exceptions import (
     AssetNotFoundError,
+    IntegrityError,
     SchemaVersionError,
     StoreClosedError,
     StoreConnectionError,
     StoreError,
 )
 from immagent.store._codec import decode_map, encode_map
-from immagent.store.backend import SCHEMA_VERSION, GCResult, StoredAsset, external_refs
+from immagent.store.backend import (
+    SCHEMA_VERSION,
+    DanglingRef,
+    GCResult,
+    StoredAsset,
+    external_refs,
+)
 from immagent.store.schema import schema_sql
 
 __all__ = ["PostgresBackend", "safe_dsn"]
@@ -39,6 +46,7 @@ log = logging.getLogger("immagent")
 # Advisory lock keys (arbitrary constants, namespaced by a fixed high word).
 _GC_LOCK = 0x1A3A_6E70_0000_0001
 _SCHEMA_LOCK = 0x1A3A_6E70_0000_0002
+_LINEAGE_LOCK = 0x1A3A_6E70_0000_0003
 
 _AGENT_COLUMNS = ("id, parent_id, created_at, name, model, system_prompt, conversation, "
                   "model_config, metadata, digest")
@@ -200,6 +208,31 @@ class PostgresBackend:
                 )
                 return int(cur.rowcount)
 
+    async def delete_lineage(self, agent_id: UUID) -> list[UUID]:
+        with _mapped("delete_lineage"):
+            async with self._pool.connection() as conn, conn.transaction():
+                # Serialise lineage deletions: otherwise two siblings deleted at once each
+                # see the other still present and both keep their (then childless) parent.
+                # Under READ COMMITTED the statement's snapshot is taken after the lock.
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LINEAGE_LOCK,))
+                cur = await conn.execute(
+                    """
+                    WITH RECURSIVE doomed(id, parent_id, depth) AS (
+                        SELECT id, parent_id, 0 FROM immagent_agents WHERE id = %s
+                        UNION ALL
+                        SELECT a.id, a.parent_id, d.depth + 1
+                          FROM doomed d JOIN immagent_agents a ON a.id = d.parent_id
+                         WHERE NOT EXISTS (SELECT 1 FROM immagent_agents c
+                                            WHERE c.parent_id = a.id AND c.id <> d.id)
+                    )
+                    DELETE FROM immagent_agents a USING doomed d WHERE a.id = d.id
+                    RETURNING a.id, d.depth
+                    """,
+                    (agent_id,),
+                )
+                rows = await cur.fetchall()
+        return [row[0] for row in sorted(rows, key=lambda row: int(row[1]))]
+
     # -- reads ----------------------------------------------------------------------------
 
     async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, tuple[int, bytes]]:
@@ -215,12 +248,29 @@ class PostgresBackend:
         return {bytes(d): (k, bytes(b)) for d, k, b in rows}
 
     async def get_chain(self, head: Digest) -> list[tuple[Digest, bytes]]:
-        # refs[1] is the parent for every node that has one; the kind filter stops the walk
-        # at the root (whose refs, if any, are messages).
-        with _mapped("get_chain"):
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(
-                    """
+        nodes, _ = await self._conversation(head, with_messages=False)
+        return nodes
+
+    async def get_conversation(
+        self, head: Digest
+    ) -> tuple[list[tuple[Digest, bytes]], dict[Digest, tuple[int, bytes]]]:
+        return await self._conversation(head, with_messages=True)
+
+    async def _conversation(
+        self, head: Digest, *, with_messages: bool
+    ) -> tuple[list[tuple[Digest, bytes]], dict[Digest, tuple[int, bytes]]]:
+        # refs[1] is the parent of every node that has one; the kind filter stops the walk
+        # at the root (whose refs, if any, are messages). Binary results: bytea unescaped.
+        messages = """
+            UNION ALL
+            SELECT -1, m.digest, m.kind, m.body
+              FROM (SELECT DISTINCT unnest(refs) AS d FROM chain) r
+              JOIN immagent_assets m ON m.digest = r.d AND m.kind <> %(node)s
+        """ if with_messages else ""
+        with _mapped("get_conversation"):
+            async with self._pool.connection() as conn, conn.cursor(binary=True) as cur:
+                await cur.execute(
+                    f"""
                     WITH RECURSIVE chain(digest, body, refs, depth) AS (
                         SELECT digest, body, refs, 0 FROM immagent_assets
                          WHERE digest = %(head)s AND kind = %(node)s
@@ -229,12 +279,15 @@ class PostgresBackend:
                           FROM chain c JOIN immagent_assets a
                             ON a.digest = c.refs[1] AND a.kind = %(node)s
                     )
-                    SELECT digest, body FROM chain ORDER BY depth
-                    """,
+                    SELECT depth, digest, %(node)s::smallint, body FROM chain
+                    {messages}
+                    """.encode(),
                     {"head": head, "node": int(Kind.NODE)},
                 )
                 rows = await cur.fetchall()
-        return [(bytes(d), bytes(b)) for d, b in rows]
+        chain = sorted((r for r in rows if r[0] >= 0), key=lambda r: int(r[0]))
+        bodies = {r[1]: (int(r[2]), r[3]) for r in rows if r[0] < 0}
+        return [(r[1], r[3]) for r in chain], bodies
 
     async def get_agents(self, ids: Sequence[UUID]) -> list[AgentRecord]:
         if not ids:
@@ -303,7 +356,13 @@ class PostgresBackend:
     async def gc(self) -> GCResult:
         with _mapped("gc"):
             async with self._pool.connection() as conn, conn.transaction():
+                # Exclusive side of the writers' shared lock, taken before the statement, so
+                # its snapshot (READ COMMITTED: per statement) sees every committed write and
+                # no write can start until the sweep commits.
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_GC_LOCK,))
+                # `dangling` is git's "never treat an unreadable root as absent": if anything
+                # reachable points at a missing asset, the mark is incomplete (what that asset
+                # would have kept is unknown), so the sweep deletes nothing at all.
                 cur = await conn.execute(
                     """
                     WITH RECURSIVE reach(digest) AS (
@@ -312,18 +371,31 @@ class PostgresBackend:
                         SELECT r FROM reach
                           JOIN immagent_assets a ON a.digest = reach.digest
                           CROSS JOIN LATERAL unnest(a.refs) AS r
+                    ), dangling AS (
+                        SELECT reach.digest FROM reach
+                         WHERE NOT EXISTS (SELECT 1 FROM immagent_assets a
+                                            WHERE a.digest = reach.digest)
+                         LIMIT 1
                     ), swept AS (
                         DELETE FROM immagent_assets a
                          WHERE NOT EXISTS (SELECT 1 FROM reach WHERE reach.digest = a.digest)
+                           AND NOT EXISTS (SELECT 1 FROM dangling)
                         RETURNING octet_length(a.body) AS size
                     )
                     SELECT count(*), coalesce(sum(size), 0),
-                           (SELECT count(*) FROM immagent_assets)
+                           (SELECT count(*) FROM immagent_assets),
+                           (SELECT digest FROM dangling)
                       FROM swept
                     """
                 )
                 row = await cur.fetchone()
         assert row is not None
+        if row[3] is not None:
+            raise IntegrityError(
+                f"gc aborted, nothing deleted: a live agent reaches asset {bytes(row[3]).hex()}, "
+                "which is missing, so reachability is unknown (run store.verify(); restore "
+                "the asset by importing a bundle, or delete the agents that need it)"
+            )
         removed, freed, before = int(row[0]), int(row[1]), int(row[2])
         # The sub-select sees the snapshot from before the DELETE.
         return GCResult(assets_removed=removed, bytes_freed=freed, assets_kept=before - removed)
@@ -342,6 +414,76 @@ class PostgresBackend:
                 while rows := await cur.fetchmany(batch_size):
                     yield [StoredAsset(bytes(d), k, tuple(bytes(r) for r in refs), bytes(b))
                            for d, k, refs, b in rows]
+
+    async def iter_reachable(self, roots: Sequence[Digest],
+                             batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
+        with _mapped("iter_reachable"):
+            async with (
+                self._pool.connection() as conn,
+                conn.transaction(),
+                conn.cursor(name="immagent_iter_reachable") as cur,
+            ):
+                await cur.execute(
+                    """
+                    WITH RECURSIVE reach(digest) AS (
+                        SELECT unnest(%s::bytea[])
+                        UNION
+                        SELECT r FROM reach
+                          JOIN immagent_assets a ON a.digest = reach.digest
+                          CROSS JOIN LATERAL unnest(a.refs) AS r
+                    )
+                    SELECT a.digest, a.kind, a.refs, a.body
+                      FROM reach JOIN immagent_assets a ON a.digest = reach.digest
+                    """,
+                    (list(roots),),
+                )
+                while rows := await cur.fetchmany(batch_size):
+                    yield [StoredAsset(bytes(d), k, tuple(bytes(r) for r in refs), bytes(b))
+                           for d, k, refs, b in rows]
+
+    async def dangling_refs(self, agent_ids: Sequence[UUID] | None = None,
+                            limit: int = 10_000) -> list[DanglingRef]:
+        if agent_ids is None:
+            sql = """
+                SELECT DISTINCT r, a.digest, NULL::uuid
+                  FROM immagent_assets a CROSS JOIN LATERAL unnest(a.refs) AS r
+                 WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = r)
+                UNION ALL
+                SELECT DISTINCT d, NULL::bytea, g.id
+                  FROM immagent_agents g
+                  CROSS JOIN LATERAL unnest(ARRAY[g.system_prompt, g.conversation]) AS d
+                 WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = d)
+                LIMIT %(limit)s
+                """
+        else:
+            sql = """
+                WITH RECURSIVE roots(id, digest) AS (
+                    SELECT id, unnest(ARRAY[system_prompt, conversation])
+                      FROM immagent_agents WHERE id = ANY(%(ids)s)
+                ), reach(digest) AS (
+                    SELECT digest FROM roots
+                    UNION
+                    SELECT r FROM reach
+                      JOIN immagent_assets a ON a.digest = reach.digest
+                      CROSS JOIN LATERAL unnest(a.refs) AS r
+                )
+                SELECT DISTINCT r, a.digest, NULL::uuid
+                  FROM reach JOIN immagent_assets a ON a.digest = reach.digest
+                  CROSS JOIN LATERAL unnest(a.refs) AS r
+                 WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = r)
+                UNION ALL
+                SELECT DISTINCT digest, NULL::bytea, id FROM roots
+                 WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b
+                                    WHERE b.digest = roots.digest)
+                LIMIT %(limit)s
+                """
+        with _mapped("dangling_refs"):
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    sql.encode(), {"ids": list(agent_ids or ()), "limit": limit}
+                )
+                rows = await cur.fetchall()
+        return [DanglingRef(bytes(m), bytes(d) if d is not None else i) for m, d, i in rows]
 
     async def asset_stats(self) -> dict[int, tuple[int, int]]:
         with _mapped("asset_stats"):

@@ -372,50 +372,51 @@ class Store:
         cached = self._cache.history(head)
         if cached is not None:
             return cached
-        # Walk cached nodes; stop at a cached history or the first node not in the cache.
+        chain, bodies = await self._open().get_conversation(head)
         nodes: list[ConversationNode] = []
-        prefix: tuple[Message, ...] = ()
-        cursor: Digest | None = head
-        while cursor is not None:
-            if nodes and (hit := self._cache.history(cursor)) is not None:
-                prefix = hit
+        expected: Digest | None = head
+        for digest, body in chain:
+            if digest != expected:
                 break
-            node = self._cache.get(cursor)
-            if node is None:
-                break
-            if not isinstance(node, ConversationNode):
-                raise IntegrityError(f"asset {cursor.hex()} is not a conversation node")
+            node = _decode_checked(digest, Kind.NODE, body)
+            assert isinstance(node, ConversationNode)
             nodes.append(node)
-            cursor = node.parent
-        if cursor is not None and not prefix:
-            chain = await self._open().get_chain(cursor)
-            for digest, body in chain:
-                node = _decode_checked(digest, Kind.NODE, body)
-                assert isinstance(node, ConversationNode)
-                self._cache.put(node)
-                nodes.append(node)
-            if not chain or nodes[-1].parent is not None:
-                gap = cursor if not chain else nodes[-1].parent
-                assert gap is not None
-                raise AssetNotFoundError("conversation node", gap)
-        digests = [d for node in reversed(nodes) for d in node.messages]
-        messages = await self._assets(digests, "message")
-        history = prefix + tuple(m for m in messages if isinstance(m, Message))
-        if len(history) != len(prefix) + len(digests):
-            raise IntegrityError(f"conversation {head.hex()} references a non-message asset")
+            expected = node.parent
+        if expected is not None:  # the chain stopped before the root
+            raise AssetNotFoundError("conversation node", expected)
+        decoded: dict[Digest, Message] = {}
+        for digest in (d for node in nodes for d in node.messages):
+            if digest in decoded:
+                continue
+            if digest not in bodies:
+                raise MessageNotFoundError(digest)
+            message = _decode_checked(digest, *bodies[digest])
+            if not isinstance(message, Message):
+                raise IntegrityError(f"conversation {head.hex()} references non-message "
+                                     f"asset {digest.hex()}")
+            decoded[digest] = message
+        history = tuple(decoded[d] for node in reversed(nodes) for d in node.messages)
+        self._cache.put(nodes[0])
         self._cache.put_history(head, history)
         return history
 
 
+_KINDS = frozenset(int(k) for k in Kind)
+
+
 def _decode_checked(digest: Digest, kind: int, body: bytes) -> Asset:
     """Decode a stored body after proving it still hashes to its digest."""
-    if digest_of(Kind(kind), body) != digest:
+    if kind not in _KINDS or digest_of(kind, body) != digest:
         raise IntegrityError(f"asset {digest.hex()} is corrupt: its body does not match "
                              "its digest (run store.verify())")
     try:
-        return decode_asset(kind, body)
+        asset = decode_asset(kind, body)
     except (msgspec.DecodeError, ValueError) as e:
         raise IntegrityError(f"asset {digest.hex()} cannot be decoded: {e}") from e
+    # Seed the cached properties with what we just proved, so nothing is re-encoded.
+    asset.__dict__["body"] = body
+    asset.__dict__["digest"] = digest
+    return asset
 
 
 def _new_record(parent_id: UUID | None, name: str, model: str, system_prompt: Digest,
