@@ -29,13 +29,36 @@ BACKENDS = ["postgres", "sqlite"]
 
 
 def _server_dsn() -> str:
-    """A PostgreSQL server: $IMMAGENT_TEST_DSN, or one started by our own script."""
+    """A PostgreSQL server: $IMMAGENT_TEST_DSN, else one started by our own script, else
+    (no PostgreSQL binaries and none installable) a testcontainers one if Docker answers."""
     dsn = os.environ.get("IMMAGENT_TEST_DSN")
     if dsn:
         return dsn
     out = subprocess.run(["bash", str(ROOT / "scripts" / "ensure-postgres.sh")],
-                         check=True, capture_output=True, text=True)
-    return out.stdout.strip().splitlines()[-1]
+                         capture_output=True, text=True)
+    if out.returncode == 0:
+        return out.stdout.strip().splitlines()[-1]
+    container = _docker_postgres()
+    if container is None:
+        pytest.exit(f"no PostgreSQL for the tests: ensure-postgres.sh failed:\n{out.stderr}",
+                    returncode=1)
+    return container
+
+
+def _docker_postgres() -> str | None:
+    """A PostgreSQL container through testcontainers, or None when no Docker engine answers."""
+    try:
+        from testcontainers.postgres import PostgresContainer
+
+        container = PostgresContainer("postgres:16-alpine", driver=None)
+        container.start()
+    except Exception:  # no engine, no image: the caller reports the original failure
+        return None
+    _containers.append(container)
+    return str(container.get_connection_url())
+
+
+_containers: list[object] = []
 
 
 @pytest.fixture(scope="session")

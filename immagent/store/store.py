@@ -333,6 +333,8 @@ class Store:
         for m in unique.values():
             self._cache.put(m)
         self._cache.put(node)
+        if history is None:
+            history = self._cache.history(agent.conversation_digest)
         if history is not None:
             self._cache.put_history(node.digest, (*history, *messages))
         return self._bind(record)
