@@ -8,23 +8,35 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import sqlite3
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
 __all__ = [
+    "BACKENDS",
+    "ECHO_PREFIX",
     "REPLY_BYTES",
+    "TURN_PAYLOAD",
     "USER_BYTES",
+    "Backend",
+    "ForkResult",
+    "LinearPoint",
     "Timer",
+    "curve_points",
     "drop_database",
+    "filler",
     "fmt_bytes",
     "fresh_database",
     "growth_exponent",
     "percentile",
+    "pg_breakdown",
     "pg_relation_bytes",
     "print_table",
     "remove_sqlite_files",
@@ -36,8 +48,12 @@ __all__ = [
 
 #: UTF-8 size of every user message the benchmarks send.
 USER_BYTES = 200
+#: What the offline model ``immagent/echo`` puts before the user's text.
+ECHO_PREFIX = "Echo: "
 #: UTF-8 size of every assistant reply (LangGraph's canned node mirrors the offline model).
-REPLY_BYTES = 200
+REPLY_BYTES = USER_BYTES + len(ECHO_PREFIX)
+#: Logical payload of one turn: the user message plus the reply, content bytes only.
+TURN_PAYLOAD = USER_BYTES + REPLY_BYTES
 
 _WORDS = [
     "".join(random.Random(i).choices("abcdefghijklmnopqrstuvwxyz", k=3 + i % 7))
@@ -45,8 +61,8 @@ _WORDS = [
 ]
 
 
-def _filler(seed: str, size: int) -> str:
-    """Deterministic pseudo-random lowercase words, exactly ``size`` ASCII bytes.
+def filler(seed: str, size: int) -> str:
+    """Deterministic pseudo-random lowercase words of exactly ``size`` ASCII bytes.
 
     Random words rather than repeated text, so PostgreSQL's TOAST compression (which
     LangGraph's large blobs would get) cannot make either side look better than real prose.
@@ -58,19 +74,90 @@ def _filler(seed: str, size: int) -> str:
         word = rng.choice(_WORDS)
         parts.append(word)
         length += len(word) + 1
-    return " ".join(parts)[:size]
+    text = " ".join(parts)[:size]
+    # The echo model strips trailing whitespace; keep every text's size exact.
+    return text[:-1] + "x" if text.endswith(" ") else text
 
 
 def user_text(thread: str, turn: int) -> str:
     """The user message of ``turn`` in ``thread``: unique, exactly USER_BYTES bytes."""
     head = f"[{thread} t{turn}] "
-    return head + _filler(head, USER_BYTES - len(head))
+    return head + filler(head, USER_BYTES - len(head))
 
 
 def reply_text(user: str) -> str:
-    """The assistant reply to ``user``: unique per user text, exactly REPLY_BYTES bytes."""
-    head = "Reply: "
-    return head + _filler(user, REPLY_BYTES - len(head))
+    """The reply ``immagent/echo`` gives to ``user`` (REPLY_BYTES bytes for a user text)."""
+    return ECHO_PREFIX + user
+
+
+# --- results ------------------------------------------------------------------------
+
+Backend = Literal["postgres", "sqlite"]
+BACKENDS: tuple[Backend, ...] = ("postgres", "sqlite")
+System = Literal["immagent", "langgraph"]
+
+
+@dataclass(frozen=True)
+class LinearPoint:
+    """Stored bytes of one conversation after ``turns`` turns (a point of the growth curve)."""
+
+    system: System
+    backend: Backend
+    turns: int
+    stored_bytes: int
+    seconds: float
+
+    @property
+    def payload_bytes(self) -> int:
+        """Logical content: the user messages and the replies, UTF-8 bytes."""
+        return self.turns * TURN_PAYLOAD
+
+    @property
+    def bytes_per_turn(self) -> float:
+        return self.stored_bytes / self.turns
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "payload_bytes": self.payload_bytes,
+                "bytes_per_turn": self.bytes_per_turn}
+
+
+@dataclass(frozen=True)
+class ForkResult:
+    """A ``base_turns`` conversation, then ``forks`` forks each advanced ``fork_turns`` times."""
+
+    system: System
+    backend: Backend
+    base_turns: int
+    forks: int
+    fork_turns: int
+    base_bytes: int
+    total_bytes: int
+    seconds: float
+
+    @property
+    def bytes_per_fork(self) -> float:
+        return (self.total_bytes - self.base_bytes) / self.forks
+
+    @property
+    def fork_payload_bytes(self) -> int:
+        """What one fork adds logically: its own user messages and replies."""
+        return self.fork_turns * TURN_PAYLOAD
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "bytes_per_fork": self.bytes_per_fork,
+                "fork_payload_bytes": self.fork_payload_bytes}
+
+
+def curve_points(turns: int) -> list[int]:
+    """Where to sample the growth curve up to ``turns``: 10, 20, 50, 100, 200, 500, ..."""
+    points: list[int] = []
+    base = 10
+    while base <= turns:
+        points.extend(p for p in (base, 2 * base, 5 * base) if p <= turns)
+        base *= 10
+    if not points or points[-1] != turns:
+        points.append(turns)
+    return points
 
 
 # --- PostgreSQL ---------------------------------------------------------------------
@@ -110,6 +197,20 @@ async def pg_relation_bytes(dsn: str, tables: Sequence[str]) -> int:
         )
         row = await cur.fetchone()
     return int(row[0]) if row else 0
+
+
+async def pg_breakdown(dsn: str, tables: Sequence[str]) -> list[tuple[str, int, int, int]]:
+    """Per table: (name, rows, table bytes incl. TOAST, index bytes), largest first."""
+    rows: list[tuple[str, int, int, int]] = []
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        for table in tables:
+            cur = await conn.execute(
+                f'SELECT count(*), pg_table_size(%s::regclass), pg_indexes_size(%s::regclass)'
+                f' FROM "{table}"', (table, table))
+            row = await cur.fetchone()
+            if row:
+                rows.append((table, int(row[0]), int(row[1]), int(row[2])))
+    return sorted(rows, key=lambda r: -(r[2] + r[3]))
 
 
 # --- SQLite -------------------------------------------------------------------------
@@ -174,14 +275,19 @@ def fmt_bytes(n: float) -> str:
     return f"{value:.2f} GiB"
 
 
+_NUMERIC = re.compile(r"^[-+]?[\d.,]+( ?(B|KiB|MiB|GiB|%|x|/s))?$")
+
+
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    """Print an aligned text table: first column left-aligned, the others right-aligned."""
+    """Print an aligned text table: numeric columns right-aligned, text left-aligned."""
     cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    numeric = [bool(rows) and all(_NUMERIC.match(r[i]) for r in cells[1:])
+               for i in range(len(header))]
 
     def line(row: Sequence[str]) -> str:
-        pairs = enumerate(zip(row, widths, strict=True))
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
+        parts = zip(row, widths, numeric, strict=True)
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in parts).rstrip()
 
     print(f"\n{title}")
     print(line(cells[0]))

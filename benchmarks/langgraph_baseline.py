@@ -11,7 +11,7 @@ Stored bytes: PostgreSQL, the sum of ``pg_total_relation_size`` over the checkpo
 tables in a database of their own; SQLite, the file size after
 ``PRAGMA wal_checkpoint(TRUNCATE)``.
 
-Run alone: ``python -m benchmarks.langgraph_baseline --dsn postgresql://... --n 10 100``.
+Run alone: ``python -m benchmarks.langgraph_baseline --dsn postgresql://... --turns 100``.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypedDict
+from typing import Annotated, Any, TypedDict
 
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
 from langchain_core.runnables import RunnableConfig
@@ -34,9 +34,12 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 
 from benchmarks.common import (
-    REPLY_BYTES,
-    USER_BYTES,
+    BACKENDS,
+    Backend,
+    ForkResult,
+    LinearPoint,
     Timer,
+    curve_points,
     drop_database,
     fmt_bytes,
     fresh_database,
@@ -48,16 +51,12 @@ from benchmarks.common import (
     user_text,
 )
 
-__all__ = ["BACKENDS", "ForkResult", "LinearResult", "run_forks", "run_linear"]
-
-Backend = Literal["postgres", "sqlite"]
-BACKENDS: tuple[Backend, ...] = ("postgres", "sqlite")
+__all__ = ["build_graph", "run_forks", "run_linear"]
 
 #: Tables AsyncPostgresSaver.setup() creates; all of them count as stored bytes.
 PG_TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes", "checkpoint_migrations")
-#: Database the PostgreSQL runs use (dropped and re-created per run).
-PG_DATABASE = "immagent_bench_langgraph"
-TURN_PAYLOAD = USER_BYTES + REPLY_BYTES
+#: Database of the PostgreSQL runs: per process, dropped and re-created per scenario.
+PG_DATABASE = f"immagent_bench_{os.getpid()}_langgraph"
 
 
 class ChatState(TypedDict):
@@ -79,50 +78,6 @@ def build_graph(checkpointer: BaseCheckpointSaver[Any]) -> Any:
     builder.add_edge(START, "reply")
     builder.add_edge("reply", END)
     return builder.compile(checkpointer=checkpointer)
-
-
-@dataclass(frozen=True)
-class LinearResult:
-    """One thread advanced ``turns`` times."""
-
-    backend: Backend
-    turns: int
-    stored_bytes: int
-    payload_bytes: int
-    seconds: float
-
-    @property
-    def bytes_per_turn(self) -> float:
-        return self.stored_bytes / self.turns
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "bytes_per_turn": self.bytes_per_turn}
-
-
-@dataclass(frozen=True)
-class ForkResult:
-    """A ``base_turns`` thread, then ``forks`` forks each advanced ``fork_turns`` times."""
-
-    backend: Backend
-    base_turns: int
-    forks: int
-    fork_turns: int
-    base_bytes: int
-    total_bytes: int
-    seconds: float
-
-    @property
-    def bytes_per_fork(self) -> float:
-        return (self.total_bytes - self.base_bytes) / self.forks
-
-    @property
-    def fork_payload_bytes(self) -> int:
-        """What one fork adds logically: its own user messages and replies."""
-        return self.fork_turns * TURN_PAYLOAD
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "bytes_per_fork": self.bytes_per_fork,
-                "fork_payload_bytes": self.fork_payload_bytes}
 
 
 @contextlib.asynccontextmanager
@@ -170,15 +125,25 @@ async def _advance(graph: Any, thread: str, turns: range) -> None:
         await graph.ainvoke({"messages": [message]}, _config(thread))
 
 
-async def run_linear(backend: Backend, turns: int, *, dsn: str | None,
-                     workdir: Path) -> LinearResult:
-    """Scenario 1: one thread advanced ``turns`` times, from an empty store."""
+async def run_linear(backend: Backend, points: Sequence[int], *, dsn: str | None,
+                     workdir: Path) -> list[LinearPoint]:
+    """Scenario 1: one thread advanced to max(points) turns, measured at each point.
+
+    Measuring one growing thread at N gives the same bytes as a fresh run of N turns
+    (nothing is ever rewritten), at a fraction of the time.
+    """
+    results: list[LinearPoint] = []
     async with open_saver(backend, dsn, workdir) as (saver, measure):
         graph = build_graph(saver)
-        with Timer() as timer:
-            await _advance(graph, "linear", range(turns))
-        stored = await measure()
-    return LinearResult(backend, turns, stored, turns * TURN_PAYLOAD, timer.seconds)
+        done = 0
+        elapsed = 0.0
+        for point in sorted(points):
+            with Timer() as timer:
+                await _advance(graph, "linear", range(done, point))
+            elapsed += timer.seconds
+            done = point
+            results.append(LinearPoint("langgraph", backend, point, await measure(), elapsed))
+    return results
 
 
 async def run_forks(backend: Backend, *, dsn: str | None, workdir: Path, base_turns: int = 100,
@@ -195,23 +160,24 @@ async def run_forks(backend: Backend, *, dsn: str | None, workdir: Path, base_tu
                 await graph.aupdate_state(_config(thread), snapshot.values, as_node="reply")
                 await _advance(graph, thread, range(fork_turns))
         total = await measure()
-    return ForkResult(backend, base_turns, forks, fork_turns, base_bytes, total, timer.seconds)
+    return ForkResult("langgraph", backend, base_turns, forks, fork_turns, base_bytes, total,
+                      timer.seconds)
 
 
 async def _main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn", help="PostgreSQL server DSN (a scratch database is used)")
-    parser.add_argument("--n", type=int, nargs="+", default=[10, 100])
+    parser.add_argument("--turns", type=int, default=100, help="longest thread")
     parser.add_argument("--forks", action="store_true", help="also run the fork scenario")
     args = parser.parse_args(argv)
     backends = [b for b in BACKENDS if b == "sqlite" or args.dsn]
     with tempfile.TemporaryDirectory(prefix="immagent-bench-") as tmp:
         rows: list[list[object]] = []
         for backend in backends:
-            for n in args.n:
-                r = await run_linear(backend, n, dsn=args.dsn, workdir=Path(tmp))
-                rows.append([backend, n, fmt_bytes(r.stored_bytes), fmt_bytes(r.bytes_per_turn),
-                             f"{r.seconds:.2f}"])
+            points = curve_points(args.turns)
+            for r in await run_linear(backend, points, dsn=args.dsn, workdir=Path(tmp)):
+                rows.append([backend, r.turns, fmt_bytes(r.stored_bytes),
+                             fmt_bytes(r.bytes_per_turn), f"{r.seconds:.2f}"])
         print_table("LangGraph linear", ["backend", "N", "stored", "bytes/turn", "s"], rows)
         if args.forks:
             fork_rows: list[list[object]] = []
