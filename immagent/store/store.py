@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -47,6 +47,8 @@ from immagent.validate import MAX_NAME_CHARS, check_json_mapping, check_text, ch
 
 if TYPE_CHECKING:
     from immagent.advance import ToolProvider
+    from immagent.bundle import BundleInfo
+    from immagent.verify import VerifyReport
 
 __all__ = ["Store"]
 
@@ -243,6 +245,59 @@ class Store:
             disk_bytes=await backend.storage_bytes(),
             logical_bytes=logical,
         )
+
+    # -- audit: verify, export, import, lineage deletion ---------------------------------
+
+    async def delete_lineage(self, agent: PersistentAgent | UUID | str) -> list[UUID]:
+        """Delete ``agent`` and then each ancestor that no other live state descends from.
+
+        A state is *live* while its agent row exists. The walk stops at the first ancestor
+        that has another child row (or is already gone). Children of a deleted state keep
+        their ``parent_id``; their lineage walks stop there. Assets stay until gc().
+        Returns the deleted ids, ``agent`` first, in one transaction.
+        """
+        agent_id = agent.id if isinstance(agent, PersistentAgent) else check_uuid("agent", agent)
+        deleted = await self._open().delete_lineage(agent_id)
+        if not deleted:
+            raise AgentNotFoundError(agent_id)
+        log.info("deleted lineage of %s: %d states", agent_id, len(deleted))
+        return deleted
+
+    async def verify(self, agent: PersistentAgent | UUID | str | None = None, *,
+                     progress: Callable[[int], None] | None = None) -> VerifyReport:
+        """Re-hash the stored bytes of every asset (or those ``agent`` reaches), resolve
+        every reference, recompute every agent row's state digest; never raises on a
+        problem found, it lists it. ``progress`` gets the number of assets checked so far."""
+        from immagent.verify import verify_backend
+
+        agent_id = None if agent is None else (
+            agent.id if isinstance(agent, PersistentAgent) else check_uuid("agent", agent))
+        if progress is not None and not callable(progress):
+            raise ValidationError("progress", "must be a callable taking an int", progress)
+        report = await verify_backend(self._open(), agent_id, progress=progress)
+        log.info("verify: %d assets, %d problems", report.assets_checked, report.problems)
+        return report
+
+    async def export(self, agent: PersistentAgent | UUID | str,
+                     path: str | os.PathLike[str]) -> BundleInfo:
+        """Write an audit bundle of ``agent`` (its lineage and every asset they reach) to
+        ``path``, atomically; verify it anywhere with ``immagent.verify_bundle``."""
+        from immagent.bundle import export_bundle
+
+        agent_id = agent.id if isinstance(agent, PersistentAgent) else check_uuid("agent", agent)
+        info = await export_bundle(self._open(), agent_id, path)
+        log.info("exported %s: %d states, %d assets to %s", agent_id, len(info.agents),
+                 info.assets, info.path)
+        return info
+
+    async def import_bundle(self, path: str | os.PathLike[str]) -> PersistentAgent:
+        """Verify a bundle, then load it in one transaction (idempotent: present rows are
+        skipped); returns its head state with the same id and digest as where it came from."""
+        from immagent.bundle import import_bundle
+
+        head = await import_bundle(self._open(), path)
+        log.info("imported bundle %s: head %s", os.fspath(path), head)
+        return await self.load_agent(head)
 
     # -- per-agent operations (PersistentAgent's methods delegate here) --------------------
 

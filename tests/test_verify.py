@@ -1,0 +1,200 @@
+"""store.verify(): every problem it must find, injected behind the Store's back with raw SQL
+(the only way real corruption arrives), on PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+import immagent
+from immagent import Message, PersistentAgent, Store
+from immagent.assets import Kind, digest_of
+from immagent.verify import VerifyReport
+from tests.conftest import count_rows
+
+PROMPT = "You audit things."
+
+
+def turn(i: int, tag: str = "") -> list[Message]:
+    return [Message(role="user", content=f"q{i}{tag}"),
+            Message(role="assistant", content=f"a{i}{tag}", input_tokens=1, output_tokens=1)]
+
+
+# -- raw SQL, behind the Store's back (helpers shared by the other audit tests) ------------
+
+
+def raw_sql(dsn: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """Run one statement on the store's database directly; PostgreSQL placeholders are %s,
+    SQLite ones ?, and UUID parameters become SQLite's 16-byte blobs."""
+    if dsn.startswith("sqlite:///"):
+        import sqlite3
+
+        args = [p.bytes if isinstance(p, uuid.UUID) else p for p in params]
+        with sqlite3.connect(dsn.removeprefix("sqlite:///")) as conn:
+            return list(conn.execute(sql.replace("%s", "?"), args).fetchall())
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(sql.encode(), list(params))
+        return [tuple(r) for r in cur.fetchall()] if cur.description else []
+
+
+def stored_body(dsn: str, digest: bytes) -> bytes:
+    (row,) = raw_sql(dsn, "SELECT body FROM immagent_assets WHERE digest = %s", [digest])
+    return bytes(row[0])
+
+
+def flip_byte(dsn: str, digest: bytes, index: int = 0) -> None:
+    """Flip the low bit of one byte of one stored body."""
+    body = bytearray(stored_body(dsn, digest))
+    body[index] ^= 0x01
+    raw_sql(dsn, "UPDATE immagent_assets SET body = %s WHERE digest = %s", [bytes(body), digest])
+
+
+def delete_asset(dsn: str, digest: bytes) -> None:
+    raw_sql(dsn, "DELETE FROM immagent_assets WHERE digest = %s", [digest])
+
+
+def stored_digests(dsn: str) -> set[bytes]:
+    return {bytes(r[0]) for r in raw_sql(dsn, "SELECT digest FROM immagent_assets")}
+
+
+async def conversation(store: Store) -> tuple[PersistentAgent, PersistentAgent]:
+    """A base agent and a two-turn descendant."""
+    base = await store.create_agent("auditee", PROMPT, "m")
+    one = await store.append(base, turn(1))
+    return base, await store.append(one, turn(2))
+
+
+def assert_clean(report: VerifyReport) -> None:
+    assert report.ok, "\n".join(report.lines())
+    assert report.problems == 0 and not report.truncated
+
+
+# -- tests --------------------------------------------------------------------------------
+
+
+async def test_clean_store_verifies_with_exact_counts_and_progress(
+        store: Store, store_dsn: str) -> None:
+    _, head = await conversation(store)
+    await head.clone()
+    seen: list[int] = []
+    report = await store.verify(progress=seen.append)
+    assert_clean(report)
+    total = count_rows(store_dsn, "immagent_assets")
+    assert report.assets_checked == total == 8  # prompt, empty node + 2 nodes, 4 messages
+    assert report.agents_checked == 4
+    assert report.bytes_checked == sum(
+        len(bytes(r[0])) for r in raw_sql(store_dsn, "SELECT body FROM immagent_assets"))
+    assert seen and seen[-1] == total and seen == sorted(seen)
+    assert report.lines()[-1] == "OK"
+
+
+async def test_one_flipped_byte_names_exactly_that_asset(store: Store, store_dsn: str) -> None:
+    _, head = await conversation(store)
+    victim = turn(2)[1]  # an assistant message of the last turn
+    flip_byte(store_dsn, victim.digest, index=len(victim.body) - 1)
+    for report in (await store.verify(), await store.verify(head)):
+        assert [p.digest for p in report.corrupt] == [victim.digest]
+        assert report.corrupt[0].kind == Kind.MESSAGE
+        assert not report.missing and not report.undecodable and not report.bad_agents
+        assert not report.ok and report.problems == 1
+        assert any(victim.digest.hex() in line for line in report.lines())
+    # Reads refuse the corrupt body too, naming it.
+    store.clear_cache()
+    with pytest.raises(immagent.IntegrityError, match=victim.digest.hex()):
+        await (await store.load_agent(head.id)).get_messages()
+
+
+async def test_a_deleted_row_is_missing_with_who_refers_to_it(
+        store: Store, store_dsn: str) -> None:
+    base, head = await conversation(store)
+    victim = turn(1)[0]
+    delete_asset(store_dsn, victim.digest)
+    node1 = (await store.load_agent(head.parent_id or base.id)).conversation_digest
+    report = await store.verify()
+    assert [(m.digest, m.referrer) for m in report.missing] == [(victim.digest, node1)]
+    assert not report.corrupt and not report.undecodable and not report.bad_agents
+    assert f"missing {victim.digest.hex()} referenced by asset {node1.hex()}" in report.lines()
+    scoped = await store.verify(head)
+    assert [(m.digest, m.referrer) for m in scoped.missing] == [(victim.digest, node1)]
+    # The base state does not reach the message, so its own audit is clean.
+    assert_clean(await store.verify(base))
+
+
+async def test_a_missing_root_names_the_agent_rows(store: Store, store_dsn: str) -> None:
+    base, head = await conversation(store)
+    prompt = base.system_prompt_digest
+    delete_asset(store_dsn, prompt)
+    report = await store.verify()
+    ids = {(await store.load_agent(i)).id for i in (base.id, head.id, head.parent_id)}
+    assert {m.digest for m in report.missing} == {prompt}
+    assert {m.referrer for m in report.missing} == ids
+    scoped = await store.verify(head)
+    assert [(m.digest, m.referrer) for m in scoped.missing] == [(prompt, head.id)]
+
+
+async def test_gc_refuses_to_sweep_when_a_live_agent_dangles(
+        store: Store, store_dsn: str) -> None:
+    # git's lesson: an unreadable root is not an absent root. The node is gone, so gc cannot
+    # know what it would have kept; it must delete nothing rather than the node's history.
+    _, head = await conversation(store)
+    orphan = await store.append(await store.create_agent("other", "p2", "m"), turn(9))
+    await store.delete(orphan)  # leaves unreachable assets a normal gc would sweep
+    delete_asset(store_dsn, head.conversation_digest)
+    before = stored_digests(store_dsn)
+    with pytest.raises(immagent.IntegrityError, match=head.conversation_digest.hex()):
+        await store.gc()
+    assert stored_digests(store_dsn) == before
+
+
+async def test_a_wrong_refs_column_is_corrupt(store: Store, store_dsn: str) -> None:
+    # gc follows the refs column, not the body: a damaged column would sweep live data, so
+    # verify compares it with the refs the (hash-checked) body declares.
+    _, head = await conversation(store)
+    empty = b"" if store_dsn.startswith("sqlite:///") else None
+    raw_sql(store_dsn, "UPDATE immagent_assets SET refs = %s WHERE digest = %s",
+            [empty, head.conversation_digest])
+    report = await store.verify()
+    assert [p.digest for p in report.corrupt] == [head.conversation_digest]
+    assert "refs" in report.corrupt[0].reason
+
+
+async def test_undecodable_body_with_a_valid_digest(store: Store, store_dsn: str) -> None:
+    await conversation(store)
+    body = b"\xc1 not msgpack"  # 0xc1 is never valid msgpack
+    digest = digest_of(Kind.MESSAGE, body)
+    now = ([0] if store_dsn.startswith("sqlite:///") else [])
+    cols = "digest, kind, refs, created_at, body" if now else "digest, kind, refs, body"
+    refs: bytes | None = b"" if now else None
+    raw_sql(store_dsn, f"INSERT INTO immagent_assets ({cols}) VALUES "
+            f"(%s, %s, %s, {'%s, ' if now else ''}%s)",
+            [digest, int(Kind.MESSAGE), refs, *now, body])
+    report = await store.verify()
+    assert [p.digest for p in report.undecodable] == [digest]
+    assert not report.corrupt and not report.missing
+
+
+async def test_tampered_agent_row_is_reported(store: Store, store_dsn: str) -> None:
+    _, head = await conversation(store)
+    raw_sql(store_dsn, "UPDATE immagent_agents SET name = %s WHERE id = %s",
+            ["mallory", head.id])
+    report = await store.verify()
+    assert [a.agent_id for a in report.bad_agents] == [head.id]
+    assert report.bad_agents[0].stored == head.digest
+    assert not report.corrupt and not report.missing
+    assert [a.agent_id for a in (await store.verify(head)).bad_agents] == [head.id]
+
+
+async def test_verify_rejects_bad_input(store: Store) -> None:
+    with pytest.raises(immagent.ValidationError) as bad:
+        await store.verify("not-a-uuid")
+    assert bad.value.field == "agent" and "not-a-uuid" in str(bad.value)
+    with pytest.raises(immagent.AgentNotFoundError):
+        await store.verify(uuid.uuid4())
+    with pytest.raises(immagent.ValidationError) as bad:
+        await store.verify(progress=42)  # type: ignore[arg-type]
+    assert bad.value.field == "progress"
