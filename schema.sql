@@ -8,20 +8,33 @@ CREATE TABLE IF NOT EXISTS immagent_schema (
 );
 
 -- The append-only content log. A row is never updated: digest = blake3(kind || body),
--- so a row with a given digest can only ever hold one body. `refs` are the digests this
--- asset points at (conversation node -> parent node + messages), which lets gc compute
--- reachability in SQL without decoding bodies.
+-- so a row with a given digest can only ever hold one body. `refs` holds the digests this
+-- asset points at (conversation node -> parent node, then its messages), concatenated
+-- 32 bytes each, NULL when there are none; it lets gc compute reachability in SQL without
+-- decoding bodies. Rows are kept lean on purpose (no timestamp, no array headers): every
+-- conversation turn adds about three of them.
 CREATE TABLE IF NOT EXISTS immagent_assets (
     digest      bytea       PRIMARY KEY CHECK (octet_length(digest) = 32),
     kind        smallint    NOT NULL,
-    refs        bytea[]     NOT NULL DEFAULT '{}',
-    body        bytea       NOT NULL,
-    created_at  timestamptz NOT NULL DEFAULT now()
+    refs        bytea       CHECK (octet_length(refs) % 32 = 0),
+    body        bytea       NOT NULL
 );
+
+-- The digests in a refs value, in order (the first is a node's parent when it has one).
+-- STRICT keeps the planner from inlining it into generate_series, whose default estimate
+-- of 1000 rows per call made gc plans spill to thousands of hash batches; ROWS 3 is the
+-- typical node (parent + user + assistant).
+CREATE OR REPLACE FUNCTION immagent_refs(refs bytea) RETURNS SETOF bytea
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE ROWS 3 AS $$
+    SELECT substring(refs FROM i * 32 + 1 FOR 32)
+      FROM generate_series(0, coalesce(octet_length(refs), 0) / 32 - 1) AS i
+$$;
 
 -- One row per agent state. Rows are inserted, or deleted by delete(); never updated.
 -- parent_id is deliberately not a foreign key: deleting a parent must not touch its
--- children, and lineage walks stop at a missing parent.
+-- children, and lineage walks stop at a missing parent. Listing orders by id (UUIDv7,
+-- time-ordered, served by the primary key); seq is the commit-order position in the log
+-- for incremental consumers.
 CREATE TABLE IF NOT EXISTS immagent_agents (
     id            uuid        PRIMARY KEY,
     parent_id     uuid,
@@ -37,5 +50,5 @@ CREATE TABLE IF NOT EXISTS immagent_agents (
 );
 
 CREATE INDEX IF NOT EXISTS immagent_agents_parent ON immagent_agents (parent_id);
-CREATE INDEX IF NOT EXISTS immagent_agents_name ON immagent_agents (name, seq);
-CREATE UNIQUE INDEX IF NOT EXISTS immagent_agents_seq ON immagent_agents (seq);
+-- (name) alone, not (name, id): B-tree deduplication then stores each name once per page.
+CREATE INDEX IF NOT EXISTS immagent_agents_name ON immagent_agents (name);

@@ -2,7 +2,9 @@
 
 Every content asset (system prompt, message, conversation node) is a frozen msgspec Struct.
 Its canonical bytes are deterministic msgpack (map keys sorted, default-valued fields left
-out, so adding an optional field later does not change old digests); its digest is
+out, so adding an optional field later does not change old digests; fields encode in
+declaration order, so never reorder them; keys are short aliases fixed per field, because
+they are repeated in every stored row); its digest is
 ``blake3(kind byte || canonical bytes)``; its UUID is derived from that digest. What is
 hashed is exactly the encoded fields: no timestamps, no database ids.
 """
@@ -93,14 +95,16 @@ class _Content(msgspec.Struct, frozen=True, omit_defaults=True, dict=True, weakr
         return ()
 
 
-class SystemPrompt(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True):
+class SystemPrompt(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True,
+                   rename={"text": "t"}):
     """A system prompt; stored once however many agents use it."""
 
     text: str
     kind: ClassVar[Kind] = Kind.SYSTEM_PROMPT
 
 
-class ToolCall(msgspec.Struct, frozen=True, omit_defaults=True):
+class ToolCall(msgspec.Struct, frozen=True, omit_defaults=True,
+               rename={"id": "i", "name": "n", "arguments": "a"}):
     """A tool call requested by the model; ``arguments`` is the JSON text it produced."""
 
     id: str
@@ -108,7 +112,10 @@ class ToolCall(msgspec.Struct, frozen=True, omit_defaults=True):
     arguments: str = "{}"
 
 
-class Message(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True):
+class Message(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True,
+              rename={"role": "r", "content": "c", "tool_calls": "tc", "tool_call_id": "ti",
+                      "input_tokens": "in", "output_tokens": "out", "model": "m",
+                      "call_config": "cfg", "is_error": "err"}):
     """One conversation message.
 
     Assistant messages carry the token usage of the call that produced them and, for
@@ -128,7 +135,8 @@ class Message(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True
     kind: ClassVar[Kind] = Kind.MESSAGE
 
 
-class ConversationNode(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True):
+class ConversationNode(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True,
+                       rename={"parent": "p", "messages": "m", "length": "n", "size": "s"}):
     """A link of the conversation hash chain: its parent node and the messages it adds.
 
     ``length`` and ``size`` are the number of messages and their total encoded bytes from

@@ -79,7 +79,11 @@ def test_digest_is_stable_across_processes() -> None:
 
 def test_known_digest_pins_the_encoding() -> None:
     # A golden value: if this changes, every stored digest would change. Bump deliberately.
-    assert SystemPrompt(text="You are helpful.").body == b"\x81\xa4text\xb0You are helpful."
+    assert SystemPrompt(text="You are helpful.").body == b"\x81\xa1t\xb0You are helpful."
+    # Struct fields encode in declaration order: never reorder them, append new ones.
+    assert Message(role="user", content="hi").body == b"\x82\xa1r\xa4user\xa1c\xa2hi"
+    assert SystemPrompt(text="You are helpful.").digest.hex() == (
+        "57c047eccb0ab7414ddfb501fedb25a7429542334d58d924410d27431b7558c3")
     assert digest_of(Kind.SYSTEM_PROMPT, b"") == digest_of(Kind.SYSTEM_PROMPT, b"")
     assert EMPTY_CONVERSATION.body == b"\x80"
 

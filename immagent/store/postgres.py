@@ -118,7 +118,7 @@ class PostgresBackend:
         pool: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
             dsn, min_size=min_size, max_size=max_size,
             max_idle=max_inactive_connection_lifetime, timeout=30.0, open=False,
-            name="immagent",
+            name="immagent", configure=_configure,
         )
         with _mapped("connect"):
             await pool.open(wait=True, timeout=connect_timeout)
@@ -182,7 +182,8 @@ class PostgresBackend:
                         await cur.executemany(
                             "INSERT INTO immagent_assets (digest, kind, refs, body) "
                             "VALUES (%s, %s, %s, %s) ON CONFLICT (digest) DO NOTHING",
-                            [(a.digest, a.kind, list(a.refs), a.body) for a in assets],
+                            [(a.digest, a.kind, b"".join(a.refs) or None, a.body)
+                             for a in assets],
                         )
                     if external:
                         await cur.execute(
@@ -259,12 +260,16 @@ class PostgresBackend:
     async def _conversation(
         self, head: Digest, *, with_messages: bool
     ) -> tuple[list[tuple[Digest, bytes]], dict[Digest, tuple[int, bytes]]]:
-        # refs[1] is the parent of every node that has one; the kind filter stops the walk
-        # at the root (whose refs, if any, are messages). Binary results: bytea unescaped.
+        # A node's first ref is its parent when it has one; the kind filter stops the walk
+        # at the root (whose refs, if any, are messages). generate_series is inlined here
+        # rather than immagent_refs(): a function call per node cost ~15 us, the whole read
+        # budget. Binary results: bytea comes back unescaped.
         messages = """
             UNION ALL
             SELECT -1, m.digest, m.kind, m.body
-              FROM (SELECT DISTINCT unnest(refs) AS d FROM chain) r
+              FROM (SELECT DISTINCT substring(c.refs FROM i * 32 + 1 FOR 32) AS d
+                      FROM chain c, generate_series(0, octet_length(c.refs) / 32 - 1) AS i
+                   ) r
               JOIN immagent_assets m ON m.digest = r.d AND m.kind <> %(node)s
         """ if with_messages else ""
         with _mapped("get_conversation"):
@@ -277,7 +282,8 @@ class PostgresBackend:
                         UNION ALL
                         SELECT a.digest, a.body, a.refs, c.depth + 1
                           FROM chain c JOIN immagent_assets a
-                            ON a.digest = c.refs[1] AND a.kind = %(node)s
+                            ON a.digest = substring(c.refs FROM 1 FOR 32)
+                           AND a.kind = %(node)s
                     )
                     SELECT depth, digest, %(node)s::smallint, body FROM chain
                     {messages}
@@ -299,12 +305,12 @@ class PostgresBackend:
     async def list_agents(self, limit: int, offset: int, name: str | None) -> list[AgentRecord]:
         if name is None:
             return await self._agents(
-                f"SELECT {_AGENT_COLUMNS} FROM immagent_agents ORDER BY seq LIMIT %s OFFSET %s",
+                f"SELECT {_AGENT_COLUMNS} FROM immagent_agents ORDER BY id LIMIT %s OFFSET %s",
                 (limit, offset),
             )
         return await self._agents(
             f"SELECT {_AGENT_COLUMNS} FROM immagent_agents WHERE name = %s "
-            "ORDER BY seq LIMIT %s OFFSET %s",
+            "ORDER BY id LIMIT %s OFFSET %s",
             (name, limit, offset),
         )
 
@@ -339,7 +345,7 @@ class PostgresBackend:
         with _mapped("children"):
             async with self._pool.connection() as conn:
                 cur = await conn.execute(
-                    "SELECT id FROM immagent_agents WHERE parent_id = %s ORDER BY seq",
+                    "SELECT id FROM immagent_agents WHERE parent_id = %s ORDER BY id",
                     (agent_id,),
                 )
                 return [row[0] for row in await cur.fetchall()]
@@ -370,7 +376,7 @@ class PostgresBackend:
                         UNION
                         SELECT r FROM reach
                           JOIN immagent_assets a ON a.digest = reach.digest
-                          CROSS JOIN LATERAL unnest(a.refs) AS r
+                          CROSS JOIN LATERAL immagent_refs(a.refs) AS r
                     ), dangling AS (
                         SELECT reach.digest FROM reach
                          WHERE NOT EXISTS (SELECT 1 FROM immagent_assets a
@@ -412,7 +418,7 @@ class PostgresBackend:
                     "SELECT digest, kind, refs, body FROM immagent_assets ORDER BY digest"
                 )
                 while rows := await cur.fetchmany(batch_size):
-                    yield [StoredAsset(bytes(d), k, tuple(bytes(r) for r in refs), bytes(b))
+                    yield [StoredAsset(bytes(d), k, _split_refs(refs), bytes(b))
                            for d, k, refs, b in rows]
 
     async def iter_reachable(self, roots: Sequence[Digest],
@@ -430,7 +436,7 @@ class PostgresBackend:
                         UNION
                         SELECT r FROM reach
                           JOIN immagent_assets a ON a.digest = reach.digest
-                          CROSS JOIN LATERAL unnest(a.refs) AS r
+                          CROSS JOIN LATERAL immagent_refs(a.refs) AS r
                     )
                     SELECT a.digest, a.kind, a.refs, a.body
                       FROM reach JOIN immagent_assets a ON a.digest = reach.digest
@@ -438,7 +444,7 @@ class PostgresBackend:
                     (list(roots),),
                 )
                 while rows := await cur.fetchmany(batch_size):
-                    yield [StoredAsset(bytes(d), k, tuple(bytes(r) for r in refs), bytes(b))
+                    yield [StoredAsset(bytes(d), k, _split_refs(refs), bytes(b))
                            for d, k, refs, b in rows]
 
     async def dangling_refs(self, agent_ids: Sequence[UUID] | None = None,
@@ -446,7 +452,7 @@ class PostgresBackend:
         if agent_ids is None:
             sql = """
                 SELECT DISTINCT r, a.digest, NULL::uuid
-                  FROM immagent_assets a CROSS JOIN LATERAL unnest(a.refs) AS r
+                  FROM immagent_assets a CROSS JOIN LATERAL immagent_refs(a.refs) AS r
                  WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = r)
                 UNION ALL
                 SELECT DISTINCT d, NULL::bytea, g.id
@@ -465,11 +471,11 @@ class PostgresBackend:
                     UNION
                     SELECT r FROM reach
                       JOIN immagent_assets a ON a.digest = reach.digest
-                      CROSS JOIN LATERAL unnest(a.refs) AS r
+                      CROSS JOIN LATERAL immagent_refs(a.refs) AS r
                 )
                 SELECT DISTINCT r, a.digest, NULL::uuid
                   FROM reach JOIN immagent_assets a ON a.digest = reach.digest
-                  CROSS JOIN LATERAL unnest(a.refs) AS r
+                  CROSS JOIN LATERAL immagent_refs(a.refs) AS r
                  WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = r)
                 UNION ALL
                 SELECT DISTINCT digest, NULL::bytea, id FROM roots
@@ -504,6 +510,21 @@ class PostgresBackend:
                 )
                 row = await cur.fetchone()
         return int(row[0]) if row else 0
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Per-connection settings. JIT is off: our recursive queries look expensive to the
+    planner, and compiling them cost ~400 ms against a few ms of execution."""
+    await conn.set_autocommit(True)
+    await conn.execute("SET jit = off")
+    await conn.set_autocommit(False)
+
+
+def _split_refs(refs: bytes | None) -> tuple[Digest, ...]:
+    if not refs:
+        return ()
+    raw = bytes(refs)
+    return tuple(raw[i:i + 32] for i in range(0, len(raw), 32))
 
 
 def _password(dsn: str) -> str | None:
