@@ -1,0 +1,152 @@
+"""Storage and audit commands: ``stats``, ``gc``, ``verify``, ``export``, ``verify-bundle``,
+``import``. The audit APIs are looked up at run time so a build without them says so."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from immagent.agent import PersistentAgent
+from immagent.cli.context import Context, require
+from immagent.cli.errors import EXIT_FAILURE, EXIT_OK, CLIError
+from immagent.cli.render import Progress, human_bytes, jsonable, table
+from immagent.cli.summary import agent_json
+from immagent.stats import StoreStats
+
+if TYPE_CHECKING:
+    from immagent.bundle import BundleInfo
+    from immagent.verify import VerifyReport
+
+__all__ = ["export", "gc", "import_", "stats", "verify", "verify_bundle"]
+
+
+# -- stats / gc ----------------------------------------------------------------------------
+
+def stats(ctx: Context, args: argparse.Namespace) -> int:
+    """Print what is stored and how much structural sharing saves."""
+    s = ctx.run(ctx.store().stats())
+    if ctx.out.as_json:
+        ctx.out.json(_stats_json(s))
+    else:
+        ctx.out.lines(_stats_lines(s))
+    return EXIT_OK
+
+
+def _stats_json(s: StoreStats) -> dict[str, Any]:
+    return {
+        "agents": s.agents, "assets": s.assets,
+        "assets_by_kind": {k: {"count": n, "bytes": b} for k, (n, b) in s.assets_by_kind.items()},
+        "payload_bytes": s.payload_bytes, "disk_bytes": s.disk_bytes,
+        "logical_bytes": s.logical_bytes, "saved_bytes": s.logical_bytes - s.payload_bytes,
+        "sharing_ratio": round(s.sharing_ratio, 3),
+    }
+
+
+def _stats_lines(s: StoreStats) -> Iterator[str]:
+    rows = [(kind, str(n), human_bytes(b)) for kind, (n, b) in s.assets_by_kind.items()]
+    rows.append(("total", str(s.assets), human_bytes(s.payload_bytes)))
+    yield f"agent states   {s.agents}"
+    yield ""
+    yield from table(("ASSETS", "COUNT", "BYTES"), rows, right=(1, 2))
+    yield ""
+    saved = s.logical_bytes - s.payload_bytes
+    sizes = [
+        ("stored (payload)", human_bytes(s.payload_bytes), "asset bodies, each stored once"),
+        ("on disk", human_bytes(s.disk_bytes), "tables and indexes"),
+        ("logical", human_bytes(s.logical_bytes),
+         "a copy of prompt + history per state would take"),
+        ("sharing saves", human_bytes(max(saved, 0)), f"{s.sharing_ratio:.1f}x less payload"),
+    ]
+    yield from table(("SIZE", "BYTES", "MEANING"), sizes, right=(1,))
+
+
+def gc(ctx: Context, args: argparse.Namespace) -> int:
+    """Remove every asset no stored agent state can reach."""
+    result = ctx.run(ctx.store(write=True).gc())
+    if ctx.out.as_json:
+        ctx.out.json(result._asdict())
+    else:
+        ctx.out.line(f"removed {result.assets_removed} assets "
+                     f"({human_bytes(result.bytes_freed)}), kept {result.assets_kept}")
+    return EXIT_OK
+
+
+# -- verify --------------------------------------------------------------------------------
+
+def verify(ctx: Context, args: argparse.Namespace) -> int:
+    """Re-hash what is stored (everything, or what one state reaches); exit 1 on problems."""
+    store = ctx.store()
+    run_verify = require(store, "verify", "verify")
+    agent = ctx.load(args.id) if args.id is not None else None
+    progress = Progress("verified assets")
+    try:
+        report: VerifyReport = ctx.run(run_verify(agent, progress=progress))
+    finally:
+        progress.finish()
+    if ctx.out.as_json:
+        ctx.out.json(jsonable(report) | {"ok": report.ok, "problems": report.problems})
+    else:
+        ctx.out.lines(report.lines())
+    if not report.ok:
+        ctx.out.note(f"immagent: error: verify found {report.problems} problem(s)")
+    return EXIT_OK if report.ok else EXIT_FAILURE
+
+
+# -- bundles -------------------------------------------------------------------------------
+
+def export(ctx: Context, args: argparse.Namespace) -> int:
+    """Write the state ID (its lineage and what it reaches) to a bundle file."""
+    path = Path(args.file)
+    if path.exists() and not args.force:
+        raise CLIError(f"{path} already exists (use --force to overwrite it)")
+    store = ctx.store()
+    run_export = require(store, "export", "export")
+    agent = ctx.load(args.id)
+    info: BundleInfo = ctx.run(run_export(agent, path))
+    _show_bundle(ctx, info, f"exported {agent.id} to {path}")
+    return EXIT_OK
+
+
+def verify_bundle(ctx: Context, args: argparse.Namespace) -> int:
+    """Check a bundle offline (no database): every digest, reference and state digest."""
+    path = Path(args.file)
+    if not path.is_file():
+        raise CLIError(f"no bundle file at {path}")
+    try:
+        bundle = importlib.import_module("immagent.bundle")
+    except ModuleNotFoundError as e:
+        raise CLIError("verify-bundle is not available in this immagent build "
+                       "(missing immagent.bundle)") from e
+    check = require(bundle, "verify_bundle", "verify-bundle")
+    info: BundleInfo = check(path)
+    _show_bundle(ctx, info, f"{path}: OK")
+    return EXIT_OK
+
+
+def import_(ctx: Context, args: argparse.Namespace) -> int:
+    """Load a bundle into the store (verifying it first); print the imported head's id."""
+    path = Path(args.file)
+    if not path.is_file():
+        raise CLIError(f"no bundle file at {path}")
+    store = ctx.store(create=True)
+    run_import = require(store, "import_bundle", "import")
+    agent: PersistentAgent = ctx.run(run_import(path))
+    if ctx.out.as_json:
+        ctx.out.json(agent_json(agent))
+    else:
+        ctx.out.line(str(agent.id))
+    return EXIT_OK
+
+
+def _show_bundle(ctx: Context, info: BundleInfo, headline: str) -> None:
+    if ctx.out.as_json:
+        ctx.out.json(info)
+        return
+    ctx.out.line(headline)
+    ctx.out.line(f"  head    {info.head}  digest {info.head_digest.hex()}")
+    ctx.out.line(f"  states  {len(info.agents)} (the head's lineage)")
+    ctx.out.line(f"  assets  {info.assets} ({human_bytes(info.asset_bytes)})")
+    ctx.out.line(f"  file    {human_bytes(info.file_bytes)}, format version {info.version}")

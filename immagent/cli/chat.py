@@ -1,0 +1,203 @@
+"""``immagent chat``: create or continue an agent, one advance per message or input line."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from immagent.agent import PersistentAgent
+from immagent.assets import Message
+from immagent.cli.context import Context
+from immagent.cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CLIError
+from immagent.cli.render import message_json
+from immagent.cli.summary import agent_json
+from immagent.exceptions import ImmAgentError
+from immagent.store import Store
+
+__all__ = ["DEFAULT_NAME", "DEFAULT_SYSTEM_PROMPT", "default_model", "run"]
+
+DEFAULT_NAME = "assistant"
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+#: Explicit default model for new agents, before any provider key is considered.
+ENV_MODEL = "IMMAGENT_MODEL"
+ECHO = "immagent/echo"  # immagent.llm.Model.ECHO, without importing the LLM layer
+#: Provider keys, in order of preference, and the model a new agent then uses.
+PROVIDER_MODELS = (
+    ("ANTHROPIC_API_KEY", "anthropic/claude-sonnet-4-20250514"),
+    ("OPENAI_API_KEY", "openai/gpt-4o-mini"),
+    ("GEMINI_API_KEY", "gemini/gemini-2.0-flash"),
+)
+
+
+def default_model(environ: Mapping[str, str] | None = None) -> str:
+    """$IMMAGENT_MODEL, else a model of the first provider with a key, else the offline
+    echo model (so ``immagent chat`` works with no account and no network)."""
+    env = os.environ if environ is None else environ
+    if env.get(ENV_MODEL, "").strip():
+        return env[ENV_MODEL].strip()
+    for key, model in PROVIDER_MODELS:
+        if env.get(key, "").strip():
+            return model
+    return ECHO
+
+
+@dataclass
+class Turn:
+    """The outcome of one advance: the new state and the messages it added."""
+
+    agent: PersistentAgent
+    added: tuple[Message, ...]
+    total: int  # messages in the new state's conversation
+
+    @property
+    def reply(self) -> str:
+        """The text of the last assistant message of the turn ("" if it had none)."""
+        for m in reversed(self.added):
+            if m.role == "assistant" and m.content:
+                return m.content
+        return ""
+
+    def to_json(self) -> dict[str, Any]:
+        """The turn for ``--json``: the new state, the reply and every added message."""
+        return {"agent": agent_json(self.agent, self.total), "reply": self.reply,
+                "added": [message_json(m) for m in self.added]}
+
+
+class Conversation:
+    """The agent being chatted with; a new agent is only stored with its first turn."""
+
+    def __init__(self, store: Store, agent: PersistentAgent | None, *, name: str,
+                 model: str, system_prompt: str) -> None:
+        self.store = store
+        self.agent = agent
+        self.name, self.model, self.system_prompt = name, model, system_prompt
+
+    async def turn(self, text: str) -> Turn:
+        """Advance once. If this creates the agent and the turn fails or is interrupted,
+        the new state is deleted again, so a failed first turn leaves no agent behind."""
+        created = self.agent is None
+        agent = self.agent or await self.store.create_agent(
+            self.name, self.system_prompt, self.model)
+        try:
+            before = await agent.get_messages()
+            new = await agent.advance(text)
+        except BaseException:
+            if created:
+                await self.store.delete(agent)
+            raise
+        after = await new.get_messages()
+        self.agent = new
+        return Turn(new, after[len(before):], len(after))
+
+
+def run(ctx: Context, args: argparse.Namespace) -> int:
+    """Entry point of ``immagent chat``."""
+    text = " ".join(args.message)
+    if args.message and not text.strip():
+        raise CLIError("the message is empty", code=EXIT_USAGE)
+    store = ctx.store(create=True)
+    conversation = ctx.run(_conversation(store, args))
+    if args.message:
+        return _one_shot(ctx, conversation, text)
+    return _interactive(ctx, conversation)
+
+
+async def _conversation(store: Store, args: argparse.Namespace) -> Conversation:
+    """The agent named by --agent, else the newest state called --name (or a new one)."""
+    if args.agent is not None:
+        agent: PersistentAgent | None = await store.load_agent(args.agent)
+    else:
+        agent = await _newest(store, args.name)
+    if agent is not None:
+        await _check_unchanged(agent, args)
+    return Conversation(store, agent, name=args.name, model=args.model or default_model(),
+                        system_prompt=args.system or DEFAULT_SYSTEM_PROMPT)
+
+
+async def _newest(store: Store, name: str) -> PersistentAgent | None:
+    """The most recently created state with this name, or None."""
+    count = await store.count_agents(name)
+    if count == 0:
+        return None
+    page = await store.list_agents(limit=1, offset=count - 1, name=name)
+    return page[-1] if page else None
+
+
+async def _check_unchanged(agent: PersistentAgent, args: argparse.Namespace) -> None:
+    """--model and --system describe a new agent; refuse them when they would be ignored."""
+    if args.model and args.model != agent.model:
+        raise CLIError(f"agent {agent.id} uses model {agent.model!r}; --model only applies "
+                       "to a new agent (pick a new --name)", code=EXIT_USAGE)
+    if args.system and args.system != await agent.get_system_prompt():
+        raise CLIError(f"agent {agent.id} has another system prompt; --system only applies "
+                       "to a new agent (pick a new --name)", code=EXIT_USAGE)
+
+
+def _one_shot(ctx: Context, conversation: Conversation, text: str) -> int:
+    """Send one message, print the reply and the new agent id."""
+    try:
+        turn = ctx.run(conversation.turn(text))
+    except KeyboardInterrupt:
+        ctx.out.note("immagent: interrupted: this turn was not saved")
+        return EXIT_INTERRUPTED
+    _show_turn(ctx, turn, compact=False)
+    return EXIT_OK
+
+
+def _show_turn(ctx: Context, turn: Turn, *, compact: bool) -> None:
+    if ctx.out.as_json:
+        ctx.out.json(turn.to_json(), compact=compact)
+        return
+    ctx.out.line(turn.reply)
+    if not compact:
+        ctx.out.line(f"agent {turn.agent.id}")
+
+
+def _interactive(ctx: Context, conversation: Conversation) -> int:
+    """Read lines until EOF or Ctrl-C; each non-blank line is one turn."""
+    tty = sys.stdin.isatty()
+    if tty:
+        _enable_line_editing()
+        who = conversation.agent.id if conversation.agent else "a new agent"
+        ctx.out.note(f"chatting as {conversation.name!r} ({who}); Ctrl-D or Ctrl-C to quit")
+    status = EXIT_OK
+    while True:
+        try:
+            line = input("you> " if tty else "")
+        except (EOFError, KeyboardInterrupt):
+            if tty:
+                ctx.out.note("")
+            break
+        if not line.strip():
+            continue
+        try:
+            turn = ctx.run(conversation.turn(line))
+        except KeyboardInterrupt:
+            ctx.out.note("immagent: interrupted: this turn was not saved")
+            status = EXIT_INTERRUPTED
+            break
+        except ImmAgentError as e:
+            ctx.out.note(f"immagent: error: {e} (nothing was saved for this turn)")
+            status = EXIT_FAILURE
+            continue
+        _show_turn(ctx, turn, compact=True)
+    _show_last(ctx, conversation)
+    return status
+
+
+def _show_last(ctx: Context, conversation: Conversation) -> None:
+    """Print the id of the newest state, the one to continue from."""
+    if conversation.agent is None or ctx.out.as_json:
+        return
+    ctx.out.line(f"agent {conversation.agent.id}")
+
+
+def _enable_line_editing() -> None:
+    """Arrow keys and history at the prompt, where the platform has readline."""
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (importing it is what enables line editing)
