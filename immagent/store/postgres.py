@@ -281,9 +281,10 @@ class PostgresBackend:
                          WHERE digest = %(head)s AND kind = %(node)s
                         UNION ALL
                         SELECT a.digest, a.body, a.refs, c.depth + 1
-                          FROM chain c JOIN immagent_assets a
-                            ON a.digest = substring(c.refs FROM 1 FOR 32)
-                           AND a.kind = %(node)s
+                          FROM chain c CROSS JOIN LATERAL (
+                               SELECT digest, body, refs FROM immagent_assets
+                                WHERE digest = substring(c.refs FROM 1 FOR 32)
+                                  AND kind = %(node)s LIMIT 1) AS a
                     )
                     SELECT depth, digest, %(node)s::smallint, body FROM chain
                     {messages}
@@ -327,14 +328,17 @@ class PostgresBackend:
         return int(row[0]) if row else 0
 
     async def lineage(self, agent_id: UUID) -> list[AgentRecord]:
-        cols = ", ".join(f"a.{c.strip()}" for c in _AGENT_COLUMNS.split(","))
+        # The LATERAL ... LIMIT 1 pins one primary-key probe per step; a plain join let the
+        # planner pick a hash join that scanned the whole table once per ancestor.
         return await self._agents(
             f"""
             WITH RECURSIVE line AS (
                 SELECT {_AGENT_COLUMNS}, 0 AS depth FROM immagent_agents WHERE id = %s
                 UNION ALL
-                SELECT {cols}, l.depth + 1
-                  FROM line l JOIN immagent_agents a ON a.id = l.parent_id
+                SELECT a.*, l.depth + 1
+                  FROM line l CROSS JOIN LATERAL (
+                       SELECT {_AGENT_COLUMNS} FROM immagent_agents
+                        WHERE id = l.parent_id LIMIT 1) AS a
             )
             SELECT {_AGENT_COLUMNS} FROM line ORDER BY depth
             """,
