@@ -24,11 +24,13 @@ import asyncio
 import copy
 import itertools
 import json
+import os
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Literal, TypeAlias
 
 from immagent.assets import ToolCall
@@ -113,9 +115,11 @@ ScriptItem: TypeAlias = "str | Reply | BaseException | Callable[[Request], str |
 class ScriptedModel:
     """A model that plays back ``replies`` in order and records each request it gets.
 
-    Use ``scripted.model`` as the model string. Each call (including each retry) takes
-    the next entry; when the script runs out the call fails with a non-retryable
-    BadRequestError, so a test that makes more calls than it scripted fails loudly.
+    Use ``scripted.model`` as the model string and keep a reference to the ScriptedModel
+    while it is in use (the provider holds it weakly, so finished tests leave nothing
+    behind). Each call (including each retry) takes the next entry; when the script runs
+    out the call fails with a non-retryable BadRequestError, so a test that makes more
+    calls than it scripted fails loudly.
     """
 
     _names = itertools.count(1)
@@ -163,7 +167,6 @@ class ScriptedModel:
         if isinstance(item, str):
             return Reply(text=item)
         return item
-
 
 
 # Live scripted models by name; a model nobody references any more drops out.
@@ -278,6 +281,14 @@ def _make_handler() -> Any:
     return OfflineProvider()
 
 
+def _import_litellm() -> ModuleType:
+    # Without this LiteLLM downloads a price map over the network at import time.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    return litellm
+
+
 def register() -> None:
     """Register the ``immagent`` provider with LiteLLM (idempotent; imports LiteLLM).
 
@@ -285,11 +296,7 @@ def register() -> None:
     with ``litellm.acompletion`` directly.
     """
     global _handler
-    import os
-
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    import litellm
-
+    litellm = _import_litellm()
     if _handler is None:
         _handler = _make_handler()
     # Checked on every call: user code may have replaced litellm.custom_provider_map.
@@ -304,6 +311,7 @@ ErrorKind = Literal["rate_limit", "timeout", "connection", "internal", "unavaila
 def litellm_error(kind: ErrorKind, message: str = "simulated failure", *,
                   model: str = ECHO_MODEL) -> Exception:
     """A LiteLLM exception of the given kind, for ``Reply.fail(...)`` in tests."""
+    _import_litellm()
     from litellm import exceptions as litellm
 
     # LiteLLM's exception constructors disagree on argument order; use keywords.

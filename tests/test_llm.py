@@ -6,12 +6,6 @@ import logging
 from typing import Any
 
 import pytest
-from litellm.exceptions import (
-    AuthenticationError,
-    BadRequestError,
-    ContextWindowExceededError,
-    RateLimitError,
-)
 
 from immagent.assets import Message, ToolCall
 from immagent.exceptions import LLMError, ValidationError
@@ -101,21 +95,18 @@ async def test_gives_up_after_max_retries() -> None:
     with pytest.raises(LLMError, match="failed after 3 attempt") as info:
         await complete(model.model, "sys", USER, max_retries=2, retry_delay=FAST)
     assert "slow down" in str(info.value)
-    assert isinstance(info.value.__cause__, RateLimitError)
+    assert type(info.value.__cause__).__name__ == "RateLimitError"
     assert len(model.requests) == 3
     assert model.remaining == 1
 
 
-@pytest.mark.parametrize(("kind", "cls"), [
-    ("auth", AuthenticationError),
-    ("bad_request", BadRequestError),
-    ("context_window", ContextWindowExceededError),
-])
-async def test_permanent_error_is_not_retried(kind: ErrorKind, cls: type[Exception]) -> None:
+@pytest.mark.parametrize("kind", ["auth", "bad_request", "context_window"])
+async def test_permanent_error_is_not_retried(kind: ErrorKind) -> None:
     model = ScriptedModel([Reply.fail(litellm_error(kind, "invalid x-api-key")), "never"])
     with pytest.raises(LLMError, match="invalid x-api-key") as info:
         await complete(model.model, "sys", USER, max_retries=3, retry_delay=FAST)
-    assert type(info.value.__cause__) is cls
+    # The provider's exception is chained as the cause, unwrapped by LiteLLM.
+    assert type(info.value.__cause__) is type(litellm_error(kind))
     assert len(model.requests) == 1
     assert model.remaining == 1
 
