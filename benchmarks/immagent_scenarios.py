@@ -45,6 +45,7 @@ __all__ = [
     "grow",
     "maintenance",
     "open_store",
+    "pg_database",
     "read_latency",
     "run_forks",
     "run_linear",
@@ -56,8 +57,12 @@ MODEL = "immagent/echo"
 SYSTEM_PROMPT = "You are the benchmark agent. Answer every message."
 #: immagent's PostgreSQL tables; all of them count as stored bytes.
 PG_TABLES = ("immagent_assets", "immagent_agents", "immagent_schema")
-#: Database of the PostgreSQL runs: per process, dropped and re-created per scenario.
-PG_DATABASE = f"immagent_bench_{os.getpid()}_immagent"
+
+
+def pg_database(label: str) -> str:
+    """Scratch database of one store: per process and label, dropped when the store closes."""
+    return f"immagent_bench_{os.getpid()}_{label}"
+
 
 Measure = Callable[[], Awaitable[int]]
 
@@ -68,13 +73,14 @@ def backend_available(backend: Backend) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def open_store(backend: Backend, dsn: str | None,
-                     workdir: Path) -> AsyncIterator[tuple[Store, Measure]]:
-    """A fresh, empty store (its own database or file) and a function measuring its bytes."""
+async def open_store(backend: Backend, dsn: str | None, workdir: Path,
+                     label: str) -> AsyncIterator[tuple[Store, Measure]]:
+    """A fresh, empty store (its own database or file, named by ``label``) and a function
+    measuring its bytes. Stores open at the same time need different labels."""
     if backend == "postgres":
         if dsn is None:
             raise ValueError("the postgres backend needs a DSN")
-        db_dsn = await fresh_database(dsn, PG_DATABASE)
+        db_dsn = await fresh_database(dsn, pg_database(label))
         try:
             async with await Store.connect(db_dsn) as store:
                 await store.init_schema()
@@ -84,9 +90,9 @@ async def open_store(backend: Backend, dsn: str | None,
 
                 yield store, pg_measure
         finally:
-            await drop_database(dsn, PG_DATABASE)
+            await drop_database(dsn, pg_database(label))
     else:
-        path = workdir / "immagent.db"
+        path = workdir / f"immagent-{label}.db"
         remove_sqlite_files(path)
         try:
             async with await Store.connect(f"sqlite:///{path}") as store:
@@ -209,7 +215,8 @@ async def shared_prompts(backend: Backend, dsn: str | None, workdir: Path, *, ag
     sizes: list[int] = []
     with Timer() as timer:
         for distinct in (False, True):
-            async with open_store(backend, dsn, workdir) as (store, measure):
+            label = "distinct" if distinct else "shared"
+            async with open_store(backend, dsn, workdir, label) as (store, measure):
                 before = await measure()
 
                 def prompt(index: int, distinct: bool = distinct) -> str:
@@ -362,18 +369,16 @@ async def maintenance(backend: Backend, dsn: str | None, workdir: Path, *, linea
     """Scenario 5: verify a corpus of lineages*steps*(messages_per_step+1) assets, then
     delete every state of half the lineages and gc (sweeping about half the assets)."""
     results: list[Maintenance] = []
-    async with open_store(backend, dsn, workdir) as (store, _measure):
+    async with open_store(backend, dsn, workdir, "corpus") as (store, _measure):
         heads = await _build_corpus(store, lineages, steps, messages_per_step)
         stats = await store.stats()
-        verify = getattr(store, "verify", None)
-        if verify is not None:
-            with Timer() as timer:
-                report = await verify()
-            results.append(Maintenance(backend, "verify", stats.assets, stats.payload_bytes,
-                                       timer.seconds, _summary(report)))
+        with Timer() as timer:
+            report = await store.verify()
+        detail = "ok" if report.ok else f"{report.problems} problems"
+        results.append(Maintenance(backend, "verify", report.assets_checked,
+                                   report.bytes_checked, timer.seconds, detail))
         for head in heads[: lineages // 2]:
-            for state in await head.get_lineage():
-                await store.delete(state)
+            await store.delete_lineage(head)
         with Timer() as timer:
             swept = await store.gc()
         results.append(Maintenance(
@@ -381,11 +386,3 @@ async def maintenance(backend: Backend, dsn: str | None, workdir: Path, *, linea
             timer.seconds, f"removed {swept.assets_removed}, kept {swept.assets_kept}"))
     return results
 
-
-def _summary(report: object) -> str:
-    """A short description of a verify report, whatever its shape."""
-    for name in ("ok", "is_ok", "clean"):
-        value = getattr(report, name, None)
-        if isinstance(value, bool):
-            return "ok" if value else f"problems: {report!r}"[:120]
-    return repr(report)[:120]
