@@ -82,8 +82,9 @@ _DDL = (
         body        BLOB    NOT NULL
     )
     """,
-    # seq is the rowid (rows are stored in creation order, no extra index); AUTOINCREMENT
-    # never reuses a deleted row's seq, like PostgreSQL's identity column.
+    # Listing orders by id (UUIDv7, time-ordered), as in PostgreSQL. seq is the commit-order
+    # position in the log: the rowid, so it costs no index, and AUTOINCREMENT never reuses
+    # a deleted row's seq, like PostgreSQL's identity column.
     """
     CREATE TABLE IF NOT EXISTS immagent_agents (
         id            BLOB    NOT NULL UNIQUE CHECK (length(id) = 16),
@@ -100,7 +101,9 @@ _DDL = (
     )
     """,
     "CREATE INDEX IF NOT EXISTS immagent_agents_parent ON immagent_agents (parent_id)",
-    "CREATE INDEX IF NOT EXISTS immagent_agents_name ON immagent_agents (name, seq)",
+    # (name, id) serves "WHERE name = ? ORDER BY id" without a sort (SQLite indexes do not
+    # deduplicate keys, so PostgreSQL's reason for indexing (name) alone does not apply).
+    "CREATE INDEX IF NOT EXISTS immagent_agents_name ON immagent_agents (name, id)",
 )
 
 _AGENT_COLUMNS = ("id, parent_id, created_at, name, model, system_prompt, conversation, "
@@ -447,12 +450,12 @@ class SQLiteBackend:
         if name is None:
             return await self._agents(
                 "list_agents",
-                f"SELECT {_AGENT_COLUMNS} FROM immagent_agents ORDER BY seq LIMIT ? OFFSET ?",
+                f"SELECT {_AGENT_COLUMNS} FROM immagent_agents ORDER BY id LIMIT ? OFFSET ?",
                 (limit, offset))
         return await self._agents(
             "list_agents",
             f"SELECT {_AGENT_COLUMNS} FROM immagent_agents WHERE name = ? "
-            "ORDER BY seq LIMIT ? OFFSET ?", (name, limit, offset))
+            "ORDER BY id LIMIT ? OFFSET ?", (name, limit, offset))
 
     async def count_agents(self, name: str | None) -> int:
         def run(conn: sqlite3.Connection) -> int:
@@ -482,7 +485,7 @@ class SQLiteBackend:
     async def children(self, agent_id: UUID) -> list[UUID]:
         def run(conn: sqlite3.Connection) -> list[UUID]:
             return [UUID(bytes=row[0]) for row in conn.execute(
-                "SELECT id FROM immagent_agents WHERE parent_id = ? ORDER BY seq",
+                "SELECT id FROM immagent_agents WHERE parent_id = ? ORDER BY id",
                 (agent_id.bytes,))]
 
         result: list[UUID] = await self._pool.read("children", run)
