@@ -73,12 +73,13 @@ async def advance(
             or max_tool_rounds < 0):
         raise ValidationError("max_tool_rounds", "must be an int >= 0", max_tool_rounds)
 
-    schemas = tools.tool_schemas() if tools is not None else []
     conversation = list(history)
     new: list[Message] = [Message(role="user", content=user_input)]
     conversation.extend(new)
     rounds = 0
     while True:
+        # Asked on every call: a provider may withdraw tools mid-turn (a server died).
+        schemas = tools.tool_schemas() if tools is not None else []
         reply = await complete(conversation, schemas or None)
         if reply.role != "assistant":
             raise TypeError(f"CompleteFn must return an assistant Message, got role {reply.role!r}")

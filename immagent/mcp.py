@@ -193,6 +193,8 @@ class MCPManager:
         Raises ToolExecutionError for an unknown tool, a tool that reports an error, a
         timeout, or a server that is gone.
         """
+        if self._closed:
+            raise ToolExecutionError(f"cannot run tool {name!r}: the MCPManager is closed")
         route = self._routes.get(name)
         if route is None:
             raise ToolExecutionError(f"unknown tool {name!r}; available: "

@@ -132,12 +132,15 @@ async def test_crashed_server_gives_tool_errors_and_closes_cleanly(
     first_pid = int(await mcp.execute("pid", {}))
     assert doomed_pid != first_pid
 
-    # The crash happens during a turn: the model gets an error result, not an exception.
+    # The crash happens during a turn: the model gets an error result, not an exception,
+    # and the dead server's tools are no longer offered on the next call.
     model = ScriptedModel([Reply.call("doomed__crash"), "the server died"])
     new = await advance(history=[], user_input="crash", complete=bind(model.model, "sys"),
                         tools=mcp)
     assert new[2].is_error and "doomed__crash" in (new[2].content or "")
     assert new[-1].content == "the server died"
+    offered = [{t["function"]["name"] for t in r.tools or []} for r in model.requests]
+    assert "doomed__add" in offered[0] and "doomed__add" not in offered[1]
 
     with pytest.raises(ToolExecutionError, match="not running"):
         await mcp.execute("doomed__add", {"a": 1, "b": 2})
@@ -156,6 +159,8 @@ async def test_crashed_server_gives_tool_errors_and_closes_cleanly(
     assert not _alive(doomed_pid)
     with pytest.raises(ToolExecutionError, match="closed"):
         await mcp.connect("again", sys.executable, [CALCULATOR])
+    with pytest.raises(ToolExecutionError, match="closed"):
+        await mcp.execute("add", {"a": 1, "b": 2})
 
 
 async def test_server_that_fails_to_start() -> None:
