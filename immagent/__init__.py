@@ -4,6 +4,9 @@ Every step creates a new agent state with a new UUID whose ``parent_id`` points 
 one; content is stored once, keyed by its blake3 digest.
 """
 
+from typing import TYPE_CHECKING
+
+from immagent.advance import CompleteFn, ToolProvider
 from immagent.agent import PersistentAgent
 from immagent.assets import ConversationNode, Message, SystemPrompt, ToolCall
 from immagent.exceptions import (
@@ -22,8 +25,14 @@ from immagent.exceptions import (
     ToolExecutionError,
     ValidationError,
 )
+from immagent.llm import Model
+from immagent.simple import SimpleAgent
+from immagent.stats import StoreStats
 from immagent.store import Store
 from immagent.store.backend import GCResult
+
+if TYPE_CHECKING:
+    from immagent.mcp import MCPManager
 
 __version__ = "0.2.0"
 
@@ -32,22 +41,37 @@ __all__ = [
     "AgentNotRegisteredError",
     "AssetNotFoundError",
     "BundleError",
+    "CompleteFn",
     "ConversationNode",
     "GCResult",
     "ImmAgentError",
     "IntegrityError",
     "LLMError",
+    "MCPManager",
     "Message",
     "MessageNotFoundError",
+    "Model",
     "PersistentAgent",
     "SchemaVersionError",
+    "SimpleAgent",
     "Store",
     "StoreClosedError",
     "StoreConnectionError",
     "StoreError",
+    "StoreStats",
     "SystemPrompt",
     "ToolCall",
     "ToolExecutionError",
+    "ToolProvider",
     "ValidationError",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # MCPManager pulls in the MCP SDK (~1.5 s to import): load it on first use only.
+    if name == "MCPManager":
+        from immagent.mcp import MCPManager
+
+        return MCPManager
+    raise AttributeError(f"module 'immagent' has no attribute {name!r}")

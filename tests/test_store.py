@@ -148,6 +148,7 @@ async def test_concurrent_steps_from_one_agent_make_siblings(store: Store) -> No
     ({"model": None}, "model"),
     ({"model_config": {"temperature": float("inf")}}, "model_config.temperature"),
     ({"model_config": ["not", "a", "map"]}, "model_config"),
+    ({"model_config": {"api_key": "sk-secret"}}, "model_config"),
     ({"metadata": {1: "x"}}, "metadata"),
 ])
 async def test_bad_input_is_rejected_and_writes_nothing(

@@ -41,6 +41,7 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.ids import uuid7
+from immagent.llm import RESERVED_CONFIG_KEYS
 from immagent.stats import StoreStats
 from immagent.store.backend import Backend, GCResult, stored
 from immagent.validate import MAX_NAME_CHARS, check_json_mapping, check_text, check_uuid
@@ -155,6 +156,10 @@ class Store:
         prompt = SystemPrompt(text=check_text("system_prompt", system_prompt))
         model = check_text("model", model, max_bytes=MAX_NAME_CHARS)
         config = check_json_mapping("model_config", model_config)
+        reserved = sorted(RESERVED_CONFIG_KEYS.intersection(config))
+        if reserved:  # caught here, not at the first advance
+            raise ValidationError("model_config", "keys reserved by immagent: "
+                                  + ", ".join(reserved), reserved)
         meta = check_json_mapping("metadata", metadata)
         record = _new_record(None, name, model, prompt.digest, EMPTY_CONVERSATION.digest,
                              config, meta)
