@@ -58,7 +58,9 @@ def _stats_lines(s: StoreStats) -> Iterator[str]:
         ("on disk", human_bytes(s.disk_bytes), "tables and indexes"),
         ("logical", human_bytes(s.logical_bytes),
          "a copy of prompt + history per state would take"),
-        ("sharing saves", human_bytes(max(saved, 0)), f"{s.sharing_ratio:.1f}x less payload"),
+        ("sharing saves", human_bytes(saved),
+         f"logical / stored = {s.sharing_ratio:.1f}x" if saved >= 0
+         else "nothing yet: short histories cost more in chain links than they share"),
     ]
     yield from table(("SIZE", "BYTES", "MEANING"), sizes, right=(1,))
 

@@ -152,10 +152,12 @@ def _one_shot(ctx: Context, conversation: Conversation, text: str) -> int:
 def _show_turn(ctx: Context, turn: Turn, *, compact: bool) -> None:
     if ctx.out.as_json:
         ctx.out.json(turn.to_json(), compact=compact)
+        ctx.out.flush()
         return
     ctx.out.line(turn.reply)
     if not compact:
         ctx.out.line(f"agent {turn.agent.id}")
+    ctx.out.flush()  # a reader on a pipe sees each reply before the next prompt
 
 
 def _interactive(ctx: Context, conversation: Conversation) -> int:

@@ -142,6 +142,11 @@ class Output:
         sys.stdout.write(text + "\n")
 
     @staticmethod
+    def flush() -> None:
+        """Push buffered stdout out now (pipes are block-buffered)."""
+        sys.stdout.flush()
+
+    @staticmethod
     def note(text: str) -> None:
         """A remark for the person at the terminal (stderr, so pipes stay clean)."""
         sys.stderr.write(text + "\n")
