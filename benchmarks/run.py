@@ -23,14 +23,13 @@ import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
 from benchmarks import immagent_scenarios as ours
-from benchmarks import langgraph_baseline as theirs
 from benchmarks.common import (
     BACKENDS,
     REPLY_BYTES,
@@ -129,7 +128,10 @@ async def environment(dsn: str | None) -> dict[str, str]:
            "cpus": str(os.cpu_count())}
     for package in ("immagent", "langgraph", "langgraph-checkpoint-postgres",
                     "langgraph-checkpoint-sqlite", "psycopg"):
-        env[package] = version(package)
+        try:
+            env[package] = version(package)
+        except PackageNotFoundError:
+            env[package] = "not installed"
     if dsn:
         async with await psycopg.AsyncConnection.connect(dsn) as conn:
             cur = await conn.execute("SHOW server_version")
@@ -195,6 +197,8 @@ async def timed_phase(backend: Backend, res: Results, store: Store, long_agent: 
 async def langgraph_all(backends: Sequence[Backend], sizes: Sizes, dsn: str | None,
                         work: Path) -> tuple[list[LinearPoint], list[ForkResult]]:
     """Scenario 6: linear and forks through LangGraph's checkpointers."""
+    from benchmarks import langgraph_baseline as theirs  # needs the `bench` extra
+
     linear: list[LinearPoint] = []
     forks: list[ForkResult] = []
     for backend in backends:
