@@ -450,34 +450,55 @@ async def test_cancelled_writes_leave_whole_states_or_nothing(db: tuple[Store, P
 
 
 async def test_a_cancelled_call_keeps_its_connection_until_its_thread_is_done(
+        db: tuple[Store, Path]) -> None:
+    # A thread cannot be stopped: if the caller's cancellation returned at once, the writer
+    # connection would pass to the next write while this thread still used it.
+    store, _ = db
+    backend = store._backend
+    assert isinstance(backend, SQLiteBackend)
+    pool = backend._pool
+    finished: list[float] = []
+
+    def slow(conn: sqlite3.Connection) -> None:
+        time.sleep(0.3)  # nothing sqlite3_interrupt could cut short
+        finished.append(time.monotonic())
+
+    task = asyncio.create_task(pool.write("slow", slow))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert finished and time.monotonic() >= finished[0]
+    assert (await store.create_agent("after", "p", "m")).name == "after"
+
+
+async def test_a_write_waiting_for_a_lock_is_cancelled_promptly_and_writes_nothing(
         tmp_path: Path) -> None:
-    # A's thread is inside SQLite (waiting for a lock another connection holds) when A is
-    # cancelled. The writer connection must not pass to B before A's thread has finished:
-    # two threads on one connection would mix their transactions.
+    # SQLite's busy handler ignores sqlite3_interrupt, so without waiting in slices a
+    # cancelled write would hold its thread (and the next writer) for the whole timeout.
     path = tmp_path / "cancel.db"
-    store = await open_store(path, busy_timeout=10)
+    store = await open_store(path, busy_timeout=30)
     base = await store.create_agent("base", "p", "m")
-    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     try:
         a = asyncio.create_task(store.append(base, turn(1)))
-        await asyncio.sleep(0.2)  # A is now in its worker thread, waiting for the lock
+        await asyncio.sleep(0.3)  # A is in its worker thread, waiting for the lock
         b = asyncio.create_task(store.append(base, turn(2)))
         await asyncio.sleep(0.05)
+        started = time.monotonic()
         a.cancel()
-        released = time.monotonic() + 0.3
-        threading.Timer(0.3, lambda: holder.execute("COMMIT")).start()
         with pytest.raises(asyncio.CancelledError):
             await a
-        assert time.monotonic() >= released - 0.05  # A gave up only after its thread did
-        step = await b
+        assert time.monotonic() - started < 2  # within a slice, not the 30 s timeout
+        assert not b.done()  # B still waits for the lock
     finally:
-        await asyncio.sleep(0.35)
+        holder.execute("COMMIT")
         holder.close()
+    step = await b
     store.clear_cache()
+    assert [s.id for s in await store.list_agents()] == [base.id, step.id]  # nothing from A
     assert await (await store.load_agent(step.id)).get_messages() == tuple(turn(2))
-    for state in (await store.list_agents())[1:]:  # A's write may have committed: whole
-        assert await state.get_messages() in (tuple(turn(1)), tuple(turn(2)))
     await store.close()
 
 

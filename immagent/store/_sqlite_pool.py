@@ -8,7 +8,9 @@ read while a write is in flight. A connection is only ever used by one thread at
 
 Cancellation: a thread cannot be stopped, so a cancelled call interrupts its statement
 (``sqlite3_interrupt``: the transaction rolls back) and waits for the thread to give the
-connection back before it re-raises; a connection is never released while in use.
+connection back before it re-raises; a connection is never released while in use. SQLite's
+busy handler ignores interrupts, so a write waits for another connection's lock in short
+slices and checks between them whether its caller is still there.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -28,7 +32,7 @@ from immagent.exceptions import (
     StoreError,
 )
 
-__all__ = ["SQLitePool", "check_path", "is_busy", "map_error", "transaction"]
+__all__ = ["Connection", "SQLitePool", "check_path", "is_busy", "map_error", "transaction"]
 
 T = TypeVar("T")
 Fn = Callable[[sqlite3.Connection], T]
@@ -38,6 +42,16 @@ _HEADER = b"SQLite format 3\x00"
 # Primary SQLite result codes (the low byte of sqlite_errorcode).
 _PERM, _BUSY, _LOCKED, _READONLY, _INTERRUPT = 3, 5, 6, 8, 9
 _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 11, 13, 14, 26
+
+#: Longest single wait for a lock; a cancelled write notices within about this long.
+_LOCK_SLICE = 0.05
+
+
+class Connection(sqlite3.Connection):
+    """A sqlite3 connection that knows its busy timeout and whether its caller gave up."""
+
+    busy_timeout: float = 5.0
+    cancelled: threading.Event
 
 
 def check_path(path: str) -> None:
@@ -115,7 +129,10 @@ def transaction(conn: sqlite3.Connection, fn: Fn[T], begin: str = "BEGIN IMMEDIA
     """Run ``fn`` in one transaction: committed if it returns, rolled back if it raises."""
     if conn.in_transaction:  # left open by an interrupted call: never commit half of it
         conn.execute("ROLLBACK")
-    conn.execute(begin)
+    if begin == "BEGIN IMMEDIATE" and isinstance(conn, Connection):
+        _begin_immediate(conn)
+    else:
+        conn.execute(begin)
     try:
         result = fn(conn)
         conn.execute("COMMIT")
@@ -127,11 +144,29 @@ def transaction(conn: sqlite3.Connection, fn: Fn[T], begin: str = "BEGIN IMMEDIA
     return result
 
 
-def _connect(path: str, busy_timeout: float, *, reader: bool) -> sqlite3.Connection:
+def _begin_immediate(conn: Connection) -> None:
+    """Take the write lock, waiting up to the busy timeout, in slices (see module doc)."""
+    deadline = time.monotonic() + conn.busy_timeout
+    conn.execute(f"PRAGMA busy_timeout = {int(min(_LOCK_SLICE, conn.busy_timeout) * 1000)}")
+    try:
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as e:
+                if not is_busy(e) or conn.cancelled.is_set() or time.monotonic() >= deadline:
+                    raise
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(conn.busy_timeout * 1000)}")
+
+
+def _connect(path: str, busy_timeout: float, *, reader: bool) -> Connection:
     # isolation_level=None: no implicit transactions; every transaction is an explicit BEGIN.
     # check_same_thread=False: the executor's threads take turns, never share at once.
     conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
-                           check_same_thread=False, cached_statements=64)
+                           check_same_thread=False, cached_statements=64, factory=Connection)
+    conn.busy_timeout = busy_timeout
+    conn.cancelled = threading.Event()
     try:
         # NORMAL is durable across application crashes in WAL mode (an OS crash may lose
         # the last commits, never corrupt the file) and saves an fsync per commit.
@@ -148,14 +183,14 @@ class SQLitePool:
     """The backend's connections and threads; every public method maps driver errors."""
 
     def __init__(self, path: str, busy_timeout: float, readers: int,
-                 executor: ThreadPoolExecutor, writer: sqlite3.Connection) -> None:
+                 executor: ThreadPoolExecutor, writer: Connection) -> None:
         self.path = path
         self.busy_timeout = busy_timeout
         self._executor = executor
         self._writer = writer
         self._write_lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(readers)
-        self._idle: list[sqlite3.Connection] = []
+        self._idle: list[Connection] = []
         self._closed = False
 
     @classmethod
@@ -166,7 +201,7 @@ class SQLitePool:
         executor = ThreadPoolExecutor(max_workers=readers + 1,
                                       thread_name_prefix="immagent-sqlite")
 
-        def connect() -> sqlite3.Connection:
+        def connect() -> Connection:
             conn = _connect(path, busy_timeout, reader=False)
             try:
                 prepare(conn)
@@ -208,7 +243,7 @@ class SQLitePool:
             return await self.call(operation, conn, fn)
 
     @contextlib.asynccontextmanager
-    async def reader(self, operation: str) -> AsyncIterator[sqlite3.Connection]:
+    async def reader(self, operation: str) -> AsyncIterator[Connection]:
         """Check out a reader connection (opened on first need) for several calls."""
         self._check_open(operation)
         async with self._slots:
@@ -223,13 +258,15 @@ class SQLitePool:
                 else:
                     self._idle.append(conn)
 
-    async def call(self, operation: str, conn: sqlite3.Connection, fn: Fn[T]) -> T:
+    async def call(self, operation: str, conn: Connection, fn: Fn[T]) -> T:
         """Run ``fn(conn)`` in a worker thread; the caller holds ``conn`` exclusively."""
         return await self._run(operation, conn, lambda: fn(conn))
 
-    async def _run(self, operation: str, conn: sqlite3.Connection | None,
+    async def _run(self, operation: str, conn: Connection | None,
                    thunk: Callable[[], T]) -> T:
         self._check_open(operation)
+        if conn is not None:
+            conn.cancelled.clear()
         try:
             future = self._executor.submit(thunk)
         except RuntimeError as e:  # executor shut down by close()
@@ -262,13 +299,14 @@ class SQLitePool:
             raise StoreClosedError(f"{operation}: the store is closed")
 
 
-async def _settled(future: asyncio.Future[T], conn: sqlite3.Connection | None = None) -> T:
+async def _settled(future: asyncio.Future[T], conn: Connection | None = None) -> T:
     """Await a worker thread's result; if cancelled, interrupt ``conn``, wait for the thread
     to finish with it, then re-raise the cancellation."""
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
         if conn is not None:
+            conn.cancelled.set()
             with contextlib.suppress(sqlite3.Error):
                 conn.interrupt()
         while not future.done():

@@ -26,7 +26,6 @@ at SQLite's default (off) and costs nothing.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -222,6 +221,19 @@ def _prepare(conn: sqlite3.Connection, *, force: bool) -> None:
     if str(mode).lower() != "wal":
         raise StoreConnectionError(f"cannot switch SQLite database to WAL mode "
                                    f"(journal mode stays {mode!r})")
+
+
+def _give_back_free_pages(conn: sqlite3.Connection) -> None:
+    """Shrink the file by the pages a sweep freed, inside the sweep's transaction.
+
+    Each execute() of PRAGMA incremental_vacuum frees one page (the sqlite3 module steps a
+    statement without result columns once), so it runs once per free page.
+    """
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # not INCREMENTAL: keep them
+        return
+    (free,) = conn.execute("PRAGMA freelist_count").fetchone()
+    for _ in range(int(free)):
+        conn.execute("PRAGMA incremental_vacuum")
 
 
 class SQLiteBackend:
@@ -526,22 +538,13 @@ class SQLiteBackend:
             if removed:
                 conn.execute("DELETE FROM immagent_assets "
                              "WHERE digest NOT IN (SELECT digest FROM temp.immagent_reach)")
+                _give_back_free_pages(conn)
             (kept,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
             conn.execute("DROP TABLE temp.immagent_reach")
             return GCResult(assets_removed=int(removed), bytes_freed=int(freed),
                             assets_kept=int(kept))
 
-        def run(conn: sqlite3.Connection) -> GCResult:
-            result = transaction(conn, sweep)
-            if result.assets_removed:
-                # Give freed pages back to the file system. executescript() steps the pragma
-                # to completion (execute() would free one page); outside the sweep's
-                # transaction, so a failure here never undoes the sweep.
-                with contextlib.suppress(sqlite3.OperationalError):
-                    conn.executescript("PRAGMA incremental_vacuum;")
-            return result
-
-        result: GCResult = await self._pool.write("gc", run)
+        result: GCResult = await self._pool.write("gc", lambda conn: transaction(conn, sweep))
         return result
 
     async def iter_assets(self, batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
