@@ -282,7 +282,7 @@ def read_bundle(path: str | os.PathLike[str], *, keep_assets: bool = True
         for offset, payload, checksum in frames:
             try:
                 record = _record_decoder.decode(payload)
-            except msgspec.DecodeError as e:
+            except (msgspec.DecodeError, ValueError) as e:  # also invalid UTF-8 in a str
                 raise BundleError(f"{source}: malformed record at byte {offset}: {e}") from e
             if isinstance(record, _End):
                 end = record, checksum
@@ -364,7 +364,7 @@ def _read_header(frame: tuple[int, bytes, bytes] | None, source: Path) -> _Heade
         raise BundleError(f"{source} is truncated: no header")
     try:
         raw = msgspec.msgpack.decode(frame[1])
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, ValueError) as e:
         raise BundleError(f"{source}: malformed header: {e}") from e
     if not isinstance(raw, dict) or raw.get("format") != "immagent-bundle":
         raise BundleError(f"{source}: malformed header (not an immagent bundle)")
