@@ -425,20 +425,23 @@ class SQLiteBackend:
                       FROM chain c JOIN immagent_assets a
                         ON a.digest = substr(c.refs, 1, 32) AND a.kind = :node
                 )
-                SELECT digest, refs, body FROM chain ORDER BY depth
+                SELECT depth, digest, refs, body FROM chain
                 """, {"head": head, "node": node}).fetchall()
+            # Sorted here, not by ORDER BY: SQL would copy every body into a sorter, and
+            # the queue of a one-row-per-step recursion already yields them in order.
+            rows.sort(key=lambda row: int(row[0]))
             bodies: dict[Digest, tuple[int, bytes]] = {}
             if with_messages:
                 # In-process, a second statement in the same snapshot costs no round trip;
                 # the digests come from refs, so no body is decoded here.
-                wanted = list(dict.fromkeys(d for _, refs, _ in rows for d in _split(refs)))
+                wanted = list(dict.fromkeys(d for _, _, refs, _ in rows for d in _split(refs)))
                 for chunk in _chunks(wanted):
                     for d, k, b in conn.execute(
                             "SELECT digest, kind, body FROM immagent_assets "
                             f"WHERE digest IN ({_marks(len(chunk))}) AND kind <> {node}",
                             chunk):
                         bodies[d] = (int(k), b)
-            return [(d, b) for d, _, b in rows], bodies
+            return [(d, b) for _, d, _, b in rows], bodies
 
         result: tuple[list[tuple[Digest, bytes]], dict[Digest, tuple[int, bytes]]] = (
             await self._read("get_conversation", run))
