@@ -266,6 +266,7 @@ def test_export_verify_bundle_and_import_elsewhere(cli: Any, tmp_path: Path) -> 
     exported = cli("export", head, str(bundle), "--json").json()
     assert exported["head"] == head and len(exported["agents"]) == 2
     one_error_line(cli("export", head, str(bundle)), 1, "already exists")
+    one_error_line(cli("export", head, str(tmp_path)), 1, "is a directory")
     # verify-bundle needs no database: point --db at one that does not exist.
     checked = cli("verify-bundle", str(bundle), database=str(tmp_path / "none.db"))
     assert checked.code == 0 and checked.out.startswith(f"{bundle}: OK")
@@ -342,6 +343,7 @@ def test_usage_errors_exit_2_with_one_line(cli: Any) -> None:
     one_error_line(cli("chat", "--agent", "01900000-0000-7000-8000-000000000000", "--name",
                        "y", "hi"), 2, "not allowed")
     one_error_line(cli("agents", database="mysql://h/db"), 2, "mysql")
+    one_error_line(cli("agents", database=""), 2, "empty")
 
 
 def test_unknown_agent_id_exits_1(cli: Any) -> None:

@@ -136,11 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version and usage errors
         return e.code if isinstance(e.code, int) else EXIT_USAGE
-    handler = _log_handler(args.debug)
+    logger = logging.getLogger("immagent")
+    level, handler = logger.level, _log_handler(args.debug)
     try:
         return _run(args)
     finally:
-        logging.getLogger("immagent").removeHandler(handler)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -102,6 +102,8 @@ def verify(ctx: Context, args: argparse.Namespace) -> int:
 def export(ctx: Context, args: argparse.Namespace) -> int:
     """Write the state ID (its lineage and what it reaches) to a bundle file."""
     path = Path(args.file)
+    if path.is_dir():
+        raise CLIError(f"{path} is a directory: name the bundle file to write")
     if path.exists() and not args.force:
         raise CLIError(f"{path} already exists (use --force to overwrite it)")
     store = ctx.store()

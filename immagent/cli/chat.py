@@ -14,7 +14,7 @@ from immagent.agent import PersistentAgent
 from immagent.assets import Message
 from immagent.cli.context import Context
 from immagent.cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CLIError
-from immagent.cli.render import message_json
+from immagent.cli.render import Progress, message_json
 from immagent.cli.summary import agent_json
 from immagent.exceptions import ImmAgentError
 from immagent.store import Store
@@ -77,6 +77,11 @@ class Conversation:
         self.agent = agent
         self.name, self.model, self.system_prompt = name, model, system_prompt
 
+    @property
+    def current_model(self) -> str:
+        """The model the next turn calls."""
+        return self.agent.model if self.agent is not None else self.model
+
     async def turn(self, text: str) -> Turn:
         """Advance once. If this creates the agent and the turn fails or is interrupted,
         the new state is deleted again, so a failed first turn leaves no agent behind."""
@@ -138,10 +143,20 @@ async def _check_unchanged(agent: PersistentAgent, args: argparse.Namespace) -> 
                        "to a new agent (pick a new --name)", code=EXIT_USAGE)
 
 
+def _advance(ctx: Context, conversation: Conversation, text: str) -> Turn:
+    """One turn, with a "thinking" note on a terminal while the model is called."""
+    waiting = Progress("")
+    waiting.status(f"{conversation.current_model} is thinking…")
+    try:
+        return ctx.run(conversation.turn(text))
+    finally:
+        waiting.finish()
+
+
 def _one_shot(ctx: Context, conversation: Conversation, text: str) -> int:
     """Send one message, print the reply and the new agent id."""
     try:
-        turn = ctx.run(conversation.turn(text))
+        turn = _advance(ctx, conversation, text)
     except KeyboardInterrupt:
         ctx.out.note("immagent: interrupted: this turn was not saved")
         return EXIT_INTERRUPTED
@@ -178,7 +193,7 @@ def _interactive(ctx: Context, conversation: Conversation) -> int:
         if not line.strip():
             continue
         try:
-            turn = ctx.run(conversation.turn(line))
+            turn = _advance(ctx, conversation, line)
         except KeyboardInterrupt:
             ctx.out.note("immagent: interrupted: this turn was not saved")
             status = EXIT_INTERRUPTED

@@ -36,6 +36,8 @@ class Database:
 def resolve(value: str | None, environ: dict[str, str] | None = None) -> Database:
     """The database named by ``--db`` (or the environment, or the default)."""
     env = os.environ if environ is None else environ
+    if value is not None and not value.strip():
+        raise CLIError("--db: the database path is empty", code=2)
     chosen = value or env.get(ENV_DB) or DEFAULT_DB
     if chosen.startswith(_POSTGRES_PREFIXES) or "dbname=" in chosen:
         return Database(dsn=chosen, path=None)

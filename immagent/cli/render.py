@@ -170,6 +170,13 @@ class Progress:
         self.stream.flush()
         self._drawn = True
 
+    def status(self, text: str) -> None:
+        """Show a short status (e.g. while waiting for a model) until the next finish()."""
+        if self.enabled:
+            self.stream.write(f"\r{self.label}{text}\x1b[K")
+            self.stream.flush()
+            self._drawn = True
+
     def finish(self) -> None:
         """Erase the counter line."""
         if self._drawn:
