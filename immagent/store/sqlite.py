@@ -125,12 +125,14 @@ _WALK = """
     )
 """
 
-# Roots passed as one BLOB of concatenated digests: no limit on their number.
+# Roots passed as one BLOB of concatenated digests: no limit on their number. Indexed by
+# position (n), never by copying the rest of the BLOB, which would be quadratic.
 _BLOB_ROOTS = """
-    roots(d, rest) AS (
-        SELECT substr(:roots, 1, 32), substr(:roots, 33) WHERE length(:roots) >= 32
+    roots(d, n) AS (
+        SELECT substr(:roots, 1, 32), 0 WHERE length(:roots) >= 32
         UNION ALL
-        SELECT substr(rest, 1, 32), substr(rest, 33) FROM roots WHERE length(rest) >= 32
+        SELECT substr(:roots, 32 * (n + 1) + 1, 32), n + 1 FROM roots
+         WHERE 32 * (n + 2) <= length(:roots)
     )
 """
 
@@ -201,7 +203,7 @@ def _unknown_version(found: int, path: str) -> SchemaVersionError:
     )
 
 
-def _prepare(conn: sqlite3.Connection, *, force: bool) -> None:
+def _prepare(conn: sqlite3.Connection, path: str, *, force: bool) -> None:
     """Put the database in WAL mode (and incremental auto-vacuum when it is new).
 
     At open (``force`` false) a database holding only another application's tables is
@@ -219,8 +221,8 @@ def _prepare(conn: sqlite3.Connection, *, force: bool) -> None:
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
     if str(mode).lower() != "wal":
-        raise StoreConnectionError(f"cannot switch SQLite database to WAL mode "
-                                   f"(journal mode stays {mode!r})")
+        raise StoreConnectionError(f"cannot switch SQLite database {path} to WAL mode "
+                                   f"(its journal mode stays {mode!r})")
 
 
 def _give_back_free_pages(conn: sqlite3.Connection) -> None:
@@ -264,7 +266,7 @@ class SQLiteBackend:
             raise ValidationError("readers", f"must be an int from 1 to 64, got {readers!r}",
                                   readers)
         pool = await SQLitePool.open(path, float(busy_timeout), readers,
-                                     lambda conn: _prepare(conn, force=False))
+                                     lambda conn: _prepare(conn, path, force=False))
         return cls(pool)
 
     async def close(self) -> None:
@@ -300,7 +302,7 @@ class SQLiteBackend:
             version = transaction(conn, _version, "BEGIN")
             if version is not None and version != SCHEMA_VERSION:
                 raise _unknown_version(version, path)
-            _prepare(conn, force=True)
+            _prepare(conn, path, force=True)
             transaction(conn, create)
 
         await self._pool.write("init_schema", init)
