@@ -99,7 +99,8 @@ System = Literal["immagent", "langgraph"]
 
 @dataclass(frozen=True)
 class LinearPoint:
-    """Stored bytes of one conversation after ``turns`` turns (a point of the growth curve)."""
+    """Stored bytes of one conversation after ``turns`` turns (a point of the growth curve;
+    ``turns == 0`` is the empty store: schema, and nothing else)."""
 
     system: System
     backend: Backend
@@ -114,7 +115,8 @@ class LinearPoint:
 
     @property
     def bytes_per_turn(self) -> float:
-        return self.stored_bytes / self.turns
+        """Stored bytes / turns (0 for the empty store, N = 0)."""
+        return self.stored_bytes / self.turns if self.turns else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "payload_bytes": self.payload_bytes,

@@ -124,10 +124,10 @@ async def grow(agent: PersistentAgent, thread: str, turns: range) -> PersistentA
 
 async def run_linear(backend: Backend, store: Store, measure: Measure,
                      points: Sequence[int]) -> tuple[list[LinearPoint], PersistentAgent]:
-    """One agent advanced to max(points) turns, measured at each point (store must be empty
-    of conversations). Returns the points and the final state, for the speed scenarios."""
+    """One agent advanced to max(points) turns, measured in the empty store and at each
+    point. Returns the points and the final state, for the speed scenarios."""
+    results = [LinearPoint("immagent", backend, 0, await measure(), 0.0)]
     agent = await store.create_agent(name="linear", system_prompt=SYSTEM_PROMPT, model=MODEL)
-    results: list[LinearPoint] = []
     done = 0
     elapsed = 0.0
     for point in sorted(points):

@@ -127,13 +127,13 @@ async def _advance(graph: Any, thread: str, turns: range) -> None:
 
 async def run_linear(backend: Backend, points: Sequence[int], *, dsn: str | None,
                      workdir: Path) -> list[LinearPoint]:
-    """Scenario 1: one thread advanced to max(points) turns, measured at each point.
+    """Scenario 1: one thread advanced to max(points) turns, measured empty and at each point.
 
     Measuring one growing thread at N gives the same bytes as a fresh run of N turns
     (nothing is ever rewritten), at a fraction of the time.
     """
-    results: list[LinearPoint] = []
     async with open_saver(backend, dsn, workdir) as (saver, measure):
+        results = [LinearPoint("langgraph", backend, 0, await measure(), 0.0)]
         graph = build_graph(saver)
         done = 0
         elapsed = 0.0
