@@ -51,6 +51,7 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.store.backend import Backend, StoredAsset
+from immagent.verify import check_asset, closing_iter
 
 __all__ = [
     "FORMAT_VERSION",
@@ -171,17 +172,19 @@ async def export_bundle(backend: Backend, agent_id: UUID, path: str | os.PathLik
     asset_bytes = 0
     file = await asyncio.to_thread(_TempFile, dest)
     try:
-        async for batch in backend.iter_reachable(roots):
-            for row in batch:
-                if row.digest in written:
-                    continue
-                _check_exported(row)
-                written.add(row.digest)
-                asset_bytes += len(row.body)
-                for ref in row.refs:
-                    wanted.setdefault(ref, row.digest)
-                writer.frame(_Asset(row.digest, row.kind, row.body))
-            await asyncio.to_thread(file.write, writer.take())
+        # A failed export releases the cursor's pooled connection at once.
+        async with closing_iter(backend.iter_reachable(roots)) as batches:
+            async for batch in batches:
+                for row in batch:
+                    if row.digest in written:
+                        continue
+                    _check_exported(row)
+                    written.add(row.digest)
+                    asset_bytes += len(row.body)
+                    for ref in row.refs:
+                        wanted.setdefault(ref, row.digest)
+                    writer.frame(_Asset(row.digest, row.kind, row.body))
+                await asyncio.to_thread(file.write, writer.take())
         for digest, referrer in wanted.items():
             if digest not in written:
                 raise IntegrityError(
@@ -231,8 +234,6 @@ class _TempFile:
 
 def _check_exported(row: StoredAsset) -> None:
     """Refuse to put a corrupt stored asset into a bundle."""
-    from immagent.verify import check_asset
-
     found = check_asset(row)
     if found is not None:
         raise IntegrityError(f"cannot export: stored asset {row.digest.hex()} is "

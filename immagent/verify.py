@@ -9,7 +9,9 @@ database (an anti-join), so memory stays bounded by one batch of assets.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 from uuid import UUID
 
 import msgspec
@@ -24,6 +26,8 @@ __all__ = [
     "AssetProblem",
     "MissingAsset",
     "VerifyReport",
+    "check_asset",
+    "closing_iter",
     "verify_backend",
 ]
 
@@ -32,6 +36,8 @@ __all__ = [
 MAX_LISTED = 10_000
 
 _BATCH = 1000
+
+T = TypeVar("T")
 
 
 class AssetProblem(msgspec.Struct, frozen=True):
@@ -101,6 +107,19 @@ class VerifyReport(msgspec.Struct, frozen=True):
         return out
 
 
+@contextlib.asynccontextmanager
+async def closing_iter(it: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
+    """contextlib.aclosing for the backends' batch iterators (typed as AsyncIterator, but
+    async generators underneath): a server-side cursor is released on error, not whenever
+    the abandoned generator happens to be finalised."""
+    try:
+        yield it
+    finally:
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 def check_asset(row: StoredAsset) -> tuple[str, str] | None:
     """None if the stored row is sound, else ("corrupt" | "undecodable", reason)."""
     try:
@@ -154,7 +173,7 @@ async def verify_backend(backend: Backend, agent_id: UUID | None = None, *,
         while page := await backend.list_agents(_BATCH, offset, None):
             offset += len(page)
             check_agents(page)
-        batches = backend.iter_assets(_BATCH)
+        batches: AsyncIterator[list[StoredAsset]] = backend.iter_assets(_BATCH)
     else:
         records = await backend.get_agents([agent_id])
         if not records:
@@ -164,17 +183,19 @@ async def verify_backend(backend: Backend, agent_id: UUID | None = None, *,
             sorted({records[0].system_prompt, records[0].conversation}), _BATCH)
 
     checked = size = 0
-    async for batch in batches:
-        for row in batch:
-            checked += 1
-            size += len(row.body)
-            found = check_asset(row)
-            if found is not None:
-                category, reason = found
-                note(corrupt if category == "corrupt" else undecodable,
-                     AssetProblem(row.digest, row.kind, reason))
-        if progress is not None:
-            progress(checked)
+    # If progress() raises, the cursor (a pooled connection) is released at once.
+    async with closing_iter(batches):
+        async for batch in batches:
+            for row in batch:
+                checked += 1
+                size += len(row.body)
+                found = check_asset(row)
+                if found is not None:
+                    category, reason = found
+                    note(corrupt if category == "corrupt" else undecodable,
+                         AssetProblem(row.digest, row.kind, reason))
+            if progress is not None:
+                progress(checked)
 
     # Last, so an asset absent when the walk ran is reported here even if it never was read.
     dangling = await backend.dangling_refs(None if agent_id is None else [agent_id],
