@@ -263,6 +263,23 @@ async def test_a_busy_database_waits_then_fails_clearly(tmp_path: Path) -> None:
     await store.close()
 
 
+async def test_opening_a_database_locked_by_another_connection_fails_clearly(
+        tmp_path: Path) -> None:
+    path = tmp_path / "exclusive.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE immagent_schema (version INTEGER PRIMARY KEY)")
+    holder.execute("BEGIN EXCLUSIVE")  # not even readers may enter (rollback-journal mode)
+    try:
+        with pytest.raises(immagent.StoreConnectionError) as info:
+            await SQLiteBackend.open(str(path), busy_timeout=0.2)
+        message = one_line(info.value)
+        assert message.startswith(f"cannot open SQLite database {path}: ")
+        assert "locked" in message
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
 async def test_a_lock_released_within_the_timeout_is_waited_for(tmp_path: Path) -> None:
     path = tmp_path / "wait.db"
     store = await open_store(path, busy_timeout=10)

@@ -97,11 +97,16 @@ def is_busy(e: sqlite3.Error) -> bool:
         "database is locked")
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def map_error(e: sqlite3.Error, operation: str, path: str, busy_timeout: float) -> StoreError:
     """The ImmAgentError for a driver error: one line naming the operation and the file."""
     code = getattr(e, "sqlite_errorcode", None)
     primary = code & 0xFF if isinstance(code, int) else None
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = _first_line(e)
     if isinstance(e, sqlite3.ProgrammingError) and "closed" in text:
         return StoreClosedError(f"{operation}: the store is closed")
     if is_busy(e):
@@ -218,10 +223,10 @@ class SQLitePool:
                 future.result().close()
             executor.shutdown(wait=False)
             if isinstance(e, sqlite3.Error):
-                mapped = map_error(e, "open", path, busy_timeout)
-                if not isinstance(mapped, StoreConnectionError):  # e.g. locked at open
-                    mapped = StoreConnectionError(str(mapped))
-                raise mapped from e
+                reason = (f"the database is locked/busy: another connection held its lock "
+                          f"for more than {busy_timeout:g} s") if is_busy(e) else _first_line(e)
+                raise StoreConnectionError(
+                    f"cannot open SQLite database {path}: {reason}") from e
             raise
         return cls(path, busy_timeout, readers, executor, writer)
 
