@@ -119,6 +119,15 @@ def test_log_reads_like_git_log_newest_first(cli: Any) -> None:
     assert len(cli("log", "-n", "1", head).out.split("\nagent ")) == 1
 
 
+def test_log_and_show_default_to_the_newest_state_of_a_name(cli: Any) -> None:
+    cli("chat", "one")
+    head = agent_id(cli("chat", "two"))
+    other = agent_id(cli("chat", "--name", "other", "three"))
+    assert cli("log", "--json").json()["lineage"][0]["id"] == head
+    assert cli("show", "--name", "other", "--json").json()["id"] == other
+    one_error_line(cli("log", "--name", "nobody"), 1, "no agent named 'nobody'")
+
+
 def test_chat_by_agent_id_forks_and_by_name_keeps_lineages_apart(cli: Any) -> None:
     root = agent_id(cli("chat", "start"))
     fork = agent_id(cli("chat", "--agent", root, "fork"))

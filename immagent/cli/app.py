@@ -91,10 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_count(1), default=50, help="states per page (default 50)")
     p.add_argument("--offset", type=_count(0), default=0, help="states to skip")
     p.add_argument("--name", help="only states with this exact name")
-    add("show", commands.show, "show one state: fields, digests, prompt, messages"
-        ).add_argument("id", metavar="ID", type=_agent_id)
+    _add_target(add("show", commands.show, "show one state: fields, digests, prompt, messages"))
     p = add("log", commands.log, "lineage of a state, newest first")
-    p.add_argument("id", metavar="ID", type=_agent_id)
+    _add_target(p)
     p.add_argument("-n", "--limit", type=_count(1), help="show only the newest N states")
     p.add_argument("--oneline", action="store_true", help="one line per state")
     add("clone", commands.clone, "new state with the same content, parent ID"
@@ -115,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("import", audit.import_, "load a bundle file into the store"
         ).add_argument("file", metavar="FILE")
     return parser
+
+
+def _add_target(p: argparse.ArgumentParser) -> None:
+    """ID, or by default the newest state of --name (what ``chat`` would continue)."""
+    p.add_argument("id", metavar="ID", type=_agent_id, nargs="?",
+                   help="agent state (default: the newest state of --name)")
+    p.add_argument("--name", default=chat.DEFAULT_NAME,
+                   help=f"name used when ID is left out (default {chat.DEFAULT_NAME!r})")
 
 
 def _add_chat(p: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ from immagent.assets import Message
 from immagent.cli.context import Context
 from immagent.cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CLIError
 from immagent.cli.render import Progress, message_json
-from immagent.cli.summary import agent_json
+from immagent.cli.summary import agent_json, newest
 from immagent.exceptions import ImmAgentError
 from immagent.store import Store
 
@@ -117,20 +117,11 @@ async def _conversation(store: Store, args: argparse.Namespace) -> Conversation:
     if args.agent is not None:
         agent: PersistentAgent | None = await store.load_agent(args.agent)
     else:
-        agent = await _newest(store, args.name)
+        agent = await newest(store, args.name)
     if agent is not None:
         await _check_unchanged(agent, args)
     return Conversation(store, agent, name=args.name, model=args.model or default_model(),
                         system_prompt=args.system or DEFAULT_SYSTEM_PROMPT)
-
-
-async def _newest(store: Store, name: str) -> PersistentAgent | None:
-    """The most recently created state with this name, or None."""
-    count = await store.count_agents(name)
-    if count == 0:
-        return None
-    page = await store.list_agents(limit=1, offset=count - 1, name=name)
-    return page[-1] if page else None
 
 
 async def _check_unchanged(agent: PersistentAgent, args: argparse.Namespace) -> None:

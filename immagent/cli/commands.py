@@ -10,12 +10,12 @@ from typing import Any
 from immagent.agent import PersistentAgent
 from immagent.assets import Message
 from immagent.cli.context import Context, require
-from immagent.cli.errors import EXIT_OK
+from immagent.cli.errors import EXIT_OK, CLIError
 from immagent.cli.render import clip, local_time, message_json, message_line, table
-from immagent.cli.summary import agent_json, message_counts
+from immagent.cli.summary import agent_json, message_counts, newest
 from immagent.store import Store
 
-__all__ = ["agents", "clone", "delete", "log", "show"]
+__all__ = ["agents", "clone", "delete", "log", "show", "target"]
 
 
 # -- agents --------------------------------------------------------------------------------
@@ -48,9 +48,20 @@ async def _page(store: Store, limit: int, offset: int,
 
 # -- show ----------------------------------------------------------------------------------
 
+def target(ctx: Context, args: argparse.Namespace) -> PersistentAgent:
+    """The state named by ID, else the newest state called --name (like git's HEAD)."""
+    if args.id is not None:
+        return ctx.load(args.id)
+    found = ctx.run(newest(ctx.store(), args.name))
+    if found is None:
+        raise CLIError(f"no agent named {args.name!r} yet (start one with `immagent chat`, "
+                       "or give an ID)")
+    return found
+
+
 def show(ctx: Context, args: argparse.Namespace) -> int:
     """Print one state: its fields, digests, system prompt and every message."""
-    agent = ctx.load(args.id)
+    agent = target(ctx, args)
     prompt, messages = ctx.run(_content(agent))
     if ctx.out.as_json:
         ctx.out.json(agent_json(agent, len(messages)) | {
@@ -117,7 +128,7 @@ def _message_block(index: int, m: Message) -> Iterator[str]:
 
 def log(ctx: Context, args: argparse.Namespace) -> int:
     """Print a state and its ancestors, newest first, with the messages each one added."""
-    agent = ctx.load(args.id)
+    agent = target(ctx, args)
     entries = ctx.run(_lineage(agent))
     if args.limit is not None:
         entries = entries[: args.limit]

@@ -9,7 +9,7 @@ from immagent.agent import PersistentAgent
 from immagent.assets import ConversationNode
 from immagent.store import Store
 
-__all__ = ["agent_json", "message_counts"]
+__all__ = ["agent_json", "message_counts", "newest"]
 
 
 def agent_json(agent: PersistentAgent, messages: int | None = None) -> dict[str, Any]:
@@ -36,3 +36,12 @@ async def message_counts(store: Store, agents: Sequence[PersistentAgent]) -> lis
         return [None] * len(agents)
     nodes = await fetch([a.conversation_digest for a in agents], "conversation node")
     return [n.length if isinstance(n, ConversationNode) else None for n in nodes]
+
+
+async def newest(store: Store, name: str) -> PersistentAgent | None:
+    """The most recently created state with this name (a lineage's "HEAD"), or None."""
+    count = await store.count_agents(name)
+    if count == 0:
+        return None
+    page = await store.list_agents(limit=1, offset=count - 1, name=name)
+    return page[-1] if page else None
