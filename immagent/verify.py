@@ -17,7 +17,7 @@ from uuid import UUID
 import msgspec
 
 from immagent.assets import AgentRecord, Digest, Kind, decode_asset, digest_of
-from immagent.exceptions import AgentNotFoundError
+from immagent.exceptions import AgentNotFoundError, IntegrityError
 from immagent.store.backend import Backend, StoredAsset
 
 __all__ = [
@@ -75,18 +75,22 @@ class VerifyReport(msgspec.Struct, frozen=True):
     missing: tuple[MissingAsset, ...] = ()  # referenced but absent
     undecodable: tuple[AssetProblem, ...] = ()  # hashes right but is not a valid asset
     bad_agents: tuple[AgentProblem, ...] = ()  # state digest does not match the row
+    # Agent rows whose model_config/metadata bytes cannot even be decoded, by position in
+    # id order (the id is in the same unreadable row read, so it cannot be named here).
+    unreadable_agents: tuple[str, ...] = ()
     truncated: bool = False  # some category had more than MAX_LISTED entries
 
     @property
     def ok(self) -> bool:
         """True when no problem of any kind was found."""
-        return not (self.corrupt or self.missing or self.undecodable or self.bad_agents)
+        return not (self.corrupt or self.missing or self.undecodable or self.bad_agents
+                    or self.unreadable_agents)
 
     @property
     def problems(self) -> int:
         """Number of problems listed."""
         return (len(self.corrupt) + len(self.missing) + len(self.undecodable)
-                + len(self.bad_agents))
+                + len(self.bad_agents) + len(self.unreadable_agents))
 
     def lines(self) -> list[str]:
         """The report as human-readable lines (what ``immagent verify`` prints)."""
@@ -101,6 +105,7 @@ class VerifyReport(msgspec.Struct, frozen=True):
                 for p in self.undecodable]
         out += [f"bad agent {a.agent_id}: stored digest {a.stored.hex()}, "
                 f"fields give {a.expected.hex()}" for a in self.bad_agents]
+        out += [f"unreadable agent row {u}" for u in self.unreadable_agents]
         if self.truncated:
             out.append(f"(lists truncated at {MAX_LISTED} entries per category)")
         out.append("OK" if self.ok else f"{self.problems} problem(s) found")
@@ -168,14 +173,32 @@ async def verify_backend(backend: Backend, agent_id: UUID | None = None, *,
                 else:
                     truncated = True
 
+    unreadable: list[str] = []
     if agent_id is None:
         offset = 0
-        while page := await backend.list_agents(_BATCH, offset, None):
+        while True:
+            try:
+                page = await backend.list_agents(_BATCH, offset, None)
+            except IntegrityError:
+                # A damaged row spoils its whole page: re-read it row by row to isolate it.
+                for position in range(offset, offset + _BATCH):
+                    try:
+                        check_agents(await backend.list_agents(1, position, None))
+                    except IntegrityError as e:
+                        unreadable.append(f"at position {position} (id order): {e}")
+                offset += _BATCH
+                continue
+            if not page:
+                break
             offset += len(page)
             check_agents(page)
         batches: AsyncIterator[list[StoredAsset]] = backend.iter_assets(_BATCH)
     else:
-        records = await backend.get_agents([agent_id])
+        try:
+            records = await backend.get_agents([agent_id])
+        except IntegrityError as e:  # nothing to walk from: report the row itself
+            return VerifyReport(agent_id=agent_id, assets_checked=0, bytes_checked=0,
+                                agents_checked=1, unreadable_agents=(f"{agent_id}: {e}",))
         if not records:
             raise AgentNotFoundError(agent_id)
         check_agents(records)
@@ -206,7 +229,8 @@ async def verify_backend(backend: Backend, agent_id: UUID | None = None, *,
     return VerifyReport(
         agent_id=agent_id, assets_checked=checked, bytes_checked=size,
         agents_checked=agents_checked, corrupt=tuple(corrupt), missing=missing,
-        undecodable=tuple(undecodable), bad_agents=tuple(bad_agents), truncated=truncated,
+        undecodable=tuple(undecodable), bad_agents=tuple(bad_agents),
+        unreadable_agents=tuple(unreadable[:MAX_LISTED]), truncated=truncated,
     )
 
 

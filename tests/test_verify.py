@@ -199,3 +199,18 @@ async def test_verify_rejects_bad_input(store: Store) -> None:
     with pytest.raises(immagent.ValidationError) as bad:
         await store.verify(progress=42)  # type: ignore[arg-type]
     assert bad.value.field == "progress"
+
+
+async def test_an_undecodable_agent_row_is_reported_not_raised(
+        store: Store, store_dsn: str) -> None:
+    _, head = await conversation(store)
+    raw_sql(store_dsn, "UPDATE immagent_agents SET metadata = %s WHERE id = %s",
+            [b"\xc1", head.id])
+    report = await store.verify()
+    assert len(report.unreadable_agents) == 1 and not report.ok
+    assert report.agents_checked == 2  # the two readable rows were still checked
+    assert "cannot be decoded" in report.unreadable_agents[0]
+    scoped = await store.verify(head.id)
+    assert scoped.unreadable_agents and str(head.id) in scoped.unreadable_agents[0]
+    with pytest.raises(immagent.IntegrityError):  # plain reads fail inside the error tree
+        await store.load_agent(head.id)

@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 
 from immagent.assets import encode
+from immagent.exceptions import IntegrityError
 
 __all__ = ["decode_map", "encode_map"]
 
@@ -19,6 +20,11 @@ def encode_map(value: dict[str, Any]) -> bytes:
 
 
 def decode_map(body: bytes) -> dict[str, Any]:
-    """Inverse of encode_map."""
-    result: dict[str, Any] = _map_decoder.decode(body)
+    """Inverse of encode_map; a damaged stored map is an IntegrityError, never a raw
+    msgspec error escaping the ImmAgentError tree."""
+    try:
+        result: dict[str, Any] = _map_decoder.decode(body)
+    except (msgspec.DecodeError, ValueError) as e:
+        raise IntegrityError(f"a stored agent row's model_config/metadata cannot be "
+                             f"decoded ({e}); run store.verify()") from e
     return result
