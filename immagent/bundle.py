@@ -341,6 +341,7 @@ def read_bundle(path: str | os.PathLike[str], *, keep_assets: bool = True
 
 def _frames(file: IO[bytes], source: Path, hasher: Any) -> Iterator[tuple[int, bytes, bytes]]:
     """(offset, payload, checksum of every byte before this frame), frame by frame."""
+    size = os.fstat(file.fileno()).st_size
     while True:
         offset = file.tell()
         checksum = hasher.digest()
@@ -350,8 +351,10 @@ def _frames(file: IO[bytes], source: Path, hasher: Any) -> Iterator[tuple[int, b
         if len(prefix) < _LEN.size:
             raise BundleError(f"{source} is truncated at byte {offset}")
         (length,) = _LEN.unpack(prefix)
-        if length > MAX_FRAME:
-            raise BundleError(f"{source}: implausible record length {length} at byte {offset}")
+        # Checked before reading: a damaged length must not make us allocate gigabytes.
+        if length > MAX_FRAME or length > size - offset - _LEN.size:
+            raise BundleError(f"{source} is truncated or damaged: a record of {length} bytes "
+                              f"at byte {offset} runs past the end of the file")
         payload = file.read(length)
         if len(payload) < length:
             raise BundleError(f"{source} is truncated at byte {offset}")
