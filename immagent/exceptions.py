@@ -14,6 +14,7 @@ __all__ = [
     "IntegrityError",
     "LLMError",
     "MessageNotFoundError",
+    "SchemaMissingError",
     "SchemaVersionError",
     "StoreClosedError",
     "StoreConnectionError",
@@ -78,6 +79,10 @@ class StoreClosedError(StoreError):
 
 class SchemaVersionError(StoreError):
     """The database holds a schema version this immagent does not know, or none yet."""
+
+
+class SchemaMissingError(SchemaVersionError):
+    """The database has no immagent tables yet; ``Store.init_schema()`` creates them."""
 
 
 class IntegrityError(ImmAgentError):

@@ -238,6 +238,7 @@ async def test_stats_report_sharing(store: Store) -> None:
         base = await store.append(base, turn(i))
     for _ in range(5):
         await base.clone()
+    assert await store.message_counts([base, (await base.get_lineage())[-1]]) == [20, 0]
     stats = await store.stats()
     assert stats.agents == 16
     assert stats.assets_by_kind["message"][0] == 20
@@ -266,9 +267,13 @@ async def test_tables_missing_gives_schema_error(pg_dsn: str) -> None:
     try:
         dsn = psycopg.conninfo.make_conninfo(pg_dsn, dbname=name)
         async with await Store.connect(dsn, min_size=1) as s:
-            with pytest.raises(immagent.SchemaVersionError) as err:
+            with pytest.raises(immagent.SchemaMissingError) as err:
                 await s.create_agent("bot", PROMPT, "m")
             assert "init_schema" in str(err.value)
+            with pytest.raises(immagent.SchemaMissingError):
+                await s.check_schema()
+            await s.init_schema()
+            await s.check_schema()
     finally:
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)'.encode())

@@ -12,7 +12,7 @@ from immagent.agent import PersistentAgent
 from immagent.cli.database import Database, check_sqlite_file, resolve
 from immagent.cli.errors import CLIError
 from immagent.cli.render import Output
-from immagent.exceptions import SchemaVersionError
+from immagent.exceptions import SchemaMissingError
 from immagent.store import Store
 
 __all__ = ["Context", "require"]
@@ -77,14 +77,9 @@ async def _open(db: Database, *, create: bool) -> Store:
 
 async def _check_schema(store: Store, db: Database) -> None:
     """Refuse a database without an immagent schema, without adding one to it."""
-    check = getattr(store, "check_schema", None)
-    if check is None:  # no public Store.check_schema yet: ask the backend
-        check = store._open().check_schema
     try:
-        await check()
-    except SchemaVersionError as e:
-        if not str(e).startswith("no immagent schema"):
-            raise
+        await store.check_schema()
+    except SchemaMissingError as e:
         raise CLIError(f"{db.shown} holds no immagent store yet (`immagent chat` or "
                        "`immagent import` creates one)") from e
 

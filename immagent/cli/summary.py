@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from immagent.agent import PersistentAgent
-from immagent.assets import ConversationNode
 from immagent.store import Store
 
 __all__ = ["agent_json", "message_counts", "newest"]
@@ -26,16 +25,10 @@ def agent_json(agent: PersistentAgent, messages: int | None = None) -> dict[str,
 
 
 async def message_counts(store: Store, agents: Sequence[PersistentAgent]) -> list[int | None]:
-    """Conversation lengths, read from each head node (one batched fetch, no history).
-
-    Uses the Store's internal asset fetch: there is no public "length of a conversation"
-    yet. If that internal changes, the counts are left out rather than failing the listing.
-    """
-    fetch = getattr(store, "_assets", None)
-    if fetch is None or not agents:
-        return [None] * len(agents)
-    nodes = await fetch([a.conversation_digest for a in agents], "conversation node")
-    return [n.length if isinstance(n, ConversationNode) else None for n in nodes]
+    """Conversation lengths, read from each head node (one batched fetch, no history)."""
+    if not agents:
+        return []
+    return list(await store.message_counts(agents))
 
 
 async def newest(store: Store, name: str) -> PersistentAgent | None:

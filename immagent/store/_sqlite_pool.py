@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from immagent.exceptions import (
-    SchemaVersionError,
+    SchemaMissingError,
     StoreClosedError,
     StoreConnectionError,
     StoreError,
@@ -115,7 +115,7 @@ def map_error(e: sqlite3.Error, operation: str, path: str, busy_timeout: float) 
             f"its lock for more than {busy_timeout:g} s"
         )
     if text.startswith("no such table"):
-        return SchemaVersionError(
+        return SchemaMissingError(
             f"{operation}: immagent tables are missing in {path}; "
             "call `await store.init_schema()`"
         )

@@ -24,6 +24,7 @@ from immagent.assets import AgentRecord, Digest, Kind
 from immagent.exceptions import (
     AssetNotFoundError,
     IntegrityError,
+    SchemaMissingError,
     SchemaVersionError,
     StoreClosedError,
     StoreConnectionError,
@@ -74,7 +75,7 @@ def _mapped(operation: str) -> Iterator[None]:
     except psycopg_pool.PoolTimeout as e:
         raise StoreConnectionError(f"{operation}: no database connection available ({e})") from e
     except pg_errors.UndefinedTable as e:
-        raise SchemaVersionError(
+        raise SchemaMissingError(
             f"{operation}: immagent tables are missing; call `await store.init_schema()`"
         ) from e
     except psycopg.OperationalError as e:
@@ -156,7 +157,7 @@ class PostgresBackend:
             async with self._pool.connection() as conn:
                 found = await self._version(conn)
         if found is None:
-            raise SchemaVersionError("no immagent schema here; call `await store.init_schema()`")
+            raise SchemaMissingError("no immagent schema here; call `await store.init_schema()`")
         if found != SCHEMA_VERSION:
             raise _unknown_version(found)
 

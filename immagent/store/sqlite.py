@@ -37,6 +37,7 @@ from immagent.assets import AgentRecord, Digest, Kind
 from immagent.exceptions import (
     AssetNotFoundError,
     IntegrityError,
+    SchemaMissingError,
     SchemaVersionError,
     StoreConnectionError,
     StoreError,
@@ -310,7 +311,7 @@ class SQLiteBackend:
     async def check_schema(self) -> None:
         found = await self._pool.read("check_schema", _version)
         if found is None:
-            raise SchemaVersionError(f"no immagent schema in {self.path}; "
+            raise SchemaMissingError(f"no immagent schema in {self.path}; "
                                      "call `await store.init_schema()`")
         if found != SCHEMA_VERSION:
             raise _unknown_version(found, self.path)

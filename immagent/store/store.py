@@ -100,7 +100,8 @@ class Store:
         if path is not None:
             from immagent.store.sqlite import SQLiteBackend
 
-            backend = await SQLiteBackend.open(path)
+            # SQLite has one writer; max_size bounds the reader connections.
+            backend = await SQLiteBackend.open(path, readers=max(1, min(max_size, 64)))
             return cls(backend, description=f"sqlite:///{path}")
         raise ValidationError(
             "dsn", f"unsupported DSN {dsn!r}: use postgresql://… or sqlite:///path.db", dsn
@@ -130,6 +131,11 @@ class Store:
     async def init_schema(self) -> None:
         """Create immagent's tables if missing (idempotent; refuses unknown versions)."""
         await self._open().init_schema()
+
+    async def check_schema(self) -> None:
+        """Raise SchemaMissingError (no tables yet) or SchemaVersionError (unknown version)
+        unless the database holds this immagent's schema; never changes the database."""
+        await self._open().check_schema()
 
     def clear_cache(self) -> None:
         """Forget every cached asset (only useful to measure or to free memory)."""
@@ -309,6 +315,12 @@ class Store:
     async def get_messages(self, agent: PersistentAgent) -> tuple[Message, ...]:
         """All messages of ``agent``'s conversation, oldest first."""
         return await self._history(agent.conversation_digest)
+
+    async def message_counts(self, agents: Sequence[PersistentAgent]) -> list[int]:
+        """How many messages each agent's conversation holds, read from the head nodes
+        alone (one batched fetch, no history)."""
+        nodes = await self._assets([a.conversation_digest for a in agents], "conversation node")
+        return [n.length if isinstance(n, ConversationNode) else 0 for n in nodes]
 
     async def get_system_prompt(self, agent: PersistentAgent) -> str:
         """The system prompt text of ``agent``."""
