@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from immagent.advance import CompleteFn, ToolProvider
 from immagent.agent import PersistentAgent
 from immagent.assets import ConversationNode, Message, SystemPrompt, ToolCall
+from immagent.bundle import BundleInfo, verify_bundle
 from immagent.exceptions import (
     AgentNotFoundError,
     AgentNotRegisteredError,
@@ -31,6 +32,7 @@ from immagent.simple import SimpleAgent
 from immagent.stats import StoreStats
 from immagent.store import Store
 from immagent.store.backend import GCResult
+from immagent.verify import AgentProblem, AssetProblem, MissingAsset, VerifyReport
 
 if TYPE_CHECKING:
     from immagent.mcp import MCPManager
@@ -40,8 +42,11 @@ __version__ = "0.2.0"
 __all__ = [
     "AgentNotFoundError",
     "AgentNotRegisteredError",
+    "AgentProblem",
     "AssetNotFoundError",
+    "AssetProblem",
     "BundleError",
+    "BundleInfo",
     "CompleteFn",
     "ConversationNode",
     "GCResult",
@@ -51,6 +56,7 @@ __all__ = [
     "MCPManager",
     "Message",
     "MessageNotFoundError",
+    "MissingAsset",
     "Model",
     "PersistentAgent",
     "SchemaMissingError",
@@ -66,7 +72,9 @@ __all__ = [
     "ToolExecutionError",
     "ToolProvider",
     "ValidationError",
+    "VerifyReport",
     "__version__",
+    "verify_bundle",
 ]
 
 

@@ -96,12 +96,19 @@ class PersistentAgent:
         top_p: float | None = None,
         mcp: ToolProvider | None = None,
         max_retries: int = 3,
-        timeout: float = 120.0,
+        timeout: float | None = 120.0,
         max_tool_rounds: int = 10,
+        retry_delay: float = 1.0,
     ) -> PersistentAgent:
         """Send ``input`` to the model (running tools through ``mcp``) and return the new
-        state, saved in one transaction. On any failure nothing is written."""
+        state, saved in one transaction. On any failure nothing is written.
+
+        ``temperature``/``max_tokens``/``top_p`` override ``model_config`` for this turn and
+        are recorded on the reply; transient provider errors are retried ``max_retries``
+        times with backoff starting at ``retry_delay`` seconds; ``timeout`` bounds each call.
+        """
         return await registry.store_of(self).advance(
             self, input, temperature=temperature, max_tokens=max_tokens, top_p=top_p, mcp=mcp,
             max_retries=max_retries, timeout=timeout, max_tool_rounds=max_tool_rounds,
+            retry_delay=retry_delay,
         )

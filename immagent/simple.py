@@ -11,8 +11,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn
 
 from immagent import llm
-from immagent.advance import ToolProvider, advance
+from immagent.advance import ToolProvider
 from immagent.assets import Message
+from immagent.turn import run_turn
 from immagent.validate import MAX_NAME_CHARS, check_text
 
 __all__ = ["MessageList", "SimpleAgent"]
@@ -145,11 +146,11 @@ class SimpleAgent:
         ``temperature``/``max_tokens``/``top_p`` override ``model_config`` for this turn.
         Raises ValidationError, LLMError; this agent is unchanged either way.
         """
-        config = dict(self._model_config)
-        overrides = {"temperature": temperature, "max_tokens": max_tokens, "top_p": top_p}
-        config.update({k: v for k, v in overrides.items() if v is not None})
-        complete = llm.bind(self._model, self._system_prompt, config, max_retries, timeout,
-                            retry_delay=retry_delay)
-        added = await advance(history=self._messages, user_input=input,
-                              complete=complete, tools=mcp, max_tool_rounds=max_tool_rounds)
+        added = await run_turn(
+            model=self._model, system_prompt=self._system_prompt,
+            model_config=self._model_config, history=self._messages, user_input=input,
+            temperature=temperature, max_tokens=max_tokens, top_p=top_p, tools=mcp,
+            max_retries=max_retries, timeout=timeout, max_tool_rounds=max_tool_rounds,
+            retry_delay=retry_delay,
+        )
         return self._with_messages(added)

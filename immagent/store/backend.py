@@ -98,15 +98,12 @@ class Backend(Protocol):
     async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, tuple[int, bytes]]:
         """Fetch (kind, body) for the digests present; absent ones are left out."""
 
-    async def get_chain(self, head: Digest) -> list[tuple[Digest, bytes]]:
-        """The conversation nodes from ``head`` back to the root, as (digest, body),
-        newest first, in one round trip. Stops early at a missing node."""
-
     async def get_conversation(
         self, head: Digest
     ) -> tuple[list[tuple[Digest, bytes]], dict[Digest, tuple[int, bytes]]]:
-        """The chain from ``head`` (as get_chain) and the (kind, body) of every non-node
-        asset those nodes reference, in one round trip where the database allows."""
+        """The conversation nodes from ``head`` back to the root as (digest, body), newest
+        first, stopping early at a missing node; plus the (kind, body) of every non-node
+        asset those nodes reference. One round trip where the database allows."""
 
     async def get_agents(self, ids: Sequence[UUID]) -> list[AgentRecord]:
         """The agent rows with these ids, in no particular order; missing ones left out."""

@@ -249,34 +249,17 @@ class PostgresBackend:
                 rows = await cur.fetchall()
         return {bytes(d): (k, bytes(b)) for d, k, b in rows}
 
-    async def get_chain(self, head: Digest) -> list[tuple[Digest, bytes]]:
-        nodes, _ = await self._conversation(head, with_messages=False)
-        return nodes
-
     async def get_conversation(
         self, head: Digest
-    ) -> tuple[list[tuple[Digest, bytes]], dict[Digest, tuple[int, bytes]]]:
-        return await self._conversation(head, with_messages=True)
-
-    async def _conversation(
-        self, head: Digest, *, with_messages: bool
     ) -> tuple[list[tuple[Digest, bytes]], dict[Digest, tuple[int, bytes]]]:
         # A node's first ref is its parent when it has one; the kind filter stops the walk
         # at the root (whose refs, if any, are messages). generate_series is inlined here
         # rather than immagent_refs(): a function call per node cost ~15 us, the whole read
         # budget. Binary results: bytea comes back unescaped.
-        messages = """
-            UNION ALL
-            SELECT -1, m.digest, m.kind, m.body
-              FROM (SELECT DISTINCT substring(c.refs FROM i * 32 + 1 FOR 32) AS d
-                      FROM chain c, generate_series(0, octet_length(c.refs) / 32 - 1) AS i
-                   ) r
-              JOIN immagent_assets m ON m.digest = r.d AND m.kind <> %(node)s
-        """ if with_messages else ""
         with _mapped("get_conversation"):
             async with self._pool.connection() as conn, conn.cursor(binary=True) as cur:
                 await cur.execute(
-                    f"""
+                    """
                     WITH RECURSIVE chain(digest, body, refs, depth) AS (
                         SELECT digest, body, refs, 0 FROM immagent_assets
                          WHERE digest = %(head)s AND kind = %(node)s
@@ -288,8 +271,14 @@ class PostgresBackend:
                                   AND kind = %(node)s LIMIT 1) AS a
                     )
                     SELECT depth, digest, %(node)s::smallint, body FROM chain
-                    {messages}
-                    """.encode(),
+                    UNION ALL
+                    SELECT -1, m.digest, m.kind, m.body
+                      FROM (SELECT DISTINCT substring(c.refs FROM i * 32 + 1 FOR 32) AS d
+                              FROM chain c,
+                                   generate_series(0, octet_length(c.refs) / 32 - 1) AS i
+                           ) r
+                      JOIN immagent_assets m ON m.digest = r.d AND m.kind <> %(node)s
+                    """,
                     {"head": head, "node": int(Kind.NODE)},
                 )
                 rows = await cur.fetchall()

@@ -400,17 +400,8 @@ class SQLiteBackend:
         result: dict[Digest, tuple[int, bytes]] = await self._read("get_assets", run)
         return result
 
-    async def get_chain(self, head: Digest) -> list[tuple[Digest, bytes]]:
-        nodes, _ = await self._conversation(head, with_messages=False)
-        return nodes
-
     async def get_conversation(
         self, head: Digest
-    ) -> tuple[list[tuple[Digest, bytes]], dict[Digest, tuple[int, bytes]]]:
-        return await self._conversation(head, with_messages=True)
-
-    async def _conversation(
-        self, head: Digest, *, with_messages: bool
     ) -> tuple[list[tuple[Digest, bytes]], dict[Digest, tuple[int, bytes]]]:
         node = int(Kind.NODE)
 
@@ -434,16 +425,15 @@ class SQLiteBackend:
             # the queue of a one-row-per-step recursion already yields them in order.
             rows.sort(key=lambda row: int(row[0]))
             bodies: dict[Digest, tuple[int, bytes]] = {}
-            if with_messages:
-                # In-process, a second statement in the same snapshot costs no round trip;
-                # the digests come from refs, so no body is decoded here.
-                wanted = list(dict.fromkeys(d for _, _, refs, _ in rows for d in _split(refs)))
-                for chunk in _chunks(wanted):
-                    for d, k, b in conn.execute(
-                            "SELECT digest, kind, body FROM immagent_assets "
-                            f"WHERE digest IN ({_marks(len(chunk))}) AND kind <> {node}",
-                            chunk):
-                        bodies[d] = (int(k), b)
+            # In-process, a second statement in the same snapshot costs no round trip;
+            # the digests come from refs, so no body is decoded here.
+            wanted = list(dict.fromkeys(d for _, _, refs, _ in rows for d in _split(refs)))
+            for chunk in _chunks(wanted):
+                for d, k, b in conn.execute(
+                        "SELECT digest, kind, body FROM immagent_assets "
+                        f"WHERE digest IN ({_marks(len(chunk))}) AND kind <> {node}",
+                        chunk):
+                    bodies[d] = (int(k), b)
             return [(d, b) for _, d, _, b in rows], bodies
 
         result: tuple[list[tuple[Digest, bytes]], dict[Digest, tuple[int, bytes]]] = (

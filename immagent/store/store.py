@@ -41,9 +41,10 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.ids import uuid7
-from immagent.llm import RESERVED_CONFIG_KEYS
+from immagent.llm import DEFAULT_RETRY_DELAY, RESERVED_CONFIG_KEYS
 from immagent.stats import StoreStats
 from immagent.store.backend import Backend, GCResult, stored
+from immagent.turn import run_turn
 from immagent.validate import MAX_NAME_CHARS, check_json_mapping, check_text, check_uuid
 
 if TYPE_CHECKING:
@@ -363,25 +364,21 @@ class Store:
         top_p: float | None = None,
         mcp: ToolProvider | None = None,
         max_retries: int = 3,
-        timeout: float = 120.0,
+        timeout: float | None = 120.0,
         max_tool_rounds: int = 10,
+        retry_delay: float = DEFAULT_RETRY_DELAY,
     ) -> PersistentAgent:
         """Run one turn of ``agent`` and save the result as a new state (see
         PersistentAgent.advance)."""
-        from immagent import llm
-        from immagent.advance import advance as run_turn
-
         self._open()
-        per_call = {"temperature": temperature, "max_tokens": max_tokens, "top_p": top_p}
-        config = check_json_mapping(
-            "model_config",
-            {**agent.model_config, **{k: v for k, v in per_call.items() if v is not None}},
-        )
         history = await self.get_messages(agent)
-        system_prompt = await self.get_system_prompt(agent)
-        complete = llm.bind(agent.model, system_prompt, config, max_retries, timeout)
-        new_messages = await run_turn(history=history, user_input=input, complete=complete,
-                                      tools=mcp, max_tool_rounds=max_tool_rounds)
+        new_messages = await run_turn(
+            model=agent.model, system_prompt=await self.get_system_prompt(agent),
+            model_config=agent.model_config, history=history, user_input=input,
+            temperature=temperature, max_tokens=max_tokens, top_p=top_p, tools=mcp,
+            max_retries=max_retries, timeout=timeout, max_tool_rounds=max_tool_rounds,
+            retry_delay=retry_delay,
+        )
         return await self.append(agent, new_messages, history=history)
 
     async def append(self, agent: PersistentAgent, messages: Sequence[Message], *,

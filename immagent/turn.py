@@ -1,0 +1,39 @@
+"""One live turn, shared by SimpleAgent and PersistentAgent: per-call settings merged over
+the agent's model config, the model bound through LiteLLM, then the pure advance loop."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from immagent import llm
+from immagent.advance import ToolProvider, advance
+from immagent.assets import Message
+
+__all__ = ["run_turn"]
+
+
+async def run_turn(
+    *,
+    model: str,
+    system_prompt: str,
+    model_config: Mapping[str, Any],
+    history: Sequence[Message],
+    user_input: str,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+    top_p: float | None = None,
+    tools: ToolProvider | None = None,
+    max_retries: int = 3,
+    timeout: float | None = 120.0,
+    max_tool_rounds: int = 10,
+    retry_delay: float = llm.DEFAULT_RETRY_DELAY,
+) -> list[Message]:
+    """The new messages of one turn; nothing is stored. ``temperature``, ``max_tokens`` and
+    ``top_p`` override ``model_config`` for this turn only (recorded on the reply)."""
+    overrides = {"temperature": temperature, "max_tokens": max_tokens, "top_p": top_p}
+    config = {**model_config, **{k: v for k, v in overrides.items() if v is not None}}
+    complete = llm.bind(model, system_prompt, config, max_retries, timeout,
+                        retry_delay=retry_delay)
+    return await advance(history=history, user_input=user_input, complete=complete,
+                         tools=tools, max_tool_rounds=max_tool_rounds)
