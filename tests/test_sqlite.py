@@ -158,18 +158,29 @@ async def test_unwritable_locations_are_refused_in_one_line(tmp_path: Path) -> N
         assert str(path) in one_line(info.value), what
 
 
-async def test_read_only_directory(tmp_path: Path) -> None:
+def test_read_only_directory(tmp_path: Path) -> None:
+    # Run in a child that cannot bypass permission bits: as root, the capabilities that
+    # ignore them are dropped (setpriv), so root sees a chmod 555 directory as any user does.
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o555)
+    script = textwrap.dedent(f"""
+        import asyncio, immagent
+        async def main():
+            try:
+                await immagent.Store.connect({str(folder / "store.db")!r})
+            except immagent.StoreConnectionError as e:
+                print("REFUSED", str(e).replace("\\n", " "))
+        asyncio.run(main())
+    """)
+    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+    prefix = drop if os.geteuid() == 0 else []
     try:
-        if os.access(folder, os.W_OK):
-            # Root ignores permission bits, so this run cannot build a read-only directory;
-            # test_unwritable_locations_are_refused_in_one_line covers such places for root.
-            pytest.skip("running as root: a chmod 555 directory is still writable")
-        with pytest.raises(immagent.StoreConnectionError) as info:
-            await Store.connect(f"sqlite:///{folder / 'store.db'}")
-        assert "not writable" in one_line(info.value) and str(folder) in str(info.value)
+        done = subprocess.run([*prefix, sys.executable, "-c", script], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("REFUSED"), done.stdout + done.stderr
+        assert "not writable" in done.stdout and str(folder) in done.stdout
         assert listing(folder) == []
     finally:
         folder.chmod(0o755)
