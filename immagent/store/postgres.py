@@ -216,6 +216,7 @@ class PostgresBackend:
                 # Serialise lineage deletions: otherwise two siblings deleted at once each
                 # see the other still present and both keep their (then childless) parent.
                 # Under READ COMMITTED the statement's snapshot is taken after the lock.
+                # LATERAL ... LIMIT 1: one key probe per ancestor (see lineage()).
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LINEAGE_LOCK,))
                 cur = await conn.execute(
                     """
@@ -223,7 +224,9 @@ class PostgresBackend:
                         SELECT id, parent_id, 0 FROM immagent_agents WHERE id = %s
                         UNION ALL
                         SELECT a.id, a.parent_id, d.depth + 1
-                          FROM doomed d JOIN immagent_agents a ON a.id = d.parent_id
+                          FROM doomed d CROSS JOIN LATERAL (
+                               SELECT id, parent_id FROM immagent_agents
+                                WHERE id = d.parent_id LIMIT 1) AS a
                          WHERE NOT EXISTS (SELECT 1 FROM immagent_agents c
                                             WHERE c.parent_id = a.id AND c.id <> d.id)
                     )
