@@ -277,7 +277,7 @@ def fmt_bytes(n: float) -> str:
     return f"{value:.2f} GiB"
 
 
-_NUMERIC = re.compile(r"^[-+]?[\d.,]+( ?(B|KiB|MiB|GiB|%|x|/s))?$")
+_NUMERIC = re.compile(r"^([-+]?[\d.,]+( ?(B|KiB|MiB|GiB|%|x|/s))?|-)$")
 
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
