@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 __all__ = ["PersistentAgent"]
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class PersistentAgent:
     """An agent state. Every method that "changes" it returns a new state with a new id
     whose ``parent_id`` is this one; this object and its stored row never change.
@@ -38,6 +38,11 @@ class PersistentAgent:
     digest: Digest
     system_prompt_digest: Digest
     conversation_digest: Digest
+
+    def __repr__(self) -> str:
+        parent = f", parent_id={self.parent_id}" if self.parent_id else ""
+        return (f"PersistentAgent(id={self.id}, name={self.name!r}, model={self.model!r}"
+                f"{parent}, digest={self.digest.hex()[:16]}…)")
 
     @property
     def system_prompt_id(self) -> UUID:
