@@ -7,11 +7,11 @@ CREATE TABLE IF NOT EXISTS immagent_schema (
     applied_at  timestamptz NOT NULL DEFAULT now()
 );
 
--- The append-only content log. A row is never updated: digest = blake3(kind || body),
--- so a row with a given digest can only ever hold one body. `refs` holds the digests this
--- asset points at (conversation node -> parent node, then its messages), concatenated
--- 32 bytes each, NULL when there are none; it lets gc compute reachability in SQL without
--- decoding bodies. Rows are kept lean on purpose (no timestamp, no array headers): every
+-- The append-only content log. A row is never updated: its digest is blake3 over the
+-- kind, refs and body (assets.digest_of), so a digest can only ever name one row. `refs`
+-- holds the digests this asset points at (conversation node -> parent node, then its
+-- messages), concatenated 32 bytes each, NULL when there are none; a node's links are
+-- stored only here, and gc computes reachability from it in SQL without decoding bodies. Rows are kept lean on purpose (no timestamp, no array headers): every
 -- conversation turn adds about three of them.
 CREATE TABLE IF NOT EXISTS immagent_assets (
     digest      bytea       PRIMARY KEY CHECK (octet_length(digest) = 32),

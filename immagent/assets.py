@@ -5,14 +5,15 @@ Its canonical bytes are deterministic msgpack (map keys sorted, default-valued f
 out, so adding an optional field later does not change old digests; fields encode in
 declaration order, so never reorder them; keys are short aliases fixed per field, because
 they are repeated in every stored row); its digest is
-``blake3(kind byte || canonical bytes)``; its UUID is derived from that digest. What is
+``blake3(kind byte || canonical bytes)`` (nodes also hash their refs, see ``digest_of``);
+its UUID is derived from that digest. What is
 hashed is exactly the encoded fields: no timestamps, no database ids.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from enum import IntEnum
 from typing import Any, ClassVar, Literal, TypeAlias
@@ -61,9 +62,19 @@ def encode(obj: object) -> bytes:
     return _encoder.encode(obj)
 
 
-def digest_of(kind: int, body: bytes) -> Digest:
-    """The 32-byte blake3 digest of stored bytes; verification re-runs exactly this."""
+def digest_of(kind: int, body: bytes, refs: Sequence[Digest] = ()) -> Digest:
+    """The 32-byte blake3 digest of a stored row; verification re-runs exactly this.
+
+    Leaves (prompts, messages): ``blake3(kind || body)``. Nodes keep their links beside
+    the body, in the refs column gc walks, so the links are hashed from there:
+    ``blake3(kind || count as 4 bytes big-endian || refs || body)``. Either way the digest
+    covers every stored byte, and a refs column that was tampered with no longer matches.
+    """
     prefix = _PREFIXES.get(kind) or bytes((kind,))
+    if kind == Kind.NODE:
+        prefix += len(refs).to_bytes(4, "big") + b"".join(refs)
+    elif refs:
+        raise ValueError(f"assets of kind {kind} have no refs")
     return blake3.blake3(prefix + body).digest()
 
 
@@ -82,8 +93,8 @@ class _Content(msgspec.Struct, frozen=True, omit_defaults=True, dict=True, weakr
 
     @functools.cached_property
     def digest(self) -> Digest:
-        """blake3 over the kind byte and the canonical bytes."""
-        return digest_of(self.kind, self.body)
+        """blake3 over the kind byte, the refs (nodes only) and the canonical bytes."""
+        return digest_of(self.kind, self.body, self.refs())
 
     @property
     def id(self) -> UUID:
@@ -141,7 +152,11 @@ class ConversationNode(_Content, frozen=True, omit_defaults=True, dict=True, wea
 
     ``length`` and ``size`` are the number of messages and their total encoded bytes from
     the root up to and including this node: what a copy-per-step layout would store, known
-    without reading the history. The empty conversation has no parent and no messages.
+    without reading the history. The empty conversation has no parent and no messages;
+    every other node has a parent.
+
+    Stored form: the links (parent, then messages) are the row's refs, and the body holds
+    only ``length`` and ``size`` — the digests are not written twice (see ``digest_of``).
     """
 
     parent: Digest | None = None
@@ -150,8 +165,17 @@ class ConversationNode(_Content, frozen=True, omit_defaults=True, dict=True, wea
     size: int = 0
     kind: ClassVar[Kind] = Kind.NODE
 
+    def __post_init__(self) -> None:
+        if self.parent is None and self.messages:
+            raise ValueError("a conversation node that adds messages needs a parent")
+
+    @functools.cached_property
+    def body(self) -> bytes:
+        """The stored body: the counters only (the links are the refs)."""
+        return encode(_NodeBody(length=self.length, size=self.size))
+
     def refs(self) -> tuple[Digest, ...]:
-        return self.messages if self.parent is None else (self.parent, *self.messages)
+        return () if self.parent is None else (self.parent, *self.messages)
 
     def extend(self, messages: Iterable[Message]) -> ConversationNode:
         """The node that appends ``messages`` to this conversation."""
@@ -161,6 +185,14 @@ class ConversationNode(_Content, frozen=True, omit_defaults=True, dict=True, wea
                                 size=self.size + sum(len(m.body) for m in added))
 
 
+class _NodeBody(msgspec.Struct, frozen=True, omit_defaults=True,
+                rename={"length": "n", "size": "s"}):
+    """What a node stores besides its refs."""
+
+    length: int = 0
+    size: int = 0
+
+
 EMPTY_CONVERSATION = ConversationNode()
 
 Asset: TypeAlias = SystemPrompt | Message | ConversationNode
@@ -168,15 +200,25 @@ Asset: TypeAlias = SystemPrompt | Message | ConversationNode
 _decoders: dict[int, msgspec.msgpack.Decoder[Any]] = {
     int(Kind.SYSTEM_PROMPT): msgspec.msgpack.Decoder(SystemPrompt),
     int(Kind.MESSAGE): msgspec.msgpack.Decoder(Message),
-    int(Kind.NODE): msgspec.msgpack.Decoder(ConversationNode),
 }
+_node_body = msgspec.msgpack.Decoder(_NodeBody)
 
 
-def decode_asset(kind: int, body: bytes) -> Asset:
-    """Decode stored bytes of a content asset (raises msgspec.DecodeError if malformed)."""
+def decode_asset(kind: int, body: bytes, refs: Sequence[Digest] = ()) -> Asset:
+    """Decode a stored row of a content asset (msgspec.DecodeError or ValueError if
+    malformed). A node needs its refs: they are its parent and messages."""
+    if kind == Kind.NODE:
+        counters = _node_body.decode(body)
+        if any(len(r) != 32 for r in refs):
+            raise ValueError("node refs must be 32-byte digests")
+        parent, messages = (refs[0], tuple(refs[1:])) if refs else (None, ())
+        return ConversationNode(parent=parent, messages=messages,
+                                length=counters.length, size=counters.size)
     decoder = _decoders.get(kind)
     if decoder is None:
         raise ValueError(f"unknown asset kind {kind}")
+    if refs:
+        raise ValueError(f"assets of kind {kind} have no refs")
     asset: Asset = decoder.decode(body)
     return asset
 

@@ -98,6 +98,7 @@ class _Asset(msgspec.Struct, frozen=True, array_like=True, tag="asset"):
     digest: bytes
     kind: int
     body: bytes
+    refs: bytes = b""  # a node's links, 32-byte digests concatenated (hashed, see digest_of)
 
 
 class _End(msgspec.Struct, frozen=True, array_like=True, tag="end"):
@@ -183,7 +184,7 @@ async def export_bundle(backend: Backend, agent_id: UUID, path: str | os.PathLik
                     asset_bytes += len(row.body)
                     for ref in row.refs:
                         wanted.setdefault(ref, row.digest)
-                    writer.frame(_Asset(row.digest, row.kind, row.body))
+                    writer.frame(_Asset(row.digest, row.kind, row.body, b"".join(row.refs)))
                 await asyncio.to_thread(file.write, writer.take())
         for digest, referrer in wanted.items():
             if digest not in written:
@@ -388,14 +389,21 @@ def _verified_asset(record: _Asset, source: Path) -> tuple[StoredAsset, Asset]:
         kind = Kind(record.kind)
     except ValueError:
         raise BundleError(f"{source}: asset {name} has unknown kind {record.kind}") from None
-    if kind is Kind.AGENT_STATE or digest_of(kind, record.body) != record.digest:
+    if len(record.refs) % 32:
+        raise BundleError(f"{source}: asset {name} has malformed refs")
+    refs = tuple(record.refs[i:i + 32] for i in range(0, len(record.refs), 32))
+    try:
+        sound = kind is not Kind.AGENT_STATE and digest_of(kind, record.body, refs) == record.digest
+    except ValueError:
+        sound = False
+    if not sound:
         raise BundleError(f"{source}: asset {name} is tampered with: its body does not hash "
                           "to its digest")
     try:
-        asset = decode_asset(kind, record.body)
+        asset = decode_asset(kind, record.body, refs)
     except (msgspec.DecodeError, ValueError) as e:
         raise BundleError(f"{source}: asset {name} cannot be decoded: {e}") from e
-    return StoredAsset(record.digest, int(kind), asset.refs(), record.body), asset
+    return StoredAsset(record.digest, int(kind), refs, record.body), asset
 
 
 def _check_lineage(agents: list[AgentRecord], header: _Header, source: Path) -> None:

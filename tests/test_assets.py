@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from immagent.assets import (
     EMPTY_CONVERSATION,
+    ConversationNode,
     Kind,
     Message,
     SystemPrompt,
@@ -149,3 +150,23 @@ def test_uuid7_is_time_ordered_and_versioned() -> None:
 def test_uuid_from_digest(d: bytes) -> None:
     u = uuid_from_digest(d)
     assert u.version == 8 and u == uuid_from_digest(d)
+
+
+def test_a_node_stores_its_links_once_and_hashes_them() -> None:
+    m = Message(role="user", content="hi")
+    node = EMPTY_CONVERSATION.extend([m])
+    assert node.refs() == (EMPTY_CONVERSATION.digest, m.digest)
+    assert m.digest not in node.body and len(node.body) < 16  # links are not in the body
+    assert decode_asset(Kind.NODE, node.body, node.refs()) == node
+    assert digest_of(Kind.NODE, node.body, node.refs()) == node.digest
+    # Any change to the links (a ref swapped, dropped or moved) is a different digest.
+    other = Message(role="user", content="ho").digest
+    for refs in [(EMPTY_CONVERSATION.digest, other), (EMPTY_CONVERSATION.digest,),
+                 (m.digest, EMPTY_CONVERSATION.digest)]:
+        assert digest_of(Kind.NODE, node.body, refs) != node.digest
+    with pytest.raises(ValueError):
+        digest_of(Kind.MESSAGE, m.body, (other,))
+    with pytest.raises(ValueError):
+        decode_asset(Kind.MESSAGE, m.body, (other,))
+    with pytest.raises(ValueError):
+        ConversationNode(parent=None, messages=(m.digest,))

@@ -153,8 +153,8 @@ async def test_gc_refuses_to_sweep_when_a_live_agent_dangles(
 
 
 async def test_a_wrong_refs_column_is_corrupt(store: Store, store_dsn: str) -> None:
-    # gc follows the refs column, not the body: a damaged column would sweep live data, so
-    # verify compares it with the refs the (hash-checked) body declares.
+    # gc follows the refs column: a damaged column would sweep live data. A node's links
+    # live only there and are part of its digest, so the damage is a digest mismatch.
     _, head = await conversation(store)
     empty = b"" if store_dsn.startswith("sqlite:///") else None
     raw_sql(store_dsn, "UPDATE immagent_assets SET refs = %s WHERE digest = %s",

@@ -95,15 +95,15 @@ class Backend(Protocol):
         asset this transaction deduplicated onto.
         """
 
-    async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, tuple[int, bytes]]:
-        """Fetch (kind, body) for the digests present; absent ones are left out."""
+    async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, StoredAsset]:
+        """Fetch the rows for the digests present; absent ones are left out."""
 
     async def get_conversation(
         self, head: Digest
-    ) -> tuple[list[tuple[Digest, bytes]], dict[Digest, tuple[int, bytes]]]:
-        """The conversation nodes from ``head`` back to the root as (digest, body), newest
-        first, stopping early at a missing node; plus the (kind, body) of every non-node
-        asset those nodes reference. One round trip where the database allows."""
+    ) -> tuple[list[StoredAsset], dict[Digest, StoredAsset]]:
+        """The rows of the conversation nodes from ``head`` back to the root, newest first,
+        stopping early at a missing node; plus the rows of every non-node asset those nodes
+        reference, by digest. One round trip where the database allows."""
 
     async def get_agents(self, ids: Sequence[UUID]) -> list[AgentRecord]:
         """The agent rows with these ids, in no particular order; missing ones left out."""

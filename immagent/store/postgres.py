@@ -240,23 +240,24 @@ class PostgresBackend:
 
     # -- reads ----------------------------------------------------------------------------
 
-    async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, tuple[int, bytes]]:
+    async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, StoredAsset]:
         if not digests:
             return {}
         with _mapped("get_assets"):
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(
-                    "SELECT digest, kind, body FROM immagent_assets WHERE digest = ANY(%s)",
+            async with self._pool.connection() as conn, conn.cursor(binary=True) as cur:
+                await cur.execute(
+                    "SELECT digest, kind, refs, body FROM immagent_assets "
+                    "WHERE digest = ANY(%s)",
                     (list(digests),),
                 )
                 rows = await cur.fetchall()
-        return {bytes(d): (k, bytes(b)) for d, k, b in rows}
+        return {d: StoredAsset(d, k, _split_refs(r), b) for d, k, r, b in rows}
 
     async def get_conversation(
         self, head: Digest
-    ) -> tuple[list[tuple[Digest, bytes]], dict[Digest, tuple[int, bytes]]]:
+    ) -> tuple[list[StoredAsset], dict[Digest, StoredAsset]]:
         # A node's first ref is its parent when it has one; the kind filter stops the walk
-        # at the root (whose refs, if any, are messages). generate_series is inlined here
+        # at the root. generate_series is inlined here
         # rather than immagent_refs(): a function call per node cost ~15 us, the whole read
         # budget. Binary results: bytea comes back unescaped.
         with _mapped("get_conversation"):
@@ -273,9 +274,9 @@ class PostgresBackend:
                                 WHERE digest = substring(c.refs FROM 1 FOR 32)
                                   AND kind = %(node)s LIMIT 1) AS a
                     )
-                    SELECT depth, digest, %(node)s::smallint, body FROM chain
+                    SELECT depth, digest, %(node)s::smallint, refs, body FROM chain
                     UNION ALL
-                    SELECT -1, m.digest, m.kind, m.body
+                    SELECT -1, m.digest, m.kind, NULL, m.body
                       FROM (SELECT DISTINCT substring(c.refs FROM i * 32 + 1 FOR 32) AS d
                               FROM chain c,
                                    generate_series(0, octet_length(c.refs) / 32 - 1) AS i
@@ -286,8 +287,8 @@ class PostgresBackend:
                 )
                 rows = await cur.fetchall()
         chain = sorted((r for r in rows if r[0] >= 0), key=lambda r: int(r[0]))
-        bodies = {r[1]: (int(r[2]), r[3]) for r in rows if r[0] < 0}
-        return [(r[1], r[3]) for r in chain], bodies
+        leaves = {r[1]: StoredAsset(r[1], int(r[2]), (), r[4]) for r in rows if r[0] < 0}
+        return [StoredAsset(r[1], int(r[2]), _split_refs(r[3]), r[4]) for r in chain], leaves
 
     async def get_agents(self, ids: Sequence[UUID]) -> list[AgentRecord]:
         if not ids:

@@ -383,32 +383,31 @@ class SQLiteBackend:
         """Run ``fn`` in one read transaction (one consistent snapshot) on a reader."""
         return await self._pool.read(operation, lambda conn: transaction(conn, fn, "BEGIN"))
 
-    async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, tuple[int, bytes]]:
+    async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, StoredAsset]:
         if not digests:
             return {}
         keys = list(dict.fromkeys(digests))
 
-        def run(conn: sqlite3.Connection) -> dict[Digest, tuple[int, bytes]]:
-            found: dict[Digest, tuple[int, bytes]] = {}
+        def run(conn: sqlite3.Connection) -> dict[Digest, StoredAsset]:
+            found: dict[Digest, StoredAsset] = {}
             for chunk in _chunks(keys):
-                for d, k, b in conn.execute(
-                        "SELECT digest, kind, body FROM immagent_assets "
+                for d, k, r, b in conn.execute(
+                        "SELECT digest, kind, refs, body FROM immagent_assets "
                         f"WHERE digest IN ({_marks(len(chunk))})", chunk):
-                    found[d] = (int(k), b)
+                    found[d] = StoredAsset(d, int(k), _split(r), b)
             return found
 
-        result: dict[Digest, tuple[int, bytes]] = await self._read("get_assets", run)
+        result: dict[Digest, StoredAsset] = await self._read("get_assets", run)
         return result
 
     async def get_conversation(
         self, head: Digest
-    ) -> tuple[list[tuple[Digest, bytes]], dict[Digest, tuple[int, bytes]]]:
+    ) -> tuple[list[StoredAsset], dict[Digest, StoredAsset]]:
         node = int(Kind.NODE)
 
-        def run(conn: sqlite3.Connection) -> tuple[list[tuple[Digest, bytes]],
-                                                   dict[Digest, tuple[int, bytes]]]:
-            # A node's first ref is its parent; the kind filter stops the walk at the root
-            # (whose refs, if any, are messages).
+        def run(conn: sqlite3.Connection) -> tuple[list[StoredAsset],
+                                                   dict[Digest, StoredAsset]]:
+            # A node's first ref is its parent; the kind filter stops the walk at the root.
             rows = conn.execute(
                 """
                 WITH RECURSIVE chain(depth, digest, refs, body) AS (
@@ -424,19 +423,20 @@ class SQLiteBackend:
             # Sorted here, not by ORDER BY: SQL would copy every body into a sorter, and
             # the queue of a one-row-per-step recursion already yields them in order.
             rows.sort(key=lambda row: int(row[0]))
-            bodies: dict[Digest, tuple[int, bytes]] = {}
+            chain = [StoredAsset(d, node, _split(refs), b) for _, d, refs, b in rows]
+            leaves: dict[Digest, StoredAsset] = {}
             # In-process, a second statement in the same snapshot costs no round trip;
             # the digests come from refs, so no body is decoded here.
-            wanted = list(dict.fromkeys(d for _, _, refs, _ in rows for d in _split(refs)))
+            wanted = list(dict.fromkeys(d for row in chain for d in row.refs))
             for chunk in _chunks(wanted):
                 for d, k, b in conn.execute(
                         "SELECT digest, kind, body FROM immagent_assets "
                         f"WHERE digest IN ({_marks(len(chunk))}) AND kind <> {node}",
                         chunk):
-                    bodies[d] = (int(k), b)
-            return [(d, b) for _, d, _, b in rows], bodies
+                    leaves[d] = StoredAsset(d, int(k), (), b)
+            return chain, leaves
 
-        result: tuple[list[tuple[Digest, bytes]], dict[Digest, tuple[int, bytes]]] = (
+        result: tuple[list[StoredAsset], dict[Digest, StoredAsset]] = (
             await self._read("get_conversation", run))
         return result
 

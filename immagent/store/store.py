@@ -43,7 +43,7 @@ from immagent.exceptions import (
 from immagent.ids import uuid7
 from immagent.llm import DEFAULT_RETRY_DELAY, RESERVED_CONFIG_KEYS
 from immagent.stats import StoreStats
-from immagent.store.backend import Backend, GCResult, stored
+from immagent.store.backend import Backend, GCResult, StoredAsset, stored
 from immagent.turn import run_turn
 from immagent.validate import MAX_NAME_CHARS, check_json_mapping, check_text, check_uuid
 
@@ -429,8 +429,7 @@ class Store:
                     if what == "message":
                         raise MessageNotFoundError(d)
                     raise AssetNotFoundError(what, d)
-                kind, body = rows[d]
-                self._cache.put(_decode_checked(d, kind, body))
+                self._cache.put(_decode_checked(rows[d]))
         found: list[Asset] = []
         for d in digests:
             asset = self._cache.get(d)
@@ -443,14 +442,15 @@ class Store:
         cached = self._cache.history(head)
         if cached is not None:
             return cached
-        chain, bodies = await self._open().get_conversation(head)
+        chain, leaves = await self._open().get_conversation(head)
         nodes: list[ConversationNode] = []
         expected: Digest | None = head
-        for digest, body in chain:
-            if digest != expected:
+        for row in chain:
+            if row.digest != expected:
                 break
-            node = _decode_checked(digest, Kind.NODE, body)
-            assert isinstance(node, ConversationNode)
+            node = _decode_checked(row)
+            if not isinstance(node, ConversationNode):
+                raise IntegrityError(f"asset {row.digest.hex()} is not a conversation node")
             nodes.append(node)
             expected = node.parent
         if expected is not None:  # the chain stopped before the root
@@ -459,9 +459,9 @@ class Store:
         for digest in (d for node in nodes for d in node.messages):
             if digest in decoded:
                 continue
-            if digest not in bodies:
+            if digest not in leaves:
                 raise MessageNotFoundError(digest)
-            message = _decode_checked(digest, *bodies[digest])
+            message = _decode_checked(leaves[digest])
             if not isinstance(message, Message):
                 raise IntegrityError(f"conversation {head.hex()} references non-message "
                                      f"asset {digest.hex()}")
@@ -475,13 +475,18 @@ class Store:
 _KINDS = frozenset(int(k) for k in Kind)
 
 
-def _decode_checked(digest: Digest, kind: int, body: bytes) -> Asset:
-    """Decode a stored body after proving it still hashes to its digest."""
-    if kind not in _KINDS or digest_of(kind, body) != digest:
-        raise IntegrityError(f"asset {digest.hex()} is corrupt: its body does not match "
-                             "its digest (run store.verify())")
+def _decode_checked(row: StoredAsset) -> Asset:
+    """Decode a stored row after proving it still hashes to its digest."""
+    digest, kind, refs, body = row
     try:
-        asset = decode_asset(kind, body)
+        sound = kind in _KINDS and digest_of(kind, body, refs) == digest
+    except ValueError:  # refs on a kind that has none
+        sound = False
+    if not sound:
+        raise IntegrityError(f"asset {digest.hex()} is corrupt: its stored bytes do not "
+                             "match its digest (run store.verify())")
+    try:
+        asset = decode_asset(kind, body, refs)
     except (msgspec.DecodeError, ValueError) as e:
         raise IntegrityError(f"asset {digest.hex()} cannot be decoded: {e}") from e
     # Seed the cached properties with what we just proved, so nothing is re-encoded.
