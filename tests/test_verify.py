@@ -168,12 +168,9 @@ async def test_undecodable_body_with_a_valid_digest(store: Store, store_dsn: str
     await conversation(store)
     body = b"\xc1 not msgpack"  # 0xc1 is never valid msgpack
     digest = digest_of(Kind.MESSAGE, body)
-    now = ([0] if store_dsn.startswith("sqlite:///") else [])
-    cols = "digest, kind, refs, created_at, body" if now else "digest, kind, refs, body"
-    refs: bytes | None = b"" if now else None
-    raw_sql(store_dsn, f"INSERT INTO immagent_assets ({cols}) VALUES "
-            f"(%s, %s, %s, {'%s, ' if now else ''}%s)",
-            [digest, int(Kind.MESSAGE), refs, *now, body])
+    refs: bytes | None = b"" if store_dsn.startswith("sqlite:///") else None
+    raw_sql(store_dsn, "INSERT INTO immagent_assets (digest, kind, refs, body) "
+            "VALUES (%s, %s, %s, %s)", [digest, int(Kind.MESSAGE), refs, body])
     report = await store.verify()
     assert [p.digest for p in report.undecodable] == [digest]
     assert not report.corrupt and not report.missing

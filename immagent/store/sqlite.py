@@ -72,13 +72,13 @@ _DDL = (
     )
     """,
     # The append-only content log (see schema.sql). `body` is the last column so reading
-    # digest, kind or refs never touches a long body's overflow pages.
-    f"""
+    # digest, kind or refs never touches a long body's overflow pages. No timestamp, as in
+    # PostgreSQL: gc needs none and each turn adds three of these rows.
+    """
     CREATE TABLE IF NOT EXISTS immagent_assets (
         digest      BLOB    PRIMARY KEY CHECK (length(digest) = 32),
         kind        INTEGER NOT NULL,
         refs        BLOB    NOT NULL DEFAULT x'' CHECK (length(refs) % 32 = 0),
-        created_at  INTEGER NOT NULL DEFAULT ({_NOW}),  -- microseconds since the epoch, UTC
         body        BLOB    NOT NULL
     )
     """,
