@@ -206,23 +206,37 @@ class _TempFile:
 
     def __init__(self, dest: Path) -> None:
         self.dest = dest
-        fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        with self._os_errors():
+            fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.",
+                                        suffix=".tmp")
         self.path = Path(name)
         self._file: IO[bytes] | None = os.fdopen(fd, "wb")
 
+    @contextlib.contextmanager
+    def _os_errors(self) -> Iterator[None]:
+        """A failed create, write or rename (no such place, read-only, disk full) is the
+        destination's fault: a ValidationError naming it, never a raw OSError."""
+        try:
+            yield
+        except OSError as e:
+            raise ValidationError("path", f"cannot write {self.dest}: "
+                                  f"{e.strerror or e}", str(self.dest)) from e
+
     def write(self, data: bytes) -> None:
         assert self._file is not None
-        self._file.write(data)
+        with self._os_errors():
+            self._file.write(data)
 
     def commit(self, data: bytes) -> None:
         assert self._file is not None
-        self._file.write(data)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        os.replace(self.path, self.dest)
-        _fsync_dir(self.dest.parent)
+        with self._os_errors():
+            self._file.write(data)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            os.replace(self.path, self.dest)
+            _fsync_dir(self.dest.parent)
 
     def discard(self) -> None:
         """Remove the temp file unless committed (idempotent)."""

@@ -62,7 +62,8 @@ class MessageNotFoundError(AssetNotFoundError):
 
 
 class AgentNotRegisteredError(ImmAgentError):
-    """The agent is not bound to an open Store (built by hand, or its store was closed)."""
+    """The agent is not bound to a Store (built by hand rather than created or loaded
+    through one). An agent whose store was closed raises StoreClosedError instead."""
 
 
 class StoreError(ImmAgentError):

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from immagent.assets import Message, ToolCall
 from immagent.exceptions import LLMError, ValidationError
-from immagent.validate import MAX_NAME_CHARS, check_json_mapping, check_text
+from immagent.validate import MAX_NAME_CHARS, check_json_mapping, check_text, scrub_text
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -62,7 +62,12 @@ class Model(StrEnum):
 #: content-addressed call_config of every assistant message.
 RESERVED_CONFIG_KEYS = frozenset({
     "model", "messages", "tools", "functions", "stream", "timeout", "request_timeout",
-    "num_retries", "max_retries", "fallbacks", "context_window_fallback_dict", "api_key",
+    "num_retries", "max_retries", "fallbacks", "context_window_fallback_dict",
+    # Credentials and endpoints LiteLLM accepts per call: pass them through the
+    # environment or provider settings, never through the hashed, exported call_config.
+    "api_key", "api_base", "base_url", "api_version", "extra_headers", "headers",
+    "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+    "vertex_credentials", "azure_ad_token", "azure_ad_token_provider",
 })
 
 #: First backoff delay in seconds; attempt n waits about retry_delay * 2**n (capped).
@@ -162,20 +167,28 @@ def _to_message(response: Any, model: str, config: dict[str, Any]) -> Message:
             # Some providers hand back parsed arguments; the Message keeps JSON text.
             if not isinstance(args, str):
                 args = json.dumps(args if args is not None else {}, ensure_ascii=False)
-            calls.append(ToolCall(id=tc.id or f"call_{i}", name=tc.function.name or "",
-                                  arguments=args))
+            calls.append(ToolCall(id=scrub_text(str(tc.id or f"call_{i}")),
+                                  name=scrub_text(str(tc.function.name or "")),
+                                  arguments=scrub_text(args)))
         tool_calls = tuple(calls)
-    content = reply.content if isinstance(reply.content, str) else None
+    content = scrub_text(reply.content) if isinstance(reply.content, str) else None
     usage = getattr(response, "usage", None)
     return Message(
         role="assistant",
         content=content,
         tool_calls=tool_calls,
-        input_tokens=getattr(usage, "prompt_tokens", None),
-        output_tokens=getattr(usage, "completion_tokens", None),
+        input_tokens=_count(getattr(usage, "prompt_tokens", None)),
+        output_tokens=_count(getattr(usage, "completion_tokens", None)),
         model=model,
         call_config=config or None,
     )
+
+
+def _count(value: object) -> int | None:
+    """A token count as the Message stores it (providers sometimes send floats or junk)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return int(value) if math.isfinite(value) and 0 <= value < 2**63 else None
 
 
 async def complete(

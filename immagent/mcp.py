@@ -28,7 +28,7 @@ from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.shared.exceptions import MCPError
 
 from immagent.exceptions import ToolExecutionError, ValidationError
-from immagent.validate import MAX_NAME_CHARS, check_text
+from immagent.validate import MAX_NAME_CHARS, check_text, scrub_text
 
 __all__ = ["MCPManager"]
 
@@ -269,8 +269,9 @@ def _result_text(result: mcp_types.CallToolResult) -> str:
              else block.model_dump_json(exclude_none=True)
              for block in result.content]
     if not parts and result.structured_content is not None:
-        return json.dumps(result.structured_content, ensure_ascii=False, default=str)
-    return "\n".join(parts)
+        return scrub_text(json.dumps(result.structured_content, ensure_ascii=False,
+                                     default=str))
+    return scrub_text("\n".join(parts))
 
 
 def _describe(exc: BaseException) -> str:

@@ -15,6 +15,7 @@ __all__ = [
     "check_json_mapping",
     "check_text",
     "check_uuid",
+    "scrub_text",
 ]
 
 #: Largest user input accepted by ``advance`` (UTF-8 bytes). Larger inputs are almost
@@ -46,6 +47,19 @@ def check_text(field: str, value: object, *, max_bytes: int | None = None) -> st
     return value
 
 
+def scrub_text(value: str) -> str:
+    """``value`` with lone surrogates replaced by U+FFFD, so it can be encoded as UTF-8.
+
+    For text we did not write (model replies, tool results): rejecting it would lose a
+    paid model call, and storing it as is would fail at encoding time.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return value
+
+
 def check_uuid(field: str, value: object) -> UUID:
     """Accept a UUID or its string form; anything else is a ValidationError."""
     if isinstance(value, UUID):
@@ -69,7 +83,11 @@ def check_json_mapping(field: str, value: object) -> dict[str, Any]:
         return {}
     if not isinstance(value, Mapping):
         raise ValidationError(field, f"must be a mapping, got {type(value).__name__}", value)
-    return {_key(field, k): _json(f"{field}.{k}", v) for k, v in value.items()}
+    return {_key(field, k): _json(f"{field}.{k}", v, 1) for k, v in value.items()}
+
+
+#: Deepest nesting accepted in model_config / metadata (also stops cyclic structures).
+MAX_DEPTH = 64
 
 
 def _key(field: str, key: object) -> str:
@@ -80,7 +98,10 @@ def _key(field: str, key: object) -> str:
     return key
 
 
-def _json(field: str, value: object) -> Any:
+def _json(field: str, value: object, depth: int) -> Any:
+    if depth > MAX_DEPTH:
+        raise ValidationError(field, f"nested deeper than {MAX_DEPTH} levels (or cyclic)",
+                              None)
     if value is None or isinstance(value, bool | str):
         if isinstance(value, str) and "\x00" in value:
             raise ValidationError(field, "must not contain NUL characters", value)
@@ -94,7 +115,7 @@ def _json(field: str, value: object) -> Any:
             raise ValidationError(field, f"must be a finite number, got {value!r}", value)
         return int(value) if value.is_integer() and abs(value) < 2**53 else value
     if isinstance(value, list | tuple):
-        return [_json(f"{field}[{i}]", v) for i, v in enumerate(value)]
+        return [_json(f"{field}[{i}]", v, depth + 1) for i, v in enumerate(value)]
     if isinstance(value, Mapping):
-        return {_key(field, k): _json(f"{field}.{k}", v) for k, v in value.items()}
+        return {_key(field, k): _json(f"{field}.{k}", v, depth + 1) for k, v in value.items()}
     raise ValidationError(field, f"must be JSON-like, got {type(value).__name__}", value)

@@ -227,3 +227,10 @@ async def test_import_refuses_a_conflicting_agent_row(
             [b"\x00" * 32, info.head])
     with pytest.raises(immagent.BundleError, match=f"agent {head.id} already exists"):
         await target.import_bundle(tmp_path / "c")
+
+
+async def test_export_to_an_unwritable_place_is_a_clear_error(store: Store) -> None:
+    agent = await store.create_agent("bot", "p", "m")
+    with pytest.raises(immagent.ValidationError) as err:
+        await store.export(agent, "/proc/agent.bundle")
+    assert err.value.field == "path" and "/proc/agent.bundle" in str(err.value)

@@ -125,3 +125,11 @@ async def test_fifty_concurrent_advances_all_saved_with_their_parents(
     for i, b in enumerate(await store.load_agents([b.id for b in second])):
         texts = [m.content for m in await b.get_messages()]
         assert texts == [f"branch {i}", f"Echo: branch {i}", f"again {i}", f"Echo: again {i}"]
+
+
+async def test_replies_with_lone_surrogates_are_stored_readably(store: Store) -> None:
+    model = ScriptedModel(["bad \ud800 text"])
+    new = await (await new_agent(store, model.model)).advance("hi")
+    store.clear_cache()
+    reply = (await (await store.load_agent(new.id)).get_messages())[-1]
+    assert reply.content == "bad \ufffd text"

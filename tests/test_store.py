@@ -277,3 +277,55 @@ async def test_tables_missing_gives_schema_error(pg_dsn: str) -> None:
     finally:
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)'.encode())
+
+
+@pytest.mark.parametrize("bad", [
+    [Message(role="system", content="x")],  # type: ignore[arg-type]
+    [Message(role="user", content=3)],  # type: ignore[arg-type]
+    [Message(role="user", content="\ud800")],
+    [{"role": "user", "content": "x"}],
+    Message(role="user", content="x"),
+    [],
+])
+async def test_append_rejects_what_could_not_be_read_back(
+        store: Store, store_dsn: str, bad: object) -> None:
+    agent = await store.create_agent("bot", PROMPT, "m")
+    before = (count_rows(store_dsn, "immagent_agents"), assets(store_dsn))
+    with pytest.raises(immagent.ValidationError) as err:
+        await store.append(agent, bad)  # type: ignore[arg-type]
+    assert err.value.field.startswith("messages")
+    assert (count_rows(store_dsn, "immagent_agents"), assets(store_dsn)) == before
+
+
+async def test_unsupported_dsn_never_echoes_a_password() -> None:
+    with pytest.raises(immagent.ValidationError) as err:
+        await Store.connect("postgresql+psycopg://bob:S3cretPW@db.example/prod")
+    assert "S3cretPW" not in str(err.value) and err.value.value is None
+    assert "postgresql+psycopg://" in str(err.value)
+
+
+async def test_batches_larger_than_the_cache_are_served(store: Store) -> None:
+    from immagent.cache import AssetCache
+
+    agents = [await store.create_agent("bot", f"prompt {i}", "m") for i in range(12)]
+    steps = [await store.append(a, turn(i)) for i, a in enumerate(agents)]
+    store._cache = AssetCache(recent=3)  # far smaller than one batch of heads
+    store.clear_cache()
+    assert await store.message_counts(steps) == [2] * 12
+    assert (await store.stats(page_size=5)).agents == 24
+
+
+async def test_cyclic_or_too_deep_metadata_is_rejected(store: Store) -> None:
+    cyclic: dict[str, object] = {}
+    cyclic["self"] = cyclic
+    deep: dict[str, object] = {}
+    node = deep
+    for _ in range(100):
+        node["x"] = node = {}
+    for bad in (cyclic, deep):
+        with pytest.raises(immagent.ValidationError) as err:
+            await store.create_agent("bot", PROMPT, "m", metadata=bad)
+        assert err.value.field.startswith("metadata")
+    with pytest.raises(immagent.ValidationError) as secret:
+        await store.create_agent("bot", PROMPT, "m", model_config={"api_base": "http://x"})
+    assert secret.value.field == "model_config" and "api_base" in str(secret.value)

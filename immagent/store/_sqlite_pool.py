@@ -274,7 +274,10 @@ class SQLitePool:
             conn.cancelled.clear()
         try:
             future = self._executor.submit(thunk)
-        except RuntimeError as e:  # executor shut down by close()
+        except RuntimeError as e:
+            # Only "cannot schedule new futures after shutdown" means close() won the race.
+            if "shutdown" not in str(e):
+                raise
             raise StoreClosedError(f"{operation}: the store is closed") from e
         try:
             return await _settled(asyncio.wrap_future(future), conn)

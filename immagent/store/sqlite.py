@@ -326,8 +326,8 @@ class SQLiteBackend:
         def run(conn: sqlite3.Connection) -> None:
             if asset_rows:
                 conn.executemany(
-                    "INSERT OR IGNORE INTO immagent_assets (digest, kind, refs, body) "
-                    "VALUES (?, ?, ?, ?)", asset_rows)
+                    "INSERT INTO immagent_assets (digest, kind, refs, body) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING", asset_rows)
             present: set[bytes] = set()
             for chunk in _chunks(external):
                 present.update(row[0] for row in conn.execute(

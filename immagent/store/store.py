@@ -104,8 +104,11 @@ class Store:
             # SQLite has one writer; max_size bounds the reader connections.
             backend = await SQLiteBackend.open(path, readers=max(1, min(max_size, 64)))
             return cls(backend, description=f"sqlite:///{path}")
+        # Only the scheme is shown: the rest of an unsupported URL may hold a password.
+        scheme = dsn.split("://", 1)[0] + "://" if "://" in dsn else "a plain path"
         raise ValidationError(
-            "dsn", f"unsupported DSN {dsn!r}: use postgresql://… or sqlite:///path.db", dsn
+            "dsn", f"unsupported DSN ({scheme}): use postgresql://… (no +driver suffix) "
+            "or sqlite:///path.db", None
         )
 
     async def __aenter__(self) -> Store:
@@ -238,6 +241,7 @@ class Store:
 
         Reads every agent row once (paged) and each distinct head node and prompt once.
         """
+        _check_page(page_size, 0)
         backend = self._open()
         by_kind = await backend.asset_stats()
         logical = 0
@@ -390,8 +394,7 @@ class Store:
         benchmarks).
         """
         backend = self._open()
-        if not messages:
-            raise ValidationError("messages", "a step must add at least one message", messages)
+        messages = _checked_messages(messages)
         parent = await self._node(agent.conversation_digest)
         node = parent.extend(messages)
         r = agent._record()
@@ -421,7 +424,16 @@ class Store:
 
     async def _assets(self, digests: Sequence[Digest], what: str) -> list[Asset]:
         """Assets by digest: cache first, the rest in one batched, digest-checked fetch."""
-        missing = [d for d in dict.fromkeys(digests) if self._cache.get(d) is None]
+        # Held locally, not re-read from the cache: a batch larger than the cache's LRU
+        # would evict its own first entries before they are returned.
+        found: dict[Digest, Asset] = {}
+        missing: list[Digest] = []
+        for d in dict.fromkeys(digests):
+            cached = self._cache.get(d)
+            if cached is None:
+                missing.append(d)
+            else:
+                found[d] = cached
         if missing:
             rows = await self._open().get_assets(missing)
             for d in missing:
@@ -429,14 +441,9 @@ class Store:
                     if what == "message":
                         raise MessageNotFoundError(d)
                     raise AssetNotFoundError(what, d)
-                self._cache.put(_decode_checked(rows[d]))
-        found: list[Asset] = []
-        for d in digests:
-            asset = self._cache.get(d)
-            if asset is None:  # evicted between the fetch and now: fetch alone
-                return await self._assets(digests, what)
-            found.append(asset)
-        return found
+                found[d] = _decode_checked(rows[d])
+                self._cache.put(found[d])
+        return [found[d] for d in digests]
 
     async def _history(self, head: Digest) -> tuple[Message, ...]:
         cached = self._cache.history(head)
@@ -504,6 +511,29 @@ def _new_record(parent_id: UUID | None, name: str, model: str, system_prompt: Di
         model_config=model_config, metadata=metadata,
         digest=state_digest(name, model, system_prompt, conversation, model_config, metadata),
     )
+
+
+def _checked_messages(messages: object) -> list[Message]:
+    """The messages of a step, each proved to survive a store round trip.
+
+    msgspec does not type-check Struct construction, so a Message with a bad role or a
+    non-str content would be hashed and committed, then fail every later read.
+    """
+    if isinstance(messages, Message) or not isinstance(messages, Sequence) or not messages:
+        raise ValidationError("messages", "a step adds a non-empty sequence of Message",
+                              None)
+    for i, m in enumerate(messages):
+        if not isinstance(m, Message):
+            raise ValidationError(f"messages[{i}]", f"must be a Message, got "
+                                  f"{type(m).__name__}", m)
+        try:
+            if decode_asset(Kind.MESSAGE, m.body) != m:
+                raise ValueError("it does not survive encoding unchanged")
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError,
+                UnicodeEncodeError) as e:
+            raise ValidationError(f"messages[{i}]", f"not a storable message: {e}",
+                                  None) from None
+    return list(messages)
 
 
 def _check_page(limit: object, offset: object) -> None:
