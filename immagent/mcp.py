@@ -137,6 +137,8 @@ class MCPManager:
                 raise ToolExecutionError(f"MCP server {name!r} ({command}) failed to start: "
                                          f"{_describe(exc)}") from exc
             raise
+        if self._closed or name not in self._servers:  # close() ran while we waited
+            raise ToolExecutionError(f"cannot connect {name!r}: the MCPManager was closed")
         exposed = [self._add_tool(name, tool) for tool in tools]
         logger.info("MCP server %r connected with %d tool(s): %s", name, len(exposed), exposed)
         return exposed

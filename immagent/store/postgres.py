@@ -121,8 +121,12 @@ class PostgresBackend:
             max_idle=max_inactive_connection_lifetime, timeout=30.0, open=False,
             name="immagent", configure=_configure,
         )
-        with _mapped("connect"):
-            await pool.open(wait=True, timeout=connect_timeout)
+        try:
+            with _mapped("connect"):
+                await pool.open(wait=True, timeout=connect_timeout)
+        except BaseException:  # a failed or cancelled open must not leave pool workers
+            await pool.close()
+            raise
         return cls(pool, dsn)
 
     async def close(self) -> None:
