@@ -105,6 +105,8 @@ async def test_lineage_list_count_find(store: Store) -> None:
     assert [x.id for x in await c.get_lineage()] == [c.id, b.id, a.id]
     assert [x.id for x in await store.list_agents()][:3] == [a.id, b.id, c.id]
     assert [x.id for x in await store.list_agents(limit=1, offset=1)] == [b.id]
+    assert [x.id for x in await store.list_agents(name="bot", newest_first=True)] == \
+        [c.id, b.id, a.id]
     assert await store.count_agents() == 4
     assert await store.count_agents(name="bot") == 3
     assert [x.id for x in await store.find_by_name("bot")] == [a.id, b.id, c.id]

@@ -108,8 +108,10 @@ class Backend(Protocol):
     async def get_agents(self, ids: Sequence[UUID]) -> list[AgentRecord]:
         """The agent rows with these ids, in no particular order; missing ones left out."""
 
-    async def list_agents(self, limit: int, offset: int, name: str | None) -> list[AgentRecord]:
-        """Agent rows in creation order (oldest first), optionally with an exact name."""
+    async def list_agents(self, limit: int, offset: int, name: str | None,
+                          newest_first: bool = False) -> list[AgentRecord]:
+        """Agent rows in creation (UUIDv7) order, oldest first unless ``newest_first``,
+        optionally with an exact name."""
 
     async def count_agents(self, name: str | None) -> int:
         """Number of agent rows, optionally with an exact name."""

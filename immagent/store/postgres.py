@@ -301,15 +301,18 @@ class PostgresBackend:
             f"SELECT {_AGENT_COLUMNS} FROM immagent_agents WHERE id = ANY(%s)", (list(ids),)
         )
 
-    async def list_agents(self, limit: int, offset: int, name: str | None) -> list[AgentRecord]:
+    async def list_agents(self, limit: int, offset: int, name: str | None,
+                          newest_first: bool = False) -> list[AgentRecord]:
+        order = "DESC" if newest_first else "ASC"
         if name is None:
             return await self._agents(
-                f"SELECT {_AGENT_COLUMNS} FROM immagent_agents ORDER BY id LIMIT %s OFFSET %s",
+                f"SELECT {_AGENT_COLUMNS} FROM immagent_agents ORDER BY id {order} "
+                "LIMIT %s OFFSET %s",
                 (limit, offset),
             )
         return await self._agents(
             f"SELECT {_AGENT_COLUMNS} FROM immagent_agents WHERE name = %s "
-            "ORDER BY id LIMIT %s OFFSET %s",
+            f"ORDER BY id {order} LIMIT %s OFFSET %s",
             (name, limit, offset),
         )
 

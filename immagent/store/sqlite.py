@@ -454,16 +454,18 @@ class SQLiteBackend:
 
         return [_record(r) for r in await self._read("get_agents", run)]
 
-    async def list_agents(self, limit: int, offset: int, name: str | None) -> list[AgentRecord]:
+    async def list_agents(self, limit: int, offset: int, name: str | None,
+                          newest_first: bool = False) -> list[AgentRecord]:
+        order = "DESC" if newest_first else "ASC"
         if name is None:
             return await self._agents(
                 "list_agents",
-                f"SELECT {_AGENT_COLUMNS} FROM immagent_agents ORDER BY id LIMIT ? OFFSET ?",
-                (limit, offset))
+                f"SELECT {_AGENT_COLUMNS} FROM immagent_agents ORDER BY id {order} "
+                "LIMIT ? OFFSET ?", (limit, offset))
         return await self._agents(
             "list_agents",
             f"SELECT {_AGENT_COLUMNS} FROM immagent_agents WHERE name = ? "
-            "ORDER BY id LIMIT ? OFFSET ?", (name, limit, offset))
+            f"ORDER BY id {order} LIMIT ? OFFSET ?", (name, limit, offset))
 
     async def count_agents(self, name: str | None) -> int:
         def run(conn: sqlite3.Connection) -> int:

@@ -195,13 +195,15 @@ class Store:
                 raise AgentNotFoundError(i)
         return [self._bind(by_id[i]) for i in ids]
 
-    async def list_agents(self, limit: int = 100, offset: int = 0,
-                          name: str | None = None) -> list[PersistentAgent]:
-        """Agent states in creation order, a page at a time, optionally of one name."""
+    async def list_agents(self, limit: int = 100, offset: int = 0, name: str | None = None,
+                          *, newest_first: bool = False) -> list[PersistentAgent]:
+        """Agent states in creation order (oldest first unless ``newest_first``), a page at
+        a time, optionally of one name."""
         _check_page(limit, offset)
         if name is not None:
             name = check_text("name", name)
-        return [self._bind(r) for r in await self._open().list_agents(limit, offset, name)]
+        records = await self._open().list_agents(limit, offset, name, bool(newest_first))
+        return [self._bind(r) for r in records]
 
     async def count_agents(self, name: str | None = None) -> int:
         """How many agent states are stored (optionally with this exact name)."""
