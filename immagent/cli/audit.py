@@ -1,23 +1,22 @@
 """Storage and audit commands: ``stats``, ``gc``, ``verify``, ``export``, ``verify-bundle``,
-``import``. The audit APIs are looked up at run time so a build without them says so."""
+``import``."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from immagent.agent import PersistentAgent
-from immagent.cli.context import Context, require
+from immagent.bundle import BundleInfo
+from immagent.bundle import verify_bundle as check_bundle
+from immagent.cli.context import Context
 from immagent.cli.errors import EXIT_FAILURE, EXIT_OK, CLIError
 from immagent.cli.render import Progress, human_bytes, jsonable, table
 from immagent.cli.summary import agent_json
 from immagent.stats import StoreStats
 
 if TYPE_CHECKING:
-    from immagent.bundle import BundleInfo
     from immagent.verify import VerifyReport
 
 __all__ = ["export", "gc", "import_", "stats", "verify", "verify_bundle"]
@@ -81,11 +80,10 @@ def gc(ctx: Context, args: argparse.Namespace) -> int:
 def verify(ctx: Context, args: argparse.Namespace) -> int:
     """Re-hash what is stored (everything, or what one state reaches); exit 1 on problems."""
     store = ctx.store()
-    run_verify = require(store, "verify", "verify")
     agent = ctx.load(args.id) if args.id is not None else None
     progress = Progress("verified assets")
     try:
-        report: VerifyReport = ctx.run(run_verify(agent, progress=progress))
+        report: VerifyReport = ctx.run(store.verify(agent, progress=progress))
     finally:
         progress.finish()
     if ctx.out.as_json:
@@ -107,9 +105,8 @@ def export(ctx: Context, args: argparse.Namespace) -> int:
     if path.exists() and not args.force:
         raise CLIError(f"{path} already exists (use --force to overwrite it)")
     store = ctx.store()
-    run_export = require(store, "export", "export")
     agent = ctx.load(args.id)
-    info: BundleInfo = ctx.run(run_export(agent, path))
+    info = ctx.run(store.export(agent, path))
     _show_bundle(ctx, info, f"exported {agent.id} to {path}")
     return EXIT_OK
 
@@ -119,13 +116,7 @@ def verify_bundle(ctx: Context, args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise CLIError(f"no bundle file at {path}")
-    try:
-        bundle = importlib.import_module("immagent.bundle")
-    except ModuleNotFoundError as e:
-        raise CLIError("verify-bundle is not available in this immagent build "
-                       "(missing immagent.bundle)") from e
-    check = require(bundle, "verify_bundle", "verify-bundle")
-    info: BundleInfo = check(path)
+    info = check_bundle(path)
     _show_bundle(ctx, info, f"{path}: OK")
     return EXIT_OK
 
@@ -136,8 +127,7 @@ def import_(ctx: Context, args: argparse.Namespace) -> int:
     if not path.is_file():
         raise CLIError(f"no bundle file at {path}")
     store = ctx.store(create=True)
-    run_import = require(store, "import_bundle", "import")
-    agent: PersistentAgent = ctx.run(run_import(path))
+    agent = ctx.run(store.import_bundle(path))
     if ctx.out.as_json:
         ctx.out.json(agent_json(agent))
     else:

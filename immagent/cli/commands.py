@@ -9,7 +9,7 @@ from typing import Any
 
 from immagent.agent import PersistentAgent
 from immagent.assets import Message
-from immagent.cli.context import Context, require
+from immagent.cli.context import Context
 from immagent.cli.errors import EXIT_OK, CLIError
 from immagent.cli.render import clip, local_time, message_json, message_line, table
 from immagent.cli.summary import agent_json, message_counts, newest
@@ -234,8 +234,7 @@ def delete(ctx: Context, args: argparse.Namespace) -> int:
     store = ctx.store(write=True)
     if args.lineage:
         agent = ctx.load(args.id)
-        delete_lineage = require(store, "delete_lineage", "delete --lineage")
-        deleted = [str(i) for i in ctx.run(delete_lineage(agent))]
+        deleted = [str(i) for i in ctx.run(store.delete_lineage(agent))]
     else:
         ctx.run(store.delete(args.id))
         deleted = [str(args.id)]

@@ -15,7 +15,7 @@ from immagent.cli.render import Output
 from immagent.exceptions import SchemaMissingError
 from immagent.store import Store
 
-__all__ = ["Context", "require"]
+__all__ = ["Context"]
 
 T = TypeVar("T")
 
@@ -82,12 +82,3 @@ async def _check_schema(store: Store, db: Database) -> None:
     except SchemaMissingError as e:
         raise CLIError(f"{db.shown} holds no immagent store yet (`immagent chat` or "
                        "`immagent import` creates one)") from e
-
-
-def require(obj: object, attribute: str, feature: str) -> Any:
-    """``obj.attribute``, or a clear error when this build does not have the feature yet."""
-    found = getattr(obj, attribute, None)
-    if found is None:
-        raise CLIError(f"{feature} is not available in this immagent build "
-                       f"(missing {type(obj).__name__}.{attribute})")
-    return found
