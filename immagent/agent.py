@@ -12,6 +12,7 @@ from uuid import UUID
 from immagent import registry
 from immagent.assets import AgentRecord, Digest, Message
 from immagent.ids import uuid_from_digest
+from immagent.llm import DEFAULT_RETRY_DELAY
 
 if TYPE_CHECKING:
     from immagent.advance import ToolProvider
@@ -103,7 +104,7 @@ class PersistentAgent:
         max_retries: int = 3,
         timeout: float | None = 120.0,
         max_tool_rounds: int = 10,
-        retry_delay: float = 1.0,
+        retry_delay: float = DEFAULT_RETRY_DELAY,
     ) -> PersistentAgent:
         """Send ``input`` to the model (running tools through ``mcp``) and return the new
         state, saved in one transaction. On any failure nothing is written.

@@ -50,7 +50,7 @@ from immagent.exceptions import (
     StoreError,
     ValidationError,
 )
-from immagent.store.backend import Backend, StoredAsset
+from immagent.store.backend import Backend, StoredAsset, split_refs
 from immagent.verify import check_asset, closing_iter
 
 __all__ = [
@@ -405,7 +405,7 @@ def _verified_asset(record: _Asset, source: Path) -> tuple[StoredAsset, Asset]:
         raise BundleError(f"{source}: asset {name} has unknown kind {record.kind}") from None
     if len(record.refs) % 32:
         raise BundleError(f"{source}: asset {name} has malformed refs")
-    refs = tuple(record.refs[i:i + 32] for i in range(0, len(record.refs), 32))
+    refs = split_refs(record.refs)
     try:
         sound = kind is not Kind.AGENT_STATE and digest_of(kind, record.body, refs) == record.digest
     except ValueError:

@@ -137,12 +137,13 @@ def _check_call_params(max_retries: object, timeout: object, retry_delay: object
         raise ValidationError("retry_delay", "must be a number of seconds >= 0", retry_delay)
 
 
-def check_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Canonical form of a model config (see validate.check_json_mapping); rejects reserved keys."""
-    canonical = check_json_mapping("config", config)
+def check_config(config: Mapping[str, Any] | None, field: str = "config") -> dict[str, Any]:
+    """Canonical form of a model config (see validate.check_json_mapping); rejects reserved
+    keys. ``field`` names the argument in errors."""
+    canonical = check_json_mapping(field, config)
     reserved = sorted(RESERVED_CONFIG_KEYS.intersection(canonical))
     if reserved:
-        raise ValidationError("config", f"keys reserved by immagent: {', '.join(reserved)}",
+        raise ValidationError(field, f"keys reserved by immagent: {', '.join(reserved)}",
                               reserved)
     return canonical
 

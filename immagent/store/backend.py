@@ -20,6 +20,7 @@ __all__ = [
     "GCResult",
     "StoredAsset",
     "external_refs",
+    "split_refs",
     "stored",
 ]
 
@@ -34,6 +35,15 @@ class StoredAsset(NamedTuple):
     kind: int
     refs: tuple[Digest, ...]
     body: bytes
+
+
+def split_refs(raw: bytes | None) -> tuple[Digest, ...]:
+    """The digests of a stored refs value (32-byte digests concatenated; empty or NULL for
+    none), the inverse of ``b"".join(refs)``."""
+    if not raw:
+        return ()
+    data = bytes(raw)
+    return tuple(data[i:i + 32] for i in range(0, len(data), 32))
 
 
 def stored(asset: Asset) -> StoredAsset:

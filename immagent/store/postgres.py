@@ -37,6 +37,7 @@ from immagent.store.backend import (
     GCResult,
     StoredAsset,
     external_refs,
+    split_refs,
 )
 from immagent.store.schema import schema_sql
 
@@ -255,7 +256,7 @@ class PostgresBackend:
                     (list(digests),),
                 )
                 rows = await cur.fetchall()
-        return {d: StoredAsset(d, k, _split_refs(r), b) for d, k, r, b in rows}
+        return {d: StoredAsset(d, k, split_refs(r), b) for d, k, r, b in rows}
 
     async def get_conversation(
         self, head: Digest
@@ -292,7 +293,7 @@ class PostgresBackend:
                 rows = await cur.fetchall()
         chain = sorted((r for r in rows if r[0] >= 0), key=lambda r: int(r[0]))
         leaves = {r[1]: StoredAsset(r[1], int(r[2]), (), r[4]) for r in rows if r[0] < 0}
-        return [StoredAsset(r[1], int(r[2]), _split_refs(r[3]), r[4]) for r in chain], leaves
+        return [StoredAsset(r[1], int(r[2]), split_refs(r[3]), r[4]) for r in chain], leaves
 
     async def get_agents(self, ids: Sequence[UUID]) -> list[AgentRecord]:
         if not ids:
@@ -423,7 +424,7 @@ class PostgresBackend:
                     "SELECT digest, kind, refs, body FROM immagent_assets ORDER BY digest"
                 )
                 while rows := await cur.fetchmany(batch_size):
-                    yield [StoredAsset(bytes(d), k, _split_refs(refs), bytes(b))
+                    yield [StoredAsset(bytes(d), k, split_refs(refs), bytes(b))
                            for d, k, refs, b in rows]
 
     async def iter_reachable(self, roots: Sequence[Digest],
@@ -449,7 +450,7 @@ class PostgresBackend:
                     (list(roots),),
                 )
                 while rows := await cur.fetchmany(batch_size):
-                    yield [StoredAsset(bytes(d), k, _split_refs(refs), bytes(b))
+                    yield [StoredAsset(bytes(d), k, split_refs(refs), bytes(b))
                            for d, k, refs, b in rows]
 
     async def dangling_refs(self, agent_ids: Sequence[UUID] | None = None,
@@ -523,13 +524,6 @@ async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.set_autocommit(True)
     await conn.execute("SET jit = off")
     await conn.set_autocommit(False)
-
-
-def _split_refs(refs: bytes | None) -> tuple[Digest, ...]:
-    if not refs:
-        return ()
-    raw = bytes(refs)
-    return tuple(raw[i:i + 32] for i in range(0, len(raw), 32))
 
 
 def _password(dsn: str) -> str | None:

@@ -51,13 +51,13 @@ from immagent.store.backend import (
     GCResult,
     StoredAsset,
     external_refs,
+    split_refs,
 )
 
 __all__ = ["SQLiteBackend"]
 
 T = TypeVar("T")
 
-_DIGEST = 32
 #: Bound parameters per statement; below SQLite's historical limit of 999.
 _CHUNK = 500
 
@@ -157,10 +157,6 @@ def _to_micros(value: datetime) -> int:
 
 def _from_micros(value: int) -> datetime:
     return _EPOCH + timedelta(microseconds=value)
-
-
-def _split(refs: bytes) -> tuple[Digest, ...]:
-    return tuple(refs[i:i + _DIGEST] for i in range(0, len(refs), _DIGEST))
 
 
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -394,7 +390,7 @@ class SQLiteBackend:
                 for d, k, r, b in conn.execute(
                         "SELECT digest, kind, refs, body FROM immagent_assets "
                         f"WHERE digest IN ({_marks(len(chunk))})", chunk):
-                    found[d] = StoredAsset(d, int(k), _split(r), b)
+                    found[d] = StoredAsset(d, int(k), split_refs(r), b)
             return found
 
         result: dict[Digest, StoredAsset] = await self._read("get_assets", run)
@@ -423,7 +419,7 @@ class SQLiteBackend:
             # Sorted here, not by ORDER BY: SQL would copy every body into a sorter, and
             # the queue of a one-row-per-step recursion already yields them in order.
             rows.sort(key=lambda row: int(row[0]))
-            chain = [StoredAsset(d, node, _split(refs), b) for _, d, refs, b in rows]
+            chain = [StoredAsset(d, node, split_refs(refs), b) for _, d, refs, b in rows]
             leaves: dict[Digest, StoredAsset] = {}
             # In-process, a second statement in the same snapshot costs no round trip;
             # the digests come from refs, so no body is decoded here.
@@ -577,7 +573,7 @@ class SQLiteBackend:
             try:
                 while rows := await pool.call(operation, conn,
                                               lambda _: cursor.fetchmany(batch_size)):
-                    yield [StoredAsset(d, int(k), _split(r), b) for d, k, r, b in rows]
+                    yield [StoredAsset(d, int(k), split_refs(r), b) for d, k, r, b in rows]
             finally:
                 if not pool.closed:  # a closed pool closes the connection, ending the read
                     def end(c: sqlite3.Connection) -> None:

@@ -41,7 +41,7 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.ids import uuid7
-from immagent.llm import DEFAULT_RETRY_DELAY, RESERVED_CONFIG_KEYS
+from immagent.llm import DEFAULT_RETRY_DELAY, check_config
 from immagent.stats import StoreStats
 from immagent.store.backend import Backend, GCResult, StoredAsset, stored
 from immagent.turn import run_turn
@@ -165,11 +165,7 @@ class Store:
         name = check_text("name", name, max_bytes=MAX_NAME_CHARS)
         prompt = SystemPrompt(text=check_text("system_prompt", system_prompt))
         model = check_text("model", model, max_bytes=MAX_NAME_CHARS)
-        config = check_json_mapping("model_config", model_config)
-        reserved = sorted(RESERVED_CONFIG_KEYS.intersection(config))
-        if reserved:  # caught here, not at the first advance
-            raise ValidationError("model_config", "keys reserved by immagent: "
-                                  + ", ".join(reserved), reserved)
+        config = check_config(model_config, "model_config")  # not at the first advance
         meta = check_json_mapping("metadata", metadata)
         record = _new_record(None, name, model, prompt.digest, EMPTY_CONVERSATION.digest,
                              config, meta)
@@ -226,7 +222,7 @@ class Store:
     async def delete(self, agent: PersistentAgent | UUID | str) -> None:
         """Delete one agent state. Its assets stay until gc(); other states are untouched
         (a child's parent_id then names a deleted state and lineage walks stop there)."""
-        agent_id = agent.id if isinstance(agent, PersistentAgent) else check_uuid("agent", agent)
+        agent_id = _agent_id(agent)
         if await self._open().delete_agents([agent_id]) == 0:
             raise AgentNotFoundError(agent_id)
         log.info("deleted agent %s", agent_id)
@@ -274,7 +270,7 @@ class Store:
         their ``parent_id``; their lineage walks stop there. Assets stay until gc().
         Returns the deleted ids, ``agent`` first, in one transaction.
         """
-        agent_id = agent.id if isinstance(agent, PersistentAgent) else check_uuid("agent", agent)
+        agent_id = _agent_id(agent)
         deleted = await self._open().delete_lineage(agent_id)
         if not deleted:
             raise AgentNotFoundError(agent_id)
@@ -288,8 +284,7 @@ class Store:
         problem found, it lists it. ``progress`` gets the number of assets checked so far."""
         from immagent.verify import verify_backend
 
-        agent_id = None if agent is None else (
-            agent.id if isinstance(agent, PersistentAgent) else check_uuid("agent", agent))
+        agent_id = None if agent is None else _agent_id(agent)
         if progress is not None and not callable(progress):
             raise ValidationError("progress", "must be a callable taking an int", progress)
         report = await verify_backend(self._open(), agent_id, progress=progress)
@@ -302,7 +297,7 @@ class Store:
         ``path``, atomically; verify it anywhere with ``immagent.verify_bundle``."""
         from immagent.bundle import export_bundle
 
-        agent_id = agent.id if isinstance(agent, PersistentAgent) else check_uuid("agent", agent)
+        agent_id = _agent_id(agent)
         info = await export_bundle(self._open(), agent_id, path)
         log.info("exported %s: %d states, %d assets to %s", agent_id, len(info.agents),
                  info.assets, info.path)
@@ -513,6 +508,11 @@ def _new_record(parent_id: UUID | None, name: str, model: str, system_prompt: Di
         model_config=model_config, metadata=metadata,
         digest=state_digest(name, model, system_prompt, conversation, model_config, metadata),
     )
+
+
+def _agent_id(agent: PersistentAgent | UUID | str) -> UUID:
+    """The id of an agent given as a state or as its id (the field is named "agent")."""
+    return agent.id if isinstance(agent, PersistentAgent) else check_uuid("agent", agent)
 
 
 def _checked_messages(messages: object) -> list[Message]:
