@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -121,14 +122,22 @@ async def store(store_dsn: str) -> AsyncIterator[immagent.Store]:
         await s.close()
 
 
-def count_rows(dsn: str, table: str, where: str = "TRUE") -> int:
-    """Rows in one of our tables, read behind the Store's back (for storage assertions)."""
+def raw_sql(dsn: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """Run one statement on the store's database directly; PostgreSQL placeholders are %s,
+    SQLite ones ?, and UUID parameters become SQLite's 16-byte blobs."""
     if dsn.startswith("sqlite:///"):
         import sqlite3
 
+        args = [p.bytes if isinstance(p, uuid.UUID) else p for p in params]
         with sqlite3.connect(dsn.removeprefix("sqlite:///")) as conn:
-            return int(conn.execute(f"SELECT count(*) FROM {table} WHERE {where}").fetchone()[0])
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(f"SELECT count(*) FROM {table} WHERE {where}".encode()).fetchone()
-        assert row is not None
-        return int(row[0])
+            return list(conn.execute(sql.replace("%s", "?"), args).fetchall())
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(sql.encode(), list(params))
+        return [tuple(r) for r in cur.fetchall()] if cur.description else []
+
+
+def count_rows(dsn: str, table: str, where: str = "TRUE") -> int:
+    """Rows in one of our tables, read behind the Store's back (for storage assertions)."""
+    return int(raw_sql(dsn, f"SELECT count(*) FROM {table} WHERE {where}")[0][0])

@@ -15,8 +15,8 @@ import pytest
 import immagent
 from immagent import Message, PersistentAgent, Store
 from immagent.bundle import MAGIC, BundleInfo, verify_bundle
-from tests.conftest import count_rows
-from tests.test_verify import assert_clean, flip_byte, raw_sql
+from tests.conftest import count_rows, raw_sql
+from tests.test_verify import assert_clean, flip_byte
 
 PROMPT = "You are exported."
 MARKER = "unique-marker-7f3a"

@@ -29,7 +29,8 @@ import immagent
 from immagent import Message, PersistentAgent, Store
 from immagent.assets import EMPTY_CONVERSATION, ConversationNode, Digest, SystemPrompt
 from immagent.gc import find_reachable, find_unreachable
-from tests.test_verify import assert_clean, delete_asset, raw_sql, stored_digests
+from tests.conftest import raw_sql
+from tests.test_verify import assert_clean, delete_asset, stored_digests
 
 T = TypeVar("T")
 

@@ -11,7 +11,7 @@ import pytest
 import immagent
 from immagent import Message, PersistentAgent, Store
 from immagent.assets import Kind
-from tests.conftest import count_rows
+from tests.conftest import count_rows, raw_sql
 
 PROMPT = "You are helpful."
 
@@ -220,18 +220,8 @@ async def test_init_schema_is_idempotent_and_refuses_unknown_versions(
 
 
 async def _set_schema_version(dsn: str, version: int | None) -> None:
-    sql = ("DELETE FROM immagent_schema WHERE version <> 1" if version is None
-           else f"INSERT INTO immagent_schema (version) VALUES ({version})")
-    if dsn.startswith("sqlite:///"):
-        import sqlite3
-
-        with sqlite3.connect(dsn.removeprefix("sqlite:///")) as conn:
-            conn.execute(sql)
-        return
-    import psycopg
-
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(sql.encode())
+    raw_sql(dsn, "DELETE FROM immagent_schema WHERE version <> 1" if version is None
+            else f"INSERT INTO immagent_schema (version) VALUES ({version})")
 
 
 async def test_stats_report_sharing(store: Store) -> None:
