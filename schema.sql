@@ -1,6 +1,8 @@
--- immagent storage layout, version 1 (PostgreSQL). Applied by Store.init_schema().
--- Idempotent: every statement is IF NOT EXISTS. The schema version lives in
--- immagent_schema; init_schema() refuses a database whose version it does not know.
+-- immagent storage layout, version 2 (PostgreSQL). Applied by Store.init_schema(), which
+-- also migrates a version-1 database (Backend.migrate). Idempotent: every statement is
+-- IF NOT EXISTS / OR REPLACE. The version lives in immagent_schema; init_schema() refuses
+-- a database whose version it does not know. store/sqlite.py holds the same layout for
+-- SQLite; tests/test_schema.py checks both against immagent/store/layout.py.
 
 CREATE TABLE IF NOT EXISTS immagent_schema (
     version     integer     PRIMARY KEY,
@@ -9,10 +11,11 @@ CREATE TABLE IF NOT EXISTS immagent_schema (
 
 -- The append-only content log. A row is never updated: its digest is blake3 over the
 -- kind, refs and body (assets.digest_of), so a digest can only ever name one row. `refs`
--- holds the digests this asset points at (conversation node -> parent node, then its
--- messages), concatenated 32 bytes each, NULL when there are none; a node's links are
--- stored only here, and gc computes reachability from it in SQL without decoding bodies. Rows are kept lean on purpose (no timestamp, no array headers): every
--- conversation turn adds about three of them.
+-- holds the digests this asset points at (a node -> its parent node, then its elements),
+-- concatenated 32 bytes each, NULL when there are none; a node's links are stored only
+-- here, and gc computes reachability from it in SQL without decoding bodies. Rows are kept
+-- lean on purpose (no timestamp, no array headers): every conversation turn adds about
+-- three of them.
 CREATE TABLE IF NOT EXISTS immagent_assets (
     digest      bytea       PRIMARY KEY CHECK (octet_length(digest) = 32),
     kind        smallint    NOT NULL,
@@ -30,25 +33,25 @@ CREATE OR REPLACE FUNCTION immagent_refs(refs bytea) RETURNS SETOF bytea
       FROM generate_series(0, coalesce(octet_length(refs), 0) / 32 - 1) AS i
 $$;
 
--- One row per agent state. Rows are inserted, or deleted by delete(); never updated.
+-- Every client's states (records.StateRow): an agent state, a checkpoint, a session
+-- state. Rows are inserted, or deleted; never updated. `stream` is what a client looks
+-- its states up by (an agent's name, a session's id); `refs` are the digests the state
+-- pins (gc marks from them); `body` is the rest of its content; `digest` the hash of it.
 -- parent_id is deliberately not a foreign key: deleting a parent must not touch its
--- children, and lineage walks stop at a missing parent. Listing orders by id (UUIDv7,
--- time-ordered, served by the primary key); seq is the commit-order position in the log
--- for incremental consumers.
-CREATE TABLE IF NOT EXISTS immagent_agents (
-    id            uuid        PRIMARY KEY,
-    parent_id     uuid,
-    name          text        NOT NULL,
-    model         text        NOT NULL,
-    digest        bytea       NOT NULL,
-    system_prompt bytea       NOT NULL,
-    conversation  bytea       NOT NULL,
-    model_config  bytea       NOT NULL,  -- canonical msgpack of a JSON-like map
-    metadata      bytea       NOT NULL,  -- canonical msgpack of a JSON-like map
-    created_at    timestamptz NOT NULL,
-    seq           bigint      GENERATED ALWAYS AS IDENTITY
+-- children, and lineage walks stop at a missing parent. seq is the commit-order position
+-- in the log.
+CREATE TABLE IF NOT EXISTS immagent_states (
+    id          uuid        PRIMARY KEY,
+    parent_id   uuid,
+    kind        smallint    NOT NULL,
+    stream      text        NOT NULL,
+    refs        bytea       NOT NULL CHECK (octet_length(refs) % 32 = 0),
+    digest      bytea       NOT NULL CHECK (octet_length(digest) = 32),
+    created_at  timestamptz NOT NULL,
+    body        bytea       NOT NULL,
+    seq         bigint      GENERATED ALWAYS AS IDENTITY
 );
 
-CREATE INDEX IF NOT EXISTS immagent_agents_parent ON immagent_agents (parent_id);
--- (name) alone, not (name, id): B-tree deduplication then stores each name once per page.
-CREATE INDEX IF NOT EXISTS immagent_agents_name ON immagent_agents (name);
+-- A stream's states in log order; its newest state is one probe.
+CREATE INDEX IF NOT EXISTS immagent_states_stream ON immagent_states (kind, stream, seq);
+CREATE INDEX IF NOT EXISTS immagent_states_parent ON immagent_states (parent_id);

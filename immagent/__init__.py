@@ -2,19 +2,25 @@
 
 Every step creates a new agent state with a new UUID whose ``parent_id`` points at the old
 one; content is stored once, keyed by its blake3 digest.
+
+The storage layer is imported here; the agent layer (agents, the model call, MCP) is loaded
+on first use of one of its names, so a program that only uses the store (or the command
+line listing it) never loads model code.
 """
 
+import importlib
 from typing import TYPE_CHECKING
 
-from immagent.advance import CompleteFn, ToolProvider
-from immagent.agent import PersistentAgent
-from immagent.assets import ConversationNode, Message, SystemPrompt, ToolCall
-from immagent.bundle import BundleInfo, verify_bundle
+from immagent.assets import ConversationNode, Message, MissingAsset, SystemPrompt, ToolCall
+from immagent.audit.bundle import BundleInfo, verify_bundle
+from immagent.audit.gc import GCResult
+from immagent.audit.verify import AgentProblem, AssetProblem, VerifyReport
 from immagent.exceptions import (
     AgentNotFoundError,
     AgentNotRegisteredError,
     AssetNotFoundError,
     BundleError,
+    ConflictError,
     ImmAgentError,
     IntegrityError,
     LLMError,
@@ -27,15 +33,22 @@ from immagent.exceptions import (
     ToolExecutionError,
     ValidationError,
 )
-from immagent.llm import Model
-from immagent.simple import SimpleAgent
-from immagent.stats import StoreStats
+from immagent.records import StateRow
 from immagent.store import Store
-from immagent.store.backend import GCResult
-from immagent.verify import AgentProblem, AssetProblem, MissingAsset, VerifyReport
+from immagent.store.stats import StoreStats
 
 if TYPE_CHECKING:
+    from immagent.advance import CompleteFn, ToolProvider
+    from immagent.agent import PersistentAgent
+    from immagent.llm import Model
     from immagent.mcp import MCPManager
+    from immagent.simple import SimpleAgent
+
+# Public names of the agent layer, by the module that defines them (loaded on first use;
+# MCPManager alone pulls in the MCP SDK, ~1.5 s).
+_LAZY = {"CompleteFn": "immagent.advance", "ToolProvider": "immagent.advance",
+         "PersistentAgent": "immagent.agent", "Model": "immagent.llm",
+         "MCPManager": "immagent.mcp", "SimpleAgent": "immagent.simple"}
 
 __version__ = "0.2.0"
 
@@ -48,6 +61,7 @@ __all__ = [
     "BundleError",
     "BundleInfo",
     "CompleteFn",
+    "ConflictError",
     "ConversationNode",
     "GCResult",
     "ImmAgentError",
@@ -62,6 +76,7 @@ __all__ = [
     "SchemaMissingError",
     "SchemaVersionError",
     "SimpleAgent",
+    "StateRow",
     "Store",
     "StoreClosedError",
     "StoreConnectionError",
@@ -79,9 +94,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    # MCPManager pulls in the MCP SDK (~1.5 s to import): load it on first use only.
-    if name == "MCPManager":
-        from immagent.mcp import MCPManager
-
-        return MCPManager
-    raise AttributeError(f"module 'immagent' has no attribute {name!r}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'immagent' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups do not come here again
+    return value

@@ -1,18 +1,25 @@
-"""PersistentAgent: one immutable, stored agent state, bound to the Store that holds it."""
+"""PersistentAgent: one immutable, stored agent state, bound to the Store that holds it.
+
+The agent is a client of the store: reading goes through the store, ``advance`` runs one
+turn (``immagent.turn``: the model and tools) on the history it read, then hands the new
+messages to ``Store.append``, which writes them in one transaction. The store itself never
+runs a model; it only builds these objects from the records it reads (loading this module
+on first use), and this module loads the model layer on the first turn.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from immagent import registry
-from immagent.assets import AgentRecord, Digest, Message
+from immagent.assets import Digest, Message
 from immagent.ids import uuid_from_digest
 from immagent.llm import DEFAULT_RETRY_DELAY
+from immagent.records import AgentRecord
 
 if TYPE_CHECKING:
     from immagent.advance import ToolProvider
@@ -20,7 +27,6 @@ if TYPE_CHECKING:
 __all__ = ["PersistentAgent"]
 
 
-@dataclass(frozen=True, eq=False, repr=False)
 class PersistentAgent:
     """An agent state. Every method that "changes" it returns a new state with a new id
     whose ``parent_id`` is this one; this object and its stored row never change.
@@ -29,16 +35,21 @@ class PersistentAgent:
     ``id`` to ask "same state", ``digest`` to ask "same content".
     """
 
-    id: UUID
-    created_at: datetime
-    name: str
-    parent_id: UUID | None
-    model: str
-    model_config: Mapping[str, Any]
-    metadata: Mapping[str, Any]
-    digest: Digest
-    system_prompt_digest: Digest
-    conversation_digest: Digest
+    __slots__ = ("__weakref__", "_config", "_metadata", "record")
+
+    record: AgentRecord
+    _config: Mapping[str, Any]
+    _metadata: Mapping[str, Any]
+
+    def __init__(self, record: AgentRecord) -> None:
+        """Wrap a stored agent record (the store makes these; build one by hand only to
+        hold the data: it is not bound to a store)."""
+        object.__setattr__(self, "record", record)
+        object.__setattr__(self, "_config", MappingProxyType(record.model_config))
+        object.__setattr__(self, "_metadata", MappingProxyType(record.metadata))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("PersistentAgent is immutable; its methods return new states")
 
     def __repr__(self) -> str:
         parent = f", parent_id={self.parent_id}" if self.parent_id else ""
@@ -46,32 +57,65 @@ class PersistentAgent:
                 f"{parent}, digest={self.digest.hex()[:16]}…)")
 
     @property
+    def id(self) -> UUID:
+        """This state's id (UUIDv7, time-ordered)."""
+        return self.record.id
+
+    @property
+    def parent_id(self) -> UUID | None:
+        """The state this one was made from, or None for a new agent."""
+        return self.record.parent_id
+
+    @property
+    def created_at(self) -> datetime:
+        """When this state was made (UTC)."""
+        return self.record.created_at
+
+    @property
+    def name(self) -> str:
+        """The agent's name."""
+        return self.record.name
+
+    @property
+    def model(self) -> str:
+        """The LiteLLM model string."""
+        return self.record.model
+
+    @property
+    def model_config(self) -> Mapping[str, Any]:
+        """Default model parameters (read-only, canonical form)."""
+        return self._config
+
+    @property
+    def metadata(self) -> Mapping[str, Any]:
+        """The application's metadata (read-only, canonical form)."""
+        return self._metadata
+
+    @property
+    def digest(self) -> Digest:
+        """Digest of this state's whole content (prompt, model, config, metadata and the
+        full conversation): equal digests mean equal content."""
+        return self.record.digest
+
+    @property
+    def system_prompt_digest(self) -> Digest:
+        """Digest of the SystemPrompt asset."""
+        return self.record.system_prompt
+
+    @property
+    def conversation_digest(self) -> Digest:
+        """Digest of the conversation's head node."""
+        return self.record.conversation
+
+    @property
     def system_prompt_id(self) -> UUID:
         """UUID of the SystemPrompt asset (derived from its digest)."""
-        return uuid_from_digest(self.system_prompt_digest)
+        return uuid_from_digest(self.record.system_prompt)
 
     @property
     def conversation_id(self) -> UUID:
         """UUID of the head ConversationNode (derived from its digest)."""
-        return uuid_from_digest(self.conversation_digest)
-
-    @classmethod
-    def _from_record(cls, record: AgentRecord) -> PersistentAgent:
-        return cls(
-            id=record.id, created_at=record.created_at, name=record.name,
-            parent_id=record.parent_id, model=record.model,
-            model_config=MappingProxyType(record.model_config),
-            metadata=MappingProxyType(record.metadata), digest=record.digest,
-            system_prompt_digest=record.system_prompt, conversation_digest=record.conversation,
-        )
-
-    def _record(self) -> AgentRecord:
-        return AgentRecord(
-            id=self.id, parent_id=self.parent_id, created_at=self.created_at, name=self.name,
-            model=self.model, system_prompt=self.system_prompt_digest,
-            conversation=self.conversation_digest, model_config=dict(self.model_config),
-            metadata=dict(self.metadata), digest=self.digest,
-        )
+        return uuid_from_digest(self.record.conversation)
 
     async def get_messages(self) -> tuple[Message, ...]:
         """The whole conversation, oldest first (one chain query plus one batched fetch)."""
@@ -95,7 +139,7 @@ class PersistentAgent:
 
     async def advance(
         self,
-        input: str,
+        user_input: str,
         *,
         temperature: float | None = None,
         max_tokens: int | None = None,
@@ -106,15 +150,23 @@ class PersistentAgent:
         max_tool_rounds: int = 10,
         retry_delay: float = DEFAULT_RETRY_DELAY,
     ) -> PersistentAgent:
-        """Send ``input`` to the model (running tools through ``mcp``) and return the new
-        state, saved in one transaction. On any failure nothing is written.
+        """Send ``user_input`` to the model (running tools through ``mcp``) and return the
+        new state, saved in one transaction. On any failure nothing is written.
 
         ``temperature``/``max_tokens``/``top_p`` override ``model_config`` for this turn and
         are recorded on the reply; transient provider errors are retried ``max_retries``
         times with backoff starting at ``retry_delay`` seconds; ``timeout`` bounds each call.
         """
-        return await registry.store_of(self).advance(
-            self, input, temperature=temperature, max_tokens=max_tokens, top_p=top_p, mcp=mcp,
+        from immagent.turn import run_turn  # the model layer loads on the first turn
+
+        store = registry.store_of(self)
+        history = await store.get_messages(self)
+        new_messages = await run_turn(
+            model=self.model, system_prompt=await store.get_system_prompt(self),
+            model_config=self.model_config, history=history, user_input=user_input,
+            temperature=temperature, max_tokens=max_tokens, top_p=top_p, tools=mcp,
             max_retries=max_retries, timeout=timeout, max_tool_rounds=max_tool_rounds,
             retry_delay=retry_delay,
         )
+        return await store.append(self, new_messages, history=history)
+

@@ -8,37 +8,48 @@ they are repeated in every stored row); its digest is
 ``blake3(kind byte || canonical bytes)`` (nodes also hash their refs, see ``digest_of``);
 its UUID is derived from that digest. What is
 hashed is exactly the encoded fields: no timestamps, no database ids.
+
+A stored asset is a ``StoredAsset`` row (digest, kind, refs, body); ``load_row`` is the one
+place a row read from anywhere (a database, a bundle) is re-hashed and decoded before it is
+trusted. The storage layer never interprets bodies: the kind is data.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from collections.abc import Iterable, Sequence
 from enum import IntEnum
-from typing import Any, ClassVar, Literal, TypeAlias
+from typing import Any, ClassVar, Literal, NamedTuple, Self, TypeAlias
 from uuid import UUID
 
 import blake3
 import msgspec
 
+from immagent.exceptions import IntegrityError
 from immagent.ids import uuid_from_digest
 
 __all__ = [
     "EMPTY_CONVERSATION",
-    "AgentRecord",
+    "NODE_KINDS",
     "Asset",
     "ConversationNode",
     "Digest",
     "Kind",
     "Message",
+    "MissingAsset",
     "Role",
+    "StoredAsset",
     "SystemPrompt",
     "ToolCall",
+    "check_row",
     "decode_asset",
     "digest_of",
     "encode",
-    "state_digest",
+    "join_refs",
+    "load_row",
+    "ref_kinds",
+    "split_refs",
+    "stored",
 ]
 
 Digest: TypeAlias = bytes
@@ -46,12 +57,13 @@ Role = Literal["user", "assistant", "tool"]
 
 
 class Kind(IntEnum):
-    """Asset kinds; the kind byte is hashed, so equal bytes of two kinds never collide."""
+    """Kinds of stored things; the kind byte is hashed, so equal bytes of two kinds never
+    collide. Content assets and states (``immagent.records``) share this one space."""
 
     SYSTEM_PROMPT = 1
     MESSAGE = 2
-    NODE = 3
-    AGENT_STATE = 4
+    NODE = 3  # a link of a conversation (a hash chain of messages)
+    AGENT_STATE = 4  # a state (a row of immagent_states), never a content asset
 
 
 _encoder = msgspec.msgpack.Encoder(order="deterministic")
@@ -71,7 +83,7 @@ def digest_of(kind: int, body: bytes, refs: Sequence[Digest] = ()) -> Digest:
     covers every stored byte, and a refs column that was tampered with no longer matches.
     """
     prefix = _PREFIXES.get(kind) or bytes((kind,))
-    if kind == Kind.NODE:
+    if kind in NODE_KINDS:
         prefix += len(refs).to_bytes(4, "big") + b"".join(refs)
     elif refs:
         raise ValueError(f"assets of kind {kind} have no refs")
@@ -150,6 +162,10 @@ class ConversationNode(_Content, frozen=True, omit_defaults=True, dict=True, wea
                        rename={"parent": "p", "messages": "m", "length": "n", "size": "s"}):
     """A link of the conversation hash chain: its parent node and the messages it adds.
 
+    The chain is generic: a subclass with another ``kind`` and ``element_kind`` (see
+    ``NODE_KINDS``) chains other assets the same way, and the store reads every chain with
+    the same code. Here the elements are messages.
+
     ``length`` and ``size`` are the number of messages and their total encoded bytes from
     the root up to and including this node: what a copy-per-step layout would store, known
     without reading the history. The empty conversation has no parent and no messages;
@@ -164,6 +180,8 @@ class ConversationNode(_Content, frozen=True, omit_defaults=True, dict=True, wea
     length: int = 0
     size: int = 0
     kind: ClassVar[Kind] = Kind.NODE
+    #: The kind every element of this chain must have.
+    element_kind: ClassVar[Kind] = Kind.MESSAGE
 
     def __post_init__(self) -> None:
         if self.parent is None and self.messages:
@@ -177,12 +195,17 @@ class ConversationNode(_Content, frozen=True, omit_defaults=True, dict=True, wea
     def refs(self) -> tuple[Digest, ...]:
         return () if self.parent is None else (self.parent, *self.messages)
 
-    def extend(self, messages: Iterable[Message]) -> ConversationNode:
-        """The node that appends ``messages`` to this conversation."""
-        added = tuple(messages)
-        return ConversationNode(parent=self.digest, messages=tuple(m.digest for m in added),
-                                length=self.length + len(added),
-                                size=self.size + sum(len(m.body) for m in added))
+    def extend(self, elements: Iterable[Asset]) -> Self:
+        """The node that appends ``elements`` (of ``element_kind``) to this chain."""
+        added = tuple(elements)
+        for element in added:
+            if element.kind != self.element_kind:
+                raise ValueError(f"a {self.kind.name.lower()} chains "
+                                 f"{self.element_kind.name.lower()} assets, not "
+                                 f"{element.kind.name.lower()}")
+        return type(self)(parent=self.digest, messages=tuple(e.digest for e in added),
+                          length=self.length + len(added),
+                          size=self.size + sum(len(e.body) for e in added))
 
 
 class _NodeBody(msgspec.Struct, frozen=True, omit_defaults=True,
@@ -197,6 +220,10 @@ EMPTY_CONVERSATION = ConversationNode()
 
 Asset: TypeAlias = SystemPrompt | Message | ConversationNode
 
+#: Node kinds (hash chains), by kind: their digest covers their refs, and their refs are
+#: (parent node of the same kind, then elements of the node's ``element_kind``).
+NODE_KINDS: dict[int, type[ConversationNode]] = {int(Kind.NODE): ConversationNode}
+
 _decoders: dict[int, msgspec.msgpack.Decoder[Any]] = {
     int(Kind.SYSTEM_PROMPT): msgspec.msgpack.Decoder(SystemPrompt),
     int(Kind.MESSAGE): msgspec.msgpack.Decoder(Message),
@@ -206,14 +233,15 @@ _node_body = msgspec.msgpack.Decoder(_NodeBody)
 
 def decode_asset(kind: int, body: bytes, refs: Sequence[Digest] = ()) -> Asset:
     """Decode a stored row of a content asset (msgspec.DecodeError or ValueError if
-    malformed). A node needs its refs: they are its parent and messages."""
-    if kind == Kind.NODE:
+    malformed). A node needs its refs: they are its parent and elements."""
+    node_type = NODE_KINDS.get(kind)
+    if node_type is not None:
         counters = _node_body.decode(body)
         if any(len(r) != 32 for r in refs):
             raise ValueError("node refs must be 32-byte digests")
-        parent, messages = (refs[0], tuple(refs[1:])) if refs else (None, ())
-        return ConversationNode(parent=parent, messages=messages,
-                                length=counters.length, size=counters.size)
+        parent, elements = (refs[0], tuple(refs[1:])) if refs else (None, ())
+        return node_type(parent=parent, messages=elements, length=counters.length,
+                         size=counters.size)
     decoder = _decoders.get(kind)
     if decoder is None:
         raise ValueError(f"unknown asset kind {kind}")
@@ -223,45 +251,94 @@ def decode_asset(kind: int, body: bytes, refs: Sequence[Digest] = ()) -> Asset:
     return asset
 
 
-class _StateContent(msgspec.Struct, frozen=True, omit_defaults=True):
-    """What an agent state's digest pins (lineage and timestamps are not content)."""
-
-    name: str
-    model: str
-    system_prompt: Digest
-    conversation: Digest
-    model_config: dict[str, Any] = {}
-    metadata: dict[str, Any] = {}
+def ref_kinds(kind: int, count: int) -> tuple[int, ...]:
+    """The kind each of an asset's ``count`` refs must have: a node's parent is a node of
+    its own kind, its elements are of its element kind; leaves have no refs."""
+    node_type = NODE_KINDS.get(kind)
+    if node_type is None or count == 0:
+        return ()
+    return (kind, *([int(node_type.element_kind)] * (count - 1)))
 
 
-def state_digest(name: str, model: str, system_prompt: Digest, conversation: Digest,
-                 model_config: Mapping[str, Any], metadata: Mapping[str, Any]) -> Digest:
-    """Digest of an agent state's whole content.
+class MissingAsset(msgspec.Struct, frozen=True):
+    """A dangling reference: ``digest`` is not stored, ``referrer`` (an asset's digest or a
+    state's id) points at it."""
 
-    The conversation digest pins every message transitively (a Merkle chain), so equal
-    digests mean equal prompt, model, config, metadata and full conversation.
-    """
-    content = _StateContent(name=name, model=model, system_prompt=system_prompt,
-                            conversation=conversation, model_config=dict(model_config),
-                            metadata=dict(metadata))
-    return digest_of(Kind.AGENT_STATE, encode(content))
-
-
-class AgentRecord(msgspec.Struct, frozen=True):
-    """One stored agent state: identity and lineage plus the digests of its content."""
-
-    id: UUID
-    parent_id: UUID | None
-    created_at: datetime
-    name: str
-    model: str
-    system_prompt: Digest
-    conversation: Digest
-    model_config: dict[str, Any]
-    metadata: dict[str, Any]
     digest: Digest
+    referrer: Digest | UUID
 
-    def expected_digest(self) -> Digest:
-        """Recompute the state digest from the fields (what verification compares)."""
-        return state_digest(self.name, self.model, self.system_prompt, self.conversation,
-                            self.model_config, self.metadata)
+
+class StoredAsset(NamedTuple):
+    """One row of the asset log as stored: digest, kind, outgoing references, body."""
+
+    digest: Digest
+    kind: int
+    refs: tuple[Digest, ...]
+    body: bytes
+
+
+def split_refs(raw: bytes | None) -> tuple[Digest, ...]:
+    """The digests of a stored refs value (32-byte digests concatenated; empty or NULL for
+    none), the inverse of ``join_refs``."""
+    if not raw:
+        return ()
+    data = bytes(raw)
+    return tuple(data[i:i + 32] for i in range(0, len(data), 32))
+
+
+def join_refs(refs: Sequence[Digest]) -> bytes:
+    """The stored form of a refs list: the digests concatenated."""
+    return b"".join(refs)
+
+
+def stored(asset: Asset) -> StoredAsset:
+    """The row that stores ``asset``."""
+    return StoredAsset(asset.digest, int(asset.kind), asset.refs(), asset.body)
+
+
+def check_row(row: StoredAsset) -> tuple[Literal["corrupt", "undecodable"], str] | None:
+    """None if the stored row is sound, else ("corrupt" | "undecodable", reason).
+
+    Corrupt: the stored bytes (refs and body) do not hash to the digest, which also catches
+    a tampered refs column that would mislead gc. Undecodable: they hash right but are not
+    a valid asset of their kind.
+    """
+    digest, kind, refs, body = row
+    if kind not in _ASSET_KINDS:
+        return "undecodable", f"unknown asset kind {kind}"
+    try:
+        sound = digest_of(kind, body, refs) == digest
+    except ValueError:
+        return "corrupt", f"a {Kind(kind).name.lower()} row carries refs"
+    if not sound:
+        return "corrupt", "stored bytes (refs and body) do not hash to its digest"
+    try:
+        decode_asset(kind, body, refs)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+        return "undecodable", f"{type(e).__name__}: {e}"
+    return None
+
+
+def load_row(row: StoredAsset) -> Asset:
+    """The asset a stored row holds, after proving it hashes to its digest: the one
+    verify-on-read every reader uses. IntegrityError names the row otherwise."""
+    digest, kind, refs, body = row
+    try:
+        sound = kind in _ASSET_KINDS and digest_of(kind, body, refs) == digest
+    except (ValueError, TypeError):  # refs on a leaf kind; a non-bytes column
+        sound = False
+    if not sound:
+        raise IntegrityError(f"asset {bytes(digest).hex()} is corrupt: its stored bytes do "
+                             "not match its digest (run store.verify())")
+    try:
+        asset = decode_asset(kind, body, refs)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+        raise IntegrityError(f"asset {digest.hex()} cannot be decoded: {e}") from e
+    # Seed the cached properties with what was just proved, so nothing is re-encoded.
+    asset.__dict__["body"] = body
+    asset.__dict__["digest"] = digest
+    return asset
+
+
+#: Every kind a content asset may have (states have theirs in immagent.records).
+_ASSET_KINDS = frozenset(set(_decoders) | set(NODE_KINDS))

@@ -10,6 +10,7 @@ __all__ = [
     "AgentNotRegisteredError",
     "AssetNotFoundError",
     "BundleError",
+    "ConflictError",
     "ImmAgentError",
     "IntegrityError",
     "LLMError",
@@ -84,6 +85,14 @@ class SchemaVersionError(StoreError):
 
 class SchemaMissingError(SchemaVersionError):
     """The database has no immagent tables yet; ``Store.init_schema()`` creates them."""
+
+
+class ConflictError(StoreError):
+    """A state with this id is already stored with other content (ids are never reused)."""
+
+    def __init__(self, state_id: UUID) -> None:
+        self.state_id = state_id
+        super().__init__(f"state {state_id} already exists with other content")
 
 
 class IntegrityError(ImmAgentError):

@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 from immagent.assets import Message, ToolCall
 from immagent.exceptions import LLMError, ValidationError
-from immagent.validate import MAX_NAME_CHARS, check_json_mapping, check_text, scrub_text
+from immagent.validate import (
+    MAX_NAME_CHARS,
+    RESERVED_CONFIG_KEYS,
+    check_config,
+    check_text,
+    scrub_text,
+)
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -56,19 +62,6 @@ class Model(StrEnum):
     # Offline test double (immagent.testing): replies "Echo: <last user input>".
     ECHO = "immagent/echo"
 
-
-#: Config keys that ``complete`` sets itself, or that would defeat its guarantees
-#: (streaming, LiteLLM's retries/fallbacks), or that would store a secret in the
-#: content-addressed call_config of every assistant message.
-RESERVED_CONFIG_KEYS = frozenset({
-    "model", "messages", "tools", "functions", "stream", "timeout", "request_timeout",
-    "num_retries", "max_retries", "fallbacks", "context_window_fallback_dict",
-    # Credentials and endpoints LiteLLM accepts per call: pass them through the
-    # environment or provider settings, never through the hashed, exported call_config.
-    "api_key", "api_base", "base_url", "api_version", "extra_headers", "headers",
-    "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
-    "vertex_credentials", "azure_ad_token", "azure_ad_token_provider",
-})
 
 #: First backoff delay in seconds; attempt n waits about retry_delay * 2**n (capped).
 DEFAULT_RETRY_DELAY = 1.0
@@ -135,17 +128,6 @@ def _check_call_params(max_retries: object, timeout: object, retry_delay: object
     if (isinstance(retry_delay, bool) or not isinstance(retry_delay, int | float)
             or not math.isfinite(retry_delay) or retry_delay < 0):
         raise ValidationError("retry_delay", "must be a number of seconds >= 0", retry_delay)
-
-
-def check_config(config: Mapping[str, Any] | None, field: str = "config") -> dict[str, Any]:
-    """Canonical form of a model config (see validate.check_json_mapping); rejects reserved
-    keys. ``field`` names the argument in errors."""
-    canonical = check_json_mapping(field, config)
-    reserved = sorted(RESERVED_CONFIG_KEYS.intersection(canonical))
-    if reserved:
-        raise ValidationError(field, f"keys reserved by immagent: {', '.join(reserved)}",
-                              reserved)
-    return canonical
 
 
 def _backoff(attempt: int, base: float) -> float:

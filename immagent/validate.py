@@ -12,6 +12,8 @@ from immagent.exceptions import ValidationError
 __all__ = [
     "MAX_INPUT_BYTES",
     "MAX_NAME_CHARS",
+    "RESERVED_CONFIG_KEYS",
+    "check_config",
     "check_json_mapping",
     "check_text",
     "check_uuid",
@@ -23,9 +25,6 @@ __all__ = [
 MAX_INPUT_BYTES = 1_000_000
 #: Longest agent name or model string.
 MAX_NAME_CHARS = 1_000
-
-JSONValue = None | bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"]
-
 
 def check_text(field: str, value: object, *, max_bytes: int | None = None) -> str:
     """Return ``value`` if it is a non-blank str without NUL characters, else raise.
@@ -84,6 +83,31 @@ def check_json_mapping(field: str, value: object) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise ValidationError(field, f"must be a mapping, got {type(value).__name__}", value)
     return {_key(field, k): _json(f"{field}.{k}", v, 1) for k, v in value.items()}
+
+
+#: Config keys that the model call (``immagent.llm.complete``) sets itself, or that would
+#: defeat its guarantees (streaming, LiteLLM's retries/fallbacks), or that would store a
+#: secret in the content-addressed call_config of every assistant message.
+RESERVED_CONFIG_KEYS = frozenset({
+    "model", "messages", "tools", "functions", "stream", "timeout", "request_timeout",
+    "num_retries", "max_retries", "fallbacks", "context_window_fallback_dict",
+    # Credentials and endpoints LiteLLM accepts per call: pass them through the
+    # environment or provider settings, never through the hashed, exported call_config.
+    "api_key", "api_base", "base_url", "api_version", "extra_headers", "headers",
+    "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+    "vertex_credentials", "azure_ad_token", "azure_ad_token_provider",
+})
+
+
+def check_config(config: Mapping[str, Any] | None, field: str = "config") -> dict[str, Any]:
+    """Canonical form of a model config (see check_json_mapping); rejects reserved keys.
+    ``field`` names the argument in errors."""
+    canonical = check_json_mapping(field, config)
+    reserved = sorted(RESERVED_CONFIG_KEYS.intersection(canonical))
+    if reserved:
+        raise ValidationError(field, f"keys reserved by immagent: {', '.join(reserved)}",
+                              reserved)
+    return canonical
 
 
 #: Deepest nesting accepted in model_config / metadata (also stops cyclic structures).

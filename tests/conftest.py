@@ -79,16 +79,18 @@ def pg_dsn() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def _pg_schema(pg_dsn: str) -> str:
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        from immagent.store.backend import SCHEMA_VERSION
         from immagent.store.schema import schema_sql
 
         conn.execute(schema_sql().encode())
-        conn.execute("INSERT INTO immagent_schema (version) VALUES (1) ON CONFLICT DO NOTHING")
+        conn.execute("INSERT INTO immagent_schema (version) VALUES (%s) ON CONFLICT DO NOTHING",
+                     (SCHEMA_VERSION,))
     return pg_dsn
 
 
 def _truncate(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("TRUNCATE immagent_assets, immagent_agents")
+        conn.execute("TRUNCATE immagent_assets, immagent_states")
 
 
 @pytest.fixture

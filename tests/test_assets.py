@@ -19,10 +19,10 @@ from immagent.assets import (
     ToolCall,
     decode_asset,
     digest_of,
-    state_digest,
 )
 from immagent.exceptions import ValidationError
 from immagent.ids import uuid7, uuid_from_digest
+from immagent.records import state_digest
 from immagent.validate import check_json_mapping, check_text
 
 text = st.text(max_size=200)

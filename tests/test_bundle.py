@@ -14,7 +14,7 @@ import pytest
 
 import immagent
 from immagent import Message, PersistentAgent, Store
-from immagent.bundle import MAGIC, BundleInfo, verify_bundle
+from immagent.audit.bundle import MAGIC, BundleInfo, verify_bundle
 from tests.conftest import count_rows, raw_sql
 from tests.test_verify import assert_clean, flip_byte
 
@@ -48,7 +48,7 @@ def target_dsn(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'target.db'}"
     dsn = str(request.getfixturevalue("pg_other_dsn"))
     with contextlib.suppress(psycopg.errors.UndefinedTable):  # the first test creates it
-        raw_sql(dsn, "TRUNCATE immagent_assets, immagent_agents")
+        raw_sql(dsn, "TRUNCATE immagent_assets, immagent_states")
     return dsn
 
 
@@ -68,7 +68,8 @@ async def lineage_with_fork(store: Store) -> tuple[PersistentAgent, PersistentAg
     one = await store.append(base, turn(1))
     fork = await store.append(one, turn(2, "fork"))
     two = await store.append(one, [*turn(2), Message(role="user", content=MARKER)])
-    head = await (await two.clone()).with_metadata({"v": 2, "tags": ["audit"]})
+    mid = await two.with_metadata({"v": 1, "step": 3})
+    head = await (await mid.clone()).with_metadata({"v": 2, "tags": ["audit"]})
     return head, fork
 
 
@@ -77,7 +78,7 @@ async def test_export_verify_import_into_the_other_backend(
     head, fork = await lineage_with_fork(store)
     path = tmp_path / "head.bundle"
     info = await store.export(head, path)
-    lineage = await head.get_lineage()
+    lineage = await store.ancestors(head)  # newest first, as a bundle holds them
     assert info.head == head.id and info.head_digest == head.digest
     assert info.agents == tuple(a.id for a in lineage) and len(info.agents) == 5
     # prompt, empty node, 2 nodes, 5 messages; nothing of the fork.
@@ -90,7 +91,7 @@ async def test_export_verify_import_into_the_other_backend(
     target.clear_cache()
     assert await imported.get_messages() == await head.get_messages()
     assert await imported.get_system_prompt() == PROMPT
-    theirs = await imported.get_lineage()
+    theirs = await target.ancestors(imported)
     for mine, copy in zip(lineage, theirs, strict=True):
         assert (copy.id, copy.parent_id, copy.digest, copy.created_at, dict(copy.metadata),
                 dict(copy.model_config), copy.name) == (
@@ -101,15 +102,15 @@ async def test_export_verify_import_into_the_other_backend(
         await target.load_agent(fork.id)
 
     # Idempotent: a second import (and one into the source store itself) adds nothing.
-    rows, assets = count_rows(target_dsn, "immagent_agents"), count_rows(target_dsn,
+    rows, assets = count_rows(target_dsn, "immagent_states"), count_rows(target_dsn,
                                                                          "immagent_assets")
     assert (rows, assets) == (5, 9)
     again = await target.import_bundle(path)
     assert again.id == head.id
-    assert (count_rows(target_dsn, "immagent_agents"),
+    assert (count_rows(target_dsn, "immagent_states"),
             count_rows(target_dsn, "immagent_assets")) == (rows, assets)
     assert (await store.import_bundle(path)).id == head.id
-    assert await store.count_agents() == 6
+    assert await store.count_agents() == 7  # the fork and the clone's original too
 
 
 async def test_import_restores_a_deleted_and_swept_lineage(store: Store, tmp_path: Path) -> None:
@@ -140,7 +141,7 @@ async def test_a_tampered_message_is_named(store: Store, target: Store, target_d
         verify_bundle(path)
     with pytest.raises(immagent.BundleError, match=victim):
         await target.import_bundle(path)
-    assert count_rows(target_dsn, "immagent_agents") == 0
+    assert count_rows(target_dsn, "immagent_states") == 0
     assert count_rows(target_dsn, "immagent_assets") == 0
 
 
@@ -223,9 +224,9 @@ async def test_import_refuses_a_conflicting_agent_row(
     head = await store.append(await store.create_agent("b", "p", "m"), turn(1))
     info: BundleInfo = await store.export(head, tmp_path / "c")
     await target.import_bundle(tmp_path / "c")
-    raw_sql(target_dsn, "UPDATE immagent_agents SET digest = %s WHERE id = %s",
+    raw_sql(target_dsn, "UPDATE immagent_states SET digest = %s WHERE id = %s",
             [b"\x00" * 32, info.head])
-    with pytest.raises(immagent.BundleError, match=f"agent {head.id} already exists"):
+    with pytest.raises(immagent.BundleError, match=f"state {head.id} already exists"):
         await target.import_bundle(tmp_path / "c")
 
 

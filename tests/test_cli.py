@@ -180,7 +180,7 @@ def test_interactive_loop_with_no_input_creates_nothing(cli: Any, db: str,
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     result = cli("chat")
     assert result.code == 0 and result.out == ""
-    assert sqlite_rows(db, "SELECT count(*) FROM immagent_agents") == [(0,)]
+    assert sqlite_rows(db, "SELECT count(*) FROM immagent_states") == [(0,)]
 
 
 # -- browsing ------------------------------------------------------------------------------
@@ -195,8 +195,8 @@ def test_agents_table_is_aligned_and_paginated(cli: Any) -> None:
     assert len({r.index("immagent/echo") for r in rows}) == 1
     page = cli("agents", "--limit", "2", "--offset", "1", "--json").json()
     assert page["total"] == 6 and len(page["agents"]) == 2
-    named = cli("agents", "--name", "bot1", "--json").json()["agents"]
-    assert [a["messages"] for a in named] == [0, 2] and named[1]["id"] == ids[1]
+    named = cli("agents", "--name", "bot1", "--json").json()["agents"]  # newest first
+    assert [a["messages"] for a in named] == [2, 0] and named[0]["id"] == ids[1]
 
 
 def test_agents_on_an_empty_store(cli: Any) -> None:
@@ -220,12 +220,13 @@ def test_clone_shares_content_and_delete_removes_states(cli: Any, db: str) -> No
     head = agent_id(cli("chat", "hi"))
     clone = cli("clone", head).out.strip()
     original, copy = cli("show", head, "--json").json(), cli("show", clone, "--json").json()
-    assert copy["parent_id"] == head and copy["digest"] == original["digest"]
+    # A sibling: same parent, same content.
+    assert copy["parent_id"] == original["parent_id"] and copy["digest"] == original["digest"]
     assert cli("delete", clone).code == 0
     one_error_line(cli("show", clone), 1, "not found", clone)
     deleted = cli("delete", head, "--lineage", "--json").json()["deleted"]
     assert deleted[0] == head and len(deleted) == 2
-    assert sqlite_rows(db, "SELECT count(*) FROM immagent_agents") == [(0,)]
+    assert sqlite_rows(db, "SELECT count(*) FROM immagent_states") == [(0,)]
 
 
 # -- storage and audit ---------------------------------------------------------------------
@@ -451,7 +452,7 @@ def test_unreadable_database_file(cli: Any, db: str) -> None:
     cli("chat", "hi")
     Path(db).chmod(0)
     try:
-        one_error_line(run_unprivileged("--db", db, "agents"), 1, "cannot read", db)
+        one_error_line(run_unprivileged("--db", db, "agents"), 1, "not readable", db)
     finally:
         Path(db).chmod(0o644)
 
@@ -554,7 +555,7 @@ def interrupt_mid_turn(args: list[str], cwd: Path, server: HangingServer,
 
 
 def agent_rows(path: Path) -> int:
-    return int(sqlite_rows(str(path), "SELECT count(*) FROM immagent_agents")[0][0])
+    return int(sqlite_rows(str(path), "SELECT count(*) FROM immagent_states")[0][0])
 
 
 def test_ctrl_c_mid_turn_saves_nothing(tmp_path: Path, hanging: HangingServer) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 
 from immagent import Message, Store
-from immagent.bundle import verify_bundle
+from immagent.audit.bundle import verify_bundle
 from tests.conftest import ROOT
 from tests.test_verify import assert_clean, stored_digests
 

@@ -28,7 +28,6 @@ from hypothesis.stateful import (
 import immagent
 from immagent import Message, PersistentAgent, Store
 from immagent.assets import EMPTY_CONVERSATION, ConversationNode, Digest, SystemPrompt
-from immagent.gc import find_reachable, find_unreachable
 from tests.conftest import raw_sql
 from tests.test_verify import assert_clean, delete_asset, stored_digests
 
@@ -88,7 +87,7 @@ async def test_delete_lineage_stops_at_a_shared_ancestor(store: Store) -> None:
     a1 = await store.append(root, turn(1))
     a2 = await store.append(a1, turn(2))
     a3 = await store.append(a2, turn(3))
-    b2 = await a1.clone()
+    b2 = await a1.with_metadata({"branch": "b"})  # a child of a1
     c4 = await store.append(a3, turn(4))  # a child of a3: delete_lineage still deletes a3
     assert await store.delete_lineage(a3) == [a3.id, a2.id]
     for gone in (a3, a2):
@@ -99,7 +98,7 @@ async def test_delete_lineage_stops_at_a_shared_ancestor(store: Store) -> None:
     assert orphan.parent_id == a3.id
     assert [a.id for a in await orphan.get_lineage()] == [c4.id]
     assert len(await orphan.get_messages()) == 8
-    assert [a.id for a in await b2.get_lineage()] == [b2.id, a1.id, root.id]
+    assert [a.id for a in await b2.get_lineage()] == [root.id, a1.id, b2.id]
     # Now b2's lineage goes all the way up: nothing else descends from a1 or root.
     assert await store.delete_lineage(b2.id) == [b2.id, a1.id, root.id]
     assert [a.id for a in await store.list_agents()] == [c4.id]
@@ -110,7 +109,7 @@ async def test_delete_lineage_stops_at_a_shared_ancestor(store: Store) -> None:
 
 async def test_delete_lineage_of_siblings_at_once_removes_their_parent(store: Store) -> None:
     parent = await store.append(await store.create_agent("bot", PROMPT, "m"), turn(1))
-    kids = [await parent.clone() for _ in range(6)]
+    kids = [await parent.with_metadata({"kid": i}) for i in range(6)]
     results = await asyncio.gather(*(store.delete_lineage(k) for k in kids))
     # Serialised: exactly one call (the last one) sees no sibling left and takes the parent
     # and its own parent with it.
@@ -340,9 +339,21 @@ TEXTS = st.sampled_from([Message(role="user", content=t) for t in ("hi", "yes", 
                         + [Message(role="assistant", content=t) for t in ("ok", "hi")])
 
 
+def reachable(roots: list[Digest], refs: dict[Digest, tuple[Digest, ...]]) -> set[Digest]:
+    """The model's definition of what gc keeps: everything the roots reach through refs."""
+    seen: set[Digest] = set()
+    stack = list(roots)
+    while stack:
+        digest = stack.pop()
+        if digest not in seen:
+            seen.add(digest)
+            stack.extend(refs.get(digest, ()))
+    return seen
+
+
 class GCMachine(RuleBasedStateMachine):
     """The store must hold exactly the model's assets and agent rows after every step, and
-    after each gc exactly what the live rows reach (computed by immagent.gc, in Python)."""
+    after each gc exactly what the live rows reach (computed here, in Python)."""
 
     def __init__(self, open_dsn: Callable[[], str]) -> None:
         super().__init__()
@@ -439,12 +450,12 @@ class GCMachine(RuleBasedStateMachine):
     def gc(self) -> None:
         roots = [d for i in self.parent for d in (self.handles[i].system_prompt_digest,
                                                   self.handles[i].conversation_digest)]
-        doomed = find_unreachable(self.assets, roots)
+        doomed = set(self.assets) - reachable(roots, self.assets)
         result = self.run(self.store.gc())
         assert result.assets_removed == len(doomed)
         for digest in doomed:
             del self.assets[digest]
-        assert set(self.assets) == find_reachable(roots, self.assets.get)
+        assert set(self.assets) == reachable(roots, self.assets)
         self.store.clear_cache()
         for agent_id in self.parent:
             agent = self.run(self.store.load_agent(agent_id))
@@ -454,7 +465,7 @@ class GCMachine(RuleBasedStateMachine):
     def store_matches_model(self) -> None:
         assert {bytes(r[0]) for r in self.raw.rows("SELECT digest FROM immagent_assets")} \
             == set(self.assets)
-        rows = self.raw.rows("SELECT id FROM immagent_agents")
+        rows = self.raw.rows("SELECT id FROM immagent_states")
         ids = {r[0] if isinstance(r[0], UUID) else UUID(bytes=r[0]) for r in rows}
         assert ids == set(self.parent)
 
@@ -492,7 +503,7 @@ def test_gc_state_machine(backend_name: str, request: pytest.FixtureRequest,
     def open_dsn() -> str:
         if backend_name == "postgres":
             dsn = str(request.getfixturevalue("pg_store_dsn"))
-            raw_sql(dsn, "TRUNCATE immagent_assets, immagent_agents")
+            raw_sql(dsn, "TRUNCATE immagent_assets, immagent_states")
             return dsn
         return f"sqlite:///{tmp_path / f'm{next(counter)}.db'}"
 

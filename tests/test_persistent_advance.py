@@ -28,7 +28,7 @@ async def calc() -> AsyncIterator[MCPManager]:
 
 
 def rows(dsn: str) -> tuple[int, int]:
-    return count_rows(dsn, "immagent_agents"), count_rows(dsn, "immagent_assets")
+    return count_rows(dsn, "immagent_states"), count_rows(dsn, "immagent_assets")
 
 
 async def new_agent(store: Store, model: str) -> PersistentAgent:
@@ -120,7 +120,7 @@ async def test_fifty_concurrent_advances_all_saved_with_their_parents(
     second = await asyncio.gather(*(a.advance(f"again {i}") for i, a in enumerate(first)))
     assert all(a.parent_id == root.id for a in first)
     assert all(b.parent_id == a.id for a, b in zip(first, second, strict=True))
-    assert count_rows(store_dsn, "immagent_agents") == 51
+    assert count_rows(store_dsn, "immagent_states") == 51
     store.clear_cache()
     for i, b in enumerate(await store.load_agents([b.id for b in second])):
         texts = [m.content for m in await b.get_messages()]

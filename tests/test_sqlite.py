@@ -23,8 +23,9 @@ import pytest
 
 import immagent
 from immagent import Message, PersistentAgent, Store
-from immagent.assets import EMPTY_CONVERSATION, AgentRecord, Kind, SystemPrompt, state_digest
-from immagent.store.backend import stored
+from immagent.assets import EMPTY_CONVERSATION, Kind, SystemPrompt, stored
+from immagent.records import AgentRecord, load_agent, state_digest
+from immagent.store._sqlite_pool import SQLitePool
 from immagent.store.sqlite import SQLiteBackend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def turn(i: int, tag: str = "") -> list[Message]:
 async def open_store(path: Path, **options: float) -> Store:
     """A Store over a SQLiteBackend opened with backend-specific options."""
     backend = await SQLiteBackend.open(str(path), **options)  # type: ignore[arg-type]
-    store = Store(backend, description=f"sqlite:///{path}")
+    store = Store(backend)
     await store.init_schema()
     return store
 
@@ -84,7 +85,7 @@ async def test_wal_mode_with_its_side_files(db: tuple[Store, Path]) -> None:
 async def test_ids_timestamps_and_refs_are_compact_and_round_trip(
         db: tuple[Store, Path]) -> None:
     store, path = db
-    backend = store._backend
+    backend = await SQLiteBackend.open(str(path))  # a second backend on the same file
     prompt = SystemPrompt(text="p")
     created = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone(timedelta(hours=-5)))
     record = AgentRecord(
@@ -93,15 +94,17 @@ async def test_ids_timestamps_and_refs_are_compact_and_round_trip(
         model_config={"t": 0.5}, metadata={"k": [1, "x"]},
         digest=state_digest("n", "m", prompt.digest, EMPTY_CONVERSATION.digest,
                             {"t": 0.5}, {"k": [1, "x"]}))
-    await backend.write([stored(prompt), stored(EMPTY_CONVERSATION)], [record])
-    (loaded,) = await backend.get_agents([record.id])
+    await backend.write([stored(prompt), stored(EMPTY_CONVERSATION)], [record.to_row()])
+    (row,) = await backend.get_states([record.id])
+    await backend.close()
+    loaded = load_agent(row)
     assert loaded == record
     assert loaded.created_at.tzinfo is UTC and loaded.created_at.microsecond == 678901
     agent = await store.append(await store.load_agent(record.id), turn(1))
     with sqlite3.connect(path) as raw:
         id_type, id_len, parent_len, ts_type = raw.execute(
             "SELECT typeof(id), length(id), length(parent_id), typeof(created_at) "
-            "FROM immagent_agents WHERE id = ?", (record.id.bytes,)).fetchone()
+            "FROM immagent_states WHERE id = ?", (record.id.bytes,)).fetchone()
         (refs,) = raw.execute("SELECT refs FROM immagent_assets WHERE digest = ?",
                               (agent.conversation_digest,)).fetchone()
         (message_refs,) = raw.execute("SELECT refs FROM immagent_assets WHERE digest = ?",
@@ -121,7 +124,7 @@ async def test_a_file_that_is_not_sqlite_is_refused_and_left_untouched(
     for dsn in (f"sqlite:///{path}", str(path)):
         with pytest.raises(immagent.StoreConnectionError) as info:
             await Store.connect(dsn)
-        assert str(path) in one_line(info.value) and "not a SQLite database" in str(info.value)
+        assert str(path) in one_line(info.value) and "not an SQLite database" in str(info.value)
     assert path.read_bytes() == content and os.stat(path).st_mtime_ns == before.st_mtime_ns
     assert listing(tmp_path) == ["notes.db"]  # no -wal, no -shm
 
@@ -180,7 +183,7 @@ def test_read_only_directory(tmp_path: Path) -> None:
                               text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith("REFUSED"), done.stdout + done.stderr
-        assert "not writable" in done.stdout and str(folder) in done.stdout
+        assert "read-only" in done.stdout and str(folder) in done.stdout
         assert listing(folder) == []
     finally:
         folder.chmod(0o755)
@@ -197,18 +200,18 @@ async def test_another_applications_database_is_not_converted_until_init_schema(
     path = tmp_path / "other.db"
     with sqlite3.connect(path) as raw:
         raw.execute("CREATE TABLE notes (body TEXT)")
-    backend = await SQLiteBackend.open(str(path))
+    store = Store(await SQLiteBackend.open(str(path)))
     try:
         with sqlite3.connect(path) as raw:
             assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
         with pytest.raises(immagent.SchemaVersionError, match="init_schema"):
-            await backend.check_schema()
+            await store.check_schema()
         with pytest.raises(immagent.SchemaVersionError, match="init_schema"):
-            await backend.count_agents(None)
-        await backend.init_schema()
-        await backend.check_schema()
+            await store.count_agents()
+        await store.init_schema()
+        await store.check_schema()
     finally:
-        await backend.close()
+        await store.close()
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert raw.execute("SELECT count(*) FROM notes").fetchone()[0] == 0
@@ -220,15 +223,15 @@ async def test_a_newer_schema_version_is_refused(tmp_path: Path) -> None:
     await store.close()
     with sqlite3.connect(path) as raw:
         raw.execute("INSERT INTO immagent_schema (version) VALUES (999)")
-    backend = await SQLiteBackend.open(str(path))
+    store = await Store.connect(f"sqlite:///{path}")
     try:
         with pytest.raises(immagent.SchemaVersionError, match="999") as info:
-            await backend.check_schema()
+            await store.check_schema()
         assert str(path) in one_line(info.value)
         with pytest.raises(immagent.SchemaVersionError, match="999"):
-            await backend.init_schema()
+            await store.init_schema()
     finally:
-        await backend.close()
+        await store.close()
     with sqlite3.connect(path) as raw:  # init_schema refused without touching anything
         assert raw.execute("SELECT max(version) FROM immagent_schema").fetchone()[0] == 999
 
@@ -376,7 +379,7 @@ async def test_two_processes_appending_to_one_file_lose_no_writes(
     for head_id, tag in zip(heads, "AB", strict=True):
         head = await store.load_agent(head_id)
         lineage = await head.get_lineage()
-        assert len(lineage) == n + 1 and lineage[-1].id == root.id
+        assert len(lineage) == n + 1 and lineage[0].id == root.id
         assert await head.get_messages() == tuple(
             m for i in range(n) for m in (Message(role="user", content=f"q{i}{tag}"),
                                           Message(role="assistant", content=f"a{i}{tag}")))
@@ -409,7 +412,7 @@ async def test_gc_in_another_process_never_sweeps_what_a_writer_reuses(
         assert len(messages) == (0 if agent.parent_id is None else 1)
         said.update(m.content for m in messages)
     assert said == {f"m{i}" for i in range(n)}
-    assert await store._backend.dangling_refs() == []
+    assert (await store.verify()).missing == ()
 
 
 # -- one process, many tasks ----------------------------------------------------------------
@@ -423,7 +426,6 @@ async def test_fifty_concurrent_appends_are_all_saved_with_their_parents(
     assert len({s.id for s in steps}) == 50
     assert all(s.parent_id == base.id for s in steps)
     assert await store.count_agents() == 51
-    assert sorted(await store._backend.children(base.id)) == sorted(s.id for s in steps)
 
     async def chain(k: int) -> PersistentAgent:
         agent = await store.create_agent(f"chain{k}", "p", "m")
@@ -463,17 +465,17 @@ async def test_cancelled_writes_leave_whole_states_or_nothing(db: tuple[Store, P
     # Every state that exists is whole (a write cancelled after its commit may exist too);
     # no write was left half done or still holding the lock.
     store.clear_cache()
-    states = await store.list_agents()
+    states = (await store.list_agents())[::-1]  # oldest (the base) first
     assert saved <= {a.id for a in states}
     for state in states[1:]:
         assert state.parent_id == base.id
         messages = await state.get_messages()
         assert any(messages == tuple(turn(i)) for i in range(n))
-    assert await store._backend.dangling_refs() == []
+    assert (await store.verify()).missing == ()
     step = await store.append(base, turn(99))
     assert await step.get_messages() == tuple(turn(99))
     with sqlite3.connect(path) as raw:
-        rows = raw.execute("SELECT count(*) FROM immagent_agents").fetchone()[0]
+        rows = raw.execute("SELECT count(*) FROM immagent_states").fetchone()[0]
     assert rows == len(states) + 1
 
 
@@ -481,10 +483,8 @@ async def test_a_cancelled_call_keeps_its_connection_until_its_thread_is_done(
         db: tuple[Store, Path]) -> None:
     # A thread cannot be stopped: if the caller's cancellation returned at once, the writer
     # connection would pass to the next write while this thread still used it.
-    store, _ = db
-    backend = store._backend
-    assert isinstance(backend, SQLiteBackend)
-    pool = backend._pool
+    store, path = db
+    pool = await SQLitePool.open(str(path), 5.0, 1, lambda conn: None)
     finished: list[float] = []
 
     def slow(conn: sqlite3.Connection) -> None:
@@ -497,6 +497,8 @@ async def test_a_cancelled_call_keeps_its_connection_until_its_thread_is_done(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert finished and time.monotonic() >= finished[0]
+    assert await pool.write("after", lambda conn: conn.execute("SELECT 1").fetchone()) == (1,)
+    await pool.close()
     assert (await store.create_agent("after", "p", "m")).name == "after"
 
 
@@ -525,7 +527,7 @@ async def test_a_write_waiting_for_a_lock_is_cancelled_promptly_and_writes_nothi
         holder.close()
     step = await b
     store.clear_cache()
-    assert [s.id for s in await store.list_agents()] == [base.id, step.id]  # nothing from A
+    assert [s.id for s in await store.list_agents()] == [step.id, base.id]  # nothing from A
     assert await (await store.load_agent(step.id)).get_messages() == tuple(turn(2))
     await store.close()
 
@@ -552,13 +554,13 @@ async def test_gc_gives_the_space_back_to_the_file_system(db: tuple[Store, Path]
 
 async def test_close_is_idempotent_and_later_calls_fail_clearly(tmp_path: Path) -> None:
     backend = await SQLiteBackend.open(str(tmp_path / "c.db"))
-    await backend.init_schema()
+    await backend.migrate(None)
     assert await backend.ping()
     await backend.close()
     await backend.close()
     assert not await backend.ping()
     with pytest.raises(immagent.StoreClosedError):
-        await backend.count_agents(None)
+        await backend.count_states(int(Kind.AGENT_STATE))
     with pytest.raises(immagent.StoreClosedError):
         await backend.write([stored(SystemPrompt(text="p"))], [])
 
@@ -568,7 +570,7 @@ async def test_iteration_reads_one_snapshot_in_batches(db: tuple[Store, Path]) -
     agent = await store.create_agent("a", "p", "m")
     for i in range(5):
         agent = await store.append(agent, turn(i))
-    backend = store._backend
+    backend = await SQLiteBackend.open(str(db[1]))
     batches = []
     async for batch in backend.iter_assets(batch_size=4):
         batches.append(batch)

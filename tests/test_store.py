@@ -11,6 +11,8 @@ import pytest
 import immagent
 from immagent import Message, PersistentAgent, Store
 from immagent.assets import Kind
+from immagent.records import AgentRecord
+from immagent.store.backend import SCHEMA_VERSION
 from tests.conftest import count_rows, raw_sql
 
 PROMPT = "You are helpful."
@@ -51,7 +53,7 @@ async def test_step_is_a_new_state_and_stores_only_what_it_adds(
     assert assets(store_dsn, Kind.MESSAGE) == 2 and assets(store_dsn) == before + 3
     step2 = await store.append(step, turn(2))
     assert assets(store_dsn) == before + 6
-    assert count_rows(store_dsn, "immagent_agents") == 3
+    assert count_rows(store_dsn, "immagent_states") == 3
     store.clear_cache()
     assert await step2.get_messages() == (*turn(1), *turn(2))
     # The old state is unchanged.
@@ -70,7 +72,7 @@ async def test_clone_adds_no_assets(store: Store, store_dsn: str) -> None:
     before = assets(store_dsn)
     clone = await agent.clone()
     assert assets(store_dsn) == before
-    assert clone.id != agent.id and clone.parent_id == agent.id
+    assert clone.id != agent.id and clone.parent_id == agent.parent_id  # a sibling
     assert clone.digest == agent.digest and clone.conversation_id == agent.conversation_id
     assert await clone.get_messages() == await agent.get_messages()
 
@@ -101,15 +103,16 @@ async def test_lineage_list_count_find(store: Store) -> None:
     a = await store.create_agent("bot", PROMPT, "m")
     b = await store.append(a, turn(1))
     c = await store.append(b, turn(2))
-    await store.create_agent("other", PROMPT, "m")
-    assert [x.id for x in await c.get_lineage()] == [c.id, b.id, a.id]
-    assert [x.id for x in await store.list_agents()][:3] == [a.id, b.id, c.id]
-    assert [x.id for x in await store.list_agents(limit=1, offset=1)] == [b.id]
-    assert [x.id for x in await store.list_agents(name="bot", newest_first=True)] == \
-        [c.id, b.id, a.id]
+    other = await store.create_agent("other", PROMPT, "m")
+    assert [x.id for x in await c.get_lineage()] == [a.id, b.id, c.id]  # root first
+    assert [x.id for x in await store.ancestors(c)] == [c.id, b.id, a.id]
+    assert [x.id for x in await store.ancestors(c, limit=2)] == [c.id, b.id]
+    assert [x.id for x in await store.list_agents()] == [other.id, c.id, b.id, a.id]
+    assert [x.id for x in await store.list_agents(limit=1, offset=1)] == [c.id]
+    assert [x.id for x in await store.list_agents(name="BO")] == [c.id, b.id, a.id]
     assert await store.count_agents() == 4
     assert await store.count_agents(name="bot") == 3
-    assert [x.id for x in await store.find_by_name("bot")] == [a.id, b.id, c.id]
+    assert [x.id for x in await store.find_by_name("bot")] == [c.id, b.id, a.id]
     assert await store.find_by_name("nobody") == []
     loaded = await store.load_agents([c.id, a.id])
     assert [x.id for x in loaded] == [c.id, a.id]
@@ -159,7 +162,7 @@ async def test_bad_input_is_rejected_and_writes_nothing(
     with pytest.raises(immagent.ValidationError) as err:
         await store.create_agent(**args)  # type: ignore[arg-type]
     assert err.value.field == field and field.split(".")[0] in str(err.value)
-    assert count_rows(store_dsn, "immagent_agents") == 0 and assets(store_dsn) == 0
+    assert count_rows(store_dsn, "immagent_states") == 0 and assets(store_dsn) == 0
 
 
 async def test_unknown_and_malformed_ids(store: Store) -> None:
@@ -180,17 +183,17 @@ async def test_step_onto_a_swept_history_fails_cleanly(store: Store, store_dsn: 
     await store.delete(agent)
     await store.gc()
     store.clear_cache()
-    rows = count_rows(store_dsn, "immagent_agents")
+    rows = count_rows(store_dsn, "immagent_states")
     with pytest.raises(immagent.AssetNotFoundError):
         await store.append(agent, turn(2))
-    assert count_rows(store_dsn, "immagent_agents") == rows
+    assert count_rows(store_dsn, "immagent_states") == rows
 
 
 async def test_unbound_agent_and_closed_store(store_dsn: str) -> None:
-    loose = PersistentAgent(id=uuid.uuid4(), created_at=datetime.now(UTC), name="x",
-                            parent_id=None, model="m", model_config={}, metadata={},
-                            digest=b"0" * 32, system_prompt_digest=b"1" * 32,
-                            conversation_digest=b"2" * 32)
+    loose = PersistentAgent(AgentRecord(
+        id=uuid.uuid4(), created_at=datetime.now(UTC), name="x", parent_id=None, model="m",
+        model_config={}, metadata={}, digest=b"0" * 32, system_prompt=b"1" * 32,
+        conversation=b"2" * 32))
     with pytest.raises(immagent.AgentNotRegisteredError):
         await loose.get_messages()
     s = await Store.connect(store_dsn, min_size=1, max_size=2)
@@ -220,7 +223,8 @@ async def test_init_schema_is_idempotent_and_refuses_unknown_versions(
 
 
 async def _set_schema_version(dsn: str, version: int | None) -> None:
-    raw_sql(dsn, "DELETE FROM immagent_schema WHERE version <> 1" if version is None
+    raw_sql(dsn, f"DELETE FROM immagent_schema WHERE version <> {SCHEMA_VERSION}"
+            if version is None
             else f"INSERT INTO immagent_schema (version) VALUES ({version})")
 
 
@@ -230,7 +234,7 @@ async def test_stats_report_sharing(store: Store) -> None:
         base = await store.append(base, turn(i))
     for _ in range(5):
         await base.clone()
-    assert await store.message_counts([base, (await base.get_lineage())[-1]]) == [20, 0]
+    assert await store.message_counts([base, (await base.get_lineage())[0]]) == [20, 0]
     stats = await store.stats()
     assert stats.agents == 16
     assert stats.assets_by_kind["message"][0] == 20
@@ -282,11 +286,11 @@ async def test_tables_missing_gives_schema_error(pg_dsn: str) -> None:
 async def test_append_rejects_what_could_not_be_read_back(
         store: Store, store_dsn: str, bad: object) -> None:
     agent = await store.create_agent("bot", PROMPT, "m")
-    before = (count_rows(store_dsn, "immagent_agents"), assets(store_dsn))
+    before = (count_rows(store_dsn, "immagent_states"), assets(store_dsn))
     with pytest.raises(immagent.ValidationError) as err:
         await store.append(agent, bad)  # type: ignore[arg-type]
     assert err.value.field.startswith("messages")
-    assert (count_rows(store_dsn, "immagent_agents"), assets(store_dsn)) == before
+    assert (count_rows(store_dsn, "immagent_states"), assets(store_dsn)) == before
 
 
 async def test_unsupported_dsn_never_echoes_a_password() -> None:
@@ -296,15 +300,15 @@ async def test_unsupported_dsn_never_echoes_a_password() -> None:
     assert "postgresql+psycopg://" in str(err.value)
 
 
-async def test_batches_larger_than_the_cache_are_served(store: Store) -> None:
-    from immagent.cache import AssetCache
-
-    agents = [await store.create_agent("bot", f"prompt {i}", "m") for i in range(12)]
-    steps = [await store.append(a, turn(i)) for i, a in enumerate(agents)]
-    store._cache = AssetCache(recent=3)  # far smaller than one batch of heads
-    store.clear_cache()
-    assert await store.message_counts(steps) == [2] * 12
-    assert (await store.stats(page_size=5)).agents == 24
+async def test_batches_larger_than_the_cache_are_served(store_dsn: str) -> None:
+    # A cache far smaller than one batch of heads.
+    async with await Store.connect(store_dsn, cache_entries=3) as store:
+        await store.init_schema()
+        agents = [await store.create_agent("bot", f"prompt {i}", "m") for i in range(12)]
+        steps = [await store.append(a, turn(i)) for i, a in enumerate(agents)]
+        store.clear_cache()
+        assert await store.message_counts(steps) == [2] * 12
+        assert (await store.stats(page_size=5)).agents == 24
 
 
 async def test_cyclic_or_too_deep_metadata_is_rejected(store: Store) -> None:

@@ -10,7 +10,7 @@ import pytest
 import immagent
 from immagent import Message, PersistentAgent, Store
 from immagent.assets import Kind, digest_of
-from immagent.verify import VerifyReport
+from immagent.audit.verify import VerifyReport
 from tests.conftest import count_rows, raw_sql
 
 PROMPT = "You audit things."
@@ -146,7 +146,7 @@ async def test_undecodable_body_with_a_valid_digest(store: Store, store_dsn: str
 
 async def test_tampered_agent_row_is_reported(store: Store, store_dsn: str) -> None:
     _, head = await conversation(store)
-    raw_sql(store_dsn, "UPDATE immagent_agents SET name = %s WHERE id = %s",
+    raw_sql(store_dsn, "UPDATE immagent_states SET stream = %s WHERE id = %s",
             ["mallory", head.id])
     report = await store.verify()
     assert [a.agent_id for a in report.bad_agents] == [head.id]
@@ -169,13 +169,14 @@ async def test_verify_rejects_bad_input(store: Store) -> None:
 async def test_an_undecodable_agent_row_is_reported_not_raised(
         store: Store, store_dsn: str) -> None:
     _, head = await conversation(store)
-    raw_sql(store_dsn, "UPDATE immagent_agents SET metadata = %s WHERE id = %s",
+    raw_sql(store_dsn, "UPDATE immagent_states SET body = %s WHERE id = %s",
             [b"\xc1", head.id])
     report = await store.verify()
-    assert len(report.unreadable_agents) == 1 and not report.ok
-    assert report.agents_checked == 2  # the two readable rows were still checked
-    assert "cannot be decoded" in report.unreadable_agents[0]
+    assert [a.agent_id for a in report.bad_agents] == [head.id] and not report.ok
+    assert report.agents_checked == 3  # the other rows were still checked
+    assert "undecodable" in report.bad_agents[0].reason
     scoped = await store.verify(head.id)
-    assert scoped.unreadable_agents and str(head.id) in scoped.unreadable_agents[0]
+    assert [a.agent_id for a in scoped.bad_agents] == [head.id]
+    store.clear_cache()  # else the live object is returned without a read
     with pytest.raises(immagent.IntegrityError):  # plain reads fail inside the error tree
         await store.load_agent(head.id)

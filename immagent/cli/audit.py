@@ -8,16 +8,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from immagent.bundle import BundleInfo
-from immagent.bundle import verify_bundle as check_bundle
+from immagent.audit.bundle import BundleInfo
+from immagent.audit.bundle import verify_bundle as check_bundle
 from immagent.cli.context import Context
 from immagent.cli.errors import EXIT_FAILURE, EXIT_OK, CLIError
 from immagent.cli.render import Progress, human_bytes, jsonable, table
 from immagent.cli.summary import agent_json
-from immagent.stats import StoreStats
+from immagent.store.stats import StoreStats
 
 if TYPE_CHECKING:
-    from immagent.verify import VerifyReport
+    from immagent.audit.verify import VerifyReport
 
 __all__ = ["export", "gc", "import_", "stats", "verify", "verify_bundle"]
 
@@ -68,7 +68,9 @@ def gc(ctx: Context, args: argparse.Namespace) -> int:
     """Remove every asset no stored agent state can reach."""
     result = ctx.run(ctx.store(write=True).gc())
     if ctx.out.as_json:
-        ctx.out.json(result._asdict())
+        ctx.out.json({"assets_removed": result.assets_removed,
+                      "bytes_freed": result.bytes_freed, "assets_kept": result.assets_kept,
+                      "removed_by_kind": dict(result)})
     else:
         ctx.out.line(f"removed {result.assets_removed} assets "
                      f"({human_bytes(result.bytes_freed)}), kept {result.assets_kept}")

@@ -21,7 +21,7 @@ __all__ = ["agents", "clone", "delete", "log", "show", "target"]
 # -- agents --------------------------------------------------------------------------------
 
 def agents(ctx: Context, args: argparse.Namespace) -> int:
-    """List agent states, oldest first, a page at a time."""
+    """List agent states, newest first, a page at a time."""
     store = ctx.store()
     page, counts, total = ctx.run(_page(store, args.limit, args.offset, args.name))
     if ctx.out.as_json:
@@ -129,9 +129,7 @@ def _message_block(index: int, m: Message) -> Iterator[str]:
 def log(ctx: Context, args: argparse.Namespace) -> int:
     """Print a state and its ancestors, newest first, with the messages each one added."""
     agent = target(ctx, args)
-    entries = ctx.run(_lineage(agent))
-    if args.limit is not None:
-        entries = entries[: args.limit]
+    entries = ctx.run(_lineage(ctx.store(), agent, args.limit))
     if ctx.out.as_json:
         ctx.out.json({"lineage": [e.to_json() for e in entries]})
     elif args.oneline:
@@ -168,18 +166,18 @@ class _Entry:
         return agent_json(self.agent, len(self.messages)) | {"added": added}
 
 
-async def _lineage(agent: PersistentAgent) -> list[_Entry]:
-    """The lineage with each state's messages. The newest history is fetched first (one
-    chain query); older histories are then prefixes already in the Store's cache."""
-    states = await agent.get_lineage()
-    await states[0].get_messages()
+async def _lineage(store: Store, agent: PersistentAgent,
+                   limit: int | None) -> list[_Entry]:
+    """The newest ``limit`` states of the lineage with each state's messages (one more
+    state is read, to tell what the oldest shown one added)."""
+    states = await store.ancestors(agent, None if limit is None else limit + 1)
     histories = [await s.get_messages() for s in reversed(states)][::-1]
     entries: list[_Entry] = []
     for i, (state, messages) in enumerate(zip(states, histories, strict=True)):
         parent = histories[i + 1] if i + 1 < len(states) else None
         missing = state.parent_id is not None and parent is None
         entries.append(_Entry(state, messages, _added(messages, parent, missing), missing))
-    return entries
+    return entries[:limit]
 
 
 def _added(messages: tuple[Message, ...], parent: tuple[Message, ...] | None,

@@ -1,5 +1,10 @@
 """Which database a command uses (``--db``, ``IMMAGENT_DB``, ``./immagent.db``), checked
-before anything is opened so bad paths fail with a clear message and write nothing."""
+before anything is opened so bad paths fail with a clear message and write nothing.
+
+The DSN is parsed and a SQLite file checked by the store's own code (``store.dsn``); the
+command line only adds its defaults and one rule of its own: a command that only reads
+never creates a database.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from immagent.cli.errors import CLIError
+from immagent.exceptions import ValidationError
+from immagent.store import dsn
 
 __all__ = ["DEFAULT_DB", "ENV_DB", "Database", "check_sqlite_file", "resolve"]
 
@@ -15,9 +22,6 @@ __all__ = ["DEFAULT_DB", "ENV_DB", "Database", "check_sqlite_file", "resolve"]
 DEFAULT_DB = "immagent.db"
 #: Environment variable naming the database (a path or a DSN).
 ENV_DB = "IMMAGENT_DB"
-
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-_POSTGRES_PREFIXES = ("postgresql://", "postgres://")
 
 
 @dataclass(frozen=True)
@@ -29,8 +33,8 @@ class Database:
 
     @property
     def shown(self) -> str:
-        """How messages name it (a file path, or the DSN the Store reports)."""
-        return str(self.path) if self.path is not None else "the PostgreSQL database"
+        """How messages name it (a file path, or the DSN without its password)."""
+        return str(self.path) if self.path is not None else dsn.redact(self.dsn)
 
 
 def resolve(value: str | None, environ: dict[str, str] | None = None) -> Database:
@@ -38,54 +42,17 @@ def resolve(value: str | None, environ: dict[str, str] | None = None) -> Databas
     env = os.environ if environ is None else environ
     if value is not None and not value.strip():
         raise CLIError("--db: the database path is empty", code=2)
-    chosen = value or env.get(ENV_DB) or DEFAULT_DB
-    if chosen.startswith(_POSTGRES_PREFIXES) or "dbname=" in chosen:
-        return Database(dsn=chosen, path=None)
-    if chosen.startswith("sqlite:///"):
-        chosen = chosen.removeprefix("sqlite:///")
-    elif "://" in chosen:
-        scheme = chosen.split("://", 1)[0]
-        raise CLIError(f"unsupported database URL scheme {scheme!r}: use a file path, "
-                       "sqlite:///path.db or postgresql://…", code=2)
-    if not chosen.strip():
-        raise CLIError("--db: the database path is empty", code=2)
-    path = Path(chosen).expanduser()
-    return Database(dsn=f"sqlite:///{path}", path=path)
+    try:
+        target = dsn.parse(value or env.get(ENV_DB) or DEFAULT_DB, bare_paths=True)
+    except ValidationError as e:
+        raise CLIError(f"--db: {str(e).removeprefix('dsn: ')}", code=2) from None
+    return Database(dsn=target.dsn, path=None if target.path is None else Path(target.path))
 
 
 def check_sqlite_file(path: Path, *, create: bool, write: bool) -> None:
-    """Refuse what SQLite would fail on less clearly: directories, unreadable or foreign
-    files, missing files for read-only commands, and directories we cannot write in."""
-    if path.is_dir():
-        raise CLIError(f"{path} is a directory, not a database file")
-    if path.exists():
-        _check_existing(path, write=write)
-    elif not create:
+    """Refuse what SQLite would fail on less clearly (the store's own checks), and a
+    missing file for a command that only reads."""
+    if not create and not path.exists() and not path.is_symlink():
         raise CLIError(f"no database at {path} (`immagent chat` creates one; choose another "
                        "with --db or IMMAGENT_DB)")
-    else:
-        _check_creatable(path)
-
-
-def _check_existing(path: Path, *, write: bool) -> None:
-    try:
-        with path.open("rb") as f:
-            header = f.read(len(_SQLITE_MAGIC))
-    except OSError as e:
-        raise CLIError(f"cannot read {path}: {e.strerror or e}") from e
-    if header and header != _SQLITE_MAGIC:
-        raise CLIError(f"{path} is not an SQLite database")
-    if write and not os.access(path, os.W_OK):
-        raise CLIError(f"{path} is read-only: cannot write to it")
-    directory = path.parent
-    if write and not os.access(directory, os.W_OK | os.X_OK):
-        raise CLIError(f"directory {directory} is read-only: SQLite cannot write its "
-                       f"journal next to {path.name}")
-
-
-def _check_creatable(path: Path) -> None:
-    directory = path.parent
-    if not directory.is_dir():
-        raise CLIError(f"cannot create {path}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise CLIError(f"cannot create {path}: directory {directory} is read-only")
+    dsn.check_sqlite_file(str(path), write=write)

@@ -32,8 +32,5 @@ async def message_counts(store: Store, agents: Sequence[PersistentAgent]) -> lis
 
 
 async def newest(store: Store, name: str) -> PersistentAgent | None:
-    """The most recently created state with this name (a lineage's "HEAD"), or None."""
-    # One query, newest first: count-then-OFFSET could miss the head under a concurrent
-    # delete and scanned every row of the name.
-    page = await store.list_agents(limit=1, name=name, newest_first=True)
-    return page[0] if page else None
+    """The most recently stored state with this name (a lineage's "HEAD"), or None."""
+    return await store.newest_by_name(name)

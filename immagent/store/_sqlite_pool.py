@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sqlite3
 import threading
 import time
@@ -31,13 +30,12 @@ from immagent.exceptions import (
     StoreConnectionError,
     StoreError,
 )
+from immagent.store.dsn import check_sqlite_file
 
-__all__ = ["Connection", "SQLitePool", "check_path", "is_busy", "map_error", "transaction"]
+__all__ = ["Connection", "SQLitePool", "is_busy", "map_error", "transaction"]
 
 T = TypeVar("T")
 Fn = Callable[[sqlite3.Connection], T]
-
-_HEADER = b"SQLite format 3\x00"
 
 # Primary SQLite result codes (the low byte of sqlite_errorcode).
 _PERM, _BUSY, _LOCKED, _READONLY, _INTERRUPT = 3, 5, 6, 8, 9
@@ -52,42 +50,6 @@ class Connection(sqlite3.Connection):
 
     busy_timeout: float = 5.0
     cancelled: threading.Event
-
-
-def check_path(path: str) -> None:
-    """Refuse, before SQLite touches anything, a path that cannot be an immagent database.
-
-    SQLite's own errors say only "unable to open database file"; these checks name the
-    reason, and reading the header first guarantees a non-SQLite file is never modified.
-    """
-    def fail(reason: str) -> StoreConnectionError:
-        return StoreConnectionError(f"cannot open SQLite database {path}: {reason}")
-
-    if path in ("", ":memory:") or path.startswith("file:"):
-        raise fail("give a file path (in-memory and URI databases are not supported)")
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise fail("it is a directory")
-    if not os.path.exists(parent):
-        raise fail(f"directory {parent} does not exist")
-    if not os.path.isdir(parent):
-        raise fail(f"{parent} is not a directory")
-    # WAL mode keeps two side files (-wal, -shm) next to the database.
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise fail(f"directory {parent} is not writable")
-    if not os.path.exists(path):
-        return
-    if not os.path.isfile(path):
-        raise fail("not a regular file")
-    if not os.access(path, os.R_OK | os.W_OK):
-        raise fail("the file is not readable and writable")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(_HEADER))
-    except OSError as e:
-        raise fail(e.strerror or type(e).__name__) from None
-    if head and head != _HEADER:  # an empty file is a valid, empty database
-        raise fail("not a SQLite database file")
 
 
 def is_busy(e: sqlite3.Error) -> bool:
@@ -165,6 +127,10 @@ def _begin_immediate(conn: Connection) -> None:
         conn.execute(f"PRAGMA busy_timeout = {int(conn.busy_timeout * 1000)}")
 
 
+def _lower(value: str | None) -> str | None:
+    return value.lower() if isinstance(value, str) else value
+
+
 def _connect(path: str, busy_timeout: float, *, reader: bool) -> Connection:
     # isolation_level=None: no implicit transactions; every transaction is an explicit BEGIN.
     # check_same_thread=False: the executor's threads take turns, never share at once.
@@ -176,6 +142,9 @@ def _connect(path: str, busy_timeout: float, *, reader: bool) -> Connection:
         # NORMAL is durable across application crashes in WAL mode (an OS crash may lose
         # the last commits, never corrupt the file) and saves an fsync per commit.
         conn.execute("PRAGMA synchronous = NORMAL")
+        # SQLite's lower() folds ASCII only; the stream filter must fold like Python (and
+        # PostgreSQL) do, so it is done by Python's str.lower.
+        conn.create_function("immagent_lower", 1, _lower, deterministic=True)
         if reader:
             conn.execute("PRAGMA query_only = ON")
     except BaseException:
@@ -202,7 +171,7 @@ class SQLitePool:
     async def open(cls, path: str, busy_timeout: float, readers: int,
                    prepare: Fn[None]) -> SQLitePool:
         """Check the path, open the writer and run ``prepare`` on it (in a worker thread)."""
-        check_path(path)
+        check_sqlite_file(path)
         executor = ThreadPoolExecutor(max_workers=readers + 1,
                                       thread_name_prefix="immagent-sqlite")
 

@@ -1,90 +1,59 @@
-"""The narrow interface every storage backend implements (PostgreSQL, SQLite).
+"""The narrow interface every storage backend implements (memory, SQLite, PostgreSQL).
 
-Backends store bytes and records; they know nothing of caching, validation or agents'
-behaviour. Every method is a coroutine; each write method is one transaction, so a failed
-call writes nothing. Backends raise ``StoreError`` subclasses, never raw driver errors.
+A backend stores two kinds of rows and reports facts about them; it applies no rule of its
+own. Assets (``StoredAsset``: digest, kind, refs, body) are append-only and content-
+addressed. States (``StateRow``) are the identity-bearing rows every client of the store
+writes (agent states today; checkpoints and sessions use the same table); they are inserted
+or deleted, never updated. Kinds are data: a new kind of asset or state needs no backend
+change. What to do with a fact (raise, retry, refuse) is decided in ``Store`` and the audits.
+
+Every method is a coroutine and each write is one transaction, so a failed call writes
+nothing. Backends raise ``StoreError`` subclasses, never raw driver errors; a stored value
+that cannot even be read back (a damaged column) is an ``IntegrityError``.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import NamedTuple, Protocol
 from uuid import UUID
 
-from immagent.assets import AgentRecord, Asset, Digest
+from immagent.assets import Digest, MissingAsset, StoredAsset
+from immagent.records import StateRow
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "Backend",
-    "DanglingRef",
-    "GCResult",
-    "StoredAsset",
-    "external_refs",
-    "split_refs",
-    "stored",
-]
+__all__ = ["SCHEMA_VERSION", "Backend", "RowCheck", "SweepResult", "WriteResult"]
 
-#: Version of the storage layout written by init_schema(); bump it with a migration.
-SCHEMA_VERSION = 1
+#: Version of the storage layout this immagent writes; older versions are migrated.
+SCHEMA_VERSION = 2
+
+#: A check gc runs, inside its exclusive transaction, on every row it marks from (states
+#: and assets with refs); it raises to abort the sweep.
+RowCheck = Callable[[Sequence[StoredAsset | StateRow]], None]
 
 
-class StoredAsset(NamedTuple):
-    """One row of the asset log: digest, kind, outgoing references, canonical body."""
+class WriteResult(NamedTuple):
+    """What stopped a write; when both are empty it committed."""
 
-    digest: Digest
-    kind: int
-    refs: tuple[Digest, ...]
-    body: bytes
-
-
-def split_refs(raw: bytes | None) -> tuple[Digest, ...]:
-    """The digests of a stored refs value (32-byte digests concatenated; empty or NULL for
-    none), the inverse of ``b"".join(refs)``."""
-    if not raw:
-        return ()
-    data = bytes(raw)
-    return tuple(data[i:i + 32] for i in range(0, len(data), 32))
+    #: Required digests that are not stored (the write committed nothing).
+    missing: tuple[Digest, ...] = ()
+    #: State ids already stored with another digest (the write committed nothing). A state
+    #: already stored with the same digest is not a conflict: it is skipped.
+    conflicts: tuple[UUID, ...] = ()
 
 
-def stored(asset: Asset) -> StoredAsset:
-    """The row that stores ``asset``."""
-    return StoredAsset(asset.digest, int(asset.kind), asset.refs(), asset.body)
+class SweepResult(NamedTuple):
+    """What one sweep found and did."""
 
-
-def external_refs(assets: Sequence[StoredAsset], agents: Sequence[AgentRecord]) -> list[Digest]:
-    """Digests a write points at but does not itself contain.
-
-    A backend checks, inside the write transaction and under the gc lock, that these still
-    exist: otherwise a sweep that ran just before could leave the new state dangling.
-    """
-    inside = {a.digest for a in assets}
-    wanted: set[Digest] = set()
-    for a in assets:
-        wanted.update(a.refs)
-    for r in agents:
-        wanted.add(r.system_prompt)
-        wanted.add(r.conversation)
-    return sorted(wanted - inside)
-
-
-class GCResult(NamedTuple):
-    """What one gc sweep removed."""
-
-    assets_removed: int
-    bytes_freed: int
-    assets_kept: int
-
-
-class DanglingRef(NamedTuple):
-    """A reference to an asset the store does not hold: what is missing and who points at it
-    (an asset's digest, or an agent row's id)."""
-
-    missing: Digest
-    referrer: Digest | UUID
+    removed: dict[int, int]  # assets removed, by kind
+    freed: int  # body bytes of the removed assets
+    kept: int
+    #: A digest some state reaches that is not stored: reachability is unknown, so the
+    #: sweep deleted nothing.
+    missing: Digest | None = None
 
 
 class Backend(Protocol):
-    """Storage operations. Asset rows are append-only; agent rows are inserted or deleted."""
+    """Storage operations: facts about rows, never rules."""
 
     async def close(self) -> None:
         """Release connections; idempotent."""
@@ -92,77 +61,99 @@ class Backend(Protocol):
     async def ping(self) -> bool:
         """True when the database answers a trivial query."""
 
-    async def init_schema(self) -> None:
-        """Create the tables if missing (idempotent); refuse an unknown schema version."""
+    # -- schema ---------------------------------------------------------------------------
 
-    async def check_schema(self) -> None:
-        """Raise SchemaVersionError unless the schema exists at SCHEMA_VERSION."""
+    async def schema_version(self) -> int | None:
+        """The layout version stored in the database, None when it holds no immagent tables.
+        Never changes the database."""
 
-    async def write(self, assets: Sequence[StoredAsset], agents: Sequence[AgentRecord]) -> None:
-        """In one transaction: insert assets (ignoring ones already present) and agent rows.
+    async def migrate(self, found: int | None) -> int | None:
+        """Bring the layout to SCHEMA_VERSION from version ``found`` (None: create it) in
+        one transaction, serialised with other callers. Re-reads the version under that
+        lock and changes nothing unless it still is ``found``; returns what it read."""
 
-        Holds the shared side of the gc lock, so a concurrent sweep can never delete an
-        asset this transaction deduplicated onto.
+    # -- writes ---------------------------------------------------------------------------
+
+    async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
+                    require: Sequence[Digest] = ()) -> WriteResult:
+        """In one transaction: insert the assets (skipping ones already present), check that
+        every digest in ``require`` is stored, insert the states. Commits nothing when a
+        required digest is missing or a state id exists with another digest.
+
+        Holds the shared side of the gc lock, so no sweep runs between the check and the
+        commit: what this write deduplicated onto or points at cannot be swept under it.
         """
 
-    async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, StoredAsset]:
-        """Fetch the rows for the digests present; absent ones are left out."""
+    async def delete_states(self, ids: Sequence[UUID], *,
+                            stop_at_shared: bool = False) -> list[UUID]:
+        """Delete state rows (never assets) in one transaction; returns the ids deleted, in
+        the given order. With ``stop_at_shared``, ``ids`` is a lineage (a state, then its
+        ancestors): the first is deleted, then each next one only if no row outside the
+        deleted ones names it as parent; the first that is still someone's parent (or is
+        absent) ends it. Such deletions are serialised, so two siblings deleted at once
+        still take their parent with them."""
 
-    async def get_conversation(
+    async def sweep(self, check: RowCheck) -> SweepResult:
+        """Mark every asset a state reaches through refs, run ``check`` on every row marked
+        from (all states, every reached asset that has refs), then delete the assets not
+        marked: one transaction holding the exclusive side of the gc lock. If ``check``
+        raises, or a reached digest is missing, nothing is deleted (the exception
+        propagates; the missing digest is reported)."""
+
+    # -- assets ---------------------------------------------------------------------------
+
+    async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, StoredAsset]:
+        """The rows for the digests present; absent ones are left out."""
+
+    async def get_chain(
         self, head: Digest
     ) -> tuple[list[StoredAsset], dict[Digest, StoredAsset]]:
-        """The rows of the conversation nodes from ``head`` back to the root, newest first,
-        stopping early at a missing node; plus the rows of every non-node asset those nodes
-        reference, by digest. One round trip where the database allows."""
+        """A hash chain in one round trip: the node rows from ``head`` back to the root
+        (following each node's first ref while it has the head's kind), newest first,
+        stopping early at a missing node; and the rows of every other digest those nodes
+        reference (their elements), by digest."""
 
-    async def get_agents(self, ids: Sequence[UUID]) -> list[AgentRecord]:
-        """The agent rows with these ids, in no particular order; missing ones left out."""
-
-    async def list_agents(self, limit: int, offset: int, name: str | None,
-                          newest_first: bool = False) -> list[AgentRecord]:
-        """Agent rows in creation (UUIDv7) order, oldest first unless ``newest_first``,
-        optionally with an exact name."""
-
-    async def count_agents(self, name: str | None) -> int:
-        """Number of agent rows, optionally with an exact name."""
-
-    async def lineage(self, agent_id: UUID) -> list[AgentRecord]:
-        """The agent and its ancestors, newest first, in one round trip; stops cleanly
-        at a parent that was deleted."""
-
-    async def children(self, agent_id: UUID) -> list[UUID]:
-        """Ids of agent states whose parent is ``agent_id``."""
-
-    async def delete_agents(self, ids: Sequence[UUID]) -> int:
-        """Delete agent rows (never assets); returns how many existed."""
-
-    async def gc(self) -> GCResult:
-        """Delete every asset no agent row reaches through refs; exclusive gc lock held."""
-
-    def iter_assets(self, batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
-        """Every stored asset, in batches, for verification and export (bounded memory)."""
+    def iter_assets(self, roots: Sequence[Digest] | None = None,
+                    batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
+        """Every stored asset (``roots`` None), or every one reachable from ``roots``
+        through refs (each once, any order; absent digests skipped), in batches from one
+        snapshot, so memory stays one batch."""
         ...
 
-    def iter_reachable(self, roots: Sequence[Digest],
-                       batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
-        """Every stored asset reachable from ``roots`` through refs (each once, any order),
-        in batches; absent digests are skipped (dangling_refs reports them)."""
-        ...
-
-    async def dangling_refs(self, agent_ids: Sequence[UUID] | None = None,
-                            limit: int = 10_000) -> list[DanglingRef]:
-        """References to absent assets, computed in the database (an anti-join), at most
-        ``limit``: from every asset and agent row, or (``agent_ids`` given) only from those
-        agent rows and the assets reachable from them. Distinct (missing, referrer) pairs."""
-
-    async def delete_lineage(self, agent_id: UUID) -> list[UUID]:
-        """In one transaction: delete the agent row, then each ancestor with no other child
-        row, stopping at the first one that has one (or is absent). Returns the deleted ids,
-        newest first; empty when ``agent_id`` does not exist. Concurrent calls are
-        serialised so that two siblings deleted at once still remove their parent."""
+    async def dangling_refs(self, states: Sequence[UUID] | None = None,
+                            limit: int = 10_000) -> list[MissingAsset]:
+        """References to absent digests, found by the database (an anti-join), at most
+        ``limit``, distinct: from every asset and state, or (``states`` given) only from
+        those states and the assets they reach."""
 
     async def asset_stats(self) -> dict[int, tuple[int, int]]:
-        """Per kind: (number of assets, total body bytes)."""
+        """Per asset kind: (number of assets, total body bytes)."""
 
     async def storage_bytes(self) -> int:
-        """Bytes the backend occupies on disk for immagent's tables (indexes included)."""
+        """Bytes the backend occupies for immagent's tables (indexes included)."""
+
+    # -- states ---------------------------------------------------------------------------
+
+    async def get_states(self, ids: Sequence[UUID]) -> list[StateRow]:
+        """The state rows with these ids, in no particular order; missing ones left out."""
+
+    async def scan_states(self, kind: int | None, *, after: UUID | None = None,
+                          limit: int = 100, newest_first: bool = False,
+                          contains: str | None = None) -> list[StateRow]:
+        """States of ``kind`` (None: every kind) in id order (keyset paging: strictly past
+        ``after``), at most ``limit``; with ``contains``, only those whose stream holds it,
+        case-insensitively (``%``, ``_`` and ``\\`` match literally)."""
+
+    async def stream_states(self, kind: int, stream: str, *, after_seq: int | None = None,
+                            limit: int = 100, newest_first: bool = True) -> list[StateRow]:
+        """States of ``kind`` in ``stream`` in log (seq) order, keyset-paged past
+        ``after_seq``: served by an index, so the newest is one probe."""
+
+    async def count_states(self, kind: int, *, stream: str | None = None,
+                           contains: str | None = None) -> int:
+        """How many states of ``kind`` (in ``stream``, or whose stream holds ``contains``)."""
+
+    async def lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
+        """The state and its ancestors through ``parent_id``, at most ``limit`` rows, in one
+        round trip. Terminates on a parent cycle: without a limit each row comes once (any
+        order); with one, rows come newest first and a cycle repeats ids."""

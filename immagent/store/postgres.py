@@ -20,28 +20,19 @@ import psycopg.conninfo
 import psycopg_pool
 from psycopg import errors as pg_errors
 
-from immagent.assets import AgentRecord, Digest, Kind
+from immagent.assets import Digest, MissingAsset, StoredAsset, join_refs, split_refs
 from immagent.exceptions import (
-    AssetNotFoundError,
-    IntegrityError,
     SchemaMissingError,
-    SchemaVersionError,
     StoreClosedError,
     StoreConnectionError,
     StoreError,
 )
-from immagent.store._codec import decode_map, encode_map
-from immagent.store.backend import (
-    SCHEMA_VERSION,
-    DanglingRef,
-    GCResult,
-    StoredAsset,
-    external_refs,
-    split_refs,
-)
+from immagent.records import StateRow, state_from_v1
+from immagent.store.backend import SCHEMA_VERSION, RowCheck, SweepResult, WriteResult
+from immagent.store.dsn import redact
 from immagent.store.schema import schema_sql
 
-__all__ = ["PostgresBackend", "safe_dsn"]
+__all__ = ["PostgresBackend"]
 
 log = logging.getLogger("immagent")
 
@@ -50,20 +41,9 @@ _GC_LOCK = 0x1A3A_6E70_0000_0001
 _SCHEMA_LOCK = 0x1A3A_6E70_0000_0002
 _LINEAGE_LOCK = 0x1A3A_6E70_0000_0003
 
-_AGENT_COLUMNS = ("id, parent_id, created_at, name, model, system_prompt, conversation, "
-                  "model_config, metadata, digest")
-
-
-def safe_dsn(dsn: str) -> str:
-    """The DSN with any password removed, fit for error messages and logs."""
-    try:
-        params = psycopg.conninfo.conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "<unparseable DSN>"
-    params.pop("password", None)
-    host, port, db = params.get("host", "localhost"), params.get("port", 5432), params.get("dbname")
-    user = str(params.get("user") or "")
-    return f"postgresql://{user + '@' if user else ''}{host}:{port}/{db or ''}"
+_STATE_COLUMNS = "id, parent_id, kind, stream, refs, body, digest, created_at, seq"
+_INSERT_STATE = ("INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, digest, "
+                 "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING")
 
 
 @contextlib.contextmanager
@@ -85,28 +65,40 @@ def _mapped(operation: str) -> Iterator[None]:
         raise StoreError(f"{operation} failed: {type(e).__name__}: {e}") from e
 
 
-def _record(row: tuple[Any, ...]) -> AgentRecord:
-    return AgentRecord(
-        id=row[0], parent_id=row[1], created_at=row[2], name=row[3], model=row[4],
-        system_prompt=bytes(row[5]), conversation=bytes(row[6]),
-        model_config=decode_map(bytes(row[7])), metadata=decode_map(bytes(row[8])),
-        digest=bytes(row[9]),
-    )
+class _Abort(Exception):
+    """Raised inside a write transaction to roll it back and report ``result``."""
+
+    def __init__(self, result: WriteResult) -> None:
+        self.result = result
+
+
+def _state(row: Sequence[Any]) -> StateRow:
+    return StateRow(id=row[0], parent_id=row[1], kind=int(row[2]), stream=row[3],
+                    refs=split_refs(row[4]), body=bytes(row[5]), digest=bytes(row[6]),
+                    created_at=row[7], seq=int(row[8]))
+
+
+def _state_params(s: StateRow) -> tuple[Any, ...]:
+    return (s.id, s.parent_id, s.kind, s.stream, join_refs(s.refs), s.body, s.digest,
+            s.created_at)
+
+
+def _asset(row: Sequence[Any]) -> StoredAsset:
+    return StoredAsset(bytes(row[0]), int(row[1]), split_refs(row[2]), bytes(row[3]))
 
 
 class PostgresBackend:
     """Backend over one psycopg_pool.AsyncConnectionPool."""
 
-    def __init__(self, pool: psycopg_pool.AsyncConnectionPool[Any], dsn: str) -> None:
+    def __init__(self, pool: psycopg_pool.AsyncConnectionPool[Any]) -> None:
         self._pool = pool
-        self.dsn = safe_dsn(dsn)
 
     @classmethod
     async def open(cls, dsn: str, *, min_size: int = 2, max_size: int = 10,
                    max_inactive_connection_lifetime: float = 300.0,
                    connect_timeout: float = 10.0) -> PostgresBackend:
         """Connect, failing fast with a clear error when the server is unreachable."""
-        shown = safe_dsn(dsn)
+        shown = redact(dsn)
         # One direct connection first: the pool would only retry silently until timeout.
         try:
             probe = await psycopg.AsyncConnection.connect(dsn, connect_timeout=int(connect_timeout))
@@ -115,7 +107,7 @@ class PostgresBackend:
             password = _password(dsn)
             if password:
                 reason = reason.replace(password, "***")
-            raise StoreConnectionError(f"cannot connect to {shown}: {reason}") from None
+            raise StoreConnectionError(f"cannot connect to {shown}: {redact(reason)}") from None
         await probe.close()
         pool: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
             dsn, min_size=min_size, max_size=max_size,
@@ -128,7 +120,7 @@ class PostgresBackend:
         except BaseException:  # a failed or cancelled open must not leave pool workers
             await pool.close()
             raise
-        return cls(pool, dsn)
+        return cls(pool)
 
     async def close(self) -> None:
         await self._pool.close()
@@ -143,107 +135,157 @@ class PostgresBackend:
 
     # -- schema ---------------------------------------------------------------------------
 
-    async def init_schema(self) -> None:
+    async def schema_version(self) -> int | None:
+        with _mapped("schema_version"):
+            async with self._pool.connection() as conn:
+                return await _version(conn)
+
+    async def migrate(self, found: int | None) -> int | None:
         with _mapped("init_schema"):
             async with self._pool.connection() as conn, conn.transaction():
                 # Serialise concurrent initialisers: CREATE ... IF NOT EXISTS can still race.
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-                found = await self._version(conn)
-                if found is not None and found != SCHEMA_VERSION:
-                    raise _unknown_version(found)
+                current = await _version(conn)
+                if current != found:
+                    return current
                 await conn.execute(schema_sql().encode())
+                if current == 1:
+                    await _migrate_v1(conn)
                 await conn.execute(
                     "INSERT INTO immagent_schema (version) VALUES (%s) ON CONFLICT DO NOTHING",
                     (SCHEMA_VERSION,),
                 )
-
-    async def check_schema(self) -> None:
-        with _mapped("check_schema"):
-            async with self._pool.connection() as conn:
-                found = await self._version(conn)
-        if found is None:
-            raise SchemaMissingError("no immagent schema here; call `await store.init_schema()`")
-        if found != SCHEMA_VERSION:
-            raise _unknown_version(found)
-
-    @staticmethod
-    async def _version(conn: psycopg.AsyncConnection[Any]) -> int | None:
-        cur = await conn.execute("SELECT to_regclass('immagent_schema') IS NOT NULL")
-        row = await cur.fetchone()
-        if not row or not row[0]:
-            return None
-        cur = await conn.execute("SELECT max(version) FROM immagent_schema")
-        row = await cur.fetchone()
-        return None if row is None or row[0] is None else int(row[0])
+                return current
 
     # -- writes ---------------------------------------------------------------------------
 
-    async def write(self, assets: Sequence[StoredAsset], agents: Sequence[AgentRecord]) -> None:
-        external = external_refs(assets, agents)
-        with _mapped("write"):
-            async with self._pool.connection() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (_GC_LOCK,))
-                async with conn.cursor() as cur:
-                    if assets:
-                        await cur.executemany(
-                            "INSERT INTO immagent_assets (digest, kind, refs, body) "
-                            "VALUES (%s, %s, %s, %s) ON CONFLICT (digest) DO NOTHING",
-                            [(a.digest, a.kind, b"".join(a.refs) or None, a.body)
-                             for a in assets],
-                        )
-                    if external:
-                        await cur.execute(
-                            "SELECT d FROM unnest(%s::bytea[]) AS d WHERE NOT EXISTS "
-                            "(SELECT 1 FROM immagent_assets WHERE digest = d)",
-                            (external,),
-                        )
-                        missing = await cur.fetchall()
-                        if missing:
-                            raise AssetNotFoundError("referenced asset", bytes(missing[0][0]))
-                    if agents:
-                        await cur.executemany(
-                            f"INSERT INTO immagent_agents ({_AGENT_COLUMNS}) "
-                            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                            [_agent_params(a) for a in agents],
-                        )
+    async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
+                    require: Sequence[Digest] = ()) -> WriteResult:
+        try:
+            with _mapped("write"):
+                async with self._pool.connection() as conn, conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (_GC_LOCK,))
+                    async with conn.cursor() as cur:
+                        if assets:
+                            await cur.executemany(
+                                "INSERT INTO immagent_assets (digest, kind, refs, body) "
+                                "VALUES (%s, %s, %s, %s) ON CONFLICT (digest) DO NOTHING",
+                                [(a.digest, a.kind, join_refs(a.refs) or None, a.body)
+                                 for a in assets],
+                            )
+                        if require:
+                            await cur.execute(
+                                "SELECT d FROM unnest(%s::bytea[]) AS d WHERE NOT EXISTS "
+                                "(SELECT 1 FROM immagent_assets WHERE digest = d)",
+                                (list(require),),
+                            )
+                            missing = tuple(bytes(r[0]) for r in await cur.fetchall())
+                            if missing:
+                                raise _Abort(WriteResult(missing=missing))
+                        if states:
+                            await cur.executemany(_INSERT_STATE,
+                                                  [_state_params(s) for s in states])
+                            if cur.rowcount < len(states):  # some ids were there already
+                                await _check_conflicts(cur, states)
+        except _Abort as stop:
+            return stop.result
+        return WriteResult()
 
-    async def delete_agents(self, ids: Sequence[UUID]) -> int:
+    async def delete_states(self, ids: Sequence[UUID], *,
+                            stop_at_shared: bool = False) -> list[UUID]:
+        order = {i: n for n, i in enumerate(dict.fromkeys(ids))}
         with _mapped("delete"):
             async with self._pool.connection() as conn, conn.transaction():
-                cur = await conn.execute(
-                    "DELETE FROM immagent_agents WHERE id = ANY(%s)", (list(ids),)
-                )
-                return int(cur.rowcount)
-
-    async def delete_lineage(self, agent_id: UUID) -> list[UUID]:
-        with _mapped("delete_lineage"):
-            async with self._pool.connection() as conn, conn.transaction():
+                if not stop_at_shared:
+                    cur = await conn.execute(
+                        "DELETE FROM immagent_states WHERE id = ANY(%s) RETURNING id",
+                        (list(order),))
+                    return sorted((r[0] for r in await cur.fetchall()), key=order.__getitem__)
                 # Serialise lineage deletions: otherwise two siblings deleted at once each
                 # see the other still present and both keep their (then childless) parent.
                 # Under READ COMMITTED the statement's snapshot is taken after the lock.
-                # LATERAL ... LIMIT 1: one key probe per ancestor (see lineage()).
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LINEAGE_LOCK,))
+                # The longest prefix of `ids` in which every state after the first exists
+                # and has no child but the one before it: one statement for the lineage.
                 cur = await conn.execute(
                     """
-                    WITH RECURSIVE doomed(id, parent_id, depth) AS (
-                        SELECT id, parent_id, 0 FROM immagent_agents WHERE id = %s
-                        UNION ALL
-                        SELECT a.id, a.parent_id, d.depth + 1
-                          FROM doomed d CROSS JOIN LATERAL (
-                               SELECT id, parent_id FROM immagent_agents
-                                WHERE id = d.parent_id LIMIT 1) AS a
-                         WHERE NOT EXISTS (SELECT 1 FROM immagent_agents c
-                                            WHERE c.parent_id = a.id AND c.id <> d.id)
+                    WITH line AS (
+                        SELECT id, pos FROM unnest(%s::uuid[]) WITH ORDINALITY AS t(id, pos)
+                    ), stop AS (
+                        SELECT coalesce(min(l.pos), 9223372036854775807) AS pos FROM line l
+                         WHERE l.pos > 1 AND (
+                               NOT EXISTS (SELECT 1 FROM immagent_states s WHERE s.id = l.id)
+                               OR EXISTS (SELECT 1 FROM immagent_states c
+                                           WHERE c.parent_id = l.id AND c.id IS DISTINCT FROM
+                                                 (SELECT p.id FROM line p WHERE p.pos = l.pos - 1)))
                     )
-                    DELETE FROM immagent_agents a USING doomed d WHERE a.id = d.id
-                    RETURNING a.id, d.depth
+                    DELETE FROM immagent_states s USING line l, stop
+                     WHERE s.id = l.id AND l.pos < stop.pos
+                    RETURNING s.id
                     """,
-                    (agent_id,),
+                    (list(order),),
                 )
-                rows = await cur.fetchall()
-        return [row[0] for row in sorted(rows, key=lambda row: int(row[1]))]
+                return sorted((r[0] for r in await cur.fetchall()), key=order.__getitem__)
 
-    # -- reads ----------------------------------------------------------------------------
+    async def sweep(self, check: RowCheck) -> SweepResult:
+        with _mapped("gc"):
+            async with self._pool.connection() as conn, conn.transaction():
+                # Exclusive side of the writers' shared lock, taken before the statements, so
+                # their snapshots (READ COMMITTED: per statement) see every committed write
+                # and no write can start until the sweep commits.
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_GC_LOCK,))
+                await conn.execute("CREATE TEMP TABLE immagent_reach (digest bytea PRIMARY KEY)"
+                                   " ON COMMIT DROP")
+                await conn.execute(
+                    """
+                    INSERT INTO immagent_reach
+                    WITH RECURSIVE reach(digest) AS (
+                        SELECT r FROM immagent_states s CROSS JOIN LATERAL immagent_refs(s.refs) r
+                        UNION
+                        SELECT r FROM reach
+                          JOIN immagent_assets a ON a.digest = reach.digest
+                          CROSS JOIN LATERAL immagent_refs(a.refs) AS r
+                    )
+                    SELECT digest FROM reach
+                    """
+                )
+                await conn.execute("ANALYZE immagent_reach")
+                cur = await conn.execute(
+                    "SELECT digest FROM immagent_reach r WHERE NOT EXISTS "
+                    "(SELECT 1 FROM immagent_assets a WHERE a.digest = r.digest) LIMIT 1")
+                missing = await cur.fetchone()
+                if missing is not None:
+                    cur = await conn.execute("SELECT count(*) FROM immagent_assets")
+                    kept = await cur.fetchone()
+                    return SweepResult({}, 0, int(kept[0]) if kept else 0, bytes(missing[0]))
+                for sql, decode in (
+                        (f"SELECT {_STATE_COLUMNS} FROM immagent_states", _state),
+                        ("SELECT a.digest, a.kind, a.refs, a.body FROM immagent_assets a "
+                         "JOIN immagent_reach r ON r.digest = a.digest WHERE a.refs IS NOT NULL",
+                         _asset)):
+                    async with conn.cursor(name="immagent_gc_check", binary=True) as named:
+                        await named.execute(sql.encode())
+                        while rows := await named.fetchmany(1000):
+                            check([decode(r) for r in rows])
+                cur = await conn.execute(
+                    """
+                    WITH swept AS (
+                        DELETE FROM immagent_assets a
+                         WHERE NOT EXISTS (SELECT 1 FROM immagent_reach r
+                                            WHERE r.digest = a.digest)
+                        RETURNING a.kind, octet_length(a.body) AS size
+                    )
+                    SELECT kind, count(*), coalesce(sum(size), 0) FROM swept GROUP BY kind
+                    """
+                )
+                swept = await cur.fetchall()
+                removed = {int(k): int(n) for k, n, _ in swept}
+                freed = sum(int(b) for _, _, b in swept)
+                cur = await conn.execute("SELECT count(*) FROM immagent_assets")
+                row = await cur.fetchone()
+        return SweepResult(removed, freed, int(row[0]) if row else 0)
+
+    # -- assets ---------------------------------------------------------------------------
 
     async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, StoredAsset]:
         if not digests:
@@ -256,163 +298,70 @@ class PostgresBackend:
                     (list(digests),),
                 )
                 rows = await cur.fetchall()
-        return {d: StoredAsset(d, k, split_refs(r), b) for d, k, r, b in rows}
+        return {r[0]: _asset(r) for r in rows}
 
-    async def get_conversation(
+    async def get_chain(
         self, head: Digest
     ) -> tuple[list[StoredAsset], dict[Digest, StoredAsset]]:
-        # A node's first ref is its parent when it has one; the kind filter stops the walk
-        # at the root. generate_series is inlined here
-        # rather than immagent_refs(): a function call per node cost ~15 us, the whole read
-        # budget. Binary results: bytea comes back unescaped.
-        with _mapped("get_conversation"):
+        # A node's first ref is its parent when it has one, followed while it has the head's
+        # kind. UNION, not UNION ALL: a damaged refs column pointing back into the chain
+        # repeats a row and ends the walk instead of looping forever; depth orders the rows
+        # (in Python: an ORDER BY would sort every body). generate_series is inlined rather
+        # than immagent_refs(): a function call per node cost ~15 us, the whole read budget.
+        # Binary results: bytea comes back unescaped.
+        with _mapped("get_chain"):
             async with self._pool.connection() as conn, conn.cursor(binary=True) as cur:
                 await cur.execute(
                     """
-                    WITH RECURSIVE chain(digest, body, refs, depth) AS (
-                        SELECT digest, body, refs, 0 FROM immagent_assets
-                         WHERE digest = %(head)s AND kind = %(node)s
-                        UNION ALL
-                        SELECT a.digest, a.body, a.refs, c.depth + 1
+                    WITH RECURSIVE chain(digest, kind, body, refs) AS (
+                        SELECT digest, kind, body, refs FROM immagent_assets
+                         WHERE digest = %(head)s
+                        UNION
+                        SELECT a.digest, a.kind, a.body, a.refs
                           FROM chain c CROSS JOIN LATERAL (
-                               SELECT digest, body, refs FROM immagent_assets
+                               SELECT digest, kind, body, refs FROM immagent_assets
                                 WHERE digest = substring(c.refs FROM 1 FOR 32)
-                                  AND kind = %(node)s LIMIT 1) AS a
+                                  AND kind = c.kind LIMIT 1) AS a
                     )
-                    SELECT depth, digest, %(node)s::smallint, refs, body FROM chain
+                    SELECT 0, digest, kind, refs, body FROM chain
                     UNION ALL
-                    SELECT -1, m.digest, m.kind, NULL, m.body
+                    SELECT 1, m.digest, m.kind, m.refs, m.body
                       FROM (SELECT DISTINCT substring(c.refs FROM i * 32 + 1 FOR 32) AS d
                               FROM chain c,
-                                   generate_series(0, octet_length(c.refs) / 32 - 1) AS i
+                                   generate_series(1, octet_length(c.refs) / 32 - 1) AS i
                            ) r
-                      JOIN immagent_assets m ON m.digest = r.d AND m.kind <> %(node)s
+                      JOIN immagent_assets m ON m.digest = r.d
                     """,
-                    {"head": head, "node": int(Kind.NODE)},
+                    {"head": head},
                 )
                 rows = await cur.fetchall()
-        chain = sorted((r for r in rows if r[0] >= 0), key=lambda r: int(r[0]))
-        leaves = {r[1]: StoredAsset(r[1], int(r[2]), (), r[4]) for r in rows if r[0] < 0}
-        return [StoredAsset(r[1], int(r[2]), split_refs(r[3]), r[4]) for r in chain], leaves
+        nodes = {r[1]: _asset(r[1:]) for r in rows if r[0] == 0}
+        leaves = {r[1]: _asset(r[1:]) for r in rows if r[0] == 1}
+        chain: list[StoredAsset] = []
+        row = nodes.get(head)
+        while row is not None:  # newest first; each node at most once
+            chain.append(row)
+            row = nodes.pop(row.refs[0], None) if row.refs else None
+        return chain, leaves
 
-    async def get_agents(self, ids: Sequence[UUID]) -> list[AgentRecord]:
-        if not ids:
-            return []
-        return await self._agents(
-            f"SELECT {_AGENT_COLUMNS} FROM immagent_agents WHERE id = ANY(%s)", (list(ids),)
-        )
-
-    async def list_agents(self, limit: int, offset: int, name: str | None,
-                          newest_first: bool = False) -> list[AgentRecord]:
-        order = "DESC" if newest_first else "ASC"
-        if name is None:
-            return await self._agents(
-                f"SELECT {_AGENT_COLUMNS} FROM immagent_agents ORDER BY id {order} "
-                "LIMIT %s OFFSET %s",
-                (limit, offset),
-            )
-        return await self._agents(
-            f"SELECT {_AGENT_COLUMNS} FROM immagent_agents WHERE name = %s "
-            f"ORDER BY id {order} LIMIT %s OFFSET %s",
-            (name, limit, offset),
-        )
-
-    async def count_agents(self, name: str | None) -> int:
-        with _mapped("count_agents"):
-            async with self._pool.connection() as conn:
-                if name is None:
-                    cur = await conn.execute("SELECT count(*) FROM immagent_agents")
-                else:
-                    cur = await conn.execute(
-                        "SELECT count(*) FROM immagent_agents WHERE name = %s", (name,)
-                    )
-                row = await cur.fetchone()
-        return int(row[0]) if row else 0
-
-    async def lineage(self, agent_id: UUID) -> list[AgentRecord]:
-        # The LATERAL ... LIMIT 1 pins one primary-key probe per step; a plain join let the
-        # planner pick a hash join that scanned the whole table once per ancestor.
-        return await self._agents(
-            f"""
-            WITH RECURSIVE line AS (
-                SELECT {_AGENT_COLUMNS}, 0 AS depth FROM immagent_agents WHERE id = %s
-                UNION ALL
-                SELECT a.*, l.depth + 1
-                  FROM line l CROSS JOIN LATERAL (
-                       SELECT {_AGENT_COLUMNS} FROM immagent_agents
-                        WHERE id = l.parent_id LIMIT 1) AS a
-            )
-            SELECT {_AGENT_COLUMNS} FROM line ORDER BY depth
-            """,
-            (agent_id,),
-        )
-
-    async def children(self, agent_id: UUID) -> list[UUID]:
-        with _mapped("children"):
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(
-                    "SELECT id FROM immagent_agents WHERE parent_id = %s ORDER BY id",
-                    (agent_id,),
+    async def iter_assets(self, roots: Sequence[Digest] | None = None,
+                          batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
+        if roots is None:
+            sql = "SELECT digest, kind, refs, body FROM immagent_assets ORDER BY digest"
+            params: tuple[Any, ...] = ()
+        else:
+            sql = """
+                WITH RECURSIVE reach(digest) AS (
+                    SELECT unnest(%s::bytea[])
+                    UNION
+                    SELECT r FROM reach
+                      JOIN immagent_assets a ON a.digest = reach.digest
+                      CROSS JOIN LATERAL immagent_refs(a.refs) AS r
                 )
-                return [row[0] for row in await cur.fetchall()]
-
-    async def _agents(self, sql: str, params: Sequence[Any]) -> list[AgentRecord]:
-        with _mapped("load agents"):
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(sql.encode(), params)
-                rows = await cur.fetchall()
-        return [_record(r) for r in rows]
-
-    # -- maintenance ----------------------------------------------------------------------
-
-    async def gc(self) -> GCResult:
-        with _mapped("gc"):
-            async with self._pool.connection() as conn, conn.transaction():
-                # Exclusive side of the writers' shared lock, taken before the statement, so
-                # its snapshot (READ COMMITTED: per statement) sees every committed write and
-                # no write can start until the sweep commits.
-                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_GC_LOCK,))
-                # `dangling` is git's "never treat an unreadable root as absent": if anything
-                # reachable points at a missing asset, the mark is incomplete (what that asset
-                # would have kept is unknown), so the sweep deletes nothing at all.
-                cur = await conn.execute(
-                    """
-                    WITH RECURSIVE reach(digest) AS (
-                        SELECT unnest(ARRAY[system_prompt, conversation]) FROM immagent_agents
-                        UNION
-                        SELECT r FROM reach
-                          JOIN immagent_assets a ON a.digest = reach.digest
-                          CROSS JOIN LATERAL immagent_refs(a.refs) AS r
-                    ), dangling AS (
-                        SELECT reach.digest FROM reach
-                         WHERE NOT EXISTS (SELECT 1 FROM immagent_assets a
-                                            WHERE a.digest = reach.digest)
-                         LIMIT 1
-                    ), swept AS (
-                        DELETE FROM immagent_assets a
-                         WHERE NOT EXISTS (SELECT 1 FROM reach WHERE reach.digest = a.digest)
-                           AND NOT EXISTS (SELECT 1 FROM dangling)
-                        RETURNING octet_length(a.body) AS size
-                    )
-                    SELECT count(*), coalesce(sum(size), 0),
-                           (SELECT count(*) FROM immagent_assets),
-                           (SELECT digest FROM dangling)
-                      FROM swept
-                    """
-                )
-                row = await cur.fetchone()
-        assert row is not None
-        if row[3] is not None:
-            raise IntegrityError(
-                f"gc aborted, nothing deleted: a live agent reaches asset {bytes(row[3]).hex()}, "
-                "which is missing, so reachability is unknown (run store.verify(); restore "
-                "the asset by importing a bundle, or delete the agents that need it)"
-            )
-        removed, freed, before = int(row[0]), int(row[1]), int(row[2])
-        # The sub-select sees the snapshot from before the DELETE.
-        return GCResult(assets_removed=removed, bytes_freed=freed, assets_kept=before - removed)
-
-    async def iter_assets(self, batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
+                SELECT a.digest, a.kind, a.refs, a.body
+                  FROM reach JOIN immagent_assets a ON a.digest = reach.digest
+                """
+            params = (list(roots),)
         with _mapped("iter_assets"):
             # A server-side cursor keeps memory bounded on large stores.
             async with (
@@ -420,58 +369,27 @@ class PostgresBackend:
                 conn.transaction(),
                 conn.cursor(name="immagent_iter_assets") as cur,
             ):
-                await cur.execute(
-                    "SELECT digest, kind, refs, body FROM immagent_assets ORDER BY digest"
-                )
+                await cur.execute(sql.encode(), params)
                 while rows := await cur.fetchmany(batch_size):
-                    yield [StoredAsset(bytes(d), k, split_refs(refs), bytes(b))
-                           for d, k, refs, b in rows]
+                    yield [_asset(r) for r in rows]
 
-    async def iter_reachable(self, roots: Sequence[Digest],
-                             batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
-        with _mapped("iter_reachable"):
-            async with (
-                self._pool.connection() as conn,
-                conn.transaction(),
-                conn.cursor(name="immagent_iter_reachable") as cur,
-            ):
-                await cur.execute(
-                    """
-                    WITH RECURSIVE reach(digest) AS (
-                        SELECT unnest(%s::bytea[])
-                        UNION
-                        SELECT r FROM reach
-                          JOIN immagent_assets a ON a.digest = reach.digest
-                          CROSS JOIN LATERAL immagent_refs(a.refs) AS r
-                    )
-                    SELECT a.digest, a.kind, a.refs, a.body
-                      FROM reach JOIN immagent_assets a ON a.digest = reach.digest
-                    """,
-                    (list(roots),),
-                )
-                while rows := await cur.fetchmany(batch_size):
-                    yield [StoredAsset(bytes(d), k, split_refs(refs), bytes(b))
-                           for d, k, refs, b in rows]
-
-    async def dangling_refs(self, agent_ids: Sequence[UUID] | None = None,
-                            limit: int = 10_000) -> list[DanglingRef]:
-        if agent_ids is None:
+    async def dangling_refs(self, states: Sequence[UUID] | None = None,
+                            limit: int = 10_000) -> list[MissingAsset]:
+        if states is None:
             sql = """
                 SELECT DISTINCT r, a.digest, NULL::uuid
                   FROM immagent_assets a CROSS JOIN LATERAL immagent_refs(a.refs) AS r
                  WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = r)
                 UNION ALL
-                SELECT DISTINCT d, NULL::bytea, g.id
-                  FROM immagent_agents g
-                  CROSS JOIN LATERAL unnest(ARRAY[g.system_prompt, g.conversation]) AS d
+                SELECT DISTINCT d, NULL::bytea, s.id
+                  FROM immagent_states s CROSS JOIN LATERAL immagent_refs(s.refs) AS d
                  WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = d)
                 LIMIT %(limit)s
                 """
         else:
             sql = """
                 WITH RECURSIVE roots(id, digest) AS (
-                    SELECT id, unnest(ARRAY[system_prompt, conversation])
-                      FROM immagent_agents WHERE id = ANY(%(ids)s)
+                    SELECT id, immagent_refs(refs) FROM immagent_states WHERE id = ANY(%(ids)s)
                 ), reach(digest) AS (
                     SELECT digest FROM roots
                     UNION
@@ -492,10 +410,10 @@ class PostgresBackend:
         with _mapped("dangling_refs"):
             async with self._pool.connection() as conn:
                 cur = await conn.execute(
-                    sql.encode(), {"ids": list(agent_ids or ()), "limit": limit}
+                    sql.encode(), {"ids": list(states or ()), "limit": limit}
                 )
                 rows = await cur.fetchall()
-        return [DanglingRef(bytes(m), bytes(d) if d is not None else i) for m, d, i in rows]
+        return [MissingAsset(bytes(m), bytes(d) if d is not None else i) for m, d, i in rows]
 
     async def asset_stats(self) -> dict[int, tuple[int, int]]:
         with _mapped("asset_stats"):
@@ -511,11 +429,108 @@ class PostgresBackend:
         with _mapped("storage_bytes"):
             async with self._pool.connection() as conn:
                 cur = await conn.execute(
-                    "SELECT coalesce(sum(pg_total_relation_size(c)), 0) FROM unnest(ARRAY["
-                    "'immagent_assets', 'immagent_agents', 'immagent_schema']::regclass[]) c"
+                    "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+                    "WHERE c.relkind = 'r' AND c.relname LIKE 'immagent\\_%%' "
+                    "AND c.relnamespace = 'public'::regnamespace"
                 )
                 row = await cur.fetchone()
         return int(row[0]) if row else 0
+
+    # -- states ---------------------------------------------------------------------------
+
+    async def _states(self, operation: str, sql: str,
+                      params: Sequence[Any] | dict[str, Any]) -> list[StateRow]:
+        with _mapped(operation):
+            async with self._pool.connection() as conn, conn.cursor(binary=True) as cur:
+                await cur.execute(sql.encode(), params)
+                rows = await cur.fetchall()
+        return [_state(r) for r in rows]
+
+    async def get_states(self, ids: Sequence[UUID]) -> list[StateRow]:
+        if not ids:
+            return []
+        return await self._states(
+            "get_states", f"SELECT {_STATE_COLUMNS} FROM immagent_states WHERE id = ANY(%s)",
+            (list(ids),))
+
+    async def scan_states(self, kind: int | None, *, after: UUID | None = None,
+                          limit: int = 100, newest_first: bool = False,
+                          contains: str | None = None) -> list[StateRow]:
+        where: list[str] = []
+        params: list[Any] = []
+        if kind is not None:
+            where.append("kind = %s")
+            params.append(kind)
+        if after is not None:
+            where.append("id < %s" if newest_first else "id > %s")
+            params.append(after)
+        if contains is not None:
+            # strpos, not LIKE: the user's text has no wildcards to escape.
+            where.append("strpos(lower(stream), %s) > 0")
+            params.append(contains.lower())
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        return await self._states(
+            "scan_states", f"SELECT {_STATE_COLUMNS} FROM immagent_states {clause} "
+            f"ORDER BY id {'DESC' if newest_first else 'ASC'} LIMIT %s", [*params, limit])
+
+    async def stream_states(self, kind: int, stream: str, *, after_seq: int | None = None,
+                            limit: int = 100, newest_first: bool = True) -> list[StateRow]:
+        page = "" if after_seq is None else ("AND seq < %(after)s" if newest_first
+                                             else "AND seq > %(after)s")
+        return await self._states(
+            "stream_states",
+            f"SELECT {_STATE_COLUMNS} FROM immagent_states WHERE kind = %(kind)s AND "
+            f"stream = %(stream)s {page} ORDER BY kind, stream, seq "
+            f"{'DESC' if newest_first else 'ASC'} LIMIT %(limit)s",
+            {"kind": kind, "stream": stream, "after": after_seq, "limit": limit})
+
+    async def count_states(self, kind: int, *, stream: str | None = None,
+                           contains: str | None = None) -> int:
+        sql = "SELECT count(*) FROM immagent_states WHERE kind = %s"
+        params: list[Any] = [kind]
+        if stream is not None:
+            sql += " AND stream = %s"
+            params.append(stream)
+        if contains is not None:
+            sql += " AND strpos(lower(stream), %s) > 0"
+            params.append(contains.lower())
+        with _mapped("count_states"):
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(sql.encode(), params)
+                row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
+        # The LATERAL ... LIMIT 1 pins one primary-key probe per step; a plain join let the
+        # planner pick a hash join that scanned the whole table once per ancestor. Without
+        # a limit, UNION: a parent cycle repeats a row and ends the walk. With one, UNION
+        # ALL and the outer LIMIT: PostgreSQL evaluates a recursive query only as far as
+        # its reader fetches, so a cycle cannot run past the limit.
+        if limit is None:
+            return await self._states(
+                "lineage",
+                f"""
+                WITH RECURSIVE line AS (
+                    SELECT {_STATE_COLUMNS} FROM immagent_states WHERE id = %s
+                    UNION
+                    SELECT a.* FROM line l CROSS JOIN LATERAL (
+                           SELECT {_STATE_COLUMNS} FROM immagent_states
+                            WHERE id = l.parent_id LIMIT 1) AS a
+                )
+                SELECT {_STATE_COLUMNS} FROM line
+                """, (state_id,))
+        return await self._states(
+            "lineage",
+            f"""
+            WITH RECURSIVE line AS (
+                SELECT {_STATE_COLUMNS}, 0 AS depth FROM immagent_states WHERE id = %s
+                UNION ALL
+                SELECT a.*, l.depth + 1 FROM line l CROSS JOIN LATERAL (
+                       SELECT {_STATE_COLUMNS} FROM immagent_states
+                        WHERE id = l.parent_id LIMIT 1) AS a
+            )
+            SELECT {_STATE_COLUMNS} FROM line LIMIT %s
+            """, (state_id, limit))
 
 
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -526,20 +541,44 @@ async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.set_autocommit(False)
 
 
+async def _version(conn: psycopg.AsyncConnection[Any]) -> int | None:
+    cur = await conn.execute("SELECT to_regclass('immagent_schema') IS NOT NULL")
+    row = await cur.fetchone()
+    if not row or not row[0]:
+        return None
+    cur = await conn.execute("SELECT max(version) FROM immagent_schema")
+    row = await cur.fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+async def _migrate_v1(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Version 1 -> 2: agent rows become states of kind AGENT_STATE (digests unchanged),
+    in their log order; the agents table goes."""
+    async with conn.cursor(name="immagent_migrate") as named, conn.cursor() as cur:
+        await named.execute(
+            "SELECT id, parent_id, created_at, name, model, system_prompt, conversation, "
+            "model_config, metadata, digest FROM immagent_agents ORDER BY seq")
+        while rows := await named.fetchmany(1000):
+            await cur.executemany(_INSERT_STATE, [
+                _state_params(state_from_v1(r[0], r[1], r[2], r[3], r[4], bytes(r[5]),
+                                            bytes(r[6]), bytes(r[7]), bytes(r[8]),
+                                            bytes(r[9])))
+                for r in rows])
+    await conn.execute("DROP TABLE immagent_agents")
+
+
+async def _check_conflicts(cur: psycopg.AsyncCursor[Any], states: Sequence[StateRow]) -> None:
+    """Abort the write if a state id it skipped is stored with another digest."""
+    digests = {s.id: s.digest for s in states}
+    await cur.execute("SELECT id, digest FROM immagent_states WHERE id = ANY(%s)",
+                      (list(digests),))
+    conflicts = tuple(i for i, d in await cur.fetchall() if bytes(d) != digests[i])
+    if conflicts:
+        raise _Abort(WriteResult(conflicts=conflicts))
+
+
 def _password(dsn: str) -> str | None:
     try:
         return psycopg.conninfo.conninfo_to_dict(dsn).get("password")  # type: ignore[return-value]
     except psycopg.ProgrammingError:
         return None
-
-
-def _unknown_version(found: int) -> SchemaVersionError:
-    return SchemaVersionError(
-        f"database schema version {found} is not supported by this immagent "
-        f"(it knows version {SCHEMA_VERSION}); upgrade immagent or use another database"
-    )
-
-
-def _agent_params(a: AgentRecord) -> tuple[Any, ...]:
-    return (a.id, a.parent_id, a.created_at, a.name, a.model, a.system_prompt, a.conversation,
-            encode_map(a.model_config), encode_map(a.metadata), a.digest)

@@ -1,10 +1,10 @@
 """SQLite backend: the embedded default, with exactly PostgresBackend's semantics.
 
-Layout: the same three tables as schema.sql. Digests and UUIDs are BLOBs (32 and 16
-bytes), timestamps are integer microseconds since the Unix epoch (UTC), so a record's
+Layout: the same tables as schema.sql. Digests and UUIDs are BLOBs (32 and 16 bytes),
+timestamps are integer microseconds since the Unix epoch (UTC), so a state's
 ``created_at`` round-trips exactly as an aware UTC datetime.
 
-``refs`` is the concatenation of the 32-byte digests an asset points at, in order (a node's
+``refs`` is the concatenation of the 32-byte digests a row points at, in order (a node's
 parent first), in one BLOB: 32 bytes per edge, nothing for a message (an empty BLOB costs
 no payload byte), no index. A side table of edges would store each edge as a row of two
 digests plus an index entry (> 100 bytes per edge, three edges per turn); an array encoding
@@ -33,26 +33,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from uuid import UUID
 
-from immagent.assets import AgentRecord, Digest, Kind
-from immagent.exceptions import (
-    AssetNotFoundError,
-    IntegrityError,
-    SchemaMissingError,
-    SchemaVersionError,
-    StoreConnectionError,
-    StoreError,
-    ValidationError,
-)
-from immagent.store._codec import decode_map, encode_map
+from immagent.assets import Digest, MissingAsset, StoredAsset, join_refs, split_refs
+from immagent.exceptions import StoreConnectionError, StoreError, ValidationError
+from immagent.records import StateRow, state_from_v1
 from immagent.store._sqlite_pool import SQLitePool, is_busy, transaction
-from immagent.store.backend import (
-    SCHEMA_VERSION,
-    DanglingRef,
-    GCResult,
-    StoredAsset,
-    external_refs,
-    split_refs,
-)
+from immagent.store.backend import SCHEMA_VERSION, RowCheck, SweepResult, WriteResult
 
 __all__ = ["SQLiteBackend"]
 
@@ -82,32 +67,29 @@ _DDL = (
         body        BLOB    NOT NULL
     )
     """,
-    # Listing orders by id (UUIDv7, time-ordered), as in PostgreSQL. seq is the commit-order
-    # position in the log: the rowid, so it costs no index, and AUTOINCREMENT never reuses
-    # a deleted row's seq, like PostgreSQL's identity column.
+    # Every client's states (see schema.sql). seq is the commit-order position in the log:
+    # the rowid, so it costs no index, and AUTOINCREMENT never reuses a deleted row's seq,
+    # like PostgreSQL's identity column.
     """
-    CREATE TABLE IF NOT EXISTS immagent_agents (
-        id            BLOB    NOT NULL UNIQUE CHECK (length(id) = 16),
-        parent_id     BLOB    CHECK (parent_id IS NULL OR length(parent_id) = 16),
-        name          TEXT    NOT NULL,
-        model         TEXT    NOT NULL,
-        digest        BLOB    NOT NULL CHECK (length(digest) = 32),
-        system_prompt BLOB    NOT NULL CHECK (length(system_prompt) = 32),
-        conversation  BLOB    NOT NULL CHECK (length(conversation) = 32),
-        model_config  BLOB    NOT NULL,         -- canonical msgpack of a JSON-like map
-        metadata      BLOB    NOT NULL,         -- canonical msgpack of a JSON-like map
-        created_at    INTEGER NOT NULL,         -- microseconds since the Unix epoch, UTC
-        seq           INTEGER PRIMARY KEY AUTOINCREMENT
+    CREATE TABLE IF NOT EXISTS immagent_states (
+        id          BLOB    NOT NULL UNIQUE CHECK (length(id) = 16),
+        parent_id   BLOB    CHECK (parent_id IS NULL OR length(parent_id) = 16),
+        kind        INTEGER NOT NULL,
+        stream      TEXT    NOT NULL,
+        refs        BLOB    NOT NULL CHECK (length(refs) % 32 = 0),
+        digest      BLOB    NOT NULL CHECK (length(digest) = 32),
+        created_at  INTEGER NOT NULL,           -- microseconds since the Unix epoch, UTC
+        body        BLOB    NOT NULL,
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT
     )
     """,
-    "CREATE INDEX IF NOT EXISTS immagent_agents_parent ON immagent_agents (parent_id)",
-    # (name, id) serves "WHERE name = ? ORDER BY id" without a sort (SQLite indexes do not
-    # deduplicate keys, so PostgreSQL's reason for indexing (name) alone does not apply).
-    "CREATE INDEX IF NOT EXISTS immagent_agents_name ON immagent_agents (name, id)",
+    # Every SQLite index entry ends with the rowid (seq), so (kind, stream) already serves
+    # "a stream's states in log order" without storing seq twice.
+    "CREATE INDEX IF NOT EXISTS immagent_states_stream ON immagent_states (kind, stream)",
+    "CREATE INDEX IF NOT EXISTS immagent_states_parent ON immagent_states (parent_id)",
 )
 
-_AGENT_COLUMNS = ("id, parent_id, created_at, name, model, system_prompt, conversation, "
-                  "model_config, metadata, digest")
+_STATE_COLUMNS = "id, parent_id, kind, stream, refs, body, digest, created_at, seq"
 
 # A walk through refs from the digests in `roots`. A row (a, i) means "asset a is
 # reachable; its i-th ref is being followed": each step either descends into that ref
@@ -137,15 +119,32 @@ _BLOB_ROOTS = """
     )
 """
 
-_AGENT_ROOTS = """
-    roots(d) AS (
-        SELECT system_prompt FROM immagent_agents
-        UNION SELECT conversation FROM immagent_agents
+# The refs of states (all, or those whose seq is in `picked`), split by position.
+_STATE_REFS = """
+    srefs(s, i) AS (
+        SELECT seq, 0 FROM {states} WHERE length(refs) >= 32
+        UNION ALL
+        SELECT r.s, r.i + 1 FROM srefs r JOIN immagent_states x ON x.seq = r.s
+         WHERE 32 * (r.i + 2) <= length(x.refs)
+    ),
+    state_refs(src, dst) AS (
+        SELECT x.id, substr(x.refs, 32 * r.i + 1, 32)
+          FROM srefs r JOIN immagent_states x ON x.seq = r.s
     )
 """
 
+_ALL_STATE_ROOTS = (_STATE_REFS.format(states="immagent_states")
+                    + ", roots(d) AS (SELECT DISTINCT dst FROM state_refs)")
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
+
+
+class _Abort(Exception):
+    """Raised inside a write transaction to roll it back and report ``result``."""
+
+    def __init__(self, result: WriteResult) -> None:
+        self.result = result
 
 
 def _to_micros(value: datetime) -> int:
@@ -168,20 +167,21 @@ def _marks(n: int) -> str:
     return ", ".join("?" * n)
 
 
-def _record(row: Sequence[Any]) -> AgentRecord:
-    return AgentRecord(
+def _state(row: Sequence[Any]) -> StateRow:
+    return StateRow(
         id=UUID(bytes=row[0]), parent_id=None if row[1] is None else UUID(bytes=row[1]),
-        created_at=_from_micros(row[2]), name=row[3], model=row[4],
-        system_prompt=bytes(row[5]), conversation=bytes(row[6]),
-        model_config=decode_map(bytes(row[7])), metadata=decode_map(bytes(row[8])),
-        digest=bytes(row[9]),
+        kind=int(row[2]), stream=row[3], refs=split_refs(row[4]), body=bytes(row[5]),
+        digest=bytes(row[6]), created_at=_from_micros(row[7]), seq=int(row[8]),
     )
 
 
-def _agent_params(a: AgentRecord) -> tuple[Any, ...]:
-    return (a.id.bytes, None if a.parent_id is None else a.parent_id.bytes,
-            _to_micros(a.created_at), a.name, a.model, a.system_prompt, a.conversation,
-            encode_map(a.model_config), encode_map(a.metadata), a.digest)
+def _state_params(s: StateRow) -> tuple[Any, ...]:
+    return (s.id.bytes, None if s.parent_id is None else s.parent_id.bytes, s.kind, s.stream,
+            join_refs(s.refs), s.body, s.digest, _to_micros(s.created_at))
+
+
+def _asset(row: Sequence[Any]) -> StoredAsset:
+    return StoredAsset(bytes(row[0]), int(row[1]), split_refs(row[2]), bytes(row[3]))
 
 
 def _version(conn: sqlite3.Connection) -> int | None:
@@ -193,18 +193,11 @@ def _version(conn: sqlite3.Connection) -> int | None:
     return None if row is None or row[0] is None else int(row[0])
 
 
-def _unknown_version(found: int, path: str) -> SchemaVersionError:
-    return SchemaVersionError(
-        f"database schema version {found} in {path} is not supported by this immagent "
-        f"(it knows version {SCHEMA_VERSION}); upgrade immagent or use another database"
-    )
-
-
 def _prepare(conn: sqlite3.Connection, path: str, *, force: bool) -> None:
     """Put the database in WAL mode (and incremental auto-vacuum when it is new).
 
     At open (``force`` false) a database holding only another application's tables is
-    left exactly as it is; init_schema() converts it when asked to add immagent's tables.
+    left exactly as it is; migrate() converts it when asked to add immagent's tables.
     """
     (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
     if str(mode).lower() == "wal":
@@ -220,6 +213,21 @@ def _prepare(conn: sqlite3.Connection, path: str, *, force: bool) -> None:
     if str(mode).lower() != "wal":
         raise StoreConnectionError(f"cannot switch SQLite database {path} to WAL mode "
                                    f"(its journal mode stays {mode!r})")
+
+
+def _migrate_v1(conn: sqlite3.Connection) -> None:
+    """Version 1 -> 2: agent rows become states of kind AGENT_STATE (digests unchanged),
+    in their log order; the agents table goes."""
+    cursor = conn.execute(
+        "SELECT id, parent_id, created_at, name, model, system_prompt, conversation, "
+        "model_config, metadata, digest FROM immagent_agents ORDER BY seq")
+    insert = (f"INSERT INTO immagent_states ({_STATE_COLUMNS.removesuffix(', seq')}) "
+              "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+    while rows := cursor.fetchmany(1000):
+        conn.executemany(insert, [_state_params(state_from_v1(
+            UUID(bytes=r[0]), None if r[1] is None else UUID(bytes=r[1]), _from_micros(r[2]),
+            r[3], r[4], r[5], r[6], r[7], r[8], r[9])) for r in rows])
+    conn.execute("DROP TABLE immagent_agents")
 
 
 def _give_back_free_pages(conn: sqlite3.Connection) -> None:
@@ -241,7 +249,6 @@ class SQLiteBackend:
     def __init__(self, pool: SQLitePool) -> None:
         self._pool = pool
         self.path = pool.path
-        self.dsn = f"sqlite:///{pool.path}"
 
     @classmethod
     async def open(cls, path: str, *, busy_timeout: float = 5.0,
@@ -280,44 +287,40 @@ class SQLiteBackend:
 
     # -- schema ---------------------------------------------------------------------------
 
-    async def init_schema(self) -> None:
+    async def schema_version(self) -> int | None:
+        found: int | None = await self._pool.read("schema_version", _version)
+        return found
+
+    async def migrate(self, found: int | None) -> int | None:
         path = self.path
 
-        def create(conn: sqlite3.Connection) -> None:
-            found = _version(conn)
-            if found is not None and found != SCHEMA_VERSION:
-                raise _unknown_version(found, path)
+        def upgrade(conn: sqlite3.Connection) -> int | None:
+            current = _version(conn)  # under the write lock: another process may have won
+            if current != found:
+                return current
+            if current == 1:
+                conn.execute(_DDL[2])
+                _migrate_v1(conn)
             for statement in _DDL:
                 conn.execute(statement)
             conn.execute("INSERT OR IGNORE INTO immagent_schema (version) VALUES (?)",
                          (SCHEMA_VERSION,))
+            return current
 
-        def init(conn: sqlite3.Connection) -> None:
-            # Refuse an unknown version before changing anything (even the journal mode);
-            # create() checks again inside its write transaction, which serialises two
-            # processes initialising the same file at once.
-            version = transaction(conn, _version, "BEGIN")
-            if version is not None and version != SCHEMA_VERSION:
-                raise _unknown_version(version, path)
-            _prepare(conn, path, force=True)
-            transaction(conn, create)
+        def run(conn: sqlite3.Connection) -> int | None:
+            _prepare(conn, path, force=True)  # outside a transaction: journal mode
+            return transaction(conn, upgrade)
 
-        await self._pool.write("init_schema", init)
-
-    async def check_schema(self) -> None:
-        found = await self._pool.read("check_schema", _version)
-        if found is None:
-            raise SchemaMissingError(f"no immagent schema in {self.path}; "
-                                     "call `await store.init_schema()`")
-        if found != SCHEMA_VERSION:
-            raise _unknown_version(found, self.path)
+        result: int | None = await self._pool.write("init_schema", run)
+        return result
 
     # -- writes ---------------------------------------------------------------------------
 
-    async def write(self, assets: Sequence[StoredAsset], agents: Sequence[AgentRecord]) -> None:
-        external = external_refs(assets, agents)
-        asset_rows = [(a.digest, a.kind, b"".join(a.refs), a.body) for a in assets]
-        agent_rows = [_agent_params(a) for a in agents]
+    async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
+                    require: Sequence[Digest] = ()) -> WriteResult:
+        asset_rows = [(a.digest, a.kind, join_refs(a.refs), a.body) for a in assets]
+        state_rows = [_state_params(s) for s in states]
+        wanted = list(dict.fromkeys(require))
 
         def run(conn: sqlite3.Connection) -> None:
             if asset_rows:
@@ -325,53 +328,103 @@ class SQLiteBackend:
                     "INSERT INTO immagent_assets (digest, kind, refs, body) "
                     "VALUES (?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING", asset_rows)
             present: set[bytes] = set()
-            for chunk in _chunks(external):
+            for chunk in _chunks(wanted):
                 present.update(row[0] for row in conn.execute(
                     f"SELECT digest FROM immagent_assets WHERE digest IN ({_marks(len(chunk))})",
                     chunk))
-            for digest in external:
-                if digest not in present:
-                    raise AssetNotFoundError("referenced asset", digest)
-            if agent_rows:
-                conn.executemany(
-                    f"INSERT INTO immagent_agents ({_AGENT_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", agent_rows)
+            missing = tuple(d for d in wanted if d not in present)
+            if missing:
+                raise _Abort(WriteResult(missing=missing))
+            if not state_rows:
+                return
+            before = conn.total_changes
+            conn.executemany(
+                f"INSERT INTO immagent_states ({_STATE_COLUMNS.removesuffix(', seq')}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING", state_rows)
+            if conn.total_changes - before < len(state_rows):  # some ids were there already
+                digests = {s.id.bytes: s.digest for s in states}
+                conflicts: list[UUID] = []
+                for chunk in _chunks(list(digests)):
+                    conflicts += [UUID(bytes=i) for i, d in conn.execute(
+                        f"SELECT id, digest FROM immagent_states WHERE id IN "
+                        f"({_marks(len(chunk))})", chunk) if d != digests[i]]
+                if conflicts:
+                    raise _Abort(WriteResult(conflicts=tuple(conflicts)))
 
-        await self._pool.write("write", lambda conn: transaction(conn, run))
+        try:
+            await self._pool.write("write", lambda conn: transaction(conn, run))
+        except _Abort as stop:
+            return stop.result
+        return WriteResult()
 
-    async def delete_agents(self, ids: Sequence[UUID]) -> int:
-        keys = [i.bytes for i in ids]
+    async def delete_states(self, ids: Sequence[UUID], *,
+                            stop_at_shared: bool = False) -> list[UUID]:
+        keys = [i.bytes for i in dict.fromkeys(ids)]
 
-        def run(conn: sqlite3.Connection) -> int:
-            deleted = 0
-            for chunk in _chunks(keys):
-                deleted += conn.execute(
-                    f"DELETE FROM immagent_agents WHERE id IN ({_marks(len(chunk))})", chunk
-                ).rowcount
-            return deleted
-
-        return await self._pool.write("delete", lambda conn: transaction(conn, run))
-
-    async def delete_lineage(self, agent_id: UUID) -> list[UUID]:
         def run(conn: sqlite3.Connection) -> list[UUID]:
-            deleted: list[UUID] = []
-            cursor: bytes | None = agent_id.bytes
-            while cursor is not None:
-                row = conn.execute("SELECT parent_id FROM immagent_agents WHERE id = ?",
-                                   (cursor,)).fetchone()
-                if row is None:
+            if not stop_at_shared:
+                deleted = []
+                for chunk in _chunks(keys):
+                    deleted += [UUID(bytes=r[0]) for r in conn.execute(
+                        f"DELETE FROM immagent_states WHERE id IN ({_marks(len(chunk))}) "
+                        "RETURNING id", chunk)]
+                order = {k: n for n, k in enumerate(ids)}
+                return sorted(deleted, key=order.__getitem__)
+            done: list[UUID] = []
+            for n, key in enumerate(keys):
+                # The single writer serialises these: no sibling deletion interleaves.
+                sql = "DELETE FROM immagent_states WHERE id = ?"
+                if n:
+                    sql += " AND NOT EXISTS (SELECT 1 FROM immagent_states WHERE parent_id = ?)"
+                if conn.execute(sql, (key, key) if n else (key,)).rowcount == 0:
                     break
-                if deleted and conn.execute(
-                        "SELECT 1 FROM immagent_agents WHERE parent_id = ? LIMIT 1",
-                        (cursor,)).fetchone() is not None:
-                    break  # an ancestor another state still descends from
-                conn.execute("DELETE FROM immagent_agents WHERE id = ?", (cursor,))
-                deleted.append(UUID(bytes=cursor))
-                cursor = row[0]
-            return deleted
+                done.append(UUID(bytes=key))
+            return done
 
-        # One write transaction: SQLite's single writer serialises concurrent calls.
-        return await self._pool.write("delete_lineage", lambda conn: transaction(conn, run))
+        result: list[UUID] = await self._pool.write("delete", lambda conn: transaction(conn, run))
+        return result
+
+    async def sweep(self, check: RowCheck) -> SweepResult:
+        def sweep(conn: sqlite3.Connection) -> SweepResult:
+            # Mark into a temporary table (SQLite spills it to disk; nothing goes through
+            # Python), then sweep what is not in it, all under the write lock.
+            conn.execute("DROP TABLE IF EXISTS temp.immagent_reach")
+            conn.execute("CREATE TEMP TABLE immagent_reach (digest BLOB PRIMARY KEY) "
+                         "WITHOUT ROWID")
+            conn.execute(f"INSERT INTO temp.immagent_reach WITH RECURSIVE {_ALL_STATE_ROOTS}, "
+                         f"{_WALK} SELECT a FROM walk WHERE i = 0")
+            missing = conn.execute(
+                "SELECT digest FROM temp.immagent_reach r WHERE NOT EXISTS "
+                "(SELECT 1 FROM immagent_assets a WHERE a.digest = r.digest) LIMIT 1"
+            ).fetchone()
+            if missing is not None:
+                (kept,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
+                return SweepResult({}, 0, int(kept), bytes(missing[0]))
+            for sql, decode in (
+                    (f"SELECT {_STATE_COLUMNS} FROM immagent_states", _state),
+                    ("SELECT a.digest, a.kind, a.refs, a.body FROM immagent_assets a "
+                     "JOIN temp.immagent_reach r ON r.digest = a.digest "
+                     "WHERE length(a.refs) > 0", _asset)):
+                cursor = conn.execute(sql)
+                while rows := cursor.fetchmany(1000):
+                    check([decode(r) for r in rows])
+            removed: dict[int, int] = {}
+            freed = 0
+            for kind, n, size in conn.execute(
+                    "SELECT kind, count(*), coalesce(sum(length(body)), 0) FROM immagent_assets "
+                    "WHERE digest NOT IN (SELECT digest FROM temp.immagent_reach) GROUP BY kind"):
+                removed[int(kind)] = int(n)
+                freed += int(size)
+            if removed:
+                conn.execute("DELETE FROM immagent_assets "
+                             "WHERE digest NOT IN (SELECT digest FROM temp.immagent_reach)")
+                _give_back_free_pages(conn)
+            (kept,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
+            conn.execute("DROP TABLE temp.immagent_reach")
+            return SweepResult(removed, freed, int(kept))
+
+        result: SweepResult = await self._pool.write("gc", lambda conn: transaction(conn, sweep))
+        return result
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -387,208 +440,89 @@ class SQLiteBackend:
         def run(conn: sqlite3.Connection) -> dict[Digest, StoredAsset]:
             found: dict[Digest, StoredAsset] = {}
             for chunk in _chunks(keys):
-                for d, k, r, b in conn.execute(
+                for row in conn.execute(
                         "SELECT digest, kind, refs, body FROM immagent_assets "
                         f"WHERE digest IN ({_marks(len(chunk))})", chunk):
-                    found[d] = StoredAsset(d, int(k), split_refs(r), b)
+                    found[row[0]] = _asset(row)
             return found
 
         result: dict[Digest, StoredAsset] = await self._read("get_assets", run)
         return result
 
-    async def get_conversation(
+    async def get_chain(
         self, head: Digest
     ) -> tuple[list[StoredAsset], dict[Digest, StoredAsset]]:
-        node = int(Kind.NODE)
-
         def run(conn: sqlite3.Connection) -> tuple[list[StoredAsset],
                                                    dict[Digest, StoredAsset]]:
-            # A node's first ref is its parent; the kind filter stops the walk at the root.
+            # Each node's first ref is its parent, followed while it has the head's kind.
+            # UNION (not UNION ALL): a damaged refs column pointing back into the chain
+            # repeats a row and ends the walk instead of looping forever.
             rows = conn.execute(
                 """
-                WITH RECURSIVE chain(depth, digest, refs, body) AS (
-                    SELECT 0, digest, refs, body FROM immagent_assets
-                     WHERE digest = :head AND kind = :node
-                    UNION ALL
-                    SELECT c.depth + 1, a.digest, a.refs, a.body
+                WITH RECURSIVE chain(digest, kind, refs, body) AS (
+                    SELECT digest, kind, refs, body FROM immagent_assets WHERE digest = :head
+                    UNION
+                    SELECT a.digest, a.kind, a.refs, a.body
                       FROM chain c JOIN immagent_assets a
-                        ON a.digest = substr(c.refs, 1, 32) AND a.kind = :node
+                        ON a.digest = substr(c.refs, 1, 32) AND a.kind = c.kind
                 )
-                SELECT depth, digest, refs, body FROM chain
-                """, {"head": head, "node": node}).fetchall()
-            # Sorted here, not by ORDER BY: SQL would copy every body into a sorter, and
-            # the queue of a one-row-per-step recursion already yields them in order.
-            rows.sort(key=lambda row: int(row[0]))
-            chain = [StoredAsset(d, node, split_refs(refs), b) for _, d, refs, b in rows]
+                SELECT digest, kind, refs, body FROM chain
+                """, {"head": head}).fetchall()
+            # The queue of a one-row-per-step recursion yields the rows newest first.
+            chain = [_asset(r) for r in rows]
             leaves: dict[Digest, StoredAsset] = {}
             # In-process, a second statement in the same snapshot costs no round trip;
             # the digests come from refs, so no body is decoded here.
-            wanted = list(dict.fromkeys(d for row in chain for d in row.refs))
+            wanted = list(dict.fromkeys(d for row in chain for d in row.refs[1:]))
             for chunk in _chunks(wanted):
-                for d, k, b in conn.execute(
-                        "SELECT digest, kind, body FROM immagent_assets "
-                        f"WHERE digest IN ({_marks(len(chunk))}) AND kind <> {node}",
-                        chunk):
-                    leaves[d] = StoredAsset(d, int(k), (), b)
+                for row in conn.execute(
+                        "SELECT digest, kind, refs, body FROM immagent_assets "
+                        f"WHERE digest IN ({_marks(len(chunk))})", chunk):
+                    leaves[row[0]] = _asset(row)
             return chain, leaves
 
         result: tuple[list[StoredAsset], dict[Digest, StoredAsset]] = (
-            await self._read("get_conversation", run))
+            await self._read("get_chain", run))
         return result
 
-    async def get_agents(self, ids: Sequence[UUID]) -> list[AgentRecord]:
-        if not ids:
-            return []
-        keys = list(dict.fromkeys(i.bytes for i in ids))
-
-        def run(conn: sqlite3.Connection) -> list[Any]:
-            rows: list[Any] = []
-            for chunk in _chunks(keys):
-                rows += conn.execute(f"SELECT {_AGENT_COLUMNS} FROM immagent_agents "
-                                     f"WHERE id IN ({_marks(len(chunk))})", chunk).fetchall()
-            return rows
-
-        return [_record(r) for r in await self._read("get_agents", run)]
-
-    async def list_agents(self, limit: int, offset: int, name: str | None,
-                          newest_first: bool = False) -> list[AgentRecord]:
-        order = "DESC" if newest_first else "ASC"
-        if name is None:
-            return await self._agents(
-                "list_agents",
-                f"SELECT {_AGENT_COLUMNS} FROM immagent_agents ORDER BY id {order} "
-                "LIMIT ? OFFSET ?", (limit, offset))
-        return await self._agents(
-            "list_agents",
-            f"SELECT {_AGENT_COLUMNS} FROM immagent_agents WHERE name = ? "
-            f"ORDER BY id {order} LIMIT ? OFFSET ?", (name, limit, offset))
-
-    async def count_agents(self, name: str | None) -> int:
-        def run(conn: sqlite3.Connection) -> int:
-            if name is None:
-                row = conn.execute("SELECT count(*) FROM immagent_agents").fetchone()
-            else:
-                row = conn.execute("SELECT count(*) FROM immagent_agents WHERE name = ?",
-                                   (name,)).fetchone()
-            return int(row[0])
-
-        return int(await self._pool.read("count_agents", run))
-
-    async def lineage(self, agent_id: UUID) -> list[AgentRecord]:
-        cols = ", ".join(f"a.{c.strip()}" for c in _AGENT_COLUMNS.split(","))
-        return await self._agents(
-            "lineage",
-            f"""
-            WITH RECURSIVE line AS (
-                SELECT {_AGENT_COLUMNS}, 0 AS depth FROM immagent_agents WHERE id = ?
-                UNION ALL
-                SELECT {cols}, l.depth + 1
-                  FROM line l JOIN immagent_agents a ON a.id = l.parent_id
-            )
-            SELECT {_AGENT_COLUMNS} FROM line ORDER BY depth
-            """, (agent_id.bytes,))
-
-    async def children(self, agent_id: UUID) -> list[UUID]:
-        def run(conn: sqlite3.Connection) -> list[UUID]:
-            return [UUID(bytes=row[0]) for row in conn.execute(
-                "SELECT id FROM immagent_agents WHERE parent_id = ? ORDER BY id",
-                (agent_id.bytes,))]
-
-        result: list[UUID] = await self._pool.read("children", run)
-        return result
-
-    async def _agents(self, operation: str, sql: str,
-                      params: Sequence[Any]) -> list[AgentRecord]:
-        rows: list[Any] = await self._pool.read(
-            operation, lambda conn: conn.execute(sql, params).fetchall())
-        return [_record(r) for r in rows]
-
-    # -- maintenance ----------------------------------------------------------------------
-
-    async def gc(self) -> GCResult:
-        def sweep(conn: sqlite3.Connection) -> GCResult:
-            # Mark into a temporary table (SQLite spills it to disk; nothing goes through
-            # Python), then sweep what is not in it, all under the write lock.
-            conn.execute("DROP TABLE IF EXISTS temp.immagent_reach")
-            conn.execute("CREATE TEMP TABLE immagent_reach (digest BLOB PRIMARY KEY) "
-                         "WITHOUT ROWID")
-            conn.execute(f"INSERT INTO temp.immagent_reach WITH RECURSIVE {_AGENT_ROOTS}, "
-                         f"{_WALK} SELECT a FROM walk WHERE i = 0")
-            # git's "never treat an unreadable root as absent": if a live agent reaches a
-            # missing asset, what that asset would have kept is unknown; delete nothing.
-            dangling = conn.execute(
-                "SELECT digest FROM temp.immagent_reach r WHERE NOT EXISTS "
-                "(SELECT 1 FROM immagent_assets a WHERE a.digest = r.digest) LIMIT 1"
-            ).fetchone()
-            if dangling is not None:
-                raise IntegrityError(
-                    f"gc aborted, nothing deleted: a live agent reaches asset "
-                    f"{bytes(dangling[0]).hex()}, which is missing, so reachability is unknown "
-                    "(run store.verify(); restore the asset by importing a bundle, or delete "
-                    "the agents that need it)")
-            removed, freed = conn.execute(
-                "SELECT count(*), coalesce(sum(length(body)), 0) FROM immagent_assets "
-                "WHERE digest NOT IN (SELECT digest FROM temp.immagent_reach)").fetchone()
-            if removed:
-                conn.execute("DELETE FROM immagent_assets "
-                             "WHERE digest NOT IN (SELECT digest FROM temp.immagent_reach)")
-                _give_back_free_pages(conn)
-            (kept,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
-            conn.execute("DROP TABLE temp.immagent_reach")
-            return GCResult(assets_removed=int(removed), bytes_freed=int(freed),
-                            assets_kept=int(kept))
-
-        result: GCResult = await self._pool.write("gc", lambda conn: transaction(conn, sweep))
-        return result
-
-    async def iter_assets(self, batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
-        async for batch in self._iter(
-                "iter_assets",
-                "SELECT digest, kind, refs, body FROM immagent_assets ORDER BY digest",
-                {}, batch_size):
-            yield batch
-
-    async def iter_reachable(self, roots: Sequence[Digest],
-                             batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
-        sql = (f"WITH RECURSIVE {_BLOB_ROOTS}, {_WALK} "
-               "SELECT x.digest, x.kind, x.refs, x.body "
-               "FROM walk w JOIN immagent_assets x ON x.digest = w.a WHERE w.i = 0")
-        async for batch in self._iter("iter_reachable", sql, {"roots": b"".join(roots)},
-                                      batch_size):
-            yield batch
-
-    async def _iter(self, operation: str, sql: str, params: dict[str, Any],
-                    batch_size: int) -> AsyncIterator[list[StoredAsset]]:
-        """Stream a query's assets in batches from one read transaction (one snapshot),
-        holding a reader connection until the caller finishes or closes the iterator."""
+    async def iter_assets(self, roots: Sequence[Digest] | None = None,
+                          batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
+        if roots is None:
+            sql = "SELECT digest, kind, refs, body FROM immagent_assets ORDER BY digest"
+            params: dict[str, Any] = {}
+        else:
+            sql = (f"WITH RECURSIVE {_BLOB_ROOTS}, {_WALK} "
+                   "SELECT x.digest, x.kind, x.refs, x.body "
+                   "FROM walk w JOIN immagent_assets x ON x.digest = w.a WHERE w.i = 0")
+            params = {"roots": join_refs(roots)}
         pool = self._pool
-        async with pool.reader(operation) as conn:
+        async with pool.reader("iter_assets") as conn:
             def start(c: sqlite3.Connection) -> sqlite3.Cursor:
                 if c.in_transaction:
                     c.execute("ROLLBACK")
-                c.execute("BEGIN")
+                c.execute("BEGIN")  # one snapshot for the whole stream
                 return c.execute(sql, params)
 
-            cursor = await pool.call(operation, conn, start)
+            cursor = await pool.call("iter_assets", conn, start)
             try:
-                while rows := await pool.call(operation, conn,
+                while rows := await pool.call("iter_assets", conn,
                                               lambda _: cursor.fetchmany(batch_size)):
-                    yield [StoredAsset(d, int(k), split_refs(r), b) for d, k, r, b in rows]
+                    yield [_asset(r) for r in rows]
             finally:
                 if not pool.closed:  # a closed pool closes the connection, ending the read
                     def end(c: sqlite3.Connection) -> None:
                         cursor.close()
                         if c.in_transaction:
                             c.execute("ROLLBACK")
-                    await pool.call(operation, conn, end)
+                    await pool.call("iter_assets", conn, end)
 
-    async def dangling_refs(self, agent_ids: Sequence[UUID] | None = None,
-                            limit: int = 10_000) -> list[DanglingRef]:
-        if agent_ids is None:
-            agents = "SELECT id, system_prompt, conversation FROM immagent_agents"
+    async def dangling_refs(self, states: Sequence[UUID] | None = None,
+                            limit: int = 10_000) -> list[MissingAsset]:
+        if states is None:
             params: dict[str, Any] = {"limit": limit}
             # Every asset's refs, split by walking positions without descending.
-            edges = """
+            ctes = f"""
+                {_STATE_REFS.format(states="immagent_states")},
                 pos(a, i) AS (
                     SELECT digest, 0 FROM immagent_assets WHERE length(refs) > 0
                     UNION ALL
@@ -601,19 +535,16 @@ class SQLiteBackend:
                 )
             """
         else:
-            ids = b"".join(i.bytes for i in agent_ids)
-            agents = ("SELECT id, system_prompt, conversation FROM immagent_agents WHERE id IN "
-                      "(SELECT substr(:ids, 16 * n + 1, 16) FROM ids)")
-            params = {"limit": limit, "ids": ids}
-            edges = f"""
+            params = {"limit": limit, "ids": b"".join(i.bytes for i in states)}
+            picked = ("(SELECT seq, refs FROM immagent_states WHERE id IN "
+                      "(SELECT substr(:ids, 16 * n + 1, 16) FROM ids))")
+            ctes = f"""
                 ids(n) AS (
                     SELECT 0 WHERE length(:ids) >= 16
                     UNION ALL SELECT n + 1 FROM ids WHERE 16 * (n + 2) <= length(:ids)
                 ),
-                roots(d) AS (
-                    SELECT system_prompt FROM ({agents})
-                    UNION SELECT conversation FROM ({agents})
-                ),
+                {_STATE_REFS.format(states=picked)},
+                roots(d) AS (SELECT DISTINCT dst FROM state_refs),
                 {_WALK},
                 edges(src, dst) AS (
                     SELECT w.a, substr(x.refs, 32 * w.i + 1, 32)
@@ -621,15 +552,11 @@ class SQLiteBackend:
                      WHERE 32 * w.i < length(x.refs)
                 )
             """
-        # Agent rows first-class: their prompt and head may be absent too.
+        # State rows first-class: what they pin may be absent too.
         sql = f"""
-            WITH RECURSIVE {edges},
-            agent_refs(dst, src) AS (
-                SELECT system_prompt, id FROM ({agents})
-                UNION SELECT conversation, id FROM ({agents})
-            )
-            SELECT dst, src, 1 FROM agent_refs
-             WHERE NOT EXISTS (SELECT 1 FROM immagent_assets m WHERE m.digest = agent_refs.dst)
+            WITH RECURSIVE {ctes}
+            SELECT dst, src, 1 FROM state_refs
+             WHERE NOT EXISTS (SELECT 1 FROM immagent_assets m WHERE m.digest = state_refs.dst)
             UNION
             SELECT dst, src, 0 FROM edges
              WHERE NOT EXISTS (SELECT 1 FROM immagent_assets m WHERE m.digest = edges.dst)
@@ -637,8 +564,8 @@ class SQLiteBackend:
         """
         rows: list[Any] = await self._read(
             "dangling_refs", lambda conn: conn.execute(sql, params).fetchall())
-        return [DanglingRef(bytes(d), UUID(bytes=s) if is_agent else bytes(s))
-                for d, s, is_agent in rows]
+        return [MissingAsset(bytes(d), UUID(bytes=s) if is_state else bytes(s))
+                for d, s, is_state in rows]
 
     async def asset_stats(self) -> dict[int, tuple[int, int]]:
         rows: list[Any] = await self._pool.read(
@@ -668,3 +595,87 @@ class SQLiteBackend:
             return sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
 
         return int(await self._pool.write("storage_bytes", run))
+
+    # -- states ---------------------------------------------------------------------------
+
+    async def _states(self, operation: str, sql: str,
+                      params: Sequence[Any] | dict[str, Any]) -> list[StateRow]:
+        rows: list[Any] = await self._pool.read(
+            operation, lambda conn: conn.execute(sql, params).fetchall())
+        return [_state(r) for r in rows]
+
+    async def get_states(self, ids: Sequence[UUID]) -> list[StateRow]:
+        if not ids:
+            return []
+        keys = list(dict.fromkeys(i.bytes for i in ids))
+
+        def run(conn: sqlite3.Connection) -> list[Any]:
+            rows: list[Any] = []
+            for chunk in _chunks(keys):
+                rows += conn.execute(f"SELECT {_STATE_COLUMNS} FROM immagent_states "
+                                     f"WHERE id IN ({_marks(len(chunk))})", chunk).fetchall()
+            return rows
+
+        return [_state(r) for r in await self._read("get_states", run)]
+
+    async def scan_states(self, kind: int | None, *, after: UUID | None = None,
+                          limit: int = 100, newest_first: bool = False,
+                          contains: str | None = None) -> list[StateRow]:
+        where: list[str] = []
+        params: list[Any] = []
+        if kind is not None:
+            where.append("kind = ?")
+            params.append(kind)
+        if after is not None:
+            where.append("id < ?" if newest_first else "id > ?")
+            params.append(after.bytes)
+        if contains is not None:
+            where.append("instr(immagent_lower(stream), ?) > 0")
+            params.append(contains.lower())
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        order = "DESC" if newest_first else "ASC"
+        return await self._states(
+            "scan_states", f"SELECT {_STATE_COLUMNS} FROM immagent_states {clause} "
+            f"ORDER BY id {order} LIMIT ?", [*params, limit])
+
+    async def stream_states(self, kind: int, stream: str, *, after_seq: int | None = None,
+                            limit: int = 100, newest_first: bool = True) -> list[StateRow]:
+        page = "" if after_seq is None else ("AND seq < :after" if newest_first
+                                             else "AND seq > :after")
+        return await self._states(
+            "stream_states",
+            f"SELECT {_STATE_COLUMNS} FROM immagent_states WHERE kind = :kind AND "
+            f"stream = :stream {page} ORDER BY seq {'DESC' if newest_first else 'ASC'} "
+            "LIMIT :limit",
+            {"kind": kind, "stream": stream, "after": after_seq, "limit": limit})
+
+    async def count_states(self, kind: int, *, stream: str | None = None,
+                           contains: str | None = None) -> int:
+        sql = "SELECT count(*) FROM immagent_states WHERE kind = ?"
+        params: list[Any] = [kind]
+        if stream is not None:
+            sql += " AND stream = ?"
+            params.append(stream)
+        if contains is not None:
+            sql += " AND instr(immagent_lower(stream), ?) > 0"
+            params.append(contains.lower())
+        rows: list[Any] = await self._pool.read(
+            "count_states", lambda conn: conn.execute(sql, params).fetchall())
+        return int(rows[0][0])
+
+    async def lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
+        cols = ", ".join(f"s.{c.strip()}" for c in _STATE_COLUMNS.split(","))
+        # Without a limit, UNION: a parent cycle repeats a row and ends the walk. With one,
+        # UNION ALL stops after `limit` rows, newest first (the recursion's queue order).
+        union, cap = ("UNION", "") if limit is None else ("UNION ALL", "LIMIT :limit")
+        return await self._states(
+            "lineage",
+            f"""
+            WITH RECURSIVE line({_STATE_COLUMNS}) AS (
+                SELECT {_STATE_COLUMNS} FROM immagent_states WHERE id = :id
+                {union}
+                SELECT {cols} FROM line l JOIN immagent_states s ON s.id = l.parent_id
+                {cap}
+            )
+            SELECT {_STATE_COLUMNS} FROM line
+            """, {"id": state_id.bytes, "limit": limit})

@@ -1,71 +1,102 @@
-"""Store: the one place that knows both the cache and the backend.
+"""Store: the content-addressed log every client writes to, and the rules over its backend.
 
-Reads go cache first, then one chain query plus one batched body fetch; every body read
-from the database is re-hashed before it is trusted. Writes validate first, build every
-asset in memory, then hand the backend one batch (one transaction).
+Two layers in one facade. The *event-store API* (``commit``, ``get_assets``, ``get_chain``,
+``get_states``, ``stream_states``, ``scan_states``, ``state_lineage``, ``delete_states``) is
+what every client uses: PersistentAgent, the LangGraph checkpointer, the OpenAI Agents
+session. The *agent API* (``create_agent``, ``load_agent``, ``append``, …) is the agent
+client's half, kept here because the seed package put it on the Store.
+
+Rules live here, once, above a backend that only reports facts: the schema policy, "what a
+write points at must exist", "a state is written only if it verifies", cycle-safe lineage
+walks, lineage deletion, and gc's checks (in ``immagent.audit``). Reads go cache first; every
+row read from a backend passes the one verify-on-read (``assets.load_row`` /
+``records.load_state``) before it is decoded or cached. The store never runs a model.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 from uuid import UUID
 
 import msgspec
 
 from immagent import registry
-from immagent.agent import PersistentAgent
 from immagent.assets import (
     EMPTY_CONVERSATION,
-    AgentRecord,
+    NODE_KINDS,
     Asset,
     ConversationNode,
     Digest,
     Kind,
     Message,
+    StoredAsset,
     SystemPrompt,
     decode_asset,
-    digest_of,
-    state_digest,
+    load_row,
+    stored,
 )
-from immagent.cache import AssetCache
+from immagent.audit import bundle, gc, verify
 from immagent.exceptions import (
     AgentNotFoundError,
     AssetNotFoundError,
+    ConflictError,
     IntegrityError,
     MessageNotFoundError,
+    SchemaMissingError,
+    SchemaVersionError,
     StoreClosedError,
     ValidationError,
 )
 from immagent.ids import uuid7
-from immagent.llm import DEFAULT_RETRY_DELAY, check_config
-from immagent.stats import StoreStats
-from immagent.store.backend import Backend, GCResult, StoredAsset, stored
-from immagent.turn import run_turn
-from immagent.validate import MAX_NAME_CHARS, check_json_mapping, check_text, check_uuid
+from immagent.records import AgentRecord, StateRow, load_agent, load_state, state_digest
+from immagent.store import dsn as dsns
+from immagent.store.backend import SCHEMA_VERSION, Backend
+from immagent.store.cache import AssetCache
+from immagent.store.stats import StoreStats
+from immagent.validate import (
+    MAX_NAME_CHARS,
+    check_config,
+    check_json_mapping,
+    check_text,
+    check_uuid,
+)
 
 if TYPE_CHECKING:
-    from immagent.advance import ToolProvider
-    from immagent.bundle import BundleInfo
-    from immagent.verify import VerifyReport
+    from immagent.agent import PersistentAgent
 
 __all__ = ["Store"]
 
 log = logging.getLogger("immagent")
 
+A = TypeVar("A", bound=Asset)
+
+#: Page size of internal scans (stats, find_by_name).
+_PAGE = 1000
+#: Largest page a caller may ask for.
+MAX_PAGE = 10_000
+
 
 class Store:
-    """Persistent agents over PostgreSQL or SQLite. Open with ``await Store.connect(dsn)``;
-    use as ``async with``. Safe to share between tasks of one event loop."""
+    """Persistent agents (and other clients' states) over PostgreSQL, SQLite or memory.
+    Open with ``await Store.connect(dsn)``; use as ``async with``. Safe to share between
+    tasks of one event loop."""
 
-    def __init__(self, backend: Backend, *, description: str = "") -> None:
+    def __init__(self, backend: Backend, *, name: str = "the store",
+                 cache_entries: int = 20_000) -> None:
+        """A store over an open backend (``Store.connect`` makes both); ``name`` is how
+        messages refer to it (never with a password)."""
         self._backend = backend
-        self._cache = AssetCache()
+        self._name = name
+        self._cache = AssetCache(recent=cache_entries)
+        # While an agent object is alive, loading its id returns that same object.
+        self._agents: weakref.WeakValueDictionary[UUID, PersistentAgent] = (
+            weakref.WeakValueDictionary())
         self._closed = False
-        self.description = description
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -77,39 +108,42 @@ class Store:
         min_size: int = 2,
         max_size: int = 10,
         max_inactive_connection_lifetime: float = 300.0,
+        cache_entries: int = 20_000,
     ) -> Store:
         """Open a store: ``postgresql://…`` for PostgreSQL, ``sqlite:///path.db`` (or a bare
-        path ending in ``.db``) for the embedded SQLite backend."""
-        if isinstance(dsn, os.PathLike):
-            dsn = os.fspath(dsn)
-        if not isinstance(dsn, str) or not dsn.strip():
-            raise ValidationError("dsn", "must be a non-empty str", dsn)
+        path ending in ``.db``) for the embedded SQLite backend, ``memory://`` for a
+        throwaway one. The pool sizes apply to PostgreSQL; SQLite uses ``max_size`` reader
+        connections beside its one writer. ``cache_entries`` decoded assets stay in memory
+        after their last use (assets never change, so a cached one is never stale)."""
+        target = dsns.parse(dsn)
+        if isinstance(cache_entries, bool) or not isinstance(cache_entries, int) or not (
+                0 <= cache_entries <= 10_000_000):
+            raise ValidationError("cache_entries", f"must be an int from 0 to 10000000, got "
+                                  f"{cache_entries!r}", cache_entries)
         if not (isinstance(min_size, int) and isinstance(max_size, int)
                 and 0 <= min_size <= max_size and max_size >= 1):
             raise ValidationError(
                 "max_size", f"need 0 <= min_size <= max_size, max_size >= 1 "
                 f"(got min_size={min_size!r}, max_size={max_size!r})", max_size)
-        if dsn.startswith(("postgresql://", "postgres://")) or "dbname=" in dsn:
-            from immagent.store.postgres import PostgresBackend, safe_dsn
+        backend: Backend
+        if target.scheme == "postgresql":
+            from immagent.store.postgres import PostgresBackend
 
-            backend: Backend = await PostgresBackend.open(
-                dsn, min_size=min_size, max_size=max_size,
+            backend = await PostgresBackend.open(
+                target.dsn, min_size=min_size, max_size=max_size,
                 max_inactive_connection_lifetime=max_inactive_connection_lifetime,
             )
-            return cls(backend, description=safe_dsn(dsn))
-        path = _sqlite_path(dsn)
-        if path is not None:
+        elif target.scheme == "sqlite":
             from immagent.store.sqlite import SQLiteBackend
 
-            # SQLite has one writer; max_size bounds the reader connections.
-            backend = await SQLiteBackend.open(path, readers=max(1, min(max_size, 64)))
-            return cls(backend, description=f"sqlite:///{path}")
-        # Only the scheme is shown: the rest of an unsupported URL may hold a password.
-        scheme = dsn.split("://", 1)[0] + "://" if "://" in dsn else "a plain path"
-        raise ValidationError(
-            "dsn", f"unsupported DSN ({scheme}): use postgresql://… (no +driver suffix) "
-            "or sqlite:///path.db", None
-        )
+            assert target.path is not None
+            backend = await SQLiteBackend.open(target.path, readers=max(1, min(max_size, 64)))
+            return cls(backend, name=target.path, cache_entries=cache_entries)
+        else:
+            from immagent.store.memory import MemoryBackend
+
+            backend = MemoryBackend()
+        return cls(backend, name=dsns.redact(target.dsn), cache_entries=cache_entries)
 
     async def __aenter__(self) -> Store:
         return self
@@ -133,294 +167,88 @@ class Store:
         return not self._closed and await self._backend.ping()
 
     async def init_schema(self) -> None:
-        """Create immagent's tables if missing (idempotent; refuses unknown versions)."""
-        await self._open().init_schema()
+        """Create immagent's tables if missing, or migrate an older layout to this one
+        (idempotent, safe from several processes at once); refuses an unknown version."""
+        backend = self._open()
+        for _ in range(5):  # another process may migrate between our read and our lock
+            found = await backend.schema_version()
+            if found == SCHEMA_VERSION:
+                return
+            _check_known(found, self._name)
+            if await backend.migrate(found) == found:
+                if found is not None:
+                    log.info("migrated the store from schema version %d to %d", found,
+                             SCHEMA_VERSION)
+                return
+        raise SchemaVersionError("the schema version kept changing during init_schema()")
 
     async def check_schema(self) -> None:
-        """Raise SchemaMissingError (no tables yet) or SchemaVersionError (unknown version)
+        """Raise SchemaMissingError (no tables yet) or SchemaVersionError (another version)
         unless the database holds this immagent's schema; never changes the database."""
-        await self._open().check_schema()
+        found = await self._open().schema_version()
+        if found is None:
+            raise SchemaMissingError(f"no immagent schema in {self._name}; call "
+                                     "`await store.init_schema()`")
+        if found != SCHEMA_VERSION:
+            _check_known(found, self._name)
+            raise SchemaVersionError(f"{self._name} has schema version {found}; "
+                                     "`await store.init_schema()` migrates it")
 
     def clear_cache(self) -> None:
-        """Forget every cached asset (only useful to measure or to free memory)."""
+        """Forget every cached asset and agent object (only useful to measure or to free
+        memory); loading an id afterwards makes a new object."""
         self._cache.clear()
+        self._agents.clear()
 
     def _open(self) -> Backend:
         if self._closed:
             raise StoreClosedError("the store is closed")
         return self._backend
 
-    # -- agents ---------------------------------------------------------------------------
+    # -- the event-store API: what every client of the store uses --------------------------
 
-    async def create_agent(
-        self,
-        name: str,
-        system_prompt: str,
-        model: str,
-        model_config: Mapping[str, Any] | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> PersistentAgent:
-        """Create and save a new agent with an empty conversation."""
+    async def commit(self, assets: Sequence[Asset], states: Sequence[StateRow] = ()) -> None:
+        """Write ``assets`` and ``states`` in one transaction (assets already stored are
+        shared, not written again). Everything they point at must be in the batch or
+        already stored (AssetNotFoundError otherwise); each state must verify; a state id
+        already stored with other content is a ConflictError. Nothing is written on error."""
+        rows = [_storable(f"assets[{i}]", a) for i, a in enumerate(assets)]
+        await self._write(rows, states, assets)
+
+    async def _write(self, rows: Sequence[StoredAsset], states: Sequence[StateRow],
+                     decoded: Sequence[Asset] = ()) -> None:
+        """The one write path: rows proved storable (or read from a verified bundle),
+        states checked, every outside reference required to exist, in one transaction."""
         backend = self._open()
-        name = check_text("name", name, max_bytes=MAX_NAME_CHARS)
-        prompt = SystemPrompt(text=check_text("system_prompt", system_prompt))
-        model = check_text("model", model, max_bytes=MAX_NAME_CHARS)
-        config = check_config(model_config, "model_config")  # not at the first advance
-        meta = check_json_mapping("metadata", metadata)
-        record = _new_record(None, name, model, prompt.digest, EMPTY_CONVERSATION.digest,
-                             config, meta)
-        await backend.write([stored(prompt), stored(EMPTY_CONVERSATION)], [record])
-        self._cache.put(prompt)
-        log.info("created agent %s (%s)", record.id, name)
-        return self._bind(record)
+        for i, state in enumerate(states):
+            if not isinstance(state, StateRow):
+                raise ValidationError(f"states[{i}]", "must be a StateRow", state)
+            load_state(state)  # a client bug must never store a row that fails its check
+        inside = {row.digest for row in rows}
+        wanted = {d for row in rows for d in row.refs}
+        wanted.update(d for s in states for d in s.refs)
+        result = await backend.write(list({r.digest: r for r in rows}.values()), list(states),
+                                     sorted(wanted - inside))
+        if result.missing:
+            raise AssetNotFoundError("referenced asset", result.missing[0])
+        if result.conflicts:
+            raise ConflictError(result.conflicts[0])
+        for asset in decoded:
+            self._cache.put(asset)
 
-    async def load_agent(self, agent_id: UUID | str) -> PersistentAgent:
-        """The agent state with this id; AgentNotFoundError if there is none."""
-        agent_id = check_uuid("agent_id", agent_id)
-        records = await self._open().get_agents([agent_id])
-        if not records:
-            raise AgentNotFoundError(agent_id)
-        return self._bind(records[0])
+    @overload
+    async def get_assets(self, digests: Sequence[Digest], kind: None = None,
+                         what: str = "asset") -> list[Asset]: ...
 
-    async def load_agents(self, agent_ids: Sequence[UUID | str]) -> list[PersistentAgent]:
-        """Several agent states in one query, in the order asked; any missing id raises."""
-        ids = [check_uuid("agent_ids", i) for i in agent_ids]
-        by_id = {r.id: r for r in await self._open().get_agents(ids)}
-        for i in ids:
-            if i not in by_id:
-                raise AgentNotFoundError(i)
-        return [self._bind(by_id[i]) for i in ids]
+    @overload
+    async def get_assets(self, digests: Sequence[Digest], kind: type[A],
+                         what: str = "asset") -> list[A]: ...
 
-    async def list_agents(self, limit: int = 100, offset: int = 0, name: str | None = None,
-                          *, newest_first: bool = False) -> list[PersistentAgent]:
-        """Agent states in creation order (oldest first unless ``newest_first``), a page at
-        a time, optionally of one name."""
-        _check_page(limit, offset)
-        if name is not None:
-            name = check_text("name", name)
-        records = await self._open().list_agents(limit, offset, name, bool(newest_first))
-        return [self._bind(r) for r in records]
-
-    async def count_agents(self, name: str | None = None) -> int:
-        """How many agent states are stored (optionally with this exact name)."""
-        if name is not None:
-            name = check_text("name", name)
-        return await self._open().count_agents(name)
-
-    async def find_by_name(self, name: str) -> list[PersistentAgent]:
-        """Every agent state with exactly this name, oldest first."""
-        name = check_text("name", name)
-        backend = self._open()
-        found: list[PersistentAgent] = []
-        page = 1000
-        while True:
-            batch = await backend.list_agents(page, len(found), name)
-            found.extend(self._bind(r) for r in batch)
-            if len(batch) < page:
-                return found
-
-    async def delete(self, agent: PersistentAgent | UUID | str) -> None:
-        """Delete one agent state. Its assets stay until gc(); other states are untouched
-        (a child's parent_id then names a deleted state and lineage walks stop there)."""
-        agent_id = _agent_id(agent)
-        if await self._open().delete_agents([agent_id]) == 0:
-            raise AgentNotFoundError(agent_id)
-        log.info("deleted agent %s", agent_id)
-
-    async def gc(self) -> GCResult:
-        """Remove every asset that no stored agent state can reach; safe while other tasks
-        or processes write (see docs/architecture.md)."""
-        result = await self._open().gc()
-        log.info("gc removed %d assets (%d bytes)", result.assets_removed, result.bytes_freed)
-        return result
-
-    async def stats(self, page_size: int = 1000) -> StoreStats:
-        """Sizes of what is stored and of what a copy-per-state layout would store.
-
-        Reads every agent row once (paged) and each distinct head node and prompt once.
-        """
-        _check_page(page_size, 0)
-        backend = self._open()
-        by_kind = await backend.asset_stats()
-        logical = 0
-        offset = 0
-        while batch := await backend.list_agents(page_size, offset, None):
-            offset += len(batch)
-            digests = {d for r in batch for d in (r.system_prompt, r.conversation)}
-            sizes: dict[Digest, int] = {}
-            for asset in await self._assets(sorted(digests), "asset"):
-                sizes[asset.digest] = (asset.size if isinstance(asset, ConversationNode)
-                                       else len(asset.body))
-            logical += sum(sizes[r.system_prompt] + sizes[r.conversation] for r in batch)
-        return StoreStats(
-            agents=offset,
-            assets_by_kind={Kind(k).name.lower(): v for k, v in sorted(by_kind.items())},
-            payload_bytes=sum(b for _, b in by_kind.values()),
-            disk_bytes=await backend.storage_bytes(),
-            logical_bytes=logical,
-        )
-
-    # -- audit: verify, export, import, lineage deletion ---------------------------------
-
-    async def delete_lineage(self, agent: PersistentAgent | UUID | str) -> list[UUID]:
-        """Delete ``agent`` and then each ancestor that no other live state descends from.
-
-        A state is *live* while its agent row exists. The walk stops at the first ancestor
-        that has another child row (or is already gone). Children of a deleted state keep
-        their ``parent_id``; their lineage walks stop there. Assets stay until gc().
-        Returns the deleted ids, ``agent`` first, in one transaction.
-        """
-        agent_id = _agent_id(agent)
-        deleted = await self._open().delete_lineage(agent_id)
-        if not deleted:
-            raise AgentNotFoundError(agent_id)
-        log.info("deleted lineage of %s: %d states", agent_id, len(deleted))
-        return deleted
-
-    async def verify(self, agent: PersistentAgent | UUID | str | None = None, *,
-                     progress: Callable[[int], None] | None = None) -> VerifyReport:
-        """Re-hash the stored bytes of every asset (or those ``agent`` reaches), resolve
-        every reference, recompute every agent row's state digest; never raises on a
-        problem found, it lists it. ``progress`` gets the number of assets checked so far."""
-        from immagent.verify import verify_backend
-
-        agent_id = None if agent is None else _agent_id(agent)
-        if progress is not None and not callable(progress):
-            raise ValidationError("progress", "must be a callable taking an int", progress)
-        report = await verify_backend(self._open(), agent_id, progress=progress)
-        log.info("verify: %d assets, %d problems", report.assets_checked, report.problems)
-        return report
-
-    async def export(self, agent: PersistentAgent | UUID | str,
-                     path: str | os.PathLike[str]) -> BundleInfo:
-        """Write an audit bundle of ``agent`` (its lineage and every asset they reach) to
-        ``path``, atomically; verify it anywhere with ``immagent.verify_bundle``."""
-        from immagent.bundle import export_bundle
-
-        agent_id = _agent_id(agent)
-        info = await export_bundle(self._open(), agent_id, path)
-        log.info("exported %s: %d states, %d assets to %s", agent_id, len(info.agents),
-                 info.assets, info.path)
-        return info
-
-    async def import_bundle(self, path: str | os.PathLike[str]) -> PersistentAgent:
-        """Verify a bundle, then load it in one transaction (idempotent: present rows are
-        skipped); returns its head state with the same id and digest as where it came from."""
-        from immagent.bundle import import_bundle
-
-        head = await import_bundle(self._open(), path)
-        log.info("imported bundle %s: head %s", os.fspath(path), head)
-        return await self.load_agent(head)
-
-    # -- per-agent operations (PersistentAgent's methods delegate here) --------------------
-
-    async def get_messages(self, agent: PersistentAgent) -> tuple[Message, ...]:
-        """All messages of ``agent``'s conversation, oldest first."""
-        return await self._history(agent.conversation_digest)
-
-    async def message_counts(self, agents: Sequence[PersistentAgent]) -> list[int]:
-        """How many messages each agent's conversation holds, read from the head nodes
-        alone (one batched fetch, no history)."""
-        nodes = await self._assets([a.conversation_digest for a in agents], "conversation node")
-        return [n.length if isinstance(n, ConversationNode) else 0 for n in nodes]
-
-    async def get_system_prompt(self, agent: PersistentAgent) -> str:
-        """The system prompt text of ``agent``."""
-        (prompt,) = await self._assets([agent.system_prompt_digest], "system prompt")
-        assert isinstance(prompt, SystemPrompt)
-        return prompt.text
-
-    async def get_lineage(self, agent: PersistentAgent) -> list[PersistentAgent]:
-        """``agent`` and its stored ancestors, newest first."""
-        records = await self._open().lineage(agent.id)
-        if not records:
-            raise AgentNotFoundError(agent.id)
-        return [self._bind(r) for r in records]
-
-    async def clone(self, agent: PersistentAgent) -> PersistentAgent:
-        """Same content, new id, parent = ``agent``; writes one agent row and no assets."""
-        r = agent._record()
-        record = _new_record(agent.id, r.name, r.model, r.system_prompt, r.conversation,
-                             r.model_config, r.metadata)
-        await self._open().write([], [record])
-        return self._bind(record)
-
-    async def with_metadata(self, agent: PersistentAgent,
-                            metadata: Mapping[str, Any]) -> PersistentAgent:
-        """A new state of ``agent`` with ``metadata`` replacing the old metadata."""
-        meta = check_json_mapping("metadata", metadata)
-        r = agent._record()
-        record = _new_record(agent.id, r.name, r.model, r.system_prompt, r.conversation,
-                             r.model_config, meta)
-        await self._open().write([], [record])
-        return self._bind(record)
-
-    async def advance(
-        self,
-        agent: PersistentAgent,
-        input: str,
-        *,
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        top_p: float | None = None,
-        mcp: ToolProvider | None = None,
-        max_retries: int = 3,
-        timeout: float | None = 120.0,
-        max_tool_rounds: int = 10,
-        retry_delay: float = DEFAULT_RETRY_DELAY,
-    ) -> PersistentAgent:
-        """Run one turn of ``agent`` and save the result as a new state (see
-        PersistentAgent.advance)."""
-        self._open()
-        history = await self.get_messages(agent)
-        new_messages = await run_turn(
-            model=agent.model, system_prompt=await self.get_system_prompt(agent),
-            model_config=agent.model_config, history=history, user_input=input,
-            temperature=temperature, max_tokens=max_tokens, top_p=top_p, tools=mcp,
-            max_retries=max_retries, timeout=timeout, max_tool_rounds=max_tool_rounds,
-            retry_delay=retry_delay,
-        )
-        return await self.append(agent, new_messages, history=history)
-
-    async def append(self, agent: PersistentAgent, messages: Sequence[Message], *,
-                     history: tuple[Message, ...] | None = None) -> PersistentAgent:
-        """Save a new state of ``agent`` whose conversation adds ``messages``.
-
-        Writes only the new messages, one conversation node and one agent row, in one
-        transaction. This is the store-only half of advance (also used by imports and
-        benchmarks).
-        """
-        backend = self._open()
-        messages = _checked_messages(messages)
-        parent = await self._node(agent.conversation_digest)
-        node = parent.extend(messages)
-        r = agent._record()
-        record = _new_record(agent.id, r.name, r.model, r.system_prompt, node.digest,
-                             r.model_config, r.metadata)
-        unique = {m.digest: m for m in messages}
-        await backend.write([*(stored(m) for m in unique.values()), stored(node)], [record])
-        for m in unique.values():
-            self._cache.put(m)
-        self._cache.put(node)
-        if history is None:
-            history = self._cache.history(agent.conversation_digest)
-        if history is not None:
-            self._cache.put_history(node.digest, (*history, *messages))
-        return self._bind(record)
-
-    # -- reading assets -------------------------------------------------------------------
-
-    def _bind(self, record: AgentRecord) -> PersistentAgent:
-        return registry.bind(PersistentAgent._from_record(record), self)
-
-    async def _node(self, digest: Digest) -> ConversationNode:
-        (node,) = await self._assets([digest], "conversation node")
-        if not isinstance(node, ConversationNode):
-            raise IntegrityError(f"asset {digest.hex()} is not a conversation node")
-        return node
-
-    async def _assets(self, digests: Sequence[Digest], what: str) -> list[Asset]:
-        """Assets by digest: cache first, the rest in one batched, digest-checked fetch."""
+    async def get_assets(self, digests: Sequence[Digest], kind: type[A] | None = None,
+                         what: str = "asset") -> list[A] | list[Asset]:
+        """Assets by digest, in the given order: cache first, the rest in one batched,
+        digest-checked fetch. AssetNotFoundError (naming ``what``) for an absent one;
+        IntegrityError when one is not of ``kind``."""
         # Held locally, not re-read from the cache: a batch larger than the cache's LRU
         # would evict its own first entries before they are returned.
         found: dict[Digest, Asset] = {}
@@ -438,65 +266,501 @@ class Store:
                     if what == "message":
                         raise MessageNotFoundError(d)
                     raise AssetNotFoundError(what, d)
-                found[d] = _decode_checked(rows[d])
+                found[d] = load_row(rows[d])
                 self._cache.put(found[d])
+        if kind is not None:
+            for d in digests:
+                if not isinstance(found[d], kind):
+                    raise IntegrityError(f"asset {d.hex()} is a "
+                                         f"{Kind(found[d].kind).name.lower()}, not a {what}")
         return [found[d] for d in digests]
 
-    async def _history(self, head: Digest) -> tuple[Message, ...]:
+    async def get_chain(self, head: Digest, node_kind: int = Kind.NODE) -> tuple[Asset, ...]:
+        """The elements of the hash chain ending at node ``head`` (a node of ``node_kind``),
+        oldest first: one chain query plus the elements, every row verified, each node's
+        kind, element kinds and counters checked against the chain itself."""
+        node_type = NODE_KINDS.get(node_kind)
+        if node_type is None:
+            raise ValidationError("node_kind", f"{node_kind} is not a node kind", node_kind)
         cached = self._cache.history(head)
         if cached is not None:
+            # Chains are homogeneous (checked when read), so the first element tells.
+            if cached and cached[0].kind != node_type.element_kind:
+                raise _wrong_chain(head, node_type)
             return cached
-        chain, leaves = await self._open().get_conversation(head)
+        chain, leaves = await self._open().get_chain(head)
         nodes: list[ConversationNode] = []
         expected: Digest | None = head
         for row in chain:
             if row.digest != expected:
                 break
-            node = _decode_checked(row)
-            if not isinstance(node, ConversationNode):
-                raise IntegrityError(f"asset {row.digest.hex()} is not a conversation node")
+            node = load_row(row)
+            if not isinstance(node, ConversationNode) or node.kind != node_kind:
+                break
             nodes.append(node)
             expected = node.parent
-        if expected is not None:  # the chain stopped before the root
-            raise AssetNotFoundError("conversation node", expected)
-        decoded: dict[Digest, Message] = {}
-        for digest in (d for node in nodes for d in node.messages):
-            if digest in decoded:
-                continue
-            if digest not in leaves:
-                raise MessageNotFoundError(digest)
-            message = _decode_checked(leaves[digest])
-            if not isinstance(message, Message):
-                raise IntegrityError(f"conversation {head.hex()} references non-message "
-                                     f"asset {digest.hex()}")
-            decoded[digest] = message
-        history = tuple(decoded[d] for node in reversed(nodes) for d in node.messages)
+        if expected is not None:  # the chain stopped before its root
+            await self._chain_break(head, expected, node_type)
+        elements: dict[Digest, Asset] = {}
+        for node in nodes:
+            for digest in node.messages:
+                if digest in elements:
+                    continue
+                if digest not in leaves:
+                    raise (MessageNotFoundError(digest) if node.element_kind == Kind.MESSAGE
+                           else AssetNotFoundError("chain element", digest))
+                element = load_row(leaves[digest])
+                if element.kind != node.element_kind:
+                    raise IntegrityError(
+                        f"node {node.digest.hex()} lists {digest.hex()}, a "
+                        f"{Kind(element.kind).name.lower()}, where a "
+                        f"{node.element_kind.name.lower()} must be")
+                elements[digest] = element
+        _check_counters(nodes, elements)
+        history = tuple(elements[d] for node in reversed(nodes) for d in node.messages)
         self._cache.put(nodes[0])
         self._cache.put_history(head, history)
         return history
 
+    async def _chain_break(self, head: Digest, digest: Digest,
+                           node_type: type[ConversationNode]) -> None:
+        """Why a chain walk stopped before its root: absent, or not a node of the expected
+        kind (a reference of the wrong kind). Always raises."""
+        rows = await self._open().get_assets([digest])
+        if digest not in rows:
+            raise AssetNotFoundError(_kind_name(node_type.kind).replace("_", " "), digest)
+        if digest == head:
+            raise _wrong_chain(head, node_type)
+        raise IntegrityError(f"chain {head.hex()} links to {digest.hex()}, a "
+                             f"{_kind_name(rows[digest].kind)}, where a "
+                             f"{_kind_name(node_type.kind)} must be")
 
-_KINDS = frozenset(int(k) for k in Kind)
+    async def get_states(self, ids: Sequence[UUID]) -> list[StateRow]:
+        """The stored states with these ids (absent ones left out), each verified."""
+        return [load_state(r) for r in await self._open().get_states(list(ids))]
+
+    async def stream_states(self, kind: int, stream: str, *, after_seq: int | None = None,
+                            limit: int = 100, newest_first: bool = True) -> list[StateRow]:
+        """States of ``kind`` in ``stream``, in log order (newest first by default), a page
+        at a time: pass the last row's ``seq`` as ``after_seq`` for the next page."""
+        _check_limit(limit)
+        rows = await self._open().stream_states(kind, stream, after_seq=after_seq,
+                                                limit=limit, newest_first=newest_first)
+        return [load_state(r) for r in rows]
+
+    async def scan_states(self, kind: int, *, after: UUID | None = None, limit: int = 100,
+                          newest_first: bool = False,
+                          contains: str | None = None) -> list[StateRow]:
+        """States of ``kind`` in id order, a page at a time (pass the last id as ``after``):
+        keyset paging, so concurrent deletes never make a page skip rows. ``contains``
+        keeps those whose stream holds it, case-insensitively."""
+        _check_limit(limit)
+        rows = await self._open().scan_states(kind, after=after, limit=limit,
+                                              newest_first=newest_first, contains=contains)
+        return [load_state(r) for r in rows]
+
+    async def count_states(self, kind: int, *, stream: str | None = None,
+                           contains: str | None = None) -> int:
+        """How many states of ``kind`` are stored (in ``stream``, or whose stream holds
+        ``contains``, case-insensitively)."""
+        return await self._open().count_states(kind, stream=stream, contains=contains)
+
+    async def state_lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
+        """The state and its stored ancestors, newest first, at most ``limit``; stops at a
+        deleted parent. A parent cycle (only damage or a crafted import makes one) is an
+        IntegrityError, never a hang."""
+        if limit is not None:
+            _check_limit(limit, bound=None)
+        rows = await self._open().lineage(state_id, limit)
+        by_id = {r.id: r for r in rows}
+        if limit is not None and len(by_id) < len(rows):
+            raise _cycle(state_id)
+        line: list[StateRow] = []
+        current = by_id.get(state_id)
+        seen: set[UUID] = set()
+        while current is not None and (limit is None or len(line) < limit):
+            if current.id in seen:
+                raise _cycle(state_id)
+            seen.add(current.id)
+            line.append(load_state(current))
+            current = None if current.parent_id is None else by_id.get(current.parent_id)
+        return line
+
+    async def delete_states(self, ids: Sequence[UUID]) -> int:
+        """Delete state rows (never assets: gc reclaims what nothing reaches any more);
+        returns how many existed."""
+        return len(await self._open().delete_states(list(ids)))
+
+    # -- agents ---------------------------------------------------------------------------
+
+    async def create_agent(
+        self,
+        name: str,
+        system_prompt: str,
+        model: str,
+        model_config: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> PersistentAgent:
+        """Create and save a new agent with an empty conversation."""
+        name = check_text("name", name, max_bytes=MAX_NAME_CHARS)
+        prompt = SystemPrompt(text=check_text("system_prompt", system_prompt))
+        model = str(check_text("model", model, max_bytes=MAX_NAME_CHARS))
+        config = check_config(model_config, "model_config")  # not at the first advance
+        meta = check_json_mapping("metadata", metadata)
+        record = _new_record(None, name, model, prompt.digest, EMPTY_CONVERSATION.digest,
+                             config, meta)
+        await self.commit([prompt, EMPTY_CONVERSATION], [record.to_row()])
+        log.info("created agent %s (%s)", record.id, name)
+        return self._bind(record)
+
+    async def load_agent(self, agent_id: UUID | str) -> PersistentAgent:
+        """The agent state with this id (the same object while one for it is alive here)."""
+        (agent,) = await self.load_agents([agent_id])
+        return agent
+
+    async def load_agents(self, agent_ids: Sequence[UUID | str]) -> list[PersistentAgent]:
+        """Several agent states in one query, in the order asked for."""
+        if isinstance(agent_ids, str | bytes) or not isinstance(agent_ids, Sequence):
+            raise ValidationError("agent_ids", "must be a sequence of UUIDs", agent_ids)
+        ids = [check_uuid("agent_id", i) for i in agent_ids]
+        wanted = [i for i in dict.fromkeys(ids) if i not in self._agents]
+        by_id: dict[UUID, PersistentAgent] = {}
+        for i in ids:
+            alive = self._agents.get(i)
+            if alive is not None:
+                by_id[i] = alive
+        for row in await self.get_states(wanted):
+            if row.kind == Kind.AGENT_STATE:
+                by_id[row.id] = self._bind(load_agent(row))
+        for i in ids:
+            if i not in by_id:
+                raise AgentNotFoundError(i)
+        return [by_id[i] for i in ids]
+
+    async def list_agents(self, limit: int = 100, offset: int = 0, name: str | None = None,
+                          ) -> list[PersistentAgent]:
+        """Agent states, newest first, a page at a time (as in 0.1.2); ``name`` keeps those
+        whose name contains it, case-insensitively (``%``, ``_`` and ``\\`` are plain
+        characters). For stable paging under concurrent writes use ``scan_states``."""
+        _check_limit(limit)
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2**62:
+            raise ValidationError("offset", f"must be an int >= 0, got {offset!r}", offset)
+        contains = None if name is None else check_text("name", name)
+        found: list[PersistentAgent] = []
+        after: UUID | None = None
+        skip = offset
+        while len(found) < limit:
+            want = min(MAX_PAGE, skip + limit - len(found))
+            page = await self.scan_states(Kind.AGENT_STATE, after=after, limit=want,
+                                          newest_first=True, contains=contains)
+            found.extend(self._bind(load_agent(row)) for row in page[skip:])
+            skip = max(0, skip - len(page))
+            if len(page) < want:
+                break
+            after = page[-1].id
+        return found[:limit]
+
+    async def count_agents(self, name: str | None = None) -> int:
+        """How many agent states are stored (with ``name``: whose name contains it,
+        case-insensitively, as ``list_agents`` filters)."""
+        contains = None if name is None else check_text("name", name)
+        return await self.count_states(Kind.AGENT_STATE, contains=contains)
+
+    async def find_by_name(self, name: str) -> list[PersistentAgent]:
+        """Every agent state with exactly this name, newest first (as in 0.1.2)."""
+        name = check_text("name", name)
+        found: list[PersistentAgent] = []
+        after: int | None = None
+        while True:
+            page = await self.stream_states(Kind.AGENT_STATE, name, after_seq=after,
+                                            limit=_PAGE)
+            found.extend(self._bind(load_agent(r)) for r in page)
+            if len(page) < _PAGE:
+                return found
+            after = page[-1].seq
+
+    async def newest_by_name(self, name: str) -> PersistentAgent | None:
+        """The newest stored state with exactly this name, or None (one index probe)."""
+        name = check_text("name", name)
+        page = await self.stream_states(Kind.AGENT_STATE, name, limit=1)
+        return self._bind(load_agent(page[0])) if page else None
+
+    async def delete(self, agent: PersistentAgent | UUID | str) -> None:
+        """Delete one agent state. Its assets stay until gc(); other states are untouched
+        (a child's parent_id then names a deleted state and lineage walks stop there)."""
+        agent_id = self._agent_id(agent)
+        if await self.delete_states([agent_id]) == 0:
+            raise AgentNotFoundError(agent_id)
+        self._agents.pop(agent_id, None)
+        log.info("deleted agent %s", agent_id)
+
+    async def delete_lineage(self, agent: PersistentAgent | UUID | str) -> list[UUID]:
+        """Delete ``agent`` and then each ancestor that no other live state descends from.
+
+        A state is *live* while its row exists. The walk stops at the first ancestor that
+        has another child row (or is already gone). Children of a deleted state keep their
+        ``parent_id``; their lineage walks stop there. Assets stay until gc(). Returns the
+        deleted ids, ``agent`` first, in one transaction.
+        """
+        agent_id = self._agent_id(agent)
+        line = [r.id for r in await self.state_lineage(agent_id)]
+        deleted = await self._open().delete_states(line, stop_at_shared=True)
+        if not deleted:
+            raise AgentNotFoundError(agent_id)
+        for i in deleted:
+            self._agents.pop(i, None)
+        log.info("deleted lineage of %s: %d states", agent_id, len(deleted))
+        return deleted
+
+    # -- per-agent operations (PersistentAgent's methods delegate here) --------------------
+
+    async def get_messages(self, agent: PersistentAgent) -> tuple[Message, ...]:
+        """All messages of ``agent``'s conversation, oldest first."""
+        messages = await self.get_chain(agent.conversation_digest, Kind.NODE)
+        return messages  # type: ignore[return-value]  # a NODE chain holds messages
+
+    async def message_counts(self, agents: Sequence[PersistentAgent]) -> list[int]:
+        """How many messages each agent's conversation holds, read from the head nodes
+        alone (one batched fetch, no history)."""
+        nodes = await self.get_assets([a.conversation_digest for a in agents],
+                                      ConversationNode, "conversation node")
+        return [n.length for n in nodes]
+
+    async def get_system_prompt(self, agent: PersistentAgent) -> str:
+        """The system prompt text of ``agent``."""
+        (prompt,) = await self.get_assets([agent.system_prompt_digest], SystemPrompt,
+                                          "system prompt")
+        return prompt.text
+
+    async def ancestors(self, agent: PersistentAgent | UUID | str,
+                        limit: int | None = None) -> list[PersistentAgent]:
+        """``agent`` and its stored ancestors, **newest first**, at most ``limit`` (what
+        ``immagent log`` walks); stops at a deleted parent."""
+        agent_id = self._agent_id(agent)
+        rows = await self.state_lineage(agent_id, limit)
+        if not rows:
+            raise AgentNotFoundError(agent_id)
+        return [self._bind(load_agent(r)) for r in rows]
+
+    async def get_lineage(self, agent: PersistentAgent) -> list[PersistentAgent]:
+        """``agent``'s stored lineage **root first, ``agent`` last** (0.1.2's order); it
+        starts at the oldest ancestor still stored."""
+        return (await self.ancestors(agent))[::-1]
+
+    async def clone(self, agent: PersistentAgent) -> PersistentAgent:
+        """A sibling of ``agent``: same content (same digest), a new id and the *same*
+        parent, for exploring another branch from the same point (as in 0.1.2). Writes one
+        state row and no assets."""
+        r = agent.record
+        return await self._derive(r, r.parent_id, r.conversation, r.metadata)
+
+    async def with_metadata(self, agent: PersistentAgent,
+                            metadata: Mapping[str, Any]) -> PersistentAgent:
+        """A new state of ``agent`` (its child) with ``metadata`` replacing the old one."""
+        r = agent.record
+        return await self._derive(r, r.id, r.conversation,
+                                  check_json_mapping("metadata", metadata))
+
+    async def append(self, agent: PersistentAgent, messages: Sequence[Message], *,
+                     history: tuple[Message, ...] | None = None) -> PersistentAgent:
+        """Save a new state of ``agent`` (its child) whose conversation adds ``messages``.
+
+        Writes only the new messages, one conversation node and one state row, in one
+        transaction: the store-only half of ``PersistentAgent.advance`` (also used by
+        imports and benchmarks). ``history`` is the conversation so far, if the caller has
+        it: the new state's history is then cached without another read.
+        """
+        rows = _checked_messages(messages)
+        added: list[Message] = list(messages)
+        (parent,) = await self.get_assets([agent.conversation_digest], ConversationNode,
+                                          "conversation node")
+        node = parent.extend(added)
+        new = await self._derive(agent.record, agent.id, node.digest, agent.record.metadata,
+                                 rows=[*rows, stored(node)], decoded=[*added, node])
+        if history is None:
+            cached = self._cache.history(agent.conversation_digest)
+            history = cached  # type: ignore[assignment]  # a NODE chain holds messages
+        if history is not None:
+            self._cache.put_history(node.digest, (*history, *added))
+        return new
+
+    async def _derive(self, r: AgentRecord, parent_id: UUID | None, conversation: Digest,
+                      metadata: dict[str, Any], rows: Sequence[StoredAsset] = (),
+                      decoded: Sequence[Asset] = ()) -> PersistentAgent:
+        record = _new_record(parent_id, r.name, r.model, r.system_prompt, conversation,
+                             r.model_config, metadata)
+        await self._write(rows, [record.to_row()], decoded)
+        return self._bind(record)
+
+    def _bind(self, record: AgentRecord) -> PersistentAgent:
+        alive = self._agents.get(record.id)
+        if alive is not None and alive.record == record:
+            return alive
+        # The agent class is the store's client, loaded on first use: the store package
+        # itself never imports the agent layer (and the agent layer loads the model layer
+        # only on a turn), so importing the store loads no LLM code.
+        from immagent.agent import PersistentAgent
+
+        agent = registry.bind(PersistentAgent(record), self)
+        self._agents[record.id] = agent
+        return agent
+
+    def _agent_id(self, agent: PersistentAgent | UUID | str) -> UUID:
+        """The id of an agent given as a state or as its id (the field is named "agent")."""
+        if isinstance(agent, UUID | str):
+            return check_uuid("agent", agent)
+        record = getattr(agent, "record", None)
+        if not isinstance(record, AgentRecord):
+            raise ValidationError("agent", f"must be a PersistentAgent or its id, got "
+                                  f"{type(agent).__name__}", None)
+        return record.id
+
+    # -- audits: gc, verify, stats, bundles ----------------------------------------------
+
+    async def gc(self) -> gc.GCResult:
+        """Remove every asset that no stored state can reach; safe while other tasks or
+        processes write (see docs/architecture.md). Aborts with IntegrityError, deleting
+        nothing, if a row it would mark from is damaged or something reachable is missing."""
+        result = await gc.collect(self._open())
+        log.info("gc removed %d assets (%d bytes)", result.assets_removed, result.bytes_freed)
+        return result
+
+    async def verify(self, agent: PersistentAgent | UUID | str | None = None, *,
+                     progress: Callable[[int], None] | None = None) -> verify.VerifyReport:
+        """Re-hash the stored bytes of every asset and state (or those ``agent`` reaches),
+        resolve every reference; never raises on a problem found, it lists it.
+        ``progress`` gets the number of assets checked so far."""
+        agent_id = None if agent is None else self._agent_id(agent)
+        if progress is not None and not callable(progress):
+            raise ValidationError("progress", "must be a callable taking an int", progress)
+        report = await verify.verify_backend(self._open(), agent_id, progress=progress)
+        log.info("verify: %d assets, %d problems", report.assets_checked, report.problems)
+        return report
+
+    async def stats(self, page_size: int = _PAGE) -> StoreStats:
+        """Sizes of what is stored and of what a copy-per-state layout would store.
+
+        Reads every agent state once (keyset-paged) and each distinct head node and prompt
+        once.
+        """
+        _check_limit(page_size)
+        backend = self._open()
+        by_kind = await backend.asset_stats()
+        logical = agents = 0
+        after: UUID | None = None
+        while page := await self.scan_states(Kind.AGENT_STATE, after=after, limit=page_size):
+            after = page[-1].id
+            records = [load_agent(r) for r in page]
+            agents += len(records)
+            digests = sorted({d for r in records for d in (r.system_prompt, r.conversation)})
+            sizes: dict[Digest, int] = {}
+            for asset in await self.get_assets(digests):
+                sizes[asset.digest] = (asset.size if isinstance(asset, ConversationNode)
+                                       else len(asset.body))
+            logical += sum(sizes[r.system_prompt] + sizes[r.conversation] for r in records)
+        return StoreStats(
+            agents=agents,
+            assets_by_kind={_kind_name(k): v for k, v in sorted(by_kind.items())},
+            payload_bytes=sum(b for _, b in by_kind.values()),
+            disk_bytes=await backend.storage_bytes(),
+            logical_bytes=logical,
+        )
+
+    async def export(self, agent: PersistentAgent | UUID | str,
+                     path: str | os.PathLike[str]) -> bundle.BundleInfo:
+        """Write an audit bundle of ``agent`` (its lineage and every asset they reach) to
+        ``path``, atomically; verify it anywhere with ``immagent.verify_bundle``."""
+        agent_id = self._agent_id(agent)
+        lineage = await self.state_lineage(agent_id)
+        if not lineage:
+            raise AgentNotFoundError(agent_id)
+        info = await bundle.export_bundle(self._open(), lineage, path)
+        log.info("exported %s: %d states, %d assets to %s", agent_id, len(info.agents),
+                 info.assets, info.path)
+        return info
+
+    async def import_bundle(self, path: str | os.PathLike[str]) -> PersistentAgent:
+        """Verify a bundle, then load it in one transaction (idempotent: present rows are
+        skipped); returns its head state with the same id and digest as where it came from."""
+        info, states, rows = await bundle.read(path)
+        # Compared, not trusted: a damaged row here is "different content" like any other.
+        existing = {r.id: r for r in await self._open().get_states([s.id for s in states])}
+        for s in states:
+            have = existing.get(s.id)
+            if have is not None and (have.digest != s.digest or have.parent_id != s.parent_id):
+                raise bundle.conflict(info, s.id)
+        try:
+            # Oldest first, so the store's log order (seq) matches creation order.
+            await self._write(rows, [s for s in reversed(states) if s.id not in existing])
+        except ConflictError as e:  # written meanwhile by someone else, differently
+            raise bundle.conflict(info, e.state_id) from e
+        log.info("imported bundle %s: head %s", os.fspath(path), info.head)
+        return await self.load_agent(info.head)
 
 
-def _decode_checked(row: StoredAsset) -> Asset:
-    """Decode a stored row after proving it still hashes to its digest."""
-    digest, kind, refs, body = row
+def _check_known(found: int | None, where: str) -> None:
+    if found is not None and not 1 <= found <= SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"database schema version {found} in {where} is not supported by this immagent "
+            f"(it knows versions 1 to {SCHEMA_VERSION}); upgrade immagent or use another "
+            "database")
+
+
+def _check_limit(limit: object, bound: int | None = MAX_PAGE) -> None:
+    if (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+            or (bound is not None and limit > bound)):
+        shown = f"from 1 to {bound}" if bound is not None else ">= 1"
+        raise ValidationError("limit", f"must be an int {shown}, got {limit!r}", limit)
+
+
+def _cycle(state_id: UUID) -> IntegrityError:
+    return IntegrityError(f"the lineage of state {state_id} is a cycle (a parent_id points "
+                          "back into it): the store is damaged, run store.verify()")
+
+
+def _kind_name(kind: int) -> str:
     try:
-        sound = kind in _KINDS and digest_of(kind, body, refs) == digest
-    except ValueError:  # refs on a kind that has none
-        sound = False
-    if not sound:
-        raise IntegrityError(f"asset {digest.hex()} is corrupt: its stored bytes do not "
-                             "match its digest (run store.verify())")
+        return Kind(kind).name.lower()
+    except ValueError:
+        return f"kind_{kind}"
+
+
+def _wrong_chain(head: Digest, node_type: type[ConversationNode]) -> IntegrityError:
+    return IntegrityError(f"{head.hex()} is not the head of a chain of "
+                          f"{_kind_name(node_type.element_kind)} assets")
+
+
+def _check_counters(nodes: Sequence[ConversationNode], elements: Mapping[Digest, Asset]) -> None:
+    """A node's ``length``/``size`` must be its parent's plus what it adds: counters are
+    trusted by listings, so a damaged one is caught where the chain is read."""
+    length = size = 0
+    for node in reversed(nodes):
+        length += len(node.messages)
+        size += sum(len(elements[d].body) for d in node.messages)
+        if (node.length, node.size) != (length, size):
+            raise IntegrityError(f"node {node.digest.hex()} claims {node.length} elements "
+                                 f"({node.size} bytes), its chain holds {length} ({size})")
+
+
+def _storable(field: str, asset: object) -> StoredAsset:
+    """The row of an asset a client wants written, proved to read back as that asset.
+
+    msgspec does not type-check Struct construction, so e.g. a Message with a bad role
+    would be hashed and committed, then fail every later read.
+    """
+    if not isinstance(asset, SystemPrompt | Message | ConversationNode):
+        raise ValidationError(field, f"must be an asset, got {type(asset).__name__}", None)
     try:
-        asset = decode_asset(kind, body, refs)
-    except (msgspec.DecodeError, ValueError) as e:
-        raise IntegrityError(f"asset {digest.hex()} cannot be decoded: {e}") from e
-    # Seed the cached properties with what we just proved, so nothing is re-encoded.
-    asset.__dict__["body"] = body
-    asset.__dict__["digest"] = digest
-    return asset
+        row = stored(asset)
+        if decode_asset(row.kind, row.body, row.refs) != asset:
+            raise ValueError("it does not survive encoding unchanged")
+    except (msgspec.DecodeError, msgspec.ValidationError, msgspec.EncodeError, ValueError,
+            TypeError, OverflowError, UnicodeEncodeError) as e:
+        raise ValidationError(field, f"not a storable {type(asset).__name__}: {e}",
+                              None) from None
+    if row.kind in NODE_KINDS and len(row.refs) > 1 and row.refs[0] == row.digest:
+        raise ValidationError(field, "a node cannot be its own parent", None)
+    return row
 
 
 def _new_record(parent_id: UUID | None, name: str, model: str, system_prompt: Digest,
@@ -510,47 +774,15 @@ def _new_record(parent_id: UUID | None, name: str, model: str, system_prompt: Di
     )
 
 
-def _agent_id(agent: PersistentAgent | UUID | str) -> UUID:
-    """The id of an agent given as a state or as its id (the field is named "agent")."""
-    return agent.id if isinstance(agent, PersistentAgent) else check_uuid("agent", agent)
-
-
-def _checked_messages(messages: object) -> list[Message]:
-    """The messages of a step, each proved to survive a store round trip.
-
-    msgspec does not type-check Struct construction, so a Message with a bad role or a
-    non-str content would be hashed and committed, then fail every later read.
-    """
+def _checked_messages(messages: object) -> list[StoredAsset]:
+    """The rows of a step's messages: a non-empty sequence of Message, each storable."""
     if isinstance(messages, Message) or not isinstance(messages, Sequence) or not messages:
         raise ValidationError("messages", "a step adds a non-empty sequence of Message",
                               None)
+    rows = []
     for i, m in enumerate(messages):
         if not isinstance(m, Message):
             raise ValidationError(f"messages[{i}]", f"must be a Message, got "
                                   f"{type(m).__name__}", m)
-        try:
-            if decode_asset(Kind.MESSAGE, m.body) != m:
-                raise ValueError("it does not survive encoding unchanged")
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError,
-                UnicodeEncodeError) as e:
-            raise ValidationError(f"messages[{i}]", f"not a storable message: {e}",
-                                  None) from None
-    return list(messages)
-
-
-def _check_page(limit: object, offset: object) -> None:
-    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10_000:
-        raise ValidationError("limit", f"must be an int from 1 to 10000, got {limit!r}", limit)
-    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-        raise ValidationError("offset", f"must be an int >= 0, got {offset!r}", offset)
-
-
-def _sqlite_path(dsn: str) -> str | None:
-    """The file path named by a SQLite DSN, or None if ``dsn`` is not one."""
-    if dsn.startswith("sqlite:///"):
-        return dsn.removeprefix("sqlite:///") or None
-    if dsn.startswith("sqlite://"):
-        return None
-    if dsn.endswith((".db", ".sqlite", ".sqlite3")) and "://" not in dsn:
-        return dsn
-    return None
+        rows.append(_storable(f"messages[{i}]", m))
+    return rows

@@ -1,20 +1,23 @@
-"""Audit bundles: one self-contained file holding an agent state, its lineage and every asset
-they reach, verifiable offline and importable into any store with the same ids and digests.
+"""Audit bundles: one self-contained file holding a state, its lineage and every asset they
+reach, verifiable offline and importable into any store with the same ids and digests.
 
-Format (version 1)::
+Format (version 2; version 1 files, which held agent records, are still read)::
 
     magic   b"\\x89immagent-bundle\\r\\n\\x1a\\n"   (PNG-style: catches text-mode mangling)
     frame*  u32 big-endian length, then one msgpack record
-              header  {"format": "immagent-bundle", "version": 1, "head": uuid, ...}
-              agent   ["agent", AgentRecord]           the lineage, newest first (head first)
-              asset   ["asset", digest, kind, body]    every reachable asset, stored bytes
-              end     ["end", agents, assets, checksum] last frame, then end of file
+              header  {"format": "immagent-bundle", "version": 2, "head": uuid, ...}
+              state   ["state", id, parent, kind, stream, refs, body, digest, time]
+                                                        the lineage, newest (the head) first
+              asset   ["asset", digest, kind, body, refs]   every reachable asset, as stored
+              end     ["end", states, assets, checksum]     last frame, then end of file
 
-``checksum`` is blake3 over every byte before the end frame. It is checked last: the
-per-record checks (each asset re-hashed, each agent's state digest recomputed, every
-reference resolved inside the bundle) name the bad asset or agent, the checksum catches
-what no content digest covers (ids, parents, timestamps, framing) and truncation. The
-``refs`` of an asset are not stored: they are derived from its verified body.
+A bundle carries rows exactly as stored (the same bytes the digests cover), so reading one
+runs the same checks as reading a database: ``assets.check_row`` and
+``records.check_state``. ``checksum`` is blake3 over every byte before the end frame. It is
+checked last: the per-record checks (each asset re-hashed, each state's digest recomputed,
+every reference resolved inside the bundle with the kind it must have) name the bad record,
+the checksum catches what no content digest covers (ids, parents, timestamps, framing) and
+truncation.
 """
 
 from __future__ import annotations
@@ -28,43 +31,35 @@ import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final
 from uuid import UUID
 
 import blake3
 import msgspec
 
-from immagent.assets import (
-    AgentRecord,
-    Asset,
-    ConversationNode,
-    Digest,
-    Kind,
-    decode_asset,
-    digest_of,
-)
-from immagent.exceptions import (
-    AgentNotFoundError,
-    BundleError,
-    IntegrityError,
-    StoreError,
-    ValidationError,
-)
-from immagent.store.backend import Backend, StoredAsset, split_refs
-from immagent.verify import check_asset, closing_iter
+from immagent.assets import Digest, Kind, StoredAsset, check_row, join_refs, ref_kinds, split_refs
+from immagent.audit.verify import closing_iter
+from immagent.exceptions import BundleError, IntegrityError, ValidationError
+from immagent.records import STATE_KINDS, AgentRecord, StateRow, check_state
+
+if TYPE_CHECKING:
+    from immagent.store.backend import Backend
 
 __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
     "BundleInfo",
+    "conflict",
     "export_bundle",
-    "import_bundle",
+    "read",
     "read_bundle",
     "verify_bundle",
 ]
 
 MAGIC: Final = b"\x89immagent-bundle\r\n\x1a\n"
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
+#: Versions this immagent reads (1: agent records; 2: state rows).
+_READABLE: Final = frozenset({1, 2})
 #: Largest frame accepted when reading; bigger means a corrupt length, not a real record.
 MAX_FRAME: Final = 1 << 30
 _LEN = struct.Struct(">I")
@@ -77,7 +72,7 @@ class BundleInfo(msgspec.Struct, frozen=True):
     version: int
     head: UUID
     head_digest: Digest
-    agents: tuple[UUID, ...]  # the lineage, newest (the head) first
+    agents: tuple[UUID, ...]  # the lineage's state ids, newest (the head) first
     assets: int
     asset_bytes: int  # total stored body bytes
     file_bytes: int
@@ -91,7 +86,25 @@ class _Header(msgspec.Struct, frozen=True):
 
 
 class _Agent(msgspec.Struct, frozen=True, array_like=True, tag="agent"):
+    """Version 1's state record: an agent record as a map."""
+
     record: AgentRecord
+
+
+class _State(msgspec.Struct, frozen=True, array_like=True, tag="state"):
+    id: UUID
+    parent_id: UUID | None
+    kind: int
+    stream: str
+    refs: bytes
+    body: bytes
+    digest: bytes
+    created_at: datetime
+
+    def row(self) -> StateRow:
+        return StateRow(id=self.id, parent_id=self.parent_id, kind=self.kind,
+                        stream=self.stream, refs=split_refs(self.refs), body=self.body,
+                        digest=self.digest, created_at=self.created_at)
 
 
 class _Asset(msgspec.Struct, frozen=True, array_like=True, tag="asset"):
@@ -108,7 +121,7 @@ class _End(msgspec.Struct, frozen=True, array_like=True, tag="end"):
 
 
 _encoder = msgspec.msgpack.Encoder()
-_record_decoder = msgspec.msgpack.Decoder(_Agent | _Asset | _End)
+_record_decoder = msgspec.msgpack.Decoder(_Agent | _State | _Asset | _End)
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -144,37 +157,37 @@ class _Writer:
         return data
 
 
-async def export_bundle(backend: Backend, agent_id: UUID, path: str | os.PathLike[str]
-                        ) -> BundleInfo:
-    """Write the bundle of ``agent_id`` to ``path`` atomically (temp file, fsync, rename).
+async def export_bundle(backend: Backend, lineage: list[StateRow],
+                        path: str | os.PathLike[str]) -> BundleInfo:
+    """Write the bundle of ``lineage`` (a state and its ancestors, newest first, as read
+    and verified by the store) to ``path`` atomically (temp file, fsync, rename).
 
     Assets are re-hashed on the way out, and the export fails (writing nothing at ``path``)
     if the store is corrupt or an asset vanished meanwhile (an ancestor deleted and swept
     between the lineage read and the asset walk): a bundle is only written when complete.
     """
     dest = _writable_path(path)
-    lineage = await backend.lineage(agent_id)
-    if not lineage:
-        raise AgentNotFoundError(agent_id)
-    roots = sorted({d for r in lineage for d in (r.system_prompt, r.conversation)})
+    head = lineage[0]
+    roots = sorted({d for r in lineage for d in r.refs})
     writer = _Writer()
     writer.raw(MAGIC)
     # Totals are known only after the walk, so they go in the end record.
-    writer.frame(_Header(format="immagent-bundle", version=FORMAT_VERSION, head=agent_id,
+    writer.frame(_Header(format="immagent-bundle", version=FORMAT_VERSION, head=head.id,
                          created_at=datetime.now(UTC)))
-    for record in lineage:
-        writer.frame(_Agent(record))
+    for r in lineage:
+        writer.frame(_State(r.id, r.parent_id, r.kind, r.stream, join_refs(r.refs), r.body,
+                            r.digest, r.created_at))
     # Memory: the digests of this lineage's assets (32 bytes each) and one batch of bodies.
     written: set[Digest] = set()
     wanted: dict[Digest, Digest | UUID] = {}
-    for record in lineage:
-        wanted.setdefault(record.system_prompt, record.id)
-        wanted.setdefault(record.conversation, record.id)
+    for r in lineage:
+        for d in r.refs:
+            wanted.setdefault(d, r.id)
     asset_bytes = 0
     file = await asyncio.to_thread(_TempFile, dest)
     try:
         # A failed export releases the cursor's pooled connection at once.
-        async with closing_iter(backend.iter_reachable(roots)) as batches:
+        async with closing_iter(backend.iter_assets(roots)) as batches:
             async for batch in batches:
                 for row in batch:
                     if row.digest in written:
@@ -184,19 +197,19 @@ async def export_bundle(backend: Backend, agent_id: UUID, path: str | os.PathLik
                     asset_bytes += len(row.body)
                     for ref in row.refs:
                         wanted.setdefault(ref, row.digest)
-                    writer.frame(_Asset(row.digest, row.kind, row.body, b"".join(row.refs)))
+                    writer.frame(_Asset(row.digest, row.kind, row.body, join_refs(row.refs)))
                 await asyncio.to_thread(file.write, writer.take())
         for digest, referrer in wanted.items():
             if digest not in written:
                 raise IntegrityError(
-                    f"cannot export agent {agent_id}: asset {digest.hex()} referenced by "
+                    f"cannot export state {head.id}: asset {digest.hex()} referenced by "
                     f"{_who(referrer)} is missing from the store (run store.verify())")
         writer.end(len(lineage), len(written))
         await asyncio.to_thread(file.commit, writer.take())
     finally:
         await asyncio.to_thread(file.discard)
-    return BundleInfo(path=str(dest), version=FORMAT_VERSION, head=agent_id,
-                      head_digest=lineage[0].digest, agents=tuple(r.id for r in lineage),
+    return BundleInfo(path=str(dest), version=FORMAT_VERSION, head=head.id,
+                      head_digest=head.digest, agents=tuple(r.id for r in lineage),
                       assets=len(written), asset_bytes=asset_bytes, file_bytes=writer.size)
 
 
@@ -249,7 +262,7 @@ class _TempFile:
 
 def _check_exported(row: StoredAsset) -> None:
     """Refuse to put a corrupt stored asset into a bundle."""
-    found = check_asset(row)
+    found = check_row(row)
     if found is not None:
         raise IntegrityError(f"cannot export: stored asset {row.digest.hex()} is "
                              f"{found[0]} ({found[1]}); run store.verify()")
@@ -260,27 +273,39 @@ def _check_exported(row: StoredAsset) -> None:
 
 def verify_bundle(path: str | os.PathLike[str]) -> BundleInfo:
     """Check a bundle offline, without any database: every asset re-hashed and decoded,
-    every reference resolved inside it, every agent row's state digest recomputed, the
-    lineage a chain from the head, and the file checksum. Raises BundleError naming the
-    first bad asset (digest hex) or agent (id)."""
+    every reference resolved inside it with the kind it must have, every state's digest
+    recomputed, the lineage a chain from the head, and the file checksum. Raises
+    BundleError naming the first bad asset (digest hex) or state (id)."""
     info, _, _ = read_bundle(path, keep_assets=False)
     return info
 
 
+async def read(path: str | os.PathLike[str]
+               ) -> tuple[BundleInfo, list[StateRow], list[StoredAsset]]:
+    """``read_bundle`` in a worker thread (the event loop never blocks on the file)."""
+    return await asyncio.to_thread(read_bundle, path, keep_assets=True)
+
+
+def conflict(info: BundleInfo, state_id: UUID) -> BundleError:
+    """The error for a bundle state that exists in the target store with other content."""
+    return BundleError(f"{info.path}: state {state_id} already exists in this store with "
+                       "different content or parent; refusing to import")
+
+
 def read_bundle(path: str | os.PathLike[str], *, keep_assets: bool = True
-                ) -> tuple[BundleInfo, list[AgentRecord], list[StoredAsset]]:
-    """Read and fully verify a bundle: (info, agent rows newest first, assets if kept).
+                ) -> tuple[BundleInfo, list[StateRow], list[StoredAsset]]:
+    """Read and fully verify a bundle: (info, state rows newest first, assets if kept).
 
     Everything returned has passed every check of verify_bundle, in this same pass over the
     same bytes (no window between verifying and loading).
     """
     source = _readable_path(path)
-    agents: list[AgentRecord] = []
-    agent_ids: set[UUID] = set()
+    states: list[StateRow] = []
+    state_ids: set[UUID] = set()
     assets: list[StoredAsset] = []
-    kinds: dict[Digest, Kind] = {}
+    kinds: dict[Digest, int] = {}
     # ref -> (kind it must have, who refers to it); resolved when the file has been read.
-    wanted: dict[Digest, tuple[Kind, Digest | UUID]] = {}
+    wanted: dict[Digest, tuple[int, Digest | UUID]] = {}
     asset_bytes = 0
     try:
         file = source.open("rb")
@@ -305,28 +330,23 @@ def read_bundle(path: str | os.PathLike[str], *, keep_assets: bool = True
                 if file.read(1):
                     raise BundleError(f"{source}: data after the end record (byte {offset})")
                 break
-            if isinstance(record, _Agent):
-                agent = record.record
-                if agent.expected_digest() != agent.digest:
-                    raise BundleError(f"{source}: agent {agent.id} is tampered with: its state "
-                                      "digest does not match its fields")
-                if agent.id in agent_ids:
-                    raise BundleError(f"{source}: agent {agent.id} appears twice")
-                agent_ids.add(agent.id)
-                agents.append(agent)
-                wanted.setdefault(agent.system_prompt, (Kind.SYSTEM_PROMPT, agent.id))
-                wanted.setdefault(agent.conversation, (Kind.NODE, agent.id))
+            if isinstance(record, _Agent | _State):
+                state = _verified_state(record, source)
+                if state.id in state_ids:
+                    raise BundleError(f"{source}: {_who(state.id)} appears twice")
+                state_ids.add(state.id)
+                states.append(state)
+                for ref, kind in zip(state.refs, STATE_KINDS[state.kind].ref_kinds(state),
+                                     strict=True):
+                    wanted.setdefault(ref, (kind, state.id))
                 continue
-            row, asset = _verified_asset(record, source)
+            row = _verified_asset(record, source)
             if row.digest in kinds:
                 raise BundleError(f"{source}: asset {row.digest.hex()} appears twice")
-            kinds[row.digest] = asset.kind
+            kinds[row.digest] = row.kind
             asset_bytes += len(row.body)
-            if isinstance(asset, ConversationNode):
-                if asset.parent is not None:
-                    wanted.setdefault(asset.parent, (Kind.NODE, row.digest))
-                for message in asset.messages:
-                    wanted.setdefault(message, (Kind.MESSAGE, row.digest))
+            for ref, kind in zip(row.refs, ref_kinds(row.kind, len(row.refs)), strict=True):
+                wanted.setdefault(ref, (kind, row.digest))
             if keep_assets:
                 assets.append(row)
         size = file.tell()
@@ -337,21 +357,21 @@ def read_bundle(path: str | os.PathLike[str], *, keep_assets: bool = True
         if found is None:
             raise BundleError(f"{source}: asset {digest.hex()} referenced by {_who(referrer)} "
                               "is missing from the bundle")
-        if found is not kind:
+        if found != kind:
             raise BundleError(f"{source}: asset {digest.hex()} referenced by {_who(referrer)} "
-                              f"is a {found.name.lower()}, expected a {kind.name.lower()}")
-    _check_lineage(agents, header, source)
+                              f"is a {_kind_name(found)}, expected a {_kind_name(kind)}")
+    _check_lineage(states, header, source)
     last, checksum = end
-    if last.agents != len(agents) or last.assets != len(kinds):
+    if last.agents != len(states) or last.assets != len(kinds):
         raise BundleError(f"{source}: record counts do not match the end record "
-                          f"({len(agents)} agents, {len(kinds)} assets read)")
+                          f"({len(states)} states, {len(kinds)} assets read)")
     if last.checksum != checksum:
         raise BundleError(f"{source}: file checksum mismatch (ids, lineage, timestamps or "
                           "framing were altered)")
     info = BundleInfo(path=str(source), version=header.version, head=header.head,
-                      head_digest=agents[0].digest, agents=tuple(a.id for a in agents),
+                      head_digest=states[0].digest, agents=tuple(s.id for s in states),
                       assets=len(kinds), asset_bytes=asset_bytes, file_bytes=size)
-    return info, agents, assets
+    return info, states, assets
 
 
 def _frames(file: IO[bytes], source: Path, hasher: Any) -> Iterator[tuple[int, bytes, bytes]]:
@@ -387,85 +407,56 @@ def _read_header(frame: tuple[int, bytes, bytes] | None, source: Path) -> _Heade
         raise BundleError(f"{source}: malformed header: {e}") from e
     if not isinstance(raw, dict) or raw.get("format") != "immagent-bundle":
         raise BundleError(f"{source}: malformed header (not an immagent bundle)")
-    if raw.get("version") != FORMAT_VERSION:
+    if raw.get("version") not in _READABLE:
         raise BundleError(f"{source}: bundle format version {raw.get('version')!r} is not "
-                          f"supported (this immagent reads version {FORMAT_VERSION})")
+                          f"supported (this immagent reads versions "
+                          f"{', '.join(map(str, sorted(_READABLE)))})")
     try:
         return msgspec.convert(raw, _Header)
     except msgspec.ValidationError as e:
         raise BundleError(f"{source}: malformed header: {e}") from e
 
 
-def _verified_asset(record: _Asset, source: Path) -> tuple[StoredAsset, Asset]:
-    """The stored row of a bundle asset and the asset, after re-hashing and decoding."""
-    name = record.digest.hex()
-    try:
-        kind = Kind(record.kind)
-    except ValueError:
-        raise BundleError(f"{source}: asset {name} has unknown kind {record.kind}") from None
+def _verified_asset(record: _Asset, source: Path) -> StoredAsset:
+    """The stored row of a bundle asset, after the checks every stored row passes."""
     if len(record.refs) % 32:
-        raise BundleError(f"{source}: asset {name} has malformed refs")
-    refs = split_refs(record.refs)
-    try:
-        sound = kind is not Kind.AGENT_STATE and digest_of(kind, record.body, refs) == record.digest
-    except ValueError:
-        sound = False
-    if not sound:
-        raise BundleError(f"{source}: asset {name} is tampered with: its body does not hash "
-                          "to its digest")
-    try:
-        asset = decode_asset(kind, record.body, refs)
-    except (msgspec.DecodeError, ValueError) as e:
-        raise BundleError(f"{source}: asset {name} cannot be decoded: {e}") from e
-    return StoredAsset(record.digest, int(kind), refs, record.body), asset
+        raise BundleError(f"{source}: asset {record.digest.hex()} has malformed refs")
+    row = StoredAsset(record.digest, record.kind, split_refs(record.refs), record.body)
+    found = check_row(row)
+    if found is not None:
+        category, reason = found
+        what = "is tampered with: its body does not hash to its digest" if (
+            category == "corrupt") else f"cannot be decoded: {reason}"
+        raise BundleError(f"{source}: asset {record.digest.hex()} {what}")
+    return row
 
 
-def _check_lineage(agents: list[AgentRecord], header: _Header, source: Path) -> None:
-    """The agent rows must be the head followed by its ancestors, each the next's child."""
-    if not agents:
-        raise BundleError(f"{source}: holds no agent state")
-    if agents[0].id != header.head:
-        raise BundleError(f"{source}: the first agent {agents[0].id} is not the head "
+def _verified_state(record: _Agent | _State, source: Path) -> StateRow:
+    """The state row a bundle record holds, after the checks every stored state passes."""
+    if isinstance(record, _State) and len(record.refs) % 32:
+        raise BundleError(f"{source}: state {record.id} has malformed refs")
+    try:
+        row = record.record.to_row() if isinstance(record, _Agent) else record.row()
+    except (msgspec.EncodeError, TypeError, ValueError) as e:
+        raise BundleError(f"{source}: a state record cannot be read: {e}") from e
+    found = check_state(row)
+    if found is not None:
+        raise BundleError(f"{source}: {_who(row.id, row.kind)} is tampered with: "
+                          f"{found[1]}")
+    return row
+
+
+def _check_lineage(states: list[StateRow], header: _Header, source: Path) -> None:
+    """The states must be the head followed by its ancestors, each the next's child."""
+    if not states:
+        raise BundleError(f"{source}: holds no state")
+    if states[0].id != header.head:
+        raise BundleError(f"{source}: the first state {states[0].id} is not the head "
                           f"{header.head} named in the header")
-    for child, parent in itertools.pairwise(agents):
+    for child, parent in itertools.pairwise(states):
         if child.parent_id != parent.id:
-            raise BundleError(f"{source}: agent {parent.id} is not the parent of agent "
+            raise BundleError(f"{source}: state {parent.id} is not the parent of state "
                               f"{child.id} (lineage out of order)")
-
-
-# -- importing ----------------------------------------------------------------------------
-
-
-async def import_bundle(backend: Backend, path: str | os.PathLike[str]) -> UUID:
-    """Verify a bundle, then load it in one transaction (idempotent); returns the head id.
-
-    Assets already present are skipped by the backend (same digest, same bytes); agent rows
-    already present must be identical (same digest and parent), else BundleError. The whole
-    bundle is held in memory for the one transaction: a bundle is one lineage.
-    """
-    info, agents, assets = await asyncio.to_thread(read_bundle, path, keep_assets=True)
-    new = await _new_agents(backend, agents, info)
-    try:
-        # Oldest first, so the store's log order (seq) matches creation order.
-        await backend.write(assets, new[::-1])
-    except StoreError:
-        # A concurrent import of the same bundle inserted the rows first: that is success.
-        if await _new_agents(backend, agents, info):
-            raise
-    return info.head
-
-
-async def _new_agents(backend: Backend, agents: list[AgentRecord],
-                      info: BundleInfo) -> list[AgentRecord]:
-    """The bundle's agent rows not yet in the store; a conflicting existing row raises."""
-    existing = {r.id: r for r in await backend.get_agents([a.id for a in agents])}
-    for agent in agents:
-        have = existing.get(agent.id)
-        if have is not None and (have.digest != agent.digest
-                                 or have.parent_id != agent.parent_id):
-            raise BundleError(f"{info.path}: agent {agent.id} already exists in this store "
-                              "with different content or parent; refusing to import")
-    return [a for a in agents if a.id not in existing]
 
 
 # -- paths --------------------------------------------------------------------------------
@@ -507,5 +498,14 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _who(referrer: Digest | UUID) -> str:
-    return f"agent {referrer}" if isinstance(referrer, UUID) else f"asset {referrer.hex()}"
+def _who(referrer: Digest | UUID, kind: int = Kind.AGENT_STATE) -> str:
+    if isinstance(referrer, UUID):
+        return f"{'agent' if kind == Kind.AGENT_STATE else 'state'} {referrer}"
+    return f"asset {referrer.hex()}"
+
+
+def _kind_name(kind: int) -> str:
+    try:
+        return Kind(kind).name.lower()
+    except ValueError:
+        return f"kind {kind}"

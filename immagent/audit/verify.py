@@ -1,24 +1,27 @@
 """Integrity audit of a store (git fsck's vocabulary): corrupt, missing, undecodable.
 
-Every check works on what is *stored*: rows are re-hashed exactly as read, refs and body
-(never a re-encoding of the decoded object, so the audit stays valid if the encoder
-changes; a node's digest covers the ``refs`` column gc follows), every agent
-row's state digest is recomputed from its fields, and dangling references are found by the
-database (an anti-join), so memory stays bounded by one batch of assets.
+Every check works on what is *stored*: asset rows are re-hashed exactly as read, refs and
+body (never a re-encoding of the decoded object, so the audit stays valid if the encoder
+changes; a node's digest covers the ``refs`` column gc follows), every state row's digest
+is recomputed from its content (``records.check_state``), and dangling references are found
+by the database (an anti-join), so memory stays bounded by one batch of rows.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 from uuid import UUID
 
 import msgspec
 
-from immagent.assets import AgentRecord, Digest, Kind, decode_asset, digest_of
+from immagent.assets import Digest, Kind, MissingAsset, StoredAsset, check_row
 from immagent.exceptions import AgentNotFoundError, IntegrityError
-from immagent.store.backend import Backend, StoredAsset
+from immagent.records import StateRow, check_state
+
+if TYPE_CHECKING:
+    from immagent.store.backend import Backend
 
 __all__ = [
     "MAX_LISTED",
@@ -26,7 +29,6 @@ __all__ = [
     "AssetProblem",
     "MissingAsset",
     "VerifyReport",
-    "check_asset",
     "closing_iter",
     "verify_backend",
 ]
@@ -48,20 +50,13 @@ class AssetProblem(msgspec.Struct, frozen=True):
     reason: str
 
 
-class MissingAsset(msgspec.Struct, frozen=True):
-    """A dangling reference: ``digest`` is absent; ``referrer`` (an asset's digest or an
-    agent state's id) points at it."""
-
-    digest: Digest
-    referrer: Digest | UUID
-
-
 class AgentProblem(msgspec.Struct, frozen=True):
-    """An agent row whose stored state digest differs from the one its fields give."""
+    """A state row (an agent state, …) that fails its check: its content no longer gives
+    its stored digest, or its body cannot be decoded (``reason`` says which)."""
 
     agent_id: UUID
     stored: Digest
-    expected: Digest
+    reason: str
 
 
 class VerifyReport(msgspec.Struct, frozen=True):
@@ -74,9 +69,9 @@ class VerifyReport(msgspec.Struct, frozen=True):
     corrupt: tuple[AssetProblem, ...] = ()  # body does not hash to its digest, or bad refs
     missing: tuple[MissingAsset, ...] = ()  # referenced but absent
     undecodable: tuple[AssetProblem, ...] = ()  # hashes right but is not a valid asset
-    bad_agents: tuple[AgentProblem, ...] = ()  # state digest does not match the row
-    # Agent rows whose model_config/metadata bytes cannot even be decoded, by position in
-    # id order (the id is in the same unreadable row read, so it cannot be named here).
+    bad_agents: tuple[AgentProblem, ...] = ()  # state rows failing their digest check
+    # State rows the backend could not even read back (a damaged column), described by
+    # where they are.
     unreadable_agents: tuple[str, ...] = ()
     truncated: bool = False  # some category had more than MAX_LISTED entries
 
@@ -103,8 +98,7 @@ class VerifyReport(msgspec.Struct, frozen=True):
                 for m in self.missing]
         out += [f"undecodable {p.digest.hex()} ({_kind_name(p.kind)}): {p.reason}"
                 for p in self.undecodable]
-        out += [f"bad agent {a.agent_id}: stored digest {a.stored.hex()}, "
-                f"fields give {a.expected.hex()}" for a in self.bad_agents]
+        out += [f"bad state {a.agent_id}: {a.reason}" for a in self.bad_agents]
         out += [f"unreadable agent row {u}" for u in self.unreadable_agents]
         if self.truncated:
             out.append(f"(lists truncated at {MAX_LISTED} entries per category)")
@@ -125,88 +119,55 @@ async def closing_iter(it: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
             await aclose()
 
 
-def check_asset(row: StoredAsset) -> tuple[str, str] | None:
-    """None if the stored row is sound, else ("corrupt" | "undecodable", reason)."""
-    try:
-        kind = Kind(row.kind)
-    except ValueError:
-        return "undecodable", f"unknown kind {row.kind}"
-    if kind is Kind.AGENT_STATE:  # agent state digests are rows, never stored assets
-        return "undecodable", "kind AGENT_STATE is not a stored asset kind"
-    # The digest covers the refs column too (see assets.digest_of): a tampered column,
-    # which would mislead gc into sweeping live data, shows up as a mismatch here.
-    try:
-        sound = digest_of(kind, row.body, row.refs) == row.digest
-    except ValueError:
-        return "corrupt", f"a {kind.name.lower()} row carries refs"
-    if not sound:
-        return "corrupt", "stored bytes (refs and body) do not hash to its digest"
-    try:
-        decode_asset(kind, row.body, row.refs)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
-        return "undecodable", f"{type(e).__name__}: {e}"
-    return None
-
-
 async def verify_backend(backend: Backend, agent_id: UUID | None = None, *,
                          progress: Callable[[int], None] | None = None) -> VerifyReport:
-    """Audit every asset and agent row (or one agent state and what it reaches)."""
+    """Audit every asset and state row (or one agent state and what it reaches)."""
     corrupt: list[AssetProblem] = []
     undecodable: list[AssetProblem] = []
-    bad_agents: list[AgentProblem] = []
+    bad_states: list[AgentProblem] = []
     truncated = False
 
-    def note(target: list[AssetProblem], problem: AssetProblem) -> None:
+    def note(target: list[T], problem: T) -> None:
         nonlocal truncated
         if len(target) < MAX_LISTED:
             target.append(problem)
         else:
             truncated = True
 
-    agents_checked = 0
+    states_checked = 0
 
-    def check_agents(records: list[AgentRecord]) -> None:
-        nonlocal agents_checked, truncated
-        for record in records:
-            agents_checked += 1
-            expected = record.expected_digest()
-            if expected != record.digest:
-                if len(bad_agents) < MAX_LISTED:
-                    bad_agents.append(AgentProblem(record.id, record.digest, expected))
-                else:
-                    truncated = True
+    def check_states(rows: Sequence[StateRow]) -> None:
+        nonlocal states_checked
+        for row in rows:
+            states_checked += 1
+            problem = check_state(row)
+            if problem is not None:
+                note(bad_states, AgentProblem(row.id, row.digest, f"{problem[0]}: {problem[1]}"))
 
     unreadable: list[str] = []
     if agent_id is None:
-        offset = 0
+        after: UUID | None = None
         while True:
             try:
-                page = await backend.list_agents(_BATCH, offset, None)
-            except IntegrityError:
-                # A damaged row spoils its whole page: re-read it row by row to isolate it.
-                for position in range(offset, offset + _BATCH):
-                    try:
-                        check_agents(await backend.list_agents(1, position, None))
-                    except IntegrityError as e:
-                        unreadable.append(f"at position {position} (id order): {e}")
-                offset += _BATCH
-                continue
+                page = await backend.scan_states(None, after=after, limit=_BATCH)
+            except IntegrityError as e:
+                unreadable.append(f"after {after or 'the start'} (id order): {e}")
+                break
             if not page:
                 break
-            offset += len(page)
-            check_agents(page)
-        batches: AsyncIterator[list[StoredAsset]] = backend.iter_assets(_BATCH)
+            check_states(page)
+            after = page[-1].id
+        batches: AsyncIterator[list[StoredAsset]] = backend.iter_assets(None, _BATCH)
     else:
         try:
-            records = await backend.get_agents([agent_id])
+            rows = await backend.get_states([agent_id])
         except IntegrityError as e:  # nothing to walk from: report the row itself
             return VerifyReport(agent_id=agent_id, assets_checked=0, bytes_checked=0,
                                 agents_checked=1, unreadable_agents=(f"{agent_id}: {e}",))
-        if not records:
+        if not rows:
             raise AgentNotFoundError(agent_id)
-        check_agents(records)
-        batches = backend.iter_reachable(
-            sorted({records[0].system_prompt, records[0].conversation}), _BATCH)
+        check_states(rows)
+        batches = backend.iter_assets(sorted(set(rows[0].refs)), _BATCH)
 
     checked = size = 0
     # If progress() raises, the cursor (a pooled connection) is released at once.
@@ -215,7 +176,7 @@ async def verify_backend(backend: Backend, agent_id: UUID | None = None, *,
             for row in batch:
                 checked += 1
                 size += len(row.body)
-                found = check_asset(row)
+                found = check_row(row)
                 if found is not None:
                     category, reason = found
                     note(corrupt if category == "corrupt" else undecodable,
@@ -228,12 +189,12 @@ async def verify_backend(backend: Backend, agent_id: UUID | None = None, *,
                                            MAX_LISTED + 1)
     if len(dangling) > MAX_LISTED:
         truncated = True
-    missing = tuple(MissingAsset(d.missing, d.referrer) for d in dangling[:MAX_LISTED])
     return VerifyReport(
         agent_id=agent_id, assets_checked=checked, bytes_checked=size,
-        agents_checked=agents_checked, corrupt=tuple(corrupt), missing=missing,
-        undecodable=tuple(undecodable), bad_agents=tuple(bad_agents),
-        unreadable_agents=tuple(unreadable[:MAX_LISTED]), truncated=truncated,
+        agents_checked=states_checked, corrupt=tuple(corrupt),
+        missing=tuple(dangling[:MAX_LISTED]), undecodable=tuple(undecodable),
+        bad_agents=tuple(bad_states), unreadable_agents=tuple(unreadable[:MAX_LISTED]),
+        truncated=truncated,
     )
 
 

@@ -6,7 +6,7 @@ import weakref
 from collections import OrderedDict
 from typing import Generic, TypeVar
 
-from immagent.assets import Asset, Digest, Message
+from immagent.assets import Asset, Digest
 
 __all__ = ["AssetCache"]
 
@@ -38,13 +38,14 @@ class _LRU(Generic[K, V]):
 
 
 class AssetCache:
-    """Assets by digest (weak, plus a strong LRU of recent ones) and whole histories by
-    conversation head, so re-reading or advancing a hot agent costs no database trip."""
+    """Assets by digest (weak, plus a strong LRU of recent ones) and whole chains by head
+    node (a conversation's messages, …), so re-reading or extending a hot chain costs no
+    database trip."""
 
     def __init__(self, recent: int = 20_000, histories: int = 256) -> None:
         self._weak: weakref.WeakValueDictionary[Digest, Asset] = weakref.WeakValueDictionary()
         self._recent: _LRU[Digest, Asset] = _LRU(recent)
-        self._histories: _LRU[Digest, tuple[Message, ...]] = _LRU(histories)
+        self._histories: _LRU[Digest, tuple[Asset, ...]] = _LRU(histories)
 
     def get(self, digest: Digest) -> Asset | None:
         """The cached asset, or None."""
@@ -58,13 +59,13 @@ class AssetCache:
         self._weak[asset.digest] = asset
         self._recent.put(asset.digest, asset)
 
-    def history(self, head: Digest) -> tuple[Message, ...] | None:
-        """All messages of the conversation ending at node ``head``, if cached."""
+    def history(self, head: Digest) -> tuple[Asset, ...] | None:
+        """All elements of the chain ending at node ``head``, oldest first, if cached."""
         return self._histories.get(head)
 
-    def put_history(self, head: Digest, messages: tuple[Message, ...]) -> None:
-        """Remember the full message list of conversation ``head``."""
-        self._histories.put(head, messages)
+    def put_history(self, head: Digest, elements: tuple[Asset, ...]) -> None:
+        """Remember the full element list of the chain ending at ``head``."""
+        self._histories.put(head, elements)
 
     def clear(self) -> None:
         """Drop everything (the next reads go to the database)."""

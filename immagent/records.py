@@ -1,0 +1,222 @@
+"""States: the rows of the log that have an identity (an agent state, a session state, …).
+
+A content asset is named by its digest alone. A *state* also has an identity: a fresh id,
+the id of the state it came from (``parent_id``), the stream it belongs to (an agent's name,
+a session's id, a thread's id) and a time. Every client of the store keeps its states in one
+table in one shape, ``StateRow``: ``refs`` are the digests the state pins (the roots gc marks
+from), ``body`` the rest of its content, ``digest`` the hash of its content. So gc, verify,
+bundles and replicas treat every client alike; what a body means is declared here, by kind.
+
+The agent state (``AgentRecord``) is the first such kind. Its digest keeps the definition of
+schema version 1, so digests recorded before the generic table existed still verify.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Literal, NamedTuple
+from uuid import UUID
+
+import blake3
+import msgspec
+
+from immagent.assets import Digest, Kind, encode, join_refs
+from immagent.exceptions import IntegrityError
+
+__all__ = [
+    "STATE_KINDS",
+    "AgentRecord",
+    "StateKind",
+    "StateRow",
+    "check_state",
+    "load_agent",
+    "load_state",
+    "state_digest",
+    "state_from_v1",
+    "stream_digest",
+]
+
+
+class StateRow(msgspec.Struct, frozen=True):
+    """One state as stored: identity and lineage, then content (kind, stream, refs, body)
+    and the digest of that content. ``seq`` is the log position the store gave it (0 until
+    written); it is not content and not carried between stores."""
+
+    id: UUID
+    parent_id: UUID | None
+    kind: int
+    stream: str
+    refs: tuple[Digest, ...]
+    body: bytes
+    digest: Digest
+    created_at: datetime
+    seq: int = 0
+
+
+class StateKind(NamedTuple):
+    """How a state kind is hashed and what its refs must point at."""
+
+    #: The content digest of a row of this kind (what its ``digest`` must equal).
+    digest: Callable[[StateRow], Digest]
+    #: The asset kind each ref must have, in order.
+    ref_kinds: Callable[[StateRow], tuple[int, ...]]
+
+
+def stream_digest(kind: int, stream: str, refs: Sequence[Digest], body: bytes) -> Digest:
+    """The digest of a state's content by the generic rule: blake3 over the kind byte, the
+    stream (4-byte length + UTF-8), the refs (4-byte count + digests) and the body, i.e.
+    over exactly the stored bytes. Kinds other than agent states use it."""
+    name = stream.encode("utf-8")
+    return blake3.blake3(bytes((kind,)) + len(name).to_bytes(4, "big") + name
+                         + len(refs).to_bytes(4, "big") + join_refs(refs) + body).digest()
+
+
+# -- agent states -----------------------------------------------------------------------
+
+
+class _StateContent(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What an agent state's digest pins (lineage and timestamps are not content).
+    Field names and order are part of the digest: never change them."""
+
+    name: str
+    model: str
+    system_prompt: Digest
+    conversation: Digest
+    model_config: dict[str, Any] = {}
+    metadata: dict[str, Any] = {}
+
+
+class _AgentBody(msgspec.Struct, frozen=True, omit_defaults=True,
+                 rename={"model": "m", "model_config": "c", "metadata": "d"}):
+    """The stored body of an agent state: what its row does not hold elsewhere (the name
+    is the stream, the prompt and head node are the refs). Short keys: one per turn."""
+
+    model: str
+    model_config: dict[str, Any] = {}
+    metadata: dict[str, Any] = {}
+
+
+_agent_body = msgspec.msgpack.Decoder(_AgentBody)
+
+
+def state_digest(name: str, model: str, system_prompt: Digest, conversation: Digest,
+                 model_config: Mapping[str, Any], metadata: Mapping[str, Any]) -> Digest:
+    """Digest of an agent state's whole content.
+
+    The conversation digest pins every message transitively (a Merkle chain), so equal
+    digests mean equal prompt, model, config, metadata and full conversation.
+    """
+    content = _StateContent(name=name, model=model, system_prompt=system_prompt,
+                            conversation=conversation, model_config=dict(model_config),
+                            metadata=dict(metadata))
+    return blake3.blake3(bytes((Kind.AGENT_STATE,)) + encode(content)).digest()
+
+
+class AgentRecord(msgspec.Struct, frozen=True):
+    """One agent state: identity and lineage plus its content and the digest of it. The
+    one agent data type: ``PersistentAgent`` wraps it, the store writes it as a StateRow."""
+
+    id: UUID
+    parent_id: UUID | None
+    created_at: datetime
+    name: str
+    model: str
+    system_prompt: Digest
+    conversation: Digest
+    model_config: dict[str, Any]
+    metadata: dict[str, Any]
+    digest: Digest
+
+    def expected_digest(self) -> Digest:
+        """Recompute the state digest from the fields (what verification compares)."""
+        return state_digest(self.name, self.model, self.system_prompt, self.conversation,
+                            self.model_config, self.metadata)
+
+    def to_row(self) -> StateRow:
+        """The row that stores this state."""
+        body = encode(_AgentBody(model=self.model, model_config=self.model_config,
+                                 metadata=self.metadata))
+        return StateRow(id=self.id, parent_id=self.parent_id, kind=int(Kind.AGENT_STATE),
+                        stream=self.name, refs=(self.system_prompt, self.conversation),
+                        body=body, digest=self.digest, created_at=self.created_at)
+
+
+_v1_map = msgspec.msgpack.Decoder(dict[str, Any])
+
+
+def state_from_v1(id: UUID, parent_id: UUID | None, created_at: datetime, name: str,
+                  model: str, system_prompt: Digest, conversation: Digest,
+                  model_config: bytes, metadata: bytes, digest: Digest) -> StateRow:
+    """The state row of an agent row of schema version 1 (its maps stored as msgpack bytes),
+    for migrations: the digest is kept as it was, so recorded digests stay valid."""
+    try:
+        config, meta = _v1_map.decode(model_config), _v1_map.decode(metadata)
+    except msgspec.DecodeError as e:
+        raise IntegrityError(f"agent row {id} cannot be migrated: its model_config or "
+                             f"metadata cannot be decoded ({e})") from e
+    return AgentRecord(id=id, parent_id=parent_id, created_at=created_at, name=name,
+                       model=model, system_prompt=bytes(system_prompt),
+                       conversation=bytes(conversation), model_config=config,
+                       metadata=meta, digest=bytes(digest)).to_row()
+
+
+def _decode_agent(row: StateRow) -> AgentRecord:
+    """The record a row of kind AGENT_STATE holds, unverified (ValueError if malformed)."""
+    if len(row.refs) != 2:
+        raise ValueError(f"an agent state pins 2 digests, this row has {len(row.refs)}")
+    body = _agent_body.decode(row.body)
+    return AgentRecord(id=row.id, parent_id=row.parent_id, created_at=row.created_at,
+                       name=row.stream, model=body.model, system_prompt=row.refs[0],
+                       conversation=row.refs[1], model_config=body.model_config,
+                       metadata=body.metadata, digest=row.digest)
+
+
+def _agent_digest(row: StateRow) -> Digest:
+    return _decode_agent(row).expected_digest()
+
+
+# -- every state kind -------------------------------------------------------------------
+
+#: Each state kind's rules. A client of the store adds its kind here (kinds are data to
+#: the backends: a new one needs no storage change).
+STATE_KINDS: dict[int, StateKind] = {
+    int(Kind.AGENT_STATE): StateKind(
+        digest=_agent_digest,
+        ref_kinds=lambda row: (int(Kind.SYSTEM_PROMPT), int(Kind.NODE)),
+    ),
+}
+
+
+def check_state(row: StateRow) -> tuple[Literal["corrupt", "undecodable"], str] | None:
+    """None if a stored state row is sound, else ("corrupt" | "undecodable", reason):
+    corrupt when its content no longer gives its digest, undecodable when its body is not
+    a valid body of its kind (or the kind is unknown)."""
+    rules = STATE_KINDS.get(row.kind)
+    if rules is None:
+        return "undecodable", f"unknown state kind {row.kind}"
+    try:
+        expected = rules.digest(row)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as e:
+        return "undecodable", f"{type(e).__name__}: {e}"
+    if expected != row.digest:
+        return "corrupt", "its content does not hash to its stored state digest"
+    return None
+
+
+def load_state(row: StateRow) -> StateRow:
+    """``row`` after proving its content hashes to its digest: the one verify-on-read for
+    states, as ``assets.load_row`` is for assets. IntegrityError names the row otherwise."""
+    problem = check_state(row)
+    if problem is not None:
+        raise IntegrityError(f"state {row.id} is {problem[0]}: {problem[1]} "
+                             "(run store.verify())")
+    return row
+
+
+def load_agent(row: StateRow) -> AgentRecord:
+    """The verified agent record a state row holds (IntegrityError if the row is damaged
+    or is not an agent state)."""
+    if row.kind != Kind.AGENT_STATE:
+        raise IntegrityError(f"state {row.id} is not an agent state (kind {row.kind})")
+    return _decode_agent(load_state(row))

@@ -1,0 +1,233 @@
+"""In-memory backend: the storage contract as plain Python data, for tests and throwaway
+stores (``Store.connect("memory://")``).
+
+It is the executable definition of what the database backends compute in SQL: the same
+contract suite runs against all three. Nothing awaits while a write is applied, so every
+call is atomic on its event loop, and a write-or-sweep lock gives gc the same exclusion
+the database backends get from their locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Iterable, Sequence
+from uuid import UUID
+
+from immagent.assets import Digest, MissingAsset, StoredAsset
+from immagent.exceptions import StoreClosedError
+from immagent.records import StateRow
+from immagent.store.backend import SCHEMA_VERSION, RowCheck, SweepResult, WriteResult
+
+__all__ = ["MemoryBackend"]
+
+
+class MemoryBackend:
+    """A backend holding everything in dicts; gone when the process ends."""
+
+    def __init__(self) -> None:
+        self._assets: dict[Digest, StoredAsset] = {}
+        self._states: dict[UUID, StateRow] = {}
+        self._seq = itertools.count(1)
+        self._version: int | None = None
+        self._closed = False
+        self._lock = asyncio.Lock()  # gc's exclusive side; writes are atomic without it
+
+    def _open(self) -> None:
+        if self._closed:
+            raise StoreClosedError("the memory store is closed")
+
+    async def close(self) -> None:
+        self._closed = True
+
+    async def ping(self) -> bool:
+        return not self._closed
+
+    async def schema_version(self) -> int | None:
+        self._open()
+        return self._version
+
+    async def migrate(self, found: int | None) -> int | None:
+        self._open()
+        current = self._version
+        if current == found:
+            self._version = SCHEMA_VERSION  # nothing to convert: data lives as objects
+        return current
+
+    async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
+                    require: Sequence[Digest] = ()) -> WriteResult:
+        self._open()
+        async with self._lock:
+            inserted = {a.digest for a in assets}
+            missing = tuple(d for d in require if d not in self._assets and d not in inserted)
+            conflicts = tuple(s.id for s in states
+                              if s.id in self._states and self._states[s.id].digest != s.digest)
+            if missing or conflicts:
+                return WriteResult(missing, conflicts)
+            for a in assets:
+                self._assets.setdefault(a.digest, a)
+            for s in states:
+                if s.id not in self._states:
+                    self._states[s.id] = _with_seq(s, next(self._seq))
+        return WriteResult()
+
+    async def delete_states(self, ids: Sequence[UUID], *,
+                            stop_at_shared: bool = False) -> list[UUID]:
+        self._open()
+        deleted: list[UUID] = []
+        for i, state_id in enumerate(ids):
+            if state_id not in self._states:
+                if stop_at_shared:
+                    break
+                continue
+            if stop_at_shared and i > 0 and any(
+                    s.parent_id == state_id and s.id not in deleted
+                    for s in self._states.values()):
+                break
+            del self._states[state_id]
+            deleted.append(state_id)
+        return deleted
+
+    async def sweep(self, check: RowCheck) -> SweepResult:
+        self._open()
+        async with self._lock:
+            states = list(self._states.values())
+            reached = _reachable((d for s in states for d in s.refs), self._assets)
+            missing = next((d for d in reached if d not in self._assets), None)
+            if missing is not None:
+                return SweepResult({}, 0, len(self._assets), missing)
+            check([*states, *(self._assets[d] for d in reached if self._assets[d].refs)])
+            removed: dict[int, int] = {}
+            freed = 0
+            for d in [d for d in self._assets if d not in reached]:
+                row = self._assets.pop(d)
+                removed[row.kind] = removed.get(row.kind, 0) + 1
+                freed += len(row.body)
+            return SweepResult(removed, freed, len(self._assets))
+
+    async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, StoredAsset]:
+        self._open()
+        return {d: self._assets[d] for d in digests if d in self._assets}
+
+    async def get_chain(
+        self, head: Digest
+    ) -> tuple[list[StoredAsset], dict[Digest, StoredAsset]]:
+        self._open()
+        chain: list[StoredAsset] = []
+        row = self._assets.get(head)
+        kind = None if row is None else row.kind
+        while row is not None and row.kind == kind:
+            chain.append(row)
+            row = self._assets.get(row.refs[0]) if row.refs else None
+        leaves = {d: self._assets[d] for node in chain for d in node.refs[1:]
+                  if d in self._assets}
+        return chain, leaves
+
+    async def iter_assets(self, roots: Sequence[Digest] | None = None,
+                          batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
+        self._open()
+        if roots is None:
+            rows = [self._assets[d] for d in sorted(self._assets)]
+        else:
+            reached = _reachable(roots, self._assets)
+            rows = [self._assets[d] for d in reached if d in self._assets]
+        for start in range(0, len(rows), batch_size):
+            yield rows[start:start + batch_size]
+
+    async def dangling_refs(self, states: Sequence[UUID] | None = None,
+                            limit: int = 10_000) -> list[MissingAsset]:
+        self._open()
+        if states is None:
+            roots = list(self._states.values())
+            sources: Iterable[StoredAsset] = self._assets.values()
+        else:
+            roots = [self._states[i] for i in states if i in self._states]
+            reached = _reachable((d for s in roots for d in s.refs), self._assets)
+            sources = [self._assets[d] for d in reached if d in self._assets]
+        found: dict[tuple[Digest, Digest | UUID], None] = {}
+        for s in roots:
+            found.update(((d, s.id), None) for d in s.refs if d not in self._assets)
+        for a in sources:
+            found.update(((d, a.digest), None) for d in a.refs if d not in self._assets)
+        return [MissingAsset(d, r) for d, r in itertools.islice(found, limit)]
+
+    async def asset_stats(self) -> dict[int, tuple[int, int]]:
+        self._open()
+        stats: dict[int, tuple[int, int]] = {}
+        for a in self._assets.values():
+            n, size = stats.get(a.kind, (0, 0))
+            stats[a.kind] = (n + 1, size + len(a.body))
+        return stats
+
+    async def storage_bytes(self) -> int:
+        self._open()
+        return (sum(32 + len(a.body) + 32 * len(a.refs) for a in self._assets.values())
+                + sum(len(s.body) + 32 * len(s.refs) + 100 for s in self._states.values()))
+
+    async def get_states(self, ids: Sequence[UUID]) -> list[StateRow]:
+        self._open()
+        return [self._states[i] for i in dict.fromkeys(ids) if i in self._states]
+
+    async def scan_states(self, kind: int | None, *, after: UUID | None = None,
+                          limit: int = 100, newest_first: bool = False,
+                          contains: str | None = None) -> list[StateRow]:
+        self._open()
+        rows = sorted((s for s in self._states.values() if kind in (None, s.kind)
+                       and (contains is None or contains.lower() in s.stream.lower())),
+                      key=lambda s: s.id, reverse=newest_first)
+        if after is not None:
+            rows = [s for s in rows if (s.id < after if newest_first else s.id > after)]
+        return rows[:limit]
+
+    async def stream_states(self, kind: int, stream: str, *, after_seq: int | None = None,
+                            limit: int = 100, newest_first: bool = True) -> list[StateRow]:
+        self._open()
+        rows = sorted((s for s in self._states.values()
+                       if s.kind == kind and s.stream == stream),
+                      key=lambda s: s.seq, reverse=newest_first)
+        if after_seq is not None:
+            rows = [s for s in rows
+                    if (s.seq < after_seq if newest_first else s.seq > after_seq)]
+        return rows[:limit]
+
+    async def count_states(self, kind: int, *, stream: str | None = None,
+                           contains: str | None = None) -> int:
+        self._open()
+        return sum(1 for s in self._states.values() if s.kind == kind
+                   and (stream is None or s.stream == stream)
+                   and (contains is None or contains.lower() in s.stream.lower()))
+
+    async def lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
+        self._open()
+        rows: list[StateRow] = []
+        seen: set[UUID] = set()
+        current = self._states.get(state_id)
+        while current is not None and (limit is None or len(rows) < limit):
+            if current.id in seen and limit is None:
+                break  # each row once without a limit; with one, a cycle repeats ids
+            seen.add(current.id)
+            rows.append(current)
+            current = (None if current.parent_id is None
+                       else self._states.get(current.parent_id))
+        return rows
+
+
+def _with_seq(state: StateRow, seq: int) -> StateRow:
+    return StateRow(id=state.id, parent_id=state.parent_id, kind=state.kind,
+                    stream=state.stream, refs=state.refs, body=state.body,
+                    digest=state.digest, created_at=state.created_at, seq=seq)
+
+
+def _reachable(roots: Iterable[Digest], assets: dict[Digest, StoredAsset]) -> set[Digest]:
+    """Every digest reachable from ``roots`` through refs, absent ones included."""
+    seen: set[Digest] = set()
+    stack = list(roots)
+    while stack:
+        digest = stack.pop()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        row = assets.get(digest)
+        if row is not None:
+            stack.extend(r for r in row.refs if r not in seen)
+    return seen
