@@ -33,6 +33,7 @@ __all__ = [
     "RESERVED_CONFIG_KEYS",
     "Model",
     "bind",
+    "check_call_params",
     "check_config",
     "complete",
     "to_litellm_messages",
@@ -126,7 +127,9 @@ def to_litellm_messages(system_prompt: str, messages: Sequence[Message]) -> list
     return out
 
 
-def _check_call_params(max_retries: object, timeout: object, retry_delay: object) -> None:
+def check_call_params(max_retries: object, timeout: object, retry_delay: object) -> None:
+    """Reject a negative ``max_retries``, a ``timeout`` that is not a positive number of
+    seconds (or None) and a negative ``retry_delay`` (ValidationError naming the field)."""
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
         raise ValidationError("max_retries", "must be an int >= 0", max_retries)
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
@@ -215,7 +218,7 @@ async def complete(
     if not isinstance(system_prompt, str):
         raise ValidationError("system_prompt", "must be a str", system_prompt)
     canonical = check_config(config)
-    _check_call_params(max_retries, timeout, retry_delay)
+    check_call_params(max_retries, timeout, retry_delay)
     litellm = _litellm()
     kwargs: dict[str, Any] = {
         **canonical,
@@ -285,7 +288,7 @@ def bind(
     if not isinstance(system_prompt, str):
         raise ValidationError("system_prompt", "must be a str", system_prompt)
     canonical = check_config(config)
-    _check_call_params(max_retries, timeout, retry_delay)
+    check_call_params(max_retries, timeout, retry_delay)
 
     async def call(messages: Sequence[Message],
                    tools: Sequence[dict[str, Any]] | None) -> Message:
