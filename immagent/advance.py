@@ -5,8 +5,9 @@ are a ``ToolProvider`` (``immagent.MCPManager`` is one). Nothing is stored; the 
 (SimpleAgent, or the Store in one transaction) decides what to keep, so a failed turn
 leaves no trace.
 
-Tool-round limit: ``max_tool_rounds`` is the number of rounds of tool execution allowed in
-one turn, so the model is called at most ``max_tool_rounds + 1`` times. If the model still
+Tool-round limit: ``max_tool_rounds`` (at least 1, as in immagent 0.1.2) is the number of
+rounds of tool execution allowed in one turn, so the model is called at most
+``max_tool_rounds + 1`` times. If the model still
 asks for tools after the last allowed round, those calls are *not* run: each is answered
 with an error tool result saying the limit was reached, and the turn ends there (logged as
 a warning). Answering every call keeps the conversation valid for every provider (an
@@ -24,10 +25,11 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from immagent.assets import Message, ToolCall
-from immagent.exceptions import ToolExecutionError, ValidationError
+from immagent.exceptions import ToolExecutionError
+from immagent.options import check_tool_rounds
 from immagent.validate import MAX_INPUT_BYTES, check_text
 
-__all__ = ["CompleteFn", "ToolProvider", "advance"]
+__all__ = ["CompleteFn", "ToolProvider", "advance", "check_turn_input"]
 
 logger = logging.getLogger("immagent")
 
@@ -53,6 +55,14 @@ class ToolProvider(Protocol):
         ...
 
 
+def check_turn_input(user_input: object, max_tool_rounds: object) -> str:
+    """The user input of a turn, checked (field ``user_input``, 0.1.2's parameter name),
+    and the tool-round limit checked to be an int >= 1; else ValidationError."""
+    text = check_text("user_input", user_input, max_bytes=MAX_INPUT_BYTES)
+    check_tool_rounds(max_tool_rounds)
+    return text
+
+
 async def advance(
     *,
     history: Sequence[Message],
@@ -65,13 +75,11 @@ async def advance(
 
     They are: the user message, then the assistant message(s) interleaved with tool
     result messages (role "tool"; ``is_error=True`` for a failed call). The system prompt
-    is not part of ``history``; ``complete`` adds it. Raises ValidationError for an empty
-    or oversized input, and whatever ``complete`` raises (LLMError) unchanged.
+    is not part of ``history``; ``complete`` adds it. Raises ValidationError (before
+    ``complete`` is called) for an empty or oversized input or a ``max_tool_rounds`` below
+    1, and whatever ``complete`` raises (LLMError) unchanged.
     """
-    check_text("input", user_input, max_bytes=MAX_INPUT_BYTES)
-    if (isinstance(max_tool_rounds, bool) or not isinstance(max_tool_rounds, int)
-            or max_tool_rounds < 0):
-        raise ValidationError("max_tool_rounds", "must be an int >= 0", max_tool_rounds)
+    check_turn_input(user_input, max_tool_rounds)
 
     conversation = list(history)
     new: list[Message] = [Message(role="user", content=user_input)]

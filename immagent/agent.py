@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 from uuid import UUID
 
-from immagent import registry
+from immagent import history, registry
 from immagent.assets import Digest, Message
 from immagent.ids import uuid_from_digest
-from immagent.llm import DEFAULT_RETRY_DELAY
+from immagent.options import TurnKeywords
 from immagent.records import AgentRecord
 
 if TYPE_CHECKING:
@@ -125,48 +125,56 @@ class PersistentAgent:
         """The text of this agent's system prompt."""
         return await registry.store_of(self).get_system_prompt(self)
 
+    async def messages(self) -> tuple[Message, ...]:
+        """The whole conversation, oldest first (0.1.2's name for ``get_messages``)."""
+        return await self.get_messages()
+
     async def get_lineage(self) -> list[PersistentAgent]:
-        """This state and its ancestors, newest first; stops at a deleted parent."""
+        """This state's stored lineage, **root first, this state last** (0.1.2's order);
+        it starts at the oldest ancestor still stored. ``Store.ancestors`` walks newest
+        first."""
         return await registry.store_of(self).get_lineage(self)
 
+    async def lineage(self) -> list[PersistentAgent]:
+        """0.1.2's name for ``get_lineage``: root first, this state last."""
+        return await self.get_lineage()
+
+    async def last_response(self) -> str | None:
+        """Text of the newest assistant message that has text, or None."""
+        return history.last_response(await self.get_messages())
+
+    async def token_usage(self) -> history.TokenUsage:
+        """``(input_tokens, output_tokens)`` summed over the conversation's assistant
+        messages; ``(0, 0)`` when there are none."""
+        return history.token_usage(await self.get_messages())
+
     async def clone(self) -> PersistentAgent:
-        """A new state with identical content (same digest), a new id and this as parent."""
+        """A sibling: a new state with identical content (same digest), a new id and this
+        state's parent as its parent, to explore another branch from the same point."""
         return await registry.store_of(self).clone(self)
 
     async def with_metadata(self, metadata: Mapping[str, Any]) -> PersistentAgent:
         """A new state whose metadata is ``metadata`` (a JSON-like mapping)."""
         return await registry.store_of(self).with_metadata(self, metadata)
 
-    async def advance(
-        self,
-        user_input: str,
-        *,
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        top_p: float | None = None,
-        mcp: ToolProvider | None = None,
-        max_retries: int = 3,
-        timeout: float | None = 120.0,
-        max_tool_rounds: int = 10,
-        retry_delay: float = DEFAULT_RETRY_DELAY,
-    ) -> PersistentAgent:
+    async def advance(self, user_input: str, *, mcp: ToolProvider | None = None,
+                      **options: Unpack[TurnKeywords]) -> PersistentAgent:
         """Send ``user_input`` to the model (running tools through ``mcp``) and return the
         new state, saved in one transaction. On any failure nothing is written.
 
-        ``temperature``/``max_tokens``/``top_p`` override ``model_config`` for this turn and
-        are recorded on the reply; transient provider errors are retried ``max_retries``
-        times with backoff starting at ``retry_delay`` seconds; ``timeout`` bounds each call.
+        ``options`` are the turn's keywords (``TurnOptions``: ``max_retries=3``,
+        ``timeout=120.0``, ``max_tool_rounds=10``, ``temperature``, ``max_tokens``,
+        ``top_p``, ``retry_delay=1.0``), checked before anything is read or any model is
+        called.
         """
-        from immagent.turn import run_turn  # the model layer loads on the first turn
+        from immagent.turn import check_turn, run_turn  # the model layer loads on a turn
 
+        opts = check_turn(user_input, options)
         store = registry.store_of(self)
         history = await store.get_messages(self)
         new_messages = await run_turn(
             model=self.model, system_prompt=await store.get_system_prompt(self),
             model_config=self.model_config, history=history, user_input=user_input,
-            temperature=temperature, max_tokens=max_tokens, top_p=top_p, tools=mcp,
-            max_retries=max_retries, timeout=timeout, max_tool_rounds=max_tool_rounds,
-            retry_delay=retry_delay,
+            tools=mcp, options=opts,
         )
         return await store.append(self, new_messages, history=history)
-

@@ -25,13 +25,14 @@ from uuid import UUID
 import blake3
 import msgspec
 
-from immagent.exceptions import IntegrityError
+from immagent.exceptions import IntegrityError, ValidationError
 from immagent.ids import uuid_from_digest
 
 __all__ = [
     "EMPTY_CONVERSATION",
     "NODE_KINDS",
     "Asset",
+    "Conversation",
     "ConversationNode",
     "Digest",
     "Kind",
@@ -157,6 +158,29 @@ class Message(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True
     is_error: bool = False
     kind: ClassVar[Kind] = Kind.MESSAGE
 
+    # The three constructors of immagent 0.1.2, with its parameter names (``content``).
+    # They only build the value; the store checks a message when it is written.
+
+    @classmethod
+    def user(cls, content: str) -> Message:
+        """A user message."""
+        return cls(role="user", content=content)
+
+    @classmethod
+    def assistant(cls, content: str | None, tool_calls: Iterable[ToolCall] | None = None,
+                  input_tokens: int | None = None,
+                  output_tokens: int | None = None) -> Message:
+        """An assistant message with its tool calls and the token usage of its call."""
+        # A tuple, and None for "no calls": one form per content, so one digest.
+        calls = tuple(tool_calls) if tool_calls is not None else ()
+        return cls(role="assistant", content=content, tool_calls=calls or None,
+                   input_tokens=input_tokens, output_tokens=output_tokens)
+
+    @classmethod
+    def tool_result(cls, tool_call_id: str, content: str) -> Message:
+        """The result of the tool call ``tool_call_id``."""
+        return cls(role="tool", content=content, tool_call_id=tool_call_id)
+
 
 class ConversationNode(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True,
                        rename={"parent": "p", "messages": "m", "length": "n", "size": "s"}):
@@ -217,6 +241,62 @@ class _NodeBody(msgspec.Struct, frozen=True, omit_defaults=True,
 
 
 EMPTY_CONVERSATION = ConversationNode()
+
+
+class Conversation(msgspec.Struct, frozen=True):
+    """A whole conversation, under its immagent 0.1.2 name: the head node of its hash
+    chain and every message in order, oldest first.
+
+    ``id`` is the head node's id, the ``conversation_id`` of every agent state holding
+    this conversation: equal ids mean identical histories, in any store. ``with_messages``
+    adds one node, as one ``advance`` does, so a Conversation built step by step from an
+    agent's turns has that agent's ``conversation_id``. Nothing here is stored: the nodes
+    and messages are the stored assets.
+    """
+
+    head: ConversationNode = EMPTY_CONVERSATION
+    messages: tuple[Message, ...] = ()
+
+    def __post_init__(self) -> None:
+        # A cheap consistency check: the head counts every message and adds the last ones.
+        added = self.head.messages
+        if (self.head.length != len(self.messages)
+                or tuple(m.digest for m in self.messages[len(self.messages) - len(added):])
+                != added):
+            raise ValidationError("messages", f"{len(self.messages)} message(s) are not the "
+                                  f"history of node {self.head.digest.hex()} (it holds "
+                                  f"{self.head.length})", None)
+
+    @classmethod
+    def create(cls, messages: Iterable[Message] = ()) -> Conversation:
+        """The empty conversation, or one that adds ``messages`` to it in one step."""
+        added = tuple(messages)
+        return cls().with_messages(*added) if added else cls()
+
+    @property
+    def id(self) -> UUID:
+        """The head node's UUID (an agent's ``conversation_id``)."""
+        return self.head.id
+
+    @property
+    def digest(self) -> Digest:
+        """The head node's digest: it pins every message through the chain."""
+        return self.head.digest
+
+    @property
+    def message_ids(self) -> tuple[UUID, ...]:
+        """The messages' ids, oldest first (derived from their content)."""
+        return tuple(m.id for m in self.messages)
+
+    def with_messages(self, *messages: Message) -> Conversation:
+        """The conversation that adds ``messages`` (at least one) as one new node."""
+        if not messages or not all(isinstance(m, Message) for m in messages):
+            raise ValidationError("messages", "with_messages takes one or more Message "
+                                  "objects (content-derived ids cannot be resolved "
+                                  "without a store)", None)
+        return Conversation(head=self.head.extend(messages),
+                            messages=(*self.messages, *messages))
+
 
 Asset: TypeAlias = SystemPrompt | Message | ConversationNode
 

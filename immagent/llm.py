@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from immagent.assets import Message, ToolCall
 from immagent.exceptions import LLMError, ValidationError
+from immagent.options import DEFAULT_RETRY_DELAY, check_call_params
 from immagent.validate import (
     MAX_NAME_CHARS,
     RESERVED_CONFIG_KEYS,
@@ -39,6 +40,7 @@ __all__ = [
     "RESERVED_CONFIG_KEYS",
     "Model",
     "bind",
+    "check_call_params",
     "check_config",
     "complete",
     "to_litellm_messages",
@@ -63,8 +65,6 @@ class Model(StrEnum):
     ECHO = "immagent/echo"
 
 
-#: First backoff delay in seconds; attempt n waits about retry_delay * 2**n (capped).
-DEFAULT_RETRY_DELAY = 1.0
 MAX_RETRY_DELAY = 30.0
 
 
@@ -117,17 +117,6 @@ def to_litellm_messages(system_prompt: str, messages: Sequence[Message]) -> list
         else:
             out.append({"role": m.role, "content": m.content or ""})
     return out
-
-
-def _check_call_params(max_retries: object, timeout: object, retry_delay: object) -> None:
-    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-        raise ValidationError("max_retries", "must be an int >= 0", max_retries)
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
-                                or not math.isfinite(timeout) or timeout <= 0):
-        raise ValidationError("timeout", "must be a positive number of seconds or None", timeout)
-    if (isinstance(retry_delay, bool) or not isinstance(retry_delay, int | float)
-            or not math.isfinite(retry_delay) or retry_delay < 0):
-        raise ValidationError("retry_delay", "must be a number of seconds >= 0", retry_delay)
 
 
 def _backoff(attempt: int, base: float) -> float:
@@ -197,7 +186,7 @@ async def complete(
     if not isinstance(system_prompt, str):
         raise ValidationError("system_prompt", "must be a str", system_prompt)
     canonical = check_config(config)
-    _check_call_params(max_retries, timeout, retry_delay)
+    check_call_params(max_retries, timeout, retry_delay)
     litellm = _litellm()
     kwargs: dict[str, Any] = {
         **canonical,
@@ -267,7 +256,7 @@ def bind(
     if not isinstance(system_prompt, str):
         raise ValidationError("system_prompt", "must be a str", system_prompt)
     canonical = check_config(config)
-    _check_call_params(max_retries, timeout, retry_delay)
+    check_call_params(max_retries, timeout, retry_delay)
 
     async def call(messages: Sequence[Message],
                    tools: Sequence[dict[str, Any]] | None) -> Message:

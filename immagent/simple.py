@@ -3,18 +3,23 @@
 It runs the same turn logic as the persistent agent (``immagent.advance``) with the model
 call from ``immagent.llm``; ``advance`` returns a new SimpleAgent and leaves this one as
 it was, also when the turn fails.
+
+Seed compatibility (immagent 0.1.2): construction by keyword or position, ``messages``
+as an attribute or a call, ``clone()`` and ``with_metadata()`` as plain methods, and
+``token_usage()`` returning a tuple that can also be awaited (0.1.2 made it a coroutine).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Unpack
 
-from immagent import llm
+from immagent import history, llm
 from immagent.advance import ToolProvider
 from immagent.assets import Message
-from immagent.turn import run_turn
-from immagent.validate import MAX_NAME_CHARS, check_text
+from immagent.options import TurnKeywords
+from immagent.turn import check_turn, run_turn
+from immagent.validate import MAX_NAME_CHARS, check_json_mapping, check_text
 
 __all__ = ["MessageList", "SimpleAgent"]
 
@@ -35,40 +40,52 @@ class MessageList(tuple[Message, ...]):
 class SimpleAgent:
     """An immutable agent held in memory: ``agent = await agent.advance("Hello!")``."""
 
-    __slots__ = ("_messages", "_model", "_model_config", "_name", "_system_prompt")
+    __slots__ = ("_messages", "_metadata", "_model", "_model_config", "_name",
+                 "_system_prompt")
 
     _name: str
     _system_prompt: str
     _model: str
     _model_config: dict[str, Any]
+    _metadata: dict[str, Any]
     _messages: MessageList
 
     def __init__(self, name: str, system_prompt: str, model: str,
-                 model_config: Mapping[str, Any] | None = None) -> None:
-        """Validate and hold the agent's settings; it starts with no messages."""
+                 model_config: Mapping[str, Any] | None = None,
+                 metadata: Mapping[str, Any] | None = None) -> None:
+        """Validate and hold the agent's settings; it starts with no messages.
+
+        ``metadata`` is free JSON-like data carried along (never sent to the model).
+        """
         self._set(
             name=check_text("name", name, max_bytes=MAX_NAME_CHARS),
             system_prompt=check_text("system_prompt", system_prompt),
             # str() stores a Model member as its plain value.
             model=str(check_text("model", model, max_bytes=MAX_NAME_CHARS)),
             model_config=llm.check_config(model_config),
+            metadata=check_json_mapping("metadata", metadata),
             messages=MessageList(),
         )
 
     def _set(self, *, name: str, system_prompt: str, model: str,
-             model_config: dict[str, Any], messages: MessageList) -> None:
+             model_config: dict[str, Any], metadata: dict[str, Any],
+             messages: MessageList) -> None:
         setattr_ = object.__setattr__  # the only writes, made while constructing
         setattr_(self, "_name", name)
         setattr_(self, "_system_prompt", system_prompt)
         setattr_(self, "_model", model)
         setattr_(self, "_model_config", model_config)
+        setattr_(self, "_metadata", metadata)
         setattr_(self, "_messages", messages)
 
-    def _with_messages(self, added: Iterable[Message]) -> SimpleAgent:
+    def _evolve(self, *, added: Iterable[Message] = (),
+                metadata: dict[str, Any] | None = None) -> SimpleAgent:
+        """A new agent with ``added`` appended and, if given, ``metadata`` (already valid)."""
         new = object.__new__(SimpleAgent)
         new._set(name=self._name, system_prompt=self._system_prompt, model=self._model,
-                 model_config=self._model_config, messages=MessageList((*self._messages,
-                                                                        *added)))
+                 model_config=self._model_config,
+                 metadata=self._metadata if metadata is None else metadata,
+                 messages=MessageList((*self._messages, *added)))
         return new
 
     def __setattr__(self, name: str, value: object) -> NoReturn:
@@ -81,12 +98,14 @@ class SimpleAgent:
         return (f"SimpleAgent(name={self._name!r}, model={self._model!r}, "
                 f"messages={len(self._messages)})")
 
+    def _key(self) -> tuple[object, ...]:
+        return (self._name, self._system_prompt, self._model, self._model_config,
+                self._metadata, self._messages)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SimpleAgent):
             return NotImplemented
-        return (self._name, self._system_prompt, self._model, self._model_config,
-                self._messages) == (other._name, other._system_prompt, other._model,
-                                    other._model_config, other._messages)
+        return self._key() == other._key()
 
     def __hash__(self) -> int:
         return hash((self._name, self._system_prompt, self._model, len(self._messages)))
@@ -112,45 +131,47 @@ class SimpleAgent:
         return dict(self._model_config)
 
     @property
+    def metadata(self) -> dict[str, Any]:
+        """The agent's metadata (a copy, in canonical form)."""
+        return dict(self._metadata)
+
+    @property
     def messages(self) -> MessageList:
         """Every message so far (user, assistant, tool); also callable: ``messages()``."""
         return self._messages
 
     def last_response(self) -> str | None:
         """Text of the newest assistant message that has text, or None."""
-        for message in reversed(self._messages):
-            if message.role == "assistant" and message.content:
-                return message.content
-        return None
+        return history.last_response(self._messages)
 
-    def token_usage(self) -> tuple[int, int]:
-        """(input_tokens, output_tokens) summed over every model call so far."""
-        return (sum(m.input_tokens or 0 for m in self._messages),
-                sum(m.output_tokens or 0 for m in self._messages))
+    def token_usage(self) -> history.TokenUsage:
+        """(input_tokens, output_tokens) summed over every model call so far.
 
-    async def advance(
-        self,
-        input: str,
-        *,
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        top_p: float | None = None,
-        mcp: ToolProvider | None = None,
-        max_retries: int = 3,
-        timeout: float | None = 120.0,
-        max_tool_rounds: int = 10,
-        retry_delay: float = llm.DEFAULT_RETRY_DELAY,
-    ) -> SimpleAgent:
-        """Send ``input``, run any tool calls (via ``mcp``), return the new agent.
+        Use it as a tuple, ``agent.token_usage()``, or await it as in immagent 0.1.2,
+        ``await agent.token_usage()``: both give the same TokenUsage.
+        """
+        return history.token_usage(self._messages)
 
-        ``temperature``/``max_tokens``/``top_p`` override ``model_config`` for this turn.
-        Raises ValidationError, LLMError; this agent is unchanged either way.
+    def clone(self) -> SimpleAgent:
+        """A new agent equal to this one, to advance in another direction."""
+        return self._evolve()
+
+    def with_metadata(self, metadata: Mapping[str, Any]) -> SimpleAgent:
+        """A new agent whose metadata is ``metadata`` (a JSON-like mapping)."""
+        return self._evolve(metadata=check_json_mapping("metadata", metadata))
+
+    async def advance(self, user_input: str, *, mcp: ToolProvider | None = None,
+                      **options: Unpack[TurnKeywords]) -> SimpleAgent:
+        """Send ``user_input``, run any tool calls (via ``mcp``), return the new agent.
+
+        ``options`` are the turn's keywords (``TurnOptions``: ``max_retries``,
+        ``timeout``, ``max_tool_rounds``, ``temperature``, ``max_tokens``, ``top_p``,
+        ``retry_delay``). Raises ValidationError (before any model call) and LLMError;
+        this agent is unchanged either way.
         """
         added = await run_turn(
             model=self._model, system_prompt=self._system_prompt,
-            model_config=self._model_config, history=self._messages, user_input=input,
-            temperature=temperature, max_tokens=max_tokens, top_p=top_p, tools=mcp,
-            max_retries=max_retries, timeout=timeout, max_tool_rounds=max_tool_rounds,
-            retry_delay=retry_delay,
+            model_config=self._model_config, history=self._messages, user_input=user_input,
+            tools=mcp, options=check_turn(user_input, options),
         )
-        return self._with_messages(added)
+        return self._evolve(added=added)

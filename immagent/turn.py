@@ -7,10 +7,20 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from immagent import llm
-from immagent.advance import ToolProvider, advance
+from immagent.advance import ToolProvider, advance, check_turn_input
 from immagent.assets import Message
+from immagent.options import TurnKeywords, TurnOptions
 
-__all__ = ["run_turn"]
+__all__ = ["check_turn", "run_turn"]
+
+
+def check_turn(user_input: object, options: TurnKeywords | TurnOptions) -> TurnOptions:
+    """The turn's options, validated with its input before anything is read or any model
+    is called (ValidationError naming the field: an empty or oversized ``user_input``,
+    ``max_tool_rounds < 1``, ``max_retries < 0``, ``timeout <= 0``, ...)."""
+    checked = options if isinstance(options, TurnOptions) else TurnOptions(**options)
+    check_turn_input(user_input, checked.max_tool_rounds)
+    return checked
 
 
 async def run_turn(
@@ -20,20 +30,13 @@ async def run_turn(
     model_config: Mapping[str, Any],
     history: Sequence[Message],
     user_input: str,
-    temperature: float | None = None,
-    max_tokens: int | None = None,
-    top_p: float | None = None,
     tools: ToolProvider | None = None,
-    max_retries: int = 3,
-    timeout: float | None = 120.0,
-    max_tool_rounds: int = 10,
-    retry_delay: float = llm.DEFAULT_RETRY_DELAY,
+    options: TurnOptions | None = None,
 ) -> list[Message]:
-    """The new messages of one turn; nothing is stored. ``temperature``, ``max_tokens`` and
-    ``top_p`` override ``model_config`` for this turn only (recorded on the reply)."""
-    overrides = {"temperature": temperature, "max_tokens": max_tokens, "top_p": top_p}
-    config = {**model_config, **{k: v for k, v in overrides.items() if v is not None}}
-    complete = llm.bind(model, system_prompt, config, max_retries, timeout,
-                        retry_delay=retry_delay)
+    """The new messages of one turn; nothing is stored. ``options`` (defaults if None)
+    override ``model_config`` for this turn only (recorded on the reply)."""
+    opts = check_turn(user_input, options or TurnOptions())
+    complete = llm.bind(model, system_prompt, {**model_config, **opts.overrides()},
+                        opts.max_retries, opts.timeout, retry_delay=opts.retry_delay)
     return await advance(history=history, user_input=user_input, complete=complete,
-                         tools=tools, max_tool_rounds=max_tool_rounds)
+                         tools=tools, max_tool_rounds=opts.max_tool_rounds)

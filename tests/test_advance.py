@@ -187,13 +187,13 @@ async def test_max_tool_rounds_reached(caplog: pytest.LogCaptureFixture) -> None
     assert any("limit of 2 tool round(s)" in r.getMessage() for r in caplog.records)
 
 
-async def test_zero_tool_rounds_runs_no_tool() -> None:
-    model = ScriptedModel([Reply.call("add", a=1, b=1)])
+async def test_one_tool_round_then_the_limit() -> None:
+    model = ScriptedModel([Reply.call("add", a=1, b=1), Reply.call("add", a=2, b=2)])
     tools = Tools()
     new = await advance(history=[], user_input="go", complete=bind(model.model, "sys"),
-                        tools=tools, max_tool_rounds=0)
-    assert tools.calls == []
-    assert [m.role for m in new] == ["user", "assistant", "tool"]
+                        tools=tools, max_tool_rounds=1)
+    assert tools.calls == [("add", {"a": 1, "b": 1})]
+    assert [m.role for m in new] == ["user", "assistant", "tool", "assistant", "tool"]
     assert new[-1].is_error and _answered(new)
 
 
@@ -203,7 +203,7 @@ async def test_empty_or_oversized_input_is_rejected(user_input: str) -> None:
     model = ScriptedModel(["unused"])
     with pytest.raises(ValidationError) as info:
         await advance(history=[], user_input=user_input, complete=bind(model.model, "sys"))
-    assert info.value.field == "input"
+    assert info.value.field == "user_input"
     assert model.requests == []
 
 
@@ -214,12 +214,15 @@ async def test_input_at_the_size_limit_is_accepted() -> None:
     assert new[-1].content == "fine"
 
 
-@pytest.mark.parametrize("rounds", [-1, True, 1.5])
+# 0 is rejected as in immagent 0.1.2: a turn may always run at least one round of tools.
+@pytest.mark.parametrize("rounds", [0, -1, True, 1.5])
 async def test_bad_max_tool_rounds_is_rejected(rounds: Any) -> None:
+    model = ScriptedModel(["unused"])
     with pytest.raises(ValidationError) as info:
-        await advance(history=[], user_input="hi", complete=bind(Model.ECHO, "sys"),
+        await advance(history=[], user_input="hi", complete=bind(model.model, "sys"),
                       max_tool_rounds=rounds)
     assert info.value.field == "max_tool_rounds"
+    assert model.requests == []
 
 
 async def test_llm_error_propagates_and_nothing_is_returned() -> None:

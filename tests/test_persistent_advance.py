@@ -100,7 +100,7 @@ async def test_a_failed_turn_writes_nothing(store: Store, store_dsn: str, failur
     if failure == "exhausted":
         assert len(model.requests) == 3  # the first try and two retries
     if failure == "bad_input":
-        assert isinstance(err.value, immagent.ValidationError) and err.value.field == "input"
+        assert isinstance(err.value, immagent.ValidationError) and err.value.field == "user_input"
 
 
 async def test_max_tool_rounds_ends_the_turn_cleanly(store: Store, calc: MCPManager) -> None:

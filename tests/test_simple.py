@@ -117,7 +117,7 @@ async def test_empty_or_oversized_input_is_rejected(user_input: str) -> None:
     agent = SimpleAgent("a", "p", model.model)
     with pytest.raises(ValidationError) as info:
         await agent.advance(user_input)
-    assert info.value.field == "input"
+    assert info.value.field == "user_input"
     assert model.requests == []
 
 
