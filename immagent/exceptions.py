@@ -17,6 +17,7 @@ __all__ = [
     "MessageNotFoundError",
     "SchemaMissingError",
     "SchemaVersionError",
+    "StaleStreamError",
     "StoreClosedError",
     "StoreConnectionError",
     "StoreError",
@@ -93,6 +94,17 @@ class ConflictError(StoreError):
     def __init__(self, state_id: UUID) -> None:
         self.state_id = state_id
         super().__init__(f"state {state_id} already exists with other content")
+
+
+class StaleStreamError(StoreError):
+    """A write expected a stream's newest state that another writer has since replaced;
+    nothing was written. Read the stream again and retry."""
+
+    def __init__(self, kind: int, stream: str) -> None:
+        self.kind = kind
+        self.stream = stream
+        super().__init__(f"stream {stream!r} (kind {kind}) has a newer state than the one "
+                         "this write was based on; nothing was written")
 
 
 class IntegrityError(ImmAgentError):

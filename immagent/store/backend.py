@@ -21,7 +21,7 @@ from uuid import UUID
 from immagent.assets import Digest, MissingAsset, StoredAsset
 from immagent.records import StateRow
 
-__all__ = ["SCHEMA_VERSION", "Backend", "RowCheck", "SweepResult", "WriteResult"]
+__all__ = ["SCHEMA_VERSION", "Backend", "Head", "RowCheck", "SweepResult", "WriteResult"]
 
 #: Version of the storage layout this immagent writes; older versions are migrated.
 SCHEMA_VERSION = 2
@@ -31,14 +31,26 @@ SCHEMA_VERSION = 2
 RowCheck = Callable[[Sequence[StoredAsset | StateRow]], None]
 
 
+class Head(NamedTuple):
+    """An expectation a write checks under its lock: the newest state of ``stream`` (of
+    ``kind``) is still ``state_id`` (None: the stream has no state yet). Optimistic
+    concurrency on a stream, as an event store's "expected version"."""
+
+    kind: int
+    stream: str
+    state_id: UUID | None
+
+
 class WriteResult(NamedTuple):
-    """What stopped a write; when both are empty it committed."""
+    """What stopped a write; when every field is empty it committed."""
 
     #: Required digests that are not stored (the write committed nothing).
     missing: tuple[Digest, ...] = ()
     #: State ids already stored with another digest (the write committed nothing). A state
     #: already stored with the same digest is not a conflict: it is skipped.
     conflicts: tuple[UUID, ...] = ()
+    #: Expected heads that had moved on (the write committed nothing).
+    stale: tuple[Head, ...] = ()
 
 
 class SweepResult(NamedTuple):
@@ -75,13 +87,16 @@ class Backend(Protocol):
     # -- writes ---------------------------------------------------------------------------
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
-                    require: Sequence[Digest] = ()) -> WriteResult:
+                    require: Sequence[Digest] = (), heads: Sequence[Head] = ()) -> WriteResult:
         """In one transaction: insert the assets (skipping ones already present), check that
-        every digest in ``require`` is stored, insert the states. Commits nothing when a
-        required digest is missing or a state id exists with another digest.
+        every digest in ``require`` is stored and every head in ``heads`` is still the
+        newest state of its stream, insert the states. Commits nothing when a required
+        digest is missing, a head moved on, or a state id exists with another digest.
 
         Holds the shared side of the gc lock, so no sweep runs between the check and the
         commit: what this write deduplicated onto or points at cannot be swept under it.
+        Writes expecting heads of the same stream are serialised, so exactly one of two
+        writers that read the same head commits.
         """
 
     async def delete_states(self, ids: Sequence[UUID], *,

@@ -17,7 +17,7 @@ from uuid import UUID
 from immagent.assets import Digest, MissingAsset, StoredAsset
 from immagent.exceptions import StoreClosedError
 from immagent.records import StateRow
-from immagent.store.backend import SCHEMA_VERSION, RowCheck, SweepResult, WriteResult
+from immagent.store.backend import SCHEMA_VERSION, Head, RowCheck, SweepResult, WriteResult
 
 __all__ = ["MemoryBackend"]
 
@@ -55,21 +55,26 @@ class MemoryBackend:
         return current
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
-                    require: Sequence[Digest] = ()) -> WriteResult:
+                    require: Sequence[Digest] = (), heads: Sequence[Head] = ()) -> WriteResult:
         self._open()
         async with self._lock:
             inserted = {a.digest for a in assets}
             missing = tuple(d for d in require if d not in self._assets and d not in inserted)
             conflicts = tuple(s.id for s in states
                               if s.id in self._states and self._states[s.id].digest != s.digest)
-            if missing or conflicts:
-                return WriteResult(missing, conflicts)
+            stale = tuple(h for h in heads if self._newest(h.kind, h.stream) != h.state_id)
+            if missing or conflicts or stale:
+                return WriteResult(missing, conflicts, stale)
             for a in assets:
                 self._assets.setdefault(a.digest, a)
             for s in states:
                 if s.id not in self._states:
                     self._states[s.id] = _with_seq(s, next(self._seq))
         return WriteResult()
+
+    def _newest(self, kind: int, stream: str) -> UUID | None:
+        mine = [s for s in self._states.values() if s.kind == kind and s.stream == stream]
+        return max(mine, key=lambda s: s.seq).id if mine else None
 
     async def delete_states(self, ids: Sequence[UUID], *,
                             stop_at_shared: bool = False) -> list[UUID]:

@@ -28,7 +28,7 @@ from immagent.exceptions import (
     StoreError,
 )
 from immagent.records import StateRow, state_from_v1
-from immagent.store.backend import SCHEMA_VERSION, RowCheck, SweepResult, WriteResult
+from immagent.store.backend import SCHEMA_VERSION, Head, RowCheck, SweepResult, WriteResult
 from immagent.store.dsn import redact
 from immagent.store.schema import schema_sql
 
@@ -40,6 +40,8 @@ log = logging.getLogger("immagent")
 _GC_LOCK = 0x1A3A_6E70_0000_0001
 _SCHEMA_LOCK = 0x1A3A_6E70_0000_0002
 _LINEAGE_LOCK = 0x1A3A_6E70_0000_0003
+# Two-key advisory locks (int4, int4) per stream: the first key, this base plus the kind.
+_STREAM_LOCK_SPACE = 0x1A3A_0000
 
 _STATE_COLUMNS = "id, parent_id, kind, stream, refs, body, digest, created_at, seq"
 _INSERT_STATE = ("INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, digest, "
@@ -160,7 +162,7 @@ class PostgresBackend:
     # -- writes ---------------------------------------------------------------------------
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
-                    require: Sequence[Digest] = ()) -> WriteResult:
+                    require: Sequence[Digest] = (), heads: Sequence[Head] = ()) -> WriteResult:
         try:
             with _mapped("write"):
                 async with self._pool.connection() as conn, conn.transaction():
@@ -182,6 +184,8 @@ class PostgresBackend:
                             missing = tuple(bytes(r[0]) for r in await cur.fetchall())
                             if missing:
                                 raise _Abort(WriteResult(missing=missing))
+                        if heads:
+                            await _check_heads(cur, heads)
                         if states:
                             await cur.executemany(_INSERT_STATE,
                                                   [_state_params(s) for s in states])
@@ -565,6 +569,24 @@ async def _migrate_v1(conn: psycopg.AsyncConnection[Any]) -> None:
                                             bytes(r[9])))
                 for r in rows])
     await conn.execute("DROP TABLE immagent_agents")
+
+
+async def _check_heads(cur: psycopg.AsyncCursor[Any], heads: Sequence[Head]) -> None:
+    """Abort the write unless every expected head is still its stream's newest state.
+    A transaction lock per stream (taken in a fixed order, so two writers cannot
+    deadlock) makes the check and the insert one step for writers of the same stream."""
+    ordered = sorted(set(heads), key=lambda h: (h.kind, h.stream))
+    stale: list[Head] = []
+    for head in ordered:
+        await cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                          (_STREAM_LOCK_SPACE + head.kind, head.stream))
+        await cur.execute("SELECT id FROM immagent_states WHERE kind = %s AND stream = %s "
+                          "ORDER BY kind, stream, seq DESC LIMIT 1", (head.kind, head.stream))
+        row = await cur.fetchone()
+        if (None if row is None else row[0]) != head.state_id:
+            stale.append(head)
+    if stale:
+        raise _Abort(WriteResult(stale=tuple(stale)))
 
 
 async def _check_conflicts(cur: psycopg.AsyncCursor[Any], states: Sequence[StateRow]) -> None:

@@ -37,7 +37,7 @@ from immagent.assets import Digest, MissingAsset, StoredAsset, join_refs, split_
 from immagent.exceptions import StoreConnectionError, StoreError, ValidationError
 from immagent.records import StateRow, state_from_v1
 from immagent.store._sqlite_pool import SQLitePool, is_busy, transaction
-from immagent.store.backend import SCHEMA_VERSION, RowCheck, SweepResult, WriteResult
+from immagent.store.backend import SCHEMA_VERSION, Head, RowCheck, SweepResult, WriteResult
 
 __all__ = ["SQLiteBackend"]
 
@@ -184,6 +184,12 @@ def _asset(row: Sequence[Any]) -> StoredAsset:
     return StoredAsset(bytes(row[0]), int(row[1]), split_refs(row[2]), bytes(row[3]))
 
 
+def _newest(conn: sqlite3.Connection, head: Head) -> UUID | None:
+    row = conn.execute("SELECT id FROM immagent_states WHERE kind = ? AND stream = ? "
+                       "ORDER BY seq DESC LIMIT 1", (head.kind, head.stream)).fetchone()
+    return None if row is None else UUID(bytes=row[0])
+
+
 def _version(conn: sqlite3.Connection) -> int | None:
     row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
                        "AND name = 'immagent_schema'").fetchone()
@@ -317,7 +323,7 @@ class SQLiteBackend:
     # -- writes ---------------------------------------------------------------------------
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
-                    require: Sequence[Digest] = ()) -> WriteResult:
+                    require: Sequence[Digest] = (), heads: Sequence[Head] = ()) -> WriteResult:
         asset_rows = [(a.digest, a.kind, join_refs(a.refs), a.body) for a in assets]
         state_rows = [_state_params(s) for s in states]
         wanted = list(dict.fromkeys(require))
@@ -335,6 +341,10 @@ class SQLiteBackend:
             missing = tuple(d for d in wanted if d not in present)
             if missing:
                 raise _Abort(WriteResult(missing=missing))
+            # The single writer serialises every write: no lock beyond BEGIN IMMEDIATE.
+            stale = tuple(h for h in heads if _newest(conn, h) != h.state_id)
+            if stale:
+                raise _Abort(WriteResult(stale=stale))
             if not state_rows:
                 return
             before = conn.total_changes

@@ -49,13 +49,14 @@ from immagent.exceptions import (
     MessageNotFoundError,
     SchemaMissingError,
     SchemaVersionError,
+    StaleStreamError,
     StoreClosedError,
     ValidationError,
 )
 from immagent.ids import uuid7
 from immagent.records import AgentRecord, StateRow, load_agent, load_state, state_digest
 from immagent.store import dsn as dsns
-from immagent.store.backend import SCHEMA_VERSION, Backend
+from immagent.store.backend import SCHEMA_VERSION, Backend, Head
 from immagent.store.cache import AssetCache
 from immagent.store.stats import StoreStats
 from immagent.validate import (
@@ -207,16 +208,19 @@ class Store:
 
     # -- the event-store API: what every client of the store uses --------------------------
 
-    async def commit(self, assets: Sequence[Asset], states: Sequence[StateRow] = ()) -> None:
+    async def commit(self, assets: Sequence[Asset], states: Sequence[StateRow] = (), *,
+                     heads: Sequence[Head] = ()) -> None:
         """Write ``assets`` and ``states`` in one transaction (assets already stored are
         shared, not written again). Everything they point at must be in the batch or
         already stored (AssetNotFoundError otherwise); each state must verify; a state id
-        already stored with other content is a ConflictError. Nothing is written on error."""
+        already stored with other content is a ConflictError; each of ``heads`` must still
+        be its stream's newest state (StaleStreamError: re-read and retry). Nothing is
+        written on error."""
         rows = [_storable(f"assets[{i}]", a) for i, a in enumerate(assets)]
-        await self._write(rows, states, assets)
+        await self._write(rows, states, assets, heads)
 
     async def _write(self, rows: Sequence[StoredAsset], states: Sequence[StateRow],
-                     decoded: Sequence[Asset] = ()) -> None:
+                     decoded: Sequence[Asset] = (), heads: Sequence[Head] = ()) -> None:
         """The one write path: rows proved storable (or read from a verified bundle),
         states checked, every outside reference required to exist, in one transaction."""
         backend = self._open()
@@ -227,12 +231,17 @@ class Store:
         inside = {row.digest for row in rows}
         wanted = {d for row in rows for d in row.refs}
         wanted.update(d for s in states for d in s.refs)
+        for i, head in enumerate(heads):
+            if not isinstance(head, Head):
+                raise ValidationError(f"heads[{i}]", "must be a Head", head)
         result = await backend.write(list({r.digest: r for r in rows}.values()), list(states),
-                                     sorted(wanted - inside))
+                                     sorted(wanted - inside), list(heads))
         if result.missing:
             raise AssetNotFoundError("referenced asset", result.missing[0])
         if result.conflicts:
             raise ConflictError(result.conflicts[0])
+        if result.stale:
+            raise StaleStreamError(result.stale[0].kind, result.stale[0].stream)
         for asset in decoded:
             self._cache.put(asset)
 
