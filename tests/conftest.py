@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import immagent
+from immagent import Message
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -122,6 +123,16 @@ async def store(store_dsn: str) -> AsyncIterator[immagent.Store]:
         yield s
     finally:
         await s.close()
+
+
+def turn(i: int, tag: str = "", *, tokens: tuple[int, int] | None = (1, 1),
+         model: str | None = None, call_config: dict[str, Any] | None = None) -> list[Message]:
+    """One step's messages, distinct per ``i`` and ``tag``: a user question and its answer
+    (with token usage, and optionally the model and call parameters audits record)."""
+    given, taken = (None, None) if tokens is None else tokens
+    return [Message(role="user", content=f"q{i}{tag}"),
+            Message(role="assistant", content=f"a{i}{tag}", input_tokens=given,
+                    output_tokens=taken, model=model, call_config=call_config)]
 
 
 def raw_sql(dsn: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:

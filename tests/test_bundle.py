@@ -16,6 +16,7 @@ import immagent
 from immagent import Message, PersistentAgent, Store
 from immagent.audit.bundle import MAGIC, BundleInfo, verify_bundle
 from tests.conftest import count_rows, raw_sql
+from tests.conftest import turn as support_turn
 from tests.test_verify import assert_clean, flip_byte
 
 PROMPT = "You are exported."
@@ -23,9 +24,8 @@ MARKER = "unique-marker-7f3a"
 
 
 def turn(i: int, tag: str = "") -> list[Message]:
-    return [Message(role="user", content=f"q{i}{tag}"),
-            Message(role="assistant", content=f"a{i}{tag}", input_tokens=2, output_tokens=3,
-                    model="immagent/echo", call_config={"temperature": 0.5})]
+    return support_turn(i, tag, tokens=(2, 3), model="immagent/echo",
+                        call_config={"temperature": 0.5})
 
 
 @pytest.fixture(scope="session")

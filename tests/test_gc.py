@@ -29,6 +29,7 @@ import immagent
 from immagent import Message, PersistentAgent, Store
 from immagent.assets import EMPTY_CONVERSATION, ConversationNode, Digest, SystemPrompt
 from tests.conftest import raw_sql
+from tests.conftest import turn as support_turn
 from tests.test_verify import assert_clean, delete_asset, stored_digests
 
 T = TypeVar("T")
@@ -37,8 +38,7 @@ PROMPT = "You collect garbage."
 
 
 def turn(i: int, tag: str = "") -> list[Message]:
-    return [Message(role="user", content=f"q{i}{tag}"),
-            Message(role="assistant", content=f"a{i}{tag}")]
+    return support_turn(i, tag, tokens=None)
 
 
 # -- exactness and lineage deletion (both backends) ---------------------------------------

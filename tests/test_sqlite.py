@@ -27,13 +27,9 @@ from immagent.assets import EMPTY_CONVERSATION, Kind, SystemPrompt, stored
 from immagent.records import AgentRecord, load_agent, state_digest
 from immagent.store._sqlite_pool import SQLitePool
 from immagent.store.sqlite import SQLiteBackend
+from tests.conftest import turn
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def turn(i: int, tag: str = "") -> list[Message]:
-    return [Message(role="user", content=f"q{i}{tag}"),
-            Message(role="assistant", content=f"a{i}{tag}", input_tokens=1, output_tokens=1)]
 
 
 async def open_store(path: Path, **options: float) -> Store:

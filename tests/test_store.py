@@ -13,15 +13,9 @@ from immagent import Message, PersistentAgent, Store
 from immagent.assets import Kind
 from immagent.records import AgentRecord
 from immagent.store.backend import SCHEMA_VERSION
-from tests.conftest import count_rows, raw_sql
+from tests.conftest import count_rows, raw_sql, turn
 
 PROMPT = "You are helpful."
-
-
-def turn(i: int, text: str = "") -> list[Message]:
-    return [Message(role="user", content=f"question {i}{text}"),
-            Message(role="assistant", content=f"answer {i}{text}", input_tokens=3,
-                    output_tokens=2)]
 
 
 def assets(dsn: str, kind: Kind | None = None) -> int:

@@ -8,17 +8,12 @@ import uuid
 import pytest
 
 import immagent
-from immagent import Message, PersistentAgent, Store
+from immagent import PersistentAgent, Store
 from immagent.assets import Kind, digest_of
 from immagent.audit.verify import VerifyReport
-from tests.conftest import count_rows, raw_sql
+from tests.conftest import count_rows, raw_sql, turn
 
 PROMPT = "You audit things."
-
-
-def turn(i: int, tag: str = "") -> list[Message]:
-    return [Message(role="user", content=f"q{i}{tag}"),
-            Message(role="assistant", content=f"a{i}{tag}", input_tokens=1, output_tokens=1)]
 
 
 # -- raw SQL, behind the Store's back (helpers shared by the other audit tests) ------------
