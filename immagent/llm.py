@@ -27,6 +27,7 @@ from immagent.validate import (
     RESERVED_CONFIG_KEYS,
     check_config,
     check_text,
+    redact_secrets,
     scrub_text,
 )
 
@@ -213,11 +214,11 @@ async def complete(
             error: Exception = exc
             reason = f"no reply within {timeout} s"
         except never as exc:
-            raise LLMError(f"{model}: {_provider_message(exc)}") from exc
+            raise LLMError(f"{model}: {_provider_message(exc)}") from _cause(exc)
         except transient as exc:
             error, reason = exc, _provider_message(exc)
         except Exception as exc:
-            raise LLMError(f"{model}: {_provider_message(exc)}") from exc
+            raise LLMError(f"{model}: {_provider_message(exc)}") from _cause(exc)
         else:
             message = _to_message(response, model, canonical)
             logger.debug("LLM reply: model=%s elapsed=%.0fms input_tokens=%s output_tokens=%s"
@@ -226,7 +227,8 @@ async def complete(
                          len(message.tool_calls or ()))
             return message
         if attempt == max_retries:
-            raise LLMError(f"{model}: failed after {attempt + 1} attempt(s): {reason}") from error
+            raise LLMError(f"{model}: failed after {attempt + 1} attempt(s): {reason}"
+                           ) from _cause(error)
         delay = _backoff(attempt, retry_delay)
         logger.warning("LLM call to %s failed (%s); retry %d of %d in %.2f s", model, reason,
                        attempt + 1, max_retries, delay)
@@ -235,7 +237,17 @@ async def complete(
 
 
 def _provider_message(exc: BaseException) -> str:
-    return str(getattr(exc, "message", None) or exc) or type(exc).__name__
+    # Providers echo keys in their errors ("Incorrect API key provided: sk-..."): the
+    # message is raised, logged and shown, so every credential shape is redacted first.
+    return redact_secrets(str(getattr(exc, "message", None) or exc) or type(exc).__name__)
+
+
+def _cause(exc: BaseException) -> BaseException | None:
+    """The provider's exception as the LLMError's cause, unless its text holds a secret: a
+    traceback prints the cause, so then it is left out (its class and redacted text are in
+    the LLMError's message)."""
+    text = str(getattr(exc, "message", None) or exc)
+    return exc if redact_secrets(text) == text else None
 
 
 def bind(

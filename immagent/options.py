@@ -15,7 +15,8 @@ from typing import Any, TypedDict
 
 from immagent.exceptions import ValidationError
 
-__all__ = ["DEFAULT_RETRY_DELAY", "TurnKeywords", "TurnOptions", "check_tool_rounds"]
+__all__ = ["DEFAULT_RETRY_DELAY", "TurnKeywords", "TurnOptions", "check_tool_rounds",
+           "check_tools"]
 
 #: First backoff delay in seconds; attempt n waits about retry_delay * 2**n (capped).
 DEFAULT_RETRY_DELAY = 1.0
@@ -66,6 +67,19 @@ class TurnOptions:
         given = {"temperature": self.temperature, "max_tokens": self.max_tokens,
                  "top_p": self.top_p}
         return {k: v for k, v in given.items() if v is not None}
+
+
+def check_tools(value: object) -> None:
+    """``mcp`` (the tools of a turn) must be None or a ToolProvider: an object with callable
+    ``tool_schemas`` and ``execute`` (an MCPManager, or your own); else ValidationError,
+    before any model is called."""
+    if value is None:
+        return
+    missing = [m for m in ("tool_schemas", "execute") if not callable(getattr(value, m, None))]
+    if missing:
+        raise ValidationError("mcp", f"must be None or a ToolProvider (with tool_schemas() "
+                              f"and execute()), got {type(value).__name__} without "
+                              f"{' and '.join(missing)}", None)
 
 
 def check_tool_rounds(value: object) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 from immagent import llm
 from immagent.advance import ToolProvider, advance, check_turn_input
 from immagent.assets import Message
-from immagent.options import TurnKeywords, TurnOptions
+from immagent.options import TurnKeywords, TurnOptions, check_tools
 
 __all__ = ["check_turn", "run_turn"]
 
@@ -36,6 +36,7 @@ async def run_turn(
     """The new messages of one turn; nothing is stored. ``options`` (defaults if None)
     override ``model_config`` for this turn only (recorded on the reply)."""
     opts = check_turn(user_input, options or TurnOptions())
+    check_tools(tools)
     complete = llm.bind(model, system_prompt, {**model_config, **opts.overrides()},
                         opts.max_retries, opts.timeout, retry_delay=opts.retry_delay)
     return await advance(history=history, user_input=user_input, complete=complete,

@@ -1,0 +1,91 @@
+"""The content rules every stored record meets, whichever path made it.
+
+The API checks its input when it builds a record (``Store.create_agent``, ``Store.append``,
+``Store.commit``); a bundle carries records nobody checked. Both run the functions here, so
+an imported store holds nothing the API would have refused, and an export never writes what
+an import would refuse. Digests prove a record is intact; these rules say it is acceptable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from immagent.assets import Asset, ConversationNode, Digest, Kind, Message, SystemPrompt
+from immagent.exceptions import ValidationError
+from immagent.records import StateRow, load_agent
+from immagent.validate import (
+    MAX_NAME_CHARS,
+    MAX_STREAM_BYTES,
+    check_agent_fields,
+    check_config,
+    check_text,
+    check_token_count,
+)
+
+__all__ = ["check_asset_content", "check_counters", "check_message", "check_state_content",
+           "check_stream"]
+
+
+def check_stream(field: str, stream: object) -> str:
+    """A state's stream: a str of at most MAX_STREAM_BYTES UTF-8 bytes, without NUL (it is
+    indexed, and PostgreSQL text cannot hold NUL). Blank is allowed: not every client's
+    streams are names."""
+    if not isinstance(stream, str):
+        raise ValidationError(field, f"must be a str, got {type(stream).__name__}", None)
+    if stream.strip():
+        return check_text(field, stream, max_bytes=MAX_STREAM_BYTES)
+    return stream
+
+
+def check_state_content(row: StateRow, field: str = "state") -> None:
+    """The rules of a state row's content, by kind (``row`` has passed
+    ``records.check_state``): an agent state's fields are what ``create_agent`` accepts.
+    Kinds without rules of their own only get the stream check."""
+    check_stream(f"{field}.stream", row.stream)
+    if row.kind == Kind.AGENT_STATE:
+        record = load_agent(row)
+        check_agent_fields(record.name, record.model, record.model_config, record.metadata)
+
+
+def check_message(field: str, message: Message) -> None:
+    """What ``append`` requires of a message beyond its type: token counts from 0 to
+    2**63 - 1, and a ``call_config`` that is a valid model config (no credential, bounded
+    nesting, no cycle)."""
+    check_token_count(f"{field}.input_tokens", message.input_tokens)
+    check_token_count(f"{field}.output_tokens", message.output_tokens)
+    if message.model is not None and len(message.model.encode("utf-8", "replace")) > \
+            MAX_NAME_CHARS:
+        raise ValidationError(f"{field}.model", f"is longer than the limit of "
+                              f"{MAX_NAME_CHARS} bytes", None)
+    if message.call_config is not None:
+        check_config(message.call_config, f"{field}.call_config")
+
+
+def check_asset_content(asset: Asset, field: str = "asset") -> None:
+    """The rules of a decoded asset: a system prompt is non-blank text without NUL, a
+    message passes ``check_message``; a node's counters need its chain (``check_counters``)."""
+    if isinstance(asset, SystemPrompt):
+        check_text(f"{field}.text", asset.text)
+    elif isinstance(asset, Message):
+        check_message(field, asset)
+
+
+def check_counters(node: ConversationNode, parent: tuple[int, int] | None,
+                   element_sizes: Sequence[int]) -> str | None:
+    """Why ``node``'s counters are wrong (None if right): ``length`` and ``size`` must be
+    its parent's (``parent``: its (length, size); None for a root) plus its elements'
+    count and body bytes. Listings trust the counters, so a crafted one is refused."""
+    base_length, base_size = parent if parent is not None else (0, 0)
+    length = base_length + len(element_sizes)
+    size = base_size + sum(element_sizes)
+    if (node.length, node.size) != (length, size):
+        return (f"node {node.digest.hex()} claims {node.length} elements ({node.size} "
+                f"bytes), its chain holds {length} ({size})")
+    return None
+
+
+def counters_of(nodes: Mapping[Digest, ConversationNode], digest: Digest
+                ) -> tuple[int, int] | None:
+    """(length, size) of the node ``digest`` if known."""
+    node = nodes.get(digest)
+    return None if node is None else (node.length, node.size)
