@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from typing import Literal, NamedTuple
 
 from immagent.exceptions import StoreConnectionError, ValidationError
 
-__all__ = ["SQLITE_SUFFIXES", "Target", "check_sqlite_file", "parse", "redact"]
+__all__ = ["SQLITE_SUFFIXES", "Target", "check_sqlite_file", "parse", "redact", "scrub",
+           "secrets"]
 
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _POSTGRES = ("postgresql://", "postgres://")
@@ -55,17 +57,75 @@ def parse(dsn: object, *, bare_paths: bool = False) -> Target:
     return Target("sqlite", f"sqlite:///{path}", path)
 
 
-# The password of a URI's userinfo, a URI query parameter, or a key=value pair. Matched
-# on the raw text, before any parsing, so a DSN too malformed to parse cannot leak it.
-_URI_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/?#]*):[^@]*@")
-_PARAM_PASSWORD = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s&]*)")
+# Where a password can sit in a DSN, matched on the raw text before any parsing, so a DSN
+# too malformed to parse cannot leak it. In a URI: the userinfo (the password runs from the
+# first ":" after the user name to the *last* "@", since a malformed password may hold
+# "@", "/" or "?") and a ``password``/``sslpassword`` query parameter (up to "&": a
+# malformed one may hold "#").
+# In a libpq key=value string: the same keys, quoted with '...' and backslash escapes, or
+# up to a space.
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_URI_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/?#]*):(.*)@", re.DOTALL)
+_QUERY_PASSWORD = re.compile(r"(?i)([?&](?:ssl)?password=)([^&]*)")
+_KEYWORD_PASSWORD = re.compile(r"(?i)((?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|\S*)")
+
+
+def _params(dsn: str) -> re.Pattern[str]:
+    return _QUERY_PASSWORD if _URI.match(dsn) else _KEYWORD_PASSWORD
+
+
+def secrets(dsn: str) -> tuple[str, ...]:
+    """Every form of the password(s) ``dsn`` holds, as written and as decoded
+    (percent-decoding, libpq quoting), longest first: what must never be shown."""
+    found: set[str] = set()
+    uri = _URI_PASSWORD.match(dsn)
+    if uri is not None:
+        found.add(uri.group(2))
+    for m in _params(dsn).finditer(dsn):
+        raw = m.group(2)
+        found.add(raw)
+        if raw.startswith("'"):
+            found.add(re.sub(r"\\(.)", r"\1", raw[1:].removesuffix("'")))
+    for text in list(found):
+        found.add(urllib.parse.unquote(text, errors="replace"))
+        found.add(urllib.parse.unquote_plus(text, errors="replace"))
+    # A driver may split a malformed DSN at a delimiter inside the password and echo the
+    # rest as a host, a port or a path: every run of its pieces is a form too (runs of 4+
+    # characters, so a message is not garbled by replacing single letters).
+    for text in list(found):
+        tokens = _DELIMITERS.split(text)  # pieces, with the delimiters between them
+        found.update(run for a in range(0, len(tokens), 2) for b in range(a, len(tokens), 2)
+                     if len(run := "".join(tokens[a:b + 1]).strip()) >= 4)
+    return tuple(sorted((t for t in found if t), key=len, reverse=True))
+
+
+_DELIMITERS = re.compile(r"([@/?#:\[\]&=\s'\"\\])")
 
 
 def redact(dsn: str) -> str:
     """``dsn`` with any password replaced by ``***``: how messages and logs name a database.
     Works on the raw text, so even a DSN that cannot be parsed is safe to show."""
-    shown = _URI_PASSWORD.sub(r"\1:***@", dsn, count=1)
-    return _PARAM_PASSWORD.sub(r"\1***", shown)
+    shown = _params(dsn).sub(r"\1***", dsn)  # first: the userinfo match may run past it
+    return _URI_PASSWORD.sub(r"\1:***@", shown, count=1)
+
+
+def scrub(text: str, dsn: str, extra: tuple[str | None, ...] = ()) -> str:
+    """``text`` (a driver's error message about ``dsn``) with every form of its password
+    replaced by ``***``, wherever it appears: drivers echo a malformed DSN whole, or quote
+    the token they could not parse. ``extra``: other forms known to the caller (the
+    password as the driver parsed it)."""
+    forms = {*secrets(dsn), *(e for e in extra if e)}
+    # Forms overlap (a password and a run of its pieces): mark every occurrence of every
+    # form first, then replace each merged span once, so no part survives between two.
+    hidden = [False] * len(text)
+    for form in forms:
+        start = text.find(form)
+        while start >= 0:
+            hidden[start:start + len(form)] = [True] * len(form)
+            start = text.find(form, start + 1)
+    shown = "".join("***" if h and (i == 0 or not hidden[i - 1]) else ("" if h else c)
+                    for i, (c, h) in enumerate(zip(text, hidden, strict=True)))
+    return redact(shown)
 
 
 def check_sqlite_file(path: str, *, write: bool = True) -> None:
