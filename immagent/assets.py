@@ -48,6 +48,7 @@ __all__ = [
     "encode",
     "join_refs",
     "load_row",
+    "ref_kind_table",
     "ref_kinds",
     "split_refs",
     "stored",
@@ -331,13 +332,20 @@ def decode_asset(kind: int, body: bytes, refs: Sequence[Digest] = ()) -> Asset:
     return asset
 
 
+def ref_kind_table() -> dict[int, tuple[int, int]]:
+    """The required kinds of asset refs as data: ``{kind: (first, rest)}``, the kind of the
+    first ref of an asset of ``kind`` and of every later one (a node's parent is a node of
+    its own kind, its elements are of its element kind; other kinds have no refs). What a
+    database checks in one query (``Backend.misfit_refs``); ``ref_kinds`` reads the same."""
+    return {kind: (kind, int(node.element_kind)) for kind, node in NODE_KINDS.items()}
+
+
 def ref_kinds(kind: int, count: int) -> tuple[int, ...]:
-    """The kind each of an asset's ``count`` refs must have: a node's parent is a node of
-    its own kind, its elements are of its element kind; leaves have no refs."""
-    node_type = NODE_KINDS.get(kind)
-    if node_type is None or count == 0:
+    """The kind each of an asset's ``count`` refs must have (see ``ref_kind_table``)."""
+    rule = ref_kind_table().get(kind)
+    if rule is None or count == 0:
         return ()
-    return (kind, *([int(node_type.element_kind)] * (count - 1)))
+    return (rule[0], *([rule[1]] * (count - 1)))
 
 
 class MissingAsset(msgspec.Struct, frozen=True):
@@ -384,18 +392,22 @@ def check_row(row: StoredAsset) -> tuple[Literal["corrupt", "undecodable"], str]
     a valid asset of their kind.
     """
     digest, kind, refs, body = row
-    if kind not in _ASSET_KINDS:
-        return "undecodable", f"unknown asset kind {kind}"
+    if not isinstance(kind, int) or isinstance(kind, bool) or kind not in _ASSET_KINDS:
+        return "undecodable", f"unknown asset kind {kind!r}"
     try:
         sound = digest_of(kind, body, refs) == digest
     except ValueError:
         return "corrupt", f"a {Kind(kind).name.lower()} row carries refs"
+    except TypeError:  # a column of the wrong type (SQLite keeps what was written)
+        return "corrupt", "a column holds a value of the wrong type"
     if not sound:
         return "corrupt", "stored bytes (refs and body) do not hash to its digest"
     try:
         decode_asset(kind, body, refs)
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
         return "undecodable", f"{type(e).__name__}: {e}"
+    except RecursionError:
+        return "undecodable", "its body is nested too deeply"
     return None
 
 
@@ -412,7 +424,7 @@ def load_row(row: StoredAsset) -> Asset:
                              "not match its digest (run store.verify())")
     try:
         asset = decode_asset(kind, body, refs)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as e:
         raise IntegrityError(f"asset {digest.hex()} cannot be decoded: {e}") from e
     # Seed the cached properties with what was just proved, so nothing is re-encoded.
     asset.__dict__["body"] = body

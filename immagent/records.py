@@ -192,6 +192,9 @@ def check_state(row: StateRow) -> tuple[Literal["corrupt", "undecodable"], str] 
     """None if a stored state row is sound, else ("corrupt" | "undecodable", reason):
     corrupt when its content no longer gives its digest, undecodable when its body is not
     a valid body of its kind (or the kind is unknown)."""
+    damaged = _damaged_column(row)
+    if damaged is not None:
+        return "corrupt", damaged
     rules = STATE_KINDS.get(row.kind)
     if rules is None:
         return "undecodable", f"unknown state kind {row.kind}"
@@ -199,8 +202,33 @@ def check_state(row: StateRow) -> tuple[Literal["corrupt", "undecodable"], str] 
         expected = rules.digest(row)
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as e:
         return "undecodable", f"{type(e).__name__}: {e}"
+    except RecursionError:
+        return "undecodable", "its body is nested too deeply"
     if expected != row.digest:
         return "corrupt", "its content does not hash to its stored state digest"
+    return None
+
+
+_COLUMN_TYPES: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+    ("id", UUID), ("parent_id", (UUID, type(None))), ("kind", int), ("stream", str),
+    ("refs", tuple), ("body", bytes), ("digest", bytes), ("created_at", datetime),
+)
+
+
+def _damaged_column(row: StateRow) -> str | None:
+    """Which column of a row read back holds a value of the wrong type (a database without
+    strict column types, SQLite, keeps whatever was written into it), or None. Neither the
+    timestamp nor the lineage is hashed, so a damaged one is caught only here."""
+    for name, kind in _COLUMN_TYPES:
+        value = getattr(row, name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"column {name} holds a {type(value).__name__}, not a {name} value"
+    if any(not isinstance(r, bytes) or len(r) != 32 for r in row.refs):
+        return "column refs does not hold 32-byte digests"
+    if len(row.digest) != 32:
+        return "column digest does not hold a 32-byte digest"
+    if row.created_at.tzinfo is None:
+        return "column created_at holds a time without a time zone"
     return None
 
 

@@ -127,6 +127,15 @@ def _begin_immediate(conn: Connection) -> None:
         conn.execute(f"PRAGMA busy_timeout = {int(conn.busy_timeout * 1000)}")
 
 
+def _text(value: bytes) -> str | bytes:
+    """TEXT values as str, and invalid UTF-8 as its bytes rather than an error that would
+    abort a whole read: a damaged row is the row decoder's to report (see sqlite.py)."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value
+
+
 def _lower(value: str | None) -> str | None:
     return value.lower() if isinstance(value, str) else value
 
@@ -138,6 +147,7 @@ def _connect(path: str, busy_timeout: float, *, reader: bool) -> Connection:
                            check_same_thread=False, cached_statements=64, factory=Connection)
     conn.busy_timeout = busy_timeout
     conn.cancelled = threading.Event()
+    conn.text_factory = _text
     try:
         # NORMAL is durable across application crashes in WAL mode (an OS crash may lose
         # the last commits, never corrupt the file) and saves an fsync per commit.

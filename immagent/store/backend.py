@@ -14,14 +14,15 @@ that cannot even be read back (a damaged column) is an ``IntegrityError``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import NamedTuple, Protocol
 from uuid import UUID
 
 from immagent.assets import Digest, MissingAsset, StoredAsset
 from immagent.records import StateRow
 
-__all__ = ["SCHEMA_VERSION", "Backend", "Head", "RowCheck", "SweepResult", "WriteResult"]
+__all__ = ["SCHEMA_VERSION", "Backend", "Head", "Misfit", "RowCheck", "SweepResult",
+           "WriteResult"]
 
 #: Version of the storage layout this immagent writes; older versions are migrated.
 SCHEMA_VERSION = 2
@@ -51,6 +52,16 @@ class WriteResult(NamedTuple):
     conflicts: tuple[UUID, ...] = ()
     #: Expected heads that had moved on (the write committed nothing).
     stale: tuple[Head, ...] = ()
+
+
+class Misfit(NamedTuple):
+    """A reference to an asset of the wrong kind: ``referrer`` points at ``digest``, stored
+    as a ``kind`` where a ``expected`` must be."""
+
+    referrer: Digest
+    digest: Digest
+    kind: int
+    expected: int
 
 
 class SweepResult(NamedTuple):
@@ -110,7 +121,8 @@ class Backend(Protocol):
 
     async def sweep(self, check: RowCheck) -> SweepResult:
         """Mark every asset a state reaches through refs, run ``check`` on every row marked
-        from (all states, every reached asset that has refs), then delete the assets not
+        from (all states, every reached asset that has refs or is of a node kind: a node
+        whose refs were lost marks nothing, yet must be checked), then delete the assets not
         marked: one transaction holding the exclusive side of the gc lock. If ``check``
         raises, or a reached digest is missing, nothing is deleted (the exception
         propagates; the missing digest is reported)."""
@@ -140,6 +152,19 @@ class Backend(Protocol):
         """References to absent digests, found by the database (an anti-join), at most
         ``limit``, distinct: from every asset and state, or (``states`` given) only from
         those states and the assets they reach."""
+
+    async def misfit_refs(self, expected: Mapping[int, tuple[int, int]],
+                          states: Sequence[UUID] | None = None,
+                          limit: int = 10_000) -> list[Misfit]:
+        """References from assets to a stored asset of another kind than ``expected`` says,
+        found by the database, at most ``limit``: ``expected[kind] = (first, rest)`` is the
+        kind the first ref of an asset of ``kind`` must have, and every later one (assets of
+        kinds not in it are not checked; absent targets are ``dangling_refs``). From every
+        asset, or (``states`` given) from the assets those states reach."""
+
+    async def cyclic_states(self, limit: int = 10_000) -> list[UUID]:
+        """States whose lineage never ends (following ``parent_id`` runs into a cycle),
+        found by the database, at most ``limit``, in id order."""
 
     async def asset_stats(self) -> dict[int, tuple[int, int]]:
         """Per asset kind: (number of assets, total body bytes)."""

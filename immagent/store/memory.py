@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from uuid import UUID
 
-from immagent.assets import Digest, MissingAsset, StoredAsset
+from immagent.assets import NODE_KINDS, Digest, MissingAsset, StoredAsset
 from immagent.exceptions import StoreClosedError
 from immagent.records import StateRow
-from immagent.store.backend import SCHEMA_VERSION, Head, RowCheck, SweepResult, WriteResult
+from immagent.store.backend import (
+    SCHEMA_VERSION,
+    Head,
+    Misfit,
+    RowCheck,
+    SweepResult,
+    WriteResult,
+)
 
 __all__ = ["MemoryBackend"]
 
@@ -101,7 +108,8 @@ class MemoryBackend:
             missing = next((d for d in reached if d not in self._assets), None)
             if missing is not None:
                 return SweepResult({}, 0, len(self._assets), missing)
-            check([*states, *(self._assets[d] for d in reached if self._assets[d].refs)])
+            check([*states, *(self._assets[d] for d in reached
+                              if self._assets[d].refs or self._assets[d].kind in NODE_KINDS)])
             removed: dict[int, int] = {}
             freed = 0
             for d in [d for d in self._assets if d not in reached]:
@@ -155,6 +163,44 @@ class MemoryBackend:
         for a in sources:
             found.update(((d, a.digest), None) for d in a.refs if d not in self._assets)
         return [MissingAsset(d, r) for d, r in itertools.islice(found, limit)]
+
+    async def misfit_refs(self, expected: Mapping[int, tuple[int, int]],
+                          states: Sequence[UUID] | None = None,
+                          limit: int = 10_000) -> list[Misfit]:
+        self._open()
+        if states is None:
+            sources: Iterable[StoredAsset] = self._assets.values()
+        else:
+            roots = (d for i in states if i in self._states for d in self._states[i].refs)
+            sources = [self._assets[d] for d in _reachable(roots, self._assets)
+                       if d in self._assets]
+        found: list[Misfit] = []
+        for a in sources:
+            if a.kind not in expected:
+                continue
+            first, rest = expected[a.kind]
+            for i, ref in enumerate(a.refs):
+                target = self._assets.get(ref)
+                want = first if i == 0 else rest
+                if target is not None and target.kind != want:
+                    found.append(Misfit(a.digest, ref, target.kind, want))
+        return found[:limit]
+
+    async def cyclic_states(self, limit: int = 10_000) -> list[UUID]:
+        self._open()
+        children: dict[UUID, list[UUID]] = {}
+        rooted: list[UUID] = []
+        for s in self._states.values():
+            if s.parent_id is None or s.parent_id not in self._states:
+                rooted.append(s.id)
+            else:
+                children.setdefault(s.parent_id, []).append(s.id)
+        seen = set(rooted)
+        while rooted:
+            for child in children.get(rooted.pop(), ()):
+                seen.add(child)
+                rooted.append(child)
+        return sorted(i for i in self._states if i not in seen)[:limit]
 
     async def asset_stats(self) -> dict[int, tuple[int, int]]:
         self._open()

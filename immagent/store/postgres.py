@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -20,7 +20,7 @@ import psycopg.conninfo
 import psycopg_pool
 from psycopg import errors as pg_errors
 
-from immagent.assets import Digest, MissingAsset, StoredAsset, join_refs, split_refs
+from immagent.assets import NODE_KINDS, Digest, MissingAsset, StoredAsset, join_refs, split_refs
 from immagent.exceptions import (
     SchemaMissingError,
     StoreClosedError,
@@ -28,8 +28,15 @@ from immagent.exceptions import (
     StoreError,
 )
 from immagent.records import StateRow, state_from_v1
-from immagent.store.backend import SCHEMA_VERSION, Head, RowCheck, SweepResult, WriteResult
-from immagent.store.dsn import redact
+from immagent.store.backend import (
+    SCHEMA_VERSION,
+    Head,
+    Misfit,
+    RowCheck,
+    SweepResult,
+    WriteResult,
+)
+from immagent.store.dsn import redact, scrub
 from immagent.store.schema import schema_sql
 
 __all__ = ["PostgresBackend"]
@@ -44,6 +51,9 @@ _LINEAGE_LOCK = 0x1A3A_6E70_0000_0003
 _STREAM_LOCK_SPACE = 0x1A3A_0000
 
 _STATE_COLUMNS = "id, parent_id, kind, stream, refs, body, digest, created_at, seq"
+# What gc checks beside the rows with refs: every reached node, so one whose refs were
+# emptied (it then marks nothing) is caught too. Ints from the core, safe to inline.
+_NODE_KINDS = ", ".join(str(int(k)) for k in sorted(NODE_KINDS))
 _INSERT_STATE = ("INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, digest, "
                  "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING")
 
@@ -61,6 +71,8 @@ def _mapped(operation: str) -> Iterator[None]:
         raise SchemaMissingError(
             f"{operation}: immagent tables are missing; call `await store.init_schema()`"
         ) from e
+    except pg_errors.ProgramLimitExceeded as e:  # an OperationalError, yet not a connection's
+        raise StoreError(f"{operation}: a value is too large for PostgreSQL: {e}") from e
     except psycopg.OperationalError as e:
         raise StoreConnectionError(f"{operation}: database connection failed: {e}") from e
     except psycopg.Error as e:
@@ -104,12 +116,10 @@ class PostgresBackend:
         # One direct connection first: the pool would only retry silently until timeout.
         try:
             probe = await psycopg.AsyncConnection.connect(dsn, connect_timeout=int(connect_timeout))
-        except psycopg.Error as e:
+        except (psycopg.Error, ValueError) as e:  # a malformed %-escape: UnicodeDecodeError
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            password = _password(dsn)
-            if password:
-                reason = reason.replace(password, "***")
-            raise StoreConnectionError(f"cannot connect to {shown}: {redact(reason)}") from None
+            raise StoreConnectionError(f"cannot connect to {shown}: "
+                                       f"{scrub(reason, dsn, (_password(dsn),))}") from None
         await probe.close()
         pool: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
             dsn, min_size=min_size, max_size=max_size,
@@ -265,8 +275,8 @@ class PostgresBackend:
                 for sql, decode in (
                         (f"SELECT {_STATE_COLUMNS} FROM immagent_states", _state),
                         ("SELECT a.digest, a.kind, a.refs, a.body FROM immagent_assets a "
-                         "JOIN immagent_reach r ON r.digest = a.digest WHERE a.refs IS NOT NULL",
-                         _asset)):
+                         "JOIN immagent_reach r ON r.digest = a.digest "
+                         f"WHERE a.refs IS NOT NULL OR a.kind IN ({_NODE_KINDS})", _asset)):
                     async with conn.cursor(name="immagent_gc_check", binary=True) as named:
                         await named.execute(sql.encode())
                         while rows := await named.fetchmany(1000):
@@ -418,6 +428,64 @@ class PostgresBackend:
                 )
                 rows = await cur.fetchall()
         return [MissingAsset(bytes(m), bytes(d) if d is not None else i) for m, d, i in rows]
+
+    async def misfit_refs(self, expected: Mapping[int, tuple[int, int]],
+                          states: Sequence[UUID] | None = None,
+                          limit: int = 10_000) -> list[Misfit]:
+        if not expected:
+            return []
+        rules = sorted(expected.items())
+        # From every asset, or from what the states reach (the reach CTE is only evaluated
+        # when it is read: PostgreSQL does not compute an unreferenced CTE).
+        sources = "immagent_assets" if states is None else "reach"
+        sql = f"""
+            WITH RECURSIVE reach(digest) AS (
+                SELECT immagent_refs(refs) FROM immagent_states WHERE id = ANY(%(ids)s::uuid[])
+                UNION
+                SELECT r FROM reach
+                  JOIN immagent_assets a ON a.digest = reach.digest
+                  CROSS JOIN LATERAL immagent_refs(a.refs) AS r
+            ), rules(kind, first, rest) AS (
+                SELECT * FROM unnest(%(kinds)s::int[], %(firsts)s::int[], %(rests)s::int[])
+            )
+            SELECT a.digest, t.digest, t.kind,
+                   CASE WHEN r.pos = 1 THEN k.first ELSE k.rest END
+              FROM {sources} src
+              JOIN immagent_assets a ON a.digest = src.digest
+              JOIN rules k ON k.kind = a.kind
+              CROSS JOIN LATERAL immagent_refs(a.refs) WITH ORDINALITY AS r(ref, pos)
+              JOIN immagent_assets t ON t.digest = r.ref
+             WHERE t.kind <> CASE WHEN r.pos = 1 THEN k.first ELSE k.rest END
+             LIMIT %(limit)s
+        """
+        params = {"ids": list(states or ()), "limit": limit,
+                  "kinds": [k for k, _ in rules], "firsts": [f for _, (f, _) in rules],
+                  "rests": [r for _, (_, r) in rules]}
+        with _mapped("misfit_refs"):
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(sql.encode(), params)
+                rows = await cur.fetchall()
+        return [Misfit(bytes(a), bytes(d), int(k), int(e)) for a, d, k, e in rows]
+
+    async def cyclic_states(self, limit: int = 10_000) -> list[UUID]:
+        # See SQLiteBackend.cyclic_states: what is not reached from a root is in a cycle.
+        sql = """
+            WITH RECURSIVE rooted(id) AS (
+                SELECT s.id FROM immagent_states s
+                 WHERE s.parent_id IS NULL
+                    OR NOT EXISTS (SELECT 1 FROM immagent_states p WHERE p.id = s.parent_id)
+                UNION ALL
+                SELECT c.id FROM rooted r JOIN immagent_states c ON c.parent_id = r.id
+            )
+            SELECT s.id FROM immagent_states s
+             WHERE NOT EXISTS (SELECT 1 FROM rooted r WHERE r.id = s.id)
+             ORDER BY s.id LIMIT %s
+        """
+        with _mapped("cyclic_states"):
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(sql.encode(), (limit,))
+                rows = await cur.fetchall()
+        return [r[0] for r in rows]
 
     async def asset_stats(self) -> dict[int, tuple[int, int]]:
         with _mapped("asset_stats"):
@@ -602,5 +670,5 @@ async def _check_conflicts(cur: psycopg.AsyncCursor[Any], states: Sequence[State
 def _password(dsn: str) -> str | None:
     try:
         return psycopg.conninfo.conninfo_to_dict(dsn).get("password")  # type: ignore[return-value]
-    except psycopg.ProgrammingError:
+    except (psycopg.ProgrammingError, ValueError):  # a malformed %-escape: UnicodeDecodeError
         return None

@@ -28,16 +28,28 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from uuid import UUID
 
-from immagent.assets import Digest, MissingAsset, StoredAsset, join_refs, split_refs
-from immagent.exceptions import StoreConnectionError, StoreError, ValidationError
+from immagent.assets import NODE_KINDS, Digest, MissingAsset, StoredAsset, join_refs, split_refs
+from immagent.exceptions import (
+    IntegrityError,
+    StoreConnectionError,
+    StoreError,
+    ValidationError,
+)
 from immagent.records import StateRow, state_from_v1
 from immagent.store._sqlite_pool import SQLitePool, is_busy, transaction
-from immagent.store.backend import SCHEMA_VERSION, Head, RowCheck, SweepResult, WriteResult
+from immagent.store.backend import (
+    SCHEMA_VERSION,
+    Head,
+    Misfit,
+    RowCheck,
+    SweepResult,
+    WriteResult,
+)
 
 __all__ = ["SQLiteBackend"]
 
@@ -136,6 +148,10 @@ _STATE_REFS = """
 _ALL_STATE_ROOTS = (_STATE_REFS.format(states="immagent_states")
                     + ", roots(d) AS (SELECT DISTINCT dst FROM state_refs)")
 
+# What gc checks beside the rows with refs: every reached node, so one whose refs were
+# emptied (it then marks nothing) is caught too. Ints from the core, safe to inline.
+_NODE_KINDS = ", ".join(str(int(k)) for k in sorted(NODE_KINDS))
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -167,11 +183,48 @@ def _marks(n: int) -> str:
     return ", ".join("?" * n)
 
 
+# Row decoding. SQLite keeps whatever value is written into a column, whatever its declared
+# type, so a damaged row may hold TEXT where a BLOB belongs, or an INTEGER where TEXT does.
+# Decoding never raises on such a value: it is turned into something the one verify-on-read
+# (``assets.check_row``/``load_row``, ``records.check_state``/``load_state``) refuses, so
+# verify lists the row and goes on and every read raises IntegrityError. BLOB columns are
+# always bytes (TEXT as its UTF-8 bytes, anything else as its text: it then fails its
+# digest); other columns keep a value of the wrong type as it is.
+
+
+def _blob(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass")
+    return str(value).encode()
+
+
+def _time(value: Any) -> Any:
+    if type(value) is not int:
+        return value
+    try:
+        return _from_micros(value)
+    except OverflowError:
+        return value
+
+
+def _uuid(value: Any, seq: Any) -> UUID:
+    data = _blob(value)
+    if len(data) != 16:  # cannot even name the row: nothing to report it by
+        raise IntegrityError(f"state row with seq {seq} is damaged: its id is not 16 bytes "
+                             "(run store.verify())")
+    return UUID(bytes=data)
+
+
 def _state(row: Sequence[Any]) -> StateRow:
     return StateRow(
-        id=UUID(bytes=row[0]), parent_id=None if row[1] is None else UUID(bytes=row[1]),
-        kind=int(row[2]), stream=row[3], refs=split_refs(row[4]), body=bytes(row[5]),
-        digest=bytes(row[6]), created_at=_from_micros(row[7]), seq=int(row[8]),
+        id=_uuid(row[0], row[8]),
+        parent_id=None if row[1] is None else (
+            UUID(bytes=row[1]) if isinstance(row[1], bytes) and len(row[1]) == 16
+            else row[1]),
+        kind=row[2], stream=row[3], refs=split_refs(_blob(row[4])), body=_blob(row[5]),
+        digest=_blob(row[6]), created_at=_time(row[7]), seq=int(row[8]),
     )
 
 
@@ -181,7 +234,7 @@ def _state_params(s: StateRow) -> tuple[Any, ...]:
 
 
 def _asset(row: Sequence[Any]) -> StoredAsset:
-    return StoredAsset(bytes(row[0]), int(row[1]), split_refs(row[2]), bytes(row[3]))
+    return StoredAsset(_blob(row[0]), row[1], split_refs(_blob(row[2])), _blob(row[3]))
 
 
 def _newest(conn: sqlite3.Connection, head: Head) -> UUID | None:
@@ -409,12 +462,12 @@ class SQLiteBackend:
             ).fetchone()
             if missing is not None:
                 (kept,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
-                return SweepResult({}, 0, int(kept), bytes(missing[0]))
+                return SweepResult({}, 0, int(kept), _blob(missing[0]))
             for sql, decode in (
                     (f"SELECT {_STATE_COLUMNS} FROM immagent_states", _state),
                     ("SELECT a.digest, a.kind, a.refs, a.body FROM immagent_assets a "
                      "JOIN temp.immagent_reach r ON r.digest = a.digest "
-                     "WHERE length(a.refs) > 0", _asset)):
+                     f"WHERE length(a.refs) > 0 OR a.kind IN ({_NODE_KINDS})", _asset)):
                 cursor = conn.execute(sql)
                 while rows := cursor.fetchmany(1000):
                     check([decode(r) for r in rows])
@@ -453,7 +506,8 @@ class SQLiteBackend:
                 for row in conn.execute(
                         "SELECT digest, kind, refs, body FROM immagent_assets "
                         f"WHERE digest IN ({_marks(len(chunk))})", chunk):
-                    found[row[0]] = _asset(row)
+                    asset = _asset(row)
+                    found[asset.digest] = asset
             return found
 
         result: dict[Digest, StoredAsset] = await self._read("get_assets", run)
@@ -488,7 +542,8 @@ class SQLiteBackend:
                 for row in conn.execute(
                         "SELECT digest, kind, refs, body FROM immagent_assets "
                         f"WHERE digest IN ({_marks(len(chunk))})", chunk):
-                    leaves[row[0]] = _asset(row)
+                    leaf = _asset(row)
+                    leaves[leaf.digest] = leaf
             return chain, leaves
 
         result: tuple[list[StoredAsset], dict[Digest, StoredAsset]] = (
@@ -574,8 +629,74 @@ class SQLiteBackend:
         """
         rows: list[Any] = await self._read(
             "dangling_refs", lambda conn: conn.execute(sql, params).fetchall())
-        return [MissingAsset(bytes(d), UUID(bytes=s) if is_state else bytes(s))
+        return [MissingAsset(_blob(d), UUID(bytes=_blob(s)) if is_state else _blob(s))
                 for d, s, is_state in rows]
+
+    async def misfit_refs(self, expected: Mapping[int, tuple[int, int]],
+                          states: Sequence[UUID] | None = None,
+                          limit: int = 10_000) -> list[Misfit]:
+        if not expected:
+            return []
+        table = ", ".join(f"(:k{n}, :f{n}, :r{n})" for n in range(len(expected)))
+        params: dict[str, Any] = {"limit": limit, "ids": b"".join(i.bytes for i in states or ())}
+        for n, (kind, (first, rest)) in enumerate(sorted(expected.items())):
+            params.update({f"k{n}": kind, f"f{n}": first, f"r{n}": rest})
+        if states is None:
+            # Every checked asset's refs, by position, without descending.
+            ctes = """
+                pos(a, i) AS (
+                    SELECT digest, 0 FROM immagent_assets
+                     WHERE length(refs) > 0 AND kind IN (SELECT k FROM rules)
+                    UNION ALL
+                    SELECT p.a, p.i + 1 FROM pos p JOIN immagent_assets x ON x.digest = p.a
+                     WHERE 32 * (p.i + 1) < length(x.refs)
+                )
+            """
+        else:
+            picked = ("(SELECT seq, refs FROM immagent_states WHERE id IN "
+                      "(SELECT substr(:ids, 16 * n + 1, 16) FROM ids))")
+            ctes = f"""
+                ids(n) AS (
+                    SELECT 0 WHERE length(:ids) >= 16
+                    UNION ALL SELECT n + 1 FROM ids WHERE 16 * (n + 2) <= length(:ids)
+                ),
+                {_STATE_REFS.format(states=picked)},
+                roots(d) AS (SELECT DISTINCT dst FROM state_refs),
+                {_WALK},
+                pos(a, i) AS (SELECT a, i FROM walk)
+            """
+        sql = f"""
+            WITH RECURSIVE rules(k, first, rest) AS (VALUES {table}), {ctes}
+            SELECT x.digest, t.digest, t.kind, CASE p.i WHEN 0 THEN r.first ELSE r.rest END
+              FROM pos p
+              JOIN immagent_assets x ON x.digest = p.a AND 32 * p.i < length(x.refs)
+              JOIN rules r ON r.k = x.kind
+              JOIN immagent_assets t ON t.digest = substr(x.refs, 32 * p.i + 1, 32)
+             WHERE t.kind IS NOT CASE p.i WHEN 0 THEN r.first ELSE r.rest END
+             LIMIT :limit
+        """
+        rows: list[Any] = await self._read(
+            "misfit_refs", lambda conn: conn.execute(sql, params).fetchall())
+        return [Misfit(_blob(a), _blob(d), k, e) for a, d, k, e in rows]
+
+    async def cyclic_states(self, limit: int = 10_000) -> list[UUID]:
+        # The states whose lineage ends are those reached from a root (no parent, or a
+        # parent not stored) through children; the rest run into a cycle. UNION ALL: a
+        # state has one parent, so each is reached at most once, and cycles never.
+        sql = """
+            WITH RECURSIVE rooted(id) AS (
+                SELECT s.id FROM immagent_states s
+                 WHERE s.parent_id IS NULL
+                    OR NOT EXISTS (SELECT 1 FROM immagent_states p WHERE p.id = s.parent_id)
+                UNION ALL
+                SELECT c.id FROM rooted r JOIN immagent_states c ON c.parent_id = r.id
+            )
+            SELECT id, seq FROM immagent_states WHERE id NOT IN (SELECT id FROM rooted)
+             ORDER BY id LIMIT ?
+        """
+        rows: list[Any] = await self._read(
+            "cyclic_states", lambda conn: conn.execute(sql, (limit,)).fetchall())
+        return [_uuid(i, seq) for i, seq in rows]
 
     async def asset_stats(self) -> dict[int, tuple[int, int]]:
         rows: list[Any] = await self._pool.read(
