@@ -12,12 +12,17 @@ Format (version 2; version 1 files, which held agent records, are still read)::
               end     ["end", states, assets, checksum]     last frame, then end of file
 
 A bundle carries rows exactly as stored (the same bytes the digests cover), so reading one
-runs the same checks as reading a database: ``assets.check_row`` and
-``records.check_state``. ``checksum`` is blake3 over every byte before the end frame. It is
-checked last: the per-record checks (each asset re-hashed, each state's digest recomputed,
-every reference resolved inside the bundle with the kind it must have) name the bad record,
-the checksum catches what no content digest covers (ids, parents, timestamps, framing) and
-truncation.
+runs the same checks as reading a database (``assets.check_row``, ``records.check_state``)
+and the content rules the API applies when it makes a record (``audit.rules``); ``_Links``
+resolves every reference with the one kind it must have, checks node counters against the
+chain, refuses unreferenced assets, and the lineage must end without a cycle. Exports run
+the same checks, so a store never writes a bundle it would refuse to read.
+
+``checksum`` is blake3 over every byte before the end frame. It is checked last: the
+per-record checks name the bad record, the checksum catches what no content digest covers
+(ids, parents, timestamps, framing) and truncation. Decoding untrusted bytes is bounded:
+frame sizes are checked before reading, nesting deeper than Python's recursion limit is a
+BundleError, and the content rules bound what survives decoding (``validate.MAX_DEPTH``).
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ import asyncio
 import contextlib
 import itertools
 import os
+import secrets
+import stat
 import struct
-import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +43,19 @@ from uuid import UUID
 import blake3
 import msgspec
 
-from immagent.assets import Digest, Kind, StoredAsset, check_row, join_refs, ref_kinds, split_refs
+from immagent.assets import (
+    NODE_KINDS,
+    ConversationNode,
+    Digest,
+    Kind,
+    StoredAsset,
+    check_row,
+    decode_asset,
+    join_refs,
+    ref_kinds,
+    split_refs,
+)
+from immagent.audit import rules
 from immagent.audit.verify import closing_iter
 from immagent.exceptions import BundleError, IntegrityError, ValidationError
 from immagent.records import STATE_KINDS, AgentRecord, StateRow, check_state
@@ -62,6 +80,12 @@ FORMAT_VERSION: Final = 2
 _READABLE: Final = frozenset({1, 2})
 #: Largest frame accepted when reading; bigger means a corrupt length, not a real record.
 MAX_FRAME: Final = 1 << 30
+#: Largest header frame (a header is a few dozen bytes).
+MAX_HEADER: Final = 1 << 16
+#: What msgspec raises on malformed bytes; RecursionError on nesting deeper than Python's
+#: recursion limit (untrusted bytes may nest a million arrays deep).
+_DECODE_ERRORS: Final = (msgspec.DecodeError, msgspec.ValidationError, ValueError,
+                         RecursionError)
 _LEN = struct.Struct(">I")
 
 
@@ -124,6 +148,89 @@ _encoder = msgspec.msgpack.Encoder()
 _record_decoder = msgspec.msgpack.Decoder(_Agent | _State | _Asset | _End)
 
 
+# -- the checks reading and writing share -----------------------------------------------
+
+
+class _Links:
+    """Every reference of a bundle's records and what each record is, resolved when all are
+    known: each reference is to a record of the one kind it must have (``assets.ref_kinds``,
+    ``StateKind.ref_kinds``: the same table verify and reads use), each asset is referenced
+    by something in the bundle, each node's counters are its parent's plus its elements.
+    Memory: a few dozen bytes per record (bodies are not kept)."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[Digest, int] = {}
+        self.sizes: dict[Digest, int] = {}  # body bytes of the elements nodes count
+        self.nodes: dict[Digest, ConversationNode] = {}
+        # ref -> (kind it must have, the first record referring to it)
+        self.wanted: dict[Digest, tuple[int, Digest | UUID]] = {}
+
+    def state(self, row: StateRow) -> str | None:
+        """Note a state's references; a problem already visible is returned."""
+        return self._want(row.id, row.refs, STATE_KINDS[row.kind].ref_kinds(row))
+
+    def asset(self, row: StoredAsset) -> str | None:
+        """Note an asset (already verified) and its references."""
+        if row.digest in self.kinds:
+            return f"asset {row.digest.hex()} appears twice"
+        self.kinds[row.digest] = row.kind
+        if row.kind in NODE_KINDS:
+            node = decode_asset(row.kind, row.body, row.refs)
+            assert isinstance(node, ConversationNode)
+            self.nodes[row.digest] = node
+        else:
+            self.sizes[row.digest] = len(row.body)
+        return self._want(row.digest, row.refs, ref_kinds(row.kind, len(row.refs)))
+
+    def _want(self, referrer: Digest | UUID, refs: tuple[Digest, ...],
+              kinds: tuple[int, ...]) -> str | None:
+        if len(refs) != len(kinds):
+            return f"{_who(referrer)} has {len(refs)} refs where its kind has {len(kinds)}"
+        for ref, kind in zip(refs, kinds, strict=True):
+            first = self.wanted.setdefault(ref, (kind, referrer))
+            if first[0] != kind:  # one digest, one kind: one of the two is a lie
+                return (f"asset {ref.hex()} is referenced as a {_kind_name(first[0])} by "
+                        f"{_who(first[1])} and as a {_kind_name(kind)} by {_who(referrer)}")
+        return None
+
+    def problem(self, where: str = "the bundle") -> str | None:
+        """The first unresolved reference (missing from ``where``), wrong kind, bad counter
+        or unreferenced asset; None if all is sound."""
+        for digest, (kind, referrer) in self.wanted.items():
+            found = self.kinds.get(digest)
+            if found is None:
+                return (f"asset {digest.hex()} referenced by {_who(referrer)} is missing "
+                        f"from {where}")
+            if found != kind:
+                return (f"asset {digest.hex()} referenced by {_who(referrer)} is a "
+                        f"{_kind_name(found)}, expected a {_kind_name(kind)}")
+        for node in self.nodes.values():
+            parent = None if node.parent is None else self.nodes[node.parent]
+            wrong = rules.check_counters(
+                node, None if parent is None else (parent.length, parent.size),
+                [self.sizes[d] for d in node.messages])
+            if wrong is not None:
+                return wrong
+        for digest in self.kinds:
+            if digest not in self.wanted:
+                return (f"asset {digest.hex()} is not referenced by any state or asset "
+                        "of the bundle")
+        return None
+
+
+def _content_problem(record: StateRow | StoredAsset) -> str | None:
+    """Why a verified record breaks the content rules the API enforces, or None."""
+    try:
+        if isinstance(record, StateRow):
+            rules.check_state_content(record, _who(record.id, record.kind))
+        else:
+            rules.check_asset_content(decode_asset(record.kind, record.body, record.refs),
+                                      f"asset {record.digest.hex()}")
+    except ValidationError as e:
+        return f"breaks a rule the API enforces: {e}"
+    return None
+
+
 # -- writing ------------------------------------------------------------------------------
 
 
@@ -177,12 +284,11 @@ async def export_bundle(backend: Backend, lineage: list[StateRow],
     for r in lineage:
         writer.frame(_State(r.id, r.parent_id, r.kind, r.stream, join_refs(r.refs), r.body,
                             r.digest, r.created_at))
-    # Memory: the digests of this lineage's assets (32 bytes each) and one batch of bodies.
-    written: set[Digest] = set()
-    wanted: dict[Digest, Digest | UUID] = {}
+    # Memory: a few dozen bytes per asset of this lineage (_Links) and one batch of bodies.
+    links = _Links()
     for r in lineage:
-        for d in r.refs:
-            wanted.setdefault(d, r.id)
+        _refuse_export(head, links.state(r) or _content_problem(r))
+    _refuse_export(head, _cycle_problem(lineage))
     asset_bytes = 0
     file = await asyncio.to_thread(_TempFile, dest)
     try:
@@ -190,40 +296,54 @@ async def export_bundle(backend: Backend, lineage: list[StateRow],
         async with closing_iter(backend.iter_assets(roots)) as batches:
             async for batch in batches:
                 for row in batch:
-                    if row.digest in written:
+                    if row.digest in links.kinds:
                         continue
                     _check_exported(row)
-                    written.add(row.digest)
+                    _refuse_export(head, links.asset(row) or _content_problem(row))
                     asset_bytes += len(row.body)
-                    for ref in row.refs:
-                        wanted.setdefault(ref, row.digest)
                     writer.frame(_Asset(row.digest, row.kind, row.body, join_refs(row.refs)))
                 await asyncio.to_thread(file.write, writer.take())
-        for digest, referrer in wanted.items():
-            if digest not in written:
-                raise IntegrityError(
-                    f"cannot export state {head.id}: asset {digest.hex()} referenced by "
-                    f"{_who(referrer)} is missing from the store (run store.verify())")
-        writer.end(len(lineage), len(written))
+        # An asset vanished meanwhile shows as missing: a bundle is only written complete.
+        _refuse_export(head, links.problem("the store"))
+        writer.end(len(lineage), len(links.kinds))
         await asyncio.to_thread(file.commit, writer.take())
     finally:
         await asyncio.to_thread(file.discard)
     return BundleInfo(path=str(dest), version=FORMAT_VERSION, head=head.id,
                       head_digest=head.digest, agents=tuple(r.id for r in lineage),
-                      assets=len(written), asset_bytes=asset_bytes, file_bytes=writer.size)
+                      assets=len(links.kinds), asset_bytes=asset_bytes,
+                      file_bytes=writer.size)
+
+
+def _refuse_export(head: StateRow, problem: str | None) -> None:
+    """What would make the bundle unreadable stops the export, naming it."""
+    if problem is not None:
+        raise IntegrityError(f"cannot export state {head.id}: {problem} (run store.verify())")
 
 
 class _TempFile:
     """A temp file next to ``dest`` that becomes ``dest`` only on commit (fsync + rename),
-    so readers see the old file or the whole new one, never a partial bundle."""
+    so readers see the old file or the whole new one, never a partial bundle. It is created
+    exclusively with mode 0o666 less the process's umask, as ``open()`` would; the rename
+    happens only while ``dest`` is absent or a regular file (checked again just before)."""
 
     def __init__(self, dest: Path) -> None:
         self.dest = dest
         with self._os_errors():
-            fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.",
-                                        suffix=".tmp")
-        self.path = Path(name)
+            for _ in range(100):
+                name = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.tmp"
+                try:
+                    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                 | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0),
+                                 0o666)
+                    break
+                except FileExistsError:
+                    continue
+            else:
+                raise FileExistsError(f"no free temporary name next to {dest}")
+        self.path = name
         self._file: IO[bytes] | None = os.fdopen(fd, "wb")
+        self._committed = False
 
     @contextlib.contextmanager
     def _os_errors(self) -> Iterator[None]:
@@ -248,7 +368,9 @@ class _TempFile:
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
+            _check_replaceable(self.dest)  # something may have appeared there meanwhile
             os.replace(self.path, self.dest)
+            self._committed = True
             _fsync_dir(self.dest.parent)
 
     def discard(self) -> None:
@@ -256,6 +378,8 @@ class _TempFile:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if not self._committed:
+            self._committed = True  # idempotent
             with contextlib.suppress(OSError):
                 self.path.unlink()
 
@@ -300,78 +424,83 @@ def read_bundle(path: str | os.PathLike[str], *, keep_assets: bool = True
     same bytes (no window between verifying and loading).
     """
     source = _readable_path(path)
-    states: list[StateRow] = []
-    state_ids: set[UUID] = set()
-    assets: list[StoredAsset] = []
-    kinds: dict[Digest, int] = {}
-    # ref -> (kind it must have, who refers to it); resolved when the file has been read.
-    wanted: dict[Digest, tuple[int, Digest | UUID]] = {}
-    asset_bytes = 0
     try:
         file = source.open("rb")
     except OSError as e:
         raise ValidationError("path", f"cannot read {source}: {e.strerror}", str(source)) from e
-    with file:
-        hasher = blake3.blake3()
-        magic = file.read(len(MAGIC))
-        if magic != MAGIC:
-            raise BundleError(f"{source} is not an immagent bundle (bad magic bytes)")
-        hasher.update(magic)
-        frames = _frames(file, source, hasher)
-        header = _read_header(next(frames, None), source)
-        end: tuple[_End, bytes] | None = None  # the end record and the checksum it must hold
-        for offset, payload, checksum in frames:
-            try:
-                record = _record_decoder.decode(payload)
-            except (msgspec.DecodeError, ValueError) as e:  # also invalid UTF-8 in a str
-                raise BundleError(f"{source}: malformed record at byte {offset}: {e}") from e
-            if isinstance(record, _End):
-                end = record, checksum
-                if file.read(1):
-                    raise BundleError(f"{source}: data after the end record (byte {offset})")
-                break
-            if isinstance(record, _Agent | _State):
-                state = _verified_state(record, source)
-                if state.id in state_ids:
-                    raise BundleError(f"{source}: {_who(state.id)} appears twice")
-                state_ids.add(state.id)
-                states.append(state)
-                for ref, kind in zip(state.refs, STATE_KINDS[state.kind].ref_kinds(state),
-                                     strict=True):
-                    wanted.setdefault(ref, (kind, state.id))
-                continue
-            row = _verified_asset(record, source)
-            if row.digest in kinds:
-                raise BundleError(f"{source}: asset {row.digest.hex()} appears twice")
-            kinds[row.digest] = row.kind
-            asset_bytes += len(row.body)
-            for ref, kind in zip(row.refs, ref_kinds(row.kind, len(row.refs)), strict=True):
-                wanted.setdefault(ref, (kind, row.digest))
-            if keep_assets:
-                assets.append(row)
-        size = file.tell()
+    try:
+        with file:
+            return _read(file, source, keep_assets)
+    except OSError as e:  # e.g. /proc/self/mem: a regular file that cannot be read
+        raise BundleError(f"{source} cannot be read: {e.strerror or e}") from e
+
+
+def _read(file: IO[bytes], source: Path, keep_assets: bool
+          ) -> tuple[BundleInfo, list[StateRow], list[StoredAsset]]:
+    states: list[StateRow] = []
+    state_ids: set[UUID] = set()
+    assets: list[StoredAsset] = []
+    links = _Links()
+    asset_bytes = 0
+
+    def refuse(problem: str | None) -> None:
+        if problem is not None:
+            raise BundleError(f"{source}: {problem}")
+
+    hasher = blake3.blake3()
+    magic = file.read(len(MAGIC))
+    if magic != MAGIC:
+        raise BundleError(f"{source} is not an immagent bundle (bad magic bytes)")
+    hasher.update(magic)
+    frames = _frames(file, source, hasher)
+    header = _read_header(next(frames, None), source)
+    end: tuple[_End, bytes] | None = None  # the end record and the checksum it must hold
+    for offset, payload, checksum in frames:
+        try:
+            record = _record_decoder.decode(payload)
+        except _DECODE_ERRORS as e:  # also invalid UTF-8 in a str, and deep nesting
+            raise BundleError(f"{source}: malformed record at byte {offset}: "
+                              f"{_decode_reason(e)}") from None
+        if isinstance(record, _End):
+            end = record, checksum
+            if file.read(1):
+                raise BundleError(f"{source}: data after the end record (byte {offset})")
+            break
+        if isinstance(record, _Agent | _State):
+            state = _verified_state(record, source)
+            if state.id in state_ids:
+                raise BundleError(f"{source}: {_who(state.id)} appears twice")
+            state_ids.add(state.id)
+            states.append(state)
+            refuse(links.state(state) or _content_problem(state))
+            continue
+        row = _verified_asset(record, source)
+        refuse(links.asset(row) or _content_problem(row))
+        asset_bytes += len(row.body)
+        if keep_assets:
+            assets.append(row)
+    size = file.tell()
     if end is None:
         raise BundleError(f"{source} is truncated: no end record")
-    for digest, (kind, referrer) in wanted.items():
-        found = kinds.get(digest)
-        if found is None:
-            raise BundleError(f"{source}: asset {digest.hex()} referenced by {_who(referrer)} "
-                              "is missing from the bundle")
-        if found != kind:
-            raise BundleError(f"{source}: asset {digest.hex()} referenced by {_who(referrer)} "
-                              f"is a {_kind_name(found)}, expected a {_kind_name(kind)}")
     _check_lineage(states, header, source)
+    refuse(links.problem())
     last, checksum = end
-    if last.agents != len(states) or last.assets != len(kinds):
+    if last.agents != len(states) or last.assets != len(links.kinds):
         raise BundleError(f"{source}: record counts do not match the end record "
-                          f"({len(states)} states, {len(kinds)} assets read)")
+                          f"({len(states)} states, {len(links.kinds)} assets read)")
     if last.checksum != checksum:
         raise BundleError(f"{source}: file checksum mismatch (ids, lineage, timestamps or "
                           "framing were altered)")
     info = BundleInfo(path=str(source), version=header.version, head=header.head,
                       head_digest=states[0].digest, agents=tuple(s.id for s in states),
-                      assets=len(kinds), asset_bytes=asset_bytes, file_bytes=size)
+                      assets=len(links.kinds), asset_bytes=asset_bytes, file_bytes=size)
     return info, states, assets
+
+
+def _decode_reason(e: BaseException) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e)
 
 
 def _frames(file: IO[bytes], source: Path, hasher: Any) -> Iterator[tuple[int, bytes, bytes]]:
@@ -401,10 +530,12 @@ def _frames(file: IO[bytes], source: Path, hasher: Any) -> Iterator[tuple[int, b
 def _read_header(frame: tuple[int, bytes, bytes] | None, source: Path) -> _Header:
     if frame is None:
         raise BundleError(f"{source} is truncated: no header")
+    if len(frame[1]) > MAX_HEADER:
+        raise BundleError(f"{source}: malformed header ({len(frame[1])} bytes)")
     try:
         raw = msgspec.msgpack.decode(frame[1])
-    except (msgspec.DecodeError, ValueError) as e:
-        raise BundleError(f"{source}: malformed header: {e}") from e
+    except _DECODE_ERRORS as e:
+        raise BundleError(f"{source}: malformed header: {_decode_reason(e)}") from None
     if not isinstance(raw, dict) or raw.get("format") != "immagent-bundle":
         raise BundleError(f"{source}: malformed header (not an immagent bundle)")
     if raw.get("version") not in _READABLE:
@@ -413,8 +544,8 @@ def _read_header(frame: tuple[int, bytes, bytes] | None, source: Path) -> _Heade
                           f"{', '.join(map(str, sorted(_READABLE)))})")
     try:
         return msgspec.convert(raw, _Header)
-    except msgspec.ValidationError as e:
-        raise BundleError(f"{source}: malformed header: {e}") from e
+    except _DECODE_ERRORS as e:
+        raise BundleError(f"{source}: malformed header: {_decode_reason(e)}") from None
 
 
 def _verified_asset(record: _Asset, source: Path) -> StoredAsset:
@@ -437,8 +568,9 @@ def _verified_state(record: _Agent | _State, source: Path) -> StateRow:
         raise BundleError(f"{source}: state {record.id} has malformed refs")
     try:
         row = record.record.to_row() if isinstance(record, _Agent) else record.row()
-    except (msgspec.EncodeError, TypeError, ValueError) as e:
-        raise BundleError(f"{source}: a state record cannot be read: {e}") from e
+    except (msgspec.EncodeError, TypeError, ValueError, RecursionError) as e:
+        raise BundleError(f"{source}: a state record cannot be read: "
+                          f"{_decode_reason(e)}") from None
     found = check_state(row)
     if found is not None:
         raise BundleError(f"{source}: {_who(row.id, row.kind)} is tampered with: "
@@ -457,29 +589,76 @@ def _check_lineage(states: list[StateRow], header: _Header, source: Path) -> Non
         if child.parent_id != parent.id:
             raise BundleError(f"{source}: state {parent.id} is not the parent of state "
                               f"{child.id} (lineage out of order)")
+    problem = _cycle_problem(states)
+    if problem is not None:
+        raise BundleError(f"{source}: {problem}")
+
+
+def _cycle_problem(lineage: list[StateRow]) -> str | None:
+    """A lineage (each state the next one's child) is a cycle when its oldest state names
+    one of its states as parent: every walk of it would go round for ever."""
+    ids = {s.id for s in lineage}
+    oldest = lineage[-1]
+    if oldest.parent_id in ids:
+        return (f"the lineage is a cycle: state {oldest.id} names state {oldest.parent_id} "
+                "of the same lineage as its parent")
+    return None
 
 
 # -- paths --------------------------------------------------------------------------------
 
 
+def _path(path: object) -> Path:
+    """A file name given as a str or an os.PathLike of one, without NUL."""
+    name = os.fspath(path) if isinstance(path, str | os.PathLike) else None
+    if not isinstance(name, str) or not name:
+        raise ValidationError("path", f"must be a non-empty str or path, got {path!r}", None)
+    if "\x00" in name:
+        raise ValidationError("path", "must not contain NUL characters", None)
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:  # a lone surrogate the file system encoding cannot take
+        raise ValidationError("path", "cannot be encoded for the file system", None) from None
+    return Path(name)
+
+
+def _what_is(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _check_replaceable(dest: Path) -> None:
+    """An export may create ``dest`` or replace a regular file there, nothing else: a
+    symlink is never followed or replaced, nor a FIFO, a device or a directory."""
+    try:
+        mode = os.lstat(dest).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ValidationError("path", f"cannot write {dest}: {e.strerror or e}",
+                              str(dest)) from e
+    if not stat.S_ISREG(mode):
+        raise ValidationError("path", f"{dest} is {_what_is(mode)}; an export only creates "
+                              "a file or replaces a regular one", str(dest))
+
+
 def _writable_path(path: object) -> Path:
-    if not isinstance(path, str | os.PathLike) or not os.fspath(path):
-        raise ValidationError("path", f"must be a non-empty str or path, got {path!r}", path)
-    dest = Path(os.fspath(path))
-    if dest.is_dir():
-        raise ValidationError("path", f"{dest} is a directory, not a file name", str(dest))
+    dest = _path(path)
+    _check_replaceable(dest)
     if not dest.parent.is_dir():
         raise ValidationError("path", f"directory {dest.parent} does not exist", str(dest))
     return dest
 
 
 def _readable_path(path: object) -> Path:
-    if not isinstance(path, str | os.PathLike) or not os.fspath(path):
-        raise ValidationError("path", f"must be a non-empty str or path, got {path!r}", path)
-    source = Path(os.fspath(path))
+    source = _path(path)
     if not source.exists():
         raise ValidationError("path", f"no such file: {source}", str(source))
-    if not source.is_file():
+    if not source.is_file():  # through a symlink is fine; a FIFO would block the read
         raise ValidationError("path", f"{source} is not a regular file", str(source))
     return source
 

@@ -3,8 +3,12 @@
 Every check works on what is *stored*: asset rows are re-hashed exactly as read, refs and
 body (never a re-encoding of the decoded object, so the audit stays valid if the encoder
 changes; a node's digest covers the ``refs`` column gc follows), every state row's digest
-is recomputed from its content (``records.check_state``), and dangling references are found
-by the database (an anti-join), so memory stays bounded by one batch of rows.
+is recomputed from its content (``records.check_state``, which also reports a column of the
+wrong type), every reference must reach an asset of the kind it requires (the one table:
+``assets.ref_kinds`` and ``StateKind.ref_kinds``), and no lineage may run into a parent
+cycle. Dangling references, references of the wrong kind from assets and cycles are found by
+the database (anti-joins and recursive queries), state references a page of states at a
+time, so memory stays bounded by one batch of rows.
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ from uuid import UUID
 
 import msgspec
 
-from immagent.assets import Digest, Kind, MissingAsset, StoredAsset, check_row
+from immagent.assets import Digest, Kind, MissingAsset, StoredAsset, check_row, ref_kind_table
 from immagent.exceptions import AgentNotFoundError, IntegrityError
-from immagent.records import StateRow, check_state
+from immagent.records import STATE_KINDS, StateRow, check_state
 
 if TYPE_CHECKING:
     from immagent.store.backend import Backend
@@ -27,6 +31,7 @@ __all__ = [
     "MAX_LISTED",
     "AgentProblem",
     "AssetProblem",
+    "KindProblem",
     "MissingAsset",
     "VerifyReport",
     "closing_iter",
@@ -59,6 +64,17 @@ class AgentProblem(msgspec.Struct, frozen=True):
     reason: str
 
 
+class KindProblem(msgspec.Struct, frozen=True):
+    """A reference to a stored asset of another kind than it requires: ``referrer`` (an
+    asset's digest or a state's id) points at ``digest``, a ``kind`` where an ``expected``
+    must be. Reads of it fail; a bundle of it would be refused."""
+
+    referrer: Digest | UUID
+    digest: Digest
+    kind: int
+    expected: int
+
+
 class VerifyReport(msgspec.Struct, frozen=True):
     """What ``Store.verify`` found. ``ok`` is True only when every list is empty."""
 
@@ -74,18 +90,21 @@ class VerifyReport(msgspec.Struct, frozen=True):
     # where they are.
     unreadable_agents: tuple[str, ...] = ()
     truncated: bool = False  # some category had more than MAX_LISTED entries
+    wrong_kinds: tuple[KindProblem, ...] = ()  # references to an asset of another kind
+    cycles: tuple[UUID, ...] = ()  # states whose lineage runs into a parent cycle
 
     @property
     def ok(self) -> bool:
         """True when no problem of any kind was found."""
         return not (self.corrupt or self.missing or self.undecodable or self.bad_agents
-                    or self.unreadable_agents)
+                    or self.unreadable_agents or self.wrong_kinds or self.cycles)
 
     @property
     def problems(self) -> int:
         """Number of problems listed."""
         return (len(self.corrupt) + len(self.missing) + len(self.undecodable)
-                + len(self.bad_agents) + len(self.unreadable_agents))
+                + len(self.bad_agents) + len(self.unreadable_agents) + len(self.wrong_kinds)
+                + len(self.cycles))
 
     def lines(self) -> list[str]:
         """The report as human-readable lines (what ``immagent verify`` prints)."""
@@ -100,6 +119,11 @@ class VerifyReport(msgspec.Struct, frozen=True):
                 for p in self.undecodable]
         out += [f"bad state {a.agent_id}: {a.reason}" for a in self.bad_agents]
         out += [f"unreadable agent row {u}" for u in self.unreadable_agents]
+        out += [f"wrong kind {k.digest.hex()} referenced by {_referrer(k.referrer)}: a "
+                f"{_kind_name(k.kind)} where a {_kind_name(k.expected)} must be"
+                for k in self.wrong_kinds]
+        out += [f"cycle: the lineage of state {c} runs into a parent cycle"
+                for c in self.cycles]
         if self.truncated:
             out.append(f"(lists truncated at {MAX_LISTED} entries per category)")
         out.append("OK" if self.ok else f"{self.problems} problem(s) found")
@@ -135,16 +159,34 @@ async def verify_backend(backend: Backend, agent_id: UUID | None = None, *,
             truncated = True
 
     states_checked = 0
+    wrong_kinds: list[KindProblem] = []
 
-    def check_states(rows: Sequence[StateRow]) -> None:
+    async def check_states(rows: Sequence[StateRow]) -> None:
         nonlocal states_checked
+        wanted: dict[Digest, list[tuple[UUID, int]]] = {}
         for row in rows:
             states_checked += 1
             problem = check_state(row)
             if problem is not None:
                 note(bad_states, AgentProblem(row.id, row.digest, f"{problem[0]}: {problem[1]}"))
+                continue
+            kinds = STATE_KINDS[row.kind].ref_kinds(row)
+            if len(kinds) != len(row.refs):
+                note(bad_states, AgentProblem(row.id, row.digest, f"undecodable: it pins "
+                                              f"{len(row.refs)} digests, its kind {len(kinds)}"))
+                continue
+            for ref, kind in zip(row.refs, kinds, strict=True):
+                wanted.setdefault(ref, []).append((row.id, kind))
+        # A page of states pins few distinct assets (prompts, head nodes): read them here.
+        found = await backend.get_assets(sorted(wanted))
+        for ref, uses in wanted.items():
+            target = found.get(ref)
+            for state_id, kind in uses:
+                if target is not None and target.kind != kind:
+                    note(wrong_kinds, KindProblem(state_id, ref, target.kind, kind))
 
     unreadable: list[str] = []
+    cycles: list[UUID] = []
     if agent_id is None:
         after: UUID | None = None
         while True:
@@ -155,8 +197,9 @@ async def verify_backend(backend: Backend, agent_id: UUID | None = None, *,
                 break
             if not page:
                 break
-            check_states(page)
+            await check_states(page)
             after = page[-1].id
+        cycles = await backend.cyclic_states(MAX_LISTED + 1)
         batches: AsyncIterator[list[StoredAsset]] = backend.iter_assets(None, _BATCH)
     else:
         try:
@@ -166,7 +209,9 @@ async def verify_backend(backend: Backend, agent_id: UUID | None = None, *,
                                 agents_checked=1, unreadable_agents=(f"{agent_id}: {e}",))
         if not rows:
             raise AgentNotFoundError(agent_id)
-        check_states(rows)
+        await check_states(rows)
+        if _in_cycle(agent_id, await backend.lineage(agent_id)):
+            cycles = [agent_id]
         batches = backend.iter_assets(sorted(set(rows[0].refs)), _BATCH)
 
     checked = size = 0
@@ -185,17 +230,33 @@ async def verify_backend(backend: Backend, agent_id: UUID | None = None, *,
                 progress(checked)
 
     # Last, so an asset absent when the walk ran is reported here even if it never was read.
-    dangling = await backend.dangling_refs(None if agent_id is None else [agent_id],
-                                           MAX_LISTED + 1)
-    if len(dangling) > MAX_LISTED:
+    scope = None if agent_id is None else [agent_id]
+    dangling = await backend.dangling_refs(scope, MAX_LISTED + 1)
+    for misfit in await backend.misfit_refs(ref_kind_table(), scope, MAX_LISTED + 1):
+        note(wrong_kinds, KindProblem(*misfit))
+    if len(dangling) > MAX_LISTED or len(cycles) > MAX_LISTED:
         truncated = True
     return VerifyReport(
         agent_id=agent_id, assets_checked=checked, bytes_checked=size,
         agents_checked=states_checked, corrupt=tuple(corrupt),
         missing=tuple(dangling[:MAX_LISTED]), undecodable=tuple(undecodable),
         bad_agents=tuple(bad_states), unreadable_agents=tuple(unreadable[:MAX_LISTED]),
-        truncated=truncated,
+        truncated=truncated, wrong_kinds=tuple(wrong_kinds), cycles=tuple(cycles[:MAX_LISTED]),
     )
+
+
+def _in_cycle(state_id: UUID, lineage: Sequence[StateRow]) -> bool:
+    """Whether following parents from ``state_id`` through ``lineage`` (as the cycle-safe
+    ``Backend.lineage`` returns it, each row once) comes back to a row already passed."""
+    by_id = {r.id: r for r in lineage}
+    seen: set[UUID] = set()
+    current = by_id.get(state_id)
+    while current is not None:
+        if current.id in seen:
+            return True
+        seen.add(current.id)
+        current = None if current.parent_id is None else by_id.get(current.parent_id)
+    return False
 
 
 def _kind_name(kind: int) -> str:
