@@ -40,10 +40,11 @@ from immagent.assets import (
     load_row,
     stored,
 )
-from immagent.audit import bundle, gc, verify
+from immagent.audit import bundle, gc, rules, verify
 from immagent.exceptions import (
     AgentNotFoundError,
     AssetNotFoundError,
+    BundleError,
     ConflictError,
     IntegrityError,
     MessageNotFoundError,
@@ -60,11 +61,19 @@ from immagent.store.backend import SCHEMA_VERSION, Backend, Head
 from immagent.store.cache import AssetCache
 from immagent.store.stats import StoreStats
 from immagent.validate import (
-    MAX_NAME_CHARS,
-    check_config,
+    check_agent_fields,
+    check_count,
+    check_digest,
+    check_digests,
+    check_flag,
     check_json_mapping,
+    check_key,
+    check_kind,
+    check_number,
+    check_sequence,
     check_text,
     check_uuid,
+    check_uuids,
 )
 
 if TYPE_CHECKING:
@@ -117,22 +126,24 @@ class Store:
         connections beside its one writer. ``cache_entries`` decoded assets stay in memory
         after their last use (assets never change, so a cached one is never stale)."""
         target = dsns.parse(dsn)
-        if isinstance(cache_entries, bool) or not isinstance(cache_entries, int) or not (
-                0 <= cache_entries <= 10_000_000):
-            raise ValidationError("cache_entries", f"must be an int from 0 to 10000000, got "
-                                  f"{cache_entries!r}", cache_entries)
-        if not (isinstance(min_size, int) and isinstance(max_size, int)
-                and 0 <= min_size <= max_size and max_size >= 1):
+        check_count("cache_entries", cache_entries, 0, 10_000_000)
+        check_count("min_size", min_size, 0, 1000)
+        check_count("max_size", max_size, 1, 1000)
+        if min_size > max_size:
             raise ValidationError(
                 "max_size", f"need 0 <= min_size <= max_size, max_size >= 1 "
                 f"(got min_size={min_size!r}, max_size={max_size!r})", max_size)
+        # A pool's idle timer: NaN or a negative value would break psycopg_pool's scheduler.
+        lifetime = check_number("max_inactive_connection_lifetime",
+                                max_inactive_connection_lifetime, 0.0, 86_400 * 366,
+                                above=True)
         backend: Backend
         if target.scheme == "postgresql":
             from immagent.store.postgres import PostgresBackend
 
             backend = await PostgresBackend.open(
                 target.dsn, min_size=min_size, max_size=max_size,
-                max_inactive_connection_lifetime=max_inactive_connection_lifetime,
+                max_inactive_connection_lifetime=lifetime,
             )
         elif target.scheme == "sqlite":
             from immagent.store.sqlite import SQLiteBackend
@@ -216,8 +227,10 @@ class Store:
         already stored with other content is a ConflictError; each of ``heads`` must still
         be its stream's newest state (StaleStreamError: re-read and retry). Nothing is
         written on error."""
+        assets = check_sequence("assets", assets)
         rows = [_storable(f"assets[{i}]", a) for i, a in enumerate(assets)]
-        await self._write(rows, states, assets, heads)
+        await self._write(rows, check_sequence("states", states), assets,
+                          check_sequence("heads", heads))
 
     async def _write(self, rows: Sequence[StoredAsset], states: Sequence[StateRow],
                      decoded: Sequence[Asset] = (), heads: Sequence[Head] = ()) -> None:
@@ -228,12 +241,20 @@ class Store:
             if not isinstance(state, StateRow):
                 raise ValidationError(f"states[{i}]", "must be a StateRow", state)
             load_state(state)  # a client bug must never store a row that fails its check
+            rules.check_state_content(state, f"states[{i}]")
+            if state.parent_id == state.id:
+                raise ValidationError(f"states[{i}].parent_id", "a state cannot be its own "
+                                      "parent", state.parent_id)
         inside = {row.digest for row in rows}
         wanted = {d for row in rows for d in row.refs}
         wanted.update(d for s in states for d in s.refs)
         for i, head in enumerate(heads):
             if not isinstance(head, Head):
                 raise ValidationError(f"heads[{i}]", "must be a Head", head)
+            check_kind(f"heads[{i}].kind", head.kind)
+            check_key(f"heads[{i}].stream", head.stream)
+            if head.state_id is not None:
+                check_uuid(f"heads[{i}].state_id", head.state_id)
         result = await backend.write(list({r.digest: r for r in rows}.values()), list(states),
                                      sorted(wanted - inside), list(heads))
         if result.missing:
@@ -258,6 +279,13 @@ class Store:
         """Assets by digest, in the given order: cache first, the rest in one batched,
         digest-checked fetch. AssetNotFoundError (naming ``what``) for an absent one;
         IntegrityError when one is not of ``kind``."""
+        digests = check_digests("digests", digests)
+        if kind is not None and not (isinstance(kind, type)
+                                     and issubclass(kind, SystemPrompt | Message
+                                                    | ConversationNode)):
+            raise ValidationError("kind", "must be None or an asset class", None)
+        if not isinstance(what, str):
+            raise ValidationError("what", "must be a str", None)
         # Held locally, not re-read from the cache: a batch larger than the cache's LRU
         # would evict its own first entries before they are returned.
         found: dict[Digest, Asset] = {}
@@ -288,7 +316,8 @@ class Store:
         """The elements of the hash chain ending at node ``head`` (a node of ``node_kind``),
         oldest first: one chain query plus the elements, every row verified, each node's
         kind, element kinds and counters checked against the chain itself."""
-        node_type = NODE_KINDS.get(node_kind)
+        head = check_digest("head", head)
+        node_type = NODE_KINDS.get(check_kind("node_kind", node_kind))
         if node_type is None:
             raise ValidationError("node_kind", f"{node_kind} is not a node kind", node_kind)
         cached = self._cache.history(head)
@@ -326,6 +355,11 @@ class Store:
                         f"{node.element_kind.name.lower()} must be")
                 elements[digest] = element
         _check_counters(nodes, elements)
+        # Every node of the chain becomes a cached segment: the other states of a lineage
+        # (their heads are these nodes) then read their histories from memory, sharing it.
+        for node in nodes:
+            self._cache.put_segment(node.digest, node.parent,
+                                    tuple(elements[d] for d in node.messages))
         history = tuple(elements[d] for node in reversed(nodes) for d in node.messages)
         self._cache.put(nodes[0])
         self._cache.put_history(head, history)
@@ -346,15 +380,19 @@ class Store:
 
     async def get_states(self, ids: Sequence[UUID]) -> list[StateRow]:
         """The stored states with these ids (absent ones left out), each verified."""
-        return [load_state(r) for r in await self._open().get_states(list(ids))]
+        wanted = check_uuids("ids", ids)
+        return [load_state(r) for r in await self._open().get_states(wanted)]
 
     async def stream_states(self, kind: int, stream: str, *, after_seq: int | None = None,
                             limit: int = 100, newest_first: bool = True) -> list[StateRow]:
         """States of ``kind`` in ``stream``, in log order (newest first by default), a page
         at a time: pass the last row's ``seq`` as ``after_seq`` for the next page."""
         _check_limit(limit)
-        rows = await self._open().stream_states(kind, stream, after_seq=after_seq,
-                                                limit=limit, newest_first=newest_first)
+        if after_seq is not None:
+            check_count("after_seq", after_seq, 0, 2**63 - 1)
+        rows = await self._open().stream_states(
+            check_kind("kind", kind), check_key("stream", stream), after_seq=after_seq,
+            limit=limit, newest_first=check_flag("newest_first", newest_first))
         return [load_state(r) for r in rows]
 
     async def scan_states(self, kind: int, *, after: UUID | None = None, limit: int = 100,
@@ -364,22 +402,29 @@ class Store:
         keyset paging, so concurrent deletes never make a page skip rows. ``contains``
         keeps those whose stream holds it, case-insensitively."""
         _check_limit(limit)
-        rows = await self._open().scan_states(kind, after=after, limit=limit,
-                                              newest_first=newest_first, contains=contains)
+        rows = await self._open().scan_states(
+            None if kind is None else check_kind("kind", kind),
+            after=None if after is None else check_uuid("after", after), limit=limit,
+            newest_first=check_flag("newest_first", newest_first),
+            contains=None if contains is None else check_key("contains", contains))
         return [load_state(r) for r in rows]
 
     async def count_states(self, kind: int, *, stream: str | None = None,
                            contains: str | None = None) -> int:
         """How many states of ``kind`` are stored (in ``stream``, or whose stream holds
         ``contains``, case-insensitively)."""
-        return await self._open().count_states(kind, stream=stream, contains=contains)
+        return await self._open().count_states(
+            check_kind("kind", kind),
+            stream=None if stream is None else check_key("stream", stream),
+            contains=None if contains is None else check_key("contains", contains))
 
     async def state_lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
         """The state and its stored ancestors, newest first, at most ``limit``; stops at a
         deleted parent. A parent cycle (only damage or a crafted import makes one) is an
         IntegrityError, never a hang."""
+        state_id = check_uuid("state_id", state_id)
         if limit is not None:
-            _check_limit(limit, bound=None)
+            _check_limit(limit, bound=2**62)
         rows = await self._open().lineage(state_id, limit)
         by_id = {r.id: r for r in rows}
         if limit is not None and len(by_id) < len(rows):
@@ -398,7 +443,7 @@ class Store:
     async def delete_states(self, ids: Sequence[UUID]) -> int:
         """Delete state rows (never assets: gc reclaims what nothing reaches any more);
         returns how many existed."""
-        return len(await self._open().delete_states(list(ids)))
+        return len(await self._open().delete_states(check_uuids("ids", ids)))
 
     # -- agents ---------------------------------------------------------------------------
 
@@ -411,15 +456,14 @@ class Store:
         metadata: Mapping[str, Any] | None = None,
     ) -> PersistentAgent:
         """Create and save a new agent with an empty conversation."""
-        name = check_text("name", name, max_bytes=MAX_NAME_CHARS)
+        # The rule imported records meet too (audit.rules); config checked now, not at the
+        # first advance.
+        fields = check_agent_fields(name, model, model_config, metadata)
         prompt = SystemPrompt(text=check_text("system_prompt", system_prompt))
-        model = str(check_text("model", model, max_bytes=MAX_NAME_CHARS))
-        config = check_config(model_config, "model_config")  # not at the first advance
-        meta = check_json_mapping("metadata", metadata)
-        record = _new_record(None, name, model, prompt.digest, EMPTY_CONVERSATION.digest,
-                             config, meta)
+        record = _new_record(None, fields.name, fields.model, prompt.digest,
+                             EMPTY_CONVERSATION.digest, fields.model_config, fields.metadata)
         await self.commit([prompt, EMPTY_CONVERSATION], [record.to_row()])
-        log.info("created agent %s (%s)", record.id, name)
+        log.info("created agent %s (%s)", record.id, fields.name)
         return self._bind(record)
 
     async def load_agent(self, agent_id: UUID | str) -> PersistentAgent:
@@ -525,19 +569,21 @@ class Store:
 
     async def get_messages(self, agent: PersistentAgent) -> tuple[Message, ...]:
         """All messages of ``agent``'s conversation, oldest first."""
-        messages = await self.get_chain(agent.conversation_digest, Kind.NODE)
+        messages = await self.get_chain(_record(agent).conversation, Kind.NODE)
         return messages  # type: ignore[return-value]  # a NODE chain holds messages
 
     async def message_counts(self, agents: Sequence[PersistentAgent]) -> list[int]:
         """How many messages each agent's conversation holds, read from the head nodes
         alone (one batched fetch, no history)."""
-        nodes = await self.get_assets([a.conversation_digest for a in agents],
+        records = [_record(a, f"agents[{i}]")
+                   for i, a in enumerate(check_sequence("agents", agents))]
+        nodes = await self.get_assets([r.conversation for r in records],
                                       ConversationNode, "conversation node")
         return [n.length for n in nodes]
 
     async def get_system_prompt(self, agent: PersistentAgent) -> str:
         """The system prompt text of ``agent``."""
-        (prompt,) = await self.get_assets([agent.system_prompt_digest], SystemPrompt,
+        (prompt,) = await self.get_assets([_record(agent).system_prompt], SystemPrompt,
                                           "system prompt")
         return prompt.text
 
@@ -560,13 +606,13 @@ class Store:
         """A sibling of ``agent``: same content (same digest), a new id and the *same*
         parent, for exploring another branch from the same point (as in 0.1.2). Writes one
         state row and no assets."""
-        r = agent.record
+        r = _record(agent)
         return await self._derive(r, r.parent_id, r.conversation, r.metadata)
 
     async def with_metadata(self, agent: PersistentAgent,
                             metadata: Mapping[str, Any]) -> PersistentAgent:
         """A new state of ``agent`` (its child) with ``metadata`` replacing the old one."""
-        r = agent.record
+        r = _record(agent)
         return await self._derive(r, r.id, r.conversation,
                                   check_json_mapping("metadata", metadata))
 
@@ -576,21 +622,23 @@ class Store:
 
         Writes only the new messages, one conversation node and one state row, in one
         transaction: the store-only half of ``PersistentAgent.advance`` (also used by
-        imports and benchmarks). ``history`` is the conversation so far, if the caller has
-        it: the new state's history is then cached without another read.
+        imports and benchmarks). The new state's history is cached as one more segment of
+        its parent's, without another read. ``history`` (the conversation so far) is kept
+        for callers of 0.1.2's signature and not trusted: only verified chains are cached,
+        so a wrong one can never make a later read return what the chain does not hold.
         """
+        record = _record(agent)
         rows = _checked_messages(messages)
         added: list[Message] = list(messages)
-        (parent,) = await self.get_assets([agent.conversation_digest], ConversationNode,
+        (parent,) = await self.get_assets([record.conversation], ConversationNode,
                                           "conversation node")
         node = parent.extend(added)
-        new = await self._derive(agent.record, agent.id, node.digest, agent.record.metadata,
+        new = await self._derive(record, record.id, node.digest, record.metadata,
                                  rows=[*rows, stored(node)], decoded=[*added, node])
-        if history is None:
-            cached = self._cache.history(agent.conversation_digest)
-            history = cached  # type: ignore[assignment]  # a NODE chain holds messages
-        if history is not None:
-            self._cache.put_history(node.digest, (*history, *added))
+        self._cache.put_segment(node.digest, record.conversation, tuple(added))
+        known = self._cache.history(record.conversation)
+        if known is not None:
+            self._cache.put_history(node.digest, (*known, *added))
         return new
 
     async def _derive(self, r: AgentRecord, parent_id: UUID | None, conversation: Digest,
@@ -618,11 +666,7 @@ class Store:
         """The id of an agent given as a state or as its id (the field is named "agent")."""
         if isinstance(agent, UUID | str):
             return check_uuid("agent", agent)
-        record = getattr(agent, "record", None)
-        if not isinstance(record, AgentRecord):
-            raise ValidationError("agent", f"must be a PersistentAgent or its id, got "
-                                  f"{type(agent).__name__}", None)
-        return record.id
+        return _record(agent).id
 
     # -- audits: gc, verify, stats, bundles ----------------------------------------------
 
@@ -698,6 +742,7 @@ class Store:
             have = existing.get(s.id)
             if have is not None and (have.digest != s.digest or have.parent_id != s.parent_id):
                 raise bundle.conflict(info, s.id)
+        await self._refuse_cycle(info, states)
         try:
             # Oldest first, so the store's log order (seq) matches creation order.
             await self._write(rows, [s for s in reversed(states) if s.id not in existing])
@@ -705,6 +750,39 @@ class Store:
             raise bundle.conflict(info, e.state_id) from e
         log.info("imported bundle %s: head %s", os.fspath(path), info.head)
         return await self.load_agent(info.head)
+
+    async def _refuse_cycle(self, info: bundle.BundleInfo, states: Sequence[StateRow]) -> None:
+        """A bundle's lineage ends at a parent it does not hold; if that parent is stored and
+        its own stored lineage leads back to a state of the bundle, importing would close a
+        parent cycle (two bundles, each valid alone, can do that). A stored cycle refuses
+        too. Not serialised with a concurrent import of the other half: the cycle-safe
+        walks and verify() still catch what such a race would leave."""
+        parent = states[-1].parent_id
+        if parent is None:
+            return
+        ids = {s.id for s in states}
+        try:
+            stored = await self.state_lineage(parent)
+        except IntegrityError as e:
+            raise BundleError(f"{info.path}: the stored lineage it would extend is "
+                              f"damaged: {e}") from e
+        # The stored walk stops where a parent is not stored: at a bundle state, if any.
+        closing = next((r for r in stored if r.id in ids or r.parent_id in ids), None)
+        if closing is not None:
+            raise BundleError(f"{info.path}: importing would close a parent cycle: stored "
+                              f"state {closing.id}, an ancestor of its oldest state, names "
+                              f"{closing.parent_id} of the bundle as its parent; refusing "
+                              "to import")
+
+
+def _record(agent: object, field: str = "agent") -> AgentRecord:
+    """The record of a PersistentAgent passed where one is required (ValidationError
+    naming ``field`` otherwise)."""
+    record = getattr(agent, "record", None)
+    if not isinstance(record, AgentRecord):
+        raise ValidationError(field, f"must be a PersistentAgent, got "
+                              f"{type(agent).__name__}", None)
+    return record
 
 
 def _check_known(found: int | None, where: str) -> None:
@@ -759,12 +837,14 @@ def _storable(field: str, asset: object) -> StoredAsset:
     """
     if not isinstance(asset, SystemPrompt | Message | ConversationNode):
         raise ValidationError(field, f"must be an asset, got {type(asset).__name__}", None)
+    if isinstance(asset, Message):  # before encoding: a cyclic call_config must not recurse
+        rules.check_message(field, asset)
     try:
         row = stored(asset)
         if decode_asset(row.kind, row.body, row.refs) != asset:
             raise ValueError("it does not survive encoding unchanged")
     except (msgspec.DecodeError, msgspec.ValidationError, msgspec.EncodeError, ValueError,
-            TypeError, OverflowError, UnicodeEncodeError) as e:
+            TypeError, OverflowError, UnicodeEncodeError, RecursionError) as e:
         raise ValidationError(field, f"not a storable {type(asset).__name__}: {e}",
                               None) from None
     if row.kind in NODE_KINDS and len(row.refs) > 1 and row.refs[0] == row.digest:
