@@ -21,6 +21,7 @@ from immagent.cli.errors import (
     EXIT_USAGE,
     CLIError,
 )
+from immagent.cli.render import visible
 from immagent.exceptions import ImmAgentError, ValidationError
 
 __all__ = ["build_parser", "main"]
@@ -185,7 +186,7 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
     """Print ``immagent: error: …`` on one line (the traceback first with --debug)."""
     if args.debug:
         traceback.print_exc()
-    text = " ".join(message.split())
+    text = visible(" ".join(message.split()))  # an error may quote a stored name
     if len(text) > _MAX_ERROR_CHARS:
         text = text[: _MAX_ERROR_CHARS - 1] + "…"
     sys.stderr.write(f"immagent: error: {text}\n")

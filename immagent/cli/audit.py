@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -102,9 +103,11 @@ def verify(ctx: Context, args: argparse.Namespace) -> int:
 def export(ctx: Context, args: argparse.Namespace) -> int:
     """Write the state ID (its lineage and what it reaches) to a bundle file."""
     path = Path(args.file)
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         raise CLIError(f"{path} is a directory: name the bundle file to write")
-    if path.exists() and not args.force:
+    # lexists: a symlink (even a dangling one) is something there; --force still replaces
+    # only a regular file (Store.export refuses anything else, naming it).
+    if os.path.lexists(path) and not args.force:
         raise CLIError(f"{path} already exists (use --force to overwrite it)")
     store = ctx.store()
     agent = ctx.load(args.id)

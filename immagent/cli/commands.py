@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from immagent.agent import PersistentAgent
-from immagent.assets import Message
+from immagent.assets import ConversationNode, Message
 from immagent.cli.context import Context
 from immagent.cli.errors import EXIT_OK, CLIError
 from immagent.cli.render import clip, local_time, message_json, message_line, table
@@ -142,9 +142,9 @@ def log(ctx: Context, args: argparse.Namespace) -> int:
 class _Entry:
     """One state in a lineage and what it changed relative to its parent."""
 
-    def __init__(self, agent: PersistentAgent, messages: tuple[Message, ...],
+    def __init__(self, agent: PersistentAgent, count: int,
                  added: tuple[Message, ...] | None, parent_missing: bool) -> None:
-        self.agent, self.messages, self.added = agent, messages, added
+        self.agent, self.count, self.added = agent, count, added
         self.parent_missing = parent_missing
 
     def oneline(self) -> str:
@@ -163,30 +163,53 @@ class _Entry:
     def to_json(self) -> dict[str, Any]:
         """The state, its message count and the messages it added (null if unknown)."""
         added = None if self.added is None else [message_json(m) for m in self.added]
-        return agent_json(self.agent, len(self.messages)) | {"added": added}
+        return agent_json(self.agent, self.count) | {"added": added}
 
 
 async def _lineage(store: Store, agent: PersistentAgent,
                    limit: int | None) -> list[_Entry]:
-    """The newest ``limit`` states of the lineage with each state's messages (one more
-    state is read, to tell what the oldest shown one added)."""
+    """The newest ``limit`` states of the lineage and what each one added to its parent.
+
+    Reads ``limit + 1`` states (the last one tells what the oldest shown one added), their
+    head nodes in one batch and only the messages each state added: a step of a lineage
+    adds one node to its parent's chain (or none, for a clone or a metadata change), so
+    what it added is that node's messages, and the cost is linear in what is shown, not in
+    the lineage's length times its history.
+    """
     states = await store.ancestors(agent, None if limit is None else limit + 1)
-    histories = [await s.get_messages() for s in reversed(states)][::-1]
+    shown = states if limit is None else states[:limit]
+    heads = list(dict.fromkeys(a.conversation_digest for a in states))
+    nodes = dict(zip(heads, await store.get_assets(heads, ConversationNode,
+                                                   "conversation node"), strict=True))
+    parents: list[PersistentAgent | None] = [*states[1:], None]
+    direct = [d for a, p in zip(shown, parents, strict=False) if p is not None
+              and nodes[a.conversation_digest].parent == p.conversation_digest
+              for d in nodes[a.conversation_digest].messages]
+    messages = dict(zip(direct, await store.get_assets(direct, Message, "message"),
+                        strict=True))
     entries: list[_Entry] = []
-    for i, (state, messages) in enumerate(zip(states, histories, strict=True)):
-        parent = histories[i + 1] if i + 1 < len(states) else None
+    for state, parent in zip(shown, parents, strict=False):
+        node = nodes[state.conversation_digest]
         missing = state.parent_id is not None and parent is None
-        entries.append(_Entry(state, messages, _added(messages, parent, missing), missing))
-    return entries[:limit]
+        added: tuple[Message, ...] | None
+        if missing:
+            added = None
+        elif parent is None:  # a root: everything it holds is its own
+            added = await state.get_messages()
+        elif node.digest == parent.conversation_digest:
+            added = ()
+        elif node.parent == parent.conversation_digest:
+            added = tuple(messages[d] for d in node.messages)
+        else:  # not one step (a crafted or imported lineage): compare whole histories
+            added = _added(await state.get_messages(), await parent.get_messages())
+        entries.append(_Entry(state, node.length, added, missing))
+    return entries
 
 
-def _added(messages: tuple[Message, ...], parent: tuple[Message, ...] | None,
-           parent_missing: bool) -> tuple[Message, ...] | None:
-    """What a state appended to its parent's conversation; None when that is unknown."""
-    if parent_missing:
-        return None
-    if parent is None:
-        return messages
+def _added(messages: tuple[Message, ...],
+           parent: tuple[Message, ...]) -> tuple[Message, ...] | None:
+    """What a state appended to its parent's conversation; None when it is not an
+    extension of it."""
     if messages[: len(parent)] != parent:
         return None
     return messages[len(parent):]
@@ -202,7 +225,7 @@ def _log_lines(entries: list[_Entry]) -> Iterator[str]:
             deleted = " (deleted)" if e.parent_missing else ""
             yield f"Parent: {a.parent_id}{deleted}"
         yield f"Date:   {local_time(a.created_at)}"
-        yield f"Name:   {a.name}   Model: {a.model}   Messages: {len(e.messages)}"
+        yield f"Name:   {a.name}   Model: {a.model}   Messages: {e.count}"
         yield ""
         yield from _change_lines(e)
 

@@ -1,9 +1,16 @@
-"""Output for people and scripts: aligned tables, human sizes, JSON, progress on a TTY."""
+"""Output for people and scripts: aligned tables, human sizes, JSON, progress on a TTY.
+
+Stored text (names, prompts, messages) may hold terminal control sequences: an ESC that
+clears the screen or retitles the window, a carriage return that overwrites a line, a
+bidi override that reorders it. Everything printed for people goes through ``visible``,
+once, in ``Output``; ``--json`` keeps the exact text (JSON escapes every such character).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -21,14 +28,44 @@ __all__ = [
     "Progress",
     "clip",
     "human_bytes",
+    "json_text",
     "jsonable",
     "local_time",
     "message_json",
     "message_line",
     "table",
+    "visible",
 ]
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+# Characters that act on a terminal instead of being shown: C0 controls but tab and line
+# feed, DEL, C1 controls (U+009B is a one-byte CSI), and the bidi controls that reorder
+# what follows ("Trojan source").
+_BIDI = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+_ACTIVE = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_BIDI}]")
+
+
+def _shown(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if code < 0x20:
+        return chr(0x2400 + code)  # a control picture: ␛ for ESC, one column wide
+    if code == 0x7F:
+        return "\u2421"  # ␡
+    return f"\\u{code:04x}" if code > 0xFF else f"\\x{code:02x}"
+
+
+def visible(text: str) -> str:
+    """``text`` with every character that would act on a terminal shown as a visible
+    stand-in instead (ESC as ``␛``, U+009B as ``\\x9b``, U+202E as ``\\u202e``); tabs
+    and line feeds are kept."""
+    return _ACTIVE.sub(_shown, text)
+
+
+def json_text(text: str) -> str:
+    """JSON text with the characters ``visible`` replaces escaped as ``\\uXXXX``: the same
+    JSON value (they only occur inside strings), safe to print on a terminal."""
+    return _ACTIVE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def human_bytes(n: int) -> str:
@@ -125,8 +162,8 @@ class Output:
 
     @staticmethod
     def line(text: str = "") -> None:
-        """One line of human output on stdout."""
-        sys.stdout.write(text + "\n")
+        """One line of human output on stdout (control characters shown visibly)."""
+        sys.stdout.write(visible(text) + "\n")
 
     def lines(self, texts: Iterable[str]) -> None:
         """Several lines of human output on stdout."""
@@ -139,7 +176,7 @@ class Output:
         text = json.dumps(jsonable(value), ensure_ascii=False,
                           indent=None if compact else 2,
                           separators=(",", ":") if compact else None)
-        sys.stdout.write(text + "\n")
+        sys.stdout.write(json_text(text) + "\n")
 
     @staticmethod
     def flush() -> None:
@@ -149,7 +186,7 @@ class Output:
     @staticmethod
     def note(text: str) -> None:
         """A remark for the person at the terminal (stderr, so pipes stay clean)."""
-        sys.stderr.write(text + "\n")
+        sys.stderr.write(visible(text) + "\n")
 
 
 class Progress:
