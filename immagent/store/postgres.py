@@ -28,6 +28,7 @@ from immagent.exceptions import (
     StoreError,
 )
 from immagent.records import StateRow, state_from_v1
+from immagent.store._filters import Dialect, state_filter
 from immagent.store.backend import SCHEMA_VERSION, Head, RowCheck, SweepResult, WriteResult
 from immagent.store.dsn import redact
 from immagent.store.schema import schema_sql
@@ -44,6 +45,8 @@ _LINEAGE_LOCK = 0x1A3A_6E70_0000_0003
 _STREAM_LOCK_SPACE = 0x1A3A_0000
 
 _STATE_COLUMNS = "id, parent_id, kind, stream, refs, body, digest, created_at, seq"
+# strpos, not LIKE: the user's text has no wildcards to escape.
+_DIALECT = Dialect(mark="%s", contains="strpos(lower(stream), %s) > 0", uuid=UUID)
 _INSERT_STATE = ("INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, digest, "
                  "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING")
 
@@ -460,19 +463,8 @@ class PostgresBackend:
     async def scan_states(self, kind: int | None, *, after: UUID | None = None,
                           limit: int = 100, newest_first: bool = False,
                           contains: str | None = None) -> list[StateRow]:
-        where: list[str] = []
-        params: list[Any] = []
-        if kind is not None:
-            where.append("kind = %s")
-            params.append(kind)
-        if after is not None:
-            where.append("id < %s" if newest_first else "id > %s")
-            params.append(after)
-        if contains is not None:
-            # strpos, not LIKE: the user's text has no wildcards to escape.
-            where.append("strpos(lower(stream), %s) > 0")
-            params.append(contains.lower())
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause, params = state_filter(_DIALECT, kind, after=after, contains=contains,
+                                      newest_first=newest_first)
         return await self._states(
             "scan_states", f"SELECT {_STATE_COLUMNS} FROM immagent_states {clause} "
             f"ORDER BY id {'DESC' if newest_first else 'ASC'} LIMIT %s", [*params, limit])
@@ -490,17 +482,11 @@ class PostgresBackend:
 
     async def count_states(self, kind: int, *, stream: str | None = None,
                            contains: str | None = None) -> int:
-        sql = "SELECT count(*) FROM immagent_states WHERE kind = %s"
-        params: list[Any] = [kind]
-        if stream is not None:
-            sql += " AND stream = %s"
-            params.append(stream)
-        if contains is not None:
-            sql += " AND strpos(lower(stream), %s) > 0"
-            params.append(contains.lower())
+        clause, params = state_filter(_DIALECT, kind, stream=stream, contains=contains)
         with _mapped("count_states"):
             async with self._pool.connection() as conn:
-                cur = await conn.execute(sql.encode(), params)
+                cur = await conn.execute(
+                    f"SELECT count(*) FROM immagent_states {clause}".encode(), params)
                 row = await cur.fetchone()
         return int(row[0]) if row else 0
 

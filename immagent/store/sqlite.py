@@ -36,6 +36,7 @@ from uuid import UUID
 from immagent.assets import Digest, MissingAsset, StoredAsset, join_refs, split_refs
 from immagent.exceptions import StoreConnectionError, StoreError, ValidationError
 from immagent.records import StateRow, state_from_v1
+from immagent.store._filters import Dialect, state_filter
 from immagent.store._sqlite_pool import SQLitePool, is_busy, transaction
 from immagent.store.backend import SCHEMA_VERSION, Head, RowCheck, SweepResult, WriteResult
 
@@ -90,6 +91,8 @@ _DDL = (
 )
 
 _STATE_COLUMNS = "id, parent_id, kind, stream, refs, body, digest, created_at, seq"
+# SQLite's lower() folds ASCII only: immagent_lower is Python's str.lower (_sqlite_pool).
+_DIALECT = Dialect(mark="?", contains="instr(immagent_lower(stream), ?) > 0", uuid=bytes)
 
 # A walk through refs from the digests in `roots`. A row (a, i) means "asset a is
 # reachable; its i-th ref is being followed": each step either descends into that ref
@@ -631,22 +634,11 @@ class SQLiteBackend:
     async def scan_states(self, kind: int | None, *, after: UUID | None = None,
                           limit: int = 100, newest_first: bool = False,
                           contains: str | None = None) -> list[StateRow]:
-        where: list[str] = []
-        params: list[Any] = []
-        if kind is not None:
-            where.append("kind = ?")
-            params.append(kind)
-        if after is not None:
-            where.append("id < ?" if newest_first else "id > ?")
-            params.append(after.bytes)
-        if contains is not None:
-            where.append("instr(immagent_lower(stream), ?) > 0")
-            params.append(contains.lower())
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        order = "DESC" if newest_first else "ASC"
+        clause, params = state_filter(_DIALECT, kind, after=after, contains=contains,
+                                      newest_first=newest_first)
         return await self._states(
             "scan_states", f"SELECT {_STATE_COLUMNS} FROM immagent_states {clause} "
-            f"ORDER BY id {order} LIMIT ?", [*params, limit])
+            f"ORDER BY id {'DESC' if newest_first else 'ASC'} LIMIT ?", [*params, limit])
 
     async def stream_states(self, kind: int, stream: str, *, after_seq: int | None = None,
                             limit: int = 100, newest_first: bool = True) -> list[StateRow]:
@@ -661,16 +653,10 @@ class SQLiteBackend:
 
     async def count_states(self, kind: int, *, stream: str | None = None,
                            contains: str | None = None) -> int:
-        sql = "SELECT count(*) FROM immagent_states WHERE kind = ?"
-        params: list[Any] = [kind]
-        if stream is not None:
-            sql += " AND stream = ?"
-            params.append(stream)
-        if contains is not None:
-            sql += " AND instr(immagent_lower(stream), ?) > 0"
-            params.append(contains.lower())
+        clause, params = state_filter(_DIALECT, kind, stream=stream, contains=contains)
         rows: list[Any] = await self._pool.read(
-            "count_states", lambda conn: conn.execute(sql, params).fetchall())
+            "count_states", lambda conn: conn.execute(
+                f"SELECT count(*) FROM immagent_states {clause}", params).fetchall())
         return int(rows[0][0])
 
     async def lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
