@@ -17,7 +17,7 @@ trusted. The storage layer never interprets bodies: the kind is data.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from enum import IntEnum
 from typing import Any, ClassVar, Literal, NamedTuple, Self, TypeAlias
 from uuid import UUID
@@ -25,6 +25,7 @@ from uuid import UUID
 import blake3
 import msgspec
 
+from immagent import codec
 from immagent.exceptions import IntegrityError, ValidationError
 from immagent.ids import uuid_from_digest
 
@@ -34,6 +35,7 @@ __all__ = [
     "Asset",
     "Conversation",
     "ConversationNode",
+    "Dictionary",
     "Digest",
     "Kind",
     "Message",
@@ -42,6 +44,7 @@ __all__ = [
     "StoredAsset",
     "SystemPrompt",
     "ToolCall",
+    "canonical_row",
     "check_row",
     "decode_asset",
     "digest_of",
@@ -65,6 +68,8 @@ class Kind(IntEnum):
     MESSAGE = 2
     NODE = 3  # a link of a conversation (a hash chain of messages)
     AGENT_STATE = 4  # a state (a row of immagent_states), never a content asset
+    DICTIONARY = 9  # a zstd dictionary bodies are compressed with (immagent.codec)
+    COMPRESSION = 10  # a state: the dictionaries of the store (pins them for gc)
 
 
 _encoder = msgspec.msgpack.Encoder(order="deterministic")
@@ -180,6 +185,24 @@ class Message(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True
     def tool_result(cls, tool_call_id: str, content: str) -> Message:
         """The result of the tool call ``tool_call_id``."""
         return cls(role="tool", content=content, tool_call_id=tool_call_id)
+
+
+class Dictionary(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True,
+                 rename={"data": "d"}):
+    """A zstd dictionary the store compresses bodies with (``immagent.codec``); its zstd
+    dictionary id, inside ``data``, is the codec value of the rows that use it. The store
+    trains and writes these itself; a COMPRESSION state pins them for gc."""
+
+    data: bytes
+    kind: ClassVar[Kind] = Kind.DICTIONARY
+
+    def __post_init__(self) -> None:
+        codec.dictionary_id(self.data)  # ValueError unless a usable zstd dictionary
+
+    @property
+    def dictionary_id(self) -> int:
+        """The zstd dictionary id (the codec value of bodies compressed with it)."""
+        return codec.dictionary_id(self.data)
 
 
 class ConversationNode(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True,
@@ -298,7 +321,7 @@ class Conversation(msgspec.Struct, frozen=True):
                             messages=(*self.messages, *messages))
 
 
-Asset: TypeAlias = SystemPrompt | Message | ConversationNode
+Asset: TypeAlias = SystemPrompt | Message | ConversationNode | Dictionary
 
 #: Node kinds (hash chains), by kind: their digest covers their refs, and their refs are
 #: (parent node of the same kind, then elements of the node's ``element_kind``).
@@ -307,6 +330,7 @@ NODE_KINDS: dict[int, type[ConversationNode]] = {int(Kind.NODE): ConversationNod
 _decoders: dict[int, msgspec.msgpack.Decoder[Any]] = {
     int(Kind.SYSTEM_PROMPT): msgspec.msgpack.Decoder(SystemPrompt),
     int(Kind.MESSAGE): msgspec.msgpack.Decoder(Message),
+    int(Kind.DICTIONARY): msgspec.msgpack.Decoder(Dictionary),
 }
 _node_body = msgspec.msgpack.Decoder(_NodeBody)
 
@@ -349,12 +373,15 @@ class MissingAsset(msgspec.Struct, frozen=True):
 
 
 class StoredAsset(NamedTuple):
-    """One row of the asset log as stored: digest, kind, outgoing references, body."""
+    """One row of the asset log as stored: digest, kind, outgoing references, body, and the
+    codec the body is stored with (``immagent.codec``; 0: the canonical bytes as they are).
+    The digest is of the canonical bytes, whatever the codec."""
 
     digest: Digest
     kind: int
     refs: tuple[Digest, ...]
     body: bytes
+    codec: int = 0
 
 
 def split_refs(raw: bytes | None) -> tuple[Digest, ...]:
@@ -372,20 +399,34 @@ def join_refs(refs: Sequence[Digest]) -> bytes:
 
 
 def stored(asset: Asset) -> StoredAsset:
-    """The row that stores ``asset``."""
+    """The row that stores ``asset``, its body canonical (codec 0)."""
     return StoredAsset(asset.digest, int(asset.kind), asset.refs(), asset.body)
 
 
-def check_row(row: StoredAsset) -> tuple[Literal["corrupt", "undecodable"], str] | None:
+def _decompressed(row: StoredAsset, dictionaries: Mapping[int, codec.ZstdDictionary]
+                  ) -> bytes:
+    return codec.decode(row.codec, row.body, dictionaries)
+
+
+def check_row(row: StoredAsset,
+              dictionaries: Mapping[int, codec.ZstdDictionary] = codec.NO_DICTIONARIES,
+              ) -> tuple[Literal["corrupt", "undecodable"], str] | None:
     """None if the stored row is sound, else ("corrupt" | "undecodable", reason).
 
-    Corrupt: the stored bytes (refs and body) do not hash to the digest, which also catches
-    a tampered refs column that would mislead gc. Undecodable: they hash right but are not
-    a valid asset of their kind.
+    Corrupt: the stored body cannot be decompressed, or the canonical bytes (refs and body)
+    do not hash to the digest, which also catches a tampered refs column that would mislead
+    gc. Undecodable: they hash right but are not a valid asset of their kind, or the body
+    needs a dictionary ``dictionaries`` does not hold.
     """
-    digest, kind, refs, body = row
+    digest, kind, refs, _, row_codec = row
     if kind not in _ASSET_KINDS:
         return "undecodable", f"unknown asset kind {kind}"
+    if row_codec >= codec.FIRST_DICTIONARY and row_codec not in dictionaries:
+        return "undecodable", f"its body needs dictionary {row_codec}, which is not stored"
+    try:
+        body = _decompressed(row, dictionaries)
+    except codec.CodecError as e:
+        return "corrupt", f"its stored body cannot be decompressed ({e})"
     try:
         sound = digest_of(kind, body, refs) == digest
     except ValueError:
@@ -399,12 +440,35 @@ def check_row(row: StoredAsset) -> tuple[Literal["corrupt", "undecodable"], str]
     return None
 
 
-def load_row(row: StoredAsset) -> Asset:
-    """The asset a stored row holds, after proving it hashes to its digest: the one
-    verify-on-read every reader uses. IntegrityError names the row otherwise."""
-    digest, kind, refs, body = row
+def canonical_row(row: StoredAsset,
+                  dictionaries: Mapping[int, codec.ZstdDictionary] = codec.NO_DICTIONARIES,
+                  ) -> StoredAsset:
+    """``row`` with its body decompressed (codec 0), after the checks of ``check_row``:
+    the form bundles carry. IntegrityError names the row otherwise."""
+    problem = check_row(row, dictionaries)
+    if problem is not None:
+        raise IntegrityError(f"asset {bytes(row.digest).hex()} is {problem[0]}: {problem[1]} "
+                             "(run store.verify())")
+    if row.codec == codec.RAW:
+        return row
+    return StoredAsset(row.digest, row.kind, row.refs, _decompressed(row, dictionaries))
+
+
+def load_row(row: StoredAsset,
+             dictionaries: Mapping[int, codec.ZstdDictionary] = codec.NO_DICTIONARIES) -> Asset:
+    """The asset a stored row holds, after proving its canonical bytes hash to its digest:
+    the one verify-on-read every reader uses (decompressing first, so a codec is never
+    trusted either). IntegrityError names the row otherwise."""
+    digest, kind, refs, stored_body, row_codec = row
+    if row_codec >= codec.FIRST_DICTIONARY and row_codec not in dictionaries:
+        raise IntegrityError(f"asset {bytes(digest).hex()} needs dictionary {row_codec}, "
+                             "which this store does not hold (run store.verify())")
     try:
+        body = stored_body if row_codec == codec.RAW else _decompressed(row, dictionaries)
         sound = kind in _ASSET_KINDS and digest_of(kind, body, refs) == digest
+    except codec.CodecError as e:
+        raise IntegrityError(f"asset {bytes(digest).hex()} is corrupt: its stored body cannot "
+                             f"be decompressed ({e}); run store.verify()") from None
     except (ValueError, TypeError):  # refs on a leaf kind; a non-bytes column
         sound = False
     if not sound:

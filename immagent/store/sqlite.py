@@ -57,16 +57,21 @@ _DDL = (
         applied_at  INTEGER NOT NULL DEFAULT ({_NOW})  -- microseconds since the epoch, UTC
     )
     """,
-    # The append-only content log (see schema.sql). `body` is the last column so reading
-    # digest, kind or refs never touches a long body's overflow pages. No timestamp, as in
-    # PostgreSQL: gc needs none and each turn adds three of these rows.
+    # The append-only content log (see schema.sql), keyed by digest and WITHOUT ROWID: the
+    # digest is stored once, as the key, instead of in the row and again in a separate
+    # index (measured: -11 % of the file on a 1,000-turn agent; a cold read does one b-tree
+    # descent per asset instead of two). `body` is last so reading digest, kind or refs
+    # never touches a long body's overflow pages. `codec` says how the body is stored
+    # (immagent.codec); 0 and 1 cost no payload byte. No timestamp, as in PostgreSQL: gc
+    # needs none and each turn adds three of these rows.
     """
     CREATE TABLE IF NOT EXISTS immagent_assets (
         digest      BLOB    PRIMARY KEY CHECK (length(digest) = 32),
         kind        INTEGER NOT NULL,
+        codec       INTEGER NOT NULL DEFAULT 0,
         refs        BLOB    NOT NULL DEFAULT x'' CHECK (length(refs) % 32 = 0),
         body        BLOB    NOT NULL
-    )
+    ) WITHOUT ROWID
     """,
     # Every client's states (see schema.sql). seq is the commit-order position in the log:
     # the rowid, so it costs no index, and AUTOINCREMENT never reuses a deleted row's seq,
@@ -91,6 +96,7 @@ _DDL = (
 )
 
 _STATE_COLUMNS = "id, parent_id, kind, stream, refs, body, digest, created_at, seq"
+_ASSET_COLUMNS = "digest, kind, refs, body, codec"
 
 # A walk through refs from the digests in `roots`. A row (a, i) means "asset a is
 # reachable; its i-th ref is being followed": each step either descends into that ref
@@ -182,7 +188,8 @@ def _state_params(s: StateRow) -> tuple[Any, ...]:
 
 
 def _asset(row: Sequence[Any]) -> StoredAsset:
-    return StoredAsset(bytes(row[0]), int(row[1]), split_refs(row[2]), bytes(row[3]))
+    return StoredAsset(bytes(row[0]), int(row[1]), split_refs(row[2]), bytes(row[3]),
+                       int(row[4]))
 
 
 def _newest(conn: sqlite3.Connection, head: Head) -> UUID | None:
@@ -310,10 +317,19 @@ class SQLiteBackend(StateQueries):
             if current != found:
                 return current
             if current == 1:
-                conn.execute(_DDL[2])
-                _migrate_v1(conn)
+                # The v1 asset table is rebuilt in the new layout (WITHOUT ROWID, a codec
+                # column); its bodies stay canonical (codec 0), as they were written.
+                conn.execute("ALTER TABLE immagent_assets RENAME TO immagent_assets_v1")
             for statement in _DDL:
                 conn.execute(statement)
+            if current == 1:
+                # In digest order, so the new b-tree's pages are filled, not split.
+                conn.execute(f"INSERT INTO immagent_assets ({_ASSET_COLUMNS}) "
+                             "SELECT digest, kind, refs, body, 0 FROM immagent_assets_v1 "
+                             "ORDER BY digest")
+                conn.execute("DROP TABLE immagent_assets_v1")
+                _migrate_v1(conn)
+                _give_back_free_pages(conn)
             conn.execute("INSERT OR IGNORE INTO immagent_schema (version) VALUES (?)",
                          (SCHEMA_VERSION,))
             return current
@@ -329,15 +345,15 @@ class SQLiteBackend(StateQueries):
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = ()) -> WriteResult:
-        asset_rows = [(a.digest, a.kind, join_refs(a.refs), a.body) for a in assets]
+        asset_rows = [(a.digest, a.kind, join_refs(a.refs), a.body, a.codec) for a in assets]
         state_rows = [_state_params(s) for s in states]
         wanted = list(dict.fromkeys(require))
 
         def run(conn: sqlite3.Connection) -> None:
             if asset_rows:
                 conn.executemany(
-                    "INSERT INTO immagent_assets (digest, kind, refs, body) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING", asset_rows)
+                    f"INSERT INTO immagent_assets ({_ASSET_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING", asset_rows)
             present: set[bytes] = set()
             for chunk in _chunks(wanted):
                 present.update(row[0] for row in conn.execute(
@@ -417,7 +433,7 @@ class SQLiteBackend(StateQueries):
                 return SweepResult({}, 0, int(kept), bytes(missing[0]))
             for sql, decode in (
                     (f"SELECT {_STATE_COLUMNS} FROM immagent_states", _state),
-                    ("SELECT a.digest, a.kind, a.refs, a.body FROM immagent_assets a "
+                    ("SELECT a.digest, a.kind, a.refs, a.body, a.codec FROM immagent_assets a "
                      "JOIN temp.immagent_reach r ON r.digest = a.digest "
                      "WHERE length(a.refs) > 0", _asset)):
                 cursor = conn.execute(sql)
@@ -456,7 +472,7 @@ class SQLiteBackend(StateQueries):
             found: dict[Digest, StoredAsset] = {}
             for chunk in _chunks(keys):
                 for row in conn.execute(
-                        "SELECT digest, kind, refs, body FROM immagent_assets "
+                        f"SELECT {_ASSET_COLUMNS} FROM immagent_assets "
                         f"WHERE digest IN ({_marks(len(chunk))})", chunk):
                     found[row[0]] = _asset(row)
             return found
@@ -473,27 +489,28 @@ class SQLiteBackend(StateQueries):
             # UNION (not UNION ALL): a damaged refs column pointing back into the chain
             # repeats a row and ends the walk instead of looping forever.
             rows = conn.execute(
-                """
-                WITH RECURSIVE chain(digest, kind, refs, body) AS (
-                    SELECT digest, kind, refs, body FROM immagent_assets WHERE digest = :head
+                f"""
+                WITH RECURSIVE chain({_ASSET_COLUMNS}) AS (
+                    SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE digest = :head
                     UNION
-                    SELECT a.digest, a.kind, a.refs, a.body
+                    SELECT a.digest, a.kind, a.refs, a.body, a.codec
                       FROM chain c JOIN immagent_assets a
                         ON a.digest = substr(c.refs, 1, 32) AND a.kind = c.kind
                 )
-                SELECT digest, kind, refs, body FROM chain
+                SELECT {_ASSET_COLUMNS} FROM chain
                 """, {"head": head}).fetchall()
             # The queue of a one-row-per-step recursion yields the rows newest first.
             chain = [_asset(r) for r in rows]
-            leaves: dict[Digest, StoredAsset] = {}
-            # In-process, a second statement in the same snapshot costs no round trip;
-            # the digests come from refs, so no body is decoded here.
-            wanted = list(dict.fromkeys(d for row in chain for d in row.refs[1:]))
-            for chunk in _chunks(wanted):
-                for row in conn.execute(
-                        "SELECT digest, kind, refs, body FROM immagent_assets "
-                        f"WHERE digest IN ({_marks(len(chunk))})", chunk):
-                    leaves[row[0]] = _asset(row)
+            # The elements in a second statement of the same snapshot (in-process: no round
+            # trip), their digests passed as one BLOB of every node's refs past the parent,
+            # split by position: measured 2-3x faster than IN lists of bound parameters.
+            wanted = b"".join(r[2][32:] for r in rows)
+            leaves = {r[0]: _asset(r) for r in conn.execute(
+                f"""
+                WITH RECURSIVE {_BLOB_ROOTS}
+                SELECT x.digest, x.kind, x.refs, x.body, x.codec
+                  FROM roots JOIN immagent_assets x ON x.digest = roots.d
+                """, {"roots": wanted})}
             return chain, leaves
 
         result: tuple[list[StoredAsset], dict[Digest, StoredAsset]] = (
@@ -503,11 +520,11 @@ class SQLiteBackend(StateQueries):
     async def iter_assets(self, roots: Sequence[Digest] | None = None,
                           batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
         if roots is None:
-            sql = "SELECT digest, kind, refs, body FROM immagent_assets ORDER BY digest"
+            sql = f"SELECT {_ASSET_COLUMNS} FROM immagent_assets ORDER BY digest"
             params: dict[str, Any] = {}
         else:
             sql = (f"WITH RECURSIVE {_BLOB_ROOTS}, {_WALK} "
-                   "SELECT x.digest, x.kind, x.refs, x.body "
+                   "SELECT x.digest, x.kind, x.refs, x.body, x.codec "
                    "FROM walk w JOIN immagent_assets x ON x.digest = w.a WHERE w.i = 0")
             params = {"roots": join_refs(roots)}
         pool = self._pool

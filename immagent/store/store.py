@@ -58,6 +58,7 @@ from immagent.records import AgentRecord, StateRow, load_agent, load_state, stat
 from immagent.store import dsn as dsns
 from immagent.store.backend import SCHEMA_VERSION, Backend, Head
 from immagent.store.cache import AssetCache
+from immagent.store.compression import Compression
 from immagent.store.stats import StoreStats
 from immagent.validate import (
     MAX_NAME_CHARS,
@@ -94,6 +95,7 @@ class Store:
         self._backend = backend
         self._name = name
         self._cache = AssetCache(recent=cache_entries)
+        self._compression = Compression(backend)
         # While an agent object is alive, loading its id returns that same object.
         self._agents: weakref.WeakValueDictionary[UUID, PersistentAgent] = (
             weakref.WeakValueDictionary())
@@ -234,8 +236,9 @@ class Store:
         for i, head in enumerate(heads):
             if not isinstance(head, Head):
                 raise ValidationError(f"heads[{i}]", "must be a Head", head)
-        result = await backend.write(list({r.digest: r for r in rows}.values()), list(states),
-                                     sorted(wanted - inside), list(heads))
+        encoded = await self._compression.encode(list({r.digest: r for r in rows}.values()))
+        result = await backend.write(encoded, list(states), sorted(wanted - inside),
+                                     list(heads))
         if result.missing:
             raise AssetNotFoundError("referenced asset", result.missing[0])
         if result.conflicts:
@@ -244,6 +247,7 @@ class Store:
             raise StaleStreamError(result.stale[0].kind, result.stale[0].stream)
         for asset in decoded:
             self._cache.put(asset)
+        await self._compression.after_write()
 
     @overload
     async def get_assets(self, digests: Sequence[Digest], kind: None = None,
@@ -270,12 +274,13 @@ class Store:
                 found[d] = cached
         if missing:
             rows = await self._open().get_assets(missing)
+            dictionaries = await self._compression.ready(rows.values())
             for d in missing:
                 if d not in rows:
                     if what == "message":
                         raise MessageNotFoundError(d)
                     raise AssetNotFoundError(what, d)
-                found[d] = load_row(rows[d])
+                found[d] = load_row(rows[d], dictionaries)
                 self._cache.put(found[d])
         if kind is not None:
             for d in digests:
@@ -298,6 +303,7 @@ class Store:
                 raise _wrong_chain(head, node_type)
             return cached
         chain, leaves = await self._open().get_chain(head)
+        dictionaries = await self._compression.ready(leaves.values())
         nodes: list[ConversationNode] = []
         expected: Digest | None = head
         for row in chain:
@@ -318,7 +324,7 @@ class Store:
                 if digest not in leaves:
                     raise (MessageNotFoundError(digest) if node.element_kind == Kind.MESSAGE
                            else AssetNotFoundError("chain element", digest))
-                element = load_row(leaves[digest])
+                element = load_row(leaves[digest], dictionaries)
                 if element.kind != node.element_kind:
                     raise IntegrityError(
                         f"node {node.digest.hex()} lists {digest.hex()}, a "
@@ -642,7 +648,8 @@ class Store:
         agent_id = None if agent is None else self._agent_id(agent)
         if progress is not None and not callable(progress):
             raise ValidationError("progress", "must be a callable taking an int", progress)
-        report = await verify.verify_backend(self._open(), agent_id, progress=progress)
+        report = await verify.verify_backend(self._open(), agent_id, progress=progress,
+                                             dictionaries=await self._compression.load())
         log.info("verify: %d assets, %d problems", report.assets_checked, report.problems)
         return report
 
@@ -683,7 +690,8 @@ class Store:
         lineage = await self.state_lineage(agent_id)
         if not lineage:
             raise AgentNotFoundError(agent_id)
-        info = await bundle.export_bundle(self._open(), lineage, path)
+        info = await bundle.export_bundle(self._open(), lineage, path,
+                                          await self._compression.load())
         log.info("exported %s: %d states, %d assets to %s", agent_id, len(info.agents),
                  info.assets, info.path)
         return info
