@@ -27,6 +27,7 @@ zstandard is imported on first use, so commands that never touch a compressed bo
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -208,6 +209,25 @@ def decode(codec: int, stored: bytes, dictionaries: Mapping[int, ZstdDictionary]
         out: bytes = d.decompress(stored, allow_extra_data=False)
     except _zstd().ZstdError as e:
         raise CodecError(f"zstd: {e}") from None
+    return out
+
+
+def decoders(codecs: Iterable[int], dictionaries: Mapping[int, ZstdDictionary]
+             ) -> dict[int, Any] | None:
+    """For a batch of rows: each codec's decompress callable (C-level; frames whose content
+    size field is 4 or 8 bytes must still go through ``decode``), or None if one of
+    ``codecs`` cannot be decoded here."""
+    out: dict[int, Any] = {}
+    for c in set(codecs):
+        if c == RAW:
+            continue
+        if c == ZSTD:
+            d = _plain_decompressor()
+        elif c in dictionaries:
+            d = dictionaries[c].decompressor()
+        else:
+            return None
+        out[c] = functools.partial(d.decompress, allow_extra_data=False)
     return out
 
 

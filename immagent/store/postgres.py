@@ -20,7 +20,14 @@ import psycopg.conninfo
 import psycopg_pool
 from psycopg import errors as pg_errors
 
-from immagent.assets import Digest, MissingAsset, StoredAsset, join_refs, split_refs
+from immagent.assets import (
+    Digest,
+    MissingAsset,
+    StoredAsset,
+    join_refs,
+    split_refs,
+    stored_rows,
+)
 from immagent.exceptions import (
     SchemaMissingError,
     StoreClosedError,
@@ -357,8 +364,8 @@ class PostgresBackend(StateQueries):
                     {"head": head},
                 )
                 rows = await cur.fetchall()
-        nodes = {r[1]: _asset(r[1:]) for r in rows if r[0] == 0}
-        leaves = {r[1]: _asset(r[1:]) for r in rows if r[0] == 1}
+        nodes = {r.digest: r for r in stored_rows(r[1:] for r in rows if r[0] == 0)}
+        leaves = {r.digest: r for r in stored_rows(r[1:] for r in rows if r[0] == 1)}
         chain: list[StoredAsset] = []
         row = nodes.get(head)
         while row is not None:  # newest first; each node at most once

@@ -33,7 +33,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from uuid import UUID
 
-from immagent.assets import Digest, MissingAsset, StoredAsset, join_refs, split_refs
+from immagent.assets import (
+    Digest,
+    MissingAsset,
+    StoredAsset,
+    join_refs,
+    split_refs,
+    stored_rows,
+)
 from immagent.exceptions import StoreConnectionError, StoreError, ValidationError
 from immagent.records import StateRow, state_from_v1
 from immagent.store._filters import Dialect, StateQueries
@@ -500,17 +507,17 @@ class SQLiteBackend(StateQueries):
                 SELECT {_ASSET_COLUMNS} FROM chain
                 """, {"head": head}).fetchall()
             # The queue of a one-row-per-step recursion yields the rows newest first.
-            chain = [_asset(r) for r in rows]
+            chain = stored_rows(rows)
             # The elements in a second statement of the same snapshot (in-process: no round
             # trip), their digests passed as one BLOB of every node's refs past the parent,
             # split by position: measured 2-3x faster than IN lists of bound parameters.
             wanted = b"".join(r[2][32:] for r in rows)
-            leaves = {r[0]: _asset(r) for r in conn.execute(
+            leaves = {r.digest: r for r in stored_rows(conn.execute(
                 f"""
                 WITH RECURSIVE {_BLOB_ROOTS}
                 SELECT x.digest, x.kind, x.refs, x.body, x.codec
                   FROM roots JOIN immagent_assets x ON x.digest = roots.d
-                """, {"roots": wanted})}
+                """, {"roots": wanted}))}
             return chain, leaves
 
         result: tuple[list[StoredAsset], dict[Digest, StoredAsset]] = (
@@ -539,7 +546,7 @@ class SQLiteBackend(StateQueries):
             try:
                 while rows := await pool.call("iter_assets", conn,
                                               lambda _: cursor.fetchmany(batch_size)):
-                    yield [_asset(r) for r in rows]
+                    yield stored_rows(rows)
             finally:
                 if not pool.closed:  # a closed pool closes the connection, ending the read
                     def end(c: sqlite3.Connection) -> None:

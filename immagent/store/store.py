@@ -38,6 +38,8 @@ from immagent.assets import (
     SystemPrompt,
     decode_asset,
     load_row,
+    load_rows,
+    node_counters,
     stored,
 )
 from immagent.audit import bundle, gc, verify
@@ -304,36 +306,36 @@ class Store:
             return cached
         chain, leaves = await self._open().get_chain(head)
         dictionaries = await self._compression.ready(leaves.values())
-        nodes: list[ConversationNode] = []
+        # Every node row is verified, but only the head becomes a node object: the walk
+        # needs each node's refs and counters, not 1,000 objects.
+        links: list[tuple[StoredAsset, int, int]] = []
         expected: Digest | None = head
         for row in chain:
-            if row.digest != expected:
+            if row.digest != expected or row.kind != node_kind:
                 break
-            node = load_row(row)
-            if not isinstance(node, ConversationNode) or node.kind != node_kind:
-                break
-            nodes.append(node)
-            expected = node.parent
+            length, size = node_counters(row)
+            links.append((row, length, size))
+            expected = row.refs[0] if row.refs else None
         if expected is not None:  # the chain stopped before its root
             await self._chain_break(head, expected, node_type)
-        elements: dict[Digest, Asset] = {}
-        for node in nodes:
-            for digest in node.messages:
-                if digest in elements:
-                    continue
-                if digest not in leaves:
-                    raise (MessageNotFoundError(digest) if node.element_kind == Kind.MESSAGE
-                           else AssetNotFoundError("chain element", digest))
-                element = load_row(leaves[digest], dictionaries)
-                if element.kind != node.element_kind:
-                    raise IntegrityError(
-                        f"node {node.digest.hex()} lists {digest.hex()}, a "
-                        f"{Kind(element.kind).name.lower()}, where a "
-                        f"{node.element_kind.name.lower()} must be")
-                elements[digest] = element
-        _check_counters(nodes, elements)
-        history = tuple(elements[d] for node in reversed(nodes) for d in node.messages)
-        self._cache.put(nodes[0])
+        element_kind = node_type.element_kind
+        order = list(dict.fromkeys(d for row, _, _ in links for d in row.refs[1:]))
+        for digest in order:
+            if digest not in leaves:
+                raise (MessageNotFoundError(digest) if element_kind == Kind.MESSAGE
+                       else AssetNotFoundError("chain element", digest))
+        loaded = load_rows([leaves[d] for d in order], dictionaries)
+        elements = dict(zip(order, loaded, strict=True))
+        for digest, element in elements.items():
+            if element.kind != element_kind:
+                lister = next(row for row, _, _ in links if digest in row.refs[1:])
+                raise IntegrityError(
+                    f"node {lister.digest.hex()} lists {digest.hex()}, a "
+                    f"{Kind(element.kind).name.lower()}, where a "
+                    f"{element_kind.name.lower()} must be")
+        _check_counters(links, elements)
+        history = tuple(elements[d] for row, _, _ in reversed(links) for d in row.refs[1:])
+        self._cache.put(load_row(links[0][0]))
         self._cache.put_history(head, history)
         return history
 
@@ -747,16 +749,18 @@ def _wrong_chain(head: Digest, node_type: type[ConversationNode]) -> IntegrityEr
                           f"{_kind_name(node_type.element_kind)} assets")
 
 
-def _check_counters(nodes: Sequence[ConversationNode], elements: Mapping[Digest, Asset]) -> None:
+def _check_counters(links: Sequence[tuple[StoredAsset, int, int]],
+                    elements: Mapping[Digest, Asset]) -> None:
     """A node's ``length``/``size`` must be its parent's plus what it adds: counters are
     trusted by listings, so a damaged one is caught where the chain is read."""
     length = size = 0
-    for node in reversed(nodes):
-        length += len(node.messages)
-        size += sum(len(elements[d].body) for d in node.messages)
-        if (node.length, node.size) != (length, size):
-            raise IntegrityError(f"node {node.digest.hex()} claims {node.length} elements "
-                                 f"({node.size} bytes), its chain holds {length} ({size})")
+    for row, claimed_length, claimed_size in reversed(links):
+        added = row.refs[1:]
+        length += len(added)
+        size += sum(len(elements[d].body) for d in added)
+        if (claimed_length, claimed_size) != (length, size):
+            raise IntegrityError(f"node {row.digest.hex()} claims {claimed_length} elements "
+                                 f"({claimed_size} bytes), its chain holds {length} ({size})")
 
 
 def _storable(field: str, asset: object) -> StoredAsset:
