@@ -405,8 +405,11 @@ class Store:
 
     async def delete_states(self, ids: Sequence[UUID]) -> int:
         """Delete state rows (never assets: gc reclaims what nothing reaches any more);
-        returns how many existed."""
-        return len(await self._open().delete_states(list(ids)))
+        returns how many existed. The store's own compression state is refused."""
+        backend = self._open()
+        wanted = list(ids)
+        _refuse_own(await backend.get_states(wanted))
+        return len(await backend.delete_states(wanted))
 
     # -- agents ---------------------------------------------------------------------------
 
@@ -520,7 +523,9 @@ class Store:
         deleted ids, ``agent`` first, in one transaction.
         """
         agent_id = self._agent_id(agent)
-        line = [r.id for r in await self.state_lineage(agent_id)]
+        rows = await self.state_lineage(agent_id)
+        _refuse_own(rows)
+        line = [r.id for r in rows]
         deleted = await self._open().delete_states(line, stop_at_shared=True)
         if not deleted:
             raise AgentNotFoundError(agent_id)
@@ -723,6 +728,15 @@ def _check_known(found: int | None, where: str) -> None:
             f"database schema version {found} in {where} is not supported by this immagent "
             f"(it knows versions 1 to {SCHEMA_VERSION}); upgrade immagent or use another "
             "database")
+
+
+def _refuse_own(states: Sequence[StateRow]) -> None:
+    """The compression state keeps the dictionaries stored bodies need: never deleted."""
+    for state in states:
+        if state.kind == Kind.COMPRESSION:
+            raise ValidationError("ids", f"state {state.id} is the store's compression state "
+                                  "(it keeps the dictionaries compressed bodies need); it "
+                                  "cannot be deleted", str(state.id))
 
 
 def _check_limit(limit: object, bound: int | None = MAX_PAGE) -> None:
