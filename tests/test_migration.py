@@ -127,7 +127,9 @@ class V1Store:
                 self.agents.append(row)
                 self.histories[row["id"]] = history
                 parent = row["id"]
-                for asset in (self.prompt, EMPTY_CONVERSATION, node, *history):
+                assets: list[SystemPrompt | ConversationNode | Message] = [
+                    self.prompt, EMPTY_CONVERSATION, node, *history]
+                for asset in assets:
                     self.assets[asset.digest] = asset
 
     def asset_rows(self) -> list[tuple[bytes, int, bytes, bytes]]:
