@@ -36,7 +36,8 @@ PRIMARY="$ROOT/primary"; STANDBY="$ROOT/standby"; BOUNCER="$ROOT/pgbouncer"; SOC
 PGBOUNCER_BIN="$(command -v pgbouncer 2>/dev/null || echo /usr/sbin/pgbouncer)"
 CANNOT_INSTALL=3
 
-die() { echo "pg-cluster: $*" >&2; exit 1; }
+exec 4>&2   # die() reports on the real stderr even inside poll's redirections
+die() { echo "pg-cluster: $*" >&4; exit 1; }
 dsn() { echo "postgresql://postgres@127.0.0.1:$1/$DB"; }
 
 # psql PORT DATABASE SQL: one statement, unaligned tuples only, no ~/.psqlrc.
@@ -64,8 +65,9 @@ running() { "${RUN[@]}" "$PGBIN/pg_ctl" -D "$1" status >/dev/null 2>&1; }
 
 start_server() {  # DATADIR PORT LOG
   running "$1" && return 0
-  # 9>&-: the daemon must not inherit (and so hold forever) this script's lock.
-  "${RUN[@]}" "$PGBIN/pg_ctl" -D "$1" -l "$3" -w -t 60 -o "-p $2" start >/dev/null 9>&- \
+  # 4>&- 9>&-: the daemon must not inherit (and so hold open forever) our stderr copy
+  # (a caller reading it would never see EOF) or this script's lock.
+  "${RUN[@]}" "$PGBIN/pg_ctl" -D "$1" -l "$3" -w -t 60 -o "-p $2" start >/dev/null 4>&- 9>&- \
     || { tail -n 20 "$3" >&2; return 1; }
 }
 
@@ -162,7 +164,7 @@ ensure_bouncer() {
     poll 10 "PgBouncer to stop" eval '! bouncer_pid'
   fi
   if ! bouncer_pid; then
-    "${RUN[@]}" "$PGBOUNCER_BIN" -d -q "$BOUNCER/pgbouncer.ini" 9>&- \
+    "${RUN[@]}" "$PGBOUNCER_BIN" -d -q "$BOUNCER/pgbouncer.ini" 4>&- 9>&- \
       || { tail -n 20 "$BOUNCER/pgbouncer.log" >&2; die "PgBouncer did not start"; }
   fi
   poll 10 "PgBouncer to accept connections" bouncer_up

@@ -45,8 +45,9 @@ class PgClusterError(RuntimeError):
 
 def _script(*args: str) -> str:
     """Run one pg-cluster.sh command and return its stdout."""
+    # The timeout turns a hung command into a test error instead of a hung session.
     out = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
-                         check=False)
+                         check=False, timeout=180)
     if out.returncode != 0:
         raise PgClusterError(" ".join(args), out.returncode, out.stderr)
     return out.stdout
