@@ -39,7 +39,6 @@ from immagent import Message, PersistentAgent, Store
 
 __all__ = [
     "Latency",
-    "LiteLLMClock",
     "Maintenance",
     "Overhead",
     "SharedPrompts",
@@ -61,6 +60,7 @@ __all__ = [
     "run_forks",
     "run_linear",
     "shared_prompts",
+    "store_clock",
     "warm_up",
 ]
 
@@ -399,50 +399,75 @@ async def cold_messages(backend: Backend, store: Store, agent: PersistentAgent,
                    "immagent-append")
 
 
-class LiteLLMClock:
-    """Total time spent inside ``litellm.acompletion`` and the number of calls."""
+class Clock:
+    """Total time spent inside some wrapped coroutine functions and how often they ran."""
 
     seconds: float = 0.0
     calls: int = 0
+    _depth: int = 0
 
 
 @contextlib.contextmanager
-def litellm_clock() -> Iterator[LiteLLMClock]:
-    """Wrap ``litellm.acompletion`` for the duration, timing every call.
+def clock_on(owner: Any, names: Sequence[str]) -> Iterator[Clock]:
+    """Wrap the coroutine functions ``owner.<name>`` for the duration, timing every call
+    (a call made inside another wrapped call is not counted twice).
 
-    The benchmark instruments LiteLLM in its own process (tests never do): immagent calls
-    ``litellm.acompletion`` through the module attribute, so the wrapper sees each call.
+    The benchmark instruments its own process this way (tests never do): immagent calls
+    ``litellm.acompletion`` through the module attribute and ``Store.advance`` calls the
+    store's public methods through ``self``, so the wrappers see each call.
     """
-    import litellm
+    clock = Clock()
+    originals = {name: getattr(owner, name) for name in names}
 
-    original = litellm.acompletion
-    clock = LiteLLMClock()
+    def wrap(original: Any) -> Any:
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            outer = clock._depth == 0
+            clock._depth += 1
+            start = time.perf_counter()
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                clock._depth -= 1
+                if outer:
+                    clock.seconds += time.perf_counter() - start
+                    clock.calls += 1
 
-    async def timed(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return await original(*args, **kwargs)
-        finally:
-            clock.seconds += time.perf_counter() - start
-            clock.calls += 1
+        return timed
 
-    litellm.acompletion = timed
+    for name, original in originals.items():
+        setattr(owner, name, wrap(original))
     try:
         yield clock
     finally:
-        litellm.acompletion = original
+        for name, original in originals.items():
+            setattr(owner, name, original)
+
+
+def litellm_clock() -> contextlib.AbstractContextManager[Clock]:
+    """Time every ``litellm.acompletion`` call (the model call, LiteLLM included)."""
+    import litellm
+
+    return clock_on(litellm, ["acompletion"])
+
+
+def store_clock() -> contextlib.AbstractContextManager[Clock]:
+    """Time the store calls an advance makes: read the history and the prompt, commit."""
+    return clock_on(Store, ["get_messages", "get_system_prompt", "append"])
 
 
 @dataclass(frozen=True)
 class Overhead:
-    """Per-advance samples: the whole ``advance`` and the part inside LiteLLM, seconds."""
+    """Per-advance samples, seconds: the whole ``advance``, the part inside LiteLLM, and
+    the part inside the store's read and commit calls."""
 
     backend: Backend
     history_turns: int
     cache: str  # "warm": history in the store's cache; "cold": cleared before each advance
     advance: tuple[float, ...]
     model_call: tuple[float, ...]
+    store_calls: tuple[float, ...]
     calls: int  # LiteLLM calls seen; 0 means the model was answered without LiteLLM
+    store_call_count: int  # 0 means advance no longer goes through the public methods
 
     @property
     def overhead(self) -> tuple[float, ...]:
@@ -456,8 +481,9 @@ class Overhead:
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"backend": self.backend, "history_turns": self.history_turns,
                                "cache": self.cache, "samples": len(self.advance),
-                               "litellm_calls": self.calls}
-        for which in ("advance", "model_call", "overhead"):
+                               "litellm_calls": self.calls,
+                               "store_calls": self.store_call_count}
+        for which in ("advance", "model_call", "overhead", "store_calls"):
             out[f"{which}_p50_s"] = self.p(which, 50)
             out[f"{which}_p99_s"] = self.p(which, 99)
         return out
@@ -473,19 +499,19 @@ async def advance_overhead(backend: Backend, store: Store, agent: PersistentAgen
     clone = await clone.advance(user_text("overhead", 0))  # history into the cache
     advance: list[float] = []
     model: list[float] = []
-    calls = 0
-    with litellm_clock() as clock:
+    in_store: list[float] = []
+    with litellm_clock() as llm, store_clock() as stored:
         for turn in range(1, samples + 1):
             if cold:
                 store.clear_cache()
-            inside, seen = clock.seconds, clock.calls
+            llm_before, store_before = llm.seconds, stored.seconds
             start = time.perf_counter()
             clone = await clone.advance(user_text("overhead", turn))
             advance.append(time.perf_counter() - start)
-            model.append(clock.seconds - inside)
-            calls += clock.calls - seen
+            model.append(llm.seconds - llm_before)
+            in_store.append(stored.seconds - store_before)
     return Overhead(backend, history_turns, "cold" if cold else "warm", tuple(advance),
-                    tuple(model), calls)
+                    tuple(model), tuple(in_store), llm.calls, stored.calls)
 
 
 # --- scenario 5: gc and verify --------------------------------------------------------

@@ -45,11 +45,15 @@ class Relation:
 
 # --- PostgreSQL -----------------------------------------------------------------------
 
+# A sequence is listed under the table that owns it (identity or serial column).
 _PG_TABLES = """
-SELECT c.oid, c.relname, c.relkind, c.reltoastrelid,
+SELECT c.relname, c.relkind, coalesce(owner.relname, c.relname),
        pg_table_size(c.oid) - coalesce(pg_total_relation_size(nullif(c.reltoastrelid, 0)), 0),
        coalesce(pg_total_relation_size(nullif(c.reltoastrelid, 0)), 0)
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+  LEFT JOIN pg_depend d ON c.relkind = 'S' AND d.classid = 'pg_class'::regclass
+       AND d.objid = c.oid AND d.deptype IN ('a', 'i')
+  LEFT JOIN pg_class owner ON owner.oid = d.refobjid
  WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'm', 'S')
    AND starts_with(c.relname, %s)
  ORDER BY c.relname
@@ -90,9 +94,9 @@ async def pg_relations(dsn: str, prefix: str) -> list[Relation]:
         tables = await cur.fetchall()
         cur = await conn.execute(_PG_INDEXES, (prefix,))
         indexes = await cur.fetchall()
-        for _oid, name, relkind, _toast, heap, toast in tables:
+        for name, relkind, owner, heap, toast in tables:
             if relkind == "S":
-                out.append(Relation(name, name, "sequence", int(heap)))
+                out.append(Relation(owner, name, "sequence", int(heap)))
                 continue
             count = await conn.execute(
                 sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(name)))
@@ -102,7 +106,7 @@ async def pg_relations(dsn: str, prefix: str) -> list[Relation]:
                 out.append(Relation(name, "(TOAST)", "toast", int(toast)))
             out.extend(Relation(t, i, "index", int(size)) for t, i, size in indexes
                        if t == name)
-    return out
+    return _grouped(out)
 
 
 # --- SQLite ---------------------------------------------------------------------------

@@ -111,15 +111,18 @@ def _speed(res: Results) -> None:
                  for lat in res.latency if lat.system == "immagent"])
     rows: list[list[object]] = []
     for o in res.overhead:
-        model = (f"{_ms(o.p('model_call', 50))}" if o.calls else "not via LiteLLM")
+        model = _ms(o.p("model_call", 50)) if o.calls else "not via LiteLLM"
+        in_store = _ms(o.p("store_calls", 50)) if o.store_call_count else "-"
         rows.append([o.backend, o.history_turns, o.cache, len(o.advance),
                      _ms(o.p("advance", 50)), model, _ms(o.p("overhead", 50)),
-                     _ms(o.p("overhead", 99)),
+                     _ms(o.p("overhead", 99)), in_store,
                      f"{o.p('overhead', 50) / o.p('advance', 50):.0%}"])
-    print_table("4c. Per-advance overhead: advance() minus the time inside litellm.acompletion "
-                "(echo model; ms)",
+    print_table("4c. Per-advance overhead (ms): advance() minus the time inside "
+                "litellm.acompletion, echo model; store calls = get_messages, "
+                "get_system_prompt, append",
                 ["backend", "history turns", "cache", "samples", "advance p50",
-                 "LiteLLM call p50", "overhead p50", "overhead p99", "overhead share"], rows)
+                 "LiteLLM call p50", "overhead p50", "overhead p99", "store calls p50",
+                 "overhead share"], rows)
 
 
 def _maintenance_and_langgraph(res: Results) -> None:
