@@ -223,7 +223,7 @@ def plot(res: Results, path: Path) -> None:
         pts = sorted((p for p in res.linear if (p.system, p.backend) == (system, backend)),
                      key=lambda p: p.turns)
         pts = [p for p in pts if p.turns]  # log axis: the empty store is not drawn
-        style = "--" if system == "langgraph" else ":" if system == "openai-agents" else "-"
+        style = {"langgraph": "--", "openai-agents": ":", "immagent-append": "-."}.get(system, "-")
         ax.plot([p.turns for p in pts], [p.stored_bytes for p in pts], marker="o",
                 linestyle=style, label=f"{system} / {backend}")
     turns = sorted({p.turns for p in res.linear if p.turns})
