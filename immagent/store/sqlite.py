@@ -65,9 +65,10 @@ _DDL = (
     )
     """,
     # The append-only content log (see schema.sql), keyed by digest and WITHOUT ROWID: the
-    # digest is stored once, as the key, instead of in the row and again in a separate
-    # index (measured: -11 % of the file on a 1,000-turn agent; a cold read does one b-tree
-    # descent per asset instead of two). `body` is last so reading digest, kind or refs
+    # digest is stored once, as the key, instead of in the row and again in a unique index
+    # (135 B/turn on a 1,000-turn agent), and a lookup is one b-tree descent, not two. The
+    # random keys leave pages ~77 % full, which costs less than the index once bodies are
+    # compressed (measured before compression: 844 against 729 + 135 B/turn). `body` is last so reading digest, kind or refs
     # never touches a long body's overflow pages. `codec` says how the body is stored
     # (immagent.codec); 0 and 1 cost no payload byte. No timestamp, as in PostgreSQL: gc
     # needs none and each turn adds three of these rows.
@@ -230,6 +231,12 @@ def _prepare(conn: sqlite3.Connection, path: str, *, force: bool) -> None:
         # Only settable before the first table exists: lets gc give freed pages back to
         # the file system (PRAGMA incremental_vacuum) instead of keeping a free list.
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        # 8 KiB pages: a WITHOUT ROWID row keeps up to ~2 KB in its leaf page (4 KiB pages:
+        # ~1 KB), and a longer one spills into overflow pages no other row shares. Measured
+        # on the realistic corpus: 0.98x -> 0.82x of the raw text; the empty file grows
+        # from 36 to 72 KiB. VACUUM applies the size to the still empty file before WAL.
+        conn.execute("PRAGMA page_size = 8192")
+        conn.execute("VACUUM")
     (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
     if str(mode).lower() != "wal":
         raise StoreConnectionError(f"cannot switch SQLite database {path} to WAL mode "
