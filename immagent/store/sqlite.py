@@ -68,10 +68,10 @@ _DDL = (
     # digest is stored once, as the key, instead of in the row and again in a unique index
     # (135 B/turn on a 1,000-turn agent), and a lookup is one b-tree descent, not two. The
     # random keys leave pages ~77 % full, which costs less than the index once bodies are
-    # compressed (measured before compression: 844 against 729 + 135 B/turn). `body` is last so reading digest, kind or refs
-    # never touches a long body's overflow pages. `codec` says how the body is stored
-    # (immagent.codec); 0 and 1 cost no payload byte. No timestamp, as in PostgreSQL: gc
-    # needs none and each turn adds three of these rows.
+    # compressed (measured before compression: 844 against 729 + 135 B/turn). `body` is
+    # last so reading digest, kind or refs never touches a long body's overflow pages.
+    # `codec` says how the body is stored (immagent.codec); 0 and 1 cost no payload byte.
+    # No timestamp, as in PostgreSQL: gc needs none and each turn adds three of these rows.
     """
     CREATE TABLE IF NOT EXISTS immagent_assets (
         digest      BLOB    PRIMARY KEY CHECK (length(digest) = 32),
