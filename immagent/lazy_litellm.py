@@ -1,0 +1,74 @@
+"""LiteLLM, imported once on first use: offline-safe, quiet, and optionally in the background.
+
+Importing LiteLLM takes seconds (about 15 s on a busy machine), so nothing imports it at
+package import: ``load()`` does, the first time a model call needs it. The command line
+starts ``preload()`` while it opens the store, so the two overlap.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from types import ModuleType
+
+__all__ = ["imported_module", "load", "loaded", "preload"]
+
+# LiteLLM downloads a price map over the network at import time unless this is "True".
+_COST_MAP_ENV = "LITELLM_LOCAL_MODEL_COST_MAP"
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_preloading = False
+
+
+def load() -> ModuleType:
+    """The ``litellm`` module, imported on the first call (later calls return at once).
+
+    A value of ``LITELLM_LOCAL_MODEL_COST_MAP`` the user set is respected; when it is
+    unset, it is set to ``True`` for the import only and removed again, so the user's
+    environment (and that of every process started later) stays as it was.
+    """
+    global _module
+    if _module is not None:
+        return _module
+    with _lock:  # a preload in progress holds it: waiting here is waiting for the import
+        if _module is None:
+            _module = _import()
+    return _module
+
+
+def loaded() -> bool:
+    """Whether LiteLLM is imported already (a model call would not wait for it)."""
+    return _module is not None
+
+
+def preload() -> None:
+    """Start importing LiteLLM in a background thread and return at once (once: later
+    calls do nothing). ``load()`` then waits for that import instead of starting one."""
+    global _preloading
+    with _lock:
+        if _module is not None or _preloading:
+            return
+        _preloading = True
+    threading.Thread(target=load, name="immagent-litellm-import", daemon=True).start()
+
+
+def _import() -> ModuleType:
+    unset = _COST_MAP_ENV not in os.environ
+    if unset:
+        os.environ[_COST_MAP_ENV] = "True"
+    try:
+        import litellm
+    finally:
+        if unset:
+            os.environ.pop(_COST_MAP_ENV, None)
+    # LiteLLM prints "Give Feedback / Get Help" banners to stdout on every error;
+    # a library must not write to its user's stdout.
+    litellm.suppress_debug_info = True
+    return litellm
+
+
+def imported_module() -> ModuleType | None:
+    """``litellm`` if something imported it already, else None (never imports it)."""
+    return _module or sys.modules.get("litellm")
