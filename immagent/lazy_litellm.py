@@ -17,8 +17,9 @@ __all__ = ["imported_module", "load", "loaded", "preload"]
 # LiteLLM downloads a price map over the network at import time unless this is "True".
 _COST_MAP_ENV = "LITELLM_LOCAL_MODEL_COST_MAP"
 
-_lock = threading.Lock()
+_lock = threading.Lock()  # held for the whole import
 _module: ModuleType | None = None
+_preload_lock = threading.Lock()  # never held long: preload() must not wait for the import
 _preloading = False
 
 
@@ -47,7 +48,7 @@ def preload() -> None:
     """Start importing LiteLLM in a background thread and return at once (once: later
     calls do nothing). ``load()`` then waits for that import instead of starting one."""
     global _preloading
-    with _lock:
+    with _preload_lock:
         if _module is not None or _preloading:
             return
         _preloading = True
