@@ -161,7 +161,8 @@ class Turn:
             out.append(self._model.interrupted("".join(self._text)))
         for i, call in enumerate(self._calls):
             out.append(self._answered[i] if i in self._answered else _error_result(
-                call, "not run: the turn was interrupted", interrupted=True))
+                call, "the turn was interrupted before this tool call finished",
+                interrupted=True))
         return out
 
     async def events(self) -> AsyncGenerator[StepEvent, None]:
