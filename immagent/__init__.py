@@ -60,8 +60,10 @@ if TYPE_CHECKING:
 _LAZY = {"CompleteFn": "immagent.advance", "ToolProvider": "immagent.advance",
          "PersistentAgent": "immagent.agent", "Model": "immagent.llm",
          "MCPManager": "immagent.mcp", "SimpleAgent": "immagent.simple",
-         **dict.fromkeys(("AssistantReply", "TextDelta", "ToolCallRequest", "ToolResult",
-                          "TurnDone", "TurnEvent", "TurnStream"), "immagent.stream")}
+         "AssistantReply": "immagent.stream", "TextDelta": "immagent.stream",
+         "ToolCallRequest": "immagent.stream", "ToolResult": "immagent.stream",
+         "TurnDone": "immagent.stream", "TurnEvent": "immagent.stream",
+         "TurnStream": "immagent.stream"}
 
 __version__ = "0.2.0"
 
