@@ -7,12 +7,14 @@ starts ``preload()`` while it opens the store, so the two overlap.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import sys
 import threading
 from types import ModuleType
 
-__all__ = ["imported_module", "load", "loaded", "preload"]
+__all__ = ["imported_module", "load", "load_async", "loaded", "preload"]
 
 # LiteLLM downloads a price map over the network at import time unless this is "True".
 _COST_MAP_ENV = "LITELLM_LOCAL_MODEL_COST_MAP"
@@ -37,6 +39,35 @@ def load() -> ModuleType:
         if _module is None:
             _module = _import()
     return _module
+
+
+async def load_async() -> ModuleType:
+    """``load()`` without blocking the event loop: the import (or the wait for a preload)
+    runs in a daemon thread, so a caller cancelled meanwhile (Ctrl-C) is not held up until
+    the import ends, as a wait in the loop's default executor would be at shutdown."""
+    if _module is not None:
+        return _module
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[ModuleType] = loop.create_future()
+
+    def settle(module: ModuleType | None, error: BaseException | None) -> None:
+        if done.done():  # the waiter was cancelled
+            return
+        if module is not None:
+            done.set_result(module)
+        else:
+            done.set_exception(error or RuntimeError("the LiteLLM import gave nothing"))
+
+    def work() -> None:
+        try:
+            module, error = load(), None
+        except BaseException as exc:  # handed to the waiter, not lost in this thread
+            module, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, module, error)
+
+    threading.Thread(target=work, name="immagent-litellm-wait", daemon=True).start()
+    return await done
 
 
 def loaded() -> bool:

@@ -291,6 +291,8 @@ class _Call:
                         item = await anext(replies)
                     except StopAsyncIteration:
                         return
+                    except LLMError:  # already says what went wrong
+                        raise
                     except TimeoutError as exc:
                         error: Exception = exc
                         reason = f"no reply within {self.timeout} s"
@@ -346,8 +348,7 @@ class _Call:
             yield assembly.message(self.model, self.config)
             return
         # The first import takes seconds: in a thread, so the event loop keeps running.
-        litellm = (lazy_litellm.load() if lazy_litellm.loaded()
-                   else await asyncio.to_thread(lazy_litellm.load))
+        litellm = await lazy_litellm.load_async()
         if testing.is_offline(self.model):
             testing.register()
         kwargs: dict[str, Any] = {**self.config, "model": self.model, "messages": wire,

@@ -167,6 +167,18 @@ def hanging() -> Iterator[HangingServer]:
     server.close()
 
 
+def test_ctrl_c_while_the_model_client_loads(tmp_path: Path) -> None:
+    """Ctrl-C during LiteLLM's import: the turn is dropped at once (the import thread is a
+    daemon: the exit does not wait for it) and nothing is saved."""
+    db = tmp_path / "s.db"
+    env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
+    run = on_terminal(["--db", str(db), "chat", "Hello"], tmp_path, env=env, stderr_tty=True,
+                      interrupt_when=lambda out, err: b"loading model client" in err)
+    assert run.code == 130, run
+    assert b"interrupted: this turn was not saved" in run.err and b"Traceback" not in run.err
+    assert states(db) == 0
+
+
 def test_provider_model_shows_what_it_waits_for_then_ctrl_c(
         tmp_path: Path, hanging: HangingServer) -> None:
     """A provider model streamed to a terminal (LiteLLM's real streaming path): stderr says

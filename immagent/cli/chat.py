@@ -13,7 +13,6 @@ for it, stderr says so ("loading model client…", on a terminal only).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import sys
@@ -132,7 +131,7 @@ async def _model_client(model: str, screen: Screen) -> None:
 
     if needs_litellm(model) and not lazy_litellm.loaded():
         screen.waiting("loading model client…")
-        await asyncio.to_thread(lazy_litellm.load)
+        await lazy_litellm.load_async()
 
 
 class Screen:
