@@ -185,6 +185,11 @@ STATE_KINDS: dict[int, StateKind] = {
         digest=_agent_digest,
         ref_kinds=lambda row: (int(Kind.SYSTEM_PROMPT), int(Kind.NODE)),
     ),
+    # The store's own: which zstd dictionaries exist (store/compression.py).
+    int(Kind.COMPRESSION): StateKind(
+        digest=lambda row: stream_digest(row.kind, row.stream, row.refs, row.body),
+        ref_kinds=lambda row: tuple(int(Kind.DICTIONARY) for _ in row.refs),
+    ),
 }
 
 
@@ -247,4 +252,16 @@ def load_agent(row: StateRow) -> AgentRecord:
     or is not an agent state)."""
     if row.kind != Kind.AGENT_STATE:
         raise IntegrityError(f"state {row.id} is not an agent state (kind {row.kind})")
-    return _decode_agent(load_state(row))
+    damaged = _damaged_column(row)
+    if damaged is not None:
+        raise IntegrityError(f"state {row.id} is corrupt: {damaged} (run store.verify())")
+    try:
+        record = _decode_agent(row)  # decoded once: the digest is checked on the record
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
+            RecursionError) as e:
+        raise IntegrityError(f"state {row.id} is undecodable: {type(e).__name__}: {e} "
+                             "(run store.verify())") from e
+    if record.expected_digest() != row.digest:
+        raise IntegrityError(f"state {row.id} is corrupt: its content does not hash to its "
+                             "stored state digest (run store.verify())")
+    return record

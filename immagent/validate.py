@@ -229,8 +229,9 @@ def check_json_mapping(field: str, value: object) -> dict[str, Any]:
 #: level of a config; credentials themselves (api_key, …) are refused at any depth by the
 #: credentials policy below.
 RESERVED_CONFIG_KEYS = frozenset({
-    "model", "messages", "tools", "functions", "stream", "timeout", "request_timeout",
-    "num_retries", "max_retries", "fallbacks", "context_window_fallback_dict",
+    "model", "messages", "tools", "functions", "stream", "stream_options", "timeout",
+    "request_timeout", "num_retries", "max_retries", "fallbacks",
+    "context_window_fallback_dict",
     "api_base", "base_url", "api_version", "azure_ad_token_provider",
 })
 

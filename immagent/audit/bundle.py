@@ -8,15 +8,18 @@ Format (version 2; version 1 files, which held agent records, are still read)::
               header  {"format": "immagent-bundle", "version": 2, "head": uuid, ...}
               state   ["state", id, parent, kind, stream, refs, body, digest, time]
                                                         the lineage, newest (the head) first
-              asset   ["asset", digest, kind, body, refs]   every reachable asset, as stored
+              asset   ["asset", digest, kind, body, refs]   every reachable asset, canonical
               end     ["end", states, assets, checksum]     last frame, then end of file
 
-A bundle carries rows exactly as stored (the same bytes the digests cover), so reading one
-runs the same checks as reading a database (``assets.check_row``, ``records.check_state``)
-and the content rules the API applies when it makes a record (``audit.rules``); ``_Links``
-resolves every reference with the one kind it must have, checks node counters against the
-chain, refuses unreferenced assets, and the lineage must end without a cycle. Exports run
-the same checks, so a store never writes a bundle it would refuse to read.
+A bundle carries asset rows in their canonical form, the bytes the digests cover: bodies
+uncompressed whatever codec the store used (``immagent.codec``), so a bundle needs no
+dictionary and imports into any store, which compresses them its own way (version 2 files
+written before compression existed hold the same form). Reading one runs the same checks as
+reading a database (``assets.check_row``, ``records.check_state``) and the content rules the
+API applies when it makes a record (``audit.rules``); ``_Links`` resolves every reference
+with the one kind it must have, checks node counters against the chain, refuses
+unreferenced assets, and the lineage must end without a cycle. Exports run the same checks,
+so a store never writes a bundle it would refuse to read.
 
 ``checksum`` is blake3 over every byte before the end frame. It is checked last: the
 per-record checks name the bad record, the checksum catches what no content digest covers
@@ -34,7 +37,7 @@ import os
 import secrets
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final
@@ -49,6 +52,7 @@ from immagent.assets import (
     Digest,
     Kind,
     StoredAsset,
+    canonical_row,
     check_row,
     decode_asset,
     join_refs,
@@ -57,6 +61,7 @@ from immagent.assets import (
 )
 from immagent.audit import rules
 from immagent.audit.verify import closing_iter
+from immagent.codec import NO_DICTIONARIES, ZstdDictionary
 from immagent.exceptions import BundleError, IntegrityError, ValidationError
 from immagent.records import STATE_KINDS, AgentRecord, StateRow, check_state
 
@@ -265,7 +270,9 @@ class _Writer:
 
 
 async def export_bundle(backend: Backend, lineage: list[StateRow],
-                        path: str | os.PathLike[str]) -> BundleInfo:
+                        path: str | os.PathLike[str],
+                        dictionaries: Mapping[int, ZstdDictionary] = NO_DICTIONARIES,
+                        ) -> BundleInfo:
     """Write the bundle of ``lineage`` (a state and its ancestors, newest first, as read
     and verified by the store) to ``path`` atomically (temp file, fsync, rename).
 
@@ -298,7 +305,7 @@ async def export_bundle(backend: Backend, lineage: list[StateRow],
                 for row in batch:
                     if row.digest in links.kinds:
                         continue
-                    _check_exported(row)
+                    row = _exported(row, dictionaries)
                     _refuse_export(head, links.asset(row) or _content_problem(row))
                     asset_bytes += len(row.body)
                     writer.frame(_Asset(row.digest, row.kind, row.body, join_refs(row.refs)))
@@ -384,12 +391,13 @@ class _TempFile:
                 self.path.unlink()
 
 
-def _check_exported(row: StoredAsset) -> None:
-    """Refuse to put a corrupt stored asset into a bundle."""
-    found = check_row(row)
+def _exported(row: StoredAsset, dictionaries: Mapping[int, ZstdDictionary]) -> StoredAsset:
+    """The canonical form of a stored asset; a corrupt one is refused."""
+    found = check_row(row, dictionaries)
     if found is not None:
         raise IntegrityError(f"cannot export: stored asset {row.digest.hex()} is "
                              f"{found[0]} ({found[1]}); run store.verify()")
+    return canonical_row(row, dictionaries)
 
 
 # -- reading ------------------------------------------------------------------------------

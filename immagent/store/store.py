@@ -38,6 +38,8 @@ from immagent.assets import (
     SystemPrompt,
     decode_asset,
     load_row,
+    load_rows,
+    node_counters,
     stored,
 )
 from immagent.audit import bundle, gc, rules, verify
@@ -59,6 +61,7 @@ from immagent.records import AgentRecord, StateRow, load_agent, load_state, stat
 from immagent.store import dsn as dsns
 from immagent.store.backend import SCHEMA_VERSION, Backend, Head
 from immagent.store.cache import AssetCache
+from immagent.store.compression import Compression
 from immagent.store.stats import StoreStats
 from immagent.validate import (
     check_agent_fields,
@@ -103,6 +106,7 @@ class Store:
         self._backend = backend
         self._name = name
         self._cache = AssetCache(recent=cache_entries)
+        self._compression = Compression(backend)
         # While an agent object is alive, loading its id returns that same object.
         self._agents: weakref.WeakValueDictionary[UUID, PersistentAgent] = (
             weakref.WeakValueDictionary())
@@ -255,8 +259,9 @@ class Store:
             check_key(f"heads[{i}].stream", head.stream)
             if head.state_id is not None:
                 check_uuid(f"heads[{i}].state_id", head.state_id)
-        result = await backend.write(list({r.digest: r for r in rows}.values()), list(states),
-                                     sorted(wanted - inside), list(heads))
+        encoded = await self._compression.encode(list({r.digest: r for r in rows}.values()))
+        result = await backend.write(encoded, list(states), sorted(wanted - inside),
+                                     list(heads))
         if result.missing:
             raise AssetNotFoundError("referenced asset", result.missing[0])
         if result.conflicts:
@@ -265,6 +270,7 @@ class Store:
             raise StaleStreamError(result.stale[0].kind, result.stale[0].stream)
         for asset in decoded:
             self._cache.put(asset)
+        await self._compression.after_write()
 
     @overload
     async def get_assets(self, digests: Sequence[Digest], kind: None = None,
@@ -298,12 +304,13 @@ class Store:
                 found[d] = cached
         if missing:
             rows = await self._open().get_assets(missing)
+            dictionaries = await self._compression.ready(rows.values())
             for d in missing:
                 if d not in rows:
                     if what == "message":
                         raise MessageNotFoundError(d)
                     raise AssetNotFoundError(what, d)
-                found[d] = load_row(rows[d])
+                found[d] = load_row(rows[d], dictionaries)
                 self._cache.put(found[d])
         if kind is not None:
             for d in digests:
@@ -327,41 +334,42 @@ class Store:
                 raise _wrong_chain(head, node_type)
             return cached
         chain, leaves = await self._open().get_chain(head)
-        nodes: list[ConversationNode] = []
+        dictionaries = await self._compression.ready(leaves.values())
+        # Every node row is verified, but only the head becomes a node object: the walk
+        # needs each node's refs and counters, not 1,000 objects.
+        links: list[tuple[StoredAsset, int, int]] = []
         expected: Digest | None = head
         for row in chain:
-            if row.digest != expected:
+            if row.digest != expected or row.kind != node_kind:
                 break
-            node = load_row(row)
-            if not isinstance(node, ConversationNode) or node.kind != node_kind:
-                break
-            nodes.append(node)
-            expected = node.parent
+            length, size = node_counters(row)
+            links.append((row, length, size))
+            expected = row.refs[0] if row.refs else None
         if expected is not None:  # the chain stopped before its root
             await self._chain_break(head, expected, node_type)
-        elements: dict[Digest, Asset] = {}
-        for node in nodes:
-            for digest in node.messages:
-                if digest in elements:
-                    continue
-                if digest not in leaves:
-                    raise (MessageNotFoundError(digest) if node.element_kind == Kind.MESSAGE
-                           else AssetNotFoundError("chain element", digest))
-                element = load_row(leaves[digest])
-                if element.kind != node.element_kind:
-                    raise IntegrityError(
-                        f"node {node.digest.hex()} lists {digest.hex()}, a "
-                        f"{Kind(element.kind).name.lower()}, where a "
-                        f"{node.element_kind.name.lower()} must be")
-                elements[digest] = element
-        _check_counters(nodes, elements)
+        element_kind = node_type.element_kind
+        order = list(dict.fromkeys(d for row, _, _ in links for d in row.refs[1:]))
+        for digest in order:
+            if digest not in leaves:
+                raise (MessageNotFoundError(digest) if element_kind == Kind.MESSAGE
+                       else AssetNotFoundError("chain element", digest))
+        loaded = load_rows([leaves[d] for d in order], dictionaries)
+        elements = dict(zip(order, loaded, strict=True))
+        for digest, element in elements.items():
+            if element.kind != element_kind:
+                lister = next(row for row, _, _ in links if digest in row.refs[1:])
+                raise IntegrityError(
+                    f"node {lister.digest.hex()} lists {digest.hex()}, a "
+                    f"{Kind(element.kind).name.lower()}, where a "
+                    f"{element_kind.name.lower()} must be")
+        _check_counters(links, elements)
         # Every node of the chain becomes a cached segment: the other states of a lineage
         # (their heads are these nodes) then read their histories from memory, sharing it.
-        for node in nodes:
-            self._cache.put_segment(node.digest, node.parent,
-                                    tuple(elements[d] for d in node.messages))
-        history = tuple(elements[d] for node in reversed(nodes) for d in node.messages)
-        self._cache.put(nodes[0])
+        for row, _, _ in links:
+            self._cache.put_segment(row.digest, row.refs[0] if row.refs else None,
+                                    tuple(elements[d] for d in row.refs[1:]))
+        history = tuple(elements[d] for row, _, _ in reversed(links) for d in row.refs[1:])
+        self._cache.put(load_row(links[0][0]))
         self._cache.put_history(head, history)
         return history
 
@@ -395,19 +403,23 @@ class Store:
             limit=limit, newest_first=check_flag("newest_first", newest_first))
         return [load_state(r) for r in rows]
 
-    async def scan_states(self, kind: int, *, after: UUID | None = None, limit: int = 100,
-                          newest_first: bool = False,
+    async def scan_states(self, kind: int | None, *, after: UUID | None = None,
+                          limit: int = 100, newest_first: bool = False,
                           contains: str | None = None) -> list[StateRow]:
-        """States of ``kind`` in id order, a page at a time (pass the last id as ``after``):
-        keyset paging, so concurrent deletes never make a page skip rows. ``contains``
-        keeps those whose stream holds it, case-insensitively."""
+        """States of ``kind`` (None: every kind) in id order, a page at a time (pass the
+        last id as ``after``): keyset paging, so concurrent deletes never make a page skip
+        rows. ``contains`` keeps those whose stream holds it, case-insensitively."""
+        return [load_state(r) for r in await self._scan(kind, after, limit, newest_first,
+                                                        contains)]
+
+    async def _scan(self, kind: int | None, after: UUID | None, limit: int,
+                    newest_first: bool, contains: str | None) -> list[StateRow]:
         _check_limit(limit)
-        rows = await self._open().scan_states(
+        return await self._open().scan_states(
             None if kind is None else check_kind("kind", kind),
             after=None if after is None else check_uuid("after", after), limit=limit,
             newest_first=check_flag("newest_first", newest_first),
             contains=None if contains is None else check_key("contains", contains))
-        return [load_state(r) for r in rows]
 
     async def count_states(self, kind: int, *, stream: str | None = None,
                            contains: str | None = None) -> int:
@@ -422,6 +434,10 @@ class Store:
         """The state and its stored ancestors, newest first, at most ``limit``; stops at a
         deleted parent. A parent cycle (only damage or a crafted import makes one) is an
         IntegrityError, never a hang."""
+        return [load_state(r) for r in await self._line(state_id, limit)]
+
+    async def _line(self, state_id: UUID, limit: int | None) -> list[StateRow]:
+        """``state_lineage``'s rows, ordered and cycle-checked but not yet verified."""
         state_id = check_uuid("state_id", state_id)
         if limit is not None:
             _check_limit(limit, bound=2**62)
@@ -436,14 +452,17 @@ class Store:
             if current.id in seen:
                 raise _cycle(state_id)
             seen.add(current.id)
-            line.append(load_state(current))
+            line.append(current)
             current = None if current.parent_id is None else by_id.get(current.parent_id)
         return line
 
     async def delete_states(self, ids: Sequence[UUID]) -> int:
         """Delete state rows (never assets: gc reclaims what nothing reaches any more);
-        returns how many existed."""
-        return len(await self._open().delete_states(check_uuids("ids", ids)))
+        returns how many existed. The store's own compression state is refused."""
+        backend = self._open()
+        wanted = check_uuids("ids", ids)
+        _refuse_own(await backend.get_states(wanted))
+        return len(await backend.delete_states(wanted))
 
     # -- agents ---------------------------------------------------------------------------
 
@@ -482,9 +501,11 @@ class Store:
             alive = self._agents.get(i)
             if alive is not None:
                 by_id[i] = alive
-        for row in await self.get_states(wanted):
+        for row in await self._open().get_states(wanted):
             if row.kind == Kind.AGENT_STATE:
                 by_id[row.id] = self._bind(load_agent(row))
+            else:  # another client's state, or a damaged kind column: verified all the same
+                load_state(row)
         for i in ids:
             if i not in by_id:
                 raise AgentNotFoundError(i)
@@ -504,8 +525,7 @@ class Store:
         skip = offset
         while len(found) < limit:
             want = min(MAX_PAGE, skip + limit - len(found))
-            page = await self.scan_states(Kind.AGENT_STATE, after=after, limit=want,
-                                          newest_first=True, contains=contains)
+            page = await self._scan(Kind.AGENT_STATE, after, want, True, contains)
             found.extend(self._bind(load_agent(row)) for row in page[skip:])
             skip = max(0, skip - len(page))
             if len(page) < want:
@@ -525,8 +545,8 @@ class Store:
         found: list[PersistentAgent] = []
         after: int | None = None
         while True:
-            page = await self.stream_states(Kind.AGENT_STATE, name, after_seq=after,
-                                            limit=_PAGE)
+            page = await self._open().stream_states(Kind.AGENT_STATE, name, after_seq=after,
+                                                    limit=_PAGE)
             found.extend(self._bind(load_agent(r)) for r in page)
             if len(page) < _PAGE:
                 return found
@@ -535,7 +555,7 @@ class Store:
     async def newest_by_name(self, name: str) -> PersistentAgent | None:
         """The newest stored state with exactly this name, or None (one index probe)."""
         name = check_text("name", name)
-        page = await self.stream_states(Kind.AGENT_STATE, name, limit=1)
+        page = await self._open().stream_states(Kind.AGENT_STATE, name, limit=1)
         return self._bind(load_agent(page[0])) if page else None
 
     async def delete(self, agent: PersistentAgent | UUID | str) -> None:
@@ -556,7 +576,9 @@ class Store:
         deleted ids, ``agent`` first, in one transaction.
         """
         agent_id = self._agent_id(agent)
-        line = [r.id for r in await self.state_lineage(agent_id)]
+        rows = await self._line(agent_id, None)
+        _refuse_own(rows)
+        line = [r.id for r in rows]
         deleted = await self._open().delete_states(line, stop_at_shared=True)
         if not deleted:
             raise AgentNotFoundError(agent_id)
@@ -592,7 +614,7 @@ class Store:
         """``agent`` and its stored ancestors, **newest first**, at most ``limit`` (what
         ``immagent log`` walks); stops at a deleted parent."""
         agent_id = self._agent_id(agent)
-        rows = await self.state_lineage(agent_id, limit)
+        rows = await self._line(agent_id, limit)
         if not rows:
             raise AgentNotFoundError(agent_id)
         return [self._bind(load_agent(r)) for r in rows]
@@ -686,7 +708,8 @@ class Store:
         agent_id = None if agent is None else self._agent_id(agent)
         if progress is not None and not callable(progress):
             raise ValidationError("progress", "must be a callable taking an int", progress)
-        report = await verify.verify_backend(self._open(), agent_id, progress=progress)
+        report = await verify.verify_backend(self._open(), agent_id, progress=progress,
+                                             dictionaries=await self._compression.load())
         log.info("verify: %d assets, %d problems", report.assets_checked, report.problems)
         return report
 
@@ -701,7 +724,7 @@ class Store:
         by_kind = await backend.asset_stats()
         logical = agents = 0
         after: UUID | None = None
-        while page := await self.scan_states(Kind.AGENT_STATE, after=after, limit=page_size):
+        while page := await self._scan(Kind.AGENT_STATE, after, page_size, False, None):
             after = page[-1].id
             records = [load_agent(r) for r in page]
             agents += len(records)
@@ -727,7 +750,8 @@ class Store:
         lineage = await self.state_lineage(agent_id)
         if not lineage:
             raise AgentNotFoundError(agent_id)
-        info = await bundle.export_bundle(self._open(), lineage, path)
+        info = await bundle.export_bundle(self._open(), lineage, path,
+                                          await self._compression.load())
         log.info("exported %s: %d states, %d assets to %s", agent_id, len(info.agents),
                  info.assets, info.path)
         return info
@@ -793,6 +817,15 @@ def _check_known(found: int | None, where: str) -> None:
             "database")
 
 
+def _refuse_own(states: Sequence[StateRow]) -> None:
+    """The compression state keeps the dictionaries stored bodies need: never deleted."""
+    for state in states:
+        if state.kind == Kind.COMPRESSION:
+            raise ValidationError("ids", f"state {state.id} is the store's compression state "
+                                  "(it keeps the dictionaries compressed bodies need); it "
+                                  "cannot be deleted", str(state.id))
+
+
 def _check_limit(limit: object, bound: int | None = MAX_PAGE) -> None:
     if (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
             or (bound is not None and limit > bound)):
@@ -817,16 +850,18 @@ def _wrong_chain(head: Digest, node_type: type[ConversationNode]) -> IntegrityEr
                           f"{_kind_name(node_type.element_kind)} assets")
 
 
-def _check_counters(nodes: Sequence[ConversationNode], elements: Mapping[Digest, Asset]) -> None:
+def _check_counters(links: Sequence[tuple[StoredAsset, int, int]],
+                    elements: Mapping[Digest, Asset]) -> None:
     """A node's ``length``/``size`` must be its parent's plus what it adds: counters are
     trusted by listings, so a damaged one is caught where the chain is read."""
     length = size = 0
-    for node in reversed(nodes):
-        length += len(node.messages)
-        size += sum(len(elements[d].body) for d in node.messages)
-        if (node.length, node.size) != (length, size):
-            raise IntegrityError(f"node {node.digest.hex()} claims {node.length} elements "
-                                 f"({node.size} bytes), its chain holds {length} ({size})")
+    for row, claimed_length, claimed_size in reversed(links):
+        added = row.refs[1:]
+        length += len(added)
+        size += sum(len(elements[d].body) for d in added)
+        if (claimed_length, claimed_size) != (length, size):
+            raise IntegrityError(f"node {row.digest.hex()} claims {claimed_length} elements "
+                                 f"({claimed_size} bytes), its chain holds {length} ({size})")
 
 
 def _storable(field: str, asset: object) -> StoredAsset:
