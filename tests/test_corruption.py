@@ -92,8 +92,25 @@ def _state_to_ancestor(dsn: str, one: PersistentAgent, two: PersistentAgent) -> 
     return str(two.id)
 
 
+def _node_disguised_as_message(dsn: str, one: PersistentAgent, two: PersistentAgent) -> str:
+    # Kind column set to "message" and refs emptied: the row looks like a leaf, so a check
+    # of "rows with refs, rows of a node kind" would never see it. Its referrer links to it.
+    raw_sql(dsn, "UPDATE immagent_assets SET kind = 2 WHERE digest = %s",
+            [one.conversation_digest])
+    set_asset_refs(dsn, one.conversation_digest, b"")
+    return one.conversation_digest.hex()
+
+
+def _head_disguised_as_message(dsn: str, one: PersistentAgent, two: PersistentAgent) -> str:
+    raw_sql(dsn, "UPDATE immagent_assets SET kind = 2 WHERE digest = %s",
+            [two.conversation_digest])
+    set_asset_refs(dsn, two.conversation_digest, b"")
+    return two.conversation_digest.hex()
+
+
 @pytest.mark.parametrize("damage", [_truncate_refs, _empty_refs, _parent_to_root,
-                                    _state_to_ancestor])
+                                    _state_to_ancestor, _node_disguised_as_message,
+                                    _head_disguised_as_message])
 async def test_gc_aborts_rather_than_sweep_from_a_damaged_row(
         store: Store, store_dsn: str,
         damage: Callable[[str, PersistentAgent, PersistentAgent], str]) -> None:

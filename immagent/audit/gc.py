@@ -8,7 +8,11 @@ rules are here:
   a damaged one (a truncated refs column, a state pointed at another head) would make gc
   sweep live data. So every row marked from is re-hashed inside the sweep's transaction
   (states: their content digest; assets with refs: refs and body) and any mismatch aborts
-  the sweep. gc is never less careful than verify.
+  the sweep. So is every reached node and every row a state or a node links to as its
+  parent, whatever its stored kind and refs: a node whose refs were emptied, or whose kind
+  column was changed to a leaf's, marks nothing and would otherwise never be looked at.
+  The digest covers kind, refs and body, so any such damage is a mismatch. gc is never
+  less careful than verify.
 * **Never treat an unreadable root as absent** (git's prune rule): if something reachable
   is missing, what it would have kept is unknown, so nothing is deleted.
 """

@@ -121,8 +121,9 @@ class Backend(Protocol):
 
     async def sweep(self, check: RowCheck) -> SweepResult:
         """Mark every asset a state reaches through refs, run ``check`` on every row marked
-        from (all states, every reached asset that has refs or is of a node kind: a node
-        whose refs were lost marks nothing, yet must be checked), then delete the assets not
+        from (all states, every reached asset that has refs or is of a node kind, and every
+        one a state or a node links to as parent: a node whose refs or kind column were
+        damaged marks nothing, yet must be checked), then delete the assets not
         marked: one transaction holding the exclusive side of the gc lock. If ``check``
         raises, or a reached digest is missing, nothing is deleted (the exception
         propagates; the missing digest is reported)."""

@@ -108,8 +108,13 @@ class MemoryBackend:
             missing = next((d for d in reached if d not in self._assets), None)
             if missing is not None:
                 return SweepResult({}, 0, len(self._assets), missing)
+            # As the SQL backends: rows with refs, nodes, and what states and nodes link to
+            # as parent, whatever their kind column says.
+            linked = {d for st in states for d in st.refs}
+            linked.update(self._assets[d].refs[0] for d in reached if self._assets[d].refs)
             check([*states, *(self._assets[d] for d in reached
-                              if self._assets[d].refs or self._assets[d].kind in NODE_KINDS)])
+                              if self._assets[d].refs or self._assets[d].kind in NODE_KINDS
+                              or d in linked)])
             removed: dict[int, int] = {}
             freed = 0
             for d in [d for d in self._assets if d not in reached]:

@@ -61,9 +61,19 @@ _STREAM_LOCK_SPACE = 0x1A3A_0000
 
 _STATE_COLUMNS = "id, parent_id, kind, stream, refs, body, digest, created_at, seq"
 _ASSET_COLUMNS = "digest, kind, refs, body, codec"
-# What gc checks beside the rows with refs: every reached node, so one whose refs were
-# emptied (it then marks nothing) is caught too. Ints from the core, safe to inline.
-_NODE_KINDS = ", ".join(str(int(k)) for k in sorted(NODE_KINDS))
+# The reached assets gc checks before it sweeps: every row with refs, every node, and every
+# row a state or a node links to as its parent, whatever its kind column says (a node whose
+# kind was changed and refs emptied would otherwise mark nothing and never be checked).
+_NODE_KINDS = ", ".join(str(int(k)) for k in sorted(NODE_KINDS))  # ints: safe to inline
+_GC_CHECKED = f"""
+    SELECT a.digest, a.kind, a.refs, a.body, a.codec FROM immagent_assets a
+      JOIN immagent_reach r ON r.digest = a.digest
+     WHERE a.refs IS NOT NULL OR a.kind IN ({_NODE_KINDS})
+        OR a.digest IN (SELECT immagent_refs(s.refs) FROM immagent_states s)
+        OR a.digest IN (SELECT substring(p.refs FROM 1 FOR 32) FROM immagent_assets p
+                          JOIN immagent_reach pr ON pr.digest = p.digest
+                         WHERE p.refs IS NOT NULL)
+"""
 # strpos, not LIKE: the user's text has no wildcards to escape.
 _INSERT_STATE = ("INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, digest, "
                  "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING")
@@ -301,9 +311,7 @@ class PostgresBackend(StateQueries):
                     return SweepResult({}, 0, int(kept[0]) if kept else 0, bytes(missing[0]))
                 for sql, decode in (
                         (f"SELECT {_STATE_COLUMNS} FROM immagent_states", _state),
-                        ("SELECT a.digest, a.kind, a.refs, a.body, a.codec FROM immagent_assets a "
-                         "JOIN immagent_reach r ON r.digest = a.digest "
-                         f"WHERE a.refs IS NOT NULL OR a.kind IN ({_NODE_KINDS})", _asset)):
+                        (_GC_CHECKED, _asset)):
                     async with conn.cursor(name="immagent_gc_check", binary=True) as named:
                         await named.execute(sql.encode())
                         while rows := await named.fetchmany(1000):

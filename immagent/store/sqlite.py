@@ -164,9 +164,24 @@ _STATE_REFS = """
 _ALL_STATE_ROOTS = (_STATE_REFS.format(states="immagent_states")
                     + ", roots(d) AS (SELECT DISTINCT dst FROM state_refs)")
 
-# What gc checks beside the rows with refs: every reached node, so one whose refs were
-# emptied (it then marks nothing) is caught too. Ints from the core, safe to inline.
+# Node kinds, for gc's checks (ints from the core, safe to inline).
 _NODE_KINDS = ", ".join(str(int(k)) for k in sorted(NODE_KINDS))
+
+# The reached assets gc checks before it sweeps: every row with refs, every node, and every
+# row a state or a node links to as its parent, whatever its kind column says (a node whose
+# kind was changed and refs emptied would otherwise mark nothing and never be checked).
+_GC_CHECKED = f"""
+    WITH RECURSIVE {_STATE_REFS.format(states="immagent_states")},
+    linked(d) AS (
+        SELECT dst FROM state_refs
+        UNION
+        SELECT substr(p.refs, 1, 32) FROM immagent_assets p
+          JOIN temp.immagent_reach pr ON pr.digest = p.digest WHERE length(p.refs) > 0
+    )
+    SELECT a.digest, a.kind, a.refs, a.body, a.codec FROM immagent_assets a
+      JOIN temp.immagent_reach r ON r.digest = a.digest
+     WHERE length(a.refs) > 0 OR a.kind IN ({_NODE_KINDS}) OR a.digest IN (SELECT d FROM linked)
+"""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -510,9 +525,7 @@ class SQLiteBackend(StateQueries):
                 return SweepResult({}, 0, int(kept), _blob(missing[0]))
             for sql, decode in (
                     (f"SELECT {_STATE_COLUMNS} FROM immagent_states", _state),
-                    ("SELECT a.digest, a.kind, a.refs, a.body, a.codec FROM immagent_assets a "
-                     "JOIN temp.immagent_reach r ON r.digest = a.digest "
-                     f"WHERE length(a.refs) > 0 OR a.kind IN ({_NODE_KINDS})", _asset)):
+                    (_GC_CHECKED, _asset)):
                 cursor = conn.execute(sql)
                 while rows := cursor.fetchmany(1000):
                     check([decode(r) for r in rows])
