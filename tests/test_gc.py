@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,6 +29,7 @@ from hypothesis.stateful import (
 import immagent
 from immagent import Message, PersistentAgent, Store
 from immagent.assets import EMPTY_CONVERSATION, ConversationNode, Digest, SystemPrompt
+from tests import crafted
 from tests.conftest import raw_sql
 from tests.conftest import turn as support_turn
 from tests.test_verify import assert_clean, delete_asset, stored_digests
@@ -353,7 +355,14 @@ def reachable(roots: list[Digest], refs: dict[Digest, tuple[Digest, ...]]) -> se
 
 class GCMachine(RuleBasedStateMachine):
     """The store must hold exactly the model's assets and agent rows after every step, and
-    after each gc exactly what the live rows reach (computed here, in Python)."""
+    after each gc exactly what the live rows reach (computed here, in Python).
+
+    Two adversarial steps (issue 14): *corrupt a row* damages one stored row behind the
+    store's back, checks that gc never deletes an asset a valid live state reaches, that no
+    read returns data other than what was stored, and that nothing hangs, then restores the
+    row; *import a crafted bundle* offers a bundle that must be refused (a parent cycle with
+    stored rows, a wrong kind, a bad counter, a credential, an unreferenced asset) or, once
+    in a while, a sound one that must import exactly."""
 
     def __init__(self, open_dsn: Callable[[], str]) -> None:
         super().__init__()
@@ -369,6 +378,8 @@ class GCMachine(RuleBasedStateMachine):
         self.assets: dict[Digest, tuple[Digest, ...]] = {}  # what must be stored: refs
         self.nodes: dict[Digest, ConversationNode] = {EMPTY_CONVERSATION.digest:
                                                       EMPTY_CONVERSATION}
+        self.prompts: dict[Digest, str] = {}
+        self.files = tempfile.TemporaryDirectory()
 
     def run(self, coro: Awaitable[T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -377,6 +388,7 @@ class GCMachine(RuleBasedStateMachine):
         self.raw.close()
         self.run(self.store.close())
         self.loop.close()
+        self.files.cleanup()
 
     def _pick(self, ids: list[UUID], index: int) -> PersistentAgent:
         return self.handles[ids[index % len(ids)]]
@@ -391,6 +403,7 @@ class GCMachine(RuleBasedStateMachine):
         agent = self.run(self.store.create_agent("a", prompt, "m"))
         self._keep(agent, ())
         self.assets[SystemPrompt(text=prompt).digest] = ()
+        self.prompts[SystemPrompt(text=prompt).digest] = prompt
         self.assets[EMPTY_CONVERSATION.digest] = ()
 
     def _append(self, agent: PersistentAgent, messages: list[Message]) -> None:
@@ -461,6 +474,162 @@ class GCMachine(RuleBasedStateMachine):
             agent = self.run(self.store.load_agent(agent_id))
             assert self.run(agent.get_messages()) == self.history[agent_id]
 
+    # -- corrupt a row ----------------------------------------------------------------------
+
+    def _roots(self) -> list[Digest]:
+        return [d for i in self.parent for d in (self.handles[i].system_prompt_digest,
+                                                 self.handles[i].conversation_digest)]
+
+    def _stored(self) -> set[Digest]:
+        return {bytes(r[0]) for r in self.raw.rows("SELECT digest FROM immagent_assets")}
+
+    def _damage(self, agent: PersistentAgent, how: str, pick: int) -> Callable[[], None] | None:
+        """Damage one row reached from ``agent``; return how to restore it (None: ``how``
+        does not apply to this agent)."""
+        head = agent.conversation_digest
+        history = self.history[agent.id]
+        if how.startswith("state"):
+            (row,) = self.raw.rows_for("SELECT refs, body, parent_id FROM immagent_states "
+                                       "WHERE id = %s", [agent.id])
+            refs, body, parent = bytes(row[0]), bytes(row[1]), row[2]
+            if how == "state_refs_swapped":
+                self.raw.execute("UPDATE immagent_states SET refs = %s WHERE id = %s",
+                                 [refs[32:] + refs[:32], agent.id])
+            elif how == "state_body_flipped":
+                self.raw.execute("UPDATE immagent_states SET body = %s WHERE id = %s",
+                                 [bytes([body[0] ^ 1]) + body[1:], agent.id])
+            else:  # a parent cycle
+                self.raw.execute("UPDATE immagent_states SET parent_id = id WHERE id = %s",
+                                 [agent.id])
+            return lambda: self.raw.execute(
+                "UPDATE immagent_states SET refs = %s, body = %s, parent_id = %s "
+                "WHERE id = %s", [refs, body, parent, agent.id])
+        target = head
+        if how == "message_body_flipped":
+            if not history:
+                return None
+            target = history[pick % len(history)].digest
+        (row,) = self.raw.rows_for("SELECT kind, refs, body, codec FROM immagent_assets "
+                                   "WHERE digest = %s", [target])
+        kind, refs, body, codec = int(row[0]), bytes(row[1] or b""), bytes(row[2]), row[3]
+        if how in ("node_refs_truncated", "node_parent_to_root", "node_refs_emptied") \
+                and not refs:
+            return None  # the empty node has no refs to damage
+        new_kind, new_refs, new_body = kind, refs, body
+        if how == "node_refs_truncated":
+            new_refs = refs[:-32]
+        elif how == "node_refs_emptied":
+            new_refs = b""
+        elif how == "node_parent_to_root":
+            if refs[:32] == EMPTY_CONVERSATION.digest:
+                return None  # its parent is the root already
+            new_refs = EMPTY_CONVERSATION.digest + refs[32:]
+        elif how == "node_disguised":  # a leaf's kind and no refs: looks like a message
+            new_kind, new_refs = 2, b""
+        else:
+            new_body = body[:-1] + bytes([body[-1] ^ 1])
+        self._set_asset(target, new_kind, new_refs, new_body, codec)
+        return lambda: self._set_asset(target, kind, refs, body, codec)
+
+    def _set_asset(self, digest: Digest, kind: int, refs: bytes, body: bytes,
+                   codec: Any) -> None:
+        empty: bytes | None = refs if refs or self.dsn.startswith("sqlite:///") else None
+        self.raw.execute("UPDATE immagent_assets SET kind = %s, refs = %s, body = %s, "
+                         "codec = %s WHERE digest = %s", [kind, empty, body, codec, digest])
+
+    def _reads_are_true_or_refused(self) -> None:
+        """Every live agent reads back what was stored, or its read raises IntegrityError:
+        never other data, never another exception, never a hang."""
+        self.store.clear_cache()
+        for agent_id in self.parent:
+            try:
+                agent = self.run(asyncio.wait_for(self.store.load_agent(agent_id), 30))
+                assert agent.digest == self.handles[agent_id].digest
+                assert self.run(asyncio.wait_for(agent.get_messages(), 30)) \
+                    == self.history[agent_id]
+                assert self.run(asyncio.wait_for(agent.get_system_prompt(), 30)) \
+                    == self.prompts[agent.system_prompt_digest]
+                lineage = self.run(asyncio.wait_for(agent.get_lineage(), 30))
+                assert lineage[-1].id == agent_id
+            except immagent.IntegrityError:
+                pass
+
+    @precondition(lambda self: self.parent)
+    @rule(index=st.integers(0, 50), pick=st.integers(0, 50), how=st.sampled_from([
+        "node_refs_truncated", "node_refs_emptied", "node_parent_to_root", "node_disguised",
+        "message_body_flipped", "state_refs_swapped", "state_body_flipped", "state_cycle"]))
+    def corrupt_a_row(self, index: int, pick: int, how: str) -> None:
+        agent = self._pick(list(self.parent), index)
+        restore = self._damage(agent, how, pick)
+        if restore is None:
+            return
+        try:
+            before = self._stored()
+            doomed = set(self.assets) - reachable(self._roots(), self.assets)
+            try:
+                result = self.run(asyncio.wait_for(self.store.gc(), 30))
+            except immagent.IntegrityError:
+                assert self._stored() == before  # aborted: nothing deleted at all
+            else:
+                # It swept: only what no valid live state reaches (the damage kept gc from
+                # seeing no more than the truth), and exactly that.
+                assert how in ("message_body_flipped", "state_cycle"), how
+                assert before - self._stored() == doomed
+                assert result.assets_removed == len(doomed)
+                for digest in doomed:
+                    del self.assets[digest]
+            self._reads_are_true_or_refused()
+            assert not self.run(asyncio.wait_for(self.store.verify(), 30)).ok
+        finally:
+            restore()
+            self.store.clear_cache()
+        assert self.run(self.store.verify()).ok
+
+    # -- import a crafted bundle ----------------------------------------------------------
+
+    @rule(how=st.sampled_from(["cycle", "wrong_kind", "bad_counter", "credential",
+                               "unreferenced", "sound"]),
+          messages=st.lists(TEXTS, min_size=1, max_size=3))
+    def import_a_crafted_bundle(self, how: str, messages: list[Message]) -> None:
+        prompt = SystemPrompt(text="p0")
+        head = EMPTY_CONVERSATION.extend(messages)
+        assets: list[Any] = [prompt, EMPTY_CONVERSATION, *messages, head]
+        fields: dict[str, Any] = {}
+        orphan = next((i for i, p in self.parent.items()
+                       if p is not None and p not in self.parent), None)
+        if how == "cycle" and orphan is not None:
+            # A live state whose parent was deleted: a bundle bringing that parent back
+            # with the live state as *its* parent would close a cycle.
+            fields = {"id": self.parent[orphan], "parent_id": orphan}
+        elif how in ("cycle", "wrong_kind"):
+            head = prompt  # type: ignore[assignment]  # the conversation is a prompt
+        elif how == "bad_counter":
+            head = ConversationNode(parent=head.parent, messages=head.messages,
+                                    length=head.length + 1, size=head.size)
+            assets[-1] = head
+        elif how == "credential":
+            fields = {"model_config": {"extra_body": {"API_KEY": "sk-crafted"}}}
+        elif how == "unreferenced":
+            assets.append(Message(role="user", content="nobody points at me"))
+        record = crafted.agent_state(prompt.digest, head.digest, name="crafted", model="m",
+                                     **fields)
+        path = crafted.write(Path(self.files.name) / f"{record.id}.bundle", [record], assets)
+        states_before = self.raw.rows("SELECT id FROM immagent_states")
+        if how != "sound":
+            before = self._stored()
+            with pytest.raises(immagent.BundleError):
+                self.run(asyncio.wait_for(self.store.import_bundle(path), 30))
+            assert self._stored() == before
+            assert self.raw.rows("SELECT id FROM immagent_states") == states_before
+            return
+        agent = self.run(asyncio.wait_for(self.store.import_bundle(path), 30))
+        assert agent.digest == record.digest
+        self.nodes[head.digest] = head
+        self.prompts[prompt.digest] = prompt.text
+        self.assets.update({prompt.digest: (), EMPTY_CONVERSATION.digest: (),
+                            **{m.digest: () for m in messages}, head.digest: head.refs()})
+        self._keep(agent, tuple(messages))
+
     @invariant()
     def store_matches_model(self) -> None:
         assert {bytes(r[0]) for r in self.raw.rows("SELECT digest FROM immagent_assets")} \
@@ -478,16 +647,30 @@ class _RawReader:
         if dsn.startswith("sqlite:///"):
             import sqlite3
 
-            self._sqlite: Any = sqlite3.connect(dsn.removeprefix("sqlite:///"))
+            self._sqlite: Any = sqlite3.connect(dsn.removeprefix("sqlite:///"),
+                                                isolation_level=None)
             self._pg: psycopg.Connection[Any] | None = None
         else:
             self._sqlite = None
             self._pg = psycopg.connect(dsn, autocommit=True)
 
     def rows(self, sql: str) -> list[Any]:
+        return self.rows_for(sql, [])
+
+    def rows_for(self, sql: str, params: list[Any]) -> list[Any]:
+        """``sql`` with PostgreSQL placeholders (%s) on either backend."""
         if self._pg is not None:
-            return self._pg.execute(sql.encode()).fetchall()
-        return list(self._sqlite.execute(sql).fetchall())
+            return self._pg.execute(sql.encode(), params).fetchall()
+        args = [p.bytes if isinstance(p, UUID) else p for p in params]
+        return list(self._sqlite.execute(sql.replace("%s", "?"), args).fetchall())
+
+    def execute(self, sql: str, params: list[Any]) -> None:
+        """One write behind the store's back (autocommitted)."""
+        if self._pg is not None:
+            self._pg.execute(sql.encode(), params)
+        else:
+            args = [p.bytes if isinstance(p, UUID) else p for p in params]
+            self._sqlite.execute(sql.replace("%s", "?"), args)
 
     def close(self) -> None:
         if self._pg is not None:
