@@ -702,47 +702,48 @@ class SQLiteBackend(StateQueries):
                           limit: int = 10_000) -> list[Misfit]:
         if not expected:
             return []
-        table = ", ".join(f"(:k{n}, :f{n}, :r{n})" for n in range(len(expected)))
-        params: dict[str, Any] = {"limit": limit, "ids": b"".join(i.bytes for i in states or ())}
-        for n, (kind, (first, rest)) in enumerate(sorted(expected.items())):
-            params.update({f"k{n}": kind, f"f{n}": first, f"r{n}": rest})
+        kinds = ", ".join(str(int(k)) for k in sorted(expected))  # ints: safe to inline
         if states is None:
-            # Every checked asset's refs, by position, without descending.
-            ctes = """
-                pos(a, i) AS (
-                    SELECT digest, 0 FROM immagent_assets
-                     WHERE length(refs) > 0 AND kind IN (SELECT k FROM rules)
-                    UNION ALL
-                    SELECT p.a, p.i + 1 FROM pos p JOIN immagent_assets x ON x.digest = p.a
-                     WHERE 32 * (p.i + 1) < length(x.refs)
-                )
-            """
+            sql = (f"SELECT digest, kind, refs FROM immagent_assets "
+                   f"WHERE kind IN ({kinds}) AND length(refs) > 0")
+            params: dict[str, Any] = {}
         else:
             picked = ("(SELECT seq, refs FROM immagent_states WHERE id IN "
                       "(SELECT substr(:ids, 16 * n + 1, 16) FROM ids))")
-            ctes = f"""
-                ids(n) AS (
+            sql = f"""
+                WITH RECURSIVE ids(n) AS (
                     SELECT 0 WHERE length(:ids) >= 16
                     UNION ALL SELECT n + 1 FROM ids WHERE 16 * (n + 2) <= length(:ids)
                 ),
                 {_STATE_REFS.format(states=picked)},
                 roots(d) AS (SELECT DISTINCT dst FROM state_refs),
-                {_WALK},
-                pos(a, i) AS (SELECT a, i FROM walk)
+                {_WALK}
+                SELECT x.digest, x.kind, x.refs FROM walk w
+                  JOIN immagent_assets x ON x.digest = w.a
+                 WHERE w.i = 0 AND x.kind IN ({kinds}) AND length(x.refs) > 0
             """
-        sql = f"""
-            WITH RECURSIVE rules(k, first, rest) AS (VALUES {table}), {ctes}
-            SELECT x.digest, t.digest, t.kind, CASE p.i WHEN 0 THEN r.first ELSE r.rest END
-              FROM pos p
-              JOIN immagent_assets x ON x.digest = p.a AND 32 * p.i < length(x.refs)
-              JOIN rules r ON r.k = x.kind
-              JOIN immagent_assets t ON t.digest = substr(x.refs, 32 * p.i + 1, 32)
-             WHERE t.kind IS NOT CASE p.i WHEN 0 THEN r.first ELSE r.rest END
-             LIMIT :limit
-        """
-        rows: list[Any] = await self._read(
-            "misfit_refs", lambda conn: conn.execute(sql, params).fetchall())
-        return [Misfit(_blob(a), _blob(d), k, e) for a, d, k, e in rows]
+            params = {"ids": b"".join(i.bytes for i in states)}
+
+        def run(conn: sqlite3.Connection) -> list[Misfit]:
+            # In-process, one primary-key probe per ref costs microseconds, and each refs
+            # BLOB is read once (splitting it in SQL with substr() re-reads its overflow
+            # pages for every position). Memory: one row and the findings.
+            found: list[Misfit] = []
+            probe = "SELECT kind FROM immagent_assets WHERE digest = ?"
+            for digest, kind, raw in conn.execute(sql, params):
+                first, rest = expected[kind]
+                refs = split_refs(_blob(raw))
+                for i, ref in enumerate(refs):
+                    target = conn.execute(probe, (ref,)).fetchone()
+                    want = first if i == 0 else rest
+                    if target is not None and target[0] != want:
+                        found.append(Misfit(_blob(digest), ref, target[0], want))
+                        if len(found) >= limit:
+                            return found
+            return found
+
+        result: list[Misfit] = await self._read("misfit_refs", run)
+        return result
 
     async def cyclic_states(self, limit: int = 10_000) -> list[UUID]:
         # The states whose lineage ends are those reached from a root (no parent, or a
