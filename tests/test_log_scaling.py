@@ -119,7 +119,8 @@ async def test_every_history_of_a_lineage_is_read_from_one_chain_read(store_dsn:
 def _chain(nodes: int, per_node: int = 2, size: int = 100) -> list[tuple[bytes, list[Any]]]:
     from immagent.assets import EMPTY_CONVERSATION
 
-    node, out = EMPTY_CONVERSATION, [(EMPTY_CONVERSATION.digest, [])]
+    node = EMPTY_CONVERSATION
+    out: list[tuple[bytes, list[Any]]] = [(EMPTY_CONVERSATION.digest, [])]
     for i in range(nodes):
         added = [Message(role="user", content=f"{i}:{j}:" + "x" * size) for j in range(per_node)]
         node = node.extend(added)
