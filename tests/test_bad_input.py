@@ -139,3 +139,21 @@ def test_simple_agent_checks_the_same_fields() -> None:
     with pytest.raises(immagent.ValidationError) as err:
         SimpleAgent("bot", "p", "immagent/echo", model_config={"API_KEY": "x"})
     assert err.value.field == "model_config" or err.value.field == "config"
+
+
+async def test_a_value_too_large_for_postgresql_is_not_a_connection_error(
+        pg_store_dsn: str) -> None:
+    # Below the store's own checks (which refuse a 10 MB stream first), a value PostgreSQL
+    # cannot index is a StoreError about the value, not StoreConnectionError (before: the
+    # import of a 10 MB name surfaced as "database connection failed: index row requires").
+    from immagent.store.postgres import PostgresBackend
+
+    backend = await PostgresBackend.open(pg_store_dsn, min_size=1, max_size=1)
+    try:
+        row = crafted.agent_state(b"p" * 32, b"c" * 32, name="n" * 10_000_000).to_row()
+        with pytest.raises(immagent.StoreError) as err:
+            await backend.write([], [row])
+        assert not isinstance(err.value, immagent.StoreConnectionError)
+        assert "too large" in str(err.value)
+    finally:
+        await backend.close()
