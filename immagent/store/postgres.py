@@ -5,12 +5,18 @@ and gc takes the *exclusive* side, so a sweep never runs while a writer is betwe
 "this asset already exists, I will point at it" and its commit. Writers also check, under
 that lock, that every asset they point at and do not insert themselves still exists, which
 closes the other window (a sweep that ran before the writer's transaction began).
+
+Nothing relies on session state, so the backend works through a transaction-pooling
+PgBouncer: every lock is transaction-scoped, settings are ``SET LOCAL``, server-side cursors
+and gc's temporary table live inside one transaction. Only psycopg's automatic prepared
+statements are per session: the DSN parameter ``prepare_threshold=none`` turns them off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 from uuid import UUID
@@ -26,6 +32,7 @@ from immagent.exceptions import (
     StoreClosedError,
     StoreConnectionError,
     StoreError,
+    ValidationError,
 )
 from immagent.records import StateRow, state_from_v1
 from immagent.store._filters import Dialect, StateQueries
@@ -45,6 +52,10 @@ _LINEAGE_LOCK = 0x1A3A_6E70_0000_0003
 _STREAM_LOCK_SPACE = 0x1A3A_0000
 
 _STATE_COLUMNS = "id, parent_id, kind, stream, refs, body, digest, created_at, seq"
+# First statement of the long audit transactions: the planner prices their recursive
+# queries high enough to JIT-compile them, which cost ~400 ms against a few ms of work.
+# Transaction-scoped, so it never leaks to another client of a pooler.
+_NO_JIT = "SET LOCAL jit = off"
 # strpos, not LIKE: the user's text has no wildcards to escape.
 _INSERT_STATE = ("INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, digest, "
                  "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING")
@@ -59,6 +70,10 @@ def _mapped(operation: str) -> Iterator[None]:
         raise StoreClosedError(f"{operation}: the store is closed") from e
     except psycopg_pool.PoolTimeout as e:
         raise StoreConnectionError(f"{operation}: no database connection available ({e})") from e
+    except (pg_errors.DuplicatePreparedStatement, pg_errors.InvalidSqlStatementName) as e:
+        raise StoreError(
+            f"{operation} failed: {type(e).__name__}: {e} (connected through a transaction-"
+            "pooling PgBouncer? add prepare_threshold=none to the DSN)") from e
     except pg_errors.UndefinedTable as e:
         raise SchemaMissingError(
             f"{operation}: immagent tables are missing; call `await store.init_schema()`"
@@ -104,12 +119,16 @@ class PostgresBackend(StateQueries):
     @classmethod
     async def open(cls, dsn: str, *, min_size: int = 2, max_size: int = 10,
                    max_inactive_connection_lifetime: float = 300.0,
-                   connect_timeout: float = 10.0) -> PostgresBackend:
-        """Connect, failing fast with a clear error when the server is unreachable."""
+                   connect_timeout: float = 10.0, timeout: float = 30.0) -> PostgresBackend:
+        """Connect, failing fast with a clear error when the server is unreachable.
+        ``timeout``: how long a call waits for a pooled connection. The DSN may carry
+        ``prepare_threshold`` (``none``, or psycopg's count), read here, not by libpq."""
+        dsn, options = client_options(dsn)
         shown = redact(dsn)
         # One direct connection first: the pool would only retry silently until timeout.
         try:
-            probe = await psycopg.AsyncConnection.connect(dsn, connect_timeout=int(connect_timeout))
+            probe = await psycopg.AsyncConnection.connect(
+                dsn, connect_timeout=max(1, round(connect_timeout)), **options)
         except psycopg.Error as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             password = _password(dsn)
@@ -118,9 +137,9 @@ class PostgresBackend(StateQueries):
             raise StoreConnectionError(f"cannot connect to {shown}: {redact(reason)}") from None
         await probe.close()
         pool: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
-            dsn, min_size=min_size, max_size=max_size,
-            max_idle=max_inactive_connection_lifetime, timeout=30.0, open=False,
-            name="immagent", configure=_configure,
+            dsn, min_size=min_size, max_size=max_size, kwargs=options,
+            max_idle=max_inactive_connection_lifetime, timeout=timeout, open=False,
+            name="immagent",
         )
         try:
             with _mapped("connect"):
@@ -140,6 +159,18 @@ class PostgresBackend(StateQueries):
             return True
         except (psycopg.Error, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed):
             return False
+
+    async def wal_lsn(self) -> int:
+        """The WAL position whose effects this server shows, as a number: everything
+        inserted so far on a primary, everything replayed on a standby (read replicas
+        compare the two)."""
+        with _mapped("wal_lsn"):
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
+                    "ELSE pg_current_wal_insert_lsn() END - '0/0'::pg_lsn")
+                row = await cur.fetchone()
+        return 0 if row is None or row[0] is None else int(row[0])
 
     # -- schema ---------------------------------------------------------------------------
 
@@ -244,6 +275,7 @@ class PostgresBackend(StateQueries):
                 # their snapshots (READ COMMITTED: per statement) see every committed write
                 # and no write can start until the sweep commits.
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_GC_LOCK,))
+                await conn.execute(_NO_JIT)
                 await conn.execute("CREATE TEMP TABLE immagent_reach (digest bytea PRIMARY KEY)"
                                    " ON COMMIT DROP")
                 await conn.execute(
@@ -379,6 +411,7 @@ class PostgresBackend(StateQueries):
                 conn.transaction(),
                 conn.cursor(name="immagent_iter_assets") as cur,
             ):
+                await conn.execute(_NO_JIT)
                 await cur.execute(sql.encode(), params)
                 while rows := await cur.fetchmany(batch_size):
                     yield [_asset(r) for r in rows]
@@ -419,6 +452,7 @@ class PostgresBackend(StateQueries):
                 """
         with _mapped("dangling_refs"):
             async with self._pool.connection() as conn:
+                await conn.execute(_NO_JIT)
                 cur = await conn.execute(
                     sql.encode(), {"ids": list(states or ()), "limit": limit}
                 )
@@ -503,14 +537,6 @@ class PostgresBackend(StateQueries):
             """, (state_id, limit))
 
 
-async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Per-connection settings. JIT is off: our recursive queries look expensive to the
-    planner, and compiling them cost ~400 ms against a few ms of execution."""
-    await conn.set_autocommit(True)
-    await conn.execute("SET jit = off")
-    await conn.set_autocommit(False)
-
-
 async def _version(conn: psycopg.AsyncConnection[Any]) -> int | None:
     cur = await conn.execute("SELECT to_regclass('immagent_schema') IS NOT NULL")
     row = await cur.fetchone()
@@ -570,3 +596,38 @@ def _password(dsn: str) -> str | None:
         return psycopg.conninfo.conninfo_to_dict(dsn).get("password")  # type: ignore[return-value]
     except psycopg.ProgrammingError:
         return None
+
+
+# libpq rejects parameters it does not know, so ours is taken out of the DSN first: as a
+# URI query item, or a key=value pair (its value optionally quoted).
+_THRESHOLD = "prepare_threshold"
+_KV_THRESHOLD = re.compile(r"(?:^|\s)prepare_threshold\s*=\s*('?)([^\s']*)\1(?=\s|$)")
+
+
+def client_options(dsn: str) -> tuple[str, dict[str, Any]]:
+    """The DSN for libpq and psycopg's connection options from it: ``prepare_threshold``
+    (``none``: never prepare, what a transaction-pooling PgBouncer needs, since a prepared
+    statement belongs to one server session; an int: prepare a query after that many runs,
+    psycopg's default being 5). ValidationError ``dsn`` for another value."""
+    value: str | None = None
+    if dsn.startswith(("postgresql://", "postgres://")):
+        base, sep, query = dsn.partition("?")
+        kept = []
+        for item in query.split("&") if sep else ():
+            key, _, raw = item.partition("=")
+            if key == _THRESHOLD:
+                value = raw
+            else:
+                kept.append(item)
+        dsn = base + ("?" + "&".join(kept) if kept else "")
+    elif (match := _KV_THRESHOLD.search(dsn)) is not None:
+        value = match.group(2)
+        dsn = (dsn[:match.start()] + dsn[match.end():]).strip()
+    if value is None:
+        return dsn, {}
+    if value.lower() == "none":
+        return dsn, {"prepare_threshold": None}
+    if value.isascii() and value.isdigit():
+        return dsn, {"prepare_threshold": int(value)}
+    raise ValidationError("dsn", f"{_THRESHOLD} must be 'none' or an int >= 0, got {value!r}",
+                          value)
