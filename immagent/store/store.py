@@ -110,12 +110,15 @@ class Store:
         max_size: int = 10,
         max_inactive_connection_lifetime: float = 300.0,
         cache_entries: int = 20_000,
+        replicas: Sequence[str] = (),
     ) -> Store:
         """Open a store: ``postgresql://…`` for PostgreSQL, ``sqlite:///path.db`` (or a bare
         path ending in ``.db``) for the embedded SQLite backend, ``memory://`` for a
         throwaway one. The pool sizes apply to PostgreSQL; SQLite uses ``max_size`` reader
         connections beside its one writer. ``cache_entries`` decoded assets stay in memory
-        after their last use (assets never change, so a cached one is never stale)."""
+        after their last use (assets never change, so a cached one is never stale).
+        ``replicas``: DSNs of PostgreSQL hot standbys of ``dsn`` that serve reads (see
+        ``immagent.store.replicas``); each gets pools of the same sizes."""
         target = dsns.parse(dsn)
         if isinstance(cache_entries, bool) or not isinstance(cache_entries, int) or not (
                 0 <= cache_entries <= 10_000_000):
@@ -126,12 +129,15 @@ class Store:
             raise ValidationError(
                 "max_size", f"need 0 <= min_size <= max_size, max_size >= 1 "
                 f"(got min_size={min_size!r}, max_size={max_size!r})", max_size)
+        if replicas and target.scheme != "postgresql":
+            raise ValidationError("replicas", "read replicas need a postgresql:// primary",
+                                  None)
         backend: Backend
         if target.scheme == "postgresql":
-            from immagent.store.postgres import PostgresBackend
+            from immagent.store.replicas import open_backend
 
-            backend = await PostgresBackend.open(
-                target.dsn, min_size=min_size, max_size=max_size,
+            backend = await open_backend(
+                target.dsn, replicas, min_size=min_size, max_size=max_size,
                 max_inactive_connection_lifetime=max_inactive_connection_lifetime,
             )
         elif target.scheme == "sqlite":
