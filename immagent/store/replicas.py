@@ -57,7 +57,7 @@ from immagent.store import dsn as dsns
 from immagent.store.backend import Backend, Head, RowCheck, SweepResult, WriteResult
 from immagent.store.postgres import PostgresBackend, client_options
 
-__all__ = ["ReplicatedBackend", "open_backend"]
+__all__ = ["ReplicatedBackend", "check_replicas", "least_busy", "open_backend"]
 
 log = logging.getLogger("immagent")
 
@@ -224,13 +224,11 @@ class ReplicatedBackend:
         behind = [r for r in self._replicas if r.backend is not None and r.replayed < fence]
         if behind:
             await asyncio.gather(*(self._probe(r) for r in behind))
-        ready = [r for r in self._replicas
-                 if r.backend is not None and r.replayed >= fence]
-        if not ready:
-            return None
-        start, count = self._turn, len(self._replicas)
-        self._turn = (start + 1) % count
-        return min(ready, key=lambda r: (r.in_flight, (r.index - start) % count))
+        loads = [r.in_flight if r.backend is not None and r.replayed >= fence else None
+                 for r in self._replicas]
+        chosen = least_busy(loads, self._turn)
+        self._turn = (self._turn + 1) % len(self._replicas)
+        return None if chosen is None else self._replicas[chosen]
 
     async def _probe(self, replica: _Replica) -> None:
         """Re-read a replica's replay position, unless that was done just now."""
@@ -429,6 +427,17 @@ class ReplicatedBackend:
         if rows is not None and _whole_line(rows, state_id, limit):
             return rows
         return await self._primary.lineage(state_id, limit)
+
+
+def least_busy(loads: Sequence[int | None], turn: int) -> int | None:
+    """The policy: the index of the replica with the fewest calls in flight (``loads``;
+    None: not usable now), ties going to the first at or after ``turn`` (the caller
+    advances it on every choice: round robin). None when no replica is usable."""
+    count = len(loads)
+    usable = [i for i, load in enumerate(loads) if load is not None]
+    if not usable:
+        return None
+    return min(usable, key=lambda i: (loads[i], (i - turn) % count))
 
 
 def _whole_chain(chain: Sequence[StoredAsset], leaves: dict[Digest, StoredAsset]) -> bool:
