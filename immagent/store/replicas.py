@@ -32,10 +32,11 @@ waiting for a pooled connection only ever means the server does not answer, whic
 checkout timeout (1 s) detects.
 
 Failures: a replica that cannot be reached (connection refused or lost, no connection
-within the timeout) is marked down and its pool closed; the call and all later ones go
-elsewhere, the primary last, and a background task reopens it with backoff (0.5 s doubling
-to 30 s). Any other error from a replica (a recovery conflict, tables not replayed yet)
-falls back to the primary for that call. Only the primary's errors reach the caller.
+within the timeout) is marked down and its pool closed; the primary answers that call, the
+next ones go to the other replicas (or the primary), and a background task reopens it with
+backoff (0.5 s doubling to 30 s). Any other error from a replica (a recovery conflict,
+tables not replayed yet) falls back to the primary for that call. Only the primary's errors
+reach the caller.
 """
 
 from __future__ import annotations
@@ -72,7 +73,6 @@ FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 #: A replica behind the delete fence has its replay position re-read at most this often.
 PROBE_INTERVAL = 0.02
-
 
 
 class _Miss:
@@ -288,8 +288,10 @@ class ReplicatedBackend:
         """Close a failed replica's pool, then reopen it with backoff. A fresh pool: the
         old one would hand out its dead idle connections unchecked."""
         if old is not None:
-            with contextlib.suppress(StoreError):
+            try:
                 await old.close()
+            except Exception as e:  # a dead pool may fail to close; it is dropped anyway
+                log.debug("closing the pool of read replica %s: %s", replica.shown, e)
         delay = FIRST_BACKOFF
         while True:
             await asyncio.sleep(delay)
