@@ -185,6 +185,11 @@ STATE_KINDS: dict[int, StateKind] = {
         digest=_agent_digest,
         ref_kinds=lambda row: (int(Kind.SYSTEM_PROMPT), int(Kind.NODE)),
     ),
+    # The store's own: which zstd dictionaries exist (store/compression.py).
+    int(Kind.COMPRESSION): StateKind(
+        digest=lambda row: stream_digest(row.kind, row.stream, row.refs, row.body),
+        ref_kinds=lambda row: tuple(int(Kind.DICTIONARY) for _ in row.refs),
+    ),
 }
 
 
