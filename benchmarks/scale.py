@@ -60,31 +60,52 @@ class Sizes:
     advance_tasks: int = 16
     advance_steps: int = 8
     pool: int = 8
+    #: Runs of each configuration, interleaved (A B A B …), so a burst of load on the
+    #: shared machine or a cold cache does not land on one configuration only.
+    repeats: int = 3
 
     @classmethod
     def full(cls) -> Sizes:
-        return cls(agents=1000, turns=50, read_rounds=3, advance_steps=25)
+        return cls(agents=1000, turns=50, read_rounds=2, advance_steps=25)
 
 
 @dataclass
 class Row:
-    """One measured configuration."""
+    """One configuration: every run's (operations, seconds), the pooled latencies, and the
+    work each server did per run (pg_stat_statements)."""
 
     scenario: str
     setup: str
-    operations: int
-    seconds: float
-    latencies: list[float] = field(repr=False)
+    runs: list[tuple[int, float]] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list, repr=False)
     servers: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def add(self, operations: int, seconds: float, latencies: Sequence[float],
+            work: dict[str, dict[str, float]] | None = None) -> None:
+        self.runs.append((operations, seconds))
+        self.latencies.extend(latencies)
+        for server, numbers in (work or {}).items():
+            mine = self.servers.setdefault(server, {})
+            for key, value in numbers.items():
+                mine[key] = mine.get(key, 0.0) + value
+
+    @property
+    def rates(self) -> list[float]:
+        return sorted(n / t for n, t in self.runs)
 
     @property
     def rate(self) -> float:
-        return self.operations / self.seconds
+        """The median run's rate."""
+        return percentile(self.rates, 50)
+
+    def per_run(self, server: str, key: str) -> float:
+        return self.servers.get(server, {}).get(key, 0.0) / max(1, len(self.runs))
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("latencies")
-        data.update(rate=self.rate, p50_ms=percentile(self.latencies, 50) * 1000,
+        data.update(rate=self.rate, rates=self.rates,
+                    p50_ms=percentile(self.latencies, 50) * 1000,
                     p95_ms=percentile(self.latencies, 95) * 1000)
         return data
 
@@ -204,21 +225,29 @@ async def run(sizes: Sizes) -> list[Row]:
         print(f"populating {sizes.agents} agents x {sizes.turns} turns ...", flush=True)
         agents = await populate(primary, sizes)
         wait_replayed()
-        for setup, replicas in (("primary only", []), ("1 replica", [standby])):
-            reset_stats()
-            count, seconds, latencies = await cold_reads(primary, replicas, agents, sizes)
-            work = {name: server_work(dsn, DATABASE)
-                    for name, dsn in (("primary", primary), ("standby", standby))}
-            rows.append(Row("cold reads", setup, count, seconds, latencies, work))
+        reads = {"primary only": Row("cold reads", "primary only"),
+                 "1 replica": Row("cold reads", "1 replica")}
+        for _ in range(sizes.repeats):
+            for setup, replicas in (("primary only", []), ("1 replica", [standby])):
+                reset_stats()
+                count, seconds, latencies = await cold_reads(primary, replicas, agents, sizes)
+                reads[setup].add(count, seconds, latencies,
+                                 {name: server_work(dsn, DATABASE)
+                                  for name, dsn in (("primary", primary), ("standby", standby))})
+        rows.extend(reads.values())
         async with await Store.connect(primary, min_size=1, max_size=1) as store:
             warm = await store.create_agent("warm-up", "You answer.", MODEL)
             await warm.advance("warm up")  # LiteLLM's import, outside every timed block
-        for setup, dsn in (("direct", primary),
-                           ("direct, prepare_threshold=none",
-                            primary + "?prepare_threshold=none"),
-                           ("PgBouncer (transaction mode)", bouncer)):
-            count, seconds, latencies = await advances(dsn, agents, sizes, setup[:6])
-            rows.append(Row("advance", setup, count, seconds, latencies))
+        targets = {"direct": primary,
+                   "direct, prepare_threshold=none": primary + "?prepare_threshold=none",
+                   "PgBouncer (transaction mode)": bouncer}
+        steps = {setup: Row("advance", setup) for setup in targets}
+        for run in range(sizes.repeats):
+            for index, (setup, dsn) in enumerate(targets.items()):
+                count, seconds, latencies = await advances(dsn, agents, sizes,
+                                                           f"r{run}c{index}")
+                steps[setup].add(count, seconds, latencies)
+        rows.extend(steps.values())
     finally:
         await drop_database(dsns["primary"], DATABASE)
     return rows
@@ -227,22 +256,28 @@ async def run(sizes: Sizes) -> list[Row]:
 def report(rows: Sequence[Row], sizes: Sizes) -> None:
     print_table(
         f"Cold reads: load_agent + get_messages of {sizes.agents} agents x {2 * sizes.turns} "
-        f"messages, {sizes.read_tasks} tasks, pool {sizes.pool}",
-        ["setup", "reads", "reads/s", "p50", "p95", "primary stmts", "primary exec",
+        f"messages, {sizes.read_tasks} tasks, pool {sizes.pool}; median of {sizes.repeats} "
+        "interleaved runs (range), statements and execution time per run",
+        ["setup", "reads/s", "range", "p50", "p95", "primary stmts", "primary exec",
          "standby stmts", "standby exec"],
-        [[r.setup, r.operations, f"{r.rate:,.0f}/s", _ms(percentile(r.latencies, 50)),
+        [[r.setup, f"{r.rate:,.0f}/s", _range(r), _ms(percentile(r.latencies, 50)),
           _ms(percentile(r.latencies, 95)),
-          f"{r.servers['primary']['statements']:,.0f}",
-          f"{r.servers['primary']['exec_ms']:,.0f} ms",
-          f"{r.servers['standby']['statements']:,.0f}",
-          f"{r.servers['standby']['exec_ms']:,.0f} ms"]
+          f"{r.per_run('primary', 'statements'):,.0f}",
+          f"{r.per_run('primary', 'exec_ms') / 1000:,.1f} s",
+          f"{r.per_run('standby', 'statements'):,.0f}",
+          f"{r.per_run('standby', 'exec_ms') / 1000:,.1f} s"]
          for r in rows if r.scenario == "cold reads"])
     print_table(
         f"Advance: {sizes.advance_tasks} tasks x {sizes.advance_steps} steps "
-        f"(agent.advance, immagent/echo, {sizes.turns}-turn histories), pool {sizes.pool}",
-        ["setup", "advances", "advances/s", "p50", "p95"],
-        [[r.setup, r.operations, f"{r.rate:,.0f}/s", _ms(percentile(r.latencies, 50)),
+        f"(agent.advance, immagent/echo, {sizes.turns}-turn histories), pool {sizes.pool}; "
+        f"median of {sizes.repeats} interleaved runs (range)",
+        ["setup", "advances/s", "range", "p50", "p95"],
+        [[r.setup, f"{r.rate:,.0f}/s", _range(r), _ms(percentile(r.latencies, 50)),
           _ms(percentile(r.latencies, 95))] for r in rows if r.scenario == "advance"])
+
+
+def _range(row: Row) -> str:
+    return f"{row.rates[0]:,.0f}-{row.rates[-1]:,.0f}"
 
 
 def _ms(seconds: float) -> str:
