@@ -1,6 +1,7 @@
 """The immutable data model and its content addressing.
 
-Every content asset (system prompt, message, conversation node) is a frozen msgspec Struct.
+Every content asset (system prompt, message, session item, chain node) is a frozen msgspec
+Struct.
 Its canonical bytes are deterministic msgpack (map keys sorted, default-valued fields left
 out, so adding an optional field later does not change old digests; fields encode in
 declaration order, so never reorder them; keys are short aliases fixed per field, because
@@ -30,11 +31,14 @@ from immagent.ids import uuid_from_digest
 
 __all__ = [
     "EMPTY_CONVERSATION",
+    "EMPTY_ITEMS",
     "NODE_KINDS",
     "Asset",
     "Conversation",
     "ConversationNode",
     "Digest",
+    "Item",
+    "ItemNode",
     "Kind",
     "Message",
     "MissingAsset",
@@ -65,6 +69,9 @@ class Kind(IntEnum):
     MESSAGE = 2
     NODE = 3  # a link of a conversation (a hash chain of messages)
     AGENT_STATE = 4  # a state (a row of immagent_states), never a content asset
+    ITEM = 7  # a JSON value: one item of an OpenAI Agents SDK session
+    ITEM_NODE = 8  # a link of a session's item chain
+    SESSION_STATE = 18  # a state of a session (all its branches), never a content asset
 
 
 _encoder = msgspec.msgpack.Encoder(order="deterministic")
@@ -298,17 +305,50 @@ class Conversation(msgspec.Struct, frozen=True):
                             messages=(*self.messages, *messages))
 
 
-Asset: TypeAlias = SystemPrompt | Message | ConversationNode
+class Item(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True):
+    """One JSON value as a content asset: an item of an OpenAI Agents SDK session (a
+    Responses-API input item: a message, a function call or its output, a reasoning item,
+    …), stored once however many sessions, branches and forks hold it.
+
+    The body is the canonical msgpack of the value itself (map keys sorted), so equal
+    values have one digest whatever their key order; ints and floats stay apart (``1`` and
+    ``1.0`` are two items, as they are two JSON texts). Build items from values checked by
+    ``validate.check_json_value``: this type only holds them.
+    """
+
+    value: Any
+    kind: ClassVar[Kind] = Kind.ITEM
+
+    @functools.cached_property
+    def body(self) -> bytes:
+        """The canonical bytes of the value (no wrapping map: one per item stored)."""
+        return encode(self.value)
+
+
+class ItemNode(ConversationNode, frozen=True, omit_defaults=True, dict=True, weakref=True):
+    """A link of a session's item chain: the same hash chain as a conversation's, over
+    items (its ``messages`` are the digests of the items it adds)."""
+
+    kind: ClassVar[Kind] = Kind.ITEM_NODE
+    element_kind: ClassVar[Kind] = Kind.ITEM
+
+
+#: The root of every item chain (an empty session or branch); stored once for all.
+EMPTY_ITEMS = ItemNode()
+
+Asset: TypeAlias = SystemPrompt | Message | ConversationNode | Item
 
 #: Node kinds (hash chains), by kind: their digest covers their refs, and their refs are
 #: (parent node of the same kind, then elements of the node's ``element_kind``).
-NODE_KINDS: dict[int, type[ConversationNode]] = {int(Kind.NODE): ConversationNode}
+NODE_KINDS: dict[int, type[ConversationNode]] = {int(Kind.NODE): ConversationNode,
+                                                  int(Kind.ITEM_NODE): ItemNode}
 
 _decoders: dict[int, msgspec.msgpack.Decoder[Any]] = {
     int(Kind.SYSTEM_PROMPT): msgspec.msgpack.Decoder(SystemPrompt),
     int(Kind.MESSAGE): msgspec.msgpack.Decoder(Message),
 }
 _node_body = msgspec.msgpack.Decoder(_NodeBody)
+_item_value: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder()
 
 
 def decode_asset(kind: int, body: bytes, refs: Sequence[Digest] = ()) -> Asset:
@@ -323,10 +363,12 @@ def decode_asset(kind: int, body: bytes, refs: Sequence[Digest] = ()) -> Asset:
         return node_type(parent=parent, messages=elements, length=counters.length,
                          size=counters.size)
     decoder = _decoders.get(kind)
-    if decoder is None:
+    if decoder is None and kind != Kind.ITEM:
         raise ValueError(f"unknown asset kind {kind}")
     if refs:
         raise ValueError(f"assets of kind {kind} have no refs")
+    if decoder is None:
+        return Item(value=_item_value.decode(body))
     asset: Asset = decoder.decode(body)
     return asset
 
@@ -421,4 +463,4 @@ def load_row(row: StoredAsset) -> Asset:
 
 
 #: Every kind a content asset may have (states have theirs in immagent.records).
-_ASSET_KINDS = frozenset(set(_decoders) | set(NODE_KINDS))
+_ASSET_KINDS = frozenset(set(_decoders) | set(NODE_KINDS) | {int(Kind.ITEM)})
