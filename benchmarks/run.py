@@ -496,11 +496,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "project's throwaway server with scripts/ensure-postgres.sh)")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--no-langgraph", action="store_true", help="skip the comparison")
+    parser.add_argument("--no-sessions", action="store_true",
+                        help="skip ImmAgentSession beside the OpenAI Agents SQLiteSession")
     args = parser.parse_args(argv)
     res = asyncio.run(run_all(args))
     report(res)
+    numbers = res.as_dict()
+    if not args.no_sessions:
+        from benchmarks import immagent_session
+
+        pg = (args.dsn or ensure_postgres()) if "postgres" in args.backends else None
+        sessions = asyncio.run(immagent_session.run(samples=50 if args.full else 30, dsn=pg))
+        immagent_session.report(sessions)
+        numbers["openai_agents_sessions"] = sessions.as_dict()
     if args.json:
-        args.json.write_text(json.dumps(res.as_dict(), indent=2) + "\n")
+        args.json.write_text(json.dumps(numbers, indent=2) + "\n")
     if args.plot:
         plot(res, args.plot)
 
