@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import itertools
 import json
 import math
@@ -30,6 +31,7 @@ from immagent.integrations.openai_agents import ImmAgentSession
 from tests.conftest import count_rows
 
 NO_TRACING = RunConfig(tracing_disabled=True)
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "openai_agents_session.py"
 Make = Callable[..., ImmAgentSession]
 
 
@@ -270,6 +272,23 @@ async def test_close(store_dsn: str, store: Store) -> None:
     await shared.aclose()
     assert not store.closed and await ImmAgentSession("closing", store).get_items() == [
         user("x")]
+
+
+async def test_the_example_runs(store_dsn: str) -> None:
+    spec = importlib.util.spec_from_file_location("openai_agents_example", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    await example.main(store_dsn)
+    reader = ImmAgentSession("demo-user", store_dsn)
+    try:
+        items: list[Any] = await reader.get_items()
+        assert [i.get("type", i.get("role")) for i in items] == [
+            "user", "message", "user", "function_call", "function_call_output", "message",
+            "user"]  # the last answer was popped
+        assert len(await ImmAgentSession("demo-user-retry", store_dsn).get_items()) == 2
+    finally:
+        await reader.aclose()
 
 
 def test_import_immagent_does_not_import_the_sdk() -> None:
