@@ -291,6 +291,17 @@ async def test_the_example_runs(store_dsn: str) -> None:
         await reader.aclose()
 
 
+async def test_a_bare_db_path_and_memory(tmp_path: Path) -> None:
+    for db in (str(tmp_path / "bare.db"), tmp_path / "path-object.sqlite", "memory://"):
+        session = ImmAgentSession("bare", db)
+        try:
+            await session.add_items([user(str(db))])
+            assert await session.get_items() == [user(str(db))]
+        finally:
+            await session.aclose()
+    assert (tmp_path / "bare.db").exists()
+
+
 def test_import_immagent_does_not_import_the_sdk() -> None:
     code = ("import sys, immagent, immagent.sessions, immagent.integrations; "
             "assert 'agents' not in sys.modules and 'openai' not in sys.modules, "

@@ -177,6 +177,8 @@ class _OwnedHost(_Host):
     async def _open(self) -> Store:
         assert self._opening is not None
         async with self._opening:  # concurrent first calls open one store
+            if self._done:  # a call that slipped in as close() began opens nothing
+                raise StoreClosedError("the session is closed")
             if self._store is None:
                 store = await Store.connect(self._dsn)
                 try:
