@@ -56,7 +56,7 @@ __all__ = [
 MODEL = "immagent/echo"
 SYSTEM_PROMPT = "You are the benchmark agent. Answer every message."
 #: immagent's PostgreSQL tables; all of them count as stored bytes.
-PG_TABLES = ("immagent_assets", "immagent_agents", "immagent_schema")
+PG_TABLES = ("immagent_assets", "immagent_states", "immagent_schema")
 
 
 def pg_database(label: str) -> str:
