@@ -70,6 +70,16 @@ async def make(request: pytest.FixtureRequest, store: Store,
         await s.aclose()
 
 
+@pytest.fixture
+async def shared(store: Store) -> Make:
+    """Sessions over the test's Store only: for what does not depend on where it runs."""
+
+    def factory(session_id: str, **kwargs: Any) -> ImmAgentSession:
+        return ImmAgentSession(session_id, store, **kwargs)
+
+    return factory
+
+
 # -- the protocol ---------------------------------------------------------------------------
 
 
@@ -154,14 +164,14 @@ async def test_sessions_in_one_store_are_separate(make: Make, store_dsn: str) ->
 @pytest.mark.parametrize("session_id", [
     "ünïcødé 🧪 セッション", "'; DROP TABLE immagent_states; --", "%_\\", "a" * 500,
     "O'Reilly \"quoted\" `tick`"])
-async def test_unicode_and_sql_like_strings(make: Make, session_id: str) -> None:
-    session = make(session_id)
+async def test_unicode_and_sql_like_strings(shared: Make, session_id: str) -> None:
+    session = shared(session_id)
     items = [user(session_id), {"type": "function_call_output", "call_id": "c'1",
                                 "output": "SELECT * FROM x WHERE y = '%'; -- ☃ \x00 end"}]
     await session.add_items(items)
     assert await session.get_items() == items
-    assert await make(session_id).get_items() == items
-    assert await make(session_id + " ").get_items() == []
+    assert await shared(session_id).get_items() == items
+    assert await shared(session_id + " ").get_items() == []
 
 
 async def test_items_come_back_as_json_carries_them(make: Make) -> None:
@@ -192,8 +202,8 @@ def _cycle() -> list[Any]:
     float("nan"), float("inf"), {1, 2}, b"bytes", object(), {1: "int key"}, 2**64,
     "\ud800", {"k": _cycle()}, {"deep": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[
         [[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}])
-async def test_bad_items_write_nothing(make: Make, store_dsn: str, bad: object) -> None:
-    session = make("bad")
+async def test_bad_items_write_nothing(shared: Make, store_dsn: str, bad: object) -> None:
+    session = shared("bad")
     await session.add_items([user("kept")])
     before = (states(store_dsn), assets(store_dsn))
     with pytest.raises(ValidationError) as err:
