@@ -1,25 +1,29 @@
 """ImmAgentSession beside the OpenAI Agents SDK's ``SQLiteSession``, on the same items.
 
-Both store one turn per ``add_items``: the user's input item and the assistant's output
-message, in the SDK's item format (checked against a real ``Runner.run`` with the SDK's
-offline ``ScriptedModel`` first), with the 200-byte texts of ``benchmarks/common.py``.
-Both sides use a SQLite file (``SQLiteSession`` has no other backend); our PostgreSQL
-figures are printed for information when a server is given.
+The items, their format check and the ``SQLiteSession`` growth are
+``benchmarks/openai_agents_baseline.py``'s; its way of timing a cold read (a new session
+object each time, the constructor untimed) too. Latencies are sampled alternately, one
+side then the other, on identical new items, so load from elsewhere on the machine falls
+on both alike, and both sessions hold the same turns whenever they are measured. Both use
+a SQLite file (``SQLiteSession`` has no other backend); our PostgreSQL figures are printed
+for information when a server is given.
 
-Measured (the issue's targets: bytes <= SQLiteSession's while keeping every state, and
+Measured, against the issue's targets (bytes <= SQLiteSession's while keeping every state;
 latencies within 1.2x of it):
 
-* **bytes after N turns**: the file after ``PRAGMA wal_checkpoint(TRUNCATE)``; ours holds
+* **bytes after N turns**: the file after ``PRAGMA wal_checkpoint(TRUNCATE)``; ours keeps
   every session state (each one loadable), theirs only the latest list. Twice: one
-  ``add_items`` per turn, and two, as ``Runner.run`` writes a turn (its input before the
-  model runs, then the outputs: a state each);
+  ``add_items`` per turn (the baseline's), and two, as ``Runner.run`` writes a turn (its
+  input before the model runs, then the outputs: a state each);
 * **add_items** of one turn (p50) on a session holding 10 and N turns;
-* **cold get_items** of the whole N-turn session (p50): a new session object each time,
-  nothing cached (ours: on an open store, its asset cache cleared; theirs: a new
-  ``SQLiteSession``, whose constructor is not timed, so its new connection is);
+* **cold get_items** of the whole N-turn session (p50), a new session object each time
+  with nothing cached: theirs a new ``SQLiteSession`` (the baseline's ``read_latency``: its
+  constructor is not timed, its new connection is); ours a new ``ImmAgentSession`` on an
+  open store whose cache is cleared first; and, for information, ours opening its store
+  from the path too, and reading again on one object (warm);
 * **a fork** of the N-turn session: ours ``fork()`` (the whole history, and cut at the
   middle turn), theirs the only way ``SQLiteSession`` has, copying the items into a new
-  session (``add_items(await get_items())``): bytes added and time.
+  session (``add_items(await get_items())``): bytes added and seconds.
 
 Run alone: ``python -m benchmarks.immagent_session [--turns 1000] [--dsn postgresql://…]``.
 """
@@ -28,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,13 +40,14 @@ from typing import Any
 
 from agents import SQLiteSession, TResponseInputItem
 
+from benchmarks import openai_agents_baseline as baseline
 from benchmarks.common import (
+    Backend,
+    Latency,
     drop_database,
     fmt_bytes,
     fresh_database,
-    percentile,
     print_table,
-    remove_sqlite_files,
     reply_text,
     sqlite_file_bytes,
     user_text,
@@ -52,171 +55,164 @@ from benchmarks.common import (
 from immagent import Store
 from immagent.integrations.openai_agents import ImmAgentSession
 
-__all__ = ["SessionResults", "check_item_format", "run", "turn_items"]
+__all__ = ["LATENCY_FACTOR", "SessionResults", "report", "run"]
 
-Item = TResponseInputItem
 #: Latencies within this factor of SQLiteSession's pass.
 LATENCY_FACTOR = 1.2
-
-
-def _texts(thread: str, turn: int) -> tuple[str, str, str]:
-    """The user text, the reply and the reply's Responses-style id (as a provider gives)."""
-    text = user_text(thread, turn)
-    return text, reply_text(text), "msg_" + hashlib.sha256(
-        f"{thread}/{turn}".encode()).hexdigest()[:48]
-
-
-def turn_items(thread: str, turn: int) -> list[Item]:
-    """One turn as ``Runner.run`` stores it: the user's input item, then the assistant's
-    output message."""
-    text, reply, item_id = _texts(thread, turn)
-    return [{"content": text, "role": "user"},
-            {"id": item_id, "content": [{"annotations": [], "text": reply,
-                                         "type": "output_text", "logprobs": []}],
-             "role": "assistant", "status": "completed", "type": "message"}]
-
-
-async def check_item_format() -> None:
-    """Fail loudly unless ``turn_items``' shape is what the SDK stores for one turn."""
-    from agents import Agent, RunConfig, Runner
-    from agents.testing import ScriptedModel, assistant_message
-
-    probe = turn_items("probe", 0)
-    text, reply, item_id = _texts("probe", 0)
-    session = SQLiteSession("format-check")
-    try:
-        model = ScriptedModel([[assistant_message(reply, item_id=item_id)]])
-        await Runner.run(Agent(name="format-check", model=model), text,
-                         session=session, run_config=RunConfig(tracing_disabled=True))
-        stored = await session.get_items()
-    finally:
-        session.close()
-    if stored != probe:
-        raise RuntimeError(f"the SDK stores {stored!r} for one turn, the benchmark would "
-                           f"store {probe!r}: update benchmarks/immagent_session.py")
-
-
 Session = ImmAgentSession | SQLiteSession
+
+
+def items_of(thread: str, turn: int) -> list[TResponseInputItem]:
+    """The baseline's items of one turn (user input item, assistant output message)."""
+    user = user_text(thread, turn)
+    return baseline.turn_items(thread, turn, user, reply_text(user))
 
 
 @dataclass
 class SessionResults:
-    """Every figure of one run; ``rows`` are printed, ``targets`` judged."""
+    """Every figure of one run: bytes and latencies by label, then the verdicts."""
 
     turns: int
     samples: int
-    sizes: dict[str, int] = field(default_factory=dict)  # label -> bytes
-    p50: dict[str, float] = field(default_factory=dict)  # label -> seconds
-    p99: dict[str, float] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    latency: list[Latency] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # one-off operations
     targets: list[tuple[str, bool, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"turns": self.turns, "samples": self.samples, "bytes": self.sizes,
-                "p50_seconds": self.p50, "p99_seconds": self.p99,
+                "latency": [lat.as_dict() for lat in self.latency], "seconds": self.seconds,
                 "targets": [{"target": t, "status": "PASS" if ok else "MISS", "detail": d}
                             for t, ok, d in self.targets]}
 
 
 async def _grow(session: Session, thread: str, turns: range, *, split: bool = False) -> None:
-    """One add_items per turn, or (``split``) two, as ``Runner.run`` calls it: the input
-    before the model runs, then the outputs."""
+    """One add_items per turn, or (``split``) two, as ``Runner.run`` calls it."""
     for turn in turns:
-        items = turn_items(thread, turn)
+        items = items_of(thread, turn)
         for batch in ([items[:1], items[1:]] if split else [items]):
             await session.add_items(batch)
 
 
-async def _sample(fn: Callable[[], Awaitable[object]], samples: int) -> list[float]:
-    times = []
+async def _times(fn: Callable[[], Awaitable[object]], samples: int) -> tuple[float, ...]:
+    out = []
     for _ in range(samples):
         start = time.perf_counter()
         await fn()
-        times.append(time.perf_counter() - start)
-    return times
+        out.append(time.perf_counter() - start)
+    return tuple(out)
 
 
-def _note(res: SessionResults, label: str, times: Sequence[float]) -> None:
-    res.p50[label] = percentile(times, 50)
-    res.p99[label] = percentile(times, 99)
+def _ours(operation: str, turns: int, samples: tuple[float, ...],
+          backend: Backend = "sqlite") -> Latency:
+    return Latency(backend, operation, turns, samples, "immagent")
 
 
-async def _bytes_and_adds(res: SessionResults, work: Path, side: str) -> Path:
-    """Grow "linear" to N turns (bytes at N), then time add_items at N and at 10; the
-    bytes of N turns written as the Runner writes them, in a second file."""
-    path, split_path = work / f"{side}.db", work / f"{side}-runner.db"
-    remove_sqlite_files(path)
-    remove_sqlite_files(split_path)
-    n, samples = res.turns, res.samples
-    opened: list[Session] = []
-
-    def session(thread: str, where: Path = path) -> Session:
-        s: Session = (ImmAgentSession(thread, where) if side == "immagent"
-                      else SQLiteSession(thread, where))
-        opened.append(s)
-        return s
-
+async def _grown(res: SessionResults, work: Path) -> tuple[Path, Path]:
+    """Both sessions grown to N turns, their bytes measured; the same again written as the
+    Runner writes (two add_items a turn) in two more files. Returns (ours, theirs)."""
+    n = res.turns
+    async with baseline.open_session_file(work, "split") as (split_path, measure):
+        sdk = SQLiteSession("runner", split_path)
+        try:
+            await _grow(sdk, "runner", range(n), split=True)
+        finally:
+            sdk.close()
+        res.sizes[f"sqlite-session, {n} turns, 2 add_items each"] = await measure()
+    theirs = work / "openai-agents-linear.db"
+    SQLiteSession("schema", theirs).close()  # the tables, as open_session_file makes them
+    sdk = SQLiteSession("linear", theirs)
     try:
-        await _grow(session("runner", split_path), "runner", range(n), split=True)
-        res.sizes[f"{side} after {n} turns, 2 add_items each"] = sqlite_file_bytes(split_path)
-        linear, short = session("linear"), session("short")
-        await _grow(linear, "linear", range(n))
-        await _grow(short, "short", range(10))
-        res.sizes[f"{side} after {n} turns"] = sqlite_file_bytes(path)
-        # Sampling appends, so each sample adds the next turn of the same session.
-        for label, s, thread, at in (("10", short, "short", 10), (str(n), linear, "linear", n)):
-            turn = iter(range(at, at + samples))
-            _note(res, f"{side} add_items at N={label}", await _sample(
-                lambda s=s, thread=thread, turn=turn: s.add_items(  # type: ignore[misc]
-                    turn_items(thread, next(turn))), samples))
+        await baseline.grow(sdk, "linear", range(n))
     finally:
-        for s in opened:
-            s.close()
-    return path
+        sdk.close()
+    res.sizes[f"sqlite-session, {n} turns"] = sqlite_file_bytes(theirs)
+
+    split_path, ours = work / "immagent-split.db", work / "immagent-linear.db"
+    for path, thread, split in ((split_path, "runner", True), (ours, "linear", False)):
+        session = ImmAgentSession(thread, path)
+        try:
+            await _grow(session, thread, range(n), split=split)
+        finally:
+            await session.aclose()
+    res.sizes[f"immagent, {n} turns, 2 add_items each"] = sqlite_file_bytes(split_path)
+    res.sizes[f"immagent, {n} turns"] = sqlite_file_bytes(ours)
+    return ours, theirs
 
 
-async def _cold_reads(res: SessionResults, ours: Path, theirs: Path) -> None:
-    """get_items of the N-turn session (it now holds N + samples turns: both alike)."""
+async def _timed(fn: Callable[[], Awaitable[object]]) -> float:
+    start = time.perf_counter()
+    await fn()
+    return time.perf_counter() - start
+
+
+async def _reads(res: SessionResults, ours: Path, theirs: Path) -> None:
+    """Cold get_items of the N-turn sessions, the two sides alternating sample by sample
+    (so load from elsewhere on the machine falls on both alike)."""
     n, samples = res.turns, res.samples
-    expected = 2 * (n + samples)
+    sdk_cold: list[float] = []
+    cold: list[float] = []
 
-    async def sdk_cold() -> None:
+    async def sdk_read() -> None:  # as baseline.read_latency measures a new session
         session = SQLiteSession("linear", theirs)
         try:
-            start = time.perf_counter()
-            items = await session.get_items()
-            times.append(time.perf_counter() - start)
+            sdk_cold.append(await _timed(session.get_items))
         finally:
             session.close()
-        assert len(items) == expected, len(items)
 
-    times: list[float] = []
-    for _ in range(samples):
-        await sdk_cold()
-    _note(res, f"sqlite-session cold get_items at N={n}", times)
+    async with await Store.connect(ours) as store:
+        await ImmAgentSession("linear", store).get_items()  # the reader connections are open
 
-    async with await Store.connect(f"sqlite:///{ours}") as store:
-        await ImmAgentSession("linear", store).get_items()  # the connection pool is warm
-
-        async def ours_cold() -> None:
+        async def ours_read() -> None:
             store.clear_cache()
-            items = await ImmAgentSession("linear", store).get_items()
-            assert len(items) == expected, len(items)
+            cold.append(await _timed(ImmAgentSession("linear", store).get_items))
 
-        _note(res, f"immagent cold get_items at N={n}", await _sample(ours_cold, samples))
+        for i in range(samples):
+            for read in (sdk_read, ours_read) if i % 2 else (ours_read, sdk_read):
+                await read()
         warm = ImmAgentSession("linear", store)
         await warm.get_items()
-        _note(res, f"immagent warm get_items at N={n} (info)",
-              await _sample(warm.get_items, samples))
+        res.latency.append(_ours("get_items (same session)", n,
+                                 await _times(warm.get_items, samples)))
+    res.latency.append(Latency("sqlite", "get_items (new session)", n, tuple(sdk_cold),
+                               "openai-agents"))
+    res.latency.append(_ours("get_items (new session)", n, tuple(cold)))
 
-    async def ours_from_nothing() -> None:
+    async def opening() -> None:
         session = ImmAgentSession("linear", ours)
         try:
             await session.get_items()
         finally:
             await session.aclose()
 
-    _note(res, f"immagent get_items at N={n}, store opened too (info)",
-          await _sample(ours_from_nothing, max(3, samples // 5)))
+    res.latency.append(_ours("get_items (new session, store opened too)", n,
+                             await _times(opening, max(3, samples // 5))))
+
+
+async def _adds(res: SessionResults, ours: Path, theirs: Path) -> None:
+    """add_items of one turn at 10 and N turns of history: each sample gives both sides the
+    same new turn, alternating which goes first."""
+    for thread, history in (("short", 10), ("linear", res.turns)):
+        sdk, session = SQLiteSession(thread, theirs), ImmAgentSession(thread, ours)
+        try:
+            if not await sdk.get_items(limit=1):
+                await baseline.grow(sdk, thread, range(history))
+                await _grow(session, thread, range(history))
+            await session.get_items(limit=1)  # opened and read, as a Runner turn does first
+            times: dict[str, list[float]] = {"sdk": [], "ours": []}
+            for i in range(res.samples):
+                items = items_of(thread, history + i)
+                sides: list[tuple[str, Session]] = [("sdk", sdk), ("ours", session)]
+                for name, side in sides if i % 2 else sides[::-1]:
+                    start = time.perf_counter()
+                    await side.add_items(items)
+                    times[name].append(time.perf_counter() - start)
+        finally:
+            sdk.close()
+            await session.aclose()
+        res.latency.append(Latency("sqlite", "add_items, one turn", history,
+                                   tuple(times["sdk"]), "openai-agents"))
+        res.latency.append(_ours("add_items, one turn", history, tuple(times["ours"])))
 
 
 async def _forks(res: SessionResults, ours: Path, theirs: Path) -> None:
@@ -227,7 +223,7 @@ async def _forks(res: SessionResults, ours: Path, theirs: Path) -> None:
     try:
         start = time.perf_counter()
         await copy.add_items(await source.get_items())
-        res.p50["sqlite-session fork (copy the items)"] = time.perf_counter() - start
+        res.seconds["openai-agents fork (copy the items)"] = time.perf_counter() - start
     finally:
         source.close()
         copy.close()
@@ -235,88 +231,101 @@ async def _forks(res: SessionResults, ours: Path, theirs: Path) -> None:
 
     session = ImmAgentSession("linear", ours)
     try:
-        await session.get_items()  # opened, as the SDK session was
+        await session.get_items()  # opened and read, as the SDK session was
         for label, at_turn in (("whole history", None), (f"at turn {n // 2}", n // 2)):
             before = sqlite_file_bytes(ours)
             start = time.perf_counter()
             fork = await session.fork(f"linear-fork-{at_turn}", at_turn=at_turn)
-            res.p50[f"immagent fork ({label})"] = time.perf_counter() - start
-            fork.close()
+            res.seconds[f"immagent fork ({label})"] = time.perf_counter() - start
+            await fork.aclose()
             res.sizes[f"immagent fork ({label})"] = sqlite_file_bytes(ours) - before
     finally:
-        session.close()
+        await session.aclose()
 
 
 async def _postgres(res: SessionResults, dsn: str) -> None:
-    """Our figures on PostgreSQL (no SDK session to compare with there)."""
+    """Our figures on PostgreSQL (there is no SDK session to compare with there)."""
     database = "immagent_bench_session"
     target = await fresh_database(dsn, database)
+    n, samples = res.turns, res.samples
     try:
         session = ImmAgentSession("linear", target)
         try:
-            await _grow(session, "linear", range(res.turns))
-            turn = iter(range(res.turns, res.turns + res.samples))
-            _note(res, f"immagent[postgres] add_items at N={res.turns} (info)", await _sample(
-                lambda: session.add_items(turn_items("linear", next(turn))), res.samples))
-        finally:
-            await session.aclose()
-        async with await Store.connect(target) as store:
-            await ImmAgentSession("linear", store).get_items()
-
-            async def cold() -> None:
-                store.clear_cache()
+            await _grow(session, "linear", range(n))
+            async with await Store.connect(target) as store:
                 await ImmAgentSession("linear", store).get_items()
 
-            _note(res, f"immagent[postgres] cold get_items at N={res.turns} (info)",
-                  await _sample(cold, res.samples))
+                async def cold() -> None:
+                    store.clear_cache()
+                    await ImmAgentSession("linear", store).get_items()
+
+                res.latency.append(_ours("get_items (new session)", n,
+                                         await _times(cold, samples), "postgres"))
+            turn = iter(range(n, n + samples))
+            res.latency.append(_ours("add_items, one turn", n, await _times(
+                lambda: session.add_items(items_of("linear", next(turn))), samples),
+                "postgres"))
+        finally:
+            await session.aclose()
     finally:
         await drop_database(dsn, database)
 
 
 def _judge(res: SessionResults) -> None:
     n = res.turns
-    for how, states in (("", n), (", 2 add_items each", 2 * n)):
-        ours = res.sizes[f"immagent after {n} turns{how}"]
-        theirs = res.sizes[f"sqlite-session after {n} turns{how}"]
+    for how, states in ("", n), (", 2 add_items each", 2 * n):
+        ours = res.sizes[f"immagent, {n} turns{how}"]
+        theirs = res.sizes[f"sqlite-session, {n} turns{how}"]
         res.targets.append((
             f"bytes after {n} turns{how} <= SQLiteSession's (keeping all {states} states)",
             ours <= theirs, f"{fmt_bytes(ours)} vs {fmt_bytes(theirs)} ({ours / n:,.0f} vs "
             f"{theirs / n:,.0f} B/turn, {ours / theirs:.2f}x)"))
-    for what in ("add_items at N=10", f"add_items at N={n}", f"cold get_items at N={n}"):
-        a, b = res.p50[f"immagent {what}"], res.p50[f"sqlite-session {what}"]
-        res.targets.append((f"{what} p50 within {LATENCY_FACTOR}x of SQLiteSession's",
-                            a <= LATENCY_FACTOR * b,
-                            f"{a * 1e3:.3f} ms vs {b * 1e3:.3f} ms ({a / b:.2f}x)"))
-    fork = res.sizes["immagent fork (whole history)"]
+    for label, operation, turns in (("add_items at N=10", "add_items, one turn", 10),
+                                    (f"add_items at N={n}", "add_items, one turn", n),
+                                    (f"cold get_items at N={n}", "get_items (new session)", n)):
+        ours_s = next(lat.p50 for lat in res.latency if lat.system == "immagent"
+                      and lat.backend == "sqlite" and lat.operation == operation
+                      and lat.history_turns == turns)
+        theirs_s = next(lat.p50 for lat in res.latency if lat.system == "openai-agents"
+                        and lat.operation == operation and lat.history_turns == turns)
+        res.targets.append((f"{label} p50 within {LATENCY_FACTOR}x of SQLiteSession's",
+                            ours_s <= LATENCY_FACTOR * theirs_s,
+                            f"{ours_s * 1e3:.2f} ms vs {theirs_s * 1e3:.2f} ms "
+                            f"({ours_s / theirs_s:.2f}x)"))
+    whole = res.sizes["immagent fork (whole history)"]
     cut = res.sizes[f"immagent fork (at turn {n // 2})"]
     copy = res.sizes["sqlite-session fork (copy the items)"]
-    res.targets.append(("a fork stores less than SQLiteSession's copy", max(fork, cut) <= copy,
-                        f"{fmt_bytes(fork)} (whole) / {fmt_bytes(cut)} (cut) vs "
+    res.targets.append(("a fork stores less than SQLiteSession's copy", max(whole, cut) < copy,
+                        f"{fmt_bytes(whole)} (whole) / {fmt_bytes(cut)} (cut) vs "
                         f"{fmt_bytes(copy)}"))
 
 
 def report(res: SessionResults) -> None:
     """Print the tables and the PASS/MISS lines."""
-    print_table(f"OpenAI Agents sessions: bytes (SQLite file; {res.turns} turns of "
-                f"{len(user_text('linear', 0))} + {len(reply_text(user_text('linear', 0)))} B)",
-                ["what", "bytes"], [[k, fmt_bytes(v)] for k, v in res.sizes.items()])
-    print_table(f"OpenAI Agents sessions: latency ({res.samples} samples)",
-                ["operation", "p50 ms", "p99 ms"],
-                [[k, f"{v * 1e3:.3f}", f"{res.p99.get(k, v) * 1e3:.3f}"]
-                 for k, v in res.p50.items()])
-    print_table("OpenAI Agents session targets", ["status", "target", "detail"],
+    print_table(f"ImmAgentSession beside SQLiteSession: bytes (SQLite files, {res.turns} "
+                "turns of the synthetic texts)", ["what", "bytes"],
+                [[k, fmt_bytes(v)] for k, v in res.sizes.items()])
+    print_table(f"ImmAgentSession beside SQLiteSession: latency ({res.samples} samples)",
+                ["system", "backend", "operation", "turns", "p50 ms", "p99 ms"],
+                [[lat.system, lat.backend, lat.operation, lat.history_turns,
+                  f"{lat.p50 * 1e3:.2f}", f"{lat.p99 * 1e3:.2f}"] for lat in res.latency]
+                + [[k.split(" ", 1)[0], "sqlite", k.split(" ", 1)[1], res.turns,
+                    f"{v * 1e3:.2f}", "-"] for k, v in res.seconds.items()])
+    print_table("ImmAgentSession targets", ["status", "target", "detail"],
                 [["PASS" if ok else "MISS", t, d] for t, ok, d in res.targets])
 
 
 async def run(turns: int = 1000, samples: int = 50, dsn: str | None = None) -> SessionResults:
     """Every measurement above, in a scratch directory (and database, with ``dsn``)."""
-    await check_item_format()
+    import tempfile
+
+    await baseline.check_item_format()
     res = SessionResults(turns, samples)
     with tempfile.TemporaryDirectory(prefix="immagent-bench-session-") as tmp:
         work = Path(tmp)
-        theirs = await _bytes_and_adds(res, work, "sqlite-session")
-        ours = await _bytes_and_adds(res, work, "immagent")
-        await _cold_reads(res, ours, theirs)
+        ours, theirs = await _grown(res, work)
+        await _reads(res, ours, theirs)
+        await _adds(res, ours, theirs)
         await _forks(res, ours, theirs)
     if dsn:
         await _postgres(res, dsn)
