@@ -1,7 +1,6 @@
 """The immutable data model and its content addressing.
 
-Every content asset (system prompt, message, session item, chain node) is a frozen msgspec
-Struct.
+Every content asset (system prompt, message, conversation node) is a frozen msgspec Struct.
 Its canonical bytes are deterministic msgpack (map keys sorted, default-valued fields left
 out, so adding an optional field later does not change old digests; fields encode in
 declaration order, so never reorder them; keys are short aliases fixed per field, because
@@ -20,7 +19,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Sequence
 from enum import IntEnum
-from typing import Any, ClassVar, Literal, NamedTuple, Self, TypeAlias
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol, Self, TypeAlias
 from uuid import UUID
 
 import blake3
@@ -343,12 +342,26 @@ Asset: TypeAlias = SystemPrompt | Message | ConversationNode | Item
 NODE_KINDS: dict[int, type[ConversationNode]] = {int(Kind.NODE): ConversationNode,
                                                   int(Kind.ITEM_NODE): ItemNode}
 
-_decoders: dict[int, msgspec.msgpack.Decoder[Any]] = {
+class _BodyDecoder(Protocol):
+    def decode(self, buf: bytes, /) -> Any: ...
+
+
+class _ItemDecoder:
+    """An ITEM body is the value's own msgpack (no Struct map around it)."""
+
+    _values: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder()
+
+    def decode(self, buf: bytes, /) -> Item:
+        return Item(value=self._values.decode(buf))
+
+
+#: The decoder of each leaf kind's body (nodes are decoded with their refs).
+_decoders: dict[int, _BodyDecoder] = {
     int(Kind.SYSTEM_PROMPT): msgspec.msgpack.Decoder(SystemPrompt),
     int(Kind.MESSAGE): msgspec.msgpack.Decoder(Message),
+    int(Kind.ITEM): _ItemDecoder(),
 }
 _node_body = msgspec.msgpack.Decoder(_NodeBody)
-_item_value: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder()
 
 
 def decode_asset(kind: int, body: bytes, refs: Sequence[Digest] = ()) -> Asset:
@@ -363,12 +376,10 @@ def decode_asset(kind: int, body: bytes, refs: Sequence[Digest] = ()) -> Asset:
         return node_type(parent=parent, messages=elements, length=counters.length,
                          size=counters.size)
     decoder = _decoders.get(kind)
-    if decoder is None and kind != Kind.ITEM:
+    if decoder is None:
         raise ValueError(f"unknown asset kind {kind}")
     if refs:
         raise ValueError(f"assets of kind {kind} have no refs")
-    if decoder is None:
-        return Item(value=_item_value.decode(body))
     asset: Asset = decoder.decode(body)
     return asset
 
@@ -463,4 +474,4 @@ def load_row(row: StoredAsset) -> Asset:
 
 
 #: Every kind a content asset may have (states have theirs in immagent.records).
-_ASSET_KINDS = frozenset(set(_decoders) | set(NODE_KINDS) | {int(Kind.ITEM)})
+_ASSET_KINDS = frozenset(set(_decoders) | set(NODE_KINDS))
