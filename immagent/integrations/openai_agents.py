@@ -39,6 +39,7 @@ cancelled caller never leaves a write in flight behind it.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import concurrent.futures
 import os
@@ -96,7 +97,7 @@ async def _settle(future: asyncio.Future[T]) -> T:
     return future.result()
 
 
-class _Host:
+class _Host(abc.ABC):
     """Where a session's store lives and how a call from any loop reaches it."""
 
     def __init__(self) -> None:
@@ -111,9 +112,9 @@ class _Host:
             self._users += 1
         return self
 
+    @abc.abstractmethod
     async def run(self, work: Work[T], *, write: bool) -> T:
         """Run ``work(store)`` on the store's loop and return its result here."""
-        raise NotImplementedError
 
     def release(self) -> None:
         """One user is done; the last one closes what the host owns."""
@@ -123,11 +124,13 @@ class _Host:
         if last:
             self._shutdown()
 
+    @abc.abstractmethod
     def _closed(self) -> bool:
-        raise NotImplementedError
+        """True once the last user released the host."""
 
+    @abc.abstractmethod
     def _shutdown(self) -> None:
-        raise NotImplementedError
+        """Close what the host owns (called once, by the last release)."""
 
 
 async def _hop(work: Coroutine[Any, Any, T], loop: asyncio.AbstractEventLoop,
