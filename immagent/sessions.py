@@ -320,11 +320,24 @@ class SessionLog:
         read while another writer got there first. ``change`` returns None for "nothing to
         write". Returns the state written (or the unchanged newest one)."""
         async with self._lock:
-            base = self._newest if self._known else await self.newest()
+            # The state this object saw last, unread: a stale one costs a failed head check
+            # and a retry. A change that declines or refuses is only believed on a fresh
+            # read, since it writes nothing that the head check could catch.
+            fresh = not self._known
+            base = await self.newest() if fresh else self._newest
             for attempt in range(_MAX_ATTEMPTS):
-                plan = await change(base)
+                try:
+                    plan = await change(base)
+                except ValidationError:
+                    if fresh or await self._unchanged(base):
+                        raise
+                    base, fresh = self._newest, True
+                    continue
                 if plan is None:
-                    return base
+                    if fresh or await self._unchanged(base):
+                        return base
+                    base, fresh = self._newest, True
+                    continue
                 row = _row(self.session_id, base.id if base else None, plan)
                 try:
                     await self.store.commit(plan.assets, [row], heads=[
@@ -332,11 +345,16 @@ class SessionLog:
                 except StaleStreamError:
                     # Jittered, growing pause: writers in other processes spread out.
                     await asyncio.sleep(random.random() * min(0.05, 0.001 * (attempt + 1)))
-                    base = await self.newest()
+                    base, fresh = await self.newest(), True
                     continue
                 self._newest = SessionState.from_row(row)
                 return self._newest
             raise StaleStreamError(_KIND, self.session_id)
+
+    async def _unchanged(self, seen: SessionState | None) -> bool:
+        """True if the session's newest state is still ``seen`` (one index probe)."""
+        newest = await self.newest()
+        return (newest.id if newest else None) == (seen.id if seen else None)
 
     async def append(self, items: Sequence[Item]) -> SessionState | None:
         """Add ``items`` (checked by ``check_items``) to the end of the current branch in a

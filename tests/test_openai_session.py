@@ -161,6 +161,19 @@ async def test_sessions_in_one_store_are_separate(make: Make, store_dsn: str) ->
     assert await make("bob").get_items() == [user("for bob")]
 
 
+async def test_an_object_never_trusts_what_it_saw_last(make: Make) -> None:
+    mine, other = make("two-views"), make("two-views")
+    assert await mine.get_items() == [] and await mine.pop_item() is None  # seen empty
+    await other.add_items([user("added elsewhere")])
+    assert await mine.pop_item() == user("added elsewhere")
+    await other.add_items([user("again")])
+    await mine.clear_session()
+    assert await other.get_items() == []
+    await other.add_items([user("q1"), user("q2")])
+    assert await mine.create_branch_from_turn(2, "side") == "side"
+    assert await mine.get_items() == [user("q1")]
+
+
 @pytest.mark.parametrize("session_id", [
     "ünïcødé 🧪 セッション", "'; DROP TABLE immagent_states; --", "%_\\", "a" * 500,
     "O'Reilly \"quoted\" `tick`"])
