@@ -238,6 +238,11 @@ STATE_KINDS: dict[int, StateKind] = {
         digest=_session_digest,
         ref_kinds=lambda row: (int(Kind.ITEM_NODE),) * len(row.refs),
     ),
+    # The store's own: which zstd dictionaries exist (store/compression.py).
+    int(Kind.COMPRESSION): StateKind(
+        digest=lambda row: stream_digest(row.kind, row.stream, row.refs, row.body),
+        ref_kinds=lambda row: tuple(int(Kind.DICTIONARY) for _ in row.refs),
+    ),
 }
 
 
