@@ -342,17 +342,31 @@ class Item(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True):
 
     The body is the canonical msgpack of the value itself (map keys sorted), so equal
     values have one digest whatever their key order; ints and floats stay apart (``1`` and
-    ``1.0`` are two items, as they are two JSON texts). Build items from values checked by
-    ``validate.check_json_value``: this type only holds them.
+    ``1.0`` are two items, as they are two JSON texts). The item holds those bytes and
+    decodes ``value`` on first use: a read hands out copies decoded from the bytes anyway,
+    so the chain read of a long session builds no object tree per item. Build items with
+    ``Item.of`` from values checked by ``validate.check_json_value``.
     """
 
-    value: Any
+    raw: bytes
     kind: ClassVar[Kind] = Kind.ITEM
+
+    @classmethod
+    def of(cls, value: Any) -> Item:
+        """The item holding the JSON value ``value`` (kept, not copied, as its value)."""
+        item = cls(raw=encode(value))
+        item.__dict__["value"] = value
+        return item
 
     @functools.cached_property
     def body(self) -> bytes:
         """The canonical bytes of the value (no wrapping map: one per item stored)."""
-        return encode(self.value)
+        return self.raw
+
+    @functools.cached_property
+    def value(self) -> Any:
+        """The JSON value (decoded once, then shared: do not modify it)."""
+        return _item_values.decode(self.raw)
 
 
 class ItemNode(ConversationNode, frozen=True, omit_defaults=True, dict=True, weakref=True):
@@ -377,13 +391,18 @@ class _BodyDecoder(Protocol):
     def decode(self, buf: bytes, /) -> Any: ...
 
 
-class _ItemDecoder:
-    """An ITEM body is the value's own msgpack (no Struct map around it)."""
+_item_values: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder()
 
-    _values: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder()
+
+class _ItemDecoder:
+    """An ITEM body is the value's own msgpack (no Struct map around it). Reading checks
+    its framing only (no objects built); ``decode_asset`` decodes it whole."""
+
+    _framing: msgspec.msgpack.Decoder[msgspec.Raw] = msgspec.msgpack.Decoder(msgspec.Raw)
 
     def decode(self, buf: bytes, /) -> Item:
-        return Item(value=self._values.decode(buf))
+        self._framing.decode(buf)
+        return Item(raw=bytes(buf))
 
 
 #: The decoder of each leaf kind's body (nodes are decoded with their refs).
@@ -413,6 +432,8 @@ def decode_asset(kind: int, body: bytes, refs: Sequence[Digest] = ()) -> Asset:
     if refs:
         raise ValueError(f"assets of kind {kind} have no refs")
     asset: Asset = decoder.decode(body)
+    if isinstance(asset, Item):
+        _ = asset.value  # decoded whole here: verify must find a body that is no value
     return asset
 
 

@@ -146,7 +146,7 @@ def check_items(items: object) -> list[Item]:
     if isinstance(items, str | bytes | dict) or not isinstance(items, Sequence):
         raise ValidationError("items", f"must be a list of items, got {type(items).__name__}",
                               None)
-    return [Item(value=check_json_value(f"items[{i}]", v)) for i, v in enumerate(items)]
+    return [Item.of(check_json_value(f"items[{i}]", v)) for i, v in enumerate(items)]
 
 
 _array_header = b"\xdd"
@@ -158,8 +158,21 @@ def decode_items(items: Sequence[Item]) -> list[Any]:
     if not items:
         return []
     data = _array_header + len(items).to_bytes(4, "big") + b"".join(i.body for i in items)
-    values: list[Any] = msgspec.msgpack.decode(data)
+    try:
+        values: list[Any] = msgspec.msgpack.decode(data)
+    except ValueError:  # a stored body that hashes right yet is not a value (bad UTF-8, …)
+        bad = next(i for i in items if not _decodes(i))
+        raise IntegrityError(f"item {bad.digest.hex()} cannot be decoded "
+                             "(run store.verify())") from None
     return values
+
+
+def _decodes(item: Item) -> bool:
+    try:
+        msgspec.msgpack.decode(item.body)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_user(item: Item) -> bool:

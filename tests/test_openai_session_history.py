@@ -16,7 +16,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from immagent import IntegrityError, Store, ValidationError, verify_bundle
-from immagent.assets import EMPTY_ITEMS, Item, Kind, decode_asset
+from immagent.assets import (
+    EMPTY_ITEMS,
+    Item,
+    Kind,
+    StoredAsset,
+    check_row,
+    decode_asset,
+    digest_of,
+    load_row,
+)
 from immagent.integrations.openai_agents import ImmAgentSession
 from immagent.records import StateRow, check_state, stream_digest
 from immagent.sessions import SessionState, check_items, decode_items
@@ -234,7 +243,7 @@ async def test_verify_covers_sessions(store: Store, store_dsn: str) -> None:
     state = await session.current_state()
     assert state is not None and (await store.verify(state.id)).ok
     raw_sql(store_dsn, "UPDATE immagent_assets SET body = %s WHERE kind = %s AND body = %s",
-            [Item(value=user("tampered")).body, int(Kind.ITEM), Item(value=user("q1")).body])
+            [Item.of(user("tampered")).body, int(Kind.ITEM), Item.of(user("q1")).body])
     report = await store.verify()
     assert [p.kind for p in report.corrupt] == [int(Kind.ITEM)]
     store.clear_cache()
@@ -300,8 +309,21 @@ def test_items_round_trip_exactly_as_json(values: list[Any]) -> None:
         assert isinstance(again, Item) and again.digest == item.digest
 
 
+def test_an_item_body_that_is_not_a_value_is_caught() -> None:
+    bad = b"\xa2\xff\xfe"  # a two-byte str that is not UTF-8: framed right, not a value
+    row = StoredAsset(digest_of(int(Kind.ITEM), bad), int(Kind.ITEM), (), bad)
+    problem = check_row(row)
+    assert problem is not None and problem[0] == "undecodable"  # verify decodes it whole
+    item = load_row(row)  # a read checks the framing only...
+    assert isinstance(item, Item)
+    with pytest.raises(IntegrityError):
+        decode_items([Item.of("fine"), item])  # ...and the copies it hands out fail loudly
+    assert check_row(StoredAsset(digest_of(int(Kind.ITEM), bad[:2]), int(Kind.ITEM), (),
+                                 bad[:2])) is not None  # truncated framing
+
+
 @given(st.dictionaries(st.text(max_size=5), st.integers(-9, 9), min_size=2, max_size=6))
 def test_key_order_does_not_change_an_item(value: dict[str, int]) -> None:
     reordered = dict(reversed(list(value.items())))
-    assert Item(value=value).digest == Item(value=reordered).digest
-    assert Item(value={"n": 1}).digest != Item(value={"n": 1.0}).digest
+    assert Item.of(value).digest == Item.of(reordered).digest
+    assert Item.of({"n": 1}).digest != Item.of({"n": 1.0}).digest
