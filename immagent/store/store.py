@@ -32,6 +32,7 @@ from immagent.assets import (
     Asset,
     ConversationNode,
     Digest,
+    Item,
     Kind,
     Message,
     StoredAsset,
@@ -719,6 +720,12 @@ class Store:
     async def import_bundle(self, path: str | os.PathLike[str]) -> PersistentAgent:
         """Verify a bundle, then load it in one transaction (idempotent: present rows are
         skipped); returns its head state with the same id and digest as where it came from."""
+        info = await self.import_states(path)
+        return await self.load_agent(info.head)
+
+    async def import_states(self, path: str | os.PathLike[str]) -> bundle.BundleInfo:
+        """``import_bundle`` for a bundle of any client's states (a session's, …): verify,
+        load in one transaction, and return what it held."""
         info, states, rows = await bundle.read(path)
         # Compared, not trusted: a damaged row here is "different content" like any other.
         existing = {r.id: r for r in await self._open().get_states([s.id for s in states])}
@@ -732,7 +739,7 @@ class Store:
         except ConflictError as e:  # written meanwhile by someone else, differently
             raise bundle.conflict(info, e.state_id) from e
         log.info("imported bundle %s: head %s", os.fspath(path), info.head)
-        return await self.load_agent(info.head)
+        return info
 
 
 def _check_known(found: int | None, where: str) -> None:
@@ -796,7 +803,7 @@ def _storable(field: str, asset: object) -> StoredAsset:
     msgspec does not type-check Struct construction, so e.g. a Message with a bad role
     would be hashed and committed, then fail every later read.
     """
-    if not isinstance(asset, SystemPrompt | Message | ConversationNode):
+    if not isinstance(asset, SystemPrompt | Message | ConversationNode | Item):
         raise ValidationError(field, f"must be an asset, got {type(asset).__name__}", None)
     try:
         row = stored(asset)
