@@ -30,6 +30,7 @@ from immagent.ids import uuid_from_digest
 
 __all__ = [
     "EMPTY_CONVERSATION",
+    "EMPTY_VALUES",
     "NODE_KINDS",
     "Asset",
     "Conversation",
@@ -42,6 +43,8 @@ __all__ = [
     "StoredAsset",
     "SystemPrompt",
     "ToolCall",
+    "Value",
+    "ValueNode",
     "check_row",
     "decode_asset",
     "digest_of",
@@ -65,6 +68,10 @@ class Kind(IntEnum):
     MESSAGE = 2
     NODE = 3  # a link of a conversation (a hash chain of messages)
     AGENT_STATE = 4  # a state (a row of immagent_states), never a content asset
+    VALUE = 5  # an opaque serialized value (a LangGraph channel value or write)
+    VALUE_NODE = 6  # a link of a hash chain of values (a LangGraph list channel)
+    CHECKPOINT = 16  # a state: one LangGraph checkpoint (immagent.checkpoints)
+    CHECKPOINT_WRITES = 17  # a state: pending writes of one task on a checkpoint
 
 
 _encoder = msgspec.msgpack.Encoder(order="deterministic")
@@ -298,15 +305,38 @@ class Conversation(msgspec.Struct, frozen=True):
                             messages=(*self.messages, *messages))
 
 
-Asset: TypeAlias = SystemPrompt | Message | ConversationNode
+class Value(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True,
+            rename={"type": "t", "data": "d"}):
+    """A value a client serialized itself, kept opaque: its serializer's type tag and
+    bytes (for LangGraph, ``serde.dumps_typed``). Equal bytes are one asset, stored once."""
+
+    type: str
+    data: bytes = b""
+    kind: ClassVar[Kind] = Kind.VALUE
+
+
+class ValueNode(ConversationNode, frozen=True, omit_defaults=True, dict=True, weakref=True):
+    """A link of a hash chain of values: a list stored element by element, so a list that
+    grows adds only its new elements and lists with a common prefix share it."""
+
+    kind: ClassVar[Kind] = Kind.VALUE_NODE
+    element_kind: ClassVar[Kind] = Kind.VALUE
+
+
+#: The empty list of values: the root of every value chain.
+EMPTY_VALUES = ValueNode()
+
+Asset: TypeAlias = SystemPrompt | Message | ConversationNode | Value
 
 #: Node kinds (hash chains), by kind: their digest covers their refs, and their refs are
 #: (parent node of the same kind, then elements of the node's ``element_kind``).
-NODE_KINDS: dict[int, type[ConversationNode]] = {int(Kind.NODE): ConversationNode}
+NODE_KINDS: dict[int, type[ConversationNode]] = {int(Kind.NODE): ConversationNode,
+                                                 int(Kind.VALUE_NODE): ValueNode}
 
 _decoders: dict[int, msgspec.msgpack.Decoder[Any]] = {
     int(Kind.SYSTEM_PROMPT): msgspec.msgpack.Decoder(SystemPrompt),
     int(Kind.MESSAGE): msgspec.msgpack.Decoder(Message),
+    int(Kind.VALUE): msgspec.msgpack.Decoder(Value),
 }
 _node_body = msgspec.msgpack.Decoder(_NodeBody)
 
