@@ -36,6 +36,7 @@ from immagent.assets import (
     Message,
     StoredAsset,
     SystemPrompt,
+    Value,
     decode_asset,
     load_row,
     stored,
@@ -688,9 +689,31 @@ class Store:
                  info.assets, info.path)
         return info
 
+    async def export_states(self, ids: Sequence[UUID],
+                            path: str | os.PathLike[str]) -> bundle.BundleInfo:
+        """Write an audit bundle of any set of stored states (e.g. a LangGraph thread's
+        checkpoints and writes) and every asset they reach to ``path``, atomically, newest
+        state first (bundle format 3); verify it with ``immagent.verify_bundle``."""
+        wanted = [check_uuid("ids", i) for i in dict.fromkeys(ids)]
+        rows = await self.get_states(wanted)
+        missing = set(wanted) - {r.id for r in rows}
+        if not rows or missing:
+            raise ValidationError("ids", f"not stored: {sorted(missing or set(wanted))[0]}",
+                                  None)
+        rows.sort(key=lambda r: r.seq, reverse=True)
+        info = await bundle.export_bundle(self._open(), rows, path, version=bundle.SET_VERSION)
+        log.info("exported %d states, %d assets to %s", len(rows), info.assets, info.path)
+        return info
+
     async def import_bundle(self, path: str | os.PathLike[str]) -> PersistentAgent:
         """Verify a bundle, then load it in one transaction (idempotent: present rows are
         skipped); returns its head state with the same id and digest as where it came from."""
+        info = await self.import_states(path)
+        return await self.load_agent(info.head)
+
+    async def import_states(self, path: str | os.PathLike[str]) -> bundle.BundleInfo:
+        """Verify a bundle of any format, then load its states and assets in one
+        transaction (idempotent: present rows are skipped), with their ids and digests."""
         info, states, rows = await bundle.read(path)
         # Compared, not trusted: a damaged row here is "different content" like any other.
         existing = {r.id: r for r in await self._open().get_states([s.id for s in states])}
@@ -704,7 +727,7 @@ class Store:
         except ConflictError as e:  # written meanwhile by someone else, differently
             raise bundle.conflict(info, e.state_id) from e
         log.info("imported bundle %s: head %s", os.fspath(path), info.head)
-        return await self.load_agent(info.head)
+        return info
 
 
 def _check_known(found: int | None, where: str) -> None:
@@ -757,7 +780,7 @@ def _storable(field: str, asset: object) -> StoredAsset:
     msgspec does not type-check Struct construction, so e.g. a Message with a bad role
     would be hashed and committed, then fail every later read.
     """
-    if not isinstance(asset, SystemPrompt | Message | ConversationNode):
+    if not isinstance(asset, SystemPrompt | Message | ConversationNode | Value):
         raise ValidationError(field, f"must be an asset, got {type(asset).__name__}", None)
     try:
         row = stored(asset)
