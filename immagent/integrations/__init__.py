@@ -1,0 +1,1 @@
+"""Clients of the store for other frameworks (each needs its optional extra)."""
