@@ -4,6 +4,7 @@ chat interrupted in one process and resumed in another, forks, gc, concurrency."
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import subprocess
 import sys
@@ -253,3 +254,20 @@ async def test_a_sync_graph_runs_from_a_worker_thread(store: Store) -> None:
     assert await messages(graph, "sync") == [x for i in range(3) for x in (f"s{i}", f"Echo: s{i}")]
     with pytest.raises(SyncCallError):
         graph.invoke({"messages": [HumanMessage(content="on the loop")]}, config("sync"))
+
+
+async def test_the_example_runs_offline(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("langgraph_chat_example",
+                                                  ROOT / "examples" / "langgraph_chat.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example  # LangGraph resolves the state's annotations through it
+    try:
+        spec.loader.exec_module(example)
+        forked = await example.main(f"sqlite:///{tmp_path / 'chat.db'}")
+    finally:
+        del sys.modules[spec.name]
+    assert forked == ["Hello!", "Echo: Hello!", "Another path?", "Echo: Another path?"]
+    out = capsys.readouterr().out
+    assert "verified" in out and "store verify: OK" in out
