@@ -26,8 +26,11 @@ __all__ = [
     "TURN_PAYLOAD",
     "USER_BYTES",
     "Backend",
+    "CorpusStored",
     "ForkResult",
+    "Latency",
     "LinearPoint",
+    "System",
     "Timer",
     "curve_points",
     "drop_database",
@@ -36,7 +39,6 @@ __all__ = [
     "fresh_database",
     "growth_exponent",
     "percentile",
-    "pg_breakdown",
     "pg_relation_bytes",
     "print_table",
     "remove_sqlite_files",
@@ -94,7 +96,10 @@ def reply_text(user: str) -> str:
 
 Backend = Literal["postgres", "sqlite"]
 BACKENDS: tuple[Backend, ...] = ("postgres", "sqlite")
-System = Literal["immagent", "langgraph"]
+#: immagent through ``advance`` (the model call included); immagent through ``Store.append``
+#: alone (store only, no model metadata on the messages); LangGraph's checkpointers; the
+#: OpenAI Agents SDK's ``SQLiteSession``.
+System = Literal["immagent", "immagent-append", "langgraph", "openai-agents"]
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,58 @@ class ForkResult:
                 "fork_payload_bytes": self.fork_payload_bytes}
 
 
+@dataclass(frozen=True)
+class Latency:
+    """Latency samples of one operation, in seconds."""
+
+    backend: Backend
+    operation: str
+    history_turns: int
+    samples: tuple[float, ...]
+    system: System = "immagent"
+
+    @property
+    def p50(self) -> float:
+        return percentile(self.samples, 50)
+
+    @property
+    def p99(self) -> float:
+        return percentile(self.samples, 99)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"system": self.system, "backend": self.backend, "operation": self.operation,
+                "history_turns": self.history_turns, "count": len(self.samples),
+                "p50_s": self.p50, "p99_s": self.p99,
+                "mean_s": sum(self.samples) / len(self.samples)}
+
+
+@dataclass(frozen=True)
+class CorpusStored:
+    """What one system stored for the realistic corpus (benchmarks/corpus.py)."""
+
+    system: System
+    backend: Backend
+    conversations: int
+    turns: int
+    raw_bytes: int  # content bytes of every message, repeats included
+    empty_bytes: int  # the empty store: schema and nothing else
+    stored_bytes: int  # everything, the empty store included
+    seconds: float
+
+    @property
+    def ratio(self) -> float:
+        """Stored bytes / raw payload bytes (the empty store included)."""
+        return self.stored_bytes / self.raw_bytes
+
+    @property
+    def net_ratio(self) -> float:
+        """(Stored bytes - the empty store) / raw payload bytes."""
+        return (self.stored_bytes - self.empty_bytes) / self.raw_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio": self.ratio, "net_ratio": self.net_ratio}
+
+
 def curve_points(turns: int) -> list[int]:
     """Where to sample the growth curve up to ``turns``: 10, 20, 50, 100, 200, 500, ..."""
     points: list[int] = []
@@ -199,20 +256,6 @@ async def pg_relation_bytes(dsn: str, tables: Sequence[str]) -> int:
         )
         row = await cur.fetchone()
     return int(row[0]) if row else 0
-
-
-async def pg_breakdown(dsn: str, tables: Sequence[str]) -> list[tuple[str, int, int, int]]:
-    """Per table: (name, rows, table bytes incl. TOAST, index bytes), largest first."""
-    rows: list[tuple[str, int, int, int]] = []
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        for table in tables:
-            cur = await conn.execute(
-                f'SELECT count(*), pg_table_size(%s::regclass), pg_indexes_size(%s::regclass)'
-                f' FROM "{table}"', (table, table))
-            row = await cur.fetchone()
-            if row:
-                rows.append((table, int(row[0]), int(row[1]), int(row[2])))
-    return sorted(rows, key=lambda r: -(r[2] + r[3]))
 
 
 # --- SQLite -------------------------------------------------------------------------

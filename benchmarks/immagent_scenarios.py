@@ -12,51 +12,71 @@ import contextlib
 import importlib.util
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
     Backend,
+    CorpusStored,
     ForkResult,
+    Latency,
     LinearPoint,
     Timer,
     drop_database,
     filler,
     fresh_database,
     percentile,
-    pg_relation_bytes,
     remove_sqlite_files,
     reply_text,
     sqlite_file_bytes,
     user_text,
 )
+from benchmarks.corpus import Corpus
+from benchmarks.layout import pg_prefix_bytes
 from immagent import Message, PersistentAgent, Store
 
 __all__ = [
     "Latency",
     "Maintenance",
+    "Overhead",
     "SharedPrompts",
     "Throughput",
+    "advance_overhead",
     "advance_rate",
+    "append_turns",
     "backend_available",
+    "cold_messages",
     "commit_latency",
     "grow",
+    "litellm_clock",
     "maintenance",
     "open_store",
     "pg_database",
     "read_latency",
+    "run_append_linear",
+    "run_corpus",
     "run_forks",
     "run_linear",
     "shared_prompts",
+    "store_clock",
     "warm_up",
 ]
 
 MODEL = "immagent/echo"
 SYSTEM_PROMPT = "You are the benchmark agent. Answer every message."
-#: immagent's PostgreSQL tables; all of them count as stored bytes.
-PG_TABLES = ("immagent_assets", "immagent_agents", "immagent_schema")
+#: The realistic corpus's conversations carry no system prompt of their own; every agent
+#: gets this one (stored once).
+CORPUS_PROMPT = "You are a helpful assistant."
+#: Every relation whose name starts with this counts as immagent's stored bytes (found in
+#: the catalog, so schema changes need no edit here).
+PG_PREFIX = "immagent_"
+
+
+def store_path(workdir: Path, label: str) -> Path:
+    """The SQLite file of the store ``label`` (for the per-relation breakdown)."""
+    return workdir / f"immagent-{label}.db"
 
 
 def pg_database(label: str) -> str:
@@ -86,13 +106,13 @@ async def open_store(backend: Backend, dsn: str | None, workdir: Path,
                 await store.init_schema()
 
                 async def pg_measure() -> int:
-                    return await pg_relation_bytes(db_dsn, PG_TABLES)
+                    return await pg_prefix_bytes(db_dsn, PG_PREFIX)
 
                 yield store, pg_measure
         finally:
             await drop_database(dsn, pg_database(label))
     else:
-        path = workdir / f"immagent-{label}.db"
+        path = store_path(workdir, label)
         remove_sqlite_files(path)
         try:
             async with await Store.connect(f"sqlite:///{path}") as store:
@@ -148,6 +168,70 @@ async def _check_payload(agent: PersistentAgent, thread: str, turns: int) -> Non
     if [m.content for m in messages] != expected:
         raise RuntimeError("immagent/echo replies differ from benchmarks.common.reply_text; "
                            "the two systems would not store the same payload")
+
+
+def _turn(thread: str, turn: int) -> list[Message]:
+    """One turn of the synthetic texts as plain messages (what ``Store.append`` stores)."""
+    text = user_text(thread, turn)
+    return [Message(role="user", content=text), Message(role="assistant",
+                                                        content=reply_text(text))]
+
+
+async def append_turns(store: Store, agent: PersistentAgent, thread: str,
+                       turns: range) -> PersistentAgent:
+    """``Store.append`` of one synthetic turn per step, no model call; the last state."""
+    for turn in turns:
+        agent = await store.append(agent, _turn(thread, turn))
+    return agent
+
+
+async def run_append_linear(backend: Backend, store: Store, measure: Measure,
+                            points: Sequence[int]) -> tuple[list[LinearPoint], PersistentAgent]:
+    """Scenario 1 store-only: the linear conversation's texts committed with
+    ``Store.append`` (user and assistant Message, no token counts or model metadata), the
+    same items SQLiteSession stores. Returns the points and the final state."""
+    results = [LinearPoint("immagent-append", backend, 0, await measure(), 0.0)]
+    agent = await store.create_agent(name="linear", system_prompt=SYSTEM_PROMPT, model=MODEL)
+    done = 0
+    elapsed = 0.0
+    for point in sorted(points):
+        with Timer() as timer:
+            agent = await append_turns(store, agent, "linear", range(done, point))
+        elapsed += timer.seconds
+        done = point
+        results.append(LinearPoint("immagent-append", backend, point, await measure(),
+                                   elapsed))
+    return results, agent
+
+
+async def run_corpus(backend: Backend, store: Store, measure: Measure, corpus: Corpus, *,
+                     tasks: int = 4) -> CorpusStored:
+    """The realistic corpus: one agent per conversation (one shared system prompt), advanced
+    turn by turn with ``Store.append`` of the user and the assistant message; every state
+    is kept. ``tasks`` conversations are written at a time."""
+    empty = await measure()
+    queue = list(reversed(corpus.conversations))
+    heads: dict[str, PersistentAgent] = {}
+
+    async def worker() -> None:
+        while queue:
+            conversation = queue.pop()
+            agent = await store.create_agent(name=conversation.name,
+                                             system_prompt=CORPUS_PROMPT, model=MODEL)
+            for user, answer in conversation.turns:
+                agent = await store.append(agent, [Message(role="user", content=user),
+                                                   Message(role="assistant", content=answer)])
+            heads[conversation.name] = agent
+
+    with Timer() as timer:
+        await asyncio.gather(*(worker() for _ in range(tasks)))
+    last = corpus.conversations[-1]
+    store.clear_cache()
+    if [m.content for m in await heads[last.name].get_messages()] != [
+            t for turn in last.turns for t in turn]:
+        raise RuntimeError(f"immagent's agent {last.name} differs from the corpus")
+    return CorpusStored("immagent", backend, len(corpus.conversations), corpus.turns,
+                        corpus.raw_bytes, empty, await measure(), timer.seconds)
 
 
 async def run_forks(backend: Backend, store: Store, measure: Measure, *, base_turns: int = 100,
@@ -248,30 +332,6 @@ class Throughput:
         return {**asdict(self), "advances_per_second": self.per_second}
 
 
-@dataclass(frozen=True)
-class Latency:
-    """Latency samples of one operation, in seconds."""
-
-    backend: Backend
-    operation: str
-    history_turns: int
-    samples: tuple[float, ...]
-
-    @property
-    def p50(self) -> float:
-        return percentile(self.samples, 50)
-
-    @property
-    def p99(self) -> float:
-        return percentile(self.samples, 99)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend, "operation": self.operation,
-                "history_turns": self.history_turns, "count": len(self.samples),
-                "p50_s": self.p50, "p99_s": self.p99,
-                "mean_s": sum(self.samples) / len(self.samples)}
-
-
 async def advance_rate(backend: Backend, agent: PersistentAgent, history_turns: int, *,
                        tasks: int, steps: int) -> Throughput:
     """``tasks`` clones of ``agent`` advanced ``steps`` times each, concurrently.
@@ -294,9 +354,7 @@ async def commit_latency(backend: Backend, store: Store, agent: PersistentAgent,
     (no model call), sequentially on one agent."""
     times: list[float] = []
     for turn in range(samples):
-        text = user_text("commit", turn)
-        step = [Message(role="user", content=text),
-                Message(role="assistant", content=reply_text(text))]
+        step = _turn("commit", turn)
         start = time.perf_counter()
         agent = await store.append(agent, step)
         times.append(time.perf_counter() - start)
@@ -323,6 +381,137 @@ async def read_latency(backend: Backend, store: Store, agent: PersistentAgent,
             times.append(time.perf_counter() - start)
         results.append(Latency(backend, name, history_turns, tuple(times)))
     return results
+
+
+async def cold_messages(backend: Backend, store: Store, agent: PersistentAgent,
+                        history_turns: int, samples: int) -> Latency:
+    """``get_messages`` after ``clear_cache()`` on the store-only agent (the conversation
+    SQLiteSession's ``get_items`` reads)."""
+    times: list[float] = []
+    for _ in range(samples):
+        store.clear_cache()
+        start = time.perf_counter()
+        messages = await agent.get_messages()
+        times.append(time.perf_counter() - start)
+    if len(messages) != 2 * history_turns:
+        raise RuntimeError(f"agent holds {len(messages)} messages, expected {2 * history_turns}")
+    return Latency(backend, "get_messages (cold)", history_turns, tuple(times),
+                   "immagent-append")
+
+
+class Clock:
+    """Total time spent inside some wrapped coroutine functions and how often they ran."""
+
+    seconds: float = 0.0
+    calls: int = 0
+    _depth: int = 0
+
+
+@contextlib.contextmanager
+def clock_on(owner: Any, names: Sequence[str]) -> Iterator[Clock]:
+    """Wrap the coroutine functions ``owner.<name>`` for the duration, timing every call
+    (a call made inside another wrapped call is not counted twice).
+
+    The benchmark instruments its own process this way (tests never do): immagent calls
+    ``litellm.acompletion`` through the module attribute and ``Store.advance`` calls the
+    store's public methods through ``self``, so the wrappers see each call.
+    """
+    clock = Clock()
+    originals = {name: getattr(owner, name) for name in names}
+
+    def wrap(original: Any) -> Any:
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            outer = clock._depth == 0
+            clock._depth += 1
+            start = time.perf_counter()
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                clock._depth -= 1
+                if outer:
+                    clock.seconds += time.perf_counter() - start
+                    clock.calls += 1
+
+        return timed
+
+    for name, original in originals.items():
+        setattr(owner, name, wrap(original))
+    try:
+        yield clock
+    finally:
+        for name, original in originals.items():
+            setattr(owner, name, original)
+
+
+def litellm_clock() -> contextlib.AbstractContextManager[Clock]:
+    """Time every ``litellm.acompletion`` call (the model call, LiteLLM included)."""
+    import litellm
+
+    return clock_on(litellm, ["acompletion"])
+
+
+def store_clock() -> contextlib.AbstractContextManager[Clock]:
+    """Time the store calls an advance makes: read the history and the prompt, commit."""
+    return clock_on(Store, ["get_messages", "get_system_prompt", "append"])
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """Per-advance samples, seconds: the whole ``advance``, the part inside LiteLLM, and
+    the part inside the store's read and commit calls."""
+
+    backend: Backend
+    history_turns: int
+    cache: str  # "warm": history in the store's cache; "cold": cleared before each advance
+    advance: tuple[float, ...]
+    model_call: tuple[float, ...]
+    store_calls: tuple[float, ...]
+    calls: int  # LiteLLM calls seen; 0 means the model was answered without LiteLLM
+    store_call_count: int  # 0 means advance no longer goes through the public methods
+
+    @property
+    def overhead(self) -> tuple[float, ...]:
+        """Everything but the model call: read history, build the request, commit."""
+        return tuple(a - m for a, m in zip(self.advance, self.model_call, strict=True))
+
+    def p(self, which: str, q: float) -> float:
+        values: tuple[float, ...] = getattr(self, which)
+        return percentile(values, q)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"backend": self.backend, "history_turns": self.history_turns,
+                               "cache": self.cache, "samples": len(self.advance),
+                               "litellm_calls": self.calls,
+                               "store_calls": self.store_call_count}
+        for which in ("advance", "model_call", "overhead", "store_calls"):
+            out[f"{which}_p50_s"] = self.p(which, 50)
+            out[f"{which}_p99_s"] = self.p(which, 99)
+        return out
+
+
+async def advance_overhead(backend: Backend, store: Store, agent: PersistentAgent,
+                           history_turns: int, samples: int, *, cold: bool) -> Overhead:
+    """``samples`` sequential advances of a clone of ``agent`` with the echo model, each
+    split into the time inside ``litellm.acompletion`` and the rest (immagent's own
+    per-advance work). Warm: the history is in the cache, as in a serving process; cold:
+    the cache is cleared before each advance, so the history is read from the database."""
+    clone = await agent.clone()
+    clone = await clone.advance(user_text("overhead", 0))  # history into the cache
+    advance: list[float] = []
+    model: list[float] = []
+    in_store: list[float] = []
+    with litellm_clock() as llm, store_clock() as stored:
+        for turn in range(1, samples + 1):
+            if cold:
+                store.clear_cache()
+            llm_before, store_before = llm.seconds, stored.seconds
+            start = time.perf_counter()
+            clone = await clone.advance(user_text("overhead", turn))
+            advance.append(time.perf_counter() - start)
+            model.append(llm.seconds - llm_before)
+            in_store.append(stored.seconds - store_before)
+    return Overhead(backend, history_turns, "cold" if cold else "warm", tuple(advance),
+                    tuple(model), tuple(in_store), llm.calls, stored.calls)
 
 
 # --- scenario 5: gc and verify --------------------------------------------------------

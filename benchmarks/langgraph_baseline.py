@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import os
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
@@ -36,6 +36,7 @@ from langgraph.graph.message import add_messages
 from benchmarks.common import (
     BACKENDS,
     Backend,
+    CorpusStored,
     ForkResult,
     LinearPoint,
     Timer,
@@ -50,8 +51,9 @@ from benchmarks.common import (
     sqlite_file_bytes,
     user_text,
 )
+from benchmarks.corpus import Corpus
 
-__all__ = ["build_graph", "run_forks", "run_linear"]
+__all__ = ["build_graph", "run_corpus", "run_forks", "run_linear"]
 
 #: Tables AsyncPostgresSaver.setup() creates; all of them count as stored bytes.
 PG_TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes", "checkpoint_migrations")
@@ -71,10 +73,24 @@ def _reply(state: ChatState) -> dict[str, list[AnyMessage]]:
     return {"messages": [AIMessage(content=reply_text(str(last.content)))]}
 
 
-def build_graph(checkpointer: BaseCheckpointSaver[Any]) -> Any:
-    """START -> reply -> END, checkpointed by ``checkpointer``."""
+def _corpus_reply(replies: Mapping[str, Sequence[str]]) -> Any:
+    """The node for a recorded conversation: the thread's assistant message of this turn."""
+
+    def reply(state: ChatState, config: RunnableConfig) -> dict[str, list[AnyMessage]]:
+        thread = config["configurable"]["thread_id"]
+        turn = sum(isinstance(m, HumanMessage) for m in state["messages"]) - 1
+        return {"messages": [AIMessage(content=replies[thread][turn])]}
+
+    return reply
+
+
+def build_graph(checkpointer: BaseCheckpointSaver[Any],
+                replies: Mapping[str, Sequence[str]] | None = None) -> Any:
+    """START -> reply -> END, checkpointed by ``checkpointer``. The reply node echoes as
+    ``immagent/echo`` does, or answers from ``replies`` (thread id -> assistant message per
+    turn) when given."""
     builder = StateGraph(ChatState)
-    builder.add_node("reply", _reply)
+    builder.add_node("reply", _reply if replies is None else _corpus_reply(replies))
     builder.add_edge(START, "reply")
     builder.add_edge("reply", END)
     return builder.compile(checkpointer=checkpointer)
@@ -162,6 +178,29 @@ async def run_forks(backend: Backend, *, dsn: str | None, workdir: Path, base_tu
         total = await measure()
     return ForkResult("langgraph", backend, base_turns, forks, fork_turns, base_bytes, total,
                       timer.seconds)
+
+
+async def run_corpus(backend: Backend, corpus: Corpus, *, dsn: str | None,
+                     workdir: Path) -> CorpusStored:
+    """The realistic corpus: one thread per conversation, one ``ainvoke`` per turn with the
+    user message, the node answering with the recorded assistant message."""
+    replies = {c.name: [answer for _, answer in c.turns] for c in corpus.conversations}
+    async with open_saver(backend, dsn, workdir) as (saver, measure):
+        empty = await measure()
+        graph = build_graph(saver, replies)
+        with Timer() as timer:
+            for conversation in corpus.conversations:
+                for user, _ in conversation.turns:
+                    await graph.ainvoke({"messages": [HumanMessage(content=user)]},
+                                        _config(conversation.name))
+        stored = await measure()
+        last = corpus.conversations[-1]
+        state = await graph.aget_state(_config(last.name))
+        if [m.content for m in state.values["messages"]] != [t for turn in last.turns
+                                                             for t in turn]:
+            raise RuntimeError(f"LangGraph's thread {last.name} differs from the corpus")
+    return CorpusStored("langgraph", backend, len(corpus.conversations), corpus.turns,
+                        corpus.raw_bytes, empty, stored, timer.seconds)
 
 
 async def _main(argv: Sequence[str] | None = None) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import multiprocessing
 import os
@@ -22,93 +23,32 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
 
 import psycopg
 
+from benchmarks import corpus as corpora
 from benchmarks import immagent_scenarios as ours
 from benchmarks.common import (
     BACKENDS,
-    REPLY_BYTES,
-    TURN_PAYLOAD,
-    USER_BYTES,
     Backend,
+    CorpusStored,
     ForkResult,
     LinearPoint,
     curve_points,
-    fmt_bytes,
-    growth_exponent,
-    pg_breakdown,
-    print_table,
     with_database,
 )
+from benchmarks.layout import dbstat_available, pg_relations, sqlite_relations
+from benchmarks.report import plot, report
+from benchmarks.results import Breakdown, Results, Sizes
+from benchmarks.targets import check_targets
 from immagent import PersistentAgent, Store
 
 REPO = Path(__file__).resolve().parent.parent
-KIB = 1024
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """Scenario sizes; quick mode keeps ``make bench`` to a few minutes on 2 cores."""
-
-    linear_turns: int = 1000
-    langgraph_sqlite_turns: int = 300
-    base_turns: int = 100
-    forks: int = 50
-    fork_turns: int = 5
-    prompt_agents: int = 100
-    speed_advances: int = 40
-    commit_samples: int = 50
-    read_samples: int = 20
-    corpus_lineages: int = 4
-
-    @classmethod
-    def full(cls) -> Sizes:
-        return cls(langgraph_sqlite_turns=1000, prompt_agents=1000, speed_advances=200,
-                   commit_samples=300, read_samples=100, corpus_lineages=20)
-
-
-@dataclass
-class Results:
-    """Everything one run measured (what ``--json`` writes)."""
-
-    mode: str
-    sizes: Sizes
-    environment: dict[str, str]
-    linear: list[LinearPoint] = field(default_factory=list)
-    forks: list[ForkResult] = field(default_factory=list)
-    shared: list[ours.SharedPrompts] = field(default_factory=list)
-    throughput: list[ours.Throughput] = field(default_factory=list)
-    latency: list[ours.Latency] = field(default_factory=list)
-    maintenance: list[ours.Maintenance] = field(default_factory=list)
-    #: immagent's PostgreSQL tables after the linear run: (table, rows, table B, index B).
-    breakdown: list[tuple[str, int, int, int]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    targets: list[dict[str, str]] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "mode": self.mode,
-            "sizes": asdict(self.sizes),
-            "environment": self.environment,
-            "text_bytes": {"user": USER_BYTES, "reply": REPLY_BYTES, "turn": TURN_PAYLOAD},
-            "linear": [p.as_dict() for p in self.linear],
-            "forks": [f.as_dict() for f in self.forks],
-            "shared_prompts": [s.as_dict() for s in self.shared],
-            "throughput": [t.as_dict() for t in self.throughput],
-            "latency": [lat.as_dict() for lat in self.latency],
-            "maintenance": [m.as_dict() for m in self.maintenance],
-            "postgres_breakdown": [
-                {"table": t, "rows": n, "table_bytes": tb, "index_bytes": ib}
-                for t, n, tb, ib in self.breakdown],
-            "ratios": ratios(self),
-            "targets": self.targets,
-            "notes": self.notes,
-        }
+#: Seed of the realistic corpus: every run, and both processes of a run, store the same one.
+CORPUS_SEED = 11
 
 
 # --- running --------------------------------------------------------------------------
@@ -127,7 +67,7 @@ async def environment(dsn: str | None) -> dict[str, str]:
     env = {"python": platform.python_version(), "machine": platform.machine(),
            "cpus": str(os.cpu_count())}
     for package in ("immagent", "langgraph", "langgraph-checkpoint-postgres",
-                    "langgraph-checkpoint-sqlite", "psycopg"):
+                    "langgraph-checkpoint-sqlite", "openai-agents", "psycopg"):
         try:
             env[package] = version(package)
         except PackageNotFoundError:
@@ -148,10 +88,34 @@ def log(message: str) -> None:
     print(f"... {message}", file=sys.stderr, flush=True)
 
 
+@dataclass(frozen=True)
+class Kept:
+    """The stores and agents of one immagent backend that the timed phase reuses."""
+
+    store: Store
+    long_agent: PersistentAgent  # the linear conversation, through advance
+    append_store: Store
+    append_agent: PersistentAgent  # the same texts through Store.append
+
+
+async def breakdown(res: Results, backend: Backend, dsn: str | None, work: Path, label: str,
+                    scenario: str, turns: int) -> None:
+    """Every relation of the store ``label`` into ``res.breakdowns``."""
+    if backend == "postgres" and dsn is not None:
+        relations = await pg_relations(with_database(dsn, ours.pg_database(label)),
+                                       ours.PG_PREFIX)
+    elif backend == "sqlite" and dbstat_available():
+        relations = await asyncio.to_thread(sqlite_relations, ours.store_path(work, label))
+    else:
+        res.notes.append(f"no per-relation breakdown for {backend}: this SQLite has no dbstat")
+        return
+    res.breakdowns.append(Breakdown(scenario, backend, turns, tuple(relations)))
+
+
 async def storage_phase(backend: Backend, res: Results, dsn: str | None, work: Path,
-                        stack: contextlib.AsyncExitStack) -> tuple[Store, PersistentAgent]:
-    """Scenarios 1-3 on one immagent backend. The linear store stays open (on ``stack``);
-    it and its long agent are returned, for the timed phase."""
+                        stack: contextlib.AsyncExitStack, corpus: corpora.Corpus) -> Kept:
+    """Scenarios 1-3 and the realistic corpus on one immagent backend. The linear stores
+    stay open (on ``stack``) for the timed phase."""
     s = res.sizes
     log(f"immagent/{backend}: linear to {s.linear_turns} turns")
     store, measure = await stack.enter_async_context(
@@ -159,9 +123,14 @@ async def storage_phase(backend: Backend, res: Results, dsn: str | None, work: P
     points, long_agent = await ours.run_linear(backend, store, measure,
                                                curve_points(s.linear_turns))
     res.linear.extend(points)
-    if backend == "postgres" and dsn is not None:
-        res.breakdown = await pg_breakdown(with_database(dsn, ours.pg_database("linear")),
-                                           ours.PG_TABLES)
+    await breakdown(res, backend, dsn, work, "linear", "linear", s.linear_turns)
+
+    log(f"immagent/{backend}: linear to {s.linear_turns} turns, store only")
+    append_store, append_measure = await stack.enter_async_context(
+        ours.open_store(backend, dsn, work, "append"))
+    append_points, append_agent = await ours.run_append_linear(
+        backend, append_store, append_measure, curve_points(s.linear_turns))
+    res.linear.extend(append_points)
 
     log(f"immagent/{backend}: forks")
     async with ours.open_store(backend, dsn, work, "forks") as (fork_store, fork_measure):
@@ -171,36 +140,81 @@ async def storage_phase(backend: Backend, res: Results, dsn: str | None, work: P
 
     log(f"immagent/{backend}: shared prompts, {s.prompt_agents} agents")
     res.shared.append(await ours.shared_prompts(backend, dsn, work, agents=s.prompt_agents))
-    return store, long_agent
+
+    log(f"immagent/{backend}: realistic corpus, {len(corpus.conversations)} conversations")
+    async with ours.open_store(backend, dsn, work, "corpus") as (corpus_store, corpus_measure):
+        res.corpus_stored.append(await ours.run_corpus(backend, corpus_store, corpus_measure,
+                                                       corpus))
+        await breakdown(res, backend, dsn, work, "corpus", "corpus", corpus.turns)
+    return Kept(store, long_agent, append_store, append_agent)
 
 
-async def timed_phase(backend: Backend, res: Results, store: Store, long_agent: PersistentAgent,
-                      dsn: str | None, work: Path) -> None:
+async def timed_phase(backend: Backend, res: Results, kept: Kept, dsn: str | None,
+                      work: Path) -> None:
     """Scenarios 4 and 5 on one immagent backend, with nothing else running."""
     s = res.sizes
+    n = s.linear_turns
+    store, long_agent = kept.store, kept.long_agent
     log(f"immagent/{backend}: speed and latency")
-    res.latency.extend(await ours.read_latency(backend, store, long_agent, s.linear_turns,
-                                               s.read_samples))
+    res.latency.extend(await ours.read_latency(backend, store, long_agent, n, s.read_samples))
+    res.latency.append(await ours.cold_messages(backend, kept.append_store, kept.append_agent,
+                                                n, s.read_samples))
     short = await ours.grow(await store.create_agent(
         name="short", system_prompt=ours.SYSTEM_PROMPT, model=ours.MODEL), "short", range(10))
-    for agent, turns in ((short, 10), (long_agent, s.linear_turns)):
+    for agent, turns in ((short, 10), (long_agent, n)):
         for tasks in (1, 8):
             res.throughput.append(await ours.advance_rate(
                 backend, agent, turns, tasks=tasks, steps=max(1, s.speed_advances // tasks)))
         res.latency.append(await ours.commit_latency(backend, store, await agent.clone(),
                                                      turns, s.commit_samples))
+        for cold in (False, True):
+            res.overhead.append(await ours.advance_overhead(
+                backend, store, agent, turns, s.overhead_samples, cold=cold))
 
     log(f"immagent/{backend}: verify and gc, {s.corpus_lineages} lineages")
     res.maintenance.extend(await ours.maintenance(backend, dsn, work, lineages=s.corpus_lineages))
 
 
+async def sessions_storage(res: Results, work: Path, stack: contextlib.AsyncExitStack,
+                           corpus: corpora.Corpus) -> Path:
+    """SQLiteSession: the linear conversation (store only) and the realistic corpus; the
+    linear file stays open for ``sessions_timed``."""
+    from benchmarks import openai_agents_baseline as sessions  # needs the `bench` extra
+
+    await sessions.check_item_format()
+    n = res.sizes.linear_turns
+    log(f"openai-agents/sqlite: SQLiteSession to {n} turns")
+    path, measure = await stack.enter_async_context(sessions.open_session_file(work, "linear"))
+    res.linear.extend(await sessions.run_linear(path, measure, curve_points(n)))
+    log(f"openai-agents/sqlite: realistic corpus, {len(corpus.conversations)} conversations")
+    res.corpus_stored.append(await sessions.run_corpus(corpus, work))
+    return path
+
+
+async def sessions_timed(res: Results, path: Path) -> None:
+    """SQLiteSession's reads (first: the session must hold exactly N turns) and appends."""
+    from benchmarks import openai_agents_baseline as sessions
+
+    s = res.sizes
+    log("openai-agents/sqlite: latency")
+    res.latency.extend(await sessions.read_latency(path, "linear", s.linear_turns,
+                                                   s.read_samples))
+    res.latency.append(await sessions.add_latency(path, "short", 10, s.commit_samples))
+    res.latency.append(await sessions.add_latency(path, "linear", s.linear_turns,
+                                                  s.commit_samples))
+
+
+LangGraphResults = tuple[list[LinearPoint], list[ForkResult], list[CorpusStored]]
+
+
 async def langgraph_all(backends: Sequence[Backend], sizes: Sizes, dsn: str | None,
-                        work: Path) -> tuple[list[LinearPoint], list[ForkResult]]:
-    """Scenario 6: linear and forks through LangGraph's checkpointers."""
+                        work: Path, corpus: corpora.Corpus | None) -> LangGraphResults:
+    """Scenario 6 and the realistic corpus through LangGraph's checkpointers."""
     from benchmarks import langgraph_baseline as theirs  # needs the `bench` extra
 
     linear: list[LinearPoint] = []
     forks: list[ForkResult] = []
+    stored: list[CorpusStored] = []
     for backend in backends:
         turns = sizes.linear_turns if backend == "postgres" else sizes.langgraph_sqlite_turns
         log(f"langgraph/{backend}: linear to {turns} turns (separate process)")
@@ -210,21 +224,25 @@ async def langgraph_all(backends: Sequence[Backend], sizes: Sizes, dsn: str | No
         forks.append(await theirs.run_forks(backend, dsn=dsn, workdir=work,
                                             base_turns=sizes.base_turns, forks=sizes.forks,
                                             fork_turns=sizes.fork_turns))
-    return linear, forks
+        if corpus is not None:
+            log(f"langgraph/{backend}: realistic corpus (separate process)")
+            stored.append(await theirs.run_corpus(backend, corpus, dsn=dsn, workdir=work))
+    return linear, forks, stored
 
 
 def langgraph_process(backends: Sequence[Backend], sizes: Sizes, dsn: str | None,
-                      work: Path) -> tuple[list[LinearPoint], list[ForkResult]]:
+                      work: Path, corpus: corpora.Corpus | None) -> LangGraphResults:
     """``langgraph_all`` in a process of its own (the storage phase uses both cores)."""
-    return asyncio.run(langgraph_all(backends, sizes, dsn, work))
+    return asyncio.run(langgraph_all(backends, sizes, dsn, work, corpus))
 
 
 async def run_all(args: argparse.Namespace) -> Results:
     """Every scenario, every backend asked for.
 
-    Storage phase: immagent's scenarios 1-3 here while LangGraph's run in a second
-    process (bytes do not depend on timing; on 2 cores this halves the wall time).
-    Timed phase, alone: scenario 4 on the long agents kept open, then scenario 5.
+    Storage phase: immagent's scenarios 1-3, the realistic corpus and SQLiteSession here
+    while LangGraph's run in a second process (bytes do not depend on timing; on 2 cores
+    this halves the wall time). Timed phase, alone: scenario 4 on the long agents kept
+    open, then scenario 5, then SQLiteSession's latencies.
     """
     sizes = Sizes.full() if args.full else Sizes()
     backends: list[Backend] = [b for b in BACKENDS if b in args.backends]
@@ -235,254 +253,53 @@ async def run_all(args: argparse.Namespace) -> Results:
     ours_backends = [b for b in backends if ours.backend_available(b)]
     res.notes.extend(f"immagent's {b} backend is not in this checkout: skipped"
                      for b in backends if b not in ours_backends)
+    log(f"realistic corpus: generating {sizes.conversations} conversations")
+    corpus = corpora.generate(sizes.conversations, CORPUS_SEED)
+    res.corpus = corpus.summary()
+    with_sessions = not args.no_openai_agents and "sqlite" in backends
     with tempfile.TemporaryDirectory(prefix="immagent-bench-") as tmp, \
             ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         work = Path(tmp)
         if ours_backends:  # LiteLLM's import takes seconds: never inside a timed block
             async with ours.open_store(ours_backends[0], dsn, work, "warmup") as (store, _):
                 await ours.warm_up(store)
+        if with_sessions:
+            import benchmarks.openai_agents_baseline  # noqa: F401  (its import, before freeze)
+        # The imports of LiteLLM and the Agents SDK leave a heap of long-lived objects; every
+        # generation-2 collection walked it (~250 ms, measured), which was most of every
+        # p99 here. Frozen objects are never scanned again; what the benchmark allocates is.
+        gc.collect()
+        gc.freeze()
         theirs_future = None
         if not args.no_langgraph:
             theirs_future = asyncio.get_running_loop().run_in_executor(
-                pool, langgraph_process, backends, sizes, dsn, work)
+                pool, langgraph_process, backends, sizes, dsn, work, corpus)
         async with contextlib.AsyncExitStack() as stack:
-            kept = {b: await storage_phase(b, res, dsn, work, stack) for b in ours_backends}
+            kept = {b: await storage_phase(b, res, dsn, work, stack, corpus)
+                    for b in ours_backends}
+            session_path = (await sessions_storage(res, work, stack, corpus)
+                            if with_sessions else None)
             if theirs_future is not None:
                 log("waiting for LangGraph")
-                lg_linear, lg_forks = await theirs_future
+                lg_linear, lg_forks, lg_corpus = await theirs_future
                 res.linear.extend(lg_linear)
                 res.forks.extend(lg_forks)
-            for backend, (store, agent) in kept.items():
-                await timed_phase(backend, res, store, agent, dsn, work)
+                res.corpus_stored.extend(lg_corpus)
+            for backend, stores in kept.items():
+                await timed_phase(backend, res, stores, dsn, work)
+            if session_path is not None:
+                await sessions_timed(res, session_path)
     res.notes.append("the storage phase runs immagent and LangGraph side by side (two "
-                     "processes): its seconds are not speed results; scenarios 4-5 run alone")
+                     "processes): its seconds are not speed results; scenarios 4-5 and the "
+                     "SQLiteSession latencies run alone")
     if not args.full:
         res.notes.append(
             f"quick mode: LangGraph SQLite linear stops at {sizes.langgraph_sqlite_turns} turns, "
             f"shared prompts use {sizes.prompt_agents} agents (full: 1000), the gc/verify corpus "
-            f"has ~{sizes.corpus_lineages * 50 * 101:,} assets (full: ~101,000); use --full")
+            f"has ~{sizes.corpus_lineages * 50 * 101:,} assets (full: ~101,000), the realistic "
+            f"corpus {sizes.conversations} conversations (full: 3000); use --full")
     res.targets = check_targets(res)
     return res
-
-
-# --- derived numbers and targets ------------------------------------------------------
-
-
-def _point(res: Results, system: str, backend: str, turns: int) -> LinearPoint | None:
-    return next((p for p in res.linear
-                 if (p.system, p.backend, p.turns) == (system, backend, turns)), None)
-
-
-def _fork(res: Results, system: str, backend: str) -> ForkResult | None:
-    return next((f for f in res.forks if (f.system, f.backend) == (system, backend)), None)
-
-
-def ratios(res: Results) -> list[dict[str, Any]]:
-    """immagent / LangGraph stored bytes for every comparable measurement."""
-    rows: list[dict[str, Any]] = []
-    for p in res.linear:
-        other = _point(res, "langgraph", p.backend, p.turns)
-        if p.system == "immagent" and p.turns and other is not None:
-            rows.append({"backend": p.backend, "scenario": f"linear N={p.turns}",
-                         "immagent_bytes": p.stored_bytes, "langgraph_bytes": other.stored_bytes,
-                         "ratio": p.stored_bytes / other.stored_bytes})
-    for f in res.forks:
-        other_fork = _fork(res, "langgraph", f.backend)
-        if f.system == "immagent" and other_fork is not None:
-            rows.append({"backend": f.backend, "scenario": "bytes per fork",
-                         "immagent_bytes": f.bytes_per_fork,
-                         "langgraph_bytes": other_fork.bytes_per_fork,
-                         "ratio": f.bytes_per_fork / other_fork.bytes_per_fork})
-    return rows
-
-
-def _target(name: str, ok: bool | None, detail: str) -> dict[str, str]:
-    status = "PASS" if ok else "MISS" if ok is not None else "N/A"
-    return {"target": name, "status": status, "detail": detail}
-
-
-def check_targets(res: Results) -> list[dict[str, str]]:
-    """The issue's targets, per immagent backend, with the numbers behind each verdict."""
-    out: list[dict[str, str]] = []
-    n = res.sizes.linear_turns
-    for backend in sorted({p.backend for p in res.linear if p.system == "immagent"}):
-        tag = f"[{backend}]"
-        lo, hi = _point(res, "immagent", backend, 100), _point(res, "immagent", backend, n)
-        empty = _point(res, "immagent", backend, 0)
-        if lo and hi and empty:
-            k = growth_exponent(lo.turns, lo.stored_bytes, hi.turns, hi.stored_bytes)
-            k_net = growth_exponent(lo.turns, lo.stored_bytes - empty.stored_bytes,
-                                    hi.turns, hi.stored_bytes - empty.stored_bytes)
-            out.append(_target(f"{tag} growth exponent N=100..{n} <= 1.05", k <= 1.05,
-                               f"k = {k:.3f}; {k_net:.3f} without the empty store's "
-                               f"{fmt_bytes(empty.stored_bytes)}"))
-            limit = TURN_PAYLOAD + KIB
-            net = (hi.stored_bytes - empty.stored_bytes) / hi.turns
-            out.append(_target(
-                f"{tag} bytes/turn at N={n} <= payload + 1 KiB", hi.bytes_per_turn <= limit,
-                f"{hi.bytes_per_turn:.0f} B/turn ({net:.0f} without the empty store) vs limit "
-                f"{limit} B ({TURN_PAYLOAD} B payload); the rest is asset and agent rows, "
-                "their indexes and page slack"))
-        fork = _fork(res, "immagent", backend)
-        if fork:
-            limit = fork.fork_turns * (TURN_PAYLOAD + KIB)
-            copy = fork.base_turns * TURN_PAYLOAD
-            out.append(_target(
-                f"{tag} a fork costs only its own messages", fork.bytes_per_fork <= limit,
-                f"{fork.bytes_per_fork:.0f} B/fork = {fork.bytes_per_fork / fork.fork_turns:.0f}"
-                f" B per own turn of {TURN_PAYLOAD} B payload (limit {limit} B: + 1 KiB per "
-                f"turn, as for bytes/turn); a copy of the base would add >= {copy} B"))
-        lg = _point(res, "langgraph", backend, n)
-        if hi and lg:
-            factor = lg.stored_bytes / hi.stored_bytes
-            required = backend == "postgres"
-            out.append(_target(
-                f"{tag} >= 100x less storage than LangGraph at N={n}"
-                + ("" if required else " (informational)"), factor >= 100,
-                f"{factor:.0f}x ({fmt_bytes(hi.stored_bytes)} vs {fmt_bytes(lg.stored_bytes)})"))
-        commits = {lat.history_turns: lat.p50 for lat in res.latency
-                   if lat.backend == backend and lat.operation.startswith("commit")}
-        store_share = (f"; store-only commit p50 {commits[10] * 1e3:.2f} ms at N=10, "
-                       f"{commits[n] * 1e3:.2f} ms at N={n}" if {10, n} <= commits.keys() else "")
-        for tasks in (1, 8):
-            short = _rate(res, backend, 10, tasks)
-            long = _rate(res, backend, n, tasks)
-            if short and long:
-                out.append(_target(
-                    f"{tag} advance throughput at N={n} within 20% of N=10, {tasks} task(s)",
-                    long >= 0.8 * short,
-                    f"{long:.0f}/s vs {short:.0f}/s ({long / short - 1:+.0%}); the model call "
-                    f"(LiteLLM + offline model) handles the whole history" + store_share))
-        reads = next((lat for lat in res.latency if lat.backend == backend
-                      and lat.operation == "get_messages (cold)"), None)
-        if reads:
-            out.append(_target(
-                f"{tag} get_messages on {reads.history_turns} turns < 10 ms cold (p50)",
-                reads.p50 < 0.010, f"p50 {reads.p50 * 1e3:.2f} ms, p99 {reads.p99 * 1e3:.2f} ms"))
-    return out
-
-
-def _rate(res: Results, backend: str, turns: int, tasks: int) -> float | None:
-    return next((t.per_second for t in res.throughput
-                 if (t.backend, t.history_turns, t.tasks) == (backend, turns, tasks)), None)
-
-
-# --- output ---------------------------------------------------------------------------
-
-
-def report(res: Results) -> None:
-    """Print every table and the target checks."""
-    print(f"immagent benchmarks ({res.mode} mode); texts: user {USER_BYTES} B, reply "
-          f"{REPLY_BYTES} B, {TURN_PAYLOAD} B of payload per turn")
-    print("environment: " + ", ".join(f"{k} {v}" for k, v in res.environment.items()))
-
-    print_table("1. Linear: one conversation advanced N times",
-                ["system", "backend", "N", "stored", "payload", "bytes/turn", "seconds"],
-                [[p.system, p.backend, p.turns, fmt_bytes(p.stored_bytes),
-                  fmt_bytes(p.payload_bytes), f"{p.bytes_per_turn:,.0f}" if p.turns else "-",
-                  f"{p.seconds:.1f}"] for p in res.linear])
-    exponents: list[list[object]] = []
-    for system, backend in sorted({(p.system, p.backend) for p in res.linear}):
-        pts = sorted((p for p in res.linear if (p.system, p.backend) == (system, backend)),
-                     key=lambda p: p.turns)
-        lo = next((p for p in pts if p.turns == 100), None)
-        empty = next((p for p in pts if p.turns == 0), None)
-        if lo and empty and pts[-1].turns > 100:
-            hi, before = pts[-1], pts[-2]
-            k = growth_exponent(100, lo.stored_bytes, hi.turns, hi.stored_bytes)
-            k_net = growth_exponent(100, lo.stored_bytes - empty.stored_bytes,
-                                    hi.turns, hi.stored_bytes - empty.stored_bytes)
-            marginal = (hi.stored_bytes - before.stored_bytes) / (hi.turns - before.turns)
-            exponents.append([system, backend, f"100..{hi.turns}", f"{k:.3f}", f"{k_net:.3f}",
-                              f"{marginal:,.0f}", fmt_bytes(empty.stored_bytes)])
-    print_table("   growth: stored ~ N**k; net = minus the empty store; marginal = last segment",
-                ["system", "backend", "N range", "k", "k net", "marginal B/turn", "empty store"],
-                exponents)
-
-    if res.breakdown:
-        n = max(p.turns for p in res.linear if p.system == "immagent")
-        print_table(f"   where immagent's PostgreSQL bytes go at N={n}",
-                    ["table", "rows", "table+TOAST", "indexes", "bytes/turn"],
-                    [[t, f"{rows:,}", fmt_bytes(tb), fmt_bytes(ib), f"{(tb + ib) / n:,.0f}"]
-                     for t, rows, tb, ib in res.breakdown])
-
-    print_table("2. Forks: base conversation, then forks each advanced a few turns",
-                ["system", "backend", "base", "forks x turns", "bytes/fork", "own payload",
-                 "bytes/fork / payload"],
-                [[f.system, f.backend, f"{f.base_turns} turns = {fmt_bytes(f.base_bytes)}",
-                  f"{f.forks} x {f.fork_turns}", f"{f.bytes_per_fork:,.0f}",
-                  f"{f.fork_payload_bytes:,}", f"{f.bytes_per_fork / f.fork_payload_bytes:.1f}"]
-                 for f in res.forks])
-
-    print_table("3. Shared prompts: agents with one 4 KiB prompt vs a distinct prompt each",
-                ["backend", "agents x turns", "shared prompt", "distinct prompts", "saved",
-                 "shared / distinct"],
-                [[s.backend, f"{s.agents} x {s.turns}", fmt_bytes(s.shared_bytes),
-                  fmt_bytes(s.unique_bytes), fmt_bytes(s.saved_bytes), f"{s.ratio:.2f}"]
-                 for s in res.shared])
-
-    print_table("4a. Speed: advances per second (offline model, warm cache)",
-                ["backend", "history turns", "tasks", "advances", "seconds", "advances/s"],
-                [[t.backend, t.history_turns, t.tasks, t.advances, f"{t.seconds:.2f}",
-                  f"{t.per_second:,.0f}"] for t in res.throughput])
-    print_table("4b. Speed: latency", ["backend", "operation", "history turns", "samples",
-                                       "p50 ms", "p99 ms"],
-                [[lat.backend, lat.operation, lat.history_turns, len(lat.samples),
-                  _ms(lat.p50), _ms(lat.p99)] for lat in res.latency])
-
-    print_table("5. gc and verify throughput",
-                ["backend", "operation", "assets", "body MB", "seconds", "assets/s", "MB/s",
-                 "result"],
-                [[m.backend, m.operation, f"{m.assets:,}", f"{m.body_bytes / 1e6:.1f}",
-                  f"{m.seconds:.2f}", f"{m.assets_per_second:,.0f}", f"{m.mb_per_second:.1f}",
-                  m.detail] for m in res.maintenance])
-
-    if ratios(res):
-        print_table("6. immagent vs LangGraph checkpointer, same texts, same server",
-                    ["backend", "scenario", "immagent", "langgraph", "ours/theirs", "x less"],
-                    [[r["backend"], r["scenario"], fmt_bytes(r["immagent_bytes"]),
-                      fmt_bytes(r["langgraph_bytes"]), f"{r['ratio']:.4f}",
-                      f"{1 / r['ratio']:,.0f}x"] for r in ratios(res)])
-
-    print_table("Targets", ["status", "target", "detail"],
-                [[t["status"], t["target"], t["detail"]] for t in res.targets])
-    for note in res.notes:
-        print(f"note: {note}")
-
-
-def _ms(seconds: float) -> str:
-    """Milliseconds, with a third decimal for sub-0.1 ms values (warm cache hits)."""
-    ms = seconds * 1e3
-    return f"{ms:.2f}" if ms >= 0.1 else f"{ms:.3f}"
-
-
-def plot(res: Results, path: Path) -> None:
-    """Stored bytes against N, log-log, one curve per system and backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for system, backend in sorted({(p.system, p.backend) for p in res.linear}):
-        pts = sorted((p for p in res.linear if (p.system, p.backend) == (system, backend)),
-                     key=lambda p: p.turns)
-        pts = [p for p in pts if p.turns]  # log axis: the empty store is not drawn
-        ax.plot([p.turns for p in pts], [p.stored_bytes for p in pts], marker="o",
-                linestyle="-" if system == "immagent" else "--", label=f"{system} / {backend}")
-    turns = sorted({p.turns for p in res.linear if p.turns})
-    ax.plot(turns, [t * TURN_PAYLOAD for t in turns], color="grey", linestyle=":",
-            label="logical payload")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("turns (N)")
-    ax.set_ylabel("stored bytes")
-    ax.set_title("Storage growth of one conversation")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -495,7 +312,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dsn", help="PostgreSQL server to use (default: start the "
                         "project's throwaway server with scripts/ensure-postgres.sh)")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
-    parser.add_argument("--no-langgraph", action="store_true", help="skip the comparison")
+    parser.add_argument("--no-langgraph", action="store_true", help="skip LangGraph")
+    parser.add_argument("--no-openai-agents", action="store_true",
+                        help="skip the OpenAI Agents SDK's SQLiteSession")
     args = parser.parse_args(argv)
     res = asyncio.run(run_all(args))
     report(res)

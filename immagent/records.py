@@ -242,4 +242,12 @@ def load_agent(row: StateRow) -> AgentRecord:
     or is not an agent state)."""
     if row.kind != Kind.AGENT_STATE:
         raise IntegrityError(f"state {row.id} is not an agent state (kind {row.kind})")
-    return _decode_agent(load_state(row))
+    try:
+        record = _decode_agent(row)  # decoded once: the digest is checked on the record
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as e:
+        raise IntegrityError(f"state {row.id} is undecodable: {type(e).__name__}: {e} "
+                             "(run store.verify())") from e
+    if record.expected_digest() != row.digest:
+        raise IntegrityError(f"state {row.id} is corrupt: its content does not hash to its "
+                             "stored state digest (run store.verify())")
+    return record

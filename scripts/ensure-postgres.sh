@@ -8,27 +8,16 @@ PGDATABASE="${PGDATABASE:-immagent_test}"
 PGROOT="${PGROOT:-/tmp/immagent-pg}"          # holds data/, sock/, log
 PGDATA_DIR="$PGROOT/data"; PGSOCK="$PGROOT/sock"; PGLOG="$PGROOT/server.log"
 
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+. "$HERE/pg-lib.sh"
+
 # 1. binaries: prefer PATH, then Debian's layout, else install Debian's package.
-PGBIN=""
-for d in "$(dirname "$(command -v pg_ctl 2>/dev/null || echo /nonexistent/x)")" /usr/lib/postgresql/*/bin; do
-  [ -x "$d/pg_ctl" ] && [ -x "$d/initdb" ] && { PGBIN="$d"; break; }
-done
-if [ -z "$PGBIN" ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-  PGBIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
-fi
+pg_need_bin
 
 # 2. who runs it: postgres refuses to run as root.
-if [ "$(id -u)" = 0 ]; then
-  id -u postgres >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin postgres
-  RUN=(runuser -u postgres --)
-else
-  RUN=()
-fi
+pg_run_prefix
 
-mkdir -p "$PGROOT"
-[ "$(id -u)" = 0 ] && chown postgres: "$PGROOT"
-chmod 700 "$PGROOT"   # (parent dirs must be traversable by 'postgres')
+pg_own_dir "$PGROOT"
 
 # 3. init once.
 if [ ! -s "$PGDATA_DIR/PG_VERSION" ]; then

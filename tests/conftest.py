@@ -29,6 +29,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 BACKENDS = ["postgres", "sqlite"]
 
+# The primary + standby + PgBouncer fixtures; nothing starts until a test asks for them.
+pytest_plugins = ["tests.pg_cluster"]
+
 
 def _server_dsn() -> str:
     """A PostgreSQL server: $IMMAGENT_TEST_DSN, else one started by our own script, else

@@ -28,6 +28,7 @@ from immagent.exceptions import (
     StoreError,
 )
 from immagent.records import StateRow, state_from_v1
+from immagent.store._filters import Dialect, StateQueries
 from immagent.store.backend import SCHEMA_VERSION, Head, RowCheck, SweepResult, WriteResult
 from immagent.store.dsn import redact
 from immagent.store.schema import schema_sql
@@ -44,6 +45,7 @@ _LINEAGE_LOCK = 0x1A3A_6E70_0000_0003
 _STREAM_LOCK_SPACE = 0x1A3A_0000
 
 _STATE_COLUMNS = "id, parent_id, kind, stream, refs, body, digest, created_at, seq"
+# strpos, not LIKE: the user's text has no wildcards to escape.
 _INSERT_STATE = ("INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, digest, "
                  "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING")
 
@@ -89,8 +91,12 @@ def _asset(row: Sequence[Any]) -> StoredAsset:
     return StoredAsset(bytes(row[0]), int(row[1]), split_refs(row[2]), bytes(row[3]))
 
 
-class PostgresBackend:
+class PostgresBackend(StateQueries):
     """Backend over one psycopg_pool.AsyncConnectionPool."""
+
+    # strpos, not LIKE: the user's text has no wildcards to escape.
+    _dialect = Dialect(columns=_STATE_COLUMNS, mark="%s",
+                       contains="strpos(lower(stream), %s) > 0", uuid=UUID)
 
     def __init__(self, pool: psycopg_pool.AsyncConnectionPool[Any]) -> None:
         self._pool = pool
@@ -457,48 +463,8 @@ class PostgresBackend:
             "get_states", f"SELECT {_STATE_COLUMNS} FROM immagent_states WHERE id = ANY(%s)",
             (list(ids),))
 
-    async def scan_states(self, kind: int | None, *, after: UUID | None = None,
-                          limit: int = 100, newest_first: bool = False,
-                          contains: str | None = None) -> list[StateRow]:
-        where: list[str] = []
-        params: list[Any] = []
-        if kind is not None:
-            where.append("kind = %s")
-            params.append(kind)
-        if after is not None:
-            where.append("id < %s" if newest_first else "id > %s")
-            params.append(after)
-        if contains is not None:
-            # strpos, not LIKE: the user's text has no wildcards to escape.
-            where.append("strpos(lower(stream), %s) > 0")
-            params.append(contains.lower())
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        return await self._states(
-            "scan_states", f"SELECT {_STATE_COLUMNS} FROM immagent_states {clause} "
-            f"ORDER BY id {'DESC' if newest_first else 'ASC'} LIMIT %s", [*params, limit])
-
-    async def stream_states(self, kind: int, stream: str, *, after_seq: int | None = None,
-                            limit: int = 100, newest_first: bool = True) -> list[StateRow]:
-        page = "" if after_seq is None else ("AND seq < %(after)s" if newest_first
-                                             else "AND seq > %(after)s")
-        return await self._states(
-            "stream_states",
-            f"SELECT {_STATE_COLUMNS} FROM immagent_states WHERE kind = %(kind)s AND "
-            f"stream = %(stream)s {page} ORDER BY kind, stream, seq "
-            f"{'DESC' if newest_first else 'ASC'} LIMIT %(limit)s",
-            {"kind": kind, "stream": stream, "after": after_seq, "limit": limit})
-
-    async def count_states(self, kind: int, *, stream: str | None = None,
-                           contains: str | None = None) -> int:
-        sql = "SELECT count(*) FROM immagent_states WHERE kind = %s"
-        params: list[Any] = [kind]
-        if stream is not None:
-            sql += " AND stream = %s"
-            params.append(stream)
-        if contains is not None:
-            sql += " AND strpos(lower(stream), %s) > 0"
-            params.append(contains.lower())
-        with _mapped("count_states"):
+    async def _count(self, operation: str, sql: str, params: list[Any]) -> int:
+        with _mapped(operation):
             async with self._pool.connection() as conn:
                 cur = await conn.execute(sql.encode(), params)
                 row = await cur.fetchone()

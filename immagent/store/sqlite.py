@@ -36,6 +36,7 @@ from uuid import UUID
 from immagent.assets import Digest, MissingAsset, StoredAsset, join_refs, split_refs
 from immagent.exceptions import StoreConnectionError, StoreError, ValidationError
 from immagent.records import StateRow, state_from_v1
+from immagent.store._filters import Dialect, StateQueries
 from immagent.store._sqlite_pool import SQLitePool, is_busy, transaction
 from immagent.store.backend import SCHEMA_VERSION, Head, RowCheck, SweepResult, WriteResult
 
@@ -249,8 +250,12 @@ def _give_back_free_pages(conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA incremental_vacuum")
 
 
-class SQLiteBackend:
+class SQLiteBackend(StateQueries):
     """Backend over one SQLite file: a writer connection and a few readers, in threads."""
+
+    # SQLite's lower() folds ASCII only; immagent_lower is Python's (see _sqlite_pool).
+    _dialect = Dialect(columns=_STATE_COLUMNS, mark="?",
+                       contains="instr(immagent_lower(stream), ?) > 0", uuid=bytes)
 
     def __init__(self, pool: SQLitePool) -> None:
         self._pool = pool
@@ -628,49 +633,9 @@ class SQLiteBackend:
 
         return [_state(r) for r in await self._read("get_states", run)]
 
-    async def scan_states(self, kind: int | None, *, after: UUID | None = None,
-                          limit: int = 100, newest_first: bool = False,
-                          contains: str | None = None) -> list[StateRow]:
-        where: list[str] = []
-        params: list[Any] = []
-        if kind is not None:
-            where.append("kind = ?")
-            params.append(kind)
-        if after is not None:
-            where.append("id < ?" if newest_first else "id > ?")
-            params.append(after.bytes)
-        if contains is not None:
-            where.append("instr(immagent_lower(stream), ?) > 0")
-            params.append(contains.lower())
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        order = "DESC" if newest_first else "ASC"
-        return await self._states(
-            "scan_states", f"SELECT {_STATE_COLUMNS} FROM immagent_states {clause} "
-            f"ORDER BY id {order} LIMIT ?", [*params, limit])
-
-    async def stream_states(self, kind: int, stream: str, *, after_seq: int | None = None,
-                            limit: int = 100, newest_first: bool = True) -> list[StateRow]:
-        page = "" if after_seq is None else ("AND seq < :after" if newest_first
-                                             else "AND seq > :after")
-        return await self._states(
-            "stream_states",
-            f"SELECT {_STATE_COLUMNS} FROM immagent_states WHERE kind = :kind AND "
-            f"stream = :stream {page} ORDER BY seq {'DESC' if newest_first else 'ASC'} "
-            "LIMIT :limit",
-            {"kind": kind, "stream": stream, "after": after_seq, "limit": limit})
-
-    async def count_states(self, kind: int, *, stream: str | None = None,
-                           contains: str | None = None) -> int:
-        sql = "SELECT count(*) FROM immagent_states WHERE kind = ?"
-        params: list[Any] = [kind]
-        if stream is not None:
-            sql += " AND stream = ?"
-            params.append(stream)
-        if contains is not None:
-            sql += " AND instr(immagent_lower(stream), ?) > 0"
-            params.append(contains.lower())
+    async def _count(self, operation: str, sql: str, params: list[Any]) -> int:
         rows: list[Any] = await self._pool.read(
-            "count_states", lambda conn: conn.execute(sql, params).fetchall())
+            operation, lambda conn: conn.execute(sql, params).fetchall())
         return int(rows[0][0])
 
     async def lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:

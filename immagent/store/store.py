@@ -358,16 +358,20 @@ class Store:
                                                 limit=limit, newest_first=newest_first)
         return [load_state(r) for r in rows]
 
-    async def scan_states(self, kind: int, *, after: UUID | None = None, limit: int = 100,
-                          newest_first: bool = False,
+    async def scan_states(self, kind: int | None, *, after: UUID | None = None,
+                          limit: int = 100, newest_first: bool = False,
                           contains: str | None = None) -> list[StateRow]:
-        """States of ``kind`` in id order, a page at a time (pass the last id as ``after``):
-        keyset paging, so concurrent deletes never make a page skip rows. ``contains``
-        keeps those whose stream holds it, case-insensitively."""
+        """States of ``kind`` (None: every kind) in id order, a page at a time (pass the
+        last id as ``after``): keyset paging, so concurrent deletes never make a page skip
+        rows. ``contains`` keeps those whose stream holds it, case-insensitively."""
+        return [load_state(r) for r in await self._scan(kind, after, limit, newest_first,
+                                                        contains)]
+
+    async def _scan(self, kind: int | None, after: UUID | None, limit: int,
+                    newest_first: bool, contains: str | None) -> list[StateRow]:
         _check_limit(limit)
-        rows = await self._open().scan_states(kind, after=after, limit=limit,
+        return await self._open().scan_states(kind, after=after, limit=limit,
                                               newest_first=newest_first, contains=contains)
-        return [load_state(r) for r in rows]
 
     async def count_states(self, kind: int, *, stream: str | None = None,
                            contains: str | None = None) -> int:
@@ -379,6 +383,10 @@ class Store:
         """The state and its stored ancestors, newest first, at most ``limit``; stops at a
         deleted parent. A parent cycle (only damage or a crafted import makes one) is an
         IntegrityError, never a hang."""
+        return [load_state(r) for r in await self._line(state_id, limit)]
+
+    async def _line(self, state_id: UUID, limit: int | None) -> list[StateRow]:
+        """``state_lineage``'s rows, ordered and cycle-checked but not yet verified."""
         if limit is not None:
             _check_limit(limit, bound=None)
         rows = await self._open().lineage(state_id, limit)
@@ -392,7 +400,7 @@ class Store:
             if current.id in seen:
                 raise _cycle(state_id)
             seen.add(current.id)
-            line.append(load_state(current))
+            line.append(current)
             current = None if current.parent_id is None else by_id.get(current.parent_id)
         return line
 
@@ -439,7 +447,7 @@ class Store:
             alive = self._agents.get(i)
             if alive is not None:
                 by_id[i] = alive
-        for row in await self.get_states(wanted):
+        for row in await self._open().get_states(wanted):
             if row.kind == Kind.AGENT_STATE:
                 by_id[row.id] = self._bind(load_agent(row))
         for i in ids:
@@ -461,8 +469,7 @@ class Store:
         skip = offset
         while len(found) < limit:
             want = min(MAX_PAGE, skip + limit - len(found))
-            page = await self.scan_states(Kind.AGENT_STATE, after=after, limit=want,
-                                          newest_first=True, contains=contains)
+            page = await self._scan(Kind.AGENT_STATE, after, want, True, contains)
             found.extend(self._bind(load_agent(row)) for row in page[skip:])
             skip = max(0, skip - len(page))
             if len(page) < want:
@@ -482,8 +489,8 @@ class Store:
         found: list[PersistentAgent] = []
         after: int | None = None
         while True:
-            page = await self.stream_states(Kind.AGENT_STATE, name, after_seq=after,
-                                            limit=_PAGE)
+            page = await self._open().stream_states(Kind.AGENT_STATE, name, after_seq=after,
+                                                    limit=_PAGE)
             found.extend(self._bind(load_agent(r)) for r in page)
             if len(page) < _PAGE:
                 return found
@@ -492,7 +499,7 @@ class Store:
     async def newest_by_name(self, name: str) -> PersistentAgent | None:
         """The newest stored state with exactly this name, or None (one index probe)."""
         name = check_text("name", name)
-        page = await self.stream_states(Kind.AGENT_STATE, name, limit=1)
+        page = await self._open().stream_states(Kind.AGENT_STATE, name, limit=1)
         return self._bind(load_agent(page[0])) if page else None
 
     async def delete(self, agent: PersistentAgent | UUID | str) -> None:
@@ -513,7 +520,7 @@ class Store:
         deleted ids, ``agent`` first, in one transaction.
         """
         agent_id = self._agent_id(agent)
-        line = [r.id for r in await self.state_lineage(agent_id)]
+        line = [r.id for r in await self._line(agent_id, None)]
         deleted = await self._open().delete_states(line, stop_at_shared=True)
         if not deleted:
             raise AgentNotFoundError(agent_id)
@@ -547,7 +554,7 @@ class Store:
         """``agent`` and its stored ancestors, **newest first**, at most ``limit`` (what
         ``immagent log`` walks); stops at a deleted parent."""
         agent_id = self._agent_id(agent)
-        rows = await self.state_lineage(agent_id, limit)
+        rows = await self._line(agent_id, limit)
         if not rows:
             raise AgentNotFoundError(agent_id)
         return [self._bind(load_agent(r)) for r in rows]
@@ -658,7 +665,7 @@ class Store:
         by_kind = await backend.asset_stats()
         logical = agents = 0
         after: UUID | None = None
-        while page := await self.scan_states(Kind.AGENT_STATE, after=after, limit=page_size):
+        while page := await self._scan(Kind.AGENT_STATE, after, page_size, False, None):
             after = page[-1].id
             records = [load_agent(r) for r in page]
             agents += len(records)

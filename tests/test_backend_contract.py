@@ -1,0 +1,384 @@
+"""The backend contract: one behavioural test class every backend must pass (eventsourcing's
+recorder tests are the model). Each backend supplies ``create_backend``; the class body is
+the contract, so memory, SQLite and PostgreSQL cannot drift apart.
+
+The Store-level suites (test_store.py and friends) run on top of this, through the rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+
+from immagent.assets import (
+    EMPTY_CONVERSATION,
+    ConversationNode,
+    Kind,
+    Message,
+    MissingAsset,
+    StoredAsset,
+    SystemPrompt,
+    stored,
+)
+from immagent.records import STATE_KINDS, StateKind, StateRow, stream_digest
+from immagent.store.backend import SCHEMA_VERSION, Backend, Head, WriteResult
+from immagent.store.memory import MemoryBackend
+from immagent.store.postgres import PostgresBackend
+from immagent.store.sqlite import SQLiteBackend
+
+#: A state kind for these tests only: the generic digest rule, refs of any kind.
+TEST_KIND = 99
+STATE_KINDS.setdefault(TEST_KIND, StateKind(
+    digest=lambda r: stream_digest(r.kind, r.stream, r.refs, r.body),
+    ref_kinds=lambda r: tuple(int(Kind.NODE) for _ in r.refs)))
+
+
+def state(stream: str = "s", *, refs: Sequence[bytes] = (), parent: UUID | None = None,
+          body: bytes = b"b", state_id: UUID | None = None, kind: int = TEST_KIND) -> StateRow:
+    refs = tuple(refs)
+    return StateRow(id=state_id or uuid.uuid4(), parent_id=parent, kind=kind, stream=stream,
+                    refs=refs, body=body, digest=stream_digest(kind, stream, refs, body),
+                    created_at=datetime.now(UTC))
+
+
+def message(text: str) -> Message:
+    return Message(role="user", content=text)
+
+
+def chain(*texts: str) -> tuple[list[StoredAsset], ConversationNode]:
+    """The rows of a conversation adding one message per node, and its head."""
+    node, rows = EMPTY_CONVERSATION, [stored(EMPTY_CONVERSATION)]
+    for text in texts:
+        m = message(text)
+        node = node.extend([m])
+        rows += [stored(m), stored(node)]
+    return rows, node
+
+
+class BackendContract:
+    """Every test here runs against each backend (see the subclasses at the bottom)."""
+
+    async def create_backend(self) -> Backend:
+        raise NotImplementedError
+
+    @pytest.fixture
+    async def backend(self) -> AsyncIterator[Backend]:
+        b = await self.create_backend()
+        if await b.schema_version() is None:
+            await b.migrate(None)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+    # -- schema ---------------------------------------------------------------------------
+
+    async def test_schema_is_at_the_current_version_and_migrate_checks_under_its_lock(
+            self, backend: Backend) -> None:
+        assert await backend.schema_version() == SCHEMA_VERSION
+        # Someone else migrated since we read "None": nothing happens, the version is told.
+        assert await backend.migrate(None) == SCHEMA_VERSION
+        assert await backend.schema_version() == SCHEMA_VERSION
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def test_rows_round_trip_and_states_get_increasing_seqs(self, backend: Backend) -> None:
+        rows, head = chain("a", "b")
+        prompt = stored(SystemPrompt(text="p"))
+        s1 = state(refs=[head.digest])
+        s2 = state(refs=[prompt.digest], parent=s1.id)
+        assert await backend.write([*rows, prompt], [s1, s2]) == WriteResult()
+        got = await backend.get_assets([r.digest for r in [*rows, prompt]])
+        assert got == {r.digest: r for r in [*rows, prompt]}
+        by_id = {s.id: s for s in await backend.get_states([s1.id, s2.id, uuid.uuid4()])}
+        assert set(by_id) == {s1.id, s2.id}
+        for mine in (s1, s2):
+            theirs = by_id[mine.id]
+            assert (theirs.parent_id, theirs.kind, theirs.stream, theirs.refs, theirs.body,
+                    theirs.digest, theirs.created_at) == (
+                    mine.parent_id, mine.kind, mine.stream, mine.refs, mine.body, mine.digest,
+                    mine.created_at)
+        assert 0 < by_id[s1.id].seq < by_id[s2.id].seq
+
+    async def test_inserts_are_idempotent(self, backend: Backend) -> None:
+        rows, head = chain("a")
+        s = state(refs=[head.digest])
+        assert await backend.write(rows, [s]) == WriteResult()
+        assert await backend.write([*rows, *rows], [s]) == WriteResult()  # again: no-op
+        assert await backend.count_states(TEST_KIND) == 1
+        assert sum(n for n, _ in (await backend.asset_stats()).values()) == len(rows)
+
+    async def test_a_write_with_one_missing_required_ref_writes_nothing(
+            self, backend: Backend) -> None:
+        rows, head = chain("a")
+        absent = b"\x07" * 32
+        s = state(refs=[head.digest, absent])
+        result = await backend.write(rows, [s], require=[absent])
+        assert result.missing == (absent,)
+        assert await backend.get_assets([r.digest for r in rows]) == {}
+        assert await backend.get_states([s.id]) == []
+
+    async def test_a_state_id_with_other_content_is_a_conflict_and_writes_nothing(
+            self, backend: Backend) -> None:
+        s = state(body=b"one")
+        await backend.write([], [s])
+        other = state(body=b"two", state_id=s.id)
+        rows, _ = chain("x")
+        result = await backend.write(rows, [state(), other])
+        assert result.conflicts == (s.id,)
+        assert await backend.get_assets([r.digest for r in rows]) == {}
+        assert await backend.count_states(TEST_KIND) == 1
+
+    async def test_expected_heads_let_exactly_one_of_two_writers_commit(
+            self, backend: Backend) -> None:
+        first = state("line")
+        assert await backend.write([], [first], heads=[Head(TEST_KIND, "line", None)]) == \
+            WriteResult()
+        again = await backend.write([], [state("line")], heads=[Head(TEST_KIND, "line", None)])
+        assert again.stale == (Head(TEST_KIND, "line", None),)
+        a, b = state("line", parent=first.id), state("line", parent=first.id)
+        head = Head(TEST_KIND, "line", first.id)
+        results = await asyncio.gather(backend.write([], [a], heads=[head]),
+                                       backend.write([], [b], heads=[head]))
+        assert sorted(bool(r.stale) for r in results) == [False, True]
+        newest = await backend.stream_states(TEST_KIND, "line", limit=1)
+        assert newest[0].id in (a.id, b.id) and await backend.count_states(TEST_KIND) == 2
+        # Another stream (or kind) is independent.
+        assert await backend.write([], [state("other")], heads=[
+            Head(TEST_KIND, "other", None), Head(int(Kind.AGENT_STATE), "line", None)]) == \
+            WriteResult()
+
+    # -- chains and walks -----------------------------------------------------------------
+
+    async def test_get_chain_returns_the_nodes_newest_first_and_their_elements(
+            self, backend: Backend) -> None:
+        rows, head = chain("a", "b", "c")
+        await backend.write(rows, [])
+        nodes, leaves = await backend.get_chain(head.digest)
+        assert nodes[0].digest == head.digest and len(nodes) == 4
+        assert [n.refs[0] for n in nodes[:-1]] == [n.digest for n in nodes[1:]]
+        assert set(leaves) == {message(t).digest for t in "abc"}
+        assert await backend.get_chain(b"\x01" * 32) == ([], {})
+
+    async def test_get_chain_stops_at_a_missing_node(self, backend: Backend) -> None:
+        rows, head = chain("a", "b")
+        parent = head.parent
+        await backend.write([r for r in rows if r.digest != parent], [])
+        nodes, _ = await backend.get_chain(head.digest)
+        assert [n.digest for n in nodes] == [head.digest]
+
+    async def test_iter_assets_batches(self, backend: Backend) -> None:
+        rows, head = chain("a", "b")
+        loose = stored(message("loose"))
+        await backend.write([*rows, loose], [])
+        batches = [b async for b in backend.iter_assets(None, 2)]
+        assert all(len(b) <= 2 for b in batches)
+        assert sorted(r.digest for b in batches for r in b) == sorted(
+            r.digest for r in [*rows, loose])
+        reached = [r async for b in backend.iter_assets([head.digest, b"\x02" * 32])
+                   for r in b]
+        assert sorted(r.digest for r in reached) == sorted(r.digest for r in rows)
+
+    async def test_dangling_refs_name_the_missing_digest_and_its_referrer(
+            self, backend: Backend) -> None:
+        rows, head = chain("a", "b")
+        victim = message("a").digest
+        await backend.write([r for r in rows if r.digest != victim], [])
+        absent = b"\x03" * 32
+        s = state(refs=[head.digest, absent])
+        await backend.write([], [s])
+        found = set(await backend.dangling_refs())
+        holder = next(r.digest for r in rows if victim in r.refs)
+        assert found == {MissingAsset(victim, holder), MissingAsset(absent, s.id)}
+        assert set(await backend.dangling_refs([s.id])) == found
+        clean = state(refs=[chain()[1].digest])
+        await backend.write([], [clean])
+        assert await backend.dangling_refs([clean.id]) == []
+        assert len(await backend.dangling_refs(limit=1)) == 1
+
+    # -- states ---------------------------------------------------------------------------
+
+    async def test_scan_pages_by_id_and_filters_by_kind_and_substring(
+            self, backend: Backend) -> None:
+        names = ["TestBot", "bot_1", "100%", "a\\b", "other"]
+        made = [state(n) for n in names]
+        await backend.write([], made)
+        ids = sorted(s.id for s in made)
+        assert [s.id for s in await backend.scan_states(TEST_KIND, limit=10)] == ids
+        assert [s.id for s in await backend.scan_states(TEST_KIND, newest_first=True)] == \
+            ids[::-1]
+        page = await backend.scan_states(TEST_KIND, after=ids[1], limit=2)
+        assert [s.id for s in page] == ids[2:4]
+        back = await backend.scan_states(TEST_KIND, after=ids[3], newest_first=True)
+        assert [s.id for s in back] == ids[:3][::-1]
+        assert await backend.scan_states(int(Kind.AGENT_STATE)) == []
+        assert len(await backend.scan_states(None)) == 5
+
+        def streams(rows: list[StateRow]) -> set[str]:
+            return {s.stream for s in rows}
+
+        for needle, expected in (("bot", {"TestBot", "bot_1"}), ("BOT", {"TestBot", "bot_1"}),
+                                 ("%", {"100%"}), ("_", {"bot_1"}), ("\\", {"a\\b"}),
+                                 ("t_1", {"bot_1"}), ("t%", set())):
+            assert streams(await backend.scan_states(TEST_KIND, contains=needle)) == \
+                expected, needle
+            assert await backend.count_states(TEST_KIND, contains=needle) == len(expected)
+
+    async def test_keyset_paging_skips_nothing_under_concurrent_deletes(
+            self, backend: Backend) -> None:
+        made = [state(f"s{i}") for i in range(30)]
+        await backend.write([], made)
+        seen: list[UUID] = []
+        deleted: set[UUID] = set()
+        after: UUID | None = None
+        ids = sorted(s.id for s in made)
+        while page := await backend.scan_states(TEST_KIND, after=after, limit=4):
+            seen += [s.id for s in page]
+            after = page[-1].id
+            # Delete rows already read and rows not read yet: an offset would now skip rows.
+            doomed = [ids[0], *[i for i in ids if i > after][1::3]]
+            deleted.update(await backend.delete_states(doomed))
+            ids = [i for i in ids if i not in deleted]
+        survivors = {s.id for s in made} - deleted
+        assert survivors <= set(seen)
+
+    async def test_stream_states_is_log_order_and_pages_by_seq(self, backend: Backend) -> None:
+        line = [state("line") for _ in range(5)]
+        for s in line:
+            await backend.write([], [s, state("noise")])
+        newest = await backend.stream_states(TEST_KIND, "line", limit=2)
+        assert [s.id for s in newest] == [line[4].id, line[3].id]
+        rest = await backend.stream_states(TEST_KIND, "line", after_seq=newest[-1].seq)
+        assert [s.id for s in rest] == [s.id for s in line[2::-1]]
+        oldest = await backend.stream_states(TEST_KIND, "line", newest_first=False, limit=2)
+        assert [s.id for s in oldest] == [line[0].id, line[1].id]
+        assert await backend.count_states(TEST_KIND, stream="line") == 5
+        assert await backend.stream_states(TEST_KIND, "none") == []
+
+    async def test_lineage_walks_parents_and_terminates_on_a_cycle(
+            self, backend: Backend) -> None:
+        a = state()
+        b = state(parent=a.id)
+        c = state(parent=b.id)
+        await backend.write([], [a, b, c])
+        assert {s.id for s in await backend.lineage(c.id)} == {a.id, b.id, c.id}
+        assert [s.id for s in await backend.lineage(c.id, 2)] == [c.id, b.id]
+        assert await backend.lineage(uuid.uuid4()) == []
+        # A cycle (only damage or a crafted import makes one) must not hang the walk.
+        x_id, y_id = uuid.uuid4(), uuid.uuid4()
+        x, y = state(state_id=x_id, parent=y_id), state(state_id=y_id, parent=x_id)
+        await backend.write([], [x, y])
+        whole = await asyncio.wait_for(backend.lineage(x_id), 10)
+        assert sorted(s.id for s in whole) == sorted([x_id, y_id])
+        capped = await asyncio.wait_for(backend.lineage(x_id, 5), 10)
+        assert [s.id for s in capped] == [x_id, y_id, x_id, y_id, x_id]
+
+    async def test_delete_states_and_lineage_deletion_stopping_at_a_shared_parent(
+            self, backend: Backend) -> None:
+        root = state()
+        mid = state(parent=root.id)
+        a, b = state(parent=mid.id), state(parent=mid.id)
+        await backend.write([], [root, mid, a, b])
+        # a's lineage: a goes; mid still has b, so the walk stops there.
+        assert await backend.delete_states([a.id, mid.id, root.id], stop_at_shared=True) == \
+            [a.id]
+        assert await backend.delete_states([b.id, mid.id, root.id], stop_at_shared=True) == \
+            [b.id, mid.id, root.id]
+        assert await backend.delete_states([uuid.uuid4()], stop_at_shared=True) == []
+        plain = [state(), state()]
+        await backend.write([], plain)
+        assert await backend.delete_states([plain[1].id, uuid.uuid4(), plain[0].id]) == \
+            [plain[1].id, plain[0].id]
+        assert await backend.count_states(TEST_KIND) == 0
+
+    async def test_siblings_deleted_at_once_still_take_their_parent(
+            self, backend: Backend) -> None:
+        parent = state()
+        kids = [state(parent=parent.id) for _ in range(6)]
+        await backend.write([], [parent, *kids])
+        results = await asyncio.gather(*(backend.delete_states([k.id, parent.id],
+                                                                stop_at_shared=True)
+                                         for k in kids))
+        assert sorted(len(r) for r in results) == [1, 1, 1, 1, 1, 2]
+        assert await backend.count_states(TEST_KIND) == 0
+
+    # -- gc -------------------------------------------------------------------------------
+
+    async def test_sweep_removes_exactly_what_no_state_reaches(self, backend: Backend) -> None:
+        kept_rows, kept = chain("k1", "k2")
+        gone_rows, _ = chain("k1", "g2")  # shares the empty node and "k1" with the kept one
+        prompt = stored(SystemPrompt(text="p"))
+        await backend.write([*kept_rows, *gone_rows, prompt], [state(refs=[kept.digest])])
+        marked: list[object] = []
+        result = await backend.sweep(marked.extend)
+        survivors = {r.digest for r in kept_rows}
+        doomed = {r.digest for r in [*gone_rows, prompt]} - survivors
+        assert result.missing is None and result.kept == len(survivors)
+        assert sum(result.removed.values()) == len(doomed)
+        assert result.removed == {int(Kind.NODE): 1, int(Kind.MESSAGE): 1,
+                                  int(Kind.SYSTEM_PROMPT): 1}
+        assert result.freed == sum(len(r.body) for r in [*gone_rows, prompt]
+                                   if r.digest in doomed)
+        assert set(await backend.get_assets(list(survivors | doomed))) == survivors
+        # check() saw every state and every reached asset with refs (the non-empty nodes).
+        assert sum(isinstance(r, StateRow) for r in marked) == 1
+        assert {r.digest for r in marked if isinstance(r, StoredAsset)} == {
+            r.digest for r in kept_rows if r.refs}
+
+    async def test_sweep_deletes_nothing_when_something_reachable_is_missing(
+            self, backend: Backend) -> None:
+        rows, head = chain("a")
+        loose = stored(message("loose"))
+        absent = b"\x04" * 32
+        await backend.write([*rows, loose], [state(refs=[head.digest, absent])])
+        result = await backend.sweep(lambda rows: None)
+        assert result.missing == absent and result.removed == {}
+        assert loose.digest in await backend.get_assets([loose.digest])
+
+    async def test_sweep_deletes_nothing_when_the_check_raises(self, backend: Backend) -> None:
+        loose = stored(message("loose"))
+        await backend.write([loose], [state()])
+
+        def refuse(rows: Sequence[object]) -> None:
+            raise RuntimeError("damaged root")
+
+        with pytest.raises(RuntimeError, match="damaged root"):
+            await backend.sweep(refuse)
+        assert loose.digest in await backend.get_assets([loose.digest])
+
+    async def test_stats_and_size(self, backend: Backend) -> None:
+        rows, _ = chain("a")
+        await backend.write(rows, [])
+        stats = await backend.asset_stats()
+        assert stats[int(Kind.MESSAGE)] == (1, len(rows[1].body))
+        assert await backend.storage_bytes() > 0
+        assert await backend.ping()
+
+
+class TestMemoryBackend(BackendContract):
+    async def create_backend(self) -> Backend:
+        return MemoryBackend()
+
+
+class TestSQLiteBackend(BackendContract):
+    @pytest.fixture(autouse=True)
+    def _folder(self, tmp_path: Path) -> None:
+        self.folder = tmp_path
+
+    async def create_backend(self) -> Backend:
+        return await SQLiteBackend.open(str(self.folder / "contract.db"))
+
+
+class TestPostgresBackend(BackendContract):
+    @pytest.fixture(autouse=True)
+    def _dsn(self, pg_store_dsn: str) -> None:
+        self.dsn = pg_store_dsn
+
+    async def create_backend(self) -> Backend:
+        return await PostgresBackend.open(self.dsn, min_size=1, max_size=8)

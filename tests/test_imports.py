@@ -1,0 +1,149 @@
+"""The layering, checked on the source: no import cycle between immagent's modules (function-
+level imports included), and importing the storage layer loads no agent or LLM code."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "immagent"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports(path: Path, modules: set[str]) -> set[str]:
+    """The immagent modules ``path`` imports, wherever the statement is (module level or
+    inside a function), except under ``if TYPE_CHECKING:`` (never executed). ``from X
+    import Y`` is an edge to X.Y when that is a module, else to X; ``importlib.
+    import_module("immagent.…")`` with a constant counts too. A parent package is not an
+    edge of its own: Python runs it first, but it cannot import a submodule's importer
+    back unless one of these edges says so."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    me = module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for branch in node.orelse:
+                visit(branch)
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr == "import_module"):
+            found.update(a.value for a in node.args if isinstance(a, ast.Constant)
+                         and isinstance(a.value, str))
+        elif (isinstance(node, ast.Dict) and me == "immagent"):
+            # immagent/__init__'s table of lazily loaded modules (_LAZY).
+            found.update(v.value for v in node.values if isinstance(v, ast.Constant)
+                         and isinstance(v.value, str) and v.value.startswith("immagent."))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return {m for m in found if m in modules and m != me}
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def graph() -> dict[str, set[str]]:
+    files = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in files}
+    return {module_name(p): imports(p, modules) for p in files}
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    counter = 0
+    for start in edges:
+        if start in index:
+            continue
+        work = [(start, iter(sorted(edges[start])))]
+        index[start] = low[start] = counter
+        counter += 1
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(edges[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_the_checker_sees_function_level_imports_and_finds_cycles() -> None:
+    edges = graph()
+    # store.store loads the agent class on first use only, inside a function.
+    assert "immagent.agent" in edges["immagent.store.store"]
+    assert "immagent.turn" in edges["immagent.agent"]
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycles() -> None:
+    assert cycles(graph()) == []
+
+
+def test_the_store_layer_imports_no_model_code() -> None:
+    code = ("import immagent.store.backend, immagent.store, sys; "
+            "print([m for m in ('immagent.llm', 'immagent.turn', 'immagent.agent', "
+            "'immagent.advance', 'litellm', 'mcp') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def test_store_and_audit_modules_never_import_the_agent_or_llm_layers_at_module_level(
+        ) -> None:
+    upward = {"immagent.agent", "immagent.llm", "immagent.turn", "immagent.advance",
+              "immagent.simple", "immagent.mcp", "immagent.testing"}
+    for path in [*sorted((PACKAGE / "store").glob("*.py")),
+                 *sorted((PACKAGE / "audit").glob("*.py"))]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        top = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+        top |= {n.module or "" for n in tree.body if isinstance(n, ast.ImportFrom)}
+        assert not top & upward, (path.name, top & upward)
