@@ -42,10 +42,12 @@ test-cov:
 
 bench:          ## quick benchmarks (tables); `make bench-full` for the full sizes
 	@$(RUN) python -m benchmarks.run --dsn "$$(bash scripts/ensure-postgres.sh)"
+	@$(RUN) python -m benchmarks.cli_latency --runs 5
 
 bench-full:
 	@$(RUN) python -m benchmarks.run --full --dsn "$$(bash scripts/ensure-postgres.sh)" \
 	  --json bench-results.json --plot benchmarks/storage-growth.png
+	@$(RUN) python -m benchmarks.cli_latency --runs 10 --litellm --json bench-cli.json
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache demo.db*

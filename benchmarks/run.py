@@ -44,7 +44,7 @@ from benchmarks.layout import dbstat_available, pg_relations, sqlite_relations
 from benchmarks.report import plot, report
 from benchmarks.results import Breakdown, Results, Sizes
 from benchmarks.targets import check_targets
-from immagent import PersistentAgent, Store
+from immagent import PersistentAgent, Store, testing
 
 REPO = Path(__file__).resolve().parent.parent
 #: Seed of the realistic corpus: every run, and both processes of a run, store the same one.
@@ -332,6 +332,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-openai-agents", action="store_true",
                         help="skip the OpenAI Agents SDK's SQLiteSession")
     args = parser.parse_args(argv)
+    # Advances go through LiteLLM's real call path, as a provider model's do (the offline
+    # models are otherwise answered in-process): per-advance overhead is then measured as
+    # everything but the time inside litellm.acompletion.
+    testing.route_through_litellm(True)
     res = asyncio.run(run_all(args))
     report(res)
     if args.json:

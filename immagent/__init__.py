@@ -32,6 +32,7 @@ from immagent.exceptions import (
     StoreConnectionError,
     StoreError,
     ToolExecutionError,
+    TurnIncompleteError,
     ValidationError,
 )
 from immagent.records import StateRow
@@ -44,12 +45,25 @@ if TYPE_CHECKING:
     from immagent.llm import Model
     from immagent.mcp import MCPManager
     from immagent.simple import SimpleAgent
+    from immagent.stream import (
+        AssistantReply,
+        TextDelta,
+        ToolCallRequest,
+        ToolResult,
+        TurnDone,
+        TurnEvent,
+        TurnStream,
+    )
 
 # Public names of the agent layer, by the module that defines them (loaded on first use;
 # MCPManager alone pulls in the MCP SDK, ~1.5 s).
 _LAZY = {"CompleteFn": "immagent.advance", "ToolProvider": "immagent.advance",
          "PersistentAgent": "immagent.agent", "Model": "immagent.llm",
-         "MCPManager": "immagent.mcp", "SimpleAgent": "immagent.simple"}
+         "MCPManager": "immagent.mcp", "SimpleAgent": "immagent.simple",
+         "AssistantReply": "immagent.stream", "TextDelta": "immagent.stream",
+         "ToolCallRequest": "immagent.stream", "ToolResult": "immagent.stream",
+         "TurnDone": "immagent.stream", "TurnEvent": "immagent.stream",
+         "TurnStream": "immagent.stream"}
 
 __version__ = "0.2.0"
 
@@ -59,6 +73,7 @@ __all__ = [
     "AgentProblem",
     "AssetNotFoundError",
     "AssetProblem",
+    "AssistantReply",
     "BundleError",
     "BundleInfo",
     "CompleteFn",
@@ -85,9 +100,16 @@ __all__ = [
     "StoreError",
     "StoreStats",
     "SystemPrompt",
+    "TextDelta",
     "ToolCall",
+    "ToolCallRequest",
     "ToolExecutionError",
     "ToolProvider",
+    "ToolResult",
+    "TurnDone",
+    "TurnEvent",
+    "TurnIncompleteError",
+    "TurnStream",
     "ValidationError",
     "VerifyReport",
     "__version__",

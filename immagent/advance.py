@@ -5,6 +5,11 @@ are a ``ToolProvider`` (``immagent.MCPManager`` is one). Nothing is stored; the 
 (SimpleAgent, or the Store in one transaction) decides what to keep, so a failed turn
 leaves no trace.
 
+``Turn`` is the loop, written once: ``advance()`` runs it with whole replies and returns
+the new messages; a streamed turn (``immagent.stream``) runs it with a ``StreamingModel``
+and hands its events (text deltas, replies, tool calls and results) to the caller as they
+happen. A turn stopped half-way knows what it has produced so far (``Turn.partial``).
+
 Tool-round limit: ``max_tool_rounds`` (at least 1, as in immagent 0.1.2) is the number of
 rounds of tool execution allowed in one turn, so the model is called at most
 ``max_tool_rounds + 1`` times. If the model still
@@ -21,15 +26,29 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeAlias
 
 from immagent.assets import Message, ToolCall
 from immagent.exceptions import ToolExecutionError
 from immagent.options import check_tool_rounds
 from immagent.validate import MAX_INPUT_BYTES, check_text
 
-__all__ = ["CompleteFn", "ToolProvider", "advance", "check_turn_input"]
+__all__ = [
+    "AssistantReply",
+    "CompleteFn",
+    "StepEvent",
+    "StreamingModel",
+    "TextDelta",
+    "ToolCallRequest",
+    "ToolProvider",
+    "ToolResult",
+    "Turn",
+    "advance",
+    "check_turn_input",
+]
 
 logger = logging.getLogger("immagent")
 
@@ -40,6 +59,20 @@ class CompleteFn(Protocol):
     async def __call__(self, messages: Sequence[Message],
                        tools: Sequence[dict[str, Any]] | None) -> Message:
         """Return the assistant Message (content and/or tool_calls, tokens, model, call_config)."""
+        ...
+
+
+class StreamingModel(Protocol):
+    """One streamed model call per ``stream()``, and what a reply cut short is stored as
+    (``immagent.llm.bind`` makes one)."""
+
+    def stream(self, messages: Sequence[Message],
+               tools: Sequence[dict[str, Any]] | None) -> AsyncGenerator[str | Message, None]:
+        """The reply's text pieces as they arrive, then its whole assistant Message."""
+        ...
+
+    def interrupted(self, text: str) -> Message:
+        """The assistant message of a reply stopped after ``text`` (marked interrupted)."""
         ...
 
 
@@ -55,12 +88,175 @@ class ToolProvider(Protocol):
         ...
 
 
+# -- what a turn emits ---------------------------------------------------------------------
+# ``round`` counts the turn's model calls: 0 for the first, one more after each tool round.
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """A piece of the assistant's text, as the model produced it."""
+
+    text: str
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
+class AssistantReply:
+    """A model call finished: its whole assistant message (text, tool calls, usage)."""
+
+    message: Message
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallRequest:
+    """The model asked for this tool call; the round's calls then run concurrently."""
+
+    call: ToolCall
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    """A tool call finished (``message.is_error`` if it failed), in the order calls finish;
+    the stored results keep the calls' order."""
+
+    call: ToolCall
+    message: Message
+    round: int
+
+
+StepEvent: TypeAlias = TextDelta | AssistantReply | ToolCallRequest | ToolResult
+
+
 def check_turn_input(user_input: object, max_tool_rounds: object) -> str:
     """The user input of a turn, checked (field ``user_input``, 0.1.2's parameter name),
     and the tool-round limit checked to be an int >= 1; else ValidationError."""
     text = check_text("user_input", user_input, max_bytes=MAX_INPUT_BYTES)
     check_tool_rounds(max_tool_rounds)
     return text
+
+
+class Turn:
+    """One turn as it runs: ``events()`` drives it; ``messages`` are the new messages
+    complete so far (the whole turn once ``events()`` is exhausted); ``partial()`` is what
+    to keep if it is stopped now."""
+
+    def __init__(self, *, history: Sequence[Message], user_input: str, model: StreamingModel,
+                 tools: ToolProvider | None = None, max_tool_rounds: int = 10) -> None:
+        """Check the input (ValidationError) and set the turn up; nothing runs yet."""
+        check_turn_input(user_input, max_tool_rounds)
+        self._history = history
+        self._model, self._tools, self._max_rounds = model, tools, max_tool_rounds
+        self.messages: list[Message] = [Message(role="user", content=user_input)]
+        self._text: list[str] | None = None  # the reply being streamed, if one is
+        self._calls: Sequence[ToolCall] = ()  # asked for and not all answered yet
+        self._answered: dict[int, Message] = {}
+
+    def partial(self) -> list[Message]:
+        """The new messages if the turn stopped now: a reply cut short is kept with the
+        text it had (marked ``interrupted``), and tool calls not answered yet get error
+        results (marked too), so the conversation stays valid for every provider."""
+        out = list(self.messages)
+        if self._text is not None:
+            out.append(self._model.interrupted("".join(self._text)))
+        for i, call in enumerate(self._calls):
+            out.append(self._answered[i] if i in self._answered else _error_result(
+                call, "the turn was interrupted before this tool call finished",
+                interrupted=True))
+        return out
+
+    async def events(self) -> AsyncGenerator[StepEvent, None]:
+        """Run the turn, yielding what happens; raises what the model raises (LLMError)."""
+        conversation = [*self._history, *self.messages]
+        rounds = 0
+        while True:
+            # Asked on every call: a provider may withdraw tools mid-turn (a server died).
+            schemas = self._tools.tool_schemas() if self._tools is not None else []
+            self._text = []
+            reply: Message | None = None
+            async with aclosing(self._model.stream(conversation, schemas or None)) as pieces:
+                async for item in pieces:
+                    if isinstance(item, Message):
+                        reply = item
+                    else:
+                        self._text.append(item)
+                        yield TextDelta(item, rounds)
+            if reply is None or reply.role != "assistant":
+                raise TypeError("a model call must end with an assistant Message, got "
+                                f"{reply!r}")
+            self._text = None
+            self.messages.append(reply)
+            conversation.append(reply)
+            self._calls, self._answered = reply.tool_calls or (), {}
+            yield AssistantReply(reply, rounds)
+            if not self._calls:
+                break
+            if rounds == self._max_rounds:
+                logger.warning("advance: the model asked for %d tool call(s) after the limit "
+                               "of %d tool round(s); answering them with errors and ending "
+                               "the turn", len(self._calls), self._max_rounds)
+                calls, self._calls = self._calls, ()
+                results = [_error_result(call, f"not run: the limit of {self._max_rounds} "
+                                         "tool round(s) for this turn was reached")
+                           for call in calls]
+                self.messages.extend(results)
+                for call, result in zip(calls, results, strict=True):
+                    yield ToolCallRequest(call, rounds)
+                    yield ToolResult(call, result, rounds)
+                break
+            for call in self._calls:
+                yield ToolCallRequest(call, rounds)
+            async with aclosing(self._run_round(rounds)) as running:
+                async for event in running:
+                    yield event
+            results = [self._answered[i] for i in range(len(self._calls))]
+            self._calls, self._answered = (), {}
+            self.messages.extend(results)
+            conversation.extend(results)
+            rounds += 1
+        logger.debug("advance: %d new message(s), %d tool round(s)", len(self.messages), rounds)
+
+    async def _run_round(self, round_: int) -> AsyncGenerator[ToolResult, None]:
+        """Run the round's calls concurrently, yielding each result as its call finishes."""
+        calls = self._calls
+        tasks: dict[asyncio.Future[Message], int] = {
+            asyncio.ensure_future(_run_one(call, self._tools)): i
+            for i, call in enumerate(calls)}
+        pending: set[asyncio.Future[Message]] = set(tasks)
+        failure: BaseException | None = None
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=tasks.__getitem__):
+                    i = tasks[task]
+                    if task.exception() is not None:
+                        failure = failure or task.exception()
+                        continue
+                    self._answered[i] = task.result()
+                    yield ToolResult(calls[i], task.result(), round_)
+        finally:
+            # Stopped early (the caller left, or was cancelled): no call keeps running.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        # Tool failures are already results. Anything else is a bug, not the model's
+        # business: re-raise it, but only once every call of the round has finished.
+        if failure is not None:
+            raise failure
+
+
+class _Whole:
+    """A CompleteFn as a StreamingModel: one reply, no pieces."""
+
+    def __init__(self, complete: CompleteFn) -> None:
+        self._complete = complete
+
+    async def stream(self, messages: Sequence[Message],
+                     tools: Sequence[dict[str, Any]] | None) -> AsyncGenerator[str | Message, None]:
+        yield await self._complete(messages, tools)
+
+    def interrupted(self, text: str) -> Message:
+        return Message(role="assistant", content=text or None, interrupted=True)
 
 
 async def advance(
@@ -79,50 +275,12 @@ async def advance(
     ``complete`` is called) for an empty or oversized input or a ``max_tool_rounds`` below
     1, and whatever ``complete`` raises (LLMError) unchanged.
     """
-    check_turn_input(user_input, max_tool_rounds)
-
-    conversation = list(history)
-    new: list[Message] = [Message(role="user", content=user_input)]
-    conversation.extend(new)
-    rounds = 0
-    while True:
-        # Asked on every call: a provider may withdraw tools mid-turn (a server died).
-        schemas = tools.tool_schemas() if tools is not None else []
-        reply = await complete(conversation, schemas or None)
-        if reply.role != "assistant":
-            raise TypeError(f"CompleteFn must return an assistant Message, got role {reply.role!r}")
-        new.append(reply)
-        conversation.append(reply)
-        if not reply.tool_calls:
-            break
-        if rounds == max_tool_rounds:
-            logger.warning("advance: the model asked for %d tool call(s) after the limit of %d "
-                           "tool round(s); answering them with errors and ending the turn",
-                           len(reply.tool_calls), max_tool_rounds)
-            new.extend(_error_result(call, f"not run: the limit of {max_tool_rounds} tool "
-                                     "round(s) for this turn was reached")
-                       for call in reply.tool_calls)
-            break
-        results = await _run_round(reply.tool_calls, tools)
-        rounds += 1
-        new.extend(results)
-        conversation.extend(results)
-    logger.debug("advance: %d new message(s), %d tool round(s)", len(new), rounds)
-    return new
-
-
-async def _run_round(calls: Sequence[ToolCall], tools: ToolProvider | None) -> list[Message]:
-    """Run one round of tool calls concurrently; results keep the calls' order."""
-    outcomes = await asyncio.gather(*(_run_one(call, tools) for call in calls),
-                                    return_exceptions=True)
-    # Tool failures are already results. Anything else is a bug, not the model's business:
-    # re-raise it, but only once every call of the round has finished (none left running).
-    results: list[Message] = []
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome
-        results.append(outcome)
-    return results
+    turn = Turn(history=history, user_input=user_input, model=_Whole(complete), tools=tools,
+                max_tool_rounds=max_tool_rounds)
+    async with aclosing(turn.events()) as events:
+        async for _ in events:
+            pass
+    return turn.messages
 
 
 async def _run_one(call: ToolCall, tools: ToolProvider | None) -> Message:
@@ -151,7 +309,7 @@ def _parse_arguments(call: ToolCall) -> dict[str, Any]:
     return arguments
 
 
-def _error_result(call: ToolCall, message: str) -> Message:
+def _error_result(call: ToolCall, message: str, *, interrupted: bool = False) -> Message:
     # Tool messages have no error flag on the wire (OpenAI format), so the text says it.
     return Message(role="tool", content=f"Error: {message}", tool_call_id=call.id,
-                   is_error=True)
+                   is_error=True, interrupted=interrupted)

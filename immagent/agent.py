@@ -9,7 +9,7 @@ on first use), and this module loads the model layer on the first turn.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Unpack
@@ -23,6 +23,7 @@ from immagent.records import AgentRecord
 
 if TYPE_CHECKING:
     from immagent.advance import ToolProvider
+    from immagent.stream import TurnStream
 
 __all__ = ["PersistentAgent"]
 
@@ -178,3 +179,39 @@ class PersistentAgent:
             tools=mcp, options=opts,
         )
         return await store.append(self, new_messages, history=history)
+
+    def stream(self, user_input: str, *, mcp: ToolProvider | None = None,
+               keep_partial: bool = False,
+               **options: Unpack[TurnKeywords]) -> TurnStream[PersistentAgent]:
+        """``advance``, streamed: a TurnStream of the turn's events (text deltas, tool
+        calls and results, then ``TurnDone``); the new state, saved exactly as ``advance``
+        saves it, is ``stream.agent`` afterwards::
+
+            async with agent.stream("Hello") as s:
+                async for event in s: ...
+            new = s.agent
+
+        If the model fails or the caller stops early, nothing is written, unless
+        ``keep_partial``: then what the turn produced so far is saved as a new state, the
+        cut-off reply marked ``interrupted``. Input and options are checked here, at once.
+        """
+        from immagent.stream import Started, TurnStream  # the model layer loads on a turn
+        from immagent.turn import check_turn, open_turn
+
+        opts = check_turn(user_input, options)
+        store = registry.store_of(self)
+
+        async def start() -> Started[PersistentAgent]:
+            history = await store.get_messages(self)
+            turn = open_turn(
+                model=self.model, system_prompt=await store.get_system_prompt(self),
+                model_config=self.model_config, history=history, user_input=user_input,
+                tools=mcp, options=opts,
+            )
+
+            async def save(messages: Sequence[Message]) -> PersistentAgent:
+                return await store.append(self, messages, history=history)
+
+            return Started(turn, save)
+
+        return TurnStream(start, keep_partial=keep_partial)

@@ -146,12 +146,15 @@ class ToolCall(msgspec.Struct, frozen=True, omit_defaults=True,
 class Message(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True,
               rename={"role": "r", "content": "c", "tool_calls": "tc", "tool_call_id": "ti",
                       "input_tokens": "in", "output_tokens": "out", "model": "m",
-                      "call_config": "cfg", "is_error": "err"}):
+                      "call_config": "cfg", "is_error": "err", "interrupted": "cut"}):
     """One conversation message.
 
     Assistant messages carry the token usage of the call that produced them and, for
     audits, the model and the call parameters (``call_config``) that produced them.
-    Tool results carry ``tool_call_id`` and ``is_error``.
+    Tool results carry ``tool_call_id`` and ``is_error``. ``interrupted`` marks a message
+    cut short: a streamed reply (or a tool call) stopped by the caller and kept anyway
+    (``stream(..., keep_partial=True)``); it is hashed, and left out when False, so every
+    other message keeps its digest.
     """
 
     role: Role
@@ -163,6 +166,7 @@ class Message(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True
     model: str | None = None
     call_config: dict[str, Any] | None = None
     is_error: bool = False
+    interrupted: bool = False
     kind: ClassVar[Kind] = Kind.MESSAGE
 
     # The three constructors of immagent 0.1.2, with its parameter names (``content``).

@@ -22,6 +22,7 @@ __all__ = [
     "StoreConnectionError",
     "StoreError",
     "ToolExecutionError",
+    "TurnIncompleteError",
     "ValidationError",
 ]
 
@@ -121,3 +122,8 @@ class LLMError(ImmAgentError):
 
 class ToolExecutionError(ImmAgentError):
     """An MCP tool could not be run, or its server failed."""
+
+
+class TurnIncompleteError(ImmAgentError):
+    """A streamed turn's new agent was asked for, but the turn has not been saved: it is
+    still streaming, it failed, or it was stopped without ``keep_partial``."""

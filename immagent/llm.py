@@ -1,9 +1,17 @@
-"""The language-model call: LiteLLM with our own retries, a hard timeout and error mapping.
+"""The language-model call: LiteLLM with our own retries, a hard timeout and error mapping,
+whole (``complete``) or streamed (``stream``).
 
-LiteLLM is imported lazily (it takes seconds to import), only when the first call is made.
-Its own retry machinery is switched off (``num_retries=0``, ``max_retries=0``): it silently
-does nothing without ``tenacity`` and retries authentication errors when it does, so the
-retry loop here is the only one, keyed on exception class.
+LiteLLM is imported lazily (``immagent.lazy_litellm``: it takes seconds), on the first call
+that needs it. The offline models (``immagent/...``, see ``immagent.testing``) are answered
+in-process and need no LiteLLM at all, unless ``testing.route_through_litellm(True)`` sends
+them through the real ``litellm.acompletion`` path. LiteLLM's own retry machinery is
+switched off (``num_retries=0``, ``max_retries=0``): it silently does nothing without
+``tenacity`` and retries authentication errors when it does, so the retry loop here is the
+only one, keyed on exception class.
+
+A streamed reply becomes the same Message as a whole one (same fields, same digest): both
+are built by ``_message`` from the text, the tool calls and the usage. A stream is retried
+only while none of its text has been handed out; after that a failure is an LLMError.
 """
 
 from __future__ import annotations
@@ -12,13 +20,14 @@ import asyncio
 import json
 import logging
 import math
-import os
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from contextlib import aclosing
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from immagent import lazy_litellm, testing
 from immagent.assets import Message, ToolCall
 from immagent.exceptions import LLMError, ValidationError
 from immagent.options import DEFAULT_RETRY_DELAY, check_call_params
@@ -33,16 +42,17 @@ from immagent.validate import (
 if TYPE_CHECKING:
     from types import ModuleType
 
-    from immagent.advance import CompleteFn
-
 __all__ = [
     "DEFAULT_RETRY_DELAY",
     "RESERVED_CONFIG_KEYS",
+    "BoundModel",
     "Model",
     "bind",
     "check_call_params",
     "check_config",
     "complete",
+    "needs_litellm",
+    "stream",
     "to_litellm_messages",
 ]
 
@@ -66,21 +76,15 @@ class Model(StrEnum):
 
 
 MAX_RETRY_DELAY = 30.0
+# Usage in the stream: LiteLLM passes it to providers that support it and reports what
+# the provider sends at the end of the stream.
+_STREAM_OPTIONS = {"include_usage": True}
 
 
-def _litellm() -> ModuleType:
-    """Import LiteLLM once, offline-safe, with our test provider registered."""
-    # Without this LiteLLM downloads a price map over the network at import time.
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    import litellm
-
-    # LiteLLM prints "Give Feedback / Get Help" banners to stdout on every error;
-    # a library must not write to its user's stdout.
-    litellm.suppress_debug_info = True
-    from immagent import testing
-
-    testing.register()
-    return litellm
+def needs_litellm(model: str) -> bool:
+    """Whether a call to ``model`` imports LiteLLM (every model but the offline ones,
+    unless those are routed through LiteLLM)."""
+    return not testing.is_offline(model) or testing.routes_through_litellm()
 
 
 def _retryable(litellm: ModuleType) -> tuple[type[Exception], ...]:
@@ -97,8 +101,27 @@ def _never_retry(litellm: ModuleType) -> tuple[type[Exception], ...]:
             litellm.NotFoundError)
 
 
+def _transient(exc: Exception) -> bool:
+    """Whether a failed attempt is worth retrying (by the provider error's class)."""
+    litellm = lazy_litellm.imported_module()
+    if litellm is None:  # LiteLLM was never imported: this cannot be one of its errors
+        return False
+    # LiteLLM wraps every error raised while a stream is read as a MidStreamFallbackError
+    # (a 503); what it wraps decides.
+    from litellm.exceptions import MidStreamFallbackError
+
+    original = getattr(exc, "original_exception", None)
+    if isinstance(exc, MidStreamFallbackError) and isinstance(original, Exception):
+        exc = original
+    return not isinstance(exc, _never_retry(litellm)) and isinstance(exc, _retryable(litellm))
+
+
 def to_litellm_messages(system_prompt: str, messages: Sequence[Message]) -> list[dict[str, Any]]:
-    """Messages in the OpenAI chat format LiteLLM takes, system prompt first."""
+    """Messages in the OpenAI chat format LiteLLM takes, system prompt first.
+
+    An assistant message with neither text nor tool calls (a streamed reply interrupted
+    before its first token) says nothing and every provider rejects it: it is left out.
+    """
     out: list[dict[str, Any]] = []
     if system_prompt.strip():
         out.append({"role": "system", "content": system_prompt})
@@ -106,6 +129,8 @@ def to_litellm_messages(system_prompt: str, messages: Sequence[Message]) -> list
         if m.role == "tool":
             out.append({"role": "tool", "tool_call_id": m.tool_call_id, "content": m.content or ""})
         elif m.role == "assistant":
+            if not m.content and not m.tool_calls:
+                continue
             d: dict[str, Any] = {"role": "assistant", "content": m.content}
             if m.tool_calls:
                 d["tool_calls"] = [
@@ -125,42 +150,247 @@ def _backoff(attempt: int, base: float) -> float:
     return delay / 2 + random.uniform(0, delay / 2)
 
 
-def _to_message(response: Any, model: str, config: dict[str, Any]) -> Message:
-    """Turn a LiteLLM ModelResponse into an assistant Message (tokens, model, call_config)."""
-    choices = getattr(response, "choices", None)
-    if not choices:
-        raise LLMError(f"{model}: the response has no choices")
-    reply = choices[0].message
-    tool_calls: tuple[ToolCall, ...] | None = None
-    if reply.tool_calls:
-        calls = []
-        for i, tc in enumerate(reply.tool_calls):
-            args = tc.function.arguments
-            # Some providers hand back parsed arguments; the Message keeps JSON text.
-            if not isinstance(args, str):
-                args = json.dumps(args if args is not None else {}, ensure_ascii=False)
-            calls.append(ToolCall(id=scrub_text(str(tc.id or f"call_{i}")),
-                                  name=scrub_text(str(tc.function.name or "")),
-                                  arguments=scrub_text(args)))
-        tool_calls = tuple(calls)
-    content = scrub_text(reply.content) if isinstance(reply.content, str) else None
-    usage = getattr(response, "usage", None)
-    return Message(
-        role="assistant",
-        content=content,
-        tool_calls=tool_calls,
-        input_tokens=_count(getattr(usage, "prompt_tokens", None)),
-        output_tokens=_count(getattr(usage, "completion_tokens", None)),
-        model=model,
-        call_config=config or None,
-    )
-
-
 def _count(value: object) -> int | None:
     """A token count as the Message stores it (providers sometimes send floats or junk)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return int(value) if math.isfinite(value) and 0 <= value < 2**63 else None
+
+
+def _message(content: object, calls: Sequence[tuple[object, object, object]],
+             usage: object, model: str, config: dict[str, Any]) -> Message:
+    """THE assistant Message of a reply, whole or streamed: text ("" is no text, one form
+    per content), tool calls ``(id, name, arguments)``, token usage, model, call_config."""
+    tool_calls: list[ToolCall] = []
+    for i, (call_id, name, args) in enumerate(calls):
+        # Some providers hand back parsed arguments; the Message keeps JSON text.
+        if not isinstance(args, str):
+            args = json.dumps(args if args is not None else {}, ensure_ascii=False)
+        tool_calls.append(ToolCall(id=scrub_text(str(call_id or f"call_{i}")),
+                                   name=scrub_text(str(name or "")),
+                                   arguments=scrub_text(args)))
+    return Message(
+        role="assistant",
+        content=scrub_text(content) if isinstance(content, str) and content else None,
+        tool_calls=tuple(tool_calls) or None,
+        input_tokens=_count(_field(usage, "prompt_tokens")),
+        output_tokens=_count(_field(usage, "completion_tokens")),
+        model=model,
+        call_config=config or None,
+    )
+
+
+def _field(obj: object, name: str) -> object:
+    """``obj.name`` or ``obj[name]``: LiteLLM objects and plain chunk dicts alike."""
+    if isinstance(obj, Mapping):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def _to_message(response: Any, model: str, config: dict[str, Any]) -> Message:
+    """Turn a LiteLLM ModelResponse into an assistant Message."""
+    choices = getattr(response, "choices", None)
+    if not choices:
+        raise LLMError(f"{model}: the response has no choices")
+    reply = choices[0].message
+    calls = [(tc.id, tc.function.name, tc.function.arguments) for tc in reply.tool_calls or ()]
+    return _message(reply.content, calls, getattr(response, "usage", None), model, config)
+
+
+class _Assembly:
+    """A streamed reply being put together: text pieces, tool-call fragments joined by
+    their index (a call's id and name come once, its arguments in pieces), the usage."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.calls: dict[int, list[Any]] = {}
+        self.usage: object = None
+
+    def call(self, index: object, call_id: object, name: object, arguments: object) -> None:
+        if not isinstance(index, int):  # no index: a new call if it has an id, else more of
+            index = len(self.calls) - (call_id is None and bool(self.calls))  # the last one
+        slot = self.calls.setdefault(index, [None, None, ""])
+        slot[0] = slot[0] or call_id
+        slot[1] = slot[1] or name
+        if isinstance(arguments, str):
+            slot[2] += arguments
+        elif arguments is not None:  # parsed arguments arrive whole
+            slot[2] = arguments
+
+    def litellm_chunk(self, chunk: Any) -> str:
+        """Take one ModelResponseStream; return its text ("" if none)."""
+        usage = getattr(chunk, "usage", None)
+        if usage is not None:
+            self.usage = usage
+        choices = getattr(chunk, "choices", None) or ()
+        delta = getattr(choices[0], "delta", None) if choices else None
+        if delta is None:
+            return ""
+        for tc in getattr(delta, "tool_calls", None) or ():
+            function = getattr(tc, "function", None)
+            self.call(getattr(tc, "index", None), getattr(tc, "id", None),
+                      getattr(function, "name", None), getattr(function, "arguments", None))
+        text = getattr(delta, "content", None)
+        return self._text(text)
+
+    def generic_chunk(self, chunk: Mapping[str, Any]) -> str:
+        """Take one GenericStreamingChunk dict (the in-process path); return its text."""
+        if chunk.get("usage") is not None:
+            self.usage = chunk["usage"]
+        tool = chunk.get("tool_use")
+        if tool is not None:
+            function = tool.get("function") or {}
+            self.call(tool.get("index"), tool.get("id"), function.get("name"),
+                      function.get("arguments"))
+        return self._text(chunk.get("text"))
+
+    def _text(self, text: object) -> str:
+        if not isinstance(text, str) or not text:
+            return ""
+        self.text.append(text)
+        return text
+
+    def message(self, model: str, config: dict[str, Any]) -> Message:
+        calls = [tuple(self.calls[i]) for i in sorted(self.calls)]
+        return _message("".join(self.text), calls, self.usage, model, config)
+
+
+class _Call:
+    """One validated model call, whole or streamed, with the retry loop around it."""
+
+    def __init__(self, model: str, system_prompt: str, config: Mapping[str, Any] | None,
+                 max_retries: int, timeout: float | None, retry_delay: float) -> None:
+        # str() turns a Model member into its plain value, so messages store a plain str.
+        self.model = str(check_text("model", model, max_bytes=MAX_NAME_CHARS))
+        if not isinstance(system_prompt, str):
+            raise ValidationError("system_prompt", "must be a str", system_prompt)
+        self.system_prompt = system_prompt
+        self.config = check_config(config)
+        check_call_params(max_retries, timeout, retry_delay)
+        self.max_retries, self.timeout, self.retry_delay = max_retries, timeout, retry_delay
+
+    def interrupted(self, text: str) -> Message:
+        """The assistant message of a reply cut short after ``text`` (no usage known)."""
+        return Message(role="assistant", content=scrub_text(text) or None, model=self.model,
+                       call_config=self.config or None, interrupted=True)
+
+    async def run(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None,
+                  *, streamed: bool) -> AsyncGenerator[str | Message, None]:
+        """The reply's text pieces (``streamed`` only) as they arrive, then its Message."""
+        wire = to_litellm_messages(self.system_prompt, messages)
+        tools = list(tools) if tools else None
+        for attempt in range(self.max_retries + 1):
+            started = time.perf_counter()
+            logger.debug("LLM request: model=%s messages=%d tools=%d attempt=%d stream=%s",
+                         self.model, len(wire), len(tools or ()), attempt + 1, streamed)
+            handed_out = 0
+            replies = self._attempt(wire, tools, streamed=streamed)
+            try:
+                while True:
+                    try:
+                        item = await anext(replies)
+                    except StopAsyncIteration:
+                        return
+                    except LLMError:  # already says what went wrong
+                        raise
+                    except TimeoutError as exc:
+                        error: Exception = exc
+                        reason = f"no reply within {self.timeout} s"
+                    except Exception as exc:
+                        if not _transient(exc):
+                            raise LLMError(self._failure(exc, handed_out)) from exc
+                        error, reason = exc, _provider_message(exc)
+                    else:
+                        if isinstance(item, Message):
+                            self._log_reply(item, started)
+                        else:
+                            handed_out += 1
+                        yield item
+                        continue
+                    if handed_out:  # the caller has seen part of this reply: no retry
+                        raise LLMError(self._failure(error, handed_out, reason)) from error
+                    break
+            finally:
+                await replies.aclose()
+            if attempt == self.max_retries:
+                raise LLMError(f"{self.model}: failed after {attempt + 1} attempt(s): "
+                               f"{reason}") from error
+            delay = _backoff(attempt, self.retry_delay)
+            logger.warning("LLM call to %s failed (%s); retry %d of %d in %.2f s", self.model,
+                           reason, attempt + 1, self.max_retries, delay)
+            await asyncio.sleep(delay)
+
+    def _failure(self, exc: Exception, handed_out: int, reason: str | None = None) -> str:
+        reason = reason or _provider_message(exc)
+        if handed_out:
+            return f"{self.model}: the reply broke off after {handed_out} chunk(s): {reason}"
+        return f"{self.model}: {reason}"
+
+    def _log_reply(self, message: Message, started: float) -> None:
+        logger.debug("LLM reply: model=%s elapsed=%.0fms input_tokens=%s output_tokens=%s"
+                     " tool_calls=%d", self.model, (time.perf_counter() - started) * 1000,
+                     message.input_tokens, message.output_tokens,
+                     len(message.tool_calls or ()))
+
+    async def _attempt(self, wire: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                       *, streamed: bool) -> AsyncGenerator[str | Message, None]:
+        """One attempt: text pieces (streamed only), then the Message. ``timeout`` bounds
+        the whole reply, or, streamed, the wait for each chunk."""
+        if not needs_litellm(self.model):
+            chunks = testing.local_chunks(self.model, wire, self.config, tools, self.timeout,
+                                          stream=streamed)
+            assembly = _Assembly()
+            async with aclosing(_timed(chunks, self.timeout)) as timed:
+                async for chunk in timed:
+                    text = assembly.generic_chunk(chunk)
+                    if text and streamed:
+                        yield text
+            yield assembly.message(self.model, self.config)
+            return
+        # The first import takes seconds: in a thread, so the event loop keeps running.
+        litellm = await lazy_litellm.load_async()
+        if testing.is_offline(self.model):
+            testing.register()
+        kwargs: dict[str, Any] = {**self.config, "model": self.model, "messages": wire,
+                                  "num_retries": 0, "max_retries": 0}
+        if tools:
+            kwargs["tools"] = tools
+        if self.timeout is not None:
+            kwargs["timeout"] = float(self.timeout)
+        if not streamed:
+            # LiteLLM's timeout is advisory for some providers; this one is not.
+            async with asyncio.timeout(self.timeout):
+                response = await litellm.acompletion(**kwargs)
+            yield _to_message(response, self.model, self.config)
+            return
+        async with asyncio.timeout(self.timeout):
+            response = await litellm.acompletion(**kwargs, stream=True,
+                                                 stream_options=_STREAM_OPTIONS)
+        assembly = _Assembly()
+        async with aclosing(_timed(response, self.timeout)) as timed:
+            async for chunk in timed:
+                text = assembly.litellm_chunk(chunk)
+                if text:
+                    yield text
+        yield assembly.message(self.model, self.config)
+
+
+async def _timed(chunks: Any, timeout: float | None) -> AsyncGenerator[Any, None]:
+    """``chunks`` (an async iterable) with the wait for each one bounded by ``timeout``;
+    closed when this ends, however it ends (a provider's connection is released now)."""
+    iterator = aiter(chunks)
+    try:
+        while True:
+            async with asyncio.timeout(timeout):
+                try:
+                    chunk = await anext(iterator)
+                except StopAsyncIteration:
+                    return
+            yield chunk
+    finally:
+        close = getattr(iterator, "aclose", None)
+        if close is not None:
+            await close()
 
 
 async def complete(
@@ -181,61 +411,64 @@ async def complete(
     bounds each attempt; a timed-out attempt counts as transient. Raises LLMError with
     the provider's message (cause chained) and ValidationError for bad arguments.
     """
-    # str() turns a Model member into its plain value, so messages store a plain str.
-    model = str(check_text("model", model, max_bytes=MAX_NAME_CHARS))
-    if not isinstance(system_prompt, str):
-        raise ValidationError("system_prompt", "must be a str", system_prompt)
-    canonical = check_config(config)
-    check_call_params(max_retries, timeout, retry_delay)
-    litellm = _litellm()
-    kwargs: dict[str, Any] = {
-        **canonical,
-        "model": model,
-        "messages": to_litellm_messages(system_prompt, messages),
-        "num_retries": 0,
-        "max_retries": 0,
-    }
-    if tools:
-        kwargs["tools"] = list(tools)
-    if timeout is not None:
-        kwargs["timeout"] = float(timeout)
-    never, transient = _never_retry(litellm), _retryable(litellm)
-
-    for attempt in range(max_retries + 1):
-        started = time.perf_counter()
-        logger.debug("LLM request: model=%s messages=%d tools=%d attempt=%d", model,
-                     len(kwargs["messages"]), len(tools or ()), attempt + 1)
-        try:
-            # LiteLLM's timeout is advisory for some providers; this one is not.
-            async with asyncio.timeout(timeout):
-                response = await litellm.acompletion(**kwargs)
-        except TimeoutError as exc:
-            error: Exception = exc
-            reason = f"no reply within {timeout} s"
-        except never as exc:
-            raise LLMError(f"{model}: {_provider_message(exc)}") from exc
-        except transient as exc:
-            error, reason = exc, _provider_message(exc)
-        except Exception as exc:
-            raise LLMError(f"{model}: {_provider_message(exc)}") from exc
-        else:
-            message = _to_message(response, model, canonical)
-            logger.debug("LLM reply: model=%s elapsed=%.0fms input_tokens=%s output_tokens=%s"
-                         " tool_calls=%d", model, (time.perf_counter() - started) * 1000,
-                         message.input_tokens, message.output_tokens,
-                         len(message.tool_calls or ()))
-            return message
-        if attempt == max_retries:
-            raise LLMError(f"{model}: failed after {attempt + 1} attempt(s): {reason}") from error
-        delay = _backoff(attempt, retry_delay)
-        logger.warning("LLM call to %s failed (%s); retry %d of %d in %.2f s", model, reason,
-                       attempt + 1, max_retries, delay)
-        await asyncio.sleep(delay)
-    raise AssertionError("unreachable")  # the loop always returns or raises
+    call = _Call(model, system_prompt, config, max_retries, timeout, retry_delay)
+    return await _whole(call.run(messages, tools, streamed=False))
 
 
-def _provider_message(exc: BaseException) -> str:
-    return str(getattr(exc, "message", None) or exc) or type(exc).__name__
+async def stream(
+    model: str,
+    system_prompt: str,
+    messages: Sequence[Message],
+    *,
+    tools: Sequence[dict[str, Any]] | None = None,
+    config: Mapping[str, Any] | None = None,
+    max_retries: int = 3,
+    timeout: float | None = 120.0,
+    retry_delay: float = DEFAULT_RETRY_DELAY,
+) -> AsyncGenerator[str | Message, None]:
+    """``complete``, streamed: the reply's text pieces as they arrive, then its whole
+    Message (the one ``complete`` would return for the same reply: same digest).
+
+    Transient errors are retried only before the first piece; a stream that breaks after
+    it raises LLMError. ``timeout`` bounds the wait for each chunk. Arguments are checked
+    when iteration starts.
+    """
+    call = _Call(model, system_prompt, config, max_retries, timeout, retry_delay)
+    async with aclosing(call.run(messages, tools, streamed=True)) as replies:
+        async for item in replies:
+            yield item
+
+
+async def _whole(replies: AsyncGenerator[str | Message, None]) -> Message:
+    async with aclosing(replies):
+        async for item in replies:
+            if isinstance(item, Message):
+                return item
+    raise AssertionError("unreachable")  # a call ends with its Message or raises
+
+
+class BoundModel:
+    """A model bound to its system prompt, config and call settings (``bind`` makes one):
+    call it for a whole reply, ``stream()`` it for a streamed one."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: _Call) -> None:
+        self._call = call
+
+    async def __call__(self, messages: Sequence[Message],
+                       tools: Sequence[dict[str, Any]] | None) -> Message:
+        """One whole reply (``immagent.advance.CompleteFn``)."""
+        return await _whole(self._call.run(messages, tools, streamed=False))
+
+    def stream(self, messages: Sequence[Message],
+               tools: Sequence[dict[str, Any]] | None) -> AsyncGenerator[str | Message, None]:
+        """One streamed reply: text pieces, then the Message."""
+        return self._call.run(messages, tools, streamed=True)
+
+    def interrupted(self, text: str) -> Message:
+        """What a reply cut short after ``text`` is stored as (marked ``interrupted``)."""
+        return self._call.interrupted(text)
 
 
 def bind(
@@ -246,22 +479,15 @@ def bind(
     timeout: float | None = 120.0,
     *,
     retry_delay: float = DEFAULT_RETRY_DELAY,
-) -> CompleteFn:
-    """A CompleteFn for ``advance()`` that calls ``model`` with this prompt and config.
+) -> BoundModel:
+    """A model for ``advance()`` (a CompleteFn) and streamed turns that calls ``model``
+    with this prompt and config.
 
     Arguments are validated here, so a bad config fails before any message is made.
     """
-    # str() turns a Model member into its plain value, so messages store a plain str.
-    model = str(check_text("model", model, max_bytes=MAX_NAME_CHARS))
-    if not isinstance(system_prompt, str):
-        raise ValidationError("system_prompt", "must be a str", system_prompt)
-    canonical = check_config(config)
-    check_call_params(max_retries, timeout, retry_delay)
+    return BoundModel(_Call(model, system_prompt, config, max_retries, timeout, retry_delay))
 
-    async def call(messages: Sequence[Message],
-                   tools: Sequence[dict[str, Any]] | None) -> Message:
-        return await complete(model, system_prompt, messages, tools=tools, config=canonical,
-                              max_retries=max_retries, timeout=timeout,
-                              retry_delay=retry_delay)
 
-    return call
+def _provider_message(exc: BaseException) -> str:
+    return str(getattr(exc, "message", None) or exc) or type(exc).__name__
+

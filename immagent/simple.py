@@ -11,14 +11,15 @@ as an attribute or a call, ``clone()`` and ``with_metadata()`` as plain methods,
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NoReturn, Unpack
 
 from immagent import history, llm
 from immagent.advance import ToolProvider
 from immagent.assets import Message
 from immagent.options import TurnKeywords
-from immagent.turn import check_turn, run_turn
+from immagent.stream import Started, TurnStream
+from immagent.turn import check_turn, open_turn, run_turn
 from immagent.validate import MAX_NAME_CHARS, check_json_mapping, check_text
 
 __all__ = ["MessageList", "SimpleAgent"]
@@ -175,3 +176,29 @@ class SimpleAgent:
             tools=mcp, options=check_turn(user_input, options),
         )
         return self._evolve(added=added)
+
+    def stream(self, user_input: str, *, mcp: ToolProvider | None = None,
+               keep_partial: bool = False,
+               **options: Unpack[TurnKeywords]) -> TurnStream[SimpleAgent]:
+        """``advance``, streamed: a TurnStream of the turn's events; the new agent is
+        ``stream.agent`` once ``TurnDone`` has arrived (this agent is unchanged either way).
+
+        Stopped early, the stream makes no agent, unless ``keep_partial``: then
+        ``stream.agent`` holds what the turn produced, the cut-off reply marked
+        ``interrupted``. Input and options are checked here, at once.
+        """
+        opts = check_turn(user_input, options)
+
+        async def start() -> Started[SimpleAgent]:
+            turn = open_turn(
+                model=self._model, system_prompt=self._system_prompt,
+                model_config=self._model_config, history=self._messages,
+                user_input=user_input, tools=mcp, options=opts,
+            )
+
+            async def save(messages: Sequence[Message]) -> SimpleAgent:
+                return self._evolve(added=messages)
+
+            return Started(turn, save)
+
+        return TurnStream(start, keep_partial=keep_partial)

@@ -1,21 +1,36 @@
 """Offline models for tests and demos: honest test doubles, not language models.
 
-They are a LiteLLM custom provider named ``immagent``, so a call to one goes through the
-real ``litellm.acompletion`` path (parameter handling, response objects, exception types)
-and only the network is missing. Two kinds:
+Two kinds, under the model prefix ``immagent/``:
 
 * ``"immagent/echo"`` (``Model.ECHO``) answers ``"Echo: <last user input>"`` and reports
-  word counts as token usage. Needs no setup.
+  word counts as token usage. Needs no setup. It streams word by word; set
+  ``IMMAGENT_ECHO_DELAY`` (seconds per word) to watch it type in a demo.
 * ``ScriptedModel([...])`` plays back a script of replies (text, tool calls, errors to
-  raise, delays) under its own model name ``scripted.model``, and records every request
-  it receives (``scripted.requests``) for assertions.
+  raise, delays, the chunks a streamed reply arrives in) under its own model name
+  ``scripted.model``, and records every request it receives (``scripted.requests``).
+
+Two ways to reach them, which answer alike (same messages, same digests):
+
+* **in-process** (the default): ``immagent.llm`` answers an offline model itself, without
+  importing LiteLLM, so the command line and most tests never pay LiteLLM's import.
+* **through LiteLLM**: after ``route_through_litellm(True)`` a call goes through the real
+  ``litellm.acompletion`` path (parameter handling, response objects, the streaming
+  wrapper, exception types), as a LiteLLM custom provider named ``immagent``; only the
+  network is missing. ``register()`` installs the provider for code that calls
+  ``litellm.acompletion`` itself.
+
+Either way the provider sees the same request and produces the same chunks (LiteLLM's
+``GenericStreamingChunk`` dicts): in-process, ``immagent.llm`` reads those chunks itself.
+One difference remains: LiteLLM turns an exception that is not one of its own, raised by
+the provider, into a retryable ``APIConnectionError``; in-process it is a permanent
+failure. Script failures with ``litellm_error(...)``.
 
 Example::
 
     scripted = ScriptedModel([Reply.call("add", a=2, b=2), "The answer is 4."])
     agent = SimpleAgent("calc", "You add.", scripted.model)
 
-Importing this module is cheap; LiteLLM is imported on first registration.
+Importing this module is cheap; LiteLLM is imported only on the LiteLLM path.
 """
 
 from __future__ import annotations
@@ -24,36 +39,53 @@ import asyncio
 import copy
 import itertools
 import json
+import math
 import os
+import re
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from types import ModuleType
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
+from immagent import lazy_litellm
 from immagent.assets import ToolCall
 from immagent.exceptions import ValidationError
 
 __all__ = [
+    "ECHO_DELAY_ENV",
     "ECHO_MODEL",
     "PROVIDER",
+    "OfflineModelError",
     "Reply",
     "Request",
     "ScriptItem",
     "ScriptedModel",
+    "is_offline",
     "litellm_error",
+    "local_chunks",
     "register",
+    "route_through_litellm",
+    "routes_through_litellm",
 ]
 
 #: The LiteLLM provider prefix of every offline model.
 PROVIDER = "immagent"
 #: The echo model, also available as ``immagent.Model.ECHO``.
 ECHO_MODEL = f"{PROVIDER}/echo"
+#: Seconds the echo model waits per word (unset: no wait), for demos of streaming.
+ECHO_DELAY_ENV = "IMMAGENT_ECHO_DELAY"
 
 # The options LiteLLM forwards that are our own call plumbing, not model parameters.
-_PLUMBING = frozenset({"tools", "max_retries"})
+_PLUMBING = frozenset({"tools", "max_retries", "stream", "stream_options"})
+
+Chunk: TypeAlias = dict[str, Any]  # a LiteLLM GenericStreamingChunk
+
+
+class OfflineModelError(Exception):
+    """An offline model cannot answer (unknown model, script exhausted): a permanent
+    failure, which the LiteLLM path raises as LiteLLM's BadRequestError."""
 
 
 @dataclass(frozen=True)
@@ -63,9 +95,11 @@ class Request:
     model: str
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None
-    #: Model parameters (temperature, max_tokens, ...), without tools and retry plumbing.
+    #: Model parameters (temperature, max_tokens, ...), without tools and call plumbing.
     params: dict[str, Any]
     timeout: float | None
+    #: Whether the reply was asked for as a stream.
+    stream: bool = False
 
     @property
     def last_message(self) -> dict[str, Any]:
@@ -75,11 +109,16 @@ class Request:
 
 @dataclass(frozen=True)
 class Reply:
-    """One scripted turn: text and/or tool calls, or an error to raise; optional delay.
+    """One scripted turn: text and/or tool calls, or an error to raise; optional delays.
 
     Token counts default to word counts (input: every message; output: the reply).
     ``tool_calls`` takes ToolCall objects or ``(name, arguments)`` pairs; pairs get ids
     ``call_1``, ``call_2``, ... numbered per ScriptedModel.
+
+    Streamed, the text arrives in ``chunks`` (default: word by word; given, they make up
+    the text) with ``chunk_delay`` seconds before each, and each tool call in two pieces.
+    Asked for whole, the reply comes after the same total delay. ``error`` with
+    ``chunks``: a stream that fails after sending them (asked for whole: the error).
     """
 
     text: str | None = None
@@ -90,6 +129,22 @@ class Reply:
     error: BaseException | None = None
     #: Seconds to wait before replying or raising (for timeout tests).
     delay: float = 0.0
+    #: The pieces a streamed text arrives in ("".join(chunks) is the text).
+    chunks: Sequence[str] = field(default=())
+    #: Seconds before each streamed chunk.
+    chunk_delay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.chunks:
+            joined = "".join(self.chunks)
+            if self.text is not None and self.text != joined:
+                raise ValidationError("chunks", "must make up the text when both are given",
+                                      self.chunks)
+            object.__setattr__(self, "text", joined)
+        for name in ("delay", "chunk_delay"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValidationError(name, "must be a number of seconds >= 0", value)
 
     @classmethod
     def call(cls, name: str, /, **arguments: Any) -> Reply:
@@ -118,8 +173,8 @@ class ScriptedModel:
     Use ``scripted.model`` as the model string and keep a reference to the ScriptedModel
     while it is in use (the provider holds it weakly, so finished tests leave nothing
     behind). Each call (including each retry) takes the next entry; when the script runs
-    out the call fails with a non-retryable BadRequestError, so a test that makes more
-    calls than it scripted fails loudly.
+    out the call fails permanently (not retried), so a test that makes more calls than it
+    scripted fails loudly.
     """
 
     _names = itertools.count(1)
@@ -140,7 +195,6 @@ class ScriptedModel:
         self._script: deque[ScriptItem] = deque(replies)
         self._call_ids = itertools.count(1)
         _models[name] = self
-        register()
 
     def __repr__(self) -> str:
         return f"ScriptedModel({self.model!r}, remaining={self.remaining})"
@@ -157,8 +211,8 @@ class ScriptedModel:
     def _next(self, request: Request) -> Reply:
         self.requests.append(request)
         if not self._script:
-            raise litellm_error("bad_request", f"ScriptedModel {self.name!r}: script exhausted "
-                                f"after {len(self.requests) - 1} call(s)", model=self.model)
+            raise OfflineModelError(f"ScriptedModel {self.name!r}: script exhausted after "
+                                    f"{len(self.requests) - 1} call(s)")
         item = self._script.popleft()
         if callable(item):
             item = item(request)
@@ -171,9 +225,40 @@ class ScriptedModel:
 
 # Live scripted models by name; a model nobody references any more drops out.
 _models: weakref.WeakValueDictionary[str, ScriptedModel] = weakref.WeakValueDictionary()
-_handler: Any = None
-# Echo replies carry no tool calls today; the counter keeps _response total anyway.
+# Echo replies carry no tool calls today; the counter keeps _answer total anyway.
 _echo_call_ids = itertools.count(1)
+_via_litellm = False
+
+
+def is_offline(model: str) -> bool:
+    """Whether ``model`` names an offline model (``immagent/...``)."""
+    return model.startswith(f"{PROVIDER}/")
+
+
+def route_through_litellm(enabled: bool) -> bool:
+    """Send offline-model calls through ``litellm.acompletion`` (True) or answer them
+    in-process (False, the default); returns the previous setting."""
+    global _via_litellm
+    previous, _via_litellm = _via_litellm, bool(enabled)
+    return previous
+
+
+def routes_through_litellm() -> bool:
+    """Whether offline-model calls go through LiteLLM (see ``route_through_litellm``)."""
+    return _via_litellm
+
+
+# -- answering: the same for both paths ------------------------------------------------
+
+@dataclass(frozen=True)
+class _Answer:
+    """A resolved reply: what was asked, the Reply, its tool calls (with ids) and usage."""
+
+    request: Request
+    reply: Reply
+    calls: list[dict[str, Any]]
+    input_tokens: int
+    output_tokens: int
 
 
 def _tool_call(call: ToolCall | tuple[str, Mapping[str, Any]],
@@ -202,48 +287,52 @@ def _text_of(content: object) -> str:
 
 def _echo(request: Request) -> Reply:
     user = [m for m in request.messages if m.get("role") == "user"]
-    return Reply(text=f"Echo: {_text_of(user[-1]['content']) if user else ''}".rstrip())
+    text = f"Echo: {_text_of(user[-1]['content']) if user else ''}".rstrip()
+    return Reply(text=text, chunk_delay=_echo_delay())
 
 
-def _request(kwargs: dict[str, Any], *, keep: bool) -> Request:
+def _echo_delay() -> float:
+    raw = os.environ.get(ECHO_DELAY_ENV, "").strip()
+    try:
+        delay = float(raw) if raw else 0.0
+    except ValueError:
+        raise ValidationError(ECHO_DELAY_ENV, "must be a number of seconds", raw) from None
+    if not (math.isfinite(delay) and delay >= 0):
+        raise ValidationError(ECHO_DELAY_ENV, "must be a number of seconds >= 0", raw)
+    return delay
+
+
+def _answer(name: str, messages: list[dict[str, Any]], options: Mapping[str, Any],
+            timeout: object, *, stream: bool) -> _Answer:
+    """Resolve one call: ``name`` without the provider prefix, ``options`` LiteLLM's
+    optional params (model parameters plus tools and plumbing)."""
     # A ScriptedModel keeps its requests for assertions, so they are copied; the echo
     # model reads its request once and drops it, and copying a long history per call
     # would make the test double, not the library, the cost benchmarks measure.
+    keep = name != "echo"
+
     def clone(value: Any) -> Any:
         return copy.deepcopy(value) if keep else value
 
-    options = dict(kwargs.get("optional_params") or {})
-    timeout = kwargs.get("timeout")
-    return Request(
-        model=f"{PROVIDER}/{kwargs['model']}",
-        messages=clone(list(kwargs["messages"])),
+    request = Request(
+        model=f"{PROVIDER}/{name}",
+        messages=clone(list(messages)),
         tools=clone(options.get("tools")),
         params={k: v for k, v in options.items() if k not in _PLUMBING},
         timeout=float(timeout) if isinstance(timeout, int | float) else None,
+        stream=stream,
     )
-
-
-def _resolve(kwargs: dict[str, Any]) -> tuple[Request, Reply, ScriptedModel | None]:
-    name = kwargs["model"]
-    request = _request(kwargs, keep=name != "echo")
+    scripted = None
     if name == "echo":
-        return request, _echo(request), None
-    scripted = _models.get(name)
-    if scripted is None:
-        raise litellm_error("bad_request", f"unknown offline model {request.model!r}: use "
-                            f"{ECHO_MODEL!r} or a live ScriptedModel's .model", model=name)
-    return request, scripted._next(request), scripted
-
-
-def _response(request: Request, reply: Reply, scripted: ScriptedModel | None) -> Any:
-    import litellm
-    from litellm.types.utils import Usage
-
+        reply = _echo(request)
+    else:
+        scripted = _models.get(name)
+        if scripted is None:
+            raise OfflineModelError(f"unknown offline model {request.model!r}: use "
+                                    f"{ECHO_MODEL!r} or a live ScriptedModel's .model")
+        reply = scripted._next(request)
     ids = scripted._call_ids if scripted else _echo_call_ids
     calls = [_tool_call(c, ids) for c in reply.tool_calls]
-    message: dict[str, Any] = {"role": "assistant", "content": reply.text}
-    if calls:
-        message["tool_calls"] = calls
     input_tokens = reply.input_tokens
     if input_tokens is None:
         input_tokens = sum(_words(m.get("content")) for m in request.messages)
@@ -251,12 +340,104 @@ def _response(request: Request, reply: Reply, scripted: ScriptedModel | None) ->
     if output_tokens is None:
         output_tokens = _words(reply.text) + sum(
             1 + _words(c["function"]["arguments"]) for c in calls)
+    return _Answer(request, reply, calls, input_tokens, output_tokens)
+
+
+def _pieces(reply: Reply) -> list[str]:
+    """The text's streamed pieces: the script's chunks, else word by word (each word
+    with the whitespace before it), so the pieces always join to the text."""
+    if reply.chunks:
+        return [c for c in reply.chunks if c]
+    return re.findall(r"\s*\S+|\s+$", reply.text or "")
+
+
+def _chunk(text: str = "", *, tool_use: dict[str, Any] | None = None,
+           finish: str = "", usage: dict[str, int] | None = None) -> Chunk:
+    chunk: Chunk = {"text": text, "is_finished": bool(finish), "finish_reason": finish,
+                    "usage": usage, "index": 0}
+    if tool_use is not None:
+        chunk["tool_use"] = tool_use
+    return chunk
+
+
+def _chunks(answer: _Answer, *, stream: bool) -> Iterator[Chunk]:
+    """The reply as GenericStreamingChunks: text pieces, each tool call in two pieces (so
+    readers must join fragments), then the finish with usage. Whole: one chunk per kind."""
+    reply = answer.reply
+    pieces = _pieces(reply) if stream else ([reply.text] if reply.text else [])
+    yield from (_chunk(p) for p in pieces)
+    for index, call in enumerate(answer.calls):
+        arguments = call["function"]["arguments"]
+        cut = len(arguments) // 2 if stream else len(arguments)
+        yield _chunk(tool_use={"id": call["id"], "type": "function", "index": index,
+                               "function": {"name": call["function"]["name"],
+                                            "arguments": arguments[:cut]}})
+        if cut < len(arguments):
+            yield _chunk(tool_use={"id": None, "type": "function", "index": index,
+                                   "function": {"name": None, "arguments": arguments[cut:]}})
+    usage = {"prompt_tokens": answer.input_tokens, "completion_tokens": answer.output_tokens,
+             "total_tokens": answer.input_tokens + answer.output_tokens}
+    yield _chunk(finish="tool_calls" if answer.calls else "stop", usage=usage)
+
+
+async def _play(answer: _Answer, *, stream: bool) -> AsyncGenerator[Chunk, None]:
+    """The chunks of ``answer`` with the reply's delays, raising its error where scripted."""
+    reply = answer.reply
+    if reply.delay > 0:
+        await asyncio.sleep(reply.delay)
+    if reply.error is not None and not (stream and reply.chunks):
+        raise reply.error
+    if not stream and reply.chunk_delay > 0:  # a whole reply takes as long as its stream
+        await asyncio.sleep(reply.chunk_delay * len(_pieces(reply)))
+    for chunk in _chunks(answer, stream=stream):
+        if stream and reply.chunk_delay > 0 and chunk["text"]:
+            await asyncio.sleep(reply.chunk_delay)
+        if reply.error is not None and chunk["is_finished"]:
+            raise reply.error  # a stream that breaks after its chunks
+        yield chunk
+
+
+def local_chunks(model: str, messages: list[dict[str, Any]], params: Mapping[str, Any],
+                 tools: Sequence[dict[str, Any]] | None, timeout: float | None, *,
+                 stream: bool) -> AsyncGenerator[Chunk, None]:
+    """The in-process path: offline ``model``'s reply as GenericStreamingChunk dicts (one
+    chunk per kind when not ``stream``), exactly what the LiteLLM provider would send.
+    Raises OfflineModelError or the scripted error; never imports LiteLLM."""
+    options = {**params, **({"tools": list(tools)} if tools else {})}
+    answer = _answer(model.removeprefix(f"{PROVIDER}/"), messages, options, timeout,
+                     stream=stream)
+    return _play(answer, stream=stream)
+
+
+# -- the LiteLLM custom provider -----------------------------------------------------------
+
+_handler: Any = None
+
+
+def _kwargs_answer(kwargs: dict[str, Any], *, stream: bool) -> _Answer:
+    try:
+        return _answer(kwargs["model"], kwargs["messages"],
+                       dict(kwargs.get("optional_params") or {}), kwargs.get("timeout"),
+                       stream=stream)
+    except OfflineModelError as exc:
+        raise litellm_error("bad_request", str(exc), model=f"{PROVIDER}/{kwargs['model']}") \
+            from None
+
+
+def _response(answer: _Answer) -> Any:
+    litellm = lazy_litellm.load()
+    from litellm.types.utils import Usage
+
+    message: dict[str, Any] = {"role": "assistant", "content": answer.reply.text}
+    if answer.calls:
+        message["tool_calls"] = answer.calls
     return litellm.ModelResponse(
-        model=request.model,
-        choices=[{"index": 0, "finish_reason": "tool_calls" if calls else "stop",
+        model=answer.request.model,
+        choices=[{"index": 0, "finish_reason": "tool_calls" if answer.calls else "stop",
                   "message": message}],
-        usage=Usage(prompt_tokens=input_tokens, completion_tokens=output_tokens,
-                    total_tokens=input_tokens + output_tokens),
+        usage=Usage(prompt_tokens=answer.input_tokens,
+                    completion_tokens=answer.output_tokens,
+                    total_tokens=answer.input_tokens + answer.output_tokens),
     )
 
 
@@ -269,43 +450,40 @@ def _make_handler() -> Any:
         # LiteLLM passes everything by keyword; taking **kwargs keeps this provider
         # working when LiteLLM adds parameters.
         async def acompletion(self, *args: Any, **kwargs: Any) -> Any:
-            request, reply, scripted = _resolve(kwargs)
-            if reply.delay > 0:
-                await asyncio.sleep(reply.delay)
-            if reply.error is not None:
-                raise reply.error
-            return _response(request, reply, scripted)
+            answer = _kwargs_answer(kwargs, stream=False)
+            async for _ in _play(answer, stream=False):  # the delays and scripted errors
+                pass
+            return _response(answer)
+
+        # An async generator, not a coroutine returning one: LiteLLM iterates what the
+        # call returns, and both work.
+        async def astreaming(  # type: ignore[override]
+                self, *args: Any, **kwargs: Any) -> AsyncGenerator[Chunk, None]:
+            async for chunk in _play(_kwargs_answer(kwargs, stream=True), stream=True):
+                yield chunk
 
         def completion(self, *args: Any, **kwargs: Any) -> Any:
-            request, reply, scripted = _resolve(kwargs)
-            if reply.delay > 0:
-                time.sleep(reply.delay)
+            answer = _kwargs_answer(kwargs, stream=False)
+            reply = answer.reply
+            time.sleep(reply.delay + reply.chunk_delay * len(_pieces(reply)))
             if reply.error is not None:
                 raise reply.error
-            return _response(request, reply, scripted)
+            return _response(answer)
 
     return OfflineProvider()
-
-
-def _import_litellm() -> ModuleType:
-    # Without this LiteLLM downloads a price map over the network at import time.
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    import litellm
-
-    return litellm
 
 
 def register() -> None:
     """Register the ``immagent`` provider with LiteLLM (idempotent; imports LiteLLM).
 
-    ``immagent.llm.complete`` calls this itself; call it only to use the offline models
-    with ``litellm.acompletion`` directly.
+    ``immagent.llm`` does this itself when it sends an offline model's call through
+    LiteLLM; call it only to use the offline models with ``litellm.acompletion`` directly.
     """
     global _handler
-    litellm = _import_litellm()
+    litellm = lazy_litellm.load()
     if _handler is None:
         _handler = _make_handler()
-    # Checked on every call: user code may have replaced litellm.custom_provider_map.
+    # User code may have replaced litellm.custom_provider_map since the last call.
     if not any(item.get("provider") == PROVIDER for item in litellm.custom_provider_map):
         litellm.custom_provider_map.append({"provider": PROVIDER, "custom_handler": _handler})
 
@@ -317,7 +495,7 @@ ErrorKind = Literal["rate_limit", "timeout", "connection", "internal", "unavaila
 def litellm_error(kind: ErrorKind, message: str = "simulated failure", *,
                   model: str = ECHO_MODEL) -> Exception:
     """A LiteLLM exception of the given kind, for ``Reply.fail(...)`` in tests."""
-    _import_litellm()
+    lazy_litellm.load()
     from litellm import exceptions as litellm
 
     # LiteLLM's exception constructors disagree on argument order; use keywords.

@@ -1,5 +1,6 @@
 """One live turn, shared by SimpleAgent and PersistentAgent: per-call settings merged over
-the agent's model config, the model bound through LiteLLM, then the pure advance loop."""
+the agent's model config, the model bound through LiteLLM, then the pure advance loop
+(whole with ``run_turn``, streamed with ``open_turn``)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from immagent import llm
-from immagent.advance import ToolProvider, advance, check_turn_input
+from immagent.advance import ToolProvider, Turn, advance, check_turn_input
 from immagent.assets import Message
 from immagent.options import TurnKeywords, TurnOptions
 
-__all__ = ["check_turn", "run_turn"]
+__all__ = ["check_turn", "open_turn", "run_turn"]
 
 
 def check_turn(user_input: object, options: TurnKeywords | TurnOptions) -> TurnOptions:
@@ -21,6 +22,12 @@ def check_turn(user_input: object, options: TurnKeywords | TurnOptions) -> TurnO
     checked = options if isinstance(options, TurnOptions) else TurnOptions(**options)
     check_turn_input(user_input, checked.max_tool_rounds)
     return checked
+
+
+def _bind(model: str, system_prompt: str, model_config: Mapping[str, Any],
+          opts: TurnOptions) -> llm.BoundModel:
+    return llm.bind(model, system_prompt, {**model_config, **opts.overrides()},
+                    opts.max_retries, opts.timeout, retry_delay=opts.retry_delay)
 
 
 async def run_turn(
@@ -36,7 +43,24 @@ async def run_turn(
     """The new messages of one turn; nothing is stored. ``options`` (defaults if None)
     override ``model_config`` for this turn only (recorded on the reply)."""
     opts = check_turn(user_input, options or TurnOptions())
-    complete = llm.bind(model, system_prompt, {**model_config, **opts.overrides()},
-                        opts.max_retries, opts.timeout, retry_delay=opts.retry_delay)
-    return await advance(history=history, user_input=user_input, complete=complete,
+    return await advance(history=history, user_input=user_input,
+                         complete=_bind(model, system_prompt, model_config, opts),
                          tools=tools, max_tool_rounds=opts.max_tool_rounds)
+
+
+def open_turn(
+    *,
+    model: str,
+    system_prompt: str,
+    model_config: Mapping[str, Any],
+    history: Sequence[Message],
+    user_input: str,
+    tools: ToolProvider | None = None,
+    options: TurnOptions | None = None,
+) -> Turn:
+    """``run_turn``, streamed: the Turn, set up and not started (``Turn.events()`` runs
+    it, each model call streamed)."""
+    opts = check_turn(user_input, options or TurnOptions())
+    return Turn(history=history, user_input=user_input,
+                model=_bind(model, system_prompt, model_config, opts), tools=tools,
+                max_tool_rounds=opts.max_tool_rounds)

@@ -89,8 +89,9 @@ def check_json_mapping(field: str, value: object) -> dict[str, Any]:
 #: defeat its guarantees (streaming, LiteLLM's retries/fallbacks), or that would store a
 #: secret in the content-addressed call_config of every assistant message.
 RESERVED_CONFIG_KEYS = frozenset({
-    "model", "messages", "tools", "functions", "stream", "timeout", "request_timeout",
-    "num_retries", "max_retries", "fallbacks", "context_window_fallback_dict",
+    "model", "messages", "tools", "functions", "stream", "stream_options", "timeout",
+    "request_timeout", "num_retries", "max_retries", "fallbacks",
+    "context_window_fallback_dict",
     # Credentials and endpoints LiteLLM accepts per call: pass them through the
     # environment or provider settings, never through the hashed, exported call_config.
     "api_key", "api_base", "base_url", "api_version", "extra_headers", "headers",

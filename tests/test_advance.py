@@ -1,4 +1,5 @@
-"""advance(): one turn of orchestration, driven through the real LiteLLM path (offline models).
+"""advance(): one turn of orchestration, driven by the offline models (in-process; both call
+paths are in test_llm.py).
 
 The tool providers here are small real implementations of the ToolProvider protocol
 (tools that add, fail, or wait for each other); MCP-backed tools are in test_mcp.py.

@@ -1,8 +1,11 @@
-"""immagent.llm through the real LiteLLM call path, with the offline ``immagent`` provider."""
+"""immagent.llm with the offline ``immagent`` models, every test on both paths: answered
+in-process (the default, no LiteLLM) and through the real ``litellm.acompletion`` path
+(the offline models as a LiteLLM custom provider). Streaming is in test_llm_stream.py."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -10,10 +13,24 @@ import pytest
 from immagent.assets import Message, ToolCall
 from immagent.exceptions import LLMError, ValidationError
 from immagent.llm import Model, bind, complete
-from immagent.testing import ErrorKind, Reply, ScriptedModel, litellm_error
+from immagent.testing import (
+    ErrorKind,
+    Reply,
+    ScriptedModel,
+    litellm_error,
+    route_through_litellm,
+)
 
 FAST = 0.001  # retry_delay for tests: real backoff code, negligible sleeps
 USER = [Message(role="user", content="hello there")]
+
+
+@pytest.fixture(autouse=True, params=["in-process", "litellm"])
+def path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test with offline models answered in-process, then through LiteLLM."""
+    previous = route_through_litellm(request.param == "litellm")
+    yield str(request.param)
+    route_through_litellm(previous)
 
 
 async def test_echo_reply_tokens_model_and_call_config() -> None:
@@ -105,7 +122,7 @@ async def test_permanent_error_is_not_retried(kind: ErrorKind) -> None:
     model = ScriptedModel([Reply.fail(litellm_error(kind, "invalid x-api-key")), "never"])
     with pytest.raises(LLMError, match="invalid x-api-key") as info:
         await complete(model.model, "sys", USER, max_retries=3, retry_delay=FAST)
-    # The provider's exception is chained as the cause, unwrapped by LiteLLM.
+    # The provider's exception is chained as the cause (unwrapped by LiteLLM on its path).
     assert type(info.value.__cause__) is type(litellm_error(kind))
     assert len(model.requests) == 1
     assert model.remaining == 1

@@ -1,5 +1,6 @@
-"""PersistentAgent.advance end to end: the real LiteLLM call path (offline models), a real
-MCP stdio server, and both storage backends. A failed turn must leave no trace."""
+"""PersistentAgent.advance end to end: the offline models (in-process; both call paths are
+in test_llm.py), a real MCP stdio server, and both storage backends. A failed turn must
+leave no trace."""
 
 from __future__ import annotations
 

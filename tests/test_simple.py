@@ -1,4 +1,5 @@
-"""SimpleAgent: the in-memory agent, through the real LiteLLM path with offline models."""
+"""SimpleAgent: the in-memory agent, with the offline models (answered in-process; both call
+paths are in test_llm.py)."""
 
 from __future__ import annotations
 

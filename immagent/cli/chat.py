@@ -1,4 +1,14 @@
-"""``immagent chat``: create or continue an agent, one advance per message or input line."""
+"""``immagent chat``: create or continue an agent, one advance per message or input line.
+
+On a terminal the reply is streamed (tokens printed as they arrive, the turn saved when it
+completes); piped, the reply is printed once saved; ``--json`` prints one JSON document.
+Ctrl-C during a turn saves nothing of it, streamed or not.
+
+Answering at once: the offline models are answered in-process (no LiteLLM import). For a
+provider model, LiteLLM's import (seconds) starts in the background before the store is
+opened and overlaps with opening it and reading the history; if the turn still has to wait
+for it, stderr says so ("loading model client…", on a terminal only).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +16,11 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from immagent import lazy_litellm
 from immagent.agent import PersistentAgent
 from immagent.assets import Message
 from immagent.cli.context import Context
@@ -18,6 +29,9 @@ from immagent.cli.render import Progress, message_json
 from immagent.cli.summary import agent_json, newest
 from immagent.exceptions import ImmAgentError
 from immagent.store import Store
+
+if TYPE_CHECKING:
+    from immagent.stream import TurnEvent
 
 __all__ = ["DEFAULT_NAME", "DEFAULT_SYSTEM_PROMPT", "default_model", "run"]
 
@@ -82,15 +96,26 @@ class Conversation:
         """The model the next turn calls."""
         return self.agent.model if self.agent is not None else self.model
 
-    async def turn(self, text: str) -> Turn:
-        """Advance once. If this creates the agent and the turn fails or is interrupted,
-        the new state is deleted again, so a failed first turn leaves no agent behind."""
+    async def turn(self, text: str, screen: Screen) -> Turn:
+        """Advance once (streamed if ``screen`` streams). If this creates the agent and the
+        turn fails or is interrupted, the new state is deleted again, so a failed first
+        turn leaves no agent behind."""
         created = self.agent is None
         agent = self.agent or await self.store.create_agent(
             self.name, self.system_prompt, self.model)
         try:
+            # Read before waiting for the model client: the store caches both for the turn.
             before = await agent.get_messages()
-            new = await agent.advance(text)
+            await agent.get_system_prompt()
+            await _model_client(agent.model, screen)
+            screen.waiting(f"{agent.model} is thinking…")
+            if screen.streams:
+                async with agent.stream(text) as s:
+                    async for event in s:
+                        screen.show(event)
+                new = s.agent
+            else:
+                new = await agent.advance(text)
         except BaseException:
             if created:
                 await self.store.delete(agent)
@@ -100,13 +125,71 @@ class Conversation:
         return Turn(new, after[len(before):], len(after))
 
 
+async def _model_client(model: str, screen: Screen) -> None:
+    """Wait for LiteLLM if this model needs it and its import is still running."""
+    from immagent.llm import needs_litellm
+
+    if needs_litellm(model) and not lazy_litellm.loaded():
+        screen.waiting("loading model client…")
+        await lazy_litellm.load_async()
+
+
+class Screen:
+    """What a turn shows while it runs: a status on stderr (a terminal only) until output
+    starts, and, when ``streams``, the reply's text on stdout as it arrives."""
+
+    def __init__(self, streams: bool, write: Callable[[str], None] | None = None) -> None:
+        self.streams = streams
+        self._status = Progress("")
+        self._write = write or _stdout
+        self._open = False  # a streamed line has text and no newline yet
+
+    def waiting(self, what: str) -> None:
+        """Say what the turn waits for (not while a reply is being printed)."""
+        if not self._open:
+            self._status.status(what)
+
+    def show(self, event: TurnEvent) -> None:
+        """Print one event of a streamed turn."""
+        from immagent.stream import AssistantReply, TextDelta
+
+        if isinstance(event, TextDelta):
+            self._status.finish()
+            self._write(event.text)
+            self._open = True
+        elif isinstance(event, AssistantReply) and event.message.tool_calls:
+            self.end_line()
+            names = ", ".join(c.name for c in event.message.tool_calls)
+            self.waiting(f"running {names}…")
+
+    def end_line(self) -> None:
+        """Finish the streamed line (if any) and clear the status."""
+        self._status.finish()
+        if self._open:
+            self._write("\n")
+            self._open = False
+
+
+def _stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def run(ctx: Context, args: argparse.Namespace) -> int:
     """Entry point of ``immagent chat``."""
+    from immagent.llm import needs_litellm
+
     text = " ".join(args.message)
     if args.message and not text.strip():
         raise CLIError("the message is empty", code=EXIT_USAGE)
+    # The model is known for sure only once the agent is read; start on the likely one,
+    # so the import overlaps with opening the store.
+    if needs_litellm(args.model or default_model()):
+        lazy_litellm.preload()
     store = ctx.store(create=True)
     conversation = ctx.run(_conversation(store, args))
+    if needs_litellm(conversation.current_model):
+        lazy_litellm.preload()
     if args.message:
         return _one_shot(ctx, conversation, text)
     return _interactive(ctx, conversation)
@@ -135,13 +218,12 @@ async def _check_unchanged(agent: PersistentAgent, args: argparse.Namespace) -> 
 
 
 def _advance(ctx: Context, conversation: Conversation, text: str) -> Turn:
-    """One turn, with a "thinking" note on a terminal while the model is called."""
-    waiting = Progress("")
-    waiting.status(f"{conversation.current_model} is thinking…")
+    """One turn: streamed to a terminal, otherwise shown once saved."""
+    screen = Screen(streams=_streams(ctx))
     try:
-        return ctx.run(conversation.turn(text))
+        return ctx.run(conversation.turn(text, screen))
     finally:
-        waiting.finish()
+        screen.end_line()
 
 
 def _one_shot(ctx: Context, conversation: Conversation, text: str) -> int:
@@ -151,16 +233,21 @@ def _one_shot(ctx: Context, conversation: Conversation, text: str) -> int:
     except KeyboardInterrupt:
         ctx.out.note("immagent: interrupted: this turn was not saved")
         return EXIT_INTERRUPTED
-    _show_turn(ctx, turn, compact=False)
+    _show_turn(ctx, turn, compact=False, streamed=_streams(ctx))
     return EXIT_OK
 
 
-def _show_turn(ctx: Context, turn: Turn, *, compact: bool) -> None:
+def _streams(ctx: Context) -> bool:
+    return sys.stdout.isatty() and not ctx.out.as_json
+
+
+def _show_turn(ctx: Context, turn: Turn, *, compact: bool, streamed: bool) -> None:
     if ctx.out.as_json:
         ctx.out.json(turn.to_json(), compact=compact)
         ctx.out.flush()
         return
-    ctx.out.line(turn.reply)
+    if not streamed:  # a streamed reply is on the screen already
+        ctx.out.line(turn.reply)
     if not compact:
         ctx.out.line(f"agent {turn.agent.id}")
     ctx.out.flush()  # a reader on a pipe sees each reply before the next prompt
@@ -193,7 +280,7 @@ def _interactive(ctx: Context, conversation: Conversation) -> int:
             ctx.out.note(f"immagent: error: {e} (nothing was saved for this turn)")
             status = EXIT_FAILURE
             continue
-        _show_turn(ctx, turn, compact=True)
+        _show_turn(ctx, turn, compact=True, streamed=_streams(ctx))
     _show_last(ctx, conversation)
     return status
 

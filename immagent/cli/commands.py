@@ -117,6 +117,8 @@ def _message_block(index: int, m: Message) -> Iterator[str]:
         head += f" ({m.tool_call_id}{', error' if m.is_error else ''})"
     if m.input_tokens is not None or m.output_tokens is not None:
         head += f"  tokens in/out {m.input_tokens}/{m.output_tokens}"
+    if m.interrupted:
+        head += "  (interrupted: cut short, kept)"
     yield head
     if m.content:
         yield from _indented(m.content)

@@ -100,7 +100,7 @@ def jsonable(value: Any) -> Any:
 def message_json(message: Message) -> dict[str, Any]:
     """A message as a JSON object (fields left at their default omitted) plus its digest."""
     data = {k: v for k, v in jsonable(message).items()
-            if v is not None and not (k == "is_error" and v is False)}
+            if v is not None and not (k in ("is_error", "interrupted") and v is False)}
     data["digest"] = message.digest.hex()
     return data
 
@@ -114,6 +114,8 @@ def message_line(message: Message, width: int = 100) -> str:
     role: str = message.role
     if message.role == "tool":
         role = f"tool{' error' if message.is_error else ''} {message.tool_call_id or ''}".strip()
+    if message.interrupted:
+        role += " (interrupted)"
     return clip(f"{role}: {text}", width)
 
 
