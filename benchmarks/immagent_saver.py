@@ -353,7 +353,7 @@ def print_tables(linear: Sequence[LinearPoint], forks: Sequence[ForkResult],
                      f"{lg.stored_bytes / p.stored_bytes:,.0f}x" if lg else "-"])
     if not rows:
         return
-    print_table("8. ImmAgentSaver: LangGraph's linear scenario with immagent as the "
+    print_table("9. ImmAgentSaver: LangGraph's linear scenario with immagent as the "
                 "checkpointer", ["backend", "N", "saver", "bytes/turn", "PersistentAgent",
                                  "saver / agent", "LangGraph saver", "x less"], rows)
     fork_rows = []

@@ -57,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import os
 import random
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -807,7 +808,7 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
                 after = page[-1].seq
         await self._delete(doomed)
 
-    async def aexport(self, thread_id: str, path: Any) -> BundleInfo:
+    async def aexport(self, thread_id: str, path: str | os.PathLike[str]) -> BundleInfo:
         """Write an audit bundle of the thread (every checkpoint and write, every namespace,
         and every value they reach) to ``path``; check it with ``immagent.verify_bundle``
         and load it anywhere with ``Store.import_states``."""
@@ -942,7 +943,7 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
         """Sync ``adigest`` (from a thread other than the saver's loop)."""
         return self._sync(lambda: self.adigest(config))
 
-    def export(self, thread_id: str, path: Any) -> BundleInfo:
+    def export(self, thread_id: str, path: str | os.PathLike[str]) -> BundleInfo:
         """Sync ``aexport`` (from a thread other than the saver's loop)."""
         return self._sync(lambda: self.aexport(thread_id, path))
 
