@@ -16,7 +16,7 @@ from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, RemoveM
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
-from langgraph.types import Command, interrupt
+from langgraph.types import Command, StateSnapshot, interrupt
 
 from immagent import Store
 from immagent.assets import Kind
@@ -271,3 +271,38 @@ async def test_the_example_runs_offline(tmp_path: Path,
     assert forked == ["Hello!", "Echo: Hello!", "Another path?", "Echo: Another path?"]
     out = capsys.readouterr().out
     assert "verified" in out and "store verify: OK" in out
+
+
+def _inner(state: ChatState) -> dict[str, list[Any]]:
+    return {"messages": [AIMessage(content=f"inner {interrupt('go on?')}")]}
+
+
+async def test_a_subgraph_checkpoints_in_its_own_namespace(store: Store) -> None:
+    sub = StateGraph(ChatState)
+    sub.add_node("inner", _inner)
+    sub.add_edge(START, "inner")
+    sub.add_edge("inner", END)
+    outer = StateGraph(ChatState)
+    outer.add_node("sub", sub.compile())
+    outer.add_node("reply", _reply)
+    outer.add_edge(START, "sub")
+    outer.add_edge("sub", "reply")
+    outer.add_edge("reply", END)
+    saver = ImmAgentSaver(store)
+    graph = outer.compile(checkpointer=saver)
+    await graph.ainvoke({"messages": [HumanMessage(content="hi")]}, config("t"))
+    state = await graph.aget_state(config("t"), subgraphs=True)
+    (task,) = state.tasks
+    inner = task.state
+    assert isinstance(inner, StateSnapshot)
+    inner_ns = inner.config["configurable"]["checkpoint_ns"]
+    assert inner_ns.startswith("sub:") and inner.next == ("inner",)
+    await graph.ainvoke(Command(resume="yes"), config("t"))
+    assert await messages(graph, "t") == ["hi", "inner yes", "Echo: inner yes"]
+    listed = [t.config["configurable"]["checkpoint_ns"]
+              async for t in saver.alist({"configurable": {"thread_id": "t"}})]
+    assert set(listed) == {"", inner_ns}
+    await saver.acopy_thread("t", "u")
+    await saver.aprune(["t"])
+    assert await messages(graph, "t") == await messages(graph, "u")
+    assert (await store.verify()).ok
