@@ -206,6 +206,12 @@ STATE_KINDS: dict[int, StateKind] = {
         digest=_agent_digest,
         ref_kinds=lambda row: (int(Kind.SYSTEM_PROMPT), int(Kind.NODE)),
     ),
+    # The store's own: which zstd dictionaries exist (store/compression.py).
+    int(Kind.COMPRESSION): StateKind(
+        digest=lambda row: stream_digest(row.kind, row.stream, row.refs, row.body),
+        ref_kinds=lambda row: tuple(int(Kind.DICTIONARY) for _ in row.refs),
+    ),
+    # LangGraph checkpoints (immagent.checkpoints).
     int(Kind.CHECKPOINT): _generic_kind(checkpoints.checkpoint_ref_kinds),
     int(Kind.CHECKPOINT_WRITES): _generic_kind(checkpoints.writes_ref_kinds),
 }

@@ -9,16 +9,18 @@ holds a set of states instead of one lineage, see below)::
               header  {"format": "immagent-bundle", "version": 2, "head": uuid, ...}
               state   ["state", id, parent, kind, stream, refs, body, digest, time]
                                                         the lineage, newest (the head) first
-              asset   ["asset", digest, kind, body, refs]   every reachable asset, as stored
+              asset   ["asset", digest, kind, body, refs]   every reachable asset, canonical
               end     ["end", states, assets, checksum]     last frame, then end of file
 
-A bundle carries rows exactly as stored (the same bytes the digests cover), so reading one
-runs the same checks as reading a database: ``assets.check_row`` and
-``records.check_state``. ``checksum`` is blake3 over every byte before the end frame. It is
-checked last: the per-record checks (each asset re-hashed, each state's digest recomputed,
-every reference resolved inside the bundle with the kind it must have) name the bad record,
-the checksum catches what no content digest covers (ids, parents, timestamps, framing) and
-truncation.
+A bundle carries asset rows in their canonical form, the bytes the digests cover: bodies
+uncompressed whatever codec the store used (``immagent.codec``), so a bundle needs no
+dictionary and imports into any store, which compresses them its own way (version 2 files
+written before compression existed hold the same form). Reading one runs the same checks as
+reading a database: ``assets.check_row`` and ``records.check_state``. ``checksum`` is blake3
+over every byte before the end frame. It is checked last: the per-record checks (each asset
+re-hashed, each state's digest recomputed, every reference resolved inside the bundle with
+the kind it must have) name the bad record, the checksum catches what no content digest
+covers (ids, parents, timestamps, framing) and truncation.
 
 Version 3 is version 2 for states that are not one lineage (a LangGraph thread: its
 checkpoints, their writes, several namespaces): the same records, the newest state first
@@ -34,7 +36,7 @@ import itertools
 import os
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final
@@ -43,8 +45,18 @@ from uuid import UUID
 import blake3
 import msgspec
 
-from immagent.assets import Digest, Kind, StoredAsset, check_row, join_refs, ref_kinds, split_refs
+from immagent.assets import (
+    Digest,
+    Kind,
+    StoredAsset,
+    canonical_row,
+    check_row,
+    join_refs,
+    ref_kinds,
+    split_refs,
+)
 from immagent.audit.verify import closing_iter
+from immagent.codec import NO_DICTIONARIES, ZstdDictionary
 from immagent.exceptions import BundleError, IntegrityError, ValidationError
 from immagent.records import STATE_KINDS, AgentRecord, StateRow, check_state
 
@@ -167,7 +179,9 @@ class _Writer:
 
 
 async def export_bundle(backend: Backend, lineage: list[StateRow],
-                        path: str | os.PathLike[str], *, version: int = FORMAT_VERSION
+                        path: str | os.PathLike[str],
+                        dictionaries: Mapping[int, ZstdDictionary] = NO_DICTIONARIES, *,
+                        version: int = FORMAT_VERSION
                         ) -> BundleInfo:
     """Write the bundle of ``lineage`` (a state and its ancestors, newest first, as read
     and verified by the store; with ``version=SET_VERSION`` any set of states, newest
@@ -203,7 +217,7 @@ async def export_bundle(backend: Backend, lineage: list[StateRow],
                 for row in batch:
                     if row.digest in written:
                         continue
-                    _check_exported(row)
+                    row = _exported(row, dictionaries)
                     written.add(row.digest)
                     asset_bytes += len(row.body)
                     for ref in row.refs:
@@ -271,12 +285,13 @@ class _TempFile:
                 self.path.unlink()
 
 
-def _check_exported(row: StoredAsset) -> None:
-    """Refuse to put a corrupt stored asset into a bundle."""
-    found = check_row(row)
+def _exported(row: StoredAsset, dictionaries: Mapping[int, ZstdDictionary]) -> StoredAsset:
+    """The canonical form of a stored asset; a corrupt one is refused."""
+    found = check_row(row, dictionaries)
     if found is not None:
         raise IntegrityError(f"cannot export: stored asset {row.digest.hex()} is "
                              f"{found[0]} ({found[1]}); run store.verify()")
+    return canonical_row(row, dictionaries)
 
 
 # -- reading ------------------------------------------------------------------------------

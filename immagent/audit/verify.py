@@ -10,13 +10,14 @@ by the database (an anti-join), so memory stays bounded by one batch of rows.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 from uuid import UUID
 
 import msgspec
 
 from immagent.assets import Digest, Kind, MissingAsset, StoredAsset, check_row
+from immagent.codec import NO_DICTIONARIES, ZstdDictionary
 from immagent.exceptions import AgentNotFoundError, IntegrityError
 from immagent.records import StateRow, check_state
 
@@ -120,8 +121,11 @@ async def closing_iter(it: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
 
 
 async def verify_backend(backend: Backend, agent_id: UUID | None = None, *,
-                         progress: Callable[[int], None] | None = None) -> VerifyReport:
-    """Audit every asset and state row (or one agent state and what it reaches)."""
+                         progress: Callable[[int], None] | None = None,
+                         dictionaries: Mapping[int, ZstdDictionary] = NO_DICTIONARIES,
+                         ) -> VerifyReport:
+    """Audit every asset and state row (or one agent state and what it reaches); compressed
+    bodies are decompressed with ``dictionaries`` (the store's) before they are re-hashed."""
     corrupt: list[AssetProblem] = []
     undecodable: list[AssetProblem] = []
     bad_states: list[AgentProblem] = []
@@ -176,7 +180,7 @@ async def verify_backend(backend: Backend, agent_id: UUID | None = None, *,
             for row in batch:
                 checked += 1
                 size += len(row.body)
-                found = check_row(row)
+                found = check_row(row, dictionaries)
                 if found is not None:
                     category, reason = found
                     note(corrupt if category == "corrupt" else undecodable,

@@ -39,6 +39,7 @@ TABLES: dict[str, tuple[Column, ...]] = {
     "immagent_assets": (
         Column("digest", "digest", check="len32"),
         Column("kind", "int"),
+        Column("codec", "int"),
         # NULL for no refs on PostgreSQL, an empty BLOB on SQLite (which costs no byte).
         Column("refs", "blob", nullable=True, check="mult32"),
         Column("body", "blob"),

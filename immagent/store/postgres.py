@@ -20,7 +20,14 @@ import psycopg.conninfo
 import psycopg_pool
 from psycopg import errors as pg_errors
 
-from immagent.assets import Digest, MissingAsset, StoredAsset, join_refs, split_refs
+from immagent.assets import (
+    Digest,
+    MissingAsset,
+    StoredAsset,
+    join_refs,
+    split_refs,
+    stored_rows,
+)
 from immagent.exceptions import (
     SchemaMissingError,
     StoreClosedError,
@@ -45,6 +52,7 @@ _LINEAGE_LOCK = 0x1A3A_6E70_0000_0003
 _STREAM_LOCK_SPACE = 0x1A3A_0000
 
 _STATE_COLUMNS = "id, parent_id, kind, stream, refs, body, digest, created_at, seq"
+_ASSET_COLUMNS = "digest, kind, refs, body, codec"
 # strpos, not LIKE: the user's text has no wildcards to escape.
 _INSERT_STATE = ("INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, digest, "
                  "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING")
@@ -88,7 +96,8 @@ def _state_params(s: StateRow) -> tuple[Any, ...]:
 
 
 def _asset(row: Sequence[Any]) -> StoredAsset:
-    return StoredAsset(bytes(row[0]), int(row[1]), split_refs(row[2]), bytes(row[3]))
+    return StoredAsset(bytes(row[0]), int(row[1]), split_refs(row[2]), bytes(row[3]),
+                       int(row[4]))
 
 
 class PostgresBackend(StateQueries):
@@ -156,8 +165,18 @@ class PostgresBackend(StateQueries):
                 current = await _version(conn)
                 if current != found:
                     return current
+                if current == 1:
+                    # Rebuilt in the new layout (a codec column, the digest behind a hash
+                    # exclusion constraint); bodies stay canonical (codec 0).
+                    await conn.execute("ALTER TABLE immagent_assets RENAME TO immagent_assets_v1")
+                    await conn.execute("ALTER INDEX immagent_assets_pkey "
+                                       "RENAME TO immagent_assets_v1_pkey")
                 await conn.execute(schema_sql().encode())
                 if current == 1:
+                    await conn.execute(
+                        f"INSERT INTO immagent_assets ({_ASSET_COLUMNS}) "
+                        "SELECT digest, kind, refs, body, 0 FROM immagent_assets_v1")
+                    await conn.execute("DROP TABLE immagent_assets_v1")
                     await _migrate_v1(conn)
                 await conn.execute(
                     "INSERT INTO immagent_schema (version) VALUES (%s) ON CONFLICT DO NOTHING",
@@ -176,9 +195,10 @@ class PostgresBackend(StateQueries):
                     async with conn.cursor() as cur:
                         if assets:
                             await cur.executemany(
-                                "INSERT INTO immagent_assets (digest, kind, refs, body) "
-                                "VALUES (%s, %s, %s, %s) ON CONFLICT (digest) DO NOTHING",
-                                [(a.digest, a.kind, join_refs(a.refs) or None, a.body)
+                                f"INSERT INTO immagent_assets ({_ASSET_COLUMNS}) "
+                                "VALUES (%s, %s, %s, %s, %s) "
+                                "ON CONFLICT ON CONSTRAINT immagent_assets_digest DO NOTHING",
+                                [(a.digest, a.kind, join_refs(a.refs) or None, a.body, a.codec)
                                  for a in assets],
                             )
                         if require:
@@ -270,7 +290,7 @@ class PostgresBackend(StateQueries):
                     return SweepResult({}, 0, int(kept[0]) if kept else 0, bytes(missing[0]))
                 for sql, decode in (
                         (f"SELECT {_STATE_COLUMNS} FROM immagent_states", _state),
-                        ("SELECT a.digest, a.kind, a.refs, a.body FROM immagent_assets a "
+                        ("SELECT a.digest, a.kind, a.refs, a.body, a.codec FROM immagent_assets a "
                          "JOIN immagent_reach r ON r.digest = a.digest WHERE a.refs IS NOT NULL",
                          _asset)):
                     async with conn.cursor(name="immagent_gc_check", binary=True) as named:
@@ -303,8 +323,7 @@ class PostgresBackend(StateQueries):
         with _mapped("get_assets"):
             async with self._pool.connection() as conn, conn.cursor(binary=True) as cur:
                 await cur.execute(
-                    "SELECT digest, kind, refs, body FROM immagent_assets "
-                    "WHERE digest = ANY(%s)",
+                    f"SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE digest = ANY(%s)",
                     (list(digests),),
                 )
                 rows = await cur.fetchall()
@@ -323,19 +342,19 @@ class PostgresBackend(StateQueries):
             async with self._pool.connection() as conn, conn.cursor(binary=True) as cur:
                 await cur.execute(
                     """
-                    WITH RECURSIVE chain(digest, kind, body, refs) AS (
-                        SELECT digest, kind, body, refs FROM immagent_assets
+                    WITH RECURSIVE chain(digest, kind, body, refs, codec) AS (
+                        SELECT digest, kind, body, refs, codec FROM immagent_assets
                          WHERE digest = %(head)s
                         UNION
-                        SELECT a.digest, a.kind, a.body, a.refs
+                        SELECT a.digest, a.kind, a.body, a.refs, a.codec
                           FROM chain c CROSS JOIN LATERAL (
-                               SELECT digest, kind, body, refs FROM immagent_assets
+                               SELECT digest, kind, body, refs, codec FROM immagent_assets
                                 WHERE digest = substring(c.refs FROM 1 FOR 32)
                                   AND kind = c.kind LIMIT 1) AS a
                     )
-                    SELECT 0, digest, kind, refs, body FROM chain
+                    SELECT 0, digest, kind, refs, body, codec FROM chain
                     UNION ALL
-                    SELECT 1, m.digest, m.kind, m.refs, m.body
+                    SELECT 1, m.digest, m.kind, m.refs, m.body, m.codec
                       FROM (SELECT DISTINCT substring(c.refs FROM i * 32 + 1 FOR 32) AS d
                               FROM chain c,
                                    generate_series(1, octet_length(c.refs) / 32 - 1) AS i
@@ -345,8 +364,8 @@ class PostgresBackend(StateQueries):
                     {"head": head},
                 )
                 rows = await cur.fetchall()
-        nodes = {r[1]: _asset(r[1:]) for r in rows if r[0] == 0}
-        leaves = {r[1]: _asset(r[1:]) for r in rows if r[0] == 1}
+        nodes = {r.digest: r for r in stored_rows(r[1:] for r in rows if r[0] == 0)}
+        leaves = {r.digest: r for r in stored_rows(r[1:] for r in rows if r[0] == 1)}
         chain: list[StoredAsset] = []
         row = nodes.get(head)
         while row is not None:  # newest first; each node at most once
@@ -357,7 +376,8 @@ class PostgresBackend(StateQueries):
     async def iter_assets(self, roots: Sequence[Digest] | None = None,
                           batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
         if roots is None:
-            sql = "SELECT digest, kind, refs, body FROM immagent_assets ORDER BY digest"
+            # No ORDER BY: any order is the contract, and the digest index is a hash index.
+            sql = f"SELECT {_ASSET_COLUMNS} FROM immagent_assets"
             params: tuple[Any, ...] = ()
         else:
             sql = """
@@ -368,7 +388,7 @@ class PostgresBackend(StateQueries):
                       JOIN immagent_assets a ON a.digest = reach.digest
                       CROSS JOIN LATERAL immagent_refs(a.refs) AS r
                 )
-                SELECT a.digest, a.kind, a.refs, a.body
+                SELECT a.digest, a.kind, a.refs, a.body, a.codec
                   FROM reach JOIN immagent_assets a ON a.digest = reach.digest
                 """
             params = (list(roots),)

@@ -33,7 +33,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from uuid import UUID
 
-from immagent.assets import Digest, MissingAsset, StoredAsset, join_refs, split_refs
+from immagent.assets import (
+    Digest,
+    MissingAsset,
+    StoredAsset,
+    join_refs,
+    split_refs,
+    stored_rows,
+)
 from immagent.exceptions import StoreConnectionError, StoreError, ValidationError
 from immagent.records import StateRow, state_from_v1
 from immagent.store._filters import Dialect, StateQueries
@@ -57,16 +64,22 @@ _DDL = (
         applied_at  INTEGER NOT NULL DEFAULT ({_NOW})  -- microseconds since the epoch, UTC
     )
     """,
-    # The append-only content log (see schema.sql). `body` is the last column so reading
-    # digest, kind or refs never touches a long body's overflow pages. No timestamp, as in
-    # PostgreSQL: gc needs none and each turn adds three of these rows.
+    # The append-only content log (see schema.sql), keyed by digest and WITHOUT ROWID: the
+    # digest is stored once, as the key, instead of in the row and again in a unique index
+    # (135 B/turn on a 1,000-turn agent), and a lookup is one b-tree descent, not two. The
+    # random keys leave pages ~77 % full, which costs less than the index once bodies are
+    # compressed (measured before compression: 844 against 729 + 135 B/turn). `body` is
+    # last so reading digest, kind or refs never touches a long body's overflow pages.
+    # `codec` says how the body is stored (immagent.codec); 0 and 1 cost no payload byte.
+    # No timestamp, as in PostgreSQL: gc needs none and each turn adds three of these rows.
     """
     CREATE TABLE IF NOT EXISTS immagent_assets (
         digest      BLOB    PRIMARY KEY CHECK (length(digest) = 32),
         kind        INTEGER NOT NULL,
+        codec       INTEGER NOT NULL DEFAULT 0,
         refs        BLOB    NOT NULL DEFAULT x'' CHECK (length(refs) % 32 = 0),
         body        BLOB    NOT NULL
-    )
+    ) WITHOUT ROWID
     """,
     # Every client's states (see schema.sql). seq is the commit-order position in the log:
     # the rowid, so it costs no index, and AUTOINCREMENT never reuses a deleted row's seq,
@@ -91,6 +104,7 @@ _DDL = (
 )
 
 _STATE_COLUMNS = "id, parent_id, kind, stream, refs, body, digest, created_at, seq"
+_ASSET_COLUMNS = "digest, kind, refs, body, codec"
 
 # A walk through refs from the digests in `roots`. A row (a, i) means "asset a is
 # reachable; its i-th ref is being followed": each step either descends into that ref
@@ -182,7 +196,8 @@ def _state_params(s: StateRow) -> tuple[Any, ...]:
 
 
 def _asset(row: Sequence[Any]) -> StoredAsset:
-    return StoredAsset(bytes(row[0]), int(row[1]), split_refs(row[2]), bytes(row[3]))
+    return StoredAsset(bytes(row[0]), int(row[1]), split_refs(row[2]), bytes(row[3]),
+                       int(row[4]))
 
 
 def _newest(conn: sqlite3.Connection, head: Head) -> UUID | None:
@@ -216,6 +231,12 @@ def _prepare(conn: sqlite3.Connection, path: str, *, force: bool) -> None:
         # Only settable before the first table exists: lets gc give freed pages back to
         # the file system (PRAGMA incremental_vacuum) instead of keeping a free list.
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        # 8 KiB pages: a WITHOUT ROWID row keeps up to ~2 KB in its leaf page (4 KiB pages:
+        # ~1 KB), and a longer one spills into overflow pages no other row shares. Measured
+        # on the realistic corpus: 0.98x -> 0.82x of the raw text; the empty file grows
+        # from 36 to 72 KiB. VACUUM applies the size to the still empty file before WAL.
+        conn.execute("PRAGMA page_size = 8192")
+        conn.execute("VACUUM")
     (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
     if str(mode).lower() != "wal":
         raise StoreConnectionError(f"cannot switch SQLite database {path} to WAL mode "
@@ -310,10 +331,19 @@ class SQLiteBackend(StateQueries):
             if current != found:
                 return current
             if current == 1:
-                conn.execute(_DDL[2])
-                _migrate_v1(conn)
+                # The v1 asset table is rebuilt in the new layout (WITHOUT ROWID, a codec
+                # column); its bodies stay canonical (codec 0), as they were written.
+                conn.execute("ALTER TABLE immagent_assets RENAME TO immagent_assets_v1")
             for statement in _DDL:
                 conn.execute(statement)
+            if current == 1:
+                # In digest order, so the new b-tree's pages are filled, not split.
+                conn.execute(f"INSERT INTO immagent_assets ({_ASSET_COLUMNS}) "
+                             "SELECT digest, kind, refs, body, 0 FROM immagent_assets_v1 "
+                             "ORDER BY digest")
+                conn.execute("DROP TABLE immagent_assets_v1")
+                _migrate_v1(conn)
+                _give_back_free_pages(conn)
             conn.execute("INSERT OR IGNORE INTO immagent_schema (version) VALUES (?)",
                          (SCHEMA_VERSION,))
             return current
@@ -329,15 +359,15 @@ class SQLiteBackend(StateQueries):
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = ()) -> WriteResult:
-        asset_rows = [(a.digest, a.kind, join_refs(a.refs), a.body) for a in assets]
+        asset_rows = [(a.digest, a.kind, join_refs(a.refs), a.body, a.codec) for a in assets]
         state_rows = [_state_params(s) for s in states]
         wanted = list(dict.fromkeys(require))
 
         def run(conn: sqlite3.Connection) -> None:
             if asset_rows:
                 conn.executemany(
-                    "INSERT INTO immagent_assets (digest, kind, refs, body) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING", asset_rows)
+                    f"INSERT INTO immagent_assets ({_ASSET_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING", asset_rows)
             present: set[bytes] = set()
             for chunk in _chunks(wanted):
                 present.update(row[0] for row in conn.execute(
@@ -417,7 +447,7 @@ class SQLiteBackend(StateQueries):
                 return SweepResult({}, 0, int(kept), bytes(missing[0]))
             for sql, decode in (
                     (f"SELECT {_STATE_COLUMNS} FROM immagent_states", _state),
-                    ("SELECT a.digest, a.kind, a.refs, a.body FROM immagent_assets a "
+                    ("SELECT a.digest, a.kind, a.refs, a.body, a.codec FROM immagent_assets a "
                      "JOIN temp.immagent_reach r ON r.digest = a.digest "
                      "WHERE length(a.refs) > 0", _asset)):
                 cursor = conn.execute(sql)
@@ -456,7 +486,7 @@ class SQLiteBackend(StateQueries):
             found: dict[Digest, StoredAsset] = {}
             for chunk in _chunks(keys):
                 for row in conn.execute(
-                        "SELECT digest, kind, refs, body FROM immagent_assets "
+                        f"SELECT {_ASSET_COLUMNS} FROM immagent_assets "
                         f"WHERE digest IN ({_marks(len(chunk))})", chunk):
                     found[row[0]] = _asset(row)
             return found
@@ -473,27 +503,28 @@ class SQLiteBackend(StateQueries):
             # UNION (not UNION ALL): a damaged refs column pointing back into the chain
             # repeats a row and ends the walk instead of looping forever.
             rows = conn.execute(
-                """
-                WITH RECURSIVE chain(digest, kind, refs, body) AS (
-                    SELECT digest, kind, refs, body FROM immagent_assets WHERE digest = :head
+                f"""
+                WITH RECURSIVE chain({_ASSET_COLUMNS}) AS (
+                    SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE digest = :head
                     UNION
-                    SELECT a.digest, a.kind, a.refs, a.body
+                    SELECT a.digest, a.kind, a.refs, a.body, a.codec
                       FROM chain c JOIN immagent_assets a
                         ON a.digest = substr(c.refs, 1, 32) AND a.kind = c.kind
                 )
-                SELECT digest, kind, refs, body FROM chain
+                SELECT {_ASSET_COLUMNS} FROM chain
                 """, {"head": head}).fetchall()
             # The queue of a one-row-per-step recursion yields the rows newest first.
-            chain = [_asset(r) for r in rows]
-            leaves: dict[Digest, StoredAsset] = {}
-            # In-process, a second statement in the same snapshot costs no round trip;
-            # the digests come from refs, so no body is decoded here.
-            wanted = list(dict.fromkeys(d for row in chain for d in row.refs[1:]))
-            for chunk in _chunks(wanted):
-                for row in conn.execute(
-                        "SELECT digest, kind, refs, body FROM immagent_assets "
-                        f"WHERE digest IN ({_marks(len(chunk))})", chunk):
-                    leaves[row[0]] = _asset(row)
+            chain = stored_rows(rows)
+            # The elements in a second statement of the same snapshot (in-process: no round
+            # trip), their digests passed as one BLOB of every node's refs past the parent,
+            # split by position: measured 2-3x faster than IN lists of bound parameters.
+            wanted = b"".join(r[2][32:] for r in rows)
+            leaves = {r.digest: r for r in stored_rows(conn.execute(
+                f"""
+                WITH RECURSIVE {_BLOB_ROOTS}
+                SELECT x.digest, x.kind, x.refs, x.body, x.codec
+                  FROM roots JOIN immagent_assets x ON x.digest = roots.d
+                """, {"roots": wanted}))}
             return chain, leaves
 
         result: tuple[list[StoredAsset], dict[Digest, StoredAsset]] = (
@@ -503,11 +534,11 @@ class SQLiteBackend(StateQueries):
     async def iter_assets(self, roots: Sequence[Digest] | None = None,
                           batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
         if roots is None:
-            sql = "SELECT digest, kind, refs, body FROM immagent_assets ORDER BY digest"
+            sql = f"SELECT {_ASSET_COLUMNS} FROM immagent_assets ORDER BY digest"
             params: dict[str, Any] = {}
         else:
             sql = (f"WITH RECURSIVE {_BLOB_ROOTS}, {_WALK} "
-                   "SELECT x.digest, x.kind, x.refs, x.body "
+                   "SELECT x.digest, x.kind, x.refs, x.body, x.codec "
                    "FROM walk w JOIN immagent_assets x ON x.digest = w.a WHERE w.i = 0")
             params = {"roots": join_refs(roots)}
         pool = self._pool
@@ -522,7 +553,7 @@ class SQLiteBackend(StateQueries):
             try:
                 while rows := await pool.call("iter_assets", conn,
                                               lambda _: cursor.fetchmany(batch_size)):
-                    yield [_asset(r) for r in rows]
+                    yield stored_rows(rows)
             finally:
                 if not pool.closed:  # a closed pool closes the connection, ending the read
                     def end(c: sqlite3.Connection) -> None:

@@ -39,6 +39,8 @@ from immagent.assets import (
     Value,
     decode_asset,
     load_row,
+    load_rows,
+    node_counters,
     stored,
 )
 from immagent.audit import bundle, gc, verify
@@ -59,6 +61,7 @@ from immagent.records import AgentRecord, StateRow, load_agent, load_state, stat
 from immagent.store import dsn as dsns
 from immagent.store.backend import SCHEMA_VERSION, Backend, Head
 from immagent.store.cache import AssetCache
+from immagent.store.compression import Compression
 from immagent.store.stats import StoreStats
 from immagent.validate import (
     MAX_NAME_CHARS,
@@ -95,6 +98,7 @@ class Store:
         self._backend = backend
         self._name = name
         self._cache = AssetCache(recent=cache_entries)
+        self._compression = Compression(backend)
         # While an agent object is alive, loading its id returns that same object.
         self._agents: weakref.WeakValueDictionary[UUID, PersistentAgent] = (
             weakref.WeakValueDictionary())
@@ -235,8 +239,9 @@ class Store:
         for i, head in enumerate(heads):
             if not isinstance(head, Head):
                 raise ValidationError(f"heads[{i}]", "must be a Head", head)
-        result = await backend.write(list({r.digest: r for r in rows}.values()), list(states),
-                                     sorted(wanted - inside), list(heads))
+        encoded = await self._compression.encode(list({r.digest: r for r in rows}.values()))
+        result = await backend.write(encoded, list(states), sorted(wanted - inside),
+                                     list(heads))
         if result.missing:
             raise AssetNotFoundError("referenced asset", result.missing[0])
         if result.conflicts:
@@ -245,6 +250,7 @@ class Store:
             raise StaleStreamError(result.stale[0].kind, result.stale[0].stream)
         for asset in decoded:
             self._cache.put(asset)
+        await self._compression.after_write()
 
     @overload
     async def get_assets(self, digests: Sequence[Digest], kind: None = None,
@@ -271,12 +277,13 @@ class Store:
                 found[d] = cached
         if missing:
             rows = await self._open().get_assets(missing)
+            dictionaries = await self._compression.ready(rows.values())
             for d in missing:
                 if d not in rows:
                     if what == "message":
                         raise MessageNotFoundError(d)
                     raise AssetNotFoundError(what, d)
-                found[d] = load_row(rows[d])
+                found[d] = load_row(rows[d], dictionaries)
                 self._cache.put(found[d])
         if kind is not None:
             for d in digests:
@@ -299,36 +306,37 @@ class Store:
                 raise _wrong_chain(head, node_type)
             return cached
         chain, leaves = await self._open().get_chain(head)
-        nodes: list[ConversationNode] = []
+        dictionaries = await self._compression.ready(leaves.values())
+        # Every node row is verified, but only the head becomes a node object: the walk
+        # needs each node's refs and counters, not 1,000 objects.
+        links: list[tuple[StoredAsset, int, int]] = []
         expected: Digest | None = head
         for row in chain:
-            if row.digest != expected:
+            if row.digest != expected or row.kind != node_kind:
                 break
-            node = load_row(row)
-            if not isinstance(node, ConversationNode) or node.kind != node_kind:
-                break
-            nodes.append(node)
-            expected = node.parent
+            length, size = node_counters(row)
+            links.append((row, length, size))
+            expected = row.refs[0] if row.refs else None
         if expected is not None:  # the chain stopped before its root
             await self._chain_break(head, expected, node_type)
-        elements: dict[Digest, Asset] = {}
-        for node in nodes:
-            for digest in node.messages:
-                if digest in elements:
-                    continue
-                if digest not in leaves:
-                    raise (MessageNotFoundError(digest) if node.element_kind == Kind.MESSAGE
-                           else AssetNotFoundError("chain element", digest))
-                element = load_row(leaves[digest])
-                if element.kind != node.element_kind:
-                    raise IntegrityError(
-                        f"node {node.digest.hex()} lists {digest.hex()}, a "
-                        f"{Kind(element.kind).name.lower()}, where a "
-                        f"{node.element_kind.name.lower()} must be")
-                elements[digest] = element
-        _check_counters(nodes, elements)
-        history = tuple(elements[d] for node in reversed(nodes) for d in node.messages)
-        self._cache.put(nodes[0])
+        element_kind = node_type.element_kind
+        order = list(dict.fromkeys(d for row, _, _ in links for d in row.refs[1:]))
+        for digest in order:
+            if digest not in leaves:
+                raise (MessageNotFoundError(digest) if element_kind == Kind.MESSAGE
+                       else AssetNotFoundError("chain element", digest))
+        loaded = load_rows([leaves[d] for d in order], dictionaries)
+        elements = dict(zip(order, loaded, strict=True))
+        for digest, element in elements.items():
+            if element.kind != element_kind:
+                lister = next(row for row, _, _ in links if digest in row.refs[1:])
+                raise IntegrityError(
+                    f"node {lister.digest.hex()} lists {digest.hex()}, a "
+                    f"{Kind(element.kind).name.lower()}, where a "
+                    f"{element_kind.name.lower()} must be")
+        _check_counters(links, elements)
+        history = tuple(elements[d] for row, _, _ in reversed(links) for d in row.refs[1:])
+        self._cache.put(load_row(links[0][0]))
         self._cache.put_history(head, history)
         return history
 
@@ -406,8 +414,11 @@ class Store:
 
     async def delete_states(self, ids: Sequence[UUID]) -> int:
         """Delete state rows (never assets: gc reclaims what nothing reaches any more);
-        returns how many existed."""
-        return len(await self._open().delete_states(list(ids)))
+        returns how many existed. The store's own compression state is refused."""
+        backend = self._open()
+        wanted = list(ids)
+        _refuse_own(await backend.get_states(wanted))
+        return len(await backend.delete_states(wanted))
 
     # -- agents ---------------------------------------------------------------------------
 
@@ -520,7 +531,9 @@ class Store:
         deleted ids, ``agent`` first, in one transaction.
         """
         agent_id = self._agent_id(agent)
-        line = [r.id for r in await self._line(agent_id, None)]
+        rows = await self._line(agent_id, None)
+        _refuse_own(rows)
+        line = [r.id for r in rows]
         deleted = await self._open().delete_states(line, stop_at_shared=True)
         if not deleted:
             raise AgentNotFoundError(agent_id)
@@ -650,7 +663,8 @@ class Store:
         agent_id = None if agent is None else self._agent_id(agent)
         if progress is not None and not callable(progress):
             raise ValidationError("progress", "must be a callable taking an int", progress)
-        report = await verify.verify_backend(self._open(), agent_id, progress=progress)
+        report = await verify.verify_backend(self._open(), agent_id, progress=progress,
+                                             dictionaries=await self._compression.load())
         log.info("verify: %d assets, %d problems", report.assets_checked, report.problems)
         return report
 
@@ -691,7 +705,8 @@ class Store:
         lineage = await self.state_lineage(agent_id)
         if not lineage:
             raise AgentNotFoundError(agent_id)
-        info = await bundle.export_bundle(self._open(), lineage, path)
+        info = await bundle.export_bundle(self._open(), lineage, path,
+                                          await self._compression.load())
         log.info("exported %s: %d states, %d assets to %s", agent_id, len(info.agents),
                  info.assets, info.path)
         return info
@@ -708,7 +723,9 @@ class Store:
             raise ValidationError("ids", f"not stored: {sorted(missing or set(wanted))[0]}",
                                   None)
         rows.sort(key=lambda r: r.seq, reverse=True)
-        info = await bundle.export_bundle(self._open(), rows, path, version=bundle.SET_VERSION)
+        info = await bundle.export_bundle(self._open(), rows, path,
+                                          await self._compression.load(),
+                                          version=bundle.SET_VERSION)
         log.info("exported %d states, %d assets to %s", len(rows), info.assets, info.path)
         return info
 
@@ -745,6 +762,15 @@ def _check_known(found: int | None, where: str) -> None:
             "database")
 
 
+def _refuse_own(states: Sequence[StateRow]) -> None:
+    """The compression state keeps the dictionaries stored bodies need: never deleted."""
+    for state in states:
+        if state.kind == Kind.COMPRESSION:
+            raise ValidationError("ids", f"state {state.id} is the store's compression state "
+                                  "(it keeps the dictionaries compressed bodies need); it "
+                                  "cannot be deleted", str(state.id))
+
+
 def _check_limit(limit: object, bound: int | None = MAX_PAGE) -> None:
     if (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
             or (bound is not None and limit > bound)):
@@ -769,16 +795,18 @@ def _wrong_chain(head: Digest, node_type: type[ConversationNode]) -> IntegrityEr
                           f"{_kind_name(node_type.element_kind)} assets")
 
 
-def _check_counters(nodes: Sequence[ConversationNode], elements: Mapping[Digest, Asset]) -> None:
+def _check_counters(links: Sequence[tuple[StoredAsset, int, int]],
+                    elements: Mapping[Digest, Asset]) -> None:
     """A node's ``length``/``size`` must be its parent's plus what it adds: counters are
     trusted by listings, so a damaged one is caught where the chain is read."""
     length = size = 0
-    for node in reversed(nodes):
-        length += len(node.messages)
-        size += sum(len(elements[d].body) for d in node.messages)
-        if (node.length, node.size) != (length, size):
-            raise IntegrityError(f"node {node.digest.hex()} claims {node.length} elements "
-                                 f"({node.size} bytes), its chain holds {length} ({size})")
+    for row, claimed_length, claimed_size in reversed(links):
+        added = row.refs[1:]
+        length += len(added)
+        size += sum(len(elements[d].body) for d in added)
+        if (claimed_length, claimed_size) != (length, size):
+            raise IntegrityError(f"node {row.digest.hex()} claims {claimed_length} elements "
+                                 f"({claimed_size} bytes), its chain holds {length} ({size})")
 
 
 def _storable(field: str, asset: object) -> StoredAsset:
