@@ -77,10 +77,10 @@ class Kind(IntEnum):
     AGENT_STATE = 4  # a state (a row of immagent_states), never a content asset
     VALUE = 5  # an opaque serialized value (a LangGraph channel value or write)
     VALUE_NODE = 6  # a link of a hash chain of values (a LangGraph list channel)
-    CHECKPOINT = 16  # a state: one LangGraph checkpoint (immagent.checkpoints)
-    CHECKPOINT_WRITES = 17  # a state: pending writes of one task on a checkpoint
     DICTIONARY = 9  # a zstd dictionary bodies are compressed with (immagent.codec)
     COMPRESSION = 10  # a state: the dictionaries of the store (pins them for gc)
+    CHECKPOINT = 16  # a state: one LangGraph checkpoint (immagent.checkpoints)
+    CHECKPOINT_WRITES = 17  # a state: pending writes of one task on a checkpoint
 
 
 _encoder = msgspec.msgpack.Encoder(order="deterministic")
