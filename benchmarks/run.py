@@ -330,7 +330,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--no-langgraph", action="store_true", help="skip LangGraph")
     parser.add_argument("--no-openai-agents", action="store_true",
-                        help="skip the OpenAI Agents SDK's SQLiteSession")
+                        help="skip the OpenAI Agents SDK's SQLiteSession (and ImmAgentSession "
+                        "beside it)")
     args = parser.parse_args(argv)
     # Advances go through LiteLLM's real call path, as a provider model's do (the offline
     # models are otherwise answered in-process): per-advance overhead is then measured as
@@ -338,8 +339,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     testing.route_through_litellm(True)
     res = asyncio.run(run_all(args))
     report(res)
+    numbers = res.as_dict()
+    if not args.no_openai_agents:
+        from benchmarks import immagent_session
+
+        pg = (args.dsn or ensure_postgres()) if "postgres" in args.backends else None
+        sessions = asyncio.run(immagent_session.run(samples=50 if args.full else 30, dsn=pg))
+        immagent_session.report(sessions)
+        numbers["openai_agents_sessions"] = sessions.as_dict()
     if args.json:
-        args.json.write_text(json.dumps(res.as_dict(), indent=2) + "\n")
+        args.json.write_text(json.dumps(numbers, indent=2) + "\n")
     if args.plot:
         plot(res, args.plot)
 

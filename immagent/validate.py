@@ -15,6 +15,7 @@ __all__ = [
     "RESERVED_CONFIG_KEYS",
     "check_config",
     "check_json_mapping",
+    "check_json_value",
     "check_text",
     "check_uuid",
     "scrub_text",
@@ -85,6 +86,14 @@ def check_json_mapping(field: str, value: object) -> dict[str, Any]:
     return {_key(field, k): _json(f"{field}.{k}", v, 1) for k, v in value.items()}
 
 
+def check_json_value(field: str, value: object) -> Any:
+    """Validate any JSON value and return it exactly as given, as JSON would carry it:
+    tuples become lists, nothing else changes (``1`` stays an int, ``1.0`` a float, text
+    may hold NUL). Rejects non-str keys, NaN and infinities, ints outside 64 bits, lone
+    surrogates, other types, and nesting deeper than MAX_DEPTH (which also stops cycles)."""
+    return _json(field, value, 1, exact=True)
+
+
 #: Config keys that the model call (``immagent.llm.complete``) sets itself, or that would
 #: defeat its guarantees (streaming, LiteLLM's retries/fallbacks), or that would store a
 #: secret in the content-addressed call_config of every assistant message.
@@ -115,21 +124,35 @@ def check_config(config: Mapping[str, Any] | None, field: str = "config") -> dic
 MAX_DEPTH = 64
 
 
-def _key(field: str, key: object) -> str:
+def _key(field: str, key: object, exact: bool = False) -> str:
     if not isinstance(key, str):
         raise ValidationError(field, f"keys must be str, got {key!r}", key)
-    if "\x00" in key:
+    if exact:
+        _unicode(field, key)
+    elif "\x00" in key:
         raise ValidationError(field, "keys must not contain NUL characters", key)
     return key
 
 
-def _json(field: str, value: object, depth: int) -> Any:
+def _unicode(field: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(field, "must be valid Unicode (lone surrogate)", text) from None
+
+
+def _json(field: str, value: object, depth: int, exact: bool = False) -> Any:
+    """The checked form of a JSON-like value: canonical (integral floats become ints, no
+    NUL in text) for hashed configs, or ``exact`` (as given) for stored JSON values."""
     if depth > MAX_DEPTH:
         raise ValidationError(field, f"nested deeper than {MAX_DEPTH} levels (or cyclic)",
                               None)
     if value is None or isinstance(value, bool | str):
-        if isinstance(value, str) and "\x00" in value:
-            raise ValidationError(field, "must not contain NUL characters", value)
+        if isinstance(value, str):
+            if exact:
+                _unicode(field, value)
+            elif "\x00" in value:
+                raise ValidationError(field, "must not contain NUL characters", value)
         return value
     if isinstance(value, int):
         if not -(2**63) <= value < 2**64:
@@ -138,9 +161,12 @@ def _json(field: str, value: object, depth: int) -> Any:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ValidationError(field, f"must be a finite number, got {value!r}", value)
+        if exact:
+            return float(value)
         return int(value) if value.is_integer() and abs(value) < 2**53 else value
     if isinstance(value, list | tuple):
-        return [_json(f"{field}[{i}]", v, depth + 1) for i, v in enumerate(value)]
+        return [_json(f"{field}[{i}]", v, depth + 1, exact) for i, v in enumerate(value)]
     if isinstance(value, Mapping):
-        return {_key(field, k): _json(f"{field}.{k}", v, depth + 1) for k, v in value.items()}
+        return {_key(field, k, exact): _json(f"{field}.{k}", v, depth + 1, exact)
+                for k, v in value.items()}
     raise ValidationError(field, f"must be JSON-like, got {type(value).__name__}", value)

@@ -1,1 +1,1 @@
-"""Clients of the store for other frameworks (each needs its optional extra)."""
+"""Integrations with other agent frameworks; each module imports its framework, the package none."""

@@ -32,6 +32,7 @@ from immagent.assets import (
     Asset,
     ConversationNode,
     Digest,
+    Item,
     Kind,
     Message,
     StoredAsset,
@@ -736,8 +737,9 @@ class Store:
         return await self.load_agent(info.head)
 
     async def import_states(self, path: str | os.PathLike[str]) -> bundle.BundleInfo:
-        """Verify a bundle of any format, then load its states and assets in one
-        transaction (idempotent: present rows are skipped), with their ids and digests."""
+        """Verify a bundle of any format and any client's states (a LangGraph thread's, a
+        session's, …), then load its states and assets in one transaction (idempotent:
+        present rows are skipped), with their ids and digests; returns what it held."""
         info, states, rows = await bundle.read(path)
         # Compared, not trusted: a damaged row here is "different content" like any other.
         existing = {r.id: r for r in await self._open().get_states([s.id for s in states])}
@@ -815,7 +817,7 @@ def _storable(field: str, asset: object) -> StoredAsset:
     msgspec does not type-check Struct construction, so e.g. a Message with a bad role
     would be hashed and committed, then fail every later read.
     """
-    if not isinstance(asset, SystemPrompt | Message | ConversationNode | Value):
+    if not isinstance(asset, SystemPrompt | Message | ConversationNode | Value | Item):
         raise ValidationError(field, f"must be an asset, got {type(asset).__name__}", None)
     try:
         row = stored(asset)
