@@ -32,6 +32,7 @@ from immagent.ids import uuid_from_digest
 __all__ = [
     "EMPTY_CONVERSATION",
     "EMPTY_ITEMS",
+    "EMPTY_VALUES",
     "NODE_KINDS",
     "Asset",
     "Conversation",
@@ -47,6 +48,8 @@ __all__ = [
     "StoredAsset",
     "SystemPrompt",
     "ToolCall",
+    "Value",
+    "ValueNode",
     "canonical_row",
     "check_row",
     "decode_asset",
@@ -75,10 +78,14 @@ class Kind(IntEnum):
     MESSAGE = 2
     NODE = 3  # a link of a conversation (a hash chain of messages)
     AGENT_STATE = 4  # a state (a row of immagent_states), never a content asset
+    VALUE = 5  # an opaque serialized value (a LangGraph channel value or write)
+    VALUE_NODE = 6  # a link of a hash chain of values (a LangGraph list channel)
     ITEM = 7  # a JSON value: one item of an OpenAI Agents SDK session
     ITEM_NODE = 8  # a link of a session's item chain
     DICTIONARY = 9  # a zstd dictionary bodies are compressed with (immagent.codec)
     COMPRESSION = 10  # a state: the dictionaries of the store (pins them for gc)
+    CHECKPOINT = 16  # a state: one LangGraph checkpoint (immagent.checkpoints)
+    CHECKPOINT_WRITES = 17  # a state: pending writes of one task on a checkpoint
     SESSION_STATE = 18  # a state of a session (all its branches), never a content asset
 
 
@@ -335,6 +342,28 @@ class Conversation(msgspec.Struct, frozen=True):
                             messages=(*self.messages, *messages))
 
 
+class Value(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True,
+            rename={"type": "t", "data": "d"}):
+    """A value a client serialized itself, kept opaque: its serializer's type tag and
+    bytes (for LangGraph, ``serde.dumps_typed``). Equal bytes are one asset, stored once."""
+
+    type: str
+    data: bytes = b""
+    kind: ClassVar[Kind] = Kind.VALUE
+
+
+class ValueNode(ConversationNode, frozen=True, omit_defaults=True, dict=True, weakref=True):
+    """A link of a hash chain of values: a list stored element by element, so a list that
+    grows adds only its new elements and lists with a common prefix share it."""
+
+    kind: ClassVar[Kind] = Kind.VALUE_NODE
+    element_kind: ClassVar[Kind] = Kind.VALUE
+
+
+#: The empty list of values: the root of every value chain.
+EMPTY_VALUES = ValueNode()
+
+
 class Item(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True):
     """One JSON value as a content asset: an item of an OpenAI Agents SDK session (a
     Responses-API input item: a message, a function call or its output, a reasoning item,
@@ -380,12 +409,13 @@ class ItemNode(ConversationNode, frozen=True, omit_defaults=True, dict=True, wea
 #: The root of every item chain (an empty session or branch); stored once for all.
 EMPTY_ITEMS = ItemNode()
 
-Asset: TypeAlias = SystemPrompt | Message | ConversationNode | Item | Dictionary
+Asset: TypeAlias = SystemPrompt | Message | ConversationNode | Value | Item | Dictionary
 
 #: Node kinds (hash chains), by kind: their digest covers their refs, and their refs are
 #: (parent node of the same kind, then elements of the node's ``element_kind``).
 NODE_KINDS: dict[int, type[ConversationNode]] = {int(Kind.NODE): ConversationNode,
-                                                  int(Kind.ITEM_NODE): ItemNode}
+                                                 int(Kind.VALUE_NODE): ValueNode,
+                                                 int(Kind.ITEM_NODE): ItemNode}
 
 class _BodyDecoder(Protocol):
     def decode(self, buf: bytes, /) -> Any: ...
@@ -409,6 +439,7 @@ class _ItemDecoder:
 _decoders: dict[int, _BodyDecoder] = {
     int(Kind.SYSTEM_PROMPT): msgspec.msgpack.Decoder(SystemPrompt),
     int(Kind.MESSAGE): msgspec.msgpack.Decoder(Message),
+    int(Kind.VALUE): msgspec.msgpack.Decoder(Value),
     int(Kind.ITEM): _ItemDecoder(),
     int(Kind.DICTIONARY): msgspec.msgpack.Decoder(Dictionary),
 }

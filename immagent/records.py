@@ -21,6 +21,7 @@ from uuid import UUID
 import blake3
 import msgspec
 
+from immagent import checkpoints
 from immagent.assets import Digest, Kind, encode, join_refs
 from immagent.exceptions import IntegrityError
 
@@ -179,6 +180,26 @@ def _agent_digest(row: StateRow) -> Digest:
     return _decode_agent(row).expected_digest()
 
 
+# -- LangGraph checkpoints (immagent.checkpoints holds their body types) ------------------
+
+
+def _generic_kind(ref_kinds: Callable[[bytes], tuple[int, ...]]) -> StateKind:
+    """The rules of a kind hashed by ``stream_digest`` whose refs its body describes: the
+    body must decode, the stream must have the kind's parts, the refs must match."""
+
+    def kinds(row: StateRow) -> tuple[int, ...]:
+        found = ref_kinds(row.body)
+        checkpoints.check_refs(found, row.refs)
+        return found
+
+    def digest(row: StateRow) -> Digest:
+        checkpoints.parse_stream(row.kind, row.stream)
+        kinds(row)
+        return stream_digest(row.kind, row.stream, row.refs, row.body)
+
+    return StateKind(digest=digest, ref_kinds=kinds)
+
+
 # -- session states (an OpenAI Agents SDK session, immagent.sessions) ---------------------
 
 
@@ -243,6 +264,9 @@ STATE_KINDS: dict[int, StateKind] = {
         digest=lambda row: stream_digest(row.kind, row.stream, row.refs, row.body),
         ref_kinds=lambda row: tuple(int(Kind.DICTIONARY) for _ in row.refs),
     ),
+    # LangGraph checkpoints (immagent.checkpoints).
+    int(Kind.CHECKPOINT): _generic_kind(checkpoints.checkpoint_ref_kinds),
+    int(Kind.CHECKPOINT_WRITES): _generic_kind(checkpoints.writes_ref_kinds),
 }
 
 

@@ -1,7 +1,8 @@
 """Audit bundles: one self-contained file holding a state, its lineage and every asset they
 reach, verifiable offline and importable into any store with the same ids and digests.
 
-Format (version 2; version 1 files, which held agent records, are still read)::
+Format (version 2; version 1 files, which held agent records, are still read; version 3
+holds a set of states instead of one lineage, see below)::
 
     magic   b"\\x89immagent-bundle\\r\\n\\x1a\\n"   (PNG-style: catches text-mode mangling)
     frame*  u32 big-endian length, then one msgpack record
@@ -20,6 +21,11 @@ over every byte before the end frame. It is checked last: the per-record checks 
 re-hashed, each state's digest recomputed, every reference resolved inside the bundle with
 the kind it must have) name the bad record, the checksum catches what no content digest
 covers (ids, parents, timestamps, framing) and truncation.
+
+Version 3 is version 2 for states that are not one lineage (a LangGraph thread: its
+checkpoints, their writes, several namespaces): the same records, the newest state first
+and named as ``head``; each state's parent is either in the bundle or absent from it (a
+pruned checkpoint, a state outside the export), and parents never form a cycle.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
+    "SET_VERSION",
     "BundleInfo",
     "conflict",
     "export_bundle",
@@ -70,8 +77,10 @@ __all__ = [
 
 MAGIC: Final = b"\x89immagent-bundle\r\n\x1a\n"
 FORMAT_VERSION: Final = 2
-#: Versions this immagent reads (1: agent records; 2: state rows).
-_READABLE: Final = frozenset({1, 2})
+#: The version of a bundle of a set of states rather than one lineage.
+SET_VERSION: Final = 3
+#: Versions this immagent reads (1: agent records; 2: state rows; 3: a set of states).
+_READABLE: Final = frozenset({1, 2, 3})
 #: Largest frame accepted when reading; bigger means a corrupt length, not a real record.
 MAX_FRAME: Final = 1 << 30
 _LEN = struct.Struct(">I")
@@ -171,10 +180,12 @@ class _Writer:
 
 async def export_bundle(backend: Backend, lineage: list[StateRow],
                         path: str | os.PathLike[str],
-                        dictionaries: Mapping[int, ZstdDictionary] = NO_DICTIONARIES,
+                        dictionaries: Mapping[int, ZstdDictionary] = NO_DICTIONARIES, *,
+                        version: int = FORMAT_VERSION
                         ) -> BundleInfo:
     """Write the bundle of ``lineage`` (a state and its ancestors, newest first, as read
-    and verified by the store) to ``path`` atomically (temp file, fsync, rename).
+    and verified by the store; with ``version=SET_VERSION`` any set of states, newest
+    first) to ``path`` atomically (temp file, fsync, rename).
 
     Assets are re-hashed on the way out, and the export fails (writing nothing at ``path``)
     if the store is corrupt or an asset vanished meanwhile (an ancestor deleted and swept
@@ -186,7 +197,7 @@ async def export_bundle(backend: Backend, lineage: list[StateRow],
     writer = _Writer()
     writer.raw(MAGIC)
     # Totals are known only after the walk, so they go in the end record.
-    writer.frame(_Header(format="immagent-bundle", version=FORMAT_VERSION, head=head.id,
+    writer.frame(_Header(format="immagent-bundle", version=version, head=head.id,
                          created_at=datetime.now(UTC)))
     for r in lineage:
         writer.frame(_State(r.id, r.parent_id, r.kind, r.stream, join_refs(r.refs), r.body,
@@ -222,7 +233,7 @@ async def export_bundle(backend: Backend, lineage: list[StateRow],
         await asyncio.to_thread(file.commit, writer.take())
     finally:
         await asyncio.to_thread(file.discard)
-    return BundleInfo(path=str(dest), version=FORMAT_VERSION, head=head.id,
+    return BundleInfo(path=str(dest), version=version, head=head.id,
                       head_digest=head.digest, agents=tuple(r.id for r in lineage),
                       assets=len(written), asset_bytes=asset_bytes, file_bytes=writer.size)
 
@@ -289,7 +300,8 @@ def _exported(row: StoredAsset, dictionaries: Mapping[int, ZstdDictionary]) -> S
 def verify_bundle(path: str | os.PathLike[str]) -> BundleInfo:
     """Check a bundle offline, without any database: every asset re-hashed and decoded,
     every reference resolved inside it with the kind it must have, every state's digest
-    recomputed, the lineage a chain from the head, and the file checksum. Raises
+    recomputed, the lineage a chain from the head (version 3: parents acyclic), and the
+    file checksum. Raises
     BundleError naming the first bad asset (digest hex) or state (id)."""
     info, _, _ = read_bundle(path, keep_assets=False)
     return info
@@ -468,10 +480,28 @@ def _check_lineage(states: list[StateRow], header: _Header, source: Path) -> Non
     if states[0].id != header.head:
         raise BundleError(f"{source}: the first state {states[0].id} is not the head "
                           f"{header.head} named in the header")
+    if header.version >= SET_VERSION:
+        _check_acyclic(states, source)
+        return
     for child, parent in itertools.pairwise(states):
         if child.parent_id != parent.id:
             raise BundleError(f"{source}: state {parent.id} is not the parent of state "
                               f"{child.id} (lineage out of order)")
+
+
+def _check_acyclic(states: list[StateRow], source: Path) -> None:
+    """A set of states: following parents inside the bundle must always end."""
+    parents = {s.id: s.parent_id for s in states}
+    done: set[UUID] = set()
+    for state in states:
+        path: set[UUID] = set()
+        current: UUID | None = state.id
+        while current is not None and current in parents and current not in done:
+            if current in path:
+                raise BundleError(f"{source}: the parents of state {current} form a cycle")
+            path.add(current)
+            current = parents[current]
+        done |= path
 
 
 # -- paths --------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from immagent.assets import (
     Message,
     StoredAsset,
     SystemPrompt,
+    Value,
     decode_asset,
     load_row,
     load_rows,
@@ -717,6 +718,24 @@ class Store:
                  info.assets, info.path)
         return info
 
+    async def export_states(self, ids: Sequence[UUID],
+                            path: str | os.PathLike[str]) -> bundle.BundleInfo:
+        """Write an audit bundle of any set of stored states (e.g. a LangGraph thread's
+        checkpoints and writes) and every asset they reach to ``path``, atomically, newest
+        state first (bundle format 3); verify it with ``immagent.verify_bundle``."""
+        wanted = [check_uuid("ids", i) for i in dict.fromkeys(ids)]
+        rows = await self.get_states(wanted)
+        missing = set(wanted) - {r.id for r in rows}
+        if not rows or missing:
+            raise ValidationError("ids", f"not stored: {sorted(missing or set(wanted))[0]}",
+                                  None)
+        rows.sort(key=lambda r: r.seq, reverse=True)
+        info = await bundle.export_bundle(self._open(), rows, path,
+                                          await self._compression.load(),
+                                          version=bundle.SET_VERSION)
+        log.info("exported %d states, %d assets to %s", len(rows), info.assets, info.path)
+        return info
+
     async def import_bundle(self, path: str | os.PathLike[str]) -> PersistentAgent:
         """Verify a bundle, then load it in one transaction (idempotent: present rows are
         skipped); returns its head state with the same id and digest as where it came from."""
@@ -724,8 +743,9 @@ class Store:
         return await self.load_agent(info.head)
 
     async def import_states(self, path: str | os.PathLike[str]) -> bundle.BundleInfo:
-        """``import_bundle`` for a bundle of any client's states (a session's, …): verify,
-        load in one transaction, and return what it held."""
+        """Verify a bundle of any format and any client's states (a LangGraph thread's, a
+        session's, …), then load its states and assets in one transaction (idempotent:
+        present rows are skipped), with their ids and digests; returns what it held."""
         info, states, rows = await bundle.read(path)
         # Compared, not trusted: a damaged row here is "different content" like any other.
         existing = {r.id: r for r in await self._open().get_states([s.id for s in states])}
@@ -803,7 +823,7 @@ def _storable(field: str, asset: object) -> StoredAsset:
     msgspec does not type-check Struct construction, so e.g. a Message with a bad role
     would be hashed and committed, then fail every later read.
     """
-    if not isinstance(asset, SystemPrompt | Message | ConversationNode | Item):
+    if not isinstance(asset, SystemPrompt | Message | ConversationNode | Value | Item):
         raise ValidationError(field, f"must be an asset, got {type(asset).__name__}", None)
     try:
         row = stored(asset)
