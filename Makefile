@@ -7,7 +7,8 @@ export LITELLM_LOCAL_MODEL_COST_MAP := True
 UV := $(shell bash scripts/bootstrap.sh)
 RUN = $(UV) run --no-sync
 
-.PHONY: dev fmt lint typecheck check test test-cov bench bench-full demo pg clean
+.PHONY: dev fmt lint typecheck check test test-cov bench bench-full bench-scale bench-scale-full \
+        demo pg cluster clean
 
 dev:            ## install the venv with every extra and dev tool
 	@bash scripts/bootstrap.sh >/dev/null && echo "venv ready: .venv"
@@ -32,6 +33,9 @@ check: lint typecheck
 pg:             ## start (or find) the throwaway PostgreSQL used by tests and benchmarks
 	@bash scripts/ensure-postgres.sh
 
+cluster:        ## start (or find) the primary + hot standby + PgBouncer of the scale-out tests
+	@bash scripts/pg-cluster.sh up
+
 test:           ## the whole suite against real PostgreSQL (started here) and SQLite
 	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
 	  $(RUN) pytest
@@ -48,6 +52,12 @@ bench-full:
 	@$(RUN) python -m benchmarks.run --full --dsn "$$(bash scripts/ensure-postgres.sh)" \
 	  --json bench-results.json --plot benchmarks/storage-growth.png
 	@$(RUN) python -m benchmarks.cli_latency --runs 10 --litellm --json bench-cli.json
+
+bench-scale:    ## read replicas and PgBouncer on the local cluster (`bench-scale-full`: full sizes)
+	@$(RUN) python -m benchmarks.scale
+
+bench-scale-full:
+	@$(RUN) python -m benchmarks.scale --full --json bench-scale-results.json
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache demo.db*

@@ -97,9 +97,11 @@ def reply_text(user: str) -> str:
 Backend = Literal["postgres", "sqlite"]
 BACKENDS: tuple[Backend, ...] = ("postgres", "sqlite")
 #: immagent through ``advance`` (the model call included); immagent through ``Store.append``
-#: alone (store only, no model metadata on the messages); LangGraph's checkpointers; the
-#: OpenAI Agents SDK's ``SQLiteSession``.
-System = Literal["immagent", "immagent-append", "langgraph", "openai-agents"]
+#: alone (store only, no model metadata on the messages); LangGraph's checkpointers;
+#: LangGraph with immagent's ``ImmAgentSaver`` as the checkpointer; the OpenAI Agents SDK's
+#: ``SQLiteSession``.
+System = Literal["immagent", "immagent-append", "langgraph", "immagent-saver",
+                 "openai-agents"]
 
 
 @dataclass(frozen=True)

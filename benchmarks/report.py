@@ -30,6 +30,10 @@ def report(res: Results) -> None:
     _maintenance_and_langgraph(res)
     _sessions(res)
     _corpus(res)
+    if any(p.system == "immagent-saver" for p in res.linear):
+        from benchmarks import immagent_saver  # imports LangGraph (the `bench` extra)
+
+        immagent_saver.print_tables(res.linear, res.forks, res.latency)
     print_table("Targets", ["status", "target", "detail"],
                 [[t["status"], t["target"], t["detail"]] for t in res.targets])
     for note in res.notes:

@@ -277,6 +277,16 @@ async def run_all(args: argparse.Namespace) -> Results:
         async with contextlib.AsyncExitStack() as stack:
             kept = {b: await storage_phase(b, res, dsn, work, stack, corpus)
                     for b in ours_backends}
+            if not args.no_langgraph:  # LangGraph with ImmAgentSaver (the `bench` extra)
+                from benchmarks import immagent_saver
+
+                saver_turns = {b: sizes.linear_turns if args.full or b == "postgres"
+                               else min(sizes.linear_turns, 500) for b in ours_backends}
+                linear, forks = await immagent_saver.run_storage(
+                    saver_turns, dsn=dsn, workdir=work, base_turns=sizes.base_turns,
+                    forks=sizes.forks, fork_turns=sizes.fork_turns, log=log)
+                res.linear.extend(linear)
+                res.forks.extend(forks)
             session_path = (await sessions_storage(res, work, stack, corpus)
                             if with_sessions else None)
             if theirs_future is not None:
@@ -289,6 +299,10 @@ async def run_all(args: argparse.Namespace) -> Results:
                 await timed_phase(backend, res, stores, dsn, work)
             if session_path is not None:
                 await sessions_timed(res, session_path)
+            if not args.no_langgraph:
+                res.latency.extend(await immagent_saver.run_latency(
+                    ours_backends, dsn=dsn, workdir=work, history=(10, sizes.linear_turns),
+                    samples=min(sizes.read_samples, 40), log=log))
     res.notes.append("the storage phase runs immagent and LangGraph side by side (two "
                      "processes): its seconds are not speed results; scenarios 4-5 and the "
                      "SQLiteSession latencies run alone")
@@ -299,6 +313,8 @@ async def run_all(args: argparse.Namespace) -> Results:
             f"has ~{sizes.corpus_lineages * 50 * 101:,} assets (full: ~101,000), the realistic "
             f"corpus {sizes.conversations} conversations (full: 3000); use --full")
     res.targets = check_targets(res)
+    if not args.no_langgraph:
+        res.targets += immagent_saver.check_targets(res.linear, res.forks, res.latency)
     return res
 
 
@@ -314,7 +330,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--no-langgraph", action="store_true", help="skip LangGraph")
     parser.add_argument("--no-openai-agents", action="store_true",
-                        help="skip the OpenAI Agents SDK's SQLiteSession")
+                        help="skip the OpenAI Agents SDK's SQLiteSession (and ImmAgentSession "
+                        "beside it)")
     args = parser.parse_args(argv)
     # Advances go through LiteLLM's real call path, as a provider model's do (the offline
     # models are otherwise answered in-process): per-advance overhead is then measured as
@@ -322,8 +339,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     testing.route_through_litellm(True)
     res = asyncio.run(run_all(args))
     report(res)
+    numbers = res.as_dict()
+    if not args.no_openai_agents:
+        from benchmarks import immagent_session
+
+        pg = (args.dsn or ensure_postgres()) if "postgres" in args.backends else None
+        sessions = asyncio.run(immagent_session.run(samples=50 if args.full else 30, dsn=pg))
+        immagent_session.report(sessions)
+        numbers["openai_agents_sessions"] = sessions.as_dict()
     if args.json:
-        args.json.write_text(json.dumps(res.as_dict(), indent=2) + "\n")
+        args.json.write_text(json.dumps(numbers, indent=2) + "\n")
     if args.plot:
         plot(res, args.plot)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Mapping, Sequence
 from enum import IntEnum
-from typing import Any, ClassVar, Literal, NamedTuple, Self, TypeAlias
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol, Self, TypeAlias
 from uuid import UUID
 
 import blake3
@@ -31,12 +31,16 @@ from immagent.ids import uuid_from_digest
 
 __all__ = [
     "EMPTY_CONVERSATION",
+    "EMPTY_ITEMS",
+    "EMPTY_VALUES",
     "NODE_KINDS",
     "Asset",
     "Conversation",
     "ConversationNode",
     "Dictionary",
     "Digest",
+    "Item",
+    "ItemNode",
     "Kind",
     "Message",
     "MissingAsset",
@@ -44,6 +48,8 @@ __all__ = [
     "StoredAsset",
     "SystemPrompt",
     "ToolCall",
+    "Value",
+    "ValueNode",
     "canonical_row",
     "check_row",
     "decode_asset",
@@ -73,8 +79,15 @@ class Kind(IntEnum):
     MESSAGE = 2
     NODE = 3  # a link of a conversation (a hash chain of messages)
     AGENT_STATE = 4  # a state (a row of immagent_states), never a content asset
+    VALUE = 5  # an opaque serialized value (a LangGraph channel value or write)
+    VALUE_NODE = 6  # a link of a hash chain of values (a LangGraph list channel)
+    ITEM = 7  # a JSON value: one item of an OpenAI Agents SDK session
+    ITEM_NODE = 8  # a link of a session's item chain
     DICTIONARY = 9  # a zstd dictionary bodies are compressed with (immagent.codec)
     COMPRESSION = 10  # a state: the dictionaries of the store (pins them for gc)
+    CHECKPOINT = 16  # a state: one LangGraph checkpoint (immagent.checkpoints)
+    CHECKPOINT_WRITES = 17  # a state: pending writes of one task on a checkpoint
+    SESSION_STATE = 18  # a state of a session (all its branches), never a content asset
 
 
 _encoder = msgspec.msgpack.Encoder(order="deterministic")
@@ -330,15 +343,105 @@ class Conversation(msgspec.Struct, frozen=True):
                             messages=(*self.messages, *messages))
 
 
-Asset: TypeAlias = SystemPrompt | Message | ConversationNode | Dictionary
+class Value(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True,
+            rename={"type": "t", "data": "d"}):
+    """A value a client serialized itself, kept opaque: its serializer's type tag and
+    bytes (for LangGraph, ``serde.dumps_typed``). Equal bytes are one asset, stored once."""
+
+    type: str
+    data: bytes = b""
+    kind: ClassVar[Kind] = Kind.VALUE
+
+
+class ValueNode(ConversationNode, frozen=True, omit_defaults=True, dict=True, weakref=True):
+    """A link of a hash chain of values: a list stored element by element, so a list that
+    grows adds only its new elements and lists with a common prefix share it."""
+
+    kind: ClassVar[Kind] = Kind.VALUE_NODE
+    element_kind: ClassVar[Kind] = Kind.VALUE
+
+
+#: The empty list of values: the root of every value chain.
+EMPTY_VALUES = ValueNode()
+
+
+class Item(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True):
+    """One JSON value as a content asset: an item of an OpenAI Agents SDK session (a
+    Responses-API input item: a message, a function call or its output, a reasoning item,
+    …), stored once however many sessions, branches and forks hold it.
+
+    The body is the canonical msgpack of the value itself (map keys sorted), so equal
+    values have one digest whatever their key order; ints and floats stay apart (``1`` and
+    ``1.0`` are two items, as they are two JSON texts). The item holds those bytes and
+    decodes ``value`` on first use: a read hands out copies decoded from the bytes anyway,
+    so the chain read of a long session builds no object tree per item. Build items with
+    ``Item.of`` from values checked by ``validate.check_json_value``.
+    """
+
+    raw: bytes
+    kind: ClassVar[Kind] = Kind.ITEM
+
+    @classmethod
+    def of(cls, value: Any) -> Item:
+        """The item holding the JSON value ``value`` (kept, not copied, as its value)."""
+        item = cls(raw=encode(value))
+        item.__dict__["value"] = value
+        return item
+
+    @functools.cached_property
+    def body(self) -> bytes:
+        """The canonical bytes of the value (no wrapping map: one per item stored)."""
+        return self.raw
+
+    @functools.cached_property
+    def value(self) -> Any:
+        """The JSON value (decoded once, then shared: do not modify it)."""
+        return _item_values.decode(self.raw)
+
+
+class ItemNode(ConversationNode, frozen=True, omit_defaults=True, dict=True, weakref=True):
+    """A link of a session's item chain: the same hash chain as a conversation's, over
+    items (its ``messages`` are the digests of the items it adds)."""
+
+    kind: ClassVar[Kind] = Kind.ITEM_NODE
+    element_kind: ClassVar[Kind] = Kind.ITEM
+
+
+#: The root of every item chain (an empty session or branch); stored once for all.
+EMPTY_ITEMS = ItemNode()
+
+Asset: TypeAlias = SystemPrompt | Message | ConversationNode | Value | Item | Dictionary
 
 #: Node kinds (hash chains), by kind: their digest covers their refs, and their refs are
 #: (parent node of the same kind, then elements of the node's ``element_kind``).
-NODE_KINDS: dict[int, type[ConversationNode]] = {int(Kind.NODE): ConversationNode}
+NODE_KINDS: dict[int, type[ConversationNode]] = {int(Kind.NODE): ConversationNode,
+                                                 int(Kind.VALUE_NODE): ValueNode,
+                                                 int(Kind.ITEM_NODE): ItemNode}
 
-_decoders: dict[int, msgspec.msgpack.Decoder[Any]] = {
+class _BodyDecoder(Protocol):
+    def decode(self, buf: bytes, /) -> Any: ...
+
+
+_item_values: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder()
+
+
+class _ItemDecoder:
+    """An ITEM body is the value's own msgpack (no Struct map around it). Reading checks
+    its framing only (no objects built); ``decode_asset`` decodes it whole."""
+
+    _framing: msgspec.msgpack.Decoder[msgspec.Raw] = msgspec.msgpack.Decoder(msgspec.Raw)
+
+    def decode(self, buf: bytes, /) -> Item:
+        self._framing.decode(buf)
+        return Item(raw=bytes(buf))
+
+
+#: The decoder of each leaf kind's body (nodes are decoded with their refs).
+_decoders: dict[int, _BodyDecoder] = {
     int(Kind.SYSTEM_PROMPT): msgspec.msgpack.Decoder(SystemPrompt),
     int(Kind.MESSAGE): msgspec.msgpack.Decoder(Message),
+    int(Kind.VALUE): msgspec.msgpack.Decoder(Value),
+    int(Kind.ITEM): _ItemDecoder(),
     int(Kind.DICTIONARY): msgspec.msgpack.Decoder(Dictionary),
 }
 _node_body = msgspec.msgpack.Decoder(_NodeBody)
@@ -361,6 +464,8 @@ def decode_asset(kind: int, body: bytes, refs: Sequence[Digest] = ()) -> Asset:
     if refs:
         raise ValueError(f"assets of kind {kind} have no refs")
     asset: Asset = decoder.decode(body)
+    if isinstance(asset, Item):
+        _ = asset.value  # decoded whole here: verify must find a body that is no value
     return asset
 
 

@@ -21,17 +21,21 @@ from uuid import UUID
 import blake3
 import msgspec
 
+from immagent import checkpoints
 from immagent.assets import Digest, Kind, encode, join_refs
 from immagent.exceptions import IntegrityError
 
 __all__ = [
     "STATE_KINDS",
     "AgentRecord",
+    "SessionBody",
+    "SessionBranch",
     "StateKind",
     "StateRow",
     "check_state",
     "load_agent",
     "load_state",
+    "session_body",
     "state_digest",
     "state_from_v1",
     "stream_digest",
@@ -176,6 +180,72 @@ def _agent_digest(row: StateRow) -> Digest:
     return _decode_agent(row).expected_digest()
 
 
+# -- LangGraph checkpoints (immagent.checkpoints holds their body types) ------------------
+
+
+def _generic_kind(ref_kinds: Callable[[bytes], tuple[int, ...]]) -> StateKind:
+    """The rules of a kind hashed by ``stream_digest`` whose refs its body describes: the
+    body must decode, the stream must have the kind's parts, the refs must match."""
+
+    def kinds(row: StateRow) -> tuple[int, ...]:
+        found = ref_kinds(row.body)
+        checkpoints.check_refs(found, row.refs)
+        return found
+
+    def digest(row: StateRow) -> Digest:
+        checkpoints.parse_stream(row.kind, row.stream)
+        kinds(row)
+        return stream_digest(row.kind, row.stream, row.refs, row.body)
+
+    return StateKind(digest=digest, ref_kinds=kinds)
+
+
+# -- session states (an OpenAI Agents SDK session, immagent.sessions) ---------------------
+
+
+class SessionBranch(msgspec.Struct, frozen=True, array_like=True):
+    """A branch of a session besides ``main``: its name and when it was made (microseconds
+    since the Unix epoch, UTC)."""
+
+    name: str
+    created: int
+
+
+class SessionBody(msgspec.Struct, frozen=True, omit_defaults=True,
+                  rename={"branches": "b", "retired": "r", "generation": "g"}):
+    """The stored body of a session state. The state's refs are the head item node of
+    each branch: ``main`` first, then ``branches`` in order. ``retired`` are branch names
+    used before (deleted or cleared) and never reused; ``generation`` counts
+    ``clear_session`` calls. A session with only ``main`` stores one byte here."""
+
+    branches: tuple[SessionBranch, ...] = ()
+    retired: tuple[str, ...] = ()
+    generation: int = 0
+
+
+_session_body = msgspec.msgpack.Decoder(SessionBody)
+
+
+def session_body(row: StateRow) -> SessionBody:
+    """The body of a session state row, checked against its refs (ValueError or
+    msgspec.DecodeError if malformed); unverified: ``load_state`` proves the digest."""
+    body = _session_body.decode(row.body)
+    names = ["main", *(b.name for b in body.branches)]
+    if len(names) != len(row.refs):
+        raise ValueError(f"a session state with {len(names)} branch(es) pins "
+                         f"{len(names)} digests, this row has {len(row.refs)}")
+    if len(set(names)) != len(names) or not all(n.strip() for n in names):
+        raise ValueError("a session state's branch names must be distinct and non-blank")
+    if body.generation < 0:
+        raise ValueError("a session state's generation must be >= 0")
+    return body
+
+
+def _session_digest(row: StateRow) -> Digest:
+    session_body(row)  # a body that does not match its refs is undecodable, not sound
+    return stream_digest(row.kind, row.stream, row.refs, row.body)
+
+
 # -- every state kind -------------------------------------------------------------------
 
 #: Each state kind's rules. A client of the store adds its kind here (kinds are data to
@@ -185,11 +255,18 @@ STATE_KINDS: dict[int, StateKind] = {
         digest=_agent_digest,
         ref_kinds=lambda row: (int(Kind.SYSTEM_PROMPT), int(Kind.NODE)),
     ),
+    int(Kind.SESSION_STATE): StateKind(
+        digest=_session_digest,
+        ref_kinds=lambda row: (int(Kind.ITEM_NODE),) * len(row.refs),
+    ),
     # The store's own: which zstd dictionaries exist (store/compression.py).
     int(Kind.COMPRESSION): StateKind(
         digest=lambda row: stream_digest(row.kind, row.stream, row.refs, row.body),
         ref_kinds=lambda row: tuple(int(Kind.DICTIONARY) for _ in row.refs),
     ),
+    # LangGraph checkpoints (immagent.checkpoints).
+    int(Kind.CHECKPOINT): _generic_kind(checkpoints.checkpoint_ref_kinds),
+    int(Kind.CHECKPOINT_WRITES): _generic_kind(checkpoints.writes_ref_kinds),
 }
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "check_digests",
     "check_flag",
     "check_json_mapping",
+    "check_json_value",
     "check_key",
     "check_kind",
     "check_name",
@@ -52,8 +53,9 @@ MAX_INPUT_BYTES = 1_000_000
 #: Longest agent name or model string (UTF-8 bytes).
 MAX_NAME_CHARS = 1_000
 #: Longest stream of any state (UTF-8 bytes): streams are indexed, and an index entry has
-#: a size limit (PostgreSQL's B-tree: about 2.7 kB).
-MAX_STREAM_BYTES = 1_000
+#: a size limit (PostgreSQL's B-tree: about 2.7 kB, with the kind and seq beside it). A
+#: checkpoint-writes stream joins three keys of up to 1,000 bytes, so this is not 1,000.
+MAX_STREAM_BYTES = 2_600
 #: Deepest nesting accepted in model_config / metadata (also stops cyclic structures).
 MAX_DEPTH = 64
 
@@ -220,6 +222,14 @@ def check_json_mapping(field: str, value: object) -> dict[str, Any]:
     return {_key(field, k): _json(f"{field}.{k}", v, 1, field) for k, v in value.items()}
 
 
+def check_json_value(field: str, value: object) -> Any:
+    """Validate any JSON value and return it exactly as given, as JSON would carry it:
+    tuples become lists, nothing else changes (``1`` stays an int, ``1.0`` a float, text
+    may hold NUL). Rejects non-str keys, NaN and infinities, ints outside 64 bits, lone
+    surrogates, other types, and nesting deeper than MAX_DEPTH (which also stops cycles)."""
+    return _json(field, value, 1, field, exact=True)
+
+
 # -- model configs and credentials ------------------------------------------------------
 
 #: Config keys that the model call (``immagent.llm.complete``) sets itself, or that would
@@ -308,23 +318,26 @@ def _unicode(field: str, text: str) -> None:
         raise ValidationError(field, "must be valid Unicode (lone surrogate)", None) from None
 
 
-def _key(field: str, key: object) -> str:
+def _key(field: str, key: object, exact: bool = False) -> str:
     if not isinstance(key, str):
         raise ValidationError(field, f"keys must be str, got {key!r}", key)
-    if "\x00" in key:
+    if not exact and "\x00" in key:
         raise ValidationError(field, "keys must not contain NUL characters", key)
     _unicode(field, key)
     return str.__str__(key)
 
 
-def _json(field: str, value: object, depth: int, root: str) -> Any:
+def _json(field: str, value: object, depth: int, root: str, exact: bool = False) -> Any:
+    """The checked form of a JSON-like value: canonical (integral floats become ints, no
+    NUL in text) for hashed configs, or ``exact`` (as given) for stored JSON values; either
+    way plain str/int/float, valid Unicode, bounded nesting."""
     if depth > MAX_DEPTH:  # named by the argument: the path would be 64 levels long
         raise ValidationError(root, f"nested deeper than {MAX_DEPTH} levels (or cyclic)",
                               None)
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, str):
-        if "\x00" in value:
+        if not exact and "\x00" in value:
             raise ValidationError(field, "must not contain NUL characters", None)
         _unicode(field, value)
         return str.__str__(value)
@@ -336,11 +349,14 @@ def _json(field: str, value: object, depth: int, root: str) -> Any:
         if not math.isfinite(value):
             raise ValidationError(field, f"must be a finite number, got {value!r}", value)
         number = float.__float__(value)
+        if exact:
+            return number
         return int(number) if number.is_integer() and abs(number) < 2**53 else number
     if isinstance(value, list | tuple):
-        return [_json(f"{field}[{i}]", v, depth + 1, root) for i, v in enumerate(value)]
+        return [_json(f"{field}[{i}]", v, depth + 1, root, exact)
+                for i, v in enumerate(value)]
     if isinstance(value, Mapping):
-        return {_key(field, k): _json(f"{field}.{k}", v, depth + 1, root)
+        return {_key(field, k, exact): _json(f"{field}.{k}", v, depth + 1, root, exact)
                 for k, v in value.items()}
     raise ValidationError(field, f"must be JSON-like, got {type(value).__name__}", None)
 

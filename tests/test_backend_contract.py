@@ -166,6 +166,22 @@ class BackendContract:
         assert set(leaves) == {message(t).digest for t in "abc"}
         assert await backend.get_chain(b"\x01" * 32) == ([], {})
 
+    async def test_wide_nodes_and_large_batches_come_back_whole(
+            self, backend: Backend) -> None:
+        # A node adding many elements (a tool round with many calls) and more digests than
+        # one statement asks for: backends fetch these in parts.
+        wide = [message(f"w{i}") for i in range(25)]
+        node = EMPTY_CONVERSATION.extend([message("first")]).extend(wide)
+        rows = [stored(EMPTY_CONVERSATION), stored(message("first")),
+                stored(EMPTY_CONVERSATION.extend([message("first")])), *map(stored, wide),
+                stored(node)]
+        many = [stored(message(f"m{i}")) for i in range(2500)]
+        await backend.write([*rows, *many], [])
+        nodes, leaves = await backend.get_chain(node.digest)
+        assert len(nodes) == 3 and set(leaves) == {m.digest for m in [message("first"), *wide]}
+        got = await backend.get_assets([r.digest for r in many] + [b"\x05" * 32])
+        assert got == {r.digest: r for r in many}
+
     async def test_get_chain_stops_at_a_missing_node(self, backend: Backend) -> None:
         rows, head = chain("a", "b")
         parent = head.parent

@@ -99,8 +99,8 @@ CASES: dict[str, tuple[Case, str]] = {
     "message_counts": (lambda s, a: s.message_counts(["x"]), "agents[0]"),  # type: ignore
     "get_messages": (lambda s, a: s.get_messages(None), "agent"),  # type: ignore
     "export surrogate path": (lambda s, a: s.export(a, "/tmp/\ud800.bundle"), "path"),
-    "stream of 2 kB": (lambda s, a: s.commit([], [crafted.agent_state(
-        a.system_prompt_digest, a.conversation_digest, name="n" * 2000).to_row()]),
+    "stream of 3 kB": (lambda s, a: s.commit([], [crafted.agent_state(
+        a.system_prompt_digest, a.conversation_digest, name="n" * 3000).to_row()]),
         "states[0].stream"),
 }
 

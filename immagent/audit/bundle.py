@@ -1,7 +1,8 @@
 """Audit bundles: one self-contained file holding a state, its lineage and every asset they
 reach, verifiable offline and importable into any store with the same ids and digests.
 
-Format (version 2; version 1 files, which held agent records, are still read)::
+Format (version 2; version 1 files, which held agent records, are still read; version 3
+holds a set of states instead of one lineage, see below)::
 
     magic   b"\\x89immagent-bundle\\r\\n\\x1a\\n"   (PNG-style: catches text-mode mangling)
     frame*  u32 big-endian length, then one msgpack record
@@ -26,6 +27,11 @@ per-record checks name the bad record, the checksum catches what no content dige
 (ids, parents, timestamps, framing) and truncation. Decoding untrusted bytes is bounded:
 frame sizes are checked before reading, nesting deeper than Python's recursion limit is a
 BundleError, and the content rules bound what survives decoding (``validate.MAX_DEPTH``).
+
+Version 3 is version 2 for states that are not one lineage (a LangGraph thread: its
+checkpoints, their writes, several namespaces): the same records, the newest state first
+and named as ``head``; each state's parent is either in the bundle or absent from it (a
+pruned checkpoint, a state outside the export), and parents never form a cycle.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
+    "SET_VERSION",
     "BundleInfo",
     "conflict",
     "export_bundle",
@@ -81,8 +88,10 @@ __all__ = [
 
 MAGIC: Final = b"\x89immagent-bundle\r\n\x1a\n"
 FORMAT_VERSION: Final = 2
-#: Versions this immagent reads (1: agent records; 2: state rows).
-_READABLE: Final = frozenset({1, 2})
+#: The version of a bundle of a set of states rather than one lineage.
+SET_VERSION: Final = 3
+#: Versions this immagent reads (1: agent records; 2: state rows; 3: a set of states).
+_READABLE: Final = frozenset({1, 2, 3})
 #: Largest frame accepted when reading; bigger means a corrupt length, not a real record.
 MAX_FRAME: Final = 1 << 30
 #: Largest header frame (a header is a few dozen bytes).
@@ -271,10 +280,12 @@ class _Writer:
 
 async def export_bundle(backend: Backend, lineage: list[StateRow],
                         path: str | os.PathLike[str],
-                        dictionaries: Mapping[int, ZstdDictionary] = NO_DICTIONARIES,
+                        dictionaries: Mapping[int, ZstdDictionary] = NO_DICTIONARIES, *,
+                        version: int = FORMAT_VERSION
                         ) -> BundleInfo:
     """Write the bundle of ``lineage`` (a state and its ancestors, newest first, as read
-    and verified by the store) to ``path`` atomically (temp file, fsync, rename).
+    and verified by the store; with ``version=SET_VERSION`` any set of states, newest
+    first) to ``path`` atomically (temp file, fsync, rename).
 
     Assets are re-hashed on the way out, and the export fails (writing nothing at ``path``)
     if the store is corrupt or an asset vanished meanwhile (an ancestor deleted and swept
@@ -286,7 +297,7 @@ async def export_bundle(backend: Backend, lineage: list[StateRow],
     writer = _Writer()
     writer.raw(MAGIC)
     # Totals are known only after the walk, so they go in the end record.
-    writer.frame(_Header(format="immagent-bundle", version=FORMAT_VERSION, head=head.id,
+    writer.frame(_Header(format="immagent-bundle", version=version, head=head.id,
                          created_at=datetime.now(UTC)))
     for r in lineage:
         writer.frame(_State(r.id, r.parent_id, r.kind, r.stream, join_refs(r.refs), r.body,
@@ -295,7 +306,7 @@ async def export_bundle(backend: Backend, lineage: list[StateRow],
     links = _Links()
     for r in lineage:
         _refuse_export(head, links.state(r) or _content_problem(r))
-    _refuse_export(head, _cycle_problem(lineage))
+    _refuse_export(head, _cycle_problem(lineage, version))
     asset_bytes = 0
     file = await asyncio.to_thread(_TempFile, dest)
     try:
@@ -316,7 +327,7 @@ async def export_bundle(backend: Backend, lineage: list[StateRow],
         await asyncio.to_thread(file.commit, writer.take())
     finally:
         await asyncio.to_thread(file.discard)
-    return BundleInfo(path=str(dest), version=FORMAT_VERSION, head=head.id,
+    return BundleInfo(path=str(dest), version=version, head=head.id,
                       head_digest=head.digest, agents=tuple(r.id for r in lineage),
                       assets=len(links.kinds), asset_bytes=asset_bytes,
                       file_bytes=writer.size)
@@ -406,7 +417,8 @@ def _exported(row: StoredAsset, dictionaries: Mapping[int, ZstdDictionary]) -> S
 def verify_bundle(path: str | os.PathLike[str]) -> BundleInfo:
     """Check a bundle offline, without any database: every asset re-hashed and decoded,
     every reference resolved inside it with the kind it must have, every state's digest
-    recomputed, the lineage a chain from the head, and the file checksum. Raises
+    recomputed, the lineage a chain from the head (version 3: parents acyclic), and the
+    file checksum. Raises
     BundleError naming the first bad asset (digest hex) or state (id)."""
     info, _, _ = read_bundle(path, keep_assets=False)
     return info
@@ -593,23 +605,39 @@ def _check_lineage(states: list[StateRow], header: _Header, source: Path) -> Non
     if states[0].id != header.head:
         raise BundleError(f"{source}: the first state {states[0].id} is not the head "
                           f"{header.head} named in the header")
-    for child, parent in itertools.pairwise(states):
-        if child.parent_id != parent.id:
-            raise BundleError(f"{source}: state {parent.id} is not the parent of state "
-                              f"{child.id} (lineage out of order)")
-    problem = _cycle_problem(states)
+    if header.version < SET_VERSION:
+        for child, parent in itertools.pairwise(states):
+            if child.parent_id != parent.id:
+                raise BundleError(f"{source}: state {parent.id} is not the parent of state "
+                                  f"{child.id} (lineage out of order)")
+    problem = _cycle_problem(states, header.version)
     if problem is not None:
         raise BundleError(f"{source}: {problem}")
 
 
-def _cycle_problem(lineage: list[StateRow]) -> str | None:
-    """A lineage (each state the next one's child) is a cycle when its oldest state names
-    one of its states as parent: every walk of it would go round for ever."""
-    ids = {s.id for s in lineage}
-    oldest = lineage[-1]
-    if oldest.parent_id in ids:
-        return (f"the lineage is a cycle: state {oldest.id} names state {oldest.parent_id} "
-                "of the same lineage as its parent")
+def _cycle_problem(states: list[StateRow], version: int) -> str | None:
+    """Why the parents of a bundle's states would make a walk go round for ever, or None.
+    A lineage (each state the next one's child) is a cycle when its oldest state names one
+    of its states as parent; in a set of states (version 3), following parents inside the
+    bundle must always end."""
+    if version < SET_VERSION:
+        ids = {s.id for s in states}
+        oldest = states[-1]
+        if oldest.parent_id in ids:
+            return (f"the lineage is a cycle: state {oldest.id} names state "
+                    f"{oldest.parent_id} of the same lineage as its parent")
+        return None
+    parents = {s.id: s.parent_id for s in states}
+    done: set[UUID] = set()
+    for state in states:
+        path: set[UUID] = set()
+        current: UUID | None = state.id
+        while current is not None and current in parents and current not in done:
+            if current in path:
+                return f"the parents of state {current} form a cycle"
+            path.add(current)
+            current = parents[current]
+        done |= path
     return None
 
 

@@ -14,7 +14,7 @@ from uuid import UUID
 from immagent import __version__
 from immagent.cli import audit, chat, commands
 from immagent.cli.context import Context
-from immagent.cli.database import DEFAULT_DB, ENV_DB
+from immagent.cli.database import DEFAULT_DB, ENV_DB, ENV_REPLICAS
 from immagent.cli.errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -66,6 +66,9 @@ def _global_options(for_subcommand: bool) -> _Parser:
     p = _Parser(add_help=False)
     p.add_argument("--db", metavar="DSN", default=unset,
                    help=f"SQLite file or postgresql:// DSN (default: ${ENV_DB} or ./{DEFAULT_DB})")
+    p.add_argument("--replica", metavar="DSN", action="append", default=unset,
+                   help=f"a hot standby of a postgresql:// --db that serves reads (repeat for "
+                        f"more; with ${ENV_DB}: ${ENV_REPLICAS}, whitespace-separated)")
     p.add_argument("--json", action="store_true", default=unset or False,
                    help="print results as JSON for scripts")
     p.add_argument("--debug", action="store_true", default=unset or False,

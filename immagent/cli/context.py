@@ -36,7 +36,7 @@ class Context:
 
     def database(self) -> Database:
         """The database this invocation names (not opened)."""
-        return resolve(self.args.db)
+        return resolve(self.args.db, replicas=getattr(self.args, "replica", None))
 
     def store(self, *, create: bool = False, write: bool = False) -> Store:
         """The open Store. ``create``: a missing database or schema is made (chat, import);
@@ -63,7 +63,7 @@ class Context:
 async def _open(db: Database, *, create: bool) -> Store:
     """Connect; then create the schema if missing (``create``) or insist that it exists.
     Either way a database of another schema version is refused before anything is written."""
-    store = await Store.connect(db.dsn, min_size=1, max_size=2)
+    store = await Store.connect(db.dsn, min_size=1, max_size=2, replicas=db.replicas)
     try:
         if create:
             await store.init_schema()

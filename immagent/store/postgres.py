@@ -5,12 +5,18 @@ and gc takes the *exclusive* side, so a sweep never runs while a writer is betwe
 "this asset already exists, I will point at it" and its commit. Writers also check, under
 that lock, that every asset they point at and do not insert themselves still exists, which
 closes the other window (a sweep that ran before the writer's transaction began).
+
+Nothing relies on session state, so the backend works through a transaction-pooling
+PgBouncer: every lock is transaction-scoped, settings are ``SET LOCAL``, server-side cursors
+and gc's temporary table live inside one transaction. Only psycopg's automatic prepared
+statements are per session: the DSN parameter ``prepare_threshold=none`` turns them off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 from uuid import UUID
@@ -34,6 +40,7 @@ from immagent.exceptions import (
     StoreClosedError,
     StoreConnectionError,
     StoreError,
+    ValidationError,
 )
 from immagent.records import StateRow, state_from_v1
 from immagent.store._filters import Dialect, StateQueries
@@ -74,6 +81,16 @@ _GC_CHECKED = f"""
                           JOIN immagent_reach pr ON pr.digest = p.digest
                          WHERE p.refs IS NOT NULL)
 """
+#: Elements of a node fetched in get_chain's first statement (see there).
+_INLINE_ELEMENTS = 7
+#: Digests looked up by one statement of _PROBE_SQL.
+_PROBES = 1000
+_PROBE_SQL = (f"SELECT a.* FROM unnest(%s::bytea[]) AS d CROSS JOIN LATERAL (SELECT "
+              f"{_ASSET_COLUMNS} FROM immagent_assets WHERE digest = d LIMIT 1) AS a").encode()
+# First statement of the long audit transactions: the planner prices their recursive
+# queries high enough to JIT-compile them, which cost ~400 ms against a few ms of work.
+# Transaction-scoped, so it never leaks to another client of a pooler.
+_NO_JIT = "SET LOCAL jit = off"
 # strpos, not LIKE: the user's text has no wildcards to escape.
 _INSERT_STATE = ("INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, digest, "
                  "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING")
@@ -88,6 +105,10 @@ def _mapped(operation: str) -> Iterator[None]:
         raise StoreClosedError(f"{operation}: the store is closed") from e
     except psycopg_pool.PoolTimeout as e:
         raise StoreConnectionError(f"{operation}: no database connection available ({e})") from e
+    except (pg_errors.DuplicatePreparedStatement, pg_errors.InvalidSqlStatementName) as e:
+        raise StoreError(
+            f"{operation} failed: {type(e).__name__}: {e} (connected through a transaction-"
+            "pooling PgBouncer? add prepare_threshold=none to the DSN)") from e
     except pg_errors.UndefinedTable as e:
         raise SchemaMissingError(
             f"{operation}: immagent tables are missing; call `await store.init_schema()`"
@@ -136,21 +157,25 @@ class PostgresBackend(StateQueries):
     @classmethod
     async def open(cls, dsn: str, *, min_size: int = 2, max_size: int = 10,
                    max_inactive_connection_lifetime: float = 300.0,
-                   connect_timeout: float = 10.0) -> PostgresBackend:
-        """Connect, failing fast with a clear error when the server is unreachable."""
+                   connect_timeout: float = 10.0, timeout: float = 30.0) -> PostgresBackend:
+        """Connect, failing fast with a clear error when the server is unreachable.
+        ``timeout``: how long a call waits for a pooled connection. The DSN may carry
+        ``prepare_threshold`` (``none``, or psycopg's count), read here, not by libpq."""
+        dsn, options = client_options(dsn)
         shown = redact(dsn)
         # One direct connection first: the pool would only retry silently until timeout.
         try:
-            probe = await psycopg.AsyncConnection.connect(dsn, connect_timeout=int(connect_timeout))
+            probe = await psycopg.AsyncConnection.connect(
+                dsn, connect_timeout=max(1, round(connect_timeout)), **options)
         except (psycopg.Error, ValueError) as e:  # a malformed %-escape: UnicodeDecodeError
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise StoreConnectionError(f"cannot connect to {shown}: "
                                        f"{scrub(reason, dsn, (_password(dsn),))}") from None
         await probe.close()
         pool: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
-            dsn, min_size=min_size, max_size=max_size,
-            max_idle=max_inactive_connection_lifetime, timeout=30.0, open=False,
-            name="immagent", configure=_configure,
+            dsn, min_size=min_size, max_size=max_size, kwargs=options,
+            max_idle=max_inactive_connection_lifetime, timeout=timeout, open=False,
+            name="immagent",
         )
         try:
             with _mapped("connect"):
@@ -170,6 +195,18 @@ class PostgresBackend(StateQueries):
             return True
         except (psycopg.Error, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed):
             return False
+
+    async def wal_lsn(self) -> int:
+        """The WAL position whose effects this server shows, as a number: everything
+        inserted so far on a primary, everything replayed on a standby (read replicas
+        compare the two)."""
+        with _mapped("wal_lsn"):
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
+                    "ELSE pg_current_wal_insert_lsn() END - '0/0'::pg_lsn")
+                row = await cur.fetchone()
+        return 0 if row is None or row[0] is None else int(row[0])
 
     # -- schema ---------------------------------------------------------------------------
 
@@ -285,6 +322,7 @@ class PostgresBackend(StateQueries):
                 # their snapshots (READ COMMITTED: per statement) see every committed write
                 # and no write can start until the sweep commits.
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_GC_LOCK,))
+                await conn.execute(_NO_JIT)
                 await conn.execute("CREATE TEMP TABLE immagent_reach (digest bytea PRIMARY KEY)"
                                    " ON COMMIT DROP")
                 await conn.execute(
@@ -339,57 +377,68 @@ class PostgresBackend(StateQueries):
     async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, StoredAsset]:
         if not digests:
             return {}
+        # One probe per digest (LATERAL ... LIMIT 1), in chunks: with the hash index,
+        # digest = ANY(...) became a seq scan (or a bitmap scan rechecking every row against
+        # the whole array), and a chunk keeps the cost estimate under jit_above_cost.
+        wanted = list(dict.fromkeys(digests))
+        found: dict[Digest, StoredAsset] = {}
         with _mapped("get_assets"):
             async with self._pool.connection() as conn, conn.cursor(binary=True) as cur:
-                await cur.execute(
-                    f"SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE digest = ANY(%s)",
-                    (list(digests),),
-                )
-                rows = await cur.fetchall()
-        return {r[0]: _asset(r) for r in rows}
+                for start in range(0, len(wanted), _PROBES):
+                    await cur.execute(_PROBE_SQL, (wanted[start:start + _PROBES],))
+                    found.update((r.digest, r) for r in stored_rows(await cur.fetchall()))
+        return found
 
     async def get_chain(
         self, head: Digest
     ) -> tuple[list[StoredAsset], dict[Digest, StoredAsset]]:
-        # A node's first ref is its parent when it has one, followed while it has the head's
-        # kind. UNION, not UNION ALL: a damaged refs column pointing back into the chain
-        # repeats a row and ends the walk instead of looping forever; depth orders the rows
-        # (in Python: an ORDER BY would sort every body). generate_series is inlined rather
-        # than immagent_refs(): a function call per node cost ~15 us, the whole read budget.
-        # Binary results: bytea comes back unescaped.
+        # The walk follows each node's first ref (its parent) while it has the head's kind,
+        # one primary-key probe per step (LATERAL ... LIMIT 1); UNION, not UNION ALL: a
+        # damaged refs column pointing back into the chain repeats a row and ends the walk
+        # instead of looping forever. Elements are found the same way, one probe each, for
+        # the first _INLINE_ELEMENTS of every node in the same statement (a turn adds two or
+        # three); a node with more gets the rest in a second statement. Why the constant:
+        # expanding refs with generate_series(1, n) of a column is estimated at 1,000 rows a
+        # node, so the planner chose a hash join over the whole asset table (O(table) per
+        # read), and with probes forced the estimate passed jit_above_cost (28 ms of JIT a
+        # read, measured at 60k assets); a constant series is estimated exactly.
         with _mapped("get_chain"):
             async with self._pool.connection() as conn, conn.cursor(binary=True) as cur:
                 await cur.execute(
-                    """
-                    WITH RECURSIVE chain(digest, kind, body, refs, codec) AS (
-                        SELECT digest, kind, body, refs, codec FROM immagent_assets
-                         WHERE digest = %(head)s
+                    f"""
+                    WITH RECURSIVE chain({_ASSET_COLUMNS}) AS (
+                        SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE digest = %(head)s
                         UNION
-                        SELECT a.digest, a.kind, a.body, a.refs, a.codec
-                          FROM chain c CROSS JOIN LATERAL (
-                               SELECT digest, kind, body, refs, codec FROM immagent_assets
+                        SELECT a.* FROM chain c CROSS JOIN LATERAL (
+                               SELECT {_ASSET_COLUMNS} FROM immagent_assets
                                 WHERE digest = substring(c.refs FROM 1 FOR 32)
                                   AND kind = c.kind LIMIT 1) AS a
                     )
-                    SELECT 0, digest, kind, refs, body, codec FROM chain
+                    SELECT 0, {_ASSET_COLUMNS} FROM chain
                     UNION ALL
-                    SELECT 1, m.digest, m.kind, m.refs, m.body, m.codec
-                      FROM (SELECT DISTINCT substring(c.refs FROM i * 32 + 1 FOR 32) AS d
-                              FROM chain c,
-                                   generate_series(1, octet_length(c.refs) / 32 - 1) AS i
-                           ) r
-                      JOIN immagent_assets m ON m.digest = r.d
-                    """,
+                    SELECT 1, m.* FROM (
+                        SELECT DISTINCT substring(c.refs FROM i * 32 + 1 FOR 32) AS d
+                          FROM chain c CROSS JOIN generate_series(1, {_INLINE_ELEMENTS}) AS i
+                         WHERE i * 32 < octet_length(c.refs)
+                    ) r CROSS JOIN LATERAL (
+                        SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE digest = r.d LIMIT 1
+                    ) AS m
+                    """.encode(),
                     {"head": head},
                 )
                 rows = await cur.fetchall()
-        nodes = {r.digest: r for r in stored_rows(r[1:] for r in rows if r[0] == 0)}
-        leaves = {r.digest: r for r in stored_rows(r[1:] for r in rows if r[0] == 1)}
-        chain: list[StoredAsset] = []
-        row = nodes.get(head)
-        while row is not None:  # newest first; each node at most once
-            chain.append(row)
-            row = nodes.pop(row.refs[0], None) if row.refs else None
+                nodes = {r.digest: r for r in stored_rows(r[1:] for r in rows if r[0] == 0)}
+                leaves = {r.digest: r for r in stored_rows(r[1:] for r in rows if r[0] == 1)}
+                chain: list[StoredAsset] = []
+                row = nodes.get(head)
+                while row is not None:  # newest first; each node at most once
+                    chain.append(row)
+                    row = nodes.pop(row.refs[0], None) if row.refs else None
+                rest = list(dict.fromkeys(d for n in chain for d in n.refs[1 + _INLINE_ELEMENTS:]
+                                          if d not in leaves))
+                for start in range(0, len(rest), _PROBES):
+                    await cur.execute(_PROBE_SQL, (rest[start:start + _PROBES],))
+                    leaves.update((r.digest, r) for r in stored_rows(await cur.fetchall()))
         return chain, leaves
 
     async def iter_assets(self, roots: Sequence[Digest] | None = None,
@@ -418,6 +467,7 @@ class PostgresBackend(StateQueries):
                 conn.transaction(),
                 conn.cursor(name="immagent_iter_assets") as cur,
             ):
+                await conn.execute(_NO_JIT)
                 await cur.execute(sql.encode(), params)
                 while rows := await cur.fetchmany(batch_size):
                     yield [_asset(r) for r in rows]
@@ -458,6 +508,7 @@ class PostgresBackend(StateQueries):
                 """
         with _mapped("dangling_refs"):
             async with self._pool.connection() as conn:
+                await conn.execute(_NO_JIT)
                 cur = await conn.execute(
                     sql.encode(), {"ids": list(states or ()), "limit": limit}
                 )
@@ -498,6 +549,7 @@ class PostgresBackend(StateQueries):
                   "rests": [r for _, (_, r) in rules]}
         with _mapped("misfit_refs"):
             async with self._pool.connection() as conn:
+                await conn.execute(_NO_JIT)
                 cur = await conn.execute(sql.encode(), params)
                 rows = await cur.fetchall()
         return [Misfit(bytes(a), bytes(d), int(k), int(e)) for a, d, k, e in rows]
@@ -518,6 +570,7 @@ class PostgresBackend(StateQueries):
         """
         with _mapped("cyclic_states"):
             async with self._pool.connection() as conn:
+                await conn.execute(_NO_JIT)
                 cur = await conn.execute(sql.encode(), (limit,))
                 rows = await cur.fetchall()
         return [r[0] for r in rows]
@@ -600,14 +653,6 @@ class PostgresBackend(StateQueries):
             """, (state_id, limit))
 
 
-async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Per-connection settings. JIT is off: our recursive queries look expensive to the
-    planner, and compiling them cost ~400 ms against a few ms of execution."""
-    await conn.set_autocommit(True)
-    await conn.execute("SET jit = off")
-    await conn.set_autocommit(False)
-
-
 async def _version(conn: psycopg.AsyncConnection[Any]) -> int | None:
     cur = await conn.execute("SELECT to_regclass('immagent_schema') IS NOT NULL")
     row = await cur.fetchone()
@@ -667,3 +712,38 @@ def _password(dsn: str) -> str | None:
         return psycopg.conninfo.conninfo_to_dict(dsn).get("password")  # type: ignore[return-value]
     except (psycopg.ProgrammingError, ValueError):  # a malformed %-escape: UnicodeDecodeError
         return None
+
+
+# libpq rejects parameters it does not know, so ours is taken out of the DSN first: as a
+# URI query item, or a key=value pair (its value optionally quoted).
+_THRESHOLD = "prepare_threshold"
+_KV_THRESHOLD = re.compile(r"(?:^|\s)prepare_threshold\s*=\s*('?)([^\s']*)\1(?=\s|$)")
+
+
+def client_options(dsn: str) -> tuple[str, dict[str, Any]]:
+    """The DSN for libpq and psycopg's connection options from it: ``prepare_threshold``
+    (``none``: never prepare, what a transaction-pooling PgBouncer needs, since a prepared
+    statement belongs to one server session; an int: prepare a query after that many runs,
+    psycopg's default being 5). ValidationError ``dsn`` for another value."""
+    value: str | None = None
+    if dsn.startswith(("postgresql://", "postgres://")):
+        base, sep, query = dsn.partition("?")
+        kept = []
+        for item in query.split("&") if sep else ():
+            key, _, raw = item.partition("=")
+            if key == _THRESHOLD:
+                value = raw
+            else:
+                kept.append(item)
+        dsn = base + ("?" + "&".join(kept) if kept else "")
+    elif (match := _KV_THRESHOLD.search(dsn)) is not None:
+        value = match.group(2)
+        dsn = (dsn[:match.start()] + dsn[match.end():]).strip()
+    if value is None:
+        return dsn, {}
+    if value.lower() == "none":
+        return dsn, {"prepare_threshold": None}
+    if value.isascii() and value.isdigit():
+        return dsn, {"prepare_threshold": int(value)}
+    raise ValidationError("dsn", f"{_THRESHOLD} must be 'none' or an int >= 0, got {value!r}",
+                          value)

@@ -32,10 +32,12 @@ from immagent.assets import (
     Asset,
     ConversationNode,
     Digest,
+    Item,
     Kind,
     Message,
     StoredAsset,
     SystemPrompt,
+    Value,
     decode_asset,
     load_row,
     load_rows,
@@ -123,12 +125,15 @@ class Store:
         max_size: int = 10,
         max_inactive_connection_lifetime: float = 300.0,
         cache_entries: int = 20_000,
+        replicas: Sequence[str] = (),
     ) -> Store:
         """Open a store: ``postgresql://…`` for PostgreSQL, ``sqlite:///path.db`` (or a bare
         path ending in ``.db``) for the embedded SQLite backend, ``memory://`` for a
         throwaway one. The pool sizes apply to PostgreSQL; SQLite uses ``max_size`` reader
         connections beside its one writer. ``cache_entries`` decoded assets stay in memory
-        after their last use (assets never change, so a cached one is never stale)."""
+        after their last use (assets never change, so a cached one is never stale).
+        ``replicas``: DSNs of PostgreSQL hot standbys of ``dsn`` that serve reads (see
+        ``immagent.store.replicas``); each gets pools of the same sizes."""
         target = dsns.parse(dsn)
         check_count("cache_entries", cache_entries, 0, 10_000_000)
         check_count("min_size", min_size, 0, 1000)
@@ -141,12 +146,15 @@ class Store:
         lifetime = check_number("max_inactive_connection_lifetime",
                                 max_inactive_connection_lifetime, 0.0, 86_400 * 366,
                                 above=True)
+        if replicas and target.scheme != "postgresql":
+            raise ValidationError("replicas", "read replicas need a postgresql:// primary",
+                                  None)
         backend: Backend
         if target.scheme == "postgresql":
-            from immagent.store.postgres import PostgresBackend
+            from immagent.store.replicas import open_backend
 
-            backend = await PostgresBackend.open(
-                target.dsn, min_size=min_size, max_size=max_size,
+            backend = await open_backend(
+                target.dsn, replicas, min_size=min_size, max_size=max_size,
                 max_inactive_connection_lifetime=lifetime,
             )
         elif target.scheme == "sqlite":
@@ -288,7 +296,7 @@ class Store:
         digests = check_digests("digests", digests)
         if kind is not None and not (isinstance(kind, type)
                                      and issubclass(kind, SystemPrompt | Message
-                                                    | ConversationNode)):
+                                                    | ConversationNode | Value | Item)):
             raise ValidationError("kind", "must be None or an asset class", None)
         if not isinstance(what, str):
             raise ValidationError("what", "must be a str", None)
@@ -756,9 +764,34 @@ class Store:
                  info.assets, info.path)
         return info
 
+    async def export_states(self, ids: Sequence[UUID],
+                            path: str | os.PathLike[str]) -> bundle.BundleInfo:
+        """Write an audit bundle of any set of stored states (e.g. a LangGraph thread's
+        checkpoints and writes) and every asset they reach to ``path``, atomically, newest
+        state first (bundle format 3); verify it with ``immagent.verify_bundle``."""
+        wanted = [check_uuid("ids", i) for i in dict.fromkeys(ids)]
+        rows = await self.get_states(wanted)
+        missing = set(wanted) - {r.id for r in rows}
+        if not rows or missing:
+            raise ValidationError("ids", f"not stored: {sorted(missing or set(wanted))[0]}",
+                                  None)
+        rows.sort(key=lambda r: r.seq, reverse=True)
+        info = await bundle.export_bundle(self._open(), rows, path,
+                                          await self._compression.load(),
+                                          version=bundle.SET_VERSION)
+        log.info("exported %d states, %d assets to %s", len(rows), info.assets, info.path)
+        return info
+
     async def import_bundle(self, path: str | os.PathLike[str]) -> PersistentAgent:
         """Verify a bundle, then load it in one transaction (idempotent: present rows are
         skipped); returns its head state with the same id and digest as where it came from."""
+        info = await self.import_states(path)
+        return await self.load_agent(info.head)
+
+    async def import_states(self, path: str | os.PathLike[str]) -> bundle.BundleInfo:
+        """Verify a bundle of any format and any client's states (a LangGraph thread's, a
+        session's, …), then load its states and assets in one transaction (idempotent:
+        present rows are skipped), with their ids and digests; returns what it held."""
         info, states, rows = await bundle.read(path)
         # Compared, not trusted: a damaged row here is "different content" like any other.
         existing = {r.id: r for r in await self._open().get_states([s.id for s in states])}
@@ -773,30 +806,32 @@ class Store:
         except ConflictError as e:  # written meanwhile by someone else, differently
             raise bundle.conflict(info, e.state_id) from e
         log.info("imported bundle %s: head %s", os.fspath(path), info.head)
-        return await self.load_agent(info.head)
+        return info
 
     async def _refuse_cycle(self, info: bundle.BundleInfo, states: Sequence[StateRow]) -> None:
-        """A bundle's lineage ends at a parent it does not hold; if that parent is stored and
-        its own stored lineage leads back to a state of the bundle, importing would close a
-        parent cycle (two bundles, each valid alone, can do that). A stored cycle refuses
-        too. Not serialised with a concurrent import of the other half: the cycle-safe
-        walks and verify() still catch what such a race would leave."""
-        parent = states[-1].parent_id
-        if parent is None:
-            return
+        """Where a bundle's states name a parent it does not hold (the oldest state of a
+        lineage, any state of a set), that parent may be stored; if its stored lineage
+        leads back to a state of the bundle, importing would close a parent cycle (two
+        bundles, each valid alone, can do that). A stored cycle refuses too. Not serialised
+        with a concurrent import of the other half: the cycle-safe walks and verify()
+        still catch what such a race would leave."""
         ids = {s.id for s in states}
-        try:
-            stored = await self.state_lineage(parent)
-        except IntegrityError as e:
-            raise BundleError(f"{info.path}: the stored lineage it would extend is "
-                              f"damaged: {e}") from e
-        # The stored walk stops where a parent is not stored: at a bundle state, if any.
-        closing = next((r for r in stored if r.id in ids or r.parent_id in ids), None)
-        if closing is not None:
-            raise BundleError(f"{info.path}: importing would close a parent cycle: stored "
-                              f"state {closing.id}, an ancestor of its oldest state, names "
-                              f"{closing.parent_id} of the bundle as its parent; refusing "
-                              "to import")
+        outside = dict.fromkeys(s.parent_id for s in states
+                                if s.parent_id is not None and s.parent_id not in ids)
+        for parent in outside:
+            try:
+                stored = await self.state_lineage(parent)
+            except IntegrityError as e:
+                raise BundleError(f"{info.path}: the stored lineage it would extend is "
+                                  f"damaged: {e}") from e
+            # The stored walk stops where a parent is not stored: at a bundle state, if any.
+            closing = next((r for r in stored if r.id in ids or r.parent_id in ids), None)
+            if closing is not None:
+                raise BundleError(f"{info.path}: importing would close a parent cycle: "
+                                  f"stored state {closing.id} (an ancestor of {parent}, "
+                                  f"which a bundle state names as parent) names "
+                                  f"{closing.parent_id} of the bundle as its parent; "
+                                  "refusing to import")
 
 
 def _record(agent: object, field: str = "agent") -> AgentRecord:
@@ -870,7 +905,7 @@ def _storable(field: str, asset: object) -> StoredAsset:
     msgspec does not type-check Struct construction, so e.g. a Message with a bad role
     would be hashed and committed, then fail every later read.
     """
-    if not isinstance(asset, SystemPrompt | Message | ConversationNode):
+    if not isinstance(asset, SystemPrompt | Message | ConversationNode | Value | Item):
         raise ValidationError(field, f"must be an asset, got {type(asset).__name__}", None)
     if isinstance(asset, Message):  # before encoding: a cyclic call_config must not recurse
         rules.check_message(field, asset)
