@@ -102,7 +102,16 @@ async def test_a_trained_dictionary_is_adopted_kept_by_gc_and_found_by_another_s
     async with await Store.connect(store_dsn, min_size=1, max_size=2) as other:
         messages = await other.get_messages(await other.load_agent(agent.id))
         assert messages[-1] == later and len(messages) == 2 * turns + 1
-    # gc keeps it: the compression state pins it, whatever agents are deleted.
+    # gc checks the live rows compressed with it (it must load the dictionary to hash them)
+    # and keeps them; then it keeps the dictionary itself, whatever agents are deleted: the
+    # compression state pins it.
+    # A state links straight to its system prompt, so gc checks that leaf: one compressed
+    # with the dictionary must be readable by gc.
+    prompted = await store.create_agent("prompted", prose(20_000), "m")
+    assert codec_of(store_dsn, prompted.system_prompt_digest)[0] == dictionary_id
+    assert (await store.gc()).assets_removed == 0
+    assert (await store.get_messages(agent))[-1] == later
+    assert await (await store.load_agent(prompted.id)).get_system_prompt() == prose(20_000)
     await store.delete(agent)
     await store.gc()
     assert raw_sql(store_dsn, "SELECT count(*) FROM immagent_assets WHERE kind = %s",

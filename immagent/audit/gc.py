@@ -19,10 +19,12 @@ rules are here:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from immagent.assets import Kind, StoredAsset, check_row
+from immagent.codec import FIRST_DICTIONARY, NO_DICTIONARIES, ZstdDictionary
 from immagent.exceptions import IntegrityError
 from immagent.records import StateRow, check_state
 
@@ -60,25 +62,53 @@ class GCResult(dict[str, int]):
                 f"assets_kept={self.assets_kept})")
 
 
-def check_marked(rows: Sequence[StoredAsset | StateRow]) -> None:
+def check_marked(rows: Sequence[StoredAsset | StateRow],
+                 dictionaries: Mapping[int, ZstdDictionary] = NO_DICTIONARIES) -> None:
     """Raise IntegrityError naming the first row gc would mark from that does not hash to
-    its digest (or cannot be decoded): sweeping from it could delete live data."""
+    its digest (or cannot be decoded): sweeping from it could delete live data. A body
+    compressed with a dictionary not in ``dictionaries`` raises _UnknownDictionary (one
+    written since they were read: re-read them and sweep again)."""
     for row in rows:
         if isinstance(row, StateRow):
             problem = check_state(row)
             if problem is not None:
                 raise IntegrityError(f"gc aborted, nothing deleted: state {row.id} is "
                                      f"{problem[0]} ({problem[1]}); run store.verify()")
-        else:
-            found = check_row(row)
-            if found is not None:
-                raise IntegrityError(f"gc aborted, nothing deleted: asset {row.digest.hex()} "
-                                     f"is {found[0]} ({found[1]}); run store.verify()")
+            continue
+        if (type(row.codec) is int and row.codec >= FIRST_DICTIONARY
+                and row.codec not in dictionaries):
+            raise _UnknownDictionary(row.codec)
+        found = check_row(row, dictionaries)
+        if found is not None:
+            raise IntegrityError(f"gc aborted, nothing deleted: asset {row.digest.hex()} "
+                                 f"is {found[0]} ({found[1]}); run store.verify()")
 
 
-async def collect(backend: Backend) -> GCResult:
-    """Sweep every asset no state reaches, checking every row marked from first."""
-    result = await backend.sweep(check_marked)
+class _UnknownDictionary(Exception):
+    """A checked body needs a dictionary gc did not load (the sweep deleted nothing)."""
+
+
+#: Sweeps retried when a dictionary appeared meanwhile (each retry re-reads them).
+_ATTEMPTS = 3
+
+
+async def collect(backend: Backend,
+                  dictionaries: Callable[[], Awaitable[Mapping[int, ZstdDictionary]]]
+                  | None = None) -> GCResult:
+    """Sweep every asset no state reaches, checking every row marked from first; compressed
+    bodies are checked with the store's ``dictionaries`` (read before each attempt)."""
+    for _ in range(_ATTEMPTS):
+        known = NO_DICTIONARIES if dictionaries is None else await dictionaries()
+        try:
+            result = await backend.sweep(functools.partial(check_marked, dictionaries=known))
+        except _UnknownDictionary as e:
+            unknown = e.args[0]
+            continue
+        break
+    else:
+        raise IntegrityError(f"gc aborted, nothing deleted: a reached body needs "
+                             f"dictionary {unknown}, which the store does not hold (run "
+                             "store.verify())")
     if result.missing is not None:
         raise IntegrityError(
             f"gc aborted, nothing deleted: a stored state reaches asset "
