@@ -32,7 +32,7 @@ from immagent.assets import Message, ToolCall
 from immagent.exceptions import LLMError, ValidationError
 from immagent.options import DEFAULT_RETRY_DELAY, check_call_params
 from immagent.validate import (
-    MAX_NAME_CHARS,
+    MAX_NAME_BYTES,
     RESERVED_CONFIG_KEYS,
     check_config,
     check_text,
@@ -262,7 +262,7 @@ class _Call:
     def __init__(self, model: str, system_prompt: str, config: Mapping[str, Any] | None,
                  max_retries: int, timeout: float | None, retry_delay: float) -> None:
         # str() turns a Model member into its plain value, so messages store a plain str.
-        self.model = str(check_text("model", model, max_bytes=MAX_NAME_CHARS))
+        self.model = str(check_text("model", model, max_bytes=MAX_NAME_BYTES))
         if not isinstance(system_prompt, str):
             raise ValidationError("system_prompt", "must be a str", system_prompt)
         self.system_prompt = system_prompt

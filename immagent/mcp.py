@@ -28,7 +28,7 @@ from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.shared.exceptions import MCPError
 
 from immagent.exceptions import ToolExecutionError, ValidationError
-from immagent.validate import MAX_NAME_CHARS, check_text, scrub_text
+from immagent.validate import MAX_NAME_BYTES, check_text, scrub_text
 
 __all__ = ["MCPManager"]
 
@@ -105,7 +105,7 @@ class MCPManager:
         ``env`` is added to a minimal inherited environment (PATH, HOME, ...). Raises
         ToolExecutionError if the server cannot be started or does not answer in time.
         """
-        check_text("name", name, max_bytes=MAX_NAME_CHARS)
+        check_text("name", name, max_bytes=MAX_NAME_BYTES)
         check_text("command", command)
         if self._closed:
             raise ToolExecutionError(f"cannot connect {name!r}: the MCPManager is closed")

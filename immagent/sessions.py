@@ -43,7 +43,7 @@ from immagent.ids import uuid7
 from immagent.records import SessionBody, SessionBranch, StateRow, session_body, stream_digest
 from immagent.store.backend import Head
 from immagent.store.store import Store
-from immagent.validate import MAX_NAME_CHARS, check_json_value, check_text, check_uuid
+from immagent.validate import MAX_NAME_BYTES, check_json_value, check_text, check_uuid
 
 __all__ = [
     "MAIN",
@@ -137,7 +137,7 @@ class _Plan(NamedTuple):
 
 def check_session_id(field: str, value: object) -> str:
     """A session id: non-blank text without NUL (it is a stream name in every backend)."""
-    return check_text(field, value, max_bytes=MAX_NAME_CHARS)
+    return check_text(field, value, max_bytes=MAX_NAME_BYTES)
 
 
 def check_items(items: object) -> list[Item]:
@@ -432,7 +432,7 @@ class SessionLog:
     async def switch(self, branch: str) -> SessionState | None:
         """Make ``branch`` this cursor's branch; ValidationError if the newest state has no
         such branch."""
-        name = check_text("branch_id", branch, max_bytes=MAX_NAME_CHARS)
+        name = check_text("branch_id", branch, max_bytes=MAX_NAME_BYTES)
         state = await self.newest()
         _branch_head(state or _empty(self.session_id), name)
         self.branch = name
@@ -446,7 +446,7 @@ class SessionLog:
         session before (names are never reused, even after a delete or a clear)."""
         turn = _check_turn(turn, "turn_number")
         if name is not None:
-            name = check_text("branch_name", name, max_bytes=MAX_NAME_CHARS)
+            name = check_text("branch_name", name, max_bytes=MAX_NAME_BYTES)
         made: list[str] = []
 
         async def change(base: SessionState | None) -> _Plan:
@@ -477,7 +477,7 @@ class SessionLog:
         """A new state without branch ``name`` (retired: never reused). ValidationError for
         ``main``, for a branch the newest state does not have, and for this cursor's own
         branch unless ``force`` (then the cursor moves to ``main``)."""
-        name = check_text("branch_id", name, max_bytes=MAX_NAME_CHARS)
+        name = check_text("branch_id", name, max_bytes=MAX_NAME_BYTES)
         if name == MAIN:
             raise ValidationError("branch_id", "cannot delete the 'main' branch", name)
         if name == self.branch and not force:

@@ -20,7 +20,7 @@ from immagent.assets import Message
 from immagent.options import TurnKeywords
 from immagent.stream import Started, TurnStream
 from immagent.turn import check_turn, open_turn, run_turn
-from immagent.validate import MAX_NAME_CHARS, check_json_mapping, check_text
+from immagent.validate import MAX_NAME_BYTES, check_json_mapping, check_text
 
 __all__ = ["MessageList", "SimpleAgent"]
 
@@ -59,10 +59,10 @@ class SimpleAgent:
         ``metadata`` is free JSON-like data carried along (never sent to the model).
         """
         self._set(
-            name=check_text("name", name, max_bytes=MAX_NAME_CHARS),
+            name=check_text("name", name, max_bytes=MAX_NAME_BYTES),
             system_prompt=check_text("system_prompt", system_prompt),
             # str() stores a Model member as its plain value.
-            model=str(check_text("model", model, max_bytes=MAX_NAME_CHARS)),
+            model=str(check_text("model", model, max_bytes=MAX_NAME_BYTES)),
             model_config=llm.check_config(model_config),
             metadata=check_json_mapping("metadata", metadata),
             messages=MessageList(),

@@ -21,7 +21,7 @@ from immagent.exceptions import ValidationError
 __all__ = [
     "MAX_DEPTH",
     "MAX_INPUT_BYTES",
-    "MAX_NAME_CHARS",
+    "MAX_NAME_BYTES",
     "MAX_STREAM_BYTES",
     "RESERVED_CONFIG_KEYS",
     "AgentFields",
@@ -51,7 +51,7 @@ __all__ = [
 #: always a bug (a file read by mistake) and would blow any model's context anyway.
 MAX_INPUT_BYTES = 1_000_000
 #: Longest agent name or model string (UTF-8 bytes).
-MAX_NAME_CHARS = 1_000
+MAX_NAME_BYTES = 1_000
 #: Longest stream of any state (UTF-8 bytes): streams are indexed, and an index entry has
 #: a size limit (PostgreSQL's B-tree: about 2.7 kB, with the kind and seq beside it). A
 #: checkpoint-writes stream joins three keys of up to 1,000 bytes, so this is not 1,000.
@@ -79,9 +79,9 @@ def check_text(field: str, value: object, *, max_bytes: int | None = None) -> st
 
 def check_name(field: str, value: object) -> str:
     """An identifier (an agent's name, a model string): ``check_text`` with at most
-    MAX_NAME_CHARS bytes and no control characters (they would act on a terminal that
+    MAX_NAME_BYTES bytes and no control characters (they would act on a terminal that
     shows the name, and no name needs them)."""
-    text = check_text(field, value, max_bytes=MAX_NAME_CHARS)
+    text = check_text(field, value, max_bytes=MAX_NAME_BYTES)
     bad = next((c for c in text if unicodedata.category(c) == "Cc"), None)
     if bad is not None:
         raise ValidationError(field, f"must not contain control characters (found "

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,6 +102,42 @@ async def test_an_unreadable_regular_file_is_a_bundle_error(store: Store) -> Non
         await store.import_bundle("/proc/self/mem")
     with pytest.raises(immagent.BundleError, match="cannot be read"):
         verify_bundle("/proc/self/mem")
+
+
+_FULL_DISK = """
+import asyncio, resource, signal, sys
+from immagent import Message, Store
+
+async def main(db, dest):
+    async with await Store.connect(db) as store:
+        await store.init_schema()
+        agent = await store.create_agent("out", "You are exported.", "m")
+        agent = await store.append(agent, [Message.user("x" * 5000)])
+        # The file-size limit stands in for a full disk: a write past it fails (EFBIG).
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (512, resource.RLIM_INFINITY))
+        try:
+            await store.export(agent, dest)
+        except Exception as e:
+            print(type(e).__name__, e)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def test_a_device_failing_under_an_export_is_a_bundle_error(tmp_path: Path) -> None:
+    # A full disk is not the caller's bad input: BundleError, not ValidationError("path");
+    # the destination is left as it was and no temp file remains. In a subprocess: the
+    # limit would also stop pytest's own writes.
+    dest = tmp_path / "out" / "agent.bundle"
+    dest.parent.mkdir()
+    dest.write_bytes(b"old")
+    done = subprocess.run([sys.executable, "-c", _FULL_DISK, f"sqlite:///{tmp_path}/s.db",
+                           str(dest)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("BundleError cannot write"), done.stdout
+    assert dest.read_bytes() == b"old"
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["agent.bundle"]
 
 
 async def test_a_fifo_is_not_opened_for_import(store: Store, tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import os
 import secrets
@@ -339,6 +340,11 @@ def _refuse_export(head: StateRow, problem: str | None) -> None:
         raise IntegrityError(f"cannot export state {head.id}: {problem} (run store.verify())")
 
 
+#: Why a path cannot be written, as opposed to the device failing under it.
+_BAD_PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM,
+                              errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EEXIST})
+
+
 class _TempFile:
     """A temp file next to ``dest`` that becomes ``dest`` only on commit (fsync + rename),
     so readers see the old file or the whole new one, never a partial bundle. It is created
@@ -365,13 +371,16 @@ class _TempFile:
 
     @contextlib.contextmanager
     def _os_errors(self) -> Iterator[None]:
-        """A failed create, write or rename (no such place, read-only, disk full) is the
-        destination's fault: a ValidationError naming it, never a raw OSError."""
+        """A failed create, write or rename is never a raw OSError: a path that cannot be
+        written (no such directory, no permission) is a ValidationError naming it; the
+        device failing (disk full, quota, read-only, I/O error) is a BundleError."""
         try:
             yield
         except OSError as e:
-            raise ValidationError("path", f"cannot write {self.dest}: "
-                                  f"{e.strerror or e}", str(self.dest)) from e
+            reason = f"cannot write {self.dest}: {e.strerror or e}"
+            if e.errno in _BAD_PATH_ERRNOS:
+                raise ValidationError("path", reason, str(self.dest)) from e
+            raise BundleError(reason) from e
 
     def write(self, data: bytes) -> None:
         assert self._file is not None

@@ -14,7 +14,7 @@ from immagent.assets import Asset, ConversationNode, Digest, Kind, Message, Syst
 from immagent.exceptions import ValidationError
 from immagent.records import StateRow, load_agent
 from immagent.validate import (
-    MAX_NAME_CHARS,
+    MAX_NAME_BYTES,
     MAX_STREAM_BYTES,
     check_agent_fields,
     check_config,
@@ -54,9 +54,9 @@ def check_message(field: str, message: Message) -> None:
     check_token_count(f"{field}.input_tokens", message.input_tokens)
     check_token_count(f"{field}.output_tokens", message.output_tokens)
     if message.model is not None and len(message.model.encode("utf-8", "replace")) > \
-            MAX_NAME_CHARS:
+            MAX_NAME_BYTES:
         raise ValidationError(f"{field}.model", f"is longer than the limit of "
-                              f"{MAX_NAME_CHARS} bytes", None)
+                              f"{MAX_NAME_BYTES} bytes", None)
     if message.call_config is not None:
         check_config(message.call_config, f"{field}.call_config")
 
