@@ -109,9 +109,9 @@ class VerifyReport(msgspec.Struct, frozen=True):
 
     def lines(self) -> list[str]:
         """The report as human-readable lines (what ``immagent verify`` prints)."""
-        scope = f"agent {self.agent_id}" if self.agent_id else "whole store"
+        scope = f"state {self.agent_id}" if self.agent_id else "whole store"
         out = [f"verified {scope}: {self.assets_checked} assets ({self.bytes_checked} bytes), "
-               f"{self.agents_checked} agent states"]
+               f"{self.agents_checked} states"]
         out += [f"corrupt {p.digest.hex()} ({_kind_name(p.kind)}): {p.reason}"
                 for p in self.corrupt]
         out += [f"missing {m.digest.hex()} referenced by {_referrer(m.referrer)}"
@@ -119,7 +119,7 @@ class VerifyReport(msgspec.Struct, frozen=True):
         out += [f"undecodable {p.digest.hex()} ({_kind_name(p.kind)}): {p.reason}"
                 for p in self.undecodable]
         out += [f"bad state {a.agent_id}: {a.reason}" for a in self.bad_agents]
-        out += [f"unreadable agent row {u}" for u in self.unreadable_agents]
+        out += [f"unreadable state row {u}" for u in self.unreadable_agents]
         out += [f"wrong kind {k.digest.hex()} referenced by {_referrer(k.referrer)}: a "
                 f"{_kind_name(k.kind)} where a {_kind_name(k.expected)} must be"
                 for k in self.wrong_kinds]
@@ -272,4 +272,4 @@ def _kind_name(kind: int) -> str:
 
 
 def _referrer(referrer: Digest | UUID) -> str:
-    return f"agent {referrer}" if isinstance(referrer, UUID) else f"asset {referrer.hex()}"
+    return f"state {referrer}" if isinstance(referrer, UUID) else f"asset {referrer.hex()}"
