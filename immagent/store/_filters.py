@@ -9,8 +9,21 @@ from uuid import UUID
 
 from immagent.records import StateRow
 
-__all__ = ["Dialect", "StateQueries", "count_query", "scan_query", "state_filter",
-           "stream_query"]
+__all__ = ["ROOTED_STATES", "Dialect", "StateQueries", "count_query", "scan_query",
+           "state_filter", "stream_query"]
+
+#: ``rooted(id)``: the states whose lineage ends, reached from a root (no parent, or a parent
+#: not stored) through children; every other state runs into a parent cycle. UNION ALL: a
+#: state has one parent, so each is reached at most once, and cycles never.
+ROOTED_STATES = """
+    WITH RECURSIVE rooted(id) AS (
+        SELECT s.id FROM immagent_states s
+         WHERE s.parent_id IS NULL
+            OR NOT EXISTS (SELECT 1 FROM immagent_states p WHERE p.id = s.parent_id)
+        UNION ALL
+        SELECT c.id FROM rooted r JOIN immagent_states c ON c.parent_id = r.id
+    )
+"""
 
 
 class Dialect(NamedTuple):

@@ -43,7 +43,7 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.records import StateRow, state_from_v1
-from immagent.store._filters import Dialect, StateQueries
+from immagent.store._filters import ROOTED_STATES, Dialect, StateQueries
 from immagent.store.backend import (
     SCHEMA_VERSION,
     Head,
@@ -555,15 +555,7 @@ class PostgresBackend(StateQueries):
         return [Misfit(bytes(a), bytes(d), int(k), int(e)) for a, d, k, e in rows]
 
     async def cyclic_states(self, limit: int = 10_000) -> list[UUID]:
-        # See SQLiteBackend.cyclic_states: what is not reached from a root is in a cycle.
-        sql = """
-            WITH RECURSIVE rooted(id) AS (
-                SELECT s.id FROM immagent_states s
-                 WHERE s.parent_id IS NULL
-                    OR NOT EXISTS (SELECT 1 FROM immagent_states p WHERE p.id = s.parent_id)
-                UNION ALL
-                SELECT c.id FROM rooted r JOIN immagent_states c ON c.parent_id = r.id
-            )
+        sql = ROOTED_STATES + """
             SELECT s.id FROM immagent_states s
              WHERE NOT EXISTS (SELECT 1 FROM rooted r WHERE r.id = s.id)
              ORDER BY s.id LIMIT %s

@@ -49,7 +49,7 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.records import StateRow, state_from_v1
-from immagent.store._filters import Dialect, StateQueries
+from immagent.store._filters import ROOTED_STATES, Dialect, StateQueries
 from immagent.store._sqlite_pool import SQLitePool, is_busy, transaction
 from immagent.store.backend import (
     SCHEMA_VERSION,
@@ -746,17 +746,7 @@ class SQLiteBackend(StateQueries):
         return result
 
     async def cyclic_states(self, limit: int = 10_000) -> list[UUID]:
-        # The states whose lineage ends are those reached from a root (no parent, or a
-        # parent not stored) through children; the rest run into a cycle. UNION ALL: a
-        # state has one parent, so each is reached at most once, and cycles never.
-        sql = """
-            WITH RECURSIVE rooted(id) AS (
-                SELECT s.id FROM immagent_states s
-                 WHERE s.parent_id IS NULL
-                    OR NOT EXISTS (SELECT 1 FROM immagent_states p WHERE p.id = s.parent_id)
-                UNION ALL
-                SELECT c.id FROM rooted r JOIN immagent_states c ON c.parent_id = r.id
-            )
+        sql = ROOTED_STATES + """
             SELECT id, seq FROM immagent_states WHERE id NOT IN (SELECT id FROM rooted)
              ORDER BY id LIMIT ?
         """
