@@ -12,6 +12,7 @@ import immagent
 from immagent import Message, PersistentAgent, Store
 from immagent.assets import Kind
 from immagent.records import AgentRecord
+from immagent.sessions import SessionLog, check_items
 from immagent.store.backend import SCHEMA_VERSION
 from tests.conftest import count_rows, raw_sql, turn
 
@@ -234,6 +235,14 @@ async def test_stats_report_sharing(store: Store) -> None:
     assert stats.assets_by_kind["message"][0] == 20
     assert stats.logical_bytes > 5 * stats.assets_by_kind["message"][1]
     assert stats.sharing_ratio > 1 and stats.disk_bytes > 0
+    assert stats.states_by_kind == {"agent_state": 16}
+    # States of other clients are counted by kind, not as agents.
+    log = SessionLog(store, "s-1")
+    await log.append(check_items([{"role": "user", "content": "hi"}]))
+    await log.append(check_items([{"role": "assistant", "content": "hello"}]))
+    stats = await store.stats()
+    assert stats.agents == 16
+    assert stats.states_by_kind == {"agent_state": 16, "session_state": 2}
 
 
 async def test_connect_errors_are_clear_and_hide_the_password() -> None:

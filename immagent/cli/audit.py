@@ -37,7 +37,7 @@ def stats(ctx: Context, args: argparse.Namespace) -> int:
 
 def _stats_json(s: StoreStats) -> dict[str, Any]:
     return {
-        "agents": s.agents, "assets": s.assets,
+        "agents": s.agents, "states_by_kind": s.states_by_kind, "assets": s.assets,
         "assets_by_kind": {k: {"count": n, "bytes": b} for k, (n, b) in s.assets_by_kind.items()},
         "payload_bytes": s.payload_bytes, "disk_bytes": s.disk_bytes,
         "logical_bytes": s.logical_bytes, "saved_bytes": s.logical_bytes - s.payload_bytes,
@@ -49,6 +49,10 @@ def _stats_lines(s: StoreStats) -> Iterator[str]:
     rows = [(kind, str(n), human_bytes(b)) for kind, (n, b) in s.assets_by_kind.items()]
     rows.append(("total", str(s.assets), human_bytes(s.payload_bytes)))
     yield f"agent states   {s.agents}"
+    others = [f"{n} {kind.replace('_', ' ')}" for kind, n in s.states_by_kind.items()
+              if kind != "agent_state"]
+    if others:
+        yield f"other states   {', '.join(others)}"
     yield ""
     yield from table(("ASSETS", "COUNT", "BYTES"), rows, right=(1, 2))
     yield ""

@@ -20,6 +20,8 @@ class StoreStats(msgspec.Struct, frozen=True):
     payload_bytes: int
     disk_bytes: int
     logical_bytes: int
+    #: State rows of every kind held (agent states, checkpoints, sessions, …) -> count.
+    states_by_kind: dict[str, int] = msgspec.field(default_factory=dict)
 
     @property
     def assets(self) -> int:

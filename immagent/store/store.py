@@ -59,7 +59,14 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.ids import uuid7
-from immagent.records import AgentRecord, StateRow, load_agent, load_state, state_digest
+from immagent.records import (
+    STATE_KINDS,
+    AgentRecord,
+    StateRow,
+    load_agent,
+    load_state,
+    state_digest,
+)
 from immagent.store import dsn as dsns
 from immagent.store.backend import SCHEMA_VERSION, Backend, Head
 from immagent.store.cache import AssetCache
@@ -725,7 +732,7 @@ class Store:
         """Sizes of what is stored and of what a copy-per-state layout would store.
 
         Reads every agent state once (keyset-paged) and each distinct head node and prompt
-        once.
+        once; states of every kind are counted (one count per kind).
         """
         _check_limit(page_size)
         backend = self._open()
@@ -742,12 +749,14 @@ class Store:
                 sizes[asset.digest] = (asset.size if isinstance(asset, ConversationNode)
                                        else len(asset.body))
             logical += sum(sizes[r.system_prompt] + sizes[r.conversation] for r in records)
+        states = {_kind_name(k): await backend.count_states(k) for k in sorted(STATE_KINDS)}
         return StoreStats(
             agents=agents,
             assets_by_kind={_kind_name(k): v for k, v in sorted(by_kind.items())},
             payload_bytes=sum(b for _, b in by_kind.values()),
             disk_bytes=await backend.storage_bytes(),
             logical_bytes=logical,
+            states_by_kind={k: n for k, n in states.items() if n},
         )
 
     async def export(self, agent: PersistentAgent | UUID | str,
