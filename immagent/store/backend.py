@@ -112,9 +112,9 @@ class Backend(Protocol):
         anew (a new ``seq``: it becomes its stream's newest). Holds the shared side of the
         gc lock, so no sweep runs between the check and the commit: what this write
         deduplicated onto or points at cannot be swept under it. Writes expecting heads of
-        the same stream are serialised, and so are writes replacing the same id (the later
-        one replaces what the earlier one wrote), so exactly one of two writers that read
-        the same head commits.
+        the same stream are serialised, so exactly one of two writers that read the same
+        head commits; writes replacing the same id are serialised too, so each commits and
+        the later one replaces what the earlier one wrote.
         """
 
     async def delete_states(self, ids: Sequence[UUID], *,

@@ -718,10 +718,10 @@ async def _insert_states(cur: psycopg.AsyncCursor[Any], states: Sequence[StateRo
                          replace: Sequence[UUID]) -> None:
     """Insert the states; abort the write if an id it skipped is stored with another digest.
 
-    A replaced id can still be found here: a write that does not replace it inserted it
-    after this write's DELETE took its snapshot. It is deleted and inserted again, once:
-    that DELETE sees the row and locks it, so the id's next writer waits for this one, as
-    memory and SQLite serialise them."""
+    A replaced id can still be found here: a concurrent write that does not replace it
+    inserted it, uncommitted when this write's DELETE ran and committed since. It is
+    deleted and inserted again, once: that DELETE sees the row and locks it, so the id's
+    next writer waits for this one, as memory and SQLite serialise them."""
     replaced = set(replace)
     pending = list(states)
     for round_ in range(1, _REPLACE_ROUNDS + 1):
