@@ -12,8 +12,10 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
+import psycopg
 import pytest
 
 from immagent.assets import (
@@ -153,6 +155,82 @@ class BackendContract:
         assert await backend.write([], [state("other")], heads=[
             Head(TEST_KIND, "other", None), Head(int(Kind.AGENT_STATE), "line", None)]) == \
             WriteResult()
+
+    async def test_replace_deletes_the_named_states_and_inserts_the_new_ones_at_once(
+            self, backend: Backend) -> None:
+        old, gone, kept = state("r", body=b"one"), state("r"), state("r")
+        assert await backend.write([], [old, gone, kept]) == WriteResult()
+        new = state("r", body=b"two", state_id=old.id)
+        # Absent ids are fine; the re-written id needs no conflict check.
+        assert await backend.write([], [new], replace=[old.id, gone.id, uuid.uuid4()]) == \
+            WriteResult()
+        by_id = {s.id: s for s in await backend.get_states([old.id, gone.id, kept.id])}
+        assert set(by_id) == {old.id, kept.id} and by_id[old.id].digest == new.digest
+        # Inserted anew: it is its stream's newest state now.
+        newest = await backend.stream_states(TEST_KIND, "r", limit=1)
+        assert newest[0].id == old.id and by_id[old.id].seq > by_id[kept.id].seq
+        # A replacement with nothing to insert is a delete.
+        assert await backend.write([], [], replace=[kept.id]) == WriteResult()
+        assert [s.id for s in await backend.stream_states(TEST_KIND, "r")] == [old.id]
+
+    async def test_a_replacement_that_fails_a_check_deletes_nothing(
+            self, backend: Backend) -> None:
+        old, other = state("f", body=b"one"), state("f", body=b"mine")
+        await backend.write([], [old, other])
+        absent = b"\x07" * 32
+        rows, _ = chain("x")
+        again = state("f", body=b"two", state_id=old.id)
+        theirs = state("f", body=b"theirs", state_id=other.id)
+        assert await backend.write(rows, [again], require=[absent], replace=[old.id]) == \
+            WriteResult(missing=(absent,))
+        stale = Head(TEST_KIND, "f", old.id)  # `other` is the newest
+        assert await backend.write(rows, [again], heads=[stale], replace=[old.id]) == \
+            WriteResult(stale=(stale,))
+        # A conflict on an id it does not replace: the replaced one stays, too.
+        result = await backend.write(rows, [again, theirs], replace=[old.id])
+        assert result == WriteResult(conflicts=(other.id,))
+        by_id = {s.id: s for s in await backend.get_states([old.id, other.id])}
+        assert by_id[old.id].digest == old.digest and by_id[other.id].digest == other.digest
+        assert await backend.get_assets([r.digest for r in rows]) == {}
+        assert await backend.count_states(TEST_KIND) == 2
+
+    async def test_heads_are_checked_against_the_rows_before_the_replacement(
+            self, backend: Backend) -> None:
+        first, second = state("h"), state("h")
+        await backend.write([], [first])
+        await backend.write([], [second], heads=[Head(TEST_KIND, "h", first.id)])
+        # Replacing the newest state while expecting it: the expectation held.
+        newer = state("h", body=b"newer", state_id=second.id)
+        assert await backend.write([], [newer], heads=[Head(TEST_KIND, "h", second.id)],
+                                   replace=[second.id]) == WriteResult()
+        # Deleting the head does not make the one before it the expected head.
+        before = Head(TEST_KIND, "h", first.id)
+        assert await backend.write([], [state("h")], heads=[before], replace=[second.id]) \
+            == WriteResult(stale=(before,))
+        assert [s.id for s in await backend.stream_states(TEST_KIND, "h")] == \
+            [second.id, first.id]
+        # Replacing an older state makes it the newest: a writer that read the old head is
+        # refused; the id it now holds is the head.
+        again = state("h", body=b"again", state_id=first.id)
+        assert await backend.write([], [again], replace=[first.id]) == WriteResult()
+        moved = Head(TEST_KIND, "h", second.id)
+        assert await backend.write([], [state("h")], heads=[moved]) == \
+            WriteResult(stale=(moved,))
+        assert await backend.write([], [state("h")], heads=[before]) == WriteResult()
+
+    async def test_concurrent_replacements_of_one_id_all_commit_and_one_wins(
+            self, backend: Backend) -> None:
+        old = state("c", body=b"old")
+        await backend.write([], [old])
+        for attempt in range(3):
+            rivals = [state("c", body=b"v%d.%d" % (attempt, i), state_id=old.id)
+                      for i in range(8)]
+            results = await asyncio.gather(*(backend.write([], [r], replace=[old.id])
+                                             for r in rivals))
+            assert results == [WriteResult()] * len(rivals)
+            (row,) = await backend.get_states([old.id])
+            assert row.digest in {r.digest for r in rivals}
+            assert await backend.count_states(TEST_KIND) == 1
 
     # -- chains and walks -----------------------------------------------------------------
 
@@ -399,3 +477,34 @@ class TestPostgresBackend(BackendContract):
 
     async def create_backend(self) -> Backend:
         return await PostgresBackend.open(self.dsn, min_size=1, max_size=8)
+
+    async def test_a_replacement_that_waited_for_a_plain_insert_of_its_id_replaces_it(
+            self, backend: Backend) -> None:
+        # Another transaction inserts the id (not replacing anything) and commits only once
+        # the replacing write waits for it: the replacement must still win, as it would in
+        # either serial order of the two writes (memory and SQLite serialise them).
+        plain = state("p", body=b"plain")
+        mine = state("p", body=b"mine", state_id=plain.id)
+        async with (await psycopg.AsyncConnection.connect(self.dsn) as conn,
+                    await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as watch,
+                    conn.transaction()):
+            await conn.execute(
+                "INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, "
+                "digest, created_at) VALUES (%s, NULL, %s, %s, '', %s, %s, %s)",
+                (plain.id, plain.kind, plain.stream, plain.body, plain.digest,
+                 plain.created_at))
+            write = asyncio.create_task(backend.write([], [mine], replace=[plain.id]))
+            deadline = asyncio.get_running_loop().time() + 10
+            while not await _waits_for_a_lock(watch):
+                assert asyncio.get_running_loop().time() < deadline, "never waited"
+                await asyncio.sleep(0.01)
+        assert await write == WriteResult()
+        (row,) = await backend.get_states([plain.id])
+        assert row.digest == mine.digest
+
+
+async def _waits_for_a_lock(conn: psycopg.AsyncConnection[Any]) -> bool:
+    cur = await conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                             "'Lock' AND datname = current_database()")
+    row = await cur.fetchone()
+    return row is not None and row[0] > 0

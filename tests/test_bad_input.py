@@ -94,6 +94,8 @@ CASES: dict[str, tuple[Case, str]] = {
     "commit(None)": (lambda s, a: s.commit(None), "assets"),  # type: ignore
     "commit heads": (lambda s, a: s.commit([], [], heads=[Head(2**70, "n", None)]),
                      "heads[0].kind"),
+    "commit replace": (lambda s, a: s.commit([], [], replace=[a.id, "x"]),  # type: ignore
+                       "replace[1]"),
     "clone(None)": (lambda s, a: s.clone(None), "agent"),  # type: ignore
     "append(str)": (lambda s, a: s.append("x", turn(1)), "agent"),  # type: ignore
     "message_counts": (lambda s, a: s.message_counts(["x"]), "agents[0]"),  # type: ignore

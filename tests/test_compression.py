@@ -4,11 +4,13 @@ dictionary and its lifecycle, damage named by verify, bundles in canonical form.
 from __future__ import annotations
 
 import random
+import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from immagent import Message, Store
+from immagent import Message, PersistentAgent, Store
 from immagent import codec as codecs
 from immagent.assets import (
     EMPTY_CONVERSATION,
@@ -24,8 +26,9 @@ from immagent.assets import (
     stored,
 )
 from immagent.audit.bundle import read_bundle
-from immagent.exceptions import IntegrityError
+from immagent.exceptions import IntegrityError, ValidationError
 from immagent.store.compression import GENERATIONS, STREAM
+from tests import crafted
 from tests.conftest import raw_sql
 from tests.test_verify import assert_clean
 
@@ -81,14 +84,21 @@ async def test_every_kind_round_trips_and_only_what_shrinks_is_compressed(
     assert_clean(await store.verify())
 
 
-async def test_a_trained_dictionary_is_adopted_kept_by_gc_and_found_by_another_store(
-        store: Store, store_dsn: str) -> None:
+async def talk_until_trained(store: Store) -> tuple[PersistentAgent, int]:
+    """An agent with enough compressible turns for the store to train its first dictionary,
+    and the number of turns."""
     agent = await store.create_agent("talker", "p", "m")
     turns = 0
     while turns * 800 < GENERATIONS[0][0] + 8000:
         agent = await store.append(agent, [Message.user(prose(2 * turns)),
                                            Message.assistant(prose(2 * turns + 1))])
         turns += 1
+    return agent, turns
+
+
+async def test_a_trained_dictionary_is_adopted_kept_by_gc_and_found_by_another_store(
+        store: Store, store_dsn: str) -> None:
+    agent, turns = await talk_until_trained(store)
     rows = raw_sql(store_dsn, "SELECT digest FROM immagent_assets WHERE kind = %s",
                    [int(Kind.DICTIONARY)])
     assert len(rows) == 1
@@ -120,6 +130,28 @@ async def test_a_trained_dictionary_is_adopted_kept_by_gc_and_found_by_another_s
     # The store's own state cannot be deleted through the event-store API.
     with pytest.raises(Exception, match="compression"):
         await store.delete_states([states[0].id])
+
+
+async def test_the_compression_state_can_be_neither_deleted_nor_replaced(
+        store: Store, store_dsn: str) -> None:
+    agent, _ = await talk_until_trained(store)
+    (own,) = await store.stream_states(int(Kind.COMPRESSION), STREAM)
+    row = crafted.agent_state(agent.system_prompt_digest, agent.conversation_digest).to_row()
+    cases: list[tuple[Callable[[], Awaitable[object]], str]] = [
+        (lambda: store.delete_states([own.id]), "ids"),
+        (lambda: store.commit([], [], replace=[own.id]), "replace"),
+        # Named among others, in a write that would be valid without it: nothing written.
+        (lambda: store.commit([], [row], replace=[uuid.uuid4(), own.id]), "replace"),
+    ]
+    for call, field in cases:
+        with pytest.raises(ValidationError, match="compression state") as err:
+            await call()
+        assert err.value.field == field
+    assert await store.stream_states(int(Kind.COMPRESSION), STREAM) == [own]
+    assert await store.get_states([row.id]) == []
+    store.clear_cache()
+    async with await Store.connect(store_dsn, min_size=1, max_size=2) as other:
+        assert len(await other.get_messages(await other.load_agent(agent.id))) > 0
 
 
 async def test_a_damaged_compressed_body_is_named_by_verify_and_refused_on_read(

@@ -4,6 +4,7 @@ PostgreSQL and SQLite: round trips, chains, writes, validation, sync calls, audi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import threading
@@ -233,6 +234,65 @@ async def test_reputting_a_checkpoint_id_replaces_it(store: Store) -> None:
     got = await saver.aget_tuple(stored)
     assert got is not None and got.checkpoint["channel_values"] == {"x": 2}
     assert await store.count_states(Kind.CHECKPOINT) == 1
+
+
+async def _reput(saver: ImmAgentSaver, checkpoint: Checkpoint, x: int) -> Any:
+    """Put ``checkpoint``'s id again with ``x`` as its value."""
+    md: CheckpointMetadata = {"source": "loop", "step": 0, "parents": {}}
+    changed = cast(Checkpoint, {**checkpoint, "channel_values": {"x": x}})
+    return await saver.aput(_config("t"), changed, md, {"x": 1})
+
+
+async def test_a_reput_never_shows_a_concurrent_reader_the_checkpoint_missing(
+        store: Store, store_dsn: str) -> None:
+    checkpoint = _checkpoint({"x": 0}, {"x": 1})
+    writer = ImmAgentSaver(store)
+    config = await _reput(writer, checkpoint, 0)
+    seen: list[int | None] = []
+    writing = True
+
+    async def read(reader: ImmAgentSaver) -> None:
+        while writing:
+            got = await reader.aget_tuple(config)
+            seen.append(None if got is None else got.checkpoint["channel_values"]["x"])
+            newest = await reader.aget_tuple(_config("t"))  # the thread's one checkpoint
+            seen.append(None if newest is None else newest.checkpoint["channel_values"]["x"])
+
+    async with await Store.connect(store_dsn, min_size=1, max_size=2) as elsewhere:
+        readers = [asyncio.create_task(read(ImmAgentSaver(s))) for s in (store, elsewhere)]
+        for x in range(1, 41):
+            # A fresh saver does not know the row: its put conflicts first, then replaces.
+            await _reput(writer if x % 2 else ImmAgentSaver(store), checkpoint, x)
+            await asyncio.sleep(0)
+        writing = False
+        await asyncio.gather(*readers)
+    assert None not in seen
+    assert len(set(seen)) > 2  # the readers ran while the writer did
+
+
+async def test_a_reput_interrupted_anywhere_leaves_the_old_checkpoint_or_the_new(
+        store: Store) -> None:
+    checkpoint = _checkpoint({"x": 0}, {"x": 1})
+    config = await _reput(ImmAgentSaver(store), checkpoint, 0)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await _reput(ImmAgentSaver(store), checkpoint, 1)
+    took = loop.time() - start
+    reader = ImmAgentSaver(store)
+    # Cancel re-puts (by savers that do not know the row, and one that does) at points
+    # spread over the time one takes: between any two of its statements, at some step.
+    for step in range(40):
+        saver = ImmAgentSaver(store) if step % 4 else reader
+        put = asyncio.create_task(_reput(saver, checkpoint, 100 + step))
+        await asyncio.sleep(took * (step % 20) / 16)
+        put.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await put
+        got = await reader.aget_tuple(config)
+        assert got is not None, f"the checkpoint vanished (cancelled at step {step})"
+        assert got.checkpoint["channel_values"]["x"] in (1, *range(100, 101 + step))
+    assert await store.count_states(Kind.CHECKPOINT) == 1
+    assert (await store.verify()).ok
 
 
 async def test_bad_input_is_a_validation_error_and_writes_nothing(store: Store) -> None:

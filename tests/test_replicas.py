@@ -8,19 +8,23 @@ import asyncio
 import time
 import uuid
 from collections.abc import Iterator
+from typing import cast
 
 import psycopg
 import pytest
+from langgraph.checkpoint.base import Checkpoint, CheckpointMetadata
 
 from immagent import AgentNotFoundError, IntegrityError, Message, PersistentAgent, Store
 from immagent.cli.app import main
 from immagent.cli.database import resolve
 from immagent.cli.errors import CLIError
 from immagent.exceptions import ValidationError
+from immagent.integrations.langgraph import ImmAgentSaver
 from immagent.store.replicas import least_busy
 from tests.cluster_store import CHAIN, GET_STATES, LINEAGE, SCAN, empty_store
 from tests.conftest import raw_sql, turn
 from tests.pg_cluster import PgCluster
+from tests.test_langgraph import _checkpoint, _config
 
 
 @pytest.fixture
@@ -154,6 +158,23 @@ async def test_a_deleted_state_is_not_read_back_from_a_lagging_replica(
             await asyncio.sleep(0.1)
         with pytest.raises(AgentNotFoundError):
             await store.load_agent(gone.id)
+
+
+async def test_a_replaced_checkpoint_is_not_read_back_from_a_lagging_replica(
+        cluster: PgCluster) -> None:
+    async with await replicated(cluster) as store:
+        checkpoint = _checkpoint({"x": 1}, {"x": 1})
+        md: CheckpointMetadata = {"source": "loop", "step": 0, "parents": {}}
+        config = await ImmAgentSaver(store).aput(_config("t"), checkpoint, md, {"x": 1})
+        cluster.wait_caught_up()
+        with cluster.replay_paused():
+            changed = cast(Checkpoint, {**checkpoint, "channel_values": {"x": 2}})
+            await ImmAgentSaver(store).aput(_config("t"), changed, md, {"x": 1})
+            cluster.reset_stats()
+            got = await ImmAgentSaver(store).aget_tuple(config)  # the standby has the old row
+            assert got is not None and got.checkpoint["channel_values"] == {"x": 2}
+            assert cluster.calls("standby", GET_STATES) == 0
+        cluster.wait_caught_up()
 
 
 # -- failures ---------------------------------------------------------------------------

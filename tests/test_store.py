@@ -14,6 +14,7 @@ from immagent.assets import Kind
 from immagent.records import AgentRecord
 from immagent.sessions import SessionLog, check_items
 from immagent.store.backend import SCHEMA_VERSION
+from tests import crafted
 from tests.conftest import count_rows, raw_sql, turn
 
 PROMPT = "You are helpful."
@@ -125,6 +126,28 @@ async def test_delete_keeps_other_agents_intact(store: Store) -> None:
     assert len(await c.get_messages()) == 4
     with pytest.raises(immagent.AgentNotFoundError):
         await store.delete(b.id)
+
+
+async def test_commit_replace_swaps_states_in_one_write(store: Store) -> None:
+    a = await store.create_agent("bot", PROMPT, "m")
+    b = await store.create_agent("other", PROMPT, "m")
+    renamed = crafted.agent_state(a.system_prompt_digest, a.conversation_digest,
+                                  name="renamed", id=a.id).to_row()
+    # Without replace the id is taken; with it, the old row is gone and the new one is read
+    # (not the live object loaded before).
+    with pytest.raises(immagent.ConflictError):
+        await store.commit([], [renamed])
+    await store.commit([], [renamed], replace=[a.id, uuid.uuid4()])
+    assert (await store.load_agent(a.id)).name == "renamed"
+    assert [x.id for x in await store.find_by_name("bot")] == []
+    # An id not in replace still conflicts, and then nothing is replaced.
+    other = crafted.agent_state(b.system_prompt_digest, b.conversation_digest,
+                                name="taken", id=b.id).to_row()
+    back = crafted.agent_state(a.system_prompt_digest, a.conversation_digest,
+                               name="bot", id=a.id).to_row()
+    with pytest.raises(immagent.ConflictError):
+        await store.commit([], [back, other], replace=[a.id])
+    assert [(await store.load_agent(i)).name for i in (a.id, b.id)] == ["renamed", "other"]
 
 
 async def test_concurrent_steps_from_one_agent_make_siblings(store: Store) -> None:

@@ -511,13 +511,17 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
 
     async def _commit(self, assets: Sequence[Asset], row: StateRow) -> None:
         """Write a checkpoint; a checkpoint id stored before with other content is replaced
-        (LangGraph's savers upsert): the old row is deleted, then the new one written."""
-        try:
-            await self.store.commit(assets, [row])
-        except ConflictError:
-            await self.store.delete_states([row.id])
-            self._rows.pop(row.id, None)
-            await self.store.commit(assets, [row])
+        (LangGraph's savers upsert) in the same transaction that writes the new row, so a
+        reader finds the old row or the new one, never neither, and a failed put leaves
+        the old one. A put of a new id (the usual one) is a plain commit."""
+        known = self._rows.get(row.id)
+        if known is None or known.digest == row.digest:
+            try:
+                await self.store.commit(assets, [row])
+                return
+            except ConflictError:
+                pass
+        await self.store.commit(assets, [row], replace=[row.id])
 
     async def _parent_values(self, thread_id: str, ns: str, parent_id: str | None
                              ) -> dict[str, tuple[Any, Any, list[Digest]]]:

@@ -98,16 +98,23 @@ class Backend(Protocol):
     # -- writes ---------------------------------------------------------------------------
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
-                    require: Sequence[Digest] = (), heads: Sequence[Head] = ()) -> WriteResult:
+                    require: Sequence[Digest] = (), heads: Sequence[Head] = (),
+                    replace: Sequence[UUID] = ()) -> WriteResult:
         """In one transaction: insert the assets (skipping ones already present), check that
         every digest in ``require`` is stored and every head in ``heads`` is still the
-        newest state of its stream, insert the states. Commits nothing when a required
-        digest is missing, a head moved on, or a state id exists with another digest.
+        newest state of its stream, delete the state rows whose ids are in ``replace``
+        (absent ones are fine), insert the states. Commits nothing when a required digest
+        is missing, a head moved on, or a state id not in ``replace`` exists with another
+        digest.
 
-        Holds the shared side of the gc lock, so no sweep runs between the check and the
-        commit: what this write deduplicated onto or points at cannot be swept under it.
-        Writes expecting heads of the same stream are serialised, so exactly one of two
-        writers that read the same head commits.
+        The checks see the rows as they were before the write: a head names a stream's
+        newest state before a replacement, and a replaced state written again is inserted
+        anew (a new ``seq``: it becomes its stream's newest). Holds the shared side of the
+        gc lock, so no sweep runs between the check and the commit: what this write
+        deduplicated onto or points at cannot be swept under it. Writes expecting heads of
+        the same stream are serialised, so exactly one of two writers that read the same
+        head commits; writes replacing the same id are serialised too, so each commits and
+        the later one replaces what the earlier one wrote.
         """
 
     async def delete_states(self, ids: Sequence[UUID], *,

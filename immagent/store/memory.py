@@ -62,18 +62,23 @@ class MemoryBackend:
         return current
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
-                    require: Sequence[Digest] = (), heads: Sequence[Head] = ()) -> WriteResult:
+                    require: Sequence[Digest] = (), heads: Sequence[Head] = (),
+                    replace: Sequence[UUID] = ()) -> WriteResult:
         self._open()
         async with self._lock:
             inserted = {a.digest for a in assets}
             missing = tuple(d for d in require if d not in self._assets and d not in inserted)
+            replaced = set(replace)
             conflicts = tuple(s.id for s in states
-                              if s.id in self._states and self._states[s.id].digest != s.digest)
+                              if s.id in self._states and s.id not in replaced
+                              and self._states[s.id].digest != s.digest)
             stale = tuple(h for h in heads if self._newest(h.kind, h.stream) != h.state_id)
             if missing or conflicts or stale:
                 return WriteResult(missing, conflicts, stale)
             for a in assets:
                 self._assets.setdefault(a.digest, a)
+            for state_id in replaced:
+                self._states.pop(state_id, None)
             for s in states:
                 if s.id not in self._states:
                     self._states[s.id] = _with_seq(s, next(self._seq))

@@ -65,6 +65,9 @@ _SCHEMA_LOCK = 0x1A3A_6E70_0000_0002
 _LINEAGE_LOCK = 0x1A3A_6E70_0000_0003
 # Two-key advisory locks (int4, int4) per stream: the first key, this base plus the kind.
 _STREAM_LOCK_SPACE = 0x1A3A_0000
+# Two-key advisory locks per replaced state id: this first key (past every stream's, whose
+# kinds are smallints), then the id's last four bytes.
+_REPLACE_LOCK = 0x1A3B_0000
 
 _STATE_COLUMNS = "id, parent_id, kind, stream, refs, body, digest, created_at, seq"
 _ASSET_COLUMNS = "digest, kind, refs, body, codec"
@@ -81,6 +84,8 @@ _GC_CHECKED = f"""
                           JOIN immagent_reach pr ON pr.digest = p.digest
                          WHERE p.refs IS NOT NULL)
 """
+#: Inserts a replacing write tries (see _insert_states).
+_REPLACE_ROUNDS = 2
 #: Elements of a node fetched in get_chain's first statement (see there).
 _INLINE_ELEMENTS = 7
 #: Digests looked up by one statement of _PROBE_SQL.
@@ -245,7 +250,8 @@ class PostgresBackend(StateQueries):
     # -- writes ---------------------------------------------------------------------------
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
-                    require: Sequence[Digest] = (), heads: Sequence[Head] = ()) -> WriteResult:
+                    require: Sequence[Digest] = (), heads: Sequence[Head] = (),
+                    replace: Sequence[UUID] = ()) -> WriteResult:
         try:
             with _mapped("write"):
                 async with self._pool.connection() as conn, conn.transaction():
@@ -270,11 +276,10 @@ class PostgresBackend(StateQueries):
                                 raise _Abort(WriteResult(missing=missing))
                         if heads:
                             await _check_heads(cur, heads)
+                        if replace:
+                            await _delete_replaced(cur, replace)
                         if states:
-                            await cur.executemany(_INSERT_STATE,
-                                                  [_state_params(s) for s in states])
-                            if cur.rowcount < len(states):  # some ids were there already
-                                await _check_conflicts(cur, states)
+                            await _insert_states(cur, states, replace)
         except _Abort as stop:
             return stop.result
         return WriteResult()
@@ -689,14 +694,43 @@ async def _check_heads(cur: psycopg.AsyncCursor[Any], heads: Sequence[Head]) -> 
         raise _Abort(WriteResult(stale=tuple(stale)))
 
 
-async def _check_conflicts(cur: psycopg.AsyncCursor[Any], states: Sequence[StateRow]) -> None:
-    """Abort the write if a state id it skipped is stored with another digest."""
-    digests = {s.id: s.digest for s in states}
-    await cur.execute("SELECT id, digest FROM immagent_states WHERE id = ANY(%s)",
-                      (list(digests),))
-    conflicts = tuple(i for i, d in await cur.fetchall() if bytes(d) != digests[i])
-    if conflicts:
-        raise _Abort(WriteResult(conflicts=conflicts))
+async def _delete_replaced(cur: psycopg.AsyncCursor[Any], ids: Sequence[UUID]) -> None:
+    """Delete the rows a write replaces, serialised with other writes replacing the same
+    ids by a transaction lock per id (taken in key order, after any stream lock, so two
+    writers cannot deadlock). Without it the later writer's DELETE, waiting for the earlier
+    one's, would (under READ COMMITTED) skip the row that one inserted; taken first, the
+    DELETE's snapshot starts after the earlier writer committed and sees that row."""
+    keys = sorted({int.from_bytes(i.bytes[12:], "big", signed=True) for i in ids})
+    await cur.execute("SELECT pg_advisory_xact_lock(%s, k) FROM unnest(%s::int4[]) AS k "
+                      "ORDER BY k", (_REPLACE_LOCK, keys))
+    await cur.execute("DELETE FROM immagent_states WHERE id = ANY(%s)", (list(ids),))
+
+
+async def _insert_states(cur: psycopg.AsyncCursor[Any], states: Sequence[StateRow],
+                         replace: Sequence[UUID]) -> None:
+    """Insert the states; abort the write if an id it skipped is stored with another digest.
+
+    A replaced id can still be found here: a concurrent write that does not replace it
+    inserted it, uncommitted when this write's DELETE ran and committed since. It is
+    deleted and inserted again, once: that DELETE sees the row and locks it, so the id's
+    next writer waits for this one, as memory and SQLite serialise them."""
+    replaced = set(replace)
+    pending = list(states)
+    for round_ in range(1, _REPLACE_ROUNDS + 1):
+        await cur.executemany(_INSERT_STATE, [_state_params(s) for s in pending])
+        if cur.rowcount == len(pending):  # else some ids were there already
+            return
+        digests = {s.id: s.digest for s in pending}
+        await cur.execute("SELECT id, digest FROM immagent_states WHERE id = ANY(%s)",
+                          (list(digests),))
+        conflicts = tuple(i for i, d in await cur.fetchall() if bytes(d) != digests[i])
+        outside = tuple(i for i in conflicts if i not in replaced)
+        if outside or (conflicts and round_ == _REPLACE_ROUNDS):
+            raise _Abort(WriteResult(conflicts=outside or conflicts))
+        if not conflicts:
+            return
+        await cur.execute("DELETE FROM immagent_states WHERE id = ANY(%s)", (list(conflicts),))
+        pending = [s for s in pending if s.id in conflicts]
 
 
 def _password(dsn: str) -> str | None:

@@ -18,11 +18,12 @@ Routing, decided per call:
   stale page or a stale newest state looks like a valid answer), ``iter_assets`` (long
   iterations on a standby are cancelled by recovery conflicts) and the audit queries.
 * Deletes are the one gap misses cannot close (a lagging replica still returns what was
-  just deleted), so after a delete, a sweep or a migration this backend reads the
-  primary's WAL position and uses a replica again only once its replay has passed it
-  (``pg_last_wal_replay_lsn()``, probed at most every 20 ms); while such a write runs,
-  every read goes to the primary. This holds for deletes made through this Store; another
-  process's deletes show on a replica once it replays them (typically milliseconds).
+  just deleted, or replaced), so after a delete, a write that replaces states, a sweep or
+  a migration this backend reads the primary's WAL position and uses a replica again
+  only once its replay has passed it (``pg_last_wal_replay_lsn()``, probed at most every
+  20 ms); while such a write runs, every read goes to the primary. This holds for
+  deletes made through this Store; another process's deletes show on a replica once it
+  replays them (typically milliseconds).
 
 Choosing a replica: the one with the fewest calls in flight from this process, ties
 broken round robin. A replica that is slow (loaded, far away, busy replaying) accumulates
@@ -351,8 +352,16 @@ class ReplicatedBackend:
     # -- writes ---------------------------------------------------------------------------
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
-                    require: Sequence[Digest] = (), heads: Sequence[Head] = ()) -> WriteResult:
-        return await self._primary.write(assets, states, require, heads)
+                    require: Sequence[Digest] = (), heads: Sequence[Head] = (),
+                    replace: Sequence[UUID] = ()) -> WriteResult:
+        if not replace:
+            return await self._primary.write(assets, states, require, heads)
+        # A replacement deletes rows: fenced as a delete is.
+        with self._no_replicas():
+            result = await self._primary.write(assets, states, require, heads, replace)
+            if result == WriteResult():
+                await self._raise_fence()
+        return result
 
     async def delete_states(self, ids: Sequence[UUID], *,
                             stop_at_shared: bool = False) -> list[UUID]:

@@ -436,10 +436,12 @@ class SQLiteBackend(StateQueries):
     # -- writes ---------------------------------------------------------------------------
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
-                    require: Sequence[Digest] = (), heads: Sequence[Head] = ()) -> WriteResult:
+                    require: Sequence[Digest] = (), heads: Sequence[Head] = (),
+                    replace: Sequence[UUID] = ()) -> WriteResult:
         asset_rows = [(a.digest, a.kind, join_refs(a.refs), a.body, a.codec) for a in assets]
         state_rows = [_state_params(s) for s in states]
         wanted = list(dict.fromkeys(require))
+        replaced = [i.bytes for i in dict.fromkeys(replace)]
 
         def run(conn: sqlite3.Connection) -> None:
             if asset_rows:
@@ -458,6 +460,9 @@ class SQLiteBackend(StateQueries):
             stale = tuple(h for h in heads if _newest(conn, h) != h.state_id)
             if stale:
                 raise _Abort(WriteResult(stale=stale))
+            for chunk in _chunks(replaced):
+                conn.execute(f"DELETE FROM immagent_states WHERE id IN ({_marks(len(chunk))})",
+                             chunk)
             if not state_rows:
                 return
             before = conn.total_changes

@@ -239,22 +239,27 @@ class Store:
     # -- the event-store API: what every client of the store uses --------------------------
 
     async def commit(self, assets: Sequence[Asset], states: Sequence[StateRow] = (), *,
-                     heads: Sequence[Head] = ()) -> None:
+                     heads: Sequence[Head] = (), replace: Sequence[UUID] = ()) -> None:
         """Write ``assets`` and ``states`` in one transaction (assets already stored are
         shared, not written again). Everything they point at must be in the batch or
         already stored (AssetNotFoundError otherwise); each state must verify; a state id
-        already stored with other content is a ConflictError; each of ``heads`` must still
-        be its stream's newest state (StaleStreamError: re-read and retry). Nothing is
-        written on error."""
+        already stored with other content is a ConflictError unless it is in ``replace``;
+        each of ``heads`` must still be its stream's newest state (StaleStreamError: re-read
+        and retry). The states with ids in ``replace`` (absent ones are fine; what
+        ``delete_states`` refuses is refused) are deleted in the same transaction, before
+        ``states`` are inserted: a replaced id written again becomes its stream's newest
+        state. Nothing is written on error."""
         assets = check_sequence("assets", assets)
         rows = [_storable(f"assets[{i}]", a) for i, a in enumerate(assets)]
         await self._write(rows, check_sequence("states", states), assets,
-                          check_sequence("heads", heads))
+                          check_sequence("heads", heads), check_uuids("replace", replace))
 
     async def _write(self, rows: Sequence[StoredAsset], states: Sequence[StateRow],
-                     decoded: Sequence[Asset] = (), heads: Sequence[Head] = ()) -> None:
+                     decoded: Sequence[Asset] = (), heads: Sequence[Head] = (),
+                     replace: Sequence[UUID] = ()) -> None:
         """The one write path: rows proved storable (or read from a verified bundle),
-        states checked, every outside reference required to exist, in one transaction."""
+        states checked, every outside reference required to exist, replaced states allowed
+        to be deleted, in one transaction."""
         backend = self._open()
         for i, state in enumerate(states):
             if not isinstance(state, StateRow):
@@ -274,15 +279,18 @@ class Store:
             check_key(f"heads[{i}].stream", head.stream)
             if head.state_id is not None:
                 check_uuid(f"heads[{i}].state_id", head.state_id)
+        if replace:
+            await self._check_deletable("replace", replace)
         encoded = await self._compression.encode(list({r.digest: r for r in rows}.values()))
         result = await backend.write(encoded, list(states), sorted(wanted - inside),
-                                     list(heads))
+                                     list(heads), list(dict.fromkeys(replace)))
         if result.missing:
             raise AssetNotFoundError("referenced asset", result.missing[0])
         if result.conflicts:
             raise ConflictError(result.conflicts[0])
         if result.stale:
             raise StaleStreamError(result.stale[0].kind, result.stale[0].stream)
+        self._forget(replace)
         for asset in decoded:
             self._cache.put(asset)
         await self._compression.after_write()
@@ -476,8 +484,20 @@ class Store:
         returns how many existed. The store's own compression state is refused."""
         backend = self._open()
         wanted = check_uuids("ids", ids)
-        _refuse_own(await backend.get_states(wanted))
-        return len(await backend.delete_states(wanted))
+        await self._check_deletable("ids", wanted)
+        deleted = await backend.delete_states(wanted)
+        self._forget(deleted)
+        return len(deleted)
+
+    async def _check_deletable(self, field: str, ids: Sequence[UUID]) -> None:
+        """The rule for every deletion a caller names (``delete_states``, ``commit``'s
+        ``replace``): the store's own compression state is refused (ValidationError)."""
+        _refuse_own(await self._open().get_states(ids), field)
+
+    def _forget(self, ids: Sequence[UUID]) -> None:
+        """Deleted states: loading their ids must not return a live object for them."""
+        for state_id in ids:
+            self._agents.pop(state_id, None)
 
     # -- agents ---------------------------------------------------------------------------
 
@@ -579,7 +599,6 @@ class Store:
         agent_id = self._agent_id(agent)
         if await self.delete_states([agent_id]) == 0:
             raise AgentNotFoundError(agent_id)
-        self._agents.pop(agent_id, None)
         log.info("deleted agent %s", agent_id)
 
     async def delete_lineage(self, agent: PersistentAgent | UUID | str) -> list[UUID]:
@@ -597,8 +616,7 @@ class Store:
         deleted = await self._open().delete_states(line, stop_at_shared=True)
         if not deleted:
             raise AgentNotFoundError(agent_id)
-        for i in deleted:
-            self._agents.pop(i, None)
+        self._forget(deleted)
         log.info("deleted lineage of %s: %d states", agent_id, len(deleted))
         return deleted
 
@@ -861,11 +879,11 @@ def _check_known(found: int | None, where: str) -> None:
             "database")
 
 
-def _refuse_own(states: Sequence[StateRow]) -> None:
+def _refuse_own(states: Sequence[StateRow], field: str = "ids") -> None:
     """The compression state keeps the dictionaries stored bodies need: never deleted."""
     for state in states:
         if state.kind == Kind.COMPRESSION:
-            raise ValidationError("ids", f"state {state.id} is the store's compression state "
+            raise ValidationError(field, f"state {state.id} is the store's compression state "
                                   "(it keeps the dictionaries compressed bodies need); it "
                                   "cannot be deleted", str(state.id))
 
