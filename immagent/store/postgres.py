@@ -34,6 +34,7 @@ from immagent.assets import (
     join_refs,
     split_refs,
     stored_rows,
+    stored_tagged_rows,
 )
 from immagent.exceptions import (
     SchemaMissingError,
@@ -427,8 +428,9 @@ class PostgresBackend(StateQueries):
                     {"head": head},
                 )
                 rows = await cur.fetchall()
-                nodes = {r.digest: r for r in stored_rows(r[1:] for r in rows if r[0] == 0)}
-                leaves = {r.digest: r for r in stored_rows(r[1:] for r in rows if r[0] == 1)}
+                node_rows, leaf_rows = stored_tagged_rows(rows)
+                nodes = {r.digest: r for r in node_rows}
+                leaves = {r.digest: r for r in leaf_rows}
                 chain: list[StoredAsset] = []
                 row = nodes.get(head)
                 while row is not None:  # newest first; each node at most once
