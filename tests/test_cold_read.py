@@ -148,9 +148,10 @@ async def test_a_chain_of_the_wrong_kind_is_refused_from_the_batch(store: Store)
 
 
 def chain_of(nodes: int, tag: str = "", base: ConversationNode = EMPTY_CONVERSATION,
-             size: int = 100) -> tuple[list[bytes], list[int], tuple[Message, ...]]:
-    """(node digests oldest first, root included, ends, elements) of a chain on ``base``."""
-    digests, ends, elements = [base.digest], [base.length], []
+             size: int = 100) -> tuple[list[bytes], list[int], tuple[Message, ...], list[int]]:
+    """(node digests oldest first, root included, ends, elements, sizes) of a chain on
+    ``base``."""
+    digests, ends, elements, sizes = [base.digest], [base.length], [], [base.size]
     node = base
     for i in range(nodes):
         added = [Message(role="user", content=f"{tag}{i}:{j}:" + "x" * size) for j in (0, 1)]
@@ -158,22 +159,23 @@ def chain_of(nodes: int, tag: str = "", base: ConversationNode = EMPTY_CONVERSAT
         elements.extend(added)
         digests.append(node.digest)
         ends.append(node.length)
-    return digests, ends, tuple(elements)
+        sizes.append(node.size)
+    return digests, ends, tuple(elements), sizes
 
 
 def test_a_chain_sharing_a_cached_prefix_costs_only_its_own_part() -> None:
     cache = AssetCache(history_bytes=64 << 20)
-    trunk, ends, elements = chain_of(100)
-    cache.put_chain(trunk, ends, elements)
+    trunk, ends, elements, sizes = chain_of(100)
+    cache.put_chain(trunk, ends, elements, sizes)
     after_trunk = cache.history_bytes
     # A fork at node 60: the chain as a database read returns it, root first.
     base = EMPTY_CONVERSATION.extend(elements[:2])
     for i in range(1, 60):
         base = base.extend(elements[2 * i:2 * i + 2])
     assert base.digest == trunk[60]
-    own, own_ends, own_elements = chain_of(40, "fork", base)
+    own, own_ends, own_elements, own_sizes = chain_of(40, "fork", base)
     cache.put_chain([*trunk[:60], *own], [*ends[:60], *own_ends],
-                    (*elements[:120], *own_elements))
+                    (*elements[:120], *own_elements), [*sizes[:60], *own_sizes])
     grown = cache.history_bytes - after_trunk
     own_body = sum(len(m.body) for m in own_elements)
     assert own_body <= grown < own_body + 100 * 60, (grown, own_body)
@@ -183,22 +185,21 @@ def test_a_chain_sharing_a_cached_prefix_costs_only_its_own_part() -> None:
 
 
 def test_evicted_runs_make_misses_never_wrong_answers() -> None:
-    trunk, ends, elements = chain_of(200)
+    trunk, ends, elements, sizes = chain_of(200)
     budget = 4 * sum(len(m.body) for m in elements)  # 3/4 of it for runs: 3 chains
     cache = AssetCache(history_bytes=budget)
-    cache.put_chain(trunk, ends, elements)
-    fork, fork_ends, fork_elements = chain_of(5, "fork", _node_at(elements, 100))
-    cache.put_chain([*trunk[:101], *fork[1:]], [*ends[:101], *fork_ends[1:]],
-                    (*elements[:200], *fork_elements))
+    cache.put_chain(trunk, ends, elements, sizes)
+    fork, fork_ends, fork_elements, fork_sizes = chain_of(5, "fork", _node_at(elements, 100))
+    fork_chain = ([*trunk[:101], *fork[1:]], [*ends[:101], *fork_ends[1:]],
+                  (*elements[:200], *fork_elements), [*sizes[:101], *fork_sizes[1:]])
+    cache.put_chain(*fork_chain)
     for n in range(6):  # other chains push the trunk's run out
-        other, other_ends, other_elements = chain_of(200, f"other{n}")
-        cache.put_chain(other, other_ends, other_elements)
+        cache.put_chain(*chain_of(200, f"other{n}"))
         assert cache.history_bytes <= budget
     assert cache.history(trunk[-1]) is None
     assert cache.history(fork[-1]) is None  # its own run may live, its prefix does not
     # Read again, the fork is cached whole rather than on top of the missing prefix.
-    cache.put_chain([*trunk[:101], *fork[1:]], [*ends[:101], *fork_ends[1:]],
-                    (*elements[:200], *fork_elements))
+    cache.put_chain(*fork_chain)
     assert cache.history(fork[-1]) == (*elements[:200], *fork_elements)
     assert cache.history(trunk[50]) == elements[:100]
 

@@ -119,8 +119,10 @@ class AssetCache:
         self._recent: _LRU[Digest, Asset] = _LRU(recent)
         # Three quarters for the shared runs, the rest for flat copies of hot heads.
         self._runs: _ByteLRU[Digest, _Run] = _ByteLRU(history_bytes * 3 // 4, self._unindex)
-        # Every node of a cached run: its run and its position there.
-        self._nodes: dict[Digest, tuple[_Run, int]] = {}
+        # Every node of a cached run: its run and its position there (two dicts, not one
+        # of pairs: no tuple per node for the cyclic GC to track).
+        self._owner: dict[Digest, _Run] = {}
+        self._position: dict[Digest, int] = {}
         self._flat: _ByteLRU[Digest, tuple[Asset, ...]] = _ByteLRU(history_bytes // 4)
 
     @property
@@ -158,10 +160,10 @@ class AssetCache:
         cached); touches each run it uses."""
         parts: list[tuple[Asset, ...]] = []
         while head is not None:
-            found = self._nodes.get(head)
-            if found is None:
+            run = self._owner.get(head)
+            if run is None:
                 return None
-            run, i = found
+            i = self._position[head]
             self._runs.get(run.nodes[-1])
             parts.append(run.elements if i == len(run.nodes) - 1
                          else run.elements[:run.ends[i]])
@@ -175,12 +177,13 @@ class AssetCache:
         self._put(_Run(parent, (head,), (len(elements),), elements))
 
     def put_chain(self, nodes: Sequence[Digest], ends: Sequence[int],
-                  elements: tuple[Asset, ...]) -> None:
+                  elements: tuple[Asset, ...], sizes: Sequence[int]) -> None:
         """Remember a whole verified chain, oldest node (a root) first: ``ends[i]`` of
-        ``elements`` are added by ``nodes[0..i]``. Only the nodes newer than the newest one
-        whose history is cached are kept, as one run on top of it, so chains sharing a
-        prefix share it here."""
-        cached = list(map(self._nodes.__contains__, nodes))
+        ``elements`` are added by ``nodes[0..i]``, whose bodies are ``sizes[i]`` bytes
+        (the nodes' verified counters). Only the nodes newer than the newest one whose
+        history is cached are kept, as one run on top of it, so chains sharing a prefix
+        share it here."""
+        cached = list(map(self._owner.__contains__, nodes))
         start = 0
         for i in range(len(nodes) - 1, -1, -1) if any(cached) else ():
             # A prefix without elements (a bare root, shared by every chain) is not worth
@@ -192,25 +195,27 @@ class AssetCache:
                 break
         if start == len(nodes):
             return
-        skip = ends[start - 1] if start else 0
-        self._put(_Run(nodes[start - 1] if start else None, tuple(nodes[start:]),
-                       tuple(e - skip for e in ends[start:]), elements[skip:]))
+        skip, skipped = (ends[start - 1], sizes[start - 1]) if start else (0, 0)
+        run = _Run(nodes[start - 1] if start else None, tuple(nodes[start:]),
+                   tuple(e - skip for e in ends[start:]) if skip else tuple(ends[start:]),
+                   elements[skip:])
+        self._put(run, sizes[-1] - skipped)
 
-    def _put(self, run: _Run) -> None:
-        cost = (_OVERHEAD + _NODE * len(run.nodes)
-                + sum(_POINTER + len(e.body) for e in run.elements))
+    def _put(self, run: _Run, body_bytes: int | None = None) -> None:
+        if body_bytes is None:
+            body_bytes = sum(len(e.body) for e in run.elements)
+        cost = (_OVERHEAD + _NODE * len(run.nodes) + _POINTER * len(run.elements)
+                + body_bytes)
         if self._runs.put(run.nodes[-1], run, cost):
-            count = len(run.nodes)
-            self._nodes.update(zip(run.nodes, zip(repeat(run, count), range(count),
-                                                  strict=True), strict=True))
+            self._owner.update(zip(run.nodes, repeat(run)))
+            self._position.update(zip(run.nodes, range(len(run.nodes)), strict=True))
 
     def _unindex(self, run: _Run) -> None:
         """A run left the LRU: forget its nodes (those a newer run has not taken over)."""
-        nodes = self._nodes
+        owner, position = self._owner, self._position
         for digest in run.nodes:
-            found = nodes.get(digest)
-            if found is not None and found[0] is run:
-                del nodes[digest]
+            if owner.get(digest) is run:
+                del owner[digest], position[digest]
 
     def put_history(self, head: Digest, elements: tuple[Asset, ...]) -> None:
         """Remember the full element list of the chain ending at ``head`` (a flat copy: its
@@ -222,5 +227,6 @@ class AssetCache:
         self._weak.clear()
         self._recent.clear()
         self._runs.clear()
-        self._nodes.clear()
+        self._owner.clear()
+        self._position.clear()
         self._flat.clear()

@@ -22,7 +22,7 @@ import os
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 from uuid import UUID
 
 import msgspec
@@ -361,11 +361,12 @@ class Store:
         added = [row.refs[1:] for row in links]
         flat = list(_chain_from(added))  # the history's digests, oldest first
         order = list(dict.fromkeys(flat))
-        for digest in order:
-            if digest not in leaves:
-                raise (MessageNotFoundError(digest) if node_type.element_kind == Kind.MESSAGE
-                       else AssetNotFoundError("chain element", digest))
-        rows = list(map(leaves.__getitem__, order))
+        found = list(map(leaves.get, order))
+        if None in found:
+            digest = order[found.index(None)]
+            raise (MessageNotFoundError(digest) if node_type.element_kind == Kind.MESSAGE
+                   else AssetNotFoundError("chain element", digest))
+        rows = cast("list[StoredAsset]", found)
         # One row per codec is enough to tell whether a dictionary must be loaded first.
         dictionaries = await self._compression.ready(
             dict(zip(map(_codec, rows), rows, strict=True)).values())
@@ -376,7 +377,7 @@ class Store:
         ends = _check_counters(links, added, lengths, sizes, order, loaded)
         # The chain is cached as one run: every other state of its lineage (their heads are
         # its nodes) then reads its history from memory, sharing this one.
-        self._cache.put_chain([row.digest for row in links], ends, history)
+        self._cache.put_chain(list(map(_digest, links)), ends, history, sizes)
         self._cache.put(load_row(links[-1]))
         self._cache.put_history(head, history)
         return history
@@ -908,7 +909,7 @@ def _check_counters(links: Sequence[StoredAsset], added: Sequence[Sequence[Diges
     each node's history holds (computed as running sums, without a Python step per
     element)."""
     ends = list(itertools.accumulate(map(len, added)))
-    size_of = dict(zip(order, [len(e.body) for e in loaded], strict=True))
+    size_of = dict(zip(order, map(len, map(_body, loaded)), strict=True))
     totals = list(itertools.accumulate(map(size_of.__getitem__, _chain_from(added)), initial=0))
     counted = list(map(totals.__getitem__, ends))
     if ends != lengths or counted != sizes:
@@ -919,7 +920,9 @@ def _check_counters(links: Sequence[StoredAsset], added: Sequence[Sequence[Diges
     return ends
 
 
+_digest = operator.itemgetter(0)
 _codec = operator.itemgetter(4)
+_body = operator.attrgetter("body")
 _chain_from = itertools.chain.from_iterable
 
 
