@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -106,6 +107,9 @@ async def main(argv: Sequence[str] | None = None) -> None:
         session.close()
 
     stores = {b: await _agent(t, args.turns, build) for b, (t, build) in targets.items()}
+    # As run.py: what the imports left behind would make every full collection slow.
+    gc.collect()
+    gc.freeze()
     times: dict[str, list[float]] = {"openai-agents": [], **{b: [] for b in stores}}
     profile = cProfile.Profile() if args.profile else None
 
