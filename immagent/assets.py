@@ -16,6 +16,7 @@ trusted. The storage layer never interprets bodies: the kind is data.
 
 from __future__ import annotations
 
+import collections
 import functools
 import operator
 from collections.abc import Iterable, Mapping, Sequence
@@ -439,6 +440,11 @@ class _ItemDecoder:
         self._framing.decode(buf)
         return Item(raw=bytes(buf))
 
+    def decode_many(self, bufs: Sequence[bytes], /) -> list[Item]:
+        """``decode`` of each body (canonical bytes, as load_rows has them), in C."""
+        collections.deque(map(self._framing.decode, bufs), maxlen=0)
+        return list(map(Item, map(bytes, bufs)))
+
 
 #: The decoder of each leaf kind's body (nodes are decoded with their refs).
 _decoders: dict[int, _BodyDecoder] = {
@@ -694,7 +700,9 @@ def load_rows(rows: Sequence[StoredAsset],
         start = _blake3(prefix)
         if [start.copy().update(b).digest() for b in bodies] != digests:
             raise ValueError("a digest does not match")
-        assets: list[Asset] = list(map(decoder.decode, bodies))
+        assets: list[Asset] = list(decoder.decode_many(bodies)
+                                   if isinstance(decoder, _ItemDecoder)
+                                   else map(decoder.decode, bodies))
     except (codec.CodecError, ValueError, TypeError, msgspec.DecodeError,
             msgspec.ValidationError):
         return [load_row(r, dictionaries) for r in rows]
