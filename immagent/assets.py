@@ -530,13 +530,18 @@ def split_refs(raw: bytes | None) -> tuple[Digest, ...]:
 #: The slices of a refs value of n digests, for n below 64 (a map over them runs in C).
 _SLICES = tuple(tuple(slice(32 * i, 32 * i + 32) for i in range(n)) for n in range(64))
 _new_row = tuple.__new__
+#: By byte length: the C callable splitting a bytes refs value of 2 to 63 digests, so the
+#: row builders below need no Python call per node (one measured 0.9 us of a node's cost).
+_SPLITTERS = {32 * n: operator.itemgetter(*_SLICES[n]) for n in range(2, 64)}
 
 
 def stored_rows(rows: Iterable[Sequence[Any]]) -> list[StoredAsset]:
     """StoredAssets from (digest, kind, refs, body, codec) tuples as a database returns them
     (bytes, int, concatenated refs, bytes, int): built without a Python call per row, as a
     cold read materialises thousands."""
-    return [_new_row(StoredAsset, (d, k, split_refs(f) if f else (), b, c))
+    return [_new_row(StoredAsset, (d, k, (_SPLITTERS.get(len(f), split_refs)
+                                          if f.__class__ is bytes else split_refs)(f)
+                                         if f else (), b, c))
             for d, k, f, b, c in rows]
 
 
@@ -550,10 +555,16 @@ def stored_tagged_rows(rows: Sequence[Sequence[Any]]
     if 0 in tags[split:] or not set(tags) <= {0, 1}:
         return (stored_rows(r[1:] for r in rows if r[0] == 0),
                 stored_rows(r[1:] for r in rows if r[0] == 1))
-    return ([_new_row(StoredAsset, (d, k, split_refs(f) if f else (), b, c))
-             for _, d, k, f, b, c in rows[:split]],
-            [_new_row(StoredAsset, (d, k, split_refs(f) if f else (), b, c))
-             for _, d, k, f, b, c in rows[split:]])
+    return _stored_tagged(rows[:split]), _stored_tagged(rows[split:])
+
+
+def _stored_tagged(rows: Sequence[Sequence[Any]]) -> list[StoredAsset]:
+    """``stored_rows`` of rows with a tag column first (the same comprehension, for one
+    tuple less per row)."""
+    return [_new_row(StoredAsset, (d, k, (_SPLITTERS.get(len(f), split_refs)
+                                          if f.__class__ is bytes else split_refs)(f)
+                                         if f else (), b, c))
+            for _, d, k, f, b, c in rows]
 
 
 _TAG = operator.itemgetter(0)
@@ -741,7 +752,8 @@ def nodes_counters(rows: Sequence[StoredAsset]) -> tuple[list[int], list[int]]:
                 or set(map(_CODEC, rows)) != {codec.RAW}
                 or set(map(len, chain.from_iterable(map(_REFS, rows)))) - {32}):
             raise ValueError("not a batch of raw nodes of one kind")
-        hashes = [_blake3(prefix + _COUNTS[len(f)] + b"".join(f) + b).digest()
+        start = _blake3(prefix)  # copied per node: cheaper than a new hasher
+        hashes = [start.copy().update(_COUNTS[len(f)] + b"".join(f) + b).digest()
                   if len(f) < len(_COUNTS) else digest_of(kind, b, f)
                   for _, _, f, b, _ in rows]
         if hashes != list(map(_DIGEST, rows)):
