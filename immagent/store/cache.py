@@ -1,19 +1,24 @@
 """Decoded-asset cache. Assets never change once written, so a cached copy is never stale.
 
-Chains (a conversation's messages, …) are cached the way they are stored: one *segment*
-per node, holding only the elements that node adds and the digest of its parent. Every
-state of a lineage therefore shares its common prefix in memory (a lineage of N states of
-a few messages each costs O(N) here, not O(N²)), and extending a cached chain costs one
-segment. The few hottest whole histories are also kept flat, so re-reading one is O(1).
-Both are bounded in bytes (elements' bodies plus pointers), not in entries: one history
-of 100,000 messages must not count as one entry.
+Chains (a conversation's messages, …) are cached the way they are stored, as *runs*: a run
+is a stretch of consecutive nodes with the elements they add and the digest of the node
+before its first one (None: it starts at a root). A chain read from the database becomes
+one run (one entry, however many nodes), an ``append`` adds a run of one node, and a read
+whose older part is already cached adds a run of its newer nodes only. Every state of a
+lineage therefore shares its common prefix in memory (a lineage of N states of a few
+messages each costs O(N) here, not O(N²)), and extending a cached chain costs one run.
+Any node of a run is a head whose history is that run's prefix up to it plus its parent's
+history. The few hottest whole histories are also kept flat, so re-reading one is O(1).
+Both are bounded in bytes (elements' bodies, pointers, one node's index entry each), not
+in entries: one history of 100,000 messages must not count as one entry.
 """
 
 from __future__ import annotations
 
-import itertools
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from itertools import chain, repeat
 from typing import Generic, NamedTuple, TypeVar
 
 from immagent.assets import Asset, Digest
@@ -23,11 +28,13 @@ __all__ = ["AssetCache"]
 K = TypeVar("K")
 V = TypeVar("V")
 
-#: Default byte budget of cached chains (segments and flat histories together).
+#: Default byte budget of cached chains (runs and flat histories together).
 HISTORY_BYTES = 64 << 20
 #: What a cached entry costs besides its contents (the objects, the LRU's links).
 _OVERHEAD = 100
 _POINTER = 8
+#: What each node of a run costs besides: its index entry and its end offset.
+_NODE = 40
 
 
 class _LRU(Generic[K, V]):
@@ -54,11 +61,13 @@ class _LRU(Generic[K, V]):
 
 
 class _ByteLRU(Generic[K, V]):
-    """An LRU bounded by the bytes its entries cost (given when each is put)."""
+    """An LRU bounded by the bytes its entries cost (given when each is put); ``dropped``
+    hears of every entry that leaves other than by ``clear``."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, dropped: Callable[[V], None] | None = None) -> None:
         self.capacity = capacity
         self.used = 0
+        self._dropped = dropped
         self._data: OrderedDict[K, tuple[V, int]] = OrderedDict()
 
     def get(self, key: K) -> V | None:
@@ -68,32 +77,37 @@ class _ByteLRU(Generic[K, V]):
         self._data.move_to_end(key)
         return entry[0]
 
-    def put(self, key: K, value: V, cost: int) -> None:
+    def put(self, key: K, value: V, cost: int) -> bool:
+        """Keep ``value`` under ``key`` (False: it alone exceeds the budget, not kept)."""
         old = self._data.pop(key, None)
         if old is not None:
             self.used -= old[1]
+            if self._dropped is not None:
+                self._dropped(old[0])
         if cost > self.capacity:  # would evict everything else and still not fit
-            return
+            return False
         self._data[key] = (value, cost)
         self.used += cost
         while self.used > self.capacity:
-            _, (_, freed) = self._data.popitem(last=False)
+            _, (gone, freed) = self._data.popitem(last=False)
             self.used -= freed
+            if self._dropped is not None:
+                self._dropped(gone)
+        return True
 
     def clear(self) -> None:
         self._data.clear()
         self.used = 0
 
 
-class _Segment(NamedTuple):
-    """One node of a cached chain: its parent node and the elements it adds."""
+class _Run(NamedTuple):
+    """Consecutive nodes of a cached chain, oldest first: ``ends[i]`` of ``elements`` are
+    added by ``nodes[0..i]``; ``parent`` is the node before ``nodes[0]`` (None: a root)."""
 
     parent: Digest | None
+    nodes: tuple[Digest, ...]
+    ends: tuple[int, ...]
     elements: tuple[Asset, ...]
-
-
-def _cost(elements: tuple[Asset, ...]) -> int:
-    return _OVERHEAD + sum(_POINTER + len(e.body) for e in elements)
 
 
 class AssetCache:
@@ -103,14 +117,18 @@ class AssetCache:
     def __init__(self, recent: int = 20_000, history_bytes: int = HISTORY_BYTES) -> None:
         self._weak: weakref.WeakValueDictionary[Digest, Asset] = weakref.WeakValueDictionary()
         self._recent: _LRU[Digest, Asset] = _LRU(recent)
-        # Three quarters for the shared segments, the rest for flat copies of hot heads.
-        self._segments: _ByteLRU[Digest, _Segment] = _ByteLRU(history_bytes * 3 // 4)
+        # Three quarters for the shared runs, the rest for flat copies of hot heads.
+        self._runs: _ByteLRU[Digest, _Run] = _ByteLRU(history_bytes * 3 // 4, self._unindex)
+        # Every node of a cached run: its run and its position there (two dicts, not one
+        # of pairs: no tuple per node for the cyclic GC to track).
+        self._owner: dict[Digest, _Run] = {}
+        self._position: dict[Digest, int] = {}
         self._flat: _ByteLRU[Digest, tuple[Asset, ...]] = _ByteLRU(history_bytes // 4)
 
     @property
     def history_bytes(self) -> int:
         """Bytes the cached chains cost now (at most the budget given)."""
-        return self._segments.used + self._flat.used
+        return self._runs.used + self._flat.used
 
     def get(self, digest: Digest) -> Asset | None:
         """The cached asset, or None."""
@@ -126,36 +144,89 @@ class AssetCache:
 
     def history(self, head: Digest) -> tuple[Asset, ...] | None:
         """All elements of the chain ending at node ``head``, oldest first, if every one of
-        its segments is cached."""
+        its runs is cached."""
         flat = self._flat.get(head)
         if flat is not None:
             return flat
-        parts: list[tuple[Asset, ...]] = []
-        digest: Digest | None = head
-        while digest is not None:
-            segment = self._segments.get(digest)
-            if segment is None:
-                return None
-            parts.append(segment.elements)
-            digest = segment.parent
-        elements = tuple(itertools.chain.from_iterable(reversed(parts)))
+        parts = self._parts(head)
+        if parts is None:
+            return None
+        elements = tuple(chain.from_iterable(reversed(parts)))
         self._flat.put(head, elements, _OVERHEAD + _POINTER * len(elements))
         return elements
+
+    def _parts(self, head: Digest | None) -> list[tuple[Asset, ...]] | None:
+        """The elements of ``head``'s history run by run, newest first (None: one is not
+        cached); touches each run it uses."""
+        parts: list[tuple[Asset, ...]] = []
+        while head is not None:
+            run = self._owner.get(head)
+            if run is None:
+                return None
+            i = self._position[head]
+            self._runs.get(run.nodes[-1])
+            parts.append(run.elements if i == len(run.nodes) - 1
+                         else run.elements[:run.ends[i]])
+            head = run.parent
+        return parts
 
     def put_segment(self, head: Digest, parent: Digest | None,
                     elements: tuple[Asset, ...]) -> None:
         """Remember that node ``head`` adds ``elements`` to the chain ending at ``parent``
         (None: ``head`` is a root). Only verified chains are put here."""
-        self._segments.put(head, _Segment(parent, elements), _cost(elements))
+        self._put(_Run(parent, (head,), (len(elements),), elements))
+
+    def put_chain(self, nodes: Sequence[Digest], ends: Sequence[int],
+                  elements: tuple[Asset, ...], sizes: Sequence[int]) -> None:
+        """Remember a whole verified chain, oldest node (a root) first: ``ends[i]`` of
+        ``elements`` are added by ``nodes[0..i]``, whose bodies are ``sizes[i]`` bytes
+        (the nodes' verified counters). Only the nodes newer than the newest one whose
+        history is cached are kept, as one run on top of it, so chains sharing a prefix
+        share it here."""
+        cached = list(map(self._owner.__contains__, nodes))
+        start = 0
+        for i in range(len(nodes) - 1, -1, -1) if any(cached) else ():
+            # A prefix without elements (a bare root, shared by every chain) is not worth
+            # a link: it would keep whichever run holds it alive for every chain read.
+            if ends[i] == 0:
+                break
+            if cached[i] and self._parts(nodes[i]) is not None:
+                start = i + 1
+                break
+        if start == len(nodes):
+            return
+        skip, skipped = (ends[start - 1], sizes[start - 1]) if start else (0, 0)
+        run = _Run(nodes[start - 1] if start else None, tuple(nodes[start:]),
+                   tuple(e - skip for e in ends[start:]) if skip else tuple(ends[start:]),
+                   elements[skip:])
+        self._put(run, sizes[-1] - skipped)
+
+    def _put(self, run: _Run, body_bytes: int | None = None) -> None:
+        if body_bytes is None:
+            body_bytes = sum(len(e.body) for e in run.elements)
+        cost = (_OVERHEAD + _NODE * len(run.nodes) + _POINTER * len(run.elements)
+                + body_bytes)
+        if self._runs.put(run.nodes[-1], run, cost):
+            self._owner.update(zip(run.nodes, repeat(run)))
+            self._position.update(zip(run.nodes, range(len(run.nodes)), strict=True))
+
+    def _unindex(self, run: _Run) -> None:
+        """A run left the LRU: forget its nodes (those a newer run has not taken over)."""
+        owner, position = self._owner, self._position
+        for digest in run.nodes:
+            if owner.get(digest) is run:
+                del owner[digest], position[digest]
 
     def put_history(self, head: Digest, elements: tuple[Asset, ...]) -> None:
         """Remember the full element list of the chain ending at ``head`` (a flat copy: its
-        segments are put separately)."""
+        runs are put separately)."""
         self._flat.put(head, elements, _OVERHEAD + _POINTER * len(elements))
 
     def clear(self) -> None:
         """Drop everything (the next reads go to the database)."""
         self._weak.clear()
         self._recent.clear()
-        self._segments.clear()
+        self._runs.clear()
+        self._owner.clear()
+        self._position.clear()
         self._flat.clear()

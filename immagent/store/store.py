@@ -15,12 +15,14 @@ row read from a backend passes the one verify-on-read (``assets.load_row`` /
 
 from __future__ import annotations
 
+import itertools
 import logging
+import operator
 import os
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 from uuid import UUID
 
 import msgspec
@@ -41,7 +43,7 @@ from immagent.assets import (
     decode_asset,
     load_row,
     load_rows,
-    node_counters,
+    nodes_counters,
     stored,
 )
 from immagent.audit import bundle, gc, rules, verify
@@ -357,42 +359,41 @@ class Store:
                 raise _wrong_chain(head, node_type)
             return cached
         chain, leaves = await self._open().get_chain(head)
-        dictionaries = await self._compression.ready(leaves.values())
-        # Every node row is verified, but only the head becomes a node object: the walk
-        # needs each node's refs and counters, not 1,000 objects.
-        links: list[tuple[StoredAsset, int, int]] = []
+        # The link from the head back to the root, as far as the rows go.
         expected: Digest | None = head
+        count = 0
         for row in chain:
             if row.digest != expected or row.kind != node_kind:
                 break
-            length, size = node_counters(row)
-            links.append((row, length, size))
             expected = row.refs[0] if row.refs else None
+            count += 1
+        links = chain[:count][::-1]  # oldest (the root) first
+        # Every node row is verified, in one batch, but only the head becomes a node
+        # object: the walk needs each node's refs and counters, not 1,000 objects.
+        lengths, sizes = nodes_counters(links)
         if expected is not None:  # the chain stopped before its root
             await self._chain_break(head, expected, node_type)
-        element_kind = node_type.element_kind
-        order = list(dict.fromkeys(d for row, _, _ in links for d in row.refs[1:]))
-        for digest in order:
-            if digest not in leaves:
-                raise (MessageNotFoundError(digest) if element_kind == Kind.MESSAGE
-                       else AssetNotFoundError("chain element", digest))
-        loaded = load_rows([leaves[d] for d in order], dictionaries)
+        added = [row.refs[1:] for row in links]
+        flat = list(_chain_from(added))  # the history's digests, oldest first
+        order = list(dict.fromkeys(flat))
+        found = list(map(leaves.get, order))
+        if None in found:
+            digest = order[found.index(None)]
+            raise (MessageNotFoundError(digest) if node_type.element_kind == Kind.MESSAGE
+                   else AssetNotFoundError("chain element", digest))
+        rows = cast("list[StoredAsset]", found)
+        # One row per codec is enough to tell whether a dictionary must be loaded first.
+        dictionaries = await self._compression.ready(
+            dict(zip(map(_codec, rows), rows, strict=True)).values())
+        loaded = load_rows(rows, dictionaries)
+        _check_elements(links, order, loaded, node_type)
         elements = dict(zip(order, loaded, strict=True))
-        for digest, element in elements.items():
-            if element.kind != element_kind:
-                lister = next(row for row, _, _ in links if digest in row.refs[1:])
-                raise IntegrityError(
-                    f"node {lister.digest.hex()} lists {digest.hex()}, a "
-                    f"{Kind(element.kind).name.lower()}, where a "
-                    f"{element_kind.name.lower()} must be")
-        _check_counters(links, elements)
-        # Every node of the chain becomes a cached segment: the other states of a lineage
-        # (their heads are these nodes) then read their histories from memory, sharing it.
-        for row, _, _ in links:
-            self._cache.put_segment(row.digest, row.refs[0] if row.refs else None,
-                                    tuple(elements[d] for d in row.refs[1:]))
-        history = tuple(elements[d] for row, _, _ in reversed(links) for d in row.refs[1:])
-        self._cache.put(load_row(links[0][0]))
+        history = tuple(map(elements.__getitem__, flat))
+        ends = _check_counters(links, added, lengths, sizes, order, loaded)
+        # The chain is cached as one run: every other state of its lineage (their heads are
+        # its nodes) then reads its history from memory, sharing this one.
+        self._cache.put_chain(list(map(_digest, links)), ends, history, sizes)
+        self._cache.put(load_row(links[-1]))
         self._cache.put_history(head, history)
         return history
 
@@ -912,18 +913,44 @@ def _wrong_chain(head: Digest, node_type: type[ConversationNode]) -> IntegrityEr
                           f"{_kind_name(node_type.element_kind)} assets")
 
 
-def _check_counters(links: Sequence[tuple[StoredAsset, int, int]],
-                    elements: Mapping[Digest, Asset]) -> None:
+def _check_elements(links: Sequence[StoredAsset], order: Sequence[Digest],
+                    loaded: Sequence[Asset], node_type: type[ConversationNode]) -> None:
+    """Every element a chain's nodes list is of the chain's element kind."""
+    element_kind = node_type.element_kind
+    if all(t.kind == element_kind for t in {type(e) for e in loaded}):
+        return
+    digest, element = next((d, e) for d, e in zip(order, loaded, strict=True)
+                           if e.kind != element_kind)
+    lister = next(row for row in links if digest in row.refs[1:])
+    raise IntegrityError(f"node {lister.digest.hex()} lists {digest.hex()}, a "
+                         f"{Kind(element.kind).name.lower()}, where a "
+                         f"{element_kind.name.lower()} must be")
+
+
+def _check_counters(links: Sequence[StoredAsset], added: Sequence[Sequence[Digest]],
+                    lengths: Sequence[int], sizes: Sequence[int], order: Sequence[Digest],
+                    loaded: Sequence[Asset]) -> list[int]:
     """A node's ``length``/``size`` must be its parent's plus what it adds: counters are
-    trusted by listings, so a damaged one is caught where the chain is read."""
-    length = size = 0
-    for row, claimed_length, claimed_size in reversed(links):
-        added = row.refs[1:]
-        length += len(added)
-        size += sum(len(elements[d].body) for d in added)
-        if (claimed_length, claimed_size) != (length, size):
-            raise IntegrityError(f"node {row.digest.hex()} claims {claimed_length} elements "
-                                 f"({claimed_size} bytes), its chain holds {length} ({size})")
+    trusted by listings, so a damaged one is caught where the chain is read. ``links``
+    oldest first, each node's claimed ``lengths`` and ``sizes``; returns how many elements
+    each node's history holds (computed as running sums, without a Python step per
+    element)."""
+    ends = list(itertools.accumulate(map(len, added)))
+    size_of = dict(zip(order, map(len, map(_body, loaded)), strict=True))
+    totals = list(itertools.accumulate(map(size_of.__getitem__, _chain_from(added)), initial=0))
+    counted = list(map(totals.__getitem__, ends))
+    if ends != lengths or counted != sizes:
+        i = next(i for i in range(len(links))
+                 if (lengths[i], sizes[i]) != (ends[i], counted[i]))
+        raise IntegrityError(f"node {links[i].digest.hex()} claims {lengths[i]} elements "
+                             f"({sizes[i]} bytes), its chain holds {ends[i]} ({counted[i]})")
+    return ends
+
+
+_digest = operator.itemgetter(0)
+_codec = operator.itemgetter(4)
+_body = operator.attrgetter("body")
+_chain_from = itertools.chain.from_iterable
 
 
 def _storable(field: str, asset: object) -> StoredAsset:
