@@ -31,6 +31,7 @@ from benchmarks.common import (
     Latency,
     LinearPoint,
     Timer,
+    compacted_sqlite_bytes,
     curve_points,
     fmt_bytes,
     print_table,
@@ -210,6 +211,7 @@ async def run_corpus(corpus: Corpus, workdir: Path) -> CorpusStored:
                 finally:
                     session.close()
         stored = await measure()
+        compacted = await asyncio.to_thread(compacted_sqlite_bytes, path)
         last = corpus.conversations[-1]
         check = SQLiteSession(last.name, path)
         try:
@@ -220,7 +222,7 @@ async def run_corpus(corpus: Corpus, workdir: Path) -> CorpusStored:
                      for i in turn_items(last.name, t, u, a)]:
             raise RuntimeError(f"SQLiteSession {last.name} differs from the corpus")
     return CorpusStored("openai-agents", "sqlite", len(corpus.conversations), corpus.turns,
-                        corpus.raw_bytes, empty, stored, timer.seconds)
+                        corpus.raw_bytes, empty, stored, timer.seconds, compacted)
 
 
 async def _main(argv: Sequence[str] | None = None) -> None:

@@ -201,11 +201,15 @@ def _corpus(res: Results) -> None:
     print_table("   stored bytes vs raw payload (content bytes only); immagent and LangGraph "
                 "keep every state, SQLiteSession the latest",
                 ["system", "backend", "raw payload", "stored", "stored / raw", "net / raw",
-                 "/ SQLiteSession", "seconds"],
+                 "/ SQLiteSession", "after VACUUM", "seconds"],
                 [[c.system, c.backend, fmt_bytes(c.raw_bytes), fmt_bytes(c.stored_bytes),
                   f"{c.ratio:.2f}x", f"{c.net_ratio:.2f}x",
                   f"{c.stored_bytes / session.stored_bytes:.2f}" if session else "-",
+                  "-" if c.compacted_bytes is None
+                  else f"{c.compacted_bytes / c.raw_bytes:.2f}x",
                   f"{c.seconds:.1f}"] for c in res.corpus_stored])
+    print("   after VACUUM: the SQLite file compacted into a copy, for information (the"
+          " store never runs VACUUM; targets use 'stored')")
     _breakdowns(res, "corpus", "   where immagent's bytes go, realistic corpus ({turns} turns)")
 
 

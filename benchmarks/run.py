@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import json
 import multiprocessing
@@ -37,6 +38,7 @@ from benchmarks.common import (
     CorpusStored,
     ForkResult,
     LinearPoint,
+    compacted_sqlite_bytes,
     curve_points,
     with_database,
 )
@@ -143,8 +145,11 @@ async def storage_phase(backend: Backend, res: Results, dsn: str | None, work: P
 
     log(f"immagent/{backend}: realistic corpus, {len(corpus.conversations)} conversations")
     async with ours.open_store(backend, dsn, work, "corpus") as (corpus_store, corpus_measure):
-        res.corpus_stored.append(await ours.run_corpus(backend, corpus_store, corpus_measure,
-                                                       corpus))
+        stored = await ours.run_corpus(backend, corpus_store, corpus_measure, corpus)
+        if backend == "sqlite":
+            stored = dataclasses.replace(stored, compacted_bytes=await asyncio.to_thread(
+                compacted_sqlite_bytes, ours.store_path(work, "corpus")))
+        res.corpus_stored.append(stored)
         await breakdown(res, backend, dsn, work, "corpus", "corpus", corpus.turns)
     return Kept(store, long_agent, append_store, append_agent)
 

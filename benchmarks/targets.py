@@ -95,7 +95,10 @@ def _storage_targets(res: Results, backend: str) -> list[dict[str, str]]:
             corpus.ratio <= most,
             f"{corpus.ratio:.2f}x ({fmt_bytes(corpus.stored_bytes)} for "
             f"{fmt_bytes(corpus.raw_bytes)} of text; {corpus.net_ratio:.2f}x without the "
-            f"empty store)" + versus))
+            f"empty store)" + versus
+            + ("" if corpus.compacted_bytes is None else
+               f"; {corpus.compacted_bytes / corpus.raw_bytes:.2f}x after a VACUUM (the "
+               "store runs none)")))
     return out
 
 
