@@ -3,6 +3,7 @@ dictionary and its lifecycle, damage named by verify, bundles in canonical form.
 
 from __future__ import annotations
 
+import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,7 @@ from immagent.assets import (
 )
 from immagent.audit.bundle import read_bundle
 from immagent.exceptions import IntegrityError, ValidationError
+from immagent.store import compression
 from immagent.store.compression import GENERATIONS, STREAM
 from tests import crafted
 from tests.conftest import raw_sql
@@ -94,6 +96,35 @@ async def talk_until_trained(store: Store) -> tuple[PersistentAgent, int]:
                                            Message.assistant(prose(2 * turns + 1))])
         turns += 1
     return agent, turns
+
+
+async def test_a_larger_dictionary_that_did_not_pay_is_tried_again_later(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        ) -> None:
+    # The retry of a generation waits for 4x its samples; it once waited forever, because
+    # sampling stopped at the last generation's size (one backend: this is the policy
+    # above the backends).
+    async with await Store.connect(f"sqlite:///{tmp_path / 'c.db'}") as store:
+        await store.init_schema()
+        agent, turns = await talk_until_trained(store)
+        monkeypatch.setattr(compression, "ADOPT", 0.0)  # no dictionary can pay now
+        caplog.set_level(logging.INFO, logger="immagent")
+
+        def attempts() -> int:
+            return sum("did not pay" in r.getMessage() for r in caplog.records)
+
+        retry_at = 4 * GENERATIONS[1][0]
+        written = 0
+        while attempts() < 2 and written < GENERATIONS[1][0] + retry_at + 64_000:
+            batch = [Message.user(prose(10_000 + turns, 4000)),
+                     Message.assistant(prose(20_000 + turns, 4000))]
+            agent = await store.append(agent, batch)
+            written += 8000
+            turns += 1
+        assert attempts() == 2, f"{attempts()} attempts after {written} bytes"
+        # Not before its time (bodies are a little larger than their text, so this is a
+        # bound, not the exact byte).
+        assert written > GENERATIONS[1][0] + 0.95 * retry_at
 
 
 async def test_a_trained_dictionary_is_adopted_kept_by_gc_and_found_by_another_store(

@@ -112,7 +112,10 @@ class Compression:
         return out
 
     def _sample(self, body: bytes) -> None:
-        if self._sampled < GENERATIONS[-1][0]:
+        # Up to the point of the next training (a retry after a dictionary that did not pay
+        # waits for 4x the samples of its generation): never more, so memory stays bounded,
+        # and never less, or a retry past the last generation's size would never come.
+        if self._sampled < self._train_at:
             self._samples.append(body)
             self._sampled += len(body)
 
