@@ -236,6 +236,60 @@ async def test_reputting_a_checkpoint_id_replaces_it(store: Store) -> None:
     assert await store.count_states(Kind.CHECKPOINT) == 1
 
 
+async def test_reputting_an_older_checkpoint_leaves_the_newest_first(store: Store) -> None:
+    # LangGraph's savers order a namespace's checkpoints by id: putting an older id again
+    # changes its content, not the order. InMemorySaver, side by side, is the reference.
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    md: CheckpointMetadata = {"source": "loop", "step": 0, "parents": {}}
+    checkpoints = [_checkpoint({"x": i}, {"x": i + 1}) for i in range(3)]
+    views = []
+    for saver in (ImmAgentSaver(store), InMemorySaver()):
+        parent = _config("t")
+        for c in checkpoints:
+            parent = await saver.aput(parent, c, md, {"x": 1})
+        changed = cast(Checkpoint, {**checkpoints[0], "channel_values": {"x": 99}})
+        await saver.aput(_config("t"), changed, md, {"x": 1})
+        latest = await saver.aget_tuple(_config("t"))
+        assert latest is not None
+        old = await saver.aget_tuple(_config("t", checkpoints[0]["id"]))
+        assert old is not None and old.checkpoint["channel_values"] == {"x": 99}
+        views.append((latest.checkpoint["id"],
+                      [t.checkpoint["id"] async for t in saver.alist(_config("t"))]))
+    ids = [c["id"] for c in checkpoints]
+    assert views[0] == views[1] == (ids[2], ids[::-1])
+    assert await store.count_states(Kind.CHECKPOINT) == 3
+
+
+async def test_reputs_of_an_older_checkpoint_racing_new_puts_keep_the_order(
+        store: Store) -> None:
+    # The re-put rewrites the checkpoints after the old row, expecting the namespace's
+    # newest to be what it read; a put landing in between makes it read again.
+    md: CheckpointMetadata = {"source": "loop", "step": 0, "parents": {}}
+    first = _checkpoint({"x": 0}, {"x": 1})
+    parent = await ImmAgentSaver(store).aput(_config("t"), first, md, {"x": 1})
+    arriving = [_checkpoint({"x": i}, {"x": i + 1}) for i in range(1, 13)]
+
+    async def puts() -> None:
+        saver, at = ImmAgentSaver(store), parent
+        for c in arriving:
+            at = await saver.aput(at, c, md, {"x": 1})
+            await asyncio.sleep(0)
+
+    async def reputs() -> None:
+        saver = ImmAgentSaver(store)
+        for x in range(12):
+            changed = cast(Checkpoint, {**first, "channel_values": {"x": 100 + x}})
+            await saver.aput(_config("t"), changed, md, {"x": 1})
+
+    await asyncio.gather(puts(), reputs())
+    saver = ImmAgentSaver(store)
+    listed = [t.checkpoint["id"] async for t in saver.alist(_config("t"))]
+    assert listed == [c["id"] for c in reversed([first, *arriving])]
+    got = await saver.aget_tuple(_config("t", first["id"]))
+    assert got is not None and got.checkpoint["channel_values"] == {"x": 111}
+
+
 async def _reput(saver: ImmAgentSaver, checkpoint: Checkpoint, x: int) -> Any:
     """Put ``checkpoint``'s id again with ``x`` as its value."""
     md: CheckpointMetadata = {"source": "loop", "step": 0, "parents": {}}
