@@ -768,7 +768,9 @@ class Store:
                 sizes[asset.digest] = (asset.size if isinstance(asset, ConversationNode)
                                        else len(asset.body))
             logical += sum(sizes[r.system_prompt] + sizes[r.conversation] for r in records)
-        states = {_kind_name(k): await backend.count_states(k) for k in sorted(STATE_KINDS)}
+        # Agent states were just counted page by page; the other kinds by one count each.
+        states = {_kind_name(k): agents if k == Kind.AGENT_STATE
+                  else await backend.count_states(k) for k in sorted(STATE_KINDS)}
         return StoreStats(
             agents=agents,
             assets_by_kind={_kind_name(k): v for k, v in sorted(by_kind.items())},
