@@ -111,24 +111,18 @@ class Results:
         for p in self.linear:
             other = self.point("langgraph", p.backend, p.turns)
             if p.system == "immagent" and p.turns and other is not None:
-                rows.append({"backend": p.backend, "scenario": f"linear N={p.turns}",
-                             "immagent_bytes": p.stored_bytes,
-                             "langgraph_bytes": other.stored_bytes,
-                             "ratio": p.stored_bytes / other.stored_bytes})
+                rows.append(_ratio(p.backend, f"linear N={p.turns}", p.stored_bytes,
+                                   other.stored_bytes))
         for f in self.forks:
             other_fork = self.fork("langgraph", f.backend)
             if f.system == "immagent" and other_fork is not None:
-                rows.append({"backend": f.backend, "scenario": "bytes per fork",
-                             "immagent_bytes": f.bytes_per_fork,
-                             "langgraph_bytes": other_fork.bytes_per_fork,
-                             "ratio": f.bytes_per_fork / other_fork.bytes_per_fork})
+                rows.append(_ratio(f.backend, "bytes per fork", f.bytes_per_fork,
+                                   other_fork.bytes_per_fork))
         for c in self.corpus_stored:
             other_corpus = self.stored_corpus("langgraph", c.backend)
             if c.system == "immagent" and other_corpus is not None:
-                rows.append({"backend": c.backend, "scenario": "realistic corpus",
-                             "immagent_bytes": c.stored_bytes,
-                             "langgraph_bytes": other_corpus.stored_bytes,
-                             "ratio": c.stored_bytes / other_corpus.stored_bytes})
+                rows.append(_ratio(c.backend, "realistic corpus", c.stored_bytes,
+                                   other_corpus.stored_bytes))
         return rows
 
     def as_dict(self) -> dict[str, Any]:
@@ -151,3 +145,9 @@ class Results:
             "targets": self.targets,
             "notes": self.notes,
         }
+
+
+def _ratio(backend: str, scenario: str, ours: float, theirs: float) -> dict[str, Any]:
+    """One row of ``Results.ratios``."""
+    return {"backend": backend, "scenario": scenario, "immagent_bytes": ours,
+            "langgraph_bytes": theirs, "ratio": ours / theirs}
