@@ -342,7 +342,7 @@ def _refuse_export(head: StateRow, problem: str | None) -> None:
 
 #: Why a path cannot be written, as opposed to the device failing under it.
 _BAD_PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM,
-                              errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EEXIST})
+                              errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP})
 
 
 class _TempFile:
