@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from immagent.assets import ConversationNode, Message, MissingAsset, SystemPrompt, ToolCall
 from immagent.audit.bundle import BundleInfo, verify_bundle
 from immagent.audit.gc import GCResult
+from immagent.audit.proofs import ProofResult, verify_proof
 from immagent.audit.verify import AgentProblem, AssetProblem, VerifyReport
 from immagent.exceptions import (
     AgentNotFoundError,
@@ -25,6 +26,7 @@ from immagent.exceptions import (
     IntegrityError,
     LLMError,
     MessageNotFoundError,
+    ProofError,
     SchemaMissingError,
     SchemaVersionError,
     StaleStreamError,
@@ -89,6 +91,8 @@ __all__ = [
     "MissingAsset",
     "Model",
     "PersistentAgent",
+    "ProofError",
+    "ProofResult",
     "SchemaMissingError",
     "SchemaVersionError",
     "SimpleAgent",
@@ -114,6 +118,7 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "verify_bundle",
+    "verify_proof",
 ]
 
 
