@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,14 @@ CREATE INDEX IF NOT EXISTS immagent_agents_name ON immagent_agents (name);
 
 # -- version 1's rows ----------------------------------------------------------------------
 
+
+def legacy_extend(node: ConversationNode, added: Sequence[Message]) -> ConversationNode:
+    """The node an immagent before schema 3 made: no accumulator root, no span hash."""
+    return ConversationNode(parent=node.digest, messages=tuple(m.digest for m in added),
+                            length=node.length + len(added),
+                            size=node.size + sum(len(m.body) for m in added))
+
+
 class V1Store:
     """What a version-1 immagent wrote for a small fleet: assets as rows (canonical bodies,
     node links in refs) and agent rows whose maps are canonical msgpack."""
@@ -113,7 +121,7 @@ class V1Store:
                              Message(role="assistant", content=f"answer {a}.{step} " * 12,
                                      input_tokens=step, output_tokens=2 * step,
                                      model="immagent/echo"))
-                    node = node.extend(added)
+                    node = legacy_extend(node, added)
                     history += added
                 config, metadata = {"temperature": 0.1 * a}, {"step": step}
                 row: dict[str, Any] = {
@@ -208,7 +216,9 @@ async def test_a_version_1_store_is_migrated_by_init_schema_with_every_digest_ke
         await store.check_schema()  # now at SCHEMA_VERSION
         report = await store.verify()
         assert_clean(report)
-        assert report.assets_checked == len(v1.assets)
+        # The prompt stays an asset; the nodes are chain nodes holding their messages.
+        nodes = [a for a in v1.assets.values() if isinstance(a, ConversationNode)]
+        assert (report.assets_checked, report.nodes_checked) == (1, len(nodes))
         assert report.agents_checked == len(v1.agents)
         for row in v1.agents:
             agent = await store.load_agent(row["id"])

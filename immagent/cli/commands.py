@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from immagent.agent import PersistentAgent
-from immagent.assets import ConversationNode, Message
+from immagent.assets import Message
 from immagent.cli.context import Context
 from immagent.cli.errors import EXIT_OK, CLIError
 from immagent.cli.render import clip, local_time, message_json, message_line, table
@@ -181,14 +181,10 @@ async def _lineage(store: Store, agent: PersistentAgent,
     states = await store.ancestors(agent, None if limit is None else limit + 1)
     shown = states if limit is None else states[:limit]
     heads = list(dict.fromkeys(a.conversation_digest for a in states))
-    nodes = dict(zip(heads, await store.get_assets(heads, ConversationNode,
-                                                   "conversation node"), strict=True))
+    read = dict(zip(heads, await store.read_nodes(heads), strict=True))
+    nodes = {d: node for d, (node, _) in read.items()}
     parents: list[PersistentAgent | None] = [*states[1:], None]
-    direct = [d for a, p in zip(shown, parents, strict=False) if p is not None
-              and nodes[a.conversation_digest].parent == p.conversation_digest
-              for d in nodes[a.conversation_digest].messages]
-    messages = dict(zip(direct, await store.get_assets(direct, Message, "message"),
-                        strict=True))
+    added_by = {d: own for d, (_, own) in read.items()}
     entries: list[_Entry] = []
     for state, parent in zip(shown, parents, strict=False):
         node = nodes[state.conversation_digest]
@@ -201,7 +197,7 @@ async def _lineage(store: Store, agent: PersistentAgent,
         elif node.digest == parent.conversation_digest:
             added = ()
         elif node.parent == parent.conversation_digest:
-            added = tuple(messages[d] for d in node.messages)
+            added = tuple(m for m in added_by[node.digest] if isinstance(m, Message))
         else:  # not one step (a crafted or imported lineage): compare whole histories
             added = _added(await state.get_messages(), await parent.get_messages())
         entries.append(_Entry(state, node.length, added, missing))

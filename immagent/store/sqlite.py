@@ -26,6 +26,7 @@ at SQLite's default (off) and costs nothing.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -33,16 +34,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from uuid import UUID
 
+from immagent import codec
 from immagent.assets import (
     NODE_KINDS,
     Digest,
+    Kind,
     MissingAsset,
     StoredAsset,
     join_refs,
     split_refs,
     stored_rows,
-    stored_tagged_rows,
 )
+from immagent.chains import SPAN, NewNode, NodeRow
 from immagent.exceptions import (
     IntegrityError,
     StoreConnectionError,
@@ -50,6 +53,7 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.records import StateRow, state_from_v1
+from immagent.store import _migrate
 from immagent.store._filters import ROOTED_STATES, Dialect, StateQueries
 from immagent.store._sqlite_pool import SQLitePool, is_busy, transaction
 from immagent.store.backend import (
@@ -62,6 +66,8 @@ from immagent.store.backend import (
 )
 
 __all__ = ["SQLiteBackend"]
+
+log = logging.getLogger("immagent")
 
 T = TypeVar("T")
 
@@ -115,27 +121,74 @@ _DDL = (
     # "a stream's states in log order" without storing seq twice.
     "CREATE INDEX IF NOT EXISTS immagent_states_stream ON immagent_states (kind, stream)",
     "CREATE INDEX IF NOT EXISTS immagent_states_parent ON immagent_states (parent_id)",
+    # Chain nodes (see schema.sql and immagent/chains.py), clustered by run: `loc` is the
+    # rowid, (run << 24) | the node's offset in its run, so a run is one range of the table
+    # b-tree (a rowid table keeps rows up to a page inline; WITHOUT ROWID spills past
+    # ~2 KB). A node's parent is the row before it; a run's first row names the node it
+    # continues from (`parent`, NULL for a chain's root) and its depth, NULL on every
+    # other row (a NULL costs one header byte). Nodes are found by digest through an index
+    # on its first 8 bytes (20 instead of ~45 bytes an entry; the digest itself is compared
+    # in the row, and the single writer checks for a node before inserting it, so it
+    # stays unique).
+    """
+    CREATE TABLE IF NOT EXISTS immagent_nodes (
+        loc     INTEGER PRIMARY KEY,
+        kind    INTEGER NOT NULL,
+        codec   INTEGER NOT NULL DEFAULT 0,
+        count   INTEGER NOT NULL,
+        depth   INTEGER,
+        digest  BLOB    NOT NULL CHECK (length(digest) = 32),
+        parent  BLOB    CHECK (length(parent) = 32),
+        refs    BLOB    NOT NULL DEFAULT x'' CHECK (length(refs) % 32 = 0),
+        peaks   BLOB    CHECK (length(peaks) % 32 = 0),
+        body    BLOB    NOT NULL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS immagent_nodes_digest ON immagent_nodes (substr(digest, 1, 8))",
 )
+
+#: A node's offset in its run takes the low bits of its loc: 2**24 nodes per run (a longer
+#: chain continues in a new run, as after a fork).
+_SHIFT = 24
+_OFFSET = (1 << _SHIFT) - 1
+# `r` is always the first row of `n`'s run: its depth, and its parent (a run's first
+# node's parent; the row before it for every other node).
+_NODE_COLUMNS = ("n.loc, n.digest, n.kind, n.count, n.codec, n.refs, n.peaks, n.body, "
+                 f"r.depth, CASE WHEN n.loc & {_OFFSET} = 0 THEN r.parent END")
+_RUN_START = f"immagent_nodes r ON r.loc = n.loc >> {_SHIFT} << {_SHIFT}"
+# A node by digest: the expression index on its first 8 bytes, then the digest itself.
+_BY_DIGEST = "substr(n.digest, 1, 8) = substr({d}, 1, 8) AND n.digest = {d}"
+# From a run (seg.run) to the run its first node continues: the parent's run and loc.
+_UP = f"""
+    SELECT p.loc >> {_SHIFT}, p.loc FROM seg
+      JOIN immagent_nodes r ON r.loc = seg.run << {_SHIFT}
+      JOIN immagent_nodes p ON substr(p.digest, 1, 8) = substr(r.parent, 1, 8)
+                           AND p.digest = r.parent
+"""
+# The runs of a lineage: from the head's run to the root's, each with the last loc the
+# lineage uses in it. UNION: a damaged row that makes runs loop ends the walk.
+_SEGMENTS = f"""
+    seg(run, hi) AS (
+        SELECT n.loc >> {_SHIFT}, n.loc FROM immagent_nodes n WHERE {_BY_DIGEST.format(d=":head")}
+        UNION
+        {_UP} WHERE r.depth > :since
+    )
+"""
+_CHAIN_NODES = f"""
+    WITH RECURSIVE {_SEGMENTS}
+    SELECT {_NODE_COLUMNS} FROM seg
+      JOIN immagent_nodes r ON r.loc = seg.run << {_SHIFT}
+      JOIN immagent_nodes n ON n.loc BETWEEN seg.run << {_SHIFT} AND seg.hi
+     WHERE r.depth + (n.loc & {_OFFSET}) >= :since
+     ORDER BY n.loc
+"""
+_HEAD_DEPTH = f"""
+    SELECT r.depth + (n.loc & {_OFFSET}) FROM immagent_nodes n JOIN {_RUN_START}
+     WHERE {_BY_DIGEST.format(d=":head")}
+"""
 
 _STATE_COLUMNS = "id, parent_id, kind, stream, refs, body, digest, created_at, seq"
 _ASSET_COLUMNS = "digest, kind, refs, body, codec"
-
-# A walk through refs from the digests in `roots`. A row (a, i) means "asset a is
-# reachable; its i-th ref is being followed": each step either descends into that ref
-# (k = 0) or moves to the next one (k = 1). UNION drops rows already seen, so an asset
-# shared by many parents is expanded once. Absent digests appear with i = 0 only.
-_WALK = """
-    walk(a, i) AS (
-        SELECT d, 0 FROM roots
-        UNION
-        SELECT CASE t.k WHEN 0 THEN substr(x.refs, 32 * w.i + 1, 32) ELSE w.a END,
-               CASE t.k WHEN 0 THEN 0 ELSE w.i + 1 END
-          FROM walk w
-          JOIN immagent_assets x ON x.digest = w.a
-          JOIN (SELECT 0 AS k UNION ALL SELECT 1) t
-         WHERE 32 * (w.i + t.k) < length(x.refs)
-    )
-"""
 
 # Roots passed as one BLOB of concatenated digests: no limit on their number. Indexed by
 # position (n), never by copying the rest of the BLOB, which would be quadratic.
@@ -162,57 +215,41 @@ _STATE_REFS = """
     )
 """
 
-_ALL_STATE_ROOTS = (_STATE_REFS.format(states="immagent_states")
-                    + ", roots(d) AS (SELECT DISTINCT dst FROM state_refs)")
-
-#: Elements of a node fetched by get_chain's first statement (a turn adds two to four).
-_INLINE_ELEMENTS = 4
-
-# The chain ending at :head and its nodes' first elements, in one statement (measured ~15 %
-# faster than a second statement for the elements, the rest is found by _ELEMENTS_SQL).
-# Each node's first ref is its parent, followed while it has the head's kind. UNION (not
-# UNION ALL): a damaged refs column pointing back into the chain repeats a row and ends the
-# walk instead of looping forever. Element digests are cut from each node's refs by
-# position (a constant series: 1 .. _INLINE_ELEMENTS), one primary-key probe each.
-_CHAIN_SQL = f"""
-    WITH RECURSIVE chain({_ASSET_COLUMNS}) AS (
-        SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE digest = :head
-        UNION
-        SELECT a.digest, a.kind, a.refs, a.body, a.codec
-          FROM chain c JOIN immagent_assets a
-            ON a.digest = substr(c.refs, 1, 32) AND a.kind = c.kind
-    )
-    SELECT 0, {_ASSET_COLUMNS} FROM chain
-    UNION ALL
-    SELECT 1, x.digest, x.kind, x.refs, x.body, x.codec
-      FROM chain c
-      JOIN ({" UNION ALL ".join(f"SELECT {i} AS i" for i in range(1, _INLINE_ELEMENTS + 1))}) s
-      JOIN immagent_assets x ON x.digest = substr(c.refs, 32 * s.i + 1, 32)
-     WHERE 32 * s.i < length(c.refs)
-"""
 _ELEMENTS_SQL = f"""
     WITH RECURSIVE {_BLOB_ROOTS}
     SELECT x.digest, x.kind, x.refs, x.body, x.codec
       FROM roots JOIN immagent_assets x ON x.digest = roots.d
 """
 
-# Node kinds, for gc's checks (ints from the core, safe to inline).
+_ALL_STATE_REFS = _STATE_REFS.format(states="immagent_states")
+
+# Node kinds, for the migration (ints from the core, safe to inline).
 _NODE_KINDS = ", ".join(str(int(k)) for k in sorted(NODE_KINDS))
 
-# The reached assets gc checks before it sweeps: every row with refs, every node, and every
-# row a state or a node links to as its parent, whatever its kind column says (a node whose
-# kind was changed and refs emptied would otherwise mark nothing and never be checked).
-_GC_CHECKED = f"""
-    WITH RECURSIVE {_STATE_REFS.format(states="immagent_states")},
-    linked(d) AS (
-        SELECT dst FROM state_refs
-        UNION
-        SELECT substr(p.refs, 1, 32) FROM immagent_assets p
-          JOIN temp.immagent_reach pr ON pr.digest = p.digest WHERE length(p.refs) > 0
+# The out-of-line refs of the nodes gc marked (runs up to their last live loc).
+_MARKED_REFS = f"""
+    orefs(a, i) AS (
+        SELECT n.loc, 0 FROM temp.immagent_reach_runs rr
+          JOIN immagent_nodes n ON n.loc BETWEEN rr.run << {_SHIFT} AND rr.hi
+         WHERE length(n.refs) > 0
+        UNION ALL
+        SELECT o.a, o.i + 1 FROM orefs o JOIN immagent_nodes x ON x.loc = o.a
+         WHERE 32 * (o.i + 2) <= length(x.refs)
+    ),
+    marked_refs(d) AS (
+        SELECT substr(x.refs, 32 * o.i + 1, 32) FROM orefs o JOIN immagent_nodes x ON x.loc = o.a
     )
-    SELECT a.digest, a.kind, a.refs, a.body, a.codec FROM immagent_assets a
-      JOIN temp.immagent_reach r ON r.digest = a.digest
-     WHERE length(a.refs) > 0 OR a.kind IN ({_NODE_KINDS}) OR a.digest IN (SELECT d FROM linked)
+"""
+
+# The lineages of the nodes among `roots(d)`: per run, the last loc they use.
+_ROOT_SPANS = f"""
+    seg(run, hi) AS (
+        SELECT n.loc >> {_SHIFT}, n.loc FROM roots
+          JOIN immagent_nodes n ON {_BY_DIGEST.format(d="roots.d")}
+        UNION
+        {_UP}
+    ),
+    span(run, hi) AS (SELECT run, max(hi) FROM seg GROUP BY run)
 """
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -310,6 +347,95 @@ def _asset(row: Sequence[Any]) -> StoredAsset:
                        row[4])
 
 
+def _node_rows(rows: Sequence[Sequence[Any]],
+               previous: tuple[int, bytes] | None = None) -> list[NodeRow]:
+    """NodeRows from (loc, digest, kind, count, codec, refs, peaks, body, run depth, run
+    parent digest) rows in loc order: a row's parent is the row before it in its run (None
+    where that row is missing, which the checks report), or its run's parent."""
+    out: list[NodeRow] = []
+    for loc, digest, kind, count, row_codec, refs, peaks, body, depth, run_parent in rows:
+        offset = loc & _OFFSET
+        if offset == 0:
+            parent = None if run_parent is None else _blob(run_parent)
+        else:
+            parent = previous[1] if previous is not None and previous[0] == loc - 1 else None
+        digest = _blob(digest)
+        out.append(NodeRow(digest, kind, depth + offset, parent, split_refs(_blob(refs)),
+                           _blob(body), row_codec, None if peaks is None else _blob(peaks),
+                           count))
+        previous = (loc, digest)
+    return out
+
+
+def _find_node(conn: sqlite3.Connection, digest: bytes) -> int | None:
+    row = conn.execute(f"SELECT n.loc FROM immagent_nodes n WHERE {_BY_DIGEST.format(d='?1')}",
+                       (digest,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _node_depth(conn: sqlite3.Connection, loc: int) -> int:
+    (depth,) = conn.execute("SELECT depth FROM immagent_nodes WHERE loc = ?",
+                            (loc >> _SHIFT << _SHIFT,)).fetchone()
+    return int(depth) + (loc & _OFFSET)
+
+
+def _place_nodes(conn: sqlite3.Connection, nodes: Sequence[NewNode]) -> Digest | None:
+    """Insert new nodes, each right after its parent when that slot is free (the run goes
+    on), else as the first node of a new run that names its parent; a node already stored
+    is skipped. Returns a parent that is not stored, if any (nothing is kept then: the
+    caller rolls back)."""
+    placed: dict[bytes, int] = {}
+    insert = ("INSERT INTO immagent_nodes (loc, kind, codec, count, depth, digest, parent, "
+              "refs, peaks, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+              "ON CONFLICT (loc) DO NOTHING")
+    for node in nodes:
+        if node.digest in placed or _find_node(conn, node.digest) is not None:
+            continue
+        parent: int | None = None
+        if node.parent is not None:
+            parent = placed.get(node.parent)
+            if parent is None:
+                parent = _find_node(conn, node.parent)
+            if parent is None:
+                return node.parent
+        tail = (join_refs(node.refs), node.peaks, node.body)
+        if parent is not None and parent & _OFFSET < _OFFSET and conn.execute(
+                insert, (parent + 1, node.kind, node.codec, node.added, None, node.digest,
+                         None, *tail)).rowcount == 1:
+            placed[node.digest] = parent + 1
+            continue
+        # A root, a fork (the slot after the parent holds another node), or a run at its
+        # length limit: a new run, after the last one.
+        (last,) = conn.execute("SELECT coalesce(max(loc), 0) FROM immagent_nodes").fetchone()
+        loc = ((int(last) >> _SHIFT) + 1) << _SHIFT
+        depth = 0 if parent is None else _node_depth(conn, parent) + 1
+        conn.execute(insert, (loc, node.kind, node.codec, node.added, depth, node.digest,
+                              node.parent, *tail))
+        placed[node.digest] = loc
+    return None
+
+
+def _count_rows(conn: sqlite3.Connection) -> int:
+    (assets,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
+    (nodes,) = conn.execute("SELECT count(*) FROM immagent_nodes").fetchone()
+    return int(assets) + int(nodes)
+
+
+def _stats(rows: Sequence[Sequence[Any]]) -> dict[int, tuple[int, int]]:
+    """asset_stats from (kind, rows, body bytes, inline elements) rows: a node kind's inline
+    elements count under their element kind (their bytes are the nodes')."""
+    stats: dict[int, tuple[int, int]] = {}
+    for kind, n, size, inline in rows:
+        count, total = stats.get(int(kind), (0, 0))
+        stats[int(kind)] = (count + int(n), total + int(size))
+        node_type = NODE_KINDS.get(int(kind))
+        if node_type is not None and inline:
+            element = int(node_type.element_kind)
+            count, total = stats.get(element, (0, 0))
+            stats[element] = (count + int(inline), total)
+    return stats
+
+
 def _newest(conn: sqlite3.Connection, head: Head) -> UUID | None:
     row = conn.execute("SELECT id FROM immagent_states WHERE kind = ? AND stream = ? "
                        "ORDER BY seq DESC LIMIT 1", (head.kind, head.stream)).fetchone()
@@ -366,6 +492,44 @@ def _migrate_v1(conn: sqlite3.Connection) -> None:
             UUID(bytes=r[0]), None if r[1] is None else UUID(bytes=r[1]), _from_micros(r[2]),
             r[3], r[4], r[5], r[6], r[7], r[8], r[9])) for r in rows])
     conn.execute("DROP TABLE immagent_agents")
+
+
+def _migrate_v2(conn: sqlite3.Connection) -> None:
+    """Version 2 -> 3: chain nodes move from the asset table into runs, holding their
+    elements' bodies (immagent/store/_migrate.py); digests unchanged."""
+    links = {_blob(d): (_blob(p) if p else None) for d, p in conn.execute(
+        f"SELECT digest, substr(refs, 1, 32) FROM immagent_assets WHERE kind IN ({_NODE_KINDS})")}
+    plan, runs = _migrate.plan_runs(links)
+    dictionaries = _migrate.dictionaries_from(
+        _blob(b) for (b,) in conn.execute("SELECT body FROM immagent_assets WHERE kind = ?",
+                                          (int(Kind.DICTIONARY),)))
+    standalone = {d for (refs,) in conn.execute("SELECT refs FROM immagent_states")
+                  for d in split_refs(_blob(refs))}
+    records = _migrate.Records(dictionaries, standalone, runs)
+    for start in range(0, len(plan), _migrate.BATCH):
+        batch = plan[start:start + _migrate.BATCH]
+        nodes: dict[bytes, tuple[int, tuple[bytes, ...], bytes]] = {}
+        for chunk in _chunks([p.digest for p in batch]):
+            for d, k, refs, body, row_codec in conn.execute(
+                    f"SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE digest IN "
+                    f"({_marks(len(chunk))})", chunk):
+                nodes[_blob(d)] = (k, split_refs(_blob(refs)),
+                                   codec.decode(row_codec, _blob(body), dictionaries))
+        wanted = list(dict.fromkeys(e for n in nodes.values() for e in n[1][1:]))
+        elements: dict[bytes, tuple[int, bytes]] = {}
+        for chunk in _chunks(wanted):
+            elements.update((_blob(d), (c, _blob(b))) for d, c, b in conn.execute(
+                f"SELECT digest, codec, body FROM immagent_assets WHERE digest IN "
+                f"({_marks(len(chunk))})", chunk))
+        conn.executemany(
+            "INSERT INTO immagent_nodes (loc, kind, codec, count, depth, digest, parent, refs, "
+            "peaks, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            records.rows(batch, nodes, elements))
+        log.info("migrating to schema 3: %d of %d chain nodes", start + len(batch), len(plan))
+    conn.execute(f"DELETE FROM immagent_assets WHERE kind IN ({_NODE_KINDS})")
+    for chunk in _chunks(sorted(records.deletable())):
+        conn.execute(f"DELETE FROM immagent_assets WHERE digest IN ({_marks(len(chunk))})",
+                     chunk)
 
 
 def _give_back_free_pages(conn: sqlite3.Connection) -> None:
@@ -453,6 +617,8 @@ class SQLiteBackend(StateQueries):
                              "ORDER BY digest")
                 conn.execute("DROP TABLE immagent_assets_v1")
                 _migrate_v1(conn)
+            if current in (1, 2):
+                _migrate_v2(conn)
                 _give_back_free_pages(conn)
             conn.execute("INSERT OR IGNORE INTO immagent_schema (version) VALUES (?)",
                          (SCHEMA_VERSION,))
@@ -469,7 +635,8 @@ class SQLiteBackend(StateQueries):
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
-                    replace: Sequence[UUID] = ()) -> WriteResult:
+                    replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = ()
+                    ) -> WriteResult:
         asset_rows = [(a.digest, a.kind, join_refs(a.refs), a.body, a.codec) for a in assets]
         state_rows = [_state_params(s) for s in states]
         wanted = list(dict.fromkeys(require))
@@ -480,12 +647,17 @@ class SQLiteBackend(StateQueries):
                 conn.executemany(
                     f"INSERT INTO immagent_assets ({_ASSET_COLUMNS}) "
                     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING", asset_rows)
+            if nodes:
+                lost = _place_nodes(conn, nodes)
+                if lost is not None:
+                    raise _Abort(WriteResult(missing=(lost,)))
             present: set[bytes] = set()
             for chunk in _chunks(wanted):
                 present.update(row[0] for row in conn.execute(
                     f"SELECT digest FROM immagent_assets WHERE digest IN ({_marks(len(chunk))})",
                     chunk))
-            missing = tuple(d for d in wanted if d not in present)
+            missing = tuple(d for d in wanted
+                            if d not in present and _find_node(conn, d) is None)
             if missing:
                 raise _Abort(WriteResult(missing=missing))
             # The single writer serialises every write: no lock beyond BEGIN IMMEDIATE.
@@ -546,40 +718,95 @@ class SQLiteBackend(StateQueries):
 
     async def sweep(self, check: RowCheck) -> SweepResult:
         def sweep(conn: sqlite3.Connection) -> SweepResult:
-            # Mark into a temporary table (SQLite spills it to disk; nothing goes through
-            # Python), then sweep what is not in it, all under the write lock.
-            conn.execute("DROP TABLE IF EXISTS temp.immagent_reach")
+            # Mark into temporary tables (SQLite spills them to disk; nothing goes through
+            # Python): per run, the last loc a live lineage uses; every asset a state or a
+            # marked node's out-of-line refs name. Then sweep the rest, all under the write
+            # lock.
+            for table in ("immagent_reach", "immagent_reach_runs"):
+                conn.execute(f"DROP TABLE IF EXISTS temp.{table}")
+            conn.execute("CREATE TEMP TABLE immagent_reach_runs (run INTEGER PRIMARY KEY, "
+                         "hi INTEGER NOT NULL)")
             conn.execute("CREATE TEMP TABLE immagent_reach (digest BLOB PRIMARY KEY) "
                          "WITHOUT ROWID")
-            conn.execute(f"INSERT INTO temp.immagent_reach WITH RECURSIVE {_ALL_STATE_ROOTS}, "
-                         f"{_WALK} SELECT a FROM walk WHERE i = 0")
-            missing = conn.execute(
-                "SELECT digest FROM temp.immagent_reach r WHERE NOT EXISTS "
-                "(SELECT 1 FROM immagent_assets a WHERE a.digest = r.digest) LIMIT 1"
-            ).fetchone()
+            conn.execute(f"""
+                INSERT INTO temp.immagent_reach_runs
+                WITH RECURSIVE {_ALL_STATE_REFS},
+                seg(run, hi) AS (
+                    SELECT n.loc >> {_SHIFT}, n.loc FROM state_refs s
+                      JOIN immagent_nodes n ON {_BY_DIGEST.format(d="s.dst")}
+                    UNION
+                    {_UP}
+                )
+                SELECT run, max(hi) FROM seg GROUP BY run""")
+            conn.execute(f"""
+                INSERT OR IGNORE INTO temp.immagent_reach
+                WITH RECURSIVE {_ALL_STATE_REFS},
+                {_MARKED_REFS}
+                SELECT dst FROM state_refs WHERE NOT EXISTS (
+                    SELECT 1 FROM immagent_nodes n WHERE {_BY_DIGEST.format(d="dst")})
+                UNION SELECT d FROM marked_refs""")
+            missing = conn.execute(f"""
+                SELECT digest FROM temp.immagent_reach r WHERE NOT EXISTS
+                    (SELECT 1 FROM immagent_assets a WHERE a.digest = r.digest)
+                UNION ALL
+                SELECT r.parent FROM temp.immagent_reach_runs rr
+                  JOIN immagent_nodes r ON r.loc = rr.run << {_SHIFT}
+                 WHERE r.parent IS NOT NULL AND NOT EXISTS (
+                       SELECT 1 FROM immagent_nodes p WHERE substr(p.digest, 1, 8) =
+                              substr(r.parent, 1, 8) AND p.digest = r.parent)
+                UNION ALL
+                SELECT n.digest FROM temp.immagent_reach_runs rr
+                  JOIN immagent_nodes n ON n.loc = rr.hi
+                 WHERE NOT EXISTS (SELECT 1 FROM immagent_nodes r
+                                    WHERE r.loc = rr.run << {_SHIFT})
+                LIMIT 1""").fetchone()
             if missing is not None:
-                (kept,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
-                return SweepResult({}, 0, int(kept), _blob(missing[0]))
-            for sql, decode in (
-                    (f"SELECT {_STATE_COLUMNS} FROM immagent_states", _state),
-                    (_GC_CHECKED, _asset)):
-                cursor = conn.execute(sql)
-                while rows := cursor.fetchmany(1000):
-                    check([decode(r) for r in rows])
+                kept = _count_rows(conn)
+                found = missing[0]
+                return SweepResult({}, 0, kept, _blob(found))
+            cursor = conn.execute(f"SELECT {_STATE_COLUMNS} FROM immagent_states")
+            while rows := cursor.fetchmany(1000):
+                check([_state(r) for r in rows])
+            cursor = conn.execute(f"""
+                SELECT {_NODE_COLUMNS} FROM temp.immagent_reach_runs rr
+                  JOIN immagent_nodes r ON r.loc = rr.run << {_SHIFT}
+                  JOIN immagent_nodes n ON n.loc BETWEEN rr.run << {_SHIFT} AND rr.hi
+                 ORDER BY n.loc""")
+            previous: tuple[int, bytes] | None = None
+            while rows := cursor.fetchmany(1000):
+                batch = _node_rows(rows, previous)
+                previous = (rows[-1][0], batch[-1].digest)
+                check(batch)
             removed: dict[int, int] = {}
             freed = 0
+            dead_nodes = f"""
+                FROM immagent_nodes WHERE NOT EXISTS (
+                    SELECT 1 FROM temp.immagent_reach_runs rr
+                     WHERE rr.run = immagent_nodes.loc >> {_SHIFT}
+                       AND immagent_nodes.loc <= rr.hi)"""
+            for kind, n, size, inline in conn.execute(
+                    f"SELECT kind, count(*), coalesce(sum(length(body)), 0), "
+                    f"coalesce(sum(count - length(refs) / 32), 0) {dead_nodes} GROUP BY kind"):
+                removed[int(kind)] = removed.get(int(kind), 0) + int(n)
+                freed += int(size)
+                element = NODE_KINDS.get(int(kind))
+                if element is not None and inline:
+                    key = int(element.element_kind)
+                    removed[key] = removed.get(key, 0) + int(inline)
             for kind, n, size in conn.execute(
                     "SELECT kind, count(*), coalesce(sum(length(body)), 0) FROM immagent_assets "
                     "WHERE digest NOT IN (SELECT digest FROM temp.immagent_reach) GROUP BY kind"):
-                removed[int(kind)] = int(n)
+                removed[int(kind)] = removed.get(int(kind), 0) + int(n)
                 freed += int(size)
             if removed:
+                conn.execute(f"DELETE {dead_nodes}")
                 conn.execute("DELETE FROM immagent_assets "
                              "WHERE digest NOT IN (SELECT digest FROM temp.immagent_reach)")
                 _give_back_free_pages(conn)
-            (kept,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
+            kept = _count_rows(conn)
             conn.execute("DROP TABLE temp.immagent_reach")
-            return SweepResult(removed, freed, int(kept))
+            conn.execute("DROP TABLE temp.immagent_reach_runs")
+            return SweepResult(removed, freed, kept)
 
         result: SweepResult = await self._pool.write("gc", lambda conn: transaction(conn, sweep))
         return result
@@ -608,36 +835,126 @@ class SQLiteBackend(StateQueries):
         result: dict[Digest, StoredAsset] = await self._read("get_assets", run)
         return result
 
-    async def get_chain(
-        self, head: Digest
-    ) -> tuple[list[StoredAsset], dict[Digest, StoredAsset]]:
-        def run(conn: sqlite3.Connection) -> tuple[list[StoredAsset],
-                                                   dict[Digest, StoredAsset]]:
-            rows = conn.execute(_CHAIN_SQL, {"head": head}).fetchall()
-            # A compound SELECT yields its parts in order: the nodes (tag 0), newest first
-            # (the queue of a one-row-per-step recursion), then the elements (tag 1).
+    async def get_chain(self, head: Digest, *, context: bool = False
+                        ) -> tuple[list[NodeRow], dict[Digest, StoredAsset]]:
+        def run(conn: sqlite3.Connection) -> tuple[list[NodeRow], dict[Digest, StoredAsset]]:
+            since = 0
+            if context:
+                found = conn.execute(_HEAD_DEPTH, {"head": head}).fetchone()
+                if found is None:
+                    return [], {}
+                depth = int(found[0])
+                since = max(0, depth - depth % SPAN - 1)
             try:
-                chain, elements = stored_tagged_rows(rows)
-            except (TypeError, ValueError):  # a column of the wrong type: decode each row
-                chain = [_asset(r[1:]) for r in rows if r[0] == 0]
-                elements = [_asset(r[1:]) for r in rows if r[0] == 1]
-            leaves = {r.digest: r for r in elements}
-            # Elements past the first _INLINE_ELEMENTS of a node, in a second statement of
-            # the same snapshot (in-process: no round trip), their digests passed as one
-            # BLOB split by position: measured 2-3x faster than IN lists of bound parameters.
-            rest = b"".join(d for row in chain for d in row.refs[1 + _INLINE_ELEMENTS:]
-                            if d not in leaves)
-            if rest:
-                found = conn.execute(_ELEMENTS_SQL, {"roots": rest}).fetchall()
-                try:
-                    leaves.update((r.digest, r) for r in stored_rows(found))
-                except (TypeError, ValueError):
-                    leaves.update((a.digest, a) for a in map(_asset, found))
-            return chain, leaves
+                rows = _node_rows(conn.execute(_CHAIN_NODES, {"head": head, "since": since})
+                                  .fetchall())
+            except TypeError as e:  # a column of the wrong type (SQLite keeps what it got)
+                raise IntegrityError(f"the lineage of node {head.hex()} holds a damaged row: "
+                                     f"{e} (run store.verify())") from None
+            # The out-of-line elements, in a second statement of the same snapshot, their
+            # digests passed as one BLOB split by position.
+            wanted = b"".join(dict.fromkeys(d for row in rows for d in row.refs))
+            leaves: dict[Digest, StoredAsset] = {}
+            if wanted:
+                found_rows = conn.execute(_ELEMENTS_SQL, {"roots": wanted}).fetchall()
+                leaves.update((r.digest, r) for r in _rows(found_rows))
+            return rows, leaves
 
-        result: tuple[list[StoredAsset], dict[Digest, StoredAsset]] = (
+        result: tuple[list[NodeRow], dict[Digest, StoredAsset]] = (
             await self._read("get_chain", run))
         return result
+
+    async def get_nodes(self, digests: Sequence[Digest]
+                        ) -> tuple[dict[Digest, NodeRow], dict[Digest, StoredAsset]]:
+        keys = list(dict.fromkeys(digests))
+        sql = f"""
+            SELECT {_NODE_COLUMNS}, CASE WHEN n.loc & {_OFFSET} = 0 THEN r.parent
+                   ELSE (SELECT p.digest FROM immagent_nodes p WHERE p.loc = n.loc - 1) END
+              FROM immagent_nodes n JOIN {_RUN_START}
+             WHERE {_BY_DIGEST.format(d="?1")}"""
+
+        def run(conn: sqlite3.Connection) -> tuple[dict[Digest, NodeRow],
+                                                   dict[Digest, StoredAsset]]:
+            found: dict[Digest, NodeRow] = {}
+            for digest in keys:  # in-process: a probe costs microseconds
+                row = conn.execute(sql, (digest,)).fetchone()
+                if row is not None:
+                    (node,) = _node_rows([row[:10]])
+                    found[digest] = node._replace(parent=None if row[10] is None
+                                                  else _blob(row[10]))
+            wanted = b"".join(dict.fromkeys(d for n in found.values() for d in n.refs))
+            leaves: dict[Digest, StoredAsset] = {}
+            if wanted:
+                leaves.update((r.digest, r) for r in _rows(
+                    conn.execute(_ELEMENTS_SQL, {"roots": wanted}).fetchall()))
+            return found, leaves
+
+        result: tuple[dict[Digest, NodeRow], dict[Digest, StoredAsset]] = (
+            await self._read("get_nodes", run))
+        return result
+
+    async def kinds(self, digests: Sequence[Digest]) -> dict[Digest, int]:
+        keys = list(dict.fromkeys(digests))
+
+        def run(conn: sqlite3.Connection) -> dict[Digest, int]:
+            found: dict[Digest, int] = {}
+            for chunk in _chunks(keys):
+                found.update((_blob(d), k) for d, k in conn.execute(
+                    f"SELECT digest, kind FROM immagent_assets "
+                    f"WHERE digest IN ({_marks(len(chunk))})", chunk))
+            for digest in keys:
+                if digest not in found:
+                    row = conn.execute(f"SELECT n.kind FROM immagent_nodes n WHERE "
+                                       f"{_BY_DIGEST.format(d='?1')}", (digest,)).fetchone()
+                    if row is not None:
+                        found[digest] = row[0]
+            return found
+
+        result: dict[Digest, int] = await self._read("kinds", run)
+        return result
+
+    async def _stream(self, operation: str, sql: str, params: dict[str, Any],
+                      batch_size: int) -> AsyncIterator[list[Any]]:
+        """Rows of ``sql`` in batches from one read snapshot on one reader connection."""
+        pool = self._pool
+        async with pool.reader(operation) as conn:
+            def start(c: sqlite3.Connection) -> sqlite3.Cursor:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                c.execute("BEGIN")  # one snapshot for the whole stream
+                return c.execute(sql, params)
+
+            cursor = await pool.call(operation, conn, start)
+            try:
+                while rows := await pool.call(operation, conn,
+                                              lambda _: cursor.fetchmany(batch_size)):
+                    yield rows
+            finally:
+                if not pool.closed:  # a closed pool closes the connection, ending the read
+                    def end(c: sqlite3.Connection) -> None:
+                        cursor.close()
+                        if c.in_transaction:
+                            c.execute("ROLLBACK")
+                    await pool.call(operation, conn, end)
+
+    async def iter_nodes(self, roots: Sequence[Digest] | None = None,
+                         batch_size: int = 1000) -> AsyncIterator[list[NodeRow]]:
+        if roots is None:
+            sql = f"SELECT {_NODE_COLUMNS} FROM immagent_nodes n JOIN {_RUN_START} ORDER BY n.loc"
+            params: dict[str, Any] = {}
+        else:
+            sql = f"""
+                WITH RECURSIVE {_BLOB_ROOTS}, {_ROOT_SPANS}
+                SELECT {_NODE_COLUMNS} FROM span
+                  JOIN immagent_nodes r ON r.loc = span.run << {_SHIFT}
+                  JOIN immagent_nodes n ON n.loc BETWEEN span.run << {_SHIFT} AND span.hi
+                 ORDER BY n.loc"""
+            params = {"roots": join_refs(roots)}
+        previous: tuple[int, bytes] | None = None
+        async for rows in self._stream("iter_nodes", sql, params, batch_size):
+            batch = _node_rows(rows, previous)
+            previous = (rows[-1][0], batch[-1].digest)
+            yield batch
 
     async def iter_assets(self, roots: Sequence[Digest] | None = None,
                           batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
@@ -645,49 +962,35 @@ class SQLiteBackend(StateQueries):
             sql = f"SELECT {_ASSET_COLUMNS} FROM immagent_assets ORDER BY digest"
             params: dict[str, Any] = {}
         else:
-            sql = (f"WITH RECURSIVE {_BLOB_ROOTS}, {_WALK} "
-                   "SELECT x.digest, x.kind, x.refs, x.body, x.codec "
-                   "FROM walk w JOIN immagent_assets x ON x.digest = w.a WHERE w.i = 0")
+            sql = f"""
+                WITH RECURSIVE {_BLOB_ROOTS}, {_ROOT_SPANS},
+                orefs(a, i) AS (
+                    SELECT n.loc, 0 FROM span
+                      JOIN immagent_nodes n ON n.loc BETWEEN span.run << {_SHIFT} AND span.hi
+                     WHERE length(n.refs) > 0
+                    UNION ALL
+                    SELECT o.a, o.i + 1 FROM orefs o JOIN immagent_nodes x ON x.loc = o.a
+                     WHERE 32 * (o.i + 2) <= length(x.refs)
+                ),
+                wanted(d) AS (
+                    SELECT d FROM roots
+                    UNION SELECT substr(x.refs, 32 * o.i + 1, 32) FROM orefs o
+                      JOIN immagent_nodes x ON x.loc = o.a
+                )
+                SELECT x.digest, x.kind, x.refs, x.body, x.codec
+                  FROM wanted JOIN immagent_assets x ON x.digest = wanted.d"""
             params = {"roots": join_refs(roots)}
-        pool = self._pool
-        async with pool.reader("iter_assets") as conn:
-            def start(c: sqlite3.Connection) -> sqlite3.Cursor:
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-                c.execute("BEGIN")  # one snapshot for the whole stream
-                return c.execute(sql, params)
-
-            cursor = await pool.call("iter_assets", conn, start)
-            try:
-                while rows := await pool.call("iter_assets", conn,
-                                              lambda _: cursor.fetchmany(batch_size)):
-                    yield _rows(rows)
-            finally:
-                if not pool.closed:  # a closed pool closes the connection, ending the read
-                    def end(c: sqlite3.Connection) -> None:
-                        cursor.close()
-                        if c.in_transaction:
-                            c.execute("ROLLBACK")
-                    await pool.call("iter_assets", conn, end)
+        async for rows in self._stream("iter_assets", sql, params, batch_size):
+            yield _rows(rows)
 
     async def dangling_refs(self, states: Sequence[UUID] | None = None,
                             limit: int = 10_000) -> list[MissingAsset]:
         if states is None:
             params: dict[str, Any] = {"limit": limit}
-            # Every asset's refs, split by walking positions without descending.
             ctes = f"""
                 {_STATE_REFS.format(states="immagent_states")},
-                pos(a, i) AS (
-                    SELECT digest, 0 FROM immagent_assets WHERE length(refs) > 0
-                    UNION ALL
-                    SELECT p.a, p.i + 1 FROM pos p JOIN immagent_assets x ON x.digest = p.a
-                     WHERE 32 * (p.i + 1) < length(x.refs)
-                ),
-                edges(src, dst) AS (
-                    SELECT p.a, substr(x.refs, 32 * p.i + 1, 32)
-                      FROM pos p JOIN immagent_assets x ON x.digest = p.a
-                )
-            """
+                span(run, hi) AS (SELECT loc >> {_SHIFT}, NULL FROM immagent_nodes
+                                   WHERE loc & {_OFFSET} = 0)"""
         else:
             params = {"limit": limit, "ids": b"".join(i.bytes for i in states)}
             picked = ("(SELECT seq, refs FROM immagent_states WHERE id IN "
@@ -699,75 +1002,81 @@ class SQLiteBackend(StateQueries):
                 ),
                 {_STATE_REFS.format(states=picked)},
                 roots(d) AS (SELECT DISTINCT dst FROM state_refs),
-                {_WALK},
-                edges(src, dst) AS (
-                    SELECT w.a, substr(x.refs, 32 * w.i + 1, 32)
-                      FROM walk w JOIN immagent_assets x ON x.digest = w.a
-                     WHERE 32 * w.i < length(x.refs)
-                )
-            """
-        # State rows first-class: what they pin may be absent too.
+                {_ROOT_SPANS}"""
+        # State refs stored nowhere; out-of-line refs that are not stored; runs whose parent
+        # node is gone (named by the run's first node).
         sql = f"""
-            WITH RECURSIVE {ctes}
+            WITH RECURSIVE {ctes},
+            nodes_in(loc) AS (
+                SELECT n.loc FROM span JOIN immagent_nodes n
+                    ON n.loc BETWEEN span.run << {_SHIFT}
+                   AND coalesce(span.hi, (span.run << {_SHIFT}) | {_OFFSET})
+            ),
+            orefs(a, i) AS (
+                SELECT x.loc, 0 FROM nodes_in JOIN immagent_nodes x ON x.loc = nodes_in.loc
+                 WHERE length(x.refs) > 0
+                UNION ALL
+                SELECT o.a, o.i + 1 FROM orefs o JOIN immagent_nodes x ON x.loc = o.a
+                 WHERE 32 * (o.i + 2) <= length(x.refs)
+            )
             SELECT dst, src, 1 FROM state_refs
              WHERE NOT EXISTS (SELECT 1 FROM immagent_assets m WHERE m.digest = state_refs.dst)
+               AND NOT EXISTS (SELECT 1 FROM immagent_nodes n
+                                WHERE {_BY_DIGEST.format(d="state_refs.dst")})
             UNION
-            SELECT dst, src, 0 FROM edges
-             WHERE NOT EXISTS (SELECT 1 FROM immagent_assets m WHERE m.digest = edges.dst)
+            SELECT substr(x.refs, 32 * o.i + 1, 32), x.digest, 0 FROM orefs o
+              JOIN immagent_nodes x ON x.loc = o.a
+             WHERE NOT EXISTS (SELECT 1 FROM immagent_assets m
+                                WHERE m.digest = substr(x.refs, 32 * o.i + 1, 32))
+            UNION
+            SELECT r.parent, r.digest, 0 FROM span
+              JOIN immagent_nodes r ON r.loc = span.run << {_SHIFT}
+             WHERE r.parent IS NOT NULL AND NOT EXISTS (
+                   SELECT 1 FROM immagent_nodes p WHERE substr(p.digest, 1, 8) =
+                          substr(r.parent, 1, 8) AND p.digest = r.parent)
             LIMIT :limit
         """
         rows: list[Any] = await self._read(
             "dangling_refs", lambda conn: conn.execute(sql, params).fetchall())
         return [MissingAsset(_blob(d), UUID(bytes=_blob(s)) if is_state else _blob(s))
-                for d, s, is_state in rows]
+                for d, s, is_state in rows if d is not None]
 
     async def misfit_refs(self, expected: Mapping[int, tuple[int, int]],
                           states: Sequence[UUID] | None = None,
                           limit: int = 10_000) -> list[Misfit]:
         if not expected:
             return []
-        kinds = ", ".join(str(int(k)) for k in sorted(expected))  # ints: safe to inline
         if states is None:
-            sql = (f"SELECT digest, kind, refs FROM immagent_assets "
-                   f"WHERE kind IN ({kinds}) AND length(refs) > 0")
-            params: dict[str, Any] = {}
+            roots: list[Digest] | None = None
         else:
-            picked = ("(SELECT seq, refs FROM immagent_states WHERE id IN "
-                      "(SELECT substr(:ids, 16 * n + 1, 16) FROM ids))")
-            sql = f"""
-                WITH RECURSIVE ids(n) AS (
-                    SELECT 0 WHERE length(:ids) >= 16
-                    UNION ALL SELECT n + 1 FROM ids WHERE 16 * (n + 2) <= length(:ids)
-                ),
-                {_STATE_REFS.format(states=picked)},
-                roots(d) AS (SELECT DISTINCT dst FROM state_refs),
-                {_WALK}
-                SELECT x.digest, x.kind, x.refs FROM walk w
-                  JOIN immagent_assets x ON x.digest = w.a
-                 WHERE w.i = 0 AND x.kind IN ({kinds}) AND length(x.refs) > 0
-            """
-            params = {"ids": b"".join(i.bytes for i in states)}
+            roots = [d for r in await self.get_states(states) for d in r.refs]
 
-        def run(conn: sqlite3.Connection) -> list[Misfit]:
-            # In-process, one primary-key probe per ref costs microseconds, and each refs
-            # BLOB is read once (splitting it in SQL with substr() re-reads its overflow
-            # pages for every position). Memory: one row and the findings.
-            found: list[Misfit] = []
-            probe = "SELECT kind FROM immagent_assets WHERE digest = ?"
-            for digest, kind, raw in conn.execute(sql, params):
-                first, rest = expected[kind]
-                refs = split_refs(_blob(raw))
-                for i, ref in enumerate(refs):
-                    target = conn.execute(probe, (ref,)).fetchone()
-                    want = first if i == 0 else rest
-                    if target is not None and target[0] != want:
-                        found.append(Misfit(_blob(digest), ref, target[0], want))
-                        if len(found) >= limit:
-                            return found
-            return found
+        found: list[Misfit] = []
+        probe = "SELECT kind FROM immagent_assets WHERE digest = ?"
 
-        result: list[Misfit] = await self._read("misfit_refs", run)
-        return result
+        async for batch in self.iter_nodes(roots):
+            def check(conn: sqlite3.Connection, batch: list[NodeRow] = batch) -> None:
+                # In-process, one probe per ref or parent costs microseconds.
+                for node in batch:
+                    rule = expected.get(node.kind)
+                    if rule is None:
+                        continue
+                    first, rest = rule
+                    if node.parent is not None:
+                        parent = conn.execute(
+                            f"SELECT n.kind FROM immagent_nodes n WHERE "
+                            f"{_BY_DIGEST.format(d='?1')}", (node.parent,)).fetchone()
+                        if parent is not None and parent[0] != first:
+                            found.append(Misfit(node.digest, node.parent, parent[0], first))
+                    for ref in node.refs:
+                        target = conn.execute(probe, (ref,)).fetchone()
+                        if target is not None and target[0] != rest:
+                            found.append(Misfit(node.digest, ref, target[0], rest))
+
+            await self._read("misfit_refs", check)
+            if len(found) >= limit:
+                break
+        return found[:limit]
 
     async def cyclic_states(self, limit: int = 10_000) -> list[UUID]:
         sql = ROOTED_STATES + """
@@ -779,12 +1088,14 @@ class SQLiteBackend(StateQueries):
         return [_uuid(i, seq) for i, seq in rows]
 
     async def asset_stats(self) -> dict[int, tuple[int, int]]:
-        rows: list[Any] = await self._pool.read(
-            "asset_stats",
-            lambda conn: conn.execute(
-                "SELECT kind, count(*), coalesce(sum(length(body)), 0) "
-                "FROM immagent_assets GROUP BY kind").fetchall())
-        return {int(k): (int(n), int(b)) for k, n, b in rows}
+        def run(conn: sqlite3.Connection) -> list[Any]:
+            return [*conn.execute("SELECT kind, count(*), coalesce(sum(length(body)), 0), 0 "
+                                  "FROM immagent_assets GROUP BY kind"),
+                    *conn.execute("SELECT kind, count(*), coalesce(sum(length(body)), 0), "
+                                  "coalesce(sum(count - length(refs) / 32), 0) "
+                                  "FROM immagent_nodes GROUP BY kind")]
+
+        return _stats(await self._read("asset_stats", run))
 
     async def storage_bytes(self) -> int:
         path = self.path
