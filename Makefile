@@ -8,7 +8,7 @@ UV := $(shell bash scripts/bootstrap.sh)
 RUN = $(UV) run --no-sync
 
 .PHONY: dev fmt lint typecheck check test test-cov bench bench-full bench-scale bench-scale-full \
-        demo pg cluster clean
+        demo pg cluster clean test-agents-range peer-agents
 
 dev:            ## install the venv with every extra and dev tool
 	@bash scripts/bootstrap.sh >/dev/null && echo "venv ready: .venv"
@@ -40,6 +40,12 @@ test:           ## the whole suite against real PostgreSQL (started here) and SQ
 	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
 	  $(RUN) pytest
 
+test-agents-range: ## the session tests on the oldest and newest openai-agents claimed (fresh venvs)
+	@bash scripts/agents-range.sh
+
+peer-agents:    ## the Agents SDK's own memory tests against ImmAgentSession, beside its sessions
+	@bash scripts/peer-agents.sh
+
 test-cov:
 	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
 	  $(RUN) pytest --cov=immagent --cov-report=term-missing
@@ -60,4 +66,4 @@ bench-scale-full:
 	@$(RUN) python -m benchmarks.scale --full --json bench-scale-results.json
 
 clean:
-	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache demo.db*
+	rm -rf .venv .venv-agents .peer-agents .mypy_cache .ruff_cache .pytest_cache demo.db*

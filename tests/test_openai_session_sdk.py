@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -399,3 +401,19 @@ async def test_compaction_from_another_thread_loop(tmp_path: Path) -> None:
         assert await session.get_items() == SUMMARY
     finally:
         await session.close()
+
+
+def test_the_readme_example_runs(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### OpenAI Agents SDK", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[:2] == ["Hello!", "Bye."]
+    assert "'turn': 2" in lines[2] and "'full_content': 'Bye!'" in lines[2]
+    assert lines[3] == "[{'content': 'Summary: said hi.', 'role': 'user'}]"
+    assert lines[4].count("'role': 'user'") == 2 and "Hello!" in lines[4]  # before the pop
+    assert lines[5] == "['user-42', 'user-42-retry']"
+    assert (tmp_path / "sessions.db").exists()

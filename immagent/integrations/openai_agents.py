@@ -379,8 +379,9 @@ class ImmAgentSession(SessionABC):
         return await self._host.run(on_store, write=write)
 
     def _check_open(self) -> None:
-        if self._closed:
-            raise SessionClosedError(f"session {self.session_id!r} is closed")
+        if self._closed:  # worded as the SDK's "SQLiteSession is closed"
+            raise SessionClosedError(f"{type(self).__name__} is closed (session "
+                                     f"{self.session_id!r})")
 
     def _wrote(self, what: str, state: SessionState | None) -> None:
         if state is not None and self._logger.isEnabledFor(logging.DEBUG):
@@ -388,7 +389,7 @@ class ImmAgentSession(SessionABC):
 
     # -- the SDK's Session protocol -------------------------------------------------------
 
-    async def get_items(self, limit: int | None = None, *,
+    async def get_items(self, limit: int | None = None,
                         branch_id: str | None = None) -> list[TResponseInputItem]:
         """The items of the current branch (or ``branch_id``) oldest first; with ``limit``
         (or else ``session_settings.limit``) only the latest ``limit`` of them, still in
