@@ -513,12 +513,15 @@ class SessionLog:
         return (popped[0] if popped else None), state
 
     async def replace(self, items: Sequence[Item], *, keep: int = 0,
-                      expect: Digest | None = None) -> tuple[bool, SessionState | None]:
+                      expect: Digest | None = None,
+                      drop_while: Callable[[Any], bool] | None = None
+                      ) -> tuple[bool, SessionState | None]:
         """Make the current branch hold its first ``keep`` items and then ``items``, in one
         new state (a compaction: the state before it keeps the history it replaced).
-        With ``expect``, only if the branch's head is still that digest. Recorded usage of
-        turns past the kept items is dropped. Returns (whether it was applied, the
-        newest state)."""
+        With ``expect``, only if the branch's head is still that digest; with
+        ``drop_while``, the leading kept items whose value it holds true for are left out
+        too (expired ones). Recorded usage of turns past the kept items is dropped (all of
+        it when leading items are). Returns (whether it was applied, the newest state)."""
         added = tuple(items)
         applied: list[bool] = []
 
@@ -535,8 +538,19 @@ class SessionLog:
             current = await self.history(found.head)
             if keep > len(current):
                 return None
-            head, assets = await self._chain(found.head, current, keep, added)
-            usage, more = await self._trim_usage(found, user_turns(current[:keep]))
+            drop = 0
+            if drop_while is not None:
+                while drop < keep and drop_while(decode_items([current[drop]])[0]):
+                    drop += 1
+            assets: list[Asset]
+            more: list[Asset] = []
+            if drop:  # the chain changes from its start: one new link holds the rest
+                node = EMPTY_ITEMS.extend((*current[drop:keep], *added))
+                head, assets = node.digest, [EMPTY_ITEMS, *added, node]
+                usage: Digest | None = None
+            else:
+                head, assets = await self._chain(found.head, current, keep, added)
+                usage, more = await self._trim_usage(found, user_turns(current[:keep]))
             applied.append(True)
             if head == found.head and usage == found.usage:
                 return None  # the same items again: nothing changes
@@ -617,7 +631,7 @@ class SessionLog:
             items = await self.history(head)
             index = turn_index(items, turn)
             if index is None:
-                raise ValidationError("turn_number", f"turn {turn} does not contain a user "
+                raise ValidationError("turn_number", f"Turn {turn} does not contain a user "
                                       f"message in branch {source!r}", turn)
             chosen = name if name is not None else _fresh_name(state, turn)
             if chosen == MAIN or state.used(chosen):

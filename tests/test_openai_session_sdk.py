@@ -417,3 +417,18 @@ def test_the_readme_example_runs(tmp_path: Path) -> None:
     assert lines[4].count("'role': 'user'") == 2 and "Hello!" in lines[4]  # before the pop
     assert lines[5] == "['user-42', 'user-42-retry']"
     assert (tmp_path / "sessions.db").exists()
+
+
+async def test_a_snapshot_that_prunes_expired_items_keeps_them_in_the_state_before(
+        store: Store) -> None:
+    session = ImmAgentSession("pruned", store)
+    await session.add_items([user("expired 1"), user("expired 2"), *turn(0), *turn(1)])
+    snapshot = await session._get_compaction_snapshot(
+        2, prune_prefix=lambda item: str(item.get("content")).startswith("expired"))
+    assert snapshot is not None and snapshot.items == turn(1)
+    assert await snapshot.replace_suffix(0, SUMMARY)
+    assert await session.get_items() == [*turn(0), *SUMMARY]  # the expired prefix is gone
+    newest = await session.current_state()
+    assert newest is not None and newest.parent_id is not None
+    assert await session.get_state_items(newest.parent_id) == [
+        user("expired 1"), user("expired 2"), *turn(0), *turn(1)]  # and kept before it

@@ -308,7 +308,7 @@ class ImmAgentSession(SessionABC):
 
     def __init__(self, session_id: str, db: str | os.PathLike[str] | Store = DEFAULT_DB, *,
                  session_settings: SessionSettings | dict[str, Any] | None = None,
-                 owner: str | None = None, logger: logging.Logger | None = None) -> None:
+                 owner: str | None = None, logger: Any = None) -> None:
         """The session ``session_id`` in ``db``: a DSN (opened on first use, closed by
         ``close()``; the default, like ``SQLiteSession``'s ``:memory:``, is a private
         in-memory store, and ``":memory:"`` means the same) or an open, initialised
@@ -316,13 +316,15 @@ class ImmAgentSession(SessionABC):
         ``get_items()`` as in the SDK's sessions. ``owner``: who the session belongs to
         (recorded by its first write; ``list_sessions(owner=...)`` finds it). ``logger``
         receives what the session does (debug), compactions and deleted branches (info)
-        and a failed ``store_run_usage`` (error); default ``immagent.sessions``."""
+        and a failed ``store_run_usage`` (error), never an item's content; default
+        ``logging.getLogger("immagent.sessions")``."""
         self.session_id = check_session_id("session_id", session_id)
         self.session_settings = (coerce_session_settings(session_settings)
                                  if session_settings is not None else SessionSettings())
-        if logger is not None and not isinstance(logger, logging.Logger):
-            raise ValidationError("logger", f"must be a logging.Logger, got "
-                                  f"{type(logger).__name__}", None)
+        if logger is not None and not all(callable(getattr(logger, level, None))
+                                          for level in ("debug", "info", "error")):
+            raise ValidationError("logger", f"must be a logging.Logger (or have its debug, "
+                                  f"info and error), got {type(logger).__name__}", None)
         host: _Host
         if isinstance(db, Store):
             if db.closed:
@@ -335,7 +337,7 @@ class ImmAgentSession(SessionABC):
         self._bind(host, None if owner is None else check_owner("owner", owner),
                    logger or logging.getLogger("immagent.sessions"))
 
-    def _bind(self, host: _Host, owner: str | None, logger: logging.Logger) -> None:
+    def _bind(self, host: _Host, owner: str | None, logger: Any) -> None:
         self._host = host
         self._owner = owner
         self._logger = logger
@@ -346,7 +348,7 @@ class ImmAgentSession(SessionABC):
 
     @classmethod
     def _sharing(cls, host: _Host, session_id: str, settings: SessionSettings | None,
-                 owner: str | None, logger: logging.Logger) -> ImmAgentSession:
+                 owner: str | None, logger: Any) -> ImmAgentSession:
         session = cls.__new__(cls)
         session.session_id = session_id
         session.session_settings = settings
@@ -384,7 +386,7 @@ class ImmAgentSession(SessionABC):
                                      f"{self.session_id!r})")
 
     def _wrote(self, what: str, state: SessionState | None) -> None:
-        if state is not None and self._logger.isEnabledFor(logging.DEBUG):
+        if state is not None:
             self._logger.debug("session %r: %s -> state %s", self.session_id, what, state.id)
 
     # -- the SDK's Session protocol -------------------------------------------------------
@@ -621,10 +623,11 @@ class ImmAgentSession(SessionABC):
         """The SDK compaction session's bounded snapshot: the latest ``limit`` items of the
         current branch and a ``replace_suffix(start, output)`` that replaces
         ``items[start:]`` of them with ``output`` in one new state, only if the branch has
-        not changed since. None (the SDK then compacts whole histories) when this SDK has
-        no snapshot type, or for a wrapper that prunes expired items (encrypted sessions):
-        pruning would delete history, which a session state never does in place."""
-        if _CompactionSnapshot is None or prune_prefix is not None:
+        not changed since; ``prune_prefix`` (an encrypted session's expiry) leaves out the
+        leading items it holds true for, in that same state (the state before keeps
+        them). None when this SDK has no snapshot type (it then compacts whole
+        histories)."""
+        if _CompactionSnapshot is None:
             return None
 
         async def read(log: SessionLog) -> tuple[bytes, tuple[Item, ...]] | None:
@@ -645,7 +648,8 @@ class ImmAgentSession(SessionABC):
             checked = check_items(output)
 
             async def change(log: SessionLog) -> bool:
-                applied, state = await log.replace(checked, keep=offset + start, expect=head)
+                applied, state = await log.replace(checked, keep=offset + start, expect=head,
+                                                   drop_while=prune_prefix)
                 if applied:
                     self._compacted(state, len(checked))
                 return applied

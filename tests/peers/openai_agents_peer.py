@@ -38,8 +38,9 @@ def _db(db_path: str | os.PathLike[str]) -> str:
     return DEFAULT_DB if path == ":memory:" else f"sqlite:///{path}"
 
 
-class PeerSQLiteSession(ImmAgentSession):
-    """``SQLiteSession(session_id, db_path=":memory:", sessions_table, messages_table,
+class ImmSQLiteSession(ImmAgentSession):
+    """(Named after what it stands in for, as the SDK's error messages name their class.)
+    ``SQLiteSession(session_id, db_path=":memory:", sessions_table, messages_table,
     session_settings)`` (and ``AsyncSQLiteSession``'s), as an ImmAgentSession."""
 
     def __init__(self, session_id: str, db_path: str | os.PathLike[str] = ":memory:",
@@ -51,7 +52,7 @@ class PeerSQLiteSession(ImmAgentSession):
         _built += 1
 
 
-class PeerAdvancedSession(ImmAgentSession):
+class ImmAdvancedSQLiteSession(ImmAgentSession):
     """``AdvancedSQLiteSession(*, session_id, db_path=":memory:", create_tables, logger,
     session_settings)``, as an ImmAgentSession."""
 
@@ -66,9 +67,9 @@ class PeerAdvancedSession(ImmAgentSession):
 
 
 ADAPTERS: dict[str, type[ImmAgentSession]] = {
-    "SQLiteSession": PeerSQLiteSession,
-    "AsyncSQLiteSession": PeerSQLiteSession,
-    "AdvancedSQLiteSession": PeerAdvancedSession,
+    "SQLiteSession": ImmSQLiteSession,
+    "AsyncSQLiteSession": ImmSQLiteSession,
+    "AdvancedSQLiteSession": ImmAdvancedSQLiteSession,
 }
 
 #: What marks a test as one of the SDK backend's private internals (checked on its source).
@@ -83,16 +84,24 @@ INTERNALS: tuple[tuple[re.Pattern[str], str], ...] = (
      "tests the SDK backend's table layout"),
     (re.compile(r"multiprocessing|_multiprocessing_context"),
      "tests the SDK backend's cross-process SQLite locking"),
+    (re.compile(r"get_conversation_by_turns|get_tool_usage"),
+     "uses get_conversation_by_turns/get_tool_usage, left out on purpose "
+     "(views of the SDK's private item classification; docs/openai-agents.md)"),
 )
 
-#: Tests whose [immagent] run is skipped for a deliberate difference: test name -> reason.
-DIFFERENCES: dict[str, str] = {}
+#: Tests whose [immagent] run is skipped for a deliberate difference (documented in
+#: docs/openai-agents.md): a test id (or the start of one) -> the reason.
+DIFFERENCES: dict[str, str] = {
+    "test_create_branch_logging_respects_model_data_policy[immagent-False]":
+        "ImmAgentSession never logs an item's content (the SDK logs a turn's text unless "
+        "DONT_LOG_MODEL_DATA is set)",
+}
 
 
 def _reason(item: pytest.Item) -> str | None:
-    name = item.name.split("[", 1)[0]
-    if name in DIFFERENCES:
-        return DIFFERENCES[name]
+    for name, reason in DIFFERENCES.items():
+        if item.name == name or item.name.startswith(name + "["):
+            return reason
     function = getattr(item, "function", None)
     try:
         source = inspect.getsource(function) if function is not None else ""
