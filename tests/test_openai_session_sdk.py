@@ -162,7 +162,7 @@ async def test_the_logger_is_used(store: Store, caplog: pytest.LogCaptureFixture
     assert [r.levelno for r in records] == [logging.DEBUG, logging.DEBUG, logging.INFO]
     assert "deleted branch 'b'" in records[-1].getMessage()
     with pytest.raises(ValidationError) as err:
-        ImmAgentSession("logged", store, logger="not a logger")  # type: ignore[arg-type]
+        ImmAgentSession("logged", store, logger="not a logger")
     assert err.value.field == "logger"
 
 
