@@ -651,16 +651,18 @@ class SessionLog:
         """A new state without branch ``name`` (retired: never reused). ValidationError for
         ``main``, for a branch the newest state does not have, and for this cursor's own
         branch unless ``force`` (then the cursor moves to ``main``)."""
+        if isinstance(name, str) and not name.strip():
+            raise ValidationError("branch_id", "Branch ID cannot be empty", name)
         name = check_text("branch_id", name, max_bytes=MAX_NAME_BYTES)
         if name == MAIN:
-            raise ValidationError("branch_id", "cannot delete the 'main' branch", name)
+            raise ValidationError("branch_id", "Cannot delete the 'main' branch", name)
         if name == self.branch and not force:
             raise ValidationError("branch_id", f"cannot delete the current branch {name!r}; "
                                   "use force=True or switch branches first", name)
 
         async def change(base: SessionState | None) -> _Plan:
             if base is None or base.head(name) is None:
-                raise ValidationError("branch_id", f"branch {name!r} does not exist", name)
+                raise ValidationError("branch_id", f"Branch {name!r} does not exist", name)
             kept = tuple(b for b in base.branches if b.name != name)
             return _Plan([], kept, (*base.retired, name), base.generation)
 
@@ -761,7 +763,7 @@ def _empty(session_id: str) -> SessionState:
 def _branch_head(state: SessionState, branch: str) -> Digest:
     head = state.head(branch)
     if head is None:
-        raise ValidationError("branch_id", f"branch {branch!r} does not exist in session "
+        raise ValidationError("branch_id", f"Branch {branch!r} does not exist in session "
                               f"{state.session_id!r}", branch)
     return head
 
