@@ -1,7 +1,7 @@
 """PersistentAgent: one immutable, stored agent state, bound to the Store that holds it.
 
 The agent is a client of the store: reading goes through the store, ``advance`` runs one
-turn (``immagent.turn``: the model and tools) on the history it read, then hands the new
+turn (``immagent.live``: the model and tools) on the history it read, then hands the new
 messages to ``Store.append``, which writes them in one transaction. The store itself never
 runs a model; it only builds these objects from the records it reads (loading this module
 on first use), and this module loads the model layer on the first turn.
@@ -168,7 +168,7 @@ class PersistentAgent:
         ``top_p``, ``retry_delay=1.0``), checked before anything is read or any model is
         called.
         """
-        from immagent.turn import check_turn, run_turn  # the model layer loads on a turn
+        from immagent.live import check_turn, run_turn  # the model layer loads on a turn
 
         opts = check_turn(user_input, options)
         store = registry.store_of(self)
@@ -195,8 +195,8 @@ class PersistentAgent:
         ``keep_partial``: then what the turn produced so far is saved as a new state, the
         cut-off reply marked ``interrupted``. Input and options are checked here, at once.
         """
+        from immagent.live import check_turn, open_turn
         from immagent.stream import Started, TurnStream  # the model layer loads on a turn
-        from immagent.turn import check_turn, open_turn
 
         opts = check_turn(user_input, options)
         store = registry.store_of(self)

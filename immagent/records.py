@@ -200,7 +200,7 @@ def _generic_kind(ref_kinds: Callable[[bytes], tuple[int, ...]]) -> StateKind:
     return StateKind(digest=digest, ref_kinds=kinds)
 
 
-# -- session states (an OpenAI Agents SDK session, immagent.sessions) ---------------------
+# -- session states (an OpenAI Agents SDK session, immagent.clients.sessions) ------------
 
 
 class SessionBranch(msgspec.Struct, frozen=True, array_like=True):

@@ -17,9 +17,9 @@ from typing import Any, NoReturn, Unpack
 from immagent import history, llm
 from immagent.advance import ToolProvider
 from immagent.assets import Message
+from immagent.live import check_turn, open_turn, run_turn
 from immagent.options import TurnKeywords
 from immagent.stream import Started, TurnStream
-from immagent.turn import check_turn, open_turn, run_turn
 from immagent.validate import MAX_NAME_BYTES, check_json_mapping, check_text
 
 __all__ = ["MessageList", "SimpleAgent"]

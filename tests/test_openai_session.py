@@ -326,7 +326,7 @@ async def test_a_bare_db_path_and_memory(tmp_path: Path) -> None:
 
 
 def test_import_immagent_does_not_import_the_sdk() -> None:
-    code = ("import sys, immagent, immagent.sessions, immagent.integrations; "
+    code = ("import sys, immagent, immagent.clients.sessions, immagent.integrations; "
             "assert 'agents' not in sys.modules and 'openai' not in sys.modules, "
             "sorted(m for m in sys.modules if m.split('.')[0] in ('agents', 'openai'))")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -26,9 +26,9 @@ from immagent.assets import (
     digest_of,
     load_row,
 )
+from immagent.clients.sessions import SessionState, check_items, decode_items
 from immagent.integrations.openai_agents import ImmAgentSession
 from immagent.records import StateRow, check_state, stream_digest
-from immagent.sessions import SessionState, check_items, decode_items
 from tests.conftest import count_rows, raw_sql
 
 

@@ -17,7 +17,7 @@ uncompressed whatever codec the store used (``immagent.codec``), so a bundle nee
 dictionary and imports into any store, which compresses them its own way (version 2 files
 written before compression existed hold the same form). Reading one runs the same checks as
 reading a database (``assets.check_row``, ``records.check_state``) and the content rules the
-API applies when it makes a record (``audit.rules``); ``_Links`` resolves every reference
+API applies when it makes a record (``store.rules``); ``_Links`` resolves every reference
 with the one kind it must have, checks node counters against the chain, refuses
 unreferenced assets, and the lineage must end without a cycle. Exports run the same checks,
 so a store never writes a bundle it would refuse to read.
@@ -66,11 +66,11 @@ from immagent.assets import (
     ref_kinds,
     split_refs,
 )
-from immagent.audit import rules
 from immagent.audit.verify import closing_iter
 from immagent.codec import NO_DICTIONARIES, ZstdDictionary
 from immagent.exceptions import BundleError, IntegrityError, ValidationError
 from immagent.records import STATE_KINDS, AgentRecord, StateRow, check_state
+from immagent.store import rules
 
 if TYPE_CHECKING:
     from immagent.store.backend import Backend

@@ -42,7 +42,7 @@ from immagent.exceptions import IntegrityError, StaleStreamError, ValidationErro
 from immagent.ids import uuid7
 from immagent.records import SessionBody, SessionBranch, StateRow, session_body, stream_digest
 from immagent.store.backend import Head
-from immagent.store.store import Store
+from immagent.store.log import Store
 from immagent.validate import MAX_NAME_BYTES, check_json_value, check_text, check_uuid
 
 __all__ = [

@@ -7,7 +7,7 @@
 session: ``Runner.run(agent, "hi", session=ImmAgentSession("user-42", "chat.db"))``.
 
 What differs from the SDK's own sessions: nothing is destroyed. Every change is a new
-immutable *session state* (``immagent.sessions``): ``add_items`` appends, ``pop_item`` and
+immutable *session state* (``immagent.clients.sessions``): ``add_items`` appends, ``pop_item`` and
 ``clear_session`` write a state without the item(s), and every earlier state stays
 listable (``list_states``) and loadable (``get_state_items``) until its row is deleted with
 ``Store.delete_states``; only then can ``Store.gc()`` reclaim its items. Items are content-
@@ -59,8 +59,7 @@ from agents.memory.session_settings import (
 
 from immagent.assets import Item
 from immagent.audit.bundle import BundleInfo
-from immagent.exceptions import StoreClosedError, StoreError, ValidationError
-from immagent.sessions import (
+from immagent.clients.sessions import (
     MAIN,
     SessionLog,
     SessionState,
@@ -69,8 +68,9 @@ from immagent.sessions import (
     decode_items,
     user_turns,
 )
+from immagent.exceptions import StoreClosedError, StoreError, ValidationError
 from immagent.store import dsn as dsns
-from immagent.store.store import Store
+from immagent.store.log import Store
 
 __all__ = ["ImmAgentSession", "SessionState"]
 

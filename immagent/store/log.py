@@ -46,7 +46,7 @@ from immagent.assets import (
     nodes_counters,
     stored,
 )
-from immagent.audit import bundle, gc, rules, verify
+from immagent.audit import bundle, gc, verify
 from immagent.exceptions import (
     AgentNotFoundError,
     AssetNotFoundError,
@@ -70,6 +70,7 @@ from immagent.records import (
     state_digest,
 )
 from immagent.store import dsn as dsns
+from immagent.store import rules
 from immagent.store.backend import SCHEMA_VERSION, Backend, Head
 from immagent.store.cache import AssetCache
 from immagent.store.compression import Compression
@@ -511,7 +512,7 @@ class Store:
         metadata: Mapping[str, Any] | None = None,
     ) -> PersistentAgent:
         """Create and save a new agent with an empty conversation."""
-        # The rule imported records meet too (audit.rules); config checked now, not at the
+        # The rule imported records meet too (store.rules); config checked now, not at the
         # first advance.
         fields = check_agent_fields(name, model, model_config, metadata)
         prompt = SystemPrompt(text=check_text("system_prompt", system_prompt))

@@ -44,7 +44,6 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.records import StateRow, state_from_v1
-from immagent.store._filters import ROOTED_STATES, Dialect, StateQueries
 from immagent.store.backend import (
     SCHEMA_VERSION,
     Head,
@@ -55,6 +54,7 @@ from immagent.store.backend import (
 )
 from immagent.store.dsn import redact, scrub
 from immagent.store.schema import schema_sql
+from immagent.store.sql import ROOTED_STATES, Dialect, StateQueries
 
 __all__ = ["PostgresBackend"]
 

@@ -50,7 +50,6 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.records import StateRow, state_from_v1
-from immagent.store._filters import ROOTED_STATES, Dialect, StateQueries
 from immagent.store._sqlite_pool import SQLitePool, is_busy, transaction
 from immagent.store.backend import (
     SCHEMA_VERSION,
@@ -60,6 +59,7 @@ from immagent.store.backend import (
     SweepResult,
     WriteResult,
 )
+from immagent.store.sql import ROOTED_STATES, Dialect, StateQueries
 
 __all__ = ["SQLiteBackend"]
 
