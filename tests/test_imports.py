@@ -118,9 +118,9 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_checker_sees_function_level_imports_and_finds_cycles() -> None:
     edges = graph()
-    # store.store loads the agent class on first use only, inside a function.
-    assert "immagent.agent" in edges["immagent.store.store"]
-    assert "immagent.turn" in edges["immagent.agent"]
+    # The store package's face loads 0.1.2's Store on first use only, inside a function.
+    assert "immagent.clients.agents" in edges["immagent.store"]
+    assert "immagent.live" in edges["immagent.agent"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
@@ -130,7 +130,7 @@ def test_no_import_cycles() -> None:
 
 def test_the_store_layer_imports_no_model_code() -> None:
     code = ("import immagent.store.backend, immagent.store, sys; "
-            "print([m for m in ('immagent.llm', 'immagent.turn', 'immagent.agent', "
+            "print([m for m in ('immagent.llm', 'immagent.live', 'immagent.agent', "
             "'immagent.advance', 'litellm', 'mcp') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT)

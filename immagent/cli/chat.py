@@ -27,9 +27,9 @@ from immagent.cli.context import Context
 from immagent.cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CLIError
 from immagent.cli.render import Progress, message_json
 from immagent.cli.summary import agent_json, newest
+from immagent.clients.agents import Store
 from immagent.exceptions import ImmAgentError
 from immagent.offline import ECHO_MODEL
-from immagent.store import Store
 
 if TYPE_CHECKING:
     from immagent.stream import TurnEvent

@@ -92,7 +92,8 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.records import StateRow, stream_digest
-from immagent.store import Head, Store
+from immagent.store.backend import Head
+from immagent.store.log import EventLog
 
 __all__ = ["ImmAgentSaver", "SyncCallError"]
 
@@ -225,10 +226,10 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
     """A LangGraph checkpointer storing checkpoints as immutable, content-addressed rows
     of an immagent ``Store`` (PostgreSQL, SQLite or memory); see the module docstring."""
 
-    def __init__(self, store: Store, *, serde: SerializerProtocol | None = None) -> None:
+    def __init__(self, store: EventLog, *, serde: SerializerProtocol | None = None) -> None:
         """A saver over an open store; create it inside the event loop that runs the store
         (its sync methods schedule onto that loop)."""
-        if not isinstance(store, Store):
+        if not isinstance(store, EventLog):
             raise ValidationError("store", f"must be an immagent Store, got "
                                   f"{type(store).__name__}", None)
         super().__init__(serde=serde)
@@ -250,7 +251,7 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
                                **connect: Any) -> AsyncIterator[ImmAgentSaver]:
         """A saver over a store it opens on ``conn_string`` (any ``Store.connect`` DSN;
         ``connect`` is passed on) and closes on exit. Call ``await saver.setup()`` once."""
-        store = await Store.connect(conn_string, **connect)
+        store = await EventLog.connect(conn_string, **connect)
         try:
             yield cls(store, serde=serde)
         finally:
