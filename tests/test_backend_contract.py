@@ -114,7 +114,7 @@ class BackendContract:
         assert await backend.write(rows, [s]) == WriteResult()
         assert await backend.write([*rows, *rows], [s]) == WriteResult()  # again: no-op
         assert await backend.count_states(TEST_KIND) == 1
-        assert sum(n for n, _ in (await backend.asset_stats()).values()) == len(rows)
+        assert sum(n for n, _ in (await backend.audits().asset_stats()).values()) == len(rows)
 
     async def test_a_write_with_one_missing_required_ref_writes_nothing(
             self, backend: Backend) -> None:
@@ -271,11 +271,11 @@ class BackendContract:
         rows, head = chain("a", "b")
         loose = stored(message("loose"))
         await backend.write([*rows, loose], [])
-        batches = [b async for b in backend.iter_assets(None, 2)]
+        batches = [b async for b in backend.audits().iter_assets(None, 2)]
         assert all(len(b) <= 2 for b in batches)
         assert sorted(r.digest for b in batches for r in b) == sorted(
             r.digest for r in [*rows, loose])
-        reached = [r async for b in backend.iter_assets([head.digest, b"\x02" * 32])
+        reached = [r async for b in backend.audits().iter_assets([head.digest, b"\x02" * 32])
                    for r in b]
         assert sorted(r.digest for r in reached) == sorted(r.digest for r in rows)
 
@@ -287,14 +287,14 @@ class BackendContract:
         absent = b"\x03" * 32
         s = state(refs=[head.digest, absent])
         await backend.write([], [s])
-        found = set(await backend.dangling_refs())
+        found = set(await backend.audits().dangling_refs())
         holder = next(r.digest for r in rows if victim in r.refs)
         assert found == {MissingAsset(victim, holder), MissingAsset(absent, s.id)}
-        assert set(await backend.dangling_refs([s.id])) == found
+        assert set(await backend.audits().dangling_refs([s.id])) == found
         clean = state(refs=[chain()[1].digest])
         await backend.write([], [clean])
-        assert await backend.dangling_refs([clean.id]) == []
-        assert len(await backend.dangling_refs(limit=1)) == 1
+        assert await backend.audits().dangling_refs([clean.id]) == []
+        assert len(await backend.audits().dangling_refs(limit=1)) == 1
 
     # -- states ---------------------------------------------------------------------------
 
@@ -450,9 +450,9 @@ class BackendContract:
     async def test_stats_and_size(self, backend: Backend) -> None:
         rows, _ = chain("a")
         await backend.write(rows, [])
-        stats = await backend.asset_stats()
+        stats = await backend.audits().asset_stats()
         assert stats[int(Kind.MESSAGE)] == (1, len(rows[1].body))
-        assert await backend.storage_bytes() > 0
+        assert await backend.audits().storage_bytes() > 0
         assert await backend.ping()
 
 

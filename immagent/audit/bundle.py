@@ -73,7 +73,7 @@ from immagent.records import STATE_KINDS, AgentRecord, StateRow, check_state
 from immagent.store import rules
 
 if TYPE_CHECKING:
-    from immagent.store.backend import Backend
+    from immagent.store.backend import AuditBackend
 
 __all__ = [
     "FORMAT_VERSION",
@@ -279,7 +279,7 @@ class _Writer:
         return data
 
 
-async def export_bundle(backend: Backend, lineage: list[StateRow],
+async def export_bundle(backend: AuditBackend, lineage: list[StateRow],
                         path: str | os.PathLike[str],
                         dictionaries: Mapping[int, ZstdDictionary] = NO_DICTIONARIES, *,
                         version: int = FORMAT_VERSION

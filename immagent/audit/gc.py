@@ -29,7 +29,7 @@ from immagent.exceptions import IntegrityError
 from immagent.records import StateRow, check_state
 
 if TYPE_CHECKING:
-    from immagent.store.backend import Backend
+    from immagent.store.backend import AdminBackend
 
 __all__ = ["GCResult", "check_marked", "collect"]
 
@@ -92,7 +92,7 @@ class _UnknownDictionary(Exception):
 _ATTEMPTS = 3
 
 
-async def collect(backend: Backend,
+async def collect(backend: AdminBackend,
                   dictionaries: Callable[[], Awaitable[Mapping[int, ZstdDictionary]]]
                   | None = None) -> GCResult:
     """Sweep every asset no state reaches, checking every row marked from first; compressed

@@ -512,7 +512,8 @@ class EventLog:
         agent_id = None if state is None else check_uuid("agent", state)
         if progress is not None and not callable(progress):
             raise ValidationError("progress", "must be a callable taking an int", progress)
-        report = await verify.verify_backend(self._open(), agent_id, progress=progress,
+        report = await verify.verify_backend(self._open().audits(), agent_id,
+                                             progress=progress,
                                              dictionaries=await self._compression.load())
         log.info("verify: %d assets, %d problems", report.assets_checked, report.problems)
         return report
@@ -525,7 +526,8 @@ class EventLog:
         """
         check_limit(page_size)
         backend = self._open()
-        by_kind = await backend.asset_stats()
+        audits = backend.audits()
+        by_kind = await audits.asset_stats()
         logical = agents = 0
         after: UUID | None = None
         while page := await self._scan(Kind.AGENT_STATE, after, page_size, False, None):
@@ -545,7 +547,7 @@ class EventLog:
             agents=agents,
             assets_by_kind={_kind_name(k): v for k, v in sorted(by_kind.items())},
             payload_bytes=sum(b for _, b in by_kind.values()),
-            disk_bytes=await backend.storage_bytes(),
+            disk_bytes=await audits.storage_bytes(),
             logical_bytes=logical,
             states_by_kind={k: n for k, n in states.items() if n},
         )
@@ -559,7 +561,7 @@ class EventLog:
         lineage = await self.state_lineage(state_id)
         if not lineage:
             return None
-        info = await bundle.export_bundle(self._open(), lineage, path,
+        info = await bundle.export_bundle(self._open().audits(), lineage, path,
                                           await self._compression.load())
         log.info("exported %s: %d states, %d assets to %s", state_id, len(info.agents),
                  info.assets, info.path)
@@ -577,7 +579,7 @@ class EventLog:
             raise ValidationError("ids", f"not stored: {sorted(missing or set(wanted))[0]}",
                                   None)
         rows.sort(key=lambda r: r.seq, reverse=True)
-        info = await bundle.export_bundle(self._open(), rows, path,
+        info = await bundle.export_bundle(self._open().audits(), rows, path,
                                           await self._compression.load(),
                                           version=bundle.SET_VERSION)
         log.info("exported %d states, %d assets to %s", len(rows), info.assets, info.path)

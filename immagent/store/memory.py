@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Self
 from uuid import UUID
 
 from immagent.assets import NODE_KINDS, Digest, MissingAsset, StoredAsset
@@ -49,6 +50,10 @@ class MemoryBackend:
 
     async def ping(self) -> bool:
         return not self._closed
+
+    def audits(self) -> Self:
+        """This backend answers its own audit queries."""
+        return self
 
     async def schema_version(self) -> int | None:
         self._open()

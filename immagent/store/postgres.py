@@ -18,7 +18,7 @@ import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Self
 from uuid import UUID
 
 import psycopg
@@ -202,6 +202,10 @@ class PostgresBackend(StateQueries):
             return True
         except (psycopg.Error, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed):
             return False
+
+    def audits(self) -> Self:
+        """This backend answers its own audit queries."""
+        return self
 
     async def wal_lsn(self) -> int:
         """The WAL position whose effects this server shows, as a number: everything

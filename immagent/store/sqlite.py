@@ -30,7 +30,7 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 from uuid import UUID
 
 from immagent.assets import (
@@ -426,6 +426,10 @@ class SQLiteBackend(StateQueries):
         except StoreError:  # ping answers the question rather than raising
             return False
         return True
+
+    def audits(self) -> Self:
+        """This backend answers its own audit queries."""
+        return self
 
     # -- schema ---------------------------------------------------------------------------
 
