@@ -55,6 +55,7 @@ from immagent.store.backend import (
 from immagent.store.dsn import redact, scrub
 from immagent.store.schema import schema_sql
 from immagent.store.sql import ROOTED_STATES, Dialect, StateQueries
+from immagent.store.sql import WriteAborted as _Abort
 
 __all__ = ["PostgresBackend"]
 
@@ -126,13 +127,6 @@ def _mapped(operation: str) -> Iterator[None]:
         raise StoreConnectionError(f"{operation}: database connection failed: {e}") from e
     except psycopg.Error as e:
         raise StoreError(f"{operation} failed: {type(e).__name__}: {e}") from e
-
-
-class _Abort(Exception):
-    """Raised inside a write transaction to roll it back and report ``result``."""
-
-    def __init__(self, result: WriteResult) -> None:
-        self.result = result
 
 
 def _state(row: Sequence[Any]) -> StateRow:

@@ -60,6 +60,7 @@ from immagent.store.backend import (
     WriteResult,
 )
 from immagent.store.sql import ROOTED_STATES, Dialect, StateQueries
+from immagent.store.sql import WriteAborted as _Abort
 
 __all__ = ["SQLiteBackend"]
 
@@ -217,13 +218,6 @@ _GC_CHECKED = f"""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
-
-
-class _Abort(Exception):
-    """Raised inside a write transaction to roll it back and report ``result``."""
-
-    def __init__(self, result: WriteResult) -> None:
-        self.result = result
 
 
 def _to_micros(value: datetime) -> int:
