@@ -9,33 +9,33 @@ they are repeated in every stored row); its digest is
 its UUID is derived from that digest. What is
 hashed is exactly the encoded fields: no timestamps, no database ids.
 
-A stored asset is a ``StoredAsset`` row (digest, kind, refs, body); ``load_row`` is the one
-place a row read from anywhere (a database, a bundle) is re-hashed and decoded before it is
-trusted. The storage layer never interprets bodies: the kind is data.
+The digest formula is written once here (``hash_prefix``); stored rows, and the one
+verify-on-read that re-runs the formula on every row read, are ``immagent.rows``.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from enum import IntEnum
-from itertools import chain
-from typing import Any, ClassVar, Literal, NamedTuple, Protocol, Self, TypeAlias
+from itertools import repeat
+from typing import Any, ClassVar, Literal, Protocol, Self, TypeAlias
 from uuid import UUID
 
 import blake3
 import msgspec
 
 from immagent import codec
-from immagent.exceptions import IntegrityError, ValidationError
+from immagent.exceptions import ValidationError
 from immagent.ids import uuid_from_digest
 
 __all__ = [
+    "ASSET_KINDS",
     "EMPTY_CONVERSATION",
     "EMPTY_ITEMS",
     "EMPTY_VALUES",
+    "NODE_BODY",
     "NODE_KINDS",
     "Asset",
     "Conversation",
@@ -48,28 +48,18 @@ __all__ = [
     "Message",
     "MissingAsset",
     "Role",
-    "StoredAsset",
     "SystemPrompt",
     "ToolCall",
     "Value",
     "ValueNode",
-    "canonical_row",
-    "check_row",
     "decode_asset",
+    "decode_leaves",
     "digest_of",
+    "digests_of",
     "encode",
-    "join_refs",
-    "load_row",
-    "load_rows",
-    "node_counters",
-    "nodes_counters",
+    "hash_prefix",
     "ref_kind_table",
     "ref_kinds",
-    "split_refs",
-    "stored",
-    "stored_rows",
-    "stored_tagged_rows",
-    "verified_body",
 ]
 
 Digest: TypeAlias = bytes
@@ -103,23 +93,47 @@ def encode(obj: object) -> bytes:
     return _encoder.encode(obj)
 
 
-def digest_of(kind: int, body: bytes, refs: Sequence[Digest] = ()) -> Digest:
-    """The 32-byte blake3 digest of a stored row; verification re-runs exactly this.
+def hash_prefix(kind: int, refs: Sequence[Digest] = ()) -> bytes:
+    """What a row's digest hashes before its body: the digest formula, written once.
 
-    Leaves (prompts, messages): ``blake3(kind || body)``. Nodes keep their links beside
-    the body, in the refs column gc walks, so the links are hashed from there:
-    ``blake3(kind || count as 4 bytes big-endian || refs || body)``. Either way the digest
-    covers every stored byte, and a refs column that was tampered with no longer matches.
+    Leaves (prompts, messages, …): the kind byte, so ``blake3(kind || body)``. Nodes keep
+    their links beside the body, in the refs column gc walks, so the links are hashed from
+    there: ``blake3(kind || count as 4 bytes big-endian || refs || body)``. Either way the
+    digest covers every stored byte, and a refs column that was tampered with no longer
+    matches. ValueError for refs on a kind that has none.
     """
     prefix = _PREFIXES.get(kind) or bytes((kind,))
     if kind in NODE_KINDS:
-        prefix += len(refs).to_bytes(4, "big") + b"".join(refs)
-    elif refs:
+        count = len(refs)
+        return (prefix + (_COUNTS[count] if count < len(_COUNTS) else count.to_bytes(4, "big"))
+                + b"".join(refs))
+    if refs:
         raise ValueError(f"assets of kind {kind} have no refs")
-    return blake3.blake3(prefix + body).digest()
+    return prefix
+
+
+def digest_of(kind: int, body: bytes, refs: Sequence[Digest] = ()) -> Digest:
+    """The 32-byte blake3 digest of a stored row (``hash_prefix``, then the body);
+    verification re-runs exactly this."""
+    return _blake3(hash_prefix(kind, refs) + body).digest()
+
+
+def digests_of(kind: int, bodies: Sequence[bytes],
+               refs: Sequence[Sequence[Digest]] | None = None) -> list[Digest]:
+    """``digest_of`` of many rows of one kind (``refs`` None: none has refs), without a
+    Python step per leaf: the leaves' common prefix is hashed once and the hasher copied
+    per body (cheaper than a new hasher); a node's prefix holds its refs."""
+    if refs is None or (kind not in NODE_KINDS and not any(refs)):
+        start = _blake3(hash_prefix(kind))
+        return [start.copy().update(body).digest() for body in bodies]
+    return [_blake3(prefix + body).digest()
+            for prefix, body in zip(map(hash_prefix, repeat(kind), refs), bodies, strict=True)]
 
 
 _PREFIXES = {int(k): bytes((k,)) for k in Kind}
+#: A node's ref count as the digest hashes it, for the usual counts.
+_COUNTS = tuple(n.to_bytes(4, "big") for n in range(64))
+_blake3 = blake3.blake3
 
 
 class _Content(msgspec.Struct, frozen=True, omit_defaults=True, dict=True, weakref=True):
@@ -455,6 +469,8 @@ _decoders: dict[int, _BodyDecoder] = {
     int(Kind.DICTIONARY): msgspec.msgpack.Decoder(Dictionary),
 }
 _node_body = msgspec.msgpack.Decoder(_NodeBody)
+#: The decoder of a node's stored body (its counters), for readers that need only those.
+NODE_BODY = _node_body
 
 
 def decode_asset(kind: int, body: bytes, refs: Sequence[Digest] = ()) -> Asset:
@@ -502,274 +518,17 @@ class MissingAsset(msgspec.Struct, frozen=True):
     digest: Digest
     referrer: Digest | UUID
 
+def decode_leaves(kind: int, bodies: Sequence[bytes]) -> list[Asset]:
+    """The assets of canonical bodies of one leaf kind (not a node kind), decoded in one
+    pass without a Python step per body; KeyError for a kind that is no leaf kind,
+    msgspec's errors for a malformed body."""
+    decoder = _decoders[kind]
+    if isinstance(decoder, _ItemDecoder):
+        return list(decoder.decode_many(bodies))
+    return list(map(decoder.decode, bodies))
 
-class StoredAsset(NamedTuple):
-    """One row of the asset log as stored: digest, kind, outgoing references, body, and the
-    codec the body is stored with (``immagent.codec``; 0: the canonical bytes as they are).
-    The digest is of the canonical bytes, whatever the codec."""
-
-    digest: Digest
-    kind: int
-    refs: tuple[Digest, ...]
-    body: bytes
-    codec: int = 0
-
-
-def split_refs(raw: bytes | None) -> tuple[Digest, ...]:
-    """The digests of a stored refs value (32-byte digests concatenated; empty or NULL for
-    none), the inverse of ``join_refs``."""
-    if not raw:
-        return ()
-    data = bytes(raw)
-    count = len(data) // 32
-    if count < len(_SLICES) and len(data) == 32 * count:
-        return tuple(map(data.__getitem__, _SLICES[count]))
-    return tuple(data[i:i + 32] for i in range(0, len(data), 32))
-
-
-#: The slices of a refs value of n digests, for n below 64 (a map over them runs in C).
-_SLICES = tuple(tuple(slice(32 * i, 32 * i + 32) for i in range(n)) for n in range(64))
-_new_row = tuple.__new__
-#: By byte length: the C callable splitting a bytes refs value of 2 to 63 digests, so the
-#: row builders below need no Python call per node (one measured 0.9 us of a node's cost).
-_SPLITTERS = {32 * n: operator.itemgetter(*_SLICES[n]) for n in range(2, 64)}
-
-
-def stored_rows(rows: Iterable[Sequence[Any]]) -> list[StoredAsset]:
-    """StoredAssets from (digest, kind, refs, body, codec) tuples as a database returns them
-    (bytes, int, concatenated refs, bytes, int): built without a Python call per row, as a
-    cold read materialises thousands."""
-    return [_new_row(StoredAsset, (d, k, (_SPLITTERS.get(len(f), split_refs)
-                                          if f.__class__ is bytes else split_refs)(f)
-                                         if f else (), b, c))
-            for d, k, f, b, c in rows]
-
-
-def stored_tagged_rows(rows: Sequence[Sequence[Any]]
-                       ) -> tuple[list[StoredAsset], list[StoredAsset]]:
-    """``stored_rows`` of a query that returns two kinds of rows, tagged 0 and 1 in an
-    extra first column (a chain's nodes, then their elements): split where the tags
-    change, found in C, when the rows come in that order (as a UNION ALL yields them)."""
-    tags = list(map(_TAG, rows))
-    split = tags.index(1) if 1 in tags else len(rows)
-    if 0 in tags[split:] or not set(tags) <= {0, 1}:
-        return (stored_rows(r[1:] for r in rows if r[0] == 0),
-                stored_rows(r[1:] for r in rows if r[0] == 1))
-    return _stored_tagged(rows[:split]), _stored_tagged(rows[split:])
-
-
-def _stored_tagged(rows: Sequence[Sequence[Any]]) -> list[StoredAsset]:
-    """``stored_rows`` of rows with a tag column first (the same comprehension, for one
-    tuple less per row)."""
-    return [_new_row(StoredAsset, (d, k, (_SPLITTERS.get(len(f), split_refs)
-                                          if f.__class__ is bytes else split_refs)(f)
-                                         if f else (), b, c))
-            for _, d, k, f, b, c in rows]
-
-
-_TAG = operator.itemgetter(0)
-
-
-def join_refs(refs: Sequence[Digest]) -> bytes:
-    """The stored form of a refs list: the digests concatenated."""
-    return b"".join(refs)
-
-
-def stored(asset: Asset) -> StoredAsset:
-    """The row that stores ``asset``, its body canonical (codec 0)."""
-    return StoredAsset(asset.digest, int(asset.kind), asset.refs(), asset.body)
-
-
-def _decompressed(row: StoredAsset, dictionaries: Mapping[int, codec.ZstdDictionary]
-                  ) -> bytes:
-    return codec.decode(row.codec, row.body, dictionaries)
-
-
-def check_row(row: StoredAsset,
-              dictionaries: Mapping[int, codec.ZstdDictionary] = codec.NO_DICTIONARIES,
-              ) -> tuple[Literal["corrupt", "undecodable"], str] | None:
-    """None if the stored row is sound, else ("corrupt" | "undecodable", reason).
-
-    Corrupt: the stored body cannot be decompressed, or the canonical bytes (refs and body)
-    do not hash to the digest, which also catches a tampered refs column that would mislead
-    gc. Undecodable: they hash right but are not a valid asset of their kind, or the body
-    needs a dictionary ``dictionaries`` does not hold.
-    """
-    digest, kind, refs, _, row_codec = row
-    if not isinstance(kind, int) or isinstance(kind, bool) or kind not in _ASSET_KINDS:
-        return "undecodable", f"unknown asset kind {kind!r}"
-    if not isinstance(row_codec, int) or isinstance(row_codec, bool):  # SQLite keeps it
-        return "corrupt", f"its codec column holds a {type(row_codec).__name__}"
-    if row_codec >= codec.FIRST_DICTIONARY and row_codec not in dictionaries:
-        return "undecodable", f"its body needs dictionary {row_codec}, which is not stored"
-    try:
-        body = _decompressed(row, dictionaries)
-    except codec.CodecError as e:
-        return "corrupt", f"its stored body cannot be decompressed ({e})"
-    try:
-        sound = digest_of(kind, body, refs) == digest
-    except ValueError:
-        return "corrupt", f"a {Kind(kind).name.lower()} row carries refs"
-    except TypeError:  # a column of the wrong type (SQLite keeps what was written)
-        return "corrupt", "a column holds a value of the wrong type"
-    if not sound:
-        return "corrupt", "stored bytes (refs and body) do not hash to its digest"
-    try:
-        decode_asset(kind, body, refs)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
-        return "undecodable", f"{type(e).__name__}: {e}"
-    except RecursionError:
-        return "undecodable", "its body is nested too deeply"
-    return None
-
-
-def canonical_row(row: StoredAsset,
-                  dictionaries: Mapping[int, codec.ZstdDictionary] = codec.NO_DICTIONARIES,
-                  ) -> StoredAsset:
-    """``row`` with its body decompressed (codec 0), after the checks of ``check_row``:
-    the form bundles carry. IntegrityError names the row otherwise."""
-    problem = check_row(row, dictionaries)
-    if problem is not None:
-        raise IntegrityError(f"asset {bytes(row.digest).hex()} is {problem[0]}: {problem[1]} "
-                             "(run store.verify())")
-    if row.codec == codec.RAW:
-        return row
-    return StoredAsset(row.digest, row.kind, row.refs, _decompressed(row, dictionaries))
-
-
-def verified_body(row: StoredAsset,
-                  dictionaries: Mapping[int, codec.ZstdDictionary] = codec.NO_DICTIONARIES,
-                  ) -> bytes:
-    """The canonical body of a stored row, decompressed and proved (with its kind and
-    refs) to hash to its digest: the check half of ``load_row``, for a reader that decodes
-    bodies itself. IntegrityError names the row otherwise."""
-    digest, kind, refs, body, row_codec = row
-    try:
-        if row_codec != codec.RAW:
-            if row_codec >= codec.FIRST_DICTIONARY and row_codec not in dictionaries:
-                raise IntegrityError(f"asset {bytes(digest).hex()} needs dictionary "
-                                     f"{row_codec}, which this store does not hold "
-                                     "(run store.verify())")
-            body = codec.decode(row_codec, body, dictionaries)
-        if refs or kind in NODE_KINDS:
-            sound = digest_of(kind, body, refs) == digest
-        else:
-            prefix = _PREFIXES.get(kind)
-            sound = prefix is not None and blake3.blake3(prefix + body).digest() == digest
-    except codec.CodecError as e:
-        raise IntegrityError(f"asset {bytes(digest).hex()} is corrupt: its stored body cannot "
-                             f"be decompressed ({e}); run store.verify()") from None
-    except (ValueError, TypeError):  # a non-bytes column
-        sound = False
-    if not sound or kind not in _ASSET_KINDS:
-        raise IntegrityError(f"asset {bytes(digest).hex()} is corrupt: its stored bytes do "
-                             "not match its digest (run store.verify())")
-    return body
-
-
-def load_row(row: StoredAsset,
-             dictionaries: Mapping[int, codec.ZstdDictionary] = codec.NO_DICTIONARIES) -> Asset:
-    """The asset a stored row holds, after proving its canonical bytes hash to its digest:
-    the one verify-on-read every reader uses (decompressing first, so a codec is never
-    trusted either). IntegrityError names the row otherwise."""
-    body = verified_body(row, dictionaries)
-    digest, kind, refs = row.digest, row.kind, row.refs
-    try:
-        if refs or kind in NODE_KINDS:
-            asset = decode_asset(kind, body, refs)
-        else:
-            asset = _decoders[kind].decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, KeyError,
-            RecursionError) as e:
-        raise IntegrityError(f"asset {digest.hex()} cannot be decoded: {e}") from e
-    # Seed the cached properties with what was just proved, so nothing is re-encoded.
-    asset.__dict__["body"] = body
-    asset.__dict__["digest"] = digest
-    return asset
-
-
-def load_rows(rows: Sequence[StoredAsset],
-              dictionaries: Mapping[int, codec.ZstdDictionary] = codec.NO_DICTIONARIES,
-              ) -> list[Asset]:
-    """``load_row`` of each row, in one pass over leaves of one kind: each step (decompress,
-    hash, decode) runs over the whole batch in C, without a Python call per row (a cold read
-    of a 1,000-turn history is 2,000 of them). Any failure re-runs the rows one by one, so
-    the error is exactly ``load_row``'s."""
-    if not rows:
-        return []
-    kind = rows[0].kind
-    decoder = _decoders.get(kind)
-    prefix = _PREFIXES.get(kind)
-    if (decoder is None or prefix is None or kind in NODE_KINDS
-            or set(map(_KIND, rows)) != {kind} or any(map(_REFS, rows))):
-        return [load_row(r, dictionaries) for r in rows]
-    digests = list(map(_DIGEST, rows))
-    try:
-        bodies = codec.decode_many(list(map(_CODEC, rows)), list(map(_BODY, rows)),
-                                   dictionaries)
-        # A copy of a hasher fed the prefix: cheaper than a new hasher per body.
-        start = _blake3(prefix)
-        if [start.copy().update(b).digest() for b in bodies] != digests:
-            raise ValueError("a digest does not match")
-        assets: list[Asset] = list(decoder.decode_many(bodies)
-                                   if isinstance(decoder, _ItemDecoder)
-                                   else map(decoder.decode, bodies))
-    except (codec.CodecError, ValueError, TypeError, msgspec.DecodeError,
-            msgspec.ValidationError):
-        return [load_row(r, dictionaries) for r in rows]
-    # Seeded as load_row does; item assignment, as update(body=, digest=) costs twice as much.
-    for asset, body, digest in zip(assets, bodies, digests, strict=True):
-        seeded = asset.__dict__
-        seeded["body"] = body
-        seeded["digest"] = digest
-    return assets
-
-
-def node_counters(row: StoredAsset) -> tuple[int, int]:
-    """(length, size) of a stored node row, verified as ``load_row`` would, without
-    building the node: what a chain walk needs of every node but its head."""
-    body = verified_body(row)
-    if row.kind not in NODE_KINDS or set(map(len, row.refs)) - {32}:
-        raise IntegrityError(f"asset {row.digest.hex()} is not a node with 32-byte refs")
-    try:
-        counters = _node_body.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise IntegrityError(f"asset {row.digest.hex()} cannot be decoded: {e}") from e
-    return counters.length, counters.size
-
-
-def nodes_counters(rows: Sequence[StoredAsset]) -> tuple[list[int], list[int]]:
-    """``node_counters`` of every row, as two lists (lengths, sizes), in one pass over nodes
-    of one kind: hashed and decoded without a Python call per node (a 1,000-turn
-    conversation is 1,000 nodes). Any failure re-runs the rows one by one, so the error is
-    exactly ``node_counters``'s."""
-    if not rows:
-        return [], []
-    kind = rows[0].kind
-    prefix = _PREFIXES.get(kind)
-    try:
-        if (kind not in NODE_KINDS or prefix is None or set(map(_KIND, rows)) != {kind}
-                or set(map(_CODEC, rows)) != {codec.RAW}
-                or set(map(len, chain.from_iterable(map(_REFS, rows)))) - {32}):
-            raise ValueError("not a batch of raw nodes of one kind")
-        start = _blake3(prefix)  # copied per node: cheaper than a new hasher
-        hashes = [start.copy().update(_COUNTS[len(f)] + b"".join(f) + b).digest()
-                  if len(f) < len(_COUNTS) else digest_of(kind, b, f)
-                  for _, _, f, b, _ in rows]
-        if hashes != list(map(_DIGEST, rows)):
-            raise ValueError("a digest does not match")
-        counters = list(map(_node_body.decode, map(_BODY, rows)))
-    except (ValueError, TypeError, msgspec.DecodeError, msgspec.ValidationError):
-        pairs = [node_counters(r) for r in rows]
-        return [n for n, _ in pairs], [s for _, s in pairs]
-    return [c.length for c in counters], [c.size for c in counters]
-
-
-_DIGEST, _KIND, _REFS, _BODY, _CODEC = map(operator.itemgetter, range(5))
-_blake3 = blake3.blake3
-#: A node's ref count as digest_of hashes it, for the usual counts.
-_COUNTS = tuple(n.to_bytes(4, "big") for n in range(64))
 
 
 #: Every kind a content asset may have (states have theirs in immagent.records).
-_ASSET_KINDS = frozenset(set(_decoders) | set(NODE_KINDS))
+ASSET_KINDS = frozenset(set(_decoders) | set(NODE_KINDS))
+

@@ -22,8 +22,9 @@ import blake3
 import msgspec
 
 from immagent import checkpoints
-from immagent.assets import Digest, Kind, encode, join_refs
+from immagent.assets import Digest, Kind, encode
 from immagent.exceptions import IntegrityError
+from immagent.rows import join_refs
 
 __all__ = [
     "STATE_KINDS",

@@ -24,11 +24,10 @@ from immagent.assets import (
     Kind,
     Message,
     MissingAsset,
-    StoredAsset,
     SystemPrompt,
-    stored,
 )
 from immagent.records import STATE_KINDS, StateKind, StateRow, stream_digest
+from immagent.rows import StoredAsset, stored
 from immagent.store.backend import SCHEMA_VERSION, Backend, Head, WriteResult
 from immagent.store.memory import MemoryBackend
 from immagent.store.postgres import PostgresBackend

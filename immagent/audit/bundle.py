@@ -53,23 +53,12 @@ from uuid import UUID
 import blake3
 import msgspec
 
-from immagent.assets import (
-    NODE_KINDS,
-    ConversationNode,
-    Digest,
-    Kind,
-    StoredAsset,
-    canonical_row,
-    check_row,
-    decode_asset,
-    join_refs,
-    ref_kinds,
-    split_refs,
-)
+from immagent.assets import NODE_KINDS, ConversationNode, Digest, Kind, decode_asset, ref_kinds
 from immagent.audit.verify import closing_iter
 from immagent.codec import NO_DICTIONARIES, ZstdDictionary
 from immagent.exceptions import BundleError, IntegrityError, ValidationError
 from immagent.records import STATE_KINDS, AgentRecord, StateRow, check_state
+from immagent.rows import StoredAsset, canonical_row, check_row, join_refs, split_refs
 from immagent.store import rules
 
 if TYPE_CHECKING:
@@ -222,7 +211,8 @@ class _Links:
         for node in self.nodes.values():
             parent = None if node.parent is None else self.nodes[node.parent]
             wrong = rules.check_counters(
-                node, None if parent is None else (parent.length, parent.size),
+                node.digest, (node.length, node.size),
+                None if parent is None else (parent.length, parent.size),
                 [self.sizes[d] for d in node.messages])
             if wrong is not None:
                 return wrong

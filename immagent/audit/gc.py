@@ -23,10 +23,11 @@ import functools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from immagent.assets import Kind, StoredAsset, check_row
+from immagent.assets import Kind
 from immagent.codec import FIRST_DICTIONARY, NO_DICTIONARIES, ZstdDictionary
 from immagent.exceptions import IntegrityError
 from immagent.records import StateRow, check_state
+from immagent.rows import StoredAsset, check_row
 
 if TYPE_CHECKING:
     from immagent.store.backend import AdminBackend

@@ -20,10 +20,11 @@ from uuid import UUID
 
 import msgspec
 
-from immagent.assets import Digest, Kind, MissingAsset, StoredAsset, check_row, ref_kind_table
+from immagent.assets import Digest, Kind, MissingAsset, ref_kind_table
 from immagent.codec import NO_DICTIONARIES, ZstdDictionary
 from immagent.exceptions import AgentNotFoundError, IntegrityError
 from immagent.records import STATE_KINDS, StateRow, check_state
+from immagent.rows import StoredAsset, check_row
 
 if TYPE_CHECKING:
     from immagent.store.backend import AuditBackend

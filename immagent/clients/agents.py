@@ -30,15 +30,14 @@ from immagent.assets import (
     Digest,
     Kind,
     Message,
-    StoredAsset,
     SystemPrompt,
-    stored,
 )
 from immagent.audit.bundle import BundleInfo
 from immagent.audit.verify import VerifyReport
 from immagent.exceptions import AgentNotFoundError, AgentNotRegisteredError, ValidationError
 from immagent.ids import uuid7
 from immagent.records import AgentRecord, load_agent, load_state, state_digest
+from immagent.rows import StoredAsset, stored
 from immagent.store.backend import Backend
 from immagent.store.log import MAX_PAGE, EventLog, check_limit, storable
 from immagent.validate import (

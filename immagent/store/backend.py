@@ -21,8 +21,9 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import NamedTuple, Protocol
 from uuid import UUID
 
-from immagent.assets import Digest, MissingAsset, StoredAsset
+from immagent.assets import Digest, MissingAsset
 from immagent.records import StateRow
+from immagent.rows import StoredAsset
 
 __all__ = ["SCHEMA_VERSION", "AdminBackend", "AuditBackend", "Backend", "Head", "LogBackend",
            "Misfit", "RowCheck", "SweepResult", "WriteResult"]

@@ -27,10 +27,11 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
 from immagent import codec
-from immagent.assets import Dictionary, Kind, StoredAsset, load_row, stored
+from immagent.assets import Dictionary, Kind
 from immagent.exceptions import ImmAgentError, IntegrityError
 from immagent.ids import uuid7
 from immagent.records import StateRow, load_state, stream_digest
+from immagent.rows import StoredAsset, load_row, stored
 from immagent.store.backend import Head, LogBackend
 
 __all__ = ["GENERATIONS", "STREAM", "Compression"]

@@ -35,14 +35,9 @@ from immagent.assets import (
     Item,
     Kind,
     Message,
-    StoredAsset,
     SystemPrompt,
     Value,
     decode_asset,
-    load_row,
-    load_rows,
-    nodes_counters,
-    stored,
 )
 from immagent.audit import bundle, gc, verify
 from immagent.exceptions import (
@@ -58,6 +53,7 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.records import STATE_KINDS, StateRow, load_agent, load_state
+from immagent.rows import StoredAsset, load_row, load_rows, nodes_counters, stored
 from immagent.store import dsn as dsns
 from immagent.store import rules
 from immagent.store.backend import SCHEMA_VERSION, Backend, Head
@@ -691,11 +687,10 @@ def _check_elements(links: Sequence[StoredAsset], order: Sequence[Digest],
 def _check_counters(links: Sequence[StoredAsset], added: Sequence[Sequence[Digest]],
                     lengths: Sequence[int], sizes: Sequence[int], order: Sequence[Digest],
                     loaded: Sequence[Asset]) -> list[int]:
-    """A node's ``length``/``size`` must be its parent's plus what it adds: counters are
-    trusted by listings, so a damaged one is caught where the chain is read. ``links``
-    oldest first, each node's claimed ``lengths`` and ``sizes``; returns how many elements
-    each node's history holds (computed as running sums, without a Python step per
-    element)."""
+    """The rule of ``rules.check_counters`` over a whole chain at once: ``links`` oldest
+    first, each node's claimed ``lengths`` and ``sizes``; returns how many elements each
+    node's history holds (computed as running sums, without a Python step per element).
+    The first node that breaks the rule is reported by ``rules.check_counters`` itself."""
     ends = list(itertools.accumulate(map(len, added)))
     size_of = dict(zip(order, map(len, map(_body, loaded)), strict=True))
     totals = list(itertools.accumulate(map(size_of.__getitem__, _chain_from(added)), initial=0))
@@ -703,8 +698,11 @@ def _check_counters(links: Sequence[StoredAsset], added: Sequence[Sequence[Diges
     if ends != lengths or counted != sizes:
         i = next(i for i in range(len(links))
                  if (lengths[i], sizes[i]) != (ends[i], counted[i]))
-        raise IntegrityError(f"node {links[i].digest.hex()} claims {lengths[i]} elements "
-                             f"({sizes[i]} bytes), its chain holds {ends[i]} ({counted[i]})")
+        problem = rules.check_counters(
+            links[i].digest, (lengths[i], sizes[i]),
+            None if i == 0 else (ends[i - 1], counted[i - 1]),
+            [size_of[d] for d in added[i]])
+        raise IntegrityError(problem or f"node {links[i].digest.hex()}: wrong counters")
     return ends
 
 

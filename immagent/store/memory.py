@@ -15,9 +15,10 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Self
 from uuid import UUID
 
-from immagent.assets import NODE_KINDS, Digest, MissingAsset, StoredAsset
+from immagent.assets import NODE_KINDS, Digest, MissingAsset
 from immagent.exceptions import StoreClosedError
 from immagent.records import StateRow
+from immagent.rows import StoredAsset
 from immagent.store.backend import (
     SCHEMA_VERSION,
     Head,

@@ -26,16 +26,7 @@ import psycopg.conninfo
 import psycopg_pool
 from psycopg import errors as pg_errors
 
-from immagent.assets import (
-    NODE_KINDS,
-    Digest,
-    MissingAsset,
-    StoredAsset,
-    join_refs,
-    split_refs,
-    stored_rows,
-    stored_tagged_rows,
-)
+from immagent.assets import NODE_KINDS, Digest, MissingAsset
 from immagent.exceptions import (
     SchemaMissingError,
     StoreClosedError,
@@ -44,6 +35,7 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.records import StateRow, state_from_v1
+from immagent.rows import StoredAsset, join_refs, split_refs, stored_rows, stored_tagged_rows
 from immagent.store.backend import (
     SCHEMA_VERSION,
     Head,

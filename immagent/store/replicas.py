@@ -53,9 +53,10 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TypeVar
 from uuid import UUID
 
-from immagent.assets import Digest, StoredAsset
+from immagent.assets import Digest
 from immagent.exceptions import StoreConnectionError, StoreError, ValidationError
 from immagent.records import StateRow
+from immagent.rows import StoredAsset
 from immagent.store import dsn as dsns
 from immagent.store.backend import (
     Backend,

@@ -33,16 +33,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Self, TypeVar
 from uuid import UUID
 
-from immagent.assets import (
-    NODE_KINDS,
-    Digest,
-    MissingAsset,
-    StoredAsset,
-    join_refs,
-    split_refs,
-    stored_rows,
-    stored_tagged_rows,
-)
+from immagent.assets import NODE_KINDS, Digest, MissingAsset
 from immagent.exceptions import (
     IntegrityError,
     StoreConnectionError,
@@ -50,6 +41,7 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.records import StateRow, state_from_v1
+from immagent.rows import StoredAsset, join_refs, split_refs, stored_rows, stored_tagged_rows
 from immagent.store._sqlite_pool import SQLitePool, is_busy, transaction
 from immagent.store.backend import (
     SCHEMA_VERSION,
