@@ -1,9 +1,11 @@
-"""The content rules every stored record meets, whichever path made it.
+"""The content rules every stored record meets, whichever path made it: the write path's
+rules (the log runs them on every commit), not an audit.
 
 The API checks its input when it builds a record (``Store.create_agent``, ``Store.append``,
-``Store.commit``); a bundle carries records nobody checked. Both run the functions here, so
-an imported store holds nothing the API would have refused, and an export never writes what
-an import would refuse. Digests prove a record is intact; these rules say it is acceptable.
+``EventLog.commit``); a bundle carries records nobody checked. Both run the functions here,
+so an imported store holds nothing the API would have refused, and an export never writes
+what an import would refuse; a chain read checks node counters by the same rule. Digests
+prove a record is intact; these rules say it is acceptable.
 """
 
 from __future__ import annotations
