@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import collections
 import functools
+import weakref
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from enum import IntEnum
 from itertools import repeat
-from typing import Any, ClassVar, Literal, Protocol, Self, TypeAlias
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Self, TypeAlias
 from uuid import UUID
 
 import blake3
 import msgspec
 
 from immagent import codec
-from immagent.exceptions import ValidationError
-from immagent.ids import uuid_from_digest
+from immagent.exceptions import ImmAgentError, ValidationError
+from immagent.ids import uuid7, uuid_from_digest
 
 __all__ = [
     "ASSET_KINDS",
@@ -58,6 +60,8 @@ __all__ = [
     "digests_of",
     "encode",
     "hash_prefix",
+    "new_id",
+    "now",
     "ref_kind_table",
     "ref_kinds",
 ]
@@ -131,15 +135,45 @@ def digests_of(kind: int, bodies: Sequence[bytes],
 
 
 _PREFIXES = {int(k): bytes((k,)) for k in Kind}
+#: Why 0.1.2's persistence hooks have no meaning here, and what does their job.
+_SEED_ROWS = ("{name} belongs to immagent 0.1.2's own database tables, which this store "
+              "does not have: it writes assets itself, content-addressed. Store them with "
+              "store.create_agent() / agent.advance() / store.append() or EventLog.commit(); "
+              "read them with agent.get_messages() or store.get_assets(); "
+              "immagent.rows.stored(asset) and immagent.rows.load_row(row) are the stored "
+              "row of this layout and its verified reading")
 #: A node's ref count as the digest hashes it, for the usual counts.
 _COUNTS = tuple(n.to_bytes(4, "big") for n in range(64))
 _blake3 = blake3.blake3
+
+
+def new_id() -> UUID:
+    """A new UUID (0.1.2's helper; here a time-ordered UUIDv7, as states get)."""
+    return uuid7()
+
+
+def now() -> datetime:
+    """The current time, UTC (0.1.2's helper)."""
+    return datetime.now(UTC)
 
 
 class _Content(msgspec.Struct, frozen=True, omit_defaults=True, dict=True, weakref=True):
     """Shared behaviour of content assets: canonical body, digest and derived UUID."""
 
     kind: ClassVar[Kind]
+
+    @classmethod
+    def from_row(cls, row: object) -> Self:
+        """0.1.2's hook that built an asset from a row of its own asyncpg tables. Those
+        tables are not this store's layout, so it always raises ImmAgentError naming what
+        to use instead (see the README's "Upgrading from 0.1.2")."""
+        raise ImmAgentError(_SEED_ROWS.format(name=f"{cls.__name__}.from_row()"))
+
+    def to_insert_params(self) -> tuple[str, tuple[Any, ...]]:
+        """0.1.2's hook that gave the INSERT statement of its own tables. This store writes
+        assets itself, so it always raises ImmAgentError naming what to use instead."""
+        raise ImmAgentError(_SEED_ROWS.format(name=f"{type(self).__name__}"
+                                              ".to_insert_params()"))
 
     @functools.cached_property
     def body(self) -> bytes:
@@ -168,6 +202,11 @@ class SystemPrompt(_Content, frozen=True, omit_defaults=True, dict=True, weakref
     text: str
     kind: ClassVar[Kind] = Kind.SYSTEM_PROMPT
 
+    @classmethod
+    def create(cls, content: str) -> SystemPrompt:
+        """A system prompt holding ``content`` (0.1.2's constructor and parameter name)."""
+        return cls(text=content)
+
 
 class ToolCall(msgspec.Struct, frozen=True, omit_defaults=True,
                rename={"id": "i", "name": "n", "arguments": "a"}):
@@ -176,6 +215,11 @@ class ToolCall(msgspec.Struct, frozen=True, omit_defaults=True,
     id: str
     name: str
     arguments: str = "{}"
+
+    def to_litellm_dict(self) -> dict[str, Any]:
+        """The call as LiteLLM (and OpenAI) take it in a request's assistant message."""
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
 
 
 class Message(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True,
@@ -226,6 +270,32 @@ class Message(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True
     def tool_result(cls, tool_call_id: str, content: str) -> Message:
         """The result of the tool call ``tool_call_id``."""
         return cls(role="tool", content=content, tool_call_id=tool_call_id)
+
+    @property
+    def id(self) -> UUID:
+        """A UUID derived from the digest: same content, same id, in any store. The message
+        is remembered by it while it lives, so ``Conversation.with_messages`` takes the id
+        in its place (0.1.2's form)."""
+        message_id = uuid_from_digest(self.digest)
+        _known_messages[message_id] = self
+        return message_id
+
+    def to_litellm_dict(self) -> dict[str, Any]:
+        """The message as LiteLLM's request dict, as 0.1.2 made it: ``role``, then
+        ``content`` unless None, ``tool_calls`` when there are any, ``tool_call_id`` when
+        set. (A model call builds its own request: ``immagent.llm``.)"""
+        out: dict[str, Any] = {"role": self.role}
+        if self.content is not None:
+            out["content"] = self.content
+        if self.tool_calls:
+            out["tool_calls"] = [call.to_litellm_dict() for call in self.tool_calls]
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+#: Messages whose id was handed out, by id, while they live (see ``Message.id``).
+_known_messages: weakref.WeakValueDictionary[UUID, Message] = weakref.WeakValueDictionary()
 
 
 class Dictionary(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True,
@@ -352,14 +422,46 @@ class Conversation(msgspec.Struct, frozen=True):
         """The messages' ids, oldest first (derived from their content)."""
         return tuple(m.id for m in self.messages)
 
-    def with_messages(self, *messages: Message) -> Conversation:
-        """The conversation that adds ``messages`` (at least one) as one new node."""
-        if not messages or not all(isinstance(m, Message) for m in messages):
-            raise ValidationError("messages", "with_messages takes one or more Message "
-                                  "objects (content-derived ids cannot be resolved "
-                                  "without a store)", None)
-        return Conversation(head=self.head.extend(messages),
-                            messages=(*self.messages, *messages))
+    def with_messages(self, *messages: Message | UUID | str) -> Conversation:
+        """The conversation that adds ``messages`` (at least one) as one new node. Each is
+        a Message or, as in 0.1.2, a message id: the id of a Message this process holds
+        (one made or read here whose ``id`` was taken; ids are derived from content, so an
+        id alone says nothing of the text). ValidationError names an id it cannot
+        resolve: pass the Message object (``await agent.get_messages()`` reads them)."""
+        if not messages:
+            raise ValidationError("messages", "with_messages takes one or more messages",
+                                  None)
+        added = tuple(_resolved(f"messages[{i}]", m) for i, m in enumerate(messages))
+        return Conversation(head=self.head.extend(added), messages=(*self.messages, *added))
+
+    @classmethod
+    def from_row(cls, row: object) -> Conversation:
+        """0.1.2's hook for its conversations table; always raises ImmAgentError naming
+        what to use instead (a conversation is a chain of stored nodes here)."""
+        raise ImmAgentError(_SEED_ROWS.format(name="Conversation.from_row()"))
+
+    def to_insert_params(self) -> tuple[str, tuple[Any, ...]]:
+        """0.1.2's hook for its conversations table; always raises ImmAgentError naming
+        what to use instead."""
+        raise ImmAgentError(_SEED_ROWS.format(name="Conversation.to_insert_params()"))
+
+
+def _resolved(field: str, message: object) -> Message:
+    """A Message given as itself or by the id of a live Message whose id was taken."""
+    if isinstance(message, Message):
+        return message
+    found = None
+    if isinstance(message, UUID | str):
+        try:
+            found = _known_messages.get(message if isinstance(message, UUID)
+                                        else UUID(message))
+        except ValueError:
+            found = None
+    if found is None:
+        raise ValidationError(field, f"{message!r} is neither a Message nor the id of one "
+                              "this process holds: pass the Message object (ids are derived "
+                              "from content; `await agent.get_messages()` reads them)", None)
+    return found
 
 
 class Value(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True,
@@ -429,7 +531,12 @@ class ItemNode(ConversationNode, frozen=True, omit_defaults=True, dict=True, wea
 #: The root of every item chain (an empty session or branch); stored once for all.
 EMPTY_ITEMS = ItemNode()
 
-Asset: TypeAlias = SystemPrompt | Message | ConversationNode | Value | Item | Dictionary
+if TYPE_CHECKING:
+    Asset: TypeAlias = SystemPrompt | Message | ConversationNode | Value | Item | Dictionary
+else:
+    # The same set at run time, as the common base class of every content asset: so
+    # isinstance() works and 0.1.2's ``Asset.from_row`` names its hook (which raises).
+    Asset = _Content
 
 #: Node kinds (hash chains), by kind: their digest covers their refs, and their refs are
 #: (parent node of the same kind, then elements of the node's ``element_kind``).

@@ -134,11 +134,7 @@ def to_litellm_messages(system_prompt: str, messages: Sequence[Message]) -> list
                 continue
             d: dict[str, Any] = {"role": "assistant", "content": m.content}
             if m.tool_calls:
-                d["tool_calls"] = [
-                    {"id": c.id, "type": "function",
-                     "function": {"name": c.name, "arguments": c.arguments}}
-                    for c in m.tool_calls
-                ]
+                d["tool_calls"] = [c.to_litellm_dict() for c in m.tool_calls]
             out.append(d)
         else:
             out.append({"role": m.role, "content": m.content or ""})

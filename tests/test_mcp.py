@@ -71,7 +71,7 @@ async def test_tool_error_raises_tool_execution_error(calc: MCPManager) -> None:
         await calc.execute("divide", {"a": 1, "b": 0})
     with pytest.raises(ToolExecutionError, match="validation error"):
         await calc.execute("add", {"a": "two"})
-    with pytest.raises(ToolExecutionError, match="unknown tool 'sqrt'"):
+    with pytest.raises(ToolExecutionError, match="Unknown tool 'sqrt'"):
         await calc.execute("sqrt", {"x": 4})
     assert await calc.execute("add", {"a": 1, "b": 1}) == "2"  # still usable
 
