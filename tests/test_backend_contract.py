@@ -1,6 +1,7 @@
 """The backend contract: one behavioural test class every backend must pass (eventsourcing's
 recorder tests are the model). Each backend supplies ``create_backend``; the class body is
-the contract, so memory, SQLite and PostgreSQL cannot drift apart.
+the contract, so memory, SQLite, PostgreSQL and PostgreSQL with read replicas cannot drift
+apart (the last on the replication cluster of tests/pg_cluster.py).
 
 The Store-level suites (test_store.py and friends) run on top of this, through the rules.
 """
@@ -31,7 +32,10 @@ from immagent.rows import StoredAsset, stored
 from immagent.store.backend import SCHEMA_VERSION, Backend, Head, WriteResult
 from immagent.store.memory import MemoryBackend
 from immagent.store.postgres import PostgresBackend
+from immagent.store.replicas import ReplicatedBackend
 from immagent.store.sqlite import SQLiteBackend
+from tests.cluster_store import empty_store
+from tests.pg_cluster import PgCluster
 
 #: A state kind for these tests only: the generic digest rule, refs of any kind.
 TEST_KIND = 99
@@ -500,6 +504,22 @@ class TestPostgresBackend(BackendContract):
         assert await write == WriteResult()
         (row,) = await backend.get_states([plain.id])
         assert row.digest == mine.digest
+
+
+
+class TestReplicatedBackend(BackendContract):
+    """A primary and a hot standby: reads served by the standby where they can tell a
+    miss, everything else by the primary, audits by the primary it hands out."""
+
+    @pytest.fixture(autouse=True)
+    def _cluster(self, pg_cluster_db: PgCluster) -> None:
+        self.cluster = empty_store(pg_cluster_db)
+
+    async def create_backend(self) -> Backend:
+        backend = await ReplicatedBackend.open(self.cluster.primary, [self.cluster.standby],
+                                               min_size=1, max_size=8)
+        assert isinstance(backend.audits(), PostgresBackend)  # the primary, not a replica
+        return backend
 
 
 async def _waits_for_a_lock(conn: psycopg.AsyncConnection[Any]) -> bool:

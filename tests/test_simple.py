@@ -3,7 +3,6 @@ paths are in test_llm.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from immagent.exceptions import LLMError, ValidationError
 from immagent.llm import Model
 from immagent.simple import MessageList, SimpleAgent
 from immagent.testing import Reply, ScriptedModel, litellm_error
+from tests.conftest import example
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,10 +141,6 @@ async def test_empty_or_oversized_input_is_rejected(user_input: str) -> None:
 
 
 async def test_simple_chat_example_runs() -> None:
-    spec = importlib.util.spec_from_file_location("simple_chat_example",
-                                                  ROOT / "examples" / "simple_chat.py")
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    agent = await example.main()
+    with example("simple_chat") as module:
+        agent = await module.main()
     assert agent.last_response() == "Echo: What's 2+2?"

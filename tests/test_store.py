@@ -17,6 +17,9 @@ from immagent.store.backend import SCHEMA_VERSION
 from tests import crafted
 from tests.conftest import count_rows, raw_sql, turn
 
+#: Also through PgBouncer and with a read replica (tests/conftest.py).
+pytestmark = pytest.mark.on_cluster
+
 PROMPT = "You are helpful."
 
 
