@@ -1,6 +1,7 @@
-"""Where an export may write and what an import may read (issue 14, items 1 and 9): an export
-creates a file or replaces a regular one, never anything else, with the process's umask;
-odd paths are ValidationError / BundleError, never a raw OSError or ValueError.
+"""Where an export may write and what an import may read: an export creates a file or
+replaces a regular one, never anything else, with the process's umask; odd paths are
+ValidationError / BundleError, never a raw OSError or ValueError; what killed exports leave
+is removed by the next export to the same file.
 
 Never real device nodes: FIFOs and symlinks in a temp dir stand for them (an export to
 /dev/null once replaced it with a regular file)."""

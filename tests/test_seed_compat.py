@@ -1,4 +1,4 @@
-"""Seed compatibility: a program written for immagent 0.1.2 runs unchanged (issue 9).
+"""Seed compatibility: a program written for immagent 0.1.2 runs unchanged.
 
 Written as a 0.1.2 user writes: imports from the 0.1.2 module paths, 0.1.2 spellings and
 keyword names, on both backends (the ``store`` fixture). The only thing that is not 0.1.2
@@ -450,7 +450,7 @@ async def test_a_deleted_agent_is_not_loaded_while_its_object_lives(store: Store
         await store.load_agents([agent.id])
 
 
-# -- the rest of 0.1.2's public module names (issue 28) and its errors (issue 29) ----------
+# -- the rest of 0.1.2's public module names, and its errors --------------------------------
 
 
 def test_system_prompt_create_and_the_id_and_time_helpers() -> None:
