@@ -2,7 +2,7 @@
 stores (``Store.connect("memory://")``).
 
 It is the executable definition of what the database backends compute in SQL: the same
-contract suite runs against all three. Nothing awaits while a write is applied, so every
+contract suite runs against every backend. Nothing awaits while a write is applied, so every
 call is atomic on its event loop, and a write-or-sweep lock gives gc the same exclusion
 the database backends get from their locks.
 """
