@@ -57,6 +57,8 @@ __all__ = [
     "ECHO_DELAY_ENV",
     "ECHO_MODEL",
     "PROVIDER",
+    "Chunk",
+    "ErrorKind",
     "OfflineModelError",
     "Reply",
     "Request",
