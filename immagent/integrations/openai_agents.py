@@ -7,7 +7,7 @@
 session: ``Runner.run(agent, "hi", session=ImmAgentSession("user-42", "chat.db"))``.
 
 What differs from the SDK's own sessions: nothing is destroyed. Every change is a new
-immutable *session state* (``immagent.sessions``): ``add_items`` appends, ``pop_item`` and
+immutable *session state* (``immagent.clients.sessions``): ``add_items`` appends, ``pop_item`` and
 ``clear_session`` write a state without the item(s), and every earlier state stays
 listable (``list_states``) and loadable (``get_state_items``) until its row is deleted with
 ``Store.delete_states``; only then can ``Store.gc()`` reclaim its items. Items are content-
@@ -28,9 +28,9 @@ runs on the store's loop and other loops hand their calls to it:
 * ``db`` a DSN (``sqlite:///path.db``, a bare ``*.db`` path, ``postgresql://…``,
   ``memory://``): the session owns a store on a private loop in a daemon thread, opened
   (and its schema created) on first use, closed by ``close()``. Forks share it.
-* ``db`` an open ``Store``: shared, never closed by the session. Its loop is the one
-  running when the session is made (or else the loop of its first call); calls from
-  other loops are sent to it, so that loop must keep running meanwhile.
+* ``db`` an open ``Store`` (or any ``EventLog``): shared, never closed by the session. Its
+  loop is the one running when the session is made (or else the loop of its first call);
+  calls from other loops are sent to it, so that loop must keep running meanwhile.
 
 A cancelled ``add_items``/``pop_item``/``clear_session``/branch call waits until its write
 has committed or failed before it re-raises the cancellation, as the SDK's sessions do: a
@@ -64,8 +64,7 @@ from agents.memory.session_settings import (
 
 from immagent.assets import Item
 from immagent.audit.bundle import BundleInfo
-from immagent.exceptions import SessionClosedError, StoreError, ValidationError
-from immagent.sessions import (
+from immagent.clients.sessions import (
     MAIN,
     SessionInfo,
     SessionLog,
@@ -78,8 +77,9 @@ from immagent.sessions import (
     turns,
     user_turns,
 )
+from immagent.exceptions import SessionClosedError, StoreError, ValidationError
 from immagent.store import dsn as dsns
-from immagent.store.store import Store
+from immagent.store.log import EventLog
 
 __all__ = ["DEFAULT_DB", "ImmAgentSession", "SessionInfo", "SessionState"]
 
@@ -91,7 +91,7 @@ DEFAULT_DB = "memory://"
 _CompactionSnapshot: Any = getattr(_sdk_session, "_CompactionSnapshot", None)
 
 T = TypeVar("T")
-Work = Callable[[Store], Coroutine[Any, Any, T]]
+Work = Callable[[EventLog], Coroutine[Any, Any, T]]
 
 
 async def _settle(future: asyncio.Future[T]) -> T:
@@ -164,7 +164,7 @@ class _OwnedHost(_Host):
         self._dsn = dsn
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._store: Store | None = None
+        self._store: EventLog | None = None
         self._opening: asyncio.Lock | None = None
         self._done = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -193,13 +193,13 @@ class _OwnedHost(_Host):
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
-    async def _open(self) -> Store:
+    async def _open(self) -> EventLog:
         assert self._opening is not None
         async with self._opening:  # concurrent first calls open one store
             if self._done:  # a call that slipped in as close() began opens nothing
                 raise SessionClosedError("the session is closed")
             if self._store is None:
-                store = await Store.connect(self._dsn)
+                store = await EventLog.connect(self._dsn)
                 try:
                     await store.init_schema()
                 except BaseException:
@@ -253,7 +253,7 @@ class _OwnedHost(_Host):
 class _SharedHost(_Host):
     """An open Store given by the caller, on the loop it was opened on (never closed here)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: EventLog) -> None:
         super().__init__()
         self._store = store
         self._done = False
@@ -306,13 +306,13 @@ class ImmAgentSession(SessionABC):
 
     session_settings: SessionSettings | None
 
-    def __init__(self, session_id: str, db: str | os.PathLike[str] | Store = DEFAULT_DB, *,
+    def __init__(self, session_id: str, db: str | os.PathLike[str] | EventLog = DEFAULT_DB, *,
                  session_settings: SessionSettings | dict[str, Any] | None = None,
                  owner: str | None = None, logger: Any = None) -> None:
         """The session ``session_id`` in ``db``: a DSN (opened on first use, closed by
         ``close()``; the default, like ``SQLiteSession``'s ``:memory:``, is a private
         in-memory store, and ``":memory:"`` means the same) or an open, initialised
-        ``Store`` (shared; not closed here). ``session_settings.limit`` bounds
+        ``Store`` or ``EventLog`` (shared; not closed here). ``session_settings.limit`` bounds
         ``get_items()`` as in the SDK's sessions. ``owner``: who the session belongs to
         (recorded by its first write; ``list_sessions(owner=...)`` finds it). ``logger``
         receives what the session does (debug), compactions and deleted branches (info)
@@ -326,7 +326,7 @@ class ImmAgentSession(SessionABC):
             raise ValidationError("logger", f"must be a logging.Logger (or have its debug, "
                                   f"info and error), got {type(logger).__name__}", None)
         host: _Host
-        if isinstance(db, Store):
+        if isinstance(db, EventLog):
             if db.closed:
                 raise ValidationError("db", "the Store is closed", None)
             host = _SharedHost(db)
@@ -372,7 +372,7 @@ class ImmAgentSession(SessionABC):
                    write: bool = False) -> T:
         self._check_open()
 
-        async def on_store(store: Store) -> T:
+        async def on_store(store: EventLog) -> T:
             # Runs on the store's loop only, so the log needs no lock of its own here.
             if self._log is None:
                 self._log = SessionLog(store, self.session_id, self._owner)
@@ -669,7 +669,7 @@ class ImmAgentSession(SessionABC):
     async def list_sessions(self, owner: str | None = None) -> list[SessionInfo]:
         """Every session in this session's store (only ``owner``'s, if given), by id:
         ``session_id``, ``owner``, ``states``, ``created_at``, ``updated_at``, ``newest``.
-        A scan of the store's session states (see ``immagent.sessions.list_sessions``)."""
+        A scan of the store's session states (see ``immagent.clients.sessions.list_sessions``)."""
         return await self._run(lambda log: list_sessions(log.store, owner=owner))
 
     async def fork(self, new_session_id: str, at_turn: int | None = None) -> ImmAgentSession:
@@ -726,10 +726,11 @@ class ImmAgentSession(SessionABC):
 
         async def change(log: SessionLog) -> BundleInfo:
             state = await log.newest()
-            if state is None:
+            info = None if state is None else await log.store.export_lineage(state.id, path)
+            if info is None:
                 raise ValidationError("session_id", f"session {self.session_id!r} has no "
                                       "state to export", self.session_id)
-            return await log.store.export(state.id, path)
+            return info
 
         return await self._run(change)
 

@@ -42,7 +42,7 @@ from immagent.exceptions import IntegrityError, StaleStreamError, ValidationErro
 from immagent.ids import uuid7
 from immagent.records import SessionBody, SessionBranch, StateRow, session_body, stream_digest
 from immagent.store.backend import Head
-from immagent.store.store import Store
+from immagent.store.log import EventLog
 from immagent.validate import MAX_NAME_BYTES, check_json_value, check_text, check_uuid
 
 __all__ = [
@@ -246,7 +246,7 @@ class SessionLog:
     object also serialises its own writers, so they do not race each other.
     """
 
-    def __init__(self, store: Store, session_id: str, owner: str | None = None) -> None:
+    def __init__(self, store: EventLog, session_id: str, owner: str | None = None) -> None:
         """The log of ``session_id`` in ``store`` (nothing is read until used). ``owner``:
         who the session belongs to, recorded by its first write (a session owned by
         someone else refuses this object's writes)."""
@@ -714,7 +714,7 @@ class SessionInfo(NamedTuple):
     newest: SessionState
 
 
-async def list_sessions(store: Store, *, owner: str | None = None,
+async def list_sessions(store: EventLog, *, owner: str | None = None,
                         page: int = 1000) -> list[SessionInfo]:
     """Every session stored in ``store`` (only ``owner``'s, if given), by session id. One
     pass over the session states, ``page`` rows per read: it costs a scan of them, not an
