@@ -447,7 +447,7 @@ class Entry(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True,
         """The entry ``entry_id`` holding the serialized ``message``."""
         return cls(id=pack_text_id(entry_id), message=message)
 
-    @property
+    @functools.cached_property
     def entry_id(self) -> str:
         """The entry's id as the client minted it."""
         return unpack_text_id(self.id)

@@ -135,7 +135,8 @@ async def test_load_run_save_round_trip(beside: Callable[[], ConversationStore])
     entries = await beside().load_entries("c1")
     assert entries is not None and [e.message for e in entries] == loaded.messages
     assert [e.parent_id for e in entries] == [None, *(e.id for e in entries[:-1])]
-    assert await store.load("c1", limit=1) is not None
+    empty = await store.load("c1", limit=0)
+    assert empty is not None and empty.messages == [] and empty.revision == loaded.revision
     window = await store.load("c1", limit=3)
     assert window is not None and window.messages == loaded.messages[-3:]
 

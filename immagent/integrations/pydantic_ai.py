@@ -139,10 +139,13 @@ def _record(state: ConversationState) -> ConversationRecord:
 def _entries(history: Sequence[Entry], start: int) -> list[ConversationEntry]:
     """pydantic-ai's entries of ``history[start:]`` (each pointing at the one before)."""
     wanted = history[start:]
-    parents = [history[i - 1].entry_id if i else None for i in range(start, len(history))]
-    return [ConversationEntry(id=entry.entry_id, parent_id=parent, message=message)
-            for entry, parent, message in zip(wanted, parents, _load_messages(wanted),
-                                              strict=True)]
+    if not wanted:
+        return []
+    ids = [e.entry_id for e in wanted]
+    parents = [history[start - 1].entry_id if start else None, *ids[:-1]]
+    return [ConversationEntry(id=entry_id, parent_id=parent, message=message)
+            for entry_id, parent, message in zip(ids, parents, _load_messages(wanted),
+                                                 strict=True)]
 
 
 class ImmAgentConversationStore(ConversationStore):
