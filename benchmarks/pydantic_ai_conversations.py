@@ -62,9 +62,10 @@ from pydantic_ai_harness.step_persistence.conversations import (
 )
 
 from benchmarks.common import (
+    Latency,
+    System,
     compacted_sqlite_bytes,
     fmt_bytes,
-    percentile,
     print_table,
     reply_text,
     sqlite_file_bytes,
@@ -78,27 +79,12 @@ __all__ = ["ConversationResults", "report", "run"]
 
 CID = "bench"
 OURS, HARNESS, MEMORY = "immagent", "pydantic-ai-harness sqlite", "pydantic-ai in-memory"
+_SYSTEMS: dict[str, System] = {OURS: "immagent", HARNESS: "pydantic-ai-harness",
+                               MEMORY: "pydantic-ai"}
 
 
-@dataclass(frozen=True)
-class Timing:
-    """Latency samples of one operation of one store, in seconds."""
-
-    store: str
-    operation: str
-    samples: tuple[float, ...]
-
-    @property
-    def p50(self) -> float:
-        return percentile(self.samples, 50)
-
-    @property
-    def p99(self) -> float:
-        return percentile(self.samples, 99)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"store": self.store, "operation": self.operation, "count": len(self.samples),
-                "p50_s": self.p50, "p99_s": self.p99}
+def _timing(store: str, operation: str, turns: int, samples: list[float]) -> Latency:
+    return Latency("sqlite", operation, turns, tuple(samples), _SYSTEMS[store])
 
 
 @dataclass
@@ -109,7 +95,7 @@ class ConversationResults:
     samples: int
     harness_every: int = 1
     sizes: dict[str, int] = field(default_factory=dict)
-    latency: list[Timing] = field(default_factory=list)
+    latency: list[Latency] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"turns": self.turns, "samples": self.samples,
@@ -230,11 +216,11 @@ async def run(turns: int = 1000, samples: int = 30,
                 cold[MEMORY].append(await _timed(memory_load))
             for _ in range(max(3, samples // 5)):
                 cold["opening"].append(await _timed(ours_opening))
-            res.latency += [Timing(OURS, "cold load", tuple(cold[OURS])),
-                            Timing(OURS, "cold load, opening the store",
-                                   tuple(cold["opening"])),
-                            Timing(HARNESS, "cold load", tuple(cold[HARNESS])),
-                            Timing(MEMORY, "load", tuple(cold[MEMORY]))]
+            res.latency += [_timing(OURS, "cold load", turns, cold[OURS]),
+                            _timing(OURS, "cold load, opening the store", turns,
+                                    cold["opening"]),
+                            _timing(HARNESS, "cold load", turns, cold[HARNESS]),
+                            _timing(MEMORY, "load", turns, cold[MEMORY])]
 
             saves: dict[str, list[float]] = {OURS: [], HARNESS: []}
             for extra in range(samples):
@@ -242,8 +228,8 @@ async def run(turns: int = 1000, samples: int = 30,
                 saves[OURS].append(await _timed(
                     lambda m=messages: _save_ours(ours, conversation, m)))  # type: ignore[misc]
                 saves[HARNESS].append(await _timed(lambda m=messages: harness.save(m)))  # type: ignore[misc]
-            res.latency += [Timing(OURS, "save one turn", tuple(saves[OURS])),
-                            Timing(HARNESS, "save one turn", tuple(saves[HARNESS]))]
+            res.latency += [_timing(OURS, "save one turn", turns, saves[OURS]),
+                            _timing(HARNESS, "save one turn", turns, saves[HARNESS])]
             assert (await opened.verify()).ok
     return res
 
@@ -265,11 +251,11 @@ def report(res: ConversationResults) -> None:
                      fmt_bytes(res.sizes[f"{name}, {n} turns"] / n),
                      f"{res.sizes[f'{name}, {n} turns'] / theirs:.2f}x"]
                     for name in (OURS, HARNESS)])
-    base = {t.operation: t.p50 for t in res.latency if t.store == HARNESS}
-    rows = [[t.store, t.operation, f"{t.p50 * 1000:.1f}", f"{t.p99 * 1000:.1f}",
+    base = {t.operation: t.p50 for t in res.latency if t.system == "pydantic-ai-harness"}
+    rows = [[t.system, t.operation, f"{t.p50 * 1000:.1f}", f"{t.p99 * 1000:.1f}",
              f"{t.p50 / base[_peer_operation(t.operation)]:.2f}x"] for t in res.latency]
     print_table(f"pydantic-ai conversations: latency at {n} turns, ms (samples alternate)",
-                ["store", "operation", "p50", "p99", "p50 vs harness"], rows)
+                ["system", "operation", "p50", "p99", "p50 vs harness"], rows)
     print(f"(ours keeps all {n} saved states, each loadable; the harness keeps the latest "
           f"list: {ours / theirs:.2f}x its bytes)")
 

@@ -300,7 +300,7 @@ def _text(stored: Any) -> str | None:
 def _micros(t: datetime) -> int:
     """Microseconds since the epoch, exactly (no float rounding)."""
     if t.tzinfo is None:
-        raise ValidationError("updated_at", "must be an aware datetime", None)
+        raise ValidationError("record.updated_at", "must be an aware datetime", None)
     return (t - _EPOCH) // timedelta(microseconds=1)
 
 

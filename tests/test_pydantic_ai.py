@@ -505,6 +505,18 @@ async def test_the_example_runs(tmp_path: Path) -> None:
         assert (await opened.verify()).ok
 
 
+async def test_the_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.index("### pydantic-ai: a `ConversationStore`")
+    start = readme.index("```python\n", section) + len("```python\n")
+    code = readme[start:readme.index("```", start)]
+    monkeypatch.chdir(tmp_path)  # it writes conversations.db where it runs
+    await asyncio.to_thread(exec, compile(code, "README.md", "exec"), {"__name__": "readme"})
+    assert capsys.readouterr().out == "2 states kept\n['chat-1-retry', 'chat-1']\n"
+    assert (tmp_path / "conversations.db").exists()
+
+
 async def test_closed_and_default_stores(tmp_path: Path) -> None:
     default = ImmAgentConversationStore()  # a throwaway in-memory store, as pydantic-ai's
     await chat(default, "m", "hi")
