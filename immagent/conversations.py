@@ -84,8 +84,9 @@ _SCOPE = int(Kind.CONVERSATION_SCOPE)
 _MAX_ATTEMPTS = 1000
 #: Histories (and the entry index of each) kept per log, most recently used first.
 _HISTORIES = 8
-#: Entry ids whose link this log knows (heads and branch tips it read, links it wrote).
-_LINKS = 100_000
+#: Entry ids whose link this log knows (heads and branch tips it read or wrote); entries
+#: inside a history are found through the remembered histories instead.
+_LINKS = 20_000
 #: Largest serialized message, usage or deferred requests accepted (bytes).
 MAX_SERIALIZED = 64 * MAX_INPUT_BYTES
 #: Conversations whose newest state is read at once while listing.
@@ -625,7 +626,6 @@ class ConversationLog:
             for entry in added:
                 node = node.extend([entry])
                 links.append(node)
-                self._link(unpack_text_id(entry.id), node.digest)
             head: EntryNode = node
             assets.extend([base, *added, *links])
             if before is not None:
