@@ -687,8 +687,8 @@ print("ok")
 
 
 def test_import_immagent_does_not_import_pydantic_ai() -> None:
-    code = ("import sys, immagent, immagent.conversations, immagent.integrations; "
-            "import immagent.integrations._hosting; "
+    code = ("import sys, immagent, immagent.clients.conversations, immagent.integrations; "
+            "import immagent.store.hosting; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'pydantic_ai'); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

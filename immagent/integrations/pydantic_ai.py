@@ -13,7 +13,7 @@ the rest (``load``, ``save``, ``branch``, ``fork``, ``update``, ``delete``,
 
 What differs from pydantic-ai's own stores: nothing is overwritten. Every save, branch,
 title update and delete is a new immutable state of the conversation
-(``immagent.conversations``): each entry is a content-addressed asset stored once, a
+(``immagent.clients.conversations``): each entry is a content-addressed asset stored once, a
 history is a hash chain of them, so branches and forks share every entry before their
 fork point; a state's digest pins the whole conversation, ``Store.verify()`` checks it
 like everything else, and ``export`` writes an audit bundle. Past states stay listable
@@ -29,10 +29,10 @@ Messages, usage and deferred tool requests are stored as pydantic-ai serializes 
 (``ModelMessagesTypeAdapter``'s JSON), so they load back equal. Title and metadata must
 be JSON values (ValidationError otherwise, nothing written).
 
-Event loops: as ``ImmAgentSession`` (``immagent.integrations._hosting``): given a DSN the
+Event loops: as ``ImmAgentSession`` (``immagent.store.hosting``): given a DSN the
 store owns a private loop in a daemon thread, opened on first use and closed by
-``close()``; given an open ``Store`` it runs on that store's loop, and calls from other
-loops (``Agent.run_sync``, ``asyncio.run``) are handed over to it.
+``close()``; given an open ``Store`` (any ``EventLog``) it runs on that store's loop, and
+calls from other loops (``Agent.run_sync``, ``asyncio.run``) are handed over to it.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ except ImportError as e:  # the extra is not installed
 
 from immagent.assets import Entry
 from immagent.audit.bundle import BundleInfo
-from immagent.conversations import (
+from immagent.clients.conversations import (
     ConversationLog,
     ConversationState,
     NewEntry,
@@ -74,9 +74,9 @@ from immagent.conversations import (
     check_conversation_id,
 )
 from immagent.exceptions import ImmAgentError, IntegrityError, StoreClosedError, ValidationError
-from immagent.integrations._hosting import Host, OwnedHost, SharedHost
 from immagent.store import dsn as dsns
-from immagent.store.store import Store
+from immagent.store.hosting import Host, OwnedHost, SharedHost
+from immagent.store.log import EventLog
 
 __all__ = ["ConversationState", "ImmAgentConversationConflict", "ImmAgentConversationStore"]
 
@@ -153,15 +153,15 @@ class ImmAgentConversationStore(ConversationStore):
     an immagent store (SQLite, PostgreSQL or memory). Safe to use from many tasks and
     from several threads (each with its own event loop) at once."""
 
-    def __init__(self, db: str | os.PathLike[str] | Store = "memory://") -> None:
+    def __init__(self, db: str | os.PathLike[str] | EventLog = "memory://") -> None:
         """The conversations in ``db``: a DSN (``sqlite:///path.db``, a bare ``*.db`` path,
         ``postgresql://…``; opened, with its schema, on first use and closed by
-        ``close()``), or an open, initialised ``Store`` (shared; not closed here). The
-        default is a throwaway in-memory store, as ``InMemoryConversationStore``."""
+        ``close()``), or an open, initialised ``Store`` or ``EventLog`` (shared; not closed
+        here). The default is a throwaway in-memory store, as ``InMemoryConversationStore``."""
         host: Host
-        if isinstance(db, Store):
+        if isinstance(db, EventLog):
             if db.closed:
-                raise ValidationError("db", "the Store is closed", None)
+                raise ValidationError("db", "the store is closed", None)
             host = SharedHost(db, _WHAT)
         else:
             host = OwnedHost(dsns.parse(db).dsn, _WHAT)  # a bad DSN fails here
@@ -179,7 +179,7 @@ class ImmAgentConversationStore(ConversationStore):
         if self._closed:
             raise StoreClosedError(f"{_WHAT} is closed")
 
-        async def on_store(store: Store) -> T:
+        async def on_store(store: EventLog) -> T:
             # Runs on the store's loop only, so the log needs no lock of its own.
             if self._log is None:
                 self._log = ConversationLog(store)

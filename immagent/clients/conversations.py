@@ -56,7 +56,7 @@ from immagent.exceptions import (
 from immagent.ids import pack_text_id, unpack_text_id, uuid7, uuid_from_digest
 from immagent.records import ConversationBody, StateRow, conversation_body, stream_digest
 from immagent.store.backend import Head
-from immagent.store.store import Store
+from immagent.store.log import EventLog
 from immagent.validate import (
     MAX_INPUT_BYTES,
     MAX_NAME_BYTES,
@@ -410,7 +410,7 @@ class ConversationLog:
     asks for. Several objects (or processes) on one store stay correct through the
     revision and head checks."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: EventLog) -> None:
         """The conversations of ``store`` (nothing is read until used)."""
         self.store = store
         self._histories: OrderedDict[Digest, _History] = OrderedDict()

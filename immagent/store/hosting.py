@@ -1,15 +1,16 @@
 """Where an adapter's store lives, and how a call from any event loop reaches it.
 
-A ``Store`` is bound to the event loop it was opened on (psycopg's pool, the SQLite
-backend's asyncio lock), while an SDK calls its session or store from wherever it runs:
+An ``EventLog`` (a ``Store``) is bound to the event loop it was opened on (psycopg's pool,
+the SQLite backend's asyncio lock), while an SDK calls its session or store from wherever it runs:
 ``Runner.run_sync`` and ``Agent.run_sync`` run a loop of their own, ``asyncio.run`` makes a
 new one each time, and one object may serve several threads at once. So every operation
 runs on the store's loop, and other loops hand their calls to it:
 
 * ``OwnedHost``: a store opened from a DSN, on a private event loop in a daemon thread
   (opened, with ``init_schema``, on first use; closed by the last ``release``);
-* ``SharedHost``: an open ``Store`` the caller gave, on the loop it runs on (never closed
-  here); calls from other loops are sent to it, so that loop must keep running.
+* ``SharedHost``: an open ``Store`` (any ``EventLog``) the caller gave, on the loop it runs
+  on (never closed here); calls from other loops are sent to it, so that loop must keep
+  running.
 
 A write (``write=True``) that is cancelled waits until it has committed or failed before
 the cancellation is re-raised: a cancelled caller never leaves a write running behind it.
@@ -26,12 +27,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from immagent.exceptions import StoreClosedError, StoreError
-from immagent.store.store import Store
+from immagent.store.log import EventLog
 
 __all__ = ["Host", "OwnedHost", "SharedHost", "Work", "hop", "settle"]
 
 T = TypeVar("T")
-Work = Callable[[Store], Coroutine[Any, Any, T]]
+Work = Callable[[EventLog], Coroutine[Any, Any, T]]
 
 
 async def settle(future: asyncio.Future[T]) -> T:
@@ -106,7 +107,7 @@ class OwnedHost(Host):
         self._dsn = dsn
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._store: Store | None = None
+        self._store: EventLog | None = None
         self._opening: asyncio.Lock | None = None
         self._done = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -135,13 +136,13 @@ class OwnedHost(Host):
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
-    async def _open(self) -> Store:
+    async def _open(self) -> EventLog:
         assert self._opening is not None
         async with self._opening:  # concurrent first calls open one store
             if self._done:  # a call that slipped in as close() began opens nothing
                 raise StoreClosedError(f"{self.what} is closed")
             if self._store is None:
-                store = await Store.connect(self._dsn)
+                store = await EventLog.connect(self._dsn)
                 try:
                     await store.init_schema()
                 except BaseException:
@@ -193,9 +194,9 @@ class OwnedHost(Host):
 
 
 class SharedHost(Host):
-    """An open Store given by the caller, on the loop it was opened on (never closed here)."""
+    """An open store given by the caller, on the loop it was opened on (never closed here)."""
 
-    def __init__(self, store: Store, what: str = "the session") -> None:
+    def __init__(self, store: EventLog, what: str = "the session") -> None:
         super().__init__(what)
         self._store = store
         self._done = False
@@ -219,7 +220,7 @@ class SharedHost(Host):
             return await (settle(asyncio.ensure_future(work(self._store))) if write
                           else work(self._store))
         if home.is_closed() or not home.is_running():
-            raise StoreError(f"the Store {self.what} shares belongs to an event loop that "
+            raise StoreError(f"the store {self.what} shares belongs to an event loop that "
                              "is not running, so it cannot be used from this one: keep its "
                              f"loop running, or give {self.what} a DSN to own a store")
         return await hop(work(self._store), home, write)
