@@ -250,7 +250,7 @@ def _session_digest(row: StateRow) -> Digest:
     return stream_digest(row.kind, row.stream, row.refs, row.body)
 
 
-# -- conversation records (a pydantic-ai ConversationStore, immagent.conversations) -------
+# -- conversation records (a pydantic-ai ConversationStore, clients/conversations.py) ----
 
 
 class ConversationBody(msgspec.Struct, frozen=True, omit_defaults=True,
@@ -337,7 +337,7 @@ STATE_KINDS: dict[int, StateKind] = {
         digest=lambda row: stream_digest(row.kind, row.stream, row.refs, row.body),
         ref_kinds=lambda row: tuple(int(Kind.DICTIONARY) for _ in row.refs),
     ),
-    # pydantic-ai conversations (immagent.conversations).
+    # pydantic-ai conversations (immagent.clients.conversations).
     int(Kind.CONVERSATION_STATE): StateKind(
         digest=_conversation_digest,
         ref_kinds=lambda row: (int(Kind.ENTRY_NODE),) * len(row.refs),
