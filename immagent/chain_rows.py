@@ -45,14 +45,13 @@ from immagent.assets import (
     ConversationNode,
     Digest,
     Kind,
-    StoredAsset,
     decode_element,
-    load_rows,
     node_fields,
     with_context,
 )
 from immagent.chains import SPAN, ChainContext, NodeRow
 from immagent.exceptions import AssetNotFoundError, IntegrityError, MessageNotFoundError
+from immagent.rows import StoredAsset, load_rows
 
 __all__ = ["REDACTED_READERS", "ChainRead", "Checked", "NodeDamage", "Parsed", "as_assets",
            "audit_row",

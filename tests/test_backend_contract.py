@@ -1,6 +1,7 @@
 """The backend contract: one behavioural test class every backend must pass (eventsourcing's
 recorder tests are the model). Each backend supplies ``create_backend``; the class body is
-the contract, so memory, SQLite and PostgreSQL cannot drift apart.
+the contract, so memory, SQLite, PostgreSQL and PostgreSQL with read replicas cannot drift
+apart (the last on the replication cluster of tests/pg_cluster.py).
 
 The Store-level suites (test_store.py and friends) run on top of this, through the rules.
 """
@@ -25,15 +26,18 @@ from immagent.assets import (
     Message,
     MissingAsset,
     SystemPrompt,
-    stored,
 )
 from immagent.chains import NewNode, NodeRow
 from immagent.records import STATE_KINDS, StateKind, StateRow, stream_digest
+from immagent.rows import stored
 from immagent.store.backend import SCHEMA_VERSION, Backend, Head, WriteResult
 from immagent.store.memory import MemoryBackend
 from immagent.store.postgres import PostgresBackend
+from immagent.store.replicas import ReplicatedBackend
 from immagent.store.sqlite import SQLiteBackend
+from tests.cluster_store import empty_store
 from tests.conftest import node_row
+from tests.pg_cluster import PgCluster
 
 #: A state kind for these tests only: the generic digest rule, refs of any kind.
 TEST_KIND = 99
@@ -124,7 +128,7 @@ class BackendContract:
         assert await backend.write([], [s], nodes=[*nodes, *nodes]) == WriteResult()  # no-op
         assert await backend.count_states(TEST_KIND) == 1
         # Two nodes, one message held by the second.
-        assert sum(n for n, _ in (await backend.asset_stats()).values()) == 3
+        assert sum(n for n, _ in (await backend.audits().asset_stats()).values()) == 3
 
     async def test_a_write_with_one_missing_required_ref_writes_nothing(
             self, backend: Backend) -> None:
@@ -302,7 +306,7 @@ class BackendContract:
         others, other = chain("c")
         loose = stored(message("loose"))
         await backend.write([loose], [], nodes=[*nodes, *others[1:]])
-        batches = [b async for b in backend.iter_nodes(None, 2)]
+        batches = [b async for b in backend.audits().iter_nodes(None, 2)]
         assert all(len(b) <= 2 for b in batches)
         every = [r for b in batches for r in b]
         assert sorted(r.digest for r in every) == sorted(
@@ -311,13 +315,14 @@ class BackendContract:
         for r in every:  # parents before children, each with its parent's digest
             assert r.parent is None or r.parent in seen
             seen.add(r.digest)
-        reached = [r.digest async for b in backend.iter_nodes([head.digest, b"\x02" * 32])
+        audits = backend.audits()
+        reached = [r.digest async for b in audits.iter_nodes([head.digest, b"\x02" * 32])
                    for r in b]
         assert reached == [n.digest for n in nodes]
-        assert [r.digest async for b in backend.iter_assets(None, 2) for r in b] == [
+        assert [r.digest async for b in audits.iter_assets(None, 2) for r in b] == [
             loose.digest]
-        assert [r async for b in backend.iter_assets([head.digest]) for r in b] == []
-        assert [r.digest async for b in backend.iter_assets([loose.digest]) for r in b] == [
+        assert [r async for b in audits.iter_assets([head.digest]) for r in b] == []
+        assert [r.digest async for b in audits.iter_assets([loose.digest]) for r in b] == [
             loose.digest]
         assert other.digest not in reached
 
@@ -334,14 +339,14 @@ class BackendContract:
         absent = b"\x03" * 32
         s = state(refs=[head.digest, absent])
         await backend.write([], [s])
-        found = set(await backend.dangling_refs())
+        found = set(await backend.audits().dangling_refs())
         assert found == {MissingAsset(big.digest, first.digest), MissingAsset(absent, s.id)}
-        assert set(await backend.dangling_refs([s.id])) == found
+        assert set(await backend.audits().dangling_refs([s.id])) == found
         clean_nodes, clean_head = chain()
         clean = state(refs=[clean_head.digest])
         await backend.write([], [clean], nodes=clean_nodes)
-        assert await backend.dangling_refs([clean.id]) == []
-        assert len(await backend.dangling_refs(limit=1)) == 1
+        assert await backend.audits().dangling_refs([clean.id]) == []
+        assert len(await backend.audits().dangling_refs(limit=1)) == 1
 
     # -- states ---------------------------------------------------------------------------
 
@@ -514,12 +519,12 @@ class BackendContract:
         rows, _ = chain("a")
         prompt = stored(SystemPrompt(text="p"))
         await backend.write([prompt], [], nodes=rows)
-        stats = await backend.asset_stats()
+        stats = await backend.audits().asset_stats()
         # The message is held by its node: counted, its bytes in the node's record.
         assert stats[int(Kind.MESSAGE)] == (1, 0)
         assert stats[int(Kind.NODE)] == (2, sum(len(r.body) for r in rows))
         assert stats[int(Kind.SYSTEM_PROMPT)] == (1, len(prompt.body))
-        assert await backend.storage_bytes() > 0
+        assert await backend.audits().storage_bytes() > 0
         assert await backend.ping()
 
 
@@ -568,6 +573,22 @@ class TestPostgresBackend(BackendContract):
         assert await write == WriteResult()
         (row,) = await backend.get_states([plain.id])
         assert row.digest == mine.digest
+
+
+
+class TestReplicatedBackend(BackendContract):
+    """A primary and a hot standby: reads served by the standby where they can tell a
+    miss, everything else by the primary, audits by the primary it hands out."""
+
+    @pytest.fixture(autouse=True)
+    def _cluster(self, pg_cluster_db: PgCluster) -> None:
+        self.cluster = empty_store(pg_cluster_db)
+
+    async def create_backend(self) -> Backend:
+        backend = await ReplicatedBackend.open(self.cluster.primary, [self.cluster.standby],
+                                               min_size=1, max_size=8)
+        assert isinstance(backend.audits(), PostgresBackend)  # the primary, not a replica
+        return backend
 
 
 async def _waits_for_a_lock(conn: psycopg.AsyncConnection[Any]) -> bool:

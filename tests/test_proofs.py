@@ -132,8 +132,8 @@ async def test_a_state_written_before_schema_3_cannot_be_proved_until_it_grows(
                          conversation=legacy.digest, model_config={}, metadata={},
                          digest=state_digest("old", "m", prompt.digest, legacy.digest, {}, {}))
     # What a bundle of a version-2 store brings: nodes without accumulator roots.
-    await store._write([immagent.assets.stored(a) for a in (prompt, EMPTY_CONVERSATION,
-                                                            *messages, legacy)],
+    assets: list[immagent.assets.Asset] = [prompt, EMPTY_CONVERSATION, *messages, legacy]
+    await store._write([immagent.rows.stored(a) for a in assets],
                        [record.to_row()], legacy=True)
     agent = await store.load_agent(record.id)
     with pytest.raises(immagent.ValidationError, match="before schema 3"):
@@ -147,24 +147,27 @@ async def test_a_state_written_before_schema_3_cannot_be_proved_until_it_grows(
 
 async def test_sessions_and_checkpoints_are_proved_too(store: Store) -> None:
     session = ImmAgentSession("proved", store)
-    items = [{"role": "user", "content": f"item {i}"} for i in range(6)]
+    items: list[Any] = [{"role": "user", "content": f"item {i}"} for i in range(6)]
     await session.add_items(items[:3])
     await session.add_items(items[3:])
     state = await session.current_state()
     assert state is not None
     result = verify_proof(await store.prove(state.id, element=4), state.digest)
-    assert result.element is not None and result.element.value == items[4]
+    assert isinstance(result.element, immagent.assets.Item)
+    assert result.element.value == items[4]
 
     from langchain_core.messages import HumanMessage
 
+    from immagent.checkpoints import checkpoint_state_id
+    from immagent.integrations.langgraph import ImmAgentSaver
     from tests.test_langgraph_graph import build, config
 
-    graph = build(immagent.integrations.langgraph.ImmAgentSaver(store))
+    graph = build(ImmAgentSaver(store))
     await graph.ainvoke({"messages": [HumanMessage(content="prove me")]}, config("t"))
     snapshot = await graph.aget_state(config("t"))
     checkpoint_id = uuid.UUID(snapshot.config["configurable"]["checkpoint_id"])
     rows = await store.scan_states(int(Kind.CHECKPOINT))
-    row = next(r for r in rows if r.id == immagent.checkpoints.checkpoint_state_id(
-        "t", "", str(checkpoint_id)))
+    row = next(r for r in rows if r.id == checkpoint_state_id("t", "", str(checkpoint_id)))
     result = verify_proof(await store.prove(row.id, element=0), row.digest)
-    assert result.element is not None and b"prove me" in result.element.data
+    assert isinstance(result.element, immagent.assets.Value)
+    assert b"prove me" in result.element.data

@@ -13,6 +13,9 @@ from immagent.assets import Kind, digest_of
 from immagent.audit.verify import VerifyReport
 from tests.conftest import count_rows, node_record, raw_sql, turn, write_record
 
+#: Also through PgBouncer and with a read replica (tests/conftest.py).
+pytestmark = pytest.mark.on_cluster
+
 PROMPT = "You audit things."
 
 

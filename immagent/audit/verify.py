@@ -23,24 +23,15 @@ from uuid import UUID
 import msgspec
 
 from immagent import chain_rows
-from immagent.assets import (
-    NODE_KINDS,
-    Asset,
-    Digest,
-    Kind,
-    MissingAsset,
-    StoredAsset,
-    check_row,
-    load_row,
-    ref_kind_table,
-)
+from immagent.assets import NODE_KINDS, Asset, Digest, Kind, MissingAsset, ref_kind_table
 from immagent.chains import ChainContext, NodeRow
 from immagent.codec import NO_DICTIONARIES, ZstdDictionary
 from immagent.exceptions import AgentNotFoundError, IntegrityError
 from immagent.records import STATE_KINDS, StateRow, check_state
+from immagent.rows import StoredAsset, check_row, load_row
 
 if TYPE_CHECKING:
-    from immagent.store.backend import Backend
+    from immagent.store.backend import AuditBackend
 
 __all__ = [
     "MAX_LISTED",
@@ -159,7 +150,7 @@ async def closing_iter(it: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
             await aclose()
 
 
-async def verify_backend(backend: Backend, agent_id: UUID | None = None, *,
+async def verify_backend(backend: AuditBackend, agent_id: UUID | None = None, *,
                          progress: Callable[[int], None] | None = None,
                          dictionaries: Mapping[int, ZstdDictionary] = NO_DICTIONARIES,
                          ) -> VerifyReport:
@@ -284,7 +275,7 @@ class _NodePass:
     the store (a fork, a run's first node). A row that fails is reported and its children
     continue from what it really holds, so one damaged row is one problem."""
 
-    def __init__(self, backend: Backend, dictionaries: Mapping[int, ZstdDictionary],
+    def __init__(self, backend: AuditBackend, dictionaries: Mapping[int, ZstdDictionary],
                  report: Callable[[str, AssetProblem], None]) -> None:
         self._backend = backend
         self._dictionaries = dictionaries
