@@ -691,10 +691,11 @@ class Store:
         node = parent.extend(added)
         new = await self._derive(record, record.id, node.digest, record.metadata,
                                  rows=[*rows, stored(node)], decoded=[*added, node])
-        self._cache.put_segment(node.digest, record.conversation, tuple(added))
-        known = self._cache.history(record.conversation)
-        if known is not None:
-            self._cache.put_history(node.digest, (*known, *added))
+        # O(added): the run of the parent grows; no flat copy of the history is made here
+        # (a copy per step made a long lineage's steps cost O(its length)). A parent
+        # without messages (the shared empty root) is no link worth keeping.
+        self._cache.put_segment(node.digest, record.conversation if parent.length else None,
+                                tuple(added))
         return new
 
     async def _derive(self, r: AgentRecord, parent_id: UUID | None, conversation: Digest,
