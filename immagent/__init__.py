@@ -32,6 +32,7 @@ from immagent.exceptions import (
     StoreConnectionError,
     StoreError,
     ToolExecutionError,
+    TransientConflictError,
     TurnIncompleteError,
     ValidationError,
 )
@@ -106,6 +107,7 @@ __all__ = [
     "ToolExecutionError",
     "ToolProvider",
     "ToolResult",
+    "TransientConflictError",
     "TurnDone",
     "TurnEvent",
     "TurnIncompleteError",

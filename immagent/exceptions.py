@@ -22,6 +22,7 @@ __all__ = [
     "StoreConnectionError",
     "StoreError",
     "ToolExecutionError",
+    "TransientConflictError",
     "TurnIncompleteError",
     "ValidationError",
 ]
@@ -95,6 +96,13 @@ class ConflictError(StoreError):
     def __init__(self, state_id: UUID) -> None:
         self.state_id = state_id
         super().__init__(f"state {state_id} already exists with other content")
+
+
+class TransientConflictError(StoreError):
+    """PostgreSQL rolled a transaction back to resolve a conflict with a concurrent one (a
+    deadlock, a serialization failure, a hot standby's recovery conflict) and running it
+    again did not get through either; nothing was written. Not a connection problem: the
+    same call may simply be made again."""
 
 
 class StaleStreamError(StoreError):

@@ -14,11 +14,13 @@ statements are per session: the DSN parameter ``prepare_threshold=none`` turns t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import random
 import re
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -41,6 +43,7 @@ from immagent.exceptions import (
     StoreClosedError,
     StoreConnectionError,
     StoreError,
+    TransientConflictError,
     ValidationError,
 )
 from immagent.records import StateRow, state_from_v1
@@ -59,6 +62,8 @@ from immagent.store.schema import schema_sql
 __all__ = ["PostgresBackend"]
 
 log = logging.getLogger("immagent")
+
+T = TypeVar("T")
 
 # Advisory lock keys (arbitrary constants, namespaced by a fixed high word).
 _GC_LOCK = 0x1A3A_6E70_0000_0001
@@ -122,10 +127,37 @@ def _mapped(operation: str) -> Iterator[None]:
         ) from e
     except pg_errors.ProgramLimitExceeded as e:  # an OperationalError, yet not a connection's
         raise StoreError(f"{operation}: a value is too large for PostgreSQL: {e}") from e
+    except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as e:  # idem
+        raise TransientConflictError(
+            f"{operation}: PostgreSQL rolled the transaction back to resolve a conflict with "
+            f"a concurrent one ({str(e).splitlines()[0]}); nothing was written") from e
     except psycopg.OperationalError as e:
         raise StoreConnectionError(f"{operation}: database connection failed: {e}") from e
     except psycopg.Error as e:
         raise StoreError(f"{operation} failed: {type(e).__name__}: {e}") from e
+
+
+#: Times a transaction that PostgreSQL rolled back as the loser of a deadlock or a
+#: serialization conflict is run in all before TransientConflictError is raised.
+TRANSIENT_ATTEMPTS = 5
+
+
+async def _retrying_transient(run: Callable[[], Awaitable[T]]) -> T:
+    """The rule for transient conflicts, once: ``run`` (one whole transaction, rolled back
+    when it raised) is run again when PostgreSQL broke a deadlock or a serialization
+    conflict by rolling it back, up to TRANSIENT_ATTEMPTS times in all, after a short
+    jittered pause (so the same two writers do not collide again in step). Writes insert
+    assets in digest order, so shared assets alone never deadlock; two batches of the same
+    states in different log orders, or a lock taken by another client, still can."""
+    for attempt in range(1, TRANSIENT_ATTEMPTS + 1):
+        try:
+            return await run()
+        except TransientConflictError as e:
+            if attempt == TRANSIENT_ATTEMPTS:
+                raise
+            log.debug("retrying a transaction PostgreSQL rolled back (%s)", e)
+            await asyncio.sleep(random.uniform(0, 0.01 * 2 ** attempt))
+    raise AssertionError("unreachable")
 
 
 class _Abort(Exception):
@@ -254,6 +286,12 @@ class PostgresBackend(StateQueries):
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
                     replace: Sequence[UUID] = ()) -> WriteResult:
+        return await _retrying_transient(
+            lambda: self._write_once(assets, states, require, heads, replace))
+
+    async def _write_once(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
+                          require: Sequence[Digest] = (), heads: Sequence[Head] = (),
+                          replace: Sequence[UUID] = ()) -> WriteResult:
         try:
             with _mapped("write"):
                 async with self._pool.connection() as conn, conn.transaction():
@@ -288,6 +326,9 @@ class PostgresBackend(StateQueries):
 
     async def delete_states(self, ids: Sequence[UUID], *,
                             stop_at_shared: bool = False) -> list[UUID]:
+        return await _retrying_transient(lambda: self._delete_once(ids, stop_at_shared))
+
+    async def _delete_once(self, ids: Sequence[UUID], stop_at_shared: bool) -> list[UUID]:
         order = {i: n for n, i in enumerate(dict.fromkeys(ids))}
         with _mapped("delete"):
             async with self._pool.connection() as conn, conn.transaction():

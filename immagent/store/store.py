@@ -283,7 +283,10 @@ class Store:
                 check_uuid(f"heads[{i}].state_id", head.state_id)
         if replace:
             await self._check_deletable("replace", replace)
-        encoded = await self._compression.encode(list({r.digest: r for r in rows}.values()))
+        # In digest order: concurrent writers of shared assets then lock them in one order
+        # (PostgreSQL deadlocked on two writes listing them in other orders).
+        encoded = await self._compression.encode(
+            sorted({r.digest: r for r in rows}.values(), key=_row_digest))
         result = await backend.write(encoded, list(states), sorted(wanted - inside),
                                      list(heads), list(dict.fromkeys(replace)))
         if result.missing:
@@ -951,6 +954,7 @@ def _check_counters(links: Sequence[StoredAsset], added: Sequence[Sequence[Diges
 
 
 _digest = operator.itemgetter(0)
+_row_digest = operator.attrgetter("digest")
 _codec = operator.itemgetter(4)
 _body = operator.attrgetter("body")
 _chain_from = itertools.chain.from_iterable
