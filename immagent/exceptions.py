@@ -11,6 +11,7 @@ __all__ = [
     "AssetNotFoundError",
     "BundleError",
     "ConflictError",
+    "FanOutError",
     "ImmAgentError",
     "IntegrityError",
     "LLMError",
@@ -39,6 +40,17 @@ class ValidationError(ImmAgentError, ValueError):
         self.field = field
         self.value = value
         super().__init__(f"{field}: {message}")
+
+
+class FanOutError(ValidationError):
+    """A row would reference more digests than one row may (``validate.MAX_REFS``): a
+    step adding that many messages, a node or state listing that many. ``value`` is the
+    number asked for, ``limit`` the most allowed."""
+
+    def __init__(self, field: str, count: int, limit: int, what: str = "digests") -> None:
+        self.limit = limit
+        super().__init__(field, f"{count:,} {what} are more than one row may reference "
+                         f"(at most {limit:,}); split it into several steps", count)
 
 
 class AssetNotFoundError(ImmAgentError, LookupError):

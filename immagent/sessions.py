@@ -43,7 +43,13 @@ from immagent.ids import uuid7
 from immagent.records import SessionBody, SessionBranch, StateRow, session_body, stream_digest
 from immagent.store.backend import Head
 from immagent.store.store import Store
-from immagent.validate import MAX_NAME_BYTES, check_json_value, check_text, check_uuid
+from immagent.validate import (
+    MAX_NAME_BYTES,
+    check_fan_out,
+    check_json_value,
+    check_text,
+    check_uuid,
+)
 
 __all__ = [
     "MAIN",
@@ -373,6 +379,7 @@ class SessionLog:
         """Add ``items`` (checked by ``check_items``) to the end of the current branch in a
         new state; no state for an empty list."""
         added = tuple(items)
+        check_fan_out("items", len(added), "items", base=1)  # one link lists them all
 
         async def change(base: SessionState | None) -> _Plan | None:
             if not added:

@@ -79,6 +79,7 @@ from immagent.validate import (
     check_count,
     check_digest,
     check_digests,
+    check_fan_out,
     check_flag,
     check_json_mapping,
     check_key,
@@ -263,9 +264,12 @@ class Store:
         states checked, every outside reference required to exist, replaced states allowed
         to be deleted, in one transaction."""
         backend = self._open()
+        for i, row in enumerate(rows):
+            check_fan_out(f"assets[{i}].refs", len(row.refs))
         for i, state in enumerate(states):
             if not isinstance(state, StateRow):
                 raise ValidationError(f"states[{i}]", "must be a StateRow", state)
+            check_fan_out(f"states[{i}].refs", len(state.refs))
             load_state(state)  # a client bug must never store a row that fails its check
             rules.check_state_content(state, f"states[{i}]")
             if state.parent_id == state.id:
@@ -687,6 +691,8 @@ class Store:
         so a wrong one can never make a later read return what the chain does not hold.
         """
         record = _record(agent)
+        if isinstance(messages, Sequence):  # the node lists its parent and every message
+            check_fan_out("messages", len(messages), "messages", base=1)
         rows = _checked_messages(messages)
         added: list[Message] = list(messages)
         (parent,) = await self.get_assets([record.conversation], ConversationNode,
