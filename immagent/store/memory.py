@@ -14,11 +14,13 @@ import itertools
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from uuid import UUID
 
-from immagent.assets import NODE_KINDS, Digest, MissingAsset, StoredAsset
+from immagent.assets import NODE_KINDS, Digest, Kind, MissingAsset, StoredAsset
+from immagent.codec import RAW, ZSTD
 from immagent.exceptions import StoreClosedError
 from immagent.records import StateRow
 from immagent.store.backend import (
     SCHEMA_VERSION,
+    CodecRefs,
     Head,
     Misfit,
     RowCheck,
@@ -105,7 +107,7 @@ class MemoryBackend:
             deleted.append(state_id)
         return deleted
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None) -> SweepResult:
         self._open()
         async with self._lock:
             states = list(self._states.values())
@@ -113,6 +115,10 @@ class MemoryBackend:
             missing = next((d for d in reached if d not in self._assets), None)
             if missing is not None:
                 return SweepResult({}, 0, len(self._assets), missing)
+            used = sorted({self._assets[d].codec for d in reached} - {RAW, ZSTD})
+            if codec_refs is not None and used:
+                reached.update(codec_refs(used, [r for r in self._assets.values()
+                                                 if r.kind == Kind.DICTIONARY]))
             # As the SQL backends: rows with refs, nodes, and what states and nodes link to
             # as parent, whatever their kind column says.
             linked = {d for st in states for d in st.refs}

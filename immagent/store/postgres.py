@@ -31,6 +31,7 @@ from psycopg import errors as pg_errors
 from immagent.assets import (
     NODE_KINDS,
     Digest,
+    Kind,
     MissingAsset,
     StoredAsset,
     join_refs,
@@ -38,6 +39,7 @@ from immagent.assets import (
     stored_rows,
     stored_tagged_rows,
 )
+from immagent.codec import FIRST_DICTIONARY
 from immagent.exceptions import (
     SchemaMissingError,
     StoreClosedError,
@@ -50,6 +52,7 @@ from immagent.records import StateRow, state_from_v1
 from immagent.store._filters import ROOTED_STATES, Dialect, StateQueries
 from immagent.store.backend import (
     SCHEMA_VERSION,
+    CodecRefs,
     Head,
     Misfit,
     RowCheck,
@@ -366,7 +369,7 @@ class PostgresBackend(StateQueries):
                 )
                 return sorted((r[0] for r in await cur.fetchall()), key=order.__getitem__)
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None) -> SweepResult:
         with _mapped("gc"):
             async with self._pool.connection() as conn, conn.transaction():
                 # Exclusive side of the writers' shared lock, taken before the statements, so
@@ -398,6 +401,8 @@ class PostgresBackend(StateQueries):
                     cur = await conn.execute("SELECT count(*) FROM immagent_assets")
                     kept = await cur.fetchone()
                     return SweepResult({}, 0, int(kept[0]) if kept else 0, bytes(missing[0]))
+                if codec_refs is not None:
+                    await _mark_codec_refs(conn, codec_refs)
                 for sql, decode in (
                         (f"SELECT {_STATE_COLUMNS} FROM immagent_states", _state),
                         (_GC_CHECKED, _asset)):
@@ -698,6 +703,23 @@ class PostgresBackend(StateQueries):
             )
             SELECT {_STATE_COLUMNS} FROM line LIMIT %s
             """, (state_id, limit))
+
+
+async def _mark_codec_refs(conn: psycopg.AsyncConnection[Any], codec_refs: CodecRefs) -> None:
+    """Mark what ``codec_refs`` names for the dictionaries the marked rows are stored with
+    (gc's rule: a row's codec is a reference to its dictionary)."""
+    cur = await conn.execute(
+        "SELECT DISTINCT a.codec FROM immagent_assets a JOIN immagent_reach r "
+        f"ON r.digest = a.digest WHERE a.codec >= {FIRST_DICTIONARY}")
+    used = [int(r[0]) for r in await cur.fetchall()]
+    if not used:
+        return
+    cur = await conn.execute(f"SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE kind = %s",
+                             (int(Kind.DICTIONARY),))
+    keep = codec_refs(used, [_asset(r) for r in await cur.fetchall()])
+    if keep:
+        await conn.execute("INSERT INTO immagent_reach SELECT unnest(%s::bytea[]) "
+                           "ON CONFLICT DO NOTHING", (list(keep),))
 
 
 async def _version(conn: psycopg.AsyncConnection[Any]) -> int | None:

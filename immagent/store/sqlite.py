@@ -38,6 +38,7 @@ from uuid import UUID
 from immagent.assets import (
     NODE_KINDS,
     Digest,
+    Kind,
     MissingAsset,
     StoredAsset,
     join_refs,
@@ -45,6 +46,7 @@ from immagent.assets import (
     stored_rows,
     stored_tagged_rows,
 )
+from immagent.codec import FIRST_DICTIONARY
 from immagent.exceptions import (
     IntegrityError,
     StoreConnectionError,
@@ -57,6 +59,7 @@ from immagent.store._filters import ROOTED_STATES, Dialect, StateQueries
 from immagent.store._sqlite_pool import SQLitePool, is_busy, transaction
 from immagent.store.backend import (
     SCHEMA_VERSION,
+    CodecRefs,
     Head,
     Misfit,
     RowCheck,
@@ -428,15 +431,27 @@ def _all_dangling(conn: sqlite3.Connection, limit: int) -> list[MissingAsset]:
     return found[:limit]
 
 
-def _swept(conn: sqlite3.Connection, check: RowCheck) -> SweepResult:
-    """gc after the mark (temp.immagent_reach): refuse a missing asset, check every row
-    marked from, delete every unmarked asset."""
+def _swept(conn: sqlite3.Connection, check: RowCheck,
+           codec_refs: CodecRefs | None) -> SweepResult:
+    """gc after the mark (temp.immagent_reach): refuse a missing asset, mark what the
+    codecs of marked rows name, check every row marked from, delete every unmarked asset."""
     missing = conn.execute(
         "SELECT digest FROM temp.immagent_reach r WHERE NOT EXISTS "
         "(SELECT 1 FROM immagent_assets a WHERE a.digest = r.digest) LIMIT 1").fetchone()
     if missing is not None:
         (kept,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
         return SweepResult({}, 0, int(kept), _blob(missing[0]))
+    if codec_refs is not None:
+        used = [int(c) for (c,) in conn.execute(
+            "SELECT DISTINCT a.codec FROM temp.immagent_reach r JOIN immagent_assets a "
+            f"ON a.digest = r.digest WHERE a.codec >= {FIRST_DICTIONARY}")]
+        if used:
+            dictionaries = [_asset(r) for r in conn.execute(
+                f"SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE kind = ?",
+                (int(Kind.DICTIONARY),))]
+            conn.executemany(
+                "INSERT OR IGNORE INTO temp.immagent_reach (digest, linked, big) "
+                "VALUES (?, 0, 2)", ((d,) for d in codec_refs(used, dictionaries)))
     for sql, decode in ((f"SELECT {_STATE_COLUMNS} FROM immagent_states", _state),
                         (_GC_CHECKED, _asset)):
         cursor = conn.execute(sql)
@@ -620,14 +635,14 @@ class SQLiteBackend(StateQueries):
         result: list[UUID] = await self._pool.write("delete", lambda conn: transaction(conn, run))
         return result
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None) -> SweepResult:
         def sweep(conn: sqlite3.Connection) -> SweepResult:
             # Mark into a temporary table (SQLite spills it to disk; Python only splits
             # long refs values), then sweep what is not in it, all under the write lock.
             walk.begin(conn)
             try:
                 walk.mark(conn, all_states=True)
-                return _swept(conn, check)
+                return _swept(conn, check, codec_refs)
             finally:
                 walk.end(conn, False)
 

@@ -740,7 +740,7 @@ class Store:
         """Remove every asset that no stored state can reach; safe while other tasks or
         processes write (see docs/architecture.md). Aborts with IntegrityError, deleting
         nothing, if a row it would mark from is damaged or something reachable is missing."""
-        result = await gc.collect(self._open(), self._compression.load)
+        result = await gc.collect(self._open())
         log.info("gc removed %d assets (%d bytes)", result.assets_removed, result.bytes_freed)
         return result
 
