@@ -22,6 +22,7 @@ __all__ = [
     "StoreClosedError",
     "StoreConnectionError",
     "StoreError",
+    "StreamBusyError",
     "ToolExecutionError",
     "TransientConflictError",
     "TurnIncompleteError",
@@ -142,6 +143,12 @@ class LLMError(ImmAgentError):
 
 class ToolExecutionError(ImmAgentError):
     """An MCP tool could not be run, or its server failed."""
+
+
+class StreamBusyError(ImmAgentError, RuntimeError):
+    """A TurnStream was iterated or closed by a second task while another was waiting for
+    its next event: a stream has one consumer. (A RuntimeError too: what Python raises for
+    an async generator used that way.)"""
 
 
 class TurnIncompleteError(ImmAgentError):
