@@ -21,7 +21,8 @@ from immagent import Store
 from immagent.store.postgres import PostgresBackend
 
 _SETTINGS = {"log_min_duration": "0", "log_analyze": "on", "log_level": "notice",
-             "log_format": "json", "log_nested_statements": "on", "log_timing": "off"}
+             "log_format": "json", "log_nested_statements": "on", "log_timing": "off",
+             "log_buffers": "on"}
 
 
 @contextlib.asynccontextmanager
@@ -61,6 +62,13 @@ def work(plan: dict[str, Any]) -> int:
         own = rows * int(node.get("Actual Loops", 1))
         return own + sum(walk(child) for child in node.get("Plans", ()))
     return walk(plan["Plan"])
+
+
+def buffers(plan: dict[str, Any]) -> int:
+    """Buffer pages one plan touched, its TOAST table's included (shared hits and reads of
+    its top node, which counts its children's and the functions it calls)."""
+    top = plan["Plan"]
+    return int(top.get("Shared Hit Blocks", 0)) + int(top.get("Shared Read Blocks", 0))
 
 
 def statement(plans: list[dict[str, Any]], fragment: str) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from immagent.store._sqlite_walk import SPLIT_IN_SQL
 from immagent.validate import MAX_REFS
 from tests import crafted
 from tests.conftest import raw_sql
+from tests.pg_work import buffers, explained_store, statement
 
 #: Well past what SQLite splits in SQL: these nodes take the long path everywhere.
 LONG = 3 * SPLIT_IN_SQL // 32 + 7
@@ -150,3 +151,24 @@ async def test_long_nodes_are_walked_like_short_ones(store: Store, store_dsn: st
     for report in (await store.verify(), await store.verify(kept)):
         assert [(k.referrer, k.digest) for k in report.wrong_kinds] == [(node.digest,
                                                                          lost.digest)]
+
+
+async def test_postgres_splits_a_compressible_refs_value_once(pg_store_dsn: str,
+                                                              tmp_path: Path) -> None:
+    """PostgreSQL stores a long refs value compressed when it compresses (one message
+    listed again and again: 87x), and substring() of a compressed value decompresses it
+    again for each digest: verify's and gc's queries touched its TOAST pages once per
+    digest. They detoast each value once; counted in pages (auto_explain's buffers), not
+    seconds."""
+    async with explained_store(pg_store_dsn) as (store, plans):
+        again = Message(role="user", content="again")
+        node = EMPTY_CONVERSATION.extend([again] * 40_000)
+        await store.import_states(_bundle_with_node(tmp_path / "b.bundle", node, "again"))
+        plans.clear()
+        assert (await store.verify()).ok
+        await store.gc()
+        queries = ("SELECT DISTINCT r, a.digest", "rules(kind, first, rest)",
+                   "INSERT INTO immagent_reach")
+        pages = [buffers(statement(plans, query)) for query in queries]
+        # The value is ~15 KB compressed, 8 TOAST pages: before, 40,000 x 8 page visits.
+        assert max(pages) < 2_000, pages
