@@ -22,7 +22,8 @@ import zstandard
 
 from immagent import IntegrityError, Message, PersistentAgent, Store
 from immagent import codec as codecs
-from immagent.assets import EMPTY_CONVERSATION, Kind, check_row, load_row, stored
+from immagent.assets import EMPTY_CONVERSATION, Kind
+from immagent.rows import check_row, load_row, stored
 from tests.conftest import raw_sql
 
 _MIB = 1 << 20

@@ -30,8 +30,9 @@ from immagent import (
     ValidationError,
     verify_bundle,
 )
-from immagent.assets import EMPTY_CONVERSATION, ConversationNode, Kind, SystemPrompt, stored
+from immagent.assets import EMPTY_CONVERSATION, ConversationNode, Kind, SystemPrompt
 from immagent.records import AgentRecord
+from immagent.rows import stored
 from immagent.store._sqlite_walk import SPLIT_IN_SQL
 from immagent.validate import MAX_REFS
 from tests import crafted

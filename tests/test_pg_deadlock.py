@@ -23,9 +23,9 @@ import psycopg
 import pytest
 
 from immagent import Message, PersistentAgent, Store
-from immagent.assets import join_refs, stored
 from immagent.ids import uuid7
 from immagent.records import AgentRecord, state_digest
+from immagent.rows import join_refs, stored
 
 
 @pytest.fixture

@@ -30,13 +30,14 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from immagent.assets import Dictionary, Digest, Kind, StoredAsset, check_row, load_row
+from immagent.assets import Dictionary, Digest, Kind
 from immagent.codec import NO_DICTIONARIES, ZstdDictionary
 from immagent.exceptions import IntegrityError
 from immagent.records import StateRow, check_state
+from immagent.rows import StoredAsset, check_row, load_row
 
 if TYPE_CHECKING:
-    from immagent.store.backend import Backend
+    from immagent.store.backend import AdminBackend
 
 __all__ = ["GCResult", "check_marked", "collect", "needed_dictionaries"]
 
@@ -112,7 +113,7 @@ def needed_dictionaries(used: Sequence[int], rows: Sequence[StoredAsset]
     return {n: found[n] for n in used}
 
 
-async def collect(backend: Backend) -> GCResult:
+async def collect(backend: AdminBackend) -> GCResult:
     """Sweep every asset no state reaches, checking every row marked from first and
     keeping every dictionary a kept row's codec names (``needed_dictionaries``)."""
     loaded: dict[int, ZstdDictionary] = {}

@@ -20,7 +20,7 @@ import logging
 import random
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -28,17 +28,7 @@ import psycopg.conninfo
 import psycopg_pool
 from psycopg import errors as pg_errors
 
-from immagent.assets import (
-    NODE_KINDS,
-    Digest,
-    Kind,
-    MissingAsset,
-    StoredAsset,
-    join_refs,
-    split_refs,
-    stored_rows,
-    stored_tagged_rows,
-)
+from immagent.assets import NODE_KINDS, Digest, Kind, MissingAsset
 from immagent.codec import FIRST_DICTIONARY
 from immagent.exceptions import (
     SchemaMissingError,
@@ -49,7 +39,7 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.records import StateRow, state_from_v1
-from immagent.store._filters import ROOTED_STATES, Dialect, StateQueries
+from immagent.rows import StoredAsset, join_refs, split_refs, stored_rows, stored_tagged_rows
 from immagent.store.backend import (
     SCHEMA_VERSION,
     CodecRefs,
@@ -61,6 +51,8 @@ from immagent.store.backend import (
 )
 from immagent.store.dsn import redact, scrub
 from immagent.store.schema import schema_sql
+from immagent.store.sql import ROOTED_STATES, Dialect, StateQueries
+from immagent.store.sql import WriteAborted as _Abort
 
 __all__ = ["PostgresBackend"]
 
@@ -168,13 +160,6 @@ async def _retrying_transient(run: Callable[[], Awaitable[T]]) -> T:
     raise AssertionError("unreachable")
 
 
-class _Abort(Exception):
-    """Raised inside a write transaction to roll it back and report ``result``."""
-
-    def __init__(self, result: WriteResult) -> None:
-        self.result = result
-
-
 def _state(row: Sequence[Any]) -> StateRow:
     return StateRow(id=row[0], parent_id=row[1], kind=int(row[2]), stream=row[3],
                     refs=split_refs(row[4]), body=bytes(row[5]), digest=bytes(row[6]),
@@ -242,6 +227,10 @@ class PostgresBackend(StateQueries):
             return True
         except (psycopg.Error, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed):
             return False
+
+    def audits(self) -> Self:
+        """This backend answers its own audit queries."""
+        return self
 
     async def wal_lsn(self) -> int:
         """The WAL position whose effects this server shows, as a number: everything
