@@ -271,11 +271,8 @@ class Store(EventLog):
         node = parent.extend(added)
         new = await self._derive(record, record.id, node.digest, record.metadata,
                                  rows=[*rows, stored(node)], decoded=[*added, node])
-        # O(added): the run of the parent grows; no flat copy of the history is made here
-        # (a copy per step made a long lineage's steps cost O(its length)). A parent
-        # without messages (the shared empty root) is no link worth keeping.
-        self._cache.put_segment(node.digest, record.conversation if parent.length else None,
-                                tuple(added))
+        # The write cached the node as one more segment of its parent's run (O(added)); no
+        # flat copy of the history is made (one per step cost O(the lineage's length)).
         return new
 
     async def _derive(self, r: AgentRecord, parent_id: UUID | None, conversation: Digest,

@@ -389,9 +389,8 @@ class SessionLog:
             head = _branch_head(state, branch)
             parent = await self._node(head)
             node = parent.extend(added)
-            before = self._histories.get(head) if head != EMPTY_ITEMS.digest else ()
-            if before is not None:
-                self._remember(node.digest, (*before, *added))
+            # No copy of the history here (O(the session's length) a step): the store
+            # caches the new link as a segment of its parent's run when it is written.
             assets: list[Asset] = [*added, node]
             if parent is EMPTY_ITEMS:
                 assets.append(EMPTY_ITEMS)

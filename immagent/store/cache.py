@@ -23,9 +23,9 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from itertools import chain, repeat
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
-from immagent.assets import Asset, Digest
+from immagent.assets import Asset, ConversationNode, Digest
 
 __all__ = ["AssetCache"]
 
@@ -199,6 +199,30 @@ class AssetCache:
                          else run.elements[:run.ends[i]])
             head = run.parent
         return parts
+
+    def put_written(self, assets: Sequence[Asset]) -> None:
+        """Remember what a write committed: every asset, and every node among them as a
+        segment of its parent's chain when its elements are all at hand and of its chain's
+        element kind. So every client's next step (an agent's append, a session's
+        add_items, a checkpoint's list) extends a cached run: O(what it adds), however long
+        the chain, and a read of the new head needs no database trip."""
+        for asset in assets:
+            self.put(asset)
+        for node in assets:
+            if (not isinstance(node, ConversationNode) or node.digest in self._owner
+                    or (node.parent is None and not node.messages)):  # a bare root
+                continue
+            elements = tuple(self.get(d) for d in node.messages)
+            if any(e is None or e.kind != node.element_kind for e in elements):
+                continue
+            parent = node.parent
+            if parent is not None:
+                # A bare root (no parent, no elements) holds no history: no link to keep.
+                above = self.get(parent)
+                if (isinstance(above, ConversationNode) and above.parent is None
+                        and not above.messages):
+                    parent = None
+            self.put_segment(node.digest, parent, cast("tuple[Asset, ...]", elements))
 
     def put_segment(self, head: Digest, parent: Digest | None,
                     elements: tuple[Asset, ...]) -> None:

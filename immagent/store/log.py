@@ -276,8 +276,7 @@ class EventLog:
         if result.stale:
             raise StaleStreamError(result.stale[0].kind, result.stale[0].stream)
         self._forget(replace)
-        for asset in decoded:
-            self._cache.put(asset)
+        self._cache.put_written(decoded)
         await self._compression.after_write()
 
     @overload
