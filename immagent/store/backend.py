@@ -25,8 +25,8 @@ from immagent.assets import Digest, MissingAsset
 from immagent.records import StateRow
 from immagent.rows import StoredAsset
 
-__all__ = ["SCHEMA_VERSION", "AdminBackend", "AuditBackend", "Backend", "Head", "LogBackend",
-           "Misfit", "RowCheck", "SweepResult", "WriteResult"]
+__all__ = ["SCHEMA_VERSION", "AdminBackend", "AuditBackend", "Backend", "CodecRefs", "Head",
+           "LogBackend", "Misfit", "RowCheck", "SweepResult", "WriteResult"]
 
 #: Version of the storage layout this immagent writes; older versions are migrated.
 SCHEMA_VERSION = 2
@@ -34,6 +34,10 @@ SCHEMA_VERSION = 2
 #: A check gc runs, inside its exclusive transaction, on every row it marks from (states
 #: and assets with refs); it raises to abort the sweep.
 RowCheck = Callable[[Sequence[StoredAsset | StateRow]], None]
+#: gc's rule for what a compressed row needs, run in the same transaction before the rows
+#: are checked: given the dictionary ids (codecs >= 2) the marked rows are stored with and
+#: every stored DICTIONARY row, the digests to mark as well; it raises to abort the sweep.
+CodecRefs = Callable[[Sequence[int], Sequence[StoredAsset]], Sequence[Digest]]
 
 
 class Head(NamedTuple):
@@ -212,14 +216,15 @@ class AdminBackend(Protocol):
 
     # -- gc -------------------------------------------------------------------------------
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
-        """Mark every asset a state reaches through refs, run ``check`` on every row marked
-        from (all states, every reached asset that has refs or is of a node kind, and every
-        one a state or a node links to as parent: a node whose refs or kind column were
-        damaged marks nothing, yet must be checked), then delete the assets not
-        marked: one transaction holding the exclusive side of the gc lock. If ``check``
-        raises, or a reached digest is missing, nothing is deleted (the exception
-        propagates; the missing digest is reported)."""
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None) -> SweepResult:
+        """Mark every asset a state reaches through refs, then (when some marked row is
+        stored with a dictionary) the digests ``codec_refs`` names for the codecs in use,
+        run ``check`` on every row marked from (all states, every reached asset that has
+        refs or is of a node kind, and every one a state or a node links to as parent: a
+        node whose refs or kind column were damaged marks nothing, yet must be checked),
+        then delete the assets not marked: one transaction holding the exclusive side of
+        the gc lock. If ``codec_refs`` or ``check`` raises, or a reached digest is missing,
+        nothing is deleted (the exception propagates; the missing digest is reported)."""
 
 
 class Backend(LogBackend, AdminBackend, Protocol):

@@ -65,6 +65,7 @@ from immagent.validate import (
     check_count,
     check_digest,
     check_digests,
+    check_fan_out,
     check_flag,
     check_key,
     check_kind,
@@ -239,9 +240,12 @@ class EventLog:
         states checked, every outside reference required to exist, replaced states allowed
         to be deleted, in one transaction."""
         backend = self._open()
+        for i, row in enumerate(rows):
+            check_fan_out(f"assets[{i}].refs", len(row.refs))
         for i, state in enumerate(states):
             if not isinstance(state, StateRow):
                 raise ValidationError(f"states[{i}]", "must be a StateRow", state)
+            check_fan_out(f"states[{i}].refs", len(state.refs))
             load_state(state)  # a client bug must never store a row that fails its check
             rules.check_state_content(state, f"states[{i}]")
             if state.parent_id == state.id:
@@ -259,7 +263,10 @@ class EventLog:
                 check_uuid(f"heads[{i}].state_id", head.state_id)
         if replace:
             await self._check_deletable("replace", replace)
-        encoded = await self._compression.encode(list({r.digest: r for r in rows}.values()))
+        # In digest order: concurrent writers of shared assets then lock them in one order
+        # (PostgreSQL deadlocked on two writes listing them in other orders).
+        encoded = await self._compression.encode(
+            sorted({r.digest: r for r in rows}.values(), key=_row_digest))
         result = await backend.write(encoded, list(states), sorted(wanted - inside),
                                      list(heads), list(dict.fromkeys(replace)))
         if result.missing:
@@ -269,8 +276,7 @@ class EventLog:
         if result.stale:
             raise StaleStreamError(result.stale[0].kind, result.stale[0].stream)
         self._forget(replace)
-        for asset in decoded:
-            self._cache.put(asset)
+        self._cache.put_written(decoded)
         await self._compression.after_write()
 
     @overload
@@ -498,7 +504,7 @@ class EventLog:
         """Remove every asset that no stored state can reach; safe while other tasks or
         processes write (see docs/architecture.md). Aborts with IntegrityError, deleting
         nothing, if a row it would mark from is damaged or something reachable is missing."""
-        result = await gc.collect(self._open(), self._compression.load)
+        result = await gc.collect(self._open())
         log.info("gc removed %d assets (%d bytes)", result.assets_removed, result.bytes_freed)
         return result
 
@@ -709,6 +715,7 @@ def _check_counters(links: Sequence[StoredAsset], added: Sequence[Sequence[Diges
 
 
 _digest = operator.itemgetter(0)
+_row_digest = operator.attrgetter("digest")
 _codec = operator.itemgetter(4)
 _body = operator.attrgetter("body")
 _chain_from = itertools.chain.from_iterable

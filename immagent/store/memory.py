@@ -15,12 +15,14 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Self
 from uuid import UUID
 
-from immagent.assets import NODE_KINDS, Digest, MissingAsset
+from immagent.assets import NODE_KINDS, Digest, Kind, MissingAsset
+from immagent.codec import RAW, ZSTD
 from immagent.exceptions import StoreClosedError
 from immagent.records import StateRow
 from immagent.rows import StoredAsset
 from immagent.store.backend import (
     SCHEMA_VERSION,
+    CodecRefs,
     Head,
     Misfit,
     RowCheck,
@@ -111,7 +113,7 @@ class MemoryBackend:
             deleted.append(state_id)
         return deleted
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None) -> SweepResult:
         self._open()
         async with self._lock:
             states = list(self._states.values())
@@ -119,6 +121,10 @@ class MemoryBackend:
             missing = next((d for d in reached if d not in self._assets), None)
             if missing is not None:
                 return SweepResult({}, 0, len(self._assets), missing)
+            used = sorted({self._assets[d].codec for d in reached} - {RAW, ZSTD})
+            if codec_refs is not None and used:
+                reached.update(codec_refs(used, [r for r in self._assets.values()
+                                                 if r.kind == Kind.DICTIONARY]))
             # As the SQL backends: rows with refs, nodes, and what states and nodes link to
             # as parent, whatever their kind column says.
             linked = {d for st in states for d in st.refs}

@@ -14,11 +14,13 @@ statements are per session: the DSN parameter ``prepare_threshold=none`` turns t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import random
 import re
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import Any, Self
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, Self, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -26,18 +28,21 @@ import psycopg.conninfo
 import psycopg_pool
 from psycopg import errors as pg_errors
 
-from immagent.assets import NODE_KINDS, Digest, MissingAsset
+from immagent.assets import NODE_KINDS, Digest, Kind, MissingAsset
+from immagent.codec import FIRST_DICTIONARY
 from immagent.exceptions import (
     SchemaMissingError,
     StoreClosedError,
     StoreConnectionError,
     StoreError,
+    TransientConflictError,
     ValidationError,
 )
 from immagent.records import StateRow, state_from_v1
 from immagent.rows import StoredAsset, join_refs, split_refs, stored_rows, stored_tagged_rows
 from immagent.store.backend import (
     SCHEMA_VERSION,
+    CodecRefs,
     Head,
     Misfit,
     RowCheck,
@@ -52,6 +57,8 @@ from immagent.store.sql import WriteAborted as _Abort
 __all__ = ["PostgresBackend"]
 
 log = logging.getLogger("immagent")
+
+T = TypeVar("T")
 
 # Advisory lock keys (arbitrary constants, namespaced by a fixed high word).
 _GC_LOCK = 0x1A3A_6E70_0000_0001
@@ -73,7 +80,7 @@ _GC_CHECKED = f"""
     SELECT a.digest, a.kind, a.refs, a.body, a.codec FROM immagent_assets a
       JOIN immagent_reach r ON r.digest = a.digest
      WHERE a.refs IS NOT NULL OR a.kind IN ({_NODE_KINDS})
-        OR a.digest IN (SELECT immagent_refs(s.refs) FROM immagent_states s)
+        OR a.digest IN (SELECT immagent_refs(s.refs || ''::bytea) FROM immagent_states s)
         OR a.digest IN (SELECT substring(p.refs FROM 1 FOR 32) FROM immagent_assets p
                           JOIN immagent_reach pr ON pr.digest = p.digest
                          WHERE p.refs IS NOT NULL)
@@ -87,6 +94,11 @@ _INLINE_SERIES = ", ".join(f"({i})" for i in range(1, _INLINE_ELEMENTS + 1))
 _PROBES = 1000
 _PROBE_SQL = (f"SELECT a.* FROM unnest(%s::bytea[]) AS d CROSS JOIN LATERAL (SELECT "
               f"{_ASSET_COLUMNS} FROM immagent_assets WHERE digest = d LIMIT 1) AS a").encode()
+# Every immagent_refs(x.refs || ''::bytea) below: the concatenation detoasts a refs value
+# once per row. A long value TOAST stored compressed (a node listing one message 40,000
+# times compresses 87x) was otherwise decompressed again for each digest split from it:
+# 3.5 s for that one node, 40 ms detoasted once; an uncompressed one is sliced chunk by
+# chunk (250 ms against 55 ms for 40,000 distinct digests).
 # First statement of the long audit transactions: the planner prices their recursive
 # queries high enough to JIT-compile them, which cost ~400 ms against a few ms of work.
 # Transaction-scoped, so it never leaks to another client of a pooler.
@@ -115,10 +127,37 @@ def _mapped(operation: str) -> Iterator[None]:
         ) from e
     except pg_errors.ProgramLimitExceeded as e:  # an OperationalError, yet not a connection's
         raise StoreError(f"{operation}: a value is too large for PostgreSQL: {e}") from e
+    except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as e:  # idem
+        raise TransientConflictError(
+            f"{operation}: PostgreSQL rolled the transaction back to resolve a conflict with "
+            f"a concurrent one ({str(e).splitlines()[0]}); nothing was written") from e
     except psycopg.OperationalError as e:
         raise StoreConnectionError(f"{operation}: database connection failed: {e}") from e
     except psycopg.Error as e:
         raise StoreError(f"{operation} failed: {type(e).__name__}: {e}") from e
+
+
+#: Times a transaction that PostgreSQL rolled back as the loser of a deadlock or a
+#: serialization conflict is run in all before TransientConflictError is raised.
+TRANSIENT_ATTEMPTS = 5
+
+
+async def _retrying_transient(run: Callable[[], Awaitable[T]]) -> T:
+    """The rule for transient conflicts, once: ``run`` (one whole transaction, rolled back
+    when it raised) is run again when PostgreSQL broke a deadlock or a serialization
+    conflict by rolling it back, up to TRANSIENT_ATTEMPTS times in all, after a short
+    jittered pause (so the same two writers do not collide again in step). Writes insert
+    assets in digest order, so shared assets alone never deadlock; two batches of the same
+    states in different log orders, or a lock taken by another client, still can."""
+    for attempt in range(1, TRANSIENT_ATTEMPTS + 1):
+        try:
+            return await run()
+        except TransientConflictError as e:
+            if attempt == TRANSIENT_ATTEMPTS:
+                raise
+            log.debug("retrying a transaction PostgreSQL rolled back (%s)", e)
+            await asyncio.sleep(random.uniform(0, 0.01 * 2 ** attempt))
+    raise AssertionError("unreachable")
 
 
 def _state(row: Sequence[Any]) -> StateRow:
@@ -244,6 +283,12 @@ class PostgresBackend(StateQueries):
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
                     replace: Sequence[UUID] = ()) -> WriteResult:
+        return await _retrying_transient(
+            lambda: self._write_once(assets, states, require, heads, replace))
+
+    async def _write_once(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
+                          require: Sequence[Digest] = (), heads: Sequence[Head] = (),
+                          replace: Sequence[UUID] = ()) -> WriteResult:
         try:
             with _mapped("write"):
                 async with self._pool.connection() as conn, conn.transaction():
@@ -278,6 +323,9 @@ class PostgresBackend(StateQueries):
 
     async def delete_states(self, ids: Sequence[UUID], *,
                             stop_at_shared: bool = False) -> list[UUID]:
+        return await _retrying_transient(lambda: self._delete_once(ids, stop_at_shared))
+
+    async def _delete_once(self, ids: Sequence[UUID], stop_at_shared: bool) -> list[UUID]:
         order = {i: n for n, i in enumerate(dict.fromkeys(ids))}
         with _mapped("delete"):
             async with self._pool.connection() as conn, conn.transaction():
@@ -292,17 +340,20 @@ class PostgresBackend(StateQueries):
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LINEAGE_LOCK,))
                 # The longest prefix of `ids` in which every state after the first exists
                 # and has no child but the one before it: one statement for the lineage.
+                # Each position's predecessor comes from lag(), in the same pass: a
+                # subquery over the line per position made it quadratic (455 s at 100,001
+                # states); each check is then one index probe.
                 cur = await conn.execute(
                     """
                     WITH line AS (
-                        SELECT id, pos FROM unnest(%s::uuid[]) WITH ORDINALITY AS t(id, pos)
+                        SELECT id, pos, lag(id) OVER (ORDER BY pos) AS prev
+                          FROM unnest(%s::uuid[]) WITH ORDINALITY AS t(id, pos)
                     ), stop AS (
                         SELECT coalesce(min(l.pos), 9223372036854775807) AS pos FROM line l
                          WHERE l.pos > 1 AND (
                                NOT EXISTS (SELECT 1 FROM immagent_states s WHERE s.id = l.id)
                                OR EXISTS (SELECT 1 FROM immagent_states c
-                                           WHERE c.parent_id = l.id AND c.id IS DISTINCT FROM
-                                                 (SELECT p.id FROM line p WHERE p.pos = l.pos - 1)))
+                                           WHERE c.parent_id = l.id AND c.id <> l.prev))
                     )
                     DELETE FROM immagent_states s USING line l, stop
                      WHERE s.id = l.id AND l.pos < stop.pos
@@ -312,7 +363,7 @@ class PostgresBackend(StateQueries):
                 )
                 return sorted((r[0] for r in await cur.fetchall()), key=order.__getitem__)
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None) -> SweepResult:
         with _mapped("gc"):
             async with self._pool.connection() as conn, conn.transaction():
                 # Exclusive side of the writers' shared lock, taken before the statements, so
@@ -326,11 +377,12 @@ class PostgresBackend(StateQueries):
                     """
                     INSERT INTO immagent_reach
                     WITH RECURSIVE reach(digest) AS (
-                        SELECT r FROM immagent_states s CROSS JOIN LATERAL immagent_refs(s.refs) r
+                        SELECT r FROM immagent_states s
+                         CROSS JOIN LATERAL immagent_refs(s.refs || ''::bytea) r
                         UNION
                         SELECT r FROM reach
                           JOIN immagent_assets a ON a.digest = reach.digest
-                          CROSS JOIN LATERAL immagent_refs(a.refs) AS r
+                          CROSS JOIN LATERAL immagent_refs(a.refs || ''::bytea) AS r
                     )
                     SELECT digest FROM reach
                     """
@@ -344,6 +396,8 @@ class PostgresBackend(StateQueries):
                     cur = await conn.execute("SELECT count(*) FROM immagent_assets")
                     kept = await cur.fetchone()
                     return SweepResult({}, 0, int(kept[0]) if kept else 0, bytes(missing[0]))
+                if codec_refs is not None:
+                    await _mark_codec_refs(conn, codec_refs)
                 for sql, decode in (
                         (f"SELECT {_STATE_COLUMNS} FROM immagent_states", _state),
                         (_GC_CHECKED, _asset)):
@@ -455,7 +509,7 @@ class PostgresBackend(StateQueries):
                     UNION
                     SELECT r FROM reach
                       JOIN immagent_assets a ON a.digest = reach.digest
-                      CROSS JOIN LATERAL immagent_refs(a.refs) AS r
+                      CROSS JOIN LATERAL immagent_refs(a.refs || ''::bytea) AS r
                 )
                 SELECT a.digest, a.kind, a.refs, a.body, a.codec
                   FROM reach JOIN immagent_assets a ON a.digest = reach.digest
@@ -478,28 +532,29 @@ class PostgresBackend(StateQueries):
         if states is None:
             sql = """
                 SELECT DISTINCT r, a.digest, NULL::uuid
-                  FROM immagent_assets a CROSS JOIN LATERAL immagent_refs(a.refs) AS r
+                  FROM immagent_assets a CROSS JOIN LATERAL immagent_refs(a.refs || ''::bytea) AS r
                  WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = r)
                 UNION ALL
                 SELECT DISTINCT d, NULL::bytea, s.id
-                  FROM immagent_states s CROSS JOIN LATERAL immagent_refs(s.refs) AS d
+                  FROM immagent_states s CROSS JOIN LATERAL immagent_refs(s.refs || ''::bytea) AS d
                  WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = d)
                 LIMIT %(limit)s
                 """
         else:
             sql = """
                 WITH RECURSIVE roots(id, digest) AS (
-                    SELECT id, immagent_refs(refs) FROM immagent_states WHERE id = ANY(%(ids)s)
+                    SELECT id, immagent_refs(refs || ''::bytea) FROM immagent_states
+                     WHERE id = ANY(%(ids)s)
                 ), reach(digest) AS (
                     SELECT digest FROM roots
                     UNION
                     SELECT r FROM reach
                       JOIN immagent_assets a ON a.digest = reach.digest
-                      CROSS JOIN LATERAL immagent_refs(a.refs) AS r
+                      CROSS JOIN LATERAL immagent_refs(a.refs || ''::bytea) AS r
                 )
                 SELECT DISTINCT r, a.digest, NULL::uuid
                   FROM reach JOIN immagent_assets a ON a.digest = reach.digest
-                  CROSS JOIN LATERAL immagent_refs(a.refs) AS r
+                  CROSS JOIN LATERAL immagent_refs(a.refs || ''::bytea) AS r
                  WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = r)
                 UNION ALL
                 SELECT DISTINCT digest, NULL::bytea, id FROM roots
@@ -527,11 +582,12 @@ class PostgresBackend(StateQueries):
         sources = "immagent_assets" if states is None else "reach"
         sql = f"""
             WITH RECURSIVE reach(digest) AS (
-                SELECT immagent_refs(refs) FROM immagent_states WHERE id = ANY(%(ids)s::uuid[])
+                SELECT immagent_refs(refs || ''::bytea) FROM immagent_states
+                 WHERE id = ANY(%(ids)s::uuid[])
                 UNION
                 SELECT r FROM reach
                   JOIN immagent_assets a ON a.digest = reach.digest
-                  CROSS JOIN LATERAL immagent_refs(a.refs) AS r
+                  CROSS JOIN LATERAL immagent_refs(a.refs || ''::bytea) AS r
             ), rules(kind, first, rest) AS (
                 SELECT * FROM unnest(%(kinds)s::int[], %(firsts)s::int[], %(rests)s::int[])
             )
@@ -540,7 +596,7 @@ class PostgresBackend(StateQueries):
               FROM {sources} src
               JOIN immagent_assets a ON a.digest = src.digest
               JOIN rules k ON k.kind = a.kind
-              CROSS JOIN LATERAL immagent_refs(a.refs) WITH ORDINALITY AS r(ref, pos)
+              CROSS JOIN LATERAL immagent_refs(a.refs || ''::bytea) WITH ORDINALITY AS r(ref, pos)
               JOIN immagent_assets t ON t.digest = r.ref
              WHERE t.kind <> CASE WHEN r.pos = 1 THEN k.first ELSE k.rest END
              LIMIT %(limit)s
@@ -644,6 +700,23 @@ class PostgresBackend(StateQueries):
             )
             SELECT {_STATE_COLUMNS} FROM line LIMIT %s
             """, (state_id, limit))
+
+
+async def _mark_codec_refs(conn: psycopg.AsyncConnection[Any], codec_refs: CodecRefs) -> None:
+    """Mark what ``codec_refs`` names for the dictionaries the marked rows are stored with
+    (gc's rule: a row's codec is a reference to its dictionary)."""
+    cur = await conn.execute(
+        "SELECT DISTINCT a.codec FROM immagent_assets a JOIN immagent_reach r "
+        f"ON r.digest = a.digest WHERE a.codec >= {FIRST_DICTIONARY}")
+    used = [int(r[0]) for r in await cur.fetchall()]
+    if not used:
+        return
+    cur = await conn.execute(f"SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE kind = %s",
+                             (int(Kind.DICTIONARY),))
+    keep = codec_refs(used, [_asset(r) for r in await cur.fetchall()])
+    if keep:
+        await conn.execute("INSERT INTO immagent_reach SELECT unnest(%s::bytea[]) "
+                           "ON CONFLICT DO NOTHING", (list(keep),))
 
 
 async def _version(conn: psycopg.AsyncConnection[Any]) -> int | None:
