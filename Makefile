@@ -8,7 +8,7 @@ UV := $(shell bash scripts/bootstrap.sh)
 RUN = $(UV) run --no-sync
 
 .PHONY: dev fmt lint typecheck check test test-cov bench bench-full bench-scale bench-scale-full \
-        demo pg cluster clean test-agents-range peer-agents peer-pydantic-ai \
+        bench-reliability demo pg cluster clean test-agents-range peer-agents peer-pydantic-ai \
         peer-pydantic-ai-check test-pydantic-ai-range
 
 dev:            ## install the venv with every extra and dev tool
@@ -59,6 +59,10 @@ bench-full:
 	@$(RUN) python -m benchmarks.run --full --dsn "$$(bash scripts/ensure-postgres.sh)" \
 	  --json bench-results.json --plot benchmarks/storage-growth.png
 	@$(RUN) python -m benchmarks.cli_latency --runs 10 --litellm --json bench-cli.json
+
+bench-reliability: ## gc/verify at 80,000 refs, delete_lineage at 100,001 states, 15,000 steps in one process
+	@$(RUN) python -m benchmarks.reliability --full --dsn "$$(bash scripts/ensure-postgres.sh)" \
+	  --json bench-reliability.json
 
 bench-scale:    ## read replicas and PgBouncer on the local cluster (`bench-scale-full`: full sizes)
 	@$(RUN) python -m benchmarks.scale

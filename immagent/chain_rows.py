@@ -103,6 +103,16 @@ def _corrupt(row: NodeRow, why: str) -> NodeDamage:
     return NodeDamage(row, why)
 
 
+def _lacking_dictionary(row: NodeRow, dictionaries: Mapping[int, codec.ZstdDictionary]
+                        ) -> str | None:
+    """Why a row cannot be decoded when its codec names a dictionary that is not at hand
+    (the row may be sound: the dictionary is what is missing or damaged), else None."""
+    if type(row.codec) is int and row.codec >= codec.FIRST_DICTIONARY and (
+            row.codec not in dictionaries):
+        return f"its record needs dictionary {row.codec}, which is not stored"
+    return None
+
+
 def parse_rows(rows: Sequence[NodeRow],
                dictionaries: Mapping[int, codec.ZstdDictionary]) -> Parsed:
     """Decompress and split every row's record (IntegrityError naming the first bad row)."""
@@ -232,6 +242,9 @@ def read_chain(rows: Sequence[NodeRow], head: Digest, node_type: type[Conversati
             raise IntegrityError(f"the lineage of node {head.hex()} is broken at depth {i}: "
                                  f"node {row.digest.hex()} is stored at depth {row.depth} "
                                  "(run store.verify())")
+    declared = _declared(rows)
+    if sum(declared) > _CHECK_IN_PARTS:
+        _check_in_parts(rows, node_type, leaves, dictionaries, declared)
     parsed = parse_rows(rows, dictionaries)
     loaded = _load_leaves(rows, leaves, node_type, dictionaries, parsed)
     chain = _Chain(rows, parsed, loaded, node_type)
@@ -257,6 +270,53 @@ def read_chain(rows: Sequence[NodeRow], head: Digest, node_type: type[Conversati
     for k in range(j - 1, -1, -1):
         chain.check_node(k, _parent(rows, k))
     return _history(chain, head, node_type)
+
+
+#: Decompressed bytes a chain's records may declare in all before a read checks them in
+#: parts first (tampered frames inflate before any digest is checked: each frame is bounded
+#: by ``codec.MAX_RATIO``, this bounds their sum). A legitimate 1,000-turn history declares
+#: one or two MB, so the common read decompresses once.
+_CHECK_IN_PARTS = 16 << 20
+#: Declared bytes decompressed and checked at once by ``_check_in_parts``.
+_PART = 4 << 20
+
+
+def _declared(rows: Sequence[NodeRow]) -> list[int]:
+    """The bytes each row's record declares when decompressed (0 for a raw one), refused
+    per frame by ``codec.check_declared`` before anything is allocated."""
+    sizes = []
+    for row in rows:
+        if row.codec == codec.RAW:
+            sizes.append(0)
+            continue
+        try:
+            sizes.append(codec.check_declared(row.body))
+        except (codec.CodecError, TypeError) as e:
+            raise _corrupt(row, f"its record cannot be read ({e})") from None
+    return sizes
+
+
+def _check_in_parts(rows: Sequence[NodeRow], node_type: type[ConversationNode],
+                    leaves: Mapping[Digest, StoredAsset],
+                    dictionaries: Mapping[int, codec.ZstdDictionary],
+                    declared: Sequence[int]) -> None:
+    """Every row checked one by one (its digest from its contents and the digest of the row
+    before it), root first, in parts of at most ``_PART`` declared bytes: what is unchecked
+    at once stays bounded. A damaged row fails in its own part; the head's digest closes
+    the chain when ``read_chain`` checks it again."""
+    start = 0
+    while start < len(rows):
+        end, total = start + 1, declared[start]
+        while end < len(rows) and total + declared[end] <= _PART:
+            total += declared[end]
+            end += 1
+        part = rows[start:end]
+        parsed = parse_rows(part, dictionaries)
+        chain = _Chain(part, parsed, _load_leaves(part, leaves, node_type, dictionaries,
+                                                  parsed), node_type)
+        for k in range(len(part)):
+            chain.check_node(k, _parent(rows, start + k))
+        start = end
 
 
 def read_context(rows: Sequence[NodeRow], head: Digest, node_type: type[ConversationNode],
@@ -436,6 +496,9 @@ def check_row(row: NodeRow, dictionaries: Mapping[int, codec.ZstdDictionary]
     node_type = NODE_KINDS.get(row.kind) if isinstance(row.kind, int) else None
     if node_type is None:
         return "undecodable", f"unknown node kind {row.kind!r}"
+    lacking = _lacking_dictionary(row, dictionaries)
+    if lacking is not None:
+        return "undecodable", lacking
     try:
         parsed = parse_rows([row], dictionaries)
         chain = _Chain([row], parsed, {}, node_type)
@@ -472,6 +535,10 @@ def audit_row(row: NodeRow, parent: ChainContext | None, leaves: Mapping[Digest,
     node_type = NODE_KINDS.get(row.kind) if isinstance(row.kind, int) else None
     if node_type is None:
         problems.append(("undecodable", f"unknown node kind {row.kind!r}"))
+        return Checked(problems, parent or ChainContext(row.depth, 0, 0, (), ()))
+    lacking = _lacking_dictionary(row, dictionaries)
+    if lacking is not None:
+        problems.append(("undecodable", lacking))
         return Checked(problems, parent or ChainContext(row.depth, 0, 0, (), ()))
     try:
         parsed = parse_rows([row], dictionaries)

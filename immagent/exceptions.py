@@ -12,6 +12,7 @@ __all__ = [
     "BundleError",
     "ConflictError",
     "ExtraNotInstalledError",
+    "FanOutError",
     "ImmAgentError",
     "IntegrityError",
     "LLMError",
@@ -24,7 +25,9 @@ __all__ = [
     "StoreClosedError",
     "StoreConnectionError",
     "StoreError",
+    "StreamBusyError",
     "ToolExecutionError",
+    "TransientConflictError",
     "TurnIncompleteError",
     "UnsupportedTypeError",
     "ValidationError",
@@ -58,6 +61,17 @@ class UnsupportedTypeError(ValidationError, TypeError):
     """A value of a type that cannot be stored (a set or bytes in a JSON value, a key that
     is not a str): also the TypeError that JSON encoders (and so the Agents SDK's
     sessions) raise for it."""
+
+
+class FanOutError(ValidationError):
+    """A row would reference more digests than one row may (``validate.MAX_REFS``): a
+    step adding that many messages, a node or state listing that many. ``value`` is the
+    number asked for, ``limit`` the most allowed."""
+
+    def __init__(self, field: str, count: int, limit: int, what: str = "digests") -> None:
+        self.limit = limit
+        super().__init__(field, f"{count:,} {what} are more than one row may reference "
+                         f"(at most {limit:,}); split it into several steps", count)
 
 
 class AssetNotFoundError(ImmAgentError, LookupError):
@@ -122,6 +136,13 @@ class ConflictError(StoreError):
         super().__init__(f"state {state_id} already exists with other content")
 
 
+class TransientConflictError(StoreError):
+    """PostgreSQL rolled a transaction back to resolve a conflict with a concurrent one (a
+    deadlock, a serialization failure, a hot standby's recovery conflict) and running it
+    again did not get through either; nothing was written. Not a connection problem: the
+    same call may simply be made again."""
+
+
 class StaleStreamError(StoreError):
     """A write expected a stream's newest state that another writer has since replaced;
     nothing was written. Read the stream again and retry."""
@@ -171,6 +192,12 @@ class ToolExecutionError(ImmAgentError):
             args = (f"Tool '{tool_name}' failed: {message}",)
         self.tool_name = tool_name
         super().__init__(*args)
+
+
+class StreamBusyError(ImmAgentError, RuntimeError):
+    """A TurnStream was iterated or closed by a second task while another was waiting for
+    its next event: a stream has one consumer. (A RuntimeError too: what Python raises for
+    an async generator used that way.)"""
 
 
 class TurnIncompleteError(ImmAgentError):

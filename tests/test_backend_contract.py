@@ -29,7 +29,7 @@ from immagent.assets import (
 )
 from immagent.chains import NewNode, NodeRow
 from immagent.records import STATE_KINDS, StateKind, StateRow, stream_digest
-from immagent.rows import stored
+from immagent.rows import StoredAsset, stored
 from immagent.store.backend import SCHEMA_VERSION, Backend, Head, WriteResult
 from immagent.store.memory import MemoryBackend
 from immagent.store.postgres import PostgresBackend
@@ -493,6 +493,57 @@ class BackendContract:
         await backend.write([], [], nodes=[node_row(again, [message("x")])])
         chain_rows, _ = await backend.get_chain(again.digest)
         assert [r.depth for r in chain_rows] == [0, 1, 2, 3]
+
+    async def test_sweep_marks_what_the_codecs_of_marked_rows_name(
+            self, backend: Backend) -> None:
+        # A backend stores codecs as data; gc's rule (codec_refs) says which rows the codecs
+        # of the marked rows need. It hears the dictionary ids in use (of marked rows only)
+        # and every DICTIONARY row, before the check runs; what it names is kept.
+        kept = stored(message("kept, compressed with dictionary 5"))._replace(codec=5)
+        gone = stored(message("unreached, compressed with dictionary 6"))._replace(codec=6)
+        dictionary = StoredAsset(b"\x09" * 32, int(Kind.DICTIONARY), (), b"five")
+        other = StoredAsset(b"\x0a" * 32, int(Kind.DICTIONARY), (), b"six")
+        prompt = stored(SystemPrompt(text="p"))
+        await backend.write([kept, gone, dictionary, other, prompt],
+                            [state(refs=[kept.digest, prompt.digest])])
+        heard: list[tuple[list[int], set[bytes]]] = []
+        order: list[str] = []
+
+        def codec_refs(used: Sequence[int], rows: Sequence[StoredAsset]) -> list[bytes]:
+            order.append("codecs")
+            heard.append((list(used), {r.digest for r in rows}))
+            return [dictionary.digest]
+
+        result = await backend.sweep(lambda rows: order.append("check"), codec_refs)
+        assert heard == [([5], {dictionary.digest, other.digest})] and order[0] == "codecs"
+        assert set(await backend.get_assets([kept.digest, gone.digest, dictionary.digest,
+                                             other.digest])) == {kept.digest,
+                                                                 dictionary.digest}
+        assert result.removed == {int(Kind.MESSAGE): 1, int(Kind.DICTIONARY): 1}
+
+        def refuse(used: Sequence[int], rows: Sequence[StoredAsset]) -> list[bytes]:
+            raise RuntimeError("a needed dictionary is missing")
+
+        await backend.write([gone], [])
+        with pytest.raises(RuntimeError):
+            await backend.sweep(lambda rows: None, refuse)
+        assert gone.digest in await backend.get_assets([gone.digest])  # nothing deleted
+
+    async def test_sweep_hears_the_codecs_of_marked_nodes(self, backend: Backend) -> None:
+        # Chain nodes are compressed too: a marked node's codec names its dictionary.
+        rows, head = chain("a")
+        rows = [*rows[:-1], rows[-1]._replace(codec=7)]
+        dictionary = StoredAsset(b"\x0b" * 32, int(Kind.DICTIONARY), (), b"seven")
+        await backend.write([dictionary], [state(refs=[head.digest])], nodes=rows)
+        heard: list[list[int]] = []
+
+        def codec_refs(used: Sequence[int], found: Sequence[StoredAsset]) -> list[bytes]:
+            heard.append(list(used))
+            return [dictionary.digest]
+
+        result = await backend.sweep(lambda rows: None, codec_refs)
+        assert heard == [[7]] and result.removed == {}
+        assert dictionary.digest in await backend.get_assets([dictionary.digest])
 
     async def test_sweep_deletes_nothing_when_something_reachable_is_missing(
             self, backend: Backend) -> None:

@@ -177,7 +177,7 @@ async def test_stress_writes_clones_deletes_while_gc_loops(store_dsn: str) -> No
     # writers do.
     doomed = await stores[0].append(await stores[0].create_agent("doomed", PROMPT, "m"),
                                     [Message(role="user", content="nobody else says this")])
-    await stores[0].delete(doomed)
+    await stores[0].delete_lineage(doomed)
 
     async def worker(store: Store, seed: int) -> None:
         # Each worker touches only its own agents but shares every asset with the others:

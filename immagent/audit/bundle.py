@@ -54,10 +54,11 @@ from immagent.assets import NODE_KINDS, ConversationNode, Digest, Kind, decode_a
 from immagent.audit import files
 from immagent.audit.verify import closing_iter
 from immagent.codec import NO_DICTIONARIES, ZstdDictionary
-from immagent.exceptions import BundleError, IntegrityError, ValidationError
+from immagent.exceptions import BundleError, FanOutError, IntegrityError, ValidationError
 from immagent.records import STATE_KINDS, AgentRecord, StateRow, check_state
 from immagent.rows import StoredAsset, canonical_row, check_row, join_refs, split_refs
 from immagent.store import rules
+from immagent.validate import check_fan_out
 
 if TYPE_CHECKING:
     from immagent.store.backend import AuditBackend
@@ -532,10 +533,19 @@ def _read_header(frame: tuple[int, bytes, bytes] | None, source: Path) -> _Heade
         raise BundleError(f"{source}: malformed header: {_decode_reason(e)}") from None
 
 
+def _check_fan_out(source: Path, field: str, count: int) -> None:
+    """The write path's fan-out limit, before the record is hashed or its refs split."""
+    try:
+        check_fan_out(field, count)
+    except FanOutError as e:
+        raise BundleError(f"{source}: {e}") from e
+
+
 def _verified_asset(record: _Asset, source: Path) -> StoredAsset:
     """The stored row of a bundle asset, after the checks every stored row passes."""
     if len(record.refs) % 32:
         raise BundleError(f"{source}: asset {record.digest.hex()} has malformed refs")
+    _check_fan_out(source, f"asset {record.digest.hex()}.refs", len(record.refs) // 32)
     row = StoredAsset(record.digest, record.kind, split_refs(record.refs), record.body)
     found = check_row(row)
     if found is not None:
@@ -550,6 +560,8 @@ def _verified_state(record: _Agent | _State, source: Path) -> StateRow:
     """The state row a bundle record holds, after the checks every stored state passes."""
     if isinstance(record, _State) and len(record.refs) % 32:
         raise BundleError(f"{source}: state {record.id} has malformed refs")
+    if isinstance(record, _State):
+        _check_fan_out(source, f"state {record.id}.refs", len(record.refs) // 32)
     try:
         row = record.record.to_row() if isinstance(record, _Agent) else record.row()
     except (msgspec.EncodeError, TypeError, ValueError, RecursionError) as e:

@@ -42,6 +42,7 @@ from immagent.store.backend import Backend
 from immagent.store.log import MAX_PAGE, EventLog, check_limit, storable
 from immagent.validate import (
     check_agent_fields,
+    check_fan_out,
     check_json_mapping,
     check_sequence,
     check_text,
@@ -260,6 +261,8 @@ class Store(EventLog):
         """
         del history  # never trusted: a wrong one must not reach the cache
         record = _record(agent)
+        if isinstance(messages, Sequence):  # the node lists its parent and every message
+            check_fan_out("messages", len(messages), "messages", base=1)
         rows = _checked_messages(messages)
         added: list[Message] = list(messages)
         (parent,) = await self.get_assets([record.conversation], ConversationNode,
@@ -267,12 +270,8 @@ class Store(EventLog):
         node = parent.extend(added)
         new = await self._derive(record, record.id, node.digest, record.metadata,
                                  rows=[*rows, stored(node)], decoded=[*added, node])
-        if parent.parent is None:  # a chain's root: its (empty) history closes the chain
-            self._cache.put_segment(parent.digest, None, ())
-        self._cache.put_segment(node.digest, record.conversation, tuple(added))
-        known = self._cache.history(record.conversation)
-        if known is not None:
-            self._cache.put_history(node.digest, (*known, *added))
+        # The write cached the node as one more segment of its parent's run (O(added)); no
+        # flat copy of the history is made (one per step cost O(the lineage's length)).
         return new
 
     async def _derive(self, r: AgentRecord, parent_id: UUID | None, conversation: Digest,

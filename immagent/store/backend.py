@@ -30,8 +30,9 @@ from immagent.chains import NewNode, NodeRow
 from immagent.records import StateRow
 from immagent.rows import StoredAsset
 
-__all__ = ["SCHEMA_VERSION", "AdminBackend", "AuditBackend", "Backend", "Head", "LogBackend",
-           "Misfit", "NewNode", "NodeRow", "RowCheck", "SweepResult", "WriteResult"]
+__all__ = ["SCHEMA_VERSION", "AdminBackend", "AuditBackend", "Backend", "CodecRefs", "Head",
+           "LogBackend", "Misfit", "NewNode", "NodeRow", "RowCheck", "SweepResult",
+           "WriteResult"]
 
 #: Version of the storage layout this immagent writes; older versions are migrated.
 #: 3: chain nodes in their own table, clustered by run, carrying their elements' bodies.
@@ -40,6 +41,11 @@ SCHEMA_VERSION = 3
 #: A check gc runs, inside its exclusive transaction, on every row it marks from (states
 #: and the chain nodes it reaches); it raises to abort the sweep.
 RowCheck = Callable[[Sequence[StoredAsset | StateRow | NodeRow]], None]
+#: gc's rule for what a compressed row needs, run in the same transaction before the rows
+#: are checked: given the dictionary ids (codecs >= 2) the marked rows (assets and nodes)
+#: are stored with and every stored DICTIONARY row, the digests to mark as well; it raises
+#: to abort the sweep.
+CodecRefs = Callable[[Sequence[int], Sequence[StoredAsset]], Sequence[Digest]]
 
 
 class Head(NamedTuple):
@@ -240,14 +246,15 @@ class AdminBackend(Protocol):
 
     # -- gc -------------------------------------------------------------------------------
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None) -> SweepResult:
         """Mark every node and asset a state reaches (a node reaches its whole lineage and
-        its out-of-line elements), run ``check`` on every row marked from (all states and
-        every marked node, with its depth and its parent's digest), then delete the nodes
-        and assets not marked: one transaction holding the exclusive side of the gc lock.
-        If ``check`` raises, or a reached digest (a state's ref, an out-of-line element, a
-        run's parent) is missing, nothing is deleted (the exception propagates; the
-        missing digest is reported)."""
+        its out-of-line elements), then (when some marked row is stored with a dictionary)
+        the digests ``codec_refs`` names for the codecs in use, run ``check`` on every row
+        marked from (all states and every marked node, with its depth and its parent's
+        digest), then delete the nodes and assets not marked: one transaction holding the
+        exclusive side of the gc lock. If ``codec_refs`` or ``check`` raises, or a reached
+        digest (a state's ref, an out-of-line element, a run's parent) is missing, nothing
+        is deleted (the exception propagates; the missing digest is reported)."""
 
 
 class Backend(LogBackend, AdminBackend, Protocol):

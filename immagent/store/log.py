@@ -70,6 +70,7 @@ from immagent.validate import (
     check_count,
     check_digest,
     check_digests,
+    check_fan_out,
     check_flag,
     check_key,
     check_kind,
@@ -251,9 +252,12 @@ class EventLog:
         and laid out with their elements inline, every outside reference required to exist,
         replaced states allowed to be deleted, in one transaction."""
         backend = self._open()
+        for i, row in enumerate(rows):
+            check_fan_out(f"assets[{i}].refs", len(row.refs))
         for i, state in enumerate(states):
             if not isinstance(state, StateRow):
                 raise ValidationError(f"states[{i}]", "must be a StateRow", state)
+            check_fan_out(f"states[{i}].refs", len(state.refs))
             load_state(state)  # a client bug must never store a row that fails its check
             rules.check_state_content(state, f"states[{i}]")
             if state.parent_id == state.id:
@@ -278,7 +282,9 @@ class EventLog:
         assets = [r for d, r in others.items() if d not in listed]
         inside = set(others) | {n.digest for n in node_rows}
         wanted = (state_refs | outside) - inside
-        encoded = await self._compression.encode(assets)
+        # In digest order: concurrent writers of shared assets then lock them in one order
+        # (PostgreSQL deadlocked on two writes listing them in other orders).
+        encoded = await self._compression.encode(sorted(assets, key=_row_digest))
         result = await backend.write(encoded, list(states), sorted(wanted), list(heads),
                                      list(dict.fromkeys(replace)), nodes=nodes)
         if result.missing:
@@ -289,8 +295,7 @@ class EventLog:
             raise StaleStreamError(result.stale[0].kind, result.stale[0].stream)
         self._forget(replace)
         self._known_assets(r.digest for r in assets)
-        for asset in decoded:
-            self._cache.put(asset)
+        self._cache.put_written(decoded)
         await self._compression.after_write()
 
     def _known_assets(self, digests: Iterable[Digest]) -> None:
@@ -664,7 +669,7 @@ class EventLog:
         """Remove every asset that no stored state can reach; safe while other tasks or
         processes write (see docs/architecture.md). Aborts with IntegrityError, deleting
         nothing, if a row it would mark from is damaged or something reachable is missing."""
-        result = await gc.collect(self._open(), self._compression.load)
+        result = await gc.collect(self._open())
         log.info("gc removed %d assets (%d bytes)", result.assets_removed, result.bytes_freed)
         return result
 
@@ -935,6 +940,7 @@ def _checked_child(node: ConversationNode, parent: chains.ChainContext,
 
 
 _digest = operator.itemgetter(0)
+_row_digest = operator.attrgetter("digest")
 _codec = operator.itemgetter(4)
 _body = operator.attrgetter("body")
 _chain_from = itertools.chain.from_iterable

@@ -15,13 +15,15 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Self
 from uuid import UUID
 
-from immagent.assets import NODE_KINDS, Digest, MissingAsset
+from immagent.assets import NODE_KINDS, Digest, Kind, MissingAsset
 from immagent.chains import SPAN, NewNode, NodeRow
+from immagent.codec import RAW, ZSTD
 from immagent.exceptions import StoreClosedError
 from immagent.records import StateRow
 from immagent.rows import StoredAsset
 from immagent.store.backend import (
     SCHEMA_VERSION,
+    CodecRefs,
     Head,
     Misfit,
     RowCheck,
@@ -128,13 +130,18 @@ class MemoryBackend:
             deleted.append(state_id)
         return deleted
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None) -> SweepResult:
         self._open()
         async with self._lock:
             states = list(self._states.values())
             nodes, assets, missing = self._reach(d for st in states for d in st.refs)
             if missing is not None:
                 return SweepResult({}, 0, len(self._assets) + len(self._nodes), missing)
+            used = sorted(({self._assets[d].codec for d in assets}
+                           | {self._nodes[d].codec for d in nodes}) - {RAW, ZSTD})
+            if codec_refs is not None and used:
+                assets.update(codec_refs(used, [r for r in self._assets.values()
+                                                if r.kind == Kind.DICTIONARY]))
             check([*states, *(self._nodes[d] for d in nodes)])
             removed: dict[int, int] = {}
             freed = 0

@@ -14,11 +14,13 @@ statements are per session: the DSN parameter ``prepare_threshold=none`` turns t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import random
 import re
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import Any, Self
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, Self, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -29,11 +31,13 @@ from psycopg import errors as pg_errors
 from immagent import codec
 from immagent.assets import NODE_KINDS, Digest, Kind, MissingAsset
 from immagent.chains import SPAN, NewNode, NodeRow
+from immagent.codec import FIRST_DICTIONARY
 from immagent.exceptions import (
     SchemaMissingError,
     StoreClosedError,
     StoreConnectionError,
     StoreError,
+    TransientConflictError,
     ValidationError,
 )
 from immagent.records import StateRow, state_from_v1
@@ -41,6 +45,7 @@ from immagent.rows import StoredAsset, join_refs, split_refs, stored_rows
 from immagent.store import _migrate
 from immagent.store.backend import (
     SCHEMA_VERSION,
+    CodecRefs,
     Head,
     Misfit,
     RowCheck,
@@ -55,6 +60,8 @@ from immagent.store.sql import WriteAborted as _Abort
 __all__ = ["PostgresBackend"]
 
 log = logging.getLogger("immagent")
+
+T = TypeVar("T")
 
 # Advisory lock keys (arbitrary constants, namespaced by a fixed high word).
 _GC_LOCK = 0x1A3A_6E70_0000_0001
@@ -118,6 +125,11 @@ _INSERT_NODE = (b"INSERT INTO immagent_nodes (loc, kind, codec, count, depth, di
 _PROBES = 1000
 _PROBE_SQL = (f"SELECT a.* FROM unnest(%s::bytea[]) AS d CROSS JOIN LATERAL (SELECT "
               f"{_ASSET_COLUMNS} FROM immagent_assets WHERE digest = d LIMIT 1) AS a").encode()
+# Every immagent_refs(x.refs || ''::bytea) below: the concatenation detoasts a refs value
+# once per row. A long value TOAST stored compressed (a node listing one message 40,000
+# times compresses 87x) was otherwise decompressed again for each digest split from it:
+# 3.5 s for that one node, 40 ms detoasted once; an uncompressed one is sliced chunk by
+# chunk (250 ms against 55 ms for 40,000 distinct digests).
 # First statement of the long audit transactions: the planner prices their recursive
 # queries high enough to JIT-compile them, which cost ~400 ms against a few ms of work.
 # Transaction-scoped, so it never leaks to another client of a pooler.
@@ -146,10 +158,37 @@ def _mapped(operation: str) -> Iterator[None]:
         ) from e
     except pg_errors.ProgramLimitExceeded as e:  # an OperationalError, yet not a connection's
         raise StoreError(f"{operation}: a value is too large for PostgreSQL: {e}") from e
+    except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as e:  # idem
+        raise TransientConflictError(
+            f"{operation}: PostgreSQL rolled the transaction back to resolve a conflict with "
+            f"a concurrent one ({str(e).splitlines()[0]}); nothing was written") from e
     except psycopg.OperationalError as e:
         raise StoreConnectionError(f"{operation}: database connection failed: {e}") from e
     except psycopg.Error as e:
         raise StoreError(f"{operation} failed: {type(e).__name__}: {e}") from e
+
+
+#: Times a transaction that PostgreSQL rolled back as the loser of a deadlock or a
+#: serialization conflict is run in all before TransientConflictError is raised.
+TRANSIENT_ATTEMPTS = 5
+
+
+async def _retrying_transient(run: Callable[[], Awaitable[T]]) -> T:
+    """The rule for transient conflicts, once: ``run`` (one whole transaction, rolled back
+    when it raised) is run again when PostgreSQL broke a deadlock or a serialization
+    conflict by rolling it back, up to TRANSIENT_ATTEMPTS times in all, after a short
+    jittered pause (so the same two writers do not collide again in step). Writes insert
+    assets in digest order, so shared assets alone never deadlock; two batches of the same
+    states in different log orders, or a lock taken by another client, still can."""
+    for attempt in range(1, TRANSIENT_ATTEMPTS + 1):
+        try:
+            return await run()
+        except TransientConflictError as e:
+            if attempt == TRANSIENT_ATTEMPTS:
+                raise
+            log.debug("retrying a transaction PostgreSQL rolled back (%s)", e)
+            await asyncio.sleep(random.uniform(0, 0.01 * 2 ** attempt))
+    raise AssertionError("unreachable")
 
 
 def _state(row: Sequence[Any]) -> StateRow:
@@ -172,7 +211,9 @@ def _node_rows(rows: Sequence[Sequence[Any]],
                previous: tuple[int, bytes] | None = None) -> list[NodeRow]:
     """NodeRows from (loc, digest, kind, count, codec, refs, peaks, body, run depth, run
     parent digest) rows in loc order: a row's parent is the row before it in its run (None
-    where that row is missing, which the checks report), or its run's parent."""
+    where that row is missing, which the checks report), or its run's parent. A row whose
+    run has lost its first row (run depth None) gets its offset as depth and no parent, so
+    the checks report it instead of it going unseen."""
     out: list[NodeRow] = []
     for loc, digest, kind, count, row_codec, refs, peaks, body, depth, run_parent in rows:
         offset = loc & _OFFSET
@@ -181,7 +222,7 @@ def _node_rows(rows: Sequence[Sequence[Any]],
         else:
             parent = previous[1] if previous is not None and previous[0] == loc - 1 else None
         digest = bytes(digest)
-        out.append(NodeRow(digest, int(kind), int(depth) + offset, parent, split_refs(refs),
+        out.append(NodeRow(digest, int(kind), int(depth or 0) + offset, parent, split_refs(refs),
                            bytes(body), int(row_codec),
                            None if peaks is None else bytes(peaks), int(count)))
         previous = (loc, digest)
@@ -372,6 +413,12 @@ class PostgresBackend(StateQueries):
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
                     replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = ()
                     ) -> WriteResult:
+        return await _retrying_transient(
+            lambda: self._write_once(assets, states, require, heads, replace, nodes))
+
+    async def _write_once(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
+                          require: Sequence[Digest], heads: Sequence[Head],
+                          replace: Sequence[UUID], nodes: Sequence[NewNode]) -> WriteResult:
         try:
             with _mapped("write"):
                 async with self._pool.connection() as conn, conn.transaction():
@@ -411,6 +458,9 @@ class PostgresBackend(StateQueries):
 
     async def delete_states(self, ids: Sequence[UUID], *,
                             stop_at_shared: bool = False) -> list[UUID]:
+        return await _retrying_transient(lambda: self._delete_once(ids, stop_at_shared))
+
+    async def _delete_once(self, ids: Sequence[UUID], stop_at_shared: bool) -> list[UUID]:
         order = {i: n for n, i in enumerate(dict.fromkeys(ids))}
         with _mapped("delete"):
             async with self._pool.connection() as conn, conn.transaction():
@@ -425,17 +475,20 @@ class PostgresBackend(StateQueries):
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LINEAGE_LOCK,))
                 # The longest prefix of `ids` in which every state after the first exists
                 # and has no child but the one before it: one statement for the lineage.
+                # Each position's predecessor comes from lag(), in the same pass: a
+                # subquery over the line per position made it quadratic (455 s at 100,001
+                # states); each check is then one index probe.
                 cur = await conn.execute(
                     """
                     WITH line AS (
-                        SELECT id, pos FROM unnest(%s::uuid[]) WITH ORDINALITY AS t(id, pos)
+                        SELECT id, pos, lag(id) OVER (ORDER BY pos) AS prev
+                          FROM unnest(%s::uuid[]) WITH ORDINALITY AS t(id, pos)
                     ), stop AS (
                         SELECT coalesce(min(l.pos), 9223372036854775807) AS pos FROM line l
                          WHERE l.pos > 1 AND (
                                NOT EXISTS (SELECT 1 FROM immagent_states s WHERE s.id = l.id)
                                OR EXISTS (SELECT 1 FROM immagent_states c
-                                           WHERE c.parent_id = l.id AND c.id IS DISTINCT FROM
-                                                 (SELECT p.id FROM line p WHERE p.pos = l.pos - 1)))
+                                           WHERE c.parent_id = l.id AND c.id <> l.prev))
                     )
                     DELETE FROM immagent_states s USING line l, stop
                      WHERE s.id = l.id AND l.pos < stop.pos
@@ -445,7 +498,7 @@ class PostgresBackend(StateQueries):
                 )
                 return sorted((r[0] for r in await cur.fetchall()), key=order.__getitem__)
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None) -> SweepResult:
         with _mapped("gc"):
             async with self._pool.connection() as conn, conn.transaction():
                 # Exclusive side of the writers' shared lock, taken before the statements, so
@@ -463,7 +516,7 @@ class PostgresBackend(StateQueries):
                     INSERT INTO immagent_reach_runs
                     WITH RECURSIVE seg(run, hi) AS (
                         SELECT n.loc >> {_SHIFT}, n.loc FROM immagent_states s
-                          CROSS JOIN LATERAL immagent_refs(s.refs) AS d
+                          CROSS JOIN LATERAL immagent_refs(s.refs || ''::bytea) AS d
                           JOIN immagent_nodes n ON n.digest = d
                         UNION
                         {_UP}
@@ -471,10 +524,11 @@ class PostgresBackend(StateQueries):
                     SELECT run, max(hi) FROM seg GROUP BY run""".encode())
                 await conn.execute(f"""
                     INSERT INTO immagent_reach
-                    SELECT d FROM immagent_states s CROSS JOIN LATERAL immagent_refs(s.refs) d
+                    SELECT d FROM immagent_states s
+                     CROSS JOIN LATERAL immagent_refs(s.refs || ''::bytea) d
                      WHERE NOT EXISTS (SELECT 1 FROM immagent_nodes n WHERE n.digest = d)
                     UNION
-                    SELECT immagent_refs(n.refs) FROM immagent_reach_runs rr
+                    SELECT immagent_refs(n.refs || ''::bytea) FROM immagent_reach_runs rr
                       JOIN immagent_nodes n ON n.loc BETWEEN rr.run << {_SHIFT} AND rr.hi
                      WHERE n.refs IS NOT NULL""".encode())
                 await conn.execute("ANALYZE immagent_reach")
@@ -496,6 +550,8 @@ class PostgresBackend(StateQueries):
                 missing = await cur.fetchone()
                 if missing is not None:
                     return SweepResult({}, 0, await _count_rows(conn), bytes(missing[0]))
+                if codec_refs is not None:
+                    await _mark_codec_refs(conn, codec_refs)
                 async with conn.cursor(name="immagent_gc_states", binary=True) as named:
                     await named.execute(f"SELECT {_STATE_COLUMNS} FROM immagent_states".encode())
                     while rows := await named.fetchmany(1000):
@@ -621,14 +677,14 @@ class PostgresBackend(StateQueries):
                          batch_size: int = 1000) -> AsyncIterator[list[NodeRow]]:
         if roots is None:
             sql = (f"SELECT {_NODE_COLUMNS} FROM immagent_nodes n "
-                   f"JOIN {_RUN_START} ORDER BY n.loc")
+                   f"LEFT JOIN {_RUN_START} ORDER BY n.loc")
             params: tuple[Any, ...] = ()
         else:
             sql = f"""
                 WITH RECURSIVE roots(d) AS (SELECT unnest(%s::bytea[])), {_ROOT_SPANS}
                 SELECT {_NODE_COLUMNS} FROM span
-                  JOIN immagent_nodes r ON r.loc = span.run << {_SHIFT}
                   JOIN immagent_nodes n ON n.loc BETWEEN span.run << {_SHIFT} AND span.hi
+                  LEFT JOIN immagent_nodes r ON r.loc = span.run << {_SHIFT}
                  ORDER BY n.loc"""
             params = (list(roots),)
         with _mapped("iter_nodes"):
@@ -657,7 +713,7 @@ class PostgresBackend(StateQueries):
                 wanted(d) AS (
                     SELECT d FROM roots
                     UNION
-                    SELECT immagent_refs(n.refs) FROM span
+                    SELECT immagent_refs(n.refs || ''::bytea) FROM span
                       JOIN immagent_nodes n ON n.loc BETWEEN span.run << {_SHIFT} AND span.hi
                      WHERE n.refs IS NOT NULL
                 )
@@ -685,7 +741,7 @@ class PostgresBackend(StateQueries):
                      f"immagent_nodes WHERE loc & {_OFFSET} = 0)")
             sources = "immagent_states"
         else:
-            spans = ("roots(d) AS (SELECT immagent_refs(refs) FROM immagent_states "
+            spans = ("roots(d) AS (SELECT immagent_refs(refs || ''::bytea) FROM immagent_states "
                      f"WHERE id = ANY(%(ids)s)), {_ROOT_SPANS}")
             sources = "(SELECT * FROM immagent_states WHERE id = ANY(%(ids)s))"
         # State refs stored nowhere; out-of-line refs not stored; runs whose parent node is
@@ -693,14 +749,14 @@ class PostgresBackend(StateQueries):
         sql = f"""
             WITH RECURSIVE {spans}
             SELECT DISTINCT d, NULL::bytea, s.id FROM {sources} s
-              CROSS JOIN LATERAL immagent_refs(s.refs) AS d
+              CROSS JOIN LATERAL immagent_refs(s.refs || ''::bytea) AS d
              WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = d)
                AND NOT EXISTS (SELECT 1 FROM immagent_nodes b WHERE b.digest = d)
             UNION ALL
             SELECT DISTINCT r, n.digest, NULL::uuid FROM span
               JOIN immagent_nodes n ON n.loc BETWEEN span.run << {_SHIFT}
                                      AND coalesce(span.hi, (span.run << {_SHIFT}) | {_OFFSET})
-              CROSS JOIN LATERAL immagent_refs(n.refs) AS r
+              CROSS JOIN LATERAL immagent_refs(n.refs || ''::bytea) AS r
              WHERE n.refs IS NOT NULL
                AND NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = r)
             UNION ALL
@@ -730,7 +786,7 @@ class PostgresBackend(StateQueries):
             spans = (f"span(run, hi) AS (SELECT loc >> {_SHIFT}, NULL::bigint FROM "
                      f"immagent_nodes WHERE loc & {_OFFSET} = 0)")
         else:
-            spans = ("roots(d) AS (SELECT immagent_refs(refs) FROM immagent_states "
+            spans = ("roots(d) AS (SELECT immagent_refs(refs || ''::bytea) FROM immagent_states "
                      f"WHERE id = ANY(%(ids)s::uuid[])), {_ROOT_SPANS}")
         # A node's parent (the row before it, or its run's parent) must be of its first
         # kind, its out-of-line elements of its second.
@@ -752,7 +808,7 @@ class PostgresBackend(StateQueries):
             UNION ALL
             SELECT n.digest, t.digest, t.kind, k.rest FROM nodes_in n
               JOIN rules k ON k.kind = n.kind
-              CROSS JOIN LATERAL immagent_refs(n.refs) AS ref
+              CROSS JOIN LATERAL immagent_refs(n.refs || ''::bytea) AS ref
               JOIN immagent_assets t ON t.digest = ref
              WHERE n.refs IS NOT NULL AND t.kind <> k.rest
             LIMIT %(limit)s
@@ -868,6 +924,28 @@ async def _count_rows(conn: psycopg.AsyncConnection[Any]) -> int:
     return int(row[0]) if row else 0
 
 
+async def _mark_codec_refs(conn: psycopg.AsyncConnection[Any], codec_refs: CodecRefs) -> None:
+    """Mark what ``codec_refs`` names for the dictionaries the marked rows are stored with
+    (gc's rule: a row's codec, an asset's or a node's, is a reference to its
+    dictionary)."""
+    cur = await conn.execute(f"""
+        SELECT a.codec FROM immagent_assets a JOIN immagent_reach r ON r.digest = a.digest
+         WHERE a.codec >= {FIRST_DICTIONARY}
+        UNION
+        SELECT n.codec FROM immagent_reach_runs rr
+          JOIN immagent_nodes n ON n.loc BETWEEN rr.run << {_SHIFT} AND rr.hi
+         WHERE n.codec >= {FIRST_DICTIONARY}""".encode())
+    used = [int(r[0]) for r in await cur.fetchall()]
+    if not used:
+        return
+    cur = await conn.execute(f"SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE kind = %s",
+                             (int(Kind.DICTIONARY),))
+    keep = codec_refs(used, [_asset(r) for r in await cur.fetchall()])
+    if keep:
+        await conn.execute("INSERT INTO immagent_reach SELECT unnest(%s::bytea[]) "
+                           "ON CONFLICT DO NOTHING", (list(keep),))
+
+
 async def _version(conn: psycopg.AsyncConnection[Any]) -> int | None:
     cur = await conn.execute("SELECT to_regclass('immagent_schema') IS NOT NULL")
     row = await cur.fetchone()
@@ -909,7 +987,7 @@ async def _migrate_v2(conn: psycopg.AsyncConnection[Any]) -> None:
                                 (int(Kind.DICTIONARY),))
         dictionaries = _migrate.dictionaries_from(
             bytes(b) for (b,) in await batch_cur.fetchall())
-        await batch_cur.execute("SELECT immagent_refs(refs) FROM immagent_states")
+        await batch_cur.execute("SELECT immagent_refs(refs || ''::bytea) FROM immagent_states")
         standalone = {bytes(d) for (d,) in await batch_cur.fetchall()}
         records = _migrate.Records(dictionaries, standalone, runs)
         for start in range(0, len(plan), _migrate.BATCH):

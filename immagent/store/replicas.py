@@ -61,6 +61,7 @@ from immagent.rows import StoredAsset
 from immagent.store import dsn as dsns
 from immagent.store.backend import (
     Backend,
+    CodecRefs,
     Head,
     RowCheck,
     SweepResult,
@@ -379,9 +380,9 @@ class ReplicatedBackend:
                 await self._raise_fence()
         return deleted
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None) -> SweepResult:
         with self._no_replicas():
-            result = await self._primary.sweep(check)
+            result = await self._primary.sweep(check, codec_refs)
             if result.removed:
                 await self._raise_fence()
         return result

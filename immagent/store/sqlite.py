@@ -10,7 +10,9 @@ no payload byte), no index. A side table of edges would store each edge as a row
 digests plus an index entry (> 100 bytes per edge, three edges per turn); an array encoding
 such as JSON would double the size (hex). Recursive queries split the BLOB with substr():
 a walk's rows are (asset, position in its refs), so each reachable asset is expanded once
-however many parents share it, and no global bound on fan-out is needed.
+however many parents share it. Since schema 3 only states and a node's out-of-line
+elements (bodies over ``chains.INLINE_MAX``) have refs: a step of many messages holds them
+in its record, so the substr() walks never split a long refs value of a history.
 
 Concurrency with gc: SQLite has one writer per database file. Every write and the gc sweep
 run as ``BEGIN IMMEDIATE`` transactions, which take that write lock at BEGIN, so gc's mark
@@ -37,6 +39,7 @@ from uuid import UUID
 from immagent import codec
 from immagent.assets import NODE_KINDS, Digest, Kind, MissingAsset
 from immagent.chains import SPAN, NewNode, NodeRow
+from immagent.codec import FIRST_DICTIONARY
 from immagent.exceptions import (
     IntegrityError,
     StoreConnectionError,
@@ -49,6 +52,7 @@ from immagent.store import _migrate
 from immagent.store._sqlite_pool import SQLitePool, is_busy, transaction
 from immagent.store.backend import (
     SCHEMA_VERSION,
+    CodecRefs,
     Head,
     Misfit,
     RowCheck,
@@ -337,7 +341,9 @@ def _node_rows(rows: Sequence[Sequence[Any]],
                previous: tuple[int, bytes] | None = None) -> list[NodeRow]:
     """NodeRows from (loc, digest, kind, count, codec, refs, peaks, body, run depth, run
     parent digest) rows in loc order: a row's parent is the row before it in its run (None
-    where that row is missing, which the checks report), or its run's parent."""
+    where that row is missing, which the checks report), or its run's parent. A row whose
+    run has lost its first row (run depth None) gets its offset as depth and no parent, so
+    the checks report it instead of it going unseen."""
     out: list[NodeRow] = []
     for loc, digest, kind, count, row_codec, refs, peaks, body, depth, run_parent in rows:
         offset = loc & _OFFSET
@@ -346,7 +352,7 @@ def _node_rows(rows: Sequence[Sequence[Any]],
         else:
             parent = previous[1] if previous is not None and previous[0] == loc - 1 else None
         digest = _blob(digest)
-        out.append(NodeRow(digest, kind, depth + offset, parent, split_refs(_blob(refs)),
+        out.append(NodeRow(digest, kind, (depth or 0) + offset, parent, split_refs(_blob(refs)),
                            _blob(body), row_codec, None if peaks is None else _blob(peaks),
                            count))
         previous = (loc, digest)
@@ -531,6 +537,25 @@ def _give_back_free_pages(conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA incremental_vacuum")
 
 
+def _mark_codec_refs(conn: sqlite3.Connection, codec_refs: CodecRefs) -> None:
+    """Mark what ``codec_refs`` names for the dictionaries the marked rows (assets and
+    nodes) are stored with: gc's rule, a row's codec is a reference to its dictionary."""
+    used = [int(c) for (c,) in conn.execute(f"""
+        SELECT a.codec FROM temp.immagent_reach r JOIN immagent_assets a
+            ON a.digest = r.digest WHERE a.codec >= {FIRST_DICTIONARY}
+        UNION
+        SELECT n.codec FROM temp.immagent_reach_runs rr
+          JOIN immagent_nodes n ON n.loc BETWEEN rr.run << {_SHIFT} AND rr.hi
+         WHERE n.codec >= {FIRST_DICTIONARY}""")]
+    if not used:
+        return
+    dictionaries = [_asset(r) for r in conn.execute(
+        f"SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE kind = ?",
+        (int(Kind.DICTIONARY),))]
+    conn.executemany("INSERT OR IGNORE INTO temp.immagent_reach (digest) VALUES (?)",
+                     ((d,) for d in codec_refs(used, dictionaries)))
+
+
 class SQLiteBackend(StateQueries):
     """Backend over one SQLite file: a writer connection and a few readers, in threads."""
 
@@ -706,7 +731,7 @@ class SQLiteBackend(StateQueries):
         result: list[UUID] = await self._pool.write("delete", lambda conn: transaction(conn, run))
         return result
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None) -> SweepResult:
         def sweep(conn: sqlite3.Connection) -> SweepResult:
             # Mark into temporary tables (SQLite spills them to disk; nothing goes through
             # Python): per run, the last loc a live lineage uses; every asset a state or a
@@ -754,6 +779,8 @@ class SQLiteBackend(StateQueries):
                 kept = _count_rows(conn)
                 found = missing[0]
                 return SweepResult({}, 0, kept, _blob(found))
+            if codec_refs is not None:
+                _mark_codec_refs(conn, codec_refs)
             cursor = conn.execute(f"SELECT {_STATE_COLUMNS} FROM immagent_states")
             while rows := cursor.fetchmany(1000):
                 check([_state(r) for r in rows])
@@ -930,14 +957,15 @@ class SQLiteBackend(StateQueries):
     async def iter_nodes(self, roots: Sequence[Digest] | None = None,
                          batch_size: int = 1000) -> AsyncIterator[list[NodeRow]]:
         if roots is None:
-            sql = f"SELECT {_NODE_COLUMNS} FROM immagent_nodes n JOIN {_RUN_START} ORDER BY n.loc"
+            sql = (f"SELECT {_NODE_COLUMNS} FROM immagent_nodes n LEFT JOIN {_RUN_START} "
+                   "ORDER BY n.loc")
             params: dict[str, Any] = {}
         else:
             sql = f"""
                 WITH RECURSIVE {_BLOB_ROOTS}, {_ROOT_SPANS}
                 SELECT {_NODE_COLUMNS} FROM span
-                  JOIN immagent_nodes r ON r.loc = span.run << {_SHIFT}
                   JOIN immagent_nodes n ON n.loc BETWEEN span.run << {_SHIFT} AND span.hi
+                  LEFT JOIN immagent_nodes r ON r.loc = span.run << {_SHIFT}
                  ORDER BY n.loc"""
             params = {"roots": join_refs(roots)}
         previous: tuple[int, bytes] | None = None
