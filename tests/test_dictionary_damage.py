@@ -117,7 +117,8 @@ async def test_a_damaged_dictionary_is_listed_and_stops_nothing_else(
     async with await _fresh(store_dsn) as other:
         report = await other.verify()  # lists, never raises
         assert digest in {p.digest for p in report.corrupt}, report.lines()
-        assert any(f"dictionary {dictionary_id}" in p.reason for p in report.undecodable), report.lines()
+        assert any(f"dictionary {dictionary_id}" in p.reason for p in report.undecodable), \
+            report.lines()
         # Unrelated writes go on; new bodies are not compressed with the damaged dictionary.
         fresh = await other.create_agent("unrelated", prose(31, 2000), "m")
         later = await other.append(fresh, [Message.user(prose(32)), Message.assistant(
