@@ -88,11 +88,10 @@ from immagent.exceptions import (
     AssetNotFoundError,
     ConflictError,
     ImmAgentError,
-    StaleStreamError,
     ValidationError,
 )
 from immagent.records import StateRow, stream_digest
-from immagent.store import Head, Store
+from immagent.store import Store
 
 __all__ = ["ImmAgentSaver", "SyncCallError"]
 
@@ -105,8 +104,6 @@ _KNOWN_KEYS: Final = frozenset({"v", "id", "ts", "channel_values", "channel_vers
 _DELTA_KEYS: Final = ("counters_since_delta_snapshot", "delta_writes_versioned")
 _PRUNE_STRATEGIES: Final = ("keep_latest", "delete")
 _PAGE: Final = 1000
-#: Times a re-put reads its namespace again when checkpoints keep arriving meanwhile.
-_REPLACE_ATTEMPTS: Final = 20
 #: How far back a chain is walked, link by link, to find where a shortened list forks.
 _MAX_WALK: Final = 64
 
@@ -513,10 +510,13 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
                                  "checkpoint_id": checkpoint_id}}
 
     async def _commit(self, assets: Sequence[Asset], row: StateRow) -> None:
-        """Write a checkpoint; a checkpoint id stored before with other content is replaced
-        (LangGraph's savers upsert) in the same transaction that writes the new row, so a
-        reader finds the old row or the new one, never neither, and a failed put leaves
-        the old one. A put of a new id (the usual one) is a plain commit."""
+        """Write a checkpoint. A checkpoint id stored before with other content is replaced
+        (LangGraph's savers upsert it) by ``commit(replace=[id])``: the old row and the new
+        one swap in one transaction (a reader finds one or the other, never neither; a put
+        that fails leaves the old one), and the new row keeps the old one's place in the
+        log, so the namespace's order (LangGraph's: by checkpoint id) never changes and no
+        other row is touched. Concurrent re-puts of one id are serialised by the store; the
+        later commit wins. A put of a new id (the usual one) is a plain commit."""
         known = self._rows.get(row.id)
         if known is None or known.digest == row.digest:
             try:
@@ -524,33 +524,7 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
                 return
             except ConflictError:
                 pass
-        await self._replace(assets, row)
-
-    async def _replace(self, assets: Sequence[Asset], row: StateRow) -> None:
-        """Re-put ``row``'s checkpoint id. The new row would be its namespace's newest in
-        log order, while LangGraph orders checkpoints by id: so the checkpoints stored after
-        the old row are written again after it (same ids, same content), all in the one
-        transaction, which expects the namespace's newest still to be what was read. Only
-        re-putting an older checkpoint, which is rare, pays for the rows after it."""
-        for _ in range(_REPLACE_ATTEMPTS):
-            old = await self.store.get_states([row.id])
-            later: list[StateRow] = []
-            if old:
-                after = old[0].seq
-                while page := await self.store.stream_states(
-                        Kind.CHECKPOINT, row.stream, after_seq=after, limit=_PAGE,
-                        newest_first=False):
-                    later.extend(msgspec.structs.replace(r, seq=0) for r in page)
-                    after = page[-1].seq
-            newest = later[-1].id if later else row.id
-            try:
-                await self.store.commit(
-                    assets, [row, *later], replace=[row.id, *(r.id for r in later)],
-                    heads=[Head(Kind.CHECKPOINT, row.stream, newest)] if old else ())
-            except StaleStreamError:
-                continue  # a checkpoint was put meanwhile: read the namespace again
-            return
-        raise StaleStreamError(Kind.CHECKPOINT, row.stream)
+        await self.store.commit(assets, [row], replace=[row.id])
 
     async def _parent_values(self, thread_id: str, ns: str, parent_id: str | None
                              ) -> dict[str, tuple[Any, Any, list[Digest]]]:

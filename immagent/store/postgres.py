@@ -101,6 +101,10 @@ _NO_JIT = "SET LOCAL jit = off"
 # strpos, not LIKE: the user's text has no wildcards to escape.
 _INSERT_STATE = ("INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, digest, "
                  "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING")
+# A replacement keeps the place in the log (the seq) of the row it replaces.
+_INSERT_STATE_AT = ("INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, "
+                    "digest, created_at, seq) OVERRIDING SYSTEM VALUE VALUES "
+                    "(%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING")
 
 
 @contextlib.contextmanager
@@ -278,10 +282,9 @@ class PostgresBackend(StateQueries):
                                 raise _Abort(WriteResult(missing=missing))
                         if heads:
                             await _check_heads(cur, heads)
-                        if replace:
-                            await _delete_replaced(cur, replace)
+                        kept = await _delete_replaced(cur, replace) if replace else {}
                         if states:
-                            await _insert_states(cur, states, replace)
+                            await _insert_states(cur, states, replace, kept)
         except _Abort as stop:
             return stop.result
         return WriteResult()
@@ -700,31 +703,45 @@ async def _check_heads(cur: psycopg.AsyncCursor[Any], heads: Sequence[Head]) -> 
         raise _Abort(WriteResult(stale=tuple(stale)))
 
 
-async def _delete_replaced(cur: psycopg.AsyncCursor[Any], ids: Sequence[UUID]) -> None:
+async def _delete_replaced(cur: psycopg.AsyncCursor[Any],
+                           ids: Sequence[UUID]) -> dict[UUID, int]:
     """Delete the rows a write replaces, serialised with other writes replacing the same
     ids by a transaction lock per id (taken in key order, after any stream lock, so two
-    writers cannot deadlock). Without it the later writer's DELETE, waiting for the earlier
-    one's, would (under READ COMMITTED) skip the row that one inserted; taken first, the
-    DELETE's snapshot starts after the earlier writer committed and sees that row."""
+    writers cannot deadlock); returns their seqs, which their replacements take. Without
+    the lock the later writer's DELETE, waiting for the earlier one's, would (under READ
+    COMMITTED) skip the row that one inserted; taken first, the DELETE's snapshot starts
+    after the earlier writer committed and sees that row."""
     keys = sorted({int.from_bytes(i.bytes[12:], "big", signed=True) for i in ids})
     await cur.execute("SELECT pg_advisory_xact_lock(%s, k) FROM unnest(%s::int4[]) AS k "
                       "ORDER BY k", (_REPLACE_LOCK, keys))
-    await cur.execute("DELETE FROM immagent_states WHERE id = ANY(%s)", (list(ids),))
+    await cur.execute("DELETE FROM immagent_states WHERE id = ANY(%s) RETURNING id, seq",
+                      (list(ids),))
+    return {r[0]: r[1] for r in await cur.fetchall()}
 
 
 async def _insert_states(cur: psycopg.AsyncCursor[Any], states: Sequence[StateRow],
-                         replace: Sequence[UUID]) -> None:
-    """Insert the states; abort the write if an id it skipped is stored with another digest.
+                         replace: Sequence[UUID], kept: dict[UUID, int]) -> None:
+    """Insert the states, a replacement at the seq of the row it replaced (``kept``); abort
+    the write if an id it skipped is stored with another digest.
 
     A replaced id can still be found here: a concurrent write that does not replace it
     inserted it, uncommitted when this write's DELETE ran and committed since. It is
-    deleted and inserted again, once: that DELETE sees the row and locks it, so the id's
-    next writer waits for this one, as memory and SQLite serialise them."""
+    deleted and inserted again (at that row's seq), once: that DELETE sees the row and
+    locks it, so the id's next writer waits for this one, as memory and SQLite serialise
+    them."""
     replaced = set(replace)
     pending = list(states)
     for round_ in range(1, _REPLACE_ROUNDS + 1):
-        await cur.executemany(_INSERT_STATE, [_state_params(s) for s in pending])
-        if cur.rowcount == len(pending):  # else some ids were there already
+        fresh = [_state_params(s) for s in pending if s.id not in kept]
+        moved = [(*_state_params(s), kept[s.id]) for s in pending if s.id in kept]
+        inserted = 0
+        if fresh:
+            await cur.executemany(_INSERT_STATE, fresh)
+            inserted += cur.rowcount
+        if moved:
+            await cur.executemany(_INSERT_STATE_AT, moved)
+            inserted += cur.rowcount
+        if inserted == len(pending):  # else some ids were there already
             return
         digests = {s.id: s.digest for s in pending}
         await cur.execute("SELECT id, digest FROM immagent_states WHERE id = ANY(%s)",
@@ -735,7 +752,9 @@ async def _insert_states(cur: psycopg.AsyncCursor[Any], states: Sequence[StateRo
             raise _Abort(WriteResult(conflicts=outside or conflicts))
         if not conflicts:
             return
-        await cur.execute("DELETE FROM immagent_states WHERE id = ANY(%s)", (list(conflicts),))
+        await cur.execute("DELETE FROM immagent_states WHERE id = ANY(%s) RETURNING id, seq",
+                          (list(conflicts),))
+        kept.update({r[0]: r[1] for r in await cur.fetchall()})
         pending = [s for s in pending if s.id in conflicts]
 
 

@@ -249,8 +249,9 @@ class Store:
         each of ``heads`` must still be its stream's newest state (StaleStreamError: re-read
         and retry). The states with ids in ``replace`` (absent ones are fine; what
         ``delete_states`` refuses is refused) are deleted in the same transaction, before
-        ``states`` are inserted: a replaced id written again becomes its stream's newest
-        state. Nothing is written on error."""
+        ``states`` are inserted: a replaced id written again keeps its place in its stream
+        (the replaced row's seq), so replacing is an upsert that never reorders a stream.
+        Nothing is written on error."""
         assets = check_sequence("assets", assets)
         rows = [_storable(f"assets[{i}]", a) for i, a in enumerate(assets)]
         await self._write(rows, check_sequence("states", states), assets,
