@@ -378,6 +378,45 @@ async def test_bad_input_is_a_validation_error_and_writes_nothing(store: Store) 
     assert await store.count_states(Kind.CHECKPOINT_WRITES) == 0
 
 
+async def test_malformed_checkpoints_and_writes_name_the_field(store: Store) -> None:
+    # Shapes that once escaped as a raw TypeError, ValueError or AttributeError.
+    saver = ImmAgentSaver(store)
+    md: CheckpointMetadata = {"source": "loop", "step": 0, "parents": {}}
+    at = _config("t", "c")
+
+    def bad(**fields: Any) -> Checkpoint:
+        return cast(Checkpoint, {**_checkpoint({"x": 1}, {"x": 1}), **fields})
+
+    cases: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+        ("checkpoint['versions_seen']", lambda: saver.aput(
+            _config("t"), bad(versions_seen=["n"]), md, {"x": 1})),
+        ("checkpoint['versions_seen']['n']", lambda: saver.aput(
+            _config("t"), bad(versions_seen={"n": 3}), md, {"x": 1})),
+        ("checkpoint['versions_seen']['n']", lambda: saver.aput(
+            _config("t"), bad(versions_seen={"n": [("x", 1, 2)]}), md, {"x": 1})),
+        ("checkpoint['channel_versions']['x']", lambda: saver.aput(
+            _config("t"), bad(channel_versions={"x": [1]}), md, {"x": 1})),
+        ("checkpoint['channel_values']", lambda: saver.aput(
+            _config("t"), bad(channel_values=[1]), md, {"x": 1})),
+        ("new_versions", lambda: saver.aput(_config("t"), bad(), md, cast(Any, None))),
+        ("metadata", lambda: saver.aput(_config("t"), bad(), cast(Any, None), {"x": 1})),
+        ("checkpoint['pending_sends']", lambda: saver.aput(
+            _config("t"), bad(pending_sends=[object()]), md, {"x": 1})),
+        ("writes", lambda: saver.aput_writes(at, cast(Any, None), "task")),
+        ("writes", lambda: saver.aput_writes(at, cast(Any, {"x": 1}), "task")),
+        ("writes[0]", lambda: saver.aput_writes(at, cast(Any, [("x", 1, 2)]), "task")),
+        ("writes[1]", lambda: saver.aput_writes(at, cast(Any, [("x", 1), 5]), "task")),
+        ("writes[0]", lambda: saver.aput_writes(at, cast(Any, ["ab"]), "task")),
+    ]
+    for field, call in cases:
+        with pytest.raises(immagent.ImmAgentError) as err:
+            await call()
+        assert isinstance(err.value, ValidationError), (field, err.value)
+        assert err.value.field == field, (field, err.value)
+    assert await store.count_states(Kind.CHECKPOINT) == 0
+    assert await store.count_states(Kind.CHECKPOINT_WRITES) == 0
+
+
 def test_versions_are_integers_counting_up() -> None:
     saver = ImmAgentSaver.__new__(ImmAgentSaver)
     assert saver.get_next_version(None, None) == 1

@@ -473,6 +473,23 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
             raise ValidationError("checkpoint", f"must be a mapping, got "
                                   f"{type(checkpoint).__name__}", None)
         checkpoint_id = cp.check_key("checkpoint['id']", checkpoint.get("id"))
+        # Every field is checked before anything is serialized or written.
+        versions = _versions("checkpoint['channel_versions']",
+                             checkpoint.get("channel_versions"))
+        seen = _versions_seen(checkpoint.get("versions_seen"))
+        channel_values = checkpoint.get("channel_values") or {}
+        if not isinstance(channel_values, Mapping):
+            raise ValidationError("checkpoint['channel_values']", f"must be a mapping, got "
+                                  f"{type(channel_values).__name__}", None)
+        version = _int("checkpoint['v']", checkpoint.get("v", 1))
+        updated = _str_list(checkpoint.get("updated_channels"))
+        if not isinstance(new_versions, Mapping):
+            raise ValidationError("new_versions", f"must be a mapping of channel versions, "
+                                  f"got {type(new_versions).__name__}", None)
+        if not isinstance(metadata, Mapping):
+            raise ValidationError("metadata", f"must be a mapping, got "
+                                  f"{type(metadata).__name__}", None)
+        extra = self._extra(checkpoint)
         thread_id, ns, parent_id = (target.thread_id, target.checkpoint_ns,
                                     target.checkpoint_id)
         parent = await self._parent_values(thread_id, ns, parent_id)
@@ -483,17 +500,13 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
             # first one pointed at (the store refused the write, so nothing was written).
             fresh = attempt == 1
             values, refs, assets, chains = await self._encode_channels(
-                checkpoint, new_versions, {} if fresh else parent, fresh)
+                versions, channel_values, new_versions, {} if fresh else parent, fresh)
             body = _encode_body("checkpoint", cp.CheckpointBody(
                 checkpoint_id=cp.compact_id(checkpoint_id),
                 parent=None if parent_id is None else cp.compact_id(parent_id),
-                v=_int("checkpoint['v']", checkpoint.get("v", 1)),
-                ts=cp.encode_ts(str(checkpoint.get("ts", ""))),
-                versions=dict(checkpoint.get("channel_versions") or {}),
-                seen={k: dict(v) for k, v in (checkpoint.get("versions_seen") or {}).items()},
-                updated=_str_list(checkpoint.get("updated_channels")),
-                values=values, metadata=meta, metadata_typed=meta_typed,
-                extra=self._extra(checkpoint)))
+                v=version, ts=cp.encode_ts(str(checkpoint.get("ts", ""))),
+                versions=versions, seen=seen, updated=updated,
+                values=values, metadata=meta, metadata_typed=meta_typed, extra=extra))
             row = _checkpoint_row(thread_id, ns, checkpoint_id, parent_id, refs, body)
             try:
                 await self._commit(assets, row)
@@ -545,24 +558,17 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
                 zip(body.values, _split(body.values, row.refs), strict=True)}
 
     async def _encode_channels(
-        self, checkpoint: Mapping[str, Any], new_versions: ChannelVersions,
-        parent: Mapping[str, tuple[Any, Any, list[Digest]]], fresh: bool,
+        self, versions: Mapping[str, cp.Version], channel_values: Mapping[str, Any],
+        new_versions: ChannelVersions, parent: Mapping[str, tuple[Any, Any, list[Digest]]],
+        fresh: bool,
     ) -> tuple[list[tuple[str, Any]], list[Digest], list[Asset], list[_Chain]]:
         """Every channel that has a value: reused from the parent when its version did not
         move, else serialized (lists as chains)."""
-        versions = checkpoint.get("channel_versions") or {}
-        channel_values = checkpoint.get("channel_values") or {}
-        if not isinstance(versions, Mapping) or not isinstance(channel_values, Mapping):
-            raise ValidationError("checkpoint", "channel_versions and channel_values must "
-                                  "be mappings", None)
         shapes: list[tuple[str, Any]] = []
         refs: list[Digest] = []
         assets: list[Asset] = []
         chains: list[_Chain] = []
         for name, version in versions.items():
-            if not isinstance(name, str):
-                raise ValidationError("checkpoint['channel_versions']", f"channel names "
-                                      f"must be str, got {name!r}", name)
             known = parent.get(name)
             if name not in new_versions and known is not None and known[0] == version:
                 shapes.append((name, known[1]))
@@ -695,7 +701,11 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
         LangGraph checkpoint carries, is restored on read rather than stored)."""
         extra = {k: v for k, v in checkpoint.items() if k not in _KNOWN_KEYS
                  and not (k == "pending_sends" and v == [])}
-        return self.serde.dumps_typed(extra) if extra else None
+        if not extra:
+            return None
+        for key, value in extra.items():  # name the key that cannot be stored
+            self._dump(f"checkpoint[{key!r}]", value)
+        return self._dump("checkpoint", extra)
 
     async def aput_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
                           task_id: str, task_path: str = "") -> None:
@@ -709,10 +719,16 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
         if not isinstance(task_path, str):
             raise ValidationError("task_path", f"must be a str, got "
                                   f"{type(task_path).__name__}", task_path)
+        if isinstance(writes, str | bytes | Mapping) or not isinstance(writes, Sequence):
+            raise ValidationError("writes", f"must be a sequence of (channel, value) pairs, "
+                                  f"got {type(writes).__name__}", None)
         entries: list[tuple[str, int, Any]] = []
         refs: list[Digest] = []
         assets: list[Asset] = []
         for idx, write in enumerate(writes):
+            if not isinstance(write, tuple | list) or len(write) != 2:
+                raise ValidationError(f"writes[{idx}]", f"must be a (channel, value) pair, "
+                                      f"got {_shown(write)}", None)
             channel, value = write
             if not isinstance(channel, str):
                 raise ValidationError(f"writes[{idx}]", f"the channel must be a str, got "
@@ -1016,6 +1032,48 @@ def _int(field: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValidationError(field, f"must be an int, got {value!r}", value)
     return value
+
+
+def _shown(value: object) -> str:
+    """A short description of a rejected value for an error message."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'…' if len(text) > 60 else ''}"
+
+
+def _versions(field: str, value: object) -> dict[str, cp.Version]:
+    """A map of channel versions as stored: str channel names, int, float or str versions
+    (None: no channel has a version yet)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValidationError(field, f"must be a mapping of channel versions, got "
+                              f"{type(value).__name__}", None)
+    for name, version in value.items():
+        if not isinstance(name, str):
+            raise ValidationError(field, f"channel names must be str, got {_shown(name)}",
+                                  None)
+        if isinstance(version, bool) or not isinstance(version, int | float | str):
+            raise ValidationError(f"{field}[{name!r}]", f"a version must be an int, float "
+                                  f"or str, got {_shown(version)}", None)
+    return dict(value)
+
+
+def _versions_seen(value: object) -> dict[str, dict[str, cp.Version]]:
+    field = "checkpoint['versions_seen']"
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValidationError(field, f"must be a mapping of node -> channel versions, got "
+                              f"{type(value).__name__}", None)
+    out: dict[str, dict[str, cp.Version]] = {}
+    for node, seen in value.items():
+        if not isinstance(node, str):
+            raise ValidationError(field, f"node names must be str, got {_shown(node)}", None)
+        if not isinstance(seen, Mapping):
+            raise ValidationError(f"{field}[{node!r}]", f"must be a mapping of channel "
+                                  f"versions, got {type(seen).__name__}", None)
+        out[node] = _versions(f"{field}[{node!r}]", seen)
+    return out
 
 
 def _str_list(value: object) -> list[str] | None:
