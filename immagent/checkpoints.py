@@ -92,7 +92,7 @@ class CheckpointBody(msgspec.Struct, frozen=True, omit_defaults=True,
                      rename={"checkpoint_id": "i", "parent": "p", "v": "v", "ts": "t",
                              "versions": "cv", "seen": "vs", "updated": "u",
                              "values": "c", "metadata": "m", "metadata_typed": "M",
-                             "extra": "x"}):
+                             "extra": "x", "absent": "a"}):
     """What a checkpoint row holds besides its refs. Ids are 16 bytes when they are
     canonical UUID strings (``compact_id``); ``values`` names the channels that have a
     value, each with its shape, in refs order."""
@@ -115,6 +115,9 @@ class CheckpointBody(msgspec.Struct, frozen=True, omit_defaults=True,
     metadata_typed: tuple[str, bytes] | None = None
     #: Checkpoint keys this layout has no field for, as the serializer's (type, bytes).
     extra: tuple[str, bytes] | None = None
+    #: Keys with a field here that the checkpoint did not have (LangGraph leaves
+    #: ``updated_channels`` out of some), so that it reads back without them.
+    absent: list[str] = []
 
 
 class WritesBody(msgspec.Struct, frozen=True, omit_defaults=True,

@@ -417,6 +417,26 @@ async def test_malformed_checkpoints_and_writes_name_the_field(store: Store) -> 
     assert await store.count_states(Kind.CHECKPOINT_WRITES) == 0
 
 
+async def test_a_checkpoint_reads_back_exactly_as_it_was_put(store: Store) -> None:
+    # LangGraph 1.2 writes no `pending_sends`; older checkpoints carry it. Neither is
+    # added nor dropped on the way back.
+    from langgraph.pregel._checkpoint import empty_checkpoint as current_empty
+
+    saver = ImmAgentSaver(store)
+    md: CheckpointMetadata = {"source": "loop", "step": 0, "parents": {}}
+    current = current_empty()
+    current["channel_values"] = {"x": [1, 2]}
+    current["channel_versions"] = {"x": 1}
+    assert "pending_sends" not in current
+    older = cast(Checkpoint, {**_checkpoint({"y": 1}, {"y": 1}), "pending_sends": []})
+    for checkpoint in (current, older):
+        stored = await saver.aput(_config("t"), checkpoint, md,
+                                  checkpoint["channel_versions"])
+        for reader in (saver, ImmAgentSaver(store)):
+            got = await reader.aget_tuple(stored)
+            assert got is not None and got.checkpoint == checkpoint
+
+
 def test_versions_are_integers_counting_up() -> None:
     saver = ImmAgentSaver.__new__(ImmAgentSaver)
     assert saver.get_next_version(None, None) == 1

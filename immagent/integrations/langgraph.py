@@ -100,6 +100,8 @@ T = TypeVar("T")
 #: Checkpoint keys with a field of their own in the stored body.
 _KNOWN_KEYS: Final = frozenset({"v", "id", "ts", "channel_values", "channel_versions",
                                 "versions_seen", "updated_channels"})
+#: Known keys a checkpoint may lack (and then reads back without).
+_OPTIONAL_KEYS: Final = ("versions_seen", "updated_channels")
 #: Metadata keys LangGraph's DeltaChannel leaves; keep_latest refuses such threads.
 _DELTA_KEYS: Final = ("counters_since_delta_snapshot", "delta_writes_versioned")
 _PRUNE_STRATEGIES: Final = ("keep_latest", "delete")
@@ -375,8 +377,9 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
             "channel_versions": dict(body.versions),
             "versions_seen": {node: dict(seen) for node, seen in body.seen.items()},
             "updated_channels": body.updated,
-            "pending_sends": [],
         }
+        for key in body.absent:
+            checkpoint.pop(key, None)
         if body.extra is not None:
             checkpoint.update(self.serde.loads_typed(body.extra))
         parent = None if body.parent is None else {"configurable": {
@@ -506,7 +509,8 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
                 parent=None if parent_id is None else cp.compact_id(parent_id),
                 v=version, ts=cp.encode_ts(str(checkpoint.get("ts", ""))),
                 versions=versions, seen=seen, updated=updated,
-                values=values, metadata=meta, metadata_typed=meta_typed, extra=extra))
+                values=values, metadata=meta, metadata_typed=meta_typed, extra=extra,
+                absent=[k for k in _OPTIONAL_KEYS if k not in checkpoint]))
             row = _checkpoint_row(thread_id, ns, checkpoint_id, parent_id, refs, body)
             try:
                 await self._commit(assets, row)
@@ -697,10 +701,9 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
         return dict(body.metadata or {})
 
     def _extra(self, checkpoint: Mapping[str, Any]) -> tuple[str, bytes] | None:
-        """Checkpoint keys without a field of their own (``pending_sends: []``, which every
-        LangGraph checkpoint carries, is restored on read rather than stored)."""
-        extra = {k: v for k, v in checkpoint.items() if k not in _KNOWN_KEYS
-                 and not (k == "pending_sends" and v == [])}
+        """Checkpoint keys without a field of their own (``pending_sends`` of LangGraph
+        before 1.2, anything newer), stored as they are so that they read back exactly."""
+        extra = {k: v for k, v in checkpoint.items() if k not in _KNOWN_KEYS}
         if not extra:
             return None
         for key, value in extra.items():  # name the key that cannot be stored
