@@ -22,7 +22,7 @@ from langgraph.checkpoint.base import (
 from langgraph.checkpoint.base.id import uuid6
 
 from immagent import Store, checkpoints
-from immagent.assets import Kind
+from immagent.assets import Kind, Value
 from immagent.integrations.langgraph import ImmAgentSaver
 
 MD: CheckpointMetadata = {"source": "loop", "step": 0, "parents": {}}
@@ -167,7 +167,8 @@ async def _freeze(x: psycopg.AsyncConnection[Any], saver: ImmAgentSaver, at: str
                   checkpoint: Checkpoint, value: int) -> None:
     """Make X hold what the write of ``checkpoint`` with ``value`` will wait for."""
     if at == "asset":  # X inserts the write's new value asset, uncommitted
-        leaf = saver._value("x", value)
+        kind, data = saver.serde.dumps_typed(value)
+        leaf = Value(type=kind, data=data)
         await x.execute("INSERT INTO immagent_assets (digest, kind, refs, body) "
                         "VALUES (%s, %s, NULL, %s)", (leaf.digest, int(leaf.kind), leaf.body))
     elif at == "delete":  # X locks the row the write replaces
