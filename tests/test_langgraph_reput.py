@@ -151,11 +151,18 @@ async def two_stores(pg_store_dsn: str) -> AsyncIterator[list[Store]]:
         await s.close()
 
 
+#: Sessions of this test's database waiting for a lock (the server is shared: sessions of
+#: other databases must not count).
+_WAITING = ("SELECT count(DISTINCT l.pid) FROM pg_locks l JOIN pg_stat_activity a "
+            "ON a.pid = l.pid WHERE NOT l.granted AND a.datname = current_database()")
+
+
 async def _until_queued(dsn: str, task: asyncio.Task[Any]) -> None:
-    """Wait until some session waits for a lock, or ``task`` has finished."""
+    """Wait until some session of this database waits for a lock, or ``task`` has
+    finished."""
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         for _ in range(1000):
-            cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+            cur = await conn.execute(_WAITING)
             row = await cur.fetchone()
             if (row is not None and row[0] > 0) or task.done():
                 return
@@ -230,7 +237,7 @@ async def test_two_writers_in_every_forced_order(
 
 async def _waiting(dsn: str) -> int:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        cur = await conn.execute("SELECT count(DISTINCT pid) FROM pg_locks WHERE NOT granted")
+        cur = await conn.execute(_WAITING)
         row = await cur.fetchone()
         return 0 if row is None else int(row[0])
 
