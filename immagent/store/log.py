@@ -155,6 +155,18 @@ class EventLog:
             backend = MemoryBackend()
         return cls(backend, name=dsns.redact(target.dsn), cache_entries=cache_entries)
 
+    @classmethod
+    def over(cls, conn: object, *, cache_entries: int = 20_000) -> Self:
+        """A log over a caller's open psycopg ``AsyncConnectionPool`` or ``AsyncConnection``
+        (bring your own pool, as LangGraph's ``AsyncPostgresSaver(conn)``): used on the
+        loop it belongs to, never closed by ``close()`` (its owner closes it). Call
+        ``init_schema()`` once, as after ``connect``."""
+        check_count("cache_entries", cache_entries, 0, 10_000_000)
+        from immagent.store.postgres import PostgresBackend
+
+        return cls(PostgresBackend.lend(conn), name="a lent PostgreSQL connection",
+                   cache_entries=cache_entries)
+
     async def __aenter__(self) -> Self:
         return self
 

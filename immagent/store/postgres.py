@@ -14,6 +14,7 @@ statements are per session: the DSN parameter ``prepare_threshold=none`` turns t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -23,6 +24,7 @@ from uuid import UUID
 
 import psycopg
 import psycopg.conninfo
+import psycopg.rows
 import psycopg_pool
 from psycopg import errors as pg_errors
 
@@ -148,8 +150,22 @@ class PostgresBackend(StateQueries):
     _dialect = Dialect(columns=_STATE_COLUMNS, mark="%s",
                        contains="strpos(lower(stream), %s) > 0", uuid=UUID)
 
-    def __init__(self, pool: psycopg_pool.AsyncConnectionPool[Any]) -> None:
+    def __init__(self, pool: psycopg_pool.AsyncConnectionPool[Any] | _Lent) -> None:
         self._pool = pool
+
+    @classmethod
+    def lend(cls, conn: object) -> PostgresBackend:
+        """A backend over a caller's open psycopg ``AsyncConnectionPool`` or
+        ``AsyncConnection`` (configured as the caller likes: autocommit, row factory),
+        which this backend never closes. ValidationError ``conn`` for anything else."""
+        if isinstance(conn, psycopg_pool.AsyncConnectionPool | psycopg.AsyncConnection):
+            return cls(_Lent(conn))
+        if isinstance(conn, psycopg_pool.ConnectionPool | psycopg.Connection):
+            raise ValidationError("conn", "a sync psycopg connection or pool cannot serve "
+                                  "immagent's async store: pass a psycopg AsyncConnection "
+                                  "or AsyncConnectionPool, or a DSN", None)
+        raise ValidationError("conn", f"must be a psycopg AsyncConnection or "
+                              f"AsyncConnectionPool, got {type(conn).__name__}", None)
 
     @classmethod
     async def open(cls, dsn: str, *, min_size: int = 2, max_size: int = 10,
@@ -746,6 +762,53 @@ async def _insert_states(cur: psycopg.AsyncCursor[Any], states: Sequence[StateRo
                           (list(conflicts),))
         kept.update({r[0]: r[1] for r in await cur.fetchall()})
         pending = [s for s in pending if s.id in conflicts]
+
+
+class _Lent:
+    """A caller's pool or connection, used the way this backend uses its own pool: one
+    connection per call (a lone connection serves one call at a time), rows as tuples
+    whatever row factory the caller set, the transaction ended at the end of the call (as
+    ``AsyncConnectionPool.connection()`` ends it: committed, or rolled back on error), and
+    never closed here: its owner closes it."""
+
+    def __init__(self, lent: psycopg_pool.AsyncConnectionPool[Any]
+                 | psycopg.AsyncConnection[Any]) -> None:
+        self._lent = lent
+        self._one = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def connection(self, timeout: float | None = None
+                         ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        if isinstance(self._lent, psycopg_pool.AsyncConnectionPool):
+            async with self._lent.connection(timeout=timeout) as conn, _tuple_rows(conn):
+                yield conn
+            return
+        conn = self._lent
+        if conn.closed:
+            raise psycopg_pool.PoolClosed("the connection lent to immagent is closed")
+        async with self._one, _tuple_rows(conn):
+            try:
+                yield conn
+            except BaseException:
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    await conn.rollback()
+                raise
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                await conn.commit()
+
+    async def close(self) -> None:
+        """Nothing: the caller owns the pool or connection."""
+
+
+@contextlib.asynccontextmanager
+async def _tuple_rows(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
+    """This backend reads rows by position: tuples while it uses ``conn``."""
+    saved = conn.row_factory
+    conn.row_factory = psycopg.rows.tuple_row
+    try:
+        yield
+    finally:
+        conn.row_factory = saved
 
 
 def _password(dsn: str) -> str | None:
