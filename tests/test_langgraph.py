@@ -557,26 +557,23 @@ async def test_gc_after_delete_thread_keeps_the_others(store: Store, store_dsn: 
     assert (await store.verify()).ok
 
 
-async def test_prune_keeps_the_newest_per_namespace_and_refuses_delta_threads(
-        store: Store) -> None:
+async def test_prune_keeps_the_newest_per_namespace_and_its_writes(store: Store) -> None:
+    # (Delta threads, which keep more: tests/test_langgraph_delta.py.)
     saver = ImmAgentSaver(store)
     parent: Any = None
     for i in range(3):
         parent = await _put(saver, "t", parent, {"m": [i]}, {"m": i + 1})
         await saver.aput_writes(parent, [("m", [i])], "task")
-    delta = await _put(saver, "d", None, {}, {},
-                       metadata={"counters_since_delta_snapshot": {"m": [1, 1]}})
-    with pytest.raises(ValidationError, match="DeltaChannel"):
-        await saver.aprune(["t", "d"])
-    assert await store.count_states(Kind.CHECKPOINT) == 4  # nothing pruned
+    other = await _put(saver, "d", None, {"x": 1}, {"x": 1})
     await saver.aprune(["t"])
     kept = [t async for t in saver.alist(_config("t"))]
     assert [t.config["configurable"]["checkpoint_id"] for t in kept] == [
         parent["configurable"]["checkpoint_id"]]
     assert kept[0].pending_writes == [("task", "m", [2])]
     assert await store.count_states(Kind.CHECKPOINT_WRITES) == 1
+    assert await saver.aget_tuple(other) is not None  # another thread: untouched
     await saver.aprune(["d"], strategy="delete")
-    assert await saver.aget_tuple(delta) is None
+    assert await saver.aget_tuple(other) is None
 
 
 async def test_verify_and_gc_check_every_row_the_saver_wrote(store: Store,

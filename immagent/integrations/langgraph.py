@@ -62,7 +62,7 @@ from typing import Any, Final, Generic, TypeVar, cast
 from immagent import checkpoints as cp
 from immagent.audit.bundle import BundleInfo
 from immagent.clients.agents import Store
-from immagent.clients.checkpoints import CheckpointLog
+from immagent.clients.checkpoints import CheckpointLog, Snapshot
 from immagent.exceptions import ValidationError
 from immagent.integrations.bridge import (
     MissingExtraError,
@@ -88,6 +88,11 @@ try:
     from langgraph.checkpoint.serde.base import SerializerProtocol
 except ImportError as e:  # the extra is not installed
     raise MissingExtraError("ImmAgentSaver", "langgraph") from e
+try:  # DeltaChannel's snapshot (LangGraph 1.2+, beta)
+    from langgraph.checkpoint.base import DeltaChannelHistory
+    from langgraph.checkpoint.serde.types import _DeltaSnapshot
+except ImportError:  # an older LangGraph: no delta channels to store
+    _DeltaSnapshot = None  # type: ignore[assignment, misc]
 
 __all__ = ["ImmAgentSaver", "SyncCallError"]
 
@@ -257,7 +262,8 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
         checkpoint_id = cp.expand_id(body.checkpoint_id)
         checkpoint: dict[str, Any] = {
             "v": body.v, "id": checkpoint_id, "ts": cp.decode_ts(body.ts),
-            "channel_values": await client.channel_values(row, body),
+            "channel_values": {name: _from_snapshot(value) for name, value in
+                               (await client.channel_values(row, body)).items()},
             "channel_versions": dict(body.versions),
             "versions_seen": {node: dict(seen) for node, seen in body.seen.items()},
             "updated_channels": body.updated,
@@ -300,6 +306,12 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
             raise ValidationError("metadata", f"must be a mapping, got "
                                   f"{type(metadata).__name__}", None)
         thread_id, ns = target.thread_id, target.checkpoint_ns
+        values = checkpoint.get("channel_values")
+        if values and _DeltaSnapshot is not None and any(
+                type(v) is _DeltaSnapshot and type(v.value) is list for v in values.values()):
+            checkpoint = cast(Checkpoint, {**checkpoint, "channel_values": {
+                name: Snapshot(v.value) if type(v) is _DeltaSnapshot and type(v.value) is list
+                else v for name, v in values.items()}})
         await self._checkpoints.put(
             thread_id, ns, checkpoint_id, target.checkpoint_id, checkpoint,
             get_serializable_checkpoint_metadata(config, metadata), new_versions)
@@ -363,6 +375,26 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
         and load it anywhere with ``Store.import_states``."""
         return await self._checkpoints.export(
             cp.check_key("thread_id", thread_id, coerce=True), path)
+
+    async def _delta_history(self, config: RunnableConfig,
+                             channels: Sequence[str]) -> dict[str, DeltaChannelHistory]:
+        target = _target(config)
+        if isinstance(channels, str) or not isinstance(channels, Sequence):
+            raise ValidationError("channels", f"must be a sequence of channel names, got "
+                                  f"{type(channels).__name__}", None)
+        names = [cp.check_key(f"channels[{i}]", c) for i, c in enumerate(channels)]
+        found = await self._checkpoints.delta_history(
+            target.thread_id, target.checkpoint_ns, target.checkpoint_id, names)
+        out: dict[str, DeltaChannelHistory] = {}
+        for name, history in found.items():
+            writes = [(task_id, name, value) for group in history.writes
+                      for _, task_id, _, value in sorted(
+                          group, key=lambda w: writes_sort_key(w[0], w[1], w[2]))]
+            entry: DeltaChannelHistory = {"writes": writes}
+            if history.seeded:
+                entry["seed"] = _from_snapshot(history.seed)
+            out[name] = entry
+        return out
 
     # -- versions -----------------------------------------------------------------------------
 
@@ -473,6 +505,22 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
         """Sync ``aexport``."""
         return self._host.call(lambda _: self._export(thread_id, path))
 
+    async def aget_delta_channel_history(
+            self, *, config: RunnableConfig, channels: Sequence[str]
+    ) -> Mapping[str, DeltaChannelHistory]:
+        """What LangGraph needs to rebuild ``channels`` (``DeltaChannel``s) at the checkpoint
+        ``config`` names: per channel, the writes of its ancestors oldest first (each
+        checkpoint's in ``writes_sort_key`` order) back to the nearest ancestor storing a
+        value for it, and that value as ``seed`` (absent: start empty). The walk follows
+        parent links, never listing order, so a fork replays only its own branch."""
+        return await self._hop(lambda: self._delta_history(config, channels))
+
+    def get_delta_channel_history(
+            self, *, config: RunnableConfig, channels: Sequence[str]
+    ) -> Mapping[str, DeltaChannelHistory]:
+        """Sync ``aget_delta_channel_history``."""
+        return self._host.call(lambda _: self._delta_history(config, channels))
+
     async def alist(self, config: RunnableConfig | None, *,
                     filter: dict[str, Any] | None = None,
                     before: RunnableConfig | None = None,
@@ -548,6 +596,13 @@ class _Done:
 
 
 _DONE: Final = _Done()
+
+
+def _from_snapshot(value: Any) -> Any:
+    """A value as LangGraph reads it: a stored snapshot is its ``_DeltaSnapshot``."""
+    if type(value) is Snapshot and _DeltaSnapshot is not None:
+        return _DeltaSnapshot(value.value)
+    return value
 
 
 def _running() -> asyncio.AbstractEventLoop | None:
