@@ -8,7 +8,7 @@ UV := $(shell bash scripts/bootstrap.sh)
 RUN = $(UV) run --no-sync
 
 .PHONY: dev fmt lint typecheck check test test-cov bench bench-full bench-scale bench-scale-full \
-        demo pg cluster clean
+        demo pg cluster clean peer-langgraph peer-langgraph-conformance
 
 dev:            ## install the venv with every extra and dev tool
 	@bash scripts/bootstrap.sh >/dev/null && echo "venv ready: .venv"
@@ -40,6 +40,14 @@ test:           ## the whole suite against real PostgreSQL (started here) and SQ
 	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
 	  $(RUN) pytest
 
+peer-langgraph: ## LangGraph's own graph tests with ImmAgentSaver beside its savers (~1 h; weekly and before a release)
+	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
+	  $(RUN) python scripts/peer_langgraph.py graph $(if $(LANGGRAPH_SRC),--src $(LANGGRAPH_SRC))
+
+peer-langgraph-conformance: ## LangGraph's checkpoint conformance suite from its main branch (minutes)
+	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
+	  $(RUN) python scripts/peer_langgraph.py conformance $(if $(LANGGRAPH_SRC),--src $(LANGGRAPH_SRC))
+
 test-cov:
 	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
 	  $(RUN) pytest --cov=immagent --cov-report=term-missing
@@ -60,4 +68,4 @@ bench-scale-full:
 	@$(RUN) python -m benchmarks.scale --full --json bench-scale-results.json
 
 clean:
-	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache demo.db*
+	rm -rf .venv .peer .mypy_cache .ruff_cache .pytest_cache demo.db*
