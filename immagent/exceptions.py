@@ -11,24 +11,37 @@ __all__ = [
     "AssetNotFoundError",
     "BundleError",
     "ConflictError",
+    "ExtraNotInstalledError",
     "ImmAgentError",
     "IntegrityError",
     "LLMError",
     "MessageNotFoundError",
     "SchemaMissingError",
     "SchemaVersionError",
+    "SessionClosedError",
     "StaleStreamError",
     "StoreClosedError",
     "StoreConnectionError",
     "StoreError",
     "ToolExecutionError",
     "TurnIncompleteError",
+    "UnsupportedTypeError",
     "ValidationError",
 ]
 
 
 class ImmAgentError(Exception):
     """Base class of every error raised by immagent."""
+
+
+class ExtraNotInstalledError(ImmAgentError, ImportError):
+    """An integration's framework is not installed; the message names the pip command that
+    installs it (also an ImportError, so code guarding an import still catches it)."""
+
+    def __init__(self, module: str, extra: str) -> None:
+        self.extra = extra
+        super().__init__(f"{module} needs the {extra!r} extra: "
+                         f"pip install 'immagent[{extra}]'")
 
 
 class ValidationError(ImmAgentError, ValueError):
@@ -38,6 +51,12 @@ class ValidationError(ImmAgentError, ValueError):
         self.field = field
         self.value = value
         super().__init__(f"{field}: {message}")
+
+
+class UnsupportedTypeError(ValidationError, TypeError):
+    """A value of a type that cannot be stored (a set or bytes in a JSON value, a key that
+    is not a str): also the TypeError that JSON encoders (and so the Agents SDK's
+    sessions) raise for it."""
 
 
 class AssetNotFoundError(ImmAgentError, LookupError):
@@ -79,6 +98,11 @@ class StoreConnectionError(StoreError):
 
 class StoreClosedError(StoreError):
     """The Store was used after close()."""
+
+
+class SessionClosedError(StoreClosedError, RuntimeError):
+    """An Agents SDK session was used after close(): also the RuntimeError the SDK's own
+    sessions raise, so callers that catch theirs catch ours."""
 
 
 class SchemaVersionError(StoreError):
