@@ -1,6 +1,6 @@
 """ImmAgentSaver for sync LangGraph code, opened the ways LangGraph's savers are: ``with
 from_conn_string(...)`` beside ``SqliteSaver`` (file paths with any suffix, ``":memory:"``),
-on PostgreSQL, over an existing Store or a psycopg pool or connection you own; the bridge
+on PostgreSQL, over an existing Store or a psycopg pool or connection you own; the host
 between threads and loops (no deadlock on the store's loop, no leaked thread or loop);
 the install hint when LangGraph is missing."""
 
@@ -262,5 +262,5 @@ def test_a_missing_extra_names_the_install_command() -> None:
             "    print(type(e).__name__, isinstance(e, ImportError), e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT)
-    assert out.stdout.startswith("MissingExtraError True ")
+    assert out.stdout.startswith("ExtraNotInstalledError True ")
     assert "pip install 'immagent[langgraph]'" in out.stdout

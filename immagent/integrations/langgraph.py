@@ -30,7 +30,7 @@ leave.
 so that two forks of a thread never share a blob key; here a value is found by digest from
 its checkpoint, so plain counters are enough and keep every row small.
 
-**Sync and async** (``immagent.integrations.bridge``): the store runs on one event loop.
+**Sync and async** (``immagent.store.hosting``): the store runs on one event loop.
 ``with from_conn_string(...)`` gives it a private loop in a daemon thread, so sync calls
 (``graph.invoke``) work from any thread and async ones from any loop; ``async with`` or a
 shared store run it on the caller's loop, where async calls run directly and sync ones work
@@ -63,14 +63,10 @@ from immagent import checkpoints as cp
 from immagent.audit.bundle import BundleInfo
 from immagent.clients.agents import Store
 from immagent.clients.checkpoints import CheckpointLog, Snapshot
-from immagent.exceptions import ValidationError
-from immagent.integrations.bridge import (
-    MissingExtraError,
-    StoreHost,
-    SyncCallError,
-    langgraph_dsn,
-)
+from immagent.exceptions import ExtraNotInstalledError, ValidationError
 from immagent.records import StateRow
+from immagent.store import dsn as dsns
+from immagent.store.hosting import Host, OwnedHost, SharedHost, SyncCallError
 from immagent.store.log import EventLog
 
 try:
@@ -87,7 +83,7 @@ try:
     )
     from langgraph.checkpoint.serde.base import SerializerProtocol
 except ImportError as e:  # the extra is not installed
-    raise MissingExtraError("ImmAgentSaver", "langgraph") from e
+    raise ExtraNotInstalledError("immagent.integrations.langgraph", "langgraph") from e
 try:  # DeltaChannel's snapshot (LangGraph 1.2+, beta)
     from langgraph.checkpoint.base import DeltaChannelHistory
     from langgraph.checkpoint.serde.types import _DeltaSnapshot
@@ -124,31 +120,22 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
                                   "an EventLog", None)
         if not isinstance(store, Store):
             store = Store.over(store)  # a psycopg pool or connection; else ValidationError
-        self._bind(StoreHost.share(store), serde)
+        self._bind(SharedHost(store, _WHAT), store, serde)
 
-    def _bind(self, host: StoreHost, serde: SerializerProtocol | None) -> None:
+    def _bind(self, host: Host, store: EventLog, serde: SerializerProtocol | None,
+              owned: EventLog | None = None) -> None:
         super().__init__(serde=serde)
         self._host = host
-        self._client = CheckpointLog(host.store, self.serde)
-
-    @classmethod
-    def _hosted(cls: type[S], host: StoreHost, serde: SerializerProtocol | None) -> S:
-        saver = cls.__new__(cls)
-        try:
-            saver._bind(host, serde)
-        except BaseException:
-            host.close()
-            raise
-        # Dropped without close(), a private loop thread is still released.
-        saver._finalizer = weakref.finalize(saver, host.close)
-        return saver
+        self._store = store
+        self._owned = owned  # a store ``async with from_conn_string`` opened: closed here
+        self._client = CheckpointLog(store, self.serde)
 
     _finalizer: weakref.finalize[Any, Any] | None = None
 
     @property
     def store(self) -> Store:
         """The immagent Store the checkpoints live in (verify, gc, export through it)."""
-        return self._host.store
+        return cast(Store, self._store)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
@@ -173,36 +160,55 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
         ``async with`` (the current loop, as ``AsyncSqliteSaver``/``AsyncPostgresSaver``).
         Takes what LangGraph's savers take (``":memory:"``, a SQLite path with any suffix,
         a PostgreSQL URI or libpq string) and immagent DSNs; ``connect`` goes to
-        ``Store.connect``. Call ``setup()`` once (``await saver.setup()`` in async code)."""
-        return _Opening(cls, langgraph_dsn(conn_string), serde, connect)
+        ``Store.connect`` (async form). Call ``setup()`` once (``await saver.setup()`` in
+        async code)."""
+        return _Opening(cls, _dsn(conn_string), serde, connect)
 
     def setup(self) -> Awaitable[None]:
         """Create (or migrate) the store's tables; idempotent, safe from several processes.
         ``saver.setup()`` in sync code, ``await saver.setup()`` in async code (on the
         saver's loop the work happens when awaited; elsewhere it is done before this
         returns, and the result can still be awaited)."""
-        if _running() is self._host.loop and self._host.loop is not None:
-            return self.asetup()
-        if self._host.loop is None and _running() is not None:
-            return self.asetup()  # a shared store's first call: this loop becomes its loop
-        self._host.call(lambda s: s.init_schema())
+        running = _running()
+        if running is not None and self._host.loop in (running, None):
+            return self.asetup()  # (a shared store's first call: this loop becomes its loop)
+        self._host.call(_init_schema, write=True)
         return _DONE
 
     async def asetup(self) -> None:
         """``setup`` from async code, on any loop."""
-        await self._host.acall(lambda s: s.init_schema())
+        await self._host.run(_init_schema, write=True)
 
     def close(self) -> None:
-        """Close what ``from_conn_string`` opened (idempotent; a shared store stays open)."""
-        self._host.close()
+        """Close what ``from_conn_string`` opened (idempotent; a shared store stays open).
+        A store ``async with`` opened closes on its own loop: from that loop, ``aclose``."""
+        if self._owned is not None and not self._owned.closed:
+            owned = self._owned
+            self._call(lambda: owned.close(), write=True)
+        self._host.release()
 
     async def aclose(self) -> None:
         """``close`` from async code."""
-        await self._host.aclose()
+        if self._owned is not None and not self._owned.closed:
+            owned = self._owned
+            await self._host.run(lambda _: owned.close(), write=True)
+        await asyncio.to_thread(self._host.release)
 
-    async def _hop(self, make: Callable[[], Awaitable[T]]) -> T:
+    async def _hop(self, make: Callable[[], Awaitable[T]], *, write: bool = False) -> T:
         """Run an async method's work on the store's loop (here when it is this loop)."""
-        return await self._host.acall(lambda _: make())
+
+        async def work(_: EventLog) -> T:
+            return await make()
+
+        return await self._host.run(work, write=write)
+
+    def _call(self, make: Callable[[], Awaitable[T]], *, write: bool = False) -> T:
+        """A sync method's work, on the store's loop (SyncCallError on that loop itself)."""
+
+        async def work(_: EventLog) -> T:
+            return await make()
+
+        return self._host.call(work, write=write)
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -411,8 +417,8 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
     # -- the public API: async on any loop, sync from any thread but the store's loop -----
     #
     # Each method's work (the ``_`` methods above) runs on the loop the store runs on: an
-    # async call from another loop hands it over (StoreHost.acall), a sync call blocks its
-    # thread until it is done (StoreHost.call; on the store's own loop that would wait for
+    # async call from another loop hands it over (Host.run), a sync call blocks its
+    # thread until it is done (Host.call; on the store's own loop that would wait for
     # itself, so it raises SyncCallError, as LangGraph's async savers do).
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
@@ -422,68 +428,69 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
 
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         """Sync ``aget_tuple``."""
-        return self._host.call(lambda _: self._get_tuple(config))
+        return self._call(lambda: self._get_tuple(config))
 
     async def aput(self, config: RunnableConfig, checkpoint: Checkpoint,
                    metadata: CheckpointMetadata,
                    new_versions: ChannelVersions) -> RunnableConfig:
         """Store ``checkpoint`` as the child of the checkpoint ``config`` names: one state
         row, plus the values it does not share with what is stored (one transaction)."""
-        return await self._hop(lambda: self._put(config, checkpoint, metadata, new_versions))
+        return await self._hop(lambda: self._put(config, checkpoint, metadata, new_versions),
+                               write=True)
 
     def put(self, config: RunnableConfig, checkpoint: Checkpoint, metadata: CheckpointMetadata,
             new_versions: ChannelVersions) -> RunnableConfig:
         """Sync ``aput``."""
-        return self._host.call(lambda _: self._put(config, checkpoint, metadata, new_versions))
+        return self._call(lambda: self._put(config, checkpoint, metadata, new_versions), write=True)
 
     async def aput_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
                           task_id: str, task_path: str = "") -> None:
         """Store the writes of task ``task_id`` on the checkpoint ``config`` names (which
         may be written after them: LangGraph saves both in the background)."""
-        await self._hop(lambda: self._put_writes(config, writes, task_id, task_path))
+        await self._hop(lambda: self._put_writes(config, writes, task_id, task_path), write=True)
 
     def put_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
                    task_id: str, task_path: str = "") -> None:
         """Sync ``aput_writes``."""
-        self._host.call(lambda _: self._put_writes(config, writes, task_id, task_path))
+        self._call(lambda: self._put_writes(config, writes, task_id, task_path), write=True)
 
     async def adelete_thread(self, thread_id: str) -> None:
         """Delete every checkpoint and write of ``thread_id`` (rows only: ``store.gc()``
         reclaims the values nothing else uses)."""
-        await self._hop(lambda: self._delete_thread(thread_id))
+        await self._hop(lambda: self._delete_thread(thread_id), write=True)
 
     def delete_thread(self, thread_id: str) -> None:
         """Sync ``adelete_thread``."""
-        self._host.call(lambda _: self._delete_thread(thread_id))
+        self._call(lambda: self._delete_thread(thread_id), write=True)
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         """Copy every checkpoint and write of one thread to another in one transaction:
         new rows, the same checkpoint ids, the same values (no asset is written)."""
-        await self._hop(lambda: self._copy_thread(source_thread_id, target_thread_id))
+        await self._hop(lambda: self._copy_thread(source_thread_id, target_thread_id), write=True)
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         """Sync ``acopy_thread``."""
-        self._host.call(lambda _: self._copy_thread(source_thread_id, target_thread_id))
+        self._call(lambda: self._copy_thread(source_thread_id, target_thread_id), write=True)
 
     async def aprune(self, thread_ids: Sequence[str], *,
                      strategy: str = "keep_latest") -> None:
         """``"keep_latest"``: keep the newest checkpoint of each namespace of each thread,
         what its reconstruction needs and its writes; ``"delete"``: delete the threads.
         Rows only (``store.gc()`` reclaims values)."""
-        await self._hop(lambda: self._prune(thread_ids, strategy=strategy))
+        await self._hop(lambda: self._prune(thread_ids, strategy=strategy), write=True)
 
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         """Sync ``aprune``."""
-        self._host.call(lambda _: self._prune(thread_ids, strategy=strategy))
+        self._call(lambda: self._prune(thread_ids, strategy=strategy), write=True)
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
         """Delete the checkpoints whose metadata ``run_id`` is one of ``run_ids``, and their
         writes. Run ids are not indexed: this reads every checkpoint's metadata."""
-        await self._hop(lambda: self._delete_for_runs(run_ids))
+        await self._hop(lambda: self._delete_for_runs(run_ids), write=True)
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
         """Sync ``adelete_for_runs``."""
-        self._host.call(lambda _: self._delete_for_runs(run_ids))
+        self._call(lambda: self._delete_for_runs(run_ids), write=True)
 
     async def adigest(self, config: RunnableConfig) -> bytes | None:
         """The content digest of the checkpoint ``config`` names (or the newest of its
@@ -493,17 +500,17 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
 
     def digest(self, config: RunnableConfig) -> bytes | None:
         """Sync ``adigest``."""
-        return self._host.call(lambda _: self._digest(config))
+        return self._call(lambda: self._digest(config))
 
     async def aexport(self, thread_id: str, path: str | os.PathLike[str]) -> BundleInfo:
         """Write an audit bundle of the thread (every checkpoint and write, every namespace,
         and every value they reach) to ``path``; check it with ``immagent.verify_bundle``
         and load it anywhere with ``Store.import_states``."""
-        return await self._hop(lambda: self._export(thread_id, path))
+        return await self._hop(lambda: self._export(thread_id, path), write=True)
 
     def export(self, thread_id: str, path: str | os.PathLike[str]) -> BundleInfo:
         """Sync ``aexport``."""
-        return self._host.call(lambda _: self._export(thread_id, path))
+        return self._call(lambda: self._export(thread_id, path), write=True)
 
     async def aget_delta_channel_history(
             self, *, config: RunnableConfig, channels: Sequence[str]
@@ -519,7 +526,7 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
             self, *, config: RunnableConfig, channels: Sequence[str]
     ) -> Mapping[str, DeltaChannelHistory]:
         """Sync ``aget_delta_channel_history``."""
-        return self._host.call(lambda _: self._delta_history(config, channels))
+        return self._call(lambda: self._delta_history(config, channels))
 
     async def alist(self, config: RunnableConfig | None, *,
                     filter: dict[str, Any] | None = None,
@@ -546,14 +553,14 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
         listing = self._list(config, filter=filter, before=before, limit=limit)
         try:
             while True:
-                more, item = self._host.call(lambda _: _step(listing))
+                more, item = self._call(lambda: _step(listing))
                 if not more:
                     return
                 assert item is not None
                 yield item
         finally:
             with contextlib.suppress(SyncCallError):
-                self._host.call(lambda _: listing.aclose())
+                self._call(listing.aclose)
 
 
 class _Opening(Generic[S]):
@@ -569,18 +576,25 @@ class _Opening(Generic[S]):
         self._saver: S | None = None
 
     def __enter__(self) -> S:
-        self._saver = self._cls._hosted(StoreHost.start(self._dsn, **self._connect),
-                                        self._serde)
-        return self._saver
+        host = OwnedHost(self._dsn, _WHAT)
+        store = host.open()  # errors here, and no thread left behind
+        saver = self._cls.__new__(self._cls)
+        saver._bind(host, store, self._serde)
+        # Dropped without close(), the private loop thread is still released.
+        saver._finalizer = weakref.finalize(saver, host.release)
+        self._saver = saver
+        return saver
 
     def __exit__(self, *exc: object) -> None:
         if self._saver is not None:
             self._saver.close()
 
     async def __aenter__(self) -> S:
-        self._saver = self._cls._hosted(await StoreHost.open(self._dsn, **self._connect),
-                                        self._serde)
-        return self._saver
+        store = await Store.connect(self._dsn, **self._connect)
+        saver = self._cls.__new__(self._cls)
+        saver._bind(SharedHost(store, _WHAT), store, self._serde, owned=store)
+        self._saver = saver
+        return saver
 
     async def __aexit__(self, *exc: object) -> None:
         if self._saver is not None:
@@ -596,6 +610,24 @@ class _Done:
 
 
 _DONE: Final = _Done()
+
+
+#: How the saver is named in the host's errors.
+_WHAT: Final = "ImmAgentSaver"
+
+
+def _dsn(conn_string: object) -> str:
+    """The DSN of a connection string as LangGraph's savers take it: a ``postgresql://``
+    URI or libpq string, ``":memory:"`` (a throwaway in-process store, immagent's
+    ``memory://``), or a SQLite file path with any suffix or none; immagent's own DSNs pass
+    through."""
+    if conn_string == ":memory:":
+        return "memory://"
+    return dsns.parse(conn_string, bare_paths=True).dsn
+
+
+async def _init_schema(store: EventLog) -> None:
+    await store.init_schema()
 
 
 def _from_snapshot(value: Any) -> Any:
