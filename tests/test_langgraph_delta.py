@@ -185,3 +185,56 @@ async def test_prune_of_a_delta_thread_with_writes_since_its_snapshot_seeded_at_
     await saver.aprune(["t"])
     assert len([t async for t in saver.alist(config())]) == 1
     assert await contents(build(ImmAgentSaver(store))) == before
+
+
+# -- the two fork reports against LangGraph's delta replay (langgraph#8443, #8551) ----------
+
+
+def _append(current: Any, writes: Sequence[Any]) -> list[Any]:
+    out = list(current or [])
+    for write in writes:
+        out.extend(write if isinstance(write, list) else [write])
+    return out
+
+
+class LogState(TypedDict):
+    log: Annotated[list[str], DeltaChannel(_append, snapshot_frequency=1000)]
+
+
+def log_graph(saver: Any, tag: str) -> Any:
+    async def node(state: LogState) -> dict[str, list[str]]:
+        return {"log": [f"{tag}-out"]}
+
+    builder = StateGraph(LogState)
+    builder.add_node("node", node)
+    builder.add_edge(START, "node")
+    builder.add_edge("node", END)
+    return builder.compile(checkpointer=saver)
+
+
+async def _forks(saver: Any) -> list[list[str]]:
+    """A run, a second run, then a third run addressed at the first one's checkpoint (a
+    fork), and an update_state against that shared base; what each reads back."""
+    at = config("forks")
+    await log_graph(saver, "first").ainvoke({"log": ["in-1"]}, at)
+    base = (await log_graph(saver, "x").aget_state(at)).config
+    await log_graph(saver, "second").ainvoke({"log": ["in-2"]}, at)
+    second = (await log_graph(saver, "x").aget_state(at)).config
+    live = (await log_graph(saver, "third").ainvoke({"log": ["in-3"]}, base))["log"]
+    reloaded = (await log_graph(saver, "x").aget_state(at)).values["log"]
+    await log_graph(saver, "x").aupdate_state(base, {"log": ["edit"]})
+    edited = (await log_graph(saver, "x").aget_state(at)).values["log"]
+    old_branch = (await log_graph(saver, "x").aget_state(second)).values["log"]
+    return [live, reloaded, edited, old_branch]
+
+
+async def test_forks_of_a_shared_base_see_their_own_branch_only(store: Store) -> None:
+    theirs, ours = await _forks(InMemorySaver()), await _forks(ImmAgentSaver(store))
+    assert ours == theirs == [["in-1", "first-out", "in-3", "third-out"],
+                              ["in-1", "first-out", "in-3", "third-out"],
+                              ["in-1", "first-out", "edit"],
+                              ["in-1", "first-out", "in-2", "second-out"]]
+    # A new saver (nothing in memory) reads the same.
+    cold = ImmAgentSaver(store)
+    assert (await log_graph(cold, "x").aget_state(config("forks"))).values["log"] == \
+        ["in-1", "first-out", "edit"]
