@@ -9,7 +9,8 @@ RUN = $(UV) run --no-sync
 
 .PHONY: dev fmt lint typecheck check test test-cov bench bench-full bench-scale bench-scale-full \
         bench-reliability demo pg cluster clean test-agents-range peer-agents peer-pydantic-ai \
-        peer-pydantic-ai-check test-pydantic-ai-range
+        peer-pydantic-ai-check test-pydantic-ai-range \
+        peer-langgraph peer-langgraph-conformance
 
 dev:            ## install the venv with every extra and dev tool
 	@bash scripts/bootstrap.sh >/dev/null && echo "venv ready: .venv"
@@ -47,6 +48,14 @@ test-agents-range: ## the session tests on the oldest and newest openai-agents c
 peer-agents:    ## the Agents SDK's own memory tests against ImmAgentSession, beside its sessions
 	@bash scripts/peer-agents.sh
 
+peer-langgraph: ## LangGraph's own graph tests with ImmAgentSaver beside its savers (~1 h; weekly and before a release)
+	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
+	  $(RUN) python scripts/peer_langgraph.py graph $(if $(LANGGRAPH_SRC),--src $(LANGGRAPH_SRC))
+
+peer-langgraph-conformance: ## LangGraph's checkpoint conformance suite from its main branch (minutes)
+	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
+	  $(RUN) python scripts/peer_langgraph.py conformance $(if $(LANGGRAPH_SRC),--src $(LANGGRAPH_SRC))
+
 test-cov:
 	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
 	  $(RUN) pytest --cov=immagent --cov-report=term-missing
@@ -83,4 +92,4 @@ peer-pydantic-ai-check: ## the same machinery on a stand-in test file (no pydant
 	@$(RUN) python scripts/peer_pydantic_ai.py --self-check
 
 clean:
-	rm -rf .venv .venv-agents .peer-agents .mypy_cache .ruff_cache .pytest_cache demo.db*
+	rm -rf .venv .venv-agents .peer .peer-agents .mypy_cache .ruff_cache .pytest_cache demo.db*

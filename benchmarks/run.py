@@ -360,6 +360,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         found = asyncio.run(conversations.run(harness_every=1 if args.full else 10))
         conversations.report(found)
         numbers["pydantic_ai_conversations"] = found.as_dict()
+    if not args.no_langgraph:  # DeltaChannel baselines, alone at the end (issues 22, 23)
+        from benchmarks import langgraph_delta
+
+        numbers["langgraph_delta"] = langgraph_delta.run_and_report(
+            full=args.full, backends=args.backends,
+            dsn=(args.dsn or ensure_postgres()) if "postgres" in args.backends else None)
     if args.json:
         args.json.write_text(json.dumps(numbers, indent=2) + "\n")
     if args.plot:

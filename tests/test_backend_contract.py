@@ -169,9 +169,9 @@ class BackendContract:
             WriteResult()
         by_id = {s.id: s for s in await backend.get_states([old.id, gone.id, kept.id])}
         assert set(by_id) == {old.id, kept.id} and by_id[old.id].digest == new.digest
-        # Inserted anew: it is its stream's newest state now.
-        newest = await backend.stream_states(TEST_KIND, "r", limit=1)
-        assert newest[0].id == old.id and by_id[old.id].seq > by_id[kept.id].seq
+        # An upsert: it keeps its place (its seq) in the stream, before `kept`.
+        assert [s.id for s in await backend.stream_states(TEST_KIND, "r")] == [kept.id, old.id]
+        assert by_id[old.id].seq < by_id[kept.id].seq
         # A replacement with nothing to insert is a delete.
         assert await backend.write([], [], replace=[kept.id]) == WriteResult()
         assert [s.id for s in await backend.stream_states(TEST_KIND, "r")] == [old.id]
@@ -212,19 +212,22 @@ class BackendContract:
             == WriteResult(stale=(before,))
         assert [s.id for s in await backend.stream_states(TEST_KIND, "h")] == \
             [second.id, first.id]
-        # Replacing an older state makes it the newest: a writer that read the old head is
-        # refused; the id it now holds is the head.
+        # Replacing an older state keeps it where it was: the head has not moved.
         again = state("h", body=b"again", state_id=first.id)
         assert await backend.write([], [again], replace=[first.id]) == WriteResult()
-        moved = Head(TEST_KIND, "h", second.id)
-        assert await backend.write([], [state("h")], heads=[moved]) == \
-            WriteResult(stale=(moved,))
-        assert await backend.write([], [state("h")], heads=[before]) == WriteResult()
+        assert [s.id for s in await backend.stream_states(TEST_KIND, "h")] == \
+            [second.id, first.id]
+        assert await backend.write([], [state("h")], heads=[before]) == \
+            WriteResult(stale=(before,))
+        assert await backend.write([], [state("h")], heads=[Head(TEST_KIND, "h", second.id)]) \
+            == WriteResult()
 
     async def test_concurrent_replacements_of_one_id_all_commit_and_one_wins(
             self, backend: Backend) -> None:
         old = state("c", body=b"old")
         await backend.write([], [old])
+        (first,) = await backend.get_states([old.id])
+        seq = first.seq
         for attempt in range(3):
             rivals = [state("c", body=b"v%d.%d" % (attempt, i), state_id=old.id)
                       for i in range(8)]
@@ -233,6 +236,7 @@ class BackendContract:
             assert results == [WriteResult()] * len(rivals)
             (row,) = await backend.get_states([old.id])
             assert row.digest in {r.digest for r in rivals}
+            assert row.seq == seq  # every replacement kept the first row's place
             assert await backend.count_states(TEST_KIND) == 1
 
     # -- chains and walks -----------------------------------------------------------------

@@ -99,8 +99,9 @@ class LogBackend(Protocol):
         digest.
 
         The checks see the rows as they were before the write: a head names a stream's
-        newest state before a replacement, and a replaced state written again is inserted
-        anew (a new ``seq``: it becomes its stream's newest). Holds the shared side of the
+        newest state before a replacement. A replaced state written again takes the ``seq``
+        of the row it replaces: it keeps its place in its stream (an upsert; a replaced id
+        that was absent gets a new seq, as any insert). Holds the shared side of the
         gc lock, so no sweep runs between the check and the commit: what this write
         deduplicated onto or points at cannot be swept under it. Writes expecting heads of
         the same stream are serialised, so exactly one of two writers that read the same

@@ -157,6 +157,18 @@ class EventLog:
             backend = MemoryBackend()
         return cls(backend, name=dsns.redact(target.dsn), cache_entries=cache_entries)
 
+    @classmethod
+    def over(cls, conn: object, *, cache_entries: int = 20_000) -> Self:
+        """A log over a caller's open psycopg ``AsyncConnectionPool`` or ``AsyncConnection``
+        (bring your own pool, as LangGraph's ``AsyncPostgresSaver(conn)``): used on the
+        loop it belongs to, never closed by ``close()`` (its owner closes it). Call
+        ``init_schema()`` once, as after ``connect``."""
+        check_count("cache_entries", cache_entries, 0, 10_000_000)
+        from immagent.store.postgres import PostgresBackend
+
+        return cls(PostgresBackend.lend(conn), name="a lent PostgreSQL connection",
+                   cache_entries=cache_entries)
+
     async def __aenter__(self) -> Self:
         return self
 
@@ -226,8 +238,9 @@ class EventLog:
         each of ``heads`` must still be its stream's newest state (StaleStreamError: re-read
         and retry). The states with ids in ``replace`` (absent ones are fine; what
         ``delete_states`` refuses is refused) are deleted in the same transaction, before
-        ``states`` are inserted: a replaced id written again becomes its stream's newest
-        state. Nothing is written on error."""
+        ``states`` are inserted: a replaced id written again keeps its place in its stream
+        (the replaced row's seq), so replacing is an upsert that never reorders a stream.
+        Nothing is written on error."""
         assets = check_sequence("assets", assets)
         rows = [storable(f"assets[{i}]", a) for i, a in enumerate(assets)]
         await self._write(rows, check_sequence("states", states), assets,

@@ -85,11 +85,15 @@ class MemoryBackend:
                 return WriteResult(missing, conflicts, stale)
             for a in assets:
                 self._assets.setdefault(a.digest, a)
+            kept: dict[UUID, int] = {}  # a replaced row's place in the log, kept
             for state_id in replaced:
-                self._states.pop(state_id, None)
+                old = self._states.pop(state_id, None)
+                if old is not None:
+                    kept[state_id] = old.seq
             for s in states:
                 if s.id not in self._states:
-                    self._states[s.id] = _with_seq(s, next(self._seq))
+                    self._states[s.id] = _with_seq(s, kept[s.id] if s.id in kept
+                                                   else next(self._seq))
         return WriteResult()
 
     def _newest(self, kind: int, stream: str) -> UUID | None:

@@ -25,6 +25,7 @@ from uuid import UUID
 
 import psycopg
 import psycopg.conninfo
+import psycopg.rows
 import psycopg_pool
 from psycopg import errors as pg_errors
 
@@ -106,6 +107,10 @@ _NO_JIT = "SET LOCAL jit = off"
 # strpos, not LIKE: the user's text has no wildcards to escape.
 _INSERT_STATE = ("INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, digest, "
                  "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING")
+# A replacement keeps the place in the log (the seq) of the row it replaces.
+_INSERT_STATE_AT = ("INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, "
+                    "digest, created_at, seq) OVERRIDING SYSTEM VALUE VALUES "
+                    "(%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING")
 
 
 @contextlib.contextmanager
@@ -183,8 +188,22 @@ class PostgresBackend(StateQueries):
     _dialect = Dialect(columns=_STATE_COLUMNS, mark="%s",
                        contains="strpos(lower(stream), %s) > 0", uuid=UUID)
 
-    def __init__(self, pool: psycopg_pool.AsyncConnectionPool[Any]) -> None:
+    def __init__(self, pool: psycopg_pool.AsyncConnectionPool[Any] | _Lent) -> None:
         self._pool = pool
+
+    @classmethod
+    def lend(cls, conn: object) -> PostgresBackend:
+        """A backend over a caller's open psycopg ``AsyncConnectionPool`` or
+        ``AsyncConnection`` (configured as the caller likes: autocommit, row factory),
+        which this backend never closes. ValidationError ``conn`` for anything else."""
+        if isinstance(conn, psycopg_pool.AsyncConnectionPool | psycopg.AsyncConnection):
+            return cls(_Lent(conn))
+        if isinstance(conn, psycopg_pool.ConnectionPool | psycopg.Connection):
+            raise ValidationError("conn", "a sync psycopg connection or pool cannot serve "
+                                  "immagent's async store: pass a psycopg AsyncConnection "
+                                  "or AsyncConnectionPool, or a DSN", None)
+        raise ValidationError("conn", f"must be a psycopg AsyncConnection or "
+                              f"AsyncConnectionPool, got {type(conn).__name__}", None)
 
     @classmethod
     async def open(cls, dsn: str, *, min_size: int = 2, max_size: int = 10,
@@ -313,10 +332,9 @@ class PostgresBackend(StateQueries):
                                 raise _Abort(WriteResult(missing=missing))
                         if heads:
                             await _check_heads(cur, heads)
-                        if replace:
-                            await _delete_replaced(cur, replace)
+                        kept = await _delete_replaced(cur, replace) if replace else {}
                         if states:
-                            await _insert_states(cur, states, replace)
+                            await _insert_states(cur, states, replace, kept)
         except _Abort as stop:
             return stop.result
         return WriteResult()
@@ -763,31 +781,45 @@ async def _check_heads(cur: psycopg.AsyncCursor[Any], heads: Sequence[Head]) -> 
         raise _Abort(WriteResult(stale=tuple(stale)))
 
 
-async def _delete_replaced(cur: psycopg.AsyncCursor[Any], ids: Sequence[UUID]) -> None:
+async def _delete_replaced(cur: psycopg.AsyncCursor[Any],
+                           ids: Sequence[UUID]) -> dict[UUID, int]:
     """Delete the rows a write replaces, serialised with other writes replacing the same
     ids by a transaction lock per id (taken in key order, after any stream lock, so two
-    writers cannot deadlock). Without it the later writer's DELETE, waiting for the earlier
-    one's, would (under READ COMMITTED) skip the row that one inserted; taken first, the
-    DELETE's snapshot starts after the earlier writer committed and sees that row."""
+    writers cannot deadlock); returns their seqs, which their replacements take. Without
+    the lock the later writer's DELETE, waiting for the earlier one's, would (under READ
+    COMMITTED) skip the row that one inserted; taken first, the DELETE's snapshot starts
+    after the earlier writer committed and sees that row."""
     keys = sorted({int.from_bytes(i.bytes[12:], "big", signed=True) for i in ids})
     await cur.execute("SELECT pg_advisory_xact_lock(%s, k) FROM unnest(%s::int4[]) AS k "
                       "ORDER BY k", (_REPLACE_LOCK, keys))
-    await cur.execute("DELETE FROM immagent_states WHERE id = ANY(%s)", (list(ids),))
+    await cur.execute("DELETE FROM immagent_states WHERE id = ANY(%s) RETURNING id, seq",
+                      (list(ids),))
+    return {r[0]: r[1] for r in await cur.fetchall()}
 
 
 async def _insert_states(cur: psycopg.AsyncCursor[Any], states: Sequence[StateRow],
-                         replace: Sequence[UUID]) -> None:
-    """Insert the states; abort the write if an id it skipped is stored with another digest.
+                         replace: Sequence[UUID], kept: dict[UUID, int]) -> None:
+    """Insert the states, a replacement at the seq of the row it replaced (``kept``); abort
+    the write if an id it skipped is stored with another digest.
 
     A replaced id can still be found here: a concurrent write that does not replace it
     inserted it, uncommitted when this write's DELETE ran and committed since. It is
-    deleted and inserted again, once: that DELETE sees the row and locks it, so the id's
-    next writer waits for this one, as memory and SQLite serialise them."""
+    deleted and inserted again (at that row's seq), once: that DELETE sees the row and
+    locks it, so the id's next writer waits for this one, as memory and SQLite serialise
+    them."""
     replaced = set(replace)
     pending = list(states)
     for round_ in range(1, _REPLACE_ROUNDS + 1):
-        await cur.executemany(_INSERT_STATE, [_state_params(s) for s in pending])
-        if cur.rowcount == len(pending):  # else some ids were there already
+        fresh = [_state_params(s) for s in pending if s.id not in kept]
+        moved = [(*_state_params(s), kept[s.id]) for s in pending if s.id in kept]
+        inserted = 0
+        if fresh:
+            await cur.executemany(_INSERT_STATE, fresh)
+            inserted += cur.rowcount
+        if moved:
+            await cur.executemany(_INSERT_STATE_AT, moved)
+            inserted += cur.rowcount
+        if inserted == len(pending):  # else some ids were there already
             return
         digests = {s.id: s.digest for s in pending}
         await cur.execute("SELECT id, digest FROM immagent_states WHERE id = ANY(%s)",
@@ -798,8 +830,57 @@ async def _insert_states(cur: psycopg.AsyncCursor[Any], states: Sequence[StateRo
             raise _Abort(WriteResult(conflicts=outside or conflicts))
         if not conflicts:
             return
-        await cur.execute("DELETE FROM immagent_states WHERE id = ANY(%s)", (list(conflicts),))
+        await cur.execute("DELETE FROM immagent_states WHERE id = ANY(%s) RETURNING id, seq",
+                          (list(conflicts),))
+        kept.update({r[0]: r[1] for r in await cur.fetchall()})
         pending = [s for s in pending if s.id in conflicts]
+
+
+class _Lent:
+    """A caller's pool or connection, used the way this backend uses its own pool: one
+    connection per call (a lone connection serves one call at a time), rows as tuples
+    whatever row factory the caller set, the transaction ended at the end of the call (as
+    ``AsyncConnectionPool.connection()`` ends it: committed, or rolled back on error), and
+    never closed here: its owner closes it."""
+
+    def __init__(self, lent: psycopg_pool.AsyncConnectionPool[Any]
+                 | psycopg.AsyncConnection[Any]) -> None:
+        self._lent = lent
+        self._one = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def connection(self, timeout: float | None = None
+                         ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        if isinstance(self._lent, psycopg_pool.AsyncConnectionPool):
+            async with self._lent.connection(timeout=timeout) as conn, _tuple_rows(conn):
+                yield conn
+            return
+        conn = self._lent
+        if conn.closed:
+            raise psycopg_pool.PoolClosed("the connection lent to immagent is closed")
+        async with self._one, _tuple_rows(conn):
+            try:
+                yield conn
+            except BaseException:
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    await conn.rollback()
+                raise
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                await conn.commit()
+
+    async def close(self) -> None:
+        """Nothing: the caller owns the pool or connection."""
+
+
+@contextlib.asynccontextmanager
+async def _tuple_rows(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
+    """This backend reads rows by position: tuples while it uses ``conn``."""
+    saved = conn.row_factory
+    conn.row_factory = psycopg.rows.tuple_row
+    try:
+        yield
+    finally:
+        conn.row_factory = saved
 
 
 def _password(dsn: str) -> str | None:

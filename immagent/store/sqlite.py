@@ -95,7 +95,7 @@ _DDL = (
     """,
     # Every client's states (see schema.sql). seq is the commit-order position in the log:
     # the rowid, so it costs no index, and AUTOINCREMENT never reuses a deleted row's seq,
-    # like PostgreSQL's identity column.
+    # like PostgreSQL's identity column (a replacement takes the seq of the row it replaces).
     """
     CREATE TABLE IF NOT EXISTS immagent_states (
         id          BLOB    NOT NULL UNIQUE CHECK (length(id) = 16),
@@ -572,15 +572,23 @@ class SQLiteBackend(StateQueries):
             stale = tuple(h for h in heads if _newest(conn, h) != h.state_id)
             if stale:
                 raise _Abort(WriteResult(stale=stale))
+            kept: dict[bytes, int] = {}  # a replaced row's seq: its place in the log
             for chunk in _chunks(replaced):
-                conn.execute(f"DELETE FROM immagent_states WHERE id IN ({_marks(len(chunk))})",
-                             chunk)
+                kept.update(conn.execute(
+                    f"DELETE FROM immagent_states WHERE id IN ({_marks(len(chunk))}) "
+                    "RETURNING id, seq", chunk).fetchall())
             if not state_rows:
                 return
             before = conn.total_changes
             conn.executemany(
                 f"INSERT INTO immagent_states ({_STATE_COLUMNS.removesuffix(', seq')}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING", state_rows)
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                [p for p in state_rows if p[0] not in kept])
+            if kept:
+                conn.executemany(
+                    f"INSERT INTO immagent_states ({_STATE_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                    [(*p, kept[p[0]]) for p in state_rows if p[0] in kept])
             if conn.total_changes - before < len(state_rows):  # some ids were there already
                 digests = {s.id.bytes: s.digest for s in states}
                 conflicts: list[UUID] = []
