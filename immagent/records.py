@@ -21,7 +21,7 @@ from uuid import UUID
 import blake3
 import msgspec
 
-from immagent import checkpoints
+from immagent import checkpoints, kv
 from immagent.assets import Digest, Kind, encode, join_refs
 from immagent.exceptions import IntegrityError
 
@@ -33,6 +33,7 @@ __all__ = [
     "StateKind",
     "StateRow",
     "check_state",
+    "item_body",
     "load_agent",
     "load_state",
     "session_body",
@@ -65,6 +66,10 @@ class StateKind(NamedTuple):
     digest: Callable[[StateRow], Digest]
     #: The asset kind each ref must have, in order.
     ref_kinds: Callable[[StateRow], tuple[int, ...]]
+    #: When a row of this kind stops being live on its own (None: never): a stream whose
+    #: newest state has expired is swept whole (an item's TTL, ``immagent.kv``). The rule
+    #: retention applies to every kind that declares it.
+    expires: Callable[[StateRow], datetime | None] | None = None
 
 
 def stream_digest(kind: int, stream: str, refs: Sequence[Digest], body: bytes) -> Digest:
@@ -246,6 +251,21 @@ def _session_digest(row: StateRow) -> Digest:
     return stream_digest(row.kind, row.stream, row.refs, row.body)
 
 
+# -- items of a namespaced key-value store (immagent.kv) ---------------------------------
+
+
+def item_body(row: StateRow) -> kv.ItemBody:
+    """The body of an item state row, checked against its stream and refs (ValueError or
+    msgspec errors if malformed); unverified: ``load_state`` proves the digest."""
+    kv.parse_item_stream(row.stream)
+    return kv.decode_item(row.body, len(row.refs))
+
+
+def _item_digest(row: StateRow) -> Digest:
+    item_body(row)  # a body that does not match its refs is undecodable, not sound
+    return stream_digest(row.kind, row.stream, row.refs, row.body)
+
+
 # -- every state kind -------------------------------------------------------------------
 
 #: Each state kind's rules. A client of the store adds its kind here (kinds are data to
@@ -267,6 +287,12 @@ STATE_KINDS: dict[int, StateKind] = {
     # LangGraph checkpoints (immagent.checkpoints).
     int(Kind.CHECKPOINT): _generic_kind(checkpoints.checkpoint_ref_kinds),
     int(Kind.CHECKPOINT_WRITES): _generic_kind(checkpoints.writes_ref_kinds),
+    # A LangGraph BaseStore's items (immagent.kv): one state per put, refresh or delete.
+    int(Kind.STORE_ITEM): StateKind(
+        digest=_item_digest,
+        ref_kinds=lambda row: kv.item_ref_kinds(row.body, len(row.refs)),
+        expires=lambda row: kv.expires_at(item_body(row)),
+    ),
 }
 
 
