@@ -8,7 +8,7 @@ UV := $(shell bash scripts/bootstrap.sh)
 RUN = $(UV) run --no-sync
 
 .PHONY: dev fmt lint typecheck check test test-cov bench bench-full bench-scale bench-scale-full \
-        demo pg cluster clean
+        demo pg cluster clean peer-langgraph-store
 
 dev:            ## install the venv with every extra and dev tool
 	@bash scripts/bootstrap.sh >/dev/null && echo "venv ready: .venv"
@@ -58,6 +58,10 @@ bench-scale:    ## read replicas and PgBouncer on the local cluster (`bench-scal
 
 bench-scale-full:
 	@$(RUN) python -m benchmarks.scale --full --json bench-scale-results.json
+
+peer-langgraph-store:  ## LangGraph's own store tests on ImmAgentStore beside its stores (LANGGRAPH_REPO=clone)
+	@$(RUN) python scripts/peer_langgraph_store.py --repo "$${LANGGRAPH_REPO:?set LANGGRAPH_REPO to a clone of github.com/langchain-ai/langgraph}" \
+	  --dsn "$$(bash scripts/ensure-postgres.sh)" --json peer-langgraph-store.json
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache demo.db*

@@ -94,6 +94,7 @@ class Kind(IntEnum):
     CHECKPOINT_WRITES = 17  # a state: pending writes of one task on a checkpoint
     SESSION_STATE = 18  # a state of a session (all its branches), never a content asset
     STORE_ITEM = 24  # a state: one put, refresh or delete of a namespaced key (immagent.kv)
+    STORE_HEAD = 25  # a state: the current value of a namespaced key (immagent.kv)
 
 
 _encoder = msgspec.msgpack.Encoder(order="deterministic")

@@ -2,41 +2,44 @@
 
 The store-side half of ``immagent.integrations.langgraph_store.ImmAgentStore``, the way
 ``immagent.sessions`` is the store-side half of the Agents SDK session. The stored form is
-in ``immagent.kv``; in short, every put, TTL refresh and delete of a key is a new state of
-the key's stream (its parent: the key's previous state), whose one ref is the value, an
-ITEM asset (so equal values are stored once, whatever key or version holds them). Nothing
-is updated in place: a key's history stays listable (``history``), verifiable
+in ``immagent.kv``; in short, every put, TTL refresh and delete of a key is a new *item
+state* of the key's stream (its parent: the key's previous state), whose one ref is the
+value, an ITEM asset (so equal values are stored once, whatever key or version holds
+them); the key's *head* repeats its newest item state under an id derived from the key.
+Nothing is updated in place: a key's history stays listable (``history``), verifiable
 (``Store.verify``) and exportable (``export``) until its rows are deleted.
 
 Reads:
 
-* ``get``: the key's newest state, one probe on the (kind, stream, seq) index, and its
-  value by digest (cache first). A delete or an expired TTL reads as absent.
-* ``search`` / ``list_namespaces``: a range scan of the state ids under the namespace
-  prefix (``kv.prefix_range``), the newest state of each key kept; values are fetched only
-  for the keys a page needs. Every state of those keys is read, so a key's long history
-  slows the searches that reach it until retention trims it.
+* ``get``: the keys' heads, by primary key (one batched probe), and their values by digest
+  (cache first). A deleted key has no head; an expired one reads as absent.
+* ``search`` / ``list_namespaces``: a range scan of the heads under the namespace prefix
+  (``kv.prefix_range``): one row per live key, whatever its history; values are fetched
+  only for the keys a page needs.
 
-Writes (``put``): one commit for a batch, each state expecting its key's newest state to be
-the one it was computed from (``Head``); a writer that lost the race re-reads and
-recomputes, so concurrent writers never fork a key's history and the last one wins.
+Writes (``put``): one commit for a batch: each key's new item state, expecting the key's
+newest item state to be the one it was computed from (``Head``), and its head replaced in
+the same transaction; a writer that lost the race re-reads and recomputes, so concurrent
+writers never fork a key's history and the last one wins.
 
 TTL (minutes, as LangGraph's): a put with a TTL stores its expiry in the state; a read
 with ``refresh`` writes a refresh state with a new expiry (now + TTL) unless the stored one
 is already within ``refresh_slack`` (a fraction of the TTL) of it, so reading an item in a
 loop does not add a state per read. An expired item is invisible at once; ``sweep_expired``
-deletes the whole history of every key whose newest state has expired (then ``gc``
-reclaims its values). Times come from this process's clock.
+deletes the whole history of every key whose head has expired (then ``gc`` reclaims its
+values). Times come from this process's clock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import operator
 import os
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal, NamedTuple
 from uuid import UUID
@@ -62,11 +65,14 @@ __all__ = ["FILTER_OPERATORS", "ItemLog", "ItemVersion", "Put", "StoredItem", "m
 log = logging.getLogger("immagent")
 
 _KIND: Final = int(Kind.STORE_ITEM)
+_HEAD: Final = int(Kind.STORE_HEAD)
 #: Scan pages grow from this size (a namespace usually holds few keys) to _PAGE.
 _FIRST_PAGE: Final = 64
 _PAGE: Final = 1000
 #: A write that keeps losing the race to other writers of its keys gives up after this.
 _MAX_ATTEMPTS: Final = 100
+#: Keys whose current state an ItemLog remembers for its next write to them.
+_KNOWN: Final = 10_000
 #: Values fetched per round while a filtered search looks for enough matches.
 _CHUNK: Final = 256
 #: Operators a filter may use, as LangGraph documents them.
@@ -86,7 +92,7 @@ class StoredItem(NamedTuple):
     #: Minutes (None: the item never expires).
     ttl: float | None
     expires_at: datetime | None
-    #: The state this was read from, and its digest (which pins the value).
+    #: The key's newest item state, and its digest (which pins the value).
     state_id: UUID
     digest: Digest
 
@@ -116,10 +122,12 @@ class Put(NamedTuple):
 
 
 class _Current(NamedTuple):
-    """A key's newest state as read, decoded."""
+    """A key as read: its head (or, for a key without one, its newest item state), the
+    body, and the id of its newest item state (what the next state's parent is)."""
 
     row: StateRow
     body: kv.ItemBody
+    version: UUID
 
 
 class _Plan(NamedTuple):
@@ -128,10 +136,46 @@ class _Plan(NamedTuple):
     assets: list[Asset]
     rows: list[StateRow]
     heads: list[Head]
+    replace: list[UUID]
+
+
+_Keys = Mapping[str, tuple[tuple[str, ...], str]]
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+class _KeyLocks:
+    """One asyncio lock per key being written by this object, taken in sorted order (so
+    two batches never wait for each other in a circle) and dropped when unused: writers of
+    one object queue instead of racing each other into retries (the head check still
+    serialises writers of other objects and processes)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, list[Any]] = {}  # stream -> [lock, users]
+
+    @contextlib.asynccontextmanager
+    async def hold(self, streams: Iterable[str]) -> AsyncIterator[None]:
+        ordered = sorted(set(streams))
+        entries = []
+        for stream in ordered:
+            entry = self._locks.setdefault(stream, [asyncio.Lock(), 0])
+            entry[1] += 1
+            entries.append((stream, entry))
+        held: list[asyncio.Lock] = []
+        try:
+            for _, entry in entries:
+                await entry[0].acquire()
+                held.append(entry[0])
+            yield
+        finally:
+            for lock in reversed(held):
+                lock.release()
+            for stream, entry in entries:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._locks[stream]
 
 
 class ItemLog:
@@ -154,6 +198,11 @@ class ItemLog:
         self.store = store
         self.refresh_slack = float(refresh_slack)
         self._clock = clock
+        self._writing = _KeyLocks()
+        # Each key as this object last wrote or read it: the starting point of its next
+        # write, which saves the read before it. Never trusted: the write expects it to be
+        # the key's newest state (Head), and reads it again when it is not.
+        self._known: OrderedDict[str, _Current | None] = OrderedDict()
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -166,15 +215,14 @@ class ItemLog:
 
     async def get_many(self, keys: Sequence[tuple[Sequence[str], str]], *,
                        refresh: bool = False) -> list[StoredItem | None]:
-        """``get`` of each (namespace, key), in order: one index probe per distinct key
-        (concurrently) and one batched value read; refreshes in one commit."""
+        """``get`` of each (namespace, key), in order: the heads in one primary-key query
+        and the values in one batched read; refreshes in one commit."""
         wanted = [(kv.check_namespace(f"keys[{i}].namespace", ns),
                    kv.check_key(f"keys[{i}].key", key))
                   for i, (ns, key) in enumerate(_pairs(keys))]
-        streams = list(dict.fromkeys(kv.item_stream(ns, key) for ns, key in wanted))
-        current = dict(zip(streams, await self._newest(streams), strict=True))
+        heads = await self._heads({kv.item_stream(ns, key): (ns, key) for ns, key in wanted})
         now = self._clock()
-        live = {s: c for s, c in current.items() if c is not None and _visible(c, now)}
+        live = {s: c for s, c in heads.items() if _visible(c, now)}
         items = dict(zip(live, await self._items(list(live.values())), strict=True))
         if refresh:
             items.update(await self._refresh(list(items.values()), live, now))
@@ -279,30 +327,27 @@ class ItemLog:
             last[stream] = (ns, key, value, ttl)
         if not last:
             return
-        await self._write(list(last), lambda current, now: self._plan(last, current, now))
 
-    def _plan(self, puts: Mapping[str, tuple[tuple[str, ...], str, Item | None, float | None]],
-              current: Mapping[str, _Current | None], now: datetime) -> _Plan:
-        assets: list[Asset] = []
-        rows: list[StateRow] = []
-        heads: list[Head] = []
-        for stream, (ns, _, value, ttl) in puts.items():
-            before = current[stream]
-            alive = before is not None and _visible(before, now)
-            if value is None:
-                if not alive:
-                    continue  # nothing to delete: a delete of nothing writes nothing
-                body = kv.ItemBody(updated=kv.micros(now))
-            else:
-                created = before.body.created if alive and before is not None else None
-                at = kv.micros(now)
-                body = kv.ItemBody(updated=at, created=created if created is not None else at,
-                                   ttl=ttl, expires=_expiry(at, ttl))
-                assets.append(value)
-            rows.append(_row(ns, stream, None if before is None else before.row.id,
-                             () if value is None else (value.digest,), body, now))
-            heads.append(Head(_KIND, stream, None if before is None else before.row.id))
-        return _Plan(assets, rows, heads)
+        def plan(current: Mapping[str, _Current | None], now: datetime) -> _Plan:
+            made = _Plan([], [], [], [])
+            at = kv.micros(now)
+            for stream, (ns, key, value, ttl) in last.items():
+                before = current[stream]
+                alive = before is not None and _visible(before, now)
+                if value is None:
+                    if not alive:
+                        continue  # nothing to delete: a delete of nothing writes nothing
+                    body = kv.ItemBody(updated=at)
+                else:
+                    created = before.body.created if alive and before is not None else None
+                    body = kv.ItemBody(updated=at, created=at if created is None else created,
+                                       ttl=ttl, expires=_expiry(at, ttl))
+                    made.assets.append(value)
+                _add(made, ns, key, before, () if value is None else (value.digest,), body,
+                     now)
+            return made
+
+        await self._write({s: (ns, key) for s, (ns, key, _, _) in last.items()}, plan)
 
     async def _refresh(self, items: Sequence[StoredItem], current: Mapping[str, _Current],
                        now: datetime) -> dict[str, StoredItem]:
@@ -319,100 +364,130 @@ class ItemLog:
                 due[kv.item_stream(item.namespace, item.key)] = item
         if not due:
             return {}
-        seen = {s: current[s].row.id for s in due}
+        seen = {s: current[s].version for s in due}
 
         def plan(latest: Mapping[str, _Current | None], at: datetime) -> _Plan:
-            rows = []
-            heads = []
+            made = _Plan([], [], [], [])
             for stream, item in due.items():
                 newest = latest[stream]
-                if newest is None or newest.row.id != seen[stream] or not _visible(newest, at):
+                if newest is None or newest.version != seen[stream] \
+                        or not _visible(newest, at):
                     continue  # changed or gone since it was read: not ours to refresh
-                body = newest.body
-                refreshed = msgspec.structs.replace(
-                    body, expires=_expiry(kv.micros(at), body.ttl))
-                rows.append(_row(item.namespace, stream, newest.row.id, newest.row.refs,
-                                 refreshed, at))
-                heads.append(Head(_KIND, stream, newest.row.id))
-            return _Plan([], rows, heads)
+                body = msgspec.structs.replace(
+                    newest.body, expires=_expiry(kv.micros(at), newest.body.ttl))
+                _add(made, item.namespace, item.key, newest, newest.row.refs, body, at)
+            return made
 
-        written = await self._write(list(due), plan, known={s: current[s] for s in due},
-                                    at=now)
+        written = await self._write({s: (i.namespace, i.key) for s, i in due.items()}, plan,
+                                    known={s: current[s] for s in due}, at=now)
         return {s: due[s]._replace(expires_at=kv.expires_at(item_body(row)),
                                    state_id=row.id, digest=row.digest)
                 for s, row in written.items()}
 
-    async def _write(self, streams: Sequence[str],
+    async def _write(self, keys: _Keys,
                      plan: Callable[[Mapping[str, _Current | None], datetime], _Plan], *,
                      known: Mapping[str, _Current | None] | None = None,
                      at: datetime | None = None) -> dict[str, StateRow]:
-        """Commit what ``plan`` makes of the newest states of ``streams``, re-reading them
-        and planning again while another writer got there first. Returns the rows written,
-        by stream."""
-        current = dict(known) if known is not None else None
+        """Commit what ``plan`` makes of the current state of ``keys`` (by stream),
+        re-reading it and planning again while another writer got there first. Returns the
+        item states written, by stream."""
+        async with self._writing.hold(keys):
+            return await self._attempts(keys, plan, known, at)
+
+    async def _attempts(self, keys: _Keys,
+                        plan: Callable[[Mapping[str, _Current | None], datetime], _Plan],
+                        known: Mapping[str, _Current | None] | None,
+                        at: datetime | None) -> dict[str, StateRow]:
+        if known is not None:
+            current = dict(known)
+        else:
+            remembered = {s: self._known[s] for s in keys if s in self._known}
+            missing = {s: k for s, k in keys.items() if s not in remembered}
+            current = {**remembered, **(await self._current(missing) if missing else {})}
         for attempt in range(_MAX_ATTEMPTS):
-            if current is None:
-                current = dict(zip(streams, await self._newest(streams), strict=True))
             now = at if at is not None and attempt == 0 else self._clock()
             made = plan(current, now)
             if not made.rows:
                 return {}
             try:
-                await self.store.commit(made.assets, made.rows, heads=made.heads)
+                await self.store.commit(made.assets, made.rows, heads=made.heads,
+                                        replace=made.replace)
             except (StaleStreamError, ConflictError):
                 # Another writer moved a key on (or, once in 2**70, an id collided): read
-                # again, after a short jittered pause that spreads competing processes.
+                # again, from the item states themselves, after a short jittered pause
+                # that spreads competing processes.
                 await asyncio.sleep(random.random() * min(0.05, 0.001 * (attempt + 1)))
-                current = None
+                current = await self._current(keys, probe=True)
                 continue
-            return {r.stream: r for r in made.rows}
-        raise StaleStreamError(_KIND, streams[0])
+            written = {r.stream: r for r in made.rows if r.kind == _KIND}
+            heads = {r.stream: r for r in made.rows if r.kind == _HEAD}
+            for stream in keys:
+                row = written.get(stream)
+                self._remember(stream, current[stream] if row is None else _Current(
+                    heads.get(stream, row), _decode(row), row.id))
+            return written
+        raise StaleStreamError(_KIND, next(iter(keys)))
+
+    def _remember(self, stream: str, current: _Current | None) -> None:
+        self._known[stream] = current
+        self._known.move_to_end(stream)
+        while len(self._known) > _KNOWN:
+            self._known.popitem(last=False)
 
     # -- TTL sweep, audits ------------------------------------------------------------------
 
     async def sweep_expired(self) -> int:
-        """Delete every state of each key whose newest state has expired (its whole
-        history: a TTL says when the item goes away); returns how many keys. ``Store.gc()``
-        then reclaims the values nothing else holds. A key put or refreshed meanwhile
-        keeps that newer state."""
+        """Delete every state of each key whose head has expired (its whole history: a
+        TTL says when the item goes away); returns how many keys. ``Store.gc()`` then
+        reclaims the values nothing else holds. A key put or refreshed meanwhile keeps its
+        newer state (the last deletion expects the newest state it saw)."""
         now = self._clock()
-        expired = [c for c in await self._under(()) if c.row.refs and not _visible(c, now)]
         swept = 0
-        for c in expired:
-            ids: list[UUID] = []
+        for c in await self._under(()):
+            if _visible(c, now):
+                continue
+            versions: list[UUID] = []
             after: int | None = None
-            while True:
+            while True:  # oldest first, so the newest one is last
                 page = await self.store.stream_states(_KIND, c.row.stream, after_seq=after,
                                                       limit=_PAGE, newest_first=False)
-                ids += [r.id for r in page]
+                versions += [r.id for r in page]
                 if len(page) < _PAGE:
                     break
                 after = page[-1].seq
-            if not page or page[-1].id != c.row.id:
-                continue  # written to since the scan: its newest state decides again later
-            for start in range(0, len(ids), 10_000):
-                await self.store.delete_states(ids[start:start + 10_000])
+            if not versions or versions[-1] != c.version:
+                continue  # written to since the scan: its head decides again later
+            # The history of a life that expired goes whatever happens next; the newest
+            # state and the head only if no writer moved the key on meanwhile.
+            older = versions[:-1]
+            for start in range(0, len(older), 10_000):
+                await self.store.delete_states(older[start:start + 10_000])
+            try:
+                await self.store.commit([], [], heads=[Head(_KIND, c.row.stream, c.version)],
+                                        replace=[c.version, c.row.id])
+            except StaleStreamError:
+                continue
             swept += 1
         if swept:
             log.info("swept %d expired item(s)", swept)
         return swept
 
     async def states(self, prefix: Sequence[str] = ()) -> list[StateRow]:
-        """Every stored state of every key under namespace ``prefix`` (all versions)."""
+        """Every stored item state (every version) and head of the keys under namespace
+        ``prefix``."""
         prefix = kv.check_namespace("namespace_prefix", prefix, empty=True)
-        return [r for r in await self._scan(prefix)]
+        return [*await self._scan(_KIND, prefix), *await self._scan(_HEAD, prefix)]
 
     async def export(self, path: str | os.PathLike[str], prefix: Sequence[str] = (),
                      key: str | None = None) -> BundleInfo:
-        """Write an audit bundle of every state (the whole history) of the keys under
-        namespace ``prefix`` (or of the one ``key`` in namespace ``prefix``) and the values
-        they hold; ``immagent.verify_bundle`` checks it offline."""
+        """Write an audit bundle of every state (the whole history, and the heads) of the
+        keys under namespace ``prefix`` (or of the one ``key`` in namespace ``prefix``) and
+        the values they hold; ``immagent.verify_bundle`` checks it offline."""
         prefix = kv.check_namespace("namespace_prefix", prefix, empty=key is None)
-        if key is None:
-            rows = await self._scan(prefix)
-        else:
+        rows = await self.states(prefix)
+        if key is not None:
             stream = kv.item_stream(prefix, kv.check_key("key", key))
-            rows = [r for r in await self._scan(prefix) if r.stream == stream]
+            rows = [r for r in rows if r.stream == stream]
         if not rows:
             raise ValidationError("namespace_prefix", "no item states are stored there",
                                   None)
@@ -420,21 +495,33 @@ class ItemLog:
 
     # -- internals --------------------------------------------------------------------------
 
-    async def _newest(self, streams: Sequence[str]) -> list[_Current | None]:
-        """The newest state of each stream (one index probe each, concurrently)."""
-        pages = await asyncio.gather(*(self.store.stream_states(_KIND, s, limit=1)
-                                       for s in streams))
-        return [_Current(p[0], _decode(p[0])) if p else None for p in pages]
+    async def _heads(self, keys: _Keys) -> dict[str, _Current]:
+        """The heads of ``keys`` (by stream) that exist: one primary-key query."""
+        ids = {kv.head_state_id(ns, key): stream for stream, (ns, key) in keys.items()}
+        rows = await self.store.get_states(list(ids)) if ids else []
+        return {r.stream: _Current(r, _decode(r), r.parent_id or r.id) for r in rows
+                if r.kind == _HEAD and ids.get(r.id) == r.stream and r.parent_id is not None}
 
-    async def _scan(self, prefix: tuple[str, ...]) -> list[StateRow]:
-        """Every item state under ``prefix``: a keyset scan over its id range (the whole
-        kind for the empty prefix), rows of colliding namespaces left out."""
+    async def _current(self, keys: _Keys, *, probe: bool = False) -> dict[str, _Current | None]:
+        """Each key's current state: its head, or (no head, or ``probe``) its newest item
+        state, one index probe each (concurrently)."""
+        found: dict[str, _Current | None] = {} if probe else dict(await self._heads(keys))
+        rest = [s for s in keys if s not in found]
+        pages = await asyncio.gather(*(self.store.stream_states(_KIND, s, limit=1)
+                                       for s in rest))
+        for stream, page in zip(rest, pages, strict=True):
+            found[stream] = _Current(page[0], _decode(page[0]), page[0].id) if page else None
+        return found
+
+    async def _scan(self, kind: int, prefix: tuple[str, ...]) -> list[StateRow]:
+        """Every state of ``kind`` under ``prefix``: a keyset scan over its id range (the
+        whole kind for the empty prefix), rows of colliding namespaces left out."""
         bounds = kv.prefix_range(prefix)
         low, high = bounds if bounds is not None else (None, None)
         rows: list[StateRow] = []
         after, size = low, _FIRST_PAGE
         while True:
-            page = await self.store.scan_states(_KIND, after=after, limit=size)
+            page = await self.store.scan_states(kind, after=after, limit=size)
             inside = [r for r in page if high is None or r.id < high]
             rows += [r for r in inside if _under(r.stream, prefix)]
             if len(inside) < len(page) or len(page) < size:
@@ -442,13 +529,9 @@ class ItemLog:
             after, size = page[-1].id, min(size * 4, _PAGE)
 
     async def _under(self, prefix: tuple[str, ...]) -> list[_Current]:
-        """The newest state of every key under ``prefix``."""
-        newest: dict[str, StateRow] = {}
-        for row in await self._scan(prefix):
-            seen = newest.get(row.stream)
-            if seen is None or row.seq > seen.seq:
-                newest[row.stream] = row
-        return [_Current(r, _decode(r)) for r in newest.values()]
+        """The head of every key under ``prefix``."""
+        return [_Current(r, _decode(r), r.parent_id or r.id)
+                for r in await self._scan(_HEAD, prefix)]
 
     async def _items(self, current: Sequence[_Current]) -> list[StoredItem]:
         """The items these (visible) states hold, values read in one batch."""
@@ -460,8 +543,9 @@ class ItemLog:
             items.append(StoredItem(
                 namespace=namespace, key=key, value=_copy(values[c.row.refs[0]]),
                 created_at=kv.from_micros(created), updated_at=kv.from_micros(c.body.updated),
-                ttl=c.body.ttl, expires_at=kv.expires_at(c.body), state_id=c.row.id,
-                digest=c.row.digest))
+                ttl=c.body.ttl, expires_at=kv.expires_at(c.body), state_id=c.version,
+                # A head repeats its item state's content: the item state's digest.
+                digest=stream_digest(_KIND, c.row.stream, c.row.refs, c.row.body)))
         return items
 
     async def _values(self, digests: Sequence[Digest]) -> dict[Digest, Item]:
@@ -476,8 +560,8 @@ class ItemLog:
 
 
 def _decode(row: StateRow) -> kv.ItemBody:
-    """The body of a verified item state (IntegrityError if it is another kind)."""
-    if row.kind != _KIND:
+    """The body of a verified item state or head (IntegrityError for another kind)."""
+    if row.kind not in (_KIND, _HEAD):
         raise IntegrityError(f"state {row.id} is not an item state (kind {row.kind})")
     try:
         return item_body(row)
@@ -495,12 +579,26 @@ def _expiry(at: int, ttl: float | None) -> int | None:
     return None if ttl is None else at + round(ttl * 60_000_000)
 
 
-def _row(namespace: Sequence[str], stream: str, parent: UUID | None, refs: tuple[Digest, ...],
-         body: kv.ItemBody, at: datetime) -> StateRow:
+def _row(kind: int, state_id: UUID, stream: str, parent: UUID | None,
+         refs: tuple[Digest, ...], data: bytes, at: datetime) -> StateRow:
+    return StateRow(id=state_id, parent_id=parent, kind=kind, stream=stream, refs=refs,
+                    body=data, digest=stream_digest(kind, stream, refs, data), created_at=at)
+
+
+def _add(made: _Plan, namespace: tuple[str, ...], key: str, before: _Current | None,
+         refs: tuple[Digest, ...], body: kv.ItemBody, at: datetime) -> None:
+    """Plan one change of a key: its new item state (child of the key's newest, which must
+    still be the newest when it commits) and its head, replaced (removed for a delete)."""
+    stream = kv.item_stream(namespace, key)
     data = msgspec.msgpack.encode(body)
-    return StateRow(id=kv.item_state_id(namespace), parent_id=parent, kind=_KIND,
-                    stream=stream, refs=refs, body=data,
-                    digest=stream_digest(_KIND, stream, refs, data), created_at=at)
+    parent = None if before is None else before.version
+    version = _row(_KIND, kv.item_state_id(namespace), stream, parent, refs, data, at)
+    made.rows.append(version)
+    head_id = kv.head_state_id(namespace, key)
+    if refs:
+        made.rows.append(_row(_HEAD, head_id, stream, version.id, refs, data, at))
+    made.heads.append(Head(_KIND, stream, parent))
+    made.replace.append(head_id)
 
 
 def _copy(item: Item) -> dict[str, Any]:

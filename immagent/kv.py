@@ -4,7 +4,8 @@
 adapts them to LangGraph; the core (verify, gc, bundles) reads them through
 ``records.STATE_KINDS`` without either, so a store they wrote can be audited anywhere.
 
-An *item state* is a state of kind STORE_ITEM, one per put, refresh or delete of a key:
+An *item state* is a state of kind STORE_ITEM, one per put, refresh or delete of a key
+(the key's history), and a *head* (kind STORE_HEAD) is the key's current value:
 
 * ``stream``: the namespace's labels joined by ``.`` (LangGraph's own text form: a label
   holds no ``.``), U+001F, then the key. A key's states are one stream, so its current
@@ -17,8 +18,17 @@ An *item state* is a state of kind STORE_ITEM, one per put, refresh or delete of
   are random, so every key under a namespace prefix sits in one id range (``prefix_range``):
   a search or a namespace listing is a range scan of the state ids, never of the store.
 
-The digest is the generic one (``records.stream_digest``), so the times, the TTL and the
-expiry are hashed with the value: an audit sees exactly what was kept, and for how long.
+A *head* has the stream, refs and body of the key's newest item state, which is its
+``parent_id``; its ``id`` is derived from the namespace and key (``head_state_id``, in the
+namespace's id range), so a put writes its item state and replaces the head in the same
+transaction (``Store.commit(replace=…)``: a row deleted and inserted, never updated), and a
+delete or an expiry sweep removes it. A get is then one primary-key probe, and a search or
+a namespace listing scans only the heads in the prefix's range: one row per live key,
+however long the keys' histories are.
+
+The digest of both kinds is the generic one (``records.stream_digest``), so the times, the
+TTL and the expiry are hashed with the value: an audit sees exactly what was kept, and for
+how long.
 """
 
 from __future__ import annotations
@@ -40,10 +50,11 @@ __all__ = [
     "ItemBody",
     "check_key",
     "check_namespace",
+    "decode_head",
     "decode_item",
     "expires_at",
     "from_micros",
-    "item_ref_kinds",
+    "head_state_id",
     "item_state_id",
     "item_stream",
     "micros",
@@ -79,6 +90,13 @@ class ItemBody(msgspec.Struct, frozen=True, omit_defaults=True,
 _body_decoder = msgspec.msgpack.Decoder(ItemBody)
 
 
+def decode_head(body: bytes, refs: int) -> ItemBody:
+    """The body of a head (the same as its item state's; a head always holds a value)."""
+    if refs != 1:
+        raise ValueError(f"a head pins its key's value, this one {refs} refs")
+    return decode_item(body, refs)
+
+
 def decode_item(body: bytes, refs: int) -> ItemBody:
     """The body of an item state with ``refs`` refs, checked against them (msgspec errors
     or ValueError when malformed): a put pins one value and says when it was created."""
@@ -94,12 +112,6 @@ def decode_item(body: bytes, refs: int) -> ItemBody:
     if (decoded.ttl is None) != (decoded.expires is None):
         raise ValueError("an item has an expiry exactly when it has a TTL")
     return decoded
-
-
-def item_ref_kinds(body: bytes, refs: int) -> tuple[int, ...]:
-    """The kind each ref of an item state must have: its value is an ITEM."""
-    decode_item(body, refs)
-    return (int(Kind.ITEM),) * refs
 
 
 def expires_at(body: ItemBody) -> datetime | None:
@@ -210,6 +222,14 @@ def item_state_id(namespace: Sequence[str]) -> UUID:
     hashes, then 70 random bits."""
     return _uuid(_hashed(namespace, len(namespace)),
                  int.from_bytes(os.urandom(9), "big") >> 2)
+
+
+def head_state_id(namespace: Sequence[str], key: str) -> UUID:
+    """The id of the head of ``key`` in ``namespace``: the namespace's level hashes, then
+    70 bits of the hash of the namespace and the key (the same in every store)."""
+    digest = blake3.blake3(b"immagent-head\x00" + item_stream(namespace, key).encode("utf-8"))
+    return _uuid(_hashed(namespace, len(namespace)),
+                 int.from_bytes(digest.digest(9), "big") >> 2)
 
 
 def prefix_range(prefix: Sequence[str]) -> tuple[UUID, UUID] | None:

@@ -255,10 +255,18 @@ def _session_digest(row: StateRow) -> Digest:
 
 
 def item_body(row: StateRow) -> kv.ItemBody:
-    """The body of an item state row, checked against its stream and refs (ValueError or
-    msgspec errors if malformed); unverified: ``load_state`` proves the digest."""
+    """The body of an item state or head row, checked against its stream and refs
+    (ValueError or msgspec errors if malformed); unverified: ``load_state`` proves the
+    digest."""
     kv.parse_item_stream(row.stream)
+    if row.kind == Kind.STORE_HEAD:
+        return kv.decode_head(row.body, len(row.refs))
     return kv.decode_item(row.body, len(row.refs))
+
+
+def _item_ref_kinds(row: StateRow) -> tuple[int, ...]:
+    item_body(row)
+    return (int(Kind.ITEM),) * len(row.refs)
 
 
 def _item_digest(row: StateRow) -> Digest:
@@ -287,10 +295,16 @@ STATE_KINDS: dict[int, StateKind] = {
     # LangGraph checkpoints (immagent.checkpoints).
     int(Kind.CHECKPOINT): _generic_kind(checkpoints.checkpoint_ref_kinds),
     int(Kind.CHECKPOINT_WRITES): _generic_kind(checkpoints.writes_ref_kinds),
-    # A LangGraph BaseStore's items (immagent.kv): one state per put, refresh or delete.
+    # A LangGraph BaseStore's items (immagent.kv): one state per put, refresh or delete,
+    # and the current value of each key (its head).
     int(Kind.STORE_ITEM): StateKind(
         digest=_item_digest,
-        ref_kinds=lambda row: kv.item_ref_kinds(row.body, len(row.refs)),
+        ref_kinds=_item_ref_kinds,
+        expires=lambda row: kv.expires_at(item_body(row)),
+    ),
+    int(Kind.STORE_HEAD): StateKind(
+        digest=_item_digest,
+        ref_kinds=_item_ref_kinds,
         expires=lambda row: kv.expires_at(item_body(row)),
     ),
 }

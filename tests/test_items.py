@@ -46,6 +46,21 @@ def values(dsn: str) -> int:
     return count_rows(dsn, "immagent_assets", f"kind = {int(Kind.ITEM)}")
 
 
+async def consistent(log: ItemLog, prefix: tuple[str, ...] = ()) -> None:
+    """Every key's head repeats its newest item state (its parent), and a key has a head
+    exactly when that state holds a value."""
+    rows = await log.states(prefix)
+    heads = {r.stream: r for r in rows if r.kind == int(Kind.STORE_HEAD)}
+    newest: dict[str, Any] = {}
+    for r in rows:
+        if r.kind == KIND and (r.stream not in newest or r.seq > newest[r.stream].seq):
+            newest[r.stream] = r
+    assert set(heads) == {s for s, r in newest.items() if r.refs}
+    for stream, head in heads.items():
+        item = newest[stream]
+        assert (head.parent_id, head.refs, head.body) == (item.id, item.refs, item.body)
+
+
 # -- the stored form ----------------------------------------------------------------------
 
 
@@ -68,6 +83,7 @@ async def test_every_put_is_a_state_and_values_are_stored_once(store: Store,
     assert history[-1].parent_id is None and item.state_id == history[0].state_id
     # created_at is the key's first put, updated_at its last.
     assert item.created_at == history[-1].at and item.updated_at == history[0].at
+    await consistent(log)
 
 
 async def test_a_delete_is_a_state_and_the_key_can_live_again(store: Store,
@@ -87,6 +103,7 @@ async def test_a_delete_is_a_state_and_the_key_can_live_again(store: Store,
     history = await log.history(("docs",), "a")
     assert [v.change for v in history] == ["put", "delete", "put"]
     assert again.created_at == history[0].at  # a new life after the delete
+    await consistent(log)
 
 
 async def test_values_come_back_as_fresh_copies_and_as_json_carries_them(store: Store) -> None:
@@ -141,6 +158,27 @@ async def test_concurrent_writers_of_one_key_keep_one_line_and_lose_nothing(
     assert [v.parent_id for v in history[:-1]] == [v.state_id for v in history[1:]]
     current = await logs[1].get(("race",), "k")
     assert current is not None and current.value == history[0].value
+    await consistent(logs[0])
+    # Deletes and puts racing each other leave it consistent too.
+    await asyncio.gather(*(log.put(("race",), "k", None if (n + w) % 2 else {"n": n})
+                           for n in range(4) for w, log in enumerate(logs)))
+    await consistent(logs[0])
+
+
+async def test_a_remembered_state_that_went_stale_is_read_again(store: Store) -> None:
+    clock = Clock()
+    a, b = ItemLog(store, clock=clock), ItemLog(store, clock=clock)
+    await a.put(("s",), "k", {"v": 1}, ttl=1)  # a remembers the key as it wrote it
+    await b.put(("s",), "k", {"v": 2}, ttl=1)
+    await a.put(("s",), "k", {"v": 3}, ttl=1)  # built on b's state, not on a's memory
+    history = await a.history(("s",), "k")
+    assert [v.value for v in history] == [{"v": 3}, {"v": 2}, {"v": 1}]
+    assert [v.parent_id for v in history[:-1]] == [v.state_id for v in history[1:]]
+    clock.advance(minutes=2)
+    assert await b.sweep_expired() == 1
+    await a.put(("s",), "k", {"v": 4})  # a remembers states the sweep deleted
+    assert [v.value for v in await a.history(("s",), "k")] == [{"v": 4}]
+    await consistent(a)
 
 
 async def test_two_stores_on_one_database_serialise_their_writes(
@@ -241,9 +279,33 @@ async def test_an_expired_item_is_invisible_and_the_sweep_deletes_its_history(
     assert states(store_dsn) == 4
     assert await log.sweep_expired() == 2
     assert states(store_dsn) == 1
+    await consistent(log)
     await store.gc()
     assert values(store_dsn) == 1  # {"v": 2} is still held by "keep"
     assert (await store.verify()).ok
+
+
+async def test_a_sweep_racing_puts_never_takes_a_key_put_again(store: Store) -> None:
+    clock = Clock()
+    log = ItemLog(store, clock=clock)
+    keys = [f"k{i}" for i in range(12)]
+    for key in keys:
+        await log.put(("race",), key, {"old": key}, ttl=1)
+        await log.put(("race",), key, {"older": key}, ttl=1)
+    clock.advance(minutes=2)
+    again = keys[::2]
+    results = await asyncio.gather(log.sweep_expired(), *(
+        log.put(("race",), key, {"new": key}) for key in again))
+    for key in keys:
+        item = await log.get(("race",), key)
+        if key in again:
+            assert item is not None and item.value == {"new": key}
+        else:
+            assert item is None
+    await consistent(log)
+    swept = results[0]
+    assert isinstance(swept, int) and len(keys) - len(again) <= swept <= len(keys)
+    assert await log.sweep_expired() == 0  # nothing expired is left
 
 
 async def test_a_read_renews_the_ttl_as_langgraph_defines_refresh_on_read(
@@ -310,10 +372,10 @@ async def test_verify_bundles_and_import_keep_every_version(store: Store, tmp_pa
     assert (await store.verify()).ok
     path = tmp_path / "users1.bundle"
     info = await log.export(path, ("users", "1"))
-    assert len(info.agents) == 4 and info.assets == 2
+    assert len(info.agents) == 5 and info.assets == 2  # four puts and deletes, a's head
     assert immagent.verify_bundle(path).assets == 2
     one = await log.export(tmp_path / "one.bundle", ("users", "1"), key="a")
-    assert len(one.agents) == 2
+    assert len(one.agents) == 3
     other = await Store.connect("memory://")
     try:
         await other.init_schema()
@@ -328,14 +390,34 @@ async def test_verify_bundles_and_import_keep_every_version(store: Store, tmp_pa
         await other.close()
 
 
+async def test_importing_over_a_different_current_value_is_refused(store: Store,
+                                                                     tmp_path: Path) -> None:
+    log = ItemLog(store)
+    await log.put(("imp",), "k", {"v": 1})
+    path = tmp_path / "k.bundle"
+    await log.export(path, ("imp",), key="k")
+    other = await Store.connect("memory://")
+    try:
+        await other.init_schema()
+        await ItemLog(other).put(("imp",), "k", {"v": "elsewhere"})
+        with pytest.raises(immagent.BundleError):
+            await other.import_states(path)
+        kept = await ItemLog(other).get(("imp",), "k")
+        assert kept is not None and kept.value == {"v": "elsewhere"}
+    finally:
+        await other.close()
+    await store.import_states(path)  # into the store it came from: nothing to add
+
+
 async def test_a_tampered_item_state_is_caught_on_read_and_by_verify(
         store: Store, store_dsn: str) -> None:
     log = ItemLog(store)
     await log.put(("t",), "k", {"v": 1}, ttl=5)
-    body = bytes(raw_sql(store_dsn, f"SELECT body FROM immagent_states WHERE kind = {KIND}")
+    head = int(Kind.STORE_HEAD)
+    body = bytes(raw_sql(store_dsn, f"SELECT body FROM immagent_states WHERE kind = {head}")
                  [0][0])
     later = body[:-1] + bytes([body[-1] ^ 0x40])  # the expiry's last byte: a later expiry
-    raw_sql(store_dsn, f"UPDATE immagent_states SET body = %s WHERE kind = {KIND}", [later])
+    raw_sql(store_dsn, f"UPDATE immagent_states SET body = %s WHERE kind = {head}", [later])
     store.clear_cache()
     with pytest.raises(IntegrityError):
         await log.get(("t",), "k")

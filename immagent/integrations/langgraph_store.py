@@ -77,6 +77,9 @@ __all__ = ["ImmAgentStore", "SyncCallError"]
 log = logging.getLogger("immagent")
 
 S = TypeVar("S", bound="ImmAgentStore")
+#: Batches that run at once (the others wait their turn); a Store's pool has 10
+#: connections by default, and a batch uses one or two at a time.
+_CONCURRENT_BATCHES = 8
 
 
 class ImmAgentStore(BaseStore):
@@ -110,6 +113,7 @@ class ImmAgentStore(BaseStore):
         self._sweeper: threading.Thread | None = None
         self._sweeper_stop = threading.Event()
         self._sweeper_task: asyncio.Task[None] | None = None
+        self._admission: asyncio.Semaphore | None = None
 
     @classmethod
     def _hosted(cls: type[S], host: StoreHost, ttl: TTLConfig | None, index: Any,
@@ -174,6 +178,17 @@ class ImmAgentStore(BaseStore):
         return await self._host.acall(lambda _: self._run(listed))
 
     async def _run(self, ops: Sequence[Op]) -> list[Result]:
+        # Admission: a graph may fire thousands of store calls at once; each batch makes
+        # several round trips, and past the pool's size they would queue for connections
+        # one query at a time (and time out). A few batches run at once, the rest wait
+        # their turn here, untimed, as LangGraph's PostgreSQL store makes them wait for its
+        # connection. Runs on the store's loop, so the semaphore is made there.
+        if self._admission is None:
+            self._admission = asyncio.Semaphore(_CONCURRENT_BATCHES)
+        async with self._admission:
+            return await self._execute(ops)
+
+    async def _execute(self, ops: Sequence[Op]) -> list[Result]:
         results: list[Result] = [None] * len(ops)
         gets = [(i, op) for i, op in enumerate(ops) if isinstance(op, GetOp)]
         for refresh in (False, True):
