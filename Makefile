@@ -8,7 +8,8 @@ UV := $(shell bash scripts/bootstrap.sh)
 RUN = $(UV) run --no-sync
 
 .PHONY: dev fmt lint typecheck check test test-cov bench bench-full bench-scale bench-scale-full \
-        demo pg cluster clean peer-langgraph-store
+        demo pg cluster clean peer-pydantic-ai peer-pydantic-ai-check test-pydantic-ai-range \
+        peer-langgraph-store
 
 dev:            ## install the venv with every extra and dev tool
 	@bash scripts/bootstrap.sh >/dev/null && echo "venv ready: .venv"
@@ -23,7 +24,7 @@ fmt:
 	$(RUN) ruff check --fix immagent tests benchmarks examples
 
 lint:
-	$(RUN) ruff check immagent tests benchmarks examples
+	$(RUN) ruff check immagent tests benchmarks examples scripts
 
 typecheck:
 	$(RUN) mypy
@@ -58,6 +59,18 @@ bench-scale:    ## read replicas and PgBouncer on the local cluster (`bench-scal
 
 bench-scale-full:
 	@$(RUN) python -m benchmarks.scale --full --json bench-scale-results.json
+
+test-pydantic-ai-range: ## tests/test_pydantic_ai.py on the oldest and newest pydantic-ai the extra allows
+	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
+	  for v in 2.71.0 2.78.0; do echo "== pydantic-ai-slim $$v"; \
+	    $(UV) run --no-sync --with pydantic-ai-slim==$$v --with pydantic-graph==$$v \
+	      pytest tests/test_pydantic_ai.py -q -p no:cacheprovider || exit 1; done
+
+peer-pydantic-ai: ## pydantic-ai's own conversation-store tests on ours, beside its in-memory store
+	@$(RUN) python scripts/peer_pydantic_ai.py $(if $(PYDANTIC_AI_SRC),--src $(PYDANTIC_AI_SRC))
+
+peer-pydantic-ai-check: ## the same machinery on a stand-in test file (no pydantic-ai checkout)
+	@$(RUN) python scripts/peer_pydantic_ai.py --self-check
 
 peer-langgraph-store:  ## LangGraph's own store tests on ImmAgentStore beside its stores (LANGGRAPH_REPO=clone)
 	@$(RUN) python scripts/peer_langgraph_store.py --repo "$${LANGGRAPH_REPO:?set LANGGRAPH_REPO to a clone of github.com/langchain-ai/langgraph}" \

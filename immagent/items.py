@@ -57,7 +57,7 @@ from immagent.exceptions import (
 )
 from immagent.records import StateRow, item_body, stream_digest
 from immagent.store.backend import Head
-from immagent.store.store import Store
+from immagent.store.log import EventLog as Store
 from immagent.validate import check_json_value
 
 __all__ = ["FILTER_OPERATORS", "ItemLog", "ItemVersion", "Put", "StoredItem", "matches"]

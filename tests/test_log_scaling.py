@@ -1,4 +1,4 @@
-"""``immagent log`` and the chain cache scale linearly (issue 14, item 6): ``log -n N`` reads
+"""``immagent log`` and the chain cache scale linearly: ``log -n N`` reads
 about N states' worth of rows whatever the lineage's length, a whole log reads each row
 about once, and a lineage's histories share their common prefix in a byte-bounded cache.
 

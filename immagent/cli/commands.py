@@ -13,7 +13,7 @@ from immagent.cli.context import Context
 from immagent.cli.errors import EXIT_OK, CLIError
 from immagent.cli.render import clip, local_time, message_json, message_line, table
 from immagent.cli.summary import agent_json, message_counts, newest
-from immagent.store import Store
+from immagent.clients.agents import Store
 
 __all__ = ["agents", "clone", "delete", "log", "show", "target"]
 

@@ -12,8 +12,8 @@ from immagent.agent import PersistentAgent
 from immagent.cli.database import Database, check_sqlite_file, resolve
 from immagent.cli.errors import CLIError
 from immagent.cli.render import Output
+from immagent.clients.agents import Store
 from immagent.exceptions import SchemaMissingError
-from immagent.store import Store
 
 __all__ = ["Context"]
 

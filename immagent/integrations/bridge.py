@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from immagent.exceptions import ImmAgentError, StoreClosedError, StoreError, ValidationError
 from immagent.store import dsn as dsns
-from immagent.store.store import Store
+from immagent.store.log import EventLog as Store
 
 __all__ = ["MissingExtraError", "StoreHost", "SyncCallError", "langgraph_dsn"]
 

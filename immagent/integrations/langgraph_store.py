@@ -53,7 +53,7 @@ from immagent.integrations.bridge import (
     langgraph_dsn,
 )
 from immagent.items import ItemLog, ItemVersion, Put, StoredItem
-from immagent.store.store import Store
+from immagent.store.log import EventLog as Store
 
 try:
     from langgraph.store.base import (

@@ -1,4 +1,7 @@
-"""The narrow interface every storage backend implements (memory, SQLite, PostgreSQL).
+"""The narrow interfaces every storage backend implements (memory, SQLite, PostgreSQL, and
+read replicas over PostgreSQL), one per role: the log's rows (``LogBackend``), the audits'
+whole-store queries (``AuditBackend``), administration (``AdminBackend``). ``Backend`` is
+what the log is given; its ``audits()`` hands out the backend the audits ask.
 
 A backend stores two kinds of rows and reports facts about them; it applies no rule of its
 own. Assets (``StoredAsset``: digest, kind, refs, body) are append-only and content-
@@ -18,11 +21,12 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import NamedTuple, Protocol
 from uuid import UUID
 
-from immagent.assets import Digest, MissingAsset, StoredAsset
+from immagent.assets import Digest, MissingAsset
 from immagent.records import StateRow
+from immagent.rows import StoredAsset
 
-__all__ = ["SCHEMA_VERSION", "Backend", "Head", "Misfit", "RowCheck", "SweepResult",
-           "WriteResult"]
+__all__ = ["SCHEMA_VERSION", "AdminBackend", "AuditBackend", "Backend", "Head", "LogBackend",
+           "Misfit", "RowCheck", "SweepResult", "WriteResult"]
 
 #: Version of the storage layout this immagent writes; older versions are migrated.
 SCHEMA_VERSION = 2
@@ -75,25 +79,8 @@ class SweepResult(NamedTuple):
     missing: Digest | None = None
 
 
-class Backend(Protocol):
-    """Storage operations: facts about rows, never rules."""
-
-    async def close(self) -> None:
-        """Release connections; idempotent."""
-
-    async def ping(self) -> bool:
-        """True when the database answers a trivial query."""
-
-    # -- schema ---------------------------------------------------------------------------
-
-    async def schema_version(self) -> int | None:
-        """The layout version stored in the database, None when it holds no immagent tables.
-        Never changes the database."""
-
-    async def migrate(self, found: int | None) -> int | None:
-        """Bring the layout to SCHEMA_VERSION from version ``found`` (None: create it) in
-        one transaction, serialised with other callers. Re-reads the version under that
-        lock and changes nothing unless it still is ``found``; returns what it read."""
+class LogBackend(Protocol):
+    """The log's rows: writes, deletes and the reads every client makes."""
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -126,15 +113,6 @@ class Backend(Protocol):
         absent) ends it. Such deletions are serialised, so two siblings deleted at once
         still take their parent with them."""
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
-        """Mark every asset a state reaches through refs, run ``check`` on every row marked
-        from (all states, every reached asset that has refs or is of a node kind, and every
-        one a state or a node links to as parent: a node whose refs or kind column were
-        damaged marks nothing, yet must be checked), then delete the assets not
-        marked: one transaction holding the exclusive side of the gc lock. If ``check``
-        raises, or a reached digest is missing, nothing is deleted (the exception
-        propagates; the missing digest is reported)."""
-
     # -- assets ---------------------------------------------------------------------------
 
     async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, StoredAsset]:
@@ -147,6 +125,37 @@ class Backend(Protocol):
         (following each node's first ref while it has the head's kind), newest first,
         stopping early at a missing node; and the rows of every other digest those nodes
         reference (their elements), by digest."""
+
+    # -- states ---------------------------------------------------------------------------
+
+    async def get_states(self, ids: Sequence[UUID]) -> list[StateRow]:
+        """The state rows with these ids, in no particular order; missing ones left out."""
+
+    async def scan_states(self, kind: int | None, *, after: UUID | None = None,
+                          limit: int = 100, newest_first: bool = False,
+                          contains: str | None = None) -> list[StateRow]:
+        """States of ``kind`` (None: every kind) in id order (keyset paging: strictly past
+        ``after``), at most ``limit``; with ``contains``, only those whose stream holds it,
+        case-insensitively (``%``, ``_`` and ``\\`` match literally)."""
+
+    async def stream_states(self, kind: int, stream: str, *, after_seq: int | None = None,
+                            limit: int = 100, newest_first: bool = True) -> list[StateRow]:
+        """States of ``kind`` in ``stream`` in log (seq) order, keyset-paged past
+        ``after_seq``: served by an index, so the newest is one probe."""
+
+    async def count_states(self, kind: int, *, stream: str | None = None,
+                           contains: str | None = None) -> int:
+        """How many states of ``kind`` (in ``stream``, or whose stream holds ``contains``)."""
+
+    async def lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
+        """The state and its ancestors through ``parent_id``, at most ``limit`` rows, in one
+        round trip. Terminates on a parent cycle: without a limit each row comes once (any
+        order); with one, rows come newest first and a cycle repeats ids."""
+
+
+class AuditBackend(LogBackend, Protocol):
+    """A log backend that also answers the audits' whole-store queries (verify, stats,
+    bundles): read-only, and asked of the one database that holds every row."""
 
     def iter_assets(self, roots: Sequence[Digest] | None = None,
                     batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
@@ -180,28 +189,43 @@ class Backend(Protocol):
     async def storage_bytes(self) -> int:
         """Bytes the backend occupies for immagent's tables (indexes included)."""
 
-    # -- states ---------------------------------------------------------------------------
 
-    async def get_states(self, ids: Sequence[UUID]) -> list[StateRow]:
-        """The state rows with these ids, in no particular order; missing ones left out."""
+class AdminBackend(Protocol):
+    """Administration: the connection, the schema and gc's sweep."""
 
-    async def scan_states(self, kind: int | None, *, after: UUID | None = None,
-                          limit: int = 100, newest_first: bool = False,
-                          contains: str | None = None) -> list[StateRow]:
-        """States of ``kind`` (None: every kind) in id order (keyset paging: strictly past
-        ``after``), at most ``limit``; with ``contains``, only those whose stream holds it,
-        case-insensitively (``%``, ``_`` and ``\\`` match literally)."""
+    async def close(self) -> None:
+        """Release connections; idempotent."""
 
-    async def stream_states(self, kind: int, stream: str, *, after_seq: int | None = None,
-                            limit: int = 100, newest_first: bool = True) -> list[StateRow]:
-        """States of ``kind`` in ``stream`` in log (seq) order, keyset-paged past
-        ``after_seq``: served by an index, so the newest is one probe."""
+    async def ping(self) -> bool:
+        """True when the database answers a trivial query."""
 
-    async def count_states(self, kind: int, *, stream: str | None = None,
-                           contains: str | None = None) -> int:
-        """How many states of ``kind`` (in ``stream``, or whose stream holds ``contains``)."""
+    # -- schema ---------------------------------------------------------------------------
 
-    async def lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
-        """The state and its ancestors through ``parent_id``, at most ``limit`` rows, in one
-        round trip. Terminates on a parent cycle: without a limit each row comes once (any
-        order); with one, rows come newest first and a cycle repeats ids."""
+    async def schema_version(self) -> int | None:
+        """The layout version stored in the database, None when it holds no immagent tables.
+        Never changes the database."""
+
+    async def migrate(self, found: int | None) -> int | None:
+        """Bring the layout to SCHEMA_VERSION from version ``found`` (None: create it) in
+        one transaction, serialised with other callers. Re-reads the version under that
+        lock and changes nothing unless it still is ``found``; returns what it read."""
+
+    # -- gc -------------------------------------------------------------------------------
+
+    async def sweep(self, check: RowCheck) -> SweepResult:
+        """Mark every asset a state reaches through refs, run ``check`` on every row marked
+        from (all states, every reached asset that has refs or is of a node kind, and every
+        one a state or a node links to as parent: a node whose refs or kind column were
+        damaged marks nothing, yet must be checked), then delete the assets not
+        marked: one transaction holding the exclusive side of the gc lock. If ``check``
+        raises, or a reached digest is missing, nothing is deleted (the exception
+        propagates; the missing digest is reported)."""
+
+
+class Backend(LogBackend, AdminBackend, Protocol):
+    """What the log needs of a storage backend: facts about rows, never rules. The audits'
+    queries go to ``audits()``: the backend itself, or (read replicas) the primary."""
+
+    def audits(self) -> AuditBackend:
+        """The backend that answers audit queries over every row."""
+        ...

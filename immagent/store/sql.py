@@ -1,6 +1,8 @@
-"""The state-scan queries, built once for every SQL backend: which states of which kind,
-past which id or log position, whose stream holds which text. Backends differ only in
-their placeholder and in how they fold case, which they pass in as a Dialect."""
+"""What the SQL backends (SQLite, PostgreSQL) share: the state-scan queries, built once for
+both (which states of which kind, past which id or log position, whose stream holds which
+text; the backends differ only in their placeholder and in how they fold case, which they
+pass in as a Dialect), the rooted-states query, and the exception that aborts a write
+transaction with its result."""
 
 from __future__ import annotations
 
@@ -8,9 +10,10 @@ from typing import Any, NamedTuple
 from uuid import UUID
 
 from immagent.records import StateRow
+from immagent.store.backend import WriteResult
 
-__all__ = ["ROOTED_STATES", "Dialect", "StateQueries", "count_query", "scan_query",
-           "state_filter", "stream_query"]
+__all__ = ["ROOTED_STATES", "Dialect", "StateQueries", "WriteAborted", "count_query",
+           "scan_query", "state_filter", "stream_query"]
 
 #: ``rooted(id)``: the states whose lineage ends, reached from a root (no parent, or a parent
 #: not stored) through children; every other state runs into a parent cycle. UNION ALL: a
@@ -24,6 +27,13 @@ ROOTED_STATES = """
         SELECT c.id FROM rooted r JOIN immagent_states c ON c.parent_id = r.id
     )
 """
+
+
+class WriteAborted(Exception):
+    """Raised inside a write transaction to roll it back and report ``result``."""
+
+    def __init__(self, result: WriteResult) -> None:
+        self.result = result
 
 
 class Dialect(NamedTuple):
