@@ -1,8 +1,9 @@
-"""The stored form of namespaced keys (a LangGraph ``BaseStore``'s items): one state kind, no I/O.
+"""The stored form of namespaced keys (a LangGraph ``BaseStore``'s items): two state kinds, no I/O.
 
-``immagent.items.ItemLog`` writes these rows and ``immagent.integrations.langgraph_store``
-adapts them to LangGraph; the core (verify, gc, bundles) reads them through
-``records.STATE_KINDS`` without either, so a store they wrote can be audited anywhere.
+``immagent.clients.store_items.ItemLog`` writes these rows and
+``immagent.integrations.langgraph_store`` adapts them to LangGraph; the core (verify, gc,
+bundles) reads them through ``records.STATE_KINDS`` without either, so a store they wrote
+can be audited anywhere.
 
 An *item state* is a state of kind STORE_ITEM, one per put, refresh or delete of a key
 (the key's history), and a *head* (kind STORE_HEAD) is the key's current value:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import immagent
 from immagent import IntegrityError, Store, ValidationError
 from immagent.assets import Kind
-from immagent.items import ItemLog, Put, matches
+from immagent.clients.store_items import ItemLog, Put, matches
 from immagent.kv import item_state_id, prefix_range
 from immagent.records import STATE_KINDS
 from tests.conftest import count_rows, raw_sql

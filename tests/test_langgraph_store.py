@@ -207,8 +207,9 @@ def test_sync_code_opens_the_store_with_from_conn_string(store_dsn: str,
             for t in threads:
                 t.join()
             assert len(memory.search(("t",))) == 4
-            assert memory.store.closed is False
-        assert memory.store.closed is True
+            opened = memory.store
+            assert opened.closed is False
+        assert opened.closed is True
         with pytest.raises(immagent.StoreClosedError):
             memory.get(("s",), "k")
     assert (tmp_path / "memory").exists()
@@ -349,7 +350,7 @@ def test_without_langgraph_the_store_is_audited_and_the_adapter_names_the_extra(
 import asyncio, sys
 sys.modules["langgraph"] = None  # LangGraph is not installed here
 import immagent
-from immagent.items import ItemLog
+from immagent.clients.store_items import ItemLog
 try:
     import immagent.integrations.langgraph_store
 except immagent.ImmAgentError as e:
@@ -372,7 +373,7 @@ asyncio.run(main())
 
 
 def test_importing_the_client_imports_no_langgraph() -> None:
-    code = ("import sys, immagent.items, immagent.kv, immagent.integrations.bridge;"
+    code = ("import sys, immagent.clients.store_items, immagent.kv, immagent.store.hosting;"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('langgraph', 'langchain_core')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -12,6 +12,11 @@ runs on the store's loop, and other loops hand their calls to it:
   on (never closed here); calls from other loops are sent to it, so that loop must keep
   running.
 
+Sync code (a framework's sync API, run from worker threads) calls ``Host.call``: the work
+is scheduled onto the store's loop and the thread waits for it, as LangGraph's async
+stores and savers do. On that loop's own thread waiting would block the loop it waits
+for, so ``call`` raises ``SyncCallError`` there instead of hanging.
+
 A write (``write=True``) that is cancelled waits until it has committed or failed before
 the cancellation is re-raised: a cancelled caller never leaves a write running behind it.
 No SDK is imported here; the adapters of every SDK share it.
@@ -26,10 +31,10 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from immagent.exceptions import StoreClosedError, StoreError
+from immagent.exceptions import ImmAgentError, StoreClosedError, StoreError
 from immagent.store.log import EventLog
 
-__all__ = ["Host", "OwnedHost", "SharedHost", "Work", "hop", "settle"]
+__all__ = ["Host", "OwnedHost", "SharedHost", "SyncCallError", "Work", "hop", "settle"]
 
 T = TypeVar("T")
 Work = Callable[[EventLog], Coroutine[Any, Any, T]]
@@ -54,6 +59,12 @@ async def settle(future: asyncio.Future[T]) -> T:
     return future.result()
 
 
+class SyncCallError(ImmAgentError, asyncio.InvalidStateError):
+    """A sync method was called where it cannot block: on the event loop the store runs on
+    (await the async method there), or while no loop runs the store. An
+    ``asyncio.InvalidStateError``, as LangGraph's async stores raise in that case."""
+
+
 class Host(abc.ABC):
     """Where an adapter's store lives and how a call from any loop reaches it. ``what``
     names the adapter object in errors ("the session", "the conversation store")."""
@@ -74,6 +85,25 @@ class Host(abc.ABC):
     @abc.abstractmethod
     async def run(self, work: Work[T], *, write: bool) -> T:
         """Run ``work(store)`` on the store's loop and return its result here."""
+
+    def call(self, work: Work[T], *, write: bool) -> T:
+        """``run`` for sync code: schedule ``work(store)`` onto the store's loop and wait
+        for it in this thread. SyncCallError on the loop's own thread, or while no loop
+        runs the store (a shared store used only from sync code)."""
+        loop = self._sync_loop()
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise SyncCallError(f"a sync method of {self.what} was called on the event loop "
+                                "its store runs on, where it would wait for itself forever: "
+                                "await the async method (a…) instead")
+        return asyncio.run_coroutine_threadsafe(self.run(work, write=write), loop).result()
+
+    @abc.abstractmethod
+    def _sync_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop sync calls are sent to (SyncCallError when there is none running)."""
 
     def release(self) -> None:
         """One user is done; the last one closes what the host owns."""
@@ -164,6 +194,9 @@ class OwnedHost(Host):
         loop = self._start()
         return await hop(self._call(work), loop, write)
 
+    def _sync_loop(self) -> asyncio.AbstractEventLoop:
+        return self._start()  # the private loop: started here if need be
+
     async def _close_store(self) -> None:
         # Calls already running finish first (close() is refused to new ones).
         current = asyncio.current_task()
@@ -224,6 +257,17 @@ class SharedHost(Host):
                              "is not running, so it cannot be used from this one: keep its "
                              f"loop running, or give {self.what} a DSN to own a store")
         return await hop(work(self._store), home, write)
+
+    def _sync_loop(self) -> asyncio.AbstractEventLoop:
+        if self._done:
+            raise StoreClosedError(f"{self.what} is closed")
+        home = self._home
+        if home is None or home.is_closed() or not home.is_running():
+            raise SyncCallError(f"the sync methods of {self.what} run on the event loop of "
+                                "its store, and none is running: create it inside a running "
+                                "loop and call from another thread, open it from a DSN, or "
+                                "use the async methods")
+        return home
 
     def _shutdown(self) -> None:
         self._done = True

@@ -1,7 +1,7 @@
 """ItemLog: a namespaced key-value store kept as states of the event log (no LangGraph import).
 
 The store-side half of ``immagent.integrations.langgraph_store.ImmAgentStore``, the way
-``immagent.sessions`` is the store-side half of the Agents SDK session. The stored form is
+``immagent.clients.sessions`` is the store-side half of the Agents SDK session. The stored form is
 in ``immagent.kv``; in short, every put, TTL refresh and delete of a key is a new *item
 state* of the key's stream (its parent: the key's previous state), whose one ref is the
 value, an ITEM asset (so equal values are stored once, whatever key or version holds
@@ -57,7 +57,7 @@ from immagent.exceptions import (
 )
 from immagent.records import StateRow, item_body, stream_digest
 from immagent.store.backend import Head
-from immagent.store.log import EventLog as Store
+from immagent.store.log import EventLog
 from immagent.validate import check_json_value
 
 __all__ = ["FILTER_OPERATORS", "ItemLog", "ItemVersion", "Put", "StoredItem", "matches"]
@@ -183,12 +183,12 @@ class ItemLog:
     no state of its own besides its settings, so any number of them (and of processes)
     can share a store."""
 
-    def __init__(self, store: Store, *, refresh_slack: float = 0.01,
+    def __init__(self, store: EventLog, *, refresh_slack: float = 0.01,
                  clock: Callable[[], datetime] = _now) -> None:
         """The items of ``store``. A TTL refresh is skipped while the stored expiry is
         within ``refresh_slack`` x TTL of the refreshed one (0: refresh at every read).
         ``clock`` gives the current time (tests move it)."""
-        if not isinstance(store, Store):
+        if not isinstance(store, EventLog):
             raise ValidationError("store", f"must be an immagent Store, got "
                                   f"{type(store).__name__}", None)
         if isinstance(refresh_slack, bool) or not isinstance(refresh_slack, int | float) \
