@@ -124,6 +124,7 @@ async def test_values_come_back_as_fresh_copies_and_as_json_carries_them(store: 
     (("a\x1fb",), "k", {}, "puts[0].namespace[0]"),
     ((), "k", {}, "puts[0].namespace"),
     (("a",), "k\x00", {}, "puts[0].key"),
+    (("a",), "k" * 2600, {}, "puts[0].key"),
     (("a",), "k", {"x": float("nan")}, "puts[0].value"),
     (("a",), "k", {"x": {1, 2}}, "puts[0].value"),
     (("a",), "k", ["not", "a", "dict"], "puts[0].value"),

@@ -58,7 +58,7 @@ from immagent.exceptions import (
 from immagent.records import StateRow, item_body, stream_digest
 from immagent.store.backend import Head
 from immagent.store.log import EventLog
-from immagent.validate import check_json_value
+from immagent.validate import MAX_STREAM_BYTES, check_json_value
 
 __all__ = ["FILTER_OPERATORS", "ItemLog", "ItemVersion", "Put", "StoredItem", "matches"]
 
@@ -323,6 +323,10 @@ class ItemLog:
             value = None if put.value is None else _value(f"puts[{i}].value", put.value)
             ttl = _check_ttl(f"puts[{i}].ttl", put.ttl)
             stream = kv.item_stream(ns, key)
+            if len(stream.encode("utf-8")) > MAX_STREAM_BYTES:
+                raise ValidationError(f"puts[{i}].key", f"the namespace and key are longer "
+                                      f"than {MAX_STREAM_BYTES} UTF-8 bytes together (they "
+                                      "name an indexed stream)", None)
             last.pop(stream, None)  # re-inserted: the batch's order is its last puts' order
             last[stream] = (ns, key, value, ttl)
         if not last:
