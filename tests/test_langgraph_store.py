@@ -154,7 +154,7 @@ async def test_the_async_sweeper_task_deletes_what_expired(store: Store) -> None
     await memory.aput(("sw",), "kept", {"v": 2})
     task = await memory.astart_ttl_sweeper(sweep_interval_minutes=0.2 / 60)
     assert await memory.astart_ttl_sweeper() is task  # one sweeper
-    for _ in range(100):
+    for _ in range(600):  # a minute at most: the sweep runs every 0.2 s
         if not await memory.ahistory(("sw",), "gone"):
             break
         await asyncio.sleep(0.1)
@@ -222,7 +222,7 @@ def test_the_sync_sweeper_thread(tmp_path: Path) -> None:
         memory.setup()
         memory.put(("s",), "gone", {"v": 1}, ttl=0.5 / 60)
         future = memory.start_ttl_sweeper()
-        deadline = 100
+        deadline = 600  # a minute: the machine may be busy; the sweep runs every 0.2 s
         while memory.history(("s",), "gone") and deadline:
             threading.Event().wait(0.1)
             deadline -= 1
