@@ -10,7 +10,7 @@ RUN = $(UV) run --no-sync
 .PHONY: dev fmt lint typecheck check test test-cov bench bench-full bench-scale bench-scale-full \
         bench-reliability demo pg cluster clean test-agents-range peer-agents peer-pydantic-ai \
         peer-pydantic-ai-check test-pydantic-ai-range \
-        peer-langgraph peer-langgraph-conformance
+        peer-langgraph peer-langgraph-conformance peer-langgraph-store
 
 dev:            ## install the venv with every extra and dev tool
 	@bash scripts/bootstrap.sh >/dev/null && echo "venv ready: .venv"
@@ -90,6 +90,10 @@ peer-pydantic-ai: ## pydantic-ai's own conversation-store tests on ours, beside 
 
 peer-pydantic-ai-check: ## the same machinery on a stand-in test file (no pydantic-ai checkout)
 	@$(RUN) python scripts/peer_pydantic_ai.py --self-check
+
+peer-langgraph-store:  ## LangGraph's own store tests on ImmAgentStore beside its stores (LANGGRAPH_REPO=clone)
+	@$(RUN) python scripts/peer_langgraph_store.py --repo "$${LANGGRAPH_REPO:?set LANGGRAPH_REPO to a clone of github.com/langchain-ai/langgraph}" \
+	  --dsn "$$(bash scripts/ensure-postgres.sh)" --json peer-langgraph-store.json
 
 clean:
 	rm -rf .venv .venv-agents .peer .peer-agents .mypy_cache .ruff_cache .pytest_cache demo.db*

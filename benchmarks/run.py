@@ -354,6 +354,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         sessions = asyncio.run(immagent_session.run(samples=50 if args.full else 30, dsn=pg))
         immagent_session.report(sessions)
         numbers["openai_agents_sessions"] = sessions.as_dict()
+    if not args.no_langgraph:  # ImmAgentStore beside LangGraph's stores
+        from benchmarks import langgraph_store
+
+        pg = (args.dsn or ensure_postgres()) if "postgres" in args.backends else None
+        memory = asyncio.run(langgraph_store.run(samples=50 if args.full else 30, dsn=pg))
+        langgraph_store.report(memory)
+        numbers["langgraph_store"] = memory.as_dict()
     if not args.no_pydantic_ai:
         from benchmarks import pydantic_ai_conversations as conversations
 

@@ -94,6 +94,8 @@ class Kind(IntEnum):
     SESSION_STATE = 18  # a state of a session (all its branches), never a content asset
     CONVERSATION_STATE = 21  # a state: one pydantic-ai conversation record (immagent.records)
     CONVERSATION_SCOPE = 22  # a state: lists one conversation under its scope
+    STORE_ITEM = 24  # a state: one put, refresh or delete of a namespaced key (immagent.kv)
+    STORE_HEAD = 25  # a state: the current value of a namespaced key (immagent.kv)
 
 
 _encoder = msgspec.msgpack.Encoder(order="deterministic")

@@ -21,7 +21,7 @@ from uuid import UUID
 import blake3
 import msgspec
 
-from immagent import checkpoints
+from immagent import checkpoints, kv
 from immagent.assets import Digest, Kind, encode
 from immagent.exceptions import IntegrityError
 from immagent.ids import unpack_text_id
@@ -37,6 +37,7 @@ __all__ = [
     "StateRow",
     "check_state",
     "conversation_body",
+    "item_body",
     "load_agent",
     "load_state",
     "session_body",
@@ -69,6 +70,10 @@ class StateKind(NamedTuple):
     digest: Callable[[StateRow], Digest]
     #: The asset kind each ref must have, in order.
     ref_kinds: Callable[[StateRow], tuple[int, ...]]
+    #: When a row of this kind stops being live on its own (None: never): a stream whose
+    #: newest state has expired is swept whole (an item's TTL, ``immagent.kv``). The rule
+    #: retention applies to every kind that declares it.
+    expires: Callable[[StateRow], datetime | None] | None = None
 
 
 def stream_digest(kind: int, stream: str, refs: Sequence[Digest], body: bytes) -> Digest:
@@ -264,6 +269,29 @@ def _session_digest(row: StateRow) -> Digest:
     return stream_digest(row.kind, row.stream, row.refs, row.body)
 
 
+# -- items of a namespaced key-value store (immagent.kv) ---------------------------------
+
+
+def item_body(row: StateRow) -> kv.ItemBody:
+    """The body of an item state or head row, checked against its stream and refs
+    (ValueError or msgspec errors if malformed); unverified: ``load_state`` proves the
+    digest."""
+    kv.parse_item_stream(row.stream)
+    if row.kind == Kind.STORE_HEAD:
+        return kv.decode_head(row.body, len(row.refs))
+    return kv.decode_item(row.body, len(row.refs))
+
+
+def _item_ref_kinds(row: StateRow) -> tuple[int, ...]:
+    item_body(row)
+    return (int(Kind.ITEM),) * len(row.refs)
+
+
+def _item_digest(row: StateRow) -> Digest:
+    item_body(row)  # a body that does not match its refs is undecodable, not sound
+    return stream_digest(row.kind, row.stream, row.refs, row.body)
+
+
 # -- conversation records (a pydantic-ai ConversationStore, clients/conversations.py) ----
 
 
@@ -360,6 +388,18 @@ STATE_KINDS: dict[int, StateKind] = {
     # LangGraph checkpoints (immagent.checkpoints).
     int(Kind.CHECKPOINT): _generic_kind(checkpoints.checkpoint_ref_kinds),
     int(Kind.CHECKPOINT_WRITES): _generic_kind(checkpoints.writes_ref_kinds),
+    # A LangGraph BaseStore's items (immagent.kv): one state per put, refresh or delete,
+    # and the current value of each key (its head).
+    int(Kind.STORE_ITEM): StateKind(
+        digest=_item_digest,
+        ref_kinds=_item_ref_kinds,
+        expires=lambda row: kv.expires_at(item_body(row)),
+    ),
+    int(Kind.STORE_HEAD): StateKind(
+        digest=_item_digest,
+        ref_kinds=_item_ref_kinds,
+        expires=lambda row: kv.expires_at(item_body(row)),
+    ),
 }
 
 

@@ -61,7 +61,6 @@ from typing import Any, Final, Generic, TypeVar, cast
 
 from immagent import checkpoints as cp
 from immagent.audit.bundle import BundleInfo
-from immagent.clients.agents import Store
 from immagent.clients.checkpoints import CheckpointLog, Snapshot
 from immagent.exceptions import ExtraNotInstalledError, ValidationError
 from immagent.records import StateRow
@@ -109,17 +108,14 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
     """A LangGraph checkpointer storing checkpoints as immutable, content-addressed rows
     of an immagent ``Store`` (PostgreSQL, SQLite or memory); see the module docstring."""
 
-    def __init__(self, store: Store | object, *,
+    def __init__(self, store: EventLog | object, *,
                  serde: SerializerProtocol | None = None) -> None:
         """A saver over an open immagent ``Store``, or over a psycopg ``AsyncConnection``
         or ``AsyncConnectionPool`` you own (as LangGraph's ``AsyncPostgresSaver(conn)``);
         either is shared, never closed here. It runs on the loop running now (or the loop
         of its first async call): async methods there, sync ones from other threads."""
-        if isinstance(store, EventLog) and not isinstance(store, Store):
-            raise ValidationError("store", "must be an immagent Store (Store.connect), got "
-                                  "an EventLog", None)
-        if not isinstance(store, Store):
-            store = Store.over(store)  # a psycopg pool or connection; else ValidationError
+        if not isinstance(store, EventLog):
+            store = EventLog.over(store)  # a psycopg pool or connection; else ValidationError
         self._bind(SharedHost(store, _WHAT), store, serde)
 
     def _bind(self, host: Host, store: EventLog, serde: SerializerProtocol | None,
@@ -133,9 +129,9 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
     _finalizer: weakref.finalize[Any, Any] | None = None
 
     @property
-    def store(self) -> Store:
-        """The immagent Store the checkpoints live in (verify, gc, export through it)."""
-        return cast(Store, self._store)
+    def store(self) -> EventLog:
+        """The immagent store the checkpoints live in (verify, gc, export through it)."""
+        return self._store
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
@@ -590,7 +586,7 @@ class _Opening(Generic[S]):
             self._saver.close()
 
     async def __aenter__(self) -> S:
-        store = await Store.connect(self._dsn, **self._connect)
+        store = await EventLog.connect(self._dsn, **self._connect)
         saver = self._cls.__new__(self._cls)
         saver._bind(SharedHost(store, _WHAT), store, self._serde, owned=store)
         self._saver = saver

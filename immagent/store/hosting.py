@@ -12,14 +12,14 @@ runs on the store's loop, and other loops hand their calls to it:
   on (never closed here); calls from other loops are sent to it, so that loop must keep
   running.
 
+Sync code (a framework's sync API, run from worker threads) calls ``Host.call``: the work
+is scheduled onto the store's loop and the thread waits for it, as LangGraph's async
+stores and savers do. On that loop's own thread waiting would block the loop it waits
+for, so ``call`` raises ``SyncCallError`` there instead of hanging.
+
 A write (``write=True``) that is cancelled waits until it has committed or failed before
 the cancellation is re-raised: a cancelled caller never leaves a write running behind it.
 No SDK is imported here; the adapters of every SDK share it.
-
-Sync callers (a sync LangGraph graph calls its checkpointer from its own thread or worker
-threads) use ``call``: the work is scheduled onto the store's loop and the calling thread
-blocks until it is done. On the store's loop itself that would wait for itself forever, so
-``call`` raises ``SyncCallError`` there at once (as LangGraph's async savers refuse it).
 """
 
 from __future__ import annotations
@@ -42,11 +42,6 @@ Work = Callable[[EventLog], Coroutine[Any, Any, T]]
 Runner = Callable[[Work[Any]], Coroutine[Any, Any, Any]]
 
 
-class SyncCallError(ImmAgentError, asyncio.InvalidStateError):
-    """A sync method was called where it cannot block: on the event loop its store runs on
-    (await the ``a…`` method there), or while no loop runs the store."""
-
-
 async def settle(future: asyncio.Future[T]) -> T:
     """The outcome of a write, even if the caller is cancelled while it runs: then the
     write is waited for first and the cancellation re-raised after (never a write left
@@ -64,6 +59,12 @@ async def settle(future: asyncio.Future[T]) -> T:
     if cancelled is not None:
         raise cancelled
     return future.result()
+
+
+class SyncCallError(ImmAgentError, asyncio.InvalidStateError):
+    """A sync method was called where it cannot block: on the event loop the store runs on
+    (await the async method there), or while no loop runs the store. An
+    ``asyncio.InvalidStateError``, as LangGraph's async stores raise in that case."""
 
 
 class Host(abc.ABC):
