@@ -235,8 +235,13 @@ def load_rows(rows: Sequence[StoredAsset],
         return []
     kind = rows[0].kind
     if (kind not in ASSET_KINDS or kind in NODE_KINDS
-            or set(map(_KIND, rows)) != {kind} or any(map(_REFS, rows))):
+            or set(map(_KIND, rows)) != {kind}):
         return [load_row(r, dictionaries) for r in rows]
+    if any(map(_REFS, rows)):
+        # A few messages reference the tools their call was offered: those one by one,
+        # the rest still in one pass.
+        batch = iter(load_rows([r for r in rows if not r.refs], dictionaries))
+        return [load_row(r, dictionaries) if r.refs else next(batch) for r in rows]
     digests = list(map(_DIGEST, rows))
     try:
         bodies = codec.decode_many(list(map(_CODEC, rows)), list(map(_BODY, rows)),

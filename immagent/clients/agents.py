@@ -31,6 +31,7 @@ from immagent.assets import (
     Kind,
     Message,
     SystemPrompt,
+    tools_of,
 )
 from immagent.audit.bundle import BundleInfo
 from immagent.audit.verify import VerifyReport
@@ -379,4 +380,9 @@ def _checked_messages(messages: object) -> list[StoredAsset]:
             raise ValidationError(f"messages[{i}]", f"must be a Message, got "
                                   f"{type(m).__name__}", m)
         rows.append(storable(f"messages[{i}]", m))
+        # The tool schemas its call was offered travel with it (a model call attaches
+        # them); without them the store must already hold them (AssetNotFoundError).
+        offered = tools_of(m)
+        if offered is not None:
+            rows.append(storable(f"messages[{i}].tools", offered))
     return rows
