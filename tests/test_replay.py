@@ -130,7 +130,7 @@ async def test_bad_positions_and_tools_are_refused(store: Store) -> None:
     for index, match in [(0, "user message"), (7, "no message 7"), (-1, "no message"),
                          (True, "int")]:
         with pytest.raises(ValidationError, match=match):
-            await rebuild(store, agent.id, index)  # type: ignore[arg-type]
+            await rebuild(store, agent.id, index)
     fresh = await store.create_agent("empty", PROMPT, ECHO_MODEL)
     with pytest.raises(ValidationError, match="no assistant message"):
         await rebuild(store, fresh.id)
