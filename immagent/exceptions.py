@@ -11,6 +11,7 @@ __all__ = [
     "AssetNotFoundError",
     "BundleError",
     "ConflictError",
+    "ExtraNotInstalledError",
     "ImmAgentError",
     "IntegrityError",
     "LLMError",
@@ -23,6 +24,7 @@ __all__ = [
     "StoreError",
     "ToolExecutionError",
     "TurnIncompleteError",
+    "UntrustedError",
     "ValidationError",
 ]
 
@@ -113,7 +115,22 @@ class IntegrityError(ImmAgentError):
 
 
 class BundleError(IntegrityError):
-    """An audit bundle is unreadable, malformed or tampered with."""
+    """An audit bundle is unreadable, malformed or tampered with. ``unusable`` is True
+    when it could not be checked at all (not a bundle, a format this immagent does not
+    read), False when it was checked and is corrupt."""
+
+    def __init__(self, message: str, *, unusable: bool = False) -> None:
+        self.unusable = unusable
+        super().__init__(message)
+
+
+class UntrustedError(ImmAgentError):
+    """Intact, but not signed by enough trusted keys (a trust policy's ``sigs_needed``)."""
+
+
+class ExtraNotInstalledError(ImmAgentError):
+    """A feature needs an optional extra that is not installed; the message names the
+    command that installs it."""
 
 
 class LLMError(ImmAgentError):

@@ -21,7 +21,7 @@ from uuid import UUID
 import blake3
 import msgspec
 
-from immagent import checkpoints
+from immagent import attestations, checkpoints
 from immagent.assets import Digest, Kind, encode
 from immagent.exceptions import IntegrityError
 from immagent.rows import join_refs
@@ -33,6 +33,7 @@ __all__ = [
     "SessionBranch",
     "StateKind",
     "StateRow",
+    "attached_kinds",
     "check_state",
     "load_agent",
     "load_state",
@@ -66,6 +67,11 @@ class StateKind(NamedTuple):
     digest: Callable[[StateRow], Digest]
     #: The asset kind each ref must have, in order.
     ref_kinds: Callable[[StateRow], tuple[int, ...]]
+    #: A row of an *attached* kind is about another state, its subject, which its
+    #: ``parent_id`` names (an attestation): it lives while its subject does (gc removes
+    #: it once the subject is gone), never keeps its subject from a lineage deletion, and
+    #: travels in bundles with its subject.
+    attached: bool = False
 
 
 def stream_digest(kind: int, stream: str, refs: Sequence[Digest], body: bytes) -> Digest:
@@ -247,6 +253,17 @@ def _session_digest(row: StateRow) -> Digest:
     return stream_digest(row.kind, row.stream, row.refs, row.body)
 
 
+# -- attestations (immagent.attestations) ------------------------------------------------
+
+
+def _attestation_digest(row: StateRow) -> Digest:
+    _, _, subject = attestations.attestation_of(row.kind, row.stream, row.refs, row.body)
+    if row.parent_id != subject.id:  # lineage is not hashed: the link is checked here
+        raise ValueError(f"an attestation of state {subject.id} names {row.parent_id} as "
+                         "its parent")
+    return stream_digest(row.kind, row.stream, row.refs, row.body)
+
+
 # -- every state kind -------------------------------------------------------------------
 
 #: Each state kind's rules. A client of the store adds its kind here (kinds are data to
@@ -268,7 +285,15 @@ STATE_KINDS: dict[int, StateKind] = {
     # LangGraph checkpoints (immagent.checkpoints).
     int(Kind.CHECKPOINT): _generic_kind(checkpoints.checkpoint_ref_kinds),
     int(Kind.CHECKPOINT_WRITES): _generic_kind(checkpoints.writes_ref_kinds),
+    # A signature over another state (immagent.attestations), attached to it.
+    int(Kind.ATTESTATION): StateKind(digest=_attestation_digest, ref_kinds=lambda row: (),
+                                     attached=True),
 }
+
+
+def attached_kinds() -> tuple[int, ...]:
+    """The state kinds whose rows are attached to a subject state (``StateKind.attached``)."""
+    return tuple(sorted(k for k, rules in STATE_KINDS.items() if rules.attached))
 
 
 def check_state(row: StateRow) -> tuple[Literal["corrupt", "undecodable"], str] | None:

@@ -15,6 +15,9 @@ rules are here:
   less careful than verify.
 * **Never treat an unreadable root as absent** (git's prune rule): if something reachable
   is missing, what it would have kept is unknown, so nothing is deleted.
+* **Attached states live while their subject does.** An attestation (``StateKind.attached``)
+  whose subject state is gone is removed in the same transaction, under the same lock: a
+  write restoring the subject (an import) either committed before, and is seen, or waits.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING
 from immagent.assets import Kind
 from immagent.codec import FIRST_DICTIONARY, NO_DICTIONARIES, ZstdDictionary
 from immagent.exceptions import IntegrityError
-from immagent.records import StateRow, check_state
+from immagent.records import StateRow, attached_kinds, check_state
 from immagent.rows import StoredAsset, check_row
 
 if TYPE_CHECKING:
@@ -44,7 +47,8 @@ class GCResult(dict[str, int]):
     ``"conversations"``, ``"text_assets"``, and any other kind by its name), plus the
     totals as attributes."""
 
-    def __init__(self, removed: Mapping[int, int], bytes_freed: int, assets_kept: int) -> None:
+    def __init__(self, removed: Mapping[int, int], bytes_freed: int, assets_kept: int,
+                 states_removed: int = 0) -> None:
         super().__init__({name: 0 for name in _SEED_KEYS.values()})
         for kind, count in removed.items():
             self[_name(kind)] = self.get(_name(kind), 0) + count
@@ -52,6 +56,8 @@ class GCResult(dict[str, int]):
         self.bytes_freed = bytes_freed
         #: Assets left in the store.
         self.assets_kept = assets_kept
+        #: Attached states (attestations) removed because their subject is gone.
+        self.states_removed = states_removed
 
     @property
     def assets_removed(self) -> int:
@@ -101,7 +107,8 @@ async def collect(backend: AdminBackend,
     for _ in range(_ATTEMPTS):
         known = NO_DICTIONARIES if dictionaries is None else await dictionaries()
         try:
-            result = await backend.sweep(functools.partial(check_marked, dictionaries=known))
+            result = await backend.sweep(functools.partial(check_marked, dictionaries=known),
+                                         detached=attached_kinds())
         except _UnknownDictionary as e:
             unknown = e.args[0]
             continue
@@ -116,7 +123,7 @@ async def collect(backend: AdminBackend,
             f"{result.missing.hex()}, which is missing, so reachability is unknown (run "
             "store.verify(); restore the asset by importing a bundle, or delete the states "
             "that need it)")
-    return GCResult(result.removed, result.freed, result.kept)
+    return GCResult(result.removed, result.freed, result.kept, result.states_removed)
 
 
 def _name(kind: int) -> str:

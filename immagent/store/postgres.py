@@ -277,7 +277,8 @@ class PostgresBackend(StateQueries):
         return WriteResult()
 
     async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False) -> list[UUID]:
+                            stop_at_shared: bool = False,
+                            attached: Sequence[int] = ()) -> list[UUID]:
         order = {i: n for n, i in enumerate(dict.fromkeys(ids))}
         with _mapped("delete"):
             async with self._pool.connection() as conn, conn.transaction():
@@ -302,17 +303,18 @@ class PostgresBackend(StateQueries):
                                NOT EXISTS (SELECT 1 FROM immagent_states s WHERE s.id = l.id)
                                OR EXISTS (SELECT 1 FROM immagent_states c
                                            WHERE c.parent_id = l.id AND c.id IS DISTINCT FROM
-                                                 (SELECT p.id FROM line p WHERE p.pos = l.pos - 1)))
+                                                 (SELECT p.id FROM line p WHERE p.pos = l.pos - 1)
+                                             AND NOT c.kind = ANY(%s)))
                     )
                     DELETE FROM immagent_states s USING line l, stop
                      WHERE s.id = l.id AND l.pos < stop.pos
                     RETURNING s.id
                     """,
-                    (list(order),),
+                    (list(order), list(attached)),
                 )
                 return sorted((r[0] for r in await cur.fetchall()), key=order.__getitem__)
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
+    async def sweep(self, check: RowCheck, *, detached: Sequence[int] = ()) -> SweepResult:
         with _mapped("gc"):
             async with self._pool.connection() as conn, conn.transaction():
                 # Exclusive side of the writers' shared lock, taken before the statements, so
@@ -344,6 +346,13 @@ class PostgresBackend(StateQueries):
                     cur = await conn.execute("SELECT count(*) FROM immagent_assets")
                     kept = await cur.fetchone()
                     return SweepResult({}, 0, int(kept[0]) if kept else 0, bytes(missing[0]))
+                gone = 0
+                if detached:  # attached states whose subject is gone (marked from anyway)
+                    cur = await conn.execute(
+                        "DELETE FROM immagent_states s WHERE s.kind = ANY(%s) AND "
+                        "(s.parent_id IS NULL OR NOT EXISTS (SELECT 1 FROM immagent_states p "
+                        "WHERE p.id = s.parent_id))", (list(detached),))
+                    gone = cur.rowcount
                 for sql, decode in (
                         (f"SELECT {_STATE_COLUMNS} FROM immagent_states", _state),
                         (_GC_CHECKED, _asset)):
@@ -367,7 +376,7 @@ class PostgresBackend(StateQueries):
                 freed = sum(int(b) for _, _, b in swept)
                 cur = await conn.execute("SELECT count(*) FROM immagent_assets")
                 row = await cur.fetchone()
-        return SweepResult(removed, freed, int(row[0]) if row else 0)
+        return SweepResult(removed, freed, int(row[0]) if row else 0, states_removed=gone)
 
     # -- assets ---------------------------------------------------------------------------
 

@@ -507,9 +507,12 @@ class SQLiteBackend(StateQueries):
             return stop.result
         return WriteResult()
 
-    async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False) -> list[UUID]:
+    async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
+                            attached: Sequence[int] = ()) -> list[UUID]:
         keys = [i.bytes for i in dict.fromkeys(ids)]
+        # Children of attached kinds (attestations) do not keep a parent.
+        other_child = ("SELECT 1 FROM immagent_states WHERE parent_id = ?"
+                       + (f" AND kind NOT IN ({_marks(len(attached))})" if attached else ""))
 
         def run(conn: sqlite3.Connection) -> list[UUID]:
             if not stop_at_shared:
@@ -525,8 +528,9 @@ class SQLiteBackend(StateQueries):
                 # The single writer serialises these: no sibling deletion interleaves.
                 sql = "DELETE FROM immagent_states WHERE id = ?"
                 if n:
-                    sql += " AND NOT EXISTS (SELECT 1 FROM immagent_states WHERE parent_id = ?)"
-                if conn.execute(sql, (key, key) if n else (key,)).rowcount == 0:
+                    sql += f" AND NOT EXISTS ({other_child})"
+                params = (key, key, *attached) if n else (key,)
+                if conn.execute(sql, params).rowcount == 0:
                     break
                 done.append(UUID(bytes=key))
             return done
@@ -534,7 +538,7 @@ class SQLiteBackend(StateQueries):
         result: list[UUID] = await self._pool.write("delete", lambda conn: transaction(conn, run))
         return result
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
+    async def sweep(self, check: RowCheck, *, detached: Sequence[int] = ()) -> SweepResult:
         def sweep(conn: sqlite3.Connection) -> SweepResult:
             # Mark into a temporary table (SQLite spills it to disk; nothing goes through
             # Python), then sweep what is not in it, all under the write lock.
@@ -550,6 +554,13 @@ class SQLiteBackend(StateQueries):
             if missing is not None:
                 (kept,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
                 return SweepResult({}, 0, int(kept), _blob(missing[0]))
+            # Attached states whose subject is gone (marked from all the same: what they
+            # reach is kept one more cycle).
+            gone = conn.execute(
+                f"DELETE FROM immagent_states WHERE kind IN ({_marks(len(detached))}) AND "
+                "(parent_id IS NULL OR NOT EXISTS (SELECT 1 FROM immagent_states p "
+                "WHERE p.id = immagent_states.parent_id))", list(detached)
+            ).rowcount if detached else 0
             for sql, decode in (
                     (f"SELECT {_STATE_COLUMNS} FROM immagent_states", _state),
                     (_GC_CHECKED, _asset)):
@@ -569,7 +580,7 @@ class SQLiteBackend(StateQueries):
                 _give_back_free_pages(conn)
             (kept,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
             conn.execute("DROP TABLE temp.immagent_reach")
-            return SweepResult(removed, freed, int(kept))
+            return SweepResult(removed, freed, int(kept), states_removed=gone)
 
         result: SweepResult = await self._pool.write("gc", lambda conn: transaction(conn, sweep))
         return result
