@@ -63,7 +63,7 @@ SIGNATURE_BYTES: Final = 64
 #: Largest statement accepted (a bundle of many heads names each in ~60 bytes).
 MAX_STATEMENT: Final = 1 << 20
 #: Most states one statement may name.
-MAX_SUBJECTS: Final = 16_384
+MAX_SUBJECTS: Final = 10_000
 #: Longest note an attestation may carry (UTF-8 bytes).
 MAX_NOTE_BYTES: Final = 1_000
 

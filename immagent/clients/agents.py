@@ -34,6 +34,7 @@ from immagent.assets import (
     tools_of,
 )
 from immagent.audit.bundle import BundleInfo
+from immagent.audit.keys import SigningKey
 from immagent.audit.verify import VerifyReport
 from immagent.exceptions import AgentNotFoundError, AgentNotRegisteredError, ValidationError
 from immagent.ids import uuid7
@@ -308,11 +309,13 @@ class Store(EventLog):
         return await super().verify(agent_id, progress=progress)
 
     async def export(self, agent: PersistentAgent | UUID | str,
-                     path: str | os.PathLike[str]) -> BundleInfo:
-        """Write an audit bundle of ``agent`` (its lineage and every asset they reach) to
-        ``path``, atomically; verify it anywhere with ``immagent.verify_bundle``."""
+                     path: str | os.PathLike[str], *,
+                     sign: Sequence[SigningKey] = ()) -> BundleInfo:
+        """Write an audit bundle of ``agent`` (its lineage, the attestations about them and
+        every asset they reach) to ``path``, atomically, signed by each key of ``sign``;
+        verify it anywhere with ``immagent.verify_bundle``."""
         agent_id = self._agent_id(agent)
-        info = await self.export_lineage(agent_id, path)
+        info = await self.export_lineage(agent_id, path, sign=sign)
         if info is None:
             raise AgentNotFoundError(agent_id)
         return info
