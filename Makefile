@@ -8,7 +8,8 @@ UV := $(shell bash scripts/bootstrap.sh)
 RUN = $(UV) run --no-sync
 
 .PHONY: dev fmt lint typecheck check test test-cov bench bench-full bench-scale bench-scale-full \
-        demo pg cluster clean
+        demo pg cluster clean test-agents-range peer-agents peer-pydantic-ai \
+        peer-pydantic-ai-check test-pydantic-ai-range
 
 dev:            ## install the venv with every extra and dev tool
 	@bash scripts/bootstrap.sh >/dev/null && echo "venv ready: .venv"
@@ -23,7 +24,7 @@ fmt:
 	$(RUN) ruff check --fix immagent tests benchmarks examples
 
 lint:
-	$(RUN) ruff check immagent tests benchmarks examples
+	$(RUN) ruff check immagent tests benchmarks examples scripts
 
 typecheck:
 	$(RUN) mypy
@@ -39,6 +40,12 @@ cluster:        ## start (or find) the primary + hot standby + PgBouncer of the 
 test:           ## the whole suite against real PostgreSQL (started here) and SQLite
 	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
 	  $(RUN) pytest
+
+test-agents-range: ## the session tests on the oldest and newest openai-agents claimed (fresh venvs)
+	@bash scripts/agents-range.sh
+
+peer-agents:    ## the Agents SDK's own memory tests against ImmAgentSession, beside its sessions
+	@bash scripts/peer-agents.sh
 
 test-cov:
 	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
@@ -59,5 +66,17 @@ bench-scale:    ## read replicas and PgBouncer on the local cluster (`bench-scal
 bench-scale-full:
 	@$(RUN) python -m benchmarks.scale --full --json bench-scale-results.json
 
+test-pydantic-ai-range: ## tests/test_pydantic_ai.py on the oldest and newest pydantic-ai the extra allows
+	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
+	  for v in 2.71.0 2.78.0; do echo "== pydantic-ai-slim $$v"; \
+	    $(UV) run --no-sync --with pydantic-ai-slim==$$v --with pydantic-graph==$$v \
+	      pytest tests/test_pydantic_ai.py -q -p no:cacheprovider || exit 1; done
+
+peer-pydantic-ai: ## pydantic-ai's own conversation-store tests on ours, beside its in-memory store
+	@$(RUN) python scripts/peer_pydantic_ai.py $(if $(PYDANTIC_AI_SRC),--src $(PYDANTIC_AI_SRC))
+
+peer-pydantic-ai-check: ## the same machinery on a stand-in test file (no pydantic-ai checkout)
+	@$(RUN) python scripts/peer_pydantic_ai.py --self-check
+
 clean:
-	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache demo.db*
+	rm -rf .venv .venv-agents .peer-agents .mypy_cache .ruff_cache .pytest_cache demo.db*

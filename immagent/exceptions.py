@@ -18,12 +18,14 @@ __all__ = [
     "MessageNotFoundError",
     "SchemaMissingError",
     "SchemaVersionError",
+    "SessionClosedError",
     "StaleStreamError",
     "StoreClosedError",
     "StoreConnectionError",
     "StoreError",
     "ToolExecutionError",
     "TurnIncompleteError",
+    "UnsupportedTypeError",
     "UntrustedError",
     "ValidationError",
 ]
@@ -33,6 +35,16 @@ class ImmAgentError(Exception):
     """Base class of every error raised by immagent."""
 
 
+class ExtraNotInstalledError(ImmAgentError, ImportError):
+    """An integration's framework is not installed; the message names the pip command that
+    installs it (also an ImportError, so code guarding an import still catches it)."""
+
+    def __init__(self, module: str, extra: str) -> None:
+        self.extra = extra
+        super().__init__(f"{module} needs the {extra!r} extra: "
+                         f"pip install 'immagent[{extra}]'")
+
+
 class ValidationError(ImmAgentError, ValueError):
     """Input was rejected before anything was written; ``field`` names the culprit."""
 
@@ -40,6 +52,12 @@ class ValidationError(ImmAgentError, ValueError):
         self.field = field
         self.value = value
         super().__init__(f"{field}: {message}")
+
+
+class UnsupportedTypeError(ValidationError, TypeError):
+    """A value of a type that cannot be stored (a set or bytes in a JSON value, a key that
+    is not a str): also the TypeError that JSON encoders (and so the Agents SDK's
+    sessions) raise for it."""
 
 
 class AssetNotFoundError(ImmAgentError, LookupError):
@@ -81,6 +99,11 @@ class StoreConnectionError(StoreError):
 
 class StoreClosedError(StoreError):
     """The Store was used after close()."""
+
+
+class SessionClosedError(StoreClosedError, RuntimeError):
+    """An Agents SDK session was used after close(): also the RuntimeError the SDK's own
+    sessions raise, so callers that catch theirs catch ours."""
 
 
 class SchemaVersionError(StoreError):
@@ -126,11 +149,6 @@ class BundleError(IntegrityError):
 
 class UntrustedError(ImmAgentError):
     """Intact, but not signed by enough trusted keys (a trust policy's ``sigs_needed``)."""
-
-
-class ExtraNotInstalledError(ImmAgentError):
-    """A feature needs an optional extra that is not installed; the message names the
-    command that installs it."""
 
 
 class LLMError(ImmAgentError):

@@ -24,17 +24,20 @@ import msgspec
 from immagent import attestations, checkpoints
 from immagent.assets import Digest, Kind, encode
 from immagent.exceptions import IntegrityError
+from immagent.ids import unpack_text_id
 from immagent.rows import join_refs
 
 __all__ = [
     "STATE_KINDS",
     "AgentRecord",
+    "ConversationBody",
     "SessionBody",
     "SessionBranch",
     "StateKind",
     "StateRow",
     "attached_kinds",
     "check_state",
+    "conversation_body",
     "load_agent",
     "load_state",
     "session_body",
@@ -219,15 +222,21 @@ class SessionBranch(msgspec.Struct, frozen=True, array_like=True):
 
 
 class SessionBody(msgspec.Struct, frozen=True, omit_defaults=True,
-                  rename={"branches": "b", "retired": "r", "generation": "g"}):
+                  rename={"branches": "b", "retired": "r", "generation": "g", "usage": "u",
+                          "owner": "o"}):
     """The stored body of a session state. The state's refs are the head item node of
-    each branch: ``main`` first, then ``branches`` in order. ``retired`` are branch names
-    used before (deleted or cleared) and never reused; ``generation`` counts
-    ``clear_session`` calls. A session with only ``main`` stores one byte here."""
+    each branch: ``main`` first, then ``branches`` in order, then the head of the usage
+    chain of each branch listed in ``usage`` (by index, ascending; a branch without
+    recorded usage has none). ``retired`` are branch names used before (deleted or
+    cleared) and never reused; ``generation`` counts ``clear_session`` calls; ``owner``
+    is who the session belongs to (set by its first state, kept by every later one). A
+    session with only ``main`` stores one byte here."""
 
     branches: tuple[SessionBranch, ...] = ()
     retired: tuple[str, ...] = ()
     generation: int = 0
+    usage: tuple[int, ...] = ()
+    owner: str | None = None
 
 
 _session_body = msgspec.msgpack.Decoder(SessionBody)
@@ -238,13 +247,21 @@ def session_body(row: StateRow) -> SessionBody:
     msgspec.DecodeError if malformed); unverified: ``load_state`` proves the digest."""
     body = _session_body.decode(row.body)
     names = ["main", *(b.name for b in body.branches)]
-    if len(names) != len(row.refs):
-        raise ValueError(f"a session state with {len(names)} branch(es) pins "
-                         f"{len(names)} digests, this row has {len(row.refs)}")
+    if len(names) + len(body.usage) != len(row.refs):
+        raise ValueError(f"a session state with {len(names)} branch(es) and "
+                         f"{len(body.usage)} usage chain(s) pins "
+                         f"{len(names) + len(body.usage)} digests, this row has "
+                         f"{len(row.refs)}")
     if len(set(names)) != len(names) or not all(n.strip() for n in names):
         raise ValueError("a session state's branch names must be distinct and non-blank")
     if body.generation < 0:
         raise ValueError("a session state's generation must be >= 0")
+    if list(body.usage) != sorted(set(body.usage)) or any(
+            not 0 <= i < len(names) for i in body.usage):
+        raise ValueError("a session state's usage chains must name distinct branches, "
+                         "in order")
+    if body.owner is not None and not body.owner.strip():
+        raise ValueError("a session state's owner must be non-blank")
     return body
 
 
@@ -261,6 +278,75 @@ def _attestation_digest(row: StateRow) -> Digest:
     if row.parent_id != subject.id:  # lineage is not hashed: the link is checked here
         raise ValueError(f"an attestation of state {subject.id} names {row.parent_id} as "
                          "its parent")
+    return stream_digest(row.kind, row.stream, row.refs, row.body)
+
+
+# -- conversation records (a pydantic-ai ConversationStore, clients/conversations.py) ----
+
+
+class ConversationBody(msgspec.Struct, frozen=True, omit_defaults=True,
+                       rename={"revision": "r", "updated": "t", "head": "h",
+                               "branches": "b", "usage": "u", "deferred": "d",
+                               "scope": "s", "forked_from": "f", "forked_at": "a",
+                               "title": "n", "metadata": "m", "deleted": "x"}):
+    """The stored body of a conversation state (stream = the conversation id). Its refs
+    are the entry-chain link ending at ``head`` (the root when it is None), then the link
+    ending at each of ``branches``, in order. Entry ids are stored by
+    ``ids.pack_text_id``; ``usage`` and ``deferred`` are the client's own serialization
+    (JSON text), kept opaque. A *deleted* state (a tombstone) pins nothing: its refs are
+    empty and it holds no other field."""
+
+    # Ids are ``str | bytes``, a union msgspec cannot type: ``conversation_body`` checks them.
+    revision: Any = None  # the client's revision token
+    updated: int = 0  # microseconds since the Unix epoch, UTC
+    head: Any = None  # the newest entry of the history
+    branches: tuple[Any, ...] = ()  # last entries of the histories it left
+    usage: bytes = b""
+    deferred: bytes | None = None
+    scope: str | None = None
+    forked_from: str | None = None
+    forked_at: Any = None
+    title: str | None = None
+    metadata: dict[str, Any] | None = None
+    deleted: bool = False
+
+
+_conversation_body = msgspec.msgpack.Decoder(ConversationBody)
+
+
+def conversation_body(row: StateRow) -> ConversationBody:
+    """The body of a conversation state row, checked against its refs (ValueError or
+    msgspec.DecodeError if malformed); unverified: ``load_state`` proves the digest."""
+    body = _conversation_body.decode(row.body)
+    if body.deleted:
+        if row.refs or body != ConversationBody(deleted=True):
+            raise ValueError("a deleted conversation state pins nothing and holds nothing")
+        return body
+    if body.revision is None:
+        raise ValueError("a conversation state has a revision")
+    if len(row.refs) != 1 + len(body.branches):
+        raise ValueError(f"a conversation state with {len(body.branches)} branch(es) pins "
+                         f"{1 + len(body.branches)} digests, this row has {len(row.refs)}")
+    for stored in (body.revision, body.head, *body.branches, body.forked_at):
+        if stored is not None:
+            unpack_text_id(stored)
+    return body
+
+
+def _conversation_digest(row: StateRow) -> Digest:
+    conversation_body(row)  # a body that does not match its refs is undecodable, not sound
+    return stream_digest(row.kind, row.stream, row.refs, row.body)
+
+
+_scope_body = msgspec.msgpack.Decoder(str)
+
+
+def _scope_digest(row: StateRow) -> Digest:
+    """A scope entry lists one conversation (its body: the conversation id) under its scope
+    (its stream); it pins nothing."""
+    if row.refs:
+        raise ValueError("a conversation scope entry pins nothing")
+    _scope_body.decode(row.body)
     return stream_digest(row.kind, row.stream, row.refs, row.body)
 
 
@@ -282,6 +368,12 @@ STATE_KINDS: dict[int, StateKind] = {
         digest=lambda row: stream_digest(row.kind, row.stream, row.refs, row.body),
         ref_kinds=lambda row: tuple(int(Kind.DICTIONARY) for _ in row.refs),
     ),
+    # pydantic-ai conversations (immagent.clients.conversations).
+    int(Kind.CONVERSATION_STATE): StateKind(
+        digest=_conversation_digest,
+        ref_kinds=lambda row: (int(Kind.ENTRY_NODE),) * len(row.refs),
+    ),
+    int(Kind.CONVERSATION_SCOPE): StateKind(digest=_scope_digest, ref_kinds=lambda row: ()),
     # LangGraph checkpoints (immagent.checkpoints).
     int(Kind.CHECKPOINT): _generic_kind(checkpoints.checkpoint_ref_kinds),
     int(Kind.CHECKPOINT_WRITES): _generic_kind(checkpoints.writes_ref_kinds),

@@ -48,7 +48,6 @@ __all__ = ["MAX_KEY_FILE", "PublicKey", "SigningKey", "generate_key", "load_publ
 
 #: Largest key file read (a PEM Ed25519 key is about 120 bytes).
 MAX_KEY_FILE: Final = 4096
-_INSTALL = "pip install 'immagent[sign]'"
 _PRIVATE_PEM = b"-----BEGIN PRIVATE KEY-----"
 _PUBLIC_PEM = b"-----BEGIN PUBLIC KEY-----"
 #: PEM headers of private keys in other forms (refused where a public key is expected).
@@ -74,7 +73,7 @@ def _ed25519(what: str = "signing and checking signatures") -> Any:
     try:
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError:
-        raise ExtraNotInstalledError(f"{what} needs the signing extra: {_INSTALL}") from None
+        raise ExtraNotInstalledError(what, "sign") from None
     return ed25519
 
 

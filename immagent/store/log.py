@@ -33,6 +33,7 @@ from immagent.assets import (
     Asset,
     ConversationNode,
     Digest,
+    Entry,
     Item,
     Kind,
     Message,
@@ -303,7 +304,7 @@ class EventLog:
         if kind is not None and not (isinstance(kind, type)
                                      and issubclass(kind, SystemPrompt | Message
                                                     | ConversationNode | Value | Item
-                                                    | Tools)):
+                                                    | Entry | Tools)):
             raise ValidationError("kind", "must be None or an asset class", None)
         if not isinstance(what, str):
             raise ValidationError("what", "must be a str", None)
@@ -822,7 +823,8 @@ def storable(field: str, asset: object) -> StoredAsset:
     msgspec does not type-check Struct construction, so e.g. a Message with a bad role
     would be hashed and committed, then fail every later read.
     """
-    if not isinstance(asset, SystemPrompt | Message | ConversationNode | Value | Item | Tools):
+    if not isinstance(asset, SystemPrompt | Message | ConversationNode | Value | Item | Entry
+                      | Tools):
         raise ValidationError(field, f"must be an asset, got {type(asset).__name__}", None)
     if isinstance(asset, Message):  # before encoding: a cyclic call_config must not recurse
         rules.check_message(field, asset)
