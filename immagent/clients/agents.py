@@ -34,6 +34,7 @@ from immagent.assets import (
     tools_of,
 )
 from immagent.audit.bundle import BundleInfo
+from immagent.audit.diff import StateDiff
 from immagent.audit.keys import SigningKey
 from immagent.audit.verify import VerifyReport
 from immagent.exceptions import AgentNotFoundError, AgentNotRegisteredError, ValidationError
@@ -320,6 +321,13 @@ class Store(EventLog):
             raise AgentNotFoundError(agent_id)
         return info
 
+    async def diff(self, left: PersistentAgent | UUID | str,
+                   right: PersistentAgent | UUID | str) -> StateDiff:
+        """What separates two states (agents, or any client's states of one kind): their
+        newest common ancestor, what each side added, what changed in prompt, model,
+        model config and metadata (``EventLog.diff``)."""
+        return await super().diff(_state_id(left, "left"), _state_id(right, "right"))
+
     async def import_bundle(self, path: str | os.PathLike[str]) -> PersistentAgent:
         """Verify a bundle, then load it in one transaction (idempotent: present rows are
         skipped); returns its head state with the same id and digest as where it came from."""
@@ -349,6 +357,13 @@ def store_of(agent: PersistentAgent) -> Store:
             f"agent {getattr(agent, 'id', agent)} is not bound to a Store; load it with "
             "store.load_agent()")
     return store
+
+
+def _state_id(state: object, field: str) -> UUID:
+    """The id of a state given as an agent or as its id (ValidationError naming ``field``)."""
+    if isinstance(state, UUID | str):
+        return check_uuid(field, state)
+    return _record(state, field).id
 
 
 def _record(agent: object, field: str = "agent") -> AgentRecord:

@@ -44,7 +44,7 @@ from immagent.assets import (
     encode,
 )
 from immagent.attestations import MAX_NOTE_BYTES
-from immagent.audit import bundle, gc, verify
+from immagent.audit import bundle, diff, gc, verify
 from immagent.audit.keys import SigningKey
 from immagent.exceptions import (
     AssetNotFoundError,
@@ -636,6 +636,16 @@ class EventLog:
             if len(page) < MAX_PAGE:
                 break
         return rows
+
+    # -- diff -----------------------------------------------------------------------------
+
+    async def diff(self, left: UUID | str, right: UUID | str) -> diff.StateDiff:
+        """What separates two stored states of one kind (any client's): their newest common
+        ancestor, what each side added to each of its chains since their newest common
+        node, and what else changed. It reads what the two sides diverged by, never a
+        whole history (``immagent.audit.diff``)."""
+        return await diff.diff_states(self, check_uuid("left", left),
+                                      check_uuid("right", right))
 
     # -- attestations ---------------------------------------------------------------------
 
