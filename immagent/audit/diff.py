@@ -107,17 +107,23 @@ class StateDiff(msgspec.Struct, frozen=True):
 async def diff_states(log: _Log, left: UUID, right: UUID) -> StateDiff:
     """The diff of the stored states ``left`` and ``right`` (AssetNotFoundError naming one
     that is not stored; ValidationError for states of two kinds)."""
-    rows = {r.id: r for r in await log.get_states([left, right])}
-    for name, state_id in (("left", left), ("right", right)):
-        if state_id not in rows:
+    # One round trip reads both states and the first stretch of each lineage.
+    line_a, line_b = await asyncio.gather(log.state_lineage(left, _FIRST_BOUND),
+                                          log.state_lineage(right, _FIRST_BOUND))
+    for name, state_id, line in (("left", left, line_a), ("right", right, line_b)):
+        if not line:
             raise AssetNotFoundError(f"{name} state", state_id)
-    a, b = rows[left], rows[right]
+    a, b = line_a[0], line_b[0]
     if a.kind != b.kind:
         raise ValidationError("right", f"state {right} is a {_kind_name(b.kind)}, state "
                               f"{left} a {_kind_name(a.kind)}: a diff compares two states "
                               "of one kind", str(right))
-    ancestor, (chains, changes) = await asyncio.gather(
-        _ancestor(log, a, b), _content(log, a, b))
+    ancestor, walked = await _ancestor(log, line_a, line_b)
+    # The chains' nodes near the heads are the refs of the states just walked (one node a
+    # step, for most clients): read them in one round trip, so the chain walks below find
+    # them cached instead of asking once a step.
+    await _prefetch(log, a.kind, walked)
+    chains, changes = await _content(log, a, b)
     return StateDiff(left=left, right=right, kind=a.kind, ancestor=ancestor,
                      same_content=a.digest == b.digest, chains=chains, changes=changes)
 
@@ -125,36 +131,50 @@ async def diff_states(log: _Log, left: UUID, right: UUID) -> StateDiff:
 # -- the common ancestor state ----------------------------------------------------------
 
 
-async def _ancestor(log: _Log, a: StateRow, b: StateRow) -> UUID | None:
-    """The newest state both lineages pass through: walked together, each side's next
-    stretch read in one bounded lineage query, the bound doubling, so the cost follows the
-    distance to the meeting point."""
-    if a.id == b.id:
-        return a.id
+async def _ancestor(log: _Log, first_a: list[StateRow], first_b: list[StateRow]
+                    ) -> tuple[UUID | None, list[StateRow]]:
+    """The newest state both lineages pass through, and the states walked to find it:
+    walked together from their first stretches (``_FIRST_BOUND`` rows each), each side's
+    next stretch read in one bounded lineage query, the bound doubling, so the cost
+    follows the distance to the meeting point."""
     order_a: list[UUID] = []
     order_b: list[UUID] = []
     seen_a: set[UUID] = set()
     seen_b: set[UUID] = set()
-    next_a: UUID | None = a.id
-    next_b: UUID | None = b.id
+    walked: list[StateRow] = []
+    part_a, part_b = list(first_a), list(first_b)
     bound = _FIRST_BOUND
-    while next_a is not None or next_b is not None:
-        part_a, part_b = await asyncio.gather(_stretch(log, next_a, bound),
-                                              _stretch(log, next_b, bound))
+    while True:
         for rows, order, seen in ((part_a, order_a, seen_a), (part_b, order_b, seen_b)):
-            for row in rows:
+            for i, row in enumerate(rows):
                 if row.id in seen:  # a parent cycle (damage): stop this side
-                    rows.clear()
+                    del rows[i:]
                     break
                 order.append(row.id)
                 seen.add(row.id)
+                walked.append(row)
         common = [i for i in order_a if i in seen_b]
         if common:  # the first of a's walk that b passed is the newest common one
-            return common[0]
-        next_a = _onwards(part_a, bound)
-        next_b = _onwards(part_b, bound)
+            return common[0], walked
+        next_a, next_b = _onwards(part_a, bound), _onwards(part_b, bound)
+        if next_a is None and next_b is None:
+            return None, walked
         bound *= 2
-    return None
+        part_a, part_b = await asyncio.gather(_stretch(log, next_a, bound),
+                                              _stretch(log, next_b, bound))
+
+
+async def _prefetch(log: _Log, kind: int, states: Sequence[StateRow]) -> None:
+    """Read (into the log's cache) every node the refs of ``states`` name."""
+    wanted: dict[Digest, None] = {}
+    for row in states:
+        if row.kind != kind:
+            continue
+        for ref, ref_kind in zip(row.refs, STATE_KINDS[row.kind].ref_kinds(row), strict=True):
+            if ref_kind in NODE_KINDS:
+                wanted[ref] = None
+    if wanted:
+        await log.get_assets(list(wanted))
 
 
 async def _stretch(log: _Log, start: UUID | None, bound: int) -> list[StateRow]:
