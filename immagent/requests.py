@@ -23,6 +23,7 @@ keeping it apart from every asset and state digest.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -37,6 +38,7 @@ __all__ = ["REQUEST_VERSION", "Request", "build"]
 #: ``llm.to_litellm_messages`` as it is; interrupted empty replies are left out).
 REQUEST_VERSION: Final = 1
 _DOMAIN: Final = b"immagent-request\x00"
+_DIGEST = operator.attrgetter("digest")
 
 
 class Request(msgspec.Struct, frozen=True, omit_defaults=True, dict=True):
@@ -65,5 +67,5 @@ def build(model: str, system_prompt: str, messages: Sequence[Message], tools: To
     checked and canonical, as ``llm`` records them in ``call_config``)."""
     return Request(version=REQUEST_VERSION, model=model,
                    system=SystemPrompt(text=system_prompt).digest,
-                   messages=tuple(m.digest for m in messages),
+                   messages=tuple(map(_DIGEST, messages)),
                    tools=None if tools is None else tools.digest, params=dict(params))
