@@ -14,7 +14,16 @@ from typing import TYPE_CHECKING
 from immagent.agent import PersistentAgent
 from immagent.assets import ConversationNode, Message, MissingAsset, SystemPrompt, ToolCall
 from immagent.audit.bundle import BundleInfo, verify_bundle
+from immagent.audit.diff import StateDiff
 from immagent.audit.gc import GCResult
+from immagent.audit.keys import (
+    PublicKey,
+    SigningKey,
+    generate_key,
+    load_public_key,
+    load_signing_key,
+)
+from immagent.audit.trust import TrustPolicy
 from immagent.audit.verify import AgentProblem, AssetProblem, VerifyReport
 from immagent.clients.agents import Store
 from immagent.exceptions import (
@@ -23,6 +32,7 @@ from immagent.exceptions import (
     AssetNotFoundError,
     BundleError,
     ConflictError,
+    ExtraNotInstalledError,
     FanOutError,
     ImmAgentError,
     IntegrityError,
@@ -40,6 +50,7 @@ from immagent.exceptions import (
     TransientConflictError,
     TurnIncompleteError,
     UnsupportedTypeError,
+    UntrustedError,
     ValidationError,
 )
 from immagent.records import StateRow
@@ -84,6 +95,7 @@ __all__ = [
     "CompleteFn",
     "ConflictError",
     "ConversationNode",
+    "ExtraNotInstalledError",
     "FanOutError",
     "GCResult",
     "ImmAgentError",
@@ -95,11 +107,14 @@ __all__ = [
     "MissingAsset",
     "Model",
     "PersistentAgent",
+    "PublicKey",
     "SchemaMissingError",
     "SchemaVersionError",
     "SessionClosedError",
+    "SigningKey",
     "SimpleAgent",
     "StaleStreamError",
+    "StateDiff",
     "StateRow",
     "Store",
     "StoreClosedError",
@@ -115,14 +130,19 @@ __all__ = [
     "ToolProvider",
     "ToolResult",
     "TransientConflictError",
+    "TrustPolicy",
     "TurnDone",
     "TurnEvent",
     "TurnIncompleteError",
     "TurnStream",
     "UnsupportedTypeError",
+    "UntrustedError",
     "ValidationError",
     "VerifyReport",
     "__version__",
+    "generate_key",
+    "load_public_key",
+    "load_signing_key",
     "verify_bundle",
 ]
 

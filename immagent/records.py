@@ -21,7 +21,7 @@ from uuid import UUID
 import blake3
 import msgspec
 
-from immagent import checkpoints, kv
+from immagent import attestations, checkpoints, kv
 from immagent.assets import Digest, Kind, encode
 from immagent.exceptions import IntegrityError
 from immagent.ids import unpack_text_id
@@ -35,6 +35,7 @@ __all__ = [
     "SessionBranch",
     "StateKind",
     "StateRow",
+    "attached_kinds",
     "check_state",
     "conversation_body",
     "item_body",
@@ -74,6 +75,11 @@ class StateKind(NamedTuple):
     #: newest state has expired is swept whole (an item's TTL, ``immagent.kv``). The rule
     #: retention applies to every kind that declares it.
     expires: Callable[[StateRow], datetime | None] | None = None
+    #: A row of an *attached* kind is about another state, its subject, which its
+    #: ``parent_id`` names (an attestation): it lives while its subject does (gc removes
+    #: it once the subject is gone), never keeps its subject from a lineage deletion, and
+    #: travels in bundles with its subject.
+    attached: bool = False
 
 
 def stream_digest(kind: int, stream: str, refs: Sequence[Digest], body: bytes) -> Digest:
@@ -292,6 +298,17 @@ def _item_digest(row: StateRow) -> Digest:
     return stream_digest(row.kind, row.stream, row.refs, row.body)
 
 
+# -- attestations (immagent.attestations) ------------------------------------------------
+
+
+def _attestation_digest(row: StateRow) -> Digest:
+    _, _, subject = attestations.attestation_of(row.kind, row.stream, row.refs, row.body)
+    if row.parent_id != subject.id:  # lineage is not hashed: the link is checked here
+        raise ValueError(f"an attestation of state {subject.id} names {row.parent_id} as "
+                         "its parent")
+    return stream_digest(row.kind, row.stream, row.refs, row.body)
+
+
 # -- conversation records (a pydantic-ai ConversationStore, clients/conversations.py) ----
 
 
@@ -400,7 +417,15 @@ STATE_KINDS: dict[int, StateKind] = {
         ref_kinds=_item_ref_kinds,
         expires=lambda row: kv.expires_at(item_body(row)),
     ),
+    # A signature over another state (immagent.attestations), attached to it.
+    int(Kind.ATTESTATION): StateKind(digest=_attestation_digest, ref_kinds=lambda row: (),
+                                     attached=True),
 }
+
+
+def attached_kinds() -> tuple[int, ...]:
+    """The state kinds whose rows are attached to a subject state (``StateKind.attached``)."""
+    return tuple(sorted(k for k, rules in STATE_KINDS.items() if rules.attached))
 
 
 def check_state(row: StateRow) -> tuple[Literal["corrupt", "undecodable"], str] | None:

@@ -44,6 +44,13 @@ STATE_KINDS.setdefault(TEST_KIND, StateKind(
     ref_kinds=lambda r: tuple(int(Kind.NODE) for _ in r.refs)))
 
 
+#: An attached kind for these tests only (as attestations are: about their parent state).
+ATTACHED_KIND = 98
+STATE_KINDS.setdefault(ATTACHED_KIND, StateKind(
+    digest=lambda r: stream_digest(r.kind, r.stream, r.refs, r.body),
+    ref_kinds=lambda r: tuple(int(Kind.NODE) for _ in r.refs), attached=True))
+
+
 def state(stream: str = "s", *, refs: Sequence[bytes] = (), parent: UUID | None = None,
           body: bytes = b"b", state_id: UUID | None = None, kind: int = TEST_KIND) -> StateRow:
     refs = tuple(refs)
@@ -409,7 +416,43 @@ class BackendContract:
         assert sorted(len(r) for r in results) == [1, 1, 1, 1, 1, 2]
         assert await backend.count_states(TEST_KIND) == 0
 
+    async def test_lineage_deletion_does_not_stop_at_an_attached_child(
+            self, backend: Backend) -> None:
+        root = state()
+        mid = state(parent=root.id)
+        head = state(parent=mid.id)
+        about = state(parent=mid.id, kind=ATTACHED_KIND)
+        await backend.write([], [root, mid, head, about])
+        line = [head.id, mid.id, root.id]
+        assert await backend.delete_states(line, stop_at_shared=True) == [head.id]
+        await backend.write([], [head])
+        assert await backend.delete_states(line, stop_at_shared=True,
+                                           attached=[ATTACHED_KIND]) == line
+        assert [r.id for r in await backend.get_states([about.id])] == [about.id]
+
     # -- gc -------------------------------------------------------------------------------
+
+    async def test_sweep_removes_attached_states_whose_parent_is_gone(
+            self, backend: Backend) -> None:
+        rows, head = chain("a")
+        subject = state(refs=[head.digest])
+        kept = state(parent=subject.id, kind=ATTACHED_KIND)
+        orphan = state(parent=uuid.uuid4(), kind=ATTACHED_KIND, refs=[head.digest])
+        plain = state(parent=uuid.uuid4())  # another kind: a deleted parent is nothing
+        await backend.write(rows, [subject, kept, orphan, plain])
+
+        def refuse(rows: Sequence[object]) -> None:
+            raise RuntimeError("damaged root")
+
+        with pytest.raises(RuntimeError):
+            await backend.sweep(refuse, detached=[ATTACHED_KIND])
+        assert len(await backend.get_states([orphan.id])) == 1  # nothing deleted
+        result = await backend.sweep(lambda rows: None, detached=[ATTACHED_KIND])
+        assert result.states_removed == 1 and result.removed == {}
+        assert {r.id for r in await backend.get_states(
+            [subject.id, kept.id, orphan.id, plain.id])} == {subject.id, kept.id, plain.id}
+        assert (await backend.sweep(lambda rows: None)).states_removed == 0
+
 
     async def test_sweep_removes_exactly_what_no_state_reaches(self, backend: Backend) -> None:
         kept_rows, kept = chain("k1", "k2")

@@ -296,7 +296,7 @@ def test_tampered_bundle_fails_with_one_line(cli: Any, tmp_path: Path) -> None:
     bundle.write_bytes(bytes(data))
     one_error_line(cli("verify-bundle", str(bundle)), 1, str(bundle))
     one_error_line(cli("import", str(bundle), database=str(tmp_path / "x.db")), 1)
-    one_error_line(cli("verify-bundle", str(tmp_path / "missing")), 1, "no bundle file")
+    one_error_line(cli("verify-bundle", str(tmp_path / "missing")), 4, "no bundle file")
 
 
 # -- output --------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import NoReturn
 from uuid import UUID
 
 from immagent import __version__
-from immagent.cli import audit, chat, commands
+from immagent.cli import audit, chat, commands, diff, trust
 from immagent.cli.context import Context
 from immagent.cli.database import DEFAULT_DB, ENV_DB, ENV_REPLICAS
 from immagent.cli.errors import (
@@ -113,10 +113,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", metavar="ID", type=_agent_id)
     p.add_argument("file", metavar="FILE")
     p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
-    add("verify-bundle", audit.verify_bundle, "check a bundle file offline (no database)"
-        ).add_argument("file", metavar="FILE")
+    p.add_argument("--sign", metavar="KEY", action="append", default=[],
+                   help="sign the bundle with this private key file (repeatable)")
+    p = add("verify-bundle", trust.verify_bundle,
+            "check a bundle file offline (no database); exit 1 corrupt, 3 untrusted, "
+            "4 unusable")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--trusted-key", metavar="FILE", action="append", default=[],
+                   help="a public key file whose signatures are trusted (repeatable)")
+    p.add_argument("--sigs-needed", metavar="N", type=_count(1),
+                   help="how many distinct trusted keys must vouch (default 1)")
     add("import", audit.import_, "load a bundle file into the store"
         ).add_argument("file", metavar="FILE")
+    add("keygen", trust.keygen, "write a new Ed25519 key pair: PATH (private) and PATH.pub"
+        ).add_argument("path", metavar="PATH")
+    p = add("attest", trust.attest, "sign a stored state and keep the signature with it")
+    p.add_argument("id", metavar="ID", type=_agent_id, help="the state to vouch for")
+    p.add_argument("--key", metavar="KEY", required=True, help="your private key file")
+    p.add_argument("--note", metavar="TEXT", help="what you vouch for (e.g. 'reviewed')")
+    p = add("diff", diff.diff, "where two states meet and what separates them")
+    p.add_argument("left", metavar="A", type=_agent_id)
+    p.add_argument("right", metavar="B", type=_agent_id)
+    p = add("replay", diff.replay_command,
+            "rebuild a reply's request from the store and prove it; --run sends it again")
+    _add_target(p)
+    p.add_argument("--message", metavar="N", type=_count(1),
+                   help="the reply to replay, numbered as `show` numbers messages "
+                        "(default: the newest that recorded its request)")
+    p.add_argument("--run", action="store_true", help="send the request again and compare")
     return parser
 
 

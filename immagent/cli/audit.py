@@ -1,5 +1,5 @@
-"""Storage and audit commands: ``stats``, ``gc``, ``verify``, ``export``, ``verify-bundle``,
-``import``."""
+"""Storage and audit commands: ``stats``, ``gc``, ``verify``, ``export``, ``import``
+(``verify-bundle``, ``keygen`` and ``attest`` are ``cli/trust.py``)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from immagent.audit.bundle import BundleInfo
-from immagent.audit.bundle import verify_bundle as check_bundle
+from immagent.audit.keys import load_signing_key
 from immagent.cli.context import Context
 from immagent.cli.errors import EXIT_FAILURE, EXIT_OK, CLIError
 from immagent.cli.render import Progress, human_bytes, jsonable, table
 from immagent.cli.summary import agent_json
+from immagent.cli.trust import bundle_lines
 from immagent.store.stats import StoreStats
 
 if TYPE_CHECKING:
     from immagent.audit.verify import VerifyReport
 
-__all__ = ["export", "gc", "import_", "stats", "verify", "verify_bundle"]
+__all__ = ["export", "gc", "import_", "stats", "verify"]
 
 
 # -- stats / gc ----------------------------------------------------------------------------
@@ -75,10 +76,13 @@ def gc(ctx: Context, args: argparse.Namespace) -> int:
     if ctx.out.as_json:
         ctx.out.json({"assets_removed": result.assets_removed,
                       "bytes_freed": result.bytes_freed, "assets_kept": result.assets_kept,
-                      "removed_by_kind": dict(result)})
+                      "removed_by_kind": dict(result),
+                      "attestations_removed": result.states_removed})
     else:
         ctx.out.line(f"removed {result.assets_removed} assets "
                      f"({human_bytes(result.bytes_freed)}), kept {result.assets_kept}")
+        if result.states_removed:
+            ctx.out.line(f"removed {result.states_removed} attestation(s) of deleted states")
     return EXIT_OK
 
 
@@ -113,20 +117,11 @@ def export(ctx: Context, args: argparse.Namespace) -> int:
     # only a regular file (Store.export refuses anything else, naming it).
     if os.path.lexists(path) and not args.force:
         raise CLIError(f"{path} already exists (use --force to overwrite it)")
+    keys = [load_signing_key(k) for k in args.sign]
     store = ctx.store()
     agent = ctx.load(args.id)
-    info = ctx.run(store.export(agent, path))
+    info = ctx.run(store.export(agent, path, sign=keys))
     _show_bundle(ctx, info, f"exported {agent.id} to {path}")
-    return EXIT_OK
-
-
-def verify_bundle(ctx: Context, args: argparse.Namespace) -> int:
-    """Check a bundle offline (no database): every digest, reference and state digest."""
-    path = Path(args.file)
-    if not path.is_file():
-        raise CLIError(f"no bundle file at {path}")
-    info = check_bundle(path)
-    _show_bundle(ctx, info, f"{path}: OK")
     return EXIT_OK
 
 
@@ -148,8 +143,4 @@ def _show_bundle(ctx: Context, info: BundleInfo, headline: str) -> None:
     if ctx.out.as_json:
         ctx.out.json(info)
         return
-    ctx.out.line(headline)
-    ctx.out.line(f"  head    {info.head}  digest {info.head_digest.hex()}")
-    ctx.out.line(f"  states  {len(info.agents)} (the head's lineage)")
-    ctx.out.line(f"  assets  {info.assets} ({human_bytes(info.asset_bytes)})")
-    ctx.out.line(f"  file    {human_bytes(info.file_bytes)}, format version {info.version}")
+    ctx.out.lines(bundle_lines(info, headline))

@@ -81,6 +81,8 @@ class SweepResult(NamedTuple):
     #: A digest some state reaches that is not stored: reachability is unknown, so the
     #: sweep deleted nothing.
     missing: Digest | None = None
+    #: Attached states removed because their subject is gone (``sweep(detached=)``).
+    states_removed: int = 0
 
 
 class LogBackend(Protocol):
@@ -109,14 +111,15 @@ class LogBackend(Protocol):
         the later one replaces what the earlier one wrote.
         """
 
-    async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False) -> list[UUID]:
+    async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
+                            attached: Sequence[int] = ()) -> list[UUID]:
         """Delete state rows (never assets) in one transaction; returns the ids deleted, in
         the given order. With ``stop_at_shared``, ``ids`` is a lineage (a state, then its
         ancestors): the first is deleted, then each next one only if no row outside the
-        deleted ones names it as parent; the first that is still someone's parent (or is
-        absent) ends it. Such deletions are serialised, so two siblings deleted at once
-        still take their parent with them."""
+        deleted ones names it as parent (rows of the ``attached`` kinds do not count: they
+        are about their parent, not descended from it); the first that is still someone's
+        parent (or is absent) ends it. Such deletions are serialised, so two siblings
+        deleted at once still take their parent with them."""
 
     # -- assets ---------------------------------------------------------------------------
 
@@ -217,15 +220,19 @@ class AdminBackend(Protocol):
 
     # -- gc -------------------------------------------------------------------------------
 
-    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None) -> SweepResult:
-        """Mark every asset a state reaches through refs, then (when some marked row is
-        stored with a dictionary) the digests ``codec_refs`` names for the codecs in use,
-        run ``check`` on every row marked from (all states, every reached asset that has
-        refs or is of a node kind, and every one a state or a node links to as parent: a
-        node whose refs or kind column were damaged marks nothing, yet must be checked),
-        then delete the assets not marked: one transaction holding the exclusive side of
-        the gc lock. If ``codec_refs`` or ``check`` raises, or a reached digest is missing,
-        nothing is deleted (the exception propagates; the missing digest is reported)."""
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
+                    detached: Sequence[int] = ()) -> SweepResult:
+        """Delete the states of the ``detached`` kinds whose parent is not stored (attached
+        states whose subject is gone); mark every asset a remaining state reaches through
+        refs, then (when some marked row is stored with a dictionary) the digests
+        ``codec_refs`` names for the codecs in use; run ``check`` on every row marked from
+        (all those states, every reached asset that has refs or is of a node kind, and every
+        one a state or a node links to as parent: a node whose refs or kind column were
+        damaged marks nothing, yet must be checked); then delete the assets not marked: one
+        transaction holding the exclusive side of the gc lock (so a write restoring a subject
+        is either seen or waits). If ``codec_refs`` or ``check`` raises, or a reached digest
+        is missing, nothing is deleted (the exception propagates; the missing digest is
+        reported)."""
 
 
 class Backend(LogBackend, AdminBackend, Protocol):

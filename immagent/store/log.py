@@ -22,6 +22,7 @@ import logging
 import operator
 import os
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Self, TypeVar, cast, overload
 from uuid import UUID
 
@@ -37,10 +38,14 @@ from immagent.assets import (
     Kind,
     Message,
     SystemPrompt,
+    Tools,
     Value,
     decode_asset,
+    encode,
 )
-from immagent.audit import bundle, gc, verify
+from immagent.attestations import MAX_NOTE_BYTES
+from immagent.audit import bundle, diff, gc, verify
+from immagent.audit.keys import SigningKey
 from immagent.exceptions import (
     AssetNotFoundError,
     BundleError,
@@ -53,7 +58,15 @@ from immagent.exceptions import (
     StoreClosedError,
     ValidationError,
 )
-from immagent.records import STATE_KINDS, StateRow, load_agent, load_state
+from immagent.ids import uuid7
+from immagent.records import (
+    STATE_KINDS,
+    StateRow,
+    attached_kinds,
+    load_agent,
+    load_state,
+    stream_digest,
+)
 from immagent.rows import StoredAsset, load_row, load_rows, nodes_counters, stored
 from immagent.store import dsn as dsns
 from immagent.store import rules
@@ -71,6 +84,7 @@ from immagent.validate import (
     check_kind,
     check_number,
     check_sequence,
+    check_text,
     check_uuid,
     check_uuids,
 )
@@ -309,7 +323,7 @@ class EventLog:
         if kind is not None and not (isinstance(kind, type)
                                      and issubclass(kind, SystemPrompt | Message
                                                     | ConversationNode | Value | Item
-                                                    | Entry)):
+                                                    | Entry | Tools)):
             raise ValidationError("kind", "must be None or an asset class", None)
         if not isinstance(what, str):
             raise ValidationError("what", "must be a str", None)
@@ -497,13 +511,15 @@ class EventLog:
         (empty when it is not stored).
 
         A state is *live* while its row exists. The walk stops at the first ancestor that
-        has another child row (or is already gone). Children of a deleted state keep their
-        ``parent_id``; their lineage walks stop there. Assets stay until gc().
+        has another child row (or is already gone); an attestation about an ancestor is not
+        a child that keeps it (gc removes it with its subject). Children of a deleted state
+        keep their ``parent_id``; their lineage walks stop there. Assets stay until gc().
         """
         rows = await self._line(state_id, None)
         _refuse_own(rows)
         deleted = await self._open().delete_states([r.id for r in rows],
-                                                    stop_at_shared=True)
+                                                    stop_at_shared=True,
+                                                    attached=attached_kinds())
         self._forget(deleted)
         return deleted
 
@@ -569,44 +585,137 @@ class EventLog:
             states_by_kind={k: n for k, n in states.items() if n},
         )
 
-    async def export_lineage(self, state_id: UUID | str, path: str | os.PathLike[str],
-                             ) -> bundle.BundleInfo | None:
-        """Write an audit bundle of the state ``state_id`` (its stored lineage and every
-        asset they reach) to ``path``, atomically; verify it anywhere with
-        ``immagent.verify_bundle``. None, writing nothing, when the state is not stored."""
+    async def export_lineage(self, state_id: UUID | str, path: str | os.PathLike[str], *,
+                             sign: Sequence[SigningKey] = ()) -> bundle.BundleInfo | None:
+        """Write an audit bundle of the state ``state_id`` (its stored lineage, the
+        attestations about them and every asset they reach) to ``path``, atomically,
+        signed by each key of ``sign``; verify it anywhere with ``immagent.verify_bundle``.
+        None, writing nothing, when the state is not stored."""
         state_id = check_uuid("agent", state_id)
         lineage = await self.state_lineage(state_id)
         if not lineage:
             return None
         info = await bundle.export_bundle(self._open().audits(), lineage, path,
-                                          await self._compression.load())
+                                          await self._compression.load(),
+                                          attached=await self._attached_to(lineage),
+                                          sign=sign)
         log.info("exported %s: %d states, %d assets to %s", state_id, len(info.agents),
                  info.assets, info.path)
         return info
 
-    async def export_states(self, ids: Sequence[UUID],
-                            path: str | os.PathLike[str]) -> bundle.BundleInfo:
+    async def export_states(self, ids: Sequence[UUID], path: str | os.PathLike[str], *,
+                            sign: Sequence[SigningKey] = ()) -> bundle.BundleInfo:
         """Write an audit bundle of any set of stored states (e.g. a LangGraph thread's
-        checkpoints and writes) and every asset they reach to ``path``, atomically, newest
-        state first (bundle format 3); verify it with ``immagent.verify_bundle``."""
+        checkpoints and writes), the attestations about them and every asset they reach
+        to ``path``, atomically, newest state first, signed by each key of ``sign``; verify
+        it with ``immagent.verify_bundle``."""
         wanted = [check_uuid("ids", i) for i in dict.fromkeys(ids)]
         rows = await self.get_states(wanted)
         missing = set(wanted) - {r.id for r in rows}
         if not rows or missing:
             raise ValidationError("ids", f"not stored: {sorted(missing or set(wanted))[0]}",
                                   None)
-        rows.sort(key=lambda r: r.seq, reverse=True)
-        info = await bundle.export_bundle(self._open().audits(), rows, path,
-                                          await self._compression.load(),
-                                          version=bundle.SET_VERSION)
+        subjects = [r for r in rows if not STATE_KINDS[r.kind].attached]
+        if not subjects:
+            raise ValidationError("ids", "names only attached states (attestations); export "
+                                  "the states they are about", None)
+        subjects.sort(key=lambda r: r.seq, reverse=True)
+        info = await bundle.export_bundle(self._open().audits(), subjects, path,
+                                          await self._compression.load(), lineage=False,
+                                          attached=await self._attached_to(subjects),
+                                          sign=sign)
         log.info("exported %d states, %d assets to %s", len(rows), info.assets, info.path)
         return info
+
+    async def _attached_to(self, states: Sequence[StateRow]) -> list[StateRow]:
+        """The stored states attached to any of ``states`` (attestations), oldest first:
+        one index probe per state, or one scan of the attached kinds when that reads fewer
+        rows."""
+        ids = {s.id for s in states}
+        found: list[StateRow] = []
+        for kind in attached_kinds():
+            if await self.count_states(kind) <= 4 * len(ids):
+                after: UUID | None = None
+                while page := await self.scan_states(kind, after=after, limit=MAX_PAGE):
+                    found += [r for r in page if r.parent_id in ids]
+                    after = page[-1].id
+            else:
+                for state in states:
+                    found += await self._stream(kind, str(state.id))
+        return sorted(found, key=lambda r: r.seq)
+
+    async def _stream(self, kind: int, stream: str) -> list[StateRow]:
+        """Every state of ``kind`` in ``stream``, oldest first (paged)."""
+        rows: list[StateRow] = []
+        after: int | None = None
+        while page := await self.stream_states(kind, stream, after_seq=after, limit=MAX_PAGE,
+                                               newest_first=False):
+            rows += page
+            after = page[-1].seq
+            if len(page) < MAX_PAGE:
+                break
+        return rows
+
+    # -- diff -----------------------------------------------------------------------------
+
+    async def diff(self, left: UUID | str, right: UUID | str) -> diff.StateDiff:
+        """What separates two stored states of one kind (any client's): their newest common
+        ancestor, what each side added to each of its chains since their newest common
+        node, and what else changed. It reads what the two sides diverged by, never a
+        whole history (``immagent.audit.diff``)."""
+        return await diff.diff_states(self, check_uuid("left", left),
+                                      check_uuid("right", right))
+
+    # -- attestations ---------------------------------------------------------------------
+
+    async def attest(self, state_id: UUID | str, key: SigningKey, note: str = ""
+                     ) -> StateRow:
+        """Sign the stored state ``state_id`` with ``key`` (a reviewer co-signs after the
+        fact) and keep the signature as an attestation: a state of kind ATTESTATION about
+        it (``immagent.attestations``), which lives while its subject does and travels in
+        its bundles. ``note`` says what the signer vouches for. Returns the new row;
+        AssetNotFoundError naming the state when it is not stored."""
+        from immagent.attestations import Statement, Subject
+
+        subject_id = check_uuid("state", state_id)
+        if not isinstance(key, SigningKey):
+            raise ValidationError("key", "must be a SigningKey (immagent.audit.keys."
+                                  "load_signing_key)", None)
+        if not isinstance(note, str):
+            raise ValidationError("note", "must be a str", None)
+        if note:
+            check_text("note", note, max_bytes=MAX_NOTE_BYTES)
+        rows = await self.get_states([subject_id])
+        if not rows:
+            raise AssetNotFoundError("state", subject_id)
+        (subject,) = rows
+        if STATE_KINDS[subject.kind].attached:
+            raise ValidationError("state", f"state {subject_id} is itself an attestation; "
+                                  "attest the state it is about", str(subject_id))
+        signed = key.sign(Statement(purpose="attestation", note=note, subjects=(
+            Subject(subject.id, subject.kind, subject.digest),)))
+        body = encode(signed)
+        stream = str(subject.id)
+        row = StateRow(id=uuid7(), parent_id=subject.id, kind=int(Kind.ATTESTATION),
+                       stream=stream, refs=(), body=body,
+                       digest=stream_digest(Kind.ATTESTATION, stream, (), body),
+                       created_at=datetime.now(UTC))
+        await self._write([], [row])
+        log.info("attested state %s with key %s", subject.id, key.public.id)
+        return row
+
+    async def attestations(self, state_id: UUID | str) -> list[StateRow]:
+        """The attestations about the state ``state_id``, oldest first (verified rows;
+        ``immagent.attestations.attestation_of`` reads one, ``audit.keys.verify_signed``
+        checks its signature)."""
+        return await self._stream(Kind.ATTESTATION, str(check_uuid("state", state_id)))
 
     async def import_states(self, path: str | os.PathLike[str]) -> bundle.BundleInfo:
         """Verify a bundle of any format and any client's states (a LangGraph thread's, a
         session's, …), then load its states and assets in one transaction (idempotent:
         present rows are skipped), with their ids and digests; returns what it held."""
         info, states, rows = await bundle.read(path)
+        attached = set(info.attestations)
         # Compared, not trusted: a damaged row here is "different content" like any other.
         existing = {r.id: r for r in await self._open().get_states([s.id for s in states])}
         for s in states:
@@ -614,9 +723,13 @@ class EventLog:
             if have is not None and (have.digest != s.digest or have.parent_id != s.parent_id):
                 raise bundle.conflict(info, s.id)
         await self._refuse_cycle(info, states)
+        subjects = [s for s in states if s.id not in existing and s.id not in attached]
         try:
-            # Oldest first, so the store's log order (seq) matches creation order.
-            await self._write(rows, [s for s in reversed(states) if s.id not in existing])
+            # Oldest first, so the store's log order (seq) matches creation order; the
+            # attached states (oldest first already) after the states they are about.
+            await self._write(rows, [*reversed(subjects),
+                                     *(s for s in states if s.id in attached
+                                       and s.id not in existing)])
         except ConflictError as e:  # written meanwhile by someone else, differently
             raise bundle.conflict(info, e.state_id) from e
         log.info("imported bundle %s: head %s", os.fspath(path), info.head)
@@ -740,7 +853,8 @@ def storable(field: str, asset: object) -> StoredAsset:
     msgspec does not type-check Struct construction, so e.g. a Message with a bad role
     would be hashed and committed, then fail every later read.
     """
-    if not isinstance(asset, SystemPrompt | Message | ConversationNode | Value | Item | Entry):
+    if not isinstance(asset, SystemPrompt | Message | ConversationNode | Value | Item | Entry
+                      | Tools):
         raise ValidationError(field, f"must be an asset, got {type(asset).__name__}", None)
     if isinstance(asset, Message):  # before encoding: a cyclic call_config must not recurse
         rules.check_message(field, asset)

@@ -100,8 +100,8 @@ class MemoryBackend:
         mine = [s for s in self._states.values() if s.kind == kind and s.stream == stream]
         return max(mine, key=lambda s: s.seq).id if mine else None
 
-    async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False) -> list[UUID]:
+    async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
+                            attached: Sequence[int] = ()) -> list[UUID]:
         self._open()
         deleted: list[UUID] = []
         for i, state_id in enumerate(ids):
@@ -111,13 +111,14 @@ class MemoryBackend:
                 continue
             if stop_at_shared and i > 0 and any(
                     s.parent_id == state_id and s.id not in deleted
-                    for s in self._states.values()):
+                    and s.kind not in attached for s in self._states.values()):
                 break
             del self._states[state_id]
             deleted.append(state_id)
         return deleted
 
-    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
+                    detached: Sequence[int] = ()) -> SweepResult:
         self._open()
         async with self._lock:
             states = list(self._states.values())
@@ -129,6 +130,12 @@ class MemoryBackend:
             if codec_refs is not None and used:
                 reached.update(codec_refs(used, [r for r in self._assets.values()
                                                  if r.kind == Kind.DICTIONARY]))
+            # Attached states whose subject is gone (marked from all the same, as the SQL
+            # backends do: what they reach is kept one more cycle).
+            gone = [s.id for s in states if s.kind in detached
+                    and (s.parent_id is None or s.parent_id not in self._states)]
+            dropped = set(gone)
+            states = [s for s in states if s.id not in dropped]
             # As the SQL backends: rows with refs, nodes, and what states and nodes link to
             # as parent, whatever their kind column says.
             linked = {d for st in states for d in st.refs}
@@ -138,11 +145,13 @@ class MemoryBackend:
                               or d in linked)])
             removed: dict[int, int] = {}
             freed = 0
+            for state_id in gone:
+                del self._states[state_id]
             for d in [d for d in self._assets if d not in reached]:
                 row = self._assets.pop(d)
                 removed[row.kind] = removed.get(row.kind, 0) + 1
                 freed += len(row.body)
-            return SweepResult(removed, freed, len(self._assets))
+            return SweepResult(removed, freed, len(self._assets), states_removed=len(gone))
 
     async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, StoredAsset]:
         self._open()

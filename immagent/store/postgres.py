@@ -340,10 +340,13 @@ class PostgresBackend(StateQueries):
         return WriteResult()
 
     async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False) -> list[UUID]:
-        return await _retrying_transient(lambda: self._delete_once(ids, stop_at_shared))
+                            stop_at_shared: bool = False,
+                            attached: Sequence[int] = ()) -> list[UUID]:
+        return await _retrying_transient(
+            lambda: self._delete_once(ids, stop_at_shared, attached))
 
-    async def _delete_once(self, ids: Sequence[UUID], stop_at_shared: bool) -> list[UUID]:
+    async def _delete_once(self, ids: Sequence[UUID], stop_at_shared: bool,
+                           attached: Sequence[int]) -> list[UUID]:
         order = {i: n for n, i in enumerate(dict.fromkeys(ids))}
         with _mapped("delete"):
             async with self._pool.connection() as conn, conn.transaction():
@@ -371,17 +374,19 @@ class PostgresBackend(StateQueries):
                          WHERE l.pos > 1 AND (
                                NOT EXISTS (SELECT 1 FROM immagent_states s WHERE s.id = l.id)
                                OR EXISTS (SELECT 1 FROM immagent_states c
-                                           WHERE c.parent_id = l.id AND c.id <> l.prev))
+                                           WHERE c.parent_id = l.id AND c.id <> l.prev
+                                             AND NOT c.kind = ANY(%s)))
                     )
                     DELETE FROM immagent_states s USING line l, stop
                      WHERE s.id = l.id AND l.pos < stop.pos
                     RETURNING s.id
                     """,
-                    (list(order),),
+                    (list(order), list(attached)),
                 )
                 return sorted((r[0] for r in await cur.fetchall()), key=order.__getitem__)
 
-    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
+                    detached: Sequence[int] = ()) -> SweepResult:
         with _mapped("gc"):
             async with self._pool.connection() as conn, conn.transaction():
                 # Exclusive side of the writers' shared lock, taken before the statements, so
@@ -414,6 +419,13 @@ class PostgresBackend(StateQueries):
                     cur = await conn.execute("SELECT count(*) FROM immagent_assets")
                     kept = await cur.fetchone()
                     return SweepResult({}, 0, int(kept[0]) if kept else 0, bytes(missing[0]))
+                gone = 0
+                if detached:  # attached states whose subject is gone (marked from anyway)
+                    cur = await conn.execute(
+                        "DELETE FROM immagent_states s WHERE s.kind = ANY(%s) AND "
+                        "(s.parent_id IS NULL OR NOT EXISTS (SELECT 1 FROM immagent_states p "
+                        "WHERE p.id = s.parent_id))", (list(detached),))
+                    gone = cur.rowcount
                 if codec_refs is not None:
                     await _mark_codec_refs(conn, codec_refs)
                 for sql, decode in (
@@ -439,7 +451,7 @@ class PostgresBackend(StateQueries):
                 freed = sum(int(b) for _, _, b in swept)
                 cur = await conn.execute("SELECT count(*) FROM immagent_assets")
                 row = await cur.fetchone()
-        return SweepResult(removed, freed, int(row[0]) if row else 0)
+        return SweepResult(removed, freed, int(row[0]) if row else 0, states_removed=gone)
 
     # -- assets ---------------------------------------------------------------------------
 

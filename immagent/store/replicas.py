@@ -369,18 +369,20 @@ class ReplicatedBackend:
                 await self._raise_fence()
         return result
 
-    async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False) -> list[UUID]:
+    async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
+                            attached: Sequence[int] = ()) -> list[UUID]:
         with self._no_replicas():
-            deleted = await self._primary.delete_states(ids, stop_at_shared=stop_at_shared)
+            deleted = await self._primary.delete_states(ids, stop_at_shared=stop_at_shared,
+                                                        attached=attached)
             if deleted:
                 await self._raise_fence()
         return deleted
 
-    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
+                    detached: Sequence[int] = ()) -> SweepResult:
         with self._no_replicas():
-            result = await self._primary.sweep(check, codec_refs)
-            if result.removed:
+            result = await self._primary.sweep(check, codec_refs, detached=detached)
+            if result.removed or result.states_removed:
                 await self._raise_fence()
         return result
 

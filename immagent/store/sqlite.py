@@ -416,16 +416,24 @@ def _all_dangling(conn: sqlite3.Connection, limit: int) -> list[MissingAsset]:
     return found[:limit]
 
 
-def _swept(conn: sqlite3.Connection, check: RowCheck,
-           codec_refs: CodecRefs | None) -> SweepResult:
-    """gc after the mark (temp.immagent_reach): refuse a missing asset, mark what the
-    codecs of marked rows name, check every row marked from, delete every unmarked asset."""
+def _swept(conn: sqlite3.Connection, check: RowCheck, codec_refs: CodecRefs | None,
+           detached: Sequence[int]) -> SweepResult:
+    """gc after the mark (temp.immagent_reach): refuse a missing asset, delete the attached
+    states whose subject is gone, mark what the codecs of marked rows name, check every row
+    marked from, delete every unmarked asset."""
     missing = conn.execute(
         "SELECT digest FROM temp.immagent_reach r WHERE NOT EXISTS "
         "(SELECT 1 FROM immagent_assets a WHERE a.digest = r.digest) LIMIT 1").fetchone()
     if missing is not None:
         (kept,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
         return SweepResult({}, 0, int(kept), _blob(missing[0]))
+    # Attached states whose subject is gone (marked from all the same: what they reach is
+    # kept one more cycle).
+    gone = conn.execute(
+        f"DELETE FROM immagent_states WHERE kind IN ({_marks(len(detached))}) AND "
+        "(parent_id IS NULL OR NOT EXISTS (SELECT 1 FROM immagent_states p "
+        "WHERE p.id = immagent_states.parent_id))", list(detached)
+    ).rowcount if detached else 0
     if codec_refs is not None:
         used = [int(c) for (c,) in conn.execute(
             "SELECT DISTINCT a.codec FROM temp.immagent_reach r JOIN immagent_assets a "
@@ -454,7 +462,7 @@ def _swept(conn: sqlite3.Connection, check: RowCheck,
         conn.execute(f"DELETE FROM immagent_assets WHERE {unmarked}")
         _give_back_free_pages(conn)
     (kept,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
-    return SweepResult(removed, freed, int(kept))
+    return SweepResult(removed, freed, int(kept), states_removed=gone)
 
 
 class SQLiteBackend(StateQueries):
@@ -605,9 +613,12 @@ class SQLiteBackend(StateQueries):
             return stop.result
         return WriteResult()
 
-    async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False) -> list[UUID]:
+    async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
+                            attached: Sequence[int] = ()) -> list[UUID]:
         keys = [i.bytes for i in dict.fromkeys(ids)]
+        # Children of attached kinds (attestations) do not keep a parent.
+        other_child = ("SELECT 1 FROM immagent_states WHERE parent_id = ?"
+                       + (f" AND kind NOT IN ({_marks(len(attached))})" if attached else ""))
 
         def run(conn: sqlite3.Connection) -> list[UUID]:
             if not stop_at_shared:
@@ -623,8 +634,9 @@ class SQLiteBackend(StateQueries):
                 # The single writer serialises these: no sibling deletion interleaves.
                 sql = "DELETE FROM immagent_states WHERE id = ?"
                 if n:
-                    sql += " AND NOT EXISTS (SELECT 1 FROM immagent_states WHERE parent_id = ?)"
-                if conn.execute(sql, (key, key) if n else (key,)).rowcount == 0:
+                    sql += f" AND NOT EXISTS ({other_child})"
+                params = (key, key, *attached) if n else (key,)
+                if conn.execute(sql, params).rowcount == 0:
                     break
                 done.append(UUID(bytes=key))
             return done
@@ -632,14 +644,15 @@ class SQLiteBackend(StateQueries):
         result: list[UUID] = await self._pool.write("delete", lambda conn: transaction(conn, run))
         return result
 
-    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
+                    detached: Sequence[int] = ()) -> SweepResult:
         def sweep(conn: sqlite3.Connection) -> SweepResult:
             # Mark into a temporary table (SQLite spills it to disk; Python only splits
             # long refs values), then sweep what is not in it, all under the write lock.
             walk.begin(conn)
             try:
                 walk.mark(conn, all_states=True)
-                return _swept(conn, check, codec_refs)
+                return _swept(conn, check, codec_refs, detached)
             finally:
                 walk.end(conn, False)
 
