@@ -9,8 +9,8 @@ from uuid import UUID
 
 from immagent.records import StateRow
 
-__all__ = ["ROOTED_STATES", "Dialect", "StateQueries", "count_query", "scan_query",
-           "state_filter", "stream_query"]
+__all__ = ["ROOTED_STATES", "Dialect", "StateQueries", "count_query", "heads_query",
+           "scan_query", "state_filter", "stream_query"]
 
 #: ``rooted(id)``: the states whose lineage ends, reached from a root (no parent, or a parent
 #: not stored) through children; every other state runs into a parent cycle. UNION ALL: a
@@ -88,6 +88,35 @@ def count_query(dialect: Dialect, kind: int, *, stream: str | None,
     return f"SELECT count(*) FROM immagent_states {clause}", params
 
 
+def heads_query(dialect: Dialect, kind: int, *, after: str | None,
+                limit: int) -> tuple[str, list[Any]]:
+    """The newest state of each of the first ``limit`` streams of ``kind`` past ``after``
+    (Backend.stream_heads). A loose index scan on (kind, stream, seq): the recursion finds
+    each next stream name with one probe and stops after ``limit`` of them; each head is
+    one more probe (the stream's highest seq). Never reads a stream's other states."""
+    m = dialect.mark
+    past = f" AND stream > {m}" if after is not None else ""
+    columns = ", ".join(f"h.{c.strip()}" for c in dialect.columns.split(","))
+    sql = f"""
+        WITH RECURSIVE streams(stream, n) AS (
+            SELECT stream, 1 FROM (SELECT stream FROM immagent_states
+                                    WHERE kind = {m}{past} ORDER BY kind, stream LIMIT 1) f
+            UNION ALL
+            SELECT (SELECT s.stream FROM immagent_states s
+                     WHERE s.kind = {m} AND s.stream > t.stream
+                     ORDER BY s.kind, s.stream LIMIT 1), t.n + 1
+              FROM streams t WHERE t.stream IS NOT NULL AND t.n < {m}
+        )
+        SELECT {columns} FROM streams t
+          JOIN immagent_states h ON h.kind = {m} AND h.stream = t.stream
+           AND h.seq = (SELECT max(s.seq) FROM immagent_states s
+                         WHERE s.kind = {m} AND s.stream = t.stream)
+         ORDER BY t.n"""
+    params: list[Any] = [kind, *([after] if after is not None else []), kind, limit, kind,
+                         kind]
+    return sql, params
+
+
 class StateQueries:
     """The state scans of ``Backend``, for an SQL backend that supplies its dialect and how
     it runs a query (``_states``: rows; ``_count``: one number)."""
@@ -118,3 +147,8 @@ class StateQueries:
                            contains: str | None = None) -> int:
         return await self._count("count_states", *count_query(
             self._dialect, kind, stream=stream, contains=contains))
+
+    async def stream_heads(self, kind: int, *, after: str | None = None,
+                           limit: int = 100) -> list[StateRow]:
+        return await self._states("stream_heads", *heads_query(
+            self._dialect, kind, after=after, limit=limit))

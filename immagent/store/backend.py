@@ -117,23 +117,25 @@ class Backend(Protocol):
         the later one replaces what the earlier one wrote.
         """
 
-    async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False) -> list[UUID]:
+    async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
+                            dry_run: bool = False) -> list[UUID]:
         """Delete state rows (never assets) in one transaction; returns the ids deleted, in
         the given order. With ``stop_at_shared``, ``ids`` is a lineage (a state, then its
         ancestors): the first is deleted, then each next one only if no row outside the
         deleted ones names it as parent; the first that is still someone's parent (or is
         absent) ends it. Such deletions are serialised, so two siblings deleted at once
-        still take their parent with them."""
+        still take their parent with them. With ``dry_run`` the transaction is rolled back
+        instead of committed: the ids that would have been deleted, nothing deleted."""
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
+    async def sweep(self, check: RowCheck, *, dry_run: bool = False) -> SweepResult:
         """Mark every asset a state reaches through refs, run ``check`` on every row marked
         from (all states, every reached asset that has refs or is of a node kind, and every
         one a state or a node links to as parent: a node whose refs or kind column were
         damaged marks nothing, yet must be checked), then delete the assets not
         marked: one transaction holding the exclusive side of the gc lock. If ``check``
         raises, or a reached digest is missing, nothing is deleted (the exception
-        propagates; the missing digest is reported)."""
+        propagates; the missing digest is reported). With ``dry_run`` everything but the
+        commit happens: the result says what would have been removed, nothing is."""
 
     # -- assets ---------------------------------------------------------------------------
 
@@ -200,6 +202,13 @@ class Backend(Protocol):
     async def count_states(self, kind: int, *, stream: str | None = None,
                            contains: str | None = None) -> int:
         """How many states of ``kind`` (in ``stream``, or whose stream holds ``contains``)."""
+
+    async def stream_heads(self, kind: int, *, after: str | None = None,
+                           limit: int = 100) -> list[StateRow]:
+        """The newest state (highest seq) of each stream of ``kind``, at most ``limit``
+        streams, in the engine's order of stream names, keyset-paged strictly past
+        ``after``: one index probe per stream (a loose index scan), never a scan of the
+        stream's states."""
 
     async def lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
         """The state and its ancestors through ``parent_id``, at most ``limit`` rows, in one

@@ -45,6 +45,7 @@ from immagent.exceptions import (
 )
 from immagent.records import StateRow, state_from_v1
 from immagent.store._filters import ROOTED_STATES, Dialect, StateQueries
+from immagent.store._rehearsal import Rehearsal
 from immagent.store.backend import (
     SCHEMA_VERSION,
     Head,
@@ -286,16 +287,31 @@ class PostgresBackend(StateQueries):
             return stop.result
         return WriteResult()
 
-    async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False) -> list[UUID]:
+    async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
+                            dry_run: bool = False) -> list[UUID]:
+        try:
+            deleted = await self._delete_states(ids, stop_at_shared, dry_run)
+        except Rehearsal as rehearsed:
+            return list(rehearsed.result)
+        return deleted
+
+    async def _delete_states(self, ids: Sequence[UUID], stop_at_shared: bool,
+                             dry_run: bool) -> list[UUID]:
         order = {i: n for n, i in enumerate(dict.fromkeys(ids))}
+
+        def done(rows: Sequence[Sequence[Any]]) -> list[UUID]:
+            deleted = sorted((r[0] for r in rows), key=order.__getitem__)
+            if dry_run:
+                raise Rehearsal(deleted)
+            return deleted
+
         with _mapped("delete"):
             async with self._pool.connection() as conn, conn.transaction():
                 if not stop_at_shared:
                     cur = await conn.execute(
                         "DELETE FROM immagent_states WHERE id = ANY(%s) RETURNING id",
                         (list(order),))
-                    return sorted((r[0] for r in await cur.fetchall()), key=order.__getitem__)
+                    return done(await cur.fetchall())
                 # Serialise lineage deletions: otherwise two siblings deleted at once each
                 # see the other still present and both keep their (then childless) parent.
                 # Under READ COMMITTED the statement's snapshot is taken after the lock.
@@ -320,9 +336,15 @@ class PostgresBackend(StateQueries):
                     """,
                     (list(order),),
                 )
-                return sorted((r[0] for r in await cur.fetchall()), key=order.__getitem__)
+                return done(await cur.fetchall())
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
+    async def sweep(self, check: RowCheck, *, dry_run: bool = False) -> SweepResult:
+        try:
+            return await self._sweep(check, dry_run)
+        except Rehearsal as rehearsed:
+            return rehearsed.result  # type: ignore[no-any-return]
+
+    async def _sweep(self, check: RowCheck, dry_run: bool) -> SweepResult:
         with _mapped("gc"):
             async with self._pool.connection() as conn, conn.transaction():
                 # Exclusive side of the writers' shared lock, taken before the statements, so
@@ -377,7 +399,10 @@ class PostgresBackend(StateQueries):
                 freed = sum(int(b) for _, _, b in swept)
                 cur = await conn.execute("SELECT count(*) FROM immagent_assets")
                 row = await cur.fetchone()
-        return SweepResult(removed, freed, int(row[0]) if row else 0)
+                result = SweepResult(removed, freed, int(row[0]) if row else 0)
+                if dry_run:  # the DELETE ran in this transaction only: roll it back
+                    raise Rehearsal(result)
+        return result
 
     # -- assets ---------------------------------------------------------------------------
 

@@ -363,18 +363,19 @@ class ReplicatedBackend:
                 await self._raise_fence()
         return result
 
-    async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False) -> list[UUID]:
+    async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
+                            dry_run: bool = False) -> list[UUID]:
         with self._no_replicas():
-            deleted = await self._primary.delete_states(ids, stop_at_shared=stop_at_shared)
-            if deleted:
+            deleted = await self._primary.delete_states(ids, stop_at_shared=stop_at_shared,
+                                                        dry_run=dry_run)
+            if deleted and not dry_run:
                 await self._raise_fence()
         return deleted
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
+    async def sweep(self, check: RowCheck, *, dry_run: bool = False) -> SweepResult:
         with self._no_replicas():
-            result = await self._primary.sweep(check)
-            if result.removed:
+            result = await self._primary.sweep(check, dry_run=dry_run)
+            if result.removed and not dry_run:
                 await self._raise_fence()
         return result
 
@@ -447,6 +448,10 @@ class ReplicatedBackend:
     async def count_states(self, kind: int, *, stream: str | None = None,
                            contains: str | None = None) -> int:
         return await self._primary.count_states(kind, stream=stream, contains=contains)
+
+    async def stream_heads(self, kind: int, *, after: str | None = None,
+                           limit: int = 100) -> list[StateRow]:
+        return await self._primary.stream_heads(kind, after=after, limit=limit)
 
     async def lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
         rows = await self._replica_read(lambda b: b.lineage(state_id, limit))

@@ -51,6 +51,7 @@ from immagent.exceptions import (
 )
 from immagent.records import StateRow, state_from_v1
 from immagent.store._filters import ROOTED_STATES, Dialect, StateQueries
+from immagent.store._rehearsal import Rehearsal
 from immagent.store._sqlite_pool import SQLitePool, is_busy, transaction
 from immagent.store.backend import (
     SCHEMA_VERSION,
@@ -517,8 +518,8 @@ class SQLiteBackend(StateQueries):
             return stop.result
         return WriteResult()
 
-    async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False) -> list[UUID]:
+    async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
+                            dry_run: bool = False) -> list[UUID]:
         keys = [i.bytes for i in dict.fromkeys(ids)]
 
         def run(conn: sqlite3.Connection) -> list[UUID]:
@@ -541,10 +542,17 @@ class SQLiteBackend(StateQueries):
                 done.append(UUID(bytes=key))
             return done
 
-        result: list[UUID] = await self._pool.write("delete", lambda conn: transaction(conn, run))
+        def rehearse(conn: sqlite3.Connection) -> list[UUID]:
+            raise Rehearsal(run(conn))
+
+        try:
+            result: list[UUID] = await self._pool.write(
+                "delete", lambda conn: transaction(conn, rehearse if dry_run else run))
+        except Rehearsal as done:
+            return list(done.result)
         return result
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
+    async def sweep(self, check: RowCheck, *, dry_run: bool = False) -> SweepResult:
         def sweep(conn: sqlite3.Connection) -> SweepResult:
             # Mark into a temporary table (SQLite spills it to disk; nothing goes through
             # Python), then sweep what is not in it, all under the write lock.
@@ -573,6 +581,9 @@ class SQLiteBackend(StateQueries):
                     "WHERE digest NOT IN (SELECT digest FROM temp.immagent_reach) GROUP BY kind"):
                 removed[int(kind)] = int(n)
                 freed += int(size)
+            if dry_run:
+                (total,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
+                raise Rehearsal(SweepResult(removed, freed, int(total) - sum(removed.values())))
             if removed:
                 conn.execute("DELETE FROM immagent_assets "
                              "WHERE digest NOT IN (SELECT digest FROM temp.immagent_reach)")
@@ -581,7 +592,11 @@ class SQLiteBackend(StateQueries):
             conn.execute("DROP TABLE temp.immagent_reach")
             return SweepResult(removed, freed, int(kept))
 
-        result: SweepResult = await self._pool.write("gc", lambda conn: transaction(conn, sweep))
+        try:
+            result: SweepResult = await self._pool.write(
+                "gc", lambda conn: transaction(conn, sweep))
+        except Rehearsal as rehearsed:
+            return rehearsed.result  # type: ignore[no-any-return]
         return result
 
     # -- reads ----------------------------------------------------------------------------
