@@ -94,13 +94,15 @@ _ATTEMPTS = 3
 
 async def collect(backend: Backend,
                   dictionaries: Callable[[], Awaitable[Mapping[int, ZstdDictionary]]]
-                  | None = None) -> GCResult:
+                  | None = None, *, dry_run: bool = False) -> GCResult:
     """Sweep every asset no state reaches, checking every row marked from first; compressed
-    bodies are checked with the store's ``dictionaries`` (read before each attempt)."""
+    bodies are checked with the store's ``dictionaries`` (read before each attempt). With
+    ``dry_run`` the sweep is rolled back: what it would remove, nothing removed."""
     for _ in range(_ATTEMPTS):
         known = NO_DICTIONARIES if dictionaries is None else await dictionaries()
         try:
-            result = await backend.sweep(functools.partial(check_marked, dictionaries=known))
+            result = await backend.sweep(functools.partial(check_marked, dictionaries=known),
+                                         dry_run=dry_run)
         except _UnknownDictionary as e:
             unknown = e.args[0]
             continue

@@ -62,7 +62,6 @@ from immagent.exceptions import (
 )
 from immagent.ids import uuid7
 from immagent.records import (
-    STATE_KINDS,
     AgentRecord,
     StateRow,
     load_agent,
@@ -454,6 +453,18 @@ class Store:
             stream=None if stream is None else check_key("stream", stream),
             contains=None if contains is None else check_key("contains", contains))
 
+    async def stream_heads(self, kind: int, *, after: str | None = None,
+                           limit: int = 100) -> list[StateRow]:
+        """The newest state of each stream of ``kind`` (an agent name's, a thread's, a
+        session's), a page of streams at a time in the database's order of stream names:
+        pass the last row's ``stream`` as ``after`` for the next page. One index probe per
+        stream; a stream's older states are never read."""
+        _check_limit(limit)
+        rows = await self._open().stream_heads(
+            check_kind("kind", kind),
+            after=None if after is None else check_key("after", after), limit=limit)
+        return [load_state(r) for r in rows]
+
     async def state_lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
         """The state and its stored ancestors, newest first, at most ``limit``; stops at a
         deleted parent. A parent cycle (only damage or a crafted import makes one) is an
@@ -602,21 +613,26 @@ class Store:
             raise AgentNotFoundError(agent_id)
         log.info("deleted agent %s", agent_id)
 
-    async def delete_lineage(self, agent: PersistentAgent | UUID | str) -> list[UUID]:
+    async def delete_lineage(self, agent: PersistentAgent | UUID | str, *,
+                             dry_run: bool = False) -> list[UUID]:
         """Delete ``agent`` and then each ancestor that no other live state descends from.
 
         A state is *live* while its row exists. The walk stops at the first ancestor that
         has another child row (or is already gone). Children of a deleted state keep their
         ``parent_id``; their lineage walks stop there. Assets stay until gc(). Returns the
-        deleted ids, ``agent`` first, in one transaction.
+        deleted ids, ``agent`` first, in one transaction. With ``dry_run`` that transaction
+        is rolled back: the ids it would delete, nothing deleted.
         """
         agent_id = self._agent_id(agent)
         rows = await self._line(agent_id, None)
         _refuse_own(rows)
         line = [r.id for r in rows]
-        deleted = await self._open().delete_states(line, stop_at_shared=True)
+        deleted = await self._open().delete_states(line, stop_at_shared=True,
+                                                   dry_run=check_flag("dry_run", dry_run))
         if not deleted:
             raise AgentNotFoundError(agent_id)
+        if dry_run:
+            return deleted
         self._forget(deleted)
         log.info("deleted lineage of %s: %d states", agent_id, len(deleted))
         return deleted
@@ -726,11 +742,15 @@ class Store:
 
     # -- audits: gc, verify, stats, bundles ----------------------------------------------
 
-    async def gc(self) -> gc.GCResult:
+    async def gc(self, *, dry_run: bool = False) -> gc.GCResult:
         """Remove every asset that no stored state can reach; safe while other tasks or
         processes write (see docs/architecture.md). Aborts with IntegrityError, deleting
-        nothing, if a row it would mark from is damaged or something reachable is missing."""
-        result = await gc.collect(self._open(), self._compression.load)
+        nothing, if a row it would mark from is damaged or something reachable is missing.
+        ``dry_run``: the same sweep, rolled back; the result says what it would remove."""
+        result = await gc.collect(self._open(), self._compression.load,
+                                  dry_run=check_flag("dry_run", dry_run))
+        if dry_run:
+            return result
         log.info("gc removed %d assets (%d bytes)", result.assets_removed, result.bytes_freed)
         return result
 
@@ -750,34 +770,36 @@ class Store:
     async def stats(self, page_size: int = _PAGE) -> StoreStats:
         """Sizes of what is stored and of what a copy-per-state layout would store.
 
-        Reads every agent state once (keyset-paged) and each distinct head node and prompt
-        once; states of every kind are counted (one count per kind).
+        Reads every state once (keyset-paged, every client's kind) and each distinct asset
+        a page of states pins once (prompts, head nodes, channel values: a node counts the
+        content bytes of its whole chain, so no history is read); states are counted in
+        the same walk.
         """
         _check_limit(page_size)
         backend = self._open()
         by_kind = await backend.asset_stats()
-        logical = agents = 0
+        logical = 0
+        counts: dict[int, int] = {}
         after: UUID | None = None
-        while page := await self._scan(Kind.AGENT_STATE, after, page_size, False, None):
+        while page := await self._scan(None, after, page_size, False, None):
             after = page[-1].id
-            records = [load_agent(r) for r in page]
-            agents += len(records)
-            digests = sorted({d for r in records for d in (r.system_prompt, r.conversation)})
+            for row in page:
+                counts[row.kind] = counts.get(row.kind, 0) + 1
+            # The store's own compression state pins dictionaries, not content.
+            content = [r for r in page if r.kind != Kind.COMPRESSION]
             sizes: dict[Digest, int] = {}
-            for asset in await self.get_assets(digests):
+            for asset in await self.get_assets(sorted({d for r in content for d in r.refs})):
                 sizes[asset.digest] = (asset.size if isinstance(asset, ConversationNode)
                                        else len(asset.body))
-            logical += sum(sizes[r.system_prompt] + sizes[r.conversation] for r in records)
-        # Agent states were just counted page by page; the other kinds by one count each.
-        states = {_kind_name(k): agents if k == Kind.AGENT_STATE
-                  else await backend.count_states(k) for k in sorted(STATE_KINDS)}
+            logical += sum(sizes[d] for r in content for d in r.refs)
+        states = {_kind_name(k): n for k, n in sorted(counts.items())}
         return StoreStats(
-            agents=agents,
+            agents=counts.get(int(Kind.AGENT_STATE), 0),
             assets_by_kind={_kind_name(k): v for k, v in sorted(by_kind.items())},
             payload_bytes=sum(b for _, b in by_kind.values()),
             disk_bytes=await backend.storage_bytes(),
             logical_bytes=logical,
-            states_by_kind={k: n for k, n in states.items() if n},
+            states_by_kind=states,
         )
 
     async def export(self, agent: PersistentAgent | UUID | str,
