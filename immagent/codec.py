@@ -48,6 +48,7 @@ __all__ = [
     "ZstdDictionary",
     "decode",
     "decode_many",
+    "decoded_size",
     "dictionary_id",
     "encode",
     "train",
@@ -189,6 +190,19 @@ def _content_size(frame: bytes) -> int:
     if len(field) < size_bytes:
         raise CodecError("a truncated zstd frame header")
     return int.from_bytes(field, "little") + (256 if size_bytes == 2 else 0)
+
+
+def decoded_size(codec: int, stored: bytes,
+                 dictionaries: Mapping[int, ZstdDictionary]) -> int:
+    """How many canonical bytes a stored body holds (what its digest covers; the unit of
+    every content size): its own length when stored as is, else the content size its
+    frame header declares (decoding checks it), or, without one, the decoded length."""
+    if codec == RAW:
+        return len(stored)
+    try:
+        return _content_size(stored)
+    except CodecError:
+        return len(decode(codec, stored, dictionaries))
 
 
 def decode(codec: int, stored: bytes, dictionaries: Mapping[int, ZstdDictionary]) -> bytes:
