@@ -4,28 +4,32 @@ SHELL := /bin/bash
 export UV_SYSTEM_CERTS := 1
 export UV_PYTHON_DOWNLOADS := never
 export LITELLM_LOCAL_MODEL_COST_MAP := True
-UV := $(shell bash scripts/bootstrap.sh)
+UV := $(shell bash scripts/bootstrap.sh --uv)
 RUN = $(UV) run --no-sync
 
-.PHONY: dev fmt lint typecheck check test test-cov bench bench-full bench-scale bench-scale-full \
-        demo pg cluster clean
+.PHONY: dev venv fmt lint typecheck check test test-cov bench bench-full bench-scale \
+        bench-scale-full demo pg cluster stop clean
 
 dev:            ## install the venv with every extra and dev tool
 	@bash scripts/bootstrap.sh >/dev/null && echo "venv ready: .venv"
 
+venv:           # every target below but demo, stop and clean needs the full venv
+	@bash scripts/bootstrap.sh >/dev/null
+
 demo:           ## the main job: two chat turns on the embedded SQLite default, then the log
+	@bash scripts/bootstrap.sh --demo >/dev/null
 	@$(RUN) immagent --db demo.db chat "Hello!"
 	@$(RUN) immagent --db demo.db chat "What can you do?"
 	@$(RUN) immagent --db demo.db log --name assistant
 
-fmt:
+fmt: venv
 	$(RUN) ruff format immagent tests benchmarks examples
 	$(RUN) ruff check --fix immagent tests benchmarks examples
 
-lint:
+lint: venv
 	$(RUN) ruff check immagent tests benchmarks examples
 
-typecheck:
+typecheck: venv
 	$(RUN) mypy
 
 check: lint typecheck
@@ -36,28 +40,32 @@ pg:             ## start (or find) the throwaway PostgreSQL used by tests and be
 cluster:        ## start (or find) the primary + hot standby + PgBouncer of the scale-out tests
 	@bash scripts/pg-cluster.sh up
 
-test:           ## the whole suite against real PostgreSQL (started here) and SQLite
+test: venv      ## the whole suite against real PostgreSQL (started here) and SQLite
 	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
 	  $(RUN) pytest
 
-test-cov:
+test-cov: venv
 	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
 	  $(RUN) pytest --cov=immagent --cov-report=term-missing
 
-bench:          ## quick benchmarks (tables); `make bench-full` for the full sizes
+bench: venv     ## quick benchmarks (tables); `make bench-full` for the full sizes
 	@$(RUN) python -m benchmarks.run --dsn "$$(bash scripts/ensure-postgres.sh)"
 	@$(RUN) python -m benchmarks.cli_latency --runs 5
 
-bench-full:
+bench-full: venv
 	@$(RUN) python -m benchmarks.run --full --dsn "$$(bash scripts/ensure-postgres.sh)" \
 	  --json bench-results.json --plot benchmarks/storage-growth.png
 	@$(RUN) python -m benchmarks.cli_latency --runs 10 --litellm --json bench-cli.json
 
-bench-scale:    ## read replicas and PgBouncer on the local cluster (`bench-scale-full`: full sizes)
+bench-scale: venv  ## read replicas and PgBouncer on the local cluster (`bench-scale-full`: full sizes)
 	@$(RUN) python -m benchmarks.scale
 
-bench-scale-full:
+bench-scale-full: venv
 	@$(RUN) python -m benchmarks.scale --full --json bench-scale-results.json
 
-clean:
+stop:           ## stop what `make test` and `make cluster` started from this checkout
+	@bash scripts/pg-cluster.sh down 2>/dev/null || true
+	@bash scripts/ensure-postgres.sh stop
+
+clean: stop     ## stop the servers, then remove the venv, caches and the demo database
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache demo.db*
