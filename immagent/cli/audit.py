@@ -22,7 +22,7 @@ from immagent.cli import confirm
 from immagent.cli.clients import conversation_ids, view_of
 from immagent.cli.context import Context
 from immagent.cli.errors import EXIT_FAILURE, EXIT_OK, CLIError
-from immagent.cli.refs import REF_HELP, add_ref, ref_of
+from immagent.cli.refs import REF_HELP, add_ref, describe, ref_of
 from immagent.cli.render import (
     Line,
     Progress,
@@ -145,7 +145,7 @@ def verify(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _verify_lines(report: VerifyReport, row: StateRow | None) -> Iterator[Line]:
-    scope = "whole store" if row is None else f"{ref_of(row)} (state {row.id})"
+    scope = "whole store" if row is None else f"state {row.id} ({describe(row)})"
     yield (f"verified {scope}: {plural(report.assets_checked, 'asset')} "
            f"({human_bytes(report.bytes_checked)}), {plural(report.agents_checked, 'state')}")
     # The report's own lines name each problem; its first (totals) and last (verdict)
@@ -208,7 +208,7 @@ def import_(ctx: Context, args: argparse.Namespace) -> int:
         ctx.out.line(str(info.head))
         ctx.out.note(f"imported {plural(len(info.agents), 'state')} and "
                      f"{plural(info.assets, 'asset')} ({human_bytes(info.asset_bytes)}); "
-                     f"head {ref_of(head)}")
+                     f"head {head.id} ({describe(head)})")
     return EXIT_OK
 
 

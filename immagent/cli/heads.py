@@ -132,8 +132,10 @@ def _head_table(view: View, heads: Sequence[Head], ids: dict[Any, str],
                   local_time(h.row.created_at, short=True)]
         rows.append(cells)
     n = len(headers)
+    # On a narrow terminal: states, then the model, then the element count go first.
+    drop = [n - 3, *([2] if view.client == "agent" else []), n - 4]
     return table(headers, rows, right=range(n - 5, n - 1),
-                 shrink=range(1 if with_id else 0, n - 5), width=width)
+                 shrink=range(1 if with_id else 0, n - 5), drop=drop, width=width)
 
 
 def _short(view: View) -> str:
@@ -169,7 +171,9 @@ def _every_state(ctx: Context, args: argparse.Namespace, view: View) -> int:
         body.append(cells)
     width = len(headers)
     lines: list[Line] = list(table(headers, body, right=(width - 2,),
-                                   shrink=range(1, width - 2), width=ctx.out.width))
+                                   shrink=range(1, width - 2),
+                                   drop=[*([2] if view.client == "agent" else []), width - 2],
+                                   width=ctx.out.width))
     ctx.out.lines(lines)
     ctx.out.line(f"({args.offset + 1}-{args.offset + len(rows)} of {plural(total, noun)})")
     return EXIT_OK

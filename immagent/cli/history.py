@@ -174,9 +174,9 @@ def log(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _oneline(e: Entry, short: str, width: int | None) -> Line:
-    """``<id>  <date>  +N  <last added>``, cut to the terminal's width."""
+    """``<id>  <date, to the minute>  +N  <last added>``, cut to the terminal's width."""
     plus = "?" if e.added is None else f"+{len(e.added)}"
-    lead = f"  {local_time(e.row.created_at)}  {plus:>3}  "
+    lead = f"  {local_time(e.row.created_at, short=True)}  {plus:>3}  "
     room = (width or _PIPED_WIDTH) - columns(short) - len(lead)
     if e.added:
         return (paint(short, "id"), lead, *_said_line(e.view.said(e.added[-1]), room))

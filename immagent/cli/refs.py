@@ -30,7 +30,7 @@ from immagent.records import StateRow
 from immagent.store import Store
 
 __all__ = ["CLIENT_PREFIXES", "MIN_PREFIX", "REF_HELP", "Ref", "Resolved", "abbreviate",
-           "add_ref", "parse_ref", "ref_of", "resolve"]
+           "add_ref", "describe", "parse_ref", "ref_of", "resolve"]
 
 #: Fewest hex digits taken as an id prefix (git's minimum).
 MIN_PREFIX = 4
@@ -79,14 +79,13 @@ def add_ref(parser: argparse.ArgumentParser, *, optional: bool = False,
 
 
 def ref_of(row: StateRow) -> str:
-    """The reference that names ``row``'s stream explicitly (agent:NAME, thread:ID,
-    session:ID), or its full id for other kinds."""
-    from immagent.checkpoints import SEP
-
+    """The reference naming the conversation ``row`` belongs to (agent:NAME, thread:ID,
+    session:ID; its newest state, which need not be ``row``), or ``row``'s full id for a
+    state of no conversation."""
     if row.kind == Kind.AGENT_STATE:
         return f"agent:{row.stream}"
-    if row.kind == Kind.CHECKPOINT and SEP not in row.stream:
-        return f"thread:{row.stream}"
+    if row.kind in (Kind.CHECKPOINT, Kind.CHECKPOINT_WRITES):
+        return f"thread:{row.stream.split(chr(0x1F))[0]}"
     if row.kind == Kind.SESSION_STATE:
         return f"session:{row.stream}"
     return str(row.id)
@@ -134,9 +133,8 @@ async def resolve(store: Store, ref: Ref) -> Resolved:
                 f" (a reference is {REF_HELP})")
         raise CLIError(f"no state matches {ref.text!r}: not found{hint}")
     ids = [c.row.id for c in candidates]
-    shown = ", ".join(
-        f"{c.named_as if c.by_name else _distinct(c.row.id, ids)} ({_what(c.row)})"
-        for c in candidates[:_SHOWN_CANDIDATES])
+    shown = ", ".join(c.named_as if c.by_name else f"{_distinct(c.row.id, ids)} ({describe(c.row)})"
+                      for c in candidates[:_SHOWN_CANDIDATES])
     more = " and more" if crowded or len(candidates) > _SHOWN_CANDIDATES else ""
     raise CLIError(f"{ref.text!r} is ambiguous: it matches {shown}{more}; name one of "
                    "them in full", code=EXIT_USAGE)
@@ -146,7 +144,8 @@ def _noun(client: str) -> str:
     return {"agent": "agent named", "thread": "thread", "session": "session"}[client]
 
 
-def _what(row: StateRow) -> str:
+def describe(row: StateRow) -> str:
+    """Whose state ``row`` is, in a few words: ``agent 'assistant'``, ``thread 't-1'``."""
     names = {Kind.AGENT_STATE: "agent", Kind.CHECKPOINT: "thread",
              Kind.CHECKPOINT_WRITES: "writes of thread", Kind.SESSION_STATE: "session"}
     if row.kind == Kind.COMPRESSION:

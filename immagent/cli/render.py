@@ -167,26 +167,35 @@ def plural(n: int, noun: str, many: str | None = None) -> str:
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *,
-          right: Iterable[int] = (), shrink: Iterable[int] = (),
+          right: Iterable[int] = (), shrink: Iterable[int] = (), drop: Sequence[int] = (),
           width: int | None = None) -> list[tuple[str, ...]]:
     """Rows aligned under ``headers`` (bold when colour is on); columns in ``right`` are
     right-aligned. With ``width``, the columns in ``shrink`` give up columns (widest
     first, cells clipped with an ellipsis, never below their header or 6) until a line
-    fits. Each line is a tuple of parts: cells keep their style, padding is plain."""
+    fits; if that is not enough, the columns in ``drop`` are left out, in that order.
+    Each line is a tuple of parts: cells keep their style, padding is plain."""
     body = [list(r) for r in rows]
     head = [paint(h, "head") for h in headers]
     widths = [max(columns(c) for c in col) for col in zip(headers, *body, strict=False)]
     flexible = set(shrink)
+    shown = list(range(len(headers)))
     if width is not None:
         floor = {i: max(columns(headers[i]), 6) for i in flexible}
-        excess = sum(widths) + 2 * (len(widths) - 1) - width
-        while excess > 0:
-            candidates = [i for i in flexible if widths[i] > floor[i]]
+
+        def excess(least: bool = False) -> int:
+            used = sum(min(widths[i], floor[i]) if least and i in flexible else widths[i]
+                       for i in shown)
+            return used + 2 * (len(shown) - 1) - width
+
+        for i in drop:  # what cannot fit even with the flexible columns at their least
+            if excess(least=True) <= 0:
+                break
+            shown.remove(i)
+        while excess() > 0:  # the widest flexible column first, a column at a time
+            candidates = [i for i in flexible if i in shown and widths[i] > floor[i]]
             if not candidates:
                 break
-            widest = max(candidates, key=widths.__getitem__)
-            widths[widest] -= 1
-            excess -= 1
+            widths[max(candidates, key=widths.__getitem__)] -= 1
         for r in body:
             for i in flexible:
                 if columns(r[i]) > widths[i]:
@@ -196,6 +205,8 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *,
     def line(cells: Sequence[str]) -> tuple[str, ...]:
         parts: list[str] = []
         for i, (cell, w) in enumerate(zip(cells, widths, strict=True)):
+            if i not in shown:
+                continue
             pad = " " * (w - columns(cell))
             parts += [pad, cell] if i in flush_right else [cell, pad]
             parts.append("  ")
