@@ -35,8 +35,8 @@ class Context:
         self.args = args
         self.runner = runner
         self.terminal = Terminal.detect(getattr(args, "color", None) or "auto")
-        pager = (pager_command() if pages and not getattr(args, "no_pager", False)
-                 else None)
+        pager = (pager_command() if pages and self.terminal.stdout_tty
+                 and not getattr(args, "no_pager", False) else None)
         self.out = Output(bool(args.json), self.terminal, pager=pager)
         self._store: Store | None = None
 

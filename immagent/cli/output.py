@@ -19,8 +19,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -60,9 +58,23 @@ class Terminal:
         def wants(tty: bool) -> bool:
             return mode == "always" or (mode == "auto" and tty and not plain)
 
-        width = shutil.get_terminal_size((80, 24)).columns if out else None
         return cls(stdout_tty=out, stderr_tty=err, stdin_tty=inp, color=wants(out),
-                   err_color=wants(err), width=width if width and width > 0 else None)
+                   err_color=wants(err), width=_columns(env) if out else None)
+
+
+def _columns(env: Mapping[str, str]) -> int | None:
+    """The terminal's width: $COLUMNS when set, else what the terminal on stdout says
+    (shutil.get_terminal_size's rule, without importing shutil on every start)."""
+    try:
+        columns = int(env.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return columns if columns > 0 else None
 
 
 def _isatty(stream: TextIO | None) -> bool:
@@ -75,6 +87,9 @@ def _isatty(stream: TextIO | None) -> bool:
 def pager_command(environ: Mapping[str, str] | None = None) -> str | None:
     """The pager to run ($IMMAGENT_PAGER, $PAGER, else less), or None: turned off (empty,
     ``cat``) or not installed."""
+    import shlex
+    import shutil
+
     env = os.environ if environ is None else environ
     command = env.get(ENV_PAGER, env.get("PAGER", "less"))
     try:
