@@ -92,8 +92,9 @@ def heads_query(dialect: Dialect, kind: int, *, after: str | None,
                 limit: int) -> tuple[str, list[Any]]:
     """The newest state of each of the first ``limit`` streams of ``kind`` past ``after``
     (Backend.stream_heads). A loose index scan on (kind, stream, seq): the recursion finds
-    each next stream name with one probe and stops after ``limit`` of them; each head is
-    one more probe (the stream's highest seq). Never reads a stream's other states."""
+    each next stream name with one probe and stops after ``limit`` of them; each stream's
+    highest seq is one more probe, and its row one more (an equi-join on the same index,
+    or SQLite's rowid). Never reads a stream's other states."""
     m = dialect.mark
     past = f" AND stream > {m}" if after is not None else ""
     columns = ", ".join(f"h.{c.strip()}" for c in dialect.columns.split(","))
@@ -106,11 +107,13 @@ def heads_query(dialect: Dialect, kind: int, *, after: str | None,
                      WHERE s.kind = {m} AND s.stream > t.stream
                      ORDER BY s.kind, s.stream LIMIT 1), t.n + 1
               FROM streams t WHERE t.stream IS NOT NULL AND t.n < {m}
+        ), heads(stream, n, seq) AS (
+            SELECT t.stream, t.n, (SELECT max(s.seq) FROM immagent_states s
+                                    WHERE s.kind = {m} AND s.stream = t.stream)
+              FROM streams t WHERE t.stream IS NOT NULL
         )
-        SELECT {columns} FROM streams t
-          JOIN immagent_states h ON h.kind = {m} AND h.stream = t.stream
-           AND h.seq = (SELECT max(s.seq) FROM immagent_states s
-                         WHERE s.kind = {m} AND s.stream = t.stream)
+        SELECT {columns} FROM heads t
+          JOIN immagent_states h ON h.kind = {m} AND h.stream = t.stream AND h.seq = t.seq
          ORDER BY t.n"""
     params: list[Any] = [kind, *([after] if after is not None else []), kind, limit, kind,
                          kind]
