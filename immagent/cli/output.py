@@ -184,9 +184,10 @@ class Output:
         self._write(dumps(value, compact=compact) + "\n")
 
     def flush(self) -> None:
-        """Push buffered stdout out now (pipes are block-buffered)."""
+        """Push buffered stdout out now (pipes are block-buffered); starts no pager."""
+        stream = self._pager.stream if self._pager is not None else sys.stdout
         try:
-            self._stdout().flush()
+            stream.flush()
         except BrokenPipeError:
             if self._pager is not None:
                 raise PagerClosed from None
