@@ -367,7 +367,7 @@ class ThreadView(View):
         fields += [("checkpoint id", info["checkpoint_id"]),
                    ("parent checkpoint", info["parent_checkpoint_id"] or "-"),
                    ("timestamp", cp.decode_ts(body.ts)),
-                   ("step", f"{info['step']} ({info['source']})"),
+                   ("step", f"{_n(info['step'])} ({info['source'] or '?'})"),
                    ("channels", ", ".join(shown) or "-"),
                    ("pending writes", str(writes))]
         metadata = body.metadata or {}
@@ -457,9 +457,9 @@ def view_of(row: StateRow) -> View:
     a checkpoint's pending writes, the store's compression state)."""
     view = VIEWS.get(row.kind)
     if view is None:
-        what = {Kind.CHECKPOINT_WRITES: "a LangGraph checkpoint's pending writes",
-                Kind.COMPRESSION: "the store's compression state"}.get(
-                    row.kind, f"a state of kind {row.kind}")  # type: ignore[call-overload]
+        names = {int(Kind.CHECKPOINT_WRITES): "a LangGraph checkpoint's pending writes",
+                 int(Kind.COMPRESSION): "the store's compression state"}
+        what = names.get(row.kind, f"a state of kind {row.kind}")
         raise CLIError(f"state {row.id} is {what}: name an agent state, a checkpoint or a "
                        "session state")
     return view

@@ -195,10 +195,16 @@ async def _lineage(store: Store, view: View, head: StateRow,
         wanted, await store.get_assets(wanted, ConversationNode, "conversation node"),
         strict=True)) if wanted else {}
     parents: list[int | None] = [*range(1, len(rows)), None]
-    direct = [d for i, p in zip(range(len(shown)), parents, strict=False)
-              if p is not None and convs[i] is not None and convs[p] is not None
-              and nodes[convs[i]].parent == convs[p]  # type: ignore[index]
-              for d in nodes[convs[i]].messages]  # type: ignore[index]
+
+    def step(i: int) -> tuple[Digest, ...]:
+        """What state ``i``'s node added, when it is one step past its parent's."""
+        mine, p = convs[i], parents[i]
+        theirs = None if p is None else convs[p]
+        if mine is None or theirs is None or nodes[mine].parent != theirs:
+            return ()
+        return nodes[mine].messages
+
+    direct = [d for i in range(len(shown)) for d in step(i)]
     loaded = dict(zip(direct, await store.get_assets(direct), strict=True)) if direct else {}
     entries = []
     for i, row in enumerate(shown):

@@ -22,7 +22,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TextIO
 
@@ -227,7 +227,3 @@ def dumps(value: Any, *, compact: bool = False) -> str:
     text = json.dumps(jsonable(value), ensure_ascii=False, indent=None if compact else 2,
                       separators=(",", ":") if compact else None)
     return json_text(text)
-
-
-#: What a command gets to write with (for type hints in command modules).
-Writer = Callable[[Line], None]
