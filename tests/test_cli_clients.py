@@ -270,12 +270,12 @@ def test_delete_a_whole_thread_and_a_session_after_a_dry_run(cli: Any, private: 
 
 
 def test_json_errors_are_json_on_stderr_with_the_same_exit_codes(
-        three_clients: Written) -> None:
+        cli: Any, three_clients: Written) -> None:
     db = three_clients.dsn
     cases = [(["show", "thread:nope"], 1), (["show", SHARED], 2), (["frobnicate"], 2),
              (["agents", "--limit", "0"], 2), (["delete", "thread:t-1"], 2)]
     for args, code in cases:
-        plain = piped("--db", db, *args)
+        plain = cli(*args)  # in-process: the same code path as the script's
         as_json = piped("--db", db, "--json", *args)
         assert plain.code == as_json.code == code, (args, plain, as_json)
         assert as_json.out == ""
