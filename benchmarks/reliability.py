@@ -96,10 +96,10 @@ async def checks(name: str, dsn: str | None, workdir: Path, lineages: int, steps
             verify.append(t.seconds)
             assert report.ok, report.lines()
             with Timer() as t:
-                await backend.misfit_refs(ref_kind_table())
+                await backend.audits().misfit_refs(ref_kind_table())
             kinds.append(t.seconds)
             with Timer() as t:
-                await backend.cyclic_states()
+                await backend.audits().cyclic_states()
             cycles.append(t.seconds)
     finally:
         await store.close()

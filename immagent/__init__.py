@@ -3,18 +3,20 @@
 Every step creates a new agent state with a new UUID whose ``parent_id`` points at the old
 one; content is stored once, keyed by its blake3 digest.
 
-The storage layer is imported here; the agent layer (agents, the model call, MCP) is loaded
-on first use of one of its names, so a program that only uses the store (or the command
-line listing it) never loads model code.
+The event log, the agent book (``Store``) and the agent class are imported here; the model
+layer (the model call, streams, MCP) is loaded on first use of one of its names, so a
+program that only uses the store (or the command line listing it) never loads model code.
 """
 
 import importlib
 from typing import TYPE_CHECKING
 
+from immagent.agent import PersistentAgent
 from immagent.assets import ConversationNode, Message, MissingAsset, SystemPrompt, ToolCall
 from immagent.audit.bundle import BundleInfo, verify_bundle
 from immagent.audit.gc import GCResult
 from immagent.audit.verify import AgentProblem, AssetProblem, VerifyReport
+from immagent.clients.agents import Store
 from immagent.exceptions import (
     AgentNotFoundError,
     AgentNotRegisteredError,
@@ -36,12 +38,10 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.records import StateRow
-from immagent.store import Store
 from immagent.store.stats import StoreStats
 
 if TYPE_CHECKING:
     from immagent.advance import CompleteFn, ToolProvider
-    from immagent.agent import PersistentAgent
     from immagent.llm import Model
     from immagent.mcp import MCPManager
     from immagent.simple import SimpleAgent
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 # Public names of the agent layer, by the module that defines them (loaded on first use;
 # MCPManager alone pulls in the MCP SDK, ~1.5 s).
 _LAZY = {"CompleteFn": "immagent.advance", "ToolProvider": "immagent.advance",
-         "PersistentAgent": "immagent.agent", "Model": "immagent.llm",
+         "Model": "immagent.llm",
          "MCPManager": "immagent.mcp", "SimpleAgent": "immagent.simple",
          "AssistantReply": "immagent.stream", "TextDelta": "immagent.stream",
          "ToolCallRequest": "immagent.stream", "ToolResult": "immagent.stream",

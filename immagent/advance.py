@@ -302,10 +302,10 @@ def _parse_arguments(call: ToolCall) -> dict[str, Any]:
         arguments = json.loads(call.arguments)
     except ValueError as exc:
         raise ToolExecutionError(f"tool {call.name!r}: arguments are not valid JSON ({exc}): "
-                                 f"{call.arguments[:200]!r}") from exc
+                                 f"{call.arguments[:200]!r}", tool_name=call.name) from exc
     if not isinstance(arguments, dict):
         raise ToolExecutionError(f"tool {call.name!r}: arguments must be a JSON object, got "
-                                 f"{type(arguments).__name__}")
+                                 f"{type(arguments).__name__}", tool_name=call.name)
     return arguments
 
 

@@ -1,10 +1,11 @@
 """PersistentAgent: one immutable, stored agent state, bound to the Store that holds it.
 
-The agent is a client of the store: reading goes through the store, ``advance`` runs one
-turn (``immagent.turn``: the model and tools) on the history it read, then hands the new
-messages to ``Store.append``, which writes them in one transaction. The store itself never
-runs a model; it only builds these objects from the records it reads (loading this module
-on first use), and this module loads the model layer on the first turn.
+The agent reads through its store (the agent book, ``immagent.clients.agents``, which made
+or loaded it and which it holds in a slot), ``advance`` runs one turn (``immagent.live``:
+the model and tools) on the history it read, then hands the new messages to
+``Store.append``, which writes them in one transaction. The store never runs a model; this
+module loads the model layer on the first turn. It knows its store only as the small
+interface below, ``AgentStore``, so it imports no store.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Unpack
+from typing import TYPE_CHECKING, Any, Protocol, Unpack
 from uuid import UUID
 
-from immagent import history, registry
+from immagent import history
 from immagent.assets import Digest, Message
+from immagent.exceptions import AgentNotRegisteredError
 from immagent.ids import uuid_from_digest
 from immagent.options import TurnKeywords
 from immagent.records import AgentRecord
@@ -25,29 +27,49 @@ if TYPE_CHECKING:
     from immagent.advance import ToolProvider
     from immagent.stream import TurnStream
 
-__all__ = ["PersistentAgent"]
+__all__ = ["AgentStore", "PersistentAgent"]
+
+
+class AgentStore(Protocol):
+    """What an agent asks of the store it is bound to (``immagent.Store`` is one)."""
+
+    async def get_messages(self, agent: PersistentAgent) -> tuple[Message, ...]: ...
+
+    async def get_system_prompt(self, agent: PersistentAgent) -> str: ...
+
+    async def get_lineage(self, agent: PersistentAgent) -> list[PersistentAgent]: ...
+
+    async def clone(self, agent: PersistentAgent) -> PersistentAgent: ...
+
+    async def with_metadata(self, agent: PersistentAgent,
+                            metadata: Mapping[str, Any]) -> PersistentAgent: ...
+
+    async def append(self, agent: PersistentAgent, messages: Sequence[Message]
+                     ) -> PersistentAgent: ...
 
 
 class PersistentAgent:
     """An agent state. Every method that "changes" it returns a new state with a new id
     whose ``parent_id`` is this one; this object and its stored row never change.
 
-    Equality and hashing are by identity (the weak store registry relies on it); compare
-    ``id`` to ask "same state", ``digest`` to ask "same content".
+    Equality and hashing are by identity (the store's map of live objects relies on it);
+    compare ``id`` to ask "same state", ``digest`` to ask "same content".
     """
 
-    __slots__ = ("__weakref__", "_config", "_metadata", "record")
+    __slots__ = ("__weakref__", "_config", "_metadata", "_store", "record")
 
     record: AgentRecord
     _config: Mapping[str, Any]
     _metadata: Mapping[str, Any]
+    _store: AgentStore | None
 
-    def __init__(self, record: AgentRecord) -> None:
-        """Wrap a stored agent record (the store makes these; build one by hand only to
-        hold the data: it is not bound to a store)."""
+    def __init__(self, record: AgentRecord, store: AgentStore | None = None) -> None:
+        """Wrap a stored agent record, bound to the store that holds it (the store makes
+        these; one built by hand without a store only holds the data)."""
         object.__setattr__(self, "record", record)
         object.__setattr__(self, "_config", MappingProxyType(record.model_config))
         object.__setattr__(self, "_metadata", MappingProxyType(record.metadata))
+        object.__setattr__(self, "_store", store)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("PersistentAgent is immutable; its methods return new states")
@@ -56,6 +78,13 @@ class PersistentAgent:
         parent = f", parent_id={self.parent_id}" if self.parent_id else ""
         return (f"PersistentAgent(id={self.id}, name={self.name!r}, model={self.model!r}"
                 f"{parent}, digest={self.digest.hex()[:16]}…)")
+
+    def _bound(self) -> AgentStore:
+        """The store this agent is bound to; AgentNotRegisteredError when there is none."""
+        if self._store is None:
+            raise AgentNotRegisteredError(
+                f"agent {self.id} is not bound to a Store; load it with store.load_agent()")
+        return self._store
 
     @property
     def id(self) -> UUID:
@@ -120,11 +149,11 @@ class PersistentAgent:
 
     async def get_messages(self) -> tuple[Message, ...]:
         """The whole conversation, oldest first (one chain query plus one batched fetch)."""
-        return await registry.store_of(self).get_messages(self)
+        return await self._bound().get_messages(self)
 
     async def get_system_prompt(self) -> str:
         """The text of this agent's system prompt."""
-        return await registry.store_of(self).get_system_prompt(self)
+        return await self._bound().get_system_prompt(self)
 
     async def messages(self) -> tuple[Message, ...]:
         """The whole conversation, oldest first (0.1.2's name for ``get_messages``)."""
@@ -134,7 +163,7 @@ class PersistentAgent:
         """This state's stored lineage, **root first, this state last** (0.1.2's order);
         it starts at the oldest ancestor still stored. ``Store.ancestors`` walks newest
         first."""
-        return await registry.store_of(self).get_lineage(self)
+        return await self._bound().get_lineage(self)
 
     async def lineage(self) -> list[PersistentAgent]:
         """0.1.2's name for ``get_lineage``: root first, this state last."""
@@ -152,11 +181,11 @@ class PersistentAgent:
     async def clone(self) -> PersistentAgent:
         """A sibling: a new state with identical content (same digest), a new id and this
         state's parent as its parent, to explore another branch from the same point."""
-        return await registry.store_of(self).clone(self)
+        return await self._bound().clone(self)
 
     async def with_metadata(self, metadata: Mapping[str, Any]) -> PersistentAgent:
         """A new state whose metadata is ``metadata`` (a JSON-like mapping)."""
-        return await registry.store_of(self).with_metadata(self, metadata)
+        return await self._bound().with_metadata(self, metadata)
 
     async def advance(self, user_input: str, *, mcp: ToolProvider | None = None,
                       **options: Unpack[TurnKeywords]) -> PersistentAgent:
@@ -168,17 +197,17 @@ class PersistentAgent:
         ``top_p``, ``retry_delay=1.0``), checked before anything is read or any model is
         called.
         """
-        from immagent.turn import check_turn, run_turn  # the model layer loads on a turn
+        from immagent.live import check_turn, run_turn  # the model layer loads on a turn
 
         opts = check_turn(user_input, options)
-        store = registry.store_of(self)
+        store = self._bound()
         history = await store.get_messages(self)
         new_messages = await run_turn(
             model=self.model, system_prompt=await store.get_system_prompt(self),
             model_config=self.model_config, history=history, user_input=user_input,
             tools=mcp, options=opts,
         )
-        return await store.append(self, new_messages, history=history)
+        return await store.append(self, new_messages)
 
     def stream(self, user_input: str, *, mcp: ToolProvider | None = None,
                keep_partial: bool = False,
@@ -195,11 +224,11 @@ class PersistentAgent:
         ``keep_partial``: then what the turn produced so far is saved as a new state, the
         cut-off reply marked ``interrupted``. Input and options are checked here, at once.
         """
+        from immagent.live import check_turn, open_turn
         from immagent.stream import Started, TurnStream  # the model layer loads on a turn
-        from immagent.turn import check_turn, open_turn
 
         opts = check_turn(user_input, options)
-        store = registry.store_of(self)
+        store = self._bound()
 
         async def start() -> Started[PersistentAgent]:
             history = await store.get_messages(self)
@@ -210,7 +239,7 @@ class PersistentAgent:
             )
 
             async def save(messages: Sequence[Message]) -> PersistentAgent:
-                return await store.append(self, messages, history=history)
+                return await store.append(self, messages)
 
             return Started(turn, save)
 

@@ -9,33 +9,35 @@ they are repeated in every stored row); its digest is
 its UUID is derived from that digest. What is
 hashed is exactly the encoded fields: no timestamps, no database ids.
 
-A stored asset is a ``StoredAsset`` row (digest, kind, refs, body); ``load_row`` is the one
-place a row read from anywhere (a database, a bundle) is re-hashed and decoded before it is
-trusted. The storage layer never interprets bodies: the kind is data.
+The digest formula is written once here (``hash_prefix``); stored rows, and the one
+verify-on-read that re-runs the formula on every row read, are ``immagent.rows``.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-import operator
-from collections.abc import Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from enum import IntEnum
-from itertools import chain
-from typing import Any, ClassVar, Literal, NamedTuple, Protocol, Self, TypeAlias
+from itertools import repeat
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Self, TypeAlias
 from uuid import UUID
 
 import blake3
 import msgspec
 
 from immagent import codec
-from immagent.exceptions import IntegrityError, ValidationError
-from immagent.ids import uuid_from_digest
+from immagent.exceptions import ImmAgentError, ValidationError
+from immagent.ids import uuid7, uuid_from_digest
 
 __all__ = [
+    "ASSET_KINDS",
     "EMPTY_CONVERSATION",
     "EMPTY_ITEMS",
     "EMPTY_VALUES",
+    "NODE_BODY",
     "NODE_KINDS",
     "Asset",
     "Conversation",
@@ -48,28 +50,20 @@ __all__ = [
     "Message",
     "MissingAsset",
     "Role",
-    "StoredAsset",
     "SystemPrompt",
     "ToolCall",
     "Value",
     "ValueNode",
-    "canonical_row",
-    "check_row",
     "decode_asset",
+    "decode_leaves",
     "digest_of",
+    "digests_of",
     "encode",
-    "join_refs",
-    "load_row",
-    "load_rows",
-    "node_counters",
-    "nodes_counters",
+    "hash_prefix",
+    "new_id",
+    "now",
     "ref_kind_table",
     "ref_kinds",
-    "split_refs",
-    "stored",
-    "stored_rows",
-    "stored_tagged_rows",
-    "verified_body",
 ]
 
 Digest: TypeAlias = bytes
@@ -103,29 +97,83 @@ def encode(obj: object) -> bytes:
     return _encoder.encode(obj)
 
 
-def digest_of(kind: int, body: bytes, refs: Sequence[Digest] = ()) -> Digest:
-    """The 32-byte blake3 digest of a stored row; verification re-runs exactly this.
+def hash_prefix(kind: int, refs: Sequence[Digest] = ()) -> bytes:
+    """What a row's digest hashes before its body: the digest formula, written once.
 
-    Leaves (prompts, messages): ``blake3(kind || body)``. Nodes keep their links beside
-    the body, in the refs column gc walks, so the links are hashed from there:
-    ``blake3(kind || count as 4 bytes big-endian || refs || body)``. Either way the digest
-    covers every stored byte, and a refs column that was tampered with no longer matches.
+    Leaves (prompts, messages, …): the kind byte, so ``blake3(kind || body)``. Nodes keep
+    their links beside the body, in the refs column gc walks, so the links are hashed from
+    there: ``blake3(kind || count as 4 bytes big-endian || refs || body)``. Either way the
+    digest covers every stored byte, and a refs column that was tampered with no longer
+    matches. ValueError for refs on a kind that has none.
     """
     prefix = _PREFIXES.get(kind) or bytes((kind,))
     if kind in NODE_KINDS:
-        prefix += len(refs).to_bytes(4, "big") + b"".join(refs)
-    elif refs:
+        count = len(refs)
+        return (prefix + (_COUNTS[count] if count < len(_COUNTS) else count.to_bytes(4, "big"))
+                + b"".join(refs))
+    if refs:
         raise ValueError(f"assets of kind {kind} have no refs")
-    return blake3.blake3(prefix + body).digest()
+    return prefix
+
+
+def digest_of(kind: int, body: bytes, refs: Sequence[Digest] = ()) -> Digest:
+    """The 32-byte blake3 digest of a stored row (``hash_prefix``, then the body);
+    verification re-runs exactly this."""
+    return _blake3(hash_prefix(kind, refs) + body).digest()
+
+
+def digests_of(kind: int, bodies: Sequence[bytes],
+               refs: Sequence[Sequence[Digest]] | None = None) -> list[Digest]:
+    """``digest_of`` of many rows of one kind (``refs`` None: none has refs), without a
+    Python step per leaf: the leaves' common prefix is hashed once and the hasher copied
+    per body (cheaper than a new hasher); a node's prefix holds its refs."""
+    if refs is None or (kind not in NODE_KINDS and not any(refs)):
+        start = _blake3(hash_prefix(kind))
+        return [start.copy().update(body).digest() for body in bodies]
+    return [_blake3(prefix + body).digest()
+            for prefix, body in zip(map(hash_prefix, repeat(kind), refs), bodies, strict=True)]
 
 
 _PREFIXES = {int(k): bytes((k,)) for k in Kind}
+#: Why 0.1.2's persistence hooks have no meaning here, and what does their job.
+_SEED_ROWS = ("{name} belongs to immagent 0.1.2's own database tables, which this store "
+              "does not have: it writes assets itself, content-addressed. Store them with "
+              "store.create_agent() / agent.advance() / store.append() or EventLog.commit(); "
+              "read them with agent.get_messages() or store.get_assets(); "
+              "immagent.rows.stored(asset) and immagent.rows.load_row(row) are the stored "
+              "row of this layout and its verified reading")
+#: A node's ref count as the digest hashes it, for the usual counts.
+_COUNTS = tuple(n.to_bytes(4, "big") for n in range(64))
+_blake3 = blake3.blake3
+
+
+def new_id() -> UUID:
+    """A new UUID (0.1.2's helper; here a time-ordered UUIDv7, as states get)."""
+    return uuid7()
+
+
+def now() -> datetime:
+    """The current time, UTC (0.1.2's helper)."""
+    return datetime.now(UTC)
 
 
 class _Content(msgspec.Struct, frozen=True, omit_defaults=True, dict=True, weakref=True):
     """Shared behaviour of content assets: canonical body, digest and derived UUID."""
 
     kind: ClassVar[Kind]
+
+    @classmethod
+    def from_row(cls, row: object) -> Self:
+        """0.1.2's hook that built an asset from a row of its own asyncpg tables. Those
+        tables are not this store's layout, so it always raises ImmAgentError naming what
+        to use instead (see the README's "Upgrading from 0.1.2")."""
+        raise ImmAgentError(_SEED_ROWS.format(name=f"{cls.__name__}.from_row()"))
+
+    def to_insert_params(self) -> tuple[str, tuple[Any, ...]]:
+        """0.1.2's hook that gave the INSERT statement of its own tables. This store writes
+        assets itself, so it always raises ImmAgentError naming what to use instead."""
+        raise ImmAgentError(_SEED_ROWS.format(name=f"{type(self).__name__}"
+                                              ".to_insert_params()"))
 
     @functools.cached_property
     def body(self) -> bytes:
@@ -154,6 +202,11 @@ class SystemPrompt(_Content, frozen=True, omit_defaults=True, dict=True, weakref
     text: str
     kind: ClassVar[Kind] = Kind.SYSTEM_PROMPT
 
+    @classmethod
+    def create(cls, content: str) -> SystemPrompt:
+        """A system prompt holding ``content`` (0.1.2's constructor and parameter name)."""
+        return cls(text=content)
+
 
 class ToolCall(msgspec.Struct, frozen=True, omit_defaults=True,
                rename={"id": "i", "name": "n", "arguments": "a"}):
@@ -162,6 +215,11 @@ class ToolCall(msgspec.Struct, frozen=True, omit_defaults=True,
     id: str
     name: str
     arguments: str = "{}"
+
+    def to_litellm_dict(self) -> dict[str, Any]:
+        """The call as LiteLLM (and OpenAI) take it in a request's assistant message."""
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
 
 
 class Message(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True,
@@ -212,6 +270,32 @@ class Message(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True
     def tool_result(cls, tool_call_id: str, content: str) -> Message:
         """The result of the tool call ``tool_call_id``."""
         return cls(role="tool", content=content, tool_call_id=tool_call_id)
+
+    @property
+    def id(self) -> UUID:
+        """A UUID derived from the digest: same content, same id, in any store. The message
+        is remembered by it while it lives, so ``Conversation.with_messages`` takes the id
+        in its place (0.1.2's form)."""
+        message_id = uuid_from_digest(self.digest)
+        _known_messages[message_id] = self
+        return message_id
+
+    def to_litellm_dict(self) -> dict[str, Any]:
+        """The message as LiteLLM's request dict, as 0.1.2 made it: ``role``, then
+        ``content`` unless None, ``tool_calls`` when there are any, ``tool_call_id`` when
+        set. (A model call builds its own request: ``immagent.llm``.)"""
+        out: dict[str, Any] = {"role": self.role}
+        if self.content is not None:
+            out["content"] = self.content
+        if self.tool_calls:
+            out["tool_calls"] = [call.to_litellm_dict() for call in self.tool_calls]
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+#: Messages whose id was handed out, by id, while they live (see ``Message.id``).
+_known_messages: weakref.WeakValueDictionary[UUID, Message] = weakref.WeakValueDictionary()
 
 
 class Dictionary(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True,
@@ -338,14 +422,46 @@ class Conversation(msgspec.Struct, frozen=True):
         """The messages' ids, oldest first (derived from their content)."""
         return tuple(m.id for m in self.messages)
 
-    def with_messages(self, *messages: Message) -> Conversation:
-        """The conversation that adds ``messages`` (at least one) as one new node."""
-        if not messages or not all(isinstance(m, Message) for m in messages):
-            raise ValidationError("messages", "with_messages takes one or more Message "
-                                  "objects (content-derived ids cannot be resolved "
-                                  "without a store)", None)
-        return Conversation(head=self.head.extend(messages),
-                            messages=(*self.messages, *messages))
+    def with_messages(self, *messages: Message | UUID | str) -> Conversation:
+        """The conversation that adds ``messages`` (at least one) as one new node. Each is
+        a Message or, as in 0.1.2, a message id: the id of a Message this process holds
+        (one made or read here whose ``id`` was taken; ids are derived from content, so an
+        id alone says nothing of the text). ValidationError names an id it cannot
+        resolve: pass the Message object (``await agent.get_messages()`` reads them)."""
+        if not messages:
+            raise ValidationError("messages", "with_messages takes one or more messages",
+                                  None)
+        added = tuple(_resolved(f"messages[{i}]", m) for i, m in enumerate(messages))
+        return Conversation(head=self.head.extend(added), messages=(*self.messages, *added))
+
+    @classmethod
+    def from_row(cls, row: object) -> Conversation:
+        """0.1.2's hook for its conversations table; always raises ImmAgentError naming
+        what to use instead (a conversation is a chain of stored nodes here)."""
+        raise ImmAgentError(_SEED_ROWS.format(name="Conversation.from_row()"))
+
+    def to_insert_params(self) -> tuple[str, tuple[Any, ...]]:
+        """0.1.2's hook for its conversations table; always raises ImmAgentError naming
+        what to use instead."""
+        raise ImmAgentError(_SEED_ROWS.format(name="Conversation.to_insert_params()"))
+
+
+def _resolved(field: str, message: object) -> Message:
+    """A Message given as itself or by the id of a live Message whose id was taken."""
+    if isinstance(message, Message):
+        return message
+    found = None
+    if isinstance(message, UUID | str):
+        try:
+            found = _known_messages.get(message if isinstance(message, UUID)
+                                        else UUID(message))
+        except ValueError:
+            found = None
+    if found is None:
+        raise ValidationError(field, f"{message!r} is neither a Message nor the id of one "
+                              "this process holds: pass the Message object (ids are derived "
+                              "from content; `await agent.get_messages()` reads them)", None)
+    return found
 
 
 class Value(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True,
@@ -415,7 +531,12 @@ class ItemNode(ConversationNode, frozen=True, omit_defaults=True, dict=True, wea
 #: The root of every item chain (an empty session or branch); stored once for all.
 EMPTY_ITEMS = ItemNode()
 
-Asset: TypeAlias = SystemPrompt | Message | ConversationNode | Value | Item | Dictionary
+if TYPE_CHECKING:
+    Asset: TypeAlias = SystemPrompt | Message | ConversationNode | Value | Item | Dictionary
+else:
+    # The same set at run time, as the common base class of every content asset: so
+    # isinstance() works and 0.1.2's ``Asset.from_row`` names its hook (which raises).
+    Asset = _Content
 
 #: Node kinds (hash chains), by kind: their digest covers their refs, and their refs are
 #: (parent node of the same kind, then elements of the node's ``element_kind``).
@@ -455,6 +576,8 @@ _decoders: dict[int, _BodyDecoder] = {
     int(Kind.DICTIONARY): msgspec.msgpack.Decoder(Dictionary),
 }
 _node_body = msgspec.msgpack.Decoder(_NodeBody)
+#: The decoder of a node's stored body (its counters), for readers that need only those.
+NODE_BODY = _node_body
 
 
 def decode_asset(kind: int, body: bytes, refs: Sequence[Digest] = ()) -> Asset:
@@ -502,274 +625,17 @@ class MissingAsset(msgspec.Struct, frozen=True):
     digest: Digest
     referrer: Digest | UUID
 
+def decode_leaves(kind: int, bodies: Sequence[bytes]) -> list[Asset]:
+    """The assets of canonical bodies of one leaf kind (not a node kind), decoded in one
+    pass without a Python step per body; KeyError for a kind that is no leaf kind,
+    msgspec's errors for a malformed body."""
+    decoder = _decoders[kind]
+    if isinstance(decoder, _ItemDecoder):
+        return list(decoder.decode_many(bodies))
+    return list(map(decoder.decode, bodies))
 
-class StoredAsset(NamedTuple):
-    """One row of the asset log as stored: digest, kind, outgoing references, body, and the
-    codec the body is stored with (``immagent.codec``; 0: the canonical bytes as they are).
-    The digest is of the canonical bytes, whatever the codec."""
-
-    digest: Digest
-    kind: int
-    refs: tuple[Digest, ...]
-    body: bytes
-    codec: int = 0
-
-
-def split_refs(raw: bytes | None) -> tuple[Digest, ...]:
-    """The digests of a stored refs value (32-byte digests concatenated; empty or NULL for
-    none), the inverse of ``join_refs``."""
-    if not raw:
-        return ()
-    data = bytes(raw)
-    count = len(data) // 32
-    if count < len(_SLICES) and len(data) == 32 * count:
-        return tuple(map(data.__getitem__, _SLICES[count]))
-    return tuple(data[i:i + 32] for i in range(0, len(data), 32))
-
-
-#: The slices of a refs value of n digests, for n below 64 (a map over them runs in C).
-_SLICES = tuple(tuple(slice(32 * i, 32 * i + 32) for i in range(n)) for n in range(64))
-_new_row = tuple.__new__
-#: By byte length: the C callable splitting a bytes refs value of 2 to 63 digests, so the
-#: row builders below need no Python call per node (one measured 0.9 us of a node's cost).
-_SPLITTERS = {32 * n: operator.itemgetter(*_SLICES[n]) for n in range(2, 64)}
-
-
-def stored_rows(rows: Iterable[Sequence[Any]]) -> list[StoredAsset]:
-    """StoredAssets from (digest, kind, refs, body, codec) tuples as a database returns them
-    (bytes, int, concatenated refs, bytes, int): built without a Python call per row, as a
-    cold read materialises thousands."""
-    return [_new_row(StoredAsset, (d, k, (_SPLITTERS.get(len(f), split_refs)
-                                          if f.__class__ is bytes else split_refs)(f)
-                                         if f else (), b, c))
-            for d, k, f, b, c in rows]
-
-
-def stored_tagged_rows(rows: Sequence[Sequence[Any]]
-                       ) -> tuple[list[StoredAsset], list[StoredAsset]]:
-    """``stored_rows`` of a query that returns two kinds of rows, tagged 0 and 1 in an
-    extra first column (a chain's nodes, then their elements): split where the tags
-    change, found in C, when the rows come in that order (as a UNION ALL yields them)."""
-    tags = list(map(_TAG, rows))
-    split = tags.index(1) if 1 in tags else len(rows)
-    if 0 in tags[split:] or not set(tags) <= {0, 1}:
-        return (stored_rows(r[1:] for r in rows if r[0] == 0),
-                stored_rows(r[1:] for r in rows if r[0] == 1))
-    return _stored_tagged(rows[:split]), _stored_tagged(rows[split:])
-
-
-def _stored_tagged(rows: Sequence[Sequence[Any]]) -> list[StoredAsset]:
-    """``stored_rows`` of rows with a tag column first (the same comprehension, for one
-    tuple less per row)."""
-    return [_new_row(StoredAsset, (d, k, (_SPLITTERS.get(len(f), split_refs)
-                                          if f.__class__ is bytes else split_refs)(f)
-                                         if f else (), b, c))
-            for _, d, k, f, b, c in rows]
-
-
-_TAG = operator.itemgetter(0)
-
-
-def join_refs(refs: Sequence[Digest]) -> bytes:
-    """The stored form of a refs list: the digests concatenated."""
-    return b"".join(refs)
-
-
-def stored(asset: Asset) -> StoredAsset:
-    """The row that stores ``asset``, its body canonical (codec 0)."""
-    return StoredAsset(asset.digest, int(asset.kind), asset.refs(), asset.body)
-
-
-def _decompressed(row: StoredAsset, dictionaries: Mapping[int, codec.ZstdDictionary]
-                  ) -> bytes:
-    return codec.decode(row.codec, row.body, dictionaries)
-
-
-def check_row(row: StoredAsset,
-              dictionaries: Mapping[int, codec.ZstdDictionary] = codec.NO_DICTIONARIES,
-              ) -> tuple[Literal["corrupt", "undecodable"], str] | None:
-    """None if the stored row is sound, else ("corrupt" | "undecodable", reason).
-
-    Corrupt: the stored body cannot be decompressed, or the canonical bytes (refs and body)
-    do not hash to the digest, which also catches a tampered refs column that would mislead
-    gc. Undecodable: they hash right but are not a valid asset of their kind, or the body
-    needs a dictionary ``dictionaries`` does not hold.
-    """
-    digest, kind, refs, _, row_codec = row
-    if not isinstance(kind, int) or isinstance(kind, bool) or kind not in _ASSET_KINDS:
-        return "undecodable", f"unknown asset kind {kind!r}"
-    if not isinstance(row_codec, int) or isinstance(row_codec, bool):  # SQLite keeps it
-        return "corrupt", f"its codec column holds a {type(row_codec).__name__}"
-    if row_codec >= codec.FIRST_DICTIONARY and row_codec not in dictionaries:
-        return "undecodable", f"its body needs dictionary {row_codec}, which is not stored"
-    try:
-        body = _decompressed(row, dictionaries)
-    except codec.CodecError as e:
-        return "corrupt", f"its stored body cannot be decompressed ({e})"
-    try:
-        sound = digest_of(kind, body, refs) == digest
-    except ValueError:
-        return "corrupt", f"a {Kind(kind).name.lower()} row carries refs"
-    except TypeError:  # a column of the wrong type (SQLite keeps what was written)
-        return "corrupt", "a column holds a value of the wrong type"
-    if not sound:
-        return "corrupt", "stored bytes (refs and body) do not hash to its digest"
-    try:
-        decode_asset(kind, body, refs)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
-        return "undecodable", f"{type(e).__name__}: {e}"
-    except RecursionError:
-        return "undecodable", "its body is nested too deeply"
-    return None
-
-
-def canonical_row(row: StoredAsset,
-                  dictionaries: Mapping[int, codec.ZstdDictionary] = codec.NO_DICTIONARIES,
-                  ) -> StoredAsset:
-    """``row`` with its body decompressed (codec 0), after the checks of ``check_row``:
-    the form bundles carry. IntegrityError names the row otherwise."""
-    problem = check_row(row, dictionaries)
-    if problem is not None:
-        raise IntegrityError(f"asset {bytes(row.digest).hex()} is {problem[0]}: {problem[1]} "
-                             "(run store.verify())")
-    if row.codec == codec.RAW:
-        return row
-    return StoredAsset(row.digest, row.kind, row.refs, _decompressed(row, dictionaries))
-
-
-def verified_body(row: StoredAsset,
-                  dictionaries: Mapping[int, codec.ZstdDictionary] = codec.NO_DICTIONARIES,
-                  ) -> bytes:
-    """The canonical body of a stored row, decompressed and proved (with its kind and
-    refs) to hash to its digest: the check half of ``load_row``, for a reader that decodes
-    bodies itself. IntegrityError names the row otherwise."""
-    digest, kind, refs, body, row_codec = row
-    try:
-        if row_codec != codec.RAW:
-            if row_codec >= codec.FIRST_DICTIONARY and row_codec not in dictionaries:
-                raise IntegrityError(f"asset {bytes(digest).hex()} needs dictionary "
-                                     f"{row_codec}, which this store does not hold "
-                                     "(run store.verify())")
-            body = codec.decode(row_codec, body, dictionaries)
-        if refs or kind in NODE_KINDS:
-            sound = digest_of(kind, body, refs) == digest
-        else:
-            prefix = _PREFIXES.get(kind)
-            sound = prefix is not None and blake3.blake3(prefix + body).digest() == digest
-    except codec.CodecError as e:
-        raise IntegrityError(f"asset {bytes(digest).hex()} is corrupt: its stored body cannot "
-                             f"be decompressed ({e}); run store.verify()") from None
-    except (ValueError, TypeError):  # a non-bytes column
-        sound = False
-    if not sound or kind not in _ASSET_KINDS:
-        raise IntegrityError(f"asset {bytes(digest).hex()} is corrupt: its stored bytes do "
-                             "not match its digest (run store.verify())")
-    return body
-
-
-def load_row(row: StoredAsset,
-             dictionaries: Mapping[int, codec.ZstdDictionary] = codec.NO_DICTIONARIES) -> Asset:
-    """The asset a stored row holds, after proving its canonical bytes hash to its digest:
-    the one verify-on-read every reader uses (decompressing first, so a codec is never
-    trusted either). IntegrityError names the row otherwise."""
-    body = verified_body(row, dictionaries)
-    digest, kind, refs = row.digest, row.kind, row.refs
-    try:
-        if refs or kind in NODE_KINDS:
-            asset = decode_asset(kind, body, refs)
-        else:
-            asset = _decoders[kind].decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, KeyError,
-            RecursionError) as e:
-        raise IntegrityError(f"asset {digest.hex()} cannot be decoded: {e}") from e
-    # Seed the cached properties with what was just proved, so nothing is re-encoded.
-    asset.__dict__["body"] = body
-    asset.__dict__["digest"] = digest
-    return asset
-
-
-def load_rows(rows: Sequence[StoredAsset],
-              dictionaries: Mapping[int, codec.ZstdDictionary] = codec.NO_DICTIONARIES,
-              ) -> list[Asset]:
-    """``load_row`` of each row, in one pass over leaves of one kind: each step (decompress,
-    hash, decode) runs over the whole batch in C, without a Python call per row (a cold read
-    of a 1,000-turn history is 2,000 of them). Any failure re-runs the rows one by one, so
-    the error is exactly ``load_row``'s."""
-    if not rows:
-        return []
-    kind = rows[0].kind
-    decoder = _decoders.get(kind)
-    prefix = _PREFIXES.get(kind)
-    if (decoder is None or prefix is None or kind in NODE_KINDS
-            or set(map(_KIND, rows)) != {kind} or any(map(_REFS, rows))):
-        return [load_row(r, dictionaries) for r in rows]
-    digests = list(map(_DIGEST, rows))
-    try:
-        bodies = codec.decode_many(list(map(_CODEC, rows)), list(map(_BODY, rows)),
-                                   dictionaries)
-        # A copy of a hasher fed the prefix: cheaper than a new hasher per body.
-        start = _blake3(prefix)
-        if [start.copy().update(b).digest() for b in bodies] != digests:
-            raise ValueError("a digest does not match")
-        assets: list[Asset] = list(decoder.decode_many(bodies)
-                                   if isinstance(decoder, _ItemDecoder)
-                                   else map(decoder.decode, bodies))
-    except (codec.CodecError, ValueError, TypeError, msgspec.DecodeError,
-            msgspec.ValidationError):
-        return [load_row(r, dictionaries) for r in rows]
-    # Seeded as load_row does; item assignment, as update(body=, digest=) costs twice as much.
-    for asset, body, digest in zip(assets, bodies, digests, strict=True):
-        seeded = asset.__dict__
-        seeded["body"] = body
-        seeded["digest"] = digest
-    return assets
-
-
-def node_counters(row: StoredAsset) -> tuple[int, int]:
-    """(length, size) of a stored node row, verified as ``load_row`` would, without
-    building the node: what a chain walk needs of every node but its head."""
-    body = verified_body(row)
-    if row.kind not in NODE_KINDS or set(map(len, row.refs)) - {32}:
-        raise IntegrityError(f"asset {row.digest.hex()} is not a node with 32-byte refs")
-    try:
-        counters = _node_body.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise IntegrityError(f"asset {row.digest.hex()} cannot be decoded: {e}") from e
-    return counters.length, counters.size
-
-
-def nodes_counters(rows: Sequence[StoredAsset]) -> tuple[list[int], list[int]]:
-    """``node_counters`` of every row, as two lists (lengths, sizes), in one pass over nodes
-    of one kind: hashed and decoded without a Python call per node (a 1,000-turn
-    conversation is 1,000 nodes). Any failure re-runs the rows one by one, so the error is
-    exactly ``node_counters``'s."""
-    if not rows:
-        return [], []
-    kind = rows[0].kind
-    prefix = _PREFIXES.get(kind)
-    try:
-        if (kind not in NODE_KINDS or prefix is None or set(map(_KIND, rows)) != {kind}
-                or set(map(_CODEC, rows)) != {codec.RAW}
-                or set(map(len, chain.from_iterable(map(_REFS, rows)))) - {32}):
-            raise ValueError("not a batch of raw nodes of one kind")
-        start = _blake3(prefix)  # copied per node: cheaper than a new hasher
-        hashes = [start.copy().update(_COUNTS[len(f)] + b"".join(f) + b).digest()
-                  if len(f) < len(_COUNTS) else digest_of(kind, b, f)
-                  for _, _, f, b, _ in rows]
-        if hashes != list(map(_DIGEST, rows)):
-            raise ValueError("a digest does not match")
-        counters = list(map(_node_body.decode, map(_BODY, rows)))
-    except (ValueError, TypeError, msgspec.DecodeError, msgspec.ValidationError):
-        pairs = [node_counters(r) for r in rows]
-        return [n for n, _ in pairs], [s for _, s in pairs]
-    return [c.length for c in counters], [c.size for c in counters]
-
-
-_DIGEST, _KIND, _REFS, _BODY, _CODEC = map(operator.itemgetter, range(5))
-_blake3 = blake3.blake3
-#: A node's ref count as digest_of hashes it, for the usual counts.
-_COUNTS = tuple(n.to_bytes(4, "big") for n in range(64))
 
 
 #: Every kind a content asset may have (states have theirs in immagent.records).
-_ASSET_KINDS = frozenset(set(_decoders) | set(NODE_KINDS))
+ASSET_KINDS = frozenset(set(_decoders) | set(NODE_KINDS))
+

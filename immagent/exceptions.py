@@ -121,7 +121,19 @@ class LLMError(ImmAgentError):
 
 
 class ToolExecutionError(ImmAgentError):
-    """An MCP tool could not be run, or its server failed."""
+    """An MCP tool could not be run, or its server failed; ``tool_name`` is the tool's name
+    (None when the failure is not one tool's).
+
+    Raised as ``ToolExecutionError(message, tool_name=name)``; 0.1.2's form,
+    ``ToolExecutionError(tool_name, message)``, gives 0.1.2's text, "Tool 'name' failed:
+    message"."""
+
+    def __init__(self, *args: object, tool_name: str | None = None) -> None:
+        if len(args) == 2 and tool_name is None and all(isinstance(a, str) for a in args):
+            tool_name, message = str(args[0]), str(args[1])
+            args = (f"Tool '{tool_name}' failed: {message}",)
+        self.tool_name = tool_name
+        super().__init__(*args)
 
 
 class TurnIncompleteError(ImmAgentError):

@@ -2,8 +2,8 @@
 whole (``complete``) or streamed (``stream``).
 
 LiteLLM is imported lazily (``immagent.lazy_litellm``: it takes seconds), on the first call
-that needs it. The offline models (``immagent/...``, see ``immagent.testing``) are answered
-in-process and need no LiteLLM at all, unless ``testing.route_through_litellm(True)`` sends
+that needs it. The offline models (``immagent/...``, see ``immagent.offline``) are answered
+in-process and need no LiteLLM at all, unless ``offline.route_through_litellm(True)`` sends
 them through the real ``litellm.acompletion`` path. LiteLLM's own retry machinery is
 switched off (``num_retries=0``, ``max_retries=0``): it silently does nothing without
 ``tenacity`` and retries authentication errors when it does, so the retry loop here is the
@@ -27,7 +27,7 @@ from contextlib import aclosing
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from immagent import lazy_litellm, testing
+from immagent import lazy_litellm, offline
 from immagent.assets import Message, ToolCall
 from immagent.exceptions import LLMError, ValidationError
 from immagent.options import DEFAULT_RETRY_DELAY, check_call_params
@@ -72,8 +72,8 @@ class Model(StrEnum):
     GPT_4O_MINI = "openai/gpt-4o-mini"
     O1 = "openai/o1"
     O1_MINI = "openai/o1-mini"
-    # Offline test double (immagent.testing): replies "Echo: <last user input>".
-    ECHO = "immagent/echo"
+    # Offline test double (immagent.offline): replies "Echo: <last user input>".
+    ECHO = offline.ECHO_MODEL
 
 
 MAX_RETRY_DELAY = 30.0
@@ -85,7 +85,7 @@ _STREAM_OPTIONS = {"include_usage": True}
 def needs_litellm(model: str) -> bool:
     """Whether a call to ``model`` imports LiteLLM (every model but the offline ones,
     unless those are routed through LiteLLM)."""
-    return not testing.is_offline(model) or testing.routes_through_litellm()
+    return not offline.is_offline(model) or offline.routes_through_litellm()
 
 
 def _retryable(litellm: ModuleType) -> tuple[type[Exception], ...]:
@@ -154,11 +154,7 @@ def to_litellm_messages(system_prompt: str, messages: Sequence[Message]) -> list
                 continue
             d: dict[str, Any] = {"role": "assistant", "content": m.content}
             if m.tool_calls:
-                d["tool_calls"] = [
-                    {"id": c.id, "type": "function",
-                     "function": {"name": c.name, "arguments": c.arguments}}
-                    for c in m.tool_calls
-                ]
+                d["tool_calls"] = [c.to_litellm_dict() for c in m.tool_calls]
             out.append(d)
         else:
             out.append({"role": m.role, "content": m.content or ""})
@@ -366,7 +362,7 @@ class _Call:
         """One attempt: text pieces (streamed only), then the Message. ``timeout`` bounds
         the whole reply, or, streamed, the wait for each chunk."""
         if not needs_litellm(self.model):
-            chunks = testing.local_chunks(self.model, wire, self.config, tools, self.timeout,
+            chunks = offline.local_chunks(self.model, wire, self.config, tools, self.timeout,
                                           stream=streamed)
             assembly = _Assembly()
             async with aclosing(_timed(chunks, self.timeout)) as timed:
@@ -378,8 +374,8 @@ class _Call:
             return
         # The first import takes seconds: in a thread, so the event loop keeps running.
         litellm = await lazy_litellm.load_async()
-        if testing.is_offline(self.model):
-            testing.register()
+        if offline.is_offline(self.model):
+            offline.register()
         kwargs: dict[str, Any] = {**self.config, "model": self.model, "messages": wire,
                                   "num_retries": 0, "max_retries": 0}
         if tools:

@@ -30,7 +30,7 @@ from mcp.shared.exceptions import MCPError
 from immagent.exceptions import ToolExecutionError, ValidationError
 from immagent.validate import MAX_NAME_BYTES, check_text, scrub_text
 
-__all__ = ["MCPManager"]
+__all__ = ["MCPManager", "tool_to_openai_format"]
 
 logger = logging.getLogger("immagent")
 
@@ -170,14 +170,7 @@ class MCPManager:
     def _add_tool(self, server: str, tool: mcp_types.Tool) -> str:
         exposed = _unique_name(tool.name, server, self._routes)
         self._routes[exposed] = (server, tool.name)
-        self._schemas[exposed] = {
-            "type": "function",
-            "function": {
-                "name": exposed,
-                "description": tool.description or "",
-                "parameters": tool.input_schema or {"type": "object", "properties": {}},
-            },
-        }
+        self._schemas[exposed] = tool_to_openai_format(tool, name=exposed)
         return exposed
 
     def tool_schemas(self) -> list[dict[str, Any]]:
@@ -196,15 +189,17 @@ class MCPManager:
         timeout, or a server that is gone.
         """
         if self._closed:
-            raise ToolExecutionError(f"cannot run tool {name!r}: the MCPManager is closed")
+            raise ToolExecutionError(f"cannot run tool {name!r}: the MCPManager is closed",
+                                     tool_name=name)
         route = self._routes.get(name)
         if route is None:
-            raise ToolExecutionError(f"unknown tool {name!r}; available: "
-                                     f"{', '.join(sorted(self._routes)) or 'none'}")
+            raise ToolExecutionError(f"Unknown tool {name!r}; available: "
+                                     f"{', '.join(sorted(self._routes)) or 'none'}",
+                                     tool_name=name)
         server = self._servers[route[0]]
         if server.stopped is not None or server.session is None:
             raise ToolExecutionError(f"tool {name!r}: MCP server {server.name!r} is not running "
-                                     f"({server.stopped})")
+                                     f"({server.stopped})", tool_name=name)
         logger.debug("MCP call: tool=%s server=%s", name, server.name)
         try:
             result = await server.session.call_tool(route[1], dict(arguments),
@@ -214,13 +209,14 @@ class MCPManager:
                 server.stopped = "its connection closed (the server exited or crashed)"
                 logger.warning("MCP server %r: %s", server.name, server.stopped)
             raise ToolExecutionError(f"tool {name!r} on MCP server {server.name!r}: "
-                                     f"{exc}") from exc
+                                     f"{exc}", tool_name=name) from exc
         except Exception as exc:  # transport errors, including ExceptionGroups
             raise ToolExecutionError(f"tool {name!r} on MCP server {server.name!r}: "
-                                     f"{_describe(exc)}") from exc
+                                     f"{_describe(exc)}", tool_name=name) from exc
         text = _result_text(result)
         if result.is_error:
-            raise ToolExecutionError(f"tool {name!r} reported an error: {text}")
+            raise ToolExecutionError(f"tool {name!r} reported an error: {text}",
+                                     tool_name=name)
         return text
 
     async def close(self) -> None:
@@ -235,6 +231,28 @@ class MCPManager:
         self._servers.clear()
         self._routes.clear()
         self._schemas.clear()
+
+
+def tool_to_openai_format(tool: mcp_types.Tool | Mapping[str, Any], *,
+                          name: str | None = None) -> dict[str, Any]:
+    """An MCP tool description (an ``mcp.types.Tool``, or its dict as 0.1.2 took it, with
+    ``inputSchema`` or ``input_schema``) as a LiteLLM / OpenAI function tool; ``name`` is
+    the name to offer it under (default: the tool's own)."""
+    if isinstance(tool, mcp_types.Tool):
+        own, description, schema = tool.name, tool.description, tool.input_schema
+    elif isinstance(tool, Mapping) and isinstance(tool.get("name"), str):
+        own, description = tool["name"], tool.get("description")
+        schema = tool.get("inputSchema", tool.get("input_schema"))
+    else:
+        raise ValidationError("tool", "must be an MCP Tool or a mapping with a 'name'", None)
+    return {
+        "type": "function",
+        "function": {
+            "name": own if name is None else name,
+            "description": description or "",
+            "parameters": schema or {"type": "object", "properties": {}},
+        },
+    }
 
 
 async def _list_tools(session: ClientSession) -> list[mcp_types.Tool]:

@@ -22,8 +22,9 @@ import blake3
 import msgspec
 
 from immagent import checkpoints
-from immagent.assets import Digest, Kind, encode, join_refs
+from immagent.assets import Digest, Kind, encode
 from immagent.exceptions import IntegrityError
+from immagent.rows import join_refs
 
 __all__ = [
     "STATE_KINDS",
@@ -200,7 +201,7 @@ def _generic_kind(ref_kinds: Callable[[bytes], tuple[int, ...]]) -> StateKind:
     return StateKind(digest=digest, ref_kinds=kinds)
 
 
-# -- session states (an OpenAI Agents SDK session, immagent.sessions) ---------------------
+# -- session states (an OpenAI Agents SDK session, immagent.clients.sessions) ------------
 
 
 class SessionBranch(msgspec.Struct, frozen=True, array_like=True):

@@ -1,36 +1,15 @@
-"""The weak binding of agents to the Store that made or loaded them.
+"""The agent-to-store binding under its immagent 0.1.2 module path.
 
-Agents stay plain immutable data; their methods look their store up here. An entry goes
-away with its agent, so the registry never keeps agents alive.
+An agent holds the store that made or loaded it (``PersistentAgent`` keeps it in a slot; the
+agent book, ``immagent.clients.agents``, binds it). 0.1.2 kept that binding here, in a
+registry: its two functions keep working and read or set the same slot.
 """
 
-from __future__ import annotations
+from immagent.clients.agents import bind, store_of
 
-import weakref
-from typing import TYPE_CHECKING
+__all__ = ["bind", "get_store", "register_agent", "store_of"]
 
-from immagent.exceptions import AgentNotRegisteredError
-
-if TYPE_CHECKING:
-    from immagent.agent import PersistentAgent
-    from immagent.store import Store
-
-__all__ = ["bind", "store_of"]
-
-_stores: weakref.WeakKeyDictionary[PersistentAgent, Store] = weakref.WeakKeyDictionary()
-
-
-def bind(agent: PersistentAgent, store: Store) -> PersistentAgent:
-    """Register ``agent`` as belonging to ``store`` and return it."""
-    _stores[agent] = store
-    return agent
-
-
-def store_of(agent: PersistentAgent) -> Store:
-    """The store ``agent`` is bound to; AgentNotRegisteredError when there is none."""
-    store = _stores.get(agent)
-    if store is None:
-        raise AgentNotRegisteredError(
-            f"agent {agent.id} is not bound to a Store; load it with store.load_agent()"
-        )
-    return store
+#: 0.1.2's name: the Store ``agent`` is bound to (AgentNotRegisteredError when none is).
+get_store = store_of
+#: 0.1.2's name: bind ``agent`` to ``store`` (its methods then read and write there).
+register_agent = bind

@@ -14,13 +14,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NoReturn, Unpack
 
-from immagent import history, llm
+from immagent import history
 from immagent.advance import ToolProvider
 from immagent.assets import Message
+from immagent.live import check_turn, open_turn, run_turn
 from immagent.options import TurnKeywords
 from immagent.stream import Started, TurnStream
-from immagent.turn import check_turn, open_turn, run_turn
-from immagent.validate import MAX_NAME_BYTES, check_json_mapping, check_text
+from immagent.validate import check_agent_fields, check_json_mapping, check_text
 
 __all__ = ["MessageList", "SimpleAgent"]
 
@@ -58,13 +58,16 @@ class SimpleAgent:
 
         ``metadata`` is free JSON-like data carried along (never sent to the model).
         """
+        # The rule create_agent and imported records meet too (no control characters in a
+        # name or model, a config without credentials, JSON-like metadata).
+        fields = check_agent_fields(name, model, model_config, metadata)
         self._set(
-            name=check_text("name", name, max_bytes=MAX_NAME_BYTES),
+            name=fields.name,
             system_prompt=check_text("system_prompt", system_prompt),
             # str() stores a Model member as its plain value.
-            model=str(check_text("model", model, max_bytes=MAX_NAME_BYTES)),
-            model_config=llm.check_config(model_config),
-            metadata=check_json_mapping("metadata", metadata),
+            model=str(fields.model),
+            model_config=fields.model_config,
+            metadata=fields.metadata,
             messages=MessageList(),
         )
 

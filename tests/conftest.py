@@ -1,21 +1,32 @@
 """Test harness: a real PostgreSQL (started here when IMMAGENT_TEST_DSN is unset) and real
-SQLite files. Every backend-agnostic test runs against both through the ``store`` fixture."""
+SQLite files. Every backend-agnostic test runs against both through the ``store`` fixture.
+Also the one home of what several test modules share: the ``calc`` MCP server, the two
+paths of the offline models (``offline_path``, with ``FAST`` and ``USER``), and loading an
+example (``example``)."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
+import pytest_asyncio
 from hypothesis import HealthCheck, settings
 
 import immagent
 from immagent import Message
+
+if TYPE_CHECKING:
+    from immagent.mcp import MCPManager
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -28,6 +39,9 @@ settings.register_profile("deep", max_examples=1000, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 BACKENDS = ["postgres", "sqlite"]
+#: What tests of modules marked ``on_cluster`` run on besides: the replication cluster's
+#: PgBouncer (transaction pooling) and a Store reading from its hot standby.
+CLUSTER_BACKENDS = ["pgbouncer", "replica"]
 
 # The primary + standby + PgBouncer fixtures; nothing starts until a test asks for them.
 pytest_plugins = ["tests.pg_cluster"]
@@ -104,23 +118,53 @@ def pg_store_dsn(_pg_schema: str) -> str:
     return _pg_schema
 
 
-@pytest.fixture(params=BACKENDS)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "on_cluster: the module's store tests also run "
+                            "through PgBouncer and with a read replica (the replication "
+                            "cluster of tests/pg_cluster.py)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that uses a store runs on each backend; in a module marked
+    ``on_cluster``, on the cluster's too."""
+    if "backend_name" in metafunc.fixturenames:
+        names = BACKENDS + (CLUSTER_BACKENDS if metafunc.definition.get_closest_marker(
+            "on_cluster") else [])
+        metafunc.parametrize("backend_name", names, indirect=True)
+
+
+@pytest.fixture
 def backend_name(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 @pytest.fixture
 def store_dsn(backend_name: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty store's DSN on the parametrised backend."""
+    """An empty store's DSN on the parametrised backend (on the cluster: the primary,
+    where tests look at and damage rows)."""
     if backend_name == "postgres":
         return str(request.getfixturevalue("pg_store_dsn"))
+    if backend_name in CLUSTER_BACKENDS:
+        from tests.cluster_store import empty_store
+
+        return empty_store(request.getfixturevalue("pg_cluster_db")).primary
     return f"sqlite:///{tmp_path / 'store.db'}"
 
 
 @pytest.fixture
-async def store(store_dsn: str) -> AsyncIterator[immagent.Store]:
+async def store(store_dsn: str, backend_name: str,
+                request: pytest.FixtureRequest) -> AsyncIterator[immagent.Store]:
     """An open, initialised, empty Store on each backend."""
-    s = await immagent.Store.connect(store_dsn, min_size=1, max_size=4)
+    if backend_name == "pgbouncer":
+        bouncer = request.getfixturevalue("pg_cluster_db").bouncer
+        s = await immagent.Store.connect(f"{bouncer} prepare_threshold=none", min_size=1,
+                                         max_size=4)
+    elif backend_name == "replica":
+        standby = request.getfixturevalue("pg_cluster_db").standby
+        s = await immagent.Store.connect(store_dsn, replicas=[standby], min_size=1,
+                                         max_size=4)
+    else:
+        s = await immagent.Store.connect(store_dsn, min_size=1, max_size=4)
     await s.init_schema()
     try:
         yield s
@@ -157,3 +201,50 @@ def raw_sql(dsn: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, .
 def count_rows(dsn: str, table: str, where: str = "TRUE") -> int:
     """Rows in one of our tables, read behind the Store's back (for storage assertions)."""
     return int(raw_sql(dsn, f"SELECT count(*) FROM {table} WHERE {where}")[0][0])
+
+
+# -- shared by several modules: tools, the offline models' two paths, the examples ---------
+
+#: The MCP server tool tests talk to: a real stdio server process (examples/).
+CALCULATOR = str(ROOT / "examples" / "calculator_server.py")
+#: retry_delay for tests: the real backoff code, negligible sleeps.
+FAST = 0.001
+#: A one-message history for model calls.
+USER = [Message(role="user", content="hello there")]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def calc() -> AsyncIterator[MCPManager]:
+    """An MCPManager connected to the calculator server (one process per module)."""
+    from immagent.mcp import MCPManager  # the MCP SDK loads only where a test needs it
+
+    async with MCPManager() as mcp:
+        await mcp.connect("calc", sys.executable, [CALCULATOR])
+        yield mcp
+
+
+@pytest.fixture(params=["in-process", "litellm"])
+def offline_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a test with the offline models answered in-process, then through LiteLLM's real
+    call path (a module opts in with ``pytest.mark.usefixtures("offline_path")``)."""
+    from immagent.offline import route_through_litellm
+
+    previous = route_through_litellm(request.param == "litellm")
+    yield str(request.param)
+    route_through_litellm(previous)
+
+
+@contextlib.contextmanager
+def example(name: str) -> Iterator[ModuleType]:
+    """``examples/<name>.py`` loaded as a module, registered in ``sys.modules`` while in use
+    (LangGraph resolves a graph state's annotations through it)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_example",
+                                                  ROOT / "examples" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]

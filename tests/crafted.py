@@ -19,17 +19,10 @@ from typing import Any
 import blake3
 import msgspec
 
-from immagent.assets import (
-    EMPTY_CONVERSATION,
-    Asset,
-    ConversationNode,
-    Message,
-    StoredAsset,
-    SystemPrompt,
-    stored,
-)
+from immagent.assets import EMPTY_CONVERSATION, Asset, ConversationNode, Message, SystemPrompt
 from immagent.audit.bundle import MAGIC
 from immagent.records import AgentRecord, state_digest
+from immagent.rows import StoredAsset, stored
 
 _LEN = struct.Struct(">I")
 _encoder = msgspec.msgpack.Encoder()

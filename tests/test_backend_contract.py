@@ -1,6 +1,7 @@
 """The backend contract: one behavioural test class every backend must pass (eventsourcing's
 recorder tests are the model). Each backend supplies ``create_backend``; the class body is
-the contract, so memory, SQLite and PostgreSQL cannot drift apart.
+the contract, so memory, SQLite, PostgreSQL and PostgreSQL with read replicas cannot drift
+apart (the last on the replication cluster of tests/pg_cluster.py).
 
 The Store-level suites (test_store.py and friends) run on top of this, through the rules.
 """
@@ -24,15 +25,17 @@ from immagent.assets import (
     Kind,
     Message,
     MissingAsset,
-    StoredAsset,
     SystemPrompt,
-    stored,
 )
 from immagent.records import STATE_KINDS, StateKind, StateRow, stream_digest
+from immagent.rows import StoredAsset, stored
 from immagent.store.backend import SCHEMA_VERSION, Backend, Head, WriteResult
 from immagent.store.memory import MemoryBackend
 from immagent.store.postgres import PostgresBackend
+from immagent.store.replicas import ReplicatedBackend
 from immagent.store.sqlite import SQLiteBackend
+from tests.cluster_store import empty_store
+from tests.pg_cluster import PgCluster
 
 #: A state kind for these tests only: the generic digest rule, refs of any kind.
 TEST_KIND = 99
@@ -114,7 +117,7 @@ class BackendContract:
         assert await backend.write(rows, [s]) == WriteResult()
         assert await backend.write([*rows, *rows], [s]) == WriteResult()  # again: no-op
         assert await backend.count_states(TEST_KIND) == 1
-        assert sum(n for n, _ in (await backend.asset_stats()).values()) == len(rows)
+        assert sum(n for n, _ in (await backend.audits().asset_stats()).values()) == len(rows)
 
     async def test_a_write_with_one_missing_required_ref_writes_nothing(
             self, backend: Backend) -> None:
@@ -271,11 +274,11 @@ class BackendContract:
         rows, head = chain("a", "b")
         loose = stored(message("loose"))
         await backend.write([*rows, loose], [])
-        batches = [b async for b in backend.iter_assets(None, 2)]
+        batches = [b async for b in backend.audits().iter_assets(None, 2)]
         assert all(len(b) <= 2 for b in batches)
         assert sorted(r.digest for b in batches for r in b) == sorted(
             r.digest for r in [*rows, loose])
-        reached = [r async for b in backend.iter_assets([head.digest, b"\x02" * 32])
+        reached = [r async for b in backend.audits().iter_assets([head.digest, b"\x02" * 32])
                    for r in b]
         assert sorted(r.digest for r in reached) == sorted(r.digest for r in rows)
 
@@ -287,14 +290,14 @@ class BackendContract:
         absent = b"\x03" * 32
         s = state(refs=[head.digest, absent])
         await backend.write([], [s])
-        found = set(await backend.dangling_refs())
+        found = set(await backend.audits().dangling_refs())
         holder = next(r.digest for r in rows if victim in r.refs)
         assert found == {MissingAsset(victim, holder), MissingAsset(absent, s.id)}
-        assert set(await backend.dangling_refs([s.id])) == found
+        assert set(await backend.audits().dangling_refs([s.id])) == found
         clean = state(refs=[chain()[1].digest])
         await backend.write([], [clean])
-        assert await backend.dangling_refs([clean.id]) == []
-        assert len(await backend.dangling_refs(limit=1)) == 1
+        assert await backend.audits().dangling_refs([clean.id]) == []
+        assert len(await backend.audits().dangling_refs(limit=1)) == 1
 
     # -- states ---------------------------------------------------------------------------
 
@@ -495,9 +498,9 @@ class BackendContract:
     async def test_stats_and_size(self, backend: Backend) -> None:
         rows, _ = chain("a")
         await backend.write(rows, [])
-        stats = await backend.asset_stats()
+        stats = await backend.audits().asset_stats()
         assert stats[int(Kind.MESSAGE)] == (1, len(rows[1].body))
-        assert await backend.storage_bytes() > 0
+        assert await backend.audits().storage_bytes() > 0
         assert await backend.ping()
 
 
@@ -546,6 +549,22 @@ class TestPostgresBackend(BackendContract):
         assert await write == WriteResult()
         (row,) = await backend.get_states([plain.id])
         assert row.digest == mine.digest
+
+
+
+class TestReplicatedBackend(BackendContract):
+    """A primary and a hot standby: reads served by the standby where they can tell a
+    miss, everything else by the primary, audits by the primary it hands out."""
+
+    @pytest.fixture(autouse=True)
+    def _cluster(self, pg_cluster_db: PgCluster) -> None:
+        self.cluster = empty_store(pg_cluster_db)
+
+    async def create_backend(self) -> Backend:
+        backend = await ReplicatedBackend.open(self.cluster.primary, [self.cluster.standby],
+                                               min_size=1, max_size=8)
+        assert isinstance(backend.audits(), PostgresBackend)  # the primary, not a replica
+        return backend
 
 
 async def _waits_for_a_lock(conn: psycopg.AsyncConnection[Any]) -> bool:

@@ -1,4 +1,4 @@
-"""Bad input through the public API (issue 14, items 9 and 13): every case is a
+"""Bad input through the public API: every case is a
 ValidationError naming the field, on both backends, and writes nothing. No raw TypeError,
 AttributeError, OverflowError, UnicodeEncodeError or RecursionError; no value accepted
 silently."""
@@ -39,7 +39,8 @@ def _append(**fields: Any) -> Case:
 
 
 CASES: dict[str, tuple[Case, str]] = {
-    # item 9, as reported
+    # Values that cannot be encoded, counted or walked: surrogates, out-of-range counts,
+    # cycles and deep nesting, wrong types.
     "surrogate metadata key": (
         lambda s, a: s.create_agent("n", "p", "m", metadata={"\ud800": 1}), "metadata"),
     "surrogate metadata value": (
@@ -56,7 +57,7 @@ CASES: dict[str, tuple[Case, str]] = {
     "offset 2**63": (lambda s, a: s.list_agents(offset=2**63), "offset"),
     "load_agents(None)": (lambda s, a: s.load_agents(None), "agent_ids"),  # type: ignore
     "advance(mcp=object())": (lambda s, a: a.advance("hi", mcp=object()), "mcp"),  # type: ignore
-    # item 13: documented parameters are type- and range-checked
+    # Documented parameters are type- and range-checked.
     "temperature 'hot'": (lambda s, a: a.advance("hi", temperature="hot"),  # type: ignore
                           "temperature"),
     "max_tokens '10'": (lambda s, a: a.advance("hi", max_tokens="10"), "max_tokens"),  # type: ignore

@@ -1,4 +1,4 @@
-"""The batched cold read of a long chain (issue 11, item 3), on PostgreSQL and SQLite.
+"""The batched cold read of a long chain, on PostgreSQL and SQLite.
 
 ``Store.get_chain`` verifies a chain's nodes and elements in batches and caches the chain as
 one run. These tests damage one row at a time behind the store's back, far from the head,

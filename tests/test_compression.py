@@ -18,16 +18,12 @@ from immagent.assets import (
     ConversationNode,
     Dictionary,
     Kind,
-    StoredAsset,
     SystemPrompt,
     ToolCall,
-    check_row,
-    load_row,
-    load_rows,
-    stored,
 )
 from immagent.audit.bundle import read_bundle
 from immagent.exceptions import IntegrityError, ValidationError
+from immagent.rows import StoredAsset, check_row, load_row, load_rows, stored
 from immagent.store import compression
 from immagent.store.compression import GENERATIONS, STREAM
 from tests import crafted

@@ -1,4 +1,4 @@
-"""Damage behind the store's back (issue 14, items 2, 3, 4, 5, 12), on PostgreSQL and SQLite:
+"""Damage behind the store's back, on PostgreSQL and SQLite:
 gc never sweeps from a row it cannot trust, reads never return data that does not hash to
 what was asked for, every walk terminates, and verify lists what it finds and goes on."""
 
@@ -63,7 +63,7 @@ async def lineage(store: Store) -> tuple[PersistentAgent, PersistentAgent, Persi
     return root, one, two
 
 
-# -- item 2: gc checks every row it marks from before it sweeps ----------------------------
+# -- gc checks every row it marks from before it sweeps ------------------------------------
 
 
 def _truncate_refs(dsn: str, one: PersistentAgent, two: PersistentAgent) -> str:
@@ -123,7 +123,7 @@ async def test_gc_aborts_rather_than_sweep_from_a_damaged_row(
     assert not (await store.verify()).ok  # verify sees the same damage
 
 
-# -- item 3: a state row is verified on every read ----------------------------------------
+# -- a state row is verified on every read ------------------------------------------------
 
 
 def _rename(dsn: str, victim: PersistentAgent, other: PersistentAgent) -> None:
@@ -169,7 +169,7 @@ async def test_a_damaged_state_row_never_loads(
     assert [a.agent_id for a in report.bad_agents] == [victim.id]
 
 
-# -- item 4: references of the wrong kind (committed by a client that checks digests only) --
+# -- references of the wrong kind (committed by a client that checks digests only) --------
 
 
 async def _commit_agent(store: Store, prompt: bytes, conversation: bytes,
@@ -240,7 +240,7 @@ async def test_a_reference_of_the_wrong_kind_is_found_and_never_read(
     assert not (tmp_path / "confused.bundle").exists()  # never a bundle it would refuse
 
 
-# -- item 5: parent cycles made behind the store's back -----------------------------------
+# -- parent cycles made behind the store's back -------------------------------------------
 
 
 def _self_parent(dsn: str, root: PersistentAgent, head: PersistentAgent) -> None:
@@ -287,7 +287,7 @@ def test_immagent_log_reports_a_cycle(store_dsn: str) -> None:
     assert done.returncode == 1 and "cycle" in done.stderr, done.stderr
 
 
-# -- item 12: column-type corruption (SQLite keeps whatever is written in a column) -------
+# -- column-type corruption (SQLite keeps whatever is written in a column) ---------------
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Crafted bundles (issue 14, items 4, 5, 8, 10, 11): files with valid framing, checksum and
+"""Crafted bundles: files with valid framing, checksum and
 per-record digests whose *content* is what must be refused. Each is refused by
 ``verify_bundle`` and by ``import_bundle`` on both backends, with a BundleError naming the
 problem, and the import writes nothing."""
@@ -50,7 +50,7 @@ async def test_a_crafted_bundle_that_breaks_no_rule_imports(
     assert_clean(await store.verify())
 
 
-# -- item 4: every reference has one required kind ---------------------------------------
+# -- every reference has one required kind -----------------------------------------------
 
 
 def _prompt_as_conversation(tmp: Path) -> Path:
@@ -64,8 +64,9 @@ def _message_as_prompt(tmp: Path) -> Path:
 
 
 def _node_lists_the_prompt(tmp: Path) -> Path:
-    # Before the fix the agent's own reference to the prompt (a system prompt) was the only
-    # expectation recorded for that digest, so the node's claim went unchecked.
+    # The agent's own reference to the prompt (a system prompt) must not be the only
+    # expectation recorded for that digest: the node's claim that it is a message is
+    # checked too.
     node = ConversationNode(parent=EMPTY_CONVERSATION.digest, messages=(PROMPT.digest,),
                             length=1, size=len(PROMPT.body))
     return crafted.write(tmp, [crafted.agent_state(PROMPT.digest, node.digest)],
@@ -88,7 +89,7 @@ async def test_a_reference_to_an_asset_of_the_wrong_kind_is_refused(
                   r"(is a|referenced as a) (system_prompt|message|node)")
 
 
-# -- item 5: parent cycles ---------------------------------------------------------------
+# -- parent cycles -----------------------------------------------------------------------
 
 
 async def test_a_state_that_is_its_own_parent_is_refused(
@@ -132,7 +133,7 @@ async def test_two_bundles_valid_alone_cannot_close_a_cycle(
     assert_clean(await store.verify())
 
 
-# -- item 10: deep nesting in untrusted msgpack ------------------------------------------
+# -- deep nesting in untrusted msgpack --------------------------------------------------
 
 
 @pytest.mark.parametrize(("depth", "match"), [(1_000_000, "malformed header"),
@@ -165,7 +166,7 @@ def test_the_cli_reports_deep_nesting_as_a_bundle_error(
     assert "nested too deeply" in err and "internal error" not in err
 
 
-# -- items 8 and 11: imported records meet the rules create_agent and append enforce -----
+# -- imported records meet the rules create_agent and append enforce -------------------
 
 _BAD_STATES: dict[str, dict[str, Any]] = {
     "empty name": {"name": ""},
@@ -249,6 +250,6 @@ async def test_an_imported_asset_meets_the_rules_of_append(
 
 async def test_a_counter_the_listing_would_show_is_checked_on_import_not_only_on_read(
         store: Store, store_dsn: str, tmp_path: Path) -> None:
-    # Before the fix the bundle imported and `immagent agents` listed -5 messages.
+    # Otherwise the bundle would import and `immagent agents` would list -5 messages.
     await refused(store, store_dsn, _counters(-5)(tmp_path / "n.bundle"), "claims -5")
     assert await store.count_agents() == 0

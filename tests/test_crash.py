@@ -208,3 +208,8 @@ async def test_kill_during_an_export_keeps_the_previous_bundle(
     assert verify_bundle(dest) == previous
     assert [n for n in os.listdir(out) if n != "agent.bundle"] == [
         n for n in os.listdir(out) if n.startswith(".agent.bundle.") and n.endswith(".tmp")]
+    assert len(os.listdir(out)) >= 2
+    # The next export to that file removes what the dead writer left.
+    again = await store.export(small, dest)
+    assert verify_bundle(dest) == again
+    assert os.listdir(out) == ["agent.bundle"]

@@ -1,6 +1,7 @@
-"""Where an export may write and what an import may read (issue 14, items 1 and 9): an export
-creates a file or replaces a regular one, never anything else, with the process's umask;
-odd paths are ValidationError / BundleError, never a raw OSError or ValueError.
+"""Where an export may write and what an import may read: an export creates a file or
+replaces a regular one, never anything else, with the process's umask; odd paths are
+ValidationError / BundleError, never a raw OSError or ValueError; what killed exports leave
+is removed by the next export to the same file.
 
 Never real device nodes: FIFOs and symlinks in a temp dir stand for them (an export to
 /dev/null once replaced it with a regular file)."""
@@ -174,3 +175,38 @@ def test_cli_export_force_still_refuses_a_symlink(tmp_path: Path,
     dangling.symlink_to(tmp_path / "nowhere")
     assert main(["--db", str(db), "export", "--force", agent, str(dangling)]) == 2
     assert dangling.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def _killed_export(dest: Path) -> None:
+    """An export writer SIGKILLed half-way, in a process of its own: its temp file stays."""
+    code = ("import os, signal, sys; from pathlib import Path; "
+            "from immagent.audit.files import TempFile; "
+            "f = TempFile(Path(sys.argv[1])); f.write(b'half a bundle'); "
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    done = subprocess.run([sys.executable, "-c", code, str(dest)], capture_output=True)
+    assert done.returncode == -9, done.stderr
+
+
+async def test_the_next_export_removes_what_killed_exports_to_that_file_left(
+        tmp_path: Path) -> None:
+    from immagent.audit.files import TempFile
+
+    dest, other = tmp_path / "agent.bundle", tmp_path / "other.bundle"
+    for _ in range(3):
+        _killed_export(dest)
+    _killed_export(other)
+    # Each writer removed its killed predecessors' files before making its own.
+    left = [n for n in os.listdir(tmp_path) if n.startswith(".agent.bundle.")]
+    assert len(left) == 1 and left[0].endswith(".tmp")
+    live = TempFile(dest)  # an export to the same file still running: never touched
+    try:
+        async with await Store.connect("memory://") as store:
+            await store.init_schema()
+            info = await store.export(await exported(store), dest)
+        assert verify_bundle(dest) == info
+        others = [n for n in os.listdir(tmp_path) if n.startswith(".other.bundle.")]
+        assert len(others) == 1  # another file's leftovers are that file's exports' business
+        assert sorted(os.listdir(tmp_path)) == sorted([dest.name, live.path.name, *others])
+    finally:
+        live.discard()
+    assert not live.path.exists()

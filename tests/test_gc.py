@@ -357,7 +357,7 @@ class GCMachine(RuleBasedStateMachine):
     """The store must hold exactly the model's assets and agent rows after every step, and
     after each gc exactly what the live rows reach (computed here, in Python).
 
-    Two adversarial steps (issue 14): *corrupt a row* damages one stored row behind the
+    Two adversarial steps: *corrupt a row* damages one stored row behind the
     store's back, checks that gc never deletes an asset a valid live state reaches, that no
     read returns data other than what was stored, and that nothing hangs, then restores the
     row; *import a crafted bundle* offers a bundle that must be refused (a parent cycle with

@@ -83,7 +83,7 @@ async def test_conformance_every_capability_passes(store: Store, backend_name: s
 
 def test_importing_immagent_does_not_import_langgraph() -> None:
     code = ("import sys, immagent, immagent.integrations, immagent.checkpoints;"
-            "import immagent.store.store;"
+            "import immagent.store.log;"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
             "('langgraph', 'langchain_core'));"
             "print(bad)")

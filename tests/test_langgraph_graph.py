@@ -4,7 +4,6 @@ chat interrupted in one process and resumed in another, forks, gc, concurrency."
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from langgraph.types import Command, StateSnapshot, interrupt
 from immagent import Store
 from immagent.assets import Kind
 from immagent.integrations.langgraph import ImmAgentSaver, SyncCallError
-from tests.conftest import count_rows
+from tests.conftest import count_rows, example
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -258,16 +257,8 @@ async def test_a_sync_graph_runs_from_a_worker_thread(store: Store) -> None:
 
 async def test_the_example_runs_offline(tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("langgraph_chat_example",
-                                                  ROOT / "examples" / "langgraph_chat.py")
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = example  # LangGraph resolves the state's annotations through it
-    try:
-        spec.loader.exec_module(example)
-        forked = await example.main(f"sqlite:///{tmp_path / 'chat.db'}")
-    finally:
-        del sys.modules[spec.name]
+    with example("langgraph_chat") as module:
+        forked = await module.main(f"sqlite:///{tmp_path / 'chat.db'}")
     assert forked == ["Hello!", "Echo: Hello!", "Another path?", "Echo: Another path?"]
     out = capsys.readouterr().out
     assert "verified" in out and "store verify: OK" in out

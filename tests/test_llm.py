@@ -5,7 +5,6 @@ in-process (the default, no LiteLLM) and through the real ``litellm.acompletion`
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,19 +17,10 @@ from immagent.testing import (
     Reply,
     ScriptedModel,
     litellm_error,
-    route_through_litellm,
 )
+from tests.conftest import FAST, USER
 
-FAST = 0.001  # retry_delay for tests: real backoff code, negligible sleeps
-USER = [Message(role="user", content="hello there")]
-
-
-@pytest.fixture(autouse=True, params=["in-process", "litellm"])
-def path(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Run the test with offline models answered in-process, then through LiteLLM."""
-    previous = route_through_litellm(request.param == "litellm")
-    yield str(request.param)
-    route_through_litellm(previous)
+pytestmark = pytest.mark.usefixtures("offline_path")  # every test on both paths
 
 
 async def test_echo_reply_tokens_model_and_call_config() -> None:

@@ -4,7 +4,6 @@ streaming path (``acompletion(stream=True)``, its CustomStreamWrapper, usage in 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,17 +11,10 @@ import pytest
 from immagent.assets import Message, ToolCall
 from immagent.exceptions import LLMError, ValidationError
 from immagent.llm import Model, bind, complete, stream, to_litellm_messages
-from immagent.testing import Reply, ScriptedModel, litellm_error, route_through_litellm
+from immagent.testing import Reply, ScriptedModel, litellm_error
+from tests.conftest import FAST, USER
 
-FAST = 0.001
-USER = [Message(role="user", content="hello there")]
-
-
-@pytest.fixture(autouse=True, params=["in-process", "litellm"])
-def path(request: pytest.FixtureRequest) -> Iterator[str]:
-    previous = route_through_litellm(request.param == "litellm")
-    yield str(request.param)
-    route_through_litellm(previous)
+pytestmark = pytest.mark.usefixtures("offline_path")  # every test on both paths
 
 
 async def streamed(model: str, **kwargs: Any) -> tuple[list[str], Message]:

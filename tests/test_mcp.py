@@ -7,14 +7,11 @@ that kill a server start their own.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from immagent.advance import advance
 from immagent.exceptions import ToolExecutionError, ValidationError
@@ -22,17 +19,10 @@ from immagent.llm import bind
 from immagent.mcp import MCPManager
 from immagent.simple import SimpleAgent
 from immagent.testing import Reply, Request, ScriptedModel
+from tests.conftest import CALCULATOR, example
 
 ROOT = Path(__file__).resolve().parent.parent
-CALCULATOR = str(ROOT / "examples" / "calculator_server.py")
 ODD_NAMES = str(Path(__file__).with_name("mcp_odd_names_server.py"))
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def calc() -> AsyncIterator[MCPManager]:
-    async with MCPManager() as mcp:
-        await mcp.connect("calc", sys.executable, [CALCULATOR])
-        yield mcp
 
 
 def _alive(pid: int) -> bool:
@@ -71,7 +61,7 @@ async def test_tool_error_raises_tool_execution_error(calc: MCPManager) -> None:
         await calc.execute("divide", {"a": 1, "b": 0})
     with pytest.raises(ToolExecutionError, match="validation error"):
         await calc.execute("add", {"a": "two"})
-    with pytest.raises(ToolExecutionError, match="unknown tool 'sqrt'"):
+    with pytest.raises(ToolExecutionError, match="Unknown tool 'sqrt'"):
         await calc.execute("sqrt", {"x": 4})
     assert await calc.execute("add", {"a": 1, "b": 1}) == "2"  # still usable
 
@@ -201,10 +191,6 @@ async def test_tool_names_are_made_valid_for_openai() -> None:
 
 
 async def test_mcp_tools_example_runs() -> None:
-    spec = importlib.util.spec_from_file_location("mcp_tools_example",
-                                                  ROOT / "examples" / "mcp_tools.py")
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    agent = await example.main()
+    with example("mcp_tools") as module:
+        agent = await module.main()
     assert agent.last_response() == "6 times 7 is 42."

@@ -15,9 +15,10 @@ import psycopg
 import pytest
 
 from immagent import Message, Store
-from immagent.assets import EMPTY_CONVERSATION, ConversationNode, SystemPrompt, encode, stored
+from immagent.assets import EMPTY_CONVERSATION, ConversationNode, SystemPrompt, encode
 from immagent.exceptions import SchemaVersionError
 from immagent.records import state_digest
+from immagent.rows import stored
 from tests.test_verify import assert_clean
 
 # -- version 1's DDL, verbatim -----------------------------------------------------------

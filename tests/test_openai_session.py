@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import itertools
 import json
 import math
@@ -28,10 +27,9 @@ import immagent
 from immagent import Store, StoreClosedError, ValidationError
 from immagent.assets import Kind
 from immagent.integrations.openai_agents import ImmAgentSession
-from tests.conftest import count_rows
+from tests.conftest import count_rows, example
 
 NO_TRACING = RunConfig(tracing_disabled=True)
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "openai_agents_session.py"
 Make = Callable[..., ImmAgentSession]
 
 
@@ -298,11 +296,8 @@ async def test_close(store_dsn: str, store: Store) -> None:
 
 
 async def test_the_example_runs(store_dsn: str) -> None:
-    spec = importlib.util.spec_from_file_location("openai_agents_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    await example.main(store_dsn)
+    with example("openai_agents_session") as module:
+        await module.main(store_dsn)
     reader = ImmAgentSession("demo-user", store_dsn)
     try:
         items: list[Any] = await reader.get_items()
@@ -326,7 +321,7 @@ async def test_a_bare_db_path_and_memory(tmp_path: Path) -> None:
 
 
 def test_import_immagent_does_not_import_the_sdk() -> None:
-    code = ("import sys, immagent, immagent.sessions, immagent.integrations; "
+    code = ("import sys, immagent, immagent.clients.sessions, immagent.integrations; "
             "assert 'agents' not in sys.modules and 'openai' not in sys.modules, "
             "sorted(m for m in sys.modules if m.split('.')[0] in ('agents', 'openai'))")
     subprocess.run([sys.executable, "-c", code], check=True)

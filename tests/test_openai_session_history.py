@@ -16,19 +16,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from immagent import IntegrityError, Store, ValidationError, verify_bundle
-from immagent.assets import (
-    EMPTY_ITEMS,
-    Item,
-    Kind,
-    StoredAsset,
-    check_row,
-    decode_asset,
-    digest_of,
-    load_row,
-)
+from immagent.assets import EMPTY_ITEMS, Item, Kind, decode_asset, digest_of
+from immagent.clients.sessions import SessionState, check_items, decode_items
 from immagent.integrations.openai_agents import ImmAgentSession
 from immagent.records import StateRow, check_state, stream_digest
-from immagent.sessions import SessionState, check_items, decode_items
+from immagent.rows import StoredAsset, check_row, load_row
 from tests.conftest import count_rows, raw_sql
 
 

@@ -5,27 +5,14 @@ leave no trace."""
 from __future__ import annotations
 
 import asyncio
-import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 import immagent
 from immagent import MCPManager, PersistentAgent, Store
 from immagent.testing import Reply, Request, ScriptedModel, litellm_error
 from immagent.validate import MAX_INPUT_BYTES
 from tests.conftest import count_rows
-
-CALCULATOR = str(Path(__file__).resolve().parents[1] / "examples" / "calculator_server.py")
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def calc() -> AsyncIterator[MCPManager]:
-    async with MCPManager() as mcp:
-        await mcp.connect("calc", sys.executable, [CALCULATOR])
-        yield mcp
 
 
 def rows(dsn: str) -> tuple[int, int]:

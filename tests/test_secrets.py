@@ -1,4 +1,4 @@
-"""Secrets (issue 14, items 7 and 8): a DSN's password never appears in an error, a log line
+"""Secrets: a DSN's password never appears in an error, a log line
 or a repr, however malformed the DSN; credentials never reach a stored row or a bundle
 (checked case-insensitively at any depth, headers included); a provider's error text that
 echoes a key is redacted in LLMError."""
@@ -26,7 +26,7 @@ from tests.conftest import count_rows, turn
 
 MARK = "S3CRETPW"
 
-# -- item 7: DSN passwords -----------------------------------------------------------------
+# -- DSN passwords -------------------------------------------------------------------------
 
 # Passwords hold the marker and characters that break parsers: percent signs, "@", ":",
 # "/", "?", "#", brackets, quotes, backslashes, "=", "&" and spaces.
@@ -100,7 +100,7 @@ def test_the_reported_dsns_of_the_issue_never_leak(capsys: pytest.CaptureFixture
         assert MARK not in capsys.readouterr().err
 
 
-# -- item 8: credentials policy ------------------------------------------------------------
+# -- credentials policy --------------------------------------------------------------------
 
 CREDENTIAL_CONFIGS: list[dict[str, Any]] = [
     {"azure_password": "pw"},

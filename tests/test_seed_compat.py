@@ -1,4 +1,4 @@
-"""Seed compatibility: a program written for immagent 0.1.2 runs unchanged (issue 9).
+"""Seed compatibility: a program written for immagent 0.1.2 runs unchanged.
 
 Written as a 0.1.2 user writes: imports from the 0.1.2 module paths, 0.1.2 spellings and
 keyword names, on both backends (the ``store`` fixture). The only thing that is not 0.1.2
@@ -12,6 +12,7 @@ gap they mark.
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -447,3 +448,109 @@ async def test_a_deleted_agent_is_not_loaded_while_its_object_lives(store: Store
         await store.load_agent(agent.id)
     with pytest.raises(AgentNotFoundError):
         await store.load_agents([agent.id])
+
+
+# -- the rest of 0.1.2's public module names, and its errors --------------------------------
+
+
+def test_system_prompt_create_and_the_id_and_time_helpers() -> None:
+    from immagent.assets import new_id, now
+
+    prompt = SystemPrompt.create("You are terse.")
+    assert isinstance(prompt, SystemPrompt) and prompt.text == "You are terse."
+    assert SystemPrompt.create("You are terse.").id == prompt.id  # content-derived
+    first, second = new_id(), new_id()
+    assert isinstance(first, uuid.UUID) and first != second
+    before = datetime.now(UTC)
+    stamp = now()
+    assert stamp.tzinfo is not None and stamp.utcoffset() == timedelta(0)
+    assert before <= stamp <= datetime.now(UTC)
+
+
+def test_message_to_litellm_dict_is_the_request_dict() -> None:
+    call = ToolCall(id="c1", name="add", arguments='{"a": 1}')
+    assert Message.user("hi").to_litellm_dict() == {"role": "user", "content": "hi"}
+    assert Message.assistant(None, [call]).to_litellm_dict() == {
+        "role": "assistant",
+        "tool_calls": [{"id": "c1", "type": "function",
+                        "function": {"name": "add", "arguments": '{"a": 1}'}}]}
+    assert Message.tool_result("c1", "2").to_litellm_dict() == {
+        "role": "tool", "content": "2", "tool_call_id": "c1"}
+
+
+def test_tool_to_openai_format_takes_an_mcp_tool_or_its_dict() -> None:
+    import mcp.types
+
+    from immagent.mcp import tool_to_openai_format
+
+    schema = {"type": "object", "properties": {"a": {"type": "number"}}}
+    expected = {"type": "function", "function": {
+        "name": "add", "description": "Add numbers.", "parameters": schema}}
+    tool = mcp.types.Tool(name="add", description="Add numbers.", input_schema=schema)
+    assert tool_to_openai_format(tool) == expected
+    # 0.1.2 passed tool.model_dump(): the MCP wire names.
+    assert tool_to_openai_format({"name": "add", "description": "Add numbers.",
+                                  "inputSchema": schema}) == expected
+    bare = tool_to_openai_format({"name": "ping"})
+    assert bare["function"] == {"name": "ping", "description": "",
+                                "parameters": {"type": "object", "properties": {}}}
+    with pytest.raises(ValidationError):
+        tool_to_openai_format({"description": "no name"})
+
+
+async def test_the_registry_binds_agents_to_their_store(store: Store) -> None:
+    from immagent import registry
+
+    agent = await new_agent(store)
+    assert registry.get_store(agent) is store
+    loose = PersistentAgent(agent.record)  # a record wrapped by hand: bound to nothing
+    with pytest.raises(AgentNotRegisteredError):
+        registry.get_store(loose)
+    with pytest.raises(AgentNotRegisteredError):
+        await loose.get_messages()
+    assert registry.register_agent(loose, store) is loose
+    assert registry.get_store(loose) is store
+    newer = await loose.advance("Hello!")
+    assert registry.get_store(newer) is store
+    assert [m.content for m in await newer.get_messages()] == ["Hello!", "Echo: Hello!"]
+
+
+@pytest.mark.parametrize("hook", ["from_row", "to_insert_params"])
+def test_0_1_2_persistence_hooks_say_what_to_use_instead(hook: str) -> None:
+    conversation = Conversation.create([Message.user("a")])
+    targets: list[Any] = [Asset, Message, SystemPrompt, Conversation]
+    instances: list[Any] = [Message.user("a"), SystemPrompt.create("p"), conversation]
+    for target in targets if hook == "from_row" else instances:
+        with pytest.raises(ImmAgentError) as err:
+            if hook == "from_row":
+                target.from_row({"id": uuid.uuid4()})  # a row of 0.1.2's tables
+            else:
+                target.to_insert_params()
+        assert hook in str(err.value) and "store.get_assets" in str(err.value)
+
+
+def test_conversation_with_messages_takes_message_ids() -> None:
+    first, second = Message.user("Hi"), Message.assistant("Hello")
+    by_objects = Conversation.create().with_messages(first, second)
+    by_ids = Conversation.create().with_messages(first.id, str(second.id))
+    assert by_ids == by_objects and by_ids.message_ids == (first.id, second.id)
+    with pytest.raises(ValidationError) as err:
+        by_ids.with_messages(uuid.uuid4())  # the id of no message this process holds
+    assert err.value.field == "messages[0]" and "pass the Message object" in str(err.value)
+    with pytest.raises(ValidationError):
+        by_ids.with_messages(42)  # type: ignore[arg-type]
+
+
+def test_tool_execution_error_carries_the_tool_name() -> None:
+    seed = ToolExecutionError("search", "Unknown tool")  # 0.1.2's two-argument form
+    assert seed.tool_name == "search" and str(seed) == "Tool 'search' failed: Unknown tool"
+    ours = ToolExecutionError("the disk is on fire", tool_name="fs")
+    assert ours.tool_name == "fs" and str(ours) == "the disk is on fire"
+    assert ToolExecutionError("connection aborted").tool_name is None
+
+
+async def test_an_unknown_tool_says_unknown_tool_and_names_it() -> None:
+    async with MCPManager() as mcp:
+        with pytest.raises(ToolExecutionError) as err:
+            await mcp.execute("sqrt", {"x": 4})
+    assert err.value.tool_name == "sqrt" and "Unknown tool" in str(err.value)

@@ -3,16 +3,17 @@ paths are in test_llm.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from immagent import Store
 from immagent.exceptions import LLMError, ValidationError
 from immagent.llm import Model
 from immagent.simple import MessageList, SimpleAgent
 from immagent.testing import Reply, ScriptedModel, litellm_error
+from tests.conftest import example
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,7 +110,24 @@ def test_invalid_settings_are_rejected(args: tuple[Any, ...], field: str) -> Non
 def test_invalid_model_config_is_rejected() -> None:
     with pytest.raises(ValidationError) as info:
         SimpleAgent("a", "p", Model.ECHO, model_config={"stream": True})
-    assert info.value.field == "config"
+    assert info.value.field == "model_config"  # the argument's name, as create_agent says
+
+
+@pytest.mark.parametrize(("name", "model", "field"), [
+    ("evil\x1b]0;pwned\x07", Model.ECHO, "name"),
+    ("a", "immagent/echo\x07", "model"),
+])
+async def test_control_characters_are_refused_as_create_agent_refuses_them(
+        name: str, model: str, field: str) -> None:
+    # One rule for an agent's fields: what create_agent refuses, SimpleAgent refuses.
+    with pytest.raises(ValidationError) as info:
+        SimpleAgent(name, "p", model)
+    assert info.value.field == field
+    async with await Store.connect("memory://") as store:
+        await store.init_schema()
+        with pytest.raises(ValidationError) as stored:
+            await store.create_agent(name, "p", model)
+    assert stored.value.field == field
 
 
 @pytest.mark.parametrize("user_input", ["", " ", "x" * 1_000_001])
@@ -123,10 +141,6 @@ async def test_empty_or_oversized_input_is_rejected(user_input: str) -> None:
 
 
 async def test_simple_chat_example_runs() -> None:
-    spec = importlib.util.spec_from_file_location("simple_chat_example",
-                                                  ROOT / "examples" / "simple_chat.py")
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    agent = await example.main()
+    with example("simple_chat") as module:
+        agent = await module.main()
     assert agent.last_response() == "Echo: What's 2+2?"

@@ -24,8 +24,9 @@ import pytest
 
 import immagent
 from immagent import Message, PersistentAgent, Store
-from immagent.assets import EMPTY_CONVERSATION, Kind, SystemPrompt, stored
+from immagent.assets import EMPTY_CONVERSATION, Kind, SystemPrompt
 from immagent.records import AgentRecord, load_agent, state_digest
+from immagent.rows import stored
 from immagent.store._sqlite_pool import SQLitePool
 from immagent.store.sqlite import SQLiteBackend
 from tests.conftest import turn

@@ -11,11 +11,14 @@ import pytest
 import immagent
 from immagent import Message, PersistentAgent, Store
 from immagent.assets import Kind
+from immagent.clients.sessions import SessionLog, check_items
 from immagent.records import AgentRecord
-from immagent.sessions import SessionLog, check_items
 from immagent.store.backend import SCHEMA_VERSION
 from tests import crafted
 from tests.conftest import count_rows, raw_sql, turn
+
+#: Also through PgBouncer and with a read replica (tests/conftest.py).
+pytestmark = pytest.mark.on_cluster
 
 PROMPT = "You are helpful."
 

@@ -5,14 +5,10 @@ rounds through a real MCP stdio server, many streams at once; and SimpleAgent st
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from immagent import (
     LLMError,
@@ -35,17 +31,7 @@ from immagent.stream import (
     TurnEvent,
 )
 from immagent.testing import Reply, Request, ScriptedModel
-from tests.conftest import count_rows
-
-CALCULATOR = str(Path(__file__).resolve().parents[1] / "examples" / "calculator_server.py")
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "stream_chat.py"
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def calc() -> AsyncIterator[MCPManager]:
-    async with MCPManager() as mcp:
-        await mcp.connect("calc", sys.executable, [CALCULATOR])
-        yield mcp
+from tests.conftest import count_rows, example
 
 
 def rows(dsn: str) -> tuple[int, int]:
@@ -358,9 +344,6 @@ async def test_simple_agent_keep_partial_and_break() -> None:
 
 
 async def test_stream_chat_example_runs(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("stream_chat_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    cut = await example.main(str(tmp_path / "stream.db"))
+    with example("stream_chat") as module:
+        cut = await module.main(str(tmp_path / "stream.db"))
     assert (cut.content, cut.interrupted) == ("Echo: This reply will", True)

@@ -1,4 +1,4 @@
-"""Terminal escape injection (issue 14, item 14): stored text with control sequences is
+"""Terminal escape injection: stored text with control sequences is
 printed visibly by ``agents``, ``log`` and ``show`` (and in error lines); ``--json`` keeps
 the exact text. Names cannot hold control characters at all."""
 

@@ -13,6 +13,9 @@ from immagent.assets import Kind, digest_of
 from immagent.audit.verify import VerifyReport
 from tests.conftest import count_rows, raw_sql, turn
 
+#: Also through PgBouncer and with a read replica (tests/conftest.py).
+pytestmark = pytest.mark.on_cluster
+
 PROMPT = "You audit things."
 
 

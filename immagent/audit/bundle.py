@@ -17,7 +17,7 @@ uncompressed whatever codec the store used (``immagent.codec``), so a bundle nee
 dictionary and imports into any store, which compresses them its own way (version 2 files
 written before compression existed hold the same form). Reading one runs the same checks as
 reading a database (``assets.check_row``, ``records.check_state``) and the content rules the
-API applies when it makes a record (``audit.rules``); ``_Links`` resolves every reference
+API applies when it makes a record (``store.rules``); ``_Links`` resolves every reference
 with the one kind it must have, checks node counters against the chain, refuses
 unreferenced assets, and the lineage must end without a cycle. Exports run the same checks,
 so a store never writes a bundle it would refuse to read.
@@ -37,12 +37,8 @@ pruned checkpoint, a state outside the export), and parents never form a cycle.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import itertools
 import os
-import secrets
-import stat
 import struct
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
@@ -53,27 +49,17 @@ from uuid import UUID
 import blake3
 import msgspec
 
-from immagent.assets import (
-    NODE_KINDS,
-    ConversationNode,
-    Digest,
-    Kind,
-    StoredAsset,
-    canonical_row,
-    check_row,
-    decode_asset,
-    join_refs,
-    ref_kinds,
-    split_refs,
-)
-from immagent.audit import rules
+from immagent.assets import NODE_KINDS, ConversationNode, Digest, Kind, decode_asset, ref_kinds
+from immagent.audit import files
 from immagent.audit.verify import closing_iter
 from immagent.codec import NO_DICTIONARIES, ZstdDictionary
 from immagent.exceptions import BundleError, IntegrityError, ValidationError
 from immagent.records import STATE_KINDS, AgentRecord, StateRow, check_state
+from immagent.rows import StoredAsset, canonical_row, check_row, join_refs, split_refs
+from immagent.store import rules
 
 if TYPE_CHECKING:
-    from immagent.store.backend import Backend
+    from immagent.store.backend import AuditBackend
 
 __all__ = [
     "FORMAT_VERSION",
@@ -222,7 +208,8 @@ class _Links:
         for node in self.nodes.values():
             parent = None if node.parent is None else self.nodes[node.parent]
             wrong = rules.check_counters(
-                node, None if parent is None else (parent.length, parent.size),
+                node.digest, (node.length, node.size),
+                None if parent is None else (parent.length, parent.size),
                 [self.sizes[d] for d in node.messages])
             if wrong is not None:
                 return wrong
@@ -279,7 +266,7 @@ class _Writer:
         return data
 
 
-async def export_bundle(backend: Backend, lineage: list[StateRow],
+async def export_bundle(backend: AuditBackend, lineage: list[StateRow],
                         path: str | os.PathLike[str],
                         dictionaries: Mapping[int, ZstdDictionary] = NO_DICTIONARIES, *,
                         version: int = FORMAT_VERSION
@@ -292,7 +279,7 @@ async def export_bundle(backend: Backend, lineage: list[StateRow],
     if the store is corrupt or an asset vanished meanwhile (an ancestor deleted and swept
     between the lineage read and the asset walk): a bundle is only written when complete.
     """
-    dest = _writable_path(path)
+    dest = files.writable_path(path)
     head = lineage[0]
     roots = sorted({d for r in lineage for d in r.refs})
     writer = _Writer()
@@ -309,7 +296,7 @@ async def export_bundle(backend: Backend, lineage: list[StateRow],
         _refuse_export(head, links.state(r) or _content_problem(r))
     _refuse_export(head, _cycle_problem(lineage, version))
     asset_bytes = 0
-    file = await asyncio.to_thread(_TempFile, dest)
+    file = await asyncio.to_thread(files.TempFile, dest)
     try:
         # A failed export releases the cursor's pooled connection at once.
         async with closing_iter(backend.iter_assets(roots)) as batches:
@@ -338,77 +325,6 @@ def _refuse_export(head: StateRow, problem: str | None) -> None:
     """What would make the bundle unreadable stops the export, naming it."""
     if problem is not None:
         raise IntegrityError(f"cannot export state {head.id}: {problem} (run store.verify())")
-
-
-#: Why a path cannot be written, as opposed to the device failing under it.
-_BAD_PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM,
-                              errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP})
-
-
-class _TempFile:
-    """A temp file next to ``dest`` that becomes ``dest`` only on commit (fsync + rename),
-    so readers see the old file or the whole new one, never a partial bundle. It is created
-    exclusively with mode 0o666 less the process's umask, as ``open()`` would; the rename
-    happens only while ``dest`` is absent or a regular file (checked again just before)."""
-
-    def __init__(self, dest: Path) -> None:
-        self.dest = dest
-        with self._os_errors():
-            for _ in range(100):
-                name = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.tmp"
-                try:
-                    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                                 | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0),
-                                 0o666)
-                    break
-                except FileExistsError:
-                    continue
-            else:
-                raise FileExistsError(f"no free temporary name next to {dest}")
-        self.path = name
-        self._file: IO[bytes] | None = os.fdopen(fd, "wb")
-        self._committed = False
-
-    @contextlib.contextmanager
-    def _os_errors(self) -> Iterator[None]:
-        """A failed create, write or rename is never a raw OSError: a path that cannot be
-        written (no such directory, no permission) is a ValidationError naming it; the
-        device failing (disk full, quota, read-only, I/O error) is a BundleError."""
-        try:
-            yield
-        except OSError as e:
-            reason = f"cannot write {self.dest}: {e.strerror or e}"
-            if e.errno in _BAD_PATH_ERRNOS:
-                raise ValidationError("path", reason, str(self.dest)) from e
-            raise BundleError(reason) from e
-
-    def write(self, data: bytes) -> None:
-        assert self._file is not None
-        with self._os_errors():
-            self._file.write(data)
-
-    def commit(self, data: bytes) -> None:
-        assert self._file is not None
-        with self._os_errors():
-            self._file.write(data)
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
-            _check_replaceable(self.dest)  # something may have appeared there meanwhile
-            os.replace(self.path, self.dest)
-            self._committed = True
-            _fsync_dir(self.dest.parent)
-
-    def discard(self) -> None:
-        """Remove the temp file unless committed (idempotent)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if not self._committed:
-            self._committed = True  # idempotent
-            with contextlib.suppress(OSError):
-                self.path.unlink()
 
 
 def _exported(row: StoredAsset, dictionaries: Mapping[int, ZstdDictionary]) -> StoredAsset:
@@ -452,7 +368,7 @@ def read_bundle(path: str | os.PathLike[str], *, keep_assets: bool = True
     Everything returned has passed every check of verify_bundle, in this same pass over the
     same bytes (no window between verifying and loading).
     """
-    source = _readable_path(path)
+    source = files.readable_path(path)
     try:
         file = source.open("rb")
     except OSError as e:
@@ -648,78 +564,6 @@ def _cycle_problem(states: list[StateRow], version: int) -> str | None:
             current = parents[current]
         done |= path
     return None
-
-
-# -- paths --------------------------------------------------------------------------------
-
-
-def _path(path: object) -> Path:
-    """A file name given as a str or an os.PathLike of one, without NUL."""
-    name = os.fspath(path) if isinstance(path, str | os.PathLike) else None
-    if not isinstance(name, str) or not name:
-        raise ValidationError("path", f"must be a non-empty str or path, got {path!r}", None)
-    if "\x00" in name:
-        raise ValidationError("path", "must not contain NUL characters", None)
-    try:
-        os.fsencode(name)
-    except UnicodeEncodeError:  # a lone surrogate the file system encoding cannot take
-        raise ValidationError("path", "cannot be encoded for the file system", None) from None
-    return Path(name)
-
-
-def _what_is(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"),
-                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
-def _check_replaceable(dest: Path) -> None:
-    """An export may create ``dest`` or replace a regular file there, nothing else: a
-    symlink is never followed or replaced, nor a FIFO, a device or a directory."""
-    try:
-        mode = os.lstat(dest).st_mode
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise ValidationError("path", f"cannot write {dest}: {e.strerror or e}",
-                              str(dest)) from e
-    if not stat.S_ISREG(mode):
-        raise ValidationError("path", f"{dest} is {_what_is(mode)}; an export only creates "
-                              "a file or replaces a regular one", str(dest))
-
-
-def _writable_path(path: object) -> Path:
-    dest = _path(path)
-    _check_replaceable(dest)
-    if not dest.parent.is_dir():
-        raise ValidationError("path", f"directory {dest.parent} does not exist", str(dest))
-    return dest
-
-
-def _readable_path(path: object) -> Path:
-    source = _path(path)
-    if not source.exists():
-        raise ValidationError("path", f"no such file: {source}", str(source))
-    if not source.is_file():  # through a symlink is fine; a FIFO would block the read
-        raise ValidationError("path", f"{source} is not a regular file", str(source))
-    return source
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable (POSIX); harmless where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _who(referrer: Digest | UUID, kind: int = Kind.AGENT_STATE) -> str:

@@ -23,13 +23,14 @@ import functools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from immagent.assets import Kind, StoredAsset, check_row
+from immagent.assets import Kind
 from immagent.codec import FIRST_DICTIONARY, NO_DICTIONARIES, ZstdDictionary
 from immagent.exceptions import IntegrityError
 from immagent.records import StateRow, check_state
+from immagent.rows import StoredAsset, check_row
 
 if TYPE_CHECKING:
-    from immagent.store.backend import Backend
+    from immagent.store.backend import AdminBackend
 
 __all__ = ["GCResult", "check_marked", "collect"]
 
@@ -92,7 +93,7 @@ class _UnknownDictionary(Exception):
 _ATTEMPTS = 3
 
 
-async def collect(backend: Backend,
+async def collect(backend: AdminBackend,
                   dictionaries: Callable[[], Awaitable[Mapping[int, ZstdDictionary]]]
                   | None = None, *, dry_run: bool = False) -> GCResult:
     """Sweep every asset no state reaches, checking every row marked from first; compressed

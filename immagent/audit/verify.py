@@ -20,13 +20,14 @@ from uuid import UUID
 
 import msgspec
 
-from immagent.assets import Digest, Kind, MissingAsset, StoredAsset, check_row, ref_kind_table
+from immagent.assets import Digest, Kind, MissingAsset, ref_kind_table
 from immagent.codec import NO_DICTIONARIES, ZstdDictionary, decoded_size
 from immagent.exceptions import AgentNotFoundError, IntegrityError
 from immagent.records import STATE_KINDS, StateRow, check_state
+from immagent.rows import StoredAsset, check_row
 
 if TYPE_CHECKING:
-    from immagent.store.backend import Backend
+    from immagent.store.backend import AuditBackend
 
 __all__ = [
     "MAX_LISTED",
@@ -144,7 +145,7 @@ async def closing_iter(it: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
             await aclose()
 
 
-async def verify_backend(backend: Backend, agent_id: UUID | None = None, *,
+async def verify_backend(backend: AuditBackend, agent_id: UUID | None = None, *,
                          progress: Callable[[int], None] | None = None,
                          dictionaries: Mapping[int, ZstdDictionary] = NO_DICTIONARIES,
                          ) -> VerifyReport:

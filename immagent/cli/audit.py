@@ -175,7 +175,10 @@ def export(ctx: Context, args: argparse.Namespace) -> int:
         info = ctx.run(store.export_states(ctx.run(conversation_ids(store, row)), path))
         scope = "every checkpoint and write of the thread"
     else:
-        info = ctx.run(store.export(row.id, path))
+        exported = ctx.run(store.export_lineage(row.id, path))
+        if exported is None:  # deleted since it was named
+            raise CLIError(f"state {row.id} not found")
+        info = exported
         scope = "the head's lineage"
     _show_bundle(ctx, info, f"exported {ref_of(row) if found.by_name else row.id} to {path}",
                  scope)

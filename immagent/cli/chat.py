@@ -37,8 +37,9 @@ from immagent.cli.refs import REF_HELP, parse_ref, resolve
 from immagent.cli.render import Progress, message_json, visible
 from immagent.cli.spec import Command
 from immagent.cli.summary import agent_json, newest
+from immagent.clients.agents import Store
 from immagent.exceptions import ImmAgentError
-from immagent.store import Store
+from immagent.offline import ECHO_MODEL
 
 if TYPE_CHECKING:
     from immagent.stream import TurnEvent
@@ -50,7 +51,6 @@ DEFAULT_NAME = "assistant"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 #: Explicit default model for new agents, before any provider key is considered.
 ENV_MODEL = "IMMAGENT_MODEL"
-ECHO = "immagent/echo"  # immagent.llm.Model.ECHO, without importing the LLM layer
 #: Provider keys, in order of preference, and the model a new agent then uses.
 PROVIDER_MODELS = (
     ("ANTHROPIC_API_KEY", "anthropic/claude-sonnet-4-20250514"),
@@ -99,7 +99,7 @@ def default_model(environ: Mapping[str, str] | None = None) -> str:
     for key, model in PROVIDER_MODELS:
         if env.get(key, "").strip():
             return model
-    return ECHO
+    return ECHO_MODEL
 
 
 @dataclass

@@ -29,7 +29,7 @@ from immagent.assets import Asset, ConversationNode, Digest, Item, Kind, Message
 from immagent.cli.errors import CLIError
 from immagent.cli.render import message_json
 from immagent.records import StateRow, load_agent, session_body
-from immagent.store import Store
+from immagent.store import EventLog
 
 __all__ = ["VIEWS", "AgentView", "Said", "SessionView", "ThreadView", "View", "content_bytes",
            "conversation_ids", "view_of"]
@@ -129,7 +129,7 @@ class View:
         """The fields line of a state's ``log`` entry."""
         return f"{self.title.title()}: {self.name(row)}   {self.elements.title()}: {_n(elements)}"
 
-    async def details(self, store: Store, row: StateRow
+    async def details(self, store: EventLog, row: StateRow
                       ) -> tuple[list[tuple[str, str]], list[tuple[str, str]], dict[str, Any]]:
         """What ``show`` prints besides the conversation: fields, titled text sections,
         and both as JSON."""
@@ -192,7 +192,7 @@ class AgentView(View):
         record = load_agent(row)
         return f"Name:   {record.name}   Model: {record.model}   Messages: {_n(elements)}"
 
-    async def details(self, store: Store, row: StateRow
+    async def details(self, store: EventLog, row: StateRow
                       ) -> tuple[list[tuple[str, str]], list[tuple[str, str]], dict[str, Any]]:
         from immagent.assets import SystemPrompt
 
@@ -347,7 +347,7 @@ class ThreadView(View):
         return (f"Thread: {info['thread']}{ns}   Checkpoint: {info['checkpoint_id']}"
                 f"{step}{source}   Messages: {_n(elements)}")
 
-    async def details(self, store: Store, row: StateRow
+    async def details(self, store: EventLog, row: StateRow
                       ) -> tuple[list[tuple[str, str]], list[tuple[str, str]], dict[str, Any]]:
         info = self.summary(row)
         body = cp.decode_checkpoint(row.body)
@@ -430,7 +430,7 @@ class SessionView(View):
         names = ", ".join(name for name, _ in self.branches(row))
         return f"Session: {row.stream}   Branches: {names}   Items: {_n(elements)}"
 
-    async def details(self, store: Store, row: StateRow
+    async def details(self, store: EventLog, row: StateRow
                       ) -> tuple[list[tuple[str, str]], list[tuple[str, str]], dict[str, Any]]:
         body = session_body(row)
         branches = self.branches(row)
@@ -465,7 +465,7 @@ def view_of(row: StateRow) -> View:
     return view
 
 
-async def content_bytes(store: Store, digests: Sequence[Digest]) -> dict[Digest, int]:
+async def content_bytes(store: EventLog, digests: Sequence[Digest]) -> dict[Digest, int]:
     """Content bytes of each asset with all it chains to: a node's whole chain (its
     ``size`` counter), any other asset's canonical body. One batched read."""
     wanted = list(dict.fromkeys(digests))
@@ -476,7 +476,7 @@ async def content_bytes(store: Store, digests: Sequence[Digest]) -> dict[Digest,
     return sizes
 
 
-async def conversation_ids(store: Store, newest: StateRow) -> list[UUID]:
+async def conversation_ids(store: EventLog, newest: StateRow) -> list[UUID]:
     """Every state of the conversation whose newest state is ``newest``: a thread's rows
     of every namespace, checkpoints and writes (one index range scan over the thread's
     ids), or every state of an agent name's or a session's stream (newest first)."""

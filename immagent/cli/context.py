@@ -16,9 +16,9 @@ from immagent.cli.errors import CLIError
 from immagent.cli.output import Output, Terminal, pager_command
 from immagent.cli.refs import Ref, Resolved
 from immagent.cli.refs import resolve as resolve_ref
+from immagent.clients.agents import Store
 from immagent.exceptions import SchemaMissingError
 from immagent.records import StateRow
-from immagent.store import Store
 
 __all__ = ["Context"]
 

@@ -22,7 +22,7 @@ from immagent.cli.refs import REF_HELP, add_ref, ref_of
 from immagent.cli.render import paint, plural
 from immagent.cli.spec import Command
 from immagent.cli.summary import agent_json
-from immagent.store import Store
+from immagent.store import EventLog
 
 __all__ = ["COMMANDS"]
 
@@ -64,7 +64,7 @@ def delete(ctx: Context, args: argparse.Namespace) -> int:
         ids = ctx.run(conversation_ids(store, row))
     elif args.lineage:
         what = f"the lineage of {row.id}"
-        ids = ctx.run(store.delete_lineage(row.id, dry_run=True))
+        ids = ctx.run(store.delete_state_lineage(row.id, dry_run=True))
     else:
         what = f"state {row.id}"
         ids = [row.id]
@@ -78,7 +78,7 @@ def delete(ctx: Context, args: argparse.Namespace) -> int:
     if found.by_name:
         deleted = ctx.run(_delete_all(store, ids))
     elif args.lineage:
-        deleted = ctx.run(store.delete_lineage(row.id))
+        deleted = ctx.run(store.delete_state_lineage(row.id))
     else:
         deleted = ids if ctx.run(store.delete_states(ids)) else []
         if not deleted:
@@ -93,7 +93,7 @@ def delete(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _delete_all(store: Store, ids: list[UUID]) -> list[UUID]:
+async def _delete_all(store: EventLog, ids: list[UUID]) -> list[UUID]:
     deleted: list[UUID] = []
     for start in range(0, len(ids), 10_000):
         chunk = ids[start:start + 10_000]

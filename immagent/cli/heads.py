@@ -4,7 +4,7 @@ A conversation is a stream of states: an agent name (what ``chat --name`` contin
 LangGraph thread, an Agents-SDK session. Its row shows its newest state: turns (user
 messages), messages or items, how many states the stream holds, its size (content bytes
 the newest state pins, whole history included) and its last activity; newest activity
-first. The heads come from ``Store.stream_heads`` (one index probe per stream); only the
+first. The heads come from ``EventLog.stream_heads`` (one index probe per stream); only the
 shown page's histories are read. ``--all`` lists every state instead.
 """
 
@@ -29,7 +29,7 @@ from immagent.cli.render import (
 )
 from immagent.cli.spec import Command, count
 from immagent.records import StateRow
-from immagent.store import Store
+from immagent.store import EventLog
 
 __all__ = ["COMMANDS"]
 
@@ -83,7 +83,7 @@ def _run(view: View) -> Any:
     return run
 
 
-async def _heads(store: Store, view: View, name: str | None, offset: int,
+async def _heads(store: EventLog, view: View, name: str | None, offset: int,
                  limit: int) -> tuple[list[Head], int]:
     """The page of conversations, newest activity first, and how many there are."""
     rows: list[StateRow] = []
@@ -179,7 +179,7 @@ def _every_state(ctx: Context, args: argparse.Namespace, view: View) -> int:
     return EXIT_OK
 
 
-async def _states(store: Store, view: View, name: str | None, offset: int,
+async def _states(store: EventLog, view: View, name: str | None, offset: int,
                   limit: int) -> tuple[list[StateRow], int]:
     """A page of every state of the client, newest first, and how many match: by id for
     agents and sessions (time-ordered UUIDv7), thread by thread for checkpoints (their ids
@@ -226,7 +226,7 @@ async def _states(store: Store, view: View, name: str | None, offset: int,
     return out, sum(counts)
 
 
-async def _lengths(store: Store, view: View, rows: Sequence[StateRow]) -> list[int | None]:
+async def _lengths(store: EventLog, view: View, rows: Sequence[StateRow]) -> list[int | None]:
     """How many elements each state's conversation holds (from its head node alone)."""
     from immagent.assets import ConversationNode
 

@@ -25,7 +25,7 @@ from immagent.cli.refs import REF_HELP, Ref, abbreviate, add_ref
 from immagent.cli.render import Line, clip, columns, local_time, paint, plural
 from immagent.cli.spec import Command, count
 from immagent.records import StateRow
-from immagent.store import Store
+from immagent.store import EventLog
 
 __all__ = ["COMMANDS", "target"]
 
@@ -183,7 +183,7 @@ def _oneline(e: Entry, short: str, width: int | None) -> Line:
     return (paint(short, "id"), lead, clip(e.change(), max(room, 12)))
 
 
-async def _lineage(store: Store, view: View, head: StateRow,
+async def _lineage(store: EventLog, view: View, head: StateRow,
                    limit: int | None) -> list[Entry]:
     """The newest ``limit`` states of the lineage and what each one changed."""
     rows = await store.state_lineage(head.id, None if limit is None else limit + 1)

@@ -11,9 +11,9 @@ A reference is any of:
   id prefix) matches.
 
 An ambiguous reference is refused with every candidate named in a form that is not. A
-prefix is found by an index range scan on the states' primary key (``Store.scan_states``
+prefix is found by an index range scan on the states' primary key (``EventLog.scan_states``
 from the prefix's lowest id), never by scanning the store; a name by one index probe per
-client (``Store.stream_states``).
+client (``EventLog.stream_states``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from uuid import UUID
 from immagent.assets import Kind
 from immagent.cli.errors import EXIT_USAGE, CLIError
 from immagent.records import StateRow
-from immagent.store import Store
+from immagent.store import EventLog
 
 __all__ = ["CLIENT_PREFIXES", "MIN_PREFIX", "REF_HELP", "Ref", "Resolved", "abbreviate",
            "add_ref", "describe", "parse_ref", "ref_of", "resolve"]
@@ -106,7 +106,7 @@ class _Candidate(NamedTuple):
     by_name: bool
 
 
-async def resolve(store: Store, ref: Ref) -> Resolved:
+async def resolve(store: EventLog, ref: Ref) -> Resolved:
     """The state ``ref`` names (CLIError when none or several do)."""
     if ref.client:
         row = await _newest(store, CLIENT_PREFIXES[ref.client], ref.text)
@@ -164,7 +164,7 @@ def _distinct(state_id: UUID, others: Sequence[UUID]) -> str:
     return _prefix_text(state_id, digits)
 
 
-async def _newest(store: Store, kind: int, stream: str) -> StateRow | None:
+async def _newest(store: EventLog, kind: int, stream: str) -> StateRow | None:
     if "\x00" in stream:
         return None
     page = await store.stream_states(kind, stream, limit=1)
@@ -178,7 +178,7 @@ def _bounds(digits: str) -> tuple[int, int]:
     return low, low | ((1 << free) - 1)
 
 
-async def _by_prefix(store: Store, digits: str,
+async def _by_prefix(store: EventLog, digits: str,
                      limit: int = _SHOWN_CANDIDATES) -> tuple[list[StateRow], bool]:
     """States whose id starts with ``digits`` (at most ``limit``), and whether there are
     more: a keyset range scan from the lowest such id in primary-key order, reading at
@@ -190,7 +190,7 @@ async def _by_prefix(store: Store, digits: str,
     return rows[:limit], len(rows) > limit
 
 
-async def abbreviate(store: Store, ids: Sequence[UUID]) -> dict[UUID, str]:
+async def abbreviate(store: EventLog, ids: Sequence[UUID]) -> dict[UUID, str]:
     """The shortest prefix of each id's text (at least MIN_SHOWN hex digits) that no other
     stored state's id shares, as git abbreviates commits: two probes per id, its
     neighbours in id order."""

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from immagent.agent import PersistentAgent
-from immagent.store import Store
+from immagent.clients.agents import Store
 
 __all__ = ["agent_json", "message_counts", "newest"]
 

@@ -6,47 +6,20 @@ Switching a graph to it is one line::
         await saver.setup()
         graph = builder.compile(checkpointer=saver)
 
-It is a second client of the store, next to PersistentAgent, written only through the
-event-store API (``Store.commit``, ``get_states``, ``stream_states``, ``scan_states``,
-``get_chain``, ``delete_states``). The stored form is in ``immagent.checkpoints``; in short:
+This module is the adapter: it parses LangGraph's configs, assembles ``CheckpointTuple``s,
+numbers channel versions and bridges the sync API. The checkpoints themselves are kept by
+the checkpoint client, ``immagent.clients.checkpoints`` (which needs no LangGraph): each
+checkpoint one immutable state row of the event log, channel values content-addressed
+(stored once however many checkpoints, threads and forks share them), list channels hash
+chains that grow by what a step adds, pending writes rows of their own. Its digest
+(``saver.digest(config)``) pins the whole checkpoint; ``store.verify()`` re-hashes every
+row the saver wrote; ``saver.export(thread, path)`` writes a bundle that
+``immagent.verify_bundle`` checks offline; ``store.gc()`` reclaims what deleted threads
+leave.
 
-* **A checkpoint is one immutable state row** (kind CHECKPOINT) whose id is derived from
-  (thread, namespace, checkpoint id): ``get_tuple`` with a checkpoint id is one primary-key
-  probe, the newest checkpoint of a namespace one index probe on its stream. Its refs are
-  the digests of its channel values (so gc keeps them), its body the rest (versions,
-  metadata as the serializer's typed bytes). Its digest (``saver.digest(config)``) pins the
-  whole checkpoint: every channel value through the Merkle refs.
-* **Channel values are content-addressed assets**: a VALUE is the serializer's
-  ``dumps_typed`` (type, bytes), hashed, so an unchanged value is never stored twice. A
-  channel whose version did not move reuses the parent checkpoint's digest without
-  serializing anything (the rule LangGraph's own savers follow for their blobs).
-* **A list channel is a hash chain** of per-element VALUEs (VALUE_NODE links, read with
-  ``Store.get_chain``). The new chain is built from the longest common prefix with the
-  parent checkpoint's chain, so a step that appends adds only the appended elements, and
-  ``add_messages`` replacing or removing elements costs what changed. A put on a thread
-  with no parent (``update_state`` into a new thread) reuses a chain this saver has seen
-  with the same prefix. Forks (a replay from a ``checkpoint_id``, ``copy_thread``) share
-  every asset.
-* **Pending writes** are rows of kind CHECKPOINT_WRITES, one per ``put_writes`` call,
-  pinning their values (lists and dicts of lists element by element, so a message written
-  by a node is the same asset as that message in the channel). Rows are never changed: a
-  repeated write is one row (its id hashes its content); for a (task, index) the first
-  write wins, for a special channel (errors, interrupts) the last, as in LangGraph's savers.
-* **Versions are integers** (``get_next_version``): LangGraph's savers add a random
-  fraction so that two forks of a thread never share a blob key; here a value is found by
-  digest from its checkpoint, so plain counters are enough and keep every row small.
-
-Deleting (``delete_thread``, ``prune``, ``delete_for_runs``) deletes rows only;
-``store.gc()`` reclaims the assets nothing reaches any more. A put that points at an asset
-gc removed meanwhile (its thread was deleted) fails the store's "what a write points at
-must exist" check, and the saver then writes the checkpoint again with every value
-included. ``store.verify()`` re-hashes every row the saver wrote; ``saver.export(thread,
-path)`` writes a bundle that ``immagent.verify_bundle`` checks offline.
-
-Ordering: a namespace's checkpoints are listed in the order they were stored, which is
-checkpoint-id order for everything LangGraph writes (a thread's checkpoints are put one
-after another, ids are time-ordered; ``copy_thread`` and bundle imports keep the order).
-``list(None)`` and listing every namespace of a thread sort by checkpoint id.
+**Versions are integers** (``get_next_version``): LangGraph's savers add a random fraction
+so that two forks of a thread never share a blob key; here a value is found by digest from
+its checkpoint, so plain counters are enough and keep every row small.
 
 The saver is async; its sync methods work from other threads while the loop that created
 it runs (as LangGraph's async savers do) and raise ``SyncCallError`` on that loop itself.
@@ -55,18 +28,13 @@ it runs (as LangGraph's async savers do) and raise ``SyncCallError`` on that loo
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import os
 import random
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Final, TypeVar, cast
-from uuid import UUID
+from typing import Any, TypeVar, cast
 
-import msgspec
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
     WRITES_IDX_MAP,
@@ -75,138 +43,26 @@ from langgraph.checkpoint.base import (
     Checkpoint,
     CheckpointMetadata,
     CheckpointTuple,
-    PendingWrite,
     get_serializable_checkpoint_metadata,
     writes_sort_key,
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from immagent import checkpoints as cp
-from immagent.assets import EMPTY_VALUES, Asset, Digest, Kind, Value, ValueNode, encode
 from immagent.audit.bundle import BundleInfo
-from immagent.exceptions import (
-    AssetNotFoundError,
-    ConflictError,
-    ImmAgentError,
-    StaleStreamError,
-    ValidationError,
-)
-from immagent.records import StateRow, stream_digest
-from immagent.store import Head, Store
+from immagent.clients.checkpoints import CheckpointLog
+from immagent.exceptions import ImmAgentError, ValidationError
+from immagent.records import StateRow
+from immagent.store.log import EventLog
 
 __all__ = ["ImmAgentSaver", "SyncCallError"]
 
 T = TypeVar("T")
 
-#: Checkpoint keys with a field of their own in the stored body.
-_KNOWN_KEYS: Final = frozenset({"v", "id", "ts", "channel_values", "channel_versions",
-                                "versions_seen", "updated_channels"})
-#: Metadata keys LangGraph's DeltaChannel leaves; keep_latest refuses such threads.
-_DELTA_KEYS: Final = ("counters_since_delta_snapshot", "delta_writes_versioned")
-_PRUNE_STRATEGIES: Final = ("keep_latest", "delete")
-_PAGE: Final = 1000
-#: Times a re-put reads its namespace again when checkpoints keep arriving meanwhile.
-_REPLACE_ATTEMPTS: Final = 20
-#: How far back a chain is walked, link by link, to find where a shortened list forks.
-_MAX_WALK: Final = 64
-
 
 class SyncCallError(ImmAgentError, asyncio.InvalidStateError):
     """A sync method of the saver was called where it cannot block: on the event loop the
     saver runs on (use the ``a…`` method), or with no loop running the saver."""
-
-
-# -- chains this saver has written or read ------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Chain:
-    """A value chain as this saver knows it: its head, every element, and (when this saver
-    built it) every link root first, so a shortened list finds its fork point at once."""
-
-    head: ValueNode
-    elements: tuple[Value, ...]
-    nodes: tuple[ValueNode, ...] | None
-
-
-class _Chains:
-    """Recently used chains by head digest (bounded), and by (last element, length), which
-    finds the chain a list without a parent checkpoint can extend. Values are immutable,
-    so nothing here can be stale; a chain gc removed is caught by the store's write check."""
-
-    def __init__(self, max_heads: int = 2048, max_elements: int = 2_000_000) -> None:
-        self._by_head: OrderedDict[Digest, _Chain] = OrderedDict()
-        self._by_tail: dict[tuple[Digest, int], Digest] = {}
-        self._elements = 0
-        self._max_heads = max_heads
-        self._max_elements = max_elements
-
-    def get(self, head: Digest) -> _Chain | None:
-        chain = self._by_head.get(head)
-        if chain is not None:
-            self._by_head.move_to_end(head)
-        return chain
-
-    def add(self, chain: _Chain) -> None:
-        digest = chain.head.digest
-        if digest in self._by_head:
-            self._by_head.move_to_end(digest)
-            return
-        self._by_head[digest] = chain
-        self._elements += len(chain.elements)
-        if chain.elements:
-            self._by_tail[(chain.elements[-1].digest, len(chain.elements))] = digest
-        while len(self._by_head) > self._max_heads or (
-                self._elements > self._max_elements and len(self._by_head) > 1):
-            old_digest, old = self._by_head.popitem(last=False)
-            self._elements -= len(old.elements)
-            if old.elements:
-                key = (old.elements[-1].digest, len(old.elements))
-                if self._by_tail.get(key) == old_digest:
-                    del self._by_tail[key]
-
-    def longest_prefix(self, digests: Sequence[Digest]) -> tuple[_Chain, int] | None:
-        """The known chain whose elements are the longest prefix of ``digests``."""
-        for length in range(len(digests), 0, -1):
-            head = self._by_tail.get((digests[length - 1], length))
-            chain = None if head is None else self._by_head.get(head)
-            if chain is not None and _common_prefix(chain.elements, digests) == length:
-                return chain, length
-        return None
-
-    def clear(self) -> None:
-        self._by_head.clear()
-        self._by_tail.clear()
-        self._elements = 0
-
-
-def _same_prefix(elements: Sequence[Value], items: Sequence[tuple[str, bytes]]) -> int:
-    """How many leading ``elements`` have exactly the serialized form of ``items``."""
-    n = min(len(elements), len(items))
-    for i in range(n):
-        element, (type_, data) = elements[i], items[i]
-        if element.data != data or element.type != type_:
-            return i
-    return n
-
-
-def _common_prefix(elements: Sequence[Value], digests: Sequence[Digest]) -> int:
-    n = min(len(elements), len(digests))
-    for i in range(n):
-        if elements[i].digest != digests[i]:
-            return i
-    return n
-
-
-@dataclass(slots=True)
-class _Encoded:
-    """A value split into assets: its shape, the refs it takes, the assets to write and
-    the chain to remember once the write committed."""
-
-    shape: Any
-    refs: list[Digest]
-    assets: list[Asset]
-    chain: _Chain | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,17 +74,14 @@ class _Target:
     checkpoint_id: str | None
 
 
-# -- the saver ----------------------------------------------------------------------------
-
-
 class ImmAgentSaver(BaseCheckpointSaver[int]):
     """A LangGraph checkpointer storing checkpoints as immutable, content-addressed rows
     of an immagent ``Store`` (PostgreSQL, SQLite or memory); see the module docstring."""
 
-    def __init__(self, store: Store, *, serde: SerializerProtocol | None = None) -> None:
+    def __init__(self, store: EventLog, *, serde: SerializerProtocol | None = None) -> None:
         """A saver over an open store; create it inside the event loop that runs the store
         (its sync methods schedule onto that loop)."""
-        if not isinstance(store, Store):
+        if not isinstance(store, EventLog):
             raise ValidationError("store", f"must be an immagent Store, got "
                                   f"{type(store).__name__}", None)
         super().__init__(serde=serde)
@@ -237,11 +90,16 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
             self.loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             self.loop = None
-        self._chains = _Chains()
-        # Checkpoint rows recently written or read, by state id: the parent of the next put
-        # is almost always here. Rows are immutable; a deleted one is only ever used as a
-        # parent, and the store's write check catches a value gc removed since.
-        self._rows: OrderedDict[UUID, StateRow] = OrderedDict()
+        self._client = CheckpointLog(store, self.serde)
+
+    @property
+    def _checkpoints(self) -> CheckpointLog:
+        """The checkpoint client over this saver's serializer: ``with_allowlist`` makes a
+        shallow copy with another serializer, which then gets a client of its own (sharing
+        the caches)."""
+        if self._client.serde is not self.serde:
+            self._client = self._client.with_serde(self.serde)
+        return self._client
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -250,7 +108,7 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
                                **connect: Any) -> AsyncIterator[ImmAgentSaver]:
         """A saver over a store it opens on ``conn_string`` (any ``Store.connect`` DSN;
         ``connect`` is passed on) and closes on exit. Call ``await saver.setup()`` once."""
-        store = await Store.connect(conn_string, **connect)
+        store = await EventLog.connect(conn_string, **connect)
         try:
             yield cls(store, serde=serde)
         finally:
@@ -266,12 +124,13 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
         """The checkpoint ``config`` names (its ``checkpoint_id``), or the newest of its
         thread and namespace; None when there is none."""
         target = _target(config)
-        row = await self._find(target)
+        row = await self._checkpoints.find(target.thread_id, target.checkpoint_ns,
+                                           target.checkpoint_id)
         if row is None:
             return None
         body = cp.decode_checkpoint(row.body)
         return await self._tuple(row, body, target.thread_id, target.checkpoint_ns,
-                                 self._metadata(body))
+                                 self._checkpoints.metadata(body))
 
     async def alist(self, config: RunnableConfig | None, *,
                     filter: dict[str, Any] | None = None,
@@ -288,181 +147,59 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
         before_id = None
         if before is not None:
             before_id = _parts(before, require_thread=False)[2]
+        thread_id, ns, checkpoint_id = (None, None, None) if config is None else _parts(config)
+        client = self._checkpoints
         remaining = limit
-        async for row in self._listed(config, before_id):
+        async for row in client.listed(thread_id, ns, checkpoint_id, before_id):
             if remaining is not None and remaining <= 0:
                 return
             body = cp.decode_checkpoint(row.body)
             if before_id is not None and cp.expand_id(body.checkpoint_id) >= before_id:
                 continue
-            metadata = self._metadata(body)
+            metadata = client.metadata(body)
             if filter and not all(metadata.get(k) == v for k, v in filter.items()):
                 continue
-            thread_id, ns, _ = cp.parse_stream(row.kind, row.stream)
+            row_thread, row_ns, _ = cp.parse_stream(row.kind, row.stream)
             if remaining is not None:
                 remaining -= 1
-            yield await self._tuple(row, body, thread_id, ns, metadata)
+            yield await self._tuple(row, body, row_thread, row_ns, metadata)
 
     async def adigest(self, config: RunnableConfig) -> bytes | None:
         """The content digest of the checkpoint ``config`` names (or the newest of its
         namespace): blake3 over its stored row, which pins every channel value through the
         refs. None when there is none."""
-        row = await self._find(_target(config))
+        target = _target(config)
+        row = await self._checkpoints.find(target.thread_id, target.checkpoint_ns,
+                                           target.checkpoint_id)
         return None if row is None else row.digest
-
-    async def _find(self, target: _Target) -> StateRow | None:
-        stream = cp.checkpoint_stream(target.thread_id, target.checkpoint_ns)
-        if target.checkpoint_id is None:
-            page = await self.store.stream_states(Kind.CHECKPOINT, stream, limit=1)
-            row = page[0] if page else None
-        else:
-            state_id = cp.checkpoint_state_id(target.thread_id, target.checkpoint_ns,
-                                              target.checkpoint_id)
-            found = await self.store.get_states([state_id])
-            row = found[0] if found else None
-            if row is not None and (row.kind != Kind.CHECKPOINT or row.stream != stream
-                                    or cp.expand_id(cp.decode_checkpoint(row.body)
-                                                    .checkpoint_id) != target.checkpoint_id):
-                row = None  # a 122-bit hash collision, or a damaged row: not this one
-        if row is not None:
-            self._remember(row)
-        return row
-
-    async def _listed(self, config: RunnableConfig | None,
-                      before_id: str | None) -> AsyncIterator[StateRow]:
-        """The checkpoint rows a listing walks, newest first, before filtering."""
-        if config is None:
-            rows = [r async for r in self._scan(Kind.CHECKPOINT)]
-            for row in sorted(rows, key=_checkpoint_key, reverse=True):
-                yield row
-            return
-        thread_id, checkpoint_ns, checkpoint_id = _parts(config)
-        if checkpoint_ns is None:  # every namespace of the thread
-            rows = await self._thread_rows(thread_id, (Kind.CHECKPOINT,))
-            for row in sorted(rows, key=_checkpoint_key, reverse=True):
-                if checkpoint_id is None or _checkpoint_key(row) == checkpoint_id:
-                    yield row
-            return
-        if checkpoint_id is not None:
-            found_row = await self._find(_Target(thread_id, checkpoint_ns, checkpoint_id))
-            if found_row is not None:
-                yield found_row
-            return
-        stream = cp.checkpoint_stream(thread_id, checkpoint_ns)
-        after: int | None = None
-        if before_id is not None:  # start at the cursor when it is stored: one probe
-            found = await self.store.get_states([cp.checkpoint_state_id(
-                thread_id, checkpoint_ns, before_id)])
-            if found and found[0].stream == stream:
-                after = found[0].seq
-        while True:
-            page = await self.store.stream_states(Kind.CHECKPOINT, stream, after_seq=after,
-                                                  limit=_PAGE)
-            for row in page:
-                yield row
-            if len(page) < _PAGE:
-                return
-            after = page[-1].seq
 
     async def _tuple(self, row: StateRow, body: cp.CheckpointBody, thread_id: str, ns: str,
                      metadata: dict[str, Any]) -> CheckpointTuple:
-        self._remember(row)
+        client = self._checkpoints
         checkpoint_id = cp.expand_id(body.checkpoint_id)
-        values = await self._decode([(shape, refs) for (_, shape), refs in
-                                     zip(body.values, _split(body.values, row.refs),
-                                         strict=True)])
         checkpoint: dict[str, Any] = {
             "v": body.v, "id": checkpoint_id, "ts": cp.decode_ts(body.ts),
-            "channel_values": {name: value for (name, _), value in zip(body.values, values,
-                                                                       strict=True)},
+            "channel_values": await client.channel_values(row, body),
             "channel_versions": dict(body.versions),
             "versions_seen": {node: dict(seen) for node, seen in body.seen.items()},
             "updated_channels": body.updated,
             "pending_sends": [],
         }
-        if body.extra is not None:
-            checkpoint.update(self.serde.loads_typed(body.extra))
+        checkpoint.update(client.extra(body))
         parent = None if body.parent is None else {"configurable": {
             "thread_id": thread_id, "checkpoint_ns": ns,
             "checkpoint_id": cp.expand_id(body.parent)}}
+        writes = sorted(await client.pending_writes(thread_id, ns, checkpoint_id),
+                        key=lambda w: writes_sort_key(w[0], w[1], w[2]))
         return CheckpointTuple(
             config={"configurable": {"thread_id": thread_id, "checkpoint_ns": ns,
                                      "checkpoint_id": checkpoint_id}},
             checkpoint=cast(Checkpoint, checkpoint),
             metadata=cast(CheckpointMetadata, metadata),
             parent_config=cast(RunnableConfig | None, parent),
-            pending_writes=await self._pending_writes(thread_id, ns, checkpoint_id),
+            pending_writes=[(task_id, channel, value)
+                            for _, task_id, _, channel, value in writes],
         )
-
-    async def _pending_writes(self, thread_id: str, ns: str,
-                              checkpoint_id: str) -> list[PendingWrite]:
-        """The checkpoint's writes in ``writes_sort_key`` order: for each (task, index)
-        the first stored, for a special channel (negative index) the last."""
-        stream = cp.writes_stream(thread_id, ns, checkpoint_id)
-        rows: list[StateRow] = []
-        after: int | None = None
-        while True:
-            page = await self.store.stream_states(Kind.CHECKPOINT_WRITES, stream,
-                                                  after_seq=after, limit=_PAGE,
-                                                  newest_first=False)
-            rows += page
-            if len(page) < _PAGE:
-                break
-            after = page[-1].seq
-        chosen: dict[tuple[str, int], tuple[str, str, Any, list[Digest]]] = {}
-        for row in rows:
-            body = cp.decode_writes(row.body)
-            task_id = cp.expand_id(body.task_id)
-            for (channel, idx, shape), refs in zip(body.writes, _split(
-                    [(c, s) for c, _, s in body.writes], row.refs), strict=True):
-                if idx >= 0 and (task_id, idx) in chosen:
-                    continue
-                chosen[(task_id, idx)] = (body.task_path, channel, shape, refs)
-        order = sorted(chosen, key=lambda k: writes_sort_key(chosen[k][0], k[0], k[1]))
-        values = await self._decode([(chosen[k][2], chosen[k][3]) for k in order])
-        return [(k[0], chosen[k][1], v) for k, v in zip(order, values, strict=True)]
-
-    async def _decode(self, items: Sequence[tuple[Any, Sequence[Digest]]]) -> list[Any]:
-        """The values stored with these shapes and refs: leaves in one batched read, each
-        chain from this saver's memory or one ``get_chain``."""
-        leaves: list[Digest] = []
-        heads: list[Digest] = []
-        for shape, refs in items:
-            for kind, ref in zip(cp.shape_kinds(shape), refs, strict=True):
-                (heads if kind == Kind.VALUE_NODE else leaves).append(ref)
-        found: dict[Digest, Value] = dict(zip(leaves, await self.store.get_assets(
-            leaves, Value, "channel value"), strict=True)) if leaves else {}
-        chains = {h: (await self._read_chain(h)).elements for h in dict.fromkeys(heads)}
-        loads = self.serde.loads_typed
-
-        def build(shape: Any, refs: Iterator[Digest]) -> Any:
-            if shape == cp.LEAF:
-                v = found[next(refs)]
-                return loads((v.type, v.data))
-            if shape == cp.CHAIN:
-                return [loads((e.type, e.data)) for e in chains[next(refs)]]
-            if shape[0] == "l":
-                return [loads((found[d].type, found[d].data))
-                        for d in [next(refs) for _ in range(shape[1])]]
-            return {key: build(inner, refs) for key, inner in zip(shape[1::2], shape[2::2],
-                                                                  strict=True)}
-
-        return [build(shape, iter(refs)) for shape, refs in items]
-
-    async def _read_chain(self, head: Digest) -> _Chain:
-        chain = self._chains.get(head)
-        if chain is None:
-            elements = await self.store.get_chain(head, Kind.VALUE_NODE)
-            (node,) = await self.store.get_assets([head], ValueNode, "value chain")
-            chain = _Chain(node, cast(tuple[Value, ...], elements), None)
-            self._chains.add(chain)
-        return chain
-
-    def _remember(self, row: StateRow) -> None:
-        self._rows[row.id] = row
-        self._rows.move_to_end(row.id)
-        if len(self._rows) > 4096:
-            self._rows.popitem(last=False)
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -476,252 +213,12 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
             raise ValidationError("checkpoint", f"must be a mapping, got "
                                   f"{type(checkpoint).__name__}", None)
         checkpoint_id = cp.check_key("checkpoint['id']", checkpoint.get("id"))
-        thread_id, ns, parent_id = (target.thread_id, target.checkpoint_ns,
-                                    target.checkpoint_id)
-        parent = await self._parent_values(thread_id, ns, parent_id)
-        meta, meta_typed = self._encode_metadata(
-            get_serializable_checkpoint_metadata(config, metadata))
-        for attempt in range(2):
-            # Attempt 2 shares nothing it has not written itself: gc removed something the
-            # first one pointed at (the store refused the write, so nothing was written).
-            fresh = attempt == 1
-            values, refs, assets, chains = await self._encode_channels(
-                checkpoint, new_versions, {} if fresh else parent, fresh)
-            body = _encode_body("checkpoint", cp.CheckpointBody(
-                checkpoint_id=cp.compact_id(checkpoint_id),
-                parent=None if parent_id is None else cp.compact_id(parent_id),
-                v=_int("checkpoint['v']", checkpoint.get("v", 1)),
-                ts=cp.encode_ts(str(checkpoint.get("ts", ""))),
-                versions=dict(checkpoint.get("channel_versions") or {}),
-                seen={k: dict(v) for k, v in (checkpoint.get("versions_seen") or {}).items()},
-                updated=_str_list(checkpoint.get("updated_channels")),
-                values=values, metadata=meta, metadata_typed=meta_typed,
-                extra=self._extra(checkpoint)))
-            row = _checkpoint_row(thread_id, ns, checkpoint_id, parent_id, refs, body)
-            try:
-                await self._commit(assets, row)
-            except AssetNotFoundError:
-                if fresh:
-                    raise
-                self._chains.clear()
-                continue
-            for chain in chains:
-                self._chains.add(chain)
-            self._remember(row)
-            break
+        thread_id, ns = target.thread_id, target.checkpoint_ns
+        await self._checkpoints.put(
+            thread_id, ns, checkpoint_id, target.checkpoint_id, checkpoint,
+            get_serializable_checkpoint_metadata(config, metadata), new_versions)
         return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns,
                                  "checkpoint_id": checkpoint_id}}
-
-    async def _commit(self, assets: Sequence[Asset], row: StateRow) -> None:
-        """Write a checkpoint; a checkpoint id stored before with other content is replaced
-        (LangGraph's savers upsert) in the same transaction that writes the new row, so a
-        reader finds the old row or the new one, never neither, and a failed put leaves
-        the old one. A put of a new id (the usual one) is a plain commit."""
-        known = self._rows.get(row.id)
-        if known is None or known.digest == row.digest:
-            try:
-                await self.store.commit(assets, [row])
-                return
-            except ConflictError:
-                pass
-        await self._replace(assets, row)
-
-    async def _replace(self, assets: Sequence[Asset], row: StateRow) -> None:
-        """Re-put ``row``'s checkpoint id. The new row would be its namespace's newest in
-        log order, while LangGraph orders checkpoints by id: so the checkpoints stored after
-        the old row are written again after it (same ids, same content), all in the one
-        transaction, which expects the namespace's newest still to be what was read. Only
-        re-putting an older checkpoint, which is rare, pays for the rows after it."""
-        for _ in range(_REPLACE_ATTEMPTS):
-            old = await self.store.get_states([row.id])
-            later: list[StateRow] = []
-            if old:
-                after = old[0].seq
-                while page := await self.store.stream_states(
-                        Kind.CHECKPOINT, row.stream, after_seq=after, limit=_PAGE,
-                        newest_first=False):
-                    later.extend(msgspec.structs.replace(r, seq=0) for r in page)
-                    after = page[-1].seq
-            newest = later[-1].id if later else row.id
-            try:
-                await self.store.commit(
-                    assets, [row, *later], replace=[row.id, *(r.id for r in later)],
-                    heads=[Head(Kind.CHECKPOINT, row.stream, newest)] if old else ())
-            except StaleStreamError:
-                continue  # a checkpoint was put meanwhile: read the namespace again
-            return
-        raise StaleStreamError(Kind.CHECKPOINT, row.stream)
-
-    async def _parent_values(self, thread_id: str, ns: str, parent_id: str | None
-                             ) -> dict[str, tuple[Any, Any, list[Digest]]]:
-        """The parent checkpoint's channels: name -> (version, shape, refs); empty when
-        there is no parent or it is not stored."""
-        if parent_id is None:
-            return {}
-        state_id = cp.checkpoint_state_id(thread_id, ns, parent_id)
-        row = self._rows.get(state_id)
-        if row is None:
-            found = await self.store.get_states([state_id])
-            if not found or found[0].kind != Kind.CHECKPOINT:
-                return {}
-            row = found[0]
-            self._remember(row)
-        body = cp.decode_checkpoint(row.body)
-        return {name: (body.versions.get(name), shape, refs) for (name, shape), refs in
-                zip(body.values, _split(body.values, row.refs), strict=True)}
-
-    async def _encode_channels(
-        self, checkpoint: Mapping[str, Any], new_versions: ChannelVersions,
-        parent: Mapping[str, tuple[Any, Any, list[Digest]]], fresh: bool,
-    ) -> tuple[list[tuple[str, Any]], list[Digest], list[Asset], list[_Chain]]:
-        """Every channel that has a value: reused from the parent when its version did not
-        move, else serialized (lists as chains)."""
-        versions = checkpoint.get("channel_versions") or {}
-        channel_values = checkpoint.get("channel_values") or {}
-        if not isinstance(versions, Mapping) or not isinstance(channel_values, Mapping):
-            raise ValidationError("checkpoint", "channel_versions and channel_values must "
-                                  "be mappings", None)
-        shapes: list[tuple[str, Any]] = []
-        refs: list[Digest] = []
-        assets: list[Asset] = []
-        chains: list[_Chain] = []
-        for name, version in versions.items():
-            if not isinstance(name, str):
-                raise ValidationError("checkpoint['channel_versions']", f"channel names "
-                                      f"must be str, got {name!r}", name)
-            known = parent.get(name)
-            if name not in new_versions and known is not None and known[0] == version:
-                shapes.append((name, known[1]))
-                refs += known[2]
-                continue
-            if name not in channel_values:
-                continue  # the channel is empty at this version
-            encoded = await self._encode(f"channel_values[{name!r}]", channel_values[name],
-                                         parent_head=(known[2][0] if known is not None
-                                                      and known[1] == cp.CHAIN else None),
-                                         fresh=fresh, chain=True)
-            shapes.append((name, encoded.shape))
-            refs += encoded.refs
-            assets += encoded.assets
-            if encoded.chain is not None:
-                chains.append(encoded.chain)
-        return shapes, refs, assets, chains
-
-    async def _encode(self, field: str, value: Any, *, parent_head: Digest | None = None,
-                      fresh: bool = False, chain: bool = False) -> _Encoded:
-        """``value`` split into assets: a list as a chain (``chain``: a checkpoint's channel)
-        or inline elements (a write), a dict holding lists entry by entry, else one VALUE."""
-        if type(value) is list:
-            items = [self._dump(f"{field}[{i}]", x) for i, x in enumerate(value)]
-            if chain:
-                built, added = await self._chain(parent_head, items, fresh)
-                return _Encoded(cp.CHAIN, [built.head.digest], added, built)
-            elements = [Value(type=t, data=d) for t, d in items]
-            return _Encoded(["l", len(elements)], [e.digest for e in elements],
-                            list(elements))
-        if (type(value) is dict and value and all(type(k) is str for k in value)
-                and any(type(v) is list for v in value.values())):
-            shape: list[Any] = ["d"]
-            refs: list[Digest] = []
-            assets: list[Asset] = []
-            for key, entry in value.items():
-                inner = await self._encode(f"{field}[{key!r}]", entry)
-                shape += [key, inner.shape]
-                refs += inner.refs
-                assets += inner.assets
-            return _Encoded(shape, refs, assets)
-        leaf = self._value(field, value)
-        return _Encoded(cp.LEAF, [leaf.digest], [leaf])
-
-    def _value(self, field: str, value: Any) -> Value:
-        type_, data = self._dump(field, value)
-        return Value(type=type_, data=data)
-
-    def _dump(self, field: str, value: Any) -> tuple[str, bytes]:
-        """The serializer's (type, bytes) of ``value``; ValidationError naming ``field``."""
-        try:
-            type_, data = self.serde.dumps_typed(value)
-        except Exception as e:  # the serializer's own errors, of any class
-            raise ValidationError(field, f"cannot be serialized: {type(e).__name__}: {e}",
-                                  None) from e
-        return str(type_), bytes(data)
-
-    async def _chain(self, parent_head: Digest | None, items: list[tuple[str, bytes]],
-                     fresh: bool) -> tuple[_Chain, list[Asset]]:
-        """The chain holding the serialized ``items``, built on the longest prefix it shares
-        with the parent's chain (or a known chain, without a parent), and the assets to
-        write. Elements equal to the parent's are compared as bytes and not hashed again."""
-        base: _Chain | None = None
-        shared = 0
-        if not fresh and parent_head is not None:
-            with contextlib.suppress(AssetNotFoundError):  # swept: build without it
-                base = await self._read_chain(parent_head)
-                shared = _same_prefix(base.elements, items)
-        values = [*(base.elements[:shared] if base is not None else ()),
-                  *(Value(type=t, data=d) for t, d in items[shared:])]
-        if not fresh and shared == 0 and values:
-            found = self._chains.longest_prefix([v.digest for v in values])
-            if found is not None:
-                base, shared = found
-        node, nodes = ((EMPTY_VALUES, (EMPTY_VALUES,)) if base is None
-                       else await self._fork_point(base, shared))
-        added = values[node.length:]
-        head = node.extend(added) if added else node
-        assets: list[Asset] = [*added]
-        if head is not node:
-            assets.append(head)
-        if node.digest == EMPTY_VALUES.digest:
-            assets.append(EMPTY_VALUES)
-        chain = _Chain(head, tuple(values),
-                       None if nodes is None else nodes if head is node else (*nodes, head))
-        return chain, assets
-
-    async def _fork_point(self, base: _Chain, shared: int
-                          ) -> tuple[ValueNode, tuple[ValueNode, ...] | None]:
-        """The last link of ``base`` holding at most its first ``shared`` elements (and the
-        links up to it, when known)."""
-        if shared == len(base.elements):
-            return base.head, base.nodes
-        if base.nodes is not None:
-            i = bisect.bisect_right([n.length for n in base.nodes], shared) - 1
-            return base.nodes[i], base.nodes[:i + 1]
-        node = base.head
-        for _ in range(_MAX_WALK):
-            if node.length <= shared:
-                return node, None
-            if node.parent is None:
-                break
-            try:
-                (node,) = await self.store.get_assets([node.parent], ValueNode, "value chain")
-            except AssetNotFoundError:
-                break
-        return EMPTY_VALUES, (EMPTY_VALUES,)
-
-    def _encode_metadata(self, metadata: Mapping[str, Any]
-                         ) -> tuple[dict[str, Any] | None, tuple[str, bytes] | None]:
-        """Metadata as plain msgpack when it reads back equal (so audits read it without
-        the serializer), else as the serializer's typed bytes."""
-        plain = dict(metadata)
-        try:
-            if msgspec.msgpack.decode(encode(plain)) == plain:
-                return plain, None
-        except (msgspec.EncodeError, msgspec.DecodeError, TypeError, ValueError,
-                OverflowError, UnicodeEncodeError):
-            pass
-        return None, self._dump("metadata", plain)
-
-    def _metadata(self, body: cp.CheckpointBody) -> dict[str, Any]:
-        if body.metadata_typed is not None:
-            loaded = self.serde.loads_typed(body.metadata_typed)
-            return dict(loaded) if isinstance(loaded, Mapping) else {}
-        return dict(body.metadata or {})
-
-    def _extra(self, checkpoint: Mapping[str, Any]) -> tuple[str, bytes] | None:
-        """Checkpoint keys without a field of their own (``pending_sends: []``, which every
-        LangGraph checkpoint carries, is restored on read rather than stored)."""
-        extra = {k: v for k, v in checkpoint.items() if k not in _KNOWN_KEYS
-                 and not (k == "pending_sends" and v == [])}
-        return self.serde.dumps_typed(extra) if extra else None
 
     async def aput_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
                           task_id: str, task_path: str = "") -> None:
@@ -735,55 +232,24 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
         if not isinstance(task_path, str):
             raise ValidationError("task_path", f"must be a str, got "
                                   f"{type(task_path).__name__}", task_path)
-        entries: list[tuple[str, int, Any]] = []
-        refs: list[Digest] = []
-        assets: list[Asset] = []
-        for idx, write in enumerate(writes):
-            channel, value = write
-            if not isinstance(channel, str):
-                raise ValidationError(f"writes[{idx}]", f"the channel must be a str, got "
-                                      f"{channel!r}", channel)
-            encoded = await self._encode(f"writes[{idx}]", value)
-            entries.append((channel, WRITES_IDX_MAP.get(channel, idx), encoded.shape))
-            refs += encoded.refs
-            assets += encoded.assets
-        if not entries:
-            return
-        thread_id, ns, checkpoint_id = (target.thread_id, target.checkpoint_ns,
-                                        target.checkpoint_id)
-        body = _encode_body("writes", cp.WritesBody(
-            task_id=cp.compact_id(task_id), task_path=task_path, writes=entries))
-        stream = cp.writes_stream(thread_id, ns, checkpoint_id)
-        digest = stream_digest(Kind.CHECKPOINT_WRITES, stream, refs, body)
-        row = StateRow(id=cp.writes_state_id(thread_id, ns, checkpoint_id, digest),
-                       parent_id=cp.checkpoint_state_id(thread_id, ns, checkpoint_id),
-                       kind=int(Kind.CHECKPOINT_WRITES), stream=stream, refs=tuple(refs),
-                       body=body, digest=digest, created_at=datetime.now(UTC))
-        await self.store.commit(assets, [row])
+        await self._checkpoints.put_writes(target.thread_id, target.checkpoint_ns,
+                                           target.checkpoint_id, task_id, task_path, writes,
+                                           WRITES_IDX_MAP)
 
     # -- threads: delete, copy, prune, runs, export ------------------------------------------
 
     async def adelete_thread(self, thread_id: str) -> None:
         """Delete every checkpoint and write of ``thread_id`` (rows only: ``store.gc()``
         reclaims the values nothing else uses)."""
-        thread_id = cp.check_key("thread_id", thread_id, coerce=True)
-        await self._delete([r.id for r in await self._thread_rows(thread_id)])
+        await self._checkpoints.delete_thread(cp.check_key("thread_id", thread_id,
+                                                           coerce=True))
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         """Copy every checkpoint and write of one thread to another in one transaction:
         new rows, the same checkpoint ids, the same values (no asset is written)."""
         source = cp.check_key("source_thread_id", source_thread_id, coerce=True)
         target = cp.check_key("target_thread_id", target_thread_id, coerce=True)
-        rows = sorted(await self._thread_rows(source), key=lambda r: r.seq)
-        copies = [_rethreaded(r, target) for r in rows]
-        if not copies:
-            return
-        try:
-            await self.store.commit([], copies)
-        except ConflictError as e:
-            raise ValidationError("target_thread_id", f"thread {target!r} already holds "
-                                  f"state {e.state_id} with other content; nothing was "
-                                  "copied", target) from e
+        await self._checkpoints.copy_thread(source, target)
 
     async def aprune(self, thread_ids: Sequence[str], *,
                      strategy: str = "keep_latest") -> None:
@@ -791,101 +257,19 @@ class ImmAgentSaver(BaseCheckpointSaver[int]):
         and its writes, delete the rest; ``"delete"``: delete the threads. Rows only. A
         thread using a DeltaChannel is refused by keep_latest (its newest checkpoint needs
         its ancestors' writes), and then nothing is pruned."""
-        threads = _thread_list("thread_ids", thread_ids)
-        if strategy not in _PRUNE_STRATEGIES:
-            raise ValidationError("strategy", f"must be one of {', '.join(_PRUNE_STRATEGIES)}"
-                                  f", got {strategy!r}", strategy)
-        doomed: list[UUID] = []
-        for thread_id in threads:
-            rows = await self._thread_rows(thread_id)
-            if strategy == "delete":
-                doomed += [r.id for r in rows]
-                continue
-            newest: dict[str, StateRow] = {}
-            for row in rows:
-                if row.kind != Kind.CHECKPOINT:
-                    continue
-                metadata = self._metadata(cp.decode_checkpoint(row.body))
-                if any(k in metadata for k in _DELTA_KEYS):
-                    raise ValidationError("strategy", f"keep_latest cannot prune thread "
-                                          f"{thread_id!r}: it uses a DeltaChannel; nothing "
-                                          "was pruned", strategy)
-                ns = cp.parse_stream(row.kind, row.stream)[1]
-                if ns not in newest or row.seq > newest[ns].seq:
-                    newest[ns] = row
-            kept = {r.id for r in newest.values()}
-            doomed += [r.id for r in rows if r.id not in kept and r.parent_id not in kept]
-        await self._delete(doomed)
+        await self._checkpoints.prune(_thread_list("thread_ids", thread_ids), strategy)
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
         """Delete the checkpoints whose metadata ``run_id`` is one of ``run_ids``, and their
         writes. Run ids are not indexed: this reads every checkpoint's metadata."""
-        wanted = set(_thread_list("run_ids", run_ids))
-        if not wanted:
-            return
-        doomed: list[UUID] = []
-        async for row in self._scan(Kind.CHECKPOINT):
-            body = cp.decode_checkpoint(row.body)
-            if self._metadata(body).get("run_id") not in wanted:
-                continue
-            doomed.append(row.id)
-            thread_id, ns, _ = cp.parse_stream(row.kind, row.stream)
-            stream = cp.writes_stream(thread_id, ns, cp.expand_id(body.checkpoint_id))
-            after: int | None = None
-            while True:
-                page = await self.store.stream_states(Kind.CHECKPOINT_WRITES, stream,
-                                                      after_seq=after, limit=_PAGE)
-                doomed += [w.id for w in page]
-                if len(page) < _PAGE:
-                    break
-                after = page[-1].seq
-        await self._delete(doomed)
+        await self._checkpoints.delete_for_runs(set(_thread_list("run_ids", run_ids)))
 
     async def aexport(self, thread_id: str, path: str | os.PathLike[str]) -> BundleInfo:
         """Write an audit bundle of the thread (every checkpoint and write, every namespace,
         and every value they reach) to ``path``; check it with ``immagent.verify_bundle``
         and load it anywhere with ``Store.import_states``."""
-        thread_id = cp.check_key("thread_id", thread_id, coerce=True)
-        rows = await self._thread_rows(thread_id)
-        if not rows:
-            raise ValidationError("thread_id", f"thread {thread_id!r} has no checkpoints",
-                                  thread_id)
-        return await self.store.export_states([r.id for r in rows], path)
-
-    async def _thread_rows(self, thread_id: str,
-                           kinds: Sequence[int] = (Kind.CHECKPOINT, Kind.CHECKPOINT_WRITES)
-                           ) -> list[StateRow]:
-        """Every row of ``thread_id`` of these kinds: a range scan over the thread's ids."""
-        low, high = cp.thread_range(thread_id)
-        rows: list[StateRow] = []
-        for kind in kinds:
-            after, size = low, 64
-            while True:
-                page = await self.store.scan_states(kind, after=after, limit=size)
-                inside = [r for r in page if r.id < high]
-                rows += [r for r in inside
-                         if cp.parse_stream(r.kind, r.stream)[0] == thread_id]
-                if len(inside) < len(page) or len(page) < size:
-                    break
-                after, size = page[-1].id, min(size * 4, _PAGE)
-        return rows
-
-    async def _scan(self, kind: int) -> AsyncIterator[StateRow]:
-        after: UUID | None = None
-        while True:
-            page = await self.store.scan_states(kind, after=after, limit=_PAGE)
-            for row in page:
-                yield row
-            if len(page) < _PAGE:
-                return
-            after = page[-1].id
-
-    async def _delete(self, ids: Sequence[UUID]) -> None:
-        for start in range(0, len(ids), 10_000):
-            chunk = ids[start:start + 10_000]
-            await self.store.delete_states(chunk)
-            for i in chunk:
-                self._rows.pop(i, None)
+        return await self._checkpoints.export(
+            cp.check_key("thread_id", thread_id, coerce=True), path)
 
     # -- versions -----------------------------------------------------------------------------
 
@@ -1013,71 +397,3 @@ def _thread_list(field: str, values: object) -> list[str]:
         raise ValidationError(field, f"must be a sequence of ids, not a "
                               f"{type(values).__name__}", values)
     return [cp.check_key(f"{field}[{i}]", v, coerce=True) for i, v in enumerate(values)]
-
-
-def _split(values: Sequence[tuple[str, Any]], refs: Sequence[Digest]) -> list[list[Digest]]:
-    """``refs`` cut into each value's share, by shape."""
-    out: list[list[Digest]] = []
-    start = 0
-    for _, shape in values:
-        n = len(cp.shape_kinds(shape))
-        out.append(list(refs[start:start + n]))
-        start += n
-    return out
-
-
-def _checkpoint_key(row: StateRow) -> str:
-    return cp.expand_id(cp.decode_checkpoint(row.body).checkpoint_id)
-
-
-def _encode_body(field: str, body: msgspec.Struct) -> bytes:
-    try:
-        return encode(body)
-    except (msgspec.EncodeError, TypeError, ValueError, OverflowError,
-            UnicodeEncodeError) as e:
-        raise ValidationError(field, f"cannot be stored: {e}", None) from e
-
-
-def _int(field: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValidationError(field, f"must be an int, got {value!r}", value)
-    return value
-
-
-def _str_list(value: object) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str) or not isinstance(value, Sequence | set | frozenset):
-        raise ValidationError("checkpoint['updated_channels']", f"must be a list of channel "
-                              f"names, got {value!r}", value)
-    return [str(v) for v in value]
-
-
-def _checkpoint_row(thread_id: str, ns: str, checkpoint_id: str, parent_id: str | None,
-                    refs: Sequence[Digest], body: bytes) -> StateRow:
-    stream = cp.checkpoint_stream(thread_id, ns)
-    return StateRow(
-        id=cp.checkpoint_state_id(thread_id, ns, checkpoint_id),
-        parent_id=None if parent_id is None else cp.checkpoint_state_id(thread_id, ns,
-                                                                        parent_id),
-        kind=int(Kind.CHECKPOINT), stream=stream, refs=tuple(refs), body=body,
-        digest=stream_digest(Kind.CHECKPOINT, stream, refs, body),
-        created_at=datetime.now(UTC))
-
-
-def _rethreaded(row: StateRow, thread_id: str) -> StateRow:
-    """The copy of a checkpoint or writes row in another thread: same body and refs,
-    the ids, parent and stream of that thread."""
-    _, ns, checkpoint_id = cp.parse_stream(row.kind, row.stream)
-    if row.kind == Kind.CHECKPOINT:
-        body = cp.decode_checkpoint(row.body)
-        parent = None if body.parent is None else cp.expand_id(body.parent)
-        return _checkpoint_row(thread_id, ns, cp.expand_id(body.checkpoint_id), parent,
-                               row.refs, row.body)
-    assert checkpoint_id is not None
-    stream = cp.writes_stream(thread_id, ns, checkpoint_id)
-    digest = stream_digest(row.kind, stream, row.refs, row.body)
-    return StateRow(id=cp.writes_state_id(thread_id, ns, checkpoint_id, digest),
-                    parent_id=cp.checkpoint_state_id(thread_id, ns, checkpoint_id),
-                    kind=row.kind, stream=stream, refs=row.refs, body=row.body,
-                    digest=digest, created_at=datetime.now(UTC))

@@ -7,7 +7,7 @@
 session: ``Runner.run(agent, "hi", session=ImmAgentSession("user-42", "chat.db"))``.
 
 What differs from the SDK's own sessions: nothing is destroyed. Every change is a new
-immutable *session state* (``immagent.sessions``): ``add_items`` appends, ``pop_item`` and
+immutable *session state* (``immagent.clients.sessions``): ``add_items`` appends, ``pop_item`` and
 ``clear_session`` write a state without the item(s), and every earlier state stays
 listable (``list_states``) and loadable (``get_state_items``) until its row is deleted with
 ``Store.delete_states``; only then can ``Store.gc()`` reclaim its items. Items are content-
@@ -28,9 +28,9 @@ runs on the store's loop and other loops hand their calls to it:
 * ``db`` a DSN (``sqlite:///path.db``, a bare ``*.db`` path, ``postgresql://…``,
   ``memory://``): the session owns a store on a private loop in a daemon thread, opened
   (and its schema created) on first use, closed by ``close()``. Forks share it.
-* ``db`` an open ``Store``: shared, never closed by the session. Its loop is the one
-  running when the session is made (or else the loop of its first call); calls from
-  other loops are sent to it, so that loop must keep running meanwhile.
+* ``db`` an open ``Store`` (or any ``EventLog``): shared, never closed by the session. Its
+  loop is the one running when the session is made (or else the loop of its first call);
+  calls from other loops are sent to it, so that loop must keep running meanwhile.
 
 A cancelled ``add_items``/``pop_item``/``clear_session``/branch call waits until its write
 has committed or failed before it re-raises the cancellation, as the SDK's sessions do: a
@@ -59,8 +59,7 @@ from agents.memory.session_settings import (
 
 from immagent.assets import Item
 from immagent.audit.bundle import BundleInfo
-from immagent.exceptions import StoreClosedError, StoreError, ValidationError
-from immagent.sessions import (
+from immagent.clients.sessions import (
     MAIN,
     SessionLog,
     SessionState,
@@ -69,13 +68,14 @@ from immagent.sessions import (
     decode_items,
     user_turns,
 )
+from immagent.exceptions import StoreClosedError, StoreError, ValidationError
 from immagent.store import dsn as dsns
-from immagent.store.store import Store
+from immagent.store.log import EventLog
 
 __all__ = ["ImmAgentSession", "SessionState"]
 
 T = TypeVar("T")
-Work = Callable[[Store], Coroutine[Any, Any, T]]
+Work = Callable[[EventLog], Coroutine[Any, Any, T]]
 
 
 async def _settle(future: asyncio.Future[T]) -> T:
@@ -148,7 +148,7 @@ class _OwnedHost(_Host):
         self._dsn = dsn
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._store: Store | None = None
+        self._store: EventLog | None = None
         self._opening: asyncio.Lock | None = None
         self._done = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -177,13 +177,13 @@ class _OwnedHost(_Host):
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
-    async def _open(self) -> Store:
+    async def _open(self) -> EventLog:
         assert self._opening is not None
         async with self._opening:  # concurrent first calls open one store
             if self._done:  # a call that slipped in as close() began opens nothing
                 raise StoreClosedError("the session is closed")
             if self._store is None:
-                store = await Store.connect(self._dsn)
+                store = await EventLog.connect(self._dsn)
                 try:
                     await store.init_schema()
                 except BaseException:
@@ -237,7 +237,7 @@ class _OwnedHost(_Host):
 class _SharedHost(_Host):
     """An open Store given by the caller, on the loop it was opened on (never closed here)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: EventLog) -> None:
         super().__init__()
         self._store = store
         self._done = False
@@ -277,16 +277,16 @@ class ImmAgentSession:
 
     session_settings: SessionSettings | None
 
-    def __init__(self, session_id: str, db: str | os.PathLike[str] | Store, *,
+    def __init__(self, session_id: str, db: str | os.PathLike[str] | EventLog, *,
                  session_settings: SessionSettings | dict[str, Any] | None = None) -> None:
         """The session ``session_id`` in ``db``: a DSN (opened on first use, closed by
-        ``close()``) or an open, initialised ``Store`` (shared; not closed here).
+        ``close()``) or an open, initialised ``Store`` or ``EventLog`` (shared; not closed here).
         ``session_settings.limit`` bounds ``get_items()`` as in the SDK's sessions."""
         self.session_id = check_session_id("session_id", session_id)
         self.session_settings = (coerce_session_settings(session_settings)
                                  if session_settings is not None else SessionSettings())
         host: _Host
-        if isinstance(db, Store):
+        if isinstance(db, EventLog):
             if db.closed:
                 raise ValidationError("db", "the Store is closed", None)
             host = _SharedHost(db)
@@ -324,7 +324,7 @@ class ImmAgentSession:
         if self._closed:
             raise StoreClosedError(f"session {self.session_id!r} is closed")
 
-        async def on_store(store: Store) -> T:
+        async def on_store(store: EventLog) -> T:
             # Runs on the store's loop only, so the log needs no lock of its own here.
             if self._log is None:
                 self._log = SessionLog(store, self.session_id)
@@ -492,10 +492,11 @@ class ImmAgentSession:
 
         async def change(log: SessionLog) -> BundleInfo:
             state = await log.newest()
-            if state is None:
+            info = None if state is None else await log.store.export_lineage(state.id, path)
+            if info is None:
                 raise ValidationError("session_id", f"session {self.session_id!r} has no "
                                       "state to export", self.session_id)
-            return await log.store.export(state.id, path)
+            return info
 
         return await self._run(change)
 

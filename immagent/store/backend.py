@@ -1,4 +1,7 @@
-"""The narrow interface every storage backend implements (memory, SQLite, PostgreSQL).
+"""The narrow interfaces every storage backend implements (memory, SQLite, PostgreSQL, and
+read replicas over PostgreSQL), one per role: the log's rows (``LogBackend``), the audits'
+whole-store queries (``AuditBackend``), administration (``AdminBackend``). ``Backend`` is
+what the log is given; its ``audits()`` hands out the backend the audits ask.
 
 A backend stores two kinds of rows and reports facts about them; it applies no rule of its
 own. Assets (``StoredAsset``: digest, kind, refs, body) are append-only and content-
@@ -18,11 +21,12 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import NamedTuple, Protocol
 from uuid import UUID
 
-from immagent.assets import Digest, MissingAsset, StoredAsset
+from immagent.assets import Digest, MissingAsset
 from immagent.records import StateRow
+from immagent.rows import StoredAsset
 
-__all__ = ["SCHEMA_VERSION", "Backend", "Head", "Misfit", "RowCheck", "SweepResult",
-           "WriteResult"]
+__all__ = ["SCHEMA_VERSION", "AdminBackend", "AuditBackend", "Backend", "Head", "LogBackend",
+           "Misfit", "RowCheck", "SweepResult", "WriteResult"]
 
 #: Version of the storage layout this immagent writes; older versions are migrated.
 SCHEMA_VERSION = 2
@@ -75,25 +79,8 @@ class SweepResult(NamedTuple):
     missing: Digest | None = None
 
 
-class Backend(Protocol):
-    """Storage operations: facts about rows, never rules."""
-
-    async def close(self) -> None:
-        """Release connections; idempotent."""
-
-    async def ping(self) -> bool:
-        """True when the database answers a trivial query."""
-
-    # -- schema ---------------------------------------------------------------------------
-
-    async def schema_version(self) -> int | None:
-        """The layout version stored in the database, None when it holds no immagent tables.
-        Never changes the database."""
-
-    async def migrate(self, found: int | None) -> int | None:
-        """Bring the layout to SCHEMA_VERSION from version ``found`` (None: create it) in
-        one transaction, serialised with other callers. Re-reads the version under that
-        lock and changes nothing unless it still is ``found``; returns what it read."""
+class LogBackend(Protocol):
+    """The log's rows: writes, deletes and the reads every client makes."""
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -127,16 +114,6 @@ class Backend(Protocol):
         still take their parent with them. With ``dry_run`` the transaction is rolled back
         instead of committed: the ids that would have been deleted, nothing deleted."""
 
-    async def sweep(self, check: RowCheck, *, dry_run: bool = False) -> SweepResult:
-        """Mark every asset a state reaches through refs, run ``check`` on every row marked
-        from (all states, every reached asset that has refs or is of a node kind, and every
-        one a state or a node links to as parent: a node whose refs or kind column were
-        damaged marks nothing, yet must be checked), then delete the assets not
-        marked: one transaction holding the exclusive side of the gc lock. If ``check``
-        raises, or a reached digest is missing, nothing is deleted (the exception
-        propagates; the missing digest is reported). With ``dry_run`` everything but the
-        commit happens: the result says what would have been removed, nothing is."""
-
     # -- assets ---------------------------------------------------------------------------
 
     async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, StoredAsset]:
@@ -149,38 +126,6 @@ class Backend(Protocol):
         (following each node's first ref while it has the head's kind), newest first,
         stopping early at a missing node; and the rows of every other digest those nodes
         reference (their elements), by digest."""
-
-    def iter_assets(self, roots: Sequence[Digest] | None = None,
-                    batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
-        """Every stored asset (``roots`` None), or every one reachable from ``roots``
-        through refs (each once, any order; absent digests skipped), in batches from one
-        snapshot, so memory stays one batch."""
-        ...
-
-    async def dangling_refs(self, states: Sequence[UUID] | None = None,
-                            limit: int = 10_000) -> list[MissingAsset]:
-        """References to absent digests, found by the database (an anti-join), at most
-        ``limit``, distinct: from every asset and state, or (``states`` given) only from
-        those states and the assets they reach."""
-
-    async def misfit_refs(self, expected: Mapping[int, tuple[int, int]],
-                          states: Sequence[UUID] | None = None,
-                          limit: int = 10_000) -> list[Misfit]:
-        """References from assets to a stored asset of another kind than ``expected`` says,
-        found by the database, at most ``limit``: ``expected[kind] = (first, rest)`` is the
-        kind the first ref of an asset of ``kind`` must have, and every later one (assets of
-        kinds not in it are not checked; absent targets are ``dangling_refs``). From every
-        asset, or (``states`` given) from the assets those states reach."""
-
-    async def cyclic_states(self, limit: int = 10_000) -> list[UUID]:
-        """States whose lineage never ends (following ``parent_id`` runs into a cycle),
-        found by the database, at most ``limit``, in id order."""
-
-    async def asset_stats(self) -> dict[int, tuple[int, int]]:
-        """Per asset kind: (number of assets, total body bytes)."""
-
-    async def storage_bytes(self) -> int:
-        """Bytes the backend occupies for immagent's tables (indexes included)."""
 
     # -- states ---------------------------------------------------------------------------
 
@@ -214,3 +159,82 @@ class Backend(Protocol):
         """The state and its ancestors through ``parent_id``, at most ``limit`` rows, in one
         round trip. Terminates on a parent cycle: without a limit each row comes once (any
         order); with one, rows come newest first and a cycle repeats ids."""
+
+
+class AuditBackend(LogBackend, Protocol):
+    """A log backend that also answers the audits' whole-store queries (verify, stats,
+    bundles): read-only, and asked of the one database that holds every row."""
+
+    def iter_assets(self, roots: Sequence[Digest] | None = None,
+                    batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
+        """Every stored asset (``roots`` None), or every one reachable from ``roots``
+        through refs (each once, any order; absent digests skipped), in batches from one
+        snapshot, so memory stays one batch."""
+        ...
+
+    async def dangling_refs(self, states: Sequence[UUID] | None = None,
+                            limit: int = 10_000) -> list[MissingAsset]:
+        """References to absent digests, found by the database (an anti-join), at most
+        ``limit``, distinct: from every asset and state, or (``states`` given) only from
+        those states and the assets they reach."""
+
+    async def misfit_refs(self, expected: Mapping[int, tuple[int, int]],
+                          states: Sequence[UUID] | None = None,
+                          limit: int = 10_000) -> list[Misfit]:
+        """References from assets to a stored asset of another kind than ``expected`` says,
+        found by the database, at most ``limit``: ``expected[kind] = (first, rest)`` is the
+        kind the first ref of an asset of ``kind`` must have, and every later one (assets of
+        kinds not in it are not checked; absent targets are ``dangling_refs``). From every
+        asset, or (``states`` given) from the assets those states reach."""
+
+    async def cyclic_states(self, limit: int = 10_000) -> list[UUID]:
+        """States whose lineage never ends (following ``parent_id`` runs into a cycle),
+        found by the database, at most ``limit``, in id order."""
+
+    async def asset_stats(self) -> dict[int, tuple[int, int]]:
+        """Per asset kind: (number of assets, total body bytes)."""
+
+    async def storage_bytes(self) -> int:
+        """Bytes the backend occupies for immagent's tables (indexes included)."""
+
+
+class AdminBackend(Protocol):
+    """Administration: the connection, the schema and gc's sweep."""
+
+    async def close(self) -> None:
+        """Release connections; idempotent."""
+
+    async def ping(self) -> bool:
+        """True when the database answers a trivial query."""
+
+    # -- schema ---------------------------------------------------------------------------
+
+    async def schema_version(self) -> int | None:
+        """The layout version stored in the database, None when it holds no immagent tables.
+        Never changes the database."""
+
+    async def migrate(self, found: int | None) -> int | None:
+        """Bring the layout to SCHEMA_VERSION from version ``found`` (None: create it) in
+        one transaction, serialised with other callers. Re-reads the version under that
+        lock and changes nothing unless it still is ``found``; returns what it read."""
+
+    # -- gc -------------------------------------------------------------------------------
+
+    async def sweep(self, check: RowCheck, *, dry_run: bool = False) -> SweepResult:
+        """Mark every asset a state reaches through refs, run ``check`` on every row marked
+        from (all states, every reached asset that has refs or is of a node kind, and every
+        one a state or a node links to as parent: a node whose refs or kind column were
+        damaged marks nothing, yet must be checked), then delete the assets not
+        marked: one transaction holding the exclusive side of the gc lock. If ``check``
+        raises, or a reached digest is missing, nothing is deleted (the exception
+        propagates; the missing digest is reported). With ``dry_run`` everything but the
+        commit happens: the result says what would have been removed, nothing is."""
+
+
+class Backend(LogBackend, AdminBackend, Protocol):
+    """What the log needs of a storage backend: facts about rows, never rules. The audits'
+    queries go to ``audits()``: the backend itself, or (read replicas) the primary."""
+
+    def audits(self) -> AuditBackend:
+        """The backend that answers audit queries over every row."""
+        ...

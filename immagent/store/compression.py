@@ -27,11 +27,12 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
 from immagent import codec
-from immagent.assets import Dictionary, Kind, StoredAsset, load_row, stored
+from immagent.assets import Dictionary, Kind
 from immagent.exceptions import ImmAgentError, IntegrityError
 from immagent.ids import uuid7
 from immagent.records import StateRow, load_state, stream_digest
-from immagent.store.backend import Backend, Head
+from immagent.rows import StoredAsset, load_row, stored
+from immagent.store.backend import Head, LogBackend
 
 __all__ = ["GENERATIONS", "STREAM", "Compression"]
 
@@ -48,7 +49,7 @@ ADOPT = 0.9
 class Compression:
     """One store's codec state (the Store holds one; safe on one event loop)."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: LogBackend) -> None:
         self._backend = backend
         self.dictionaries = codec.NO_DICTIONARIES
         self._head: StateRow | None = None

@@ -2,7 +2,7 @@
 stores (``Store.connect("memory://")``).
 
 It is the executable definition of what the database backends compute in SQL: the same
-contract suite runs against all three. Nothing awaits while a write is applied, so every
+contract suite runs against every backend. Nothing awaits while a write is applied, so every
 call is atomic on its event loop, and a write-or-sweep lock gives gc the same exclusion
 the database backends get from their locks.
 """
@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Self
 from uuid import UUID
 
-from immagent.assets import NODE_KINDS, Digest, MissingAsset, StoredAsset
+from immagent.assets import NODE_KINDS, Digest, MissingAsset
 from immagent.exceptions import StoreClosedError
 from immagent.records import StateRow
+from immagent.rows import StoredAsset
 from immagent.store.backend import (
     SCHEMA_VERSION,
     Head,
@@ -49,6 +51,10 @@ class MemoryBackend:
 
     async def ping(self) -> bool:
         return not self._closed
+
+    def audits(self) -> Self:
+        """This backend answers its own audit queries."""
+        return self
 
     async def schema_version(self) -> int | None:
         self._open()

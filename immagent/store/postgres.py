@@ -18,7 +18,7 @@ import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Self
 from uuid import UUID
 
 import psycopg
@@ -26,16 +26,7 @@ import psycopg.conninfo
 import psycopg_pool
 from psycopg import errors as pg_errors
 
-from immagent.assets import (
-    NODE_KINDS,
-    Digest,
-    MissingAsset,
-    StoredAsset,
-    join_refs,
-    split_refs,
-    stored_rows,
-    stored_tagged_rows,
-)
+from immagent.assets import NODE_KINDS, Digest, MissingAsset
 from immagent.exceptions import (
     SchemaMissingError,
     StoreClosedError,
@@ -44,8 +35,7 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.records import StateRow, state_from_v1
-from immagent.store._filters import ROOTED_STATES, Dialect, StateQueries
-from immagent.store._rehearsal import Rehearsal
+from immagent.rows import StoredAsset, join_refs, split_refs, stored_rows, stored_tagged_rows
 from immagent.store.backend import (
     SCHEMA_VERSION,
     Head,
@@ -56,6 +46,8 @@ from immagent.store.backend import (
 )
 from immagent.store.dsn import redact, scrub
 from immagent.store.schema import schema_sql
+from immagent.store.sql import ROOTED_STATES, Dialect, Rehearsal, StateQueries
+from immagent.store.sql import WriteAborted as _Abort
 
 __all__ = ["PostgresBackend"]
 
@@ -129,13 +121,6 @@ def _mapped(operation: str) -> Iterator[None]:
         raise StoreError(f"{operation} failed: {type(e).__name__}: {e}") from e
 
 
-class _Abort(Exception):
-    """Raised inside a write transaction to roll it back and report ``result``."""
-
-    def __init__(self, result: WriteResult) -> None:
-        self.result = result
-
-
 def _state(row: Sequence[Any]) -> StateRow:
     return StateRow(id=row[0], parent_id=row[1], kind=int(row[2]), stream=row[3],
                     refs=split_refs(row[4]), body=bytes(row[5]), digest=bytes(row[6]),
@@ -203,6 +188,10 @@ class PostgresBackend(StateQueries):
             return True
         except (psycopg.Error, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed):
             return False
+
+    def audits(self) -> Self:
+        """This backend answers its own audit queries."""
+        return self
 
     async def wal_lsn(self) -> int:
         """The WAL position whose effects this server shows, as a number: everything

@@ -16,7 +16,8 @@ Routing, decided per call:
 * Everything else goes to the primary: writes, deletes, gc, verify, schema, and the reads
   whose result cannot reveal lag (``scan_states``, ``stream_states``, ``count_states``: a
   stale page or a stale newest state looks like a valid answer), ``iter_assets`` (long
-  iterations on a standby are cancelled by recovery conflicts) and the audit queries.
+  iterations on a standby are cancelled by recovery conflicts) and the audit queries
+  (``audits()`` hands out the primary itself).
 * Deletes are the one gap misses cannot close (a lagging replica still returns what was
   just deleted, or replaced), so after a delete, a write that replaces states, a sweep or
   a migration this backend reads the primary's WAL position and uses a replica again
@@ -48,18 +49,18 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TypeVar
 from uuid import UUID
 
-from immagent.assets import Digest, MissingAsset, StoredAsset
+from immagent.assets import Digest
 from immagent.exceptions import StoreConnectionError, StoreError, ValidationError
 from immagent.records import StateRow
+from immagent.rows import StoredAsset
 from immagent.store import dsn as dsns
 from immagent.store.backend import (
     Backend,
     Head,
-    Misfit,
     RowCheck,
     SweepResult,
     WriteResult,
@@ -216,6 +217,10 @@ class ReplicatedBackend:
 
     async def ping(self) -> bool:
         return await self._primary.ping()
+
+    def audits(self) -> PostgresBackend:
+        """The primary: audits read every row as it is, never a standby's lagging copy."""
+        return self._primary
 
     # -- choosing a replica ---------------------------------------------------------------
 
@@ -399,28 +404,6 @@ class ReplicatedBackend:
         if found is not None and _whole_chain(*found):
             return found
         return await self._primary.get_chain(head)
-
-    def iter_assets(self, roots: Sequence[Digest] | None = None,
-                    batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
-        return self._primary.iter_assets(roots, batch_size)
-
-    async def dangling_refs(self, states: Sequence[UUID] | None = None,
-                            limit: int = 10_000) -> list[MissingAsset]:
-        return await self._primary.dangling_refs(states, limit)
-
-    async def misfit_refs(self, expected: Mapping[int, tuple[int, int]],
-                          states: Sequence[UUID] | None = None,
-                          limit: int = 10_000) -> list[Misfit]:
-        return await self._primary.misfit_refs(expected, states, limit)
-
-    async def cyclic_states(self, limit: int = 10_000) -> list[UUID]:
-        return await self._primary.cyclic_states(limit)
-
-    async def asset_stats(self) -> dict[int, tuple[int, int]]:
-        return await self._primary.asset_stats()
-
-    async def storage_bytes(self) -> int:
-        return await self._primary.storage_bytes()
 
     # -- states ---------------------------------------------------------------------------
 

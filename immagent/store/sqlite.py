@@ -30,19 +30,10 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 from uuid import UUID
 
-from immagent.assets import (
-    NODE_KINDS,
-    Digest,
-    MissingAsset,
-    StoredAsset,
-    join_refs,
-    split_refs,
-    stored_rows,
-    stored_tagged_rows,
-)
+from immagent.assets import NODE_KINDS, Digest, MissingAsset
 from immagent.exceptions import (
     IntegrityError,
     StoreConnectionError,
@@ -50,8 +41,7 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.records import StateRow, state_from_v1
-from immagent.store._filters import ROOTED_STATES, Dialect, StateQueries
-from immagent.store._rehearsal import Rehearsal
+from immagent.rows import StoredAsset, join_refs, split_refs, stored_rows, stored_tagged_rows
 from immagent.store._sqlite_pool import SQLitePool, is_busy, transaction
 from immagent.store.backend import (
     SCHEMA_VERSION,
@@ -61,6 +51,8 @@ from immagent.store.backend import (
     SweepResult,
     WriteResult,
 )
+from immagent.store.sql import ROOTED_STATES, Dialect, Rehearsal, StateQueries
+from immagent.store.sql import WriteAborted as _Abort
 
 __all__ = ["SQLiteBackend"]
 
@@ -218,13 +210,6 @@ _GC_CHECKED = f"""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
-
-
-class _Abort(Exception):
-    """Raised inside a write transaction to roll it back and report ``result``."""
-
-    def __init__(self, result: WriteResult) -> None:
-        self.result = result
 
 
 def _to_micros(value: datetime) -> int:
@@ -427,6 +412,10 @@ class SQLiteBackend(StateQueries):
         except StoreError:  # ping answers the question rather than raising
             return False
         return True
+
+    def audits(self) -> Self:
+        """This backend answers its own audit queries."""
+        return self
 
     # -- schema ---------------------------------------------------------------------------
 

@@ -1,16 +1,18 @@
-"""Store: the content-addressed log every client writes to, and the rules over its backend.
+"""EventLog: the content-addressed log every client writes to, and the rules over its backend.
 
-Two layers in one facade. The *event-store API* (``commit``, ``get_assets``, ``get_chain``,
-``get_states``, ``stream_states``, ``scan_states``, ``state_lineage``, ``delete_states``) is
-what every client uses: PersistentAgent, the LangGraph checkpointer, the OpenAI Agents
-session. The *agent API* (``create_agent``, ``load_agent``, ``append``, …) is the agent
-client's half, kept here because the seed package put it on the Store.
+The log knows no client. Its API (``commit``, ``get_assets``, ``get_chain``, ``get_states``,
+``stream_states``, ``scan_states``, ``count_states``, ``state_lineage``, ``delete_states``)
+is what every client uses: the agent book (``immagent.clients.agents``, whose ``Store`` is
+this log plus the agent API of 0.1.2), the checkpoint client behind the LangGraph saver, the
+session log behind the OpenAI Agents SDK session. Audits (gc, verify, stats, bundles) run
+over every client's rows alike.
 
 Rules live here, once, above a backend that only reports facts: the schema policy, "what a
-write points at must exist", "a state is written only if it verifies", cycle-safe lineage
-walks, lineage deletion, and gc's checks (in ``immagent.audit``). Reads go cache first; every
-row read from a backend passes the one verify-on-read (``assets.load_row`` /
-``records.load_state``) before it is decoded or cached. The store never runs a model.
+write points at must exist", "a state is written only if it verifies", the content rules of
+``store.rules``, cycle-safe lineage walks, lineage deletion, and gc's checks (in
+``immagent.audit``). Reads go cache first; every row read from a backend passes the one
+verify-on-read (``rows.load_row`` / ``records.load_state``) before it is decoded or cached.
+The log never runs a model.
 """
 
 from __future__ import annotations
@@ -19,17 +21,13 @@ import itertools
 import logging
 import operator
 import os
-import weakref
-from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
+from collections.abc import Callable, Sequence
+from typing import Self, TypeVar, cast, overload
 from uuid import UUID
 
 import msgspec
 
-from immagent import registry
 from immagent.assets import (
-    EMPTY_CONVERSATION,
     NODE_KINDS,
     Asset,
     ConversationNode,
@@ -37,18 +35,12 @@ from immagent.assets import (
     Item,
     Kind,
     Message,
-    StoredAsset,
     SystemPrompt,
     Value,
     decode_asset,
-    load_row,
-    load_rows,
-    nodes_counters,
-    stored,
 )
-from immagent.audit import bundle, gc, rules, verify
+from immagent.audit import bundle, gc, verify
 from immagent.exceptions import (
-    AgentNotFoundError,
     AssetNotFoundError,
     BundleError,
     ConflictError,
@@ -60,66 +52,52 @@ from immagent.exceptions import (
     StoreClosedError,
     ValidationError,
 )
-from immagent.ids import uuid7
-from immagent.records import (
-    AgentRecord,
-    StateRow,
-    load_agent,
-    load_state,
-    state_digest,
-)
+from immagent.records import StateRow, load_state
+from immagent.rows import StoredAsset, load_row, load_rows, nodes_counters, stored
 from immagent.store import dsn as dsns
+from immagent.store import rules
 from immagent.store.backend import SCHEMA_VERSION, Backend, Head
 from immagent.store.cache import AssetCache
 from immagent.store.compression import Compression
 from immagent.store.stats import StoreStats
 from immagent.validate import (
-    check_agent_fields,
     check_count,
     check_digest,
     check_digests,
     check_flag,
-    check_json_mapping,
     check_key,
     check_kind,
     check_number,
     check_sequence,
-    check_text,
     check_uuid,
     check_uuids,
 )
 
-if TYPE_CHECKING:
-    from immagent.agent import PersistentAgent
-
-__all__ = ["Store"]
+__all__ = ["MAX_PAGE", "EventLog", "check_limit", "storable"]
 
 log = logging.getLogger("immagent")
 
 A = TypeVar("A", bound=Asset)
 
-#: Page size of internal scans (stats, find_by_name).
+#: Page size of internal scans (stats).
 _PAGE = 1000
 #: Largest page a caller may ask for.
 MAX_PAGE = 10_000
 
 
-class Store:
-    """Persistent agents (and other clients' states) over PostgreSQL, SQLite or memory.
-    Open with ``await Store.connect(dsn)``; use as ``async with``. Safe to share between
-    tasks of one event loop."""
+class EventLog:
+    """The states and assets of every client over PostgreSQL, SQLite or memory. Open with
+    ``await EventLog.connect(dsn)`` (or ``Store.connect``: the same log with the agent API);
+    use as ``async with``. Safe to share between tasks of one event loop."""
 
     def __init__(self, backend: Backend, *, name: str = "the store",
                  cache_entries: int = 20_000) -> None:
-        """A store over an open backend (``Store.connect`` makes both); ``name`` is how
-        messages refer to it (never with a password)."""
+        """A log over an open backend (``connect`` makes both); ``name`` is how messages
+        refer to it (never with a password)."""
         self._backend = backend
         self._name = name
         self._cache = AssetCache(recent=cache_entries)
         self._compression = Compression(backend)
-        # While an agent object is alive, loading its id returns that same object.
-        self._agents: weakref.WeakValueDictionary[UUID, PersistentAgent] = (
-            weakref.WeakValueDictionary())
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -134,7 +112,7 @@ class Store:
         max_inactive_connection_lifetime: float = 300.0,
         cache_entries: int = 20_000,
         replicas: Sequence[str] = (),
-    ) -> Store:
+    ) -> Self:
         """Open a store: ``postgresql://…`` for PostgreSQL, ``sqlite:///path.db`` (or a bare
         path ending in ``.db``) for the embedded SQLite backend, ``memory://`` for a
         throwaway one. The pool sizes apply to PostgreSQL; SQLite uses ``max_size`` reader
@@ -177,7 +155,7 @@ class Store:
             backend = MemoryBackend()
         return cls(backend, name=dsns.redact(target.dsn), cache_entries=cache_entries)
 
-    async def __aenter__(self) -> Store:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -227,10 +205,8 @@ class Store:
                                      "`await store.init_schema()` migrates it")
 
     def clear_cache(self) -> None:
-        """Forget every cached asset and agent object (only useful to measure or to free
-        memory); loading an id afterwards makes a new object."""
+        """Forget every cached asset (only useful to measure or to free memory)."""
         self._cache.clear()
-        self._agents.clear()
 
     def _open(self) -> Backend:
         if self._closed:
@@ -251,7 +227,7 @@ class Store:
         ``states`` are inserted: a replaced id written again becomes its stream's newest
         state. Nothing is written on error."""
         assets = check_sequence("assets", assets)
-        rows = [_storable(f"assets[{i}]", a) for i, a in enumerate(assets)]
+        rows = [storable(f"assets[{i}]", a) for i, a in enumerate(assets)]
         await self._write(rows, check_sequence("states", states), assets,
                           check_sequence("heads", heads), check_uuids("replace", replace))
 
@@ -418,7 +394,7 @@ class Store:
                             limit: int = 100, newest_first: bool = True) -> list[StateRow]:
         """States of ``kind`` in ``stream``, in log order (newest first by default), a page
         at a time: pass the last row's ``seq`` as ``after_seq`` for the next page."""
-        _check_limit(limit)
+        check_limit(limit)
         if after_seq is not None:
             check_count("after_seq", after_seq, 0, 2**63 - 1)
         rows = await self._open().stream_states(
@@ -437,7 +413,7 @@ class Store:
 
     async def _scan(self, kind: int | None, after: UUID | None, limit: int,
                     newest_first: bool, contains: str | None) -> list[StateRow]:
-        _check_limit(limit)
+        check_limit(limit)
         return await self._open().scan_states(
             None if kind is None else check_kind("kind", kind),
             after=None if after is None else check_uuid("after", after), limit=limit,
@@ -459,7 +435,7 @@ class Store:
         session's), a page of streams at a time in the database's order of stream names:
         pass the last row's ``stream`` as ``after`` for the next page. One index probe per
         stream; a stream's older states are never read."""
-        _check_limit(limit)
+        check_limit(limit)
         rows = await self._open().stream_heads(
             check_kind("kind", kind),
             after=None if after is None else check_key("after", after), limit=limit)
@@ -475,7 +451,7 @@ class Store:
         """``state_lineage``'s rows, ordered and cycle-checked but not yet verified."""
         state_id = check_uuid("state_id", state_id)
         if limit is not None:
-            _check_limit(limit, bound=2**62)
+            check_limit(limit, bound=2**62)
         rows = await self._open().lineage(state_id, limit)
         by_id = {r.id: r for r in rows}
         if limit is not None and len(by_id) < len(rows):
@@ -506,239 +482,29 @@ class Store:
         ``replace``): the store's own compression state is refused (ValidationError)."""
         _refuse_own(await self._open().get_states(ids), field)
 
-    def _forget(self, ids: Sequence[UUID]) -> None:
-        """Deleted states: loading their ids must not return a live object for them."""
-        for state_id in ids:
-            self._agents.pop(state_id, None)
-
-    # -- agents ---------------------------------------------------------------------------
-
-    async def create_agent(
-        self,
-        name: str,
-        system_prompt: str,
-        model: str,
-        model_config: Mapping[str, Any] | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> PersistentAgent:
-        """Create and save a new agent with an empty conversation."""
-        # The rule imported records meet too (audit.rules); config checked now, not at the
-        # first advance.
-        fields = check_agent_fields(name, model, model_config, metadata)
-        prompt = SystemPrompt(text=check_text("system_prompt", system_prompt))
-        record = _new_record(None, fields.name, fields.model, prompt.digest,
-                             EMPTY_CONVERSATION.digest, fields.model_config, fields.metadata)
-        await self.commit([prompt, EMPTY_CONVERSATION], [record.to_row()])
-        log.info("created agent %s (%s)", record.id, fields.name)
-        return self._bind(record)
-
-    async def load_agent(self, agent_id: UUID | str) -> PersistentAgent:
-        """The agent state with this id (the same object while one for it is alive here)."""
-        (agent,) = await self.load_agents([agent_id])
-        return agent
-
-    async def load_agents(self, agent_ids: Sequence[UUID | str]) -> list[PersistentAgent]:
-        """Several agent states in one query, in the order asked for."""
-        if isinstance(agent_ids, str | bytes) or not isinstance(agent_ids, Sequence):
-            raise ValidationError("agent_ids", "must be a sequence of UUIDs", agent_ids)
-        ids = [check_uuid("agent_id", i) for i in agent_ids]
-        wanted = [i for i in dict.fromkeys(ids) if i not in self._agents]
-        by_id: dict[UUID, PersistentAgent] = {}
-        for i in ids:
-            alive = self._agents.get(i)
-            if alive is not None:
-                by_id[i] = alive
-        for row in await self._open().get_states(wanted):
-            if row.kind == Kind.AGENT_STATE:
-                by_id[row.id] = self._bind(load_agent(row))
-            else:  # another client's state, or a damaged kind column: verified all the same
-                load_state(row)
-        for i in ids:
-            if i not in by_id:
-                raise AgentNotFoundError(i)
-        return [by_id[i] for i in ids]
-
-    async def list_agents(self, limit: int = 100, offset: int = 0, name: str | None = None,
-                          ) -> list[PersistentAgent]:
-        """Agent states, newest first, a page at a time (as in 0.1.2); ``name`` keeps those
-        whose name contains it, case-insensitively (``%``, ``_`` and ``\\`` are plain
-        characters). For stable paging under concurrent writes use ``scan_states``."""
-        _check_limit(limit)
-        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2**62:
-            raise ValidationError("offset", f"must be an int >= 0, got {offset!r}", offset)
-        contains = None if name is None else check_text("name", name)
-        found: list[PersistentAgent] = []
-        after: UUID | None = None
-        skip = offset
-        while len(found) < limit:
-            want = min(MAX_PAGE, skip + limit - len(found))
-            page = await self._scan(Kind.AGENT_STATE, after, want, True, contains)
-            found.extend(self._bind(load_agent(row)) for row in page[skip:])
-            skip = max(0, skip - len(page))
-            if len(page) < want:
-                break
-            after = page[-1].id
-        return found[:limit]
-
-    async def count_agents(self, name: str | None = None) -> int:
-        """How many agent states are stored (with ``name``: whose name contains it,
-        case-insensitively, as ``list_agents`` filters)."""
-        contains = None if name is None else check_text("name", name)
-        return await self.count_states(Kind.AGENT_STATE, contains=contains)
-
-    async def find_by_name(self, name: str) -> list[PersistentAgent]:
-        """Every agent state with exactly this name, newest first (as in 0.1.2)."""
-        name = check_text("name", name)
-        found: list[PersistentAgent] = []
-        after: int | None = None
-        while True:
-            page = await self._open().stream_states(Kind.AGENT_STATE, name, after_seq=after,
-                                                    limit=_PAGE)
-            found.extend(self._bind(load_agent(r)) for r in page)
-            if len(page) < _PAGE:
-                return found
-            after = page[-1].seq
-
-    async def newest_by_name(self, name: str) -> PersistentAgent | None:
-        """The newest stored state with exactly this name, or None (one index probe)."""
-        name = check_text("name", name)
-        page = await self._open().stream_states(Kind.AGENT_STATE, name, limit=1)
-        return self._bind(load_agent(page[0])) if page else None
-
-    async def delete(self, agent: PersistentAgent | UUID | str) -> None:
-        """Delete one agent state. Its assets stay until gc(); other states are untouched
-        (a child's parent_id then names a deleted state and lineage walks stop there)."""
-        agent_id = self._agent_id(agent)
-        if await self.delete_states([agent_id]) == 0:
-            raise AgentNotFoundError(agent_id)
-        log.info("deleted agent %s", agent_id)
-
-    async def delete_lineage(self, agent: PersistentAgent | UUID | str, *,
-                             dry_run: bool = False) -> list[UUID]:
-        """Delete ``agent`` and then each ancestor that no other live state descends from.
+    async def delete_state_lineage(self, state_id: UUID, *,
+                                   dry_run: bool = False) -> list[UUID]:
+        """Delete the state ``state_id`` and then each ancestor that no other stored state
+        descends from, in one transaction; returns the deleted ids, ``state_id`` first
+        (empty when it is not stored). With ``dry_run`` that transaction is rolled back:
+        the ids it would delete, nothing deleted.
 
         A state is *live* while its row exists. The walk stops at the first ancestor that
         has another child row (or is already gone). Children of a deleted state keep their
-        ``parent_id``; their lineage walks stop there. Assets stay until gc(). Returns the
-        deleted ids, ``agent`` first, in one transaction. With ``dry_run`` that transaction
-        is rolled back: the ids it would delete, nothing deleted.
+        ``parent_id``; their lineage walks stop there. Assets stay until gc().
         """
-        agent_id = self._agent_id(agent)
-        rows = await self._line(agent_id, None)
+        rows = await self._line(state_id, None)
         _refuse_own(rows)
-        line = [r.id for r in rows]
-        deleted = await self._open().delete_states(line, stop_at_shared=True,
-                                                   dry_run=check_flag("dry_run", dry_run))
-        if not deleted:
-            raise AgentNotFoundError(agent_id)
+        deleted = await self._open().delete_states([r.id for r in rows], stop_at_shared=True,
+                                                    dry_run=check_flag("dry_run", dry_run))
         if dry_run:
             return deleted
         self._forget(deleted)
-        log.info("deleted lineage of %s: %d states", agent_id, len(deleted))
         return deleted
 
-    # -- per-agent operations (PersistentAgent's methods delegate here) --------------------
-
-    async def get_messages(self, agent: PersistentAgent) -> tuple[Message, ...]:
-        """All messages of ``agent``'s conversation, oldest first."""
-        messages = await self.get_chain(_record(agent).conversation, Kind.NODE)
-        return messages  # type: ignore[return-value]  # a NODE chain holds messages
-
-    async def message_counts(self, agents: Sequence[PersistentAgent]) -> list[int]:
-        """How many messages each agent's conversation holds, read from the head nodes
-        alone (one batched fetch, no history)."""
-        records = [_record(a, f"agents[{i}]")
-                   for i, a in enumerate(check_sequence("agents", agents))]
-        nodes = await self.get_assets([r.conversation for r in records],
-                                      ConversationNode, "conversation node")
-        return [n.length for n in nodes]
-
-    async def get_system_prompt(self, agent: PersistentAgent) -> str:
-        """The system prompt text of ``agent``."""
-        (prompt,) = await self.get_assets([_record(agent).system_prompt], SystemPrompt,
-                                          "system prompt")
-        return prompt.text
-
-    async def ancestors(self, agent: PersistentAgent | UUID | str,
-                        limit: int | None = None) -> list[PersistentAgent]:
-        """``agent`` and its stored ancestors, **newest first**, at most ``limit`` (what
-        ``immagent log`` walks); stops at a deleted parent."""
-        agent_id = self._agent_id(agent)
-        rows = await self._line(agent_id, limit)
-        if not rows:
-            raise AgentNotFoundError(agent_id)
-        return [self._bind(load_agent(r)) for r in rows]
-
-    async def get_lineage(self, agent: PersistentAgent) -> list[PersistentAgent]:
-        """``agent``'s stored lineage **root first, ``agent`` last** (0.1.2's order); it
-        starts at the oldest ancestor still stored."""
-        return (await self.ancestors(agent))[::-1]
-
-    async def clone(self, agent: PersistentAgent) -> PersistentAgent:
-        """A sibling of ``agent``: same content (same digest), a new id and the *same*
-        parent, for exploring another branch from the same point (as in 0.1.2). Writes one
-        state row and no assets."""
-        r = _record(agent)
-        return await self._derive(r, r.parent_id, r.conversation, r.metadata)
-
-    async def with_metadata(self, agent: PersistentAgent,
-                            metadata: Mapping[str, Any]) -> PersistentAgent:
-        """A new state of ``agent`` (its child) with ``metadata`` replacing the old one."""
-        r = _record(agent)
-        return await self._derive(r, r.id, r.conversation,
-                                  check_json_mapping("metadata", metadata))
-
-    async def append(self, agent: PersistentAgent, messages: Sequence[Message], *,
-                     history: tuple[Message, ...] | None = None) -> PersistentAgent:
-        """Save a new state of ``agent`` (its child) whose conversation adds ``messages``.
-
-        Writes only the new messages, one conversation node and one state row, in one
-        transaction: the store-only half of ``PersistentAgent.advance`` (also used by
-        imports and benchmarks). The new state's history is cached as one more segment of
-        its parent's, without another read. ``history`` (the conversation so far) is kept
-        for callers of 0.1.2's signature and not trusted: only verified chains are cached,
-        so a wrong one can never make a later read return what the chain does not hold.
-        """
-        record = _record(agent)
-        rows = _checked_messages(messages)
-        added: list[Message] = list(messages)
-        (parent,) = await self.get_assets([record.conversation], ConversationNode,
-                                          "conversation node")
-        node = parent.extend(added)
-        new = await self._derive(record, record.id, node.digest, record.metadata,
-                                 rows=[*rows, stored(node)], decoded=[*added, node])
-        self._cache.put_segment(node.digest, record.conversation, tuple(added))
-        known = self._cache.history(record.conversation)
-        if known is not None:
-            self._cache.put_history(node.digest, (*known, *added))
-        return new
-
-    async def _derive(self, r: AgentRecord, parent_id: UUID | None, conversation: Digest,
-                      metadata: dict[str, Any], rows: Sequence[StoredAsset] = (),
-                      decoded: Sequence[Asset] = ()) -> PersistentAgent:
-        record = _new_record(parent_id, r.name, r.model, r.system_prompt, conversation,
-                             r.model_config, metadata)
-        await self._write(rows, [record.to_row()], decoded)
-        return self._bind(record)
-
-    def _bind(self, record: AgentRecord) -> PersistentAgent:
-        alive = self._agents.get(record.id)
-        if alive is not None and alive.record == record:
-            return alive
-        # The agent class is the store's client, loaded on first use: the store package
-        # itself never imports the agent layer (and the agent layer loads the model layer
-        # only on a turn), so importing the store loads no LLM code.
-        from immagent.agent import PersistentAgent
-
-        agent = registry.bind(PersistentAgent(record), self)
-        self._agents[record.id] = agent
-        return agent
-
-    def _agent_id(self, agent: PersistentAgent | UUID | str) -> UUID:
-        """The id of an agent given as a state or as its id (the field is named "agent")."""
-        if isinstance(agent, UUID | str):
-            return check_uuid("agent", agent)
-        return _record(agent).id
+    def _forget(self, ids: Sequence[UUID]) -> None:
+        """Called with the ids of deleted states: a subclass that keeps live objects of
+        states drops them here, so loading a deleted id never returns one."""
 
     # -- audits: gc, verify, stats, bundles ----------------------------------------------
 
@@ -754,15 +520,16 @@ class Store:
         log.info("gc removed %d assets (%d bytes)", result.assets_removed, result.bytes_freed)
         return result
 
-    async def verify(self, agent: PersistentAgent | UUID | str | None = None, *,
+    async def verify(self, state: UUID | str | None = None, *,
                      progress: Callable[[int], None] | None = None) -> verify.VerifyReport:
-        """Re-hash the stored bytes of every asset and state (or those ``agent`` reaches),
-        resolve every reference; never raises on a problem found, it lists it.
-        ``progress`` gets the number of assets checked so far."""
-        agent_id = None if agent is None else self._agent_id(agent)
+        """Re-hash the stored bytes of every asset and state (or those the state with id
+        ``state`` reaches), resolve every reference; never raises on a problem found, it
+        lists it. ``progress`` gets the number of assets checked so far."""
+        agent_id = None if state is None else check_uuid("agent", state)
         if progress is not None and not callable(progress):
             raise ValidationError("progress", "must be a callable taking an int", progress)
-        report = await verify.verify_backend(self._open(), agent_id, progress=progress,
+        report = await verify.verify_backend(self._open().audits(), agent_id,
+                                             progress=progress,
                                              dictionaries=await self._compression.load())
         log.info("verify: %d assets, %d problems", report.assets_checked, report.problems)
         return report
@@ -775,9 +542,10 @@ class Store:
         content bytes of its whole chain, so no history is read); states are counted in
         the same walk.
         """
-        _check_limit(page_size)
+        check_limit(page_size)
         backend = self._open()
-        by_kind = await backend.asset_stats()
+        audits = backend.audits()
+        by_kind = await audits.asset_stats()
         logical = 0
         counts: dict[int, int] = {}
         after: UUID | None = None
@@ -797,22 +565,23 @@ class Store:
             agents=counts.get(int(Kind.AGENT_STATE), 0),
             assets_by_kind={_kind_name(k): v for k, v in sorted(by_kind.items())},
             payload_bytes=sum(b for _, b in by_kind.values()),
-            disk_bytes=await backend.storage_bytes(),
+            disk_bytes=await audits.storage_bytes(),
             logical_bytes=logical,
             states_by_kind=states,
         )
 
-    async def export(self, agent: PersistentAgent | UUID | str,
-                     path: str | os.PathLike[str]) -> bundle.BundleInfo:
-        """Write an audit bundle of ``agent`` (its lineage and every asset they reach) to
-        ``path``, atomically; verify it anywhere with ``immagent.verify_bundle``."""
-        agent_id = self._agent_id(agent)
-        lineage = await self.state_lineage(agent_id)
+    async def export_lineage(self, state_id: UUID | str, path: str | os.PathLike[str],
+                             ) -> bundle.BundleInfo | None:
+        """Write an audit bundle of the state ``state_id`` (its stored lineage and every
+        asset they reach) to ``path``, atomically; verify it anywhere with
+        ``immagent.verify_bundle``. None, writing nothing, when the state is not stored."""
+        state_id = check_uuid("agent", state_id)
+        lineage = await self.state_lineage(state_id)
         if not lineage:
-            raise AgentNotFoundError(agent_id)
-        info = await bundle.export_bundle(self._open(), lineage, path,
+            return None
+        info = await bundle.export_bundle(self._open().audits(), lineage, path,
                                           await self._compression.load())
-        log.info("exported %s: %d states, %d assets to %s", agent_id, len(info.agents),
+        log.info("exported %s: %d states, %d assets to %s", state_id, len(info.agents),
                  info.assets, info.path)
         return info
 
@@ -828,17 +597,11 @@ class Store:
             raise ValidationError("ids", f"not stored: {sorted(missing or set(wanted))[0]}",
                                   None)
         rows.sort(key=lambda r: r.seq, reverse=True)
-        info = await bundle.export_bundle(self._open(), rows, path,
+        info = await bundle.export_bundle(self._open().audits(), rows, path,
                                           await self._compression.load(),
                                           version=bundle.SET_VERSION)
         log.info("exported %d states, %d assets to %s", len(rows), info.assets, info.path)
         return info
-
-    async def import_bundle(self, path: str | os.PathLike[str]) -> PersistentAgent:
-        """Verify a bundle, then load it in one transaction (idempotent: present rows are
-        skipped); returns its head state with the same id and digest as where it came from."""
-        info = await self.import_states(path)
-        return await self.load_agent(info.head)
 
     async def import_states(self, path: str | os.PathLike[str]) -> bundle.BundleInfo:
         """Verify a bundle of any format and any client's states (a LangGraph thread's, a
@@ -886,16 +649,6 @@ class Store:
                                   "refusing to import")
 
 
-def _record(agent: object, field: str = "agent") -> AgentRecord:
-    """The record of a PersistentAgent passed where one is required (ValidationError
-    naming ``field`` otherwise)."""
-    record = getattr(agent, "record", None)
-    if not isinstance(record, AgentRecord):
-        raise ValidationError(field, f"must be a PersistentAgent, got "
-                              f"{type(agent).__name__}", None)
-    return record
-
-
 def _check_known(found: int | None, where: str) -> None:
     if found is not None and not 1 <= found <= SCHEMA_VERSION:
         raise SchemaVersionError(
@@ -913,7 +666,9 @@ def _refuse_own(states: Sequence[StateRow], field: str = "ids") -> None:
                                   "cannot be deleted", str(state.id))
 
 
-def _check_limit(limit: object, bound: int | None = MAX_PAGE) -> None:
+def check_limit(limit: object, bound: int | None = MAX_PAGE) -> None:
+    """A page size from 1 to ``bound`` (None: no upper bound); ValidationError naming
+    ``limit`` otherwise."""
     if (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
             or (bound is not None and limit > bound)):
         shown = f"from 1 to {bound}" if bound is not None else ">= 1"
@@ -954,11 +709,10 @@ def _check_elements(links: Sequence[StoredAsset], order: Sequence[Digest],
 def _check_counters(links: Sequence[StoredAsset], added: Sequence[Sequence[Digest]],
                     lengths: Sequence[int], sizes: Sequence[int], order: Sequence[Digest],
                     loaded: Sequence[Asset]) -> list[int]:
-    """A node's ``length``/``size`` must be its parent's plus what it adds: counters are
-    trusted by listings, so a damaged one is caught where the chain is read. ``links``
-    oldest first, each node's claimed ``lengths`` and ``sizes``; returns how many elements
-    each node's history holds (computed as running sums, without a Python step per
-    element)."""
+    """The rule of ``rules.check_counters`` over a whole chain at once: ``links`` oldest
+    first, each node's claimed ``lengths`` and ``sizes``; returns how many elements each
+    node's history holds (computed as running sums, without a Python step per element).
+    The first node that breaks the rule is reported by ``rules.check_counters`` itself."""
     ends = list(itertools.accumulate(map(len, added)))
     size_of = dict(zip(order, map(len, map(_body, loaded)), strict=True))
     totals = list(itertools.accumulate(map(size_of.__getitem__, _chain_from(added)), initial=0))
@@ -966,8 +720,11 @@ def _check_counters(links: Sequence[StoredAsset], added: Sequence[Sequence[Diges
     if ends != lengths or counted != sizes:
         i = next(i for i in range(len(links))
                  if (lengths[i], sizes[i]) != (ends[i], counted[i]))
-        raise IntegrityError(f"node {links[i].digest.hex()} claims {lengths[i]} elements "
-                             f"({sizes[i]} bytes), its chain holds {ends[i]} ({counted[i]})")
+        problem = rules.check_counters(
+            links[i].digest, (lengths[i], sizes[i]),
+            None if i == 0 else (ends[i - 1], counted[i - 1]),
+            [size_of[d] for d in added[i]])
+        raise IntegrityError(problem or f"node {links[i].digest.hex()}: wrong counters")
     return ends
 
 
@@ -977,7 +734,7 @@ _body = operator.attrgetter("body")
 _chain_from = itertools.chain.from_iterable
 
 
-def _storable(field: str, asset: object) -> StoredAsset:
+def storable(field: str, asset: object) -> StoredAsset:
     """The row of an asset a client wants written, proved to read back as that asset.
 
     msgspec does not type-check Struct construction, so e.g. a Message with a bad role
@@ -998,28 +755,3 @@ def _storable(field: str, asset: object) -> StoredAsset:
     if row.kind in NODE_KINDS and len(row.refs) > 1 and row.refs[0] == row.digest:
         raise ValidationError(field, "a node cannot be its own parent", None)
     return row
-
-
-def _new_record(parent_id: UUID | None, name: str, model: str, system_prompt: Digest,
-                conversation: Digest, model_config: dict[str, Any],
-                metadata: dict[str, Any]) -> AgentRecord:
-    return AgentRecord(
-        id=uuid7(), parent_id=parent_id, created_at=datetime.now(UTC), name=name,
-        model=model, system_prompt=system_prompt, conversation=conversation,
-        model_config=model_config, metadata=metadata,
-        digest=state_digest(name, model, system_prompt, conversation, model_config, metadata),
-    )
-
-
-def _checked_messages(messages: object) -> list[StoredAsset]:
-    """The rows of a step's messages: a non-empty sequence of Message, each storable."""
-    if isinstance(messages, Message) or not isinstance(messages, Sequence) or not messages:
-        raise ValidationError("messages", "a step adds a non-empty sequence of Message",
-                              None)
-    rows = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, Message):
-            raise ValidationError(f"messages[{i}]", f"must be a Message, got "
-                                  f"{type(m).__name__}", m)
-        rows.append(_storable(f"messages[{i}]", m))
-    return rows

@@ -1,16 +1,21 @@
-"""The state-scan queries, built once for every SQL backend: which states of which kind,
-past which id or log position, whose stream holds which text. Backends differ only in
-their placeholder and in how they fold case, which they pass in as a Dialect."""
+"""What the SQL backends (SQLite, PostgreSQL) share: the state-scan queries, built once for
+both (which states of which kind, past which id or log position, whose stream holds which
+text; the backends differ only in their placeholder and in how they fold case, which they
+pass in as a Dialect), the rooted-states query, the exception that aborts a write
+transaction with its result, and the one that rolls a dry run back."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 from uuid import UUID
 
 from immagent.records import StateRow
+from immagent.store.backend import WriteResult
 
-__all__ = ["ROOTED_STATES", "Dialect", "StateQueries", "count_query", "heads_query",
-           "scan_query", "state_filter", "stream_query"]
+__all__ = ["ROOTED_STATES", "Dialect", "Rehearsal", "StateQueries", "WriteAborted",
+           "count_query", "heads_query", "scan_query", "state_filter", "stream_query"]
+
+T = TypeVar("T")
 
 #: ``rooted(id)``: the states whose lineage ends, reached from a root (no parent, or a parent
 #: not stored) through children; every other state runs into a parent cycle. UNION ALL: a
@@ -24,6 +29,23 @@ ROOTED_STATES = """
         SELECT c.id FROM rooted r JOIN immagent_states c ON c.parent_id = r.id
     )
 """
+
+
+class WriteAborted(Exception):
+    """Raised inside a write transaction to roll it back and report ``result``."""
+
+    def __init__(self, result: WriteResult) -> None:
+        self.result = result
+
+
+class Rehearsal(Exception, Generic[T]):
+    """Raised at the end of a dry run's transaction (a deletion, a sweep) to roll it back
+    and report what it did: the dry run runs exactly the statements of the real one, its
+    checks included."""
+
+    def __init__(self, result: T) -> None:
+        super().__init__("dry run: rolled back")
+        self.result = result
 
 
 class Dialect(NamedTuple):

@@ -1,16 +1,18 @@
-"""The content rules every stored record meets, whichever path made it.
+"""The content rules every stored record meets, whichever path made it: the write path's
+rules (the log runs them on every commit), not an audit.
 
 The API checks its input when it builds a record (``Store.create_agent``, ``Store.append``,
-``Store.commit``); a bundle carries records nobody checked. Both run the functions here, so
-an imported store holds nothing the API would have refused, and an export never writes what
-an import would refuse. Digests prove a record is intact; these rules say it is acceptable.
+``EventLog.commit``); a bundle carries records nobody checked. Both run the functions here,
+so an imported store holds nothing the API would have refused, and an export never writes
+what an import would refuse; a chain read checks node counters by the same rule. Digests
+prove a record is intact; these rules say it is acceptable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-from immagent.assets import Asset, ConversationNode, Digest, Kind, Message, SystemPrompt
+from immagent.assets import Asset, Digest, Kind, Message, SystemPrompt
 from immagent.exceptions import ValidationError
 from immagent.records import StateRow, load_agent
 from immagent.validate import (
@@ -70,22 +72,16 @@ def check_asset_content(asset: Asset, field: str = "asset") -> None:
         check_message(field, asset)
 
 
-def check_counters(node: ConversationNode, parent: tuple[int, int] | None,
+def check_counters(node: Digest, claimed: tuple[int, int], parent: tuple[int, int] | None,
                    element_sizes: Sequence[int]) -> str | None:
-    """Why ``node``'s counters are wrong (None if right): ``length`` and ``size`` must be
-    its parent's (``parent``: its (length, size); None for a root) plus its elements'
-    count and body bytes. Listings trust the counters, so a crafted one is refused."""
+    """Why the counters a node claims (``claimed``: its (length, size)) are wrong, None if
+    right: they must be its parent's (``parent``: its (length, size); None for a root)
+    plus its elements' count and body bytes. Listings trust the counters, so a crafted one
+    is refused (by chain reads and bundle reads alike)."""
     base_length, base_size = parent if parent is not None else (0, 0)
     length = base_length + len(element_sizes)
     size = base_size + sum(element_sizes)
-    if (node.length, node.size) != (length, size):
-        return (f"node {node.digest.hex()} claims {node.length} elements ({node.size} "
-                f"bytes), its chain holds {length} ({size})")
+    if claimed != (length, size):
+        return (f"node {node.hex()} claims {claimed[0]} elements ({claimed[1]} bytes), its "
+                f"chain holds {length} ({size})")
     return None
-
-
-def counters_of(nodes: Mapping[Digest, ConversationNode], digest: Digest
-                ) -> tuple[int, int] | None:
-    """(length, size) of the node ``digest`` if known."""
-    node = nodes.get(digest)
-    return None if node is None else (node.length, node.size)

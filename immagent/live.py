@@ -1,6 +1,10 @@
 """One live turn, shared by SimpleAgent and PersistentAgent: per-call settings merged over
-the agent's model config, the model bound through LiteLLM, then the pure advance loop
-(whole with ``run_turn``, streamed with ``open_turn``)."""
+the agent's model config, the model bound through LiteLLM, then the pure loop of
+``immagent.advance`` (its ``Turn``): whole with ``run_turn``, streamed with ``open_turn``.
+
+``advance`` is the pure loop (no I/O: the model and tools are passed in); this module makes
+a turn live by binding the model. It was ``turn.py``, a name that promised the ``Turn``
+class ``advance.py`` defines."""
 
 from __future__ import annotations
 

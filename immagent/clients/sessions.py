@@ -42,7 +42,7 @@ from immagent.exceptions import IntegrityError, StaleStreamError, ValidationErro
 from immagent.ids import uuid7
 from immagent.records import SessionBody, SessionBranch, StateRow, session_body, stream_digest
 from immagent.store.backend import Head
-from immagent.store.store import Store
+from immagent.store.log import EventLog
 from immagent.validate import MAX_NAME_BYTES, check_json_value, check_text, check_uuid
 
 __all__ = [
@@ -224,7 +224,7 @@ class SessionLog:
     object also serialises its own writers, so they do not race each other.
     """
 
-    def __init__(self, store: Store, session_id: str) -> None:
+    def __init__(self, store: EventLog, session_id: str) -> None:
         """The log of ``session_id`` in ``store`` (nothing is read until used)."""
         self.store = store
         self.session_id = check_session_id("session_id", session_id)
