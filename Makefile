@@ -8,7 +8,8 @@ UV := $(shell bash scripts/bootstrap.sh --uv)
 RUN = $(UV) run --no-sync
 
 .PHONY: dev venv fmt lint typecheck check test test-cov bench bench-full bench-scale \
-        bench-scale-full demo pg cluster stop clean
+        bench-scale-full demo pg cluster stop clean peer-pydantic-ai peer-pydantic-ai-check \
+        test-pydantic-ai-range
 
 dev:            ## install the venv with every extra and dev tool
 	@bash scripts/bootstrap.sh >/dev/null && echo "venv ready: .venv"
@@ -27,7 +28,7 @@ fmt: venv
 	$(RUN) ruff check --fix immagent tests benchmarks examples
 
 lint: venv
-	$(RUN) ruff check immagent tests benchmarks examples
+	$(RUN) ruff check immagent tests benchmarks examples scripts
 
 typecheck: venv
 	$(RUN) mypy
@@ -62,6 +63,18 @@ bench-scale: venv  ## read replicas and PgBouncer on the local cluster (`bench-s
 
 bench-scale-full: venv
 	@$(RUN) python -m benchmarks.scale --full --json bench-scale-results.json
+
+test-pydantic-ai-range: venv ## tests/test_pydantic_ai.py on the oldest and newest pydantic-ai the extra allows
+	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
+	  for v in 2.71.0 2.78.0; do echo "== pydantic-ai-slim $$v"; \
+	    $(UV) run --no-sync --with pydantic-ai-slim==$$v --with pydantic-graph==$$v \
+	      pytest tests/test_pydantic_ai.py -q -p no:cacheprovider || exit 1; done
+
+peer-pydantic-ai: venv ## pydantic-ai's own conversation-store tests on ours, beside its in-memory store
+	@$(RUN) python scripts/peer_pydantic_ai.py $(if $(PYDANTIC_AI_SRC),--src $(PYDANTIC_AI_SRC))
+
+peer-pydantic-ai-check: venv ## the same machinery on a stand-in test file (no pydantic-ai checkout)
+	@$(RUN) python scripts/peer_pydantic_ai.py --self-check
 
 stop:           ## stop what `make test` and `make cluster` started from this checkout
 	@bash scripts/pg-cluster.sh down 2>/dev/null || true

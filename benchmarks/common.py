@@ -99,9 +99,10 @@ BACKENDS: tuple[Backend, ...] = ("postgres", "sqlite")
 #: immagent through ``advance`` (the model call included); immagent through ``Store.append``
 #: alone (store only, no model metadata on the messages); LangGraph's checkpointers;
 #: LangGraph with immagent's ``ImmAgentSaver`` as the checkpointer; the OpenAI Agents SDK's
-#: ``SQLiteSession``.
+#: ``SQLiteSession``; pydantic-ai's ``InMemoryConversationStore``; pydantic-ai-harness's
+#: SQLite conversation store.
 System = Literal["immagent", "immagent-append", "langgraph", "immagent-saver",
-                 "openai-agents"]
+                 "openai-agents", "pydantic-ai", "pydantic-ai-harness"]
 
 
 @dataclass(frozen=True)

@@ -337,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-openai-agents", action="store_true",
                         help="skip the OpenAI Agents SDK's SQLiteSession (and ImmAgentSession "
                         "beside it)")
+    parser.add_argument("--no-pydantic-ai", action="store_true",
+                        help="skip ImmAgentConversationStore beside pydantic-ai-harness's store")
     args = parser.parse_args(argv)
     # Advances go through LiteLLM's real call path, as a provider model's do (the offline
     # models are otherwise answered in-process): per-advance overhead is then measured as
@@ -352,6 +354,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         sessions = asyncio.run(immagent_session.run(samples=50 if args.full else 30, dsn=pg))
         immagent_session.report(sessions)
         numbers["openai_agents_sessions"] = sessions.as_dict()
+    if not args.no_pydantic_ai:
+        from benchmarks import pydantic_ai_conversations as conversations
+
+        found = asyncio.run(conversations.run(harness_every=1 if args.full else 10))
+        conversations.report(found)
+        numbers["pydantic_ai_conversations"] = found.as_dict()
     if args.json:
         args.json.write_text(json.dumps(numbers, indent=2) + "\n")
     if args.plot:

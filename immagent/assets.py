@@ -30,11 +30,12 @@ import msgspec
 
 from immagent import codec
 from immagent.exceptions import ImmAgentError, ValidationError
-from immagent.ids import uuid7, uuid_from_digest
+from immagent.ids import pack_text_id, unpack_text_id, uuid7, uuid_from_digest
 
 __all__ = [
     "ASSET_KINDS",
     "EMPTY_CONVERSATION",
+    "EMPTY_ENTRIES",
     "EMPTY_ITEMS",
     "EMPTY_VALUES",
     "NODE_BODY",
@@ -44,6 +45,8 @@ __all__ = [
     "ConversationNode",
     "Dictionary",
     "Digest",
+    "Entry",
+    "EntryNode",
     "Item",
     "ItemNode",
     "Kind",
@@ -84,9 +87,13 @@ class Kind(IntEnum):
     ITEM_NODE = 8  # a link of a session's item chain
     DICTIONARY = 9  # a zstd dictionary bodies are compressed with (immagent.codec)
     COMPRESSION = 10  # a state: the dictionaries of the store (pins them for gc)
+    ENTRY = 13  # one entry of a pydantic-ai conversation log: its id and its message
+    ENTRY_NODE = 14  # a link of a conversation's entry chain: exactly one entry each
     CHECKPOINT = 16  # a state: one LangGraph checkpoint (immagent.checkpoints)
     CHECKPOINT_WRITES = 17  # a state: pending writes of one task on a checkpoint
     SESSION_STATE = 18  # a state of a session (all its branches), never a content asset
+    CONVERSATION_STATE = 21  # a state: one pydantic-ai conversation record (immagent.records)
+    CONVERSATION_SCOPE = 22  # a state: lists one conversation under its scope
 
 
 _encoder = msgspec.msgpack.Encoder(order="deterministic")
@@ -531,8 +538,58 @@ class ItemNode(ConversationNode, frozen=True, omit_defaults=True, dict=True, wea
 #: The root of every item chain (an empty session or branch); stored once for all.
 EMPTY_ITEMS = ItemNode()
 
+
+class Entry(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True,
+            rename={"id": "i", "message": "m"}):
+    """One entry of a conversation log (a pydantic-ai ``ConversationEntry``): the id the
+    client minted for it and its message, as the client serialized it (JSON text, kept
+    opaque like a ``Value``: the core never parses it). The id is part of the content
+    because the client hands it out (to tie a rating or a billing row to a message); so
+    an entry held by a conversation, its branches and its forks is stored once, and a
+    message saved again under a new entry (a rewritten history) is a new entry.
+
+    ``id`` is stored compactly (``ids.pack_text_id``: 16 bytes for a canonical UUID);
+    ``entry_id`` is its text. Build entries with ``Entry.of``."""
+
+    id: Any  # str | bytes (a union msgspec cannot type): checked by __post_init__
+    message: bytes
+    kind: ClassVar[Kind] = Kind.ENTRY
+
+    def __post_init__(self) -> None:
+        unpack_text_id(self.id)  # ValueError unless text or 16 bytes
+
+    @classmethod
+    def of(cls, entry_id: str, message: bytes) -> Entry:
+        """The entry ``entry_id`` holding the serialized ``message``."""
+        return cls(id=pack_text_id(entry_id), message=message)
+
+    @functools.cached_property
+    def entry_id(self) -> str:
+        """The entry's id as the client minted it."""
+        return unpack_text_id(self.id)
+
+
+class EntryNode(ConversationNode, frozen=True, omit_defaults=True, dict=True, weakref=True):
+    """A link of a conversation's entry chain. Each link adds exactly one entry, so the
+    chain's shape follows from its entries alone: the link ending at any entry is known
+    without reading the store (a branch or a fork from the middle of a history points at
+    a link that already exists), and two histories with a common prefix share its links."""
+
+    kind: ClassVar[Kind] = Kind.ENTRY_NODE
+    element_kind: ClassVar[Kind] = Kind.ENTRY
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.parent is not None and len(self.messages) != 1:
+            raise ValueError(f"an entry node adds exactly one entry, not {len(self.messages)}")
+
+
+#: The root of every entry chain (a conversation without messages); stored once for all.
+EMPTY_ENTRIES = EntryNode()
+
 if TYPE_CHECKING:
-    Asset: TypeAlias = SystemPrompt | Message | ConversationNode | Value | Item | Dictionary
+    Asset: TypeAlias = (SystemPrompt | Message | ConversationNode | Value | Item | Entry
+                       | Dictionary)
 else:
     # The same set at run time, as the common base class of every content asset: so
     # isinstance() works and 0.1.2's ``Asset.from_row`` names its hook (which raises).
@@ -542,7 +599,8 @@ else:
 #: (parent node of the same kind, then elements of the node's ``element_kind``).
 NODE_KINDS: dict[int, type[ConversationNode]] = {int(Kind.NODE): ConversationNode,
                                                  int(Kind.VALUE_NODE): ValueNode,
-                                                 int(Kind.ITEM_NODE): ItemNode}
+                                                 int(Kind.ITEM_NODE): ItemNode,
+                                                 int(Kind.ENTRY_NODE): EntryNode}
 
 class _BodyDecoder(Protocol):
     def decode(self, buf: bytes, /) -> Any: ...
@@ -573,6 +631,7 @@ _decoders: dict[int, _BodyDecoder] = {
     int(Kind.MESSAGE): msgspec.msgpack.Decoder(Message),
     int(Kind.VALUE): msgspec.msgpack.Decoder(Value),
     int(Kind.ITEM): _ItemDecoder(),
+    int(Kind.ENTRY): msgspec.msgpack.Decoder(Entry),
     int(Kind.DICTIONARY): msgspec.msgpack.Decoder(Dictionary),
 }
 _node_body = msgspec.msgpack.Decoder(_NodeBody)

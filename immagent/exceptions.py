@@ -11,6 +11,7 @@ __all__ = [
     "AssetNotFoundError",
     "BundleError",
     "ConflictError",
+    "ExtraNotInstalledError",
     "ImmAgentError",
     "IntegrityError",
     "LLMError",
@@ -29,6 +30,16 @@ __all__ = [
 
 class ImmAgentError(Exception):
     """Base class of every error raised by immagent."""
+
+
+class ExtraNotInstalledError(ImmAgentError, ImportError):
+    """An integration's framework is not installed; the message names the pip command that
+    installs it (also an ImportError, so code guarding an import still catches it)."""
+
+    def __init__(self, module: str, extra: str) -> None:
+        self.extra = extra
+        super().__init__(f"{module} needs the {extra!r} extra: "
+                         f"pip install 'immagent[{extra}]'")
 
 
 class ValidationError(ImmAgentError, ValueError):

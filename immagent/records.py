@@ -24,16 +24,19 @@ import msgspec
 from immagent import checkpoints
 from immagent.assets import Digest, Kind, encode
 from immagent.exceptions import IntegrityError
+from immagent.ids import unpack_text_id
 from immagent.rows import join_refs
 
 __all__ = [
     "STATE_KINDS",
     "AgentRecord",
+    "ConversationBody",
     "SessionBody",
     "SessionBranch",
     "StateKind",
     "StateRow",
     "check_state",
+    "conversation_body",
     "load_agent",
     "load_state",
     "session_body",
@@ -247,6 +250,75 @@ def _session_digest(row: StateRow) -> Digest:
     return stream_digest(row.kind, row.stream, row.refs, row.body)
 
 
+# -- conversation records (a pydantic-ai ConversationStore, clients/conversations.py) ----
+
+
+class ConversationBody(msgspec.Struct, frozen=True, omit_defaults=True,
+                       rename={"revision": "r", "updated": "t", "head": "h",
+                               "branches": "b", "usage": "u", "deferred": "d",
+                               "scope": "s", "forked_from": "f", "forked_at": "a",
+                               "title": "n", "metadata": "m", "deleted": "x"}):
+    """The stored body of a conversation state (stream = the conversation id). Its refs
+    are the entry-chain link ending at ``head`` (the root when it is None), then the link
+    ending at each of ``branches``, in order. Entry ids are stored by
+    ``ids.pack_text_id``; ``usage`` and ``deferred`` are the client's own serialization
+    (JSON text), kept opaque. A *deleted* state (a tombstone) pins nothing: its refs are
+    empty and it holds no other field."""
+
+    # Ids are ``str | bytes``, a union msgspec cannot type: ``conversation_body`` checks them.
+    revision: Any = None  # the client's revision token
+    updated: int = 0  # microseconds since the Unix epoch, UTC
+    head: Any = None  # the newest entry of the history
+    branches: tuple[Any, ...] = ()  # last entries of the histories it left
+    usage: bytes = b""
+    deferred: bytes | None = None
+    scope: str | None = None
+    forked_from: str | None = None
+    forked_at: Any = None
+    title: str | None = None
+    metadata: dict[str, Any] | None = None
+    deleted: bool = False
+
+
+_conversation_body = msgspec.msgpack.Decoder(ConversationBody)
+
+
+def conversation_body(row: StateRow) -> ConversationBody:
+    """The body of a conversation state row, checked against its refs (ValueError or
+    msgspec.DecodeError if malformed); unverified: ``load_state`` proves the digest."""
+    body = _conversation_body.decode(row.body)
+    if body.deleted:
+        if row.refs or body != ConversationBody(deleted=True):
+            raise ValueError("a deleted conversation state pins nothing and holds nothing")
+        return body
+    if body.revision is None:
+        raise ValueError("a conversation state has a revision")
+    if len(row.refs) != 1 + len(body.branches):
+        raise ValueError(f"a conversation state with {len(body.branches)} branch(es) pins "
+                         f"{1 + len(body.branches)} digests, this row has {len(row.refs)}")
+    for stored in (body.revision, body.head, *body.branches, body.forked_at):
+        if stored is not None:
+            unpack_text_id(stored)
+    return body
+
+
+def _conversation_digest(row: StateRow) -> Digest:
+    conversation_body(row)  # a body that does not match its refs is undecodable, not sound
+    return stream_digest(row.kind, row.stream, row.refs, row.body)
+
+
+_scope_body = msgspec.msgpack.Decoder(str)
+
+
+def _scope_digest(row: StateRow) -> Digest:
+    """A scope entry lists one conversation (its body: the conversation id) under its scope
+    (its stream); it pins nothing."""
+    if row.refs:
+        raise ValueError("a conversation scope entry pins nothing")
+    _scope_body.decode(row.body)
+    return stream_digest(row.kind, row.stream, row.refs, row.body)
+
+
 # -- every state kind -------------------------------------------------------------------
 
 #: Each state kind's rules. A client of the store adds its kind here (kinds are data to
@@ -265,6 +337,12 @@ STATE_KINDS: dict[int, StateKind] = {
         digest=lambda row: stream_digest(row.kind, row.stream, row.refs, row.body),
         ref_kinds=lambda row: tuple(int(Kind.DICTIONARY) for _ in row.refs),
     ),
+    # pydantic-ai conversations (immagent.clients.conversations).
+    int(Kind.CONVERSATION_STATE): StateKind(
+        digest=_conversation_digest,
+        ref_kinds=lambda row: (int(Kind.ENTRY_NODE),) * len(row.refs),
+    ),
+    int(Kind.CONVERSATION_SCOPE): StateKind(digest=_scope_digest, ref_kinds=lambda row: ()),
     # LangGraph checkpoints (immagent.checkpoints).
     int(Kind.CHECKPOINT): _generic_kind(checkpoints.checkpoint_ref_kinds),
     int(Kind.CHECKPOINT_WRITES): _generic_kind(checkpoints.writes_ref_kinds),

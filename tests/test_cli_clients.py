@@ -283,3 +283,38 @@ def test_json_errors_are_json_on_stderr_with_the_same_exit_codes(
         assert error["exit_code"] == code and error["message"] in plain.err, (args, error)
     ok = piped("--db", db, "--json", "threads")
     assert ok.code == 0 and json.loads(ok.out)["total"] == 3 and ok.err == ""
+
+
+# -- the fourth client: pydantic-ai conversations --------------------------------------------
+
+
+def test_pydantic_ai_conversations_are_listed_shown_and_deleted(
+        store_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """examples/pydantic_ai_conversations.py (the real pydantic-ai, offline): two turns, a
+    title, a fork; then the command line on the store it wrote, on each backend."""
+    from tests.conftest import example
+
+    with example("pydantic_ai_conversations") as demo:
+        asyncio.run(demo.demo(store_dsn))
+    capsys.readouterr()
+
+    def cli(*args: str) -> Result:
+        code = main(["--db", store_dsn, *args])
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    rows = cli("conversations", "--json").json()["conversations"]
+    assert [(r["conversation"], r["turns"], r["messages"]) for r in rows] == [
+        ("support-1-retry", 2, 4), ("support-1", 2, 4)]
+    shown = cli("show", "conversation:support-1", "--json").json()
+    assert shown["title"] == "Printer trouble" and shown["scope"] == "user-42"
+    assert [(m["role"], m["text"]) for m in shown["conversation"]][:2] == [
+        ("user", "My printer is jammed."),
+        ("assistant", "Answer #1: have you tried turning it off and on again?")]
+    assert "forked from         support-1" in cli("show", "support-1-retry").out
+    assert cli("verify", "conversation:support-1-retry").code == 0
+    gone = cli("delete", "conversation:support-1-retry", "--yes", "--json").json()["deleted"]
+    assert len(gone) == 3  # its two states and its scope entry
+    assert [r["conversation"] for r in cli("conversations", "--json").json()[
+        "conversations"]] == ["support-1"]
+    assert cli("gc", "--yes").code == 0 and cli("verify").code == 0

@@ -44,6 +44,8 @@ __all__ = ["COMMANDS"]
 #: How people call each state kind in stats.
 _STATE_NAMES = {"agent_state": "agent states", "checkpoint": "checkpoints",
                 "checkpoint_writes": "checkpoint writes", "session_state": "session states",
+                "conversation_state": "conversation states",
+                "conversation_scope": "conversation scope entries",
                 "compression": "compression state"}
 
 
@@ -266,10 +268,10 @@ COMMANDS = [
                         "everything it reaches) and resolve every reference; lists what is "
                         "corrupt, missing or undecodable and exits 1 if anything is."),
     Command("export", "write REF to a verifiable bundle file", export, _add_export,
-            description="Write a bundle of REF: a state id (or agent:NAME, session:ID) with "
-                        "its lineage, thread:ID with every checkpoint and write of the "
-                        "thread; with every asset they reach. verify-bundle checks it "
-                        "offline, import loads it elsewhere."),
+            description="Write a bundle of REF: a state id (or agent:NAME, session:ID, "
+                        "conversation:ID) with its lineage, thread:ID with every checkpoint "
+                        "and write of the thread; with every asset they reach. verify-bundle "
+                        "checks it offline, import loads it elsewhere."),
     Command("verify-bundle", "check a bundle file offline (no database)", verify_bundle,
             _add_file("the bundle to check")),
     Command("import", "load a bundle file into the store (same ids, same digests)", import_,

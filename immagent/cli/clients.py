@@ -1,6 +1,6 @@
 """How the command line reads a state of each client of the store: an agent state
 (PersistentAgent), a LangGraph checkpoint (one state of a thread), an OpenAI Agents SDK
-session state.
+session state, a pydantic-ai conversation state.
 
 A client's ``View`` says how its states are named, where a state's conversation is (the
 head of a hash chain of elements: messages, channel values or items), how an element reads
@@ -12,7 +12,8 @@ LangGraph value is decoded as data (msgpack, its classes named, never imported o
 constructed).
 
 A *turn* is a user's message, for every client: an agent's ``user`` message, a session's
-item with role ``user``, a thread's ``HumanMessage``.
+item with role ``user``, a thread's ``HumanMessage``, a pydantic-ai request with a user
+prompt.
 """
 
 from __future__ import annotations
@@ -25,14 +26,23 @@ from uuid import UUID
 import msgspec
 
 from immagent import checkpoints as cp
-from immagent.assets import Asset, ConversationNode, Digest, Item, Kind, Message, Value
+from immagent.assets import (
+    Asset,
+    ConversationNode,
+    Digest,
+    Entry,
+    Item,
+    Kind,
+    Message,
+    Value,
+)
 from immagent.cli.errors import CLIError
 from immagent.cli.render import message_json
-from immagent.records import StateRow, load_agent, session_body
+from immagent.records import StateRow, conversation_body, load_agent, session_body
 from immagent.store import EventLog
 
-__all__ = ["VIEWS", "AgentView", "Said", "SessionView", "ThreadView", "View", "content_bytes",
-           "conversation_ids", "view_of"]
+__all__ = ["VIEWS", "AgentView", "ConversationView", "Said", "SessionView", "ThreadView", "View",
+           "content_bytes", "conversation_ids", "view_of"]
 
 #: Rows read per page when a conversation's states are gathered.
 _PAGE = 1000
@@ -449,7 +459,104 @@ class SessionView(View):
         return fields, [], data
 
 
-VIEWS: dict[int, View] = {v.kind: v for v in (AgentView(), ThreadView(), SessionView())}
+# -- pydantic-ai conversations -----------------------------------------------------------
+
+
+def _entry_said(message: bytes) -> Said:
+    """A pydantic-ai message (its JSON, as the client serialized it), read as data."""
+    try:
+        value = json.loads(message)
+    except ValueError:
+        return Said("entry", f"({len(message)} bytes)", False, "assistant")
+    if not isinstance(value, dict):
+        return Said("entry", _compact(value), False, "assistant")
+    parts = value.get("parts")
+    if not isinstance(parts, list):
+        parts = []
+    role: str | None = None
+    texts: list[str] = []
+    turn = False
+    for part in parts:
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("part_kind")
+        if kind == "user-prompt":
+            role, turn = role or "user", True
+            texts.append(_parts_text(part.get("content")))
+        elif kind in ("system-prompt", "text"):
+            role = role or ("system" if kind == "system-prompt" else "assistant")
+            texts.append(_parts_text(part.get("content")))
+        elif kind == "tool-call":
+            role = role or "assistant"
+            args = part.get("args")
+            shown = args if isinstance(args, str) else _compact(args)
+            texts.append(f"[calls {part.get('tool_name')}({shown})]")
+        elif kind in ("tool-return", "retry-prompt"):
+            role = role or f"tool {part.get('tool_call_id') or ''}".strip()
+            content = part.get("content")
+            texts.append(content if isinstance(content, str) else _compact(content))
+    if role is None:
+        role = "user" if value.get("kind") == "request" else "assistant"
+    return Said(role, "\n".join(t for t in texts if t), turn, _style(role.split()[0]))
+
+
+class ConversationView(View):
+    """pydantic-ai conversations (ImmAgentConversationStore): stream = the conversation id,
+    refs = the entry-chain link ending at its head, then one per branch it left; a
+    deleted conversation's newest state is a tombstone that pins nothing."""
+
+    kind = int(Kind.CONVERSATION_STATE)
+    client = "conversation"
+    plural = "conversations"
+    state_word = "conversation state"
+    title = "CONVERSATION"
+    elements = "messages"
+    node_kind = int(Kind.ENTRY_NODE)
+
+    def is_head(self, row: StateRow) -> bool:
+        return not conversation_body(row).deleted
+
+    def conversation(self, row: StateRow) -> Digest | None:
+        return row.refs[0] if row.refs else None
+
+    def said(self, element: Asset) -> Said:
+        assert isinstance(element, Entry)
+        return _entry_said(element.message)
+
+    def element_json(self, element: Asset) -> dict[str, Any]:
+        assert isinstance(element, Entry)
+        said = _entry_said(element.message)
+        return {"role": said.role, "text": said.text, "entry_id": element.entry_id,
+                "digest": element.digest.hex()}
+
+    def log_line(self, row: StateRow, elements: int | None) -> str:
+        body = conversation_body(row)
+        title = f"   Title: {body.title}" if body.title else ""
+        gone = "   (deleted)" if body.deleted else ""
+        return f"Conversation: {row.stream}{title}   Messages: {_n(elements)}{gone}"
+
+    async def details(self, store: EventLog, row: StateRow
+                      ) -> tuple[list[tuple[str, str]], list[tuple[str, str]], dict[str, Any]]:
+        body = conversation_body(row)
+        fields: list[tuple[str, str]] = []
+        if body.deleted:
+            fields.append(("deleted", "yes (a tombstone: it pins nothing)"))
+        if body.title:
+            fields.append(("title", body.title))
+        if body.scope is not None:
+            fields.append(("scope", body.scope))
+        if body.forked_from:
+            fields.append(("forked from", body.forked_from))
+        if body.branches:
+            fields.append(("branches left", str(len(body.branches))))
+        data = {"title": body.title, "scope": body.scope, "deleted": body.deleted,
+                "forked_from": body.forked_from, "branches_left": len(body.branches),
+                "metadata": body.metadata}
+        return fields, [], data
+
+
+VIEWS: dict[int, View] = {v.kind: v for v in (AgentView(), ThreadView(), SessionView(),
+                                               ConversationView())}
 
 
 def view_of(row: StateRow) -> View:
@@ -458,10 +565,11 @@ def view_of(row: StateRow) -> View:
     view = VIEWS.get(row.kind)
     if view is None:
         names = {int(Kind.CHECKPOINT_WRITES): "a LangGraph checkpoint's pending writes",
+                 int(Kind.CONVERSATION_SCOPE): "a pydantic-ai conversation's scope entry",
                  int(Kind.COMPRESSION): "the store's compression state"}
         what = names.get(row.kind, f"a state of kind {row.kind}")
-        raise CLIError(f"state {row.id} is {what}: name an agent state, a checkpoint or a "
-                       "session state")
+        raise CLIError(f"state {row.id} is {what}: name an agent state, a checkpoint, a "
+                       "session state or a conversation state")
     return view
 
 
@@ -479,7 +587,8 @@ async def content_bytes(store: EventLog, digests: Sequence[Digest]) -> dict[Dige
 async def conversation_ids(store: EventLog, newest: StateRow) -> list[UUID]:
     """Every state of the conversation whose newest state is ``newest``: a thread's rows
     of every namespace, checkpoints and writes (one index range scan over the thread's
-    ids), or every state of an agent name's or a session's stream (newest first)."""
+    ids), or every state of an agent name's, a session's or a pydantic-ai conversation's
+    stream (newest first; a conversation's scope entry too, as its client purges it)."""
     if newest.kind == Kind.CHECKPOINT:
         thread = newest.stream.split(cp.SEP)[0]
         low, high = cp.thread_range(thread)
@@ -500,4 +609,8 @@ async def conversation_ids(store: EventLog, newest: StateRow) -> list[UUID]:
                                             limit=_PAGE):
         ids += [r.id for r in page]
         after_seq = page[-1].seq
+    if newest.kind == Kind.CONVERSATION_STATE:
+        from immagent.clients.conversations import scope_entry_id
+
+        ids += [r.id for r in await store.get_states([scope_entry_id(newest.stream)])]
     return ids

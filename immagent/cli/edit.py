@@ -1,9 +1,10 @@
 """Making and removing states: ``clone``, ``delete``.
 
 ``delete`` takes any reference. Named by its conversation (``agent:NAME``, ``thread:ID``,
-``session:ID``, or such a bare name), every state of it goes: all states of the agent
-name, every checkpoint and pending write of the thread (every namespace), every state of
-the session. Named by id, that one state goes; with ``--lineage``, also each ancestor no
+``session:ID``, ``conversation:ID``, or such a bare name), every state of it goes: all
+states of the agent name, every checkpoint and pending write of the thread (every
+namespace), every state of the session, every state of the pydantic-ai conversation and
+its scope entry. Named by id, that one state goes; with ``--lineage``, also each ancestor no
 other state descends from. Content stays until ``gc``. It is destructive: ``--dry-run``
 shows what would go, and it asks first (``--yes`` on scripts; see ``cli.confirm``).
 """
@@ -117,7 +118,8 @@ COMMANDS = [
     Command("delete", "delete states (asks first; --dry-run shows what would go)", delete,
             _add_delete,
             description="Delete what REF names: named by its conversation (agent:NAME, "
-                        "thread:ID, session:ID, or such a bare name), every state of it; "
+                        "thread:ID, session:ID, conversation:ID, or such a bare name), every "
+                        "state of it; "
                         "named by id, that state (--lineage: and each ancestor no other "
                         "state descends from). Content stays stored until gc. Asks first on "
                         "a terminal; scripts pass --yes; --dry-run shows what would go."),

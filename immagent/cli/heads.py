@@ -1,11 +1,13 @@
-"""``agents``, ``threads``, ``sessions``: one row per conversation of each client.
+"""``agents``, ``threads``, ``sessions``, ``conversations``: one row per conversation of
+each client.
 
 A conversation is a stream of states: an agent name (what ``chat --name`` continues), a
-LangGraph thread, an Agents-SDK session. Its row shows its newest state: turns (user
-messages), messages or items, how many states the stream holds, its size (content bytes
-the newest state pins, whole history included) and its last activity; newest activity
-first. The heads come from ``EventLog.stream_heads`` (one index probe per stream); only the
-shown page's histories are read. ``--all`` lists every state instead.
+LangGraph thread, an Agents-SDK session, a pydantic-ai conversation. Its row shows its
+newest state: turns (user messages), messages or items, how many states the stream
+holds, its size (content bytes the newest state pins, whole history included) and its
+last activity; newest activity first. The heads come from ``EventLog.stream_heads`` (one
+index probe per stream); only the shown page's histories are read. ``--all`` lists every
+state instead.
 """
 
 from __future__ import annotations
@@ -237,8 +239,9 @@ async def _lengths(store: EventLog, view: View, rows: Sequence[StateRow]) -> lis
     return [None if h is None else nodes[h].length for h in heads]
 
 
-_AGENTS, _THREADS, _SESSIONS = (VIEWS[int(k)] for k in (Kind.AGENT_STATE, Kind.CHECKPOINT,
-                                                         Kind.SESSION_STATE))
+_AGENTS, _THREADS, _SESSIONS, _CONVERSATIONS = (
+    VIEWS[int(k)] for k in (Kind.AGENT_STATE, Kind.CHECKPOINT, Kind.SESSION_STATE,
+                            Kind.CONVERSATION_STATE))
 
 COMMANDS = [
     Command("agents", "one row per agent name: turns, messages, size, last activity",
@@ -261,4 +264,13 @@ COMMANDS = [
                         "newest activity first: its newest state's id, turns (user items of "
                         "main), items, states, size (content bytes of every branch) and last "
                         "activity. --all: every session state instead, newest first."),
+    Command("conversations", "one row per pydantic-ai conversation: turns, messages, size, "
+                             "last activity",
+            _run(_CONVERSATIONS), _arguments(_CONVERSATIONS), pages=True,
+            description="One row per pydantic-ai conversation kept by "
+                        "ImmAgentConversationStore (deleted ones left out), newest activity "
+                        "first: its newest state's id, turns (requests with a user prompt), "
+                        "messages, states, size (content bytes of its history and the "
+                        "branches it left) and last activity. --all: every conversation "
+                        "state instead, newest first."),
 ]

@@ -1,7 +1,8 @@
 """``show`` and ``log``: one state in full, or a lineage newest first, for every client.
 
 Both take a reference (``cli.refs``): an agent state, a checkpoint (``thread:ID`` is its
-thread's newest) or a session state (``session:ID``); without one, the newest state of
+thread's newest), a session state (``session:ID``) or a pydantic-ai conversation state
+(``conversation:ID``); without one, the newest state of
 the agent ``--name`` (what ``chat`` would continue, like git's HEAD).
 
 ``log`` reads ``-n N`` + 1 states (the last tells what the oldest shown one added), their

@@ -7,6 +7,7 @@ A reference is any of:
 * ``agent:NAME``: the newest state of the agent called NAME (what ``chat --name`` goes on);
 * ``thread:ID``: the newest checkpoint of a LangGraph thread (its root namespace);
 * ``session:ID``: the newest state of an OpenAI Agents SDK session;
+* ``conversation:ID``: the newest state of a pydantic-ai conversation;
 * a bare name: an agent name, thread id or session id, when exactly one of them (or one
   id prefix) matches.
 
@@ -37,12 +38,13 @@ MIN_PREFIX = 4
 #: Fewest hex digits an abbreviated id is shown with.
 MIN_SHOWN = 8
 #: What the reference forms are, for help texts.
-REF_HELP = ("a state id or a unique prefix of one, agent:NAME, thread:ID, session:ID, or a "
-            "name that is exactly one of those")
+REF_HELP = ("a state id or a unique prefix of one, agent:NAME, thread:ID, session:ID, "
+            "conversation:ID, or a name that is exactly one of those")
 #: The state kind each explicit prefix names.
 CLIENT_PREFIXES: dict[str, int] = {"agent": int(Kind.AGENT_STATE),
                                    "thread": int(Kind.CHECKPOINT),
-                                   "session": int(Kind.SESSION_STATE)}
+                                   "session": int(Kind.SESSION_STATE),
+                                   "conversation": int(Kind.CONVERSATION_STATE)}
 _HEX = re.compile(r"[0-9a-f]+")
 #: Candidates named in an ambiguity error, at most.
 _SHOWN_CANDIDATES = 6
@@ -88,6 +90,8 @@ def ref_of(row: StateRow) -> str:
         return f"thread:{row.stream.split(chr(0x1F))[0]}"
     if row.kind == Kind.SESSION_STATE:
         return f"session:{row.stream}"
+    if row.kind == Kind.CONVERSATION_STATE:
+        return f"conversation:{row.stream}"
     return str(row.id)
 
 
@@ -141,13 +145,16 @@ async def resolve(store: EventLog, ref: Ref) -> Resolved:
 
 
 def _noun(client: str) -> str:
-    return {"agent": "agent named", "thread": "thread", "session": "session"}[client]
+    return {"agent": "agent named", "thread": "thread", "session": "session",
+            "conversation": "conversation"}[client]
 
 
 def describe(row: StateRow) -> str:
     """Whose state ``row`` is, in a few words: ``agent 'assistant'``, ``thread 't-1'``."""
     names = {Kind.AGENT_STATE: "agent", Kind.CHECKPOINT: "thread",
-             Kind.CHECKPOINT_WRITES: "writes of thread", Kind.SESSION_STATE: "session"}
+             Kind.CHECKPOINT_WRITES: "writes of thread", Kind.SESSION_STATE: "session",
+             Kind.CONVERSATION_STATE: "conversation",
+             Kind.CONVERSATION_SCOPE: "conversation scope"}
     if row.kind == Kind.COMPRESSION:
         return "the store's compression state"
     try:

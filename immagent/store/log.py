@@ -32,6 +32,7 @@ from immagent.assets import (
     Asset,
     ConversationNode,
     Digest,
+    Entry,
     Item,
     Kind,
     Message,
@@ -288,7 +289,8 @@ class EventLog:
         digests = check_digests("digests", digests)
         if kind is not None and not (isinstance(kind, type)
                                      and issubclass(kind, SystemPrompt | Message
-                                                    | ConversationNode | Value | Item)):
+                                                    | ConversationNode | Value | Item
+                                                    | Entry)):
             raise ValidationError("kind", "must be None or an asset class", None)
         if not isinstance(what, str):
             raise ValidationError("what", "must be a str", None)
@@ -740,7 +742,7 @@ def storable(field: str, asset: object) -> StoredAsset:
     msgspec does not type-check Struct construction, so e.g. a Message with a bad role
     would be hashed and committed, then fail every later read.
     """
-    if not isinstance(asset, SystemPrompt | Message | ConversationNode | Value | Item):
+    if not isinstance(asset, SystemPrompt | Message | ConversationNode | Value | Item | Entry):
         raise ValidationError(field, f"must be an asset, got {type(asset).__name__}", None)
     if isinstance(asset, Message):  # before encoding: a cyclic call_config must not recurse
         rules.check_message(field, asset)
