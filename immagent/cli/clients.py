@@ -6,10 +6,11 @@ A client's ``View`` says how its states are named, where a state's conversation 
 head of a hash chain of elements: messages, channel values or items), how an element reads
 (who said what, and whether it starts a turn), and what ``show`` prints about a state.
 Everything is read through the store's public API and the core's data types
-(``records``, ``checkpoints``, ``assets``), never through the clients' own modules, so a
-store any client wrote is shown without LangGraph or the Agents SDK installed, and a
-LangGraph value is decoded as data (msgpack, its classes named, never imported or
-constructed).
+(``records``, ``checkpoints``, ``assets``), not through the clients' own code (but for the
+id of a pydantic-ai conversation's scope entry, which its client derives), so a store any
+client wrote is shown without LangGraph, the Agents SDK or pydantic-ai installed, and a
+value is decoded as data (LangGraph's msgpack with its classes named, never imported or
+constructed; pydantic-ai's JSON).
 
 A *turn* is a user's message, for every client: an agent's ``user`` message, a session's
 item with role ``user``, a thread's ``HumanMessage``, a pydantic-ai request with a user
