@@ -8,8 +8,8 @@ UV := $(shell bash scripts/bootstrap.sh --uv)
 RUN = $(UV) run --no-sync
 
 .PHONY: dev venv fmt lint typecheck check test test-cov bench bench-full bench-scale \
-        bench-scale-full demo pg cluster stop clean peer-pydantic-ai peer-pydantic-ai-check \
-        test-pydantic-ai-range
+        bench-scale-full demo pg cluster stop clean test-agents-range peer-agents \
+        peer-pydantic-ai peer-pydantic-ai-check test-pydantic-ai-range
 
 dev:            ## install the venv with every extra and dev tool
 	@bash scripts/bootstrap.sh >/dev/null && echo "venv ready: .venv"
@@ -44,6 +44,12 @@ cluster:        ## start (or find) the primary + hot standby + PgBouncer of the 
 test: venv      ## the whole suite against real PostgreSQL (started here) and SQLite
 	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
 	  $(RUN) pytest
+
+test-agents-range: ## the session tests on the oldest and newest openai-agents claimed (fresh venvs)
+	@bash scripts/agents-range.sh
+
+peer-agents:    ## the Agents SDK's own memory tests against ImmAgentSession, beside its sessions
+	@bash scripts/peer-agents.sh
 
 test-cov: venv
 	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
