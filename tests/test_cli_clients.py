@@ -289,11 +289,13 @@ def test_json_errors_are_json_on_stderr_with_the_same_exit_codes(
 
 
 def test_pydantic_ai_conversations_are_listed_shown_and_deleted(
-        store_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+        store_dsn: str, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """examples/pydantic_ai_conversations.py (the real pydantic-ai, offline): two turns, a
     title, a fork; then the command line on the store it wrote, on each backend."""
     from tests.conftest import example
 
+    monkeypatch.chdir(tmp_path)  # the example writes a bundle beside a DSN without "://"
     with example("pydantic_ai_conversations") as demo:
         asyncio.run(demo.demo(store_dsn))
     capsys.readouterr()
