@@ -117,7 +117,27 @@ def _transient(exc: Exception) -> bool:
     original = getattr(exc, "original_exception", None)
     if isinstance(exc, MidStreamFallbackError) and isinstance(original, Exception):
         exc = original
+    # Missing credentials come as a 500 (OpenAI) or a connection error (Gemini): no retry
+    # can fix them, so they fail at once, as an authentication error does.
+    if _missing_key(exc) is not None:
+        return False
     return not isinstance(exc, _never_retry(litellm)) and isinstance(exc, _retryable(litellm))
+
+
+def _missing_key(exc: BaseException, model: str = "") -> str | None:
+    """The environment variable a provider error says is missing (its key), or None when
+    the error is not about missing credentials."""
+    import re
+
+    text = str(getattr(exc, "message", None) or exc)
+    if not re.search(r"missing (?:\w+ )*(?:credentials|api[ _-]?key)|api_key client option "
+                     r"must be set", text, re.IGNORECASE):
+        return None
+    named = re.search(r"\b([A-Z][A-Z0-9]*_(?:API_KEY|AUTH_TOKEN|KEY))\b", text)
+    if named:
+        return named.group(1)
+    provider = model.split("/", 1)[0] if "/" in model else "OPENAI"
+    return f"{provider.upper()}_API_KEY"
 
 
 def to_litellm_messages(system_prompt: str, messages: Sequence[Message]) -> list[dict[str, Any]]:
@@ -362,6 +382,13 @@ class _Call:
 
     def _failure(self, exc: Exception, handed_out: int, reason: str | None = None) -> str:
         reason = reason or _provider_message(exc)
+        key = _missing_key(exc, self.model)
+        if key is not None and not handed_out:
+            return f"{self.model}: no API key: set {key} in the environment ({reason})"
+        if "LLM Provider NOT provided" in reason:
+            return (f"{self.model}: unknown model or provider: LiteLLM cannot route it; name "
+                    "it as provider/model, e.g. openai/gpt-4o-mini (providers: "
+                    "https://docs.litellm.ai/docs/providers)")
         if handed_out:
             return f"{self.model}: the reply broke off after {handed_out} chunk(s): {reason}"
         return f"{self.model}: {reason}"

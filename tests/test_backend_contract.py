@@ -369,6 +369,23 @@ class BackendContract:
         assert await backend.count_states(TEST_KIND, stream="line") == 5
         assert await backend.stream_states(TEST_KIND, "none") == []
 
+    async def test_stream_heads_are_each_streams_newest_state_paged_by_name(
+            self, backend: Backend) -> None:
+        newest: dict[str, StateRow] = {}
+        for i in range(3):  # interleaved, so a stream's newest is not its first row
+            for name in ("b", "a", "c\u00e9", "d"):
+                newest[name] = state(name, body=bytes([i]))
+                await backend.write([], [newest[name]])
+        await backend.write([], [state("a", kind=TEST_KIND + 1)])  # another kind: not seen
+        heads = await backend.stream_heads(TEST_KIND)
+        assert {s.stream: s.id for s in heads} == {n: s.id for n, s in newest.items()}
+        first = await backend.stream_heads(TEST_KIND, limit=2)
+        rest = await backend.stream_heads(TEST_KIND, after=first[-1].stream, limit=10)
+        assert [s.stream for s in [*first, *rest]] == [s.stream for s in heads]
+        assert len(first) == 2 and len(rest) == 2
+        assert await backend.stream_heads(TEST_KIND, after=heads[-1].stream) == []
+        assert await backend.stream_heads(TEST_KIND + 2) == []
+
     async def test_lineage_walks_parents_and_terminates_on_a_cycle(
             self, backend: Backend) -> None:
         a = state()
@@ -403,6 +420,21 @@ class BackendContract:
         await backend.write([], plain)
         assert await backend.delete_states([plain[1].id, uuid.uuid4(), plain[0].id]) == \
             [plain[1].id, plain[0].id]
+        assert await backend.count_states(TEST_KIND) == 0
+
+    async def test_a_dry_run_deletion_says_what_would_go_and_deletes_nothing(
+            self, backend: Backend) -> None:
+        root = state()
+        mid = state(parent=root.id)
+        a, b = state(parent=mid.id), state(parent=mid.id)
+        await backend.write([], [root, mid, a, b])
+        line = [a.id, mid.id, root.id]
+        assert await backend.delete_states(line, stop_at_shared=True, dry_run=True) == [a.id]
+        assert await backend.delete_states([b.id, a.id], dry_run=True) == [b.id, a.id]
+        assert await backend.count_states(TEST_KIND) == 4
+        await backend.delete_states([b.id])
+        assert await backend.delete_states(line, stop_at_shared=True, dry_run=True) == line
+        assert await backend.delete_states(line, stop_at_shared=True) == line
         assert await backend.count_states(TEST_KIND) == 0
 
     async def test_siblings_deleted_at_once_still_take_their_parent(
@@ -510,6 +542,18 @@ class BackendContract:
         with pytest.raises(RuntimeError):
             await backend.sweep(lambda rows: None, refuse)
         assert gone.digest in await backend.get_assets([gone.digest])  # nothing deleted
+    async def test_a_dry_run_sweep_reports_what_it_would_remove_and_removes_nothing(
+            self, backend: Backend) -> None:
+        kept_rows, kept = chain("k1", "k2")
+        gone_rows, _ = chain("k1", "g2")
+        await backend.write([*kept_rows, *gone_rows], [state(refs=[kept.digest])])
+        everything = {r.digest for r in [*kept_rows, *gone_rows]}
+        checked: list[object] = []
+        rehearsed = await backend.sweep(checked.extend, dry_run=True)
+        assert checked  # the same checks as a real sweep
+        assert set(await backend.get_assets(list(everything))) == everything
+        real = await backend.sweep(lambda rows: None)
+        assert rehearsed == real and sum(real.removed.values()) == 2
 
     async def test_sweep_deletes_nothing_when_something_reachable_is_missing(
             self, backend: Backend) -> None:

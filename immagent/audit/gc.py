@@ -119,9 +119,10 @@ def needed_dictionaries(used: Sequence[int], rows: Sequence[StoredAsset]
     return {n: found[n] for n in used}
 
 
-async def collect(backend: AdminBackend) -> GCResult:
+async def collect(backend: AdminBackend, *, dry_run: bool = False) -> GCResult:
     """Sweep every asset no state reaches, checking every row marked from first and
-    keeping every dictionary a kept row's codec names (``needed_dictionaries``)."""
+    keeping every dictionary a kept row's codec names (``needed_dictionaries``). With
+    ``dry_run`` the sweep is rolled back: what it would remove, nothing removed."""
     loaded: dict[int, ZstdDictionary] = {}
 
     def codec_refs(used: Sequence[int], rows: Sequence[StoredAsset]) -> list[Digest]:
@@ -130,7 +131,8 @@ async def collect(backend: AdminBackend) -> GCResult:
         return [digest for digest, _ in needed.values()]
 
     result = await backend.sweep(functools.partial(check_marked, dictionaries=loaded),
-                                 codec_refs, detached=attached_kinds())
+                                 codec_refs, detached=attached_kinds(),
+                                 dry_run=dry_run)
     if result.missing is not None:
         raise IntegrityError(
             f"gc aborted, nothing deleted: a stored state reaches asset "

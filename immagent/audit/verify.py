@@ -23,7 +23,7 @@ import msgspec
 from immagent.assets import Digest, Kind, MissingAsset, ref_kind_table
 from immagent.attestations import attestation_of
 from immagent.audit import keys
-from immagent.codec import NO_DICTIONARIES, ZstdDictionary
+from immagent.codec import NO_DICTIONARIES, ZstdDictionary, decoded_size
 from immagent.exceptions import AgentNotFoundError, IntegrityError
 from immagent.records import STATE_KINDS, StateRow, check_state
 from immagent.rows import StoredAsset, check_row
@@ -267,8 +267,13 @@ async def verify_backend(backend: AuditBackend, agent_id: UUID | None = None, *,
             for row in batch:
                 checked += 1
                 found = check_row(row, dictionaries)
-                # Counted once checked: a damaged SQLite column may hold an int, not bytes.
-                size += len(row.body) if isinstance(row.body, bytes) else 0
+                # Content bytes (canonical, uncompressed), as bundles count them, once the
+                # row proved sound; a damaged one by what it holds (a damaged SQLite column
+                # may hold an int, not bytes).
+                if found is None:
+                    size += decoded_size(row.codec, row.body, dictionaries)
+                elif isinstance(row.body, bytes):
+                    size += len(row.body)
                 if found is not None:
                     category, reason = found
                     note(corrupt if category == "corrupt" else undecodable,

@@ -10,20 +10,22 @@ from typing import Any
 
 from immagent.assets import Asset, Item, Kind, Message, Value
 from immagent.audit.diff import ChainDiff, StateDiff
-from immagent.cli.commands import target
 from immagent.cli.context import Context
-from immagent.cli.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNUSABLE
+from immagent.cli.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNUSABLE, CLIError
+from immagent.cli.history import add_target, target
+from immagent.cli.refs import REF_HELP, parse_ref
 from immagent.cli.render import clip, jsonable, message_json, message_line
+from immagent.cli.spec import Command, count
 from immagent.replay import Rebuilt, Replayed, rebuild, replay
 
-__all__ = ["diff", "replay_command"]
+__all__ = ["COMMANDS"]
 
 
 # -- diff ------------------------------------------------------------------------------------
 
 def diff(ctx: Context, args: argparse.Namespace) -> int:
     """Print where two states meet, what each added, what else changed."""
-    found = ctx.run(ctx.store().diff(args.left, args.right))
+    found = ctx.run(ctx.store().diff(ctx.state(args.left).id, ctx.state(args.right).id))
     if ctx.out.as_json:
         ctx.out.json(_diff_json(found))
     else:
@@ -119,7 +121,11 @@ def replay_command(ctx: Context, args: argparse.Namespace) -> int:
     """Rebuild a reply's request from the store, prove it, and with --run send it again.
     Exit status: 0 proven (and, with --run, replayed), 1 the store does not hold exactly
     what the call was given, 4 the request was never recorded (an older message)."""
-    agent = target(ctx, args)
+    row = target(ctx, args)
+    if row.kind != Kind.AGENT_STATE:
+        raise CLIError(f"replay rebuilds an agent's model calls; {row.id} is not an agent "
+                       "state", EXIT_UNUSABLE)
+    agent = ctx.load(row.id)
     index = None if args.message is None else args.message - 1
     rebuilt = ctx.run(rebuild(ctx.store(), agent, index))
     replayed = ctx.run(replay(rebuilt)) if args.run and rebuilt.proven else None
@@ -180,3 +186,29 @@ def _replay_json(r: Rebuilt, replayed: Replayed | None) -> dict[str, Any]:
                                         "replayed": jsonable(c.replayed)}
                                        for c in replayed.changes]}
     return out
+
+
+def _add_diff(p: argparse.ArgumentParser) -> None:
+    p.add_argument("left", metavar="A", type=parse_ref, help=f"one state: {REF_HELP}")
+    p.add_argument("right", metavar="B", type=parse_ref, help="the other state")
+
+
+def _add_replay(p: argparse.ArgumentParser) -> None:
+    add_target(p)
+    p.add_argument("--message", metavar="N", type=count(1),
+                   help="the reply to replay, numbered as `show` numbers messages "
+                        "(default: the newest that recorded its request)")
+    p.add_argument("--run", action="store_true", help="send the request again and compare")
+
+
+COMMANDS = [
+    Command("diff", "where two states meet and what separates them", diff, _add_diff,
+            pages=True),
+    Command("replay", "rebuild a reply's request from the store and prove it", replay_command,
+            _add_replay,
+            description="Rebuild the request an agent's reply was given (prompt, the messages "
+                        "before it, its tools, model and call config) from the store and "
+                        "prove it against the digest the reply recorded; --run sends it "
+                        "again and lists what changed. Exit status 0 proven, 1 the store "
+                        "does not hold exactly what the call was given, 4 never recorded."),
+]

@@ -23,7 +23,9 @@ from immagent.cli.errors import (
     EXIT_USAGE,
     CLIError,
 )
+from immagent.cli.refs import REF_HELP, add_ref
 from immagent.cli.render import human_bytes, local_time
+from immagent.cli.spec import Command, count
 from immagent.exceptions import (
     BundleError,
     ExtraNotInstalledError,
@@ -31,7 +33,7 @@ from immagent.exceptions import (
     ValidationError,
 )
 
-__all__ = ["attest", "bundle_lines", "keygen", "signer_lines", "verify_bundle"]
+__all__ = ["COMMANDS", "bundle_lines", "signer_lines"]
 
 
 def keygen(ctx: Context, args: argparse.Namespace) -> int:
@@ -52,8 +54,9 @@ def keygen(ctx: Context, args: argparse.Namespace) -> int:
 def attest(ctx: Context, args: argparse.Namespace) -> int:
     """Sign a stored state with KEY and keep the signature as an attestation."""
     key = load_signing_key(args.key)
+    state = ctx.resolve(args.ref, write=True).row
     store = ctx.store(write=True)
-    row = ctx.run(store.attest(args.id, key, note=args.note or ""))
+    row = ctx.run(store.attest(state.id, key, note=args.note or ""))
     _, statement, subject = attestation_of(row.kind, row.stream, row.refs, row.body)
     if ctx.out.as_json:
         ctx.out.json({"attestation": str(row.id), "state": str(subject.id),
@@ -135,3 +138,38 @@ def signer_lines(signers: tuple[Signer, ...]) -> Iterator[str]:
 
 def _time(micros: int) -> datetime:
     return datetime.fromtimestamp(micros / 1_000_000, UTC)
+
+
+def _add_keygen(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", metavar="PATH", help="where to write the private key (PATH.pub: "
+                                                "the public key)")
+
+
+def _add_attest(p: argparse.ArgumentParser) -> None:
+    add_ref(p, help=f"the state to vouch for: {REF_HELP}")
+    p.add_argument("--key", metavar="KEY", required=True, help="your private key file")
+    p.add_argument("--note", metavar="TEXT", help="what you vouch for (e.g. 'reviewed')")
+
+
+def _add_verify_bundle(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", help="the bundle to check")
+    p.add_argument("--trusted-key", metavar="FILE", action="append", default=[],
+                   help="a public key file whose signatures are trusted (repeatable)")
+    p.add_argument("--sigs-needed", metavar="N", type=count(1),
+                   help="how many distinct trusted keys must vouch (default 1)")
+
+
+COMMANDS = [
+    Command("keygen", "write a new Ed25519 key pair: PATH (private) and PATH.pub", keygen,
+            _add_keygen),
+    Command("attest", "sign a stored state and keep the signature with it", attest,
+            _add_attest,
+            description="Sign the state REF names with KEY and store the signature as an "
+                        "attestation beside it: exported with its bundles, checked by "
+                        "verify, removed by gc once the state is gone."),
+    Command("verify-bundle", "check a bundle file offline (no database)", verify_bundle,
+            _add_verify_bundle,
+            description="Check a bundle offline: every digest, reference and state digest, "
+                        "and with --trusted-key who vouches for it. Exit status 0 intact (and "
+                        "trusted), 1 corrupt, 3 intact but untrusted, 4 unusable."),
+]

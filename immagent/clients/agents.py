@@ -187,19 +187,22 @@ class Store(EventLog):
             raise AgentNotFoundError(agent_id)
         log.info("deleted agent %s", agent_id)
 
-    async def delete_lineage(self, agent: PersistentAgent | UUID | str) -> list[UUID]:
+    async def delete_lineage(self, agent: PersistentAgent | UUID | str, *,
+                             dry_run: bool = False) -> list[UUID]:
         """Delete ``agent`` and then each ancestor that no other live state descends from.
 
         A state is *live* while its row exists. The walk stops at the first ancestor that
         has another child row (or is already gone). Children of a deleted state keep their
         ``parent_id``; their lineage walks stop there. Assets stay until gc(). Returns the
-        deleted ids, ``agent`` first, in one transaction.
+        deleted ids, ``agent`` first, in one transaction. With ``dry_run`` that transaction
+        is rolled back: the ids it would delete, nothing deleted.
         """
         agent_id = self._agent_id(agent)
-        deleted = await self.delete_state_lineage(agent_id)
+        deleted = await self.delete_state_lineage(agent_id, dry_run=dry_run)
         if not deleted:
             raise AgentNotFoundError(agent_id)
-        log.info("deleted lineage of %s: %d states", agent_id, len(deleted))
+        if not dry_run:
+            log.info("deleted lineage of %s: %d states", agent_id, len(deleted))
         return deleted
 
     # -- per-agent operations (PersistentAgent's methods delegate here) --------------------

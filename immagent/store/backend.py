@@ -112,14 +112,17 @@ class LogBackend(Protocol):
         """
 
     async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
-                            attached: Sequence[int] = ()) -> list[UUID]:
+                            attached: Sequence[int] = (),
+                            dry_run: bool = False) -> list[UUID]:
         """Delete state rows (never assets) in one transaction; returns the ids deleted, in
         the given order. With ``stop_at_shared``, ``ids`` is a lineage (a state, then its
         ancestors): the first is deleted, then each next one only if no row outside the
         deleted ones names it as parent (rows of the ``attached`` kinds do not count: they
         are about their parent, not descended from it); the first that is still someone's
         parent (or is absent) ends it. Such deletions are serialised, so two siblings
-        deleted at once still take their parent with them."""
+        deleted at once still take their parent with them. With ``dry_run`` the transaction
+        is rolled back instead of committed: the ids that would have been deleted, nothing
+        deleted."""
 
     # -- assets ---------------------------------------------------------------------------
 
@@ -154,6 +157,13 @@ class LogBackend(Protocol):
     async def count_states(self, kind: int, *, stream: str | None = None,
                            contains: str | None = None) -> int:
         """How many states of ``kind`` (in ``stream``, or whose stream holds ``contains``)."""
+
+    async def stream_heads(self, kind: int, *, after: str | None = None,
+                           limit: int = 100) -> list[StateRow]:
+        """The newest state (highest seq) of each stream of ``kind``, at most ``limit``
+        streams, in the engine's order of stream names, keyset-paged strictly past
+        ``after``: one index probe per stream (a loose index scan), never a scan of the
+        stream's states."""
 
     async def lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
         """The state and its ancestors through ``parent_id``, at most ``limit`` rows, in one
@@ -221,7 +231,7 @@ class AdminBackend(Protocol):
     # -- gc -------------------------------------------------------------------------------
 
     async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
-                    detached: Sequence[int] = ()) -> SweepResult:
+                    detached: Sequence[int] = (), dry_run: bool = False) -> SweepResult:
         """Delete the states of the ``detached`` kinds whose parent is not stored (attached
         states whose subject is gone); mark every asset a remaining state reaches through
         refs, then (when some marked row is stored with a dictionary) the digests
@@ -232,7 +242,8 @@ class AdminBackend(Protocol):
         transaction holding the exclusive side of the gc lock (so a write restoring a subject
         is either seen or waits). If ``codec_refs`` or ``check`` raises, or a reached digest
         is missing, nothing is deleted (the exception propagates; the missing digest is
-        reported)."""
+        reported). With ``dry_run`` everything but the commit happens: the result says what
+        would have been removed, nothing is."""
 
 
 class Backend(LogBackend, AdminBackend, Protocol):

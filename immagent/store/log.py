@@ -63,7 +63,6 @@ from immagent.records import (
     STATE_KINDS,
     StateRow,
     attached_kinds,
-    load_agent,
     load_state,
     stream_digest,
 )
@@ -464,6 +463,18 @@ class EventLog:
             stream=None if stream is None else check_key("stream", stream),
             contains=None if contains is None else check_key("contains", contains))
 
+    async def stream_heads(self, kind: int, *, after: str | None = None,
+                           limit: int = 100) -> list[StateRow]:
+        """The newest state of each stream of ``kind`` (an agent name's, a thread's, a
+        session's), a page of streams at a time in the database's order of stream names:
+        pass the last row's ``stream`` as ``after`` for the next page. One index probe per
+        stream; a stream's older states are never read."""
+        check_limit(limit)
+        rows = await self._open().stream_heads(
+            check_kind("kind", kind),
+            after=None if after is None else check_key("after", after), limit=limit)
+        return [load_state(r) for r in rows]
+
     async def state_lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
         """The state and its stored ancestors, newest first, at most ``limit``; stops at a
         deleted parent. A parent cycle (only damage or a crafted import makes one) is an
@@ -505,10 +516,12 @@ class EventLog:
         ``replace``): the store's own compression state is refused (ValidationError)."""
         _refuse_own(await self._open().get_states(ids), field)
 
-    async def delete_state_lineage(self, state_id: UUID) -> list[UUID]:
+    async def delete_state_lineage(self, state_id: UUID, *,
+                                   dry_run: bool = False) -> list[UUID]:
         """Delete the state ``state_id`` and then each ancestor that no other stored state
         descends from, in one transaction; returns the deleted ids, ``state_id`` first
-        (empty when it is not stored).
+        (empty when it is not stored). With ``dry_run`` that transaction is rolled back:
+        the ids it would delete, nothing deleted.
 
         A state is *live* while its row exists. The walk stops at the first ancestor that
         has another child row (or is already gone); an attestation about an ancestor is not
@@ -519,7 +532,10 @@ class EventLog:
         _refuse_own(rows)
         deleted = await self._open().delete_states([r.id for r in rows],
                                                     stop_at_shared=True,
-                                                    attached=attached_kinds())
+                                                    attached=attached_kinds(),
+                                                    dry_run=check_flag("dry_run", dry_run))
+        if dry_run:
+            return deleted
         self._forget(deleted)
         return deleted
 
@@ -529,11 +545,14 @@ class EventLog:
 
     # -- audits: gc, verify, stats, bundles ----------------------------------------------
 
-    async def gc(self) -> gc.GCResult:
+    async def gc(self, *, dry_run: bool = False) -> gc.GCResult:
         """Remove every asset that no stored state can reach; safe while other tasks or
         processes write (see docs/architecture.md). Aborts with IntegrityError, deleting
-        nothing, if a row it would mark from is damaged or something reachable is missing."""
-        result = await gc.collect(self._open())
+        nothing, if a row it would mark from is damaged or something reachable is missing.
+        ``dry_run``: the same sweep, rolled back; the result says what it would remove."""
+        result = await gc.collect(self._open(), dry_run=check_flag("dry_run", dry_run))
+        if dry_run:
+            return result
         log.info("gc removed %d assets (%d bytes)", result.assets_removed, result.bytes_freed)
         return result
 
@@ -554,35 +573,37 @@ class EventLog:
     async def stats(self, page_size: int = _PAGE) -> StoreStats:
         """Sizes of what is stored and of what a copy-per-state layout would store.
 
-        Reads every agent state once (keyset-paged) and each distinct head node and prompt
-        once; states of every kind are counted (one count per kind).
+        Reads every state once (keyset-paged, every client's kind) and each distinct asset
+        a page of states pins once (prompts, head nodes, channel values: a node counts the
+        content bytes of its whole chain, so no history is read); states are counted in
+        the same walk.
         """
         check_limit(page_size)
         backend = self._open()
         audits = backend.audits()
         by_kind = await audits.asset_stats()
-        logical = agents = 0
+        logical = 0
+        counts: dict[int, int] = {}
         after: UUID | None = None
-        while page := await self._scan(Kind.AGENT_STATE, after, page_size, False, None):
+        while page := await self._scan(None, after, page_size, False, None):
             after = page[-1].id
-            records = [load_agent(r) for r in page]
-            agents += len(records)
-            digests = sorted({d for r in records for d in (r.system_prompt, r.conversation)})
+            for row in page:
+                counts[row.kind] = counts.get(row.kind, 0) + 1
+            # The store's own compression state pins dictionaries, not content.
+            content = [r for r in page if r.kind != Kind.COMPRESSION]
             sizes: dict[Digest, int] = {}
-            for asset in await self.get_assets(digests):
+            for asset in await self.get_assets(sorted({d for r in content for d in r.refs})):
                 sizes[asset.digest] = (asset.size if isinstance(asset, ConversationNode)
                                        else len(asset.body))
-            logical += sum(sizes[r.system_prompt] + sizes[r.conversation] for r in records)
-        # Agent states were just counted page by page; the other kinds by one count each.
-        states = {_kind_name(k): agents if k == Kind.AGENT_STATE
-                  else await backend.count_states(k) for k in sorted(STATE_KINDS)}
+            logical += sum(sizes[d] for r in content for d in r.refs)
+        states = {_kind_name(k): n for k, n in sorted(counts.items())}
         return StoreStats(
-            agents=agents,
+            agents=counts.get(int(Kind.AGENT_STATE), 0),
             assets_by_kind={_kind_name(k): v for k, v in sorted(by_kind.items())},
             payload_bytes=sum(b for _, b in by_kind.values()),
             disk_bytes=await audits.storage_bytes(),
             logical_bytes=logical,
-            states_by_kind={k: n for k, n in states.items() if n},
+            states_by_kind=states,
         )
 
     async def export_lineage(self, state_id: UUID | str, path: str | os.PathLike[str], *,

@@ -101,11 +101,12 @@ class MemoryBackend:
         return max(mine, key=lambda s: s.seq).id if mine else None
 
     async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
-                            attached: Sequence[int] = ()) -> list[UUID]:
+                            attached: Sequence[int] = (),
+                            dry_run: bool = False) -> list[UUID]:
         self._open()
         deleted: list[UUID] = []
         for i, state_id in enumerate(ids):
-            if state_id not in self._states:
+            if state_id not in self._states or state_id in deleted:
                 if stop_at_shared:
                     break
                 continue
@@ -113,12 +114,14 @@ class MemoryBackend:
                     s.parent_id == state_id and s.id not in deleted
                     and s.kind not in attached for s in self._states.values()):
                 break
-            del self._states[state_id]
             deleted.append(state_id)
+        if not dry_run:
+            for state_id in deleted:
+                del self._states[state_id]
         return deleted
 
     async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
-                    detached: Sequence[int] = ()) -> SweepResult:
+                    detached: Sequence[int] = (), dry_run: bool = False) -> SweepResult:
         self._open()
         async with self._lock:
             states = list(self._states.values())
@@ -145,12 +148,18 @@ class MemoryBackend:
                               or d in linked)])
             removed: dict[int, int] = {}
             freed = 0
-            for state_id in gone:
-                del self._states[state_id]
-            for d in [d for d in self._assets if d not in reached]:
-                row = self._assets.pop(d)
+            doomed = [d for d in self._assets if d not in reached]
+            for d in doomed:
+                row = self._assets[d]
                 removed[row.kind] = removed.get(row.kind, 0) + 1
                 freed += len(row.body)
+            if dry_run:
+                return SweepResult(removed, freed, len(self._assets) - len(doomed),
+                                   states_removed=len(gone))
+            for state_id in gone:
+                del self._states[state_id]
+            for d in doomed:
+                del self._assets[d]
             return SweepResult(removed, freed, len(self._assets), states_removed=len(gone))
 
     async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, StoredAsset]:
@@ -282,6 +291,16 @@ class MemoryBackend:
         return sum(1 for s in self._states.values() if s.kind == kind
                    and (stream is None or s.stream == stream)
                    and (contains is None or contains.lower() in s.stream.lower()))
+
+    async def stream_heads(self, kind: int, *, after: str | None = None,
+                           limit: int = 100) -> list[StateRow]:
+        self._open()
+        heads: dict[str, StateRow] = {}
+        for s in self._states.values():
+            if (s.kind == kind and (after is None or s.stream > after)
+                    and (s.stream not in heads or s.seq > heads[s.stream].seq)):
+                heads[s.stream] = s
+        return [heads[name] for name in sorted(heads)[:limit]]
 
     async def lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
         self._open()

@@ -52,7 +52,7 @@ from immagent.store.backend import (
 )
 from immagent.store.dsn import redact, scrub
 from immagent.store.schema import schema_sql
-from immagent.store.sql import ROOTED_STATES, Dialect, StateQueries
+from immagent.store.sql import ROOTED_STATES, Dialect, Rehearsal, StateQueries
 from immagent.store.sql import WriteAborted as _Abort
 
 __all__ = ["PostgresBackend"]
@@ -339,22 +339,32 @@ class PostgresBackend(StateQueries):
             return stop.result
         return WriteResult()
 
-    async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False,
-                            attached: Sequence[int] = ()) -> list[UUID]:
-        return await _retrying_transient(
-            lambda: self._delete_once(ids, stop_at_shared, attached))
+    async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
+                            attached: Sequence[int] = (),
+                            dry_run: bool = False) -> list[UUID]:
+        try:
+            return await _retrying_transient(
+                lambda: self._delete_once(ids, stop_at_shared, attached, dry_run))
+        except Rehearsal as rehearsed:
+            return list(rehearsed.result)
 
     async def _delete_once(self, ids: Sequence[UUID], stop_at_shared: bool,
-                           attached: Sequence[int]) -> list[UUID]:
+                           attached: Sequence[int], dry_run: bool) -> list[UUID]:
         order = {i: n for n, i in enumerate(dict.fromkeys(ids))}
+
+        def done(rows: Sequence[Sequence[Any]]) -> list[UUID]:
+            deleted = sorted((r[0] for r in rows), key=order.__getitem__)
+            if dry_run:
+                raise Rehearsal(deleted)
+            return deleted
+
         with _mapped("delete"):
             async with self._pool.connection() as conn, conn.transaction():
                 if not stop_at_shared:
                     cur = await conn.execute(
                         "DELETE FROM immagent_states WHERE id = ANY(%s) RETURNING id",
                         (list(order),))
-                    return sorted((r[0] for r in await cur.fetchall()), key=order.__getitem__)
+                    return done(await cur.fetchall())
                 # Serialise lineage deletions: otherwise two siblings deleted at once each
                 # see the other still present and both keep their (then childless) parent.
                 # Under READ COMMITTED the statement's snapshot is taken after the lock.
@@ -383,10 +393,17 @@ class PostgresBackend(StateQueries):
                     """,
                     (list(order), list(attached)),
                 )
-                return sorted((r[0] for r in await cur.fetchall()), key=order.__getitem__)
+                return done(await cur.fetchall())
 
     async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
-                    detached: Sequence[int] = ()) -> SweepResult:
+                    detached: Sequence[int] = (), dry_run: bool = False) -> SweepResult:
+        try:
+            return await self._sweep(check, codec_refs, detached, dry_run)
+        except Rehearsal as rehearsed:
+            return rehearsed.result  # type: ignore[no-any-return]
+
+    async def _sweep(self, check: RowCheck, codec_refs: CodecRefs | None,
+                     detached: Sequence[int], dry_run: bool) -> SweepResult:
         with _mapped("gc"):
             async with self._pool.connection() as conn, conn.transaction():
                 # Exclusive side of the writers' shared lock, taken before the statements, so
@@ -451,7 +468,11 @@ class PostgresBackend(StateQueries):
                 freed = sum(int(b) for _, _, b in swept)
                 cur = await conn.execute("SELECT count(*) FROM immagent_assets")
                 row = await cur.fetchone()
-        return SweepResult(removed, freed, int(row[0]) if row else 0, states_removed=gone)
+                result = SweepResult(removed, freed, int(row[0]) if row else 0,
+                                     states_removed=gone)
+                if dry_run:  # the DELETE ran in this transaction only: roll it back
+                    raise Rehearsal(result)
+        return result
 
     # -- assets ---------------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ from immagent.store.backend import (
     SweepResult,
     WriteResult,
 )
-from immagent.store.sql import ROOTED_STATES, Dialect, StateQueries
+from immagent.store.sql import ROOTED_STATES, Dialect, Rehearsal, StateQueries
 from immagent.store.sql import WriteAborted as _Abort
 
 __all__ = ["SQLiteBackend"]
@@ -417,7 +417,7 @@ def _all_dangling(conn: sqlite3.Connection, limit: int) -> list[MissingAsset]:
 
 
 def _swept(conn: sqlite3.Connection, check: RowCheck, codec_refs: CodecRefs | None,
-           detached: Sequence[int]) -> SweepResult:
+           detached: Sequence[int], dry_run: bool) -> SweepResult:
     """gc after the mark (temp.immagent_reach): refuse a missing asset, delete the attached
     states whose subject is gone, mark what the codecs of marked rows name, check every row
     marked from, delete every unmarked asset."""
@@ -458,6 +458,10 @@ def _swept(conn: sqlite3.Connection, check: RowCheck, codec_refs: CodecRefs | No
             f"WHERE {unmarked} GROUP BY kind"):
         removed[int(kind)] = int(n)
         freed += int(size)
+    if dry_run:  # everything but the commit: the caller's transaction is rolled back
+        (total,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
+        raise Rehearsal(SweepResult(removed, freed, int(total) - sum(removed.values()),
+                                    states_removed=gone))
     if removed:
         conn.execute(f"DELETE FROM immagent_assets WHERE {unmarked}")
         _give_back_free_pages(conn)
@@ -614,7 +618,8 @@ class SQLiteBackend(StateQueries):
         return WriteResult()
 
     async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
-                            attached: Sequence[int] = ()) -> list[UUID]:
+                            attached: Sequence[int] = (),
+                            dry_run: bool = False) -> list[UUID]:
         keys = [i.bytes for i in dict.fromkeys(ids)]
         # Children of attached kinds (attestations) do not keep a parent.
         other_child = ("SELECT 1 FROM immagent_states WHERE parent_id = ?"
@@ -641,22 +646,33 @@ class SQLiteBackend(StateQueries):
                 done.append(UUID(bytes=key))
             return done
 
-        result: list[UUID] = await self._pool.write("delete", lambda conn: transaction(conn, run))
+        def rehearse(conn: sqlite3.Connection) -> list[UUID]:
+            raise Rehearsal(run(conn))
+
+        try:
+            result: list[UUID] = await self._pool.write(
+                "delete", lambda conn: transaction(conn, rehearse if dry_run else run))
+        except Rehearsal as done:
+            return list(done.result)
         return result
 
     async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
-                    detached: Sequence[int] = ()) -> SweepResult:
+                    detached: Sequence[int] = (), dry_run: bool = False) -> SweepResult:
         def sweep(conn: sqlite3.Connection) -> SweepResult:
             # Mark into a temporary table (SQLite spills it to disk; Python only splits
             # long refs values), then sweep what is not in it, all under the write lock.
             walk.begin(conn)
             try:
                 walk.mark(conn, all_states=True)
-                return _swept(conn, check, codec_refs, detached)
+                return _swept(conn, check, codec_refs, detached, dry_run)
             finally:
                 walk.end(conn, False)
 
-        result: SweepResult = await self._pool.write("gc", lambda conn: transaction(conn, sweep))
+        try:
+            result: SweepResult = await self._pool.write(
+                "gc", lambda conn: transaction(conn, sweep))
+        except Rehearsal as rehearsed:
+            return rehearsed.result  # type: ignore[no-any-return]
         return result
 
     # -- reads ----------------------------------------------------------------------------
