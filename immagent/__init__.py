@@ -14,8 +14,17 @@ from typing import TYPE_CHECKING
 from immagent.agent import PersistentAgent
 from immagent.assets import ConversationNode, Message, MissingAsset, SystemPrompt, ToolCall
 from immagent.audit.bundle import BundleInfo, verify_bundle
+from immagent.audit.diff import StateDiff
 from immagent.audit.gc import GCResult
+from immagent.audit.keys import (
+    PublicKey,
+    SigningKey,
+    generate_key,
+    load_public_key,
+    load_signing_key,
+)
 from immagent.audit.proofs import ProofResult, verify_proof
+from immagent.audit.trust import TrustPolicy
 from immagent.audit.verify import AgentProblem, AssetProblem, VerifyReport
 from immagent.clients.agents import Store
 from immagent.exceptions import (
@@ -24,6 +33,7 @@ from immagent.exceptions import (
     AssetNotFoundError,
     BundleError,
     ConflictError,
+    ExtraNotInstalledError,
     FanOutError,
     ImmAgentError,
     IntegrityError,
@@ -42,6 +52,7 @@ from immagent.exceptions import (
     TransientConflictError,
     TurnIncompleteError,
     UnsupportedTypeError,
+    UntrustedError,
     ValidationError,
 )
 from immagent.records import StateRow
@@ -86,6 +97,7 @@ __all__ = [
     "CompleteFn",
     "ConflictError",
     "ConversationNode",
+    "ExtraNotInstalledError",
     "FanOutError",
     "GCResult",
     "ImmAgentError",
@@ -99,11 +111,14 @@ __all__ = [
     "PersistentAgent",
     "ProofError",
     "ProofResult",
+    "PublicKey",
     "SchemaMissingError",
     "SchemaVersionError",
     "SessionClosedError",
+    "SigningKey",
     "SimpleAgent",
     "StaleStreamError",
+    "StateDiff",
     "StateRow",
     "Store",
     "StoreClosedError",
@@ -119,14 +134,19 @@ __all__ = [
     "ToolProvider",
     "ToolResult",
     "TransientConflictError",
+    "TrustPolicy",
     "TurnDone",
     "TurnEvent",
     "TurnIncompleteError",
     "TurnStream",
     "UnsupportedTypeError",
+    "UntrustedError",
     "ValidationError",
     "VerifyReport",
     "__version__",
+    "generate_key",
+    "load_public_key",
+    "load_signing_key",
     "verify_bundle",
     "verify_proof",
 ]

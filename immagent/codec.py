@@ -61,6 +61,7 @@ __all__ = [
     "check_declared",
     "decode",
     "decode_many",
+    "decoded_size",
     "dictionary_id",
     "encode",
     "small_frames",
@@ -225,6 +226,17 @@ def check_declared(stored: bytes) -> int:
                          f"a stored frame may hold (at most {MAX_RATIO}x its size, "
                          f"MAX_BODY = {MAX_BODY} in all)")
     return size
+def decoded_size(codec: int, stored: bytes,
+                 dictionaries: Mapping[int, ZstdDictionary]) -> int:
+    """How many canonical bytes a stored body holds (what its digest covers; the unit of
+    every content size): its own length when stored as is, else the content size its
+    frame header declares (decoding checks it), or, without one, the decoded length."""
+    if codec == RAW:
+        return len(stored)
+    try:
+        return _content_size(stored)
+    except CodecError:
+        return len(decode(codec, stored, dictionaries))
 
 
 def decode(codec: int, stored: bytes, dictionaries: Mapping[int, ZstdDictionary]) -> bytes:

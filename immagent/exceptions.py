@@ -30,6 +30,7 @@ __all__ = [
     "TransientConflictError",
     "TurnIncompleteError",
     "UnsupportedTypeError",
+    "UntrustedError",
     "ValidationError",
 ]
 
@@ -159,7 +160,17 @@ class IntegrityError(ImmAgentError):
 
 
 class BundleError(IntegrityError):
-    """An audit bundle is unreadable, malformed or tampered with."""
+    """An audit bundle is unreadable, malformed or tampered with. ``unusable`` is True
+    when it could not be checked at all (not a bundle, a format this immagent does not
+    read), False when it was checked and is corrupt."""
+
+    def __init__(self, message: str, *, unusable: bool = False) -> None:
+        self.unusable = unusable
+        super().__init__(message)
+
+
+class UntrustedError(ImmAgentError):
+    """Intact, but not signed by enough trusted keys (a trust policy's ``sigs_needed``)."""
 
 
 class ProofError(IntegrityError):

@@ -245,9 +245,14 @@ def load_rows(rows: Sequence[StoredAsset],
     # A frame that may declare more than 64 KiB is read, checked and hashed on its own
     # (load_row), so a batch of them never holds more than one unchecked body.
     if (kind not in ASSET_KINDS or kind in NODE_KINDS
-            or set(map(_KIND, rows)) != {kind} or any(map(_REFS, rows))
+            or set(map(_KIND, rows)) != {kind}
             or not codec.small_frames(codecs, stored_bodies)):
         return [load_row(r, dictionaries) for r in rows]
+    if any(map(_REFS, rows)):
+        # A few messages reference the tools their call was offered: those one by one,
+        # the rest still in one pass.
+        batch = iter(load_rows([r for r in rows if not r.refs], dictionaries))
+        return [load_row(r, dictionaries) if r.refs else next(batch) for r in rows]
     digests = list(map(_DIGEST, rows))
     try:
         bodies = codec.decode_many(codecs, stored_bodies, dictionaries)

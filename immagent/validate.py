@@ -42,6 +42,7 @@ __all__ = [
     "check_sequence",
     "check_text",
     "check_token_count",
+    "check_tool_schemas",
     "check_uuid",
     "check_uuids",
     "is_credential_key",
@@ -245,6 +246,18 @@ def check_json_value(field: str, value: object) -> Any:
     surrogates, other types, and nesting deeper than MAX_DEPTH (which also stops cycles)."""
     return _json(field, value, 1, field, exact=True)
 
+
+def check_tool_schemas(field: str, schemas: object) -> list[dict[str, Any]]:
+    """Tool schemas as a model call is offered them and a Tools asset stores them: a list
+    of JSON objects (``validate.check_json_value``: no NaN, no non-str keys, bounded
+    nesting); ValidationError naming ``field`` otherwise."""
+    if isinstance(schemas, str | bytes) or not isinstance(schemas, Sequence):
+        raise ValidationError(field, "must be a list of tool schemas (JSON objects)", None)
+    checked: list[dict[str, Any]] = check_json_value(field, list(schemas))
+    for i, schema in enumerate(checked):
+        if not isinstance(schema, dict):
+            raise ValidationError(f"{field}[{i}]", "a tool schema must be a JSON object", None)
+    return checked
 
 # -- model configs and credentials ------------------------------------------------------
 

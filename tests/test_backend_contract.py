@@ -46,6 +46,13 @@ STATE_KINDS.setdefault(TEST_KIND, StateKind(
     ref_kinds=lambda r: tuple(int(Kind.NODE) for _ in r.refs)))
 
 
+#: An attached kind for these tests only (as attestations are: about their parent state).
+ATTACHED_KIND = 98
+STATE_KINDS.setdefault(ATTACHED_KIND, StateKind(
+    digest=lambda r: stream_digest(r.kind, r.stream, r.refs, r.body),
+    ref_kinds=lambda r: tuple(int(Kind.NODE) for _ in r.refs), attached=True))
+
+
 def state(stream: str = "s", *, refs: Sequence[bytes] = (), parent: UUID | None = None,
           body: bytes = b"b", state_id: UUID | None = None, kind: int = TEST_KIND) -> StateRow:
     refs = tuple(refs)
@@ -190,9 +197,9 @@ class BackendContract:
             WriteResult()
         by_id = {s.id: s for s in await backend.get_states([old.id, gone.id, kept.id])}
         assert set(by_id) == {old.id, kept.id} and by_id[old.id].digest == new.digest
-        # Inserted anew: it is its stream's newest state now.
-        newest = await backend.stream_states(TEST_KIND, "r", limit=1)
-        assert newest[0].id == old.id and by_id[old.id].seq > by_id[kept.id].seq
+        # An upsert: it keeps its place (its seq) in the stream, before `kept`.
+        assert [s.id for s in await backend.stream_states(TEST_KIND, "r")] == [kept.id, old.id]
+        assert by_id[old.id].seq < by_id[kept.id].seq
         # A replacement with nothing to insert is a delete.
         assert await backend.write([], [], replace=[kept.id]) == WriteResult()
         assert [s.id for s in await backend.stream_states(TEST_KIND, "r")] == [old.id]
@@ -233,19 +240,22 @@ class BackendContract:
             == WriteResult(stale=(before,))
         assert [s.id for s in await backend.stream_states(TEST_KIND, "h")] == \
             [second.id, first.id]
-        # Replacing an older state makes it the newest: a writer that read the old head is
-        # refused; the id it now holds is the head.
+        # Replacing an older state keeps it where it was: the head has not moved.
         again = state("h", body=b"again", state_id=first.id)
         assert await backend.write([], [again], replace=[first.id]) == WriteResult()
-        moved = Head(TEST_KIND, "h", second.id)
-        assert await backend.write([], [state("h")], heads=[moved]) == \
-            WriteResult(stale=(moved,))
-        assert await backend.write([], [state("h")], heads=[before]) == WriteResult()
+        assert [s.id for s in await backend.stream_states(TEST_KIND, "h")] == \
+            [second.id, first.id]
+        assert await backend.write([], [state("h")], heads=[before]) == \
+            WriteResult(stale=(before,))
+        assert await backend.write([], [state("h")], heads=[Head(TEST_KIND, "h", second.id)]) \
+            == WriteResult()
 
     async def test_concurrent_replacements_of_one_id_all_commit_and_one_wins(
             self, backend: Backend) -> None:
         old = state("c", body=b"old")
         await backend.write([], [old])
+        (first,) = await backend.get_states([old.id])
+        seq = first.seq
         for attempt in range(3):
             rivals = [state("c", body=b"v%d.%d" % (attempt, i), state_id=old.id)
                       for i in range(8)]
@@ -254,6 +264,7 @@ class BackendContract:
             assert results == [WriteResult()] * len(rivals)
             (row,) = await backend.get_states([old.id])
             assert row.digest in {r.digest for r in rivals}
+            assert row.seq == seq  # every replacement kept the first row's place
             assert await backend.count_states(TEST_KIND) == 1
 
     # -- chains and walks -----------------------------------------------------------------
@@ -407,6 +418,23 @@ class BackendContract:
         assert await backend.count_states(TEST_KIND, stream="line") == 5
         assert await backend.stream_states(TEST_KIND, "none") == []
 
+    async def test_stream_heads_are_each_streams_newest_state_paged_by_name(
+            self, backend: Backend) -> None:
+        newest: dict[str, StateRow] = {}
+        for i in range(3):  # interleaved, so a stream's newest is not its first row
+            for name in ("b", "a", "c\u00e9", "d"):
+                newest[name] = state(name, body=bytes([i]))
+                await backend.write([], [newest[name]])
+        await backend.write([], [state("a", kind=TEST_KIND + 1)])  # another kind: not seen
+        heads = await backend.stream_heads(TEST_KIND)
+        assert {s.stream: s.id for s in heads} == {n: s.id for n, s in newest.items()}
+        first = await backend.stream_heads(TEST_KIND, limit=2)
+        rest = await backend.stream_heads(TEST_KIND, after=first[-1].stream, limit=10)
+        assert [s.stream for s in [*first, *rest]] == [s.stream for s in heads]
+        assert len(first) == 2 and len(rest) == 2
+        assert await backend.stream_heads(TEST_KIND, after=heads[-1].stream) == []
+        assert await backend.stream_heads(TEST_KIND + 2) == []
+
     async def test_lineage_walks_parents_and_terminates_on_a_cycle(
             self, backend: Backend) -> None:
         a = state()
@@ -443,6 +471,21 @@ class BackendContract:
             [plain[1].id, plain[0].id]
         assert await backend.count_states(TEST_KIND) == 0
 
+    async def test_a_dry_run_deletion_says_what_would_go_and_deletes_nothing(
+            self, backend: Backend) -> None:
+        root = state()
+        mid = state(parent=root.id)
+        a, b = state(parent=mid.id), state(parent=mid.id)
+        await backend.write([], [root, mid, a, b])
+        line = [a.id, mid.id, root.id]
+        assert await backend.delete_states(line, stop_at_shared=True, dry_run=True) == [a.id]
+        assert await backend.delete_states([b.id, a.id], dry_run=True) == [b.id, a.id]
+        assert await backend.count_states(TEST_KIND) == 4
+        await backend.delete_states([b.id])
+        assert await backend.delete_states(line, stop_at_shared=True, dry_run=True) == line
+        assert await backend.delete_states(line, stop_at_shared=True) == line
+        assert await backend.count_states(TEST_KIND) == 0
+
     async def test_siblings_deleted_at_once_still_take_their_parent(
             self, backend: Backend) -> None:
         parent = state()
@@ -454,7 +497,43 @@ class BackendContract:
         assert sorted(len(r) for r in results) == [1, 1, 1, 1, 1, 2]
         assert await backend.count_states(TEST_KIND) == 0
 
+    async def test_lineage_deletion_does_not_stop_at_an_attached_child(
+            self, backend: Backend) -> None:
+        root = state()
+        mid = state(parent=root.id)
+        head = state(parent=mid.id)
+        about = state(parent=mid.id, kind=ATTACHED_KIND)
+        await backend.write([], [root, mid, head, about])
+        line = [head.id, mid.id, root.id]
+        assert await backend.delete_states(line, stop_at_shared=True) == [head.id]
+        await backend.write([], [head])
+        assert await backend.delete_states(line, stop_at_shared=True,
+                                           attached=[ATTACHED_KIND]) == line
+        assert [r.id for r in await backend.get_states([about.id])] == [about.id]
+
     # -- gc -------------------------------------------------------------------------------
+
+    async def test_sweep_removes_attached_states_whose_parent_is_gone(
+            self, backend: Backend) -> None:
+        rows, head = chain("a")
+        subject = state(refs=[head.digest])
+        kept = state(parent=subject.id, kind=ATTACHED_KIND)
+        orphan = state(parent=uuid.uuid4(), kind=ATTACHED_KIND, refs=[head.digest])
+        plain = state(parent=uuid.uuid4())  # another kind: a deleted parent is nothing
+        await backend.write([], [subject, kept, orphan, plain], nodes=rows)
+
+        def refuse(rows: Sequence[object]) -> None:
+            raise RuntimeError("damaged root")
+
+        with pytest.raises(RuntimeError):
+            await backend.sweep(refuse, detached=[ATTACHED_KIND])
+        assert len(await backend.get_states([orphan.id])) == 1  # nothing deleted
+        result = await backend.sweep(lambda rows: None, detached=[ATTACHED_KIND])
+        assert result.states_removed == 1 and result.removed == {}
+        assert {r.id for r in await backend.get_states(
+            [subject.id, kept.id, orphan.id, plain.id])} == {subject.id, kept.id, plain.id}
+        assert (await backend.sweep(lambda rows: None)).states_removed == 0
+
 
     async def test_sweep_removes_exactly_what_no_state_reaches(self, backend: Backend) -> None:
         kept_rows, kept = chain("k1", "k2")
@@ -528,6 +607,19 @@ class BackendContract:
         with pytest.raises(RuntimeError):
             await backend.sweep(lambda rows: None, refuse)
         assert gone.digest in await backend.get_assets([gone.digest])  # nothing deleted
+
+    async def test_a_dry_run_sweep_reports_what_it_would_remove_and_removes_nothing(
+            self, backend: Backend) -> None:
+        kept_rows, kept = chain("k1", "k2")
+        gone_rows, _ = chain("k1", "g2")
+        await backend.write([], [state(refs=[kept.digest])], nodes=[*kept_rows, *gone_rows])
+        everything = {r.digest for r in [*kept_rows, *gone_rows]}
+        checked: list[object] = []
+        rehearsed = await backend.sweep(checked.extend, dry_run=True)
+        assert checked  # the same checks as a real sweep
+        assert set((await backend.get_nodes(list(everything)))[0]) == everything
+        real = await backend.sweep(lambda rows: None)
+        assert rehearsed == real and sum(real.removed.values()) == 2
 
     async def test_sweep_hears_the_codecs_of_marked_nodes(self, backend: Backend) -> None:
         # Chain nodes are compressed too: a marked node's codec names its dictionary.

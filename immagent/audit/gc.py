@@ -22,6 +22,9 @@ rules are here:
   rows needed, making them unreadable for good. If a kept row needs a dictionary that is
   not stored soundly (missing, damaged), gc aborts rather than make that permanent. The
   dictionaries found are also what gc checks compressed rows with.
+* **Attached states live while their subject does.** An attestation (``StateKind.attached``)
+  whose subject state is gone is removed in the same transaction, under the same lock: a
+  write restoring the subject (an import) either committed before, and is seen, or waits.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from immagent.assets import Dictionary, Digest, Kind
 from immagent.chains import NodeRow
 from immagent.codec import NO_DICTIONARIES, ZstdDictionary
 from immagent.exceptions import IntegrityError
-from immagent.records import StateRow, check_state
+from immagent.records import StateRow, attached_kinds, check_state
 from immagent.rows import StoredAsset, check_row, load_row
 
 if TYPE_CHECKING:
@@ -53,7 +56,8 @@ class GCResult(dict[str, int]):
     ``"conversations"``, ``"text_assets"``, and any other kind by its name), plus the
     totals as attributes."""
 
-    def __init__(self, removed: Mapping[int, int], bytes_freed: int, assets_kept: int) -> None:
+    def __init__(self, removed: Mapping[int, int], bytes_freed: int, assets_kept: int,
+                 states_removed: int = 0) -> None:
         super().__init__({name: 0 for name in _SEED_KEYS.values()})
         for kind, count in removed.items():
             self[_name(kind)] = self.get(_name(kind), 0) + count
@@ -61,6 +65,8 @@ class GCResult(dict[str, int]):
         self.bytes_freed = bytes_freed
         #: Assets left in the store.
         self.assets_kept = assets_kept
+        #: Attached states (attestations) removed because their subject is gone.
+        self.states_removed = states_removed
 
     @property
     def assets_removed(self) -> int:
@@ -116,9 +122,10 @@ def needed_dictionaries(used: Sequence[int], rows: Sequence[StoredAsset]
     return {n: found[n] for n in used}
 
 
-async def collect(backend: AdminBackend) -> GCResult:
+async def collect(backend: AdminBackend, *, dry_run: bool = False) -> GCResult:
     """Sweep every asset no state reaches, checking every row marked from first and
-    keeping every dictionary a kept row's codec names (``needed_dictionaries``)."""
+    keeping every dictionary a kept row's codec names (``needed_dictionaries``). With
+    ``dry_run`` the sweep is rolled back: what it would remove, nothing removed."""
     loaded: dict[int, ZstdDictionary] = {}
 
     def codec_refs(used: Sequence[int], rows: Sequence[StoredAsset]) -> list[Digest]:
@@ -127,14 +134,15 @@ async def collect(backend: AdminBackend) -> GCResult:
         return [digest for digest, _ in needed.values()]
 
     result = await backend.sweep(functools.partial(check_marked, dictionaries=loaded),
-                                 codec_refs)
+                                 codec_refs, detached=attached_kinds(),
+                                 dry_run=dry_run)
     if result.missing is not None:
         raise IntegrityError(
             f"gc aborted, nothing deleted: a stored state reaches asset "
             f"{result.missing.hex()}, which is missing, so reachability is unknown (run "
             "store.verify(); restore the asset by importing a bundle, or delete the states "
             "that need it)")
-    return GCResult(result.removed, result.freed, result.kept)
+    return GCResult(result.removed, result.freed, result.kept, result.states_removed)
 
 
 def _name(kind: int) -> str:

@@ -89,6 +89,8 @@ class SweepResult(NamedTuple):
     #: A digest some state reaches that is not stored: reachability is unknown, so the
     #: sweep deleted nothing.
     missing: Digest | None = None
+    #: Attached states removed because their subject is gone (``sweep(detached=)``).
+    states_removed: int = 0
 
 
 class LogBackend(Protocol):
@@ -109,8 +111,9 @@ class LogBackend(Protocol):
         a state id not in ``replace`` exists with another digest.
 
         The checks see the rows as they were before the write: a head names a stream's
-        newest state before a replacement, and a replaced state written again is inserted
-        anew (a new ``seq``: it becomes its stream's newest). Holds the shared side of the
+        newest state before a replacement. A replaced state written again takes the ``seq``
+        of the row it replaces: it keeps its place in its stream (an upsert; a replaced id
+        that was absent gets a new seq, as any insert). Holds the shared side of the
         gc lock, so no sweep runs between the check and the commit: what this write
         deduplicated onto or points at cannot be swept under it. Writes expecting heads of
         the same stream are serialised, so exactly one of two writers that read the same
@@ -118,14 +121,18 @@ class LogBackend(Protocol):
         the later one replaces what the earlier one wrote.
         """
 
-    async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False) -> list[UUID]:
+    async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
+                            attached: Sequence[int] = (),
+                            dry_run: bool = False) -> list[UUID]:
         """Delete state rows (never assets) in one transaction; returns the ids deleted, in
         the given order. With ``stop_at_shared``, ``ids`` is a lineage (a state, then its
         ancestors): the first is deleted, then each next one only if no row outside the
-        deleted ones names it as parent; the first that is still someone's parent (or is
-        absent) ends it. Such deletions are serialised, so two siblings deleted at once
-        still take their parent with them."""
+        deleted ones names it as parent (rows of the ``attached`` kinds do not count: they
+        are about their parent, not descended from it); the first that is still someone's
+        parent (or is absent) ends it. Such deletions are serialised, so two siblings
+        deleted at once still take their parent with them. With ``dry_run`` the transaction
+        is rolled back instead of committed: the ids that would have been deleted, nothing
+        deleted."""
 
     # -- assets ---------------------------------------------------------------------------
 
@@ -169,6 +176,13 @@ class LogBackend(Protocol):
     async def count_states(self, kind: int, *, stream: str | None = None,
                            contains: str | None = None) -> int:
         """How many states of ``kind`` (in ``stream``, or whose stream holds ``contains``)."""
+
+    async def stream_heads(self, kind: int, *, after: str | None = None,
+                           limit: int = 100) -> list[StateRow]:
+        """The newest state (highest seq) of each stream of ``kind``, at most ``limit``
+        streams, in the engine's order of stream names, keyset-paged strictly past
+        ``after``: one index probe per stream (a loose index scan), never a scan of the
+        stream's states."""
 
     async def lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
         """The state and its ancestors through ``parent_id``, at most ``limit`` rows, in one
@@ -246,15 +260,21 @@ class AdminBackend(Protocol):
 
     # -- gc -------------------------------------------------------------------------------
 
-    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None) -> SweepResult:
-        """Mark every node and asset a state reaches (a node reaches its whole lineage and
-        its out-of-line elements), then (when some marked row is stored with a dictionary)
-        the digests ``codec_refs`` names for the codecs in use, run ``check`` on every row
-        marked from (all states and every marked node, with its depth and its parent's
-        digest), then delete the nodes and assets not marked: one transaction holding the
-        exclusive side of the gc lock. If ``codec_refs`` or ``check`` raises, or a reached
-        digest (a state's ref, an out-of-line element, a run's parent) is missing, nothing
-        is deleted (the exception propagates; the missing digest is reported)."""
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
+                    detached: Sequence[int] = (), dry_run: bool = False) -> SweepResult:
+        """Delete the states of the ``detached`` kinds whose parent is not stored (attached
+        states whose subject is gone); mark every node and asset a remaining state reaches
+        (a node reaches its whole lineage and its out-of-line elements, an asset what its
+        refs name: a message's tool schemas), then (when some marked row is stored with a
+        dictionary) the digests ``codec_refs`` names for the codecs in use; run ``check``
+        on every row marked from (all those states and every marked node, with its depth
+        and its parent's digest); then delete the nodes and assets not marked: one
+        transaction holding the exclusive side of the gc lock (so a write restoring a
+        subject is either seen or waits). If ``codec_refs`` or ``check`` raises, or a
+        reached digest (a state's ref, an out-of-line element, a run's parent) is missing,
+        nothing is deleted (the exception propagates; the missing digest is reported). With
+        ``dry_run`` everything but the commit happens: the result says what would have
+        been removed, nothing is."""
 
 
 class Backend(LogBackend, AdminBackend, Protocol):

@@ -23,6 +23,7 @@ import operator
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Self, TypeVar, overload
 from uuid import UUID
 
@@ -39,11 +40,15 @@ from immagent.assets import (
     Kind,
     Message,
     SystemPrompt,
+    Tools,
     Value,
     decode_asset,
+    encode,
     own_elements,
 )
-from immagent.audit import bundle, gc, proofs, verify
+from immagent.attestations import MAX_NOTE_BYTES
+from immagent.audit import bundle, diff, gc, proofs, verify
+from immagent.audit.keys import SigningKey
 from immagent.chain_rows import read_chain, read_context
 from immagent.chain_rows import read_node as chain_node
 from immagent.exceptions import (
@@ -58,7 +63,14 @@ from immagent.exceptions import (
     StoreClosedError,
     ValidationError,
 )
-from immagent.records import STATE_KINDS, StateRow, load_agent, load_state
+from immagent.ids import uuid7
+from immagent.records import (
+    STATE_KINDS,
+    StateRow,
+    attached_kinds,
+    load_state,
+    stream_digest,
+)
 from immagent.rows import StoredAsset, load_row, stored
 from immagent.store import dsn as dsns
 from immagent.store import rules
@@ -76,6 +88,7 @@ from immagent.validate import (
     check_kind,
     check_number,
     check_sequence,
+    check_text,
     check_uuid,
     check_uuids,
 )
@@ -167,6 +180,18 @@ class EventLog:
             backend = MemoryBackend()
         return cls(backend, name=dsns.redact(target.dsn), cache_entries=cache_entries)
 
+    @classmethod
+    def over(cls, conn: object, *, cache_entries: int = 20_000) -> Self:
+        """A log over a caller's open psycopg ``AsyncConnectionPool`` or ``AsyncConnection``
+        (bring your own pool, as LangGraph's ``AsyncPostgresSaver(conn)``): used on the
+        loop it belongs to, never closed by ``close()`` (its owner closes it). Call
+        ``init_schema()`` once, as after ``connect``."""
+        check_count("cache_entries", cache_entries, 0, 10_000_000)
+        from immagent.store.postgres import PostgresBackend
+
+        return cls(PostgresBackend.lend(conn), name="a lent PostgreSQL connection",
+                   cache_entries=cache_entries)
+
     async def __aenter__(self) -> Self:
         return self
 
@@ -236,8 +261,9 @@ class EventLog:
         each of ``heads`` must still be its stream's newest state (StaleStreamError: re-read
         and retry). The states with ids in ``replace`` (absent ones are fine; what
         ``delete_states`` refuses is refused) are deleted in the same transaction, before
-        ``states`` are inserted: a replaced id written again becomes its stream's newest
-        state. Nothing is written on error."""
+        ``states`` are inserted: a replaced id written again keeps its place in its stream
+        (the replaced row's seq), so replacing is an upsert that never reorders a stream.
+        Nothing is written on error."""
         assets = check_sequence("assets", assets)
         rows = [storable(f"assets[{i}]", a) for i, a in enumerate(assets)]
         await self._write(rows, check_sequence("states", states), assets,
@@ -281,7 +307,9 @@ class EventLog:
         # unless a state of the batch points at it or a node keeps it out of line.
         assets = [r for d, r in others.items() if d not in listed]
         inside = set(others) | {n.digest for n in node_rows}
-        wanted = (state_refs | outside) - inside
+        # What the batch points at: states' refs, nodes' parents and out-of-line elements,
+        # and the refs of the assets written (a message's tool schemas).
+        wanted = (state_refs | outside | {d for r in assets for d in r.refs}) - inside
         # In digest order: concurrent writers of shared assets then lock them in one order
         # (PostgreSQL deadlocked on two writes listing them in other orders).
         encoded = await self._compression.encode(sorted(assets, key=_row_digest))
@@ -325,6 +353,7 @@ class EventLog:
         kept_out: set[Digest] = set()
         outside: set[Digest] = set()
         batch_nodes = {r.digest for r in node_rows}
+        linked: set[Digest] = set()  # elements with refs of their own: kept out of line
         for row in _parents_first(node_rows):
             wrong = next((d for d in row.refs[1:] if d in batch_nodes), None)
             if wrong is not None:
@@ -336,7 +365,7 @@ class EventLog:
                 row.kind, row.body, row.refs)
             assert isinstance(node, ConversationNode)
             elements = row.refs[1:]
-            bodies = await self._element_bodies(node, elements, others)
+            bodies = await self._element_bodies(node, elements, others, linked)
             if node.parent is None:
                 context = node.context()
                 assert context is not None  # a root (decode_asset refuses elements without parent)
@@ -351,7 +380,7 @@ class EventLog:
             refs: list[Digest] = []
             for digest, body in zip(elements, bodies, strict=True):
                 if (len(body) <= chains.INLINE_MAX and digest not in state_refs
-                        and digest not in self._standalone):
+                        and digest not in self._standalone and digest not in linked):
                     entries.append(body)
                     inline_only.add(digest)
                 else:
@@ -370,33 +399,38 @@ class EventLog:
         return nodes, inline_only - kept_out, outside
 
     async def _element_bodies(self, node: ConversationNode, elements: Sequence[Digest],
-                              others: Mapping[Digest, StoredAsset]) -> list[bytes]:
+                              others: Mapping[Digest, StoredAsset],
+                              linked: set[Digest]) -> list[bytes]:
         """The canonical bodies of a node's elements: from the batch, the node itself (built
         by ``extend``), the cache, or the store (AssetNotFoundError if stored nowhere).
         Each must be of the chain's element kind (ValidationError otherwise): a node row
-        holds its elements' bodies, read back as that kind."""
+        holds its elements' bodies, read back as that kind. Elements with refs of their
+        own (a message naming its tool schemas) are added to ``linked``: they stay assets
+        of their own, where gc and audits follow their refs."""
         own = {e.digest: e for e in own_elements(node) or ()}
-        found: dict[Digest, tuple[int, bytes]] = {}
+        found: dict[Digest, tuple[int, bytes, bool]] = {}
         unknown: list[Digest] = []
         for digest in elements:
             row = others.get(digest)
             asset = own.get(digest) or self._cache.get(digest)
             if row is not None:
-                found[digest] = (row.kind, row.body)
+                found[digest] = (row.kind, row.body, bool(row.refs))
             elif asset is not None:
-                found[digest] = (int(asset.kind), asset.body)
+                found[digest] = (int(asset.kind), asset.body, bool(asset.refs()))
             else:
                 unknown.append(digest)
         if unknown:
             for asset in await self.get_assets(list(dict.fromkeys(unknown)),
                                                what="chain element"):
-                found[asset.digest] = (int(asset.kind), asset.body)
+                found[asset.digest] = (int(asset.kind), asset.body, bool(asset.refs()))
         for digest in elements:
             if found[digest][0] != node.element_kind:
                 raise ValidationError(
                     f"node {node.digest.hex()}", f"lists {digest.hex()}, a "
                     f"{_kind_name(found[digest][0])}, where a "
                     f"{_kind_name(node.element_kind)} must be", None)
+            if found[digest][2]:
+                linked.add(digest)
         return [found[d][1] for d in elements]
 
     async def _context(self, digest: Digest) -> chains.ChainContext:
@@ -443,7 +477,7 @@ class EventLog:
         if kind is not None and not (isinstance(kind, type)
                                      and issubclass(kind, SystemPrompt | Message
                                                     | ConversationNode | Value | Item
-                                                    | Entry)):
+                                                    | Entry | Tools)):
             raise ValidationError("kind", "must be None or an asset class", None)
         if not isinstance(what, str):
             raise ValidationError("what", "must be a str", None)
@@ -602,6 +636,18 @@ class EventLog:
             stream=None if stream is None else check_key("stream", stream),
             contains=None if contains is None else check_key("contains", contains))
 
+    async def stream_heads(self, kind: int, *, after: str | None = None,
+                           limit: int = 100) -> list[StateRow]:
+        """The newest state of each stream of ``kind`` (an agent name's, a thread's, a
+        session's), a page of streams at a time in the database's order of stream names:
+        pass the last row's ``stream`` as ``after`` for the next page. One index probe per
+        stream; a stream's older states are never read."""
+        check_limit(limit)
+        rows = await self._open().stream_heads(
+            check_kind("kind", kind),
+            after=None if after is None else check_key("after", after), limit=limit)
+        return [load_state(r) for r in rows]
+
     async def state_lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
         """The state and its stored ancestors, newest first, at most ``limit``; stops at a
         deleted parent. A parent cycle (only damage or a crafted import makes one) is an
@@ -643,19 +689,26 @@ class EventLog:
         ``replace``): the store's own compression state is refused (ValidationError)."""
         _refuse_own(await self._open().get_states(ids), field)
 
-    async def delete_state_lineage(self, state_id: UUID) -> list[UUID]:
+    async def delete_state_lineage(self, state_id: UUID, *,
+                                   dry_run: bool = False) -> list[UUID]:
         """Delete the state ``state_id`` and then each ancestor that no other stored state
         descends from, in one transaction; returns the deleted ids, ``state_id`` first
-        (empty when it is not stored).
+        (empty when it is not stored). With ``dry_run`` that transaction is rolled back:
+        the ids it would delete, nothing deleted.
 
         A state is *live* while its row exists. The walk stops at the first ancestor that
-        has another child row (or is already gone). Children of a deleted state keep their
-        ``parent_id``; their lineage walks stop there. Assets stay until gc().
+        has another child row (or is already gone); an attestation about an ancestor is not
+        a child that keeps it (gc removes it with its subject). Children of a deleted state
+        keep their ``parent_id``; their lineage walks stop there. Assets stay until gc().
         """
         rows = await self._line(state_id, None)
         _refuse_own(rows)
         deleted = await self._open().delete_states([r.id for r in rows],
-                                                    stop_at_shared=True)
+                                                    stop_at_shared=True,
+                                                    attached=attached_kinds(),
+                                                    dry_run=check_flag("dry_run", dry_run))
+        if dry_run:
+            return deleted
         self._forget(deleted)
         return deleted
 
@@ -665,11 +718,14 @@ class EventLog:
 
     # -- audits: gc, verify, stats, bundles ----------------------------------------------
 
-    async def gc(self) -> gc.GCResult:
+    async def gc(self, *, dry_run: bool = False) -> gc.GCResult:
         """Remove every asset that no stored state can reach; safe while other tasks or
         processes write (see docs/architecture.md). Aborts with IntegrityError, deleting
-        nothing, if a row it would mark from is damaged or something reachable is missing."""
-        result = await gc.collect(self._open())
+        nothing, if a row it would mark from is damaged or something reachable is missing.
+        ``dry_run``: the same sweep, rolled back; the result says what it would remove."""
+        result = await gc.collect(self._open(), dry_run=check_flag("dry_run", dry_run))
+        if dry_run:
+            return result
         log.info("gc removed %d assets (%d bytes)", result.assets_removed, result.bytes_freed)
         return result
 
@@ -690,38 +746,44 @@ class EventLog:
     async def stats(self, page_size: int = _PAGE) -> StoreStats:
         """Sizes of what is stored and of what a copy-per-state layout would store.
 
-        Reads every agent state once (keyset-paged) and each distinct head node and prompt
-        once; states of every kind are counted (one count per kind).
+        Reads every state once (keyset-paged, every client's kind) and each distinct asset
+        a page of states pins once (prompts, head nodes, channel values: a node counts the
+        content bytes of its whole chain, so no history is read); states are counted in
+        the same walk.
         """
         check_limit(page_size)
         backend = self._open()
         audits = backend.audits()
         by_kind = await audits.asset_stats()
-        logical = agents = 0
+        logical = 0
+        counts: dict[int, int] = {}
         after: UUID | None = None
-        while page := await self._scan(Kind.AGENT_STATE, after, page_size, False, None):
+        while page := await self._scan(None, after, page_size, False, None):
             after = page[-1].id
-            records = [load_agent(r) for r in page]
-            agents += len(records)
-            digests = sorted({d for r in records for d in (r.system_prompt, r.conversation)})
-            prompts = {r.system_prompt for r in records}
+            for row in page:
+                counts[row.kind] = counts.get(row.kind, 0) + 1
+            # The store's own compression state pins dictionaries, not content. A node
+            # counts the content bytes of its chain (its own row: no history read).
+            content = [r for r in page if r.kind != Kind.COMPRESSION]
+            nodes: set[Digest] = set()
+            others: set[Digest] = set()
+            for r in content:
+                for d, k in zip(r.refs, STATE_KINDS[r.kind].ref_kinds(r), strict=False):
+                    (nodes if k in NODE_KINDS else others).add(d)
             sizes: dict[Digest, int] = {}
-            heads = [d for d in digests if d not in prompts]
-            for asset in await self.get_assets([d for d in digests if d in prompts]):
+            for asset in await self.get_assets(sorted(others)):
                 sizes[asset.digest] = len(asset.body)
-            for node, _ in await self.read_nodes(heads):
+            for node, _ in await self.read_nodes(sorted(nodes)):
                 sizes[node.digest] = node.size
-            logical += sum(sizes[r.system_prompt] + sizes[r.conversation] for r in records)
-        # Agent states were just counted page by page; the other kinds by one count each.
-        states = {_kind_name(k): agents if k == Kind.AGENT_STATE
-                  else await backend.count_states(k) for k in sorted(STATE_KINDS)}
+            logical += sum(sizes[d] for r in content for d in r.refs)
+        states = {_kind_name(k): n for k, n in sorted(counts.items())}
         return StoreStats(
-            agents=agents,
+            agents=counts.get(int(Kind.AGENT_STATE), 0),
             assets_by_kind={_kind_name(k): v for k, v in sorted(by_kind.items())},
             payload_bytes=sum(b for _, b in by_kind.values()),
             disk_bytes=await audits.storage_bytes(),
             logical_bytes=logical,
-            states_by_kind={k: n for k, n in states.items() if n},
+            states_by_kind=states,
         )
 
     async def prove(self, state: UUID | str, *,
@@ -777,44 +839,137 @@ class EventLog:
                              else None)
         return proof.encode()
 
-    async def export_lineage(self, state_id: UUID | str, path: str | os.PathLike[str],
-                             ) -> bundle.BundleInfo | None:
-        """Write an audit bundle of the state ``state_id`` (its stored lineage and every
-        asset they reach) to ``path``, atomically; verify it anywhere with
-        ``immagent.verify_bundle``. None, writing nothing, when the state is not stored."""
+    async def export_lineage(self, state_id: UUID | str, path: str | os.PathLike[str], *,
+                             sign: Sequence[SigningKey] = ()) -> bundle.BundleInfo | None:
+        """Write an audit bundle of the state ``state_id`` (its stored lineage, the
+        attestations about them and every asset they reach) to ``path``, atomically,
+        signed by each key of ``sign``; verify it anywhere with ``immagent.verify_bundle``.
+        None, writing nothing, when the state is not stored."""
         state_id = check_uuid("agent", state_id)
         lineage = await self.state_lineage(state_id)
         if not lineage:
             return None
         info = await bundle.export_bundle(self._open().audits(), lineage, path,
-                                          await self._compression.load())
+                                          await self._compression.load(),
+                                          attached=await self._attached_to(lineage),
+                                          sign=sign)
         log.info("exported %s: %d states, %d assets to %s", state_id, len(info.agents),
                  info.assets, info.path)
         return info
 
-    async def export_states(self, ids: Sequence[UUID],
-                            path: str | os.PathLike[str]) -> bundle.BundleInfo:
+    async def export_states(self, ids: Sequence[UUID], path: str | os.PathLike[str], *,
+                            sign: Sequence[SigningKey] = ()) -> bundle.BundleInfo:
         """Write an audit bundle of any set of stored states (e.g. a LangGraph thread's
-        checkpoints and writes) and every asset they reach to ``path``, atomically, newest
-        state first (bundle format 3); verify it with ``immagent.verify_bundle``."""
+        checkpoints and writes), the attestations about them and every asset they reach
+        to ``path``, atomically, newest state first, signed by each key of ``sign``; verify
+        it with ``immagent.verify_bundle``."""
         wanted = [check_uuid("ids", i) for i in dict.fromkeys(ids)]
         rows = await self.get_states(wanted)
         missing = set(wanted) - {r.id for r in rows}
         if not rows or missing:
             raise ValidationError("ids", f"not stored: {sorted(missing or set(wanted))[0]}",
                                   None)
-        rows.sort(key=lambda r: r.seq, reverse=True)
-        info = await bundle.export_bundle(self._open().audits(), rows, path,
-                                          await self._compression.load(),
-                                          version=bundle.SET_VERSION)
+        subjects = [r for r in rows if not STATE_KINDS[r.kind].attached]
+        if not subjects:
+            raise ValidationError("ids", "names only attached states (attestations); export "
+                                  "the states they are about", None)
+        subjects.sort(key=lambda r: r.seq, reverse=True)
+        info = await bundle.export_bundle(self._open().audits(), subjects, path,
+                                          await self._compression.load(), lineage=False,
+                                          attached=await self._attached_to(subjects),
+                                          sign=sign)
         log.info("exported %d states, %d assets to %s", len(rows), info.assets, info.path)
         return info
+
+    async def _attached_to(self, states: Sequence[StateRow]) -> list[StateRow]:
+        """The stored states attached to any of ``states`` (attestations), oldest first:
+        one index probe per state, or one scan of the attached kinds when that reads fewer
+        rows."""
+        ids = {s.id for s in states}
+        found: list[StateRow] = []
+        for kind in attached_kinds():
+            if await self.count_states(kind) <= 4 * len(ids):
+                after: UUID | None = None
+                while page := await self.scan_states(kind, after=after, limit=MAX_PAGE):
+                    found += [r for r in page if r.parent_id in ids]
+                    after = page[-1].id
+            else:
+                for state in states:
+                    found += await self._stream(kind, str(state.id))
+        return sorted(found, key=lambda r: r.seq)
+
+    async def _stream(self, kind: int, stream: str) -> list[StateRow]:
+        """Every state of ``kind`` in ``stream``, oldest first (paged)."""
+        rows: list[StateRow] = []
+        after: int | None = None
+        while page := await self.stream_states(kind, stream, after_seq=after, limit=MAX_PAGE,
+                                               newest_first=False):
+            rows += page
+            after = page[-1].seq
+            if len(page) < MAX_PAGE:
+                break
+        return rows
+
+    # -- diff -----------------------------------------------------------------------------
+
+    async def diff(self, left: UUID | str, right: UUID | str) -> diff.StateDiff:
+        """What separates two stored states of one kind (any client's): their newest common
+        ancestor, what each side added to each of its chains since their newest common
+        node, and what else changed. It reads what the two sides diverged by, never a
+        whole history (``immagent.audit.diff``)."""
+        return await diff.diff_states(self, check_uuid("left", left),
+                                      check_uuid("right", right))
+
+    # -- attestations ---------------------------------------------------------------------
+
+    async def attest(self, state_id: UUID | str, key: SigningKey, note: str = ""
+                     ) -> StateRow:
+        """Sign the stored state ``state_id`` with ``key`` (a reviewer co-signs after the
+        fact) and keep the signature as an attestation: a state of kind ATTESTATION about
+        it (``immagent.attestations``), which lives while its subject does and travels in
+        its bundles. ``note`` says what the signer vouches for. Returns the new row;
+        AssetNotFoundError naming the state when it is not stored."""
+        from immagent.attestations import Statement, Subject
+
+        subject_id = check_uuid("state", state_id)
+        if not isinstance(key, SigningKey):
+            raise ValidationError("key", "must be a SigningKey (immagent.audit.keys."
+                                  "load_signing_key)", None)
+        if not isinstance(note, str):
+            raise ValidationError("note", "must be a str", None)
+        if note:
+            check_text("note", note, max_bytes=MAX_NOTE_BYTES)
+        rows = await self.get_states([subject_id])
+        if not rows:
+            raise AssetNotFoundError("state", subject_id)
+        (subject,) = rows
+        if STATE_KINDS[subject.kind].attached:
+            raise ValidationError("state", f"state {subject_id} is itself an attestation; "
+                                  "attest the state it is about", str(subject_id))
+        signed = key.sign(Statement(purpose="attestation", note=note, subjects=(
+            Subject(subject.id, subject.kind, subject.digest),)))
+        body = encode(signed)
+        stream = str(subject.id)
+        row = StateRow(id=uuid7(), parent_id=subject.id, kind=int(Kind.ATTESTATION),
+                       stream=stream, refs=(), body=body,
+                       digest=stream_digest(Kind.ATTESTATION, stream, (), body),
+                       created_at=datetime.now(UTC))
+        await self._write([], [row])
+        log.info("attested state %s with key %s", subject.id, key.public.id)
+        return row
+
+    async def attestations(self, state_id: UUID | str) -> list[StateRow]:
+        """The attestations about the state ``state_id``, oldest first (verified rows;
+        ``immagent.attestations.attestation_of`` reads one, ``audit.keys.verify_signed``
+        checks its signature)."""
+        return await self._stream(Kind.ATTESTATION, str(check_uuid("state", state_id)))
 
     async def import_states(self, path: str | os.PathLike[str]) -> bundle.BundleInfo:
         """Verify a bundle of any format and any client's states (a LangGraph thread's, a
         session's, …), then load its states and assets in one transaction (idempotent:
         present rows are skipped), with their ids and digests; returns what it held."""
         info, states, rows = await bundle.read(path)
+        attached = set(info.attestations)
         # Compared, not trusted: a damaged row here is "different content" like any other.
         existing = {r.id: r for r in await self._open().get_states([s.id for s in states])}
         for s in states:
@@ -822,10 +977,13 @@ class EventLog:
             if have is not None and (have.digest != s.digest or have.parent_id != s.parent_id):
                 raise bundle.conflict(info, s.id)
         await self._refuse_cycle(info, states)
+        subjects = [s for s in states if s.id not in existing and s.id not in attached]
         try:
-            # Oldest first, so the store's log order (seq) matches creation order.
-            await self._write(rows, [s for s in reversed(states) if s.id not in existing],
-                              legacy=True)
+            # Oldest first, so the store's log order (seq) matches creation order; the
+            # attached states (oldest first already) after the states they are about.
+            await self._write(rows, [*reversed(subjects),
+                                     *(s for s in states if s.id in attached
+                                       and s.id not in existing)], legacy=True)
         except ConflictError as e:  # written meanwhile by someone else, differently
             raise bundle.conflict(info, e.state_id) from e
         log.info("imported bundle %s: head %s", os.fspath(path), info.head)
@@ -952,7 +1110,8 @@ def storable(field: str, asset: object) -> StoredAsset:
     msgspec does not type-check Struct construction, so e.g. a Message with a bad role
     would be hashed and committed, then fail every later read.
     """
-    if not isinstance(asset, SystemPrompt | Message | ConversationNode | Value | Item | Entry):
+    if not isinstance(asset, SystemPrompt | Message | ConversationNode | Value | Item | Entry
+                      | Tools):
         raise ValidationError(field, f"must be an asset, got {type(asset).__name__}", None)
     if isinstance(asset, Message):  # before encoding: a cyclic call_config must not recurse
         rules.check_message(field, asset)

@@ -102,35 +102,43 @@ class MemoryBackend:
             for a in assets:
                 self._assets.setdefault(a.digest, a)
             self._nodes.update(placed)
+            kept: dict[UUID, int] = {}  # a replaced row's place in the log, kept
             for state_id in replaced:
-                self._states.pop(state_id, None)
+                old = self._states.pop(state_id, None)
+                if old is not None:
+                    kept[state_id] = old.seq
             for s in states:
                 if s.id not in self._states:
-                    self._states[s.id] = _with_seq(s, next(self._seq))
+                    self._states[s.id] = _with_seq(s, kept[s.id] if s.id in kept
+                                                   else next(self._seq))
         return WriteResult()
 
     def _newest(self, kind: int, stream: str) -> UUID | None:
         mine = [s for s in self._states.values() if s.kind == kind and s.stream == stream]
         return max(mine, key=lambda s: s.seq).id if mine else None
 
-    async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False) -> list[UUID]:
+    async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
+                            attached: Sequence[int] = (),
+                            dry_run: bool = False) -> list[UUID]:
         self._open()
         deleted: list[UUID] = []
         for i, state_id in enumerate(ids):
-            if state_id not in self._states:
+            if state_id not in self._states or state_id in deleted:
                 if stop_at_shared:
                     break
                 continue
             if stop_at_shared and i > 0 and any(
                     s.parent_id == state_id and s.id not in deleted
-                    for s in self._states.values()):
+                    and s.kind not in attached for s in self._states.values()):
                 break
-            del self._states[state_id]
             deleted.append(state_id)
+        if not dry_run:
+            for state_id in deleted:
+                del self._states[state_id]
         return deleted
 
-    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
+                    detached: Sequence[int] = (), dry_run: bool = False) -> SweepResult:
         self._open()
         async with self._lock:
             states = list(self._states.values())
@@ -142,49 +150,70 @@ class MemoryBackend:
             if codec_refs is not None and used:
                 assets.update(codec_refs(used, [r for r in self._assets.values()
                                                 if r.kind == Kind.DICTIONARY]))
-            check([*states, *(self._nodes[d] for d in nodes)])
+            # Attached states whose subject is gone (marked from all the same, as the SQL
+            # backends do: what they reach is kept one more cycle).
+            gone = [s.id for s in states if s.kind in detached
+                    and (s.parent_id is None or s.parent_id not in self._states)]
+            dropped = set(gone)
+            check([*(s for s in states if s.id not in dropped),
+                   *(self._nodes[d] for d in nodes)])
             removed: dict[int, int] = {}
             freed = 0
-            for d in [d for d in self._assets if d not in assets]:
-                row = self._assets.pop(d)
+            doomed = [d for d in self._assets if d not in assets]
+            dead = [d for d in self._nodes if d not in nodes]
+            for d in doomed:
+                row = self._assets[d]
                 removed[row.kind] = removed.get(row.kind, 0) + 1
                 freed += len(row.body)
-            for d in [d for d in self._nodes if d not in nodes]:
-                node = self._nodes.pop(d)
+            for d in dead:
+                node = self._nodes[d]
                 removed[node.kind] = removed.get(node.kind, 0) + 1
                 element = int(NODE_KINDS[node.kind].element_kind)
                 inline = node.added - len(node.refs)
                 if inline:
                     removed[element] = removed.get(element, 0) + inline
                 freed += len(node.body)
-            return SweepResult(removed, freed, len(self._assets) + len(self._nodes))
+            kept = len(self._assets) + len(self._nodes) - len(doomed) - len(dead)
+            if dry_run:
+                return SweepResult(removed, freed, kept, states_removed=len(gone))
+            for state_id in gone:
+                del self._states[state_id]
+            for d in doomed:
+                del self._assets[d]
+            for d in dead:
+                del self._nodes[d]
+            return SweepResult(removed, freed, kept, states_removed=len(gone))
 
     def _reach(self, roots: Iterable[Digest]
                ) -> tuple[set[Digest], set[Digest], Digest | None]:
-        """(nodes, assets) reached from ``roots`` (whole lineages, out-of-line elements),
-        and the first reached digest that is not stored (None if all are)."""
+        """(nodes, assets) reached from ``roots`` (whole lineages, out-of-line elements,
+        and what those assets reference: a message's tool schemas), and the first reached
+        digest that is not stored (None if all are)."""
         nodes: set[Digest] = set()
         assets: set[Digest] = set()
         missing: Digest | None = None
-        for root in roots:
+        # (digest, whether it must be an asset: a ref of a node or of an asset)
+        pending: list[tuple[Digest, bool]] = [(d, False) for d in roots]
+        while pending:
+            root, asset_only = pending.pop()
+            if root in assets:
+                continue
+            row = self._assets.get(root)
+            if row is not None:
+                assets.add(root)
+                pending.extend((d, True) for d in row.refs)
+                continue
+            if asset_only or root not in self._nodes:
+                missing = missing or root
+                continue
             digest: Digest | None = root
-            if digest in self._assets:
-                assets.add(digest)
-                continue
-            if digest not in self._nodes:
-                missing = missing or digest
-                continue
             while digest is not None and digest not in nodes:
                 node = self._nodes.get(digest)
                 if node is None:
                     missing = missing or digest
                     break
                 nodes.add(digest)
-                for ref in node.refs:
-                    if ref in self._assets:
-                        assets.add(ref)
-                    else:
-                        missing = missing or ref
+                pending.extend((d, True) for d in node.refs)
                 digest = node.parent
         return nodes, assets, missing
 
@@ -252,12 +281,16 @@ class MemoryBackend:
         if states is None:
             roots = list(self._states.values())
             sources: Iterable[NodeRow] = self._nodes.values()
+            held: Iterable[StoredAsset] = self._assets.values()
         else:
             roots = [self._states[i] for i in states if i in self._states]
-            reached, _, _ = self._reach(d for s in roots for d in s.refs
-                                        if d in self._nodes)
+            reached, assets, _ = self._reach(d for s in roots for d in s.refs
+                                             if d in self._nodes or d in self._assets)
             sources = [self._nodes[d] for d in reached]
+            held = [self._assets[d] for d in assets]
         found: dict[tuple[Digest, Digest | UUID], None] = {}
+        for a in held:  # a message's tool schemas
+            found.update(((d, a.digest), None) for d in a.refs if d not in self._assets)
         for s in roots:
             found.update(((d, s.id), None) for d in s.refs
                          if d not in self._assets and d not in self._nodes)
@@ -362,6 +395,16 @@ class MemoryBackend:
         return sum(1 for s in self._states.values() if s.kind == kind
                    and (stream is None or s.stream == stream)
                    and (contains is None or contains.lower() in s.stream.lower()))
+
+    async def stream_heads(self, kind: int, *, after: str | None = None,
+                           limit: int = 100) -> list[StateRow]:
+        self._open()
+        heads: dict[str, StateRow] = {}
+        for s in self._states.values():
+            if (s.kind == kind and (after is None or s.stream > after)
+                    and (s.stream not in heads or s.seq > heads[s.stream].seq)):
+                heads[s.stream] = s
+        return [heads[name] for name in sorted(heads)[:limit]]
 
     async def lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
         self._open()

@@ -25,6 +25,7 @@ from uuid import UUID
 
 import psycopg
 import psycopg.conninfo
+import psycopg.rows
 import psycopg_pool
 from psycopg import errors as pg_errors
 
@@ -54,7 +55,7 @@ from immagent.store.backend import (
 )
 from immagent.store.dsn import redact, scrub
 from immagent.store.schema import schema_sql
-from immagent.store.sql import ROOTED_STATES, Dialect, StateQueries
+from immagent.store.sql import ROOTED_STATES, Dialect, Rehearsal, StateQueries
 from immagent.store.sql import WriteAborted as _Abort
 
 __all__ = ["PostgresBackend"]
@@ -137,6 +138,10 @@ _NO_JIT = "SET LOCAL jit = off"
 # strpos, not LIKE: the user's text has no wildcards to escape.
 _INSERT_STATE = ("INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, digest, "
                  "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING")
+# A replacement keeps the place in the log (the seq) of the row it replaces.
+_INSERT_STATE_AT = ("INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, "
+                    "digest, created_at, seq) OVERRIDING SYSTEM VALUE VALUES "
+                    "(%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING")
 
 
 @contextlib.contextmanager
@@ -310,8 +315,22 @@ class PostgresBackend(StateQueries):
     _dialect = Dialect(columns=_STATE_COLUMNS, mark="%s",
                        contains="strpos(lower(stream), %s) > 0", uuid=UUID)
 
-    def __init__(self, pool: psycopg_pool.AsyncConnectionPool[Any]) -> None:
+    def __init__(self, pool: psycopg_pool.AsyncConnectionPool[Any] | _Lent) -> None:
         self._pool = pool
+
+    @classmethod
+    def lend(cls, conn: object) -> PostgresBackend:
+        """A backend over a caller's open psycopg ``AsyncConnectionPool`` or
+        ``AsyncConnection`` (configured as the caller likes: autocommit, row factory),
+        which this backend never closes. ValidationError ``conn`` for anything else."""
+        if isinstance(conn, psycopg_pool.AsyncConnectionPool | psycopg.AsyncConnection):
+            return cls(_Lent(conn))
+        if isinstance(conn, psycopg_pool.ConnectionPool | psycopg.Connection):
+            raise ValidationError("conn", "a sync psycopg connection or pool cannot serve "
+                                  "immagent's async store: pass a psycopg AsyncConnection "
+                                  "or AsyncConnectionPool, or a DSN", None)
+        raise ValidationError("conn", f"must be a psycopg AsyncConnection or "
+                              f"AsyncConnectionPool, got {type(conn).__name__}", None)
 
     @classmethod
     async def open(cls, dsn: str, *, min_size: int = 2, max_size: int = 10,
@@ -448,27 +467,39 @@ class PostgresBackend(StateQueries):
                                 raise _Abort(WriteResult(missing=missing))
                         if heads:
                             await _check_heads(cur, heads)
-                        if replace:
-                            await _delete_replaced(cur, replace)
+                        kept = await _delete_replaced(cur, replace) if replace else {}
                         if states:
-                            await _insert_states(cur, states, replace)
+                            await _insert_states(cur, states, replace, kept)
         except _Abort as stop:
             return stop.result
         return WriteResult()
 
-    async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False) -> list[UUID]:
-        return await _retrying_transient(lambda: self._delete_once(ids, stop_at_shared))
+    async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
+                            attached: Sequence[int] = (),
+                            dry_run: bool = False) -> list[UUID]:
+        try:
+            return await _retrying_transient(
+                lambda: self._delete_once(ids, stop_at_shared, attached, dry_run))
+        except Rehearsal as rehearsed:
+            return list(rehearsed.result)
 
-    async def _delete_once(self, ids: Sequence[UUID], stop_at_shared: bool) -> list[UUID]:
+    async def _delete_once(self, ids: Sequence[UUID], stop_at_shared: bool,
+                           attached: Sequence[int], dry_run: bool) -> list[UUID]:
         order = {i: n for n, i in enumerate(dict.fromkeys(ids))}
+
+        def done(rows: Sequence[Sequence[Any]]) -> list[UUID]:
+            deleted = sorted((r[0] for r in rows), key=order.__getitem__)
+            if dry_run:
+                raise Rehearsal(deleted)
+            return deleted
+
         with _mapped("delete"):
             async with self._pool.connection() as conn, conn.transaction():
                 if not stop_at_shared:
                     cur = await conn.execute(
                         "DELETE FROM immagent_states WHERE id = ANY(%s) RETURNING id",
                         (list(order),))
-                    return sorted((r[0] for r in await cur.fetchall()), key=order.__getitem__)
+                    return done(await cur.fetchall())
                 # Serialise lineage deletions: otherwise two siblings deleted at once each
                 # see the other still present and both keep their (then childless) parent.
                 # Under READ COMMITTED the statement's snapshot is taken after the lock.
@@ -488,17 +519,26 @@ class PostgresBackend(StateQueries):
                          WHERE l.pos > 1 AND (
                                NOT EXISTS (SELECT 1 FROM immagent_states s WHERE s.id = l.id)
                                OR EXISTS (SELECT 1 FROM immagent_states c
-                                           WHERE c.parent_id = l.id AND c.id <> l.prev))
+                                           WHERE c.parent_id = l.id AND c.id <> l.prev
+                                             AND NOT c.kind = ANY(%s)))
                     )
                     DELETE FROM immagent_states s USING line l, stop
                      WHERE s.id = l.id AND l.pos < stop.pos
                     RETURNING s.id
                     """,
-                    (list(order),),
+                    (list(order), list(attached)),
                 )
-                return sorted((r[0] for r in await cur.fetchall()), key=order.__getitem__)
+                return done(await cur.fetchall())
 
-    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
+                    detached: Sequence[int] = (), dry_run: bool = False) -> SweepResult:
+        try:
+            return await self._sweep(check, codec_refs, detached, dry_run)
+        except Rehearsal as rehearsed:
+            return rehearsed.result  # type: ignore[no-any-return]
+
+    async def _sweep(self, check: RowCheck, codec_refs: CodecRefs | None,
+                     detached: Sequence[int], dry_run: bool) -> SweepResult:
         with _mapped("gc"):
             async with self._pool.connection() as conn, conn.transaction():
                 # Exclusive side of the writers' shared lock, taken before the statements, so
@@ -531,6 +571,12 @@ class PostgresBackend(StateQueries):
                     SELECT immagent_refs(n.refs || ''::bytea) FROM immagent_reach_runs rr
                       JOIN immagent_nodes n ON n.loc BETWEEN rr.run << {_SHIFT} AND rr.hi
                      WHERE n.refs IS NOT NULL""".encode())
+                # What the marked assets name (a message's tool schemas; those name nothing).
+                await conn.execute("""
+                    INSERT INTO immagent_reach
+                    SELECT immagent_refs(a.refs || ''::bytea) FROM immagent_reach r
+                      JOIN immagent_assets a ON a.digest = r.digest WHERE a.refs IS NOT NULL
+                    ON CONFLICT DO NOTHING""")
                 await conn.execute("ANALYZE immagent_reach")
                 await conn.execute("ANALYZE immagent_reach_runs")
                 cur = await conn.execute(f"""
@@ -550,6 +596,13 @@ class PostgresBackend(StateQueries):
                 missing = await cur.fetchone()
                 if missing is not None:
                     return SweepResult({}, 0, await _count_rows(conn), bytes(missing[0]))
+                gone = 0
+                if detached:  # attached states whose subject is gone (marked from anyway)
+                    cur = await conn.execute(
+                        "DELETE FROM immagent_states s WHERE s.kind = ANY(%s) AND "
+                        "(s.parent_id IS NULL OR NOT EXISTS (SELECT 1 FROM immagent_states p "
+                        "WHERE p.id = s.parent_id))", (list(detached),))
+                    gone = cur.rowcount
                 if codec_refs is not None:
                     await _mark_codec_refs(conn, codec_refs)
                 async with conn.cursor(name="immagent_gc_states", binary=True) as named:
@@ -593,8 +646,11 @@ class PostgresBackend(StateQueries):
                 stats = _stats(swept)
                 removed = {k: n for k, (n, _) in stats.items()}
                 freed = sum(b for _, b in stats.values())
-                kept = await _count_rows(conn)
-        return SweepResult(removed, freed, kept)
+                result = SweepResult(removed, freed, await _count_rows(conn),
+                                     states_removed=gone)
+                if dry_run:  # the DELETEs ran in this transaction only: roll them back
+                    raise Rehearsal(result)
+        return result
 
     # -- assets ---------------------------------------------------------------------------
 
@@ -710,12 +766,18 @@ class PostgresBackend(StateQueries):
         else:
             sql = f"""
                 WITH RECURSIVE roots(d) AS (SELECT unnest(%s::bytea[])), {_ROOT_SPANS},
-                wanted(d) AS (
+                held(d) AS (
                     SELECT d FROM roots
                     UNION
                     SELECT immagent_refs(n.refs || ''::bytea) FROM span
                       JOIN immagent_nodes n ON n.loc BETWEEN span.run << {_SHIFT} AND span.hi
                      WHERE n.refs IS NOT NULL
+                ),
+                wanted(d) AS (  -- and what those assets name (a message's tool schemas)
+                    SELECT d FROM held
+                    UNION
+                    SELECT immagent_refs(a.refs || ''::bytea) FROM held
+                      JOIN immagent_assets a ON a.digest = held.d WHERE a.refs IS NOT NULL
                 )
                 SELECT a.* FROM wanted CROSS JOIN LATERAL (
                     SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE digest = wanted.d
@@ -745,9 +807,23 @@ class PostgresBackend(StateQueries):
                      f"WHERE id = ANY(%(ids)s)), {_ROOT_SPANS}")
             sources = "(SELECT * FROM immagent_states WHERE id = ANY(%(ids)s))"
         # State refs stored nowhere; out-of-line refs not stored; runs whose parent node is
-        # gone (named by the run's first node).
+        # gone (named by the run's first node); refs of the assets those name (a message's
+        # tool schemas) not stored.
+        held = ("SELECT a.digest, a.refs FROM immagent_assets a WHERE a.refs IS NOT NULL"
+                if states is None else f"""
+            SELECT a.digest, a.refs FROM immagent_assets a
+             WHERE a.refs IS NOT NULL AND a.digest IN (
+                   SELECT immagent_refs(s.refs || ''::bytea) FROM {sources} s
+                   UNION
+                   SELECT immagent_refs(n.refs || ''::bytea) FROM span
+                     JOIN immagent_nodes n ON n.loc BETWEEN span.run << {_SHIFT} AND span.hi
+                    WHERE n.refs IS NOT NULL)""")
         sql = f"""
-            WITH RECURSIVE {spans}
+            WITH RECURSIVE {spans}, held(digest, refs) AS ({held})
+            SELECT DISTINCT r, h.digest, NULL::uuid FROM held h
+              CROSS JOIN LATERAL immagent_refs(h.refs || ''::bytea) AS r
+             WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = r)
+            UNION ALL
             SELECT DISTINCT d, NULL::bytea, s.id FROM {sources} s
               CROSS JOIN LATERAL immagent_refs(s.refs || ''::bytea) AS d
              WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = d)
@@ -1030,31 +1106,45 @@ async def _check_heads(cur: psycopg.AsyncCursor[Any], heads: Sequence[Head]) -> 
         raise _Abort(WriteResult(stale=tuple(stale)))
 
 
-async def _delete_replaced(cur: psycopg.AsyncCursor[Any], ids: Sequence[UUID]) -> None:
+async def _delete_replaced(cur: psycopg.AsyncCursor[Any],
+                           ids: Sequence[UUID]) -> dict[UUID, int]:
     """Delete the rows a write replaces, serialised with other writes replacing the same
     ids by a transaction lock per id (taken in key order, after any stream lock, so two
-    writers cannot deadlock). Without it the later writer's DELETE, waiting for the earlier
-    one's, would (under READ COMMITTED) skip the row that one inserted; taken first, the
-    DELETE's snapshot starts after the earlier writer committed and sees that row."""
+    writers cannot deadlock); returns their seqs, which their replacements take. Without
+    the lock the later writer's DELETE, waiting for the earlier one's, would (under READ
+    COMMITTED) skip the row that one inserted; taken first, the DELETE's snapshot starts
+    after the earlier writer committed and sees that row."""
     keys = sorted({int.from_bytes(i.bytes[12:], "big", signed=True) for i in ids})
     await cur.execute("SELECT pg_advisory_xact_lock(%s, k) FROM unnest(%s::int4[]) AS k "
                       "ORDER BY k", (_REPLACE_LOCK, keys))
-    await cur.execute("DELETE FROM immagent_states WHERE id = ANY(%s)", (list(ids),))
+    await cur.execute("DELETE FROM immagent_states WHERE id = ANY(%s) RETURNING id, seq",
+                      (list(ids),))
+    return {r[0]: r[1] for r in await cur.fetchall()}
 
 
 async def _insert_states(cur: psycopg.AsyncCursor[Any], states: Sequence[StateRow],
-                         replace: Sequence[UUID]) -> None:
-    """Insert the states; abort the write if an id it skipped is stored with another digest.
+                         replace: Sequence[UUID], kept: dict[UUID, int]) -> None:
+    """Insert the states, a replacement at the seq of the row it replaced (``kept``); abort
+    the write if an id it skipped is stored with another digest.
 
     A replaced id can still be found here: a concurrent write that does not replace it
     inserted it, uncommitted when this write's DELETE ran and committed since. It is
-    deleted and inserted again, once: that DELETE sees the row and locks it, so the id's
-    next writer waits for this one, as memory and SQLite serialise them."""
+    deleted and inserted again (at that row's seq), once: that DELETE sees the row and
+    locks it, so the id's next writer waits for this one, as memory and SQLite serialise
+    them."""
     replaced = set(replace)
     pending = list(states)
     for round_ in range(1, _REPLACE_ROUNDS + 1):
-        await cur.executemany(_INSERT_STATE, [_state_params(s) for s in pending])
-        if cur.rowcount == len(pending):  # else some ids were there already
+        fresh = [_state_params(s) for s in pending if s.id not in kept]
+        moved = [(*_state_params(s), kept[s.id]) for s in pending if s.id in kept]
+        inserted = 0
+        if fresh:
+            await cur.executemany(_INSERT_STATE, fresh)
+            inserted += cur.rowcount
+        if moved:
+            await cur.executemany(_INSERT_STATE_AT, moved)
+            inserted += cur.rowcount
+        if inserted == len(pending):  # else some ids were there already
             return
         digests = {s.id: s.digest for s in pending}
         await cur.execute("SELECT id, digest FROM immagent_states WHERE id = ANY(%s)",
@@ -1065,8 +1155,57 @@ async def _insert_states(cur: psycopg.AsyncCursor[Any], states: Sequence[StateRo
             raise _Abort(WriteResult(conflicts=outside or conflicts))
         if not conflicts:
             return
-        await cur.execute("DELETE FROM immagent_states WHERE id = ANY(%s)", (list(conflicts),))
+        await cur.execute("DELETE FROM immagent_states WHERE id = ANY(%s) RETURNING id, seq",
+                          (list(conflicts),))
+        kept.update({r[0]: r[1] for r in await cur.fetchall()})
         pending = [s for s in pending if s.id in conflicts]
+
+
+class _Lent:
+    """A caller's pool or connection, used the way this backend uses its own pool: one
+    connection per call (a lone connection serves one call at a time), rows as tuples
+    whatever row factory the caller set, the transaction ended at the end of the call (as
+    ``AsyncConnectionPool.connection()`` ends it: committed, or rolled back on error), and
+    never closed here: its owner closes it."""
+
+    def __init__(self, lent: psycopg_pool.AsyncConnectionPool[Any]
+                 | psycopg.AsyncConnection[Any]) -> None:
+        self._lent = lent
+        self._one = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def connection(self, timeout: float | None = None
+                         ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        if isinstance(self._lent, psycopg_pool.AsyncConnectionPool):
+            async with self._lent.connection(timeout=timeout) as conn, _tuple_rows(conn):
+                yield conn
+            return
+        conn = self._lent
+        if conn.closed:
+            raise psycopg_pool.PoolClosed("the connection lent to immagent is closed")
+        async with self._one, _tuple_rows(conn):
+            try:
+                yield conn
+            except BaseException:
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    await conn.rollback()
+                raise
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                await conn.commit()
+
+    async def close(self) -> None:
+        """Nothing: the caller owns the pool or connection."""
+
+
+@contextlib.asynccontextmanager
+async def _tuple_rows(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
+    """This backend reads rows by position: tuples while it uses ``conn``."""
+    saved = conn.row_factory
+    conn.row_factory = psycopg.rows.tuple_row
+    try:
+        yield
+    finally:
+        conn.row_factory = saved
 
 
 def _password(dsn: str) -> str | None:

@@ -372,18 +372,22 @@ class ReplicatedBackend:
                 await self._raise_fence()
         return result
 
-    async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False) -> list[UUID]:
+    async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
+                            attached: Sequence[int] = (),
+                            dry_run: bool = False) -> list[UUID]:
         with self._no_replicas():
-            deleted = await self._primary.delete_states(ids, stop_at_shared=stop_at_shared)
-            if deleted:
+            deleted = await self._primary.delete_states(ids, stop_at_shared=stop_at_shared,
+                                                        attached=attached, dry_run=dry_run)
+            if deleted and not dry_run:
                 await self._raise_fence()
         return deleted
 
-    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
+                    detached: Sequence[int] = (), dry_run: bool = False) -> SweepResult:
         with self._no_replicas():
-            result = await self._primary.sweep(check, codec_refs)
-            if result.removed:
+            result = await self._primary.sweep(check, codec_refs, detached=detached,
+                                               dry_run=dry_run)
+            if (result.removed or result.states_removed) and not dry_run:
                 await self._raise_fence()
         return result
 
@@ -450,6 +454,10 @@ class ReplicatedBackend:
     async def count_states(self, kind: int, *, stream: str | None = None,
                            contains: str | None = None) -> int:
         return await self._primary.count_states(kind, stream=stream, contains=contains)
+
+    async def stream_heads(self, kind: int, *, after: str | None = None,
+                           limit: int = 100) -> list[StateRow]:
+        return await self._primary.stream_heads(kind, after=after, limit=limit)
 
     async def lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
         rows = await self._replica_read(lambda b: b.lineage(state_id, limit))

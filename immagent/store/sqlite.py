@@ -59,7 +59,7 @@ from immagent.store.backend import (
     SweepResult,
     WriteResult,
 )
-from immagent.store.sql import ROOTED_STATES, Dialect, StateQueries
+from immagent.store.sql import ROOTED_STATES, Dialect, Rehearsal, StateQueries
 from immagent.store.sql import WriteAborted as _Abort
 
 __all__ = ["SQLiteBackend"]
@@ -100,7 +100,7 @@ _DDL = (
     """,
     # Every client's states (see schema.sql). seq is the commit-order position in the log:
     # the rowid, so it costs no index, and AUTOINCREMENT never reuses a deleted row's seq,
-    # like PostgreSQL's identity column.
+    # like PostgreSQL's identity column (a replacement takes the seq of the row it replaces).
     """
     CREATE TABLE IF NOT EXISTS immagent_states (
         id          BLOB    NOT NULL UNIQUE CHECK (length(id) = 16),
@@ -209,6 +209,21 @@ _STATE_REFS = """
     state_refs(src, dst) AS (
         SELECT x.id, substr(x.refs, 32 * r.i + 1, 32)
           FROM srefs r JOIN immagent_states x ON x.seq = r.s
+    )
+"""
+
+# The refs of the assets among `{held}` (a message names its tool schemas), split by
+# position: (src, dst) pairs.
+_ASSET_REFS = """
+    arefs(a, i) AS (
+        SELECT digest, 0 FROM immagent_assets WHERE length(refs) > 0 AND digest IN ({held})
+        UNION ALL
+        SELECT r.a, r.i + 1 FROM arefs r JOIN immagent_assets x ON x.digest = r.a
+         WHERE 32 * (r.i + 2) <= length(x.refs)
+    ),
+    asset_refs(src, dst) AS (
+        SELECT x.digest, substr(x.refs, 32 * r.i + 1, 32)
+          FROM arefs r JOIN immagent_assets x ON x.digest = r.a
     )
 """
 
@@ -679,15 +694,23 @@ class SQLiteBackend(StateQueries):
             stale = tuple(h for h in heads if _newest(conn, h) != h.state_id)
             if stale:
                 raise _Abort(WriteResult(stale=stale))
+            kept: dict[bytes, int] = {}  # a replaced row's seq: its place in the log
             for chunk in _chunks(replaced):
-                conn.execute(f"DELETE FROM immagent_states WHERE id IN ({_marks(len(chunk))})",
-                             chunk)
+                kept.update(conn.execute(
+                    f"DELETE FROM immagent_states WHERE id IN ({_marks(len(chunk))}) "
+                    "RETURNING id, seq", chunk).fetchall())
             if not state_rows:
                 return
             before = conn.total_changes
             conn.executemany(
                 f"INSERT INTO immagent_states ({_STATE_COLUMNS.removesuffix(', seq')}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING", state_rows)
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                [p for p in state_rows if p[0] not in kept])
+            if kept:
+                conn.executemany(
+                    f"INSERT INTO immagent_states ({_STATE_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                    [(*p, kept[p[0]]) for p in state_rows if p[0] in kept])
             if conn.total_changes - before < len(state_rows):  # some ids were there already
                 digests = {s.id.bytes: s.digest for s in states}
                 conflicts: list[UUID] = []
@@ -704,9 +727,13 @@ class SQLiteBackend(StateQueries):
             return stop.result
         return WriteResult()
 
-    async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False) -> list[UUID]:
+    async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
+                            attached: Sequence[int] = (),
+                            dry_run: bool = False) -> list[UUID]:
         keys = [i.bytes for i in dict.fromkeys(ids)]
+        # Children of attached kinds (attestations) do not keep a parent.
+        other_child = ("SELECT 1 FROM immagent_states WHERE parent_id = ?"
+                       + (f" AND kind NOT IN ({_marks(len(attached))})" if attached else ""))
 
         def run(conn: sqlite3.Connection) -> list[UUID]:
             if not stop_at_shared:
@@ -722,16 +749,25 @@ class SQLiteBackend(StateQueries):
                 # The single writer serialises these: no sibling deletion interleaves.
                 sql = "DELETE FROM immagent_states WHERE id = ?"
                 if n:
-                    sql += " AND NOT EXISTS (SELECT 1 FROM immagent_states WHERE parent_id = ?)"
-                if conn.execute(sql, (key, key) if n else (key,)).rowcount == 0:
+                    sql += f" AND NOT EXISTS ({other_child})"
+                params = (key, key, *attached) if n else (key,)
+                if conn.execute(sql, params).rowcount == 0:
                     break
                 done.append(UUID(bytes=key))
             return done
 
-        result: list[UUID] = await self._pool.write("delete", lambda conn: transaction(conn, run))
+        def rehearse(conn: sqlite3.Connection) -> list[UUID]:
+            raise Rehearsal(run(conn))
+
+        try:
+            result: list[UUID] = await self._pool.write(
+                "delete", lambda conn: transaction(conn, rehearse if dry_run else run))
+        except Rehearsal as done:
+            return list(done.result)
         return result
 
-    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
+                    detached: Sequence[int] = (), dry_run: bool = False) -> SweepResult:
         def sweep(conn: sqlite3.Connection) -> SweepResult:
             # Mark into temporary tables (SQLite spills them to disk; nothing goes through
             # Python): per run, the last loc a live lineage uses; every asset a state or a
@@ -760,6 +796,11 @@ class SQLiteBackend(StateQueries):
                 SELECT dst FROM state_refs WHERE NOT EXISTS (
                     SELECT 1 FROM immagent_nodes n WHERE {_BY_DIGEST.format(d="dst")})
                 UNION SELECT d FROM marked_refs""")
+            # What the marked assets name (a message's tool schemas; those name nothing).
+            conn.execute(f"""
+                INSERT OR IGNORE INTO temp.immagent_reach
+                WITH RECURSIVE {_ASSET_REFS.format(held="SELECT digest FROM temp.immagent_reach")}
+                SELECT dst FROM asset_refs""")
             missing = conn.execute(f"""
                 SELECT digest FROM temp.immagent_reach r WHERE NOT EXISTS
                     (SELECT 1 FROM immagent_assets a WHERE a.digest = r.digest)
@@ -779,6 +820,13 @@ class SQLiteBackend(StateQueries):
                 kept = _count_rows(conn)
                 found = missing[0]
                 return SweepResult({}, 0, kept, _blob(found))
+            # Attached states whose subject is gone (marked from all the same: what they
+            # reach is kept one more cycle).
+            gone = conn.execute(
+                f"DELETE FROM immagent_states WHERE kind IN ({_marks(len(detached))}) AND "
+                "(parent_id IS NULL OR NOT EXISTS (SELECT 1 FROM immagent_states p "
+                "WHERE p.id = immagent_states.parent_id))", list(detached)
+            ).rowcount if detached else 0
             if codec_refs is not None:
                 _mark_codec_refs(conn, codec_refs)
             cursor = conn.execute(f"SELECT {_STATE_COLUMNS} FROM immagent_states")
@@ -795,7 +843,7 @@ class SQLiteBackend(StateQueries):
                 previous = (rows[-1][0], batch[-1].digest)
                 check(batch)
             removed: dict[int, int] = {}
-            freed = 0
+            freed = rows_gone = 0
             dead_nodes = f"""
                 FROM immagent_nodes WHERE NOT EXISTS (
                     SELECT 1 FROM temp.immagent_reach_runs rr
@@ -806,6 +854,7 @@ class SQLiteBackend(StateQueries):
                     f"coalesce(sum(count - length(refs) / 32), 0) {dead_nodes} GROUP BY kind"):
                 removed[int(kind)] = removed.get(int(kind), 0) + int(n)
                 freed += int(size)
+                rows_gone += int(n)
                 element = NODE_KINDS.get(int(kind))
                 if element is not None and inline:
                     key = int(element.element_kind)
@@ -815,6 +864,10 @@ class SQLiteBackend(StateQueries):
                     "WHERE digest NOT IN (SELECT digest FROM temp.immagent_reach) GROUP BY kind"):
                 removed[int(kind)] = removed.get(int(kind), 0) + int(n)
                 freed += int(size)
+                rows_gone += int(n)
+            if dry_run:  # everything but the commit: the caller's transaction is rolled back
+                raise Rehearsal(SweepResult(removed, freed, _count_rows(conn) - rows_gone,
+                                            states_removed=gone))
             if removed:
                 conn.execute(f"DELETE {dead_nodes}")
                 conn.execute("DELETE FROM immagent_assets "
@@ -823,9 +876,13 @@ class SQLiteBackend(StateQueries):
             kept = _count_rows(conn)
             conn.execute("DROP TABLE temp.immagent_reach")
             conn.execute("DROP TABLE temp.immagent_reach_runs")
-            return SweepResult(removed, freed, kept)
+            return SweepResult(removed, freed, kept, states_removed=gone)
 
-        result: SweepResult = await self._pool.write("gc", lambda conn: transaction(conn, sweep))
+        try:
+            result: SweepResult = await self._pool.write(
+                "gc", lambda conn: transaction(conn, sweep))
+        except Rehearsal as rehearsed:
+            return rehearsed.result  # type: ignore[no-any-return]
         return result
 
     # -- reads ----------------------------------------------------------------------------
@@ -990,11 +1047,13 @@ class SQLiteBackend(StateQueries):
                     SELECT o.a, o.i + 1 FROM orefs o JOIN immagent_nodes x ON x.loc = o.a
                      WHERE 32 * (o.i + 2) <= length(x.refs)
                 ),
-                wanted(d) AS (
+                held(d) AS (
                     SELECT d FROM roots
                     UNION SELECT substr(x.refs, 32 * o.i + 1, 32) FROM orefs o
                       JOIN immagent_nodes x ON x.loc = o.a
-                )
+                ),
+                {_ASSET_REFS.format(held="SELECT d FROM held")},
+                wanted(d) AS (SELECT d FROM held UNION SELECT dst FROM asset_refs)
                 SELECT x.digest, x.kind, x.refs, x.body, x.codec
                   FROM wanted JOIN immagent_assets x ON x.digest = wanted.d"""
             params = {"roots": join_refs(roots)}
@@ -1022,7 +1081,11 @@ class SQLiteBackend(StateQueries):
                 roots(d) AS (SELECT DISTINCT dst FROM state_refs),
                 {_ROOT_SPANS}"""
         # State refs stored nowhere; out-of-line refs that are not stored; runs whose parent
-        # node is gone (named by the run's first node).
+        # node is gone (named by the run's first node); refs of the assets those name (a
+        # message's tool schemas) that are not stored.
+        held = ("SELECT digest FROM immagent_assets" if states is None else
+                "SELECT dst FROM state_refs UNION SELECT substr(x.refs, 32 * o.i + 1, 32) "
+                "FROM orefs o JOIN immagent_nodes x ON x.loc = o.a")
         sql = f"""
             WITH RECURSIVE {ctes},
             nodes_in(loc) AS (
@@ -1036,7 +1099,11 @@ class SQLiteBackend(StateQueries):
                 UNION ALL
                 SELECT o.a, o.i + 1 FROM orefs o JOIN immagent_nodes x ON x.loc = o.a
                  WHERE 32 * (o.i + 2) <= length(x.refs)
-            )
+            ),
+            {_ASSET_REFS.format(held=held)}
+            SELECT dst, src, 0 FROM asset_refs
+             WHERE NOT EXISTS (SELECT 1 FROM immagent_assets m WHERE m.digest = asset_refs.dst)
+            UNION
             SELECT dst, src, 1 FROM state_refs
              WHERE NOT EXISTS (SELECT 1 FROM immagent_assets m WHERE m.digest = state_refs.dst)
                AND NOT EXISTS (SELECT 1 FROM immagent_nodes n
