@@ -1075,8 +1075,10 @@ async def _migrate_v2(conn: psycopg.AsyncConnection[Any]) -> None:
             elements: dict[bytes, tuple[int, bytes]] = {}
             for chunk in range(0, len(wanted), _PROBES):
                 await batch_cur.execute(_PROBE_SQL, (wanted[chunk:chunk + _PROBES],))
+                # An element with refs of its own (a message naming its tool schemas)
+                # stays an asset: its digest covers its refs, which a record cannot hold.
                 elements.update((r.digest, (r.codec, r.body))
-                                for r in stored_rows(await batch_cur.fetchall()))
+                                for r in stored_rows(await batch_cur.fetchall()) if not r.refs)
             await batch_cur.executemany(
                 _INSERT_NODE.replace(b" ON CONFLICT DO NOTHING", b""),
                 [(*row[:7], row.refs or None, *row[8:])

@@ -525,9 +525,11 @@ def _migrate_v2(conn: sqlite3.Connection) -> None:
         wanted = list(dict.fromkeys(e for n in nodes.values() for e in n[1][1:]))
         elements: dict[bytes, tuple[int, bytes]] = {}
         for chunk in _chunks(wanted):
+            # An element with refs of its own (a message naming its tool schemas) stays an
+            # asset: its digest covers its refs, which a record cannot hold.
             elements.update((_blob(d), (c, _blob(b))) for d, c, b in conn.execute(
                 f"SELECT digest, codec, body FROM immagent_assets WHERE digest IN "
-                f"({_marks(len(chunk))})", chunk))
+                f"({_marks(len(chunk))}) AND coalesce(length(refs), 0) = 0", chunk))
         conn.executemany(
             "INSERT INTO immagent_nodes (loc, kind, codec, count, depth, digest, parent, refs, "
             "peaks, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
