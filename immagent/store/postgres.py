@@ -1174,6 +1174,10 @@ class _Lent:
                  | psycopg.AsyncConnection[Any]) -> None:
         self._lent = lent
         self._one = asyncio.Lock()
+        # The task using a lone connection: a read it makes while it iterates a server-side
+        # cursor (verify looks up a node's out-of-line elements between node batches) runs
+        # on the same connection and transaction instead of waiting for itself.
+        self._holder: asyncio.Task[Any] | None = None
 
     @contextlib.asynccontextmanager
     async def connection(self, timeout: float | None = None
@@ -1185,13 +1189,20 @@ class _Lent:
         conn = self._lent
         if conn.closed:
             raise psycopg_pool.PoolClosed("the connection lent to immagent is closed")
+        task = asyncio.current_task()
+        if task is not None and task is self._holder:  # the outer call ends the transaction
+            yield conn
+            return
         async with self._one, _tuple_rows(conn):
+            self._holder = task
             try:
                 yield conn
             except BaseException:
                 if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                     await conn.rollback()
                 raise
+            finally:
+                self._holder = None
             if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 await conn.commit()
 
