@@ -3,6 +3,10 @@
 Importing LiteLLM takes seconds (about 15 s on a busy machine), so nothing imports it at
 package import: ``load()`` does, the first time a model call needs it. The command line
 starts ``preload()`` while it opens the store, so the two overlap.
+
+LiteLLM is optional: ``immagent-core`` (the store, the offline models, the integrations)
+installs without it, the ``immagent`` distribution with it. Where it is missing, ``load()``
+raises ``ExtraNotInstalledError`` naming ``pip install immagent``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import os
 import sys
 import threading
 from types import ModuleType
+
+from immagent.exceptions import ExtraNotInstalledError
 
 __all__ = ["imported_module", "load", "load_async", "loaded", "preload"]
 
@@ -26,7 +32,8 @@ _preloading = False
 
 
 def load() -> ModuleType:
-    """The ``litellm`` module, imported on the first call (later calls return at once).
+    """The ``litellm`` module, imported on the first call (later calls return at once);
+    ``ExtraNotInstalledError`` when it is not installed (each call tries again).
 
     A value of ``LITELLM_LOCAL_MODEL_COST_MAP`` the user set is respected; when it is
     unset, it is set to ``True`` for the import only and removed again, so the user's
@@ -83,7 +90,13 @@ def preload() -> None:
         if _module is not None or _preloading:
             return
         _preloading = True
-    threading.Thread(target=load, name="immagent-litellm-import", daemon=True).start()
+    threading.Thread(target=_preload, name="immagent-litellm-import", daemon=True).start()
+
+
+def _preload() -> None:
+    # A failed import is reported by the load() that needs the module, not by this thread.
+    with contextlib.suppress(ExtraNotInstalledError):
+        load()
 
 
 def _import() -> ModuleType:
@@ -92,6 +105,10 @@ def _import() -> ModuleType:
         os.environ[_COST_MAP_ENV] = "True"
     try:
         import litellm
+    except ImportError as e:  # immagent-core without the 'llm' extra
+        raise ExtraNotInstalledError("a model call through LiteLLM (any model but the "
+                                     "offline ones)", "llm",
+                                     needs="LiteLLM", cause=e) from e
     finally:
         if unset:
             os.environ.pop(_COST_MAP_ENV, None)
