@@ -8,7 +8,8 @@ UV := $(shell bash scripts/bootstrap.sh)
 RUN = $(UV) run --no-sync
 
 .PHONY: dev fmt lint typecheck check test test-cov bench bench-full bench-scale bench-scale-full \
-        demo pg cluster clean peer-pydantic-ai peer-pydantic-ai-check test-pydantic-ai-range
+        demo pg cluster clean peer-pydantic-ai peer-pydantic-ai-check test-pydantic-ai-range \
+        test-install bench-install
 
 dev:            ## install the venv with every extra and dev tool
 	@bash scripts/bootstrap.sh >/dev/null && echo "venv ready: .venv"
@@ -44,6 +45,9 @@ test-cov:
 	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
 	  $(RUN) pytest --cov=immagent --cov-report=term-missing
 
+test-install:   ## each install flavour in a fresh venv from this checkout's wheels (CI runs it)
+	@$(RUN) python scripts/install_flavours.py check --uv "$(UV)"
+
 bench:          ## quick benchmarks (tables); `make bench-full` for the full sizes
 	@$(RUN) python -m benchmarks.run --dsn "$$(bash scripts/ensure-postgres.sh)"
 	@$(RUN) python -m benchmarks.cli_latency --runs 5
@@ -52,6 +56,9 @@ bench-full:
 	@$(RUN) python -m benchmarks.run --full --dsn "$$(bash scripts/ensure-postgres.sh)" \
 	  --json bench-results.json --plot benchmarks/storage-growth.png
 	@$(RUN) python -m benchmarks.cli_latency --runs 10 --litellm --json bench-cli.json
+
+bench-install:  ## packages, size and import time of each install flavour (the README's table)
+	@$(RUN) python scripts/install_flavours.py measure --uv "$(UV)"
 
 bench-scale:    ## read replicas and PgBouncer on the local cluster (`bench-scale-full`: full sizes)
 	@$(RUN) python -m benchmarks.scale
