@@ -8,8 +8,8 @@ UV := $(shell bash scripts/bootstrap.sh)
 RUN = $(UV) run --no-sync
 
 .PHONY: dev fmt lint typecheck check test test-cov bench bench-full bench-scale bench-scale-full \
-        demo pg cluster clean peer-pydantic-ai peer-pydantic-ai-check test-pydantic-ai-range \
-        test-install bench-install
+        demo pg cluster clean test-agents-range peer-agents peer-pydantic-ai \
+        peer-pydantic-ai-check test-pydantic-ai-range test-install bench-install
 
 dev:            ## install the venv with every extra and dev tool
 	@bash scripts/bootstrap.sh >/dev/null && echo "venv ready: .venv"
@@ -40,6 +40,12 @@ cluster:        ## start (or find) the primary + hot standby + PgBouncer of the 
 test:           ## the whole suite against real PostgreSQL (started here) and SQLite
 	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
 	  $(RUN) pytest
+
+test-agents-range: ## the session tests on the oldest and newest openai-agents claimed (fresh venvs)
+	@bash scripts/agents-range.sh
+
+peer-agents:    ## the Agents SDK's own memory tests against ImmAgentSession, beside its sessions
+	@bash scripts/peer-agents.sh
 
 test-cov:
 	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
@@ -79,4 +85,4 @@ peer-pydantic-ai-check: ## the same machinery on a stand-in test file (no pydant
 	@$(RUN) python scripts/peer_pydantic_ai.py --self-check
 
 clean:
-	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache demo.db*
+	rm -rf .venv .venv-agents .peer-agents .mypy_cache .ruff_cache .pytest_cache demo.db*

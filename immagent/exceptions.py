@@ -18,12 +18,14 @@ __all__ = [
     "MessageNotFoundError",
     "SchemaMissingError",
     "SchemaVersionError",
+    "SessionClosedError",
     "StaleStreamError",
     "StoreClosedError",
     "StoreConnectionError",
     "StoreError",
     "ToolExecutionError",
     "TurnIncompleteError",
+    "UnsupportedTypeError",
     "ValidationError",
 ]
 
@@ -59,6 +61,12 @@ class ValidationError(ImmAgentError, ValueError):
         self.field = field
         self.value = value
         super().__init__(f"{field}: {message}")
+
+
+class UnsupportedTypeError(ValidationError, TypeError):
+    """A value of a type that cannot be stored (a set or bytes in a JSON value, a key that
+    is not a str): also the TypeError that JSON encoders (and so the Agents SDK's
+    sessions) raise for it."""
 
 
 class AssetNotFoundError(ImmAgentError, LookupError):
@@ -100,6 +108,11 @@ class StoreConnectionError(StoreError):
 
 class StoreClosedError(StoreError):
     """The Store was used after close()."""
+
+
+class SessionClosedError(StoreClosedError, RuntimeError):
+    """An Agents SDK session was used after close(): also the RuntimeError the SDK's own
+    sessions raise, so callers that catch theirs catch ours."""
 
 
 class SchemaVersionError(StoreError):

@@ -216,15 +216,21 @@ class SessionBranch(msgspec.Struct, frozen=True, array_like=True):
 
 
 class SessionBody(msgspec.Struct, frozen=True, omit_defaults=True,
-                  rename={"branches": "b", "retired": "r", "generation": "g"}):
+                  rename={"branches": "b", "retired": "r", "generation": "g", "usage": "u",
+                          "owner": "o"}):
     """The stored body of a session state. The state's refs are the head item node of
-    each branch: ``main`` first, then ``branches`` in order. ``retired`` are branch names
-    used before (deleted or cleared) and never reused; ``generation`` counts
-    ``clear_session`` calls. A session with only ``main`` stores one byte here."""
+    each branch: ``main`` first, then ``branches`` in order, then the head of the usage
+    chain of each branch listed in ``usage`` (by index, ascending; a branch without
+    recorded usage has none). ``retired`` are branch names used before (deleted or
+    cleared) and never reused; ``generation`` counts ``clear_session`` calls; ``owner``
+    is who the session belongs to (set by its first state, kept by every later one). A
+    session with only ``main`` stores one byte here."""
 
     branches: tuple[SessionBranch, ...] = ()
     retired: tuple[str, ...] = ()
     generation: int = 0
+    usage: tuple[int, ...] = ()
+    owner: str | None = None
 
 
 _session_body = msgspec.msgpack.Decoder(SessionBody)
@@ -235,13 +241,21 @@ def session_body(row: StateRow) -> SessionBody:
     msgspec.DecodeError if malformed); unverified: ``load_state`` proves the digest."""
     body = _session_body.decode(row.body)
     names = ["main", *(b.name for b in body.branches)]
-    if len(names) != len(row.refs):
-        raise ValueError(f"a session state with {len(names)} branch(es) pins "
-                         f"{len(names)} digests, this row has {len(row.refs)}")
+    if len(names) + len(body.usage) != len(row.refs):
+        raise ValueError(f"a session state with {len(names)} branch(es) and "
+                         f"{len(body.usage)} usage chain(s) pins "
+                         f"{len(names) + len(body.usage)} digests, this row has "
+                         f"{len(row.refs)}")
     if len(set(names)) != len(names) or not all(n.strip() for n in names):
         raise ValueError("a session state's branch names must be distinct and non-blank")
     if body.generation < 0:
         raise ValueError("a session state's generation must be >= 0")
+    if list(body.usage) != sorted(set(body.usage)) or any(
+            not 0 <= i < len(names) for i in body.usage):
+        raise ValueError("a session state's usage chains must name distinct branches, "
+                         "in order")
+    if body.owner is not None and not body.owner.strip():
+        raise ValueError("a session state's owner must be non-blank")
     return body
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 from uuid import UUID
 
-from immagent.exceptions import ValidationError
+from immagent.exceptions import UnsupportedTypeError, ValidationError
 
 __all__ = [
     "MAX_DEPTH",
@@ -320,7 +320,7 @@ def _unicode(field: str, text: str) -> None:
 
 def _key(field: str, key: object, exact: bool = False) -> str:
     if not isinstance(key, str):
-        raise ValidationError(field, f"keys must be str, got {key!r}", key)
+        raise UnsupportedTypeError(field, f"keys must be str, got {key!r}", key)
     if not exact and "\x00" in key:
         raise ValidationError(field, "keys must not contain NUL characters", key)
     _unicode(field, key)
@@ -358,7 +358,7 @@ def _json(field: str, value: object, depth: int, root: str, exact: bool = False)
     if isinstance(value, Mapping):
         return {_key(field, k, exact): _json(f"{field}.{k}", v, depth + 1, root, exact)
                 for k, v in value.items()}
-    raise ValidationError(field, f"must be JSON-like, got {type(value).__name__}", None)
+    raise UnsupportedTypeError(field, f"must be JSON-like, got {type(value).__name__}", None)
 
 
 # -- secrets in text we did not write --------------------------------------------------

@@ -48,12 +48,16 @@ from immagent.validate import MAX_NAME_BYTES, check_json_value, check_text, chec
 __all__ = [
     "MAIN",
     "BranchHead",
+    "SessionInfo",
     "SessionLog",
     "SessionState",
     "check_items",
+    "check_owner",
     "check_session_id",
     "decode_items",
+    "list_sessions",
     "turn_index",
+    "turns",
 ]
 
 #: The branch every session has; it cannot be deleted.
@@ -67,12 +71,14 @@ _HISTORIES = 8
 
 
 class BranchHead(msgspec.Struct, frozen=True):
-    """A branch of a session state: its name, the digest of its head item node, and when
-    it was made (None for ``main``, which exists from the session's first state)."""
+    """A branch of a session state: its name, the digest of its head item node, when it
+    was made (None for ``main``, which exists from the session's first state), and the
+    head of its usage chain (None until usage is recorded on it)."""
 
     name: str
     head: Digest
     created_at: datetime | None = None
+    usage: Digest | None = None
 
 
 class SessionState(msgspec.Struct, frozen=True):
@@ -89,6 +95,7 @@ class SessionState(msgspec.Struct, frozen=True):
     branches: tuple[BranchHead, ...]  # main first
     retired: tuple[str, ...] = ()
     generation: int = 0
+    owner: str | None = None
 
     @classmethod
     def from_row(cls, row: StateRow) -> SessionState:
@@ -99,18 +106,27 @@ class SessionState(msgspec.Struct, frozen=True):
             body = session_body(row)
         except (msgspec.DecodeError, ValueError) as e:
             raise IntegrityError(f"session state {row.id} cannot be decoded: {e}") from e
-        branches = (BranchHead(MAIN, row.refs[0]),
-                    *(BranchHead(b.name, head, _from_micros(b.created))
-                      for b, head in zip(body.branches, row.refs[1:], strict=True)))
+        count = 1 + len(body.branches)
+        usage = dict(zip(body.usage, row.refs[count:], strict=True))
+        branches = (BranchHead(MAIN, row.refs[0], None, usage.get(0)),
+                    *(BranchHead(b.name, head, _from_micros(b.created), usage.get(i))
+                      for i, (b, head) in enumerate(zip(body.branches, row.refs[1:count],
+                                                        strict=True), start=1)))
         return cls(id=row.id, parent_id=row.parent_id, session_id=row.stream,
                    created_at=row.created_at, digest=row.digest, seq=row.seq,
-                   branches=branches, retired=body.retired, generation=body.generation)
+                   branches=branches, retired=body.retired, generation=body.generation,
+                   owner=body.owner)
 
     def head(self, branch: str) -> Digest | None:
         """The head node digest of ``branch``, or None if this state has no such branch."""
+        found = self.branch(branch)
+        return None if found is None else found.head
+
+    def branch(self, name: str) -> BranchHead | None:
+        """The branch named ``name``, or None if this state has no such branch."""
         for b in self.branches:
-            if b.name == branch:
-                return b.head
+            if b.name == name:
+                return b
         return None
 
     @property
@@ -196,6 +212,12 @@ def user_turns(items: Sequence[Item]) -> int:
     return sum(1 for item in items if _is_user(item))
 
 
+def turns(items: Sequence[Item]) -> list[tuple[int, Any]]:
+    """(turn number, the user item's value) of every turn of ``items``, in order."""
+    users = [item for item in items if _is_user(item)]
+    return list(enumerate(decode_items(users), start=1))
+
+
 def _micros(t: datetime) -> int:
     return int(t.timestamp() * 1_000_000)
 
@@ -224,10 +246,13 @@ class SessionLog:
     object also serialises its own writers, so they do not race each other.
     """
 
-    def __init__(self, store: EventLog, session_id: str) -> None:
-        """The log of ``session_id`` in ``store`` (nothing is read until used)."""
+    def __init__(self, store: EventLog, session_id: str, owner: str | None = None) -> None:
+        """The log of ``session_id`` in ``store`` (nothing is read until used). ``owner``:
+        who the session belongs to, recorded by its first write (a session owned by
+        someone else refuses this object's writes)."""
         self.store = store
         self.session_id = check_session_id("session_id", session_id)
+        self.owner = None if owner is None else check_owner("owner", owner)
         #: The branch reads and writes go to.
         self.branch = MAIN
         self._generation: int | None = None  # the clear generation ``branch`` belongs to
@@ -255,10 +280,28 @@ class SessionLog:
         return self._newest
 
     async def items(self, branch: str | None = None) -> tuple[Item, ...]:
-        """The items of ``branch`` (default: this cursor's) in the newest state."""
+        """The items of ``branch`` (default: this cursor's) in the newest state; none for
+        a branch the newest state does not have (deleted, or never made), as the SDK's
+        advanced session reads it."""
         state = await self.newest()
         name = self.resolve_branch(state) if branch is None else branch
-        return await self.history(_branch_head(state or _empty(self.session_id), name))
+        head = (state or _empty(self.session_id)).head(name)
+        return () if head is None else await self.history(head)
+
+    async def usage(self, branch: str | None = None) -> dict[int, Any]:
+        """The usage recorded per turn on ``branch`` (default: this cursor's) in the
+        newest state: {turn: record}, the latest record of each turn."""
+        state = await self.newest()
+        name = self.resolve_branch(state) if branch is None else branch
+        found = (state or _empty(self.session_id)).branch(name)
+        return {} if found is None else await self.branch_usage(found)
+
+    async def branch_usage(self, branch: BranchHead) -> dict[int, Any]:
+        """{turn: record} of one branch (the latest record of each turn)."""
+        if branch.usage is None:
+            return {}
+        records = decode_items(await self.history(branch.usage))
+        return {r["turn"]: r for r in records}
 
     async def oldest(self) -> SessionState | None:
         """The session's first stored state, None if it has none (one index probe)."""
@@ -314,16 +357,52 @@ class SessionLog:
         """The head of the chain holding the first ``keep`` of ``items`` (the chain ending
         at ``head``): an existing link if one ends there, else one new link on the last
         link before the cut. Walks back link by link, cache first."""
+        node, assets = await self._cut_node(head, items, keep)
+        return node.digest, assets
+
+    async def _cut_node(self, head: Digest, items: tuple[Item, ...], keep: int
+                        ) -> tuple[ItemNode, list[Asset]]:
+        """``_cut``, returning the link itself (new links are in the assets to write)."""
+        if keep == 0:
+            return EMPTY_ITEMS, [EMPTY_ITEMS]  # no walk: every chain starts there
         node = await self._node(head)
         while node.length > keep:
             if node.parent is None:
                 raise IntegrityError(f"item chain {head.hex()} ends before its counters say")
             node = await self._node(node.parent)
         if node.length == keep:
-            return node.digest, []
+            return node, []
         cut = node.extend(items[node.length:keep])
         self._remember(cut.digest, items[:keep])
-        return cut.digest, [cut, *([EMPTY_ITEMS] if node is EMPTY_ITEMS else [])]
+        return cut, [cut, *([EMPTY_ITEMS] if node is EMPTY_ITEMS else [])]
+
+    async def _chain(self, head: Digest, items: tuple[Item, ...], keep: int,
+                     added: Sequence[Item]) -> tuple[Digest, list[Asset]]:
+        """The head of a chain holding the first ``keep`` of ``items`` (the chain ending
+        at ``head``) and then ``added``: the links before the cut are reused."""
+        node, assets = await self._cut_node(head, items, keep)
+        if not added:
+            return node.digest, assets
+        longer = node.extend(added)
+        self._remember(longer.digest, (*items[:keep], *added))
+        return longer.digest, [*assets, *added, longer]
+
+    async def _trim_usage(self, branch: BranchHead, turns: int
+                          ) -> tuple[Digest | None, list[Asset]]:
+        """The usage chain of ``branch`` without the records of turns past ``turns`` (the
+        turns its items still hold): the SDK's advanced session drops a turn's usage with
+        the turn. Unchanged when nothing goes."""
+        if branch.usage is None:
+            return None, []
+        records = await self.history(branch.usage)
+        kept = [r.value["turn"] <= turns for r in records]
+        if all(kept):
+            return branch.usage, []
+        if not any(kept):
+            return None, []
+        prefix = kept.index(False)
+        rest = [r for r, k in zip(records[prefix:], kept[prefix:], strict=True) if k]
+        return await self._chain(branch.usage, records, prefix, rest)
 
     # -- writes -------------------------------------------------------------------------
 
@@ -340,6 +419,7 @@ class SessionLog:
             base = await self.newest() if fresh else self._newest
             for attempt in range(_MAX_ATTEMPTS):
                 try:
+                    owner = self._owner_on(base)
                     plan = await change(base)
                 except ValidationError:
                     if fresh or await self._unchanged(base):
@@ -351,7 +431,7 @@ class SessionLog:
                         return base
                     base, fresh = self._newest, True
                     continue
-                row = _row(self.session_id, base.id if base else None, plan)
+                row = _row(self.session_id, base.id if base else None, plan, owner)
                 try:
                     await self.store.commit(plan.assets, [row], heads=[
                         Head(_KIND, self.session_id, base.id if base else None)])
@@ -363,6 +443,17 @@ class SessionLog:
                 self._newest = SessionState.from_row(row)
                 return self._newest
             raise StaleStreamError(_KIND, self.session_id)
+
+    def _owner_on(self, base: SessionState | None) -> str | None:
+        """The owner a state written on ``base`` records: the session's (set by its first
+        state), or this object's for a session that has none yet. ValidationError when
+        this object names another owner than the session has."""
+        if base is None or base.owner is None:
+            return self.owner
+        if self.owner is not None and self.owner != base.owner:
+            raise ValidationError("owner", f"session {self.session_id!r} belongs to another "
+                                  "owner", self.owner)
+        return base.owner
 
     async def _unchanged(self, seen: SessionState | None) -> bool:
         """True if the session's newest state is still ``seen`` (one index probe)."""
@@ -394,7 +485,8 @@ class SessionLog:
 
     async def pop(self) -> tuple[Item | None, SessionState | None]:
         """Remove the last item of the current branch in a new state: (the item, the
-        state); (None, the unchanged state) when the branch is empty."""
+        state); (None, the unchanged state) when the branch is empty. Popping a turn's user
+        item drops that turn's recorded usage too."""
         popped: list[Item] = []
 
         async def change(base: SessionState | None) -> _Plan | None:
@@ -402,24 +494,105 @@ class SessionLog:
             branch = self.resolve_branch(base)
             if base is None:
                 return None
-            head = _branch_head(base, branch)
-            items = await self.history(head)
+            found = base.branch(branch)
+            if found is None:
+                raise ValidationError("branch_id", f"branch {branch!r} does not exist in "
+                                      f"session {self.session_id!r}", branch)
+            items = await self.history(found.head)
             if not items:
                 return None
             popped.append(items[-1])
-            new_head, assets = await self._cut(head, items, len(items) - 1)
-            return _replace_head(base, branch, new_head, assets)
+            new_head, assets = await self._cut(found.head, items, len(items) - 1)
+            usage = found.usage
+            if _is_user(items[-1]):
+                usage, more = await self._trim_usage(found, user_turns(items[:-1]))
+                assets += more
+            return _replace_head(base, branch, new_head, assets, usage=usage)
 
         state = await self._commit(change)
         return (popped[0] if popped else None), state
 
+    async def replace(self, items: Sequence[Item], *, keep: int = 0,
+                      expect: Digest | None = None,
+                      drop_while: Callable[[Any], bool] | None = None
+                      ) -> tuple[bool, SessionState | None]:
+        """Make the current branch hold its first ``keep`` items and then ``items``, in one
+        new state (a compaction: the state before it keeps the history it replaced).
+        With ``expect``, only if the branch's head is still that digest; with
+        ``drop_while``, the leading kept items whose value it holds true for are left out
+        too (expired ones). Recorded usage of turns past the kept items is dropped (all of
+        it when leading items are). Returns (whether it was applied, the newest state)."""
+        added = tuple(items)
+        applied: list[bool] = []
+
+        async def change(base: SessionState | None) -> _Plan | None:
+            applied.clear()
+            state = base or _empty(self.session_id)
+            branch = self.resolve_branch(base)
+            found = state.branch(branch)
+            if found is None:
+                raise ValidationError("branch_id", f"branch {branch!r} does not exist in "
+                                      f"session {self.session_id!r}", branch)
+            if expect is not None and found.head != expect:
+                return None
+            current = await self.history(found.head)
+            if keep > len(current):
+                return None
+            drop = 0
+            if drop_while is not None:
+                while drop < keep and drop_while(decode_items([current[drop]])[0]):
+                    drop += 1
+            assets: list[Asset]
+            more: list[Asset] = []
+            if drop:  # the chain changes from its start: one new link holds the rest
+                node = EMPTY_ITEMS.extend((*current[drop:keep], *added))
+                head, assets = node.digest, [EMPTY_ITEMS, *added, node]
+                usage: Digest | None = None
+            else:
+                head, assets = await self._chain(found.head, current, keep, added)
+                usage, more = await self._trim_usage(found, user_turns(current[:keep]))
+            applied.append(True)
+            if head == found.head and usage == found.usage:
+                return None  # the same items again: nothing changes
+            return _replace_head(state, branch, head, [*assets, *more], usage=usage)
+
+        state = await self._commit(change)
+        return bool(applied), state
+
+    async def add_usage(self, record: dict[str, Any]) -> SessionState | None:
+        """Record ``record`` (a JSON object of token counts) as the usage of the current
+        branch's latest turn, replacing an earlier record of that turn; nothing is written
+        while the branch has no turn (no user item). The record gains ``turn``."""
+
+        async def change(base: SessionState | None) -> _Plan | None:
+            if base is None:
+                return None
+            branch = self.resolve_branch(base)
+            found = base.branch(branch)
+            if found is None:
+                return None  # deleted elsewhere: there is no turn to record against
+            turns = user_turns(await self.history(found.head))
+            if turns == 0:
+                return None
+            item = Item.of(check_json_value("usage", {**record, "turn": turns}))
+            parent = await self._node(found.usage or EMPTY_ITEMS.digest)
+            node = parent.extend([item])
+            before = (() if found.usage is None else self._histories.get(found.usage))
+            if before is not None:
+                self._remember(node.digest, (*before, item))
+            assets: list[Asset] = [item, node, *([EMPTY_ITEMS] if found.usage is None else [])]
+            return _replace_head(base, branch, found.head, assets, usage=node.digest)
+
+        return await self._commit(change)
+
     async def clear(self) -> SessionState | None:
         """A new, empty state: ``main`` empty, every other branch retired, the generation
-        advanced. Nothing to write when the session is already empty."""
+        advanced, no usage. Nothing to write when the session is already empty."""
 
         async def change(base: SessionState | None) -> _Plan | None:
             if base is None or (len(base.branches) == 1
-                                and base.branches[0].head == EMPTY_ITEMS.digest):
+                                and base.branches[0].head == EMPTY_ITEMS.digest
+                                and base.branches[0].usage is None):
                 return None
             retired = (*base.retired, *base.branch_names[1:])
             return _Plan([EMPTY_ITEMS], (BranchHead(MAIN, EMPTY_ITEMS.digest),), retired,
@@ -443,7 +616,8 @@ class SessionLog:
         """A new state with branch ``name`` (None: a fresh ``branch_from_turn_…`` name)
         holding the current branch's items before turn ``turn``, and switch to it.
         ValidationError if that turn has no user item or the name was used in this
-        session before (names are never reused, even after a delete or a clear)."""
+        session before (names are never reused, even after a delete or a clear). The new
+        branch has no usage recorded (as in the SDK's advanced session)."""
         turn = _check_turn(turn, "turn_number")
         if name is not None:
             name = check_text("branch_name", name, max_bytes=MAX_NAME_BYTES)
@@ -457,7 +631,7 @@ class SessionLog:
             items = await self.history(head)
             index = turn_index(items, turn)
             if index is None:
-                raise ValidationError("turn_number", f"turn {turn} does not contain a user "
+                raise ValidationError("turn_number", f"Turn {turn} does not contain a user "
                                       f"message in branch {source!r}", turn)
             chosen = name if name is not None else _fresh_name(state, turn)
             if chosen == MAIN or state.used(chosen):
@@ -477,16 +651,18 @@ class SessionLog:
         """A new state without branch ``name`` (retired: never reused). ValidationError for
         ``main``, for a branch the newest state does not have, and for this cursor's own
         branch unless ``force`` (then the cursor moves to ``main``)."""
+        if isinstance(name, str) and not name.strip():
+            raise ValidationError("branch_id", "Branch ID cannot be empty", name)
         name = check_text("branch_id", name, max_bytes=MAX_NAME_BYTES)
         if name == MAIN:
-            raise ValidationError("branch_id", "cannot delete the 'main' branch", name)
+            raise ValidationError("branch_id", "Cannot delete the 'main' branch", name)
         if name == self.branch and not force:
             raise ValidationError("branch_id", f"cannot delete the current branch {name!r}; "
                                   "use force=True or switch branches first", name)
 
         async def change(base: SessionState | None) -> _Plan:
             if base is None or base.head(name) is None:
-                raise ValidationError("branch_id", f"branch {name!r} does not exist", name)
+                raise ValidationError("branch_id", f"Branch {name!r} does not exist", name)
             kept = tuple(b for b in base.branches if b.name != name)
             return _Plan([], kept, (*base.retired, name), base.generation)
 
@@ -499,8 +675,9 @@ class SessionLog:
     async def fork(self, new_session_id: str, at_turn: int | None = None) -> SessionState:
         """The first state of session ``new_session_id``: the current branch of this
         session's newest state (the items before turn ``at_turn``, or all) as its ``main``,
-        parent = that state. Shares every item and link; writes one state row and at most
-        one link. ValidationError if ``new_session_id`` already has states."""
+        parent = that state, owned by this session's owner. Shares every item and link;
+        writes one state row and at most one link. ValidationError if ``new_session_id``
+        already has states."""
         target = check_session_id("new_session_id", new_session_id)
         if at_turn is not None:
             at_turn = _check_turn(at_turn, "at_turn")
@@ -517,13 +694,63 @@ class SessionLog:
                                       f"message in branch {branch!r}", at_turn)
             head, assets = await self._cut(head, items, index)
         row = _row(target, base.id if base else None,
-                   _Plan(assets, (BranchHead(MAIN, head),), (), 0))
+                   _Plan(assets, (BranchHead(MAIN, head),), (), 0), self._owner_on(base))
         try:
             await self.store.commit(assets, [row], heads=[Head(_KIND, target, None)])
         except StaleStreamError:
             raise ValidationError("new_session_id", f"session {target!r} already exists; "
                                   "fork into a new session id", target) from None
         return SessionState.from_row(row)
+
+
+class SessionInfo(NamedTuple):
+    """One session of a store, as ``list_sessions`` reports it."""
+
+    session_id: str
+    owner: str | None
+    states: int
+    created_at: datetime  # its first stored state's time
+    updated_at: datetime  # its newest state's time
+    newest: SessionState
+
+
+async def list_sessions(store: EventLog, *, owner: str | None = None,
+                        page: int = 1000) -> list[SessionInfo]:
+    """Every session stored in ``store`` (only ``owner``'s, if given), by session id. One
+    pass over the session states, ``page`` rows per read: it costs a scan of them, not an
+    index probe per session."""
+    if owner is not None:
+        owner = check_owner("owner", owner)
+    found: dict[str, list[Any]] = {}  # stream -> [count, first, newest]
+    after: UUID | None = None
+    while True:
+        rows = await store.scan_states(_KIND, after=after, limit=page)
+        for row in rows:
+            entry = found.get(row.stream)
+            if entry is None:
+                found[row.stream] = [1, row, row]
+                continue
+            entry[0] += 1
+            if row.seq < entry[1].seq:
+                entry[1] = row
+            if row.seq > entry[2].seq:
+                entry[2] = row
+        if len(rows) < page:
+            break
+        after = rows[-1].id
+    out = []
+    for stream in sorted(found):
+        count, first, last = found[stream]
+        state = SessionState.from_row(last)
+        if owner is None or state.owner == owner:
+            out.append(SessionInfo(stream, state.owner, count, first.created_at,
+                                   last.created_at, state))
+    return out
+
+
+def check_owner(field: str, value: object) -> str:
+    """An owner: non-blank text without NUL, at most a name's length."""
+    return check_text(field, value, max_bytes=MAX_NAME_BYTES)
 
 
 def _empty(session_id: str) -> SessionState:
@@ -536,15 +763,22 @@ def _empty(session_id: str) -> SessionState:
 def _branch_head(state: SessionState, branch: str) -> Digest:
     head = state.head(branch)
     if head is None:
-        raise ValidationError("branch_id", f"branch {branch!r} does not exist in session "
+        raise ValidationError("branch_id", f"Branch {branch!r} does not exist in session "
                               f"{state.session_id!r}", branch)
     return head
 
 
-def _replace_head(state: SessionState, branch: str, head: Digest,
-                  assets: list[Asset]) -> _Plan:
-    branches = tuple(b if b.name != branch else BranchHead(b.name, head, b.created_at)
-                     for b in state.branches)
+_KEEP: Any = object()
+
+
+def _replace_head(state: SessionState, branch: str, head: Digest, assets: list[Asset], *,
+                  usage: Digest | None = _KEEP) -> _Plan:
+    """The plan of ``state`` with ``branch`` at ``head`` (and its usage chain at ``usage``,
+    when given)."""
+    branches = tuple(
+        b if b.name != branch else BranchHead(
+            b.name, head, b.created_at, b.usage if usage is _KEEP else usage)
+        for b in state.branches)
     return _Plan(assets, branches, state.retired, state.generation)
 
 
@@ -557,14 +791,17 @@ def _fresh_name(state: SessionState, turn: int) -> str:
     return name
 
 
-def _row(session_id: str, parent_id: UUID | None, plan: _Plan) -> StateRow:
+def _row(session_id: str, parent_id: UUID | None, plan: _Plan,
+         owner: str | None) -> StateRow:
     """The state row of a planned state (its digest by the generic stream rule)."""
     now = datetime.now(UTC)
+    usage = [(i, b.usage) for i, b in enumerate(plan.branches) if b.usage is not None]
     body = msgspec.msgpack.encode(SessionBody(
         branches=tuple(SessionBranch(b.name, _micros(b.created_at or now))
                        for b in plan.branches[1:]),
-        retired=plan.retired, generation=plan.generation))
-    refs = tuple(b.head for b in plan.branches)
+        retired=plan.retired, generation=plan.generation,
+        usage=tuple(i for i, _ in usage), owner=owner))
+    refs = (*(b.head for b in plan.branches), *(head for _, head in usage))
     return StateRow(id=uuid7(), parent_id=parent_id, kind=_KIND, stream=session_id,
                     refs=refs, body=body, digest=stream_digest(_KIND, session_id, refs, body),
                     created_at=now)
