@@ -15,10 +15,12 @@ tests/flavour_probe.py passes in it (every module imports or names its extra, th
 round trip, the errors without LiteLLM or MCP); the flavour's README example runs. The last
 line is ``N passed, N failed``.
 
-``measure``, per flavour: installed distributions, their size on disk (site-packages,
-apparent size), and the median wall time of a fresh interpreter importing ``immagent`` and
-what the flavour adds, less that of an empty one. The machine is shared: figures of one
-run are comparable with each other, not across runs.
+``measure``, per flavour: installed distributions, their size on disk (site-packages with
+the bytecode pip would compile at install, apparent size), and the median CPU time (user +
+system) of a fresh interpreter importing ``immagent`` and what the flavour adds, less that
+of an empty one. CPU time, because wall time on a shared machine mostly measures the other
+users (on a quiet machine an import's wall time is about its CPU time); the load average
+is printed beside the table.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import shutil
 import statistics
@@ -110,8 +113,9 @@ class Builder:
              "--no-emit-workspace", "--no-header", "--quiet", "-o", str(self.constraints)],
             cwd=ROOT)
 
-    def install(self, flavour: Flavour) -> Path:
-        """A new virtualenv holding ``flavour``; its directory."""
+    def install(self, flavour: Flavour, *, compile_bytecode: bool = False) -> Path:
+        """A new virtualenv holding ``flavour``; its directory. ``compile_bytecode``: write
+        the .pyc files at install, as pip does."""
         venv = self.workdir / "venvs" / flavour.key
         shutil.rmtree(venv, ignore_errors=True)
         run([*self.uv, "venv", "--quiet", "--python", sys.executable, str(venv)])
@@ -122,7 +126,7 @@ class Builder:
                       f"immagent-core @ {self.core_wheel.as_uri()}"]
         run([*self.uv, "pip", "install", "--quiet", "--python", str(python(venv)),
              "--find-links", str(self.wheels), "--constraints", str(self.constraints),
-             *wanted])
+             *(["--compile-bytecode"] if compile_bytecode else []), *wanted])
         return venv
 
 
@@ -229,39 +233,43 @@ def size_of(directory: Path) -> int:
     return sum(p.lstat().st_size for p in directory.rglob("*") if p.is_file())
 
 
-def wall(venv: Path, code: str, runs: int) -> float:
-    """Median seconds for a fresh interpreter of ``venv`` to run ``code``."""
+def cpu(venv: Path, code: str, runs: int) -> float:
+    """Median CPU seconds (user + system) of a fresh interpreter of ``venv`` running
+    ``code`` (the children's usage before and after: runs are one at a time)."""
     times = []
     for _ in range(runs):
-        started = time.perf_counter()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         run([str(python(venv)), "-c", code])
-        times.append(time.perf_counter() - started)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        times.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     return statistics.median(times)
 
 
 def run_measure(builder: Builder, runs: int) -> int:
     rows = []
     for flavour in FLAVOURS:
-        venv = builder.install(flavour)
-        empty = wall(venv, "pass", runs)
-        base = wall(venv, "import immagent", runs) - empty
+        venv = builder.install(flavour, compile_bytecode=True)
+        size = size_of(site_packages(venv))
+        empty = cpu(venv, "pass", runs)
+        base = cpu(venv, "import immagent", runs) - empty
         adds = "-"
         if flavour.adds:
-            slow = "llm" in flavour.extras  # LiteLLM: seconds per run; fewer runs
-            adds = f"{wall(venv, flavour.adds, max(1, runs // 2) if slow else runs) - empty:.2f} s"
+            adds = f"{cpu(venv, flavour.adds, runs) - empty:.2f} s"
         rows.append((flavour.name, f"`pip install {flavour.command}`",
                      str(len(distributions(venv))),
-                     f"{size_of(site_packages(venv)) / 1e6:.0f} MB", f"{base:.2f} s",
+                     f"{size / 1e6:.0f} MB", f"{base:.2f} s",
                      f"{flavour.adds_label}: {adds}" if flavour.adds else "-"))
         print(f"measured {flavour.name}", file=sys.stderr, flush=True)
     header = ("flavour", "install", "packages", "installed size", "`import immagent`",
-              "import of what it adds")
+              "importing what it adds")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    print(f"\n(median of {runs} fresh interpreters each, less an empty one's start; "
-          f"Python {sys.version.split()[0]}, {os.cpu_count()} cores)")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\nImport figures: CPU seconds (user + system), median of {runs} fresh "
+          f"interpreters, less an empty one's; Python {sys.version.split()[0]}, "
+          f"{os.cpu_count()} cores, load average {load} at the end.")
     return 0
 
 
