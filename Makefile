@@ -10,7 +10,7 @@ RUN = $(UV) run --no-sync
 .PHONY: dev venv fmt lint typecheck check test test-cov bench bench-full bench-scale \
         bench-scale-full bench-reliability demo pg cluster stop clean test-agents-range \
         peer-agents peer-pydantic-ai peer-pydantic-ai-check test-pydantic-ai-range \
-        peer-langgraph peer-langgraph-conformance peer-langgraph-store
+        peer-langgraph peer-langgraph-conformance peer-langgraph-store test-install bench-install
 
 dev:            ## install the venv with every extra and dev tool
 	@bash scripts/bootstrap.sh >/dev/null && echo "venv ready: .venv"
@@ -64,6 +64,9 @@ test-cov: venv
 	@export IMMAGENT_TEST_DSN="$${IMMAGENT_TEST_DSN:-$$(bash scripts/ensure-postgres.sh)}" && \
 	  $(RUN) pytest --cov=immagent --cov-report=term-missing
 
+test-install: venv ## each install flavour in a fresh venv from this checkout's wheels (CI runs it)
+	@$(RUN) python scripts/install_flavours.py check --uv "$(UV)"
+
 bench: venv     ## quick benchmarks (tables); `make bench-full` for the full sizes
 	@$(RUN) python -m benchmarks.run --dsn "$$(bash scripts/ensure-postgres.sh)"
 	@$(RUN) python -m benchmarks.cli_latency --runs 5
@@ -76,6 +79,9 @@ bench-full: venv
 bench-reliability: venv ## gc/verify at 80,000 refs, delete_lineage at 100,001 states, 15,000 steps in one process
 	@$(RUN) python -m benchmarks.reliability --full --dsn "$$(bash scripts/ensure-postgres.sh)" \
 	  --json bench-reliability.json
+
+bench-install: venv ## packages, size and import time of each install flavour (the README's table)
+	@$(RUN) python scripts/install_flavours.py measure --uv "$(UV)"
 
 bench-scale: venv  ## read replicas and PgBouncer on the local cluster (`bench-scale-full`: full sizes)
 	@$(RUN) python -m benchmarks.scale

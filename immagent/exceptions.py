@@ -40,13 +40,23 @@ class ImmAgentError(Exception):
 
 
 class ExtraNotInstalledError(ImmAgentError, ImportError):
-    """An integration's framework is not installed; the message names the pip command that
-    installs it (also an ImportError, so code guarding an import still catches it)."""
+    """An optional dependency is not installed: ``what`` needs an extra of the
+    ``immagent-core`` distribution. ``install`` is the command that installs it, and the
+    message names it: ``pip install immagent`` for the model and tool layer (LiteLLM, MCP:
+    the ``llm`` extra, which the ``immagent`` distribution always brings), else
+    ``pip install 'immagent-core[<extra>]'`` (which adds the framework and nothing else,
+    whichever distribution is installed). Also an ImportError, so code guarding an import
+    still catches it; ``name`` is the module whose import failed, when known."""
 
-    def __init__(self, module: str, extra: str) -> None:
+    def __init__(self, what: str, extra: str, *, needs: str | None = None,
+                 cause: ImportError | None = None) -> None:
         self.extra = extra
-        super().__init__(f"{module} needs the {extra!r} extra: "
-                         f"pip install 'immagent[{extra}]'")
+        self.install = ("pip install immagent" if extra == "llm"
+                        else f"pip install 'immagent-core[{extra}]'")
+        why = f" ({cause})" if cause is not None and str(cause) else ""
+        super().__init__(f"{what} needs {needs or f'the {extra!r} extra'}, which is not "
+                         f"installed{why}: {self.install}",
+                         name=cause.name if cause is not None else None)
 
 
 class ValidationError(ImmAgentError, ValueError):

@@ -31,7 +31,7 @@ import msgspec
 
 from immagent import lazy_litellm, offline, requests
 from immagent.assets import Digest, Message, ToolCall, Tools, attach_tools
-from immagent.exceptions import LLMError, ValidationError
+from immagent.exceptions import ExtraNotInstalledError, LLMError, ValidationError
 from immagent.options import DEFAULT_RETRY_DELAY, check_call_params
 from immagent.validate import (
     MAX_NAME_BYTES,
@@ -350,7 +350,7 @@ class _Call:
                         item = await anext(replies)
                     except StopAsyncIteration:
                         return
-                    except LLMError:  # already says what went wrong
+                    except (LLMError, ExtraNotInstalledError):  # already say what is wrong
                         raise
                     except TimeoutError as exc:
                         error: Exception = exc

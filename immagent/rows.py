@@ -251,8 +251,11 @@ def load_rows(rows: Sequence[StoredAsset],
     if any(map(_REFS, rows)):
         # A few messages reference the tools their call was offered: those one by one,
         # the rest still in one pass.
-        batch = iter(load_rows([r for r in rows if not r.refs], dictionaries))
-        return [load_row(r, dictionaries) if r.refs else next(batch) for r in rows]
+        try:
+            batch = iter(load_rows([r for r in rows if not r.refs], dictionaries))
+            return [load_row(r, dictionaries) if r.refs else next(batch) for r in rows]
+        except IntegrityError:  # the first bad row in order names the error, as one by one
+            return [load_row(r, dictionaries) for r in rows]
     digests = list(map(_DIGEST, rows))
     try:
         bodies = codec.decode_many(codecs, stored_bodies, dictionaries)

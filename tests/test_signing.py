@@ -488,9 +488,9 @@ async def test_without_the_extra_integrity_still_verifies_and_signing_says_what_
     for call in (lambda: generate_key(tmp_path / "k"),
                  lambda: load_signing_key(tmp_path / "alice"),
                  lambda: load_public_key(pub(tmp_path, "alice"))):
-        with pytest.raises(ExtraNotInstalledError, match=r"pip install 'immagent\[sign\]'"):
+        with pytest.raises(ExtraNotInstalledError, match=r"pip install 'immagent-core\[sign\]'"):
             call()
-    with pytest.raises(ExtraNotInstalledError, match=r"immagent\[sign\]"):
+    with pytest.raises(ExtraNotInstalledError, match=r"immagent-core\[sign\]"):
         verify_bundle(info.path, trust=TrustPolicy([alice.public]))
 
 

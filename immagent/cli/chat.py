@@ -39,6 +39,7 @@ from immagent.cli.spec import Command
 from immagent.cli.summary import agent_json, newest
 from immagent.clients.agents import Store
 from immagent.exceptions import ImmAgentError
+from immagent.llm import needs_litellm
 from immagent.offline import ECHO_MODEL
 
 if TYPE_CHECKING:
@@ -84,6 +85,8 @@ def missing_key(model: str, environ: Mapping[str, str] | None = None) -> str | N
 
 
 def _check_key(model: str) -> None:
+    if needs_litellm(model):
+        lazy_litellm.require()  # the install command first: a key alone would not do
     missing = missing_key(model)
     if missing is not None:
         raise CLIError(f"{model} needs an API key: set {missing} in the environment "

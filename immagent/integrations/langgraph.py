@@ -82,7 +82,7 @@ try:
     )
     from langgraph.checkpoint.serde.base import SerializerProtocol
 except ImportError as e:  # the extra is not installed
-    raise ExtraNotInstalledError("immagent.integrations.langgraph", "langgraph") from e
+    raise ExtraNotInstalledError("immagent.integrations.langgraph", "langgraph", cause=e) from e
 try:  # DeltaChannel's snapshot (LangGraph 1.2+, beta)
     from langgraph.checkpoint.base import DeltaChannelHistory
     from langgraph.checkpoint.serde.types import _DeltaSnapshot
