@@ -22,7 +22,7 @@ from uuid import UUID
 
 import msgspec
 
-from immagent import chain_rows
+from immagent import chain_rows, chains, codec
 from immagent.assets import NODE_KINDS, Asset, Digest, Kind, MissingAsset, ref_kind_table
 from immagent.attestations import attestation_of
 from immagent.audit import keys
@@ -294,7 +294,7 @@ async def verify_backend(backend: AuditBackend, agent_id: UUID | None = None, *,
         async for node_batch in node_batches:
             for node_row in node_batch:
                 await nodes.check(node_row)
-                size += len(node_row.body) if isinstance(node_row.body, bytes) else 0
+                size += _content_bytes(node_row, dictionaries)
             if progress is not None:
                 progress(checked + nodes.checked)
 
@@ -314,6 +314,17 @@ async def verify_backend(backend: AuditBackend, agent_id: UUID | None = None, *,
         nodes_checked=nodes.checked,
         attestations_checked=attestations_checked, signatures_unchecked=unchecked,
     )
+
+
+def _content_bytes(row: NodeRow, dictionaries: Mapping[int, ZstdDictionary]) -> int:
+    """A node row's content bytes as a bundle counts them: its canonical body (its fields)
+    and the canonical bodies of the elements its record holds (uncompressed); a record
+    that cannot be read counts as stored (it is listed as a problem anyway)."""
+    try:
+        fields, entries = chains.split_record(codec.decode(row.codec, row.body, dictionaries))
+    except (codec.CodecError, ValueError, TypeError):
+        return len(row.body) if isinstance(row.body, bytes) else 0
+    return len(fields) + sum(len(e) for e in entries if not chains.is_marker(e))
 
 
 class _NodePass:
