@@ -75,9 +75,13 @@ async def test_clean_store_verifies_with_exact_counts_and_progress(
     assert report.assets_checked == count_rows(store_dsn, "immagent_assets") == 1
     assert report.nodes_checked == count_rows(store_dsn, "immagent_nodes") == 3
     assert report.agents_checked == 4
+    # Content bytes, as a bundle counts them: the prompt's body, and each node's fields
+    # and the message bodies its record holds (uncompressed).
+    records = [chains.split_record(node_record(store_dsn, bytes(d))) for (d,) in raw_sql(
+        store_dsn, "SELECT digest FROM immagent_nodes")]
     assert report.bytes_checked == sum(
         len(bytes(r[0])) for r in raw_sql(store_dsn, "SELECT body FROM immagent_assets")
-    ) + sum(len(bytes(r[0])) for r in raw_sql(store_dsn, "SELECT body FROM immagent_nodes"))
+    ) + sum(len(f) + sum(map(len, e)) for f, e in records)
     assert seen and seen[-1] == 4 and seen == sorted(seen)
     # The count is of state rows of every kind (checkpoints and sessions are states too).
     assert report.lines() == [f"verified whole store: 1 assets and 3 chain nodes "
