@@ -286,6 +286,7 @@ async def test_a_queued_write_keeps_the_branch_it_was_called_on(
     else:
         assert await session.get_turn_usage(branch_id="main") == []
         usage = await session.get_turn_usage(branch_id="side")
+        assert isinstance(usage, list)
         assert [(u["user_turn_number"], u["total_tokens"]) for u in usage] == [(2, 7)]
 
 
