@@ -89,6 +89,11 @@ INTERNALS: tuple[tuple[re.Pattern[str], str], ...] = (
      "tests the SDK backend's table layout"),
     (re.compile(r"multiprocessing|_multiprocessing_context"),
      "tests the SDK backend's cross-process SQLite locking"),
+    (re.compile(r"_gate_worker\(|advanced_sqlite_session\.asyncio\.to_thread"),
+     "pauses the SDK backend's private worker functions (by name, through its module's "
+     "asyncio.to_thread) to force an interleaving: ImmAgentSession has no such workers, "
+     "so the test would wait for one forever (our tests/test_openai_session_history.py "
+     "forces the interleaving with a database lock instead)"),
     (re.compile(r"get_conversation_by_turns|get_tool_usage"),
      "uses get_conversation_by_turns/get_tool_usage, left out on purpose "
      "(views of the SDK's private item classification; docs/openai-agents.md)"),
