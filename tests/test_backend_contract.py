@@ -358,6 +358,23 @@ class BackendContract:
         assert await backend.count_states(TEST_KIND, stream="line") == 5
         assert await backend.stream_states(TEST_KIND, "none") == []
 
+    async def test_stream_heads_are_each_streams_newest_state_paged_by_name(
+            self, backend: Backend) -> None:
+        newest: dict[str, StateRow] = {}
+        for i in range(3):  # interleaved, so a stream's newest is not its first row
+            for name in ("b", "a", "c\u00e9", "d"):
+                newest[name] = state(name, body=bytes([i]))
+                await backend.write([], [newest[name]])
+        await backend.write([], [state("a", kind=TEST_KIND + 1)])  # another kind: not seen
+        heads = await backend.stream_heads(TEST_KIND)
+        assert {s.stream: s.id for s in heads} == {n: s.id for n, s in newest.items()}
+        first = await backend.stream_heads(TEST_KIND, limit=2)
+        rest = await backend.stream_heads(TEST_KIND, after=first[-1].stream, limit=10)
+        assert [s.stream for s in [*first, *rest]] == [s.stream for s in heads]
+        assert len(first) == 2 and len(rest) == 2
+        assert await backend.stream_heads(TEST_KIND, after=heads[-1].stream) == []
+        assert await backend.stream_heads(TEST_KIND + 2) == []
+
     async def test_lineage_walks_parents_and_terminates_on_a_cycle(
             self, backend: Backend) -> None:
         a = state()

@@ -147,6 +147,13 @@ class LogBackend(Protocol):
                            contains: str | None = None) -> int:
         """How many states of ``kind`` (in ``stream``, or whose stream holds ``contains``)."""
 
+    async def stream_heads(self, kind: int, *, after: str | None = None,
+                           limit: int = 100) -> list[StateRow]:
+        """The newest state (highest seq) of each stream of ``kind``, at most ``limit``
+        streams, in the engine's order of stream names, keyset-paged strictly past
+        ``after``: one index probe per stream (a loose index scan), never a scan of the
+        stream's states."""
+
     async def lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
         """The state and its ancestors through ``parent_id``, at most ``limit`` rows, in one
         round trip. Terminates on a parent cycle: without a limit each row comes once (any

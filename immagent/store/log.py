@@ -431,6 +431,18 @@ class EventLog:
             stream=None if stream is None else check_key("stream", stream),
             contains=None if contains is None else check_key("contains", contains))
 
+    async def stream_heads(self, kind: int, *, after: str | None = None,
+                           limit: int = 100) -> list[StateRow]:
+        """The newest state of each stream of ``kind`` (an agent name's, a thread's, a
+        session's), a page of streams at a time in the database's order of stream names:
+        pass the last row's ``stream`` as ``after`` for the next page. One index probe per
+        stream; a stream's older states are never read."""
+        check_limit(limit)
+        rows = await self._open().stream_heads(
+            check_kind("kind", kind),
+            after=None if after is None else check_key("after", after), limit=limit)
+        return [load_state(r) for r in rows]
+
     async def state_lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
         """The state and its stored ancestors, newest first, at most ``limit``; stops at a
         deleted parent. A parent cycle (only damage or a crafted import makes one) is an

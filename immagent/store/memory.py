@@ -264,6 +264,16 @@ class MemoryBackend:
                    and (stream is None or s.stream == stream)
                    and (contains is None or contains.lower() in s.stream.lower()))
 
+    async def stream_heads(self, kind: int, *, after: str | None = None,
+                           limit: int = 100) -> list[StateRow]:
+        self._open()
+        heads: dict[str, StateRow] = {}
+        for s in self._states.values():
+            if (s.kind == kind and (after is None or s.stream > after)
+                    and (s.stream not in heads or s.seq > heads[s.stream].seq)):
+                heads[s.stream] = s
+        return [heads[name] for name in sorted(heads)[:limit]]
+
     async def lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
         self._open()
         rows: list[StateRow] = []

@@ -431,6 +431,10 @@ class ReplicatedBackend:
                            contains: str | None = None) -> int:
         return await self._primary.count_states(kind, stream=stream, contains=contains)
 
+    async def stream_heads(self, kind: int, *, after: str | None = None,
+                           limit: int = 100) -> list[StateRow]:
+        return await self._primary.stream_heads(kind, after=after, limit=limit)
+
     async def lineage(self, state_id: UUID, limit: int | None = None) -> list[StateRow]:
         rows = await self._replica_read(lambda b: b.lineage(state_id, limit))
         if rows is not None and _whole_line(rows, state_id, limit):

@@ -1,19 +1,21 @@
 """What the SQL backends (SQLite, PostgreSQL) share: the state-scan queries, built once for
 both (which states of which kind, past which id or log position, whose stream holds which
 text; the backends differ only in their placeholder and in how they fold case, which they
-pass in as a Dialect), the rooted-states query, and the exception that aborts a write
-transaction with its result."""
+pass in as a Dialect), the rooted-states query, the exception that aborts a write
+transaction with its result, and the one that rolls a dry run back."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 from uuid import UUID
 
 from immagent.records import StateRow
 from immagent.store.backend import WriteResult
 
-__all__ = ["ROOTED_STATES", "Dialect", "StateQueries", "WriteAborted", "count_query",
-           "scan_query", "state_filter", "stream_query"]
+__all__ = ["ROOTED_STATES", "Dialect", "Rehearsal", "StateQueries", "WriteAborted",
+           "count_query", "heads_query", "scan_query", "state_filter", "stream_query"]
+
+T = TypeVar("T")
 
 #: ``rooted(id)``: the states whose lineage ends, reached from a root (no parent, or a parent
 #: not stored) through children; every other state runs into a parent cycle. UNION ALL: a
@@ -33,6 +35,16 @@ class WriteAborted(Exception):
     """Raised inside a write transaction to roll it back and report ``result``."""
 
     def __init__(self, result: WriteResult) -> None:
+        self.result = result
+
+
+class Rehearsal(Exception, Generic[T]):
+    """Raised at the end of a dry run's transaction (a deletion, a sweep) to roll it back
+    and report what it did: the dry run runs exactly the statements of the real one, its
+    checks included."""
+
+    def __init__(self, result: T) -> None:
+        super().__init__("dry run: rolled back")
         self.result = result
 
 
@@ -98,6 +110,38 @@ def count_query(dialect: Dialect, kind: int, *, stream: str | None,
     return f"SELECT count(*) FROM immagent_states {clause}", params
 
 
+def heads_query(dialect: Dialect, kind: int, *, after: str | None,
+                limit: int) -> tuple[str, list[Any]]:
+    """The newest state of each of the first ``limit`` streams of ``kind`` past ``after``
+    (Backend.stream_heads). A loose index scan on (kind, stream, seq): the recursion finds
+    each next stream name with one probe and stops after ``limit`` of them; each stream's
+    highest seq is one more probe, and its row one more (an equi-join on the same index,
+    or SQLite's rowid). Never reads a stream's other states."""
+    m = dialect.mark
+    past = f" AND stream > {m}" if after is not None else ""
+    columns = ", ".join(f"h.{c.strip()}" for c in dialect.columns.split(","))
+    sql = f"""
+        WITH RECURSIVE streams(stream, n) AS (
+            SELECT stream, 1 FROM (SELECT stream FROM immagent_states
+                                    WHERE kind = {m}{past} ORDER BY kind, stream LIMIT 1) f
+            UNION ALL
+            SELECT (SELECT s.stream FROM immagent_states s
+                     WHERE s.kind = {m} AND s.stream > t.stream
+                     ORDER BY s.kind, s.stream LIMIT 1), t.n + 1
+              FROM streams t WHERE t.stream IS NOT NULL AND t.n < {m}
+        ), heads(stream, n, seq) AS (
+            SELECT t.stream, t.n, (SELECT max(s.seq) FROM immagent_states s
+                                    WHERE s.kind = {m} AND s.stream = t.stream)
+              FROM streams t WHERE t.stream IS NOT NULL
+        )
+        SELECT {columns} FROM heads t
+          JOIN immagent_states h ON h.kind = {m} AND h.stream = t.stream AND h.seq = t.seq
+         ORDER BY t.n"""
+    params: list[Any] = [kind, *([after] if after is not None else []), kind, limit, kind,
+                         kind]
+    return sql, params
+
+
 class StateQueries:
     """The state scans of ``Backend``, for an SQL backend that supplies its dialect and how
     it runs a query (``_states``: rows; ``_count``: one number)."""
@@ -128,3 +172,8 @@ class StateQueries:
                            contains: str | None = None) -> int:
         return await self._count("count_states", *count_query(
             self._dialect, kind, stream=stream, contains=contains))
+
+    async def stream_heads(self, kind: int, *, after: str | None = None,
+                           limit: int = 100) -> list[StateRow]:
+        return await self._states("stream_heads", *heads_query(
+            self._dialect, kind, after=after, limit=limit))
