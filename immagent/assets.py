@@ -94,6 +94,9 @@ class Kind(IntEnum):
     SESSION_STATE = 18  # a state of a session (all its branches), never a content asset
     CONVERSATION_STATE = 21  # a state: one pydantic-ai conversation record (immagent.records)
     CONVERSATION_SCOPE = 22  # a state: lists one conversation under its scope
+    PIN = 30  # a state: a pin (or tag) on another state, its parent (immagent.retention)
+    RETENTION_POLICY = 31  # a state: the store's retention policy (immagent.retention)
+    RETENTION_MARK = 32  # a state: how far retention has thinned one stream
 
 
 _encoder = msgspec.msgpack.Encoder(order="deterministic")

@@ -74,8 +74,6 @@ __all__ = ["CheckpointLog", "Serde"]
 #: Checkpoint keys with a field of their own in the stored body.
 _KNOWN_KEYS: Final = frozenset({"v", "id", "ts", "channel_values", "channel_versions",
                                 "versions_seen", "updated_channels"})
-#: Metadata keys LangGraph's DeltaChannel leaves; keep_latest refuses such threads.
-_DELTA_KEYS: Final = ("counters_since_delta_snapshot", "delta_writes_versioned")
 _PRUNE_STRATEGIES: Final = ("keep_latest", "delete")
 _PAGE: Final = 1000
 #: Times a re-put reads its namespace again when checkpoints keep arriving meanwhile.
@@ -677,7 +675,7 @@ class CheckpointLog:
                 if row.kind != Kind.CHECKPOINT:
                     continue
                 metadata = self.metadata(cp.decode_checkpoint(row.body))
-                if any(k in metadata for k in _DELTA_KEYS):
+                if any(k in metadata for k in cp.DELTA_KEYS):
                     raise ValidationError("strategy", f"keep_latest cannot prune thread "
                                           f"{thread_id!r}: it uses a DeltaChannel; nothing "
                                           "was pruned", strategy)
