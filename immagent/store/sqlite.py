@@ -651,6 +651,8 @@ class SQLiteBackend(StateQueries):
                     deleted[int(kind)] = deleted.get(int(kind), 0) + int(n)
                     state_bytes += int(size)
             if not dry_run:
+                if deleted:
+                    _give_back_free_pages(conn)  # as a sweep does: the file shrinks
                 return RetainResult(deleted, state_bytes)
             # What a gc would then remove: the same mark as a sweep's, counted, not swept.
             conn.execute("DROP TABLE IF EXISTS temp.immagent_reach")
