@@ -44,6 +44,7 @@ from typing import Any
 from benchmarks import corpus as corpora
 from benchmarks import immagent_scenarios as ours
 from benchmarks.common import (
+    BACKENDS,
     Backend,
     compacted_sqlite_bytes,
     fmt_bytes,
@@ -289,7 +290,7 @@ async def run(dsn: str | None, *, full: bool, log: Any, only: str | None = None)
     streams, per_stream = (4000, 250) if full else (400, 250)
     with tempfile.TemporaryDirectory(prefix="immagent-retention-") as tmp:
         workdir = Path(tmp)
-        backends: list[Backend] = (["postgres"] if dsn else []) + ["sqlite"]
+        backends: list[Backend] = [b for b in BACKENDS if dsn or b == "sqlite"]
         for backend in backends:
             # SQLite's one writer: the quick size even in a full run.
             scale = (400, 250) if backend == "sqlite" and full else (streams, per_stream)

@@ -339,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "beside it)")
     parser.add_argument("--no-pydantic-ai", action="store_true",
                         help="skip ImmAgentConversationStore beside pydantic-ai-harness's store")
+    parser.add_argument("--no-audits", action="store_true",
+                        help="skip signing, verifying and diffing (benchmarks/audits.py)")
     args = parser.parse_args(argv)
     # Advances go through LiteLLM's real call path, as a provider model's do (the offline
     # models are otherwise answered in-process): per-advance overhead is then measured as
@@ -354,12 +356,33 @@ def main(argv: Sequence[str] | None = None) -> None:
         sessions = asyncio.run(immagent_session.run(samples=50 if args.full else 30, dsn=pg))
         immagent_session.report(sessions)
         numbers["openai_agents_sessions"] = sessions.as_dict()
+    if not args.no_langgraph:  # ImmAgentStore beside LangGraph's stores
+        from benchmarks import langgraph_store
+
+        pg = (args.dsn or ensure_postgres()) if "postgres" in args.backends else None
+        memory = asyncio.run(langgraph_store.run(samples=50 if args.full else 30, dsn=pg))
+        langgraph_store.report(memory)
+        numbers["langgraph_store"] = memory.as_dict()
     if not args.no_pydantic_ai:
         from benchmarks import pydantic_ai_conversations as conversations
 
         found = asyncio.run(conversations.run(harness_every=1 if args.full else 10))
         conversations.report(found)
         numbers["pydantic_ai_conversations"] = found.as_dict()
+    if not args.no_audits:
+        from benchmarks import audits
+
+        pg = (args.dsn or ensure_postgres()) if "postgres" in args.backends else None
+        found_audits = asyncio.run(audits.run(full=args.full, dsn=pg, backends=args.backends))
+        audits.report(found_audits)
+        numbers["audits"] = found_audits.as_dict()
+
+    if not args.no_langgraph:  # DeltaChannel baselines, alone at the end (issues 22, 23)
+        from benchmarks import langgraph_delta
+
+        numbers["langgraph_delta"] = langgraph_delta.run_and_report(
+            full=args.full, backends=args.backends,
+            dsn=(args.dsn or ensure_postgres()) if "postgres" in args.backends else None)
     if args.json:
         args.json.write_text(json.dumps(numbers, indent=2) + "\n")
     if args.plot:

@@ -14,7 +14,16 @@ from typing import TYPE_CHECKING
 from immagent.agent import PersistentAgent
 from immagent.assets import ConversationNode, Message, MissingAsset, SystemPrompt, ToolCall
 from immagent.audit.bundle import BundleInfo, verify_bundle
+from immagent.audit.diff import StateDiff
 from immagent.audit.gc import GCResult
+from immagent.audit.keys import (
+    PublicKey,
+    SigningKey,
+    generate_key,
+    load_public_key,
+    load_signing_key,
+)
+from immagent.audit.trust import TrustPolicy
 from immagent.audit.verify import AgentProblem, AssetProblem, VerifyReport
 from immagent.clients.agents import Store
 from immagent.exceptions import (
@@ -23,6 +32,8 @@ from immagent.exceptions import (
     AssetNotFoundError,
     BundleError,
     ConflictError,
+    ExtraNotInstalledError,
+    FanOutError,
     ImmAgentError,
     IntegrityError,
     LLMError,
@@ -34,9 +45,12 @@ from immagent.exceptions import (
     StoreClosedError,
     StoreConnectionError,
     StoreError,
+    StreamBusyError,
     ToolExecutionError,
+    TransientConflictError,
     TurnIncompleteError,
     UnsupportedTypeError,
+    UntrustedError,
     ValidationError,
 )
 from immagent.records import StateRow
@@ -81,6 +95,8 @@ __all__ = [
     "CompleteFn",
     "ConflictError",
     "ConversationNode",
+    "ExtraNotInstalledError",
+    "FanOutError",
     "GCResult",
     "ImmAgentError",
     "IntegrityError",
@@ -91,17 +107,21 @@ __all__ = [
     "MissingAsset",
     "Model",
     "PersistentAgent",
+    "PublicKey",
     "SchemaMissingError",
     "SchemaVersionError",
     "SessionClosedError",
+    "SigningKey",
     "SimpleAgent",
     "StaleStreamError",
+    "StateDiff",
     "StateRow",
     "Store",
     "StoreClosedError",
     "StoreConnectionError",
     "StoreError",
     "StoreStats",
+    "StreamBusyError",
     "SystemPrompt",
     "TextDelta",
     "ToolCall",
@@ -109,14 +129,20 @@ __all__ = [
     "ToolExecutionError",
     "ToolProvider",
     "ToolResult",
+    "TransientConflictError",
+    "TrustPolicy",
     "TurnDone",
     "TurnEvent",
     "TurnIncompleteError",
     "TurnStream",
     "UnsupportedTypeError",
+    "UntrustedError",
     "ValidationError",
     "VerifyReport",
     "__version__",
+    "generate_key",
+    "load_public_key",
+    "load_signing_key",
     "verify_bundle",
 ]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import operator
 import weakref
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -55,8 +56,10 @@ __all__ = [
     "Role",
     "SystemPrompt",
     "ToolCall",
+    "Tools",
     "Value",
     "ValueNode",
+    "attach_tools",
     "decode_asset",
     "decode_leaves",
     "digest_of",
@@ -67,6 +70,7 @@ __all__ = [
     "now",
     "ref_kind_table",
     "ref_kinds",
+    "tools_of",
 ]
 
 Digest: TypeAlias = bytes
@@ -87,13 +91,17 @@ class Kind(IntEnum):
     ITEM_NODE = 8  # a link of a session's item chain
     DICTIONARY = 9  # a zstd dictionary bodies are compressed with (immagent.codec)
     COMPRESSION = 10  # a state: the dictionaries of the store (pins them for gc)
+    TOOLS = 11  # the tool schemas one model call was offered (immagent.requests)
     ENTRY = 13  # one entry of a pydantic-ai conversation log: its id and its message
     ENTRY_NODE = 14  # a link of a conversation's entry chain: exactly one entry each
     CHECKPOINT = 16  # a state: one LangGraph checkpoint (immagent.checkpoints)
     CHECKPOINT_WRITES = 17  # a state: pending writes of one task on a checkpoint
     SESSION_STATE = 18  # a state of a session (all its branches), never a content asset
+    ATTESTATION = 19  # a state: a signature over another state (immagent.attestations)
     CONVERSATION_STATE = 21  # a state: one pydantic-ai conversation record (immagent.records)
     CONVERSATION_SCOPE = 22  # a state: lists one conversation under its scope
+    STORE_ITEM = 24  # a state: one put, refresh or delete of a namespaced key (immagent.kv)
+    STORE_HEAD = 25  # a state: the current value of a namespaced key (immagent.kv)
     PIN = 30  # a state: a pin (or tag) on another state, its parent (immagent.retention)
     RETENTION_POLICY = 31  # a state: the store's retention policy (immagent.retention)
     RETENTION_MARK = 32  # a state: how far retention has thinned one stream
@@ -112,12 +120,15 @@ def hash_prefix(kind: int, refs: Sequence[Digest] = ()) -> bytes:
 
     Leaves (prompts, messages, …): the kind byte, so ``blake3(kind || body)``. Nodes keep
     their links beside the body, in the refs column gc walks, so the links are hashed from
-    there: ``blake3(kind || count as 4 bytes big-endian || refs || body)``. Either way the
-    digest covers every stored byte, and a refs column that was tampered with no longer
-    matches. ValueError for refs on a kind that has none.
+    there: ``blake3(kind || count as 4 bytes big-endian || refs || body)``; so is a message
+    that references the tool schemas its model call was offered (the only leaf with a ref;
+    a body, msgpack, never starts with the zero byte a count does, so the two forms never
+    collide, and a message without one keeps its digest). Either way the digest covers
+    every stored byte, and a refs column that was tampered with no longer matches.
+    ValueError for refs on a kind that has none.
     """
     prefix = _PREFIXES.get(kind) or bytes((kind,))
-    if kind in NODE_KINDS:
+    if kind in NODE_KINDS or (refs and kind == Kind.MESSAGE):
         count = len(refs)
         return (prefix + (_COUNTS[count] if count < len(_COUNTS) else count.to_bytes(4, "big"))
                 + b"".join(refs))
@@ -235,7 +246,8 @@ class ToolCall(msgspec.Struct, frozen=True, omit_defaults=True,
 class Message(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True,
               rename={"role": "r", "content": "c", "tool_calls": "tc", "tool_call_id": "ti",
                       "input_tokens": "in", "output_tokens": "out", "model": "m",
-                      "call_config": "cfg", "is_error": "err", "interrupted": "cut"}):
+                      "call_config": "cfg", "is_error": "err", "interrupted": "cut",
+                      "request": "rq", "tools": "tl"}):
     """One conversation message.
 
     Assistant messages carry the token usage of the call that produced them and, for
@@ -244,6 +256,14 @@ class Message(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True
     cut short: a streamed reply (or a tool call) stopped by the caller and kept anyway
     (``stream(..., keep_partial=True)``); it is hashed, and left out when False, so every
     other message keeps its digest.
+
+    ``request`` is the digest of the exact request the model call was given
+    (``immagent.requests``: model, system prompt, messages, tools offered, parameters), so
+    an audit can rebuild it and prove it (``immagent.replay``); None on messages written
+    before it was recorded (their request is unknown). ``tools`` is the digest of the
+    ``Tools`` asset holding the tool schemas that call was offered: the message's one ref
+    (so gc keeps the schemas while the message lives), never part of its body. Both are
+    left out when None, so every other message keeps its digest.
     """
 
     role: Role
@@ -256,7 +276,20 @@ class Message(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True
     call_config: dict[str, Any] | None = None
     is_error: bool = False
     interrupted: bool = False
+    request: Digest | None = None
+    tools: Digest | None = None
     kind: ClassVar[Kind] = Kind.MESSAGE
+
+    @functools.cached_property
+    def body(self) -> bytes:
+        """Canonical encoded bytes; ``tools`` is the row's ref, never in the body."""
+        if self.tools is None:
+            return encode(self)
+        return encode(msgspec.structs.replace(self, tools=None))
+
+    def refs(self) -> tuple[Digest, ...]:
+        """The tool schemas its model call was offered, if any."""
+        return () if self.tools is None else (self.tools,)
 
     # The three constructors of immagent 0.1.2, with its parameter names (``content``).
     # They only build the value; the store checks a message when it is written.
@@ -530,6 +563,50 @@ class Item(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True):
         return _item_values.decode(self.raw)
 
 
+class Tools(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True):
+    """The tool schemas one model call was offered (LiteLLM/OpenAI function schemas, a
+    JSON list), as one content asset: stored once however many calls offered the same
+    tools. The body is the canonical msgpack of the list (object keys sorted: JSON objects
+    are unordered), as an ``Item``'s is. A Message that offered tools references this
+    asset (``Message.tools``); build it with ``Tools.of`` from a checked JSON list."""
+
+    raw: bytes
+    kind: ClassVar[Kind] = Kind.TOOLS
+
+    @classmethod
+    def of(cls, schemas: Sequence[Any]) -> Tools:
+        """The asset holding ``schemas`` (a list of JSON objects, already checked)."""
+        return cls(raw=encode(list(schemas)))
+
+    @functools.cached_property
+    def body(self) -> bytes:
+        """The canonical bytes of the list (no wrapping map)."""
+        return self.raw
+
+    @property
+    def schemas(self) -> list[dict[str, Any]]:
+        """A fresh copy of the schemas, decoded from the stored bytes."""
+        value = _item_values.decode(self.raw)
+        if not isinstance(value, list) or not all(isinstance(s, dict) for s in value):
+            raise ValueError("a tools body is a list of objects")
+        return value
+
+
+def attach_tools(message: Message, tools: Tools) -> Message:
+    """Keep ``tools`` (the asset ``message.tools`` names) with ``message`` in memory, not
+    hashed, so whoever stores the message stores the schemas in the same write."""
+    if message.tools != tools.digest:
+        raise ValueError("the tools asset is not the one the message references")
+    message.__dict__["_tools"] = tools
+    return message
+
+
+def tools_of(message: Message) -> Tools | None:
+    """The Tools asset attached to ``message`` in this process (``attach_tools``), if any."""
+    found = message.__dict__.get("_tools")
+    return found if isinstance(found, Tools) else None
+
+
 class ItemNode(ConversationNode, frozen=True, omit_defaults=True, dict=True, weakref=True):
     """A link of a session's item chain: the same hash chain as a conversation's, over
     items (its ``messages`` are the digests of the items it adds)."""
@@ -592,7 +669,7 @@ EMPTY_ENTRIES = EntryNode()
 
 if TYPE_CHECKING:
     Asset: TypeAlias = (SystemPrompt | Message | ConversationNode | Value | Item | Entry
-                       | Dictionary)
+                        | Dictionary | Tools)
 else:
     # The same set at run time, as the common base class of every content asset: so
     # isinstance() works and 0.1.2's ``Asset.from_row`` names its hook (which raises).
@@ -613,19 +690,22 @@ _item_values: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder()
 
 
 class _ItemDecoder:
-    """An ITEM body is the value's own msgpack (no Struct map around it). Reading checks
-    its framing only (no objects built); ``decode_asset`` decodes it whole."""
+    """An ITEM (or TOOLS) body is the value's own msgpack (no Struct map around it).
+    Reading checks its framing only (no objects built); ``decode_asset`` decodes it whole."""
 
     _framing: msgspec.msgpack.Decoder[msgspec.Raw] = msgspec.msgpack.Decoder(msgspec.Raw)
 
-    def decode(self, buf: bytes, /) -> Item:
-        self._framing.decode(buf)
-        return Item(raw=bytes(buf))
+    def __init__(self, cls: type[Item] | type[Tools] = Item) -> None:
+        self._cls = cls
 
-    def decode_many(self, bufs: Sequence[bytes], /) -> list[Item]:
+    def decode(self, buf: bytes, /) -> Item | Tools:
+        self._framing.decode(buf)
+        return self._cls(raw=bytes(buf))
+
+    def decode_many(self, bufs: Sequence[bytes], /) -> list[Item | Tools]:
         """``decode`` of each body (canonical bytes, as load_rows has them), in C."""
         collections.deque(map(self._framing.decode, bufs), maxlen=0)
-        return list(map(Item, map(bytes, bufs)))
+        return list(map(self._cls, map(bytes, bufs)))
 
 
 #: The decoder of each leaf kind's body (nodes are decoded with their refs).
@@ -636,6 +716,7 @@ _decoders: dict[int, _BodyDecoder] = {
     int(Kind.ITEM): _ItemDecoder(),
     int(Kind.ENTRY): msgspec.msgpack.Decoder(Entry),
     int(Kind.DICTIONARY): msgspec.msgpack.Decoder(Dictionary),
+    int(Kind.TOOLS): _ItemDecoder(Tools),
 }
 _node_body = msgspec.msgpack.Decoder(_NodeBody)
 #: The decoder of a node's stored body (its counters), for readers that need only those.
@@ -656,20 +737,40 @@ def decode_asset(kind: int, body: bytes, refs: Sequence[Digest] = ()) -> Asset:
     decoder = _decoders.get(kind)
     if decoder is None:
         raise ValueError(f"unknown asset kind {kind}")
-    if refs:
+    if refs and kind != Kind.MESSAGE:
         raise ValueError(f"assets of kind {kind} have no refs")
     asset: Asset = decoder.decode(body)
     if isinstance(asset, Item):
         _ = asset.value  # decoded whole here: verify must find a body that is no value
+    elif isinstance(asset, Tools):
+        _ = asset.schemas
+    elif isinstance(asset, Message):
+        asset = _with_tools(asset, refs)
     return asset
+
+
+def _with_tools(message: Message, refs: Sequence[Digest]) -> Message:
+    """A decoded message with its ref, the tools its call was offered, put back in place
+    (ValueError for a body that holds them itself, or for more than one ref)."""
+    if message.tools is not None:
+        raise ValueError("a message's tools are its ref, never part of its body")
+    if not refs:
+        return message
+    if len(refs) != 1 or len(refs[0]) != 32:
+        raise ValueError(f"a message has at most one ref (its tools), this row has "
+                         f"{len(refs)}")
+    return msgspec.structs.replace(message, tools=bytes(refs[0]))
 
 
 def ref_kind_table() -> dict[int, tuple[int, int]]:
     """The required kinds of asset refs as data: ``{kind: (first, rest)}``, the kind of the
     first ref of an asset of ``kind`` and of every later one (a node's parent is a node of
-    its own kind, its elements are of its element kind; other kinds have no refs). What a
-    database checks in one query (``Backend.misfit_refs``); ``ref_kinds`` reads the same."""
-    return {kind: (kind, int(node.element_kind)) for kind, node in NODE_KINDS.items()}
+    its own kind, its elements are of its element kind; a message's one ref is the tools
+    its call was offered; other kinds have no refs). What a database checks in one query
+    (``Backend.misfit_refs``); ``ref_kinds`` reads the same."""
+    table = {kind: (kind, int(node.element_kind)) for kind, node in NODE_KINDS.items()}
+    table[int(Kind.MESSAGE)] = (int(Kind.TOOLS), int(Kind.TOOLS))
+    return table
 
 
 def ref_kinds(kind: int, count: int) -> tuple[int, ...]:
@@ -694,7 +795,13 @@ def decode_leaves(kind: int, bodies: Sequence[bytes]) -> list[Asset]:
     decoder = _decoders[kind]
     if isinstance(decoder, _ItemDecoder):
         return list(decoder.decode_many(bodies))
-    return list(map(decoder.decode, bodies))
+    assets: list[Asset] = list(map(decoder.decode, bodies))
+    if kind == Kind.MESSAGE and any(map(_TOOLS_FIELD, assets)):
+        raise ValueError("a message's tools are its ref, never part of its body")
+    return assets
+
+
+_TOOLS_FIELD = operator.attrgetter("tools")
 
 
 

@@ -30,7 +30,10 @@ Both kinds use the generic digest rule (``records.stream_digest``: the hash of e
 stored kind, stream, refs and body), and their refs must match the shapes in the body.
 
 *Shapes* say how a value was split into assets (msgpack, in the body): ``0`` one VALUE;
-``1`` one VALUE_NODE chain (a list channel); ``["l", n]`` a list of ``n`` VALUEs stored
+``1`` one VALUE_NODE chain (a list channel); ``2`` one VALUE_NODE chain read back as a
+*snapshot* of that list (what LangGraph's ``DeltaChannel`` stores every so many updates: as
+a chain, each snapshot shares every element and link with the one before it and with the
+writes that added them); ``["l", n]`` a list of ``n`` VALUEs stored
 inline (a list in a write); ``["d", key, shape, key, shape, ...]`` a dict with str keys,
 entry by entry, each entry ``0`` or ``["l", n]`` (a dict holding lists, such as a graph's
 input ``{"messages": [...]}``). Splitting lets a message be one asset wherever it appears.
@@ -54,6 +57,7 @@ __all__ = [
     "DELTA_KEYS",
     "LEAF",
     "SEP",
+    "SNAPSHOT",
     "CheckpointBody",
     "WritesBody",
     "check_key",
@@ -84,6 +88,8 @@ SEP: Final = "\x1f"
 LEAF: Final = 0
 #: Shape of a list channel stored as a VALUE_NODE chain.
 CHAIN: Final = 1
+#: Shape of a snapshot of a list (a delta channel's), stored as a VALUE_NODE chain.
+SNAPSHOT: Final = 2
 #: Deepest shape nesting accepted (a dict of lists).
 _MAX_SHAPE_DEPTH = 2
 #: Longest thread id, namespace or checkpoint id accepted (UTF-8 bytes).
@@ -96,7 +102,7 @@ class CheckpointBody(msgspec.Struct, frozen=True, omit_defaults=True,
                      rename={"checkpoint_id": "i", "parent": "p", "v": "v", "ts": "t",
                              "versions": "cv", "seen": "vs", "updated": "u",
                              "values": "c", "metadata": "m", "metadata_typed": "M",
-                             "extra": "x"}):
+                             "extra": "x", "absent": "a"}):
     """What a checkpoint row holds besides its refs. Ids are 16 bytes when they are
     canonical UUID strings (``compact_id``); ``values`` names the channels that have a
     value, each with its shape, in refs order."""
@@ -119,6 +125,9 @@ class CheckpointBody(msgspec.Struct, frozen=True, omit_defaults=True,
     metadata_typed: tuple[str, bytes] | None = None
     #: Checkpoint keys this layout has no field for, as the serializer's (type, bytes).
     extra: tuple[str, bytes] | None = None
+    #: Keys with a field here that the checkpoint did not have (LangGraph leaves
+    #: ``updated_channels`` out of some), so that it reads back without them.
+    absent: list[str] = []
 
 
 class WritesBody(msgspec.Struct, frozen=True, omit_defaults=True,
@@ -157,8 +166,8 @@ def decode_writes(body: bytes) -> WritesBody:
 def shape_kinds(shape: Any, depth: int = 0) -> list[int]:
     """The asset kinds of the refs a value of ``shape`` takes, in order (ValueError for a
     malformed shape)."""
-    if type(shape) is int and shape in (LEAF, CHAIN) and not (shape == CHAIN and depth):
-        return [int(Kind.VALUE_NODE if shape == CHAIN else Kind.VALUE)]
+    if type(shape) is int and shape in (LEAF, CHAIN, SNAPSHOT) and not (shape and depth):
+        return [int(Kind.VALUE if shape == LEAF else Kind.VALUE_NODE)]
     if type(shape) is list and shape and shape[0] == "l" and len(shape) == 2 \
             and type(shape[1]) is int and 0 <= shape[1] <= 1 << 24:
         return [int(Kind.VALUE)] * shape[1]

@@ -11,10 +11,19 @@ on how its body is stored; the codec is a per-row fact (``StoredAsset.codec``):
 
 Frames are stored without the 4-byte zstd magic number, the dictionary id and the
 checksum (the row's codec says it is zstd and which dictionary, and the digest check after
-decompression is stronger than zstd's checksum); they keep the content size, which bounds
-what a damaged frame can make us allocate. A body that does not shrink is stored raw, and
-so is every row with refs (nodes: their bodies are a few bytes of counters, and gc checks
-them without any dictionary).
+decompression is stronger than zstd's checksum); they keep the content size. A body that
+does not shrink is stored raw, and so is every row with refs (nodes: their bodies are a few
+bytes of counters, and gc checks them without any dictionary).
+
+**What a frame may make us allocate** is bounded before zstd runs, since a frame's content
+size is untrusted until the digest is checked (eight tampered 8 KB rows declaring 256 MiB
+each once took a read to 2.85 GB): a body is stored compressed only if its frame is at
+least 1/``MAX_RATIO`` of it (more than that is degenerate content, stored raw), so a frame
+may declare at most ``MAX_RATIO`` times its own size, and never more than ``MAX_BODY``; a
+frame declaring more is refused unread. A batch of rows is decompressed and checked in
+parts of at most ``MAX_UNCHECKED`` declared bytes (``assets.load_rows``), and every other
+reader checks each body before decompressing the next: however many damaged rows a read
+meets, what is allocated before their digests are checked stays bounded store-wide.
 
 Library: ``zstandard``. The other candidate, 3.14's ``compression.zstd`` (``backports.zstd``
 before 3.14), would need no dependency from 3.14 on, but its decompressor decodes one frame
@@ -40,16 +49,22 @@ __all__ = [
     "FIRST_DICTIONARY",
     "LAST_DICTIONARY",
     "MAX_BODY",
+    "MAX_RATIO",
+    "MAX_UNCHECKED",
     "NO_DICTIONARIES",
     "RAW",
+    "SMALL_FRAME_MAX",
     "ZSTD",
     "CodecError",
     "Dictionaries",
     "ZstdDictionary",
+    "check_declared",
     "decode",
     "decode_many",
+    "decoded_size",
     "dictionary_id",
     "encode",
+    "small_frames",
     "train",
 ]
 
@@ -60,6 +75,16 @@ FIRST_DICTIONARY = 2
 LAST_DICTIONARY = 32767
 #: Largest body a frame may declare: a damaged content size must not allocate more.
 MAX_BODY = 1 << 30
+#: Most a body may outgrow its frame: a body compressing further is stored raw, so a frame
+#: declaring more than this many times its own size is damaged (a chat message reaches
+#: 2-20x; only runs of one byte pass 1,000x).
+MAX_RATIO = 1024
+#: Most bytes one batch decompresses before their digests are checked (load_rows checks a
+#: long batch in parts: a small frame declares at most 64 KiB, so 1,024 of them a part).
+MAX_UNCHECKED = 64 << 20
+#: What a frame whose first byte is below 0x80 may declare at most (a 0- to 2-byte
+#: content size field): such frames need no look at their header before decompressing.
+SMALL_FRAME_MAX = 65_791
 #: Bodies shorter than this are stored raw (a frame's header alone is 5-7 bytes).
 MIN_COMPRESSED = 16
 #: zstd level for new frames. Level 19 was measured within 2 % of level 3 on chat messages.
@@ -191,8 +216,32 @@ def _content_size(frame: bytes) -> int:
     return int.from_bytes(field, "little") + (256 if size_bytes == 2 else 0)
 
 
+def check_declared(stored: bytes) -> int:
+    """The content size a frame declares, if a frame of its size may hold it; CodecError
+    otherwise (more than MAX_RATIO times the frame, more than MAX_BODY, no size): the
+    rule, checked before anything is allocated."""
+    size = _content_size(stored)
+    if size > MAX_BODY or size > len(stored) * MAX_RATIO:
+        raise CodecError(f"the frame ({len(stored)} bytes) declares {size} bytes, more than "
+                         f"a stored frame may hold (at most {MAX_RATIO}x its size, "
+                         f"MAX_BODY = {MAX_BODY} in all)")
+    return size
+def decoded_size(codec: int, stored: bytes,
+                 dictionaries: Mapping[int, ZstdDictionary]) -> int:
+    """How many canonical bytes a stored body holds (what its digest covers; the unit of
+    every content size): its own length when stored as is, else the content size its
+    frame header declares (decoding checks it), or, without one, the decoded length."""
+    if codec == RAW:
+        return len(stored)
+    try:
+        return _content_size(stored)
+    except CodecError:
+        return len(decode(codec, stored, dictionaries))
+
+
 def decode(codec: int, stored: bytes, dictionaries: Mapping[int, ZstdDictionary]) -> bytes:
-    """The canonical bytes of a stored body (CodecError if it cannot be decoded)."""
+    """The canonical bytes of a stored body (CodecError if it cannot be decoded, or if its
+    frame declares more than it may hold: refused before zstd allocates it)."""
     if codec == RAW:
         return stored
     if codec == ZSTD:
@@ -203,10 +252,7 @@ def decode(codec: int, stored: bytes, dictionaries: Mapping[int, ZstdDictionary]
             raise CodecError(f"compressed with dictionary {codec}, which this store does not "
                              "hold" if codec >= FIRST_DICTIONARY else f"unknown codec {codec}")
         d = dictionary.decompressor()
-    # A content size field of 4 or 8 bytes may declare more than MAX_BODY: read it before
-    # zstd allocates it. Shorter fields (under 64 KiB) need no look.
-    if not stored or (stored[0] >> 6 >= 2 and _content_size(stored) > MAX_BODY):
-        raise CodecError("an empty frame, or one declaring more than MAX_BODY bytes")
+    check_declared(stored)
     try:
         out: bytes = d.decompress(stored, allow_extra_data=False)
     except _zstd().ZstdError as e:
@@ -226,13 +272,7 @@ def decode_many(codecs: Sequence[int], stored: Sequence[bytes],
             calls[c] = dictionaries[c].decompressor().decompress
         elif c != RAW:
             return [decode(c, b, dictionaries) for c, b in zip(codecs, stored, strict=True)]
-    try:
-        # A frame whose first byte is >= 0x80 declares its size in 4 or 8 bytes: such a
-        # batch goes through decode(), which checks it against MAX_BODY first. (compress:
-        # the bodies whose codec is not RAW, i.e. not 0.)
-        if max(map(_first_byte, compress(stored, codecs)), default=0) >= 0x80:
-            raise IndexError
-    except IndexError:  # that, or an empty body
+    if not small_frames(codecs, stored):
         return [decode(c, b, dictionaries) for c, b in zip(codecs, stored, strict=True)]
     count = len(stored)
     try:
@@ -242,6 +282,17 @@ def decode_many(codecs: Sequence[int], stored: Sequence[bytes],
                         repeat(0, count), repeat(False, count), repeat(False, count)))
     except _zstd().ZstdError as e:
         raise CodecError(f"zstd: {e}") from None
+
+
+def small_frames(codecs: Sequence[int], stored: Sequence[bytes]) -> bool:
+    """Whether every compressed body of a batch is a non-empty frame declaring at most
+    SMALL_FRAME_MAX bytes (its first byte is below 0x80: a 0- to 2-byte content size),
+    found in C. Other frames are checked one by one before they are decompressed."""
+    try:
+        # compress: the bodies whose codec is not RAW, i.e. not 0.
+        return max(map(_first_byte, compress(stored, codecs)), default=0) < 0x80
+    except IndexError:  # an empty body
+        return False
 
 
 def _as_is(body: bytes, *_: object) -> bytes:
@@ -263,7 +314,9 @@ def encode(kind: int, refs: Sequence[bytes], body: bytes,
     else:
         frame = dictionary.compressor().compress(body)
         codec = dictionary.id
-    return (codec, frame) if len(frame) < len(body) else (RAW, body)
+    # A reader refuses a frame declaring more than MAX_RATIO times its size (see above).
+    fits = len(frame) < len(body) <= len(frame) * MAX_RATIO
+    return (codec, frame) if fits else (RAW, body)
 
 
 def train(samples: Sequence[bytes], dict_id: int, size: int) -> bytes | None:

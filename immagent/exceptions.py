@@ -12,6 +12,7 @@ __all__ = [
     "BundleError",
     "ConflictError",
     "ExtraNotInstalledError",
+    "FanOutError",
     "ImmAgentError",
     "IntegrityError",
     "LLMError",
@@ -23,9 +24,12 @@ __all__ = [
     "StoreClosedError",
     "StoreConnectionError",
     "StoreError",
+    "StreamBusyError",
     "ToolExecutionError",
+    "TransientConflictError",
     "TurnIncompleteError",
     "UnsupportedTypeError",
+    "UntrustedError",
     "ValidationError",
 ]
 
@@ -35,13 +39,23 @@ class ImmAgentError(Exception):
 
 
 class ExtraNotInstalledError(ImmAgentError, ImportError):
-    """An integration's framework is not installed; the message names the pip command that
-    installs it (also an ImportError, so code guarding an import still catches it)."""
+    """An optional dependency is not installed: ``what`` needs an extra of the
+    ``immagent-core`` distribution. ``install`` is the command that installs it, and the
+    message names it: ``pip install immagent`` for the model and tool layer (LiteLLM, MCP:
+    the ``llm`` extra, which the ``immagent`` distribution always brings), else
+    ``pip install 'immagent-core[<extra>]'`` (which adds the framework and nothing else,
+    whichever distribution is installed). Also an ImportError, so code guarding an import
+    still catches it; ``name`` is the module whose import failed, when known."""
 
-    def __init__(self, module: str, extra: str) -> None:
+    def __init__(self, what: str, extra: str, *, needs: str | None = None,
+                 cause: ImportError | None = None) -> None:
         self.extra = extra
-        super().__init__(f"{module} needs the {extra!r} extra: "
-                         f"pip install 'immagent[{extra}]'")
+        self.install = ("pip install immagent" if extra == "llm"
+                        else f"pip install 'immagent-core[{extra}]'")
+        why = f" ({cause})" if cause is not None and str(cause) else ""
+        super().__init__(f"{what} needs {needs or f'the {extra!r} extra'}, which is not "
+                         f"installed{why}: {self.install}",
+                         name=cause.name if cause is not None else None)
 
 
 class ValidationError(ImmAgentError, ValueError):
@@ -57,6 +71,17 @@ class UnsupportedTypeError(ValidationError, TypeError):
     """A value of a type that cannot be stored (a set or bytes in a JSON value, a key that
     is not a str): also the TypeError that JSON encoders (and so the Agents SDK's
     sessions) raise for it."""
+
+
+class FanOutError(ValidationError):
+    """A row would reference more digests than one row may (``validate.MAX_REFS``): a
+    step adding that many messages, a node or state listing that many. ``value`` is the
+    number asked for, ``limit`` the most allowed."""
+
+    def __init__(self, field: str, count: int, limit: int, what: str = "digests") -> None:
+        self.limit = limit
+        super().__init__(field, f"{count:,} {what} are more than one row may reference "
+                         f"(at most {limit:,}); split it into several steps", count)
 
 
 class AssetNotFoundError(ImmAgentError, LookupError):
@@ -121,6 +146,13 @@ class ConflictError(StoreError):
         super().__init__(f"state {state_id} already exists with other content")
 
 
+class TransientConflictError(StoreError):
+    """PostgreSQL rolled a transaction back to resolve a conflict with a concurrent one (a
+    deadlock, a serialization failure, a hot standby's recovery conflict) and running it
+    again did not get through either; nothing was written. Not a connection problem: the
+    same call may simply be made again."""
+
+
 class StaleStreamError(StoreError):
     """A write expected a stream's newest state that another writer has since replaced;
     nothing was written. Read the stream again and retry."""
@@ -137,7 +169,17 @@ class IntegrityError(ImmAgentError):
 
 
 class BundleError(IntegrityError):
-    """An audit bundle is unreadable, malformed or tampered with."""
+    """An audit bundle is unreadable, malformed or tampered with. ``unusable`` is True
+    when it could not be checked at all (not a bundle, a format this immagent does not
+    read), False when it was checked and is corrupt."""
+
+    def __init__(self, message: str, *, unusable: bool = False) -> None:
+        self.unusable = unusable
+        super().__init__(message)
+
+
+class UntrustedError(ImmAgentError):
+    """Intact, but not signed by enough trusted keys (a trust policy's ``sigs_needed``)."""
 
 
 class LLMError(ImmAgentError):
@@ -158,6 +200,12 @@ class ToolExecutionError(ImmAgentError):
             args = (f"Tool '{tool_name}' failed: {message}",)
         self.tool_name = tool_name
         super().__init__(*args)
+
+
+class StreamBusyError(ImmAgentError, RuntimeError):
+    """A TurnStream was iterated or closed by a second task while another was waiting for
+    its next event: a stream has one consumer. (A RuntimeError too: what Python raises for
+    an async generator used that way.)"""
 
 
 class TurnIncompleteError(ImmAgentError):

@@ -3,18 +3,25 @@
 Importing LiteLLM takes seconds (about 15 s on a busy machine), so nothing imports it at
 package import: ``load()`` does, the first time a model call needs it. The command line
 starts ``preload()`` while it opens the store, so the two overlap.
+
+LiteLLM is optional: ``immagent-core`` (the store, the offline models, the integrations)
+installs without it, the ``immagent`` distribution with it. Where it is missing, ``load()``
+raises ``ExtraNotInstalledError`` naming ``pip install immagent``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import sys
 import threading
 from types import ModuleType
 
-__all__ = ["imported_module", "load", "load_async", "loaded", "preload"]
+from immagent.exceptions import ExtraNotInstalledError
+
+__all__ = ["imported_module", "load", "load_async", "loaded", "preload", "require"]
 
 # LiteLLM downloads a price map over the network at import time unless this is "True".
 _COST_MAP_ENV = "LITELLM_LOCAL_MODEL_COST_MAP"
@@ -26,7 +33,8 @@ _preloading = False
 
 
 def load() -> ModuleType:
-    """The ``litellm`` module, imported on the first call (later calls return at once).
+    """The ``litellm`` module, imported on the first call (later calls return at once);
+    ``ExtraNotInstalledError`` when it is not installed (each call tries again).
 
     A value of ``LITELLM_LOCAL_MODEL_COST_MAP`` the user set is respected; when it is
     unset, it is set to ``True`` for the import only and removed again, so the user's
@@ -83,7 +91,31 @@ def preload() -> None:
         if _module is not None or _preloading:
             return
         _preloading = True
-    threading.Thread(target=load, name="immagent-litellm-import", daemon=True).start()
+    threading.Thread(target=_preload, name="immagent-litellm-import", daemon=True).start()
+
+
+def _preload() -> None:
+    # A failed import is reported by the load() that needs the module, not by this thread.
+    with contextlib.suppress(ExtraNotInstalledError):
+        load()
+
+
+def require() -> None:
+    """``load()``'s ExtraNotInstalledError when LiteLLM is not installed, found without
+    importing it (seconds): so a command can refuse a provider model before anything else."""
+    if _module is not None:
+        return
+    try:
+        found = importlib.util.find_spec("litellm") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise _missing(None)
+
+
+def _missing(cause: ImportError | None) -> ExtraNotInstalledError:
+    return ExtraNotInstalledError("a model call through LiteLLM (any model but the offline "
+                                  "ones)", "llm", needs="LiteLLM", cause=cause)
 
 
 def _import() -> ModuleType:
@@ -92,6 +124,8 @@ def _import() -> ModuleType:
         os.environ[_COST_MAP_ENV] = "True"
     try:
         import litellm
+    except ImportError as e:  # immagent-core without the 'llm' extra
+        raise _missing(e) from e
     finally:
         if unset:
             os.environ.pop(_COST_MAP_ENV, None)

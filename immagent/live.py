@@ -23,7 +23,7 @@ def check_turn(user_input: object, options: TurnKeywords | TurnOptions) -> TurnO
     """The turn's options, validated with its input before anything is read or any model
     is called (ValidationError naming the field: an empty or oversized ``user_input``,
     ``max_tool_rounds < 1``, ``max_retries < 0``, ``timeout <= 0``, ...)."""
-    checked = options if isinstance(options, TurnOptions) else TurnOptions(**options)
+    checked = options if isinstance(options, TurnOptions) else TurnOptions.of(options)
     check_turn_input(user_input, checked.max_tool_rounds)
     return checked
 

@@ -25,17 +25,20 @@ import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from immagent import lazy_litellm, offline
-from immagent.assets import Message, ToolCall
-from immagent.exceptions import LLMError, ValidationError
+import msgspec
+
+from immagent import lazy_litellm, offline, requests
+from immagent.assets import Digest, Message, ToolCall, Tools, attach_tools
+from immagent.exceptions import ExtraNotInstalledError, LLMError, ValidationError
 from immagent.options import DEFAULT_RETRY_DELAY, check_call_params
 from immagent.validate import (
     MAX_NAME_BYTES,
     RESERVED_CONFIG_KEYS,
     check_config,
     check_text,
+    check_tool_schemas,
     redact_secrets,
     scrub_text,
 )
@@ -114,7 +117,27 @@ def _transient(exc: Exception) -> bool:
     original = getattr(exc, "original_exception", None)
     if isinstance(exc, MidStreamFallbackError) and isinstance(original, Exception):
         exc = original
+    # Missing credentials come as a 500 (OpenAI) or a connection error (Gemini): no retry
+    # can fix them, so they fail at once, as an authentication error does.
+    if _missing_key(exc) is not None:
+        return False
     return not isinstance(exc, _never_retry(litellm)) and isinstance(exc, _retryable(litellm))
+
+
+def _missing_key(exc: BaseException, model: str = "") -> str | None:
+    """The environment variable a provider error says is missing (its key), or None when
+    the error is not about missing credentials."""
+    import re
+
+    text = str(getattr(exc, "message", None) or exc)
+    if not re.search(r"missing (?:\w+ )*(?:credentials|api[ _-]?key)|api_key client option "
+                     r"must be set", text, re.IGNORECASE):
+        return None
+    named = re.search(r"\b([A-Z][A-Z0-9]*_(?:API_KEY|AUTH_TOKEN|KEY))\b", text)
+    if named:
+        return named.group(1)
+    provider = model.split("/", 1)[0] if "/" in model else "OPENAI"
+    return f"{provider.upper()}_API_KEY"
 
 
 def to_litellm_messages(system_prompt: str, messages: Sequence[Message]) -> list[dict[str, Any]]:
@@ -154,10 +177,31 @@ def _count(value: object) -> int | None:
     return int(value) if math.isfinite(value) and 0 <= value < 2**63 else None
 
 
+class _Given(NamedTuple):
+    """What a call was given, as its reply records it: the request record's digest and the
+    tools asset it offered (None: none)."""
+
+    request: Digest
+    tools: Tools | None
+
+
+def _recorded(message: Message, given: _Given | None) -> Message:
+    """``message`` recording the request it answered (and carrying the tools asset, so the
+    store writes it with the message)."""
+    if given is None:
+        return message
+    message = msgspec.structs.replace(
+        message, request=given.request,
+        tools=None if given.tools is None else given.tools.digest)
+    return message if given.tools is None else attach_tools(message, given.tools)
+
+
 def _message(content: object, calls: Sequence[tuple[object, object, object]],
-             usage: object, model: str, config: dict[str, Any]) -> Message:
+             usage: object, model: str, config: dict[str, Any],
+             given: _Given | None = None) -> Message:
     """THE assistant Message of a reply, whole or streamed: text ("" is no text, one form
-    per content), tool calls ``(id, name, arguments)``, token usage, model, call_config."""
+    per content), tool calls ``(id, name, arguments)``, token usage, model, call_config,
+    and the request the call was given."""
     tool_calls: list[ToolCall] = []
     for i, (call_id, name, args) in enumerate(calls):
         # Some providers hand back parsed arguments; the Message keeps JSON text.
@@ -166,7 +210,7 @@ def _message(content: object, calls: Sequence[tuple[object, object, object]],
         tool_calls.append(ToolCall(id=scrub_text(str(call_id or f"call_{i}")),
                                    name=scrub_text(str(name or "")),
                                    arguments=scrub_text(args)))
-    return Message(
+    return _recorded(Message(
         role="assistant",
         content=scrub_text(content) if isinstance(content, str) and content else None,
         tool_calls=tuple(tool_calls) or None,
@@ -174,7 +218,7 @@ def _message(content: object, calls: Sequence[tuple[object, object, object]],
         output_tokens=_count(_field(usage, "completion_tokens")),
         model=model,
         call_config=config or None,
-    )
+    ), given)
 
 
 def _field(obj: object, name: str) -> object:
@@ -184,14 +228,16 @@ def _field(obj: object, name: str) -> object:
     return getattr(obj, name, None)
 
 
-def _to_message(response: Any, model: str, config: dict[str, Any]) -> Message:
+def _to_message(response: Any, model: str, config: dict[str, Any],
+                given: _Given | None = None) -> Message:
     """Turn a LiteLLM ModelResponse into an assistant Message."""
     choices = getattr(response, "choices", None)
     if not choices:
         raise LLMError(f"{model}: the response has no choices")
     reply = choices[0].message
     calls = [(tc.id, tc.function.name, tc.function.arguments) for tc in reply.tool_calls or ()]
-    return _message(reply.content, calls, getattr(response, "usage", None), model, config)
+    return _message(reply.content, calls, getattr(response, "usage", None), model, config,
+                    given)
 
 
 class _Assembly:
@@ -247,9 +293,10 @@ class _Assembly:
         self.text.append(text)
         return text
 
-    def message(self, model: str, config: dict[str, Any]) -> Message:
+    def message(self, model: str, config: dict[str, Any],
+                given: _Given | None = None) -> Message:
         calls = [tuple(self.calls[i]) for i in sorted(self.calls)]
-        return _message("".join(self.text), calls, self.usage, model, config)
+        return _message("".join(self.text), calls, self.usage, model, config, given)
 
 
 class _Call:
@@ -265,15 +312,30 @@ class _Call:
         self.config = check_config(config)
         check_call_params(max_retries, timeout, retry_delay)
         self.max_retries, self.timeout, self.retry_delay = max_retries, timeout, retry_delay
+        #: What the newest call was given (what a reply cut short answered).
+        self.given: _Given | None = None
 
     def interrupted(self, text: str) -> Message:
         """The assistant message of a reply cut short after ``text`` (no usage known)."""
-        return Message(role="assistant", content=scrub_text(text) or None, model=self.model,
-                       call_config=self.config or None, interrupted=True)
+        return _recorded(Message(role="assistant", content=scrub_text(text) or None,
+                                 model=self.model, call_config=self.config or None,
+                                 interrupted=True), self.given)
+
+    def request(self, messages: Sequence[Message],
+                tools: Sequence[dict[str, Any]] | None) -> requests.Request:
+        """The request record of a call with these messages and tools (ValidationError for
+        tool schemas that are no list of JSON objects)."""
+        offered = Tools.of(check_tool_schemas("tools", tools)) if tools else None
+        record = requests.build(self.model, self.system_prompt, messages, offered,
+                                self.config)
+        self.given = _Given(record.digest, offered)
+        return record
 
     async def run(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None,
                   *, streamed: bool) -> AsyncGenerator[str | Message, None]:
-        """The reply's text pieces (``streamed`` only) as they arrive, then its Message."""
+        """The reply's text pieces (``streamed`` only) as they arrive, then its Message
+        (recording the request it was given)."""
+        self.request(messages, tools)
         wire = to_litellm_messages(self.system_prompt, messages)
         tools = list(tools) if tools else None
         for attempt in range(self.max_retries + 1):
@@ -288,7 +350,7 @@ class _Call:
                         item = await anext(replies)
                     except StopAsyncIteration:
                         return
-                    except LLMError:  # already says what went wrong
+                    except (LLMError, ExtraNotInstalledError):  # already say what is wrong
                         raise
                     except TimeoutError as exc:
                         error: Exception = exc
@@ -320,6 +382,13 @@ class _Call:
 
     def _failure(self, exc: Exception, handed_out: int, reason: str | None = None) -> str:
         reason = reason or _provider_message(exc)
+        key = _missing_key(exc, self.model)
+        if key is not None and not handed_out:
+            return f"{self.model}: no API key: set {key} in the environment ({reason})"
+        if "LLM Provider NOT provided" in reason:
+            return (f"{self.model}: unknown model or provider: LiteLLM cannot route it; name "
+                    "it as provider/model, e.g. openai/gpt-4o-mini (providers: "
+                    "https://docs.litellm.ai/docs/providers)")
         if handed_out:
             return f"{self.model}: the reply broke off after {handed_out} chunk(s): {reason}"
         return f"{self.model}: {reason}"
@@ -343,7 +412,7 @@ class _Call:
                     text = assembly.generic_chunk(chunk)
                     if text and streamed:
                         yield text
-            yield assembly.message(self.model, self.config)
+            yield assembly.message(self.model, self.config, self.given)
             return
         # The first import takes seconds: in a thread, so the event loop keeps running.
         litellm = await lazy_litellm.load_async()
@@ -359,7 +428,7 @@ class _Call:
             # LiteLLM's timeout is advisory for some providers; this one is not.
             async with asyncio.timeout(self.timeout):
                 response = await litellm.acompletion(**kwargs)
-            yield _to_message(response, self.model, self.config)
+            yield _to_message(response, self.model, self.config, self.given)
             return
         async with asyncio.timeout(self.timeout):
             response = await litellm.acompletion(**kwargs, stream=True,
@@ -370,7 +439,7 @@ class _Call:
                 text = assembly.litellm_chunk(chunk)
                 if text:
                     yield text
-        yield assembly.message(self.model, self.config)
+        yield assembly.message(self.model, self.config, self.given)
 
 
 async def _timed(chunks: Any, timeout: float | None) -> AsyncGenerator[Any, None]:

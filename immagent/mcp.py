@@ -7,6 +7,10 @@ must be exited by the task that entered them; owning them in a dedicated task me
 calls in concurrent tasks) without breaking that rule. A server that dies is marked
 stopped, its tools are withdrawn, and every failure reaches the caller as a
 ToolExecutionError.
+
+The MCP SDK is optional (the ``llm`` extra of ``immagent-core``; ``immagent`` always has
+it): without it this module still imports, so ``from immagent import *`` works, and
+``MCPManager()`` raises ``ExtraNotInstalledError`` naming ``pip install immagent``.
 """
 
 from __future__ import annotations
@@ -22,13 +26,18 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self, TextIO
 
-import anyio
-import mcp_types
-from mcp import ClientSession, StdioServerParameters, stdio_client
-from mcp.shared.exceptions import MCPError
-
-from immagent.exceptions import ToolExecutionError, ValidationError
+from immagent.exceptions import ExtraNotInstalledError, ToolExecutionError, ValidationError
 from immagent.validate import MAX_NAME_BYTES, check_text, scrub_text
+
+try:
+    import anyio
+    import mcp_types
+    from mcp import ClientSession, StdioServerParameters, stdio_client
+    from mcp.shared.exceptions import MCPError
+except ImportError as e:  # no MCP SDK: MCPManager() says how to install it
+    _missing: ImportError | None = e
+else:
+    _missing = None
 
 __all__ = ["MCPManager", "tool_to_openai_format"]
 
@@ -47,7 +56,7 @@ class _Server:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     # Created here, entered by the owning task: cancelling it unwinds the transport the
     # anyio way, so stdio_client's shielded shutdown still reaps the process.
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    scope: anyio.CancelScope = field(default_factory=lambda: anyio.CancelScope())
     task: asyncio.Task[None] | None = None
     session: ClientSession | None = None
     #: Why the server can no longer be used (None while it is running).
@@ -70,7 +79,11 @@ class MCPManager:
 
     def __init__(self, *, connect_timeout: float = 30.0, tool_timeout: float | None = 60.0,
                  errlog: TextIO | None = None) -> None:
-        """``errlog`` receives the servers' stderr (default: this process's stderr)."""
+        """``errlog`` receives the servers' stderr (default: this process's stderr).
+        ExtraNotInstalledError if the MCP SDK is not installed."""
+        if _missing is not None:
+            raise ExtraNotInstalledError("MCPManager", "llm", needs="the MCP SDK",
+                                         cause=_missing)
         self._connect_timeout = connect_timeout
         self._tool_timeout = tool_timeout
         self._errlog = errlog
@@ -238,7 +251,7 @@ def tool_to_openai_format(tool: mcp_types.Tool | Mapping[str, Any], *,
     """An MCP tool description (an ``mcp.types.Tool``, or its dict as 0.1.2 took it, with
     ``inputSchema`` or ``input_schema``) as a LiteLLM / OpenAI function tool; ``name`` is
     the name to offer it under (default: the tool's own)."""
-    if isinstance(tool, mcp_types.Tool):
+    if _missing is None and isinstance(tool, mcp_types.Tool):
         own, description, schema = tool.name, tool.description, tool.input_schema
     elif isinstance(tool, Mapping) and isinstance(tool.get("name"), str):
         own, description = tool["name"], tool.get("description")

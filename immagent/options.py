@@ -10,10 +10,12 @@ model called).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
 from immagent.exceptions import ValidationError
+from immagent.validate import is_credential_key
 
 __all__ = ["DEFAULT_RETRY_DELAY", "TurnKeywords", "TurnOptions", "check_tool_rounds",
            "check_tools"]
@@ -62,11 +64,27 @@ class TurnOptions:
             raise ValidationError("max_tokens", f"must be an int >= 1 or None, got "
                                   f"{self.max_tokens!r}", self.max_tokens)
 
+    @classmethod
+    def of(cls, keywords: Mapping[str, Any]) -> TurnOptions:
+        """The options a turn's ``**options`` keywords give; a keyword that is no turn
+        option is a ValidationError naming it (a credential says where credentials go)."""
+        unknown = sorted(set(keywords) - _FIELDS, key=str)
+        if unknown:
+            key = str(unknown[0])
+            hint = (" credentials are never passed per call: set them in the environment "
+                    "(e.g. OPENAI_API_KEY) or LiteLLM's settings" if is_credential_key(key)
+                    else f" a turn takes {', '.join(sorted(_FIELDS))}")
+            raise ValidationError(key, f"is not a turn option;{hint}", None)
+        return cls(**keywords)
+
     def overrides(self) -> dict[str, Any]:
         """The model parameters this turn sets over the agent's model config."""
         given = {"temperature": self.temperature, "max_tokens": self.max_tokens,
                  "top_p": self.top_p}
         return {k: v for k, v in given.items() if v is not None}
+
+
+_FIELDS = frozenset(TurnOptions.__dataclass_fields__)
 
 
 def check_tools(value: object) -> None:

@@ -21,7 +21,7 @@ from uuid import UUID
 import blake3
 import msgspec
 
-from immagent import checkpoints, retention
+from immagent import attestations, checkpoints, kv, retention
 from immagent.assets import Digest, Kind, encode
 from immagent.exceptions import IntegrityError
 from immagent.ids import unpack_text_id
@@ -35,8 +35,10 @@ __all__ = [
     "SessionBranch",
     "StateKind",
     "StateRow",
+    "attached_kinds",
     "check_state",
     "conversation_body",
+    "item_body",
     "load_agent",
     "load_state",
     "session_body",
@@ -69,6 +71,15 @@ class StateKind(NamedTuple):
     digest: Callable[[StateRow], Digest]
     #: The asset kind each ref must have, in order.
     ref_kinds: Callable[[StateRow], tuple[int, ...]]
+    #: When a row of this kind stops being live on its own (None: never): a stream whose
+    #: newest state has expired is swept whole (an item's TTL, ``immagent.kv``). The rule
+    #: retention applies to every kind that declares it.
+    expires: Callable[[StateRow], datetime | None] | None = None
+    #: A row of an *attached* kind is about another state, its subject, which its
+    #: ``parent_id`` names (an attestation): it lives while its subject does (gc removes
+    #: it once the subject is gone), never keeps its subject from a lineage deletion, and
+    #: travels in bundles with its subject.
+    attached: bool = False
 
 
 def stream_digest(kind: int, stream: str, refs: Sequence[Digest], body: bytes) -> Digest:
@@ -264,6 +275,40 @@ def _session_digest(row: StateRow) -> Digest:
     return stream_digest(row.kind, row.stream, row.refs, row.body)
 
 
+# -- items of a namespaced key-value store (immagent.kv) ---------------------------------
+
+
+def item_body(row: StateRow) -> kv.ItemBody:
+    """The body of an item state or head row, checked against its stream and refs
+    (ValueError or msgspec errors if malformed); unverified: ``load_state`` proves the
+    digest."""
+    kv.parse_item_stream(row.stream)
+    if row.kind == Kind.STORE_HEAD:
+        return kv.decode_head(row.body, len(row.refs))
+    return kv.decode_item(row.body, len(row.refs))
+
+
+def _item_ref_kinds(row: StateRow) -> tuple[int, ...]:
+    item_body(row)
+    return (int(Kind.ITEM),) * len(row.refs)
+
+
+def _item_digest(row: StateRow) -> Digest:
+    item_body(row)  # a body that does not match its refs is undecodable, not sound
+    return stream_digest(row.kind, row.stream, row.refs, row.body)
+
+
+# -- attestations (immagent.attestations) ------------------------------------------------
+
+
+def _attestation_digest(row: StateRow) -> Digest:
+    _, _, subject = attestations.attestation_of(row.kind, row.stream, row.refs, row.body)
+    if row.parent_id != subject.id:  # lineage is not hashed: the link is checked here
+        raise ValueError(f"an attestation of state {subject.id} names {row.parent_id} as "
+                         "its parent")
+    return stream_digest(row.kind, row.stream, row.refs, row.body)
+
+
 # -- conversation records (a pydantic-ai ConversationStore, clients/conversations.py) ----
 
 
@@ -392,12 +437,32 @@ STATE_KINDS: dict[int, StateKind] = {
     # LangGraph checkpoints (immagent.checkpoints).
     int(Kind.CHECKPOINT): _generic_kind(checkpoints.checkpoint_ref_kinds),
     int(Kind.CHECKPOINT_WRITES): _generic_kind(checkpoints.writes_ref_kinds),
+    # A LangGraph BaseStore's items (immagent.kv): one state per put, refresh or delete,
+    # and the current value of each key (its head).
+    int(Kind.STORE_ITEM): StateKind(
+        digest=_item_digest,
+        ref_kinds=_item_ref_kinds,
+        expires=lambda row: kv.expires_at(item_body(row)),
+    ),
+    int(Kind.STORE_HEAD): StateKind(
+        digest=_item_digest,
+        ref_kinds=_item_ref_kinds,
+        expires=lambda row: kv.expires_at(item_body(row)),
+    ),
+    # A signature over another state (immagent.attestations), attached to it.
+    int(Kind.ATTESTATION): StateKind(digest=_attestation_digest, ref_kinds=lambda row: (),
+                                     attached=True),
     # Retention (immagent.retention): pins, the stored policy, per-stream marks.
     int(Kind.PIN): StateKind(digest=_pin_digest,
                              ref_kinds=lambda row: retention.decode_pin(row.body).ref_kinds),
     int(Kind.RETENTION_POLICY): StateKind(digest=_policy_digest, ref_kinds=lambda row: ()),
     int(Kind.RETENTION_MARK): StateKind(digest=_mark_digest, ref_kinds=lambda row: ()),
 }
+
+
+def attached_kinds() -> tuple[int, ...]:
+    """The state kinds whose rows are attached to a subject state (``StateKind.attached``)."""
+    return tuple(sorted(k for k, rules in STATE_KINDS.items() if rules.attached))
 
 
 def check_state(row: StateRow) -> tuple[Literal["corrupt", "undecodable"], str] | None:

@@ -140,6 +140,8 @@ def check_row(row: StoredAsset,
         return "undecodable", f"unknown asset kind {kind!r}"
     if not isinstance(row_codec, int) or isinstance(row_codec, bool):  # SQLite keeps it
         return "corrupt", f"its codec column holds a {type(row_codec).__name__}"
+    if row_codec != codec.RAW and refs:
+        return "corrupt", "a row with refs is never compressed, yet its codec says it is"
     if row_codec >= codec.FIRST_DICTIONARY and row_codec not in dictionaries:
         return "undecodable", f"its body needs dictionary {row_codec}, which is not stored"
     try:
@@ -186,6 +188,8 @@ def verified_body(row: StoredAsset,
     digest, kind, refs, body, row_codec = row
     try:
         if row_codec != codec.RAW:
+            if refs:  # never compressed (codec.encode): nothing to inflate
+                raise codec.CodecError("a row with refs is never compressed")
             if row_codec >= codec.FIRST_DICTIONARY and row_codec not in dictionaries:
                 raise IntegrityError(f"asset {bytes(digest).hex()} needs dictionary "
                                      f"{row_codec}, which this store does not hold "
@@ -233,14 +237,28 @@ def load_rows(rows: Sequence[StoredAsset],
     the error is exactly ``load_row``'s."""
     if not rows:
         return []
+    if len(rows) > _UNCHECKED_ROWS:  # in parts: what is unchecked at once stays bounded
+        return [asset for start in range(0, len(rows), _UNCHECKED_ROWS)
+                for asset in load_rows(rows[start:start + _UNCHECKED_ROWS], dictionaries)]
     kind = rows[0].kind
+    codecs, stored_bodies = list(map(_CODEC, rows)), list(map(_BODY, rows))
+    # A frame that may declare more than 64 KiB is read, checked and hashed on its own
+    # (load_row), so a batch of them never holds more than one unchecked body.
     if (kind not in ASSET_KINDS or kind in NODE_KINDS
-            or set(map(_KIND, rows)) != {kind} or any(map(_REFS, rows))):
+            or set(map(_KIND, rows)) != {kind}
+            or not codec.small_frames(codecs, stored_bodies)):
         return [load_row(r, dictionaries) for r in rows]
+    if any(map(_REFS, rows)):
+        # A few messages reference the tools their call was offered: those one by one,
+        # the rest still in one pass.
+        try:
+            batch = iter(load_rows([r for r in rows if not r.refs], dictionaries))
+            return [load_row(r, dictionaries) if r.refs else next(batch) for r in rows]
+        except IntegrityError:  # the first bad row in order names the error, as one by one
+            return [load_row(r, dictionaries) for r in rows]
     digests = list(map(_DIGEST, rows))
     try:
-        bodies = codec.decode_many(list(map(_CODEC, rows)), list(map(_BODY, rows)),
-                                   dictionaries)
+        bodies = codec.decode_many(codecs, stored_bodies, dictionaries)
         if digests_of(kind, bodies) != digests:
             raise ValueError("a digest does not match")
         assets = decode_leaves(kind, bodies)
@@ -292,3 +310,6 @@ def nodes_counters(rows: Sequence[StoredAsset]) -> tuple[list[int], list[int]]:
 
 
 _DIGEST, _KIND, _REFS, _BODY, _CODEC = map(operator.itemgetter, range(5))
+#: Rows load_rows decompresses before checking their digests: codec.MAX_UNCHECKED bytes of
+#: small frames (each declares at most codec.SMALL_FRAME_MAX).
+_UNCHECKED_ROWS = codec.MAX_UNCHECKED // (codec.SMALL_FRAME_MAX + 1)

@@ -25,6 +25,8 @@ turn produced so far is saved as its own new state, the reply cut short marked
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from typing import Generic, Literal, NamedTuple, Self, TypeAlias, TypeVar
 
 from immagent.advance import AssistantReply, TextDelta, ToolCallRequest, ToolResult, Turn
 from immagent.assets import Message
-from immagent.exceptions import TurnIncompleteError, ValidationError
+from immagent.exceptions import StreamBusyError, TurnIncompleteError, ValidationError
 from immagent.history import TokenUsage, token_usage
 
 __all__ = [
@@ -70,9 +72,64 @@ class Started(NamedTuple, Generic[A]):
     save: Callable[[Sequence[Message]], Awaitable[A]]
 
 
+class _Progress(Generic[A]):
+    """Where a turn is, shared by a TurnStream and the generator running its turn. The
+    generator holds this, never the stream: a stream left without ``aclose()`` is then
+    freed by reference counting, its generator first, which asyncio closes in order (the
+    stream held by its own generator made a cycle, whose generators the collector
+    finalised all at once: "Task exception was never retrieved", a tool task destroyed
+    pending)."""
+
+    __slots__ = ("agent", "busy", "started", "state")
+
+    def __init__(self) -> None:
+        self.state: _State = "new"
+        self.started: Started[A] | None = None
+        self.agent: A | None = None
+        self.busy = False
+
+
+async def _saved(progress: _Progress[A], save: Awaitable[A]) -> A:
+    """``await save``, whole: a cancellation while it runs waits for its outcome (a write is
+    whole or nothing, and may already have committed), records the new agent if it was
+    saved, then goes on, so ``TurnStream.agent`` tells the caller the truth."""
+    task = asyncio.ensure_future(save)
+    try:
+        agent = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():  # asked again: the outcome is still what is awaited
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([task])
+        if not task.cancelled() and task.exception() is None:
+            progress.agent = task.result()
+        raise
+    progress.agent = agent
+    return agent
+
+
+async def _run(progress: _Progress[A], start: Callable[[], Awaitable[Started[A]]]
+               ) -> AsyncGenerator[TurnEvent, None]:
+    progress.state = "running"
+    progress.started = started = await start()
+    async with aclosing(started.turn.events()) as events:
+        async for event in events:
+            yield event
+    messages = tuple(started.turn.messages)
+    progress.state = "saving"
+    try:
+        await _saved(progress, started.save(messages))
+    finally:
+        if progress.agent is not None:  # saved, even if cancelled meanwhile
+            progress.state = "saved"
+    yield TurnDone(messages, token_usage(messages))
+
+
 class TurnStream(Generic[A]):
     """The events of one streamed turn (an async iterator, best used in ``async with``)
-    and, once it is saved, the new agent (``agent``)."""
+    and, once it is saved, the new agent (``agent``). One consumer at a time: a second
+    task iterating or closing it while the first waits for an event is a StreamBusyError.
+    A stream cancelled while its turn was being saved waits for the write's outcome before
+    the cancellation goes on; ``agent`` is then the saved state if the write committed."""
 
     def __init__(self, start: Callable[[], Awaitable[Started[A]]], *,
                  keep_partial: bool = False) -> None:
@@ -81,12 +138,13 @@ class TurnStream(Generic[A]):
         type."""
         if not isinstance(keep_partial, bool):
             raise ValidationError("keep_partial", "must be a bool", keep_partial)
-        self._start = start
         self._keep_partial = keep_partial
-        self._events = self._run()
-        self._started: Started[A] | None = None
-        self._agent: A | None = None
-        self._state: _State = "new"
+        self._progress: _Progress[A] = _Progress()
+        self._events = _run(self._progress, start)
+
+    @property
+    def _state(self) -> _State:
+        return self._progress.state
 
     def __repr__(self) -> str:
         return f"<TurnStream {self._state}>"
@@ -101,7 +159,15 @@ class TurnStream(Generic[A]):
     def __aiter__(self) -> Self:
         return self
 
+    def _claim(self, what: str) -> None:
+        if self._progress.busy:
+            raise StreamBusyError(f"{what}: this TurnStream is in use by another task (it "
+                                  "is waiting for the next event); a stream has one "
+                                  "consumer")
+        self._progress.busy = True
+
     async def __anext__(self) -> TurnEvent:
+        self._claim("iterating")
         try:
             return await anext(self._events)
         except StopAsyncIteration:
@@ -110,34 +176,29 @@ class TurnStream(Generic[A]):
             # The turn itself failed (the model, a tool provider, the store's one-transaction
             # write): nothing is kept, keep_partial or not. A BaseException (cancellation,
             # Ctrl-C) is the caller stopping, and aclose() decides.
-            self._state = "failed"
+            self._progress.state = "failed"
             raise
-
-    async def _run(self) -> AsyncGenerator[TurnEvent, None]:
-        self._state = "running"
-        self._started = started = await self._start()
-        async with aclosing(started.turn.events()) as events:
-            async for event in events:
-                yield event
-        messages = tuple(started.turn.messages)
-        self._state = "saving"
-        self._agent = await started.save(messages)
-        self._state = "saved"
-        yield TurnDone(messages, token_usage(messages))
+        finally:
+            self._progress.busy = False
 
     async def aclose(self) -> None:
         """Stop the turn if it is still running (the model call is closed, running tools
         are cancelled); with ``keep_partial``, save what it produced so far."""
-        if self._state in ("saved", "partial", "failed", "stopped"):
+        progress = self._progress
+        if progress.state in ("saved", "partial", "failed", "stopped"):
             return
-        saving = self._state == "saving"  # cut off while writing: the write is whole or not
-        await self._events.aclose()
-        started = self._started
-        if self._keep_partial and started is not None and not saving:
-            self._agent = await started.save(started.turn.partial())
-            self._state = "partial"
-        else:
-            self._state = "stopped"
+        self._claim("closing")
+        try:
+            saving = progress.state == "saving"  # cut off while writing: whole or not
+            await self._events.aclose()
+            started = progress.started
+            if self._keep_partial and started is not None and not saving:
+                await _saved(progress, started.save(started.turn.partial()))
+                progress.state = "partial"
+            elif progress.agent is None:
+                progress.state = "stopped"
+        finally:
+            progress.busy = False
 
     async def finish(self) -> A:
         """Consume the remaining events and return the new agent."""
@@ -149,10 +210,11 @@ class TurnStream(Generic[A]):
     def agent(self) -> A:
         """The new agent: the saved turn, or with ``keep_partial`` the partial one.
         TurnIncompleteError while the turn runs, after it failed, or if it was stopped."""
-        if self._agent is None:
+        agent = self._progress.agent
+        if agent is None:
             raise TurnIncompleteError(f"the turn has not been saved (it is {self._state}"
                                       f"{'' if self._keep_partial else ', keep_partial=False'})")
-        return self._agent
+        return agent
 
     @property
     def interrupted(self) -> bool:
@@ -162,4 +224,5 @@ class TurnStream(Generic[A]):
     @property
     def messages(self) -> tuple[Message, ...]:
         """The turn's new messages complete so far (all of them once it is done)."""
-        return tuple(self._started.turn.messages) if self._started is not None else ()
+        started = self._progress.started
+        return tuple(started.turn.messages) if started is not None else ()

@@ -16,12 +16,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 from uuid import UUID
 
-from immagent.exceptions import UnsupportedTypeError, ValidationError
+from immagent.exceptions import FanOutError, UnsupportedTypeError, ValidationError
 
 __all__ = [
     "MAX_DEPTH",
     "MAX_INPUT_BYTES",
     "MAX_NAME_BYTES",
+    "MAX_REFS",
     "MAX_STREAM_BYTES",
     "RESERVED_CONFIG_KEYS",
     "AgentFields",
@@ -30,6 +31,7 @@ __all__ = [
     "check_count",
     "check_digest",
     "check_digests",
+    "check_fan_out",
     "check_flag",
     "check_json_mapping",
     "check_json_value",
@@ -40,6 +42,7 @@ __all__ = [
     "check_sequence",
     "check_text",
     "check_token_count",
+    "check_tool_schemas",
     "check_uuid",
     "check_uuids",
     "is_credential_key",
@@ -58,6 +61,13 @@ MAX_NAME_BYTES = 1_000
 MAX_STREAM_BYTES = 2_600
 #: Deepest nesting accepted in model_config / metadata (also stops cyclic structures).
 MAX_DEPTH = 64
+#: Most digests one row may reference (its fan-out): a node lists its parent and the
+#: elements it adds, so one step adds at most MAX_REFS - 1 messages, items or values; a
+#: state pins at most MAX_REFS digests. Enforced on every write and every bundle record
+#: before anything is hashed or walked: gc and verify read each row's refs whole, so this
+#: bounds what one row costs them (3.2 MB of refs), and a bundle cannot make them walk a
+#: million-entry node.
+MAX_REFS = 100_000
 
 
 def check_text(field: str, value: object, *, max_bytes: int | None = None) -> str:
@@ -131,6 +141,13 @@ def check_uuid(field: str, value: object) -> UUID:
         except ValueError:
             raise ValidationError(field, f"is not a valid UUID: {value!r}", value) from None
     raise ValidationError(field, f"must be a UUID, got {type(value).__name__}", value)
+
+
+def check_fan_out(field: str, count: int, what: str = "digests", *, base: int = 0) -> None:
+    """FanOutError naming ``field`` unless ``count`` (plus the ``base`` refs a row has
+    besides, such as a node's parent) is within MAX_REFS."""
+    if count + base > MAX_REFS:
+        raise FanOutError(field, count, MAX_REFS - base, what)
 
 
 def check_count(field: str, value: object, low: int = 0, high: int | None = None) -> int:
@@ -229,6 +246,18 @@ def check_json_value(field: str, value: object) -> Any:
     surrogates, other types, and nesting deeper than MAX_DEPTH (which also stops cycles)."""
     return _json(field, value, 1, field, exact=True)
 
+
+def check_tool_schemas(field: str, schemas: object) -> list[dict[str, Any]]:
+    """Tool schemas as a model call is offered them and a Tools asset stores them: a list
+    of JSON objects (``validate.check_json_value``: no NaN, no non-str keys, bounded
+    nesting); ValidationError naming ``field`` otherwise."""
+    if isinstance(schemas, str | bytes) or not isinstance(schemas, Sequence):
+        raise ValidationError(field, "must be a list of tool schemas (JSON objects)", None)
+    checked: list[dict[str, Any]] = check_json_value(field, list(schemas))
+    for i, schema in enumerate(checked):
+        if not isinstance(schema, dict):
+            raise ValidationError(f"{field}[{i}]", "a tool schema must be a JSON object", None)
+    return checked
 
 # -- model configs and credentials ------------------------------------------------------
 

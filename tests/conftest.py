@@ -182,6 +182,15 @@ def turn(i: int, tag: str = "", *, tokens: tuple[int, int] | None = (1, 1),
                     output_tokens=taken, model=model, call_config=call_config)]
 
 
+def unrecorded(messages: Sequence[Message]) -> tuple[Message, ...]:
+    """``messages`` without the request digests (and tools) model calls record, for tests
+    that compare what a turn said with literal messages; ``tests/test_replay.py`` checks
+    the records themselves."""
+    import msgspec
+
+    return tuple(msgspec.structs.replace(m, request=None, tools=None) for m in messages)
+
+
 def raw_sql(dsn: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
     """Run one statement on the store's database directly; PostgreSQL placeholders are %s,
     SQLite ones ?, and UUID parameters become SQLite's 16-byte blobs."""

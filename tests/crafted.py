@@ -119,3 +119,30 @@ def valid_agent(path: Path, *, prompt: str = "You are crafted.", texts: Sequence
     assets, head = conversation(*texts)
     record = agent_state(prompt_asset.digest, head.digest, **fields)
     return write(path, [record], [prompt_asset, *assets]), record
+
+
+def frames(path: Path) -> list[bytes]:
+    """The msgpack payloads of a bundle's frames, in order (header first, end last)."""
+    data = path.read_bytes()[len(MAGIC):]
+    out: list[bytes] = []
+    while data:
+        (length,) = _LEN.unpack(data[:_LEN.size])
+        out.append(data[_LEN.size:_LEN.size + length])
+        data = data[_LEN.size + length:]
+    return out
+
+
+def reframe(path: Path, payloads: Sequence[bytes]) -> Path:
+    """Write ``payloads`` (header, records, and an end record last) as a bundle at ``path``
+    with the end record's counts and checksum made right again: what a deliberate forger
+    does, so only what no unkeyed checksum can catch is left to find."""
+    *records, _ = payloads
+    body = bytearray(MAGIC)
+    for payload in records:
+        body += _LEN.pack(len(payload)) + payload
+    tags = [msgspec.msgpack.decode(p)[0] for p in records[1:]]
+    end = _encoder.encode(["end", sum(t in ("state", "agent") for t in tags),
+                           tags.count("asset"), blake3.blake3(bytes(body)).digest()])
+    body += _LEN.pack(len(end)) + end
+    path.write_bytes(bytes(body))
+    return path

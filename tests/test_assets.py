@@ -164,9 +164,14 @@ def test_a_node_stores_its_links_once_and_hashes_them() -> None:
     for refs in [(EMPTY_CONVERSATION.digest, other), (EMPTY_CONVERSATION.digest,),
                  (m.digest, EMPTY_CONVERSATION.digest)]:
         assert digest_of(Kind.NODE, node.body, refs) != node.digest
+    # Leaves have no refs, but a message's one ref: the tools its model call was offered.
+    prompt = SystemPrompt(text="p")
     with pytest.raises(ValueError):
-        digest_of(Kind.MESSAGE, m.body, (other,))
+        digest_of(Kind.SYSTEM_PROMPT, prompt.body, (other,))
     with pytest.raises(ValueError):
-        decode_asset(Kind.MESSAGE, m.body, (other,))
+        decode_asset(Kind.SYSTEM_PROMPT, prompt.body, (other,))
+    with pytest.raises(ValueError):
+        decode_asset(Kind.MESSAGE, m.body, (other, other))
+    assert digest_of(Kind.MESSAGE, m.body, (other,)) != m.digest
     with pytest.raises(ValueError):
         ConversationNode(parent=None, messages=(m.digest,))

@@ -44,6 +44,13 @@ STATE_KINDS.setdefault(TEST_KIND, StateKind(
     ref_kinds=lambda r: tuple(int(Kind.NODE) for _ in r.refs)))
 
 
+#: An attached kind for these tests only (as attestations are: about their parent state).
+ATTACHED_KIND = 98
+STATE_KINDS.setdefault(ATTACHED_KIND, StateKind(
+    digest=lambda r: stream_digest(r.kind, r.stream, r.refs, r.body),
+    ref_kinds=lambda r: tuple(int(Kind.NODE) for _ in r.refs), attached=True))
+
+
 def state(stream: str = "s", *, refs: Sequence[bytes] = (), parent: UUID | None = None,
           body: bytes = b"b", state_id: UUID | None = None, kind: int = TEST_KIND) -> StateRow:
     refs = tuple(refs)
@@ -169,9 +176,9 @@ class BackendContract:
             WriteResult()
         by_id = {s.id: s for s in await backend.get_states([old.id, gone.id, kept.id])}
         assert set(by_id) == {old.id, kept.id} and by_id[old.id].digest == new.digest
-        # Inserted anew: it is its stream's newest state now.
-        newest = await backend.stream_states(TEST_KIND, "r", limit=1)
-        assert newest[0].id == old.id and by_id[old.id].seq > by_id[kept.id].seq
+        # An upsert: it keeps its place (its seq) in the stream, before `kept`.
+        assert [s.id for s in await backend.stream_states(TEST_KIND, "r")] == [kept.id, old.id]
+        assert by_id[old.id].seq < by_id[kept.id].seq
         # A replacement with nothing to insert is a delete.
         assert await backend.write([], [], replace=[kept.id]) == WriteResult()
         assert [s.id for s in await backend.stream_states(TEST_KIND, "r")] == [old.id]
@@ -212,19 +219,22 @@ class BackendContract:
             == WriteResult(stale=(before,))
         assert [s.id for s in await backend.stream_states(TEST_KIND, "h")] == \
             [second.id, first.id]
-        # Replacing an older state makes it the newest: a writer that read the old head is
-        # refused; the id it now holds is the head.
+        # Replacing an older state keeps it where it was: the head has not moved.
         again = state("h", body=b"again", state_id=first.id)
         assert await backend.write([], [again], replace=[first.id]) == WriteResult()
-        moved = Head(TEST_KIND, "h", second.id)
-        assert await backend.write([], [state("h")], heads=[moved]) == \
-            WriteResult(stale=(moved,))
-        assert await backend.write([], [state("h")], heads=[before]) == WriteResult()
+        assert [s.id for s in await backend.stream_states(TEST_KIND, "h")] == \
+            [second.id, first.id]
+        assert await backend.write([], [state("h")], heads=[before]) == \
+            WriteResult(stale=(before,))
+        assert await backend.write([], [state("h")], heads=[Head(TEST_KIND, "h", second.id)]) \
+            == WriteResult()
 
     async def test_concurrent_replacements_of_one_id_all_commit_and_one_wins(
             self, backend: Backend) -> None:
         old = state("c", body=b"old")
         await backend.write([], [old])
+        (first,) = await backend.get_states([old.id])
+        seq = first.seq
         for attempt in range(3):
             rivals = [state("c", body=b"v%d.%d" % (attempt, i), state_id=old.id)
                       for i in range(8)]
@@ -233,6 +243,7 @@ class BackendContract:
             assert results == [WriteResult()] * len(rivals)
             (row,) = await backend.get_states([old.id])
             assert row.digest in {r.digest for r in rivals}
+            assert row.seq == seq  # every replacement kept the first row's place
             assert await backend.count_states(TEST_KIND) == 1
 
     # -- chains and walks -----------------------------------------------------------------
@@ -411,6 +422,21 @@ class BackendContract:
             [plain[1].id, plain[0].id]
         assert await backend.count_states(TEST_KIND) == 0
 
+    async def test_a_dry_run_deletion_says_what_would_go_and_deletes_nothing(
+            self, backend: Backend) -> None:
+        root = state()
+        mid = state(parent=root.id)
+        a, b = state(parent=mid.id), state(parent=mid.id)
+        await backend.write([], [root, mid, a, b])
+        line = [a.id, mid.id, root.id]
+        assert await backend.delete_states(line, stop_at_shared=True, dry_run=True) == [a.id]
+        assert await backend.delete_states([b.id, a.id], dry_run=True) == [b.id, a.id]
+        assert await backend.count_states(TEST_KIND) == 4
+        await backend.delete_states([b.id])
+        assert await backend.delete_states(line, stop_at_shared=True, dry_run=True) == line
+        assert await backend.delete_states(line, stop_at_shared=True) == line
+        assert await backend.count_states(TEST_KIND) == 0
+
     async def test_siblings_deleted_at_once_still_take_their_parent(
             self, backend: Backend) -> None:
         parent = state()
@@ -422,7 +448,43 @@ class BackendContract:
         assert sorted(len(r) for r in results) == [1, 1, 1, 1, 1, 2]
         assert await backend.count_states(TEST_KIND) == 0
 
+    async def test_lineage_deletion_does_not_stop_at_an_attached_child(
+            self, backend: Backend) -> None:
+        root = state()
+        mid = state(parent=root.id)
+        head = state(parent=mid.id)
+        about = state(parent=mid.id, kind=ATTACHED_KIND)
+        await backend.write([], [root, mid, head, about])
+        line = [head.id, mid.id, root.id]
+        assert await backend.delete_states(line, stop_at_shared=True) == [head.id]
+        await backend.write([], [head])
+        assert await backend.delete_states(line, stop_at_shared=True,
+                                           attached=[ATTACHED_KIND]) == line
+        assert [r.id for r in await backend.get_states([about.id])] == [about.id]
+
     # -- gc -------------------------------------------------------------------------------
+
+    async def test_sweep_removes_attached_states_whose_parent_is_gone(
+            self, backend: Backend) -> None:
+        rows, head = chain("a")
+        subject = state(refs=[head.digest])
+        kept = state(parent=subject.id, kind=ATTACHED_KIND)
+        orphan = state(parent=uuid.uuid4(), kind=ATTACHED_KIND, refs=[head.digest])
+        plain = state(parent=uuid.uuid4())  # another kind: a deleted parent is nothing
+        await backend.write(rows, [subject, kept, orphan, plain])
+
+        def refuse(rows: Sequence[object]) -> None:
+            raise RuntimeError("damaged root")
+
+        with pytest.raises(RuntimeError):
+            await backend.sweep(refuse, detached=[ATTACHED_KIND])
+        assert len(await backend.get_states([orphan.id])) == 1  # nothing deleted
+        result = await backend.sweep(lambda rows: None, detached=[ATTACHED_KIND])
+        assert result.states_removed == 1 and result.removed == {}
+        assert {r.id for r in await backend.get_states(
+            [subject.id, kept.id, orphan.id, plain.id])} == {subject.id, kept.id, plain.id}
+        assert (await backend.sweep(lambda rows: None)).states_removed == 0
+
 
     async def test_sweep_removes_exactly_what_no_state_reaches(self, backend: Backend) -> None:
         kept_rows, kept = chain("k1", "k2")
@@ -445,6 +507,53 @@ class BackendContract:
         assert sum(isinstance(r, StateRow) for r in marked) == 1
         assert {r.digest for r in marked if isinstance(r, StoredAsset)} == {
             r.digest for r in kept_rows if r.kind == Kind.NODE}
+
+    async def test_sweep_marks_what_the_codecs_of_marked_rows_name(
+            self, backend: Backend) -> None:
+        # A backend stores codecs as data; gc's rule (codec_refs) says which rows the codecs
+        # of the marked rows need. It hears the dictionary ids in use (of marked rows only)
+        # and every DICTIONARY row, before the check runs; what it names is kept.
+        kept = stored(message("kept, compressed with dictionary 5"))._replace(codec=5)
+        gone = stored(message("unreached, compressed with dictionary 6"))._replace(codec=6)
+        dictionary = StoredAsset(b"\x09" * 32, int(Kind.DICTIONARY), (), b"five")
+        other = StoredAsset(b"\x0a" * 32, int(Kind.DICTIONARY), (), b"six")
+        prompt = stored(SystemPrompt(text="p"))
+        await backend.write([kept, gone, dictionary, other, prompt],
+                            [state(refs=[kept.digest, prompt.digest])])
+        heard: list[tuple[list[int], set[bytes]]] = []
+        order: list[str] = []
+
+        def codec_refs(used: Sequence[int], rows: Sequence[StoredAsset]) -> list[bytes]:
+            order.append("codecs")
+            heard.append((list(used), {r.digest for r in rows}))
+            return [dictionary.digest]
+
+        result = await backend.sweep(lambda rows: order.append("check"), codec_refs)
+        assert heard == [([5], {dictionary.digest, other.digest})] and order[0] == "codecs"
+        assert set(await backend.get_assets([kept.digest, gone.digest, dictionary.digest,
+                                             other.digest])) == {kept.digest,
+                                                                 dictionary.digest}
+        assert result.removed == {int(Kind.MESSAGE): 1, int(Kind.DICTIONARY): 1}
+
+        def refuse(used: Sequence[int], rows: Sequence[StoredAsset]) -> list[bytes]:
+            raise RuntimeError("a needed dictionary is missing")
+
+        await backend.write([gone], [])
+        with pytest.raises(RuntimeError):
+            await backend.sweep(lambda rows: None, refuse)
+        assert gone.digest in await backend.get_assets([gone.digest])  # nothing deleted
+    async def test_a_dry_run_sweep_reports_what_it_would_remove_and_removes_nothing(
+            self, backend: Backend) -> None:
+        kept_rows, kept = chain("k1", "k2")
+        gone_rows, _ = chain("k1", "g2")
+        await backend.write([*kept_rows, *gone_rows], [state(refs=[kept.digest])])
+        everything = {r.digest for r in [*kept_rows, *gone_rows]}
+        checked: list[object] = []
+        rehearsed = await backend.sweep(checked.extend, dry_run=True)
+        assert checked  # the same checks as a real sweep
+        assert set(await backend.get_assets(list(everything))) == everything
+        real = await backend.sweep(lambda rows: None)
+        assert rehearsed == real and sum(real.removed.values()) == 2
 
     async def test_sweep_deletes_nothing_when_something_reachable_is_missing(
             self, backend: Backend) -> None:

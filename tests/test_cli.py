@@ -115,7 +115,11 @@ def test_log_reads_like_git_log_newest_first(cli: Any) -> None:
     assert log.out.startswith(f"agent {head}\n")
     assert log.out.index("user: two") < log.out.index("user: one") < log.out.index("(created)")
     oneline = cli("log", "--oneline", head).out.splitlines()
-    assert len(oneline) == 3 and oneline[0].startswith(head) and "Echo: two" in oneline[0]
+    # git's habit: a unique prefix of the id (at least 8 hex digits), then the change.
+    short = oneline[0].split()[0]
+    assert len(oneline) == 3 and head.startswith(short) and len(short) >= 8
+    assert "Echo: two" in oneline[0]
+    assert cli("show", short, "--json").json()["id"] == head
     assert len(cli("log", "-n", "1", head).out.split("\nagent ")) == 1
 
 
@@ -146,7 +150,7 @@ def test_chat_refuses_options_it_would_ignore(cli: Any) -> None:
     one_error_line(cli("chat", "--model", "openai/gpt-4o", "hi"), 2, "--model")
     one_error_line(cli("chat", "--system", "Other.", "hi"), 2, "--system")
     one_error_line(cli("chat", "   "), 2, "empty")
-    assert cli("agents", "--json").json()["total"] == 2
+    assert cli("agents", "--all", "--json").json()["total"] == 2
 
 
 def test_default_model_is_echo_without_provider_keys() -> None:
@@ -185,23 +189,46 @@ def test_interactive_loop_with_no_input_creates_nothing(cli: Any, db: str,
 
 # -- browsing ------------------------------------------------------------------------------
 
-def test_agents_table_is_aligned_and_paginated(cli: Any) -> None:
+def test_agents_lists_one_row_per_name_newest_activity_first(cli: Any) -> None:
     ids = [agent_id(cli("chat", "--name", f"bot{i}", f"m{i}")) for i in range(3)]
+    ids[0] = agent_id(cli("chat", "--name", "bot0", "again"))  # bot0 is the newest now
     table_out = cli("agents").out.splitlines()
+    assert table_out[0].split() == ["ID", "NAME", "MODEL", "TURNS", "MSGS", "STATES", "SIZE",
+                                    "LAST", "ACTIVE"]
+    rows = table_out[1:-1]
+    assert [r.split()[1] for r in rows] == ["bot0", "bot2", "bot1"]
+    assert table_out[-1].startswith("(1-3 of 3 agents;")
+    assert len({r.index("immagent/echo") for r in rows}) == 1  # columns line up
+    assert [r.split()[3:6] for r in rows] == [["2", "4", "3"], ["1", "2", "2"], ["1", "2", "2"]]
+    heads = cli("agents", "--json").json()
+    assert [a["id"] for a in heads["agents"]] == [ids[0], ids[2], ids[1]]
+    assert heads["agents"][0] | {"turns": 2, "messages": 4, "states": 3,
+                                 "ref": "agent:bot0"} == heads["agents"][0]
+    page = cli("agents", "--limit", "1", "--offset", "1", "--json").json()
+    assert page["total"] == 3 and [a["name"] for a in page["agents"]] == ["bot2"]
+    # --name: a case-insensitive substring, as the help says.
+    assert [a["name"] for a in cli("agents", "--name", "BOT1", "--json").json()["agents"]] \
+        == ["bot1"]
+
+
+def test_agents_all_lists_every_state_newest_first(cli: Any) -> None:
+    ids = [agent_id(cli("chat", "--name", f"bot{i}", f"m{i}")) for i in range(3)]
+    table_out = cli("agents", "--all").out.splitlines()
     assert table_out[0].split() == ["ID", "NAME", "MODEL", "MSGS", "CREATED"]
     rows = table_out[1:-1]
     # Created states, then their first turns: 6 states; columns start at the same offsets.
     assert len(rows) == 6 and table_out[-1] == "(1-6 of 6 agent states)"
     assert len({r.index("immagent/echo") for r in rows}) == 1
-    page = cli("agents", "--limit", "2", "--offset", "1", "--json").json()
+    page = cli("agents", "--all", "--limit", "2", "--offset", "1", "--json").json()
     assert page["total"] == 6 and len(page["agents"]) == 2
-    named = cli("agents", "--name", "bot1", "--json").json()["agents"]  # newest first
+    named = cli("agents", "--all", "--name", "bot1", "--json").json()["agents"]  # newest first
     assert [a["messages"] for a in named] == [2, 0] and named[0]["id"] == ids[1]
 
 
 def test_agents_on_an_empty_store(cli: Any) -> None:
     cli("chat", "hi")
-    assert cli("agents", "--name", "nobody").out == "no agent states\n"
+    assert cli("agents", "--name", "nobody").out == "no agents\n"
+    assert cli("agents", "--all", "--name", "nobody").out == "no agent states\n"
 
 
 def test_show_prints_fields_digests_prompt_and_messages(cli: Any) -> None:
@@ -222,10 +249,12 @@ def test_clone_shares_content_and_delete_removes_states(cli: Any, db: str) -> No
     original, copy = cli("show", head, "--json").json(), cli("show", clone, "--json").json()
     # A sibling: same parent, same content.
     assert copy["parent_id"] == original["parent_id"] and copy["digest"] == original["digest"]
-    assert cli("delete", clone).code == 0
+    assert cli("delete", clone, "--yes").code == 0
     one_error_line(cli("show", clone), 1, "not found", clone)
-    deleted = cli("delete", head, "--lineage", "--json").json()["deleted"]
-    assert deleted[0] == head and len(deleted) == 2
+    planned = cli("delete", head, "--lineage", "--dry-run", "--json").json()["delete"]
+    assert sqlite_rows(db, "SELECT count(*) FROM immagent_states") == [(2,)]
+    deleted = cli("delete", head, "--lineage", "--yes", "--json").json()["deleted"]
+    assert deleted == planned and deleted[0] == head and len(deleted) == 2
     assert sqlite_rows(db, "SELECT count(*) FROM immagent_states") == [(0,)]
 
 
@@ -246,10 +275,14 @@ def test_stats_reports_sizes_and_sharing(cli: Any) -> None:
 def test_gc_frees_what_deleted_states_held(cli: Any) -> None:
     head = agent_id(cli("chat", "--name", "gone", "bye"))
     cli("chat", "--name", "kept", "stay")
-    assert cli("gc", "--json").json()["assets_removed"] == 0
-    cli("delete", head, "--lineage")
-    result = cli("gc", "--json").json()
+    assert cli("gc", "--json").json()["assets_removed"] == 0  # nothing to ask about
+    cli("delete", head, "--lineage", "--yes")
+    planned = cli("gc", "--dry-run", "--json").json()
+    assert planned["dry_run"] is True and planned["assets_removed"] == 3
+    one_error_line(cli("gc"), 2, "without confirmation", "--yes")  # no terminal to ask on
+    result = cli("gc", "--yes", "--json").json()
     assert result["assets_removed"] == 3 and result["bytes_freed"] > 0  # 2 messages + 1 node
+    assert result["bytes_freed"] == planned["bytes_freed"]
     assert "removed 0 assets" in cli("gc").out
 
 
@@ -296,7 +329,7 @@ def test_tampered_bundle_fails_with_one_line(cli: Any, tmp_path: Path) -> None:
     bundle.write_bytes(bytes(data))
     one_error_line(cli("verify-bundle", str(bundle)), 1, str(bundle))
     one_error_line(cli("import", str(bundle), database=str(tmp_path / "x.db")), 1)
-    one_error_line(cli("verify-bundle", str(tmp_path / "missing")), 1, "no bundle file")
+    one_error_line(cli("verify-bundle", str(tmp_path / "missing")), 4, "no bundle file")
 
 
 # -- output --------------------------------------------------------------------------------
@@ -307,7 +340,8 @@ def test_every_command_speaks_json(cli: Any, tmp_path: Path) -> None:
     clone = cli("clone", head, "--json").json()["id"]
     runs = [("chat", "again"), ("agents",), ("show", head), ("log", head), ("clone", head),
             ("stats",), ("gc",), ("verify",), ("verify", head), ("export", head, bundle),
-            ("verify-bundle", bundle), ("delete", clone)]
+            ("verify-bundle", bundle), ("delete", clone, "--yes"), ("threads",), ("sessions",),
+            ("gc", "--dry-run"), ("delete", head, "--dry-run")]
     for args in runs:
         result = cli("--json", *args)  # --json before the command name works as well
         assert result.code == 0, (args, result)
@@ -318,8 +352,11 @@ def test_every_command_speaks_json(cli: Any, tmp_path: Path) -> None:
 def test_human_helpers() -> None:
     assert [human_bytes(n) for n in (0, 1023, 1536, 5 * 2**20)] == [
         "0 B", "1023 B", "1.5 KiB", "5.0 MiB"]
-    assert table(("A", "NUM"), [("x", "1"), ("long", "100")], right=(1,)) == [
-        "A     NUM", "x       1", "long  100"]
+    lines = table(("A", "NUM"), [("x", "1"), ("long", "100")], right=(1,))
+    assert ["".join(line) for line in lines] == ["A     NUM", "x       1", "long  100"]
+    # Fitted to a width: the shrinkable column gives way, with an ellipsis.
+    fitted = table(("NAME", "N"), [("a" * 30, "1")], shrink=(0,), width=12)
+    assert ["".join(line) for line in fitted] == ["NAME       N", "aaaaaaaa…  1"]
 
 
 def test_progress_is_drawn_only_on_a_terminal() -> None:
@@ -348,7 +385,7 @@ def test_version_and_help(cli: Any) -> None:
 def test_usage_errors_exit_2_with_one_line(cli: Any) -> None:
     one_error_line(cli(database=None), 2, "COMMAND")
     one_error_line(cli("frobnicate"), 2, "invalid choice")
-    one_error_line(cli("show", "not-a-uuid"), 2, "not a valid agent id", "not-a-uuid")
+    one_error_line(cli("show", "thread:"), 2, "thread: needs a name")
     one_error_line(cli("agents", "--limit", "0"), 2, "at least 1")
     one_error_line(cli("chat", "--agent", "01900000-0000-7000-8000-000000000000", "--name",
                        "y", "hi"), 2, "not allowed")
@@ -406,7 +443,8 @@ def test_debug_shows_the_traceback(cli: Any) -> None:
     cli("chat", "hi")
     result = cli("--debug", "show", "01900000-0000-7000-8000-000000000000")
     assert result.code == 1 and "Traceback" in result.err
-    assert result.err.strip().splitlines()[-1].startswith("immagent: error: agent not found")
+    assert result.err.strip().splitlines()[-1].startswith(
+        "immagent: error: state 01900000-0000-7000-8000-000000000000 not found")
 
 
 @pytest.fixture
@@ -445,7 +483,7 @@ def test_existing_database_in_read_only_directory(tmp_path: Path, cli: Any, db: 
         one_error_line(run_unprivileged("--db", db, "chat", "hi"), 1, "read-only")
     finally:
         Path(db).parent.chmod(0o755)
-    assert cli("agents", "--json").json()["total"] == 2
+    assert cli("agents", "--all", "--json").json()["total"] == 2
 
 
 def test_unreadable_database_file(cli: Any, db: str) -> None:
@@ -479,7 +517,8 @@ def test_console_script_default_database_chat_twice_and_log(tmp_path: Path, cli:
     log = script("log", "--oneline", agent_id(second), cwd=tmp_path)
     lines = log.out.splitlines()
     assert log.code == 0 and len(lines) == 3
-    assert lines[0].startswith(agent_id(second)) and lines[1].startswith(agent_id(first))
+    assert agent_id(second).startswith(lines[0].split()[0])
+    assert agent_id(first).startswith(lines[1].split()[0])
     module = subprocess.run([sys.executable, "-m", "immagent.cli", "--version"],
                             capture_output=True, text=True, check=True)
     assert module.stdout.strip() == f"immagent {immagent.__version__}"
@@ -495,7 +534,8 @@ def test_chat_on_postgres(pg_store_dsn: str, cli: Any, tmp_path: Path) -> None:
     stats = cli("stats", "--json", database=pg_store_dsn).json()
     assert stats["agents"] == 3 and stats["assets_by_kind"]["message"]["count"] == 3
     assert cli("verify", database=pg_store_dsn).code == 0
-    assert cli("agents", database=pg_store_dsn).out.count("immagent/echo") == 3
+    assert cli("agents", database=pg_store_dsn).out.count("immagent/echo") == 1
+    assert cli("agents", "--all", database=pg_store_dsn).out.count("immagent/echo") == 3
 
 
 class HangingServer:

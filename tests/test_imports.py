@@ -139,6 +139,7 @@ def external(path: Path) -> set[str]:
 SDKS = {"litellm", "openai", "mcp", "langgraph", "langchain_core", "agents", "pydantic_ai"}
 #: What each adapter adapts.
 ADAPTED = {"immagent.integrations.langgraph": {"langgraph", "langchain_core"},
+           "immagent.integrations.langgraph_store": {"langgraph"},
            "immagent.integrations.openai_agents": {"agents"},
            "immagent.integrations.pydantic_ai": {"pydantic_ai"}}
 

@@ -118,6 +118,49 @@ async def test_permanent_error_is_not_retried(kind: ErrorKind) -> None:
     assert model.remaining == 1
 
 
+@pytest.mark.parametrize(("kind", "message", "variable"), [
+    ("internal", "OpenAIException - Missing credentials. Please pass an `api_key`, or set "
+                 "the `OPENAI_API_KEY` or `OPENAI_ADMIN_KEY` environment variable.",
+     "OPENAI_API_KEY"),
+    ("connection", "Missing Gemini API key. Set the GEMINI_API_KEY or GOOGLE_API_KEY "
+                   "environment variable.", "GEMINI_API_KEY"),
+    ("auth", "Missing Anthropic API Key - Please set `ANTHROPIC_API_KEY`", "ANTHROPIC_API_KEY"),
+])
+async def test_missing_credentials_fail_at_once_naming_the_variable(
+        kind: ErrorKind, message: str, variable: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # How LiteLLM reports a missing key: a 500 for OpenAI, a connection error for Gemini.
+    model = ScriptedModel([Reply.fail(litellm_error(kind, message)), "never"])
+    with caplog.at_level(logging.WARNING, logger="immagent"), \
+            pytest.raises(LLMError, match=f"no API key: set {variable} in the environment"):
+        await complete(model.model, "sys", USER, max_retries=3, retry_delay=FAST)
+    assert len(model.requests) == 1 and model.remaining == 1
+    assert not any("retry" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("model", "variable"), [("openai/gpt-4o-mini", "OPENAI_API_KEY"),
+                                                  ("gpt-4o-mini", "OPENAI_API_KEY"),
+                                                  ("gemini/gemini-2.0-flash", "GEMINI_API_KEY")])
+async def test_a_provider_without_its_key_fails_without_retries(
+        model: str, variable: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The real provider clients: they refuse before any request is sent (no network).
+    for key in ("OPENAI_API_KEY", "OPENAI_ADMIN_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    with caplog.at_level(logging.WARNING, logger="immagent"), \
+            pytest.raises(LLMError, match=f"set {variable} in the environment"):
+        await complete(model, "sys", USER, max_retries=3, retry_delay=FAST)
+    assert not any("retry" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_unknown_provider_is_named_and_not_retried(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="immagent"), \
+            pytest.raises(LLMError, match="foo/bar: unknown model or provider"):
+        await complete("foo/bar", "sys", USER, max_retries=3, retry_delay=FAST)
+    assert not any("retry" in r.getMessage() for r in caplog.records)
+
+
 async def test_timeout_becomes_llm_error() -> None:
     # A first call pays LiteLLM's one-off work (its import, the provider's setup) outside
     # the timed attempt: a loaded machine would otherwise spend the whole bound on it,

@@ -1,6 +1,8 @@
-"""``immagent log`` and the chain cache scale linearly: ``log -n N`` reads
-about N states' worth of rows whatever the lineage's length, a whole log reads each row
-about once, and a lineage's histories share their common prefix in a byte-bounded cache.
+"""``immagent log`` and the chain cache scale linearly: ``log -n N`` reads about N states'
+worth of rows whatever the lineage's length, a whole log reads each row about once, and a
+lineage's histories share their common prefix in a byte-bounded cache. The command line's
+listings and references cost what they show: one row per conversation listed, an id
+prefix resolved by a range read of a few rows, whatever the store holds.
 
 Rows are counted by a pass-through around a real backend (every call is forwarded to
 SQLite or PostgreSQL; nothing is simulated), so the tests measure work, not time."""
@@ -17,7 +19,10 @@ from typing import Any, cast
 import pytest
 
 from immagent import Message, PersistentAgent, Store
-from immagent.cli.commands import _lineage
+from immagent.assets import Kind
+from immagent.cli.clients import AgentView
+from immagent.cli.history import _lineage
+from immagent.cli.refs import Ref, abbreviate, resolve
 from immagent.store.backend import Backend
 from immagent.store.cache import AssetCache
 
@@ -31,7 +36,8 @@ class CountingBackend:
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.inner, name)
-        if name not in ("get_chain", "get_assets", "get_states", "lineage"):
+        if name not in ("get_chain", "get_assets", "get_states", "lineage", "scan_states",
+                        "stream_states", "stream_heads"):
             return attr
 
         async def counted(*args: Any, **kwargs: Any) -> Any:
@@ -78,9 +84,10 @@ async def grow(store: Store, states: int) -> PersistentAgent:
 async def rows_read(store: Store, counting: CountingBackend, head: PersistentAgent,
                     limit: int | None) -> int:
     store.clear_cache()
-    head = await store.load_agent(head.id)
+    (row,) = await store.get_states([head.id])
     counting.rows.clear()
-    entries = await _lineage(store, head, limit)
+    entries = await _lineage(store, AgentView(), row, limit)
+    assert entries[0].count is not None
     assert len(entries) == (limit or entries[0].count // 2 + 1)
     assert [len(e.added or ()) for e in entries[:2]] == [2, 2]  # what each step added
     return counting.total
@@ -174,3 +181,22 @@ def test_cli_log_limit_counts_states(sqlite_only: str,
     assert main(["--db", sqlite_only, "log", "-n", "2", "--oneline", head]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and all("+2" in line for line in lines)
+
+
+async def test_listings_and_references_read_what_they_name_not_the_store(
+        store_dsn: str) -> None:
+    async with counting_store(store_dsn) as (store, counting):
+        heads = [await grow(store, n) for n in (3, 50, 400)]
+        # One row per stream, whatever its length: the loose index scan.
+        counting.rows.clear()
+        found = await store.stream_heads(Kind.AGENT_STATE)
+        assert [r.id for r in found] == [heads[-1].id]  # all three are called "long"
+        assert counting.total == 1
+        # An id prefix: a range read from the prefix's lowest id, at most 11 rows.
+        counting.rows.clear()
+        short = (await abbreviate(store, [heads[1].id]))[heads[1].id]
+        assert counting.rows["scan_states"] <= 2  # its two neighbours
+        counting.rows.clear()
+        assert (await resolve(store, Ref("", short))).row.id == heads[1].id
+        assert counting.rows["scan_states"] <= 11 and counting.rows["get_chain"] == 0
+        assert counting.total <= 11 + 3  # and one probe per client for the name

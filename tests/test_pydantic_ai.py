@@ -676,7 +676,7 @@ asyncio.run(main())
 try:
     import immagent.integrations.pydantic_ai
 except ExtraNotInstalledError as e:
-    assert "pip install 'immagent[pydantic-ai]'" in str(e) and isinstance(e, ImportError)
+    assert "pip install 'immagent-core[pydantic-ai]'" in str(e) and isinstance(e, ImportError)
 else:
     raise AssertionError("the integration imported without pydantic-ai")
 print("ok")

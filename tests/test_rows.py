@@ -40,7 +40,7 @@ leaves = st.one_of(
               content=st.none() | text),
     st.builds(SystemPrompt, text=text),
     st.builds(Value, type=st.text(max_size=8), data=st.binary(max_size=40)),
-    st.builds(Item.of, st.dictionaries(st.text(max_size=5), st.integers() | text,
+    st.builds(Item.of, st.dictionaries(st.text(max_size=5), st.integers(-2**63, 2**63 - 1) | text,
                                        max_size=3)),
 )
 #: What can happen to a stored row on its way back: nothing, a flipped body byte, another

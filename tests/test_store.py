@@ -262,13 +262,18 @@ async def test_stats_report_sharing(store: Store) -> None:
     assert stats.logical_bytes > 5 * stats.assets_by_kind["message"][1]
     assert stats.sharing_ratio > 1 and stats.disk_bytes > 0
     assert stats.states_by_kind == {"agent_state": 16}
-    # States of other clients are counted by kind, not as agents.
+    # States of other clients are counted by kind, not as agents, and their content is
+    # part of the logical size: a copy per state of the items it holds.
     log = SessionLog(store, "s-1")
-    await log.append(check_items([{"role": "user", "content": "hi"}]))
-    await log.append(check_items([{"role": "assistant", "content": "hello"}]))
+    hi, hello = check_items([{"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": "hello"}])
+    await log.append([hi])
+    await log.append([hello])
+    before = stats.logical_bytes
     stats = await store.stats()
     assert stats.agents == 16
     assert stats.states_by_kind == {"agent_state": 16, "session_state": 2}
+    assert stats.logical_bytes == before + len(hi.body) + len(hi.body) + len(hello.body)
 
 
 async def test_connect_errors_are_clear_and_hide_the_password() -> None:

@@ -1,26 +1,33 @@
-"""Audit bundles: one self-contained file holding a state, its lineage and every asset they
-reach, verifiable offline and importable into any store with the same ids and digests.
+"""Audit bundles: one self-contained file holding states, every asset they reach, the
+attestations kept about them and the signatures made when it was written, verifiable
+offline and importable into any store with the same ids and digests.
 
-Format (version 2; version 1 files, which held agent records, are still read; version 3
-holds a set of states instead of one lineage, see below)::
+Format (version 4; versions 1, 2 and 3 are still read)::
 
     magic   b"\\x89immagent-bundle\\r\\n\\x1a\\n"   (PNG-style: catches text-mode mangling)
     frame*  u32 big-endian length, then one msgpack record
-              header  {"format": "immagent-bundle", "version": 2, "head": uuid, ...}
+              header  {"format": "immagent-bundle", "version": 4, "head": uuid,
+                       "created_at": time, "lineage": bool}
               state   ["state", id, parent, kind, stream, refs, body, digest, time]
-                                                        the lineage, newest (the head) first
+                        the states, newest (the head) first; then the states attached to
+                        them (attestations), each after every state it may be about
               asset   ["asset", digest, kind, body, refs]   every reachable asset, canonical
+              sig     ["sig", statement, key, signature]    signatures made at export
               end     ["end", states, assets, checksum]     last frame, then end of file
+
+``lineage`` True: the states are one lineage, each the next one's parent (an agent's
+export); False: any set of states, each state's parent either in the bundle or absent from
+it, never a cycle (a LangGraph thread). Version 2 is a lineage and version 3 a set, both
+without attached states or signatures; version 1 held agent records.
 
 A bundle carries asset rows in their canonical form, the bytes the digests cover: bodies
 uncompressed whatever codec the store used (``immagent.codec``), so a bundle needs no
-dictionary and imports into any store, which compresses them its own way (version 2 files
-written before compression existed hold the same form). Reading one runs the same checks as
-reading a database (``assets.check_row``, ``records.check_state``) and the content rules the
-API applies when it makes a record (``store.rules``); ``_Links`` resolves every reference
-with the one kind it must have, checks node counters against the chain, refuses
-unreferenced assets, and the lineage must end without a cycle. Exports run the same checks,
-so a store never writes a bundle it would refuse to read.
+dictionary and imports into any store, which compresses them its own way. Reading one runs
+the same checks as reading a database (``rows.check_row``, ``records.check_state``) and the
+content rules the API applies when it makes a record (``store.rules``); ``_Links`` resolves
+every reference with the one kind it must have, checks node counters against the chain,
+refuses unreferenced assets, and the lineage must end without a cycle. Exports run the same
+checks, so a store never writes a bundle it would refuse to read.
 
 ``checksum`` is blake3 over every byte before the end frame. It is checked last: the
 per-record checks name the bad record, the checksum catches what no content digest covers
@@ -28,10 +35,15 @@ per-record checks name the bad record, the checksum catches what no content dige
 frame sizes are checked before reading, nesting deeper than Python's recursion limit is a
 BundleError, and the content rules bound what survives decoding (``validate.MAX_DEPTH``).
 
-Version 3 is version 2 for states that are not one lineage (a LangGraph thread: its
-checkpoints, their writes, several namespaces): the same records, the newest state first
-and named as ``head``; each state's parent is either in the bundle or absent from it (a
-pruned checkpoint, a state outside the export), and parents never form a cycle.
+**Signatures** (``export(..., sign=[key])``). Each ``sig`` record holds a statement
+(``immagent.attestations``) naming the bundle format, every head of the bundle (its states
+no other state of it names as parent, attached ones aside) by id, kind and digest, and the
+*content checksum*: blake3 of every byte before the first ``sig`` record. The reader
+rebuilds that statement from what it read and refuses a signature over anything else (other
+heads, another format, a bundle altered after it was signed) as tampering, then checks the
+Ed25519 signature (with the signing extra; without it the signature is reported unchecked
+unless a trust policy asks for it). A trust policy (``verify_bundle(path, trust=...)``)
+then counts distinct trusted keys that vouch for the bundle (``immagent.audit.trust``).
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ import asyncio
 import itertools
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final
@@ -49,14 +61,24 @@ from uuid import UUID
 import blake3
 import msgspec
 
+from immagent import attestations
 from immagent.assets import NODE_KINDS, ConversationNode, Digest, Kind, decode_asset, ref_kinds
-from immagent.audit import files
+from immagent.attestations import Signed, Statement, Subject
+from immagent.audit import files, keys
+from immagent.audit.trust import Signer, TrustPolicy
 from immagent.audit.verify import closing_iter
 from immagent.codec import NO_DICTIONARIES, ZstdDictionary
-from immagent.exceptions import BundleError, IntegrityError, ValidationError
+from immagent.exceptions import (
+    BundleError,
+    FanOutError,
+    IntegrityError,
+    UntrustedError,
+    ValidationError,
+)
 from immagent.records import STATE_KINDS, AgentRecord, StateRow, check_state
 from immagent.rows import StoredAsset, canonical_row, check_row, join_refs, split_refs
 from immagent.store import rules
+from immagent.validate import check_fan_out
 
 if TYPE_CHECKING:
     from immagent.store.backend import AuditBackend
@@ -74,11 +96,15 @@ __all__ = [
 ]
 
 MAGIC: Final = b"\x89immagent-bundle\r\n\x1a\n"
-FORMAT_VERSION: Final = 2
-#: The version of a bundle of a set of states rather than one lineage.
+#: The version every export writes (a lineage or a set, attached states, signatures).
+FORMAT_VERSION: Final = 4
+#: The version that held a set of states rather than one lineage (read, no longer written).
 SET_VERSION: Final = 3
-#: Versions this immagent reads (1: agent records; 2: state rows; 3: a set of states).
-_READABLE: Final = frozenset({1, 2, 3})
+#: Versions this immagent reads (1: agent records; 2: state rows; 3: a set of states;
+#: 4: either, with attached states and signatures).
+_READABLE: Final = frozenset({1, 2, 3, 4})
+#: Most signature records one bundle may carry.
+MAX_SIGNATURES: Final = 64
 #: Largest frame accepted when reading; bigger means a corrupt length, not a real record.
 MAX_FRAME: Final = 1 << 30
 #: Largest header frame (a header is a few dozen bytes).
@@ -91,16 +117,25 @@ _LEN = struct.Struct(">I")
 
 
 class BundleInfo(msgspec.Struct, frozen=True):
-    """What a bundle holds: its head state, the lineage ids and the asset totals."""
+    """What a bundle holds: its head state, the state ids and the asset totals, the
+    attestations and signatures it carries (and which trusted keys vouched, when a trust
+    policy was applied)."""
 
     path: str
     version: int
     head: UUID
     head_digest: Digest
-    agents: tuple[UUID, ...]  # the lineage's state ids, newest (the head) first
+    agents: tuple[UUID, ...]  # the states' ids, newest (the head) first (attached ones apart)
     assets: int
     asset_bytes: int  # total stored body bytes
     file_bytes: int
+    attestations: tuple[UUID, ...] = ()  # the attached states' ids
+    signers: tuple[Signer, ...] = ()  # bundle signatures, then attestations
+    #: Key ids of the trusted keys that vouch for the bundle (with a trust policy).
+    trusted_by: tuple[str, ...] = ()
+    lineage: bool = True  # the states are one lineage (else a set: version 3, or 4's)
+    #: Its states that no other state of it names as parent (what a signature names).
+    heads: tuple[UUID, ...] = ()
 
 
 class _Header(msgspec.Struct, frozen=True):
@@ -108,6 +143,7 @@ class _Header(msgspec.Struct, frozen=True):
     version: int
     head: UUID
     created_at: datetime
+    lineage: bool = True  # version 4: one lineage, or a set (version 3 is always a set)
 
 
 class _Agent(msgspec.Struct, frozen=True, array_like=True, tag="agent"):
@@ -139,6 +175,14 @@ class _Asset(msgspec.Struct, frozen=True, array_like=True, tag="asset"):
     refs: bytes = b""  # a node's links, 32-byte digests concatenated (hashed, see digest_of)
 
 
+class _Sig(msgspec.Struct, frozen=True, array_like=True, tag="sig"):
+    """A signature made at export: ``attestations.Signed``'s fields."""
+
+    statement: bytes
+    key: bytes
+    signature: bytes
+
+
 class _End(msgspec.Struct, frozen=True, array_like=True, tag="end"):
     agents: int
     assets: int
@@ -146,7 +190,7 @@ class _End(msgspec.Struct, frozen=True, array_like=True, tag="end"):
 
 
 _encoder = msgspec.msgpack.Encoder()
-_record_decoder = msgspec.msgpack.Decoder(_Agent | _State | _Asset | _End)
+_record_decoder = msgspec.msgpack.Decoder(_Agent | _State | _Asset | _Sig | _End)
 
 
 # -- the checks reading and writing share -----------------------------------------------
@@ -254,6 +298,11 @@ class _Writer:
         payload = _encoder.encode(record)
         self.raw(_LEN.pack(len(payload)) + payload)
 
+    def checksum(self) -> bytes:
+        """blake3 of every byte written so far."""
+        digest: bytes = self._hash.digest()
+        return digest
+
     def end(self, agents: int, assets: int) -> None:
         # The end frame itself is outside the checksum (it carries it).
         payload = _encoder.encode(_End(agents, assets, self._hash.digest()))
@@ -266,35 +315,40 @@ class _Writer:
         return data
 
 
-async def export_bundle(backend: AuditBackend, lineage: list[StateRow],
+async def export_bundle(backend: AuditBackend, states: list[StateRow],
                         path: str | os.PathLike[str],
                         dictionaries: Mapping[int, ZstdDictionary] = NO_DICTIONARIES, *,
-                        version: int = FORMAT_VERSION
+                        lineage: bool = True, attached: Sequence[StateRow] = (),
+                        sign: Sequence[keys.SigningKey] = (),
                         ) -> BundleInfo:
-    """Write the bundle of ``lineage`` (a state and its ancestors, newest first, as read
-    and verified by the store; with ``version=SET_VERSION`` any set of states, newest
-    first) to ``path`` atomically (temp file, fsync, rename).
+    """Write the bundle of ``states`` (a state and its ancestors, newest first, as read and
+    verified by the store; with ``lineage=False`` any set of states, newest first), the
+    ``attached`` states about them (attestations, oldest first) and a signature by each of
+    ``sign`` to ``path`` atomically (temp file, fsync, rename).
 
     Assets are re-hashed on the way out, and the export fails (writing nothing at ``path``)
     if the store is corrupt or an asset vanished meanwhile (an ancestor deleted and swept
     between the lineage read and the asset walk): a bundle is only written when complete.
     """
     dest = files.writable_path(path)
-    head = lineage[0]
-    roots = sorted({d for r in lineage for d in r.refs})
+    signers = _signing_keys(sign)
+    head = states[0]
+    everything = [*states, *attached]
+    roots = sorted({d for r in everything for d in r.refs})
     writer = _Writer()
     writer.raw(MAGIC)
     # Totals are known only after the walk, so they go in the end record.
-    writer.frame(_Header(format="immagent-bundle", version=version, head=head.id,
-                         created_at=datetime.now(UTC)))
-    for r in lineage:
+    writer.frame(_Header(format="immagent-bundle", version=FORMAT_VERSION, head=head.id,
+                         created_at=datetime.now(UTC), lineage=lineage))
+    for r in everything:
         writer.frame(_State(r.id, r.parent_id, r.kind, r.stream, join_refs(r.refs), r.body,
                             r.digest, r.created_at))
     # Memory: a few dozen bytes per asset of this lineage (_Links) and one batch of bodies.
     links = _Links()
-    for r in lineage:
+    for r in everything:
         _refuse_export(head, links.state(r) or _content_problem(r))
-    _refuse_export(head, _cycle_problem(lineage, version))
+    _refuse_export(head, _cycle_problem(states, lineage)
+                   or _attached_problem(states, attached))
     asset_bytes = 0
     file = await asyncio.to_thread(files.TempFile, dest)
     try:
@@ -311,14 +365,51 @@ async def export_bundle(backend: AuditBackend, lineage: list[StateRow],
                 await asyncio.to_thread(file.write, writer.take())
         # An asset vanished meanwhile shows as missing: a bundle is only written complete.
         _refuse_export(head, links.problem("the store"))
-        writer.end(len(lineage), len(links.kinds))
+        statement = Statement(purpose="bundle", subjects=_heads(states),
+                              format=FORMAT_VERSION, checksum=writer.checksum())
+        made = [key.sign(statement) for key in signers]
+        for signed in made:
+            writer.frame(_Sig(signed.statement, signed.key, signed.signature))
+        writer.end(len(everything), len(links.kinds))
         await asyncio.to_thread(file.commit, writer.take())
     finally:
         await asyncio.to_thread(file.discard)
-    return BundleInfo(path=str(dest), version=version, head=head.id,
-                      head_digest=head.digest, agents=tuple(r.id for r in lineage),
+    return BundleInfo(path=str(dest), version=FORMAT_VERSION, head=head.id,
+                      head_digest=head.digest, agents=tuple(r.id for r in states),
                       assets=len(links.kinds), asset_bytes=asset_bytes,
-                      file_bytes=writer.size)
+                      file_bytes=writer.size, attestations=tuple(r.id for r in attached),
+                      signers=tuple(_signer(s, True) for s in made), lineage=lineage,
+                      heads=tuple(h.id for h in _heads(states)))
+
+
+def _signing_keys(sign: object) -> list[keys.SigningKey]:
+    """The keys to sign with, checked before anything is written."""
+    if isinstance(sign, keys.SigningKey):
+        return [sign]
+    if isinstance(sign, str | bytes) or not isinstance(sign, Sequence):
+        raise ValidationError("sign", "must be a list of SigningKey", None)
+    for i, key in enumerate(sign):
+        if not isinstance(key, keys.SigningKey):
+            raise ValidationError(f"sign[{i}]", f"must be a SigningKey (immagent.audit.keys."
+                                  f"load_signing_key), got {type(key).__name__}", None)
+    if len(sign) > MAX_SIGNATURES:
+        raise ValidationError("sign", f"at most {MAX_SIGNATURES} signatures", None)
+    return list(sign)
+
+
+def _heads(states: Sequence[StateRow]) -> tuple[Subject, ...]:
+    """The heads of a bundle's states (attached ones aside): those no other state of it
+    names as parent, in bundle order, by (id, kind, digest): what a bundle signature
+    names."""
+    parents = {s.parent_id for s in states}
+    return tuple(Subject(s.id, s.kind, s.digest) for s in states if s.id not in parents)
+
+
+def _signer(signed: Signed, verified: bool | None) -> Signer:
+    statement = attestations.decode_statement(signed.statement)
+    return Signer(key_id=signed.key_id, key=signed.key, purpose=statement.purpose,
+                  subjects=tuple(str(s.id) for s in statement.subjects), verified=verified,
+                  note=statement.note, signed_at=statement.signed_at)
 
 
 def _refuse_export(head: StateRow, problem: str | None) -> None:
@@ -339,13 +430,18 @@ def _exported(row: StoredAsset, dictionaries: Mapping[int, ZstdDictionary]) -> S
 # -- reading ------------------------------------------------------------------------------
 
 
-def verify_bundle(path: str | os.PathLike[str]) -> BundleInfo:
+def verify_bundle(path: str | os.PathLike[str], *, trust: TrustPolicy | None = None
+                  ) -> BundleInfo:
     """Check a bundle offline, without any database: every asset re-hashed and decoded,
     every reference resolved inside it with the kind it must have, every state's digest
-    recomputed, the lineage a chain from the head (version 3: parents acyclic), and the
-    file checksum. Raises
-    BundleError naming the first bad asset (digest hex) or state (id)."""
-    info, _, _ = read_bundle(path, keep_assets=False)
+    recomputed, the lineage a chain from the head (a set: parents acyclic), every
+    attestation about a state of the bundle, every signature over exactly this bundle (and
+    valid, when the signing extra is installed), and the file checksum. Raises BundleError
+    naming the first bad asset (digest hex), state (id) or signature (key id).
+
+    With ``trust``, also require ``trust.sigs_needed`` distinct trusted keys to vouch for
+    it (UntrustedError otherwise; ExtraNotInstalledError without the signing extra)."""
+    info, _, _ = read_bundle(path, keep_assets=False, trust=trust)
     return info
 
 
@@ -361,13 +457,19 @@ def conflict(info: BundleInfo, state_id: UUID) -> BundleError:
                        "different content or parent; refusing to import")
 
 
-def read_bundle(path: str | os.PathLike[str], *, keep_assets: bool = True
+def read_bundle(path: str | os.PathLike[str], *, keep_assets: bool = True,
+                trust: TrustPolicy | None = None
                 ) -> tuple[BundleInfo, list[StateRow], list[StoredAsset]]:
-    """Read and fully verify a bundle: (info, state rows newest first, assets if kept).
+    """Read and fully verify a bundle: (info, state rows newest first with the attached
+    ones last, assets if kept); with ``trust``, judge it by that policy too.
 
     Everything returned has passed every check of verify_bundle, in this same pass over the
     same bytes (no window between verifying and loading).
     """
+    if trust is not None:
+        if not isinstance(trust, TrustPolicy):
+            raise ValidationError("trust", "must be a TrustPolicy", None)
+        keys.require_signing("checking a bundle against a trust policy")
     source = files.readable_path(path)
     try:
         file = source.open("rb")
@@ -375,16 +477,22 @@ def read_bundle(path: str | os.PathLike[str], *, keep_assets: bool = True
         raise ValidationError("path", f"cannot read {source}: {e.strerror}", str(source)) from e
     try:
         with file:
-            return _read(file, source, keep_assets)
+            info, states, assets = _read(file, source, keep_assets)
     except OSError as e:  # e.g. /proc/self/mem: a regular file that cannot be read
-        raise BundleError(f"{source} cannot be read: {e.strerror or e}") from e
+        raise BundleError(f"{source} cannot be read: {e.strerror or e}",
+                          unusable=True) from e
+    if trust is not None:
+        info = _judge(info, trust)
+    return info, states, assets
 
 
 def _read(file: IO[bytes], source: Path, keep_assets: bool
           ) -> tuple[BundleInfo, list[StateRow], list[StoredAsset]]:
     states: list[StateRow] = []
+    attached: list[StateRow] = []
     state_ids: set[UUID] = set()
     assets: list[StoredAsset] = []
+    sigs: list[Signed] = []
     links = _Links()
     asset_bytes = 0
 
@@ -395,10 +503,12 @@ def _read(file: IO[bytes], source: Path, keep_assets: bool
     hasher = blake3.blake3()
     magic = file.read(len(MAGIC))
     if magic != MAGIC:
-        raise BundleError(f"{source} is not an immagent bundle (bad magic bytes)")
+        raise BundleError(f"{source} is not an immagent bundle (bad magic bytes)",
+                          unusable=True)
     hasher.update(magic)
     frames = _frames(file, source, hasher)
     header = _read_header(next(frames, None), source)
+    signed_part: bytes | None = None  # the content checksum, at the first signature
     end: tuple[_End, bytes] | None = None  # the end record and the checksum it must hold
     for offset, payload, checksum in frames:
         try:
@@ -411,12 +521,34 @@ def _read(file: IO[bytes], source: Path, keep_assets: bool
             if file.read(1):
                 raise BundleError(f"{source}: data after the end record (byte {offset})")
             break
+        if isinstance(record, _Sig):
+            if header.version < FORMAT_VERSION:
+                raise BundleError(f"{source}: a signature record at byte {offset} in a "
+                                  f"version {header.version} bundle")
+            if len(sigs) == MAX_SIGNATURES:
+                raise BundleError(f"{source}: more than {MAX_SIGNATURES} signatures")
+            if signed_part is None:
+                signed_part = checksum
+            sigs.append(Signed(record.statement, record.key, record.signature))
+            continue
+        if sigs:  # everything before the signatures is what they cover
+            raise BundleError(f"{source}: a record after the signatures (byte {offset})")
         if isinstance(record, _Agent | _State):
             state = _verified_state(record, source)
             if state.id in state_ids:
                 raise BundleError(f"{source}: {_who(state.id)} appears twice")
             state_ids.add(state.id)
-            states.append(state)
+            if STATE_KINDS[state.kind].attached:
+                if header.version < FORMAT_VERSION:
+                    raise BundleError(f"{source}: {_who(state.id, state.kind)} is attached "
+                                      f"to another state; a version {header.version} "
+                                      "bundle holds none")
+                attached.append(state)
+            elif attached:
+                raise BundleError(f"{source}: {_who(state.id, state.kind)} comes after the "
+                                  "attached states (they follow every state they are about)")
+            else:
+                states.append(state)
             refuse(links.state(state) or _content_problem(state))
             continue
         row = _verified_asset(record, source)
@@ -427,19 +559,128 @@ def _read(file: IO[bytes], source: Path, keep_assets: bool
     size = file.tell()
     if end is None:
         raise BundleError(f"{source} is truncated: no end record")
-    _check_lineage(states, header, source)
+    lineage = _lineage_form(header)
+    _check_lineage(states, header, lineage, source)
+    refuse(_attached_problem(states, attached))
     refuse(links.problem())
     last, checksum = end
-    if last.agents != len(states) or last.assets != len(links.kinds):
+    count = len(states) + len(attached)
+    if last.agents != count or last.assets != len(links.kinds):
         raise BundleError(f"{source}: record counts do not match the end record "
-                          f"({len(states)} states, {len(links.kinds)} assets read)")
+                          f"({count} states, {len(links.kinds)} assets read)")
     if last.checksum != checksum:
         raise BundleError(f"{source}: file checksum mismatch (ids, lineage, timestamps or "
                           "framing were altered)")
+    signers = _checked_signers(source, header, states, attached,
+                               signed_part if signed_part is not None else checksum, sigs)
     info = BundleInfo(path=str(source), version=header.version, head=header.head,
                       head_digest=states[0].digest, agents=tuple(s.id for s in states),
-                      assets=len(links.kinds), asset_bytes=asset_bytes, file_bytes=size)
-    return info, states, assets
+                      assets=len(links.kinds), asset_bytes=asset_bytes, file_bytes=size,
+                      attestations=tuple(s.id for s in attached), signers=signers,
+                      lineage=lineage, heads=tuple(h.id for h in _heads(states)))
+    return info, [*states, *attached], assets
+
+
+def _lineage_form(header: _Header) -> bool:
+    """Whether a bundle's states must be one lineage (versions 1, 2, and 4 saying so)."""
+    return header.version < SET_VERSION or (header.version > SET_VERSION and header.lineage)
+
+
+def _attached_problem(states: Sequence[StateRow], attached: Sequence[StateRow]) -> str | None:
+    """Why the attached states do not fit the states they are about, or None: each must
+    be about a state of the bundle (its parent), and an attestation must name that
+    state's digest (one about other content is not about this state)."""
+    by_id = {s.id: s for s in states}
+    for row in attached:
+        subject = by_id.get(row.parent_id) if row.parent_id is not None else None
+        if subject is None:
+            return (f"{_who(row.id, row.kind)} is about state {row.parent_id}, which the "
+                    "bundle does not hold")
+        if row.kind == Kind.ATTESTATION:
+            _, _, named = attestations.attestation_of(row.kind, row.stream, row.refs,
+                                                      row.body)
+            if (named.kind, named.digest) != (subject.kind, subject.digest):
+                return (f"attestation {row.id} vouches for other content than state "
+                        f"{subject.id} holds (digest {named.digest.hex()}, the state's "
+                        f"{subject.digest.hex()})")
+    return None
+
+
+def _checked_signers(source: Path, header: _Header, states: Sequence[StateRow],
+                     attached: Sequence[StateRow], content: bytes,
+                     sigs: Sequence[Signed]) -> tuple[Signer, ...]:
+    """Every signature the bundle carries, checked: a bundle signature must be over exactly
+    this bundle (format, heads, content checksum) and an attestation about its subject's
+    digest (checked with the states); then, where the signing extra is installed, each
+    Ed25519 signature must verify. A signature that is over something else, or does not
+    verify, is tampering: BundleError naming the key."""
+    expected = Statement(purpose="bundle", subjects=_heads(states), format=header.version,
+                         checksum=content)
+    found: list[tuple[Signed, str]] = []
+    for signed in sigs:
+        try:
+            statement = attestations.check_signed(signed)
+        except ValueError as e:
+            raise BundleError(f"{source}: a signature record is malformed: {e}") from None
+        who = f"the signature by {signed.key_id}"
+        if statement.purpose != "bundle":
+            raise BundleError(f"{source}: {who} is not a bundle signature (an "
+                              f"{statement.purpose} statement)")
+        if statement.format != header.version:
+            raise BundleError(f"{source}: {who} is over a version {statement.format} "
+                              f"bundle, this one is version {header.version}")
+        if statement.subjects != expected.subjects:
+            raise BundleError(f"{source}: {who} is over other heads than this bundle's "
+                              f"({_names(statement.subjects)}; the bundle's: "
+                              f"{_names(expected.subjects)})")
+        if statement.checksum != expected.checksum:
+            raise BundleError(f"{source}: {who} is over other content: the bundle was "
+                              "altered after it was signed")
+        found.append((signed, "bundle"))
+    for row in attached:
+        if row.kind == Kind.ATTESTATION:
+            signed, _, _ = attestations.attestation_of(row.kind, row.stream, row.refs,
+                                                       row.body)
+            found.append((signed, f"attestation {row.id}"))
+    checkable = keys.signing_available()
+    signers: list[Signer] = []
+    for signed, what in found:
+        verified = keys.verify_signed(signed) if checkable else None
+        if verified is False:
+            name = f"the signature by {signed.key_id}" if what == "bundle" else what
+            raise BundleError(f"{source}: {name} does not verify (made by another key, or "
+                              "its statement or signature was altered)")
+        signers.append(_signer(signed, verified))
+    return tuple(signers)
+
+
+def _names(subjects: Sequence[Subject]) -> str:
+    shown = ", ".join(f"{s.id}@{s.digest.hex()[:12]}" for s in subjects[:3])
+    return shown + (f" and {len(subjects) - 3} more" if len(subjects) > 3 else "")
+
+
+def _judge(info: BundleInfo, trust: TrustPolicy) -> BundleInfo:
+    """``info`` with the trusted keys that vouch for the bundle, or UntrustedError: a key
+    vouches with a valid bundle signature, or with valid attestations of every head."""
+    heads = {str(h) for h in info.heads}
+    vouching: set[bytes] = set()
+    attested: dict[bytes, set[str]] = {}
+    for signer in info.signers:
+        if not signer.verified or not trust.trusted(signer.key):
+            continue
+        if signer.purpose == "bundle":
+            vouching.add(signer.key)
+        else:
+            attested.setdefault(signer.key, set()).update(signer.subjects)
+    vouching |= {key for key, subjects in attested.items() if heads <= subjects}
+    ids = tuple(sorted(attestations.key_id(k) for k in vouching))
+    if len(vouching) < trust.sigs_needed:
+        seen = sorted({s.key_id for s in info.signers})
+        raise UntrustedError(
+            f"{info.path}: intact, but vouched for by {len(vouching)} trusted key(s) where "
+            f"{trust.sigs_needed} are needed (signed by: {', '.join(seen) or 'nobody'}; "
+            f"trusted: {', '.join(sorted(k.id for k in trust.keys))})")
+    return msgspec.structs.replace(info, trusted_by=ids)
 
 
 def _decode_reason(e: BaseException) -> str:
@@ -483,20 +724,33 @@ def _read_header(frame: tuple[int, bytes, bytes] | None, source: Path) -> _Heade
         raise BundleError(f"{source}: malformed header: {_decode_reason(e)}") from None
     if not isinstance(raw, dict) or raw.get("format") != "immagent-bundle":
         raise BundleError(f"{source}: malformed header (not an immagent bundle)")
-    if raw.get("version") not in _READABLE:
-        raise BundleError(f"{source}: bundle format version {raw.get('version')!r} is not "
+    version = raw.get("version")
+    if type(version) is not int or version not in _READABLE:
+        raise BundleError(f"{source}: bundle format version {version!r} is not "
                           f"supported (this immagent reads versions "
-                          f"{', '.join(map(str, sorted(_READABLE)))})")
+                          f"{', '.join(map(str, sorted(_READABLE)))})", unusable=True)
+    if "lineage" in raw and version != FORMAT_VERSION:
+        raise BundleError(f"{source}: malformed header (a version {version} header has no "
+                          "lineage field)")
     try:
         return msgspec.convert(raw, _Header)
     except _DECODE_ERRORS as e:
         raise BundleError(f"{source}: malformed header: {_decode_reason(e)}") from None
 
 
+def _check_fan_out(source: Path, field: str, count: int) -> None:
+    """The write path's fan-out limit, before the record is hashed or its refs split."""
+    try:
+        check_fan_out(field, count)
+    except FanOutError as e:
+        raise BundleError(f"{source}: {e}") from e
+
+
 def _verified_asset(record: _Asset, source: Path) -> StoredAsset:
     """The stored row of a bundle asset, after the checks every stored row passes."""
     if len(record.refs) % 32:
         raise BundleError(f"{source}: asset {record.digest.hex()} has malformed refs")
+    _check_fan_out(source, f"asset {record.digest.hex()}.refs", len(record.refs) // 32)
     row = StoredAsset(record.digest, record.kind, split_refs(record.refs), record.body)
     found = check_row(row)
     if found is not None:
@@ -511,6 +765,8 @@ def _verified_state(record: _Agent | _State, source: Path) -> StateRow:
     """The state row a bundle record holds, after the checks every stored state passes."""
     if isinstance(record, _State) and len(record.refs) % 32:
         raise BundleError(f"{source}: state {record.id} has malformed refs")
+    if isinstance(record, _State):
+        _check_fan_out(source, f"state {record.id}.refs", len(record.refs) // 32)
     try:
         row = record.record.to_row() if isinstance(record, _Agent) else record.row()
     except (msgspec.EncodeError, TypeError, ValueError, RecursionError) as e:
@@ -523,29 +779,31 @@ def _verified_state(record: _Agent | _State, source: Path) -> StateRow:
     return row
 
 
-def _check_lineage(states: list[StateRow], header: _Header, source: Path) -> None:
-    """The states must be the head followed by its ancestors, each the next's child."""
+def _check_lineage(states: list[StateRow], header: _Header, lineage: bool,
+                   source: Path) -> None:
+    """The states must start with the head; a lineage must be the head followed by its
+    ancestors, each the next one's child; no parent cycle either way."""
     if not states:
         raise BundleError(f"{source}: holds no state")
     if states[0].id != header.head:
         raise BundleError(f"{source}: the first state {states[0].id} is not the head "
                           f"{header.head} named in the header")
-    if header.version < SET_VERSION:
+    if lineage:
         for child, parent in itertools.pairwise(states):
             if child.parent_id != parent.id:
                 raise BundleError(f"{source}: state {parent.id} is not the parent of state "
                                   f"{child.id} (lineage out of order)")
-    problem = _cycle_problem(states, header.version)
+    problem = _cycle_problem(states, lineage)
     if problem is not None:
         raise BundleError(f"{source}: {problem}")
 
 
-def _cycle_problem(states: list[StateRow], version: int) -> str | None:
+def _cycle_problem(states: Sequence[StateRow], lineage: bool) -> str | None:
     """Why the parents of a bundle's states would make a walk go round for ever, or None.
     A lineage (each state the next one's child) is a cycle when its oldest state names one
-    of its states as parent; in a set of states (version 3), following parents inside the
-    bundle must always end."""
-    if version < SET_VERSION:
+    of its states as parent; in a set of states, following parents inside the bundle must
+    always end."""
+    if lineage:
         ids = {s.id for s in states}
         oldest = states[-1]
         if oldest.parent_id in ids:

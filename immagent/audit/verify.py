@@ -21,7 +21,9 @@ from uuid import UUID
 import msgspec
 
 from immagent.assets import Digest, Kind, MissingAsset, ref_kind_table
-from immagent.codec import NO_DICTIONARIES, ZstdDictionary
+from immagent.attestations import attestation_of
+from immagent.audit import keys
+from immagent.codec import NO_DICTIONARIES, ZstdDictionary, decoded_size
 from immagent.exceptions import AgentNotFoundError, IntegrityError
 from immagent.records import STATE_KINDS, StateRow, check_state
 from immagent.rows import StoredAsset, check_row
@@ -94,6 +96,9 @@ class VerifyReport(msgspec.Struct, frozen=True):
     truncated: bool = False  # some category had more than MAX_LISTED entries
     wrong_kinds: tuple[KindProblem, ...] = ()  # references to an asset of another kind
     cycles: tuple[UUID, ...] = ()  # states whose lineage runs into a parent cycle
+    attestations_checked: int = 0  # attestation states among the states checked
+    #: Attestations whose Ed25519 signature was not checked (no signing extra installed).
+    signatures_unchecked: int = 0
 
     @property
     def ok(self) -> bool:
@@ -126,6 +131,13 @@ class VerifyReport(msgspec.Struct, frozen=True):
                 for k in self.wrong_kinds]
         out += [f"cycle: the lineage of state {c} runs into a parent cycle"
                 for c in self.cycles]
+        if self.attestations_checked:
+            checked = self.attestations_checked - self.signatures_unchecked
+            out.append(f"attestations: {self.attestations_checked}, signatures checked: "
+                       f"{checked}")
+        if self.signatures_unchecked:
+            out.append(f"{self.signatures_unchecked} attestation signature(s) not checked: "
+                       "pip install 'immagent[sign]'")
         if self.truncated:
             out.append(f"(lists truncated at {MAX_LISTED} entries per category)")
         out.append("OK" if self.ok else f"{self.problems} problem(s) found")
@@ -163,18 +175,43 @@ async def verify_backend(backend: AuditBackend, agent_id: UUID | None = None, *,
         else:
             truncated = True
 
-    states_checked = 0
+    states_checked = attestations_checked = unchecked = 0
     wrong_kinds: list[KindProblem] = []
+    checkable = keys.signing_available()
+
+    async def check_attestations(rows: Sequence[StateRow]) -> None:
+        """Each attestation's signature verifies, and its subject, where still stored
+        (gc removes the others), holds the content it vouches for."""
+        nonlocal attestations_checked, unchecked
+        subjects = {r.id: r for r in await backend.get_states(
+            sorted({r.parent_id for r in rows if r.parent_id is not None}))}
+        for row in rows:
+            attestations_checked += 1
+            signed, _, named = attestation_of(row.kind, row.stream, row.refs, row.body)
+            if not checkable:
+                unchecked += 1
+            elif not keys.verify_signed(signed):
+                note(bad_states, AgentProblem(row.id, row.digest, "corrupt: its signature "
+                                              f"by {signed.key_id} does not verify"))
+                continue
+            subject = subjects.get(named.id)
+            if subject is not None and (subject.kind, subject.digest) != (named.kind,
+                                                                          named.digest):
+                note(bad_states, AgentProblem(row.id, row.digest, f"corrupt: it vouches for "
+                                              f"other content than state {named.id} holds"))
 
     async def check_states(rows: Sequence[StateRow]) -> None:
         nonlocal states_checked
         wanted: dict[Digest, list[tuple[UUID, int]]] = {}
+        attested: list[StateRow] = []
         for row in rows:
             states_checked += 1
             problem = check_state(row)
             if problem is not None:
                 note(bad_states, AgentProblem(row.id, row.digest, f"{problem[0]}: {problem[1]}"))
                 continue
+            if row.kind == Kind.ATTESTATION:
+                attested.append(row)
             kinds = STATE_KINDS[row.kind].ref_kinds(row)
             if len(kinds) != len(row.refs):
                 note(bad_states, AgentProblem(row.id, row.digest, f"undecodable: it pins "
@@ -182,6 +219,8 @@ async def verify_backend(backend: AuditBackend, agent_id: UUID | None = None, *,
                 continue
             for ref, kind in zip(row.refs, kinds, strict=True):
                 wanted.setdefault(ref, []).append((row.id, kind))
+        if attested:
+            await check_attestations(attested)
         # A page of states pins few distinct assets (prompts, head nodes): read them here.
         found = await backend.get_assets(sorted(wanted))
         for ref, uses in wanted.items():
@@ -214,7 +253,9 @@ async def verify_backend(backend: AuditBackend, agent_id: UUID | None = None, *,
                                 agents_checked=1, unreadable_agents=(f"{agent_id}: {e}",))
         if not rows:
             raise AgentNotFoundError(agent_id)
-        await check_states(rows)
+        # The state and the attestations about it.
+        await check_states([*rows, *await backend.stream_states(
+            Kind.ATTESTATION, str(agent_id), limit=MAX_LISTED, newest_first=False)])
         if _in_cycle(agent_id, await backend.lineage(agent_id)):
             cycles = [agent_id]
         batches = backend.iter_assets(sorted(set(rows[0].refs)), _BATCH)
@@ -226,8 +267,13 @@ async def verify_backend(backend: AuditBackend, agent_id: UUID | None = None, *,
             for row in batch:
                 checked += 1
                 found = check_row(row, dictionaries)
-                # Counted once checked: a damaged SQLite column may hold an int, not bytes.
-                size += len(row.body) if isinstance(row.body, bytes) else 0
+                # Content bytes (canonical, uncompressed), as bundles count them, once the
+                # row proved sound; a damaged one by what it holds (a damaged SQLite column
+                # may hold an int, not bytes).
+                if found is None:
+                    size += decoded_size(row.codec, row.body, dictionaries)
+                elif isinstance(row.body, bytes):
+                    size += len(row.body)
                 if found is not None:
                     category, reason = found
                     note(corrupt if category == "corrupt" else undecodable,
@@ -248,6 +294,7 @@ async def verify_backend(backend: AuditBackend, agent_id: UUID | None = None, *,
         missing=tuple(dangling[:MAX_LISTED]), undecodable=tuple(undecodable),
         bad_agents=tuple(bad_states), unreadable_agents=tuple(unreadable[:MAX_LISTED]),
         truncated=truncated, wrong_kinds=tuple(wrong_kinds), cycles=tuple(cycles[:MAX_LISTED]),
+        attestations_checked=attestations_checked, signatures_unchecked=unchecked,
     )
 
 

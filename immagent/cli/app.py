@@ -1,4 +1,8 @@
-"""The ``immagent`` console script: argument parsing, dispatch, exit codes, error lines."""
+"""The ``immagent`` console script: argument parsing, dispatch, exit codes, error lines.
+
+The grammar is built from the ``COMMANDS`` list of each command module (``cli.spec``):
+one place names every subcommand, in the order ``immagent --help`` lists them.
+"""
 
 from __future__ import annotations
 
@@ -7,61 +11,46 @@ import asyncio
 import logging
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NoReturn
-from uuid import UUID
 
 from immagent import __version__
-from immagent.cli import audit, chat, commands
+from immagent.cli import audit, chat, diff, edit, heads, history, trust
 from immagent.cli.context import Context
 from immagent.cli.database import DEFAULT_DB, ENV_DB, ENV_REPLICAS
 from immagent.cli.errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
+    EXIT_OK,
     EXIT_USAGE,
     CLIError,
 )
+from immagent.cli.output import Output, PagerClosed, Terminal
 from immagent.cli.render import visible
+from immagent.cli.spec import Command
 from immagent.exceptions import ImmAgentError, ValidationError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "main"]
 
-Handler = Callable[[Context, argparse.Namespace], int]
+#: Every subcommand, in help order. A new command module adds its list here.
+COMMANDS: list[Command] = [*chat.COMMANDS, *heads.COMMANDS, *history.COMMANDS,
+                           *edit.COMMANDS, *audit.COMMANDS, *trust.COMMANDS, *diff.COMMANDS]
 _MAX_ERROR_CHARS = 500
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line usage error and exit status 2."""
+    """argparse with one visible usage-error line (JSON with --json) and exit status 2."""
+
+    json_errors = False
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"immagent: error: {message} (see '{self.prog} --help')\n")
-
-
-def _agent_id(value: str) -> UUID:
-    """argparse type: an agent id (a UUID)."""
-    try:
-        return UUID(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not a valid agent id: {value!r} (expected a UUID)") from None
-
-
-def _count(low: int) -> Callable[[str], int]:
-    """argparse type: an int >= ``low``."""
-    def parse(value: str) -> int:
-        try:
-            n = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-        if n < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
-        return n
-    parse.__name__ = "count"
-    return parse
+        text = f"{message} (see '{self.prog} --help')"
+        _error_output(self.json_errors).error(_one_line(text), EXIT_USAGE, "UsageError")
+        self.exit(EXIT_USAGE)
 
 
 def _global_options(for_subcommand: bool) -> _Parser:
-    """--db/--json/--debug, accepted before and after the subcommand name."""
+    """Options accepted before and after the subcommand name."""
     unset = argparse.SUPPRESS if for_subcommand else None
     p = _Parser(add_help=False)
     p.add_argument("--db", metavar="DSN", default=unset,
@@ -70,7 +59,13 @@ def _global_options(for_subcommand: bool) -> _Parser:
                    help=f"a hot standby of a postgresql:// --db that serves reads (repeat for "
                         f"more; with ${ENV_DB}: ${ENV_REPLICAS}, whitespace-separated)")
     p.add_argument("--json", action="store_true", default=unset or False,
-                   help="print results as JSON for scripts")
+                   help="print results as JSON for scripts (errors too, on stderr)")
+    p.add_argument("--color", choices=("auto", "always", "never"), default=unset,
+                   help="colour output: auto (default: on a terminal, unless NO_COLOR is "
+                        "set), always or never")
+    p.add_argument("--no-pager", action="store_true", default=unset or False,
+                   help="never page output (by default long output goes through $PAGER, "
+                        "or less, when stdout is a terminal)")
     p.add_argument("--debug", action="store_true", default=unset or False,
                    help="show tracebacks and debug logs")
     return p
@@ -79,72 +74,28 @@ def _global_options(for_subcommand: bool) -> _Parser:
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line grammar."""
     parser = _Parser(prog="immagent", parents=[_global_options(False)],
-                     description="Immutable, content-addressed agents: every step is a new "
-                                 "agent state, every piece of content is stored once.")
+                     description="Immutable, content-addressed agent state: every step is a "
+                                 "new state, every piece of content is stored once. Browses "
+                                 "and audits what PersistentAgent, LangGraph's ImmAgentSaver "
+                                 "and the Agents SDK's ImmAgentSession store.")
     parser.add_argument("--version", action="version", version=f"immagent {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
     common = [_global_options(True)]
-
-    def add(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=common, help=help, description=help)
-        p.set_defaults(handler=handler)
-        return p
-
-    _add_chat(add("chat", chat.run, "talk to an agent (a new state per turn)"))
-    p = add("agents", commands.agents, "list agent states, oldest first")
-    p.add_argument("--limit", type=_count(1), default=50, help="states per page (default 50)")
-    p.add_argument("--offset", type=_count(0), default=0, help="states to skip")
-    p.add_argument("--name", help="only states with this exact name")
-    _add_target(add("show", commands.show, "show one state: fields, digests, prompt, messages"))
-    p = add("log", commands.log, "lineage of a state, newest first")
-    _add_target(p)
-    p.add_argument("-n", "--limit", type=_count(1), help="show only the newest N states")
-    p.add_argument("--oneline", action="store_true", help="one line per state")
-    add("clone", commands.clone, "new state with the same content, parent ID"
-        ).add_argument("id", metavar="ID", type=_agent_id)
-    p = add("delete", commands.delete, "delete a state (content stays until gc)")
-    p.add_argument("id", metavar="ID", type=_agent_id)
-    p.add_argument("--lineage", action="store_true", help="also delete every ancestor")
-    add("stats", audit.stats, "storage used and what sharing saves")
-    add("gc", audit.gc, "remove content no agent state can reach")
-    add("verify", audit.verify, "re-hash stored content; exit 1 on any problem"
-        ).add_argument("id", metavar="ID", type=_agent_id, nargs="?")
-    p = add("export", audit.export, "write a state to a verifiable bundle file")
-    p.add_argument("id", metavar="ID", type=_agent_id)
-    p.add_argument("file", metavar="FILE")
-    p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
-    add("verify-bundle", audit.verify_bundle, "check a bundle file offline (no database)"
-        ).add_argument("file", metavar="FILE")
-    add("import", audit.import_, "load a bundle file into the store"
-        ).add_argument("file", metavar="FILE")
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, parents=common, help=command.help,
+                           description=command.description or command.help)
+        command.arguments(p)
+        p.set_defaults(command_spec=command)
     return parser
-
-
-def _add_target(p: argparse.ArgumentParser) -> None:
-    """ID, or by default the newest state of --name (what ``chat`` would continue)."""
-    p.add_argument("id", metavar="ID", type=_agent_id, nargs="?",
-                   help="agent state (default: the newest state of --name)")
-    p.add_argument("--name", default=chat.DEFAULT_NAME,
-                   help=f"name used when ID is left out (default {chat.DEFAULT_NAME!r})")
-
-
-def _add_chat(p: argparse.ArgumentParser) -> None:
-    who = p.add_mutually_exclusive_group()
-    who.add_argument("--agent", metavar="ID", type=_agent_id, help="continue this state")
-    who.add_argument("--name", default=chat.DEFAULT_NAME,
-                     help=f"continue the newest state of this name, or start one "
-                          f"(default {chat.DEFAULT_NAME!r})")
-    p.add_argument("--model", help="model of a new agent (default: $IMMAGENT_MODEL, a model "
-                                   "of a provider whose API key is set, else immagent/echo)")
-    p.add_argument("--system", metavar="PROMPT", help="system prompt of a new agent")
-    p.add_argument("message", nargs="*",
-                   help="message to send; without one, read a message per line")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 failure, 2 usage, 130 ^C)."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    _Parser.json_errors = "--json" in args_list[: _end_of_options(args_list)]
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(args_list)
     except SystemExit as e:  # --help, --version and usage errors
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     logger = logging.getLogger("immagent")
@@ -156,43 +107,62 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.setLevel(level)
 
 
+def _end_of_options(argv: Sequence[str]) -> int:
+    return argv.index("--") if "--" in argv else len(argv)
+
+
 def _run(args: argparse.Namespace) -> int:
     """Dispatch to the command and turn every failure into one line and an exit status."""
+    command: Command = args.command_spec
+    ctx: Context | None = None
     try:
         with asyncio.Runner() as runner:
-            ctx = Context(args, runner)
+            ctx = Context(args, runner, pages=command.pages)
             try:
-                status: int = args.handler(ctx, args)
-                sys.stdout.flush()
+                status: int = command.run(ctx, args)
+                ctx.out.flush()
                 return status
             finally:
                 ctx.close()
     except KeyboardInterrupt:
-        return _fail(args, "interrupted", EXIT_INTERRUPTED)
+        return _fail(args, ctx, "interrupted", EXIT_INTERRUPTED, "KeyboardInterrupt")
+    except PagerClosed:
+        return EXIT_OK  # the reader quit the pager: what they did not read is not an error
     except BrokenPipeError:
         return _broken_pipe()
     except CLIError as e:
-        return _fail(args, e.message, e.code)
+        return _fail(args, ctx, e.message, e.code, "CLIError")
     except ValidationError as e:
-        return _fail(args, str(e), EXIT_USAGE)
+        return _fail(args, ctx, str(e), EXIT_USAGE, type(e).__name__)
     except ImmAgentError as e:
-        return _fail(args, str(e), EXIT_FAILURE)
+        return _fail(args, ctx, str(e), EXIT_FAILURE, type(e).__name__)
     except OSError as e:
-        return _fail(args, f"{e.strerror or e}: {e.filename}" if e.filename else str(e),
-                     EXIT_FAILURE)
+        return _fail(args, ctx, f"{e.strerror or e}: {e.filename}" if e.filename else str(e),
+                     EXIT_FAILURE, type(e).__name__)
     except Exception as e:
-        return _fail(args, f"internal error: {type(e).__name__}: {e} (rerun with --debug "
-                           "for the traceback)", EXIT_FAILURE)
+        return _fail(args, ctx, f"internal error: {type(e).__name__}: {e} (rerun with --debug "
+                                "for the traceback)", EXIT_FAILURE, type(e).__name__)
 
 
-def _fail(args: argparse.Namespace, message: str, code: int) -> int:
-    """Print ``immagent: error: …`` on one line (the traceback first with --debug)."""
-    if args.debug:
-        traceback.print_exc()
-    text = visible(" ".join(message.split()))  # an error may quote a stored name
+def _one_line(message: str) -> str:
+    text = " ".join(message.split())
     if len(text) > _MAX_ERROR_CHARS:
         text = text[: _MAX_ERROR_CHARS - 1] + "…"
-    sys.stderr.write(f"immagent: error: {text}\n")
+    return text
+
+
+def _error_output(as_json: bool) -> Output:
+    return Output(as_json, Terminal.detect("auto"))
+
+
+def _fail(args: argparse.Namespace, ctx: Context | None, message: str, code: int,
+          kind: str) -> int:
+    """Print ``immagent: error: …`` on one line (the traceback first with --debug), or
+    with --json ``{"error": {…}}``; return the exit status."""
+    if args.debug:
+        traceback.print_exc()
+    out = ctx.out if ctx is not None else _error_output(bool(args.json))
+    out.error(_one_line(message), code, kind)
     return code
 
 
@@ -210,7 +180,8 @@ def _broken_pipe() -> int:
 
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"immagent: {record.levelname.lower()}: {record.getMessage()}"
+        # A provider's error text is not ours: shown visibly, like everything else.
+        return visible(f"immagent: {record.levelname.lower()}: {record.getMessage()}")
 
 
 def _log_handler(debug: bool) -> logging.Handler:

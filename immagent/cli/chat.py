@@ -1,8 +1,16 @@
 """``immagent chat``: create or continue an agent, one advance per message or input line.
 
 On a terminal the reply is streamed (tokens printed as they arrive, the turn saved when it
-completes); piped, the reply is printed once saved; ``--json`` prints one JSON document.
-Ctrl-C during a turn saves nothing of it, streamed or not.
+completes); piped, the reply is printed once saved; ``--json`` prints one JSON object per
+turn (JSON Lines when reading turns from stdin). Ctrl-C during a turn saves nothing of it,
+streamed or not. A streamed reply goes through ``visible`` as every other output does,
+chunk by chunk: a surrogate pair or a CR LF that a provider splits across two chunks is
+joined first, so text stays intact and no escape sequence reaches the terminal.
+
+A provider model whose key is not in the environment fails at once, before the model
+client loads (seconds), naming the variable: for the providers the command line picks
+models of itself (OpenAI, Anthropic, Gemini); any other provider's missing key fails on
+its first call, without retries (``llm``).
 
 Answering at once: the offline models are answered in-process (no LiteLLM import). For a
 provider model, LiteLLM's import (seconds) starts in the background before the store is
@@ -22,19 +30,23 @@ from typing import TYPE_CHECKING, Any
 
 from immagent import lazy_litellm
 from immagent.agent import PersistentAgent
-from immagent.assets import Message
+from immagent.assets import Kind, Message
 from immagent.cli.context import Context
 from immagent.cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CLIError
-from immagent.cli.render import Progress, message_json
+from immagent.cli.refs import REF_HELP, parse_ref, resolve
+from immagent.cli.render import Progress, message_json, visible
+from immagent.cli.spec import Command
 from immagent.cli.summary import agent_json, newest
 from immagent.clients.agents import Store
 from immagent.exceptions import ImmAgentError
+from immagent.llm import needs_litellm
 from immagent.offline import ECHO_MODEL
 
 if TYPE_CHECKING:
     from immagent.stream import TurnEvent
 
-__all__ = ["DEFAULT_NAME", "DEFAULT_SYSTEM_PROMPT", "default_model", "run"]
+__all__ = ["COMMANDS", "DEFAULT_NAME", "DEFAULT_SYSTEM_PROMPT", "StreamText", "default_model",
+           "missing_key", "run"]
 
 DEFAULT_NAME = "assistant"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -46,6 +58,39 @@ PROVIDER_MODELS = (
     ("OPENAI_API_KEY", "openai/gpt-4o-mini"),
     ("GEMINI_API_KEY", "gemini/gemini-2.0-flash"),
 )
+
+
+#: The variables LiteLLM reads each of those providers' key from (any one will do).
+PROVIDER_KEYS = {
+    "openai": ("OPENAI_API_KEY",),
+    "anthropic": ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"),
+    "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
+}
+#: Bare model names LiteLLM routes to one of them.
+_BARE_PROVIDERS = (("gpt-", "openai"), ("chatgpt-", "openai"), ("o1", "openai"),
+                   ("o3", "openai"), ("o4", "openai"), ("claude-", "anthropic"))
+
+
+def missing_key(model: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The variable to set when ``model`` is one of PROVIDER_KEYS' providers and none of
+    its key variables is set; None otherwise (also for every other provider)."""
+    env = os.environ if environ is None else environ
+    provider, sep, _ = model.partition("/")
+    if not sep:
+        provider = next((p for prefix, p in _BARE_PROVIDERS if model.startswith(prefix)), "")
+    names = PROVIDER_KEYS.get(provider)
+    if names is None or any(env.get(n, "").strip() for n in names):
+        return None
+    return names[0]
+
+
+def _check_key(model: str) -> None:
+    if needs_litellm(model):
+        lazy_litellm.require()  # the install command first: a key alone would not do
+    missing = missing_key(model)
+    if missing is not None:
+        raise CLIError(f"{model} needs an API key: set {missing} in the environment "
+                       "(no turn was sent or saved)")
 
 
 def default_model(environ: Mapping[str, str] | None = None) -> str:
@@ -134,6 +179,34 @@ async def _model_client(model: str, screen: Screen) -> None:
         await lazy_litellm.load_async()
 
 
+class StreamText:
+    """A streamed reply made visible chunk by chunk. A chunk may end inside a surrogate
+    pair (a provider's JSON can split an emoji's escapes) or between CR and LF: that last
+    character waits for the next chunk, so pairs are joined and CR LF becomes one line
+    feed; ``flush`` shows what is left (a lone surrogate or CR as visible stand-ins)."""
+
+    def __init__(self) -> None:
+        self._held = ""
+
+    def feed(self, chunk: str) -> str:
+        """What can be written of ``chunk`` now."""
+        text, self._held = self._held + chunk, ""
+        if text and ("\ud800" <= text[-1] <= "\udbff" or text[-1] == "\r"):
+            text, self._held = text[:-1], text[-1]
+        return _shown(text)
+
+    def flush(self) -> str:
+        """The rest, once the stream has ended."""
+        text, self._held = self._held, ""
+        return _shown(text)
+
+
+def _shown(text: str) -> str:
+    if not text.isascii():  # join surrogate pairs; a lone one stays (visible shows it)
+        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+    return visible(text.replace("\r\n", "\n"))
+
+
 class Screen:
     """What a turn shows while it runs: a status on stderr (a terminal only) until output
     starts, and, when ``streams``, the reply's text on stdout as it arrives."""
@@ -142,6 +215,7 @@ class Screen:
         self.streams = streams
         self._status = Progress("")
         self._write = write or _stdout
+        self._text = StreamText()
         self._open = False  # a streamed line has text and no newline yet
 
     def waiting(self, what: str) -> None:
@@ -155,7 +229,7 @@ class Screen:
 
         if isinstance(event, TextDelta):
             self._status.finish()
-            self._write(event.text)
+            self._write(self._text.feed(event.text))
             self._open = True
         elif isinstance(event, AssistantReply) and event.message.tool_calls:
             self.end_line()
@@ -166,7 +240,7 @@ class Screen:
         """Finish the streamed line (if any) and clear the status."""
         self._status.finish()
         if self._open:
-            self._write("\n")
+            self._write(self._text.flush() + "\n")
             self._open = False
 
 
@@ -184,10 +258,12 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         raise CLIError("the message is empty", code=EXIT_USAGE)
     # The model is known for sure only once the agent is read; start on the likely one,
     # so the import overlaps with opening the store.
-    if needs_litellm(args.model or default_model()):
+    likely = args.model or default_model()
+    if needs_litellm(likely):
         lazy_litellm.preload()
     store = ctx.store(create=True)
     conversation = ctx.run(_conversation(store, args))
+    _check_key(conversation.current_model)
     if needs_litellm(conversation.current_model):
         lazy_litellm.preload()
     if args.message:
@@ -198,7 +274,12 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
 async def _conversation(store: Store, args: argparse.Namespace) -> Conversation:
     """The agent named by --agent, else the newest state called --name (or a new one)."""
     if args.agent is not None:
-        agent: PersistentAgent | None = await store.load_agent(args.agent)
+        row = (await resolve(store, args.agent)).row
+        if row.kind != Kind.AGENT_STATE:
+            raise CLIError(f"--agent {args.agent}: not an agent state (chat continues "
+                           "agents; threads and sessions are continued by their apps)",
+                           code=EXIT_USAGE)
+        agent: PersistentAgent | None = await store.load_agent(row.id)
     else:
         agent = await newest(store, args.name)
     if agent is not None:
@@ -247,7 +328,7 @@ def _show_turn(ctx: Context, turn: Turn, *, compact: bool, streamed: bool) -> No
         ctx.out.flush()
         return
     if not streamed:  # a streamed reply is on the screen already
-        ctx.out.line(turn.reply)
+        ctx.out.line(turn.reply.replace("\r\n", "\n"))
     if not compact:
         ctx.out.line(f"agent {turn.agent.id}")
     ctx.out.flush()  # a reader on a pipe sees each reply before the next prompt
@@ -296,3 +377,27 @@ def _enable_line_editing() -> None:
     """Arrow keys and history at the prompt, where the platform has readline."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (importing it is what enables line editing)
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--agent", metavar="REF", type=parse_ref,
+                     help=f"continue this agent state ({REF_HELP}); a state that is not "
+                          "its name's newest forks it")
+    who.add_argument("--name", default=DEFAULT_NAME,
+                     help=f"continue the newest state of this agent name (exact), or start "
+                          f"one (default {DEFAULT_NAME!r})")
+    p.add_argument("--model", help="model of a new agent (default: $IMMAGENT_MODEL, a model "
+                                   "of a provider whose API key is set, else immagent/echo)")
+    p.add_argument("--system", metavar="PROMPT", help="system prompt of a new agent")
+    p.add_argument("message", nargs="*",
+                   help="message to send; without one, read a message per line")
+
+
+COMMANDS = [
+    Command("chat", "talk to an agent (a new state per turn)", run, _arguments,
+            description="Talk to an agent: each message is one turn and one new state. On "
+                        "a terminal the reply streams as it arrives; piped, it is printed "
+                        "once saved; --json prints one JSON object per turn (JSON Lines). "
+                        "Without a message, reads one per line from stdin."),
+]

@@ -1,17 +1,27 @@
-"""Output for people and scripts: aligned tables, human sizes, JSON, progress on a TTY.
+"""Formatting for people and scripts: visible text, styled parts, aligned tables that fit
+a width, human sizes, times, JSON values, progress on a TTY. Pure: nothing here decides
+where output goes (``cli.output`` does).
 
 Stored text (names, prompts, messages) may hold terminal control sequences: an ESC that
 clears the screen or retitles the window, a carriage return that overwrites a line, a
 bidi override that reorders it. Everything printed for people goes through ``visible``,
 once, in ``Output``; ``--json`` keeps the exact text (JSON escapes every such character).
+Colour is added after that, around ``Painted`` parts only, so no stored text can carry an
+escape sequence of its own to the terminal.
+
+Sizes are counted one way everywhere: **content bytes**, the canonical (uncompressed)
+bytes of each asset's body, what its digest covers and what a bundle carries, so export,
+verify, verify-bundle, the listings and ``stats``' logical size agree on one state in any
+store. Only storage costs are counted as stored (compressed) bytes, and say so: ``stats``'
+STORED column, gc's freed bytes, and the size on disk.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import sys
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from enum import Enum
@@ -24,15 +34,20 @@ import msgspec
 from immagent.assets import Message
 
 __all__ = [
-    "Output",
+    "STYLES",
+    "Line",
+    "Painted",
     "Progress",
     "clip",
+    "columns",
     "human_bytes",
     "json_text",
     "jsonable",
     "local_time",
     "message_json",
     "message_line",
+    "paint",
+    "plural",
     "table",
     "visible",
 ]
@@ -43,7 +58,35 @@ _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 # feed, DEL, C1 controls (U+009B is a one-byte CSI), and the bidi controls that reorder
 # what follows ("Trojan source").
 _BIDI = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
-_ACTIVE = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_BIDI}]")
+# Lone surrogates too: a terminal's encoder cannot write them (a stream may split a pair
+# across chunks; cli.chat joins those before they get here).
+_ACTIVE = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_BIDI}\ud800-\udfff]")
+
+#: SGR parameters of each style a ``Painted`` part may have (git's palette: ids yellow).
+STYLES: Mapping[str, str] = {
+    "id": "33", "head": "1", "user": "32", "assistant": "36", "tool": "35", "system": "34",
+    "error": "1;31", "warning": "33", "ok": "32", "dim": "2",
+}
+
+
+class Painted(str):
+    """A part of a line shown in ``style`` (a key of STYLES) when colour is on."""
+
+    style: str
+
+    def __new__(cls, text: str, style: str) -> Painted:
+        part = super().__new__(cls, text)
+        part.style = style
+        return part
+
+
+def paint(text: str, style: str) -> Painted:
+    """``text`` to be shown in ``style`` when colour is on (plain otherwise)."""
+    return Painted(text, style)
+
+
+#: One line of output: plain text, or parts of which the Painted ones carry a style.
+Line = str | Sequence[str]
 
 
 def _shown(match: re.Match[str]) -> str:
@@ -78,34 +121,100 @@ def human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def local_time(moment: datetime, *, seconds_only: bool = True) -> str:
-    """A timestamp in the local time zone, ``2026-11-25 10:31:02 +0100``."""
+def local_time(moment: datetime, *, seconds_only: bool = True, short: bool = False) -> str:
+    """A timestamp in the local time zone, ``2026-11-25 10:31:02 +0100`` (``short``:
+    ``2026-11-25 10:31``, for tables)."""
     shown = moment.astimezone()
+    if short:
+        return shown.strftime("%Y-%m-%d %H:%M")
     return shown.strftime("%Y-%m-%d %H:%M:%S %z" if seconds_only else "%Y-%m-%d %H:%M:%S.%f %z")
 
 
+def _char_columns(char: str) -> int:
+    if unicodedata.combining(char):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def columns(text: str) -> int:
+    """Terminal columns ``text`` takes once shown (``visible``): wide characters count 2,
+    combining marks 0, every stand-in ``visible`` makes for a control character counts."""
+    shown = visible(text)
+    if shown.isascii():
+        return len(shown)
+    return sum(map(_char_columns, shown))
+
+
 def clip(text: str, width: int) -> str:
-    """The first line of ``text``, cut to ``width`` characters with an ellipsis."""
+    """The first line of ``text``, cut to ``width`` columns with an ellipsis."""
     lines = text.strip().splitlines() or [""]
     first = lines[0]
-    if len(first) > width or len(lines) > 1:
-        return first[: max(width - 1, 0)] + "…"
-    return first
+    if columns(first) <= width and len(lines) == 1:
+        return first
+    kept, used = [], 1  # the ellipsis
+    for char in first:
+        used += columns(char)
+        if used > width:
+            break
+        kept.append(char)
+    cut = "".join(kept) + "…"
+    return Painted(cut, first.style) if isinstance(first, Painted) else cut
+
+
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """``1 state``, ``2 states`` (``many`` for irregular plurals)."""
+    return f"{n} {noun if n == 1 else many or noun + 's'}"
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *,
-          right: Iterable[int] = ()) -> list[str]:
-    """Rows aligned under ``headers``; columns listed in ``right`` are right-aligned."""
+          right: Iterable[int] = (), shrink: Iterable[int] = (), drop: Sequence[int] = (),
+          width: int | None = None) -> list[tuple[str, ...]]:
+    """Rows aligned under ``headers`` (bold when colour is on); columns in ``right`` are
+    right-aligned. With ``width``, the columns in ``shrink`` give up columns (widest
+    first, cells clipped with an ellipsis, never below their header or 6) until a line
+    fits; if that is not enough, the columns in ``drop`` are left out, in that order.
+    Each line is a tuple of parts: cells keep their style, padding is plain."""
     body = [list(r) for r in rows]
-    widths = [max(len(c) for c in col) for col in zip(headers, *body, strict=False)]
+    head = [paint(h, "head") for h in headers]
+    widths = [max(columns(c) for c in col) for col in zip(headers, *body, strict=False)]
+    flexible = set(shrink)
+    shown = list(range(len(headers)))
+    if width is not None:
+        floor = {i: max(columns(headers[i]), 6) for i in flexible}
+
+        def excess(least: bool = False) -> int:
+            used = sum(min(widths[i], floor[i]) if least and i in flexible else widths[i]
+                       for i in shown)
+            return used + 2 * (len(shown) - 1) - width
+
+        for i in drop:  # what cannot fit even with the flexible columns at their least
+            if excess(least=True) <= 0:
+                break
+            shown.remove(i)
+        while excess() > 0:  # the widest flexible column first, a column at a time
+            candidates = [i for i in flexible if i in shown and widths[i] > floor[i]]
+            if not candidates:
+                break
+            widths[max(candidates, key=widths.__getitem__)] -= 1
+        for r in body:
+            for i in flexible:
+                if columns(r[i]) > widths[i]:
+                    r[i] = clip(r[i], widths[i])
     flush_right = set(right)
 
-    def line(cells: Sequence[str]) -> str:
-        parts = [c.rjust(w) if i in flush_right else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
-        return "  ".join(parts).rstrip()
+    def line(cells: Sequence[str]) -> tuple[str, ...]:
+        parts: list[str] = []
+        for i, (cell, w) in enumerate(zip(cells, widths, strict=True)):
+            if i not in shown:
+                continue
+            pad = " " * (w - columns(cell))
+            parts += [pad, cell] if i in flush_right else [cell, pad]
+            parts.append("  ")
+        while parts and not parts[-1].strip():
+            parts.pop()
+        return tuple(parts)
 
-    return [line(headers), *(line(r) for r in body)]
+    return [line(head), *(line(r) for r in body)]
 
 
 def jsonable(value: Any) -> Any:
@@ -154,41 +263,6 @@ def message_line(message: Message, width: int = 100) -> str:
     if message.interrupted:
         role += " (interrupted)"
     return clip(f"{role}: {text}", width)
-
-
-class Output:
-    """Where a command writes: stdout for results (text or JSON), stderr for the rest."""
-
-    def __init__(self, as_json: bool) -> None:
-        self.as_json = as_json
-
-    @staticmethod
-    def line(text: str = "") -> None:
-        """One line of human output on stdout (control characters shown visibly)."""
-        sys.stdout.write(visible(text) + "\n")
-
-    def lines(self, texts: Iterable[str]) -> None:
-        """Several lines of human output on stdout."""
-        for text in texts:
-            self.line(text)
-
-    @staticmethod
-    def json(value: Any, *, compact: bool = False) -> None:
-        """``value`` as JSON on stdout (indented unless ``compact``)."""
-        text = json.dumps(jsonable(value), ensure_ascii=False,
-                          indent=None if compact else 2,
-                          separators=(",", ":") if compact else None)
-        sys.stdout.write(json_text(text) + "\n")
-
-    @staticmethod
-    def flush() -> None:
-        """Push buffered stdout out now (pipes are block-buffered)."""
-        sys.stdout.flush()
-
-    @staticmethod
-    def note(text: str) -> None:
-        """A remark for the person at the terminal (stderr, so pipes stay clean)."""
-        sys.stderr.write(visible(text) + "\n")
 
 
 class Progress:

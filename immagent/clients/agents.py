@@ -31,8 +31,11 @@ from immagent.assets import (
     Kind,
     Message,
     SystemPrompt,
+    tools_of,
 )
 from immagent.audit.bundle import BundleInfo
+from immagent.audit.diff import StateDiff
+from immagent.audit.keys import SigningKey
 from immagent.audit.verify import VerifyReport
 from immagent.exceptions import AgentNotFoundError, AgentNotRegisteredError, ValidationError
 from immagent.ids import uuid7
@@ -42,6 +45,7 @@ from immagent.store.backend import Backend
 from immagent.store.log import MAX_PAGE, EventLog, check_limit, storable
 from immagent.validate import (
     check_agent_fields,
+    check_fan_out,
     check_json_mapping,
     check_sequence,
     check_text,
@@ -190,19 +194,22 @@ class Store(EventLog):
             raise AgentNotFoundError(agent_id)
         log.info("deleted agent %s", agent_id)
 
-    async def delete_lineage(self, agent: PersistentAgent | UUID | str) -> list[UUID]:
+    async def delete_lineage(self, agent: PersistentAgent | UUID | str, *,
+                             dry_run: bool = False) -> list[UUID]:
         """Delete ``agent`` and then each ancestor that no other live state descends from.
 
         A state is *live* while its row exists. The walk stops at the first ancestor that
         has another child row (or is already gone). Children of a deleted state keep their
         ``parent_id``; their lineage walks stop there. Assets stay until gc(). Returns the
-        deleted ids, ``agent`` first, in one transaction.
+        deleted ids, ``agent`` first, in one transaction. With ``dry_run`` that transaction
+        is rolled back: the ids it would delete, nothing deleted.
         """
         agent_id = self._agent_id(agent)
-        deleted = await self.delete_state_lineage(agent_id)
+        deleted = await self.delete_state_lineage(agent_id, dry_run=dry_run)
         if not deleted:
             raise AgentNotFoundError(agent_id)
-        log.info("deleted lineage of %s: %d states", agent_id, len(deleted))
+        if not dry_run:
+            log.info("deleted lineage of %s: %d states", agent_id, len(deleted))
         return deleted
 
     # -- per-agent operations (PersistentAgent's methods delegate here) --------------------
@@ -268,6 +275,8 @@ class Store(EventLog):
         """
         del history  # never trusted: a wrong one must not reach the cache
         record = _record(agent)
+        if isinstance(messages, Sequence):  # the node lists its parent and every message
+            check_fan_out("messages", len(messages), "messages", base=1)
         rows = _checked_messages(messages)
         added: list[Message] = list(messages)
         (parent,) = await self.get_assets([record.conversation], ConversationNode,
@@ -275,10 +284,8 @@ class Store(EventLog):
         node = parent.extend(added)
         new = await self._derive(record, record.id, node.digest, record.metadata,
                                  rows=[*rows, stored(node)], decoded=[*added, node])
-        self._cache.put_segment(node.digest, record.conversation, tuple(added))
-        known = self._cache.history(record.conversation)
-        if known is not None:
-            self._cache.put_history(node.digest, (*known, *added))
+        # The write cached the node as one more segment of its parent's run (O(added)); no
+        # flat copy of the history is made (one per step cost O(the lineage's length)).
         return new
 
     async def _derive(self, r: AgentRecord, parent_id: UUID | None, conversation: Digest,
@@ -314,14 +321,23 @@ class Store(EventLog):
         return await super().verify(agent_id, progress=progress)
 
     async def export(self, agent: PersistentAgent | UUID | str,
-                     path: str | os.PathLike[str]) -> BundleInfo:
-        """Write an audit bundle of ``agent`` (its lineage and every asset they reach) to
-        ``path``, atomically; verify it anywhere with ``immagent.verify_bundle``."""
+                     path: str | os.PathLike[str], *,
+                     sign: Sequence[SigningKey] = ()) -> BundleInfo:
+        """Write an audit bundle of ``agent`` (its lineage, the attestations about them and
+        every asset they reach) to ``path``, atomically, signed by each key of ``sign``;
+        verify it anywhere with ``immagent.verify_bundle``."""
         agent_id = self._agent_id(agent)
-        info = await self.export_lineage(agent_id, path)
+        info = await self.export_lineage(agent_id, path, sign=sign)
         if info is None:
             raise AgentNotFoundError(agent_id)
         return info
+
+    async def diff(self, left: PersistentAgent | UUID | str,
+                   right: PersistentAgent | UUID | str) -> StateDiff:
+        """What separates two states (agents, or any client's states of one kind): their
+        newest common ancestor, what each side added, what changed in prompt, model,
+        model config and metadata (``EventLog.diff``)."""
+        return await super().diff(_state_id(left, "left"), _state_id(right, "right"))
 
     async def import_bundle(self, path: str | os.PathLike[str]) -> PersistentAgent:
         """Verify a bundle, then load it in one transaction (idempotent: present rows are
@@ -352,6 +368,13 @@ def store_of(agent: PersistentAgent) -> Store:
             f"agent {getattr(agent, 'id', agent)} is not bound to a Store; load it with "
             "store.load_agent()")
     return store
+
+
+def _state_id(state: object, field: str) -> UUID:
+    """The id of a state given as an agent or as its id (ValidationError naming ``field``)."""
+    if isinstance(state, UUID | str):
+        return check_uuid(field, state)
+    return _record(state, field).id
 
 
 def _record(agent: object, field: str = "agent") -> AgentRecord:
@@ -386,4 +409,9 @@ def _checked_messages(messages: object) -> list[StoredAsset]:
             raise ValidationError(f"messages[{i}]", f"must be a Message, got "
                                   f"{type(m).__name__}", m)
         rows.append(storable(f"messages[{i}]", m))
+        # The tool schemas its call was offered travel with it (a model call attaches
+        # them); without them the store must already hold them (AssetNotFoundError).
+        offered = tools_of(m)
+        if offered is not None:
+            rows.append(storable(f"messages[{i}].tools", offered))
     return rows

@@ -43,6 +43,7 @@ Listing the whole store or every namespace of a thread sorts by checkpoint id.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import contextlib
 import copy
@@ -51,7 +52,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final, NamedTuple, Protocol, cast
 from uuid import UUID
 
 import msgspec
@@ -62,24 +63,34 @@ from immagent.audit.bundle import BundleInfo
 from immagent.exceptions import (
     AssetNotFoundError,
     ConflictError,
-    StaleStreamError,
     ValidationError,
 )
 from immagent.records import StateRow, stream_digest
-from immagent.store.backend import Head
 from immagent.store.log import EventLog
 
-__all__ = ["CheckpointLog", "Serde"]
+__all__ = ["ChannelHistory", "CheckpointLog", "Serde", "Snapshot"]
 
 #: Checkpoint keys with a field of their own in the stored body.
 _KNOWN_KEYS: Final = frozenset({"v", "id", "ts", "channel_values", "channel_versions",
                                 "versions_seen", "updated_channels"})
+#: Known keys a checkpoint may lack (and then reads back without).
+_OPTIONAL_KEYS: Final = ("versions_seen", "updated_channels")
+#: Metadata keys LangGraph's DeltaChannel leaves; the first names the delta channels.
+_DELTA_KEYS: Final = cp.DELTA_KEYS
+_DELTA_COUNTERS: Final = _DELTA_KEYS[0]
 _PRUNE_STRATEGIES: Final = ("keep_latest", "delete")
 _PAGE: Final = 1000
-#: Times a re-put reads its namespace again when checkpoints keep arriving meanwhile.
-_REPLACE_ATTEMPTS: Final = 20
 #: How far back a chain is walked, link by link, to find where a shortened list forks.
 _MAX_WALK: Final = 64
+#: Shapes stored as one VALUE_NODE chain.
+_CHAINS: Final = (cp.CHAIN, cp.SNAPSHOT)
+#: Ancestors read per lineage query when a walk leaves this client's memory.
+_LINEAGE_PAGE: Final = 64
+#: How far back a new snapshot looks for the one before it (LangGraph snapshots a delta
+#: channel at least every 5000 steps).
+_MAX_SEED_WALK: Final = 10_000
+#: Checkpoints whose writes a history reads at once.
+_PARALLEL_READS: Final = 8
 
 
 class Serde(Protocol):
@@ -184,6 +195,28 @@ class _Encoded:
     chain: _Chain | None = None
 
 
+class Snapshot(NamedTuple):
+    """A snapshot of a list channel (LangGraph's ``DeltaChannel`` stores one every so many
+    updates; the adapter hands it over as this). Stored as a chain (shape ``SNAPSHOT``), so
+    it shares every element and link with the snapshot before it and with the writes that
+    added them, and read back as this."""
+
+    value: list[Any]
+
+
+@dataclass(slots=True)
+class ChannelHistory:
+    """What one channel needs to be rebuilt at a checkpoint: the writes of every ancestor
+    from the nearest one that stores a value for it (the seed, included) to the parent,
+    oldest checkpoint first, each checkpoint's writes as (task path, task id, index,
+    value) in the order stored; and that value (``seeded`` False: the walk reached the root
+    or a deleted parent without one)."""
+
+    writes: list[list[tuple[str, str, int, Any]]]
+    seeded: bool = False
+    seed: Any = None
+
+
 
 # -- the client -----------------------------------------------------------------------------
 
@@ -283,6 +316,14 @@ class CheckpointLog:
         """The checkpoint's writes as (task path, task id, index, channel, value): for each
         (task, index) the first stored, for a special channel (negative index) the last;
         in the order they were first stored (LangGraph's adapter sorts them its way)."""
+        chosen = await self._chosen_writes(thread_id, ns, checkpoint_id)
+        values = await self._decode([(shape, refs) for *_, shape, refs in chosen])
+        return [(path, task_id, idx, channel, v) for (path, task_id, idx, channel, _, _), v
+                in zip(chosen, values, strict=True)]
+
+    async def _chosen_writes(self, thread_id: str, ns: str, checkpoint_id: str
+                             ) -> list[tuple[str, str, int, str, Any, list[Digest]]]:
+        """``pending_writes`` before decoding: (path, task id, index, channel, shape, refs)."""
         stream = cp.writes_stream(thread_id, ns, checkpoint_id)
         rows: list[StateRow] = []
         after: int | None = None
@@ -303,9 +344,8 @@ class CheckpointLog:
                 if idx >= 0 and (task_id, idx) in chosen:
                     continue
                 chosen[(task_id, idx)] = (body.task_path, channel, shape, refs)
-        values = await self._decode([(shape, refs) for _, _, shape, refs in chosen.values()])
-        return [(path, task_id, idx, channel, v) for ((task_id, idx), (path, channel, _, _)), v
-                in zip(chosen.items(), values, strict=True)]
+        return [(path, task_id, idx, channel, shape, refs)
+                for (task_id, idx), (path, channel, shape, refs) in chosen.items()]
 
     async def _decode(self, items: Sequence[tuple[Any, Sequence[Digest]]]) -> list[Any]:
         """The values stored with these shapes and refs: leaves in one batched read, each
@@ -326,6 +366,8 @@ class CheckpointLog:
                 return loads((v.type, v.data))
             if shape == cp.CHAIN:
                 return [loads((e.type, e.data)) for e in chains[next(refs)]]
+            if shape == cp.SNAPSHOT:
+                return Snapshot([loads((e.type, e.data)) for e in chains[next(refs)]])
             if shape[0] == "l":
                 return [loads((found[d].type, found[d].data))
                         for d in [next(refs) for _ in range(shape[1])]]
@@ -358,14 +400,15 @@ class CheckpointLog:
                   new_versions: Mapping[str, Any]) -> None:
         """Store ``checkpoint`` (LangGraph's dict) as the child of ``parent_id``: one state
         row, plus the values it does not share with what is stored (one transaction)."""
-        parent = await self._parent_values(thread_id, ns, parent_id)
+        at = await self._parent_row(thread_id, ns, parent_id)
+        parent = {} if at is None else _channels(at)
         meta, meta_typed = self._encode_metadata(metadata)
         for attempt in range(2):
             # Attempt 2 shares nothing it has not written itself: gc removed something the
             # first one pointed at (the store refused the write, so nothing was written).
             fresh = attempt == 1
             values, refs, assets, chains = await self._encode_channels(
-                checkpoint, new_versions, {} if fresh else parent, fresh)
+                checkpoint, new_versions, {} if fresh else parent, fresh, at)
             body = _encode_body("checkpoint", cp.CheckpointBody(
                 checkpoint_id=cp.compact_id(checkpoint_id),
                 parent=None if parent_id is None else cp.compact_id(parent_id),
@@ -375,7 +418,8 @@ class CheckpointLog:
                 seen={k: dict(v) for k, v in (checkpoint.get("versions_seen") or {}).items()},
                 updated=_str_list(checkpoint.get("updated_channels")),
                 values=values, metadata=meta, metadata_typed=meta_typed,
-                extra=self._extra(checkpoint)))
+                extra=self._extra(checkpoint),
+                absent=[k for k in _OPTIONAL_KEYS if k not in checkpoint]))
             row = _checkpoint_row(thread_id, ns, checkpoint_id, parent_id, refs, body)
             try:
                 await self._commit(assets, row)
@@ -390,10 +434,13 @@ class CheckpointLog:
             break
 
     async def _commit(self, assets: Sequence[Asset], row: StateRow) -> None:
-        """Write a checkpoint; a checkpoint id stored before with other content is replaced
-        (LangGraph's savers upsert) in the same transaction that writes the new row, so a
-        reader finds the old row or the new one, never neither, and a failed put leaves
-        the old one. A put of a new id (the usual one) is a plain commit."""
+        """Write a checkpoint. A checkpoint id stored before with other content is replaced
+        (LangGraph's savers upsert it) by ``commit(replace=[id])``: the old row and the new
+        one swap in one transaction (a reader finds one or the other, never neither; a put
+        that fails leaves the old one), and the new row keeps the old one's place in the
+        log, so the namespace's order (LangGraph's: by checkpoint id) never changes and no
+        other row is touched. Concurrent re-puts of one id are serialised by the log; the
+        later commit wins. A put of a new id (the usual one) is a plain commit."""
         known = self._rows.get(row.id)
         if known is None or known.digest == row.digest:
             try:
@@ -401,55 +448,128 @@ class CheckpointLog:
                 return
             except ConflictError:
                 pass
-        await self._replace(assets, row)
+        await self.log.commit(assets, [row], replace=[row.id])
 
-    async def _replace(self, assets: Sequence[Asset], row: StateRow) -> None:
-        """Re-put ``row``'s checkpoint id. The new row would be its namespace's newest in
-        log order, while LangGraph orders checkpoints by id: so the checkpoints stored after
-        the old row are written again after it (same ids, same content), all in the one
-        transaction, which expects the namespace's newest still to be what was read. Only
-        re-putting an older checkpoint, which is rare, pays for the rows after it."""
-        for _ in range(_REPLACE_ATTEMPTS):
-            old = await self.log.get_states([row.id])
-            later: list[StateRow] = []
-            if old:
-                after = old[0].seq
-                while page := await self.log.stream_states(
-                        Kind.CHECKPOINT, row.stream, after_seq=after, limit=_PAGE,
-                        newest_first=False):
-                    later.extend(msgspec.structs.replace(r, seq=0) for r in page)
-                    after = page[-1].seq
-            newest = later[-1].id if later else row.id
-            try:
-                await self.log.commit(
-                    assets, [row, *later], replace=[row.id, *(r.id for r in later)],
-                    heads=[Head(Kind.CHECKPOINT, row.stream, newest)] if old else ())
-            except StaleStreamError:
-                continue  # a checkpoint was put meanwhile: read the namespace again
-            return
-        raise StaleStreamError(Kind.CHECKPOINT, row.stream)
-
-    async def _parent_values(self, thread_id: str, ns: str, parent_id: str | None
-                             ) -> dict[str, tuple[Any, Any, list[Digest]]]:
-        """The parent checkpoint's channels: name -> (version, shape, refs); empty when
-        there is no parent or it is not stored."""
+    async def _parent_row(self, thread_id: str, ns: str, parent_id: str | None
+                          ) -> StateRow | None:
+        """The parent checkpoint's row; None when there is no parent or it is not stored."""
         if parent_id is None:
-            return {}
+            return None
         state_id = cp.checkpoint_state_id(thread_id, ns, parent_id)
         row = self._rows.get(state_id)
         if row is None:
             found = await self.log.get_states([state_id])
             if not found or found[0].kind != Kind.CHECKPOINT:
-                return {}
+                return None
             row = found[0]
             self.remember(row)
-        body = cp.decode_checkpoint(row.body)
-        return {name: (body.versions.get(name), shape, refs) for (name, shape), refs in
-                zip(body.values, _split(body.values, row.refs), strict=True)}
+        return row
+
+    async def _ancestors(self, row: StateRow) -> AsyncIterator[StateRow]:
+        """The checkpoint rows above ``row``, its parent first, along parent links (never
+        list order: a fork sees its own branch only), to the root or a deleted parent:
+        from this client's memory, else a page of the log's lineage walk at a time."""
+        stream = row.stream
+        parent = row.parent_id
+        while parent is not None:
+            known = self._rows.get(parent)
+            page = [known] if known is not None else await self.log.state_lineage(
+                parent, limit=_LINEAGE_PAGE)
+            if not page:
+                return
+            for above in page:
+                if above.kind != Kind.CHECKPOINT or above.stream != stream:
+                    return  # not a checkpoint of this namespace: damage, or an id collision
+                self.remember(above)
+                yield above
+            parent = page[-1].parent_id
+
+    async def _stored_head(self, at: StateRow, name: str) -> Digest | None:
+        """The chain head of channel ``name`` at ``at`` or its nearest ancestor storing a
+        value for it (None: none within reach, or not a chain)."""
+        walked = 0
+        rows = _chain_rows(at, self._ancestors(at))
+        async for row in rows:
+            for (channel, shape), refs in _channels_and_refs(row):
+                if channel == name:
+                    return refs[0] if shape in _CHAINS else None
+            walked += 1
+            if walked >= _MAX_SEED_WALK:
+                return None
+        return None
+
+    async def delta_history(self, thread_id: str, ns: str, checkpoint_id: str | None,
+                            channels: Sequence[str]) -> dict[str, ChannelHistory]:
+        """What ``channels`` need to be rebuilt at a checkpoint (None: the newest of the
+        namespace): for each, the writes of its ancestors back to the nearest one storing a
+        value for it, and that value (LangGraph's ``get_delta_channel_history``). The walk
+        follows parent links, so a fork never sees the writes of the branch it left; the
+        checkpoint's own writes are pending for its next step and are not included."""
+        history = {name: ChannelHistory([]) for name in channels}
+        target = await self.find(thread_id, ns, checkpoint_id)
+        if target is None or not channels:
+            return history
+        path = await self._seed_path(target, set(channels))
+        rows = [row for row, _, _ in path]
+        stored = await self._writes_of(thread_id, ns, rows)
+        wanted: list[tuple[str, int, Any, Sequence[Digest]]] = []
+        places: list[tuple[str, int, str, str, int]] = []
+        seeds: list[tuple[str, Any, Sequence[Digest]]] = []
+        for step, ((row, serves, seeded), entries) in enumerate(zip(path, stored,
+                                                                    strict=True)):
+            for path_, task_id, idx, channel, shape, refs in entries:
+                if channel in serves:
+                    wanted.append((channel, step, shape, refs))
+                    places.append((channel, step, path_, task_id, idx))
+            for (channel, shape), refs in _channels_and_refs(row):
+                if channel in seeded:
+                    seeds.append((channel, shape, refs))
+        values = await self._decode([(shape, refs) for _, _, shape, refs in wanted]
+                                    + [(shape, refs) for _, shape, refs in seeds])
+        steps = len(path)
+        groups: dict[str, list[list[tuple[str, str, int, Any]]]] = {
+            name: [[] for _ in range(steps)] for name in channels}
+        for (channel, step, path_, task_id, idx), value in zip(places, values[:len(wanted)],
+                                                                 strict=True):
+            groups[channel][step].append((path_, task_id, idx, value))
+        for (channel, _, _), value in zip(seeds, values[len(wanted):], strict=True):
+            history[channel].seeded, history[channel].seed = True, value
+        for name in channels:
+            history[name].writes = [g for g in reversed(groups[name]) if g]
+        return history
+
+    async def _seed_path(self, target: StateRow, channels: set[str]
+                         ) -> list[tuple[StateRow, frozenset[str], frozenset[str]]]:
+        """The ancestors of ``target`` whose writes rebuild ``channels``, parent first, up
+        to the nearest one storing a value for each: (row, the channels its writes serve,
+        the channels it seeds)."""
+        path: list[tuple[StateRow, frozenset[str], frozenset[str]]] = []
+        remaining = set(channels)
+        async for row in self._ancestors(target):
+            names = {channel for channel, _ in cp.decode_checkpoint(row.body).values}
+            seeded = frozenset(remaining & names)
+            path.append((row, frozenset(remaining), seeded))
+            remaining -= seeded
+            if not remaining:
+                break
+        return path
+
+    async def _writes_of(self, thread_id: str, ns: str, rows: Sequence[StateRow]
+                         ) -> list[list[tuple[str, str, int, str, Any, list[Digest]]]]:
+        """Each checkpoint's chosen writes, undecoded, read a few checkpoints at a time."""
+        gate = asyncio.Semaphore(_PARALLEL_READS)
+
+        async def one(row: StateRow) -> list[tuple[str, str, int, str, Any, list[Digest]]]:
+            checkpoint_id = cp.expand_id(cp.decode_checkpoint(row.body).checkpoint_id)
+            async with gate:
+                return await self._chosen_writes(thread_id, ns, checkpoint_id)
+
+        return list(await asyncio.gather(*(one(r) for r in rows)))
 
     async def _encode_channels(
         self, checkpoint: Mapping[str, Any], new_versions: Mapping[str, Any],
         parent: Mapping[str, tuple[Any, Any, list[Digest]]], fresh: bool,
+        at: StateRow | None,
     ) -> tuple[list[tuple[str, Any]], list[Digest], list[Asset], list[_Chain]]:
         """Every channel that has a value: reused from the parent when its version did not
         move, else serialized (lists as chains)."""
@@ -473,10 +593,14 @@ class CheckpointLog:
                 continue
             if name not in channel_values:
                 continue  # the channel is empty at this version
-            encoded = await self._encode(f"channel_values[{name!r}]", channel_values[name],
-                                         parent_head=(known[2][0] if known is not None
-                                                      and known[1] == cp.CHAIN else None),
-                                         fresh=fresh, chain=True)
+            value = channel_values[name]
+            head = known[2][0] if known is not None and known[1] in _CHAINS else None
+            if head is None and type(value) is Snapshot and not fresh and at is not None:
+                # A delta channel's snapshot: its last one is on an older ancestor (the
+                # checkpoints between hold no value for it); build on that chain.
+                head = await self._stored_head(at, name)
+            encoded = await self._encode(f"channel_values[{name!r}]", value,
+                                         parent_head=head, fresh=fresh, chain=True)
             shapes.append((name, encoded.shape))
             refs += encoded.refs
             assets += encoded.assets
@@ -488,6 +612,10 @@ class CheckpointLog:
                       fresh: bool = False, chain: bool = False) -> _Encoded:
         """``value`` split into assets: a list as a chain (``chain``: a checkpoint's channel)
         or inline elements (a write), a dict holding lists entry by entry, else one VALUE."""
+        if chain and type(value) is Snapshot and type(value.value) is list:
+            items = [self._dump(f"{field}[{i}]", x) for i, x in enumerate(value.value)]
+            built, added = await self._chain(parent_head, items, fresh)
+            return _Encoded(cp.SNAPSHOT, [built.head.digest], added, built)
         if type(value) is list:
             items = [self._dump(f"{field}[{i}]", x) for i, x in enumerate(value)]
             if chain:
@@ -595,11 +723,14 @@ class CheckpointLog:
         return dict(body.metadata or {})
 
     def _extra(self, checkpoint: Mapping[str, Any]) -> tuple[str, bytes] | None:
-        """Checkpoint keys without a field of their own (``pending_sends: []``, which every
-        LangGraph checkpoint carries, is restored on read rather than stored)."""
-        extra = {k: v for k, v in checkpoint.items() if k not in _KNOWN_KEYS
-                 and not (k == "pending_sends" and v == [])}
-        return self.serde.dumps_typed(extra) if extra else None
+        """Checkpoint keys without a field of their own (``pending_sends`` of LangGraph
+        before 1.2, anything newer), stored as they are so that they read back exactly."""
+        extra = {k: v for k, v in checkpoint.items() if k not in _KNOWN_KEYS}
+        if not extra:
+            return None
+        for key, value in extra.items():  # name the key that cannot be stored
+            self._dump(f"checkpoint[{key!r}]", value)
+        return self._dump("checkpoint", extra)
 
     def extra(self, body: cp.CheckpointBody) -> dict[str, Any]:
         """The checkpoint keys stored without a field of their own (see ``_extra``)."""
@@ -657,10 +788,10 @@ class CheckpointLog:
                                   "copied", target) from e
 
     async def prune(self, threads: Sequence[str], strategy: str) -> None:
-        """``"keep_latest"``: keep the newest checkpoint of each namespace of each thread
-        and its writes, delete the rest; ``"delete"``: delete the threads. Rows only. A
-        thread using a DeltaChannel is refused by keep_latest (its newest checkpoint needs
-        its ancestors' writes), and then nothing is pruned."""
+        """``"keep_latest"``: keep the newest checkpoint of each namespace of each thread,
+        the ancestors its delta channels are rebuilt from (see ``_kept_for``) and the
+        writes of every kept checkpoint, delete the rest; ``"delete"``: delete the threads.
+        Rows only."""
         if strategy not in _PRUNE_STRATEGIES:
             raise ValidationError("strategy", f"must be one of {', '.join(_PRUNE_STRATEGIES)}"
                                   f", got {strategy!r}", strategy)
@@ -674,17 +805,36 @@ class CheckpointLog:
             for row in rows:
                 if row.kind != Kind.CHECKPOINT:
                     continue
-                metadata = self.metadata(cp.decode_checkpoint(row.body))
-                if any(k in metadata for k in cp.DELTA_KEYS):
-                    raise ValidationError("strategy", f"keep_latest cannot prune thread "
-                                          f"{thread_id!r}: it uses a DeltaChannel; nothing "
-                                          "was pruned", strategy)
                 ns = cp.parse_stream(row.kind, row.stream)[1]
                 if ns not in newest or row.seq > newest[ns].seq:
                     newest[ns] = row
-            kept = {r.id for r in newest.values()}
-            doomed += [r.id for r in rows if r.id not in kept and r.parent_id not in kept]
+            kept: set[UUID] = set()
+            for row in newest.values():
+                kept |= await self._kept_for(row)
+            doomed += [r.id for r in rows if r.id not in kept
+                       and not (r.kind == Kind.CHECKPOINT_WRITES and r.parent_id in kept)]
         await self._delete(doomed)
+
+    async def _kept_for(self, newest: StateRow) -> set[UUID]:
+        """The checkpoints ``keep_latest`` keeps for a namespace's newest one: itself and,
+        when it uses delta channels (their names are the keys of LangGraph's
+        ``counters_since_delta_snapshot`` metadata), every ancestor whose writes rebuild
+        them, up to the nearest that stores a value for each (their seed). Deleting those
+        would leave the newest checkpoint's channels silently empty. Metadata that marks a
+        delta thread without naming its channels keeps the whole branch."""
+        body = cp.decode_checkpoint(newest.body)
+        metadata = self.metadata(body)
+        counters = metadata.get(_DELTA_COUNTERS)
+        if isinstance(counters, Mapping):
+            stored = {channel for channel, _ in body.values}
+            channels = {str(c) for c in counters} - stored
+            if not channels:
+                return {newest.id}
+            return {newest.id, *(row.id for row, _, _ in
+                                 await self._seed_path(newest, channels))}
+        if any(k in metadata for k in _DELTA_KEYS):
+            return {newest.id, *[row.id async for row in self._ancestors(newest)]}
+        return {newest.id}
 
     async def delete_for_runs(self, wanted: set[str]) -> None:
         """Delete the checkpoints whose metadata ``run_id`` is in ``wanted``, and their
@@ -766,6 +916,26 @@ def _split(values: Sequence[tuple[str, Any]], refs: Sequence[Digest]) -> list[li
         out.append(list(refs[start:start + n]))
         start += n
     return out
+
+
+def _channels_and_refs(row: StateRow) -> list[tuple[tuple[str, Any], list[Digest]]]:
+    """A checkpoint row's ((channel, shape), refs) per stored channel value."""
+    body = cp.decode_checkpoint(row.body)
+    return list(zip(body.values, _split(body.values, row.refs), strict=True))
+
+
+def _channels(row: StateRow) -> dict[str, tuple[Any, Any, list[Digest]]]:
+    """A checkpoint row's channels: name -> (version, shape, refs)."""
+    versions = cp.decode_checkpoint(row.body).versions
+    return {name: (versions.get(name), shape, refs)
+            for (name, shape), refs in _channels_and_refs(row)}
+
+
+async def _chain_rows(first: StateRow, rest: AsyncIterator[StateRow]
+                      ) -> AsyncIterator[StateRow]:
+    yield first
+    async for row in rest:
+        yield row
 
 
 def _checkpoint_key(row: StateRow) -> str:

@@ -43,7 +43,13 @@ from immagent.ids import uuid7
 from immagent.records import SessionBody, SessionBranch, StateRow, session_body, stream_digest
 from immagent.store.backend import Head
 from immagent.store.log import EventLog
-from immagent.validate import MAX_NAME_BYTES, check_json_value, check_text, check_uuid
+from immagent.validate import (
+    MAX_NAME_BYTES,
+    check_fan_out,
+    check_json_value,
+    check_text,
+    check_uuid,
+)
 
 __all__ = [
     "MAIN",
@@ -464,6 +470,7 @@ class SessionLog:
         """Add ``items`` (checked by ``check_items``) to the end of the current branch in a
         new state; no state for an empty list."""
         added = tuple(items)
+        check_fan_out("items", len(added), "items", base=1)  # one link lists them all
 
         async def change(base: SessionState | None) -> _Plan | None:
             if not added:
@@ -473,9 +480,8 @@ class SessionLog:
             head = _branch_head(state, branch)
             parent = await self._node(head)
             node = parent.extend(added)
-            before = self._histories.get(head) if head != EMPTY_ITEMS.digest else ()
-            if before is not None:
-                self._remember(node.digest, (*before, *added))
+            # No copy of the history here (O(the session's length) a step): the store
+            # caches the new link as a segment of its parent's run when it is written.
             assets: list[Asset] = [*added, node]
             if parent is EMPTY_ITEMS:
                 assets.append(EMPTY_ITEMS)

@@ -53,14 +53,20 @@ from datetime import datetime
 from typing import Any, TypeVar, cast
 from uuid import UUID
 
-from agents.items import TResponseInputItem
-from agents.memory import session as _sdk_session
-from agents.memory.session import SessionABC
-from agents.memory.session_settings import (
-    SessionSettings,
-    coerce_session_settings,
-    resolve_session_limit,
-)
+from immagent.exceptions import ExtraNotInstalledError
+
+try:
+    from agents.items import TResponseInputItem
+    from agents.memory import session as _sdk_session
+    from agents.memory.session import SessionABC
+    from agents.memory.session_settings import (
+        SessionSettings,
+        coerce_session_settings,
+        resolve_session_limit,
+    )
+except ImportError as e:  # the extra is not installed
+    raise ExtraNotInstalledError("immagent.integrations.openai_agents", "openai-agents",
+                                 cause=e) from e
 
 from immagent.assets import Item
 from immagent.audit.bundle import BundleInfo

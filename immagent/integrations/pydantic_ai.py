@@ -61,7 +61,8 @@ try:
     from pydantic_ai.tools import DeferredToolRequests
     from pydantic_ai.usage import RunUsage
 except ImportError as e:  # the extra is not installed
-    raise ExtraNotInstalledError("immagent.integrations.pydantic_ai", "pydantic-ai") from e
+    raise ExtraNotInstalledError("immagent.integrations.pydantic_ai", "pydantic-ai",
+                                 cause=e) from e
 
 from immagent.assets import Entry
 from immagent.audit.bundle import BundleInfo

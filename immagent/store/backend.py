@@ -27,10 +27,9 @@ from immagent.assets import Digest, MissingAsset
 from immagent.records import StateRow
 from immagent.rows import StoredAsset
 
-__all__ = ["SCHEMA_VERSION", "AdminBackend", "AuditBackend", "Backend", "Head", "LogBackend",
-           "MarkRows", "Misfit", "RetainResult", "RetentionBackend", "RetentionPlan",
-           "RowCheck", "StreamPlan",
-           "SweepResult", "WriteResult"]
+__all__ = ["SCHEMA_VERSION", "AdminBackend", "AuditBackend", "Backend", "CodecRefs", "Head",
+           "LogBackend", "MarkRows", "Misfit", "RetainResult", "RetentionBackend",
+           "RetentionPlan", "RowCheck", "StreamPlan", "SweepResult", "WriteResult"]
 
 #: Version of the storage layout this immagent writes; older versions are migrated.
 SCHEMA_VERSION = 2
@@ -38,6 +37,10 @@ SCHEMA_VERSION = 2
 #: A check gc runs, inside its exclusive transaction, on every row it marks from (states
 #: and assets with refs); it raises to abort the sweep.
 RowCheck = Callable[[Sequence[StoredAsset | StateRow]], None]
+#: gc's rule for what a compressed row needs, run in the same transaction before the rows
+#: are checked: given the dictionary ids (codecs >= 2) the marked rows are stored with and
+#: every stored DICTIONARY row, the digests to mark as well; it raises to abort the sweep.
+CodecRefs = Callable[[Sequence[int], Sequence[StoredAsset]], Sequence[Digest]]
 
 
 class Head(NamedTuple):
@@ -83,6 +86,8 @@ class SweepResult(NamedTuple):
     #: A digest some state reaches that is not stored: reachability is unknown, so the
     #: sweep deleted nothing.
     missing: Digest | None = None
+    #: Attached states removed because their subject is gone (``sweep(detached=)``).
+    states_removed: int = 0
 
 
 class StreamPlan(NamedTuple):
@@ -154,8 +159,9 @@ class LogBackend(Protocol):
         digest.
 
         The checks see the rows as they were before the write: a head names a stream's
-        newest state before a replacement, and a replaced state written again is inserted
-        anew (a new ``seq``: it becomes its stream's newest). Holds the shared side of the
+        newest state before a replacement. A replaced state written again takes the ``seq``
+        of the row it replaces: it keeps its place in its stream (an upsert; a replaced id
+        that was absent gets a new seq, as any insert). Holds the shared side of the
         gc lock, so no sweep runs between the check and the commit: what this write
         deduplicated onto or points at cannot be swept under it. Writes expecting heads of
         the same stream are serialised, so exactly one of two writers that read the same
@@ -166,14 +172,18 @@ class LogBackend(Protocol):
         its state gone, never pins a state a run deletes meanwhile.
         """
 
-    async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False) -> list[UUID]:
+    async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
+                            attached: Sequence[int] = (),
+                            dry_run: bool = False) -> list[UUID]:
         """Delete state rows (never assets) in one transaction; returns the ids deleted, in
         the given order. With ``stop_at_shared``, ``ids`` is a lineage (a state, then its
         ancestors): the first is deleted, then each next one only if no row outside the
-        deleted ones names it as parent; the first that is still someone's parent (or is
-        absent) ends it. Such deletions are serialised, so two siblings deleted at once
-        still take their parent with them."""
+        deleted ones names it as parent (rows of the ``attached`` kinds do not count: they
+        are about their parent, not descended from it); the first that is still someone's
+        parent (or is absent) ends it. Such deletions are serialised, so two siblings
+        deleted at once still take their parent with them. With ``dry_run`` the transaction
+        is rolled back instead of committed: the ids that would have been deleted, nothing
+        deleted."""
 
     # -- assets ---------------------------------------------------------------------------
 
@@ -281,14 +291,20 @@ class AdminBackend(Protocol):
 
     # -- gc -------------------------------------------------------------------------------
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
-        """Mark every asset a state reaches through refs, run ``check`` on every row marked
-        from (all states, every reached asset that has refs or is of a node kind, and every
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
+                    detached: Sequence[int] = (), dry_run: bool = False) -> SweepResult:
+        """Delete the states of the ``detached`` kinds whose parent is not stored (attached
+        states whose subject is gone); mark every asset a remaining state reaches through
+        refs, then (when some marked row is stored with a dictionary) the digests
+        ``codec_refs`` names for the codecs in use; run ``check`` on every row marked from
+        (all those states, every reached asset that has refs or is of a node kind, and every
         one a state or a node links to as parent: a node whose refs or kind column were
-        damaged marks nothing, yet must be checked), then delete the assets not
-        marked: one transaction holding the exclusive side of the gc lock. If ``check``
-        raises, or a reached digest is missing, nothing is deleted (the exception
-        propagates; the missing digest is reported)."""
+        damaged marks nothing, yet must be checked); then delete the assets not marked: one
+        transaction holding the exclusive side of the gc lock (so a write restoring a subject
+        is either seen or waits). If ``codec_refs`` or ``check`` raises, or a reached digest
+        is missing, nothing is deleted (the exception propagates; the missing digest is
+        reported). With ``dry_run`` everything but the commit happens: the result says what
+        would have been removed, nothing is."""
 
 
 class RetentionBackend(Protocol):

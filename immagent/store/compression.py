@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
 from immagent import codec
-from immagent.assets import Dictionary, Kind
+from immagent.assets import Dictionary, Digest, Kind
 from immagent.exceptions import ImmAgentError, IntegrityError
 from immagent.ids import uuid7
 from immagent.records import StateRow, load_state, stream_digest
@@ -58,33 +58,59 @@ class Compression:
         self._sampled = 0
         self._train_at = GENERATIONS[0][0]
         self._training = False
+        self._broken = False  # the COMPRESSION state fails its check: no training
 
     async def load(self) -> codec.Dictionaries:
-        """Re-read the store's dictionaries (one probe, plus the dictionaries if new)."""
+        """Re-read the store's dictionaries (one probe, plus the dictionaries if new).
+
+        Damage stops only what needs the damaged part: a dictionary that is missing,
+        damaged or not a dictionary is left out (logged; ``verify`` lists it, reads of the
+        rows compressed with it fail, new bodies are written with another codec), and a
+        damaged COMPRESSION state keeps the dictionaries known so far and stops training
+        (nothing can be appended to a line whose head fails its check)."""
         rows = await self._backend.stream_states(int(Kind.COMPRESSION), STREAM, limit=1)
-        head = load_state(rows[0]) if rows else None
+        try:
+            head = load_state(rows[0]) if rows else None
+        except IntegrityError as e:
+            if not self._broken:
+                log.warning("compression: the store's compression state is damaged (%s); "
+                            "new bodies use the dictionaries known so far", e)
+            self._broken = True
+            self._loaded = True
+            return self.dictionaries
+        self._broken = False
         if head is not None and (self._head is None or head.refs != self._head.refs):
-            known = {d.data: d for d in self.dictionaries.values()}
-            found = await self._backend.get_assets(list(head.refs))
-            loaded: list[codec.ZstdDictionary] = []
-            for digest in head.refs:
-                if digest not in found:
-                    raise IntegrityError(f"dictionary {digest.hex()} named by the store's "
-                                         "compression state is missing (run store.verify())")
-                asset = load_row(found[digest])
-                if not isinstance(asset, Dictionary):
-                    raise IntegrityError(f"the compression state names {digest.hex()}, "
-                                         "which is not a dictionary (run store.verify())")
-                loaded.append(known.get(asset.data) or codec.ZstdDictionary(asset.data))
-            try:
-                self.dictionaries = codec.Dictionaries(loaded)
-            except ValueError as e:
-                raise IntegrityError(f"the store's compression state is damaged: {e}") from e
+            self.dictionaries = await self._dictionaries(head.refs)
         self._head = head
         self._loaded = True
-        if len(self.dictionaries) >= len(GENERATIONS):
+        if len(self._head.refs if self._head else ()) >= len(GENERATIONS):
             self._samples.clear()
         return self.dictionaries
+
+    async def _dictionaries(self, digests: Sequence[Digest]) -> codec.Dictionaries:
+        """The sound dictionaries among ``digests`` (a COMPRESSION state's refs)."""
+        known = {d.data: d for d in self.dictionaries.values()}
+        found = await self._backend.get_assets(list(digests))
+        loaded: list[codec.ZstdDictionary] = []
+        for digest in digests:
+            try:
+                if digest not in found:
+                    raise IntegrityError("it is missing")
+                asset = load_row(found[digest])
+                if not isinstance(asset, Dictionary):
+                    raise IntegrityError("it is not a dictionary")
+            except IntegrityError as e:
+                log.warning("compression: dictionary %s named by the store's compression "
+                            "state cannot be used (%s); run store.verify()", digest.hex(), e)
+                continue
+            dictionary = known.get(asset.data) or codec.ZstdDictionary(asset.data)
+            if any(d.id == dictionary.id for d in loaded):
+                log.warning("compression: two dictionaries have id %d; neither is used",
+                            dictionary.id)
+                loaded = [d for d in loaded if d.id != dictionary.id]
+                continue
+            loaded.append(dictionary)
+        return codec.Dictionaries(loaded)
 
     async def ready(self, rows: Iterable[StoredAsset]) -> codec.Dictionaries:
         """The dictionaries, re-read first if one of ``rows`` names one not known yet (written
@@ -136,8 +162,11 @@ class Compression:
 
     async def _train(self) -> None:
         await self.load()  # another process may have trained meanwhile
-        generation = len(self.dictionaries)
-        if generation >= len(GENERATIONS):
+        # Generations count what the state lists, damaged dictionaries included, and a
+        # new id follows every id that may be in use: one id never names two dictionaries.
+        listed = len(self._head.refs) if self._head is not None else 0
+        generation = listed
+        if self._broken or generation >= len(GENERATIONS):
             return
         if self._sampled < GENERATIONS[generation][0]:
             self._train_at = GENERATIONS[generation][0]
@@ -145,7 +174,7 @@ class Compression:
         samples, self._samples, self._sampled = self._samples, [], 0
         held_out, training = samples[3::4], [s for i, s in enumerate(samples) if i % 4 != 3]
         size = GENERATIONS[generation][1]
-        number = max(self.dictionaries, default=codec.FIRST_DICTIONARY - 1) + 1
+        number = max(max(self.dictionaries, default=0), codec.FIRST_DICTIONARY - 1 + listed) + 1
         data = await asyncio.to_thread(codec.train, training, number, size)
         if data is None or not held_out:
             self._train_at = GENERATIONS[generation][0] * 4

@@ -12,6 +12,11 @@ runs on the store's loop, and other loops hand their calls to it:
   on (never closed here); calls from other loops are sent to it, so that loop must keep
   running.
 
+Sync code (a framework's sync API, run from worker threads) calls ``Host.call``: the work
+is scheduled onto the store's loop and the thread waits for it, as LangGraph's async
+stores and savers do. On that loop's own thread waiting would block the loop it waits
+for, so ``call`` raises ``SyncCallError`` there instead of hanging.
+
 A write (``write=True``) that is cancelled waits until it has committed or failed before
 the cancellation is re-raised: a cancelled caller never leaves a write running behind it.
 No SDK is imported here; the adapters of every SDK share it.
@@ -26,13 +31,15 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from immagent.exceptions import StoreClosedError, StoreError
+from immagent.exceptions import ImmAgentError, StoreClosedError, StoreError
 from immagent.store.log import EventLog
 
-__all__ = ["Host", "OwnedHost", "SharedHost", "Work", "hop", "settle"]
+__all__ = ["Host", "OwnedHost", "SharedHost", "SyncCallError", "Work", "hop", "settle"]
 
 T = TypeVar("T")
 Work = Callable[[EventLog], Coroutine[Any, Any, T]]
+#: How a host runs work on its loop (for ``call``).
+Runner = Callable[[Work[Any]], Coroutine[Any, Any, Any]]
 
 
 async def settle(future: asyncio.Future[T]) -> T:
@@ -52,6 +59,12 @@ async def settle(future: asyncio.Future[T]) -> T:
     if cancelled is not None:
         raise cancelled
     return future.result()
+
+
+class SyncCallError(ImmAgentError, asyncio.InvalidStateError):
+    """A sync method was called where it cannot block: on the event loop the store runs on
+    (await the async method there), or while no loop runs the store. An
+    ``asyncio.InvalidStateError``, as LangGraph's async stores raise in that case."""
 
 
 class Host(abc.ABC):
@@ -74,6 +87,40 @@ class Host(abc.ABC):
     @abc.abstractmethod
     async def run(self, work: Work[T], *, write: bool) -> T:
         """Run ``work(store)`` on the store's loop and return its result here."""
+
+    @property
+    @abc.abstractmethod
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop the store runs on (None before it is known)."""
+
+    @abc.abstractmethod
+    def _target(self) -> tuple[asyncio.AbstractEventLoop, Runner]:
+        """The running loop a sync call goes to, and how to run work there."""
+
+    def call(self, work: Work[T], *, write: bool) -> T:
+        """``run`` for sync code: schedule ``work(store)`` onto the store's loop and block
+        this thread until it is done (a write is waited for even if this thread is
+        interrupted). SyncCallError on the store's loop itself, or while no loop runs it."""
+        loop, runner = self._target()
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise SyncCallError(f"a sync method of {self.what} was called on the event loop "
+                                "its immagent store runs on, where it would wait for itself "
+                                "forever: await the async method (`a…`) instead, or call it "
+                                "from another thread")
+        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(
+            runner(work), loop)
+        if not write:
+            return future.result()
+        while True:  # a write is never left running behind an interrupted caller
+            try:
+                return future.result()
+            except KeyboardInterrupt:
+                if future.done():
+                    raise
 
     def release(self) -> None:
         """One user is done; the last one closes what the host owns."""
@@ -164,6 +211,22 @@ class OwnedHost(Host):
         loop = self._start()
         return await hop(self._call(work), loop, write)
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
+    def _target(self) -> tuple[asyncio.AbstractEventLoop, Runner]:
+        return self._start(), self._call
+
+    def open(self) -> EventLog:
+        """Open the store now (its errors raised here, the thread stopped again) instead of
+        on first use; the open store."""
+        try:
+            return self.call(_itself, write=False)
+        except BaseException:
+            self.release()
+            raise
+
     async def _close_store(self) -> None:
         # Calls already running finish first (close() is refused to new ones).
         current = asyncio.current_task()
@@ -225,5 +288,29 @@ class SharedHost(Host):
                              f"loop running, or give {self.what} a DSN to own a store")
         return await hop(work(self._store), home, write)
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._home
+
+    def _target(self) -> tuple[asyncio.AbstractEventLoop, Runner]:
+        if self._done:
+            raise StoreClosedError(f"{self.what} is closed")
+        home = self._home
+        if home is None or home.is_closed() or not home.is_running():
+            raise SyncCallError(f"the sync methods of {self.what} run on the event loop of "
+                                "its immagent store, and none is running: create it inside "
+                                "a running loop and call from another thread, give it a DSN "
+                                "to own a store (`with ….from_conn_string(...)`), or use the "
+                                "async methods")
+
+        async def direct(work: Work[Any]) -> Any:
+            return await work(self._store)
+
+        return home, direct
+
     def _shutdown(self) -> None:
         self._done = True
+
+
+async def _itself(store: EventLog) -> EventLog:
+    return store

@@ -38,10 +38,14 @@ from immagent.assets import (
     Kind,
     Message,
     SystemPrompt,
+    Tools,
     Value,
     decode_asset,
+    encode,
 )
-from immagent.audit import bundle, gc, retain, verify
+from immagent.attestations import MAX_NOTE_BYTES
+from immagent.audit import bundle, diff, gc, retain, verify
+from immagent.audit.keys import SigningKey
 from immagent.exceptions import (
     AssetNotFoundError,
     BundleError,
@@ -55,7 +59,13 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.ids import uuid7
-from immagent.records import STATE_KINDS, StateRow, load_agent, load_state, stream_digest
+from immagent.records import (
+    STATE_KINDS,
+    StateRow,
+    attached_kinds,
+    load_state,
+    stream_digest,
+)
 from immagent.retention import (
     POLICY_STREAM,
     RETAINABLE,
@@ -76,6 +86,7 @@ from immagent.validate import (
     check_count,
     check_digest,
     check_digests,
+    check_fan_out,
     check_flag,
     check_key,
     check_kind,
@@ -169,6 +180,18 @@ class EventLog:
             backend = MemoryBackend()
         return cls(backend, name=dsns.redact(target.dsn), cache_entries=cache_entries)
 
+    @classmethod
+    def over(cls, conn: object, *, cache_entries: int = 20_000) -> Self:
+        """A log over a caller's open psycopg ``AsyncConnectionPool`` or ``AsyncConnection``
+        (bring your own pool, as LangGraph's ``AsyncPostgresSaver(conn)``): used on the
+        loop it belongs to, never closed by ``close()`` (its owner closes it). Call
+        ``init_schema()`` once, as after ``connect``."""
+        check_count("cache_entries", cache_entries, 0, 10_000_000)
+        from immagent.store.postgres import PostgresBackend
+
+        return cls(PostgresBackend.lend(conn), name="a lent PostgreSQL connection",
+                   cache_entries=cache_entries)
+
     async def __aenter__(self) -> Self:
         return self
 
@@ -238,8 +261,9 @@ class EventLog:
         each of ``heads`` must still be its stream's newest state (StaleStreamError: re-read
         and retry). The states with ids in ``replace`` (absent ones are fine; what
         ``delete_states`` refuses is refused) are deleted in the same transaction, before
-        ``states`` are inserted: a replaced id written again becomes its stream's newest
-        state. Nothing is written on error."""
+        ``states`` are inserted: a replaced id written again keeps its place in its stream
+        (the replaced row's seq), so replacing is an upsert that never reorders a stream.
+        Nothing is written on error."""
         assets = check_sequence("assets", assets)
         rows = [storable(f"assets[{i}]", a) for i, a in enumerate(assets)]
         await self._write(rows, check_sequence("states", states), assets,
@@ -253,9 +277,12 @@ class EventLog:
         states checked, every outside reference required to exist, replaced states allowed
         to be deleted, in one transaction."""
         backend = self._open()
+        for i, row in enumerate(rows):
+            check_fan_out(f"assets[{i}].refs", len(row.refs))
         for i, state in enumerate(states):
             if not isinstance(state, StateRow):
                 raise ValidationError(f"states[{i}]", "must be a StateRow", state)
+            check_fan_out(f"states[{i}].refs", len(state.refs))
             load_state(state)  # a client bug must never store a row that fails its check
             rules.check_state_content(state, f"states[{i}]")
             if state.parent_id == state.id:
@@ -273,7 +300,10 @@ class EventLog:
                 check_uuid(f"heads[{i}].state_id", head.state_id)
         if replace:
             await self._check_deletable("replace", replace)
-        encoded = await self._compression.encode(list({r.digest: r for r in rows}.values()))
+        # In digest order: concurrent writers of shared assets then lock them in one order
+        # (PostgreSQL deadlocked on two writes listing them in other orders).
+        encoded = await self._compression.encode(
+            sorted({r.digest: r for r in rows}.values(), key=_row_digest))
         result = await backend.write(encoded, list(states), sorted(wanted - inside),
                                      list(heads), list(dict.fromkeys(replace)),
                                      require_states=list(require_states))
@@ -286,8 +316,7 @@ class EventLog:
         if result.stale:
             raise StaleStreamError(result.stale[0].kind, result.stale[0].stream)
         self._forget(replace)
-        for asset in decoded:
-            self._cache.put(asset)
+        self._cache.put_written(decoded)
         await self._compression.after_write()
 
     @overload
@@ -307,7 +336,7 @@ class EventLog:
         if kind is not None and not (isinstance(kind, type)
                                      and issubclass(kind, SystemPrompt | Message
                                                     | ConversationNode | Value | Item
-                                                    | Entry)):
+                                                    | Entry | Tools)):
             raise ValidationError("kind", "must be None or an asset class", None)
         if not isinstance(what, str):
             raise ValidationError("what", "must be a str", None)
@@ -501,19 +530,26 @@ class EventLog:
         ``replace``): the store's own compression state is refused (ValidationError)."""
         _refuse_own(await self._open().get_states(ids), field)
 
-    async def delete_state_lineage(self, state_id: UUID) -> list[UUID]:
+    async def delete_state_lineage(self, state_id: UUID, *,
+                                   dry_run: bool = False) -> list[UUID]:
         """Delete the state ``state_id`` and then each ancestor that no other stored state
         descends from, in one transaction; returns the deleted ids, ``state_id`` first
-        (empty when it is not stored).
+        (empty when it is not stored). With ``dry_run`` that transaction is rolled back:
+        the ids it would delete, nothing deleted.
 
         A state is *live* while its row exists. The walk stops at the first ancestor that
-        has another child row (or is already gone). Children of a deleted state keep their
-        ``parent_id``; their lineage walks stop there. Assets stay until gc().
+        has another child row (or is already gone); an attestation about an ancestor is not
+        a child that keeps it (gc removes it with its subject). Children of a deleted state
+        keep their ``parent_id``; their lineage walks stop there. Assets stay until gc().
         """
         rows = await self._line(state_id, None)
         _refuse_own(rows)
         deleted = await self._open().delete_states([r.id for r in rows],
-                                                    stop_at_shared=True)
+                                                    stop_at_shared=True,
+                                                    attached=attached_kinds(),
+                                                    dry_run=check_flag("dry_run", dry_run))
+        if dry_run:
+            return deleted
         self._forget(deleted)
         return deleted
 
@@ -523,11 +559,14 @@ class EventLog:
 
     # -- audits: gc, verify, stats, bundles ----------------------------------------------
 
-    async def gc(self) -> gc.GCResult:
+    async def gc(self, *, dry_run: bool = False) -> gc.GCResult:
         """Remove every asset that no stored state can reach; safe while other tasks or
         processes write (see docs/architecture.md). Aborts with IntegrityError, deleting
-        nothing, if a row it would mark from is damaged or something reachable is missing."""
-        result = await gc.collect(self._open(), self._compression.load)
+        nothing, if a row it would mark from is damaged or something reachable is missing.
+        ``dry_run``: the same sweep, rolled back; the result says what it would remove."""
+        result = await gc.collect(self._open(), dry_run=check_flag("dry_run", dry_run))
+        if dry_run:
+            return result
         log.info("gc removed %d assets (%d bytes)", result.assets_removed, result.bytes_freed)
         return result
 
@@ -548,75 +587,170 @@ class EventLog:
     async def stats(self, page_size: int = _PAGE) -> StoreStats:
         """Sizes of what is stored and of what a copy-per-state layout would store.
 
-        Reads every agent state once (keyset-paged) and each distinct head node and prompt
-        once; states of every kind are counted (one count per kind).
+        Reads every state once (keyset-paged, every client's kind) and each distinct asset
+        a page of states pins once (prompts, head nodes, channel values: a node counts the
+        content bytes of its whole chain, so no history is read); states are counted in
+        the same walk.
         """
         check_limit(page_size)
         backend = self._open()
         audits = backend.audits()
         by_kind = await audits.asset_stats()
-        logical = agents = 0
+        logical = 0
+        counts: dict[int, int] = {}
         after: UUID | None = None
-        while page := await self._scan(Kind.AGENT_STATE, after, page_size, False, None):
+        while page := await self._scan(None, after, page_size, False, None):
             after = page[-1].id
-            records = [load_agent(r) for r in page]
-            agents += len(records)
-            digests = sorted({d for r in records for d in (r.system_prompt, r.conversation)})
+            for row in page:
+                counts[row.kind] = counts.get(row.kind, 0) + 1
+            # The store's own compression state pins dictionaries, not content.
+            content = [r for r in page if r.kind != Kind.COMPRESSION]
             sizes: dict[Digest, int] = {}
-            for asset in await self.get_assets(digests):
+            for asset in await self.get_assets(sorted({d for r in content for d in r.refs})):
                 sizes[asset.digest] = (asset.size if isinstance(asset, ConversationNode)
                                        else len(asset.body))
-            logical += sum(sizes[r.system_prompt] + sizes[r.conversation] for r in records)
-        # Agent states were just counted page by page; the other kinds by one count each.
-        states = {_kind_name(k): agents if k == Kind.AGENT_STATE
-                  else await backend.count_states(k) for k in sorted(STATE_KINDS)}
+            logical += sum(sizes[d] for r in content for d in r.refs)
+        states = {_kind_name(k): n for k, n in sorted(counts.items())}
         return StoreStats(
-            agents=agents,
+            agents=counts.get(int(Kind.AGENT_STATE), 0),
             assets_by_kind={_kind_name(k): v for k, v in sorted(by_kind.items())},
             payload_bytes=sum(b for _, b in by_kind.values()),
             disk_bytes=await audits.storage_bytes(),
             logical_bytes=logical,
-            states_by_kind={k: n for k, n in states.items() if n},
+            states_by_kind=states,
         )
 
-    async def export_lineage(self, state_id: UUID | str, path: str | os.PathLike[str],
-                             ) -> bundle.BundleInfo | None:
-        """Write an audit bundle of the state ``state_id`` (its stored lineage and every
-        asset they reach) to ``path``, atomically; verify it anywhere with
-        ``immagent.verify_bundle``. None, writing nothing, when the state is not stored."""
+    async def export_lineage(self, state_id: UUID | str, path: str | os.PathLike[str], *,
+                             sign: Sequence[SigningKey] = ()) -> bundle.BundleInfo | None:
+        """Write an audit bundle of the state ``state_id`` (its stored lineage, the
+        attestations about them and every asset they reach) to ``path``, atomically,
+        signed by each key of ``sign``; verify it anywhere with ``immagent.verify_bundle``.
+        None, writing nothing, when the state is not stored."""
         state_id = check_uuid("agent", state_id)
         lineage = await self.state_lineage(state_id)
         if not lineage:
             return None
         info = await bundle.export_bundle(self._open().audits(), lineage, path,
-                                          await self._compression.load())
+                                          await self._compression.load(),
+                                          attached=await self._attached_to(lineage),
+                                          sign=sign)
         log.info("exported %s: %d states, %d assets to %s", state_id, len(info.agents),
                  info.assets, info.path)
         return info
 
-    async def export_states(self, ids: Sequence[UUID],
-                            path: str | os.PathLike[str]) -> bundle.BundleInfo:
+    async def export_states(self, ids: Sequence[UUID], path: str | os.PathLike[str], *,
+                            sign: Sequence[SigningKey] = ()) -> bundle.BundleInfo:
         """Write an audit bundle of any set of stored states (e.g. a LangGraph thread's
-        checkpoints and writes) and every asset they reach to ``path``, atomically, newest
-        state first (bundle format 3); verify it with ``immagent.verify_bundle``."""
+        checkpoints and writes), the attestations about them and every asset they reach
+        to ``path``, atomically, newest state first, signed by each key of ``sign``; verify
+        it with ``immagent.verify_bundle``."""
         wanted = [check_uuid("ids", i) for i in dict.fromkeys(ids)]
         rows = await self.get_states(wanted)
         missing = set(wanted) - {r.id for r in rows}
         if not rows or missing:
             raise ValidationError("ids", f"not stored: {sorted(missing or set(wanted))[0]}",
                                   None)
-        rows.sort(key=lambda r: r.seq, reverse=True)
-        info = await bundle.export_bundle(self._open().audits(), rows, path,
-                                          await self._compression.load(),
-                                          version=bundle.SET_VERSION)
+        subjects = [r for r in rows if not STATE_KINDS[r.kind].attached]
+        if not subjects:
+            raise ValidationError("ids", "names only attached states (attestations); export "
+                                  "the states they are about", None)
+        subjects.sort(key=lambda r: r.seq, reverse=True)
+        info = await bundle.export_bundle(self._open().audits(), subjects, path,
+                                          await self._compression.load(), lineage=False,
+                                          attached=await self._attached_to(subjects),
+                                          sign=sign)
         log.info("exported %d states, %d assets to %s", len(rows), info.assets, info.path)
         return info
+
+    async def _attached_to(self, states: Sequence[StateRow]) -> list[StateRow]:
+        """The stored states attached to any of ``states`` (attestations), oldest first:
+        one index probe per state, or one scan of the attached kinds when that reads fewer
+        rows."""
+        ids = {s.id for s in states}
+        found: list[StateRow] = []
+        for kind in attached_kinds():
+            if await self.count_states(kind) <= 4 * len(ids):
+                after: UUID | None = None
+                while page := await self.scan_states(kind, after=after, limit=MAX_PAGE):
+                    found += [r for r in page if r.parent_id in ids]
+                    after = page[-1].id
+            else:
+                for state in states:
+                    found += await self._stream(kind, str(state.id))
+        return sorted(found, key=lambda r: r.seq)
+
+    async def _stream(self, kind: int, stream: str) -> list[StateRow]:
+        """Every state of ``kind`` in ``stream``, oldest first (paged)."""
+        rows: list[StateRow] = []
+        after: int | None = None
+        while page := await self.stream_states(kind, stream, after_seq=after, limit=MAX_PAGE,
+                                               newest_first=False):
+            rows += page
+            after = page[-1].seq
+            if len(page) < MAX_PAGE:
+                break
+        return rows
+
+    # -- diff -----------------------------------------------------------------------------
+
+    async def diff(self, left: UUID | str, right: UUID | str) -> diff.StateDiff:
+        """What separates two stored states of one kind (any client's): their newest common
+        ancestor, what each side added to each of its chains since their newest common
+        node, and what else changed. It reads what the two sides diverged by, never a
+        whole history (``immagent.audit.diff``)."""
+        return await diff.diff_states(self, check_uuid("left", left),
+                                      check_uuid("right", right))
+
+    # -- attestations ---------------------------------------------------------------------
+
+    async def attest(self, state_id: UUID | str, key: SigningKey, note: str = ""
+                     ) -> StateRow:
+        """Sign the stored state ``state_id`` with ``key`` (a reviewer co-signs after the
+        fact) and keep the signature as an attestation: a state of kind ATTESTATION about
+        it (``immagent.attestations``), which lives while its subject does and travels in
+        its bundles. ``note`` says what the signer vouches for. Returns the new row;
+        AssetNotFoundError naming the state when it is not stored."""
+        from immagent.attestations import Statement, Subject
+
+        subject_id = check_uuid("state", state_id)
+        if not isinstance(key, SigningKey):
+            raise ValidationError("key", "must be a SigningKey (immagent.audit.keys."
+                                  "load_signing_key)", None)
+        if not isinstance(note, str):
+            raise ValidationError("note", "must be a str", None)
+        if note:
+            check_text("note", note, max_bytes=MAX_NOTE_BYTES)
+        rows = await self.get_states([subject_id])
+        if not rows:
+            raise AssetNotFoundError("state", subject_id)
+        (subject,) = rows
+        if STATE_KINDS[subject.kind].attached:
+            raise ValidationError("state", f"state {subject_id} is itself an attestation; "
+                                  "attest the state it is about", str(subject_id))
+        signed = key.sign(Statement(purpose="attestation", note=note, subjects=(
+            Subject(subject.id, subject.kind, subject.digest),)))
+        body = encode(signed)
+        stream = str(subject.id)
+        row = StateRow(id=uuid7(), parent_id=subject.id, kind=int(Kind.ATTESTATION),
+                       stream=stream, refs=(), body=body,
+                       digest=stream_digest(Kind.ATTESTATION, stream, (), body),
+                       created_at=datetime.now(UTC))
+        await self._write([], [row])
+        log.info("attested state %s with key %s", subject.id, key.public.id)
+        return row
+
+    async def attestations(self, state_id: UUID | str) -> list[StateRow]:
+        """The attestations about the state ``state_id``, oldest first (verified rows;
+        ``immagent.attestations.attestation_of`` reads one, ``audit.keys.verify_signed``
+        checks its signature)."""
+        return await self._stream(Kind.ATTESTATION, str(check_uuid("state", state_id)))
 
     async def import_states(self, path: str | os.PathLike[str]) -> bundle.BundleInfo:
         """Verify a bundle of any format and any client's states (a LangGraph thread's, a
         session's, …), then load its states and assets in one transaction (idempotent:
         present rows are skipped), with their ids and digests; returns what it held."""
         info, states, rows = await bundle.read(path)
+        attached = set(info.attestations)
         # Compared, not trusted: a damaged row here is "different content" like any other.
         existing = {r.id: r for r in await self._open().get_states([s.id for s in states])}
         for s in states:
@@ -624,9 +758,13 @@ class EventLog:
             if have is not None and (have.digest != s.digest or have.parent_id != s.parent_id):
                 raise bundle.conflict(info, s.id)
         await self._refuse_cycle(info, states)
+        subjects = [s for s in states if s.id not in existing and s.id not in attached]
         try:
-            # Oldest first, so the store's log order (seq) matches creation order.
-            await self._write(rows, [s for s in reversed(states) if s.id not in existing])
+            # Oldest first, so the store's log order (seq) matches creation order; the
+            # attached states (oldest first already) after the states they are about.
+            await self._write(rows, [*reversed(subjects),
+                                     *(s for s in states if s.id in attached
+                                       and s.id not in existing)])
         except ConflictError as e:  # written meanwhile by someone else, differently
             raise bundle.conflict(info, e.state_id) from e
         log.info("imported bundle %s: head %s", os.fspath(path), info.head)
@@ -861,6 +999,7 @@ def _check_counters(links: Sequence[StoredAsset], added: Sequence[Sequence[Diges
 
 
 _digest = operator.itemgetter(0)
+_row_digest = operator.attrgetter("digest")
 _codec = operator.itemgetter(4)
 _body = operator.attrgetter("body")
 _chain_from = itertools.chain.from_iterable
@@ -872,7 +1011,8 @@ def storable(field: str, asset: object) -> StoredAsset:
     msgspec does not type-check Struct construction, so e.g. a Message with a bad role
     would be hashed and committed, then fail every later read.
     """
-    if not isinstance(asset, SystemPrompt | Message | ConversationNode | Value | Item | Entry):
+    if not isinstance(asset, SystemPrompt | Message | ConversationNode | Value | Item | Entry
+                      | Tools):
         raise ValidationError(field, f"must be an asset, got {type(asset).__name__}", None)
     if isinstance(asset, Message):  # before encoding: a cyclic call_config must not recurse
         rules.check_message(field, asset)

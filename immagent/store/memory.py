@@ -16,11 +16,13 @@ from typing import Self
 from uuid import UUID
 
 from immagent.assets import NODE_KINDS, Digest, Kind, MissingAsset
+from immagent.codec import RAW, ZSTD
 from immagent.exceptions import StoreClosedError
 from immagent.records import StateRow
 from immagent.rows import StoredAsset
 from immagent.store.backend import (
     SCHEMA_VERSION,
+    CodecRefs,
     Head,
     MarkRows,
     Misfit,
@@ -91,35 +93,43 @@ class MemoryBackend:
                 return WriteResult(missing, conflicts, stale)
             for a in assets:
                 self._assets.setdefault(a.digest, a)
+            kept: dict[UUID, int] = {}  # a replaced row's place in the log, kept
             for state_id in replaced:
-                self._states.pop(state_id, None)
+                old = self._states.pop(state_id, None)
+                if old is not None:
+                    kept[state_id] = old.seq
             for s in states:
                 if s.id not in self._states:
-                    self._states[s.id] = _with_seq(s, next(self._seq))
+                    self._states[s.id] = _with_seq(s, kept[s.id] if s.id in kept
+                                                   else next(self._seq))
         return WriteResult()
 
     def _newest(self, kind: int, stream: str) -> UUID | None:
         mine = [s for s in self._states.values() if s.kind == kind and s.stream == stream]
         return max(mine, key=lambda s: s.seq).id if mine else None
 
-    async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False) -> list[UUID]:
+    async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
+                            attached: Sequence[int] = (),
+                            dry_run: bool = False) -> list[UUID]:
         self._open()
         deleted: list[UUID] = []
         for i, state_id in enumerate(ids):
-            if state_id not in self._states:
+            if state_id not in self._states or state_id in deleted:
                 if stop_at_shared:
                     break
                 continue
             if stop_at_shared and i > 0 and any(
                     s.parent_id == state_id and s.id not in deleted
-                    for s in self._states.values()):
+                    and s.kind not in attached for s in self._states.values()):
                 break
-            del self._states[state_id]
             deleted.append(state_id)
+        if not dry_run:
+            for state_id in deleted:
+                del self._states[state_id]
         return deleted
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
+                    detached: Sequence[int] = (), dry_run: bool = False) -> SweepResult:
         self._open()
         async with self._lock:
             states = list(self._states.values())
@@ -127,6 +137,16 @@ class MemoryBackend:
             missing = next((d for d in reached if d not in self._assets), None)
             if missing is not None:
                 return SweepResult({}, 0, len(self._assets), missing)
+            used = sorted({self._assets[d].codec for d in reached} - {RAW, ZSTD})
+            if codec_refs is not None and used:
+                reached.update(codec_refs(used, [r for r in self._assets.values()
+                                                 if r.kind == Kind.DICTIONARY]))
+            # Attached states whose subject is gone (marked from all the same, as the SQL
+            # backends do: what they reach is kept one more cycle).
+            gone = [s.id for s in states if s.kind in detached
+                    and (s.parent_id is None or s.parent_id not in self._states)]
+            dropped = set(gone)
+            states = [s for s in states if s.id not in dropped]
             # As the SQL backends: rows with refs, nodes, and what states and nodes link to
             # as parent, whatever their kind column says.
             linked = {d for st in states for d in st.refs}
@@ -136,11 +156,19 @@ class MemoryBackend:
                               or d in linked)])
             removed: dict[int, int] = {}
             freed = 0
-            for d in [d for d in self._assets if d not in reached]:
-                row = self._assets.pop(d)
+            doomed = [d for d in self._assets if d not in reached]
+            for d in doomed:
+                row = self._assets[d]
                 removed[row.kind] = removed.get(row.kind, 0) + 1
                 freed += len(row.body)
-            return SweepResult(removed, freed, len(self._assets))
+            if dry_run:
+                return SweepResult(removed, freed, len(self._assets) - len(doomed),
+                                   states_removed=len(gone))
+            for state_id in gone:
+                del self._states[state_id]
+            for d in doomed:
+                del self._assets[d]
+            return SweepResult(removed, freed, len(self._assets), states_removed=len(gone))
 
     async def retain(self, plans: Sequence[RetentionPlan], marks: MarkRows, *,
                      dry_run: bool = False) -> RetainResult:

@@ -14,30 +14,36 @@ statements are per session: the DSN parameter ``prepare_threshold=none`` turns t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import random
 import re
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import Any, Self
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, Self, TypeVar
 from uuid import UUID
 
 import psycopg
 import psycopg.conninfo
+import psycopg.rows
 import psycopg_pool
 from psycopg import errors as pg_errors
 
 from immagent.assets import NODE_KINDS, Digest, Kind, MissingAsset
+from immagent.codec import FIRST_DICTIONARY
 from immagent.exceptions import (
     SchemaMissingError,
     StoreClosedError,
     StoreConnectionError,
     StoreError,
+    TransientConflictError,
     ValidationError,
 )
 from immagent.records import StateRow, state_from_v1
 from immagent.rows import StoredAsset, join_refs, split_refs, stored_rows, stored_tagged_rows
 from immagent.store.backend import (
     SCHEMA_VERSION,
+    CodecRefs,
     Head,
     MarkRows,
     Misfit,
@@ -65,6 +71,8 @@ __all__ = ["PostgresBackend"]
 
 log = logging.getLogger("immagent")
 
+T = TypeVar("T")
+
 # Advisory lock keys (arbitrary constants, namespaced by a fixed high word).
 _GC_LOCK = 0x1A3A_6E70_0000_0001
 _SCHEMA_LOCK = 0x1A3A_6E70_0000_0002
@@ -87,7 +95,7 @@ _GC_CHECKED = f"""
     SELECT a.digest, a.kind, a.refs, a.body, a.codec FROM immagent_assets a
       JOIN immagent_reach r ON r.digest = a.digest
      WHERE a.refs IS NOT NULL OR a.kind IN ({_NODE_KINDS})
-        OR a.digest IN (SELECT immagent_refs(s.refs) FROM immagent_states s)
+        OR a.digest IN (SELECT immagent_refs(s.refs || ''::bytea) FROM immagent_states s)
         OR a.digest IN (SELECT substring(p.refs FROM 1 FOR 32) FROM immagent_assets p
                           JOIN immagent_reach pr ON pr.digest = p.digest
                          WHERE p.refs IS NOT NULL)
@@ -97,11 +105,12 @@ _GC_CHECKED = f"""
 _REACH = """
     INSERT INTO immagent_reach
     WITH RECURSIVE reach(digest) AS (
-        SELECT r FROM immagent_states s CROSS JOIN LATERAL immagent_refs(s.refs) r
+        SELECT r FROM immagent_states s
+         CROSS JOIN LATERAL immagent_refs(s.refs || ''::bytea) r
         UNION
         SELECT r FROM reach
           JOIN immagent_assets a ON a.digest = reach.digest
-          CROSS JOIN LATERAL immagent_refs(a.refs) AS r
+          CROSS JOIN LATERAL immagent_refs(a.refs || ''::bytea) AS r
     )
     SELECT digest FROM reach
 """
@@ -114,6 +123,11 @@ _INLINE_SERIES = ", ".join(f"({i})" for i in range(1, _INLINE_ELEMENTS + 1))
 _PROBES = 1000
 _PROBE_SQL = (f"SELECT a.* FROM unnest(%s::bytea[]) AS d CROSS JOIN LATERAL (SELECT "
               f"{_ASSET_COLUMNS} FROM immagent_assets WHERE digest = d LIMIT 1) AS a").encode()
+# Every immagent_refs(x.refs || ''::bytea) below: the concatenation detoasts a refs value
+# once per row. A long value TOAST stored compressed (a node listing one message 40,000
+# times compresses 87x) was otherwise decompressed again for each digest split from it:
+# 3.5 s for that one node, 40 ms detoasted once; an uncompressed one is sliced chunk by
+# chunk (250 ms against 55 ms for 40,000 distinct digests).
 # First statement of the long audit transactions: the planner prices their recursive
 # queries high enough to JIT-compile them, which cost ~400 ms against a few ms of work.
 # Transaction-scoped, so it never leaks to another client of a pooler.
@@ -121,6 +135,10 @@ _NO_JIT = "SET LOCAL jit = off"
 # strpos, not LIKE: the user's text has no wildcards to escape.
 _INSERT_STATE = ("INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, digest, "
                  "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING")
+# A replacement keeps the place in the log (the seq) of the row it replaces.
+_INSERT_STATE_AT = ("INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, "
+                    "digest, created_at, seq) OVERRIDING SYSTEM VALUE VALUES "
+                    "(%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING")
 
 
 @contextlib.contextmanager
@@ -142,10 +160,37 @@ def _mapped(operation: str) -> Iterator[None]:
         ) from e
     except pg_errors.ProgramLimitExceeded as e:  # an OperationalError, yet not a connection's
         raise StoreError(f"{operation}: a value is too large for PostgreSQL: {e}") from e
+    except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as e:  # idem
+        raise TransientConflictError(
+            f"{operation}: PostgreSQL rolled the transaction back to resolve a conflict with "
+            f"a concurrent one ({str(e).splitlines()[0]}); nothing was written") from e
     except psycopg.OperationalError as e:
         raise StoreConnectionError(f"{operation}: database connection failed: {e}") from e
     except psycopg.Error as e:
         raise StoreError(f"{operation} failed: {type(e).__name__}: {e}") from e
+
+
+#: Times a transaction that PostgreSQL rolled back as the loser of a deadlock or a
+#: serialization conflict is run in all before TransientConflictError is raised.
+TRANSIENT_ATTEMPTS = 5
+
+
+async def _retrying_transient(run: Callable[[], Awaitable[T]]) -> T:
+    """The rule for transient conflicts, once: ``run`` (one whole transaction, rolled back
+    when it raised) is run again when PostgreSQL broke a deadlock or a serialization
+    conflict by rolling it back, up to TRANSIENT_ATTEMPTS times in all, after a short
+    jittered pause (so the same two writers do not collide again in step). Writes insert
+    assets in digest order, so shared assets alone never deadlock; two batches of the same
+    states in different log orders, or a lock taken by another client, still can."""
+    for attempt in range(1, TRANSIENT_ATTEMPTS + 1):
+        try:
+            return await run()
+        except TransientConflictError as e:
+            if attempt == TRANSIENT_ATTEMPTS:
+                raise
+            log.debug("retrying a transaction PostgreSQL rolled back (%s)", e)
+            await asyncio.sleep(random.uniform(0, 0.01 * 2 ** attempt))
+    raise AssertionError("unreachable")
 
 
 def _state(row: Sequence[Any]) -> StateRow:
@@ -171,8 +216,22 @@ class PostgresBackend(StateQueries):
     _dialect = Dialect(columns=_STATE_COLUMNS, mark="%s",
                        contains="strpos(lower(stream), %s) > 0", uuid=UUID)
 
-    def __init__(self, pool: psycopg_pool.AsyncConnectionPool[Any]) -> None:
+    def __init__(self, pool: psycopg_pool.AsyncConnectionPool[Any] | _Lent) -> None:
         self._pool = pool
+
+    @classmethod
+    def lend(cls, conn: object) -> PostgresBackend:
+        """A backend over a caller's open psycopg ``AsyncConnectionPool`` or
+        ``AsyncConnection`` (configured as the caller likes: autocommit, row factory),
+        which this backend never closes. ValidationError ``conn`` for anything else."""
+        if isinstance(conn, psycopg_pool.AsyncConnectionPool | psycopg.AsyncConnection):
+            return cls(_Lent(conn))
+        if isinstance(conn, psycopg_pool.ConnectionPool | psycopg.Connection):
+            raise ValidationError("conn", "a sync psycopg connection or pool cannot serve "
+                                  "immagent's async store: pass a psycopg AsyncConnection "
+                                  "or AsyncConnectionPool, or a DSN", None)
+        raise ValidationError("conn", f"must be a psycopg AsyncConnection or "
+                              f"AsyncConnectionPool, got {type(conn).__name__}", None)
 
     @classmethod
     async def open(cls, dsn: str, *, min_size: int = 2, max_size: int = 10,
@@ -272,6 +331,13 @@ class PostgresBackend(StateQueries):
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
                     replace: Sequence[UUID] = (), *,
                     require_states: Sequence[UUID] = ()) -> WriteResult:
+        return await _retrying_transient(
+            lambda: self._write_once(assets, states, require, heads, replace, require_states))
+
+    async def _write_once(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
+                          require: Sequence[Digest] = (), heads: Sequence[Head] = (),
+                          replace: Sequence[UUID] = (),
+                          require_states: Sequence[UUID] = ()) -> WriteResult:
         try:
             with _mapped("write"):
                 async with self._pool.connection() as conn, conn.transaction():
@@ -298,51 +364,78 @@ class PostgresBackend(StateQueries):
                                 raise _Abort(WriteResult(missing=missing))
                         if heads:
                             await _check_heads(cur, heads)
-                        if replace:
-                            await _delete_replaced(cur, replace)
+                        kept = await _delete_replaced(cur, replace) if replace else {}
                         if states:
-                            await _insert_states(cur, states, replace)
+                            await _insert_states(cur, states, replace, kept)
         except _Abort as stop:
             return stop.result
         return WriteResult()
 
-    async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False) -> list[UUID]:
+    async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
+                            attached: Sequence[int] = (),
+                            dry_run: bool = False) -> list[UUID]:
+        try:
+            return await _retrying_transient(
+                lambda: self._delete_once(ids, stop_at_shared, attached, dry_run))
+        except Rehearsal as rehearsed:
+            return list(rehearsed.result)
+
+    async def _delete_once(self, ids: Sequence[UUID], stop_at_shared: bool,
+                           attached: Sequence[int], dry_run: bool) -> list[UUID]:
         order = {i: n for n, i in enumerate(dict.fromkeys(ids))}
+
+        def done(rows: Sequence[Sequence[Any]]) -> list[UUID]:
+            deleted = sorted((r[0] for r in rows), key=order.__getitem__)
+            if dry_run:
+                raise Rehearsal(deleted)
+            return deleted
+
         with _mapped("delete"):
             async with self._pool.connection() as conn, conn.transaction():
                 if not stop_at_shared:
                     cur = await conn.execute(
                         "DELETE FROM immagent_states WHERE id = ANY(%s) RETURNING id",
                         (list(order),))
-                    return sorted((r[0] for r in await cur.fetchall()), key=order.__getitem__)
+                    return done(await cur.fetchall())
                 # Serialise lineage deletions: otherwise two siblings deleted at once each
                 # see the other still present and both keep their (then childless) parent.
                 # Under READ COMMITTED the statement's snapshot is taken after the lock.
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LINEAGE_LOCK,))
                 # The longest prefix of `ids` in which every state after the first exists
                 # and has no child but the one before it: one statement for the lineage.
+                # Each position's predecessor comes from lag(), in the same pass: a
+                # subquery over the line per position made it quadratic (455 s at 100,001
+                # states); each check is then one index probe.
                 cur = await conn.execute(
                     """
                     WITH line AS (
-                        SELECT id, pos FROM unnest(%s::uuid[]) WITH ORDINALITY AS t(id, pos)
+                        SELECT id, pos, lag(id) OVER (ORDER BY pos) AS prev
+                          FROM unnest(%s::uuid[]) WITH ORDINALITY AS t(id, pos)
                     ), stop AS (
                         SELECT coalesce(min(l.pos), 9223372036854775807) AS pos FROM line l
                          WHERE l.pos > 1 AND (
                                NOT EXISTS (SELECT 1 FROM immagent_states s WHERE s.id = l.id)
                                OR EXISTS (SELECT 1 FROM immagent_states c
-                                           WHERE c.parent_id = l.id AND c.id IS DISTINCT FROM
-                                                 (SELECT p.id FROM line p WHERE p.pos = l.pos - 1)))
+                                           WHERE c.parent_id = l.id AND c.id <> l.prev
+                                             AND NOT c.kind = ANY(%s)))
                     )
                     DELETE FROM immagent_states s USING line l, stop
                      WHERE s.id = l.id AND l.pos < stop.pos
                     RETURNING s.id
                     """,
-                    (list(order),),
+                    (list(order), list(attached)),
                 )
-                return sorted((r[0] for r in await cur.fetchall()), key=order.__getitem__)
+                return done(await cur.fetchall())
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
+                    detached: Sequence[int] = (), dry_run: bool = False) -> SweepResult:
+        try:
+            return await self._sweep(check, codec_refs, detached, dry_run)
+        except Rehearsal as rehearsed:
+            return rehearsed.result  # type: ignore[no-any-return]
+
+    async def _sweep(self, check: RowCheck, codec_refs: CodecRefs | None,
+                     detached: Sequence[int], dry_run: bool) -> SweepResult:
         with _mapped("gc"):
             async with self._pool.connection() as conn, conn.transaction():
                 # Exclusive side of the writers' shared lock, taken before the statements, so
@@ -362,6 +455,15 @@ class PostgresBackend(StateQueries):
                     cur = await conn.execute("SELECT count(*) FROM immagent_assets")
                     kept = await cur.fetchone()
                     return SweepResult({}, 0, int(kept[0]) if kept else 0, bytes(missing[0]))
+                gone = 0
+                if detached:  # attached states whose subject is gone (marked from anyway)
+                    cur = await conn.execute(
+                        "DELETE FROM immagent_states s WHERE s.kind = ANY(%s) AND "
+                        "(s.parent_id IS NULL OR NOT EXISTS (SELECT 1 FROM immagent_states p "
+                        "WHERE p.id = s.parent_id))", (list(detached),))
+                    gone = cur.rowcount
+                if codec_refs is not None:
+                    await _mark_codec_refs(conn, codec_refs)
                 for sql, decode in (
                         (f"SELECT {_STATE_COLUMNS} FROM immagent_states", _state),
                         (_GC_CHECKED, _asset)):
@@ -385,7 +487,11 @@ class PostgresBackend(StateQueries):
                 freed = sum(int(b) for _, _, b in swept)
                 cur = await conn.execute("SELECT count(*) FROM immagent_assets")
                 row = await cur.fetchone()
-        return SweepResult(removed, freed, int(row[0]) if row else 0)
+                result = SweepResult(removed, freed, int(row[0]) if row else 0,
+                                     states_removed=gone)
+                if dry_run:  # the DELETE ran in this transaction only: roll it back
+                    raise Rehearsal(result)
+        return result
 
     # -- retention ------------------------------------------------------------------------
 
@@ -551,7 +657,7 @@ class PostgresBackend(StateQueries):
                     UNION
                     SELECT r FROM reach
                       JOIN immagent_assets a ON a.digest = reach.digest
-                      CROSS JOIN LATERAL immagent_refs(a.refs) AS r
+                      CROSS JOIN LATERAL immagent_refs(a.refs || ''::bytea) AS r
                 )
                 SELECT a.digest, a.kind, a.refs, a.body, a.codec
                   FROM reach JOIN immagent_assets a ON a.digest = reach.digest
@@ -574,28 +680,29 @@ class PostgresBackend(StateQueries):
         if states is None:
             sql = """
                 SELECT DISTINCT r, a.digest, NULL::uuid
-                  FROM immagent_assets a CROSS JOIN LATERAL immagent_refs(a.refs) AS r
+                  FROM immagent_assets a CROSS JOIN LATERAL immagent_refs(a.refs || ''::bytea) AS r
                  WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = r)
                 UNION ALL
                 SELECT DISTINCT d, NULL::bytea, s.id
-                  FROM immagent_states s CROSS JOIN LATERAL immagent_refs(s.refs) AS d
+                  FROM immagent_states s CROSS JOIN LATERAL immagent_refs(s.refs || ''::bytea) AS d
                  WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = d)
                 LIMIT %(limit)s
                 """
         else:
             sql = """
                 WITH RECURSIVE roots(id, digest) AS (
-                    SELECT id, immagent_refs(refs) FROM immagent_states WHERE id = ANY(%(ids)s)
+                    SELECT id, immagent_refs(refs || ''::bytea) FROM immagent_states
+                     WHERE id = ANY(%(ids)s)
                 ), reach(digest) AS (
                     SELECT digest FROM roots
                     UNION
                     SELECT r FROM reach
                       JOIN immagent_assets a ON a.digest = reach.digest
-                      CROSS JOIN LATERAL immagent_refs(a.refs) AS r
+                      CROSS JOIN LATERAL immagent_refs(a.refs || ''::bytea) AS r
                 )
                 SELECT DISTINCT r, a.digest, NULL::uuid
                   FROM reach JOIN immagent_assets a ON a.digest = reach.digest
-                  CROSS JOIN LATERAL immagent_refs(a.refs) AS r
+                  CROSS JOIN LATERAL immagent_refs(a.refs || ''::bytea) AS r
                  WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = r)
                 UNION ALL
                 SELECT DISTINCT digest, NULL::bytea, id FROM roots
@@ -623,11 +730,12 @@ class PostgresBackend(StateQueries):
         sources = "immagent_assets" if states is None else "reach"
         sql = f"""
             WITH RECURSIVE reach(digest) AS (
-                SELECT immagent_refs(refs) FROM immagent_states WHERE id = ANY(%(ids)s::uuid[])
+                SELECT immagent_refs(refs || ''::bytea) FROM immagent_states
+                 WHERE id = ANY(%(ids)s::uuid[])
                 UNION
                 SELECT r FROM reach
                   JOIN immagent_assets a ON a.digest = reach.digest
-                  CROSS JOIN LATERAL immagent_refs(a.refs) AS r
+                  CROSS JOIN LATERAL immagent_refs(a.refs || ''::bytea) AS r
             ), rules(kind, first, rest) AS (
                 SELECT * FROM unnest(%(kinds)s::int[], %(firsts)s::int[], %(rests)s::int[])
             )
@@ -636,7 +744,7 @@ class PostgresBackend(StateQueries):
               FROM {sources} src
               JOIN immagent_assets a ON a.digest = src.digest
               JOIN rules k ON k.kind = a.kind
-              CROSS JOIN LATERAL immagent_refs(a.refs) WITH ORDINALITY AS r(ref, pos)
+              CROSS JOIN LATERAL immagent_refs(a.refs || ''::bytea) WITH ORDINALITY AS r(ref, pos)
               JOIN immagent_assets t ON t.digest = r.ref
              WHERE t.kind <> CASE WHEN r.pos = 1 THEN k.first ELSE k.rest END
              LIMIT %(limit)s
@@ -742,6 +850,23 @@ class PostgresBackend(StateQueries):
             """, (state_id, limit))
 
 
+async def _mark_codec_refs(conn: psycopg.AsyncConnection[Any], codec_refs: CodecRefs) -> None:
+    """Mark what ``codec_refs`` names for the dictionaries the marked rows are stored with
+    (gc's rule: a row's codec is a reference to its dictionary)."""
+    cur = await conn.execute(
+        "SELECT DISTINCT a.codec FROM immagent_assets a JOIN immagent_reach r "
+        f"ON r.digest = a.digest WHERE a.codec >= {FIRST_DICTIONARY}")
+    used = [int(r[0]) for r in await cur.fetchall()]
+    if not used:
+        return
+    cur = await conn.execute(f"SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE kind = %s",
+                             (int(Kind.DICTIONARY),))
+    keep = codec_refs(used, [_asset(r) for r in await cur.fetchall()])
+    if keep:
+        await conn.execute("INSERT INTO immagent_reach SELECT unnest(%s::bytea[]) "
+                           "ON CONFLICT DO NOTHING", (list(keep),))
+
+
 async def _version(conn: psycopg.AsyncConnection[Any]) -> int | None:
     cur = await conn.execute("SELECT to_regclass('immagent_schema') IS NOT NULL")
     row = await cur.fetchone()
@@ -798,31 +923,45 @@ async def _check_states(cur: psycopg.AsyncCursor[Any], ids: Sequence[UUID]) -> N
         raise _Abort(WriteResult(missing_states=missing))
 
 
-async def _delete_replaced(cur: psycopg.AsyncCursor[Any], ids: Sequence[UUID]) -> None:
+async def _delete_replaced(cur: psycopg.AsyncCursor[Any],
+                           ids: Sequence[UUID]) -> dict[UUID, int]:
     """Delete the rows a write replaces, serialised with other writes replacing the same
     ids by a transaction lock per id (taken in key order, after any stream lock, so two
-    writers cannot deadlock). Without it the later writer's DELETE, waiting for the earlier
-    one's, would (under READ COMMITTED) skip the row that one inserted; taken first, the
-    DELETE's snapshot starts after the earlier writer committed and sees that row."""
+    writers cannot deadlock); returns their seqs, which their replacements take. Without
+    the lock the later writer's DELETE, waiting for the earlier one's, would (under READ
+    COMMITTED) skip the row that one inserted; taken first, the DELETE's snapshot starts
+    after the earlier writer committed and sees that row."""
     keys = sorted({int.from_bytes(i.bytes[12:], "big", signed=True) for i in ids})
     await cur.execute("SELECT pg_advisory_xact_lock(%s, k) FROM unnest(%s::int4[]) AS k "
                       "ORDER BY k", (_REPLACE_LOCK, keys))
-    await cur.execute("DELETE FROM immagent_states WHERE id = ANY(%s)", (list(ids),))
+    await cur.execute("DELETE FROM immagent_states WHERE id = ANY(%s) RETURNING id, seq",
+                      (list(ids),))
+    return {r[0]: r[1] for r in await cur.fetchall()}
 
 
 async def _insert_states(cur: psycopg.AsyncCursor[Any], states: Sequence[StateRow],
-                         replace: Sequence[UUID]) -> None:
-    """Insert the states; abort the write if an id it skipped is stored with another digest.
+                         replace: Sequence[UUID], kept: dict[UUID, int]) -> None:
+    """Insert the states, a replacement at the seq of the row it replaced (``kept``); abort
+    the write if an id it skipped is stored with another digest.
 
     A replaced id can still be found here: a concurrent write that does not replace it
     inserted it, uncommitted when this write's DELETE ran and committed since. It is
-    deleted and inserted again, once: that DELETE sees the row and locks it, so the id's
-    next writer waits for this one, as memory and SQLite serialise them."""
+    deleted and inserted again (at that row's seq), once: that DELETE sees the row and
+    locks it, so the id's next writer waits for this one, as memory and SQLite serialise
+    them."""
     replaced = set(replace)
     pending = list(states)
     for round_ in range(1, _REPLACE_ROUNDS + 1):
-        await cur.executemany(_INSERT_STATE, [_state_params(s) for s in pending])
-        if cur.rowcount == len(pending):  # else some ids were there already
+        fresh = [_state_params(s) for s in pending if s.id not in kept]
+        moved = [(*_state_params(s), kept[s.id]) for s in pending if s.id in kept]
+        inserted = 0
+        if fresh:
+            await cur.executemany(_INSERT_STATE, fresh)
+            inserted += cur.rowcount
+        if moved:
+            await cur.executemany(_INSERT_STATE_AT, moved)
+            inserted += cur.rowcount
+        if inserted == len(pending):  # else some ids were there already
             return
         digests = {s.id: s.digest for s in pending}
         await cur.execute("SELECT id, digest FROM immagent_states WHERE id = ANY(%s)",
@@ -833,7 +972,9 @@ async def _insert_states(cur: psycopg.AsyncCursor[Any], states: Sequence[StateRo
             raise _Abort(WriteResult(conflicts=outside or conflicts))
         if not conflicts:
             return
-        await cur.execute("DELETE FROM immagent_states WHERE id = ANY(%s)", (list(conflicts),))
+        await cur.execute("DELETE FROM immagent_states WHERE id = ANY(%s) RETURNING id, seq",
+                          (list(conflicts),))
+        kept.update({r[0]: r[1] for r in await cur.fetchall()})
         pending = [s for s in pending if s.id in conflicts]
 
 
@@ -845,6 +986,53 @@ def _plan_columns(plan: RetentionPlan) -> list[list[Any]]:
 #: The StreamPlan field behind each column of immagent_plan, in column order.
 _PLAN_FIELDS = ("stream", "head_seq", "keep_latest", "newer_than", "keep_every", "drop",
                 "mark_seq", "mark_ordinal", "mark", "mark_digest")
+
+
+class _Lent:
+    """A caller's pool or connection, used the way this backend uses its own pool: one
+    connection per call (a lone connection serves one call at a time), rows as tuples
+    whatever row factory the caller set, the transaction ended at the end of the call (as
+    ``AsyncConnectionPool.connection()`` ends it: committed, or rolled back on error), and
+    never closed here: its owner closes it."""
+
+    def __init__(self, lent: psycopg_pool.AsyncConnectionPool[Any]
+                 | psycopg.AsyncConnection[Any]) -> None:
+        self._lent = lent
+        self._one = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def connection(self, timeout: float | None = None
+                         ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        if isinstance(self._lent, psycopg_pool.AsyncConnectionPool):
+            async with self._lent.connection(timeout=timeout) as conn, _tuple_rows(conn):
+                yield conn
+            return
+        conn = self._lent
+        if conn.closed:
+            raise psycopg_pool.PoolClosed("the connection lent to immagent is closed")
+        async with self._one, _tuple_rows(conn):
+            try:
+                yield conn
+            except BaseException:
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    await conn.rollback()
+                raise
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                await conn.commit()
+
+    async def close(self) -> None:
+        """Nothing: the caller owns the pool or connection."""
+
+
+@contextlib.asynccontextmanager
+async def _tuple_rows(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
+    """This backend reads rows by position: tuples while it uses ``conn``."""
+    saved = conn.row_factory
+    conn.row_factory = psycopg.rows.tuple_row
+    try:
+        yield
+    finally:
+        conn.row_factory = saved
 
 
 def _password(dsn: str) -> str | None:

@@ -60,6 +60,7 @@ from immagent.rows import StoredAsset
 from immagent.store import dsn as dsns
 from immagent.store.backend import (
     Backend,
+    CodecRefs,
     Head,
     MarkRows,
     RetainResult,
@@ -374,18 +375,22 @@ class ReplicatedBackend:
                 await self._raise_fence()
         return result
 
-    async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False) -> list[UUID]:
+    async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
+                            attached: Sequence[int] = (),
+                            dry_run: bool = False) -> list[UUID]:
         with self._no_replicas():
-            deleted = await self._primary.delete_states(ids, stop_at_shared=stop_at_shared)
-            if deleted:
+            deleted = await self._primary.delete_states(ids, stop_at_shared=stop_at_shared,
+                                                        attached=attached, dry_run=dry_run)
+            if deleted and not dry_run:
                 await self._raise_fence()
         return deleted
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
+                    detached: Sequence[int] = (), dry_run: bool = False) -> SweepResult:
         with self._no_replicas():
-            result = await self._primary.sweep(check)
-            if result.removed:
+            result = await self._primary.sweep(check, codec_refs, detached=detached,
+                                               dry_run=dry_run)
+            if (result.removed or result.states_removed) and not dry_run:
                 await self._raise_fence()
         return result
 

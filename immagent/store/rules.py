@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from immagent.assets import Asset, Digest, Kind, Message, SystemPrompt
+from immagent.assets import Asset, Digest, Kind, Message, SystemPrompt, Tools
 from immagent.exceptions import ValidationError
 from immagent.records import StateRow, load_agent
 from immagent.validate import (
@@ -22,6 +22,7 @@ from immagent.validate import (
     check_config,
     check_text,
     check_token_count,
+    check_tool_schemas,
 )
 
 __all__ = ["check_asset_content", "check_counters", "check_message", "check_state_content",
@@ -51,8 +52,9 @@ def check_state_content(row: StateRow, field: str = "state") -> None:
 
 def check_message(field: str, message: Message) -> None:
     """What ``append`` requires of a message beyond its type: token counts from 0 to
-    2**63 - 1, and a ``call_config`` that is a valid model config (no credential, bounded
-    nesting, no cycle)."""
+    2**63 - 1, a ``call_config`` that is a valid model config (no credential, bounded
+    nesting, no cycle), and a request digest (and the tools it offered) on an assistant
+    message only, as 32-byte digests."""
     check_token_count(f"{field}.input_tokens", message.input_tokens)
     check_token_count(f"{field}.output_tokens", message.output_tokens)
     if message.model is not None and len(message.model.encode("utf-8", "replace")) > \
@@ -61,6 +63,18 @@ def check_message(field: str, message: Message) -> None:
                               f"{MAX_NAME_BYTES} bytes", None)
     if message.call_config is not None:
         check_config(message.call_config, f"{field}.call_config")
+    for name in ("request", "tools"):
+        value = getattr(message, name)
+        if value is None:
+            continue
+        if not isinstance(value, bytes) or len(value) != 32:
+            raise ValidationError(f"{field}.{name}", "must be a 32-byte digest", None)
+        if message.role != "assistant":
+            raise ValidationError(f"{field}.{name}", "only an assistant message records "
+                                  "the request of its model call", None)
+    if message.tools is not None and message.request is None:
+        raise ValidationError(f"{field}.tools", "the tools offered are part of a recorded "
+                              "request: a message with tools needs its request digest", None)
 
 
 def check_asset_content(asset: Asset, field: str = "asset") -> None:
@@ -70,6 +84,9 @@ def check_asset_content(asset: Asset, field: str = "asset") -> None:
         check_text(f"{field}.text", asset.text)
     elif isinstance(asset, Message):
         check_message(field, asset)
+    elif isinstance(asset, Tools):
+        check_tool_schemas(f"{field}.schemas", asset.schemas)
+
 
 
 def check_counters(node: Digest, claimed: tuple[int, int], parent: tuple[int, int] | None,

@@ -10,7 +10,9 @@ no payload byte), no index. A side table of edges would store each edge as a row
 digests plus an index entry (> 100 bytes per edge, three edges per turn); an array encoding
 such as JSON would double the size (hex). Recursive queries split the BLOB with substr():
 a walk's rows are (asset, position in its refs), so each reachable asset is expanded once
-however many parents share it, and no global bound on fan-out is needed.
+however many parents share it. substr() reads a value that spills into overflow pages
+whole each time, so only short values are split in SQL; longer ones (a step of many
+messages) are read once and split in Python (``_sqlite_walk``), and every walk is O(refs).
 
 Concurrency with gc: SQLite has one writer per database file. Every write and the gc sweep
 run as ``BEGIN IMMEDIATE`` transactions, which take that write lock at BEGIN, so gc's mark
@@ -28,12 +30,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self, TypeVar
 from uuid import UUID
 
 from immagent.assets import NODE_KINDS, Digest, Kind, MissingAsset
+from immagent.codec import FIRST_DICTIONARY
 from immagent.exceptions import (
     IntegrityError,
     StoreConnectionError,
@@ -42,9 +45,11 @@ from immagent.exceptions import (
 )
 from immagent.records import StateRow, state_from_v1
 from immagent.rows import StoredAsset, join_refs, split_refs, stored_rows, stored_tagged_rows
+from immagent.store import _sqlite_walk as walk
 from immagent.store._sqlite_pool import SQLitePool, is_busy, transaction
 from immagent.store.backend import (
     SCHEMA_VERSION,
+    CodecRefs,
     Head,
     MarkRows,
     Misfit,
@@ -102,7 +107,7 @@ _DDL = (
     """,
     # Every client's states (see schema.sql). seq is the commit-order position in the log:
     # the rowid, so it costs no index, and AUTOINCREMENT never reuses a deleted row's seq,
-    # like PostgreSQL's identity column.
+    # like PostgreSQL's identity column (a replacement takes the seq of the row it replaces).
     """
     CREATE TABLE IF NOT EXISTS immagent_states (
         id          BLOB    NOT NULL UNIQUE CHECK (length(id) = 16),
@@ -125,23 +130,6 @@ _DDL = (
 _STATE_COLUMNS = "id, parent_id, kind, stream, refs, body, digest, created_at, seq"
 _ASSET_COLUMNS = "digest, kind, refs, body, codec"
 
-# A walk through refs from the digests in `roots`. A row (a, i) means "asset a is
-# reachable; its i-th ref is being followed": each step either descends into that ref
-# (k = 0) or moves to the next one (k = 1). UNION drops rows already seen, so an asset
-# shared by many parents is expanded once. Absent digests appear with i = 0 only.
-_WALK = """
-    walk(a, i) AS (
-        SELECT d, 0 FROM roots
-        UNION
-        SELECT CASE t.k WHEN 0 THEN substr(x.refs, 32 * w.i + 1, 32) ELSE w.a END,
-               CASE t.k WHEN 0 THEN 0 ELSE w.i + 1 END
-          FROM walk w
-          JOIN immagent_assets x ON x.digest = w.a
-          JOIN (SELECT 0 AS k UNION ALL SELECT 1) t
-         WHERE 32 * (w.i + t.k) < length(x.refs)
-    )
-"""
-
 # Roots passed as one BLOB of concatenated digests: no limit on their number. Indexed by
 # position (n), never by copying the rest of the BLOB, which would be quadratic.
 _BLOB_ROOTS = """
@@ -153,10 +141,11 @@ _BLOB_ROOTS = """
     )
 """
 
-# The refs of states (all, or those whose seq is in `picked`), split by position.
+# The refs of states (all, or those whose seq is in `picked`), split by position; only
+# short ones (see _sqlite_walk: a long one is split in Python, once).
 _STATE_REFS = """
     srefs(s, i) AS (
-        SELECT seq, 0 FROM {states} WHERE length(refs) >= 32
+        SELECT seq, 0 FROM {states} WHERE length(refs) >= 32 AND length(refs) <= :small
         UNION ALL
         SELECT r.s, r.i + 1 FROM srefs r JOIN immagent_states x ON x.seq = r.s
          WHERE 32 * (r.i + 2) <= length(x.refs)
@@ -166,9 +155,6 @@ _STATE_REFS = """
           FROM srefs r JOIN immagent_states x ON x.seq = r.s
     )
 """
-
-_ALL_STATE_ROOTS = (_STATE_REFS.format(states="immagent_states")
-                    + ", roots(d) AS (SELECT DISTINCT dst FROM state_refs)")
 
 #: Elements of a node fetched by get_chain's first statement (a turn adds two to four).
 _INLINE_ELEMENTS = 4
@@ -205,19 +191,17 @@ _ELEMENTS_SQL = f"""
 _NODE_KINDS = ", ".join(str(int(k)) for k in sorted(NODE_KINDS))
 
 # The reached assets gc checks before it sweeps: every row with refs, every node, and every
-# row a state or a node links to as its parent, whatever its kind column says (a node whose
-# kind was changed and refs emptied would otherwise mark nothing and never be checked).
+# row a state or a row links to as its first ref (a node's parent), whatever its kind
+# column says (a node whose kind was changed and refs emptied would otherwise mark nothing
+# and never be checked). The walk (_sqlite_walk.mark) flags what states link to; a first
+# ref is cut from each reached refs value once (substr of its first 32 bytes).
 _GC_CHECKED = f"""
-    WITH RECURSIVE {_STATE_REFS.format(states="immagent_states")},
-    linked(d) AS (
-        SELECT dst FROM state_refs
-        UNION
-        SELECT substr(p.refs, 1, 32) FROM immagent_assets p
-          JOIN temp.immagent_reach pr ON pr.digest = p.digest WHERE length(p.refs) > 0
-    )
-    SELECT a.digest, a.kind, a.refs, a.body, a.codec FROM immagent_assets a
-      JOIN temp.immagent_reach r ON r.digest = a.digest
-     WHERE length(a.refs) > 0 OR a.kind IN ({_NODE_KINDS}) OR a.digest IN (SELECT d FROM linked)
+    SELECT a.digest, a.kind, a.refs, a.body, a.codec FROM temp.immagent_reach r
+      JOIN immagent_assets a ON a.digest = r.digest
+     WHERE length(a.refs) > 0 OR a.kind IN ({_NODE_KINDS}) OR r.linked
+        OR a.digest IN (SELECT substr(p.refs, 1, 32) FROM temp.immagent_reach pr
+                          JOIN immagent_assets p ON p.digest = pr.digest
+                         WHERE length(p.refs) > 0)
 """
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -379,6 +363,124 @@ def _give_back_free_pages(conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA incremental_vacuum")
 
 
+class _Referrers:
+    """(missing digest, referrer) pairs, distinct and at most ``limit``, found by splitting
+    refs values in Python (each read once, however long)."""
+
+    def __init__(self, missing: set[bytes], limit: int) -> None:
+        self.missing = missing
+        self.limit = limit
+        self.pairs: list[MissingAsset] = []
+        self._seen: set[tuple[bytes, bytes]] = set()
+
+    def scan(self, rows: Iterable[Sequence[Any]], *, state: bool) -> None:
+        for src, refs in rows:
+            if len(self.pairs) >= self.limit:
+                return
+            source = _blob(src)
+            for d in walk.split(refs):
+                if d in self.missing and (d, source) not in self._seen:
+                    self._seen.add((d, source))
+                    self.pairs.append(MissingAsset(d, UUID(bytes=source) if state else source))
+                    if len(self.pairs) >= self.limit:
+                        return
+
+
+def _all_dangling(conn: sqlite3.Connection, limit: int) -> list[MissingAsset]:
+    """Every (absent digest, referrer) pair of the store, at most ``limit``: short refs
+    values split in SQL, longer ones in Python (see _sqlite_walk)."""
+    sql = f"""
+        WITH RECURSIVE {_STATE_REFS.format(states="immagent_states")},
+        pos(a, i) AS (
+            SELECT digest, 0 FROM immagent_assets
+             WHERE length(refs) > 0 AND length(refs) <= :small
+            UNION ALL
+            SELECT p.a, p.i + 1 FROM pos p JOIN immagent_assets x ON x.digest = p.a
+             WHERE 32 * (p.i + 1) < length(x.refs)
+        ),
+        edges(src, dst) AS (
+            SELECT p.a, substr(x.refs, 32 * p.i + 1, 32)
+              FROM pos p JOIN immagent_assets x ON x.digest = p.a
+        )
+        SELECT dst, src, 1 FROM state_refs
+         WHERE NOT EXISTS (SELECT 1 FROM immagent_assets m WHERE m.digest = state_refs.dst)
+        UNION
+        SELECT dst, src, 0 FROM edges
+         WHERE NOT EXISTS (SELECT 1 FROM immagent_assets m WHERE m.digest = edges.dst)
+        LIMIT :limit
+    """
+    small = walk.SPLIT_IN_SQL
+    found = [MissingAsset(_blob(d), UUID(bytes=_blob(s)) if is_state else _blob(s))
+             for d, s, is_state in conn.execute(sql, {"limit": limit, "small": small})]
+    seen = {(m.digest, m.referrer) for m in found}
+    probe = "SELECT 1 FROM immagent_assets WHERE digest = ?"
+    for table, key, is_state in (("immagent_assets", "digest", False),
+                                 ("immagent_states", "id", True)):
+        cursor = conn.execute(f"SELECT {key}, refs FROM {table} WHERE length(refs) > ?",
+                              (small,))
+        while len(found) < limit and (rows := cursor.fetchmany(16)):
+            for src, refs in rows:
+                referrer: bytes | UUID = UUID(bytes=_blob(src)) if is_state else _blob(src)
+                for d in walk.split(refs):
+                    if (d, referrer) not in seen and conn.execute(probe, (d,)).fetchone() is None:
+                        seen.add((d, referrer))
+                        found.append(MissingAsset(d, referrer))
+    return found[:limit]
+
+
+def _swept(conn: sqlite3.Connection, check: RowCheck, codec_refs: CodecRefs | None,
+           detached: Sequence[int], dry_run: bool) -> SweepResult:
+    """gc after the mark (temp.immagent_reach): refuse a missing asset, delete the attached
+    states whose subject is gone, mark what the codecs of marked rows name, check every row
+    marked from, delete every unmarked asset."""
+    missing = conn.execute(
+        "SELECT digest FROM temp.immagent_reach r WHERE NOT EXISTS "
+        "(SELECT 1 FROM immagent_assets a WHERE a.digest = r.digest) LIMIT 1").fetchone()
+    if missing is not None:
+        (kept,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
+        return SweepResult({}, 0, int(kept), _blob(missing[0]))
+    # Attached states whose subject is gone (marked from all the same: what they reach is
+    # kept one more cycle).
+    gone = conn.execute(
+        f"DELETE FROM immagent_states WHERE kind IN ({_marks(len(detached))}) AND "
+        "(parent_id IS NULL OR NOT EXISTS (SELECT 1 FROM immagent_states p "
+        "WHERE p.id = immagent_states.parent_id))", list(detached)
+    ).rowcount if detached else 0
+    if codec_refs is not None:
+        used = [int(c) for (c,) in conn.execute(
+            "SELECT DISTINCT a.codec FROM temp.immagent_reach r JOIN immagent_assets a "
+            f"ON a.digest = r.digest WHERE a.codec >= {FIRST_DICTIONARY}")]
+        if used:
+            dictionaries = [_asset(r) for r in conn.execute(
+                f"SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE kind = ?",
+                (int(Kind.DICTIONARY),))]
+            conn.executemany(
+                "INSERT OR IGNORE INTO temp.immagent_reach (digest, linked, big) "
+                "VALUES (?, 0, 2)", ((d,) for d in codec_refs(used, dictionaries)))
+    for sql, decode in ((f"SELECT {_STATE_COLUMNS} FROM immagent_states", _state),
+                        (_GC_CHECKED, _asset)):
+        cursor = conn.execute(sql)
+        while rows := cursor.fetchmany(1000):
+            check([decode(r) for r in rows])
+    removed: dict[int, int] = {}
+    freed = 0
+    unmarked = "digest NOT IN (SELECT digest FROM temp.immagent_reach)"
+    for kind, n, size in conn.execute(
+            "SELECT kind, count(*), coalesce(sum(length(body)), 0) FROM immagent_assets "
+            f"WHERE {unmarked} GROUP BY kind"):
+        removed[int(kind)] = int(n)
+        freed += int(size)
+    if dry_run:  # everything but the commit: the caller's transaction is rolled back
+        (total,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
+        raise Rehearsal(SweepResult(removed, freed, int(total) - sum(removed.values()),
+                                    states_removed=gone))
+    if removed:
+        conn.execute(f"DELETE FROM immagent_assets WHERE {unmarked}")
+        _give_back_free_pages(conn)
+    (kept,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
+    return SweepResult(removed, freed, int(kept), states_removed=gone)
+
+
 class SQLiteBackend(StateQueries):
     """Backend over one SQLite file: a writer connection and a few readers, in threads."""
 
@@ -506,15 +608,23 @@ class SQLiteBackend(StateQueries):
             stale = tuple(h for h in heads if _newest(conn, h) != h.state_id)
             if stale:
                 raise _Abort(WriteResult(stale=stale))
+            kept: dict[bytes, int] = {}  # a replaced row's seq: its place in the log
             for chunk in _chunks(replaced):
-                conn.execute(f"DELETE FROM immagent_states WHERE id IN ({_marks(len(chunk))})",
-                             chunk)
+                kept.update(conn.execute(
+                    f"DELETE FROM immagent_states WHERE id IN ({_marks(len(chunk))}) "
+                    "RETURNING id, seq", chunk).fetchall())
             if not state_rows:
                 return
             before = conn.total_changes
             conn.executemany(
                 f"INSERT INTO immagent_states ({_STATE_COLUMNS.removesuffix(', seq')}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING", state_rows)
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                [p for p in state_rows if p[0] not in kept])
+            if kept:
+                conn.executemany(
+                    f"INSERT INTO immagent_states ({_STATE_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                    [(*p, kept[p[0]]) for p in state_rows if p[0] in kept])
             if conn.total_changes - before < len(state_rows):  # some ids were there already
                 digests = {s.id.bytes: s.digest for s in states}
                 conflicts: list[UUID] = []
@@ -531,9 +641,13 @@ class SQLiteBackend(StateQueries):
             return stop.result
         return WriteResult()
 
-    async def delete_states(self, ids: Sequence[UUID], *,
-                            stop_at_shared: bool = False) -> list[UUID]:
+    async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
+                            attached: Sequence[int] = (),
+                            dry_run: bool = False) -> list[UUID]:
         keys = [i.bytes for i in dict.fromkeys(ids)]
+        # Children of attached kinds (attestations) do not keep a parent.
+        other_child = ("SELECT 1 FROM immagent_states WHERE parent_id = ?"
+                       + (f" AND kind NOT IN ({_marks(len(attached))})" if attached else ""))
 
         def run(conn: sqlite3.Connection) -> list[UUID]:
             if not stop_at_shared:
@@ -549,53 +663,40 @@ class SQLiteBackend(StateQueries):
                 # The single writer serialises these: no sibling deletion interleaves.
                 sql = "DELETE FROM immagent_states WHERE id = ?"
                 if n:
-                    sql += " AND NOT EXISTS (SELECT 1 FROM immagent_states WHERE parent_id = ?)"
-                if conn.execute(sql, (key, key) if n else (key,)).rowcount == 0:
+                    sql += f" AND NOT EXISTS ({other_child})"
+                params = (key, key, *attached) if n else (key,)
+                if conn.execute(sql, params).rowcount == 0:
                     break
                 done.append(UUID(bytes=key))
             return done
 
-        result: list[UUID] = await self._pool.write("delete", lambda conn: transaction(conn, run))
+        def rehearse(conn: sqlite3.Connection) -> list[UUID]:
+            raise Rehearsal(run(conn))
+
+        try:
+            result: list[UUID] = await self._pool.write(
+                "delete", lambda conn: transaction(conn, rehearse if dry_run else run))
+        except Rehearsal as done:
+            return list(done.result)
         return result
 
-    async def sweep(self, check: RowCheck) -> SweepResult:
+    async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
+                    detached: Sequence[int] = (), dry_run: bool = False) -> SweepResult:
         def sweep(conn: sqlite3.Connection) -> SweepResult:
-            # Mark into a temporary table (SQLite spills it to disk; nothing goes through
-            # Python), then sweep what is not in it, all under the write lock.
-            conn.execute("DROP TABLE IF EXISTS temp.immagent_reach")
-            conn.execute("CREATE TEMP TABLE immagent_reach (digest BLOB PRIMARY KEY) "
-                         "WITHOUT ROWID")
-            conn.execute(f"INSERT INTO temp.immagent_reach WITH RECURSIVE {_ALL_STATE_ROOTS}, "
-                         f"{_WALK} SELECT a FROM walk WHERE i = 0")
-            missing = conn.execute(
-                "SELECT digest FROM temp.immagent_reach r WHERE NOT EXISTS "
-                "(SELECT 1 FROM immagent_assets a WHERE a.digest = r.digest) LIMIT 1"
-            ).fetchone()
-            if missing is not None:
-                (kept,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
-                return SweepResult({}, 0, int(kept), _blob(missing[0]))
-            for sql, decode in (
-                    (f"SELECT {_STATE_COLUMNS} FROM immagent_states", _state),
-                    (_GC_CHECKED, _asset)):
-                cursor = conn.execute(sql)
-                while rows := cursor.fetchmany(1000):
-                    check([decode(r) for r in rows])
-            removed: dict[int, int] = {}
-            freed = 0
-            for kind, n, size in conn.execute(
-                    "SELECT kind, count(*), coalesce(sum(length(body)), 0) FROM immagent_assets "
-                    "WHERE digest NOT IN (SELECT digest FROM temp.immagent_reach) GROUP BY kind"):
-                removed[int(kind)] = int(n)
-                freed += int(size)
-            if removed:
-                conn.execute("DELETE FROM immagent_assets "
-                             "WHERE digest NOT IN (SELECT digest FROM temp.immagent_reach)")
-                _give_back_free_pages(conn)
-            (kept,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
-            conn.execute("DROP TABLE temp.immagent_reach")
-            return SweepResult(removed, freed, int(kept))
+            # Mark into a temporary table (SQLite spills it to disk; Python only splits
+            # long refs values), then sweep what is not in it, all under the write lock.
+            walk.begin(conn)
+            try:
+                walk.mark(conn, all_states=True)
+                return _swept(conn, check, codec_refs, detached, dry_run)
+            finally:
+                walk.end(conn, False)
 
-        result: SweepResult = await self._pool.write("gc", lambda conn: transaction(conn, sweep))
+        try:
+            result: SweepResult = await self._pool.write(
+                "gc", lambda conn: transaction(conn, sweep))
+        except Rehearsal as rehearsed:
+            return rehearsed.result  # type: ignore[no-any-return]
         return result
 
     # -- retention ------------------------------------------------------------------------
@@ -655,15 +756,15 @@ class SQLiteBackend(StateQueries):
                     _give_back_free_pages(conn)  # as a sweep does: the file shrinks
                 return RetainResult(deleted, state_bytes)
             # What a gc would then remove: the same mark as a sweep's, counted, not swept.
-            conn.execute("DROP TABLE IF EXISTS temp.immagent_reach")
-            conn.execute("CREATE TEMP TABLE immagent_reach (digest BLOB PRIMARY KEY) "
-                         "WITHOUT ROWID")
-            conn.execute(f"INSERT INTO temp.immagent_reach WITH RECURSIVE {_ALL_STATE_ROOTS}, "
-                         f"{_WALK} SELECT a FROM walk WHERE i = 0")
-            swept = conn.execute(
-                "SELECT kind, count(*), coalesce(sum(length(body)), 0) FROM immagent_assets "
-                "WHERE digest NOT IN (SELECT digest FROM temp.immagent_reach) GROUP BY kind"
-            ).fetchall()
+            walk.begin(conn)
+            try:
+                walk.mark(conn, all_states=True)
+                swept = conn.execute(
+                    "SELECT kind, count(*), coalesce(sum(length(body)), 0) FROM "
+                    "immagent_assets WHERE digest NOT IN (SELECT digest FROM "
+                    "temp.immagent_reach) GROUP BY kind").fetchall()
+            finally:
+                walk.end(conn, False)
             raise Rehearsal(RetainResult(deleted, state_bytes,
                                          assets={int(k): int(n) for k, n, _ in swept},
                                          asset_bytes=sum(int(b) for _, _, b in swept)))
@@ -734,83 +835,76 @@ class SQLiteBackend(StateQueries):
                           batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
         if roots is None:
             sql = f"SELECT {_ASSET_COLUMNS} FROM immagent_assets ORDER BY digest"
-            params: dict[str, Any] = {}
         else:
-            sql = (f"WITH RECURSIVE {_BLOB_ROOTS}, {_WALK} "
-                   "SELECT x.digest, x.kind, x.refs, x.body, x.codec "
-                   "FROM walk w JOIN immagent_assets x ON x.digest = w.a WHERE w.i = 0")
-            params = {"roots": join_refs(roots)}
+            sql = ("SELECT x.digest, x.kind, x.refs, x.body, x.codec FROM temp.immagent_reach r "
+                   "JOIN immagent_assets x ON x.digest = r.digest")
         pool = self._pool
         async with pool.reader("iter_assets") as conn:
+            walking = False
+
             def start(c: sqlite3.Connection) -> sqlite3.Cursor:
+                nonlocal walking
                 if c.in_transaction:
                     c.execute("ROLLBACK")
                 c.execute("BEGIN")  # one snapshot for the whole stream
-                return c.execute(sql, params)
+                if roots is not None:
+                    walking = walk.begin(c)
+                    walk.mark(c, roots=list(roots))
+                return c.execute(sql)
 
-            cursor = await pool.call("iter_assets", conn, start)
+            def end(c: sqlite3.Connection, cursor: sqlite3.Cursor | None) -> None:
+                if cursor is not None:
+                    cursor.close()
+                if roots is not None:
+                    walk.end(c, walking)
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+
+            try:
+                cursor = await pool.call("iter_assets", conn, start)
+            except BaseException:
+                if not pool.closed:
+                    await pool.call("iter_assets", conn, lambda c: end(c, None))
+                raise
             try:
                 while rows := await pool.call("iter_assets", conn,
                                               lambda _: cursor.fetchmany(batch_size)):
                     yield _rows(rows)
             finally:
                 if not pool.closed:  # a closed pool closes the connection, ending the read
-                    def end(c: sqlite3.Connection) -> None:
-                        cursor.close()
-                        if c.in_transaction:
-                            c.execute("ROLLBACK")
-                    await pool.call("iter_assets", conn, end)
+                    await pool.call("iter_assets", conn, lambda c: end(c, cursor))
 
     async def dangling_refs(self, states: Sequence[UUID] | None = None,
                             limit: int = 10_000) -> list[MissingAsset]:
         if states is None:
-            params: dict[str, Any] = {"limit": limit}
-            # Every asset's refs, split by walking positions without descending.
-            ctes = f"""
-                {_STATE_REFS.format(states="immagent_states")},
-                pos(a, i) AS (
-                    SELECT digest, 0 FROM immagent_assets WHERE length(refs) > 0
-                    UNION ALL
-                    SELECT p.a, p.i + 1 FROM pos p JOIN immagent_assets x ON x.digest = p.a
-                     WHERE 32 * (p.i + 1) < length(x.refs)
-                ),
-                edges(src, dst) AS (
-                    SELECT p.a, substr(x.refs, 32 * p.i + 1, 32)
-                      FROM pos p JOIN immagent_assets x ON x.digest = p.a
-                )
-            """
-        else:
-            params = {"limit": limit, "ids": b"".join(i.bytes for i in states)}
-            picked = ("(SELECT seq, refs FROM immagent_states WHERE id IN "
-                      "(SELECT substr(:ids, 16 * n + 1, 16) FROM ids))")
-            ctes = f"""
-                ids(n) AS (
-                    SELECT 0 WHERE length(:ids) >= 16
-                    UNION ALL SELECT n + 1 FROM ids WHERE 16 * (n + 2) <= length(:ids)
-                ),
-                {_STATE_REFS.format(states=picked)},
-                roots(d) AS (SELECT DISTINCT dst FROM state_refs),
-                {_WALK},
-                edges(src, dst) AS (
-                    SELECT w.a, substr(x.refs, 32 * w.i + 1, 32)
-                      FROM walk w JOIN immagent_assets x ON x.digest = w.a
-                     WHERE 32 * w.i < length(x.refs)
-                )
-            """
-        # State rows first-class: what they pin may be absent too.
-        sql = f"""
-            WITH RECURSIVE {ctes}
-            SELECT dst, src, 1 FROM state_refs
-             WHERE NOT EXISTS (SELECT 1 FROM immagent_assets m WHERE m.digest = state_refs.dst)
-            UNION
-            SELECT dst, src, 0 FROM edges
-             WHERE NOT EXISTS (SELECT 1 FROM immagent_assets m WHERE m.digest = edges.dst)
-            LIMIT :limit
-        """
-        rows: list[Any] = await self._read(
-            "dangling_refs", lambda conn: conn.execute(sql, params).fetchall())
-        return [MissingAsset(_blob(d), UUID(bytes=_blob(s)) if is_state else _blob(s))
-                for d, s, is_state in rows]
+            result: list[MissingAsset] = await self._read(
+                "dangling_refs", lambda conn: _all_dangling(conn, limit))
+            return result
+        ids = [i.bytes for i in dict.fromkeys(states)]
+
+        def run(conn: sqlite3.Connection) -> list[MissingAsset]:
+            reader = walk.begin(conn)
+            try:
+                walk.mark(conn, state_ids=ids)
+                missing = {_blob(r[0]) for r in conn.execute(
+                    "SELECT digest FROM temp.immagent_reach r WHERE NOT EXISTS "
+                    "(SELECT 1 FROM immagent_assets m WHERE m.digest = r.digest) LIMIT ?",
+                    (limit,))}
+                if not missing:
+                    return []
+                # Who refers to them: each reached refs value read once, split here.
+                found = _Referrers(missing, limit)
+                found.scan(conn.execute(f"SELECT id, refs FROM {walk.PICKED_STATES}"),
+                           state=True)
+                found.scan(conn.execute(
+                    "SELECT r.digest, x.refs FROM temp.immagent_reach r JOIN immagent_assets x"
+                    " ON x.digest = r.digest WHERE length(x.refs) > 0"), state=False)
+                return found.pairs
+            finally:
+                walk.end(conn, reader)
+
+        result = await self._read("dangling_refs", run)
+        return result
 
     async def misfit_refs(self, expected: Mapping[int, tuple[int, int]],
                           states: Sequence[UUID] | None = None,
@@ -821,31 +915,19 @@ class SQLiteBackend(StateQueries):
         if states is None:
             sql = (f"SELECT digest, kind, refs FROM immagent_assets "
                    f"WHERE kind IN ({kinds}) AND length(refs) > 0")
-            params: dict[str, Any] = {}
         else:
-            picked = ("(SELECT seq, refs FROM immagent_states WHERE id IN "
-                      "(SELECT substr(:ids, 16 * n + 1, 16) FROM ids))")
-            sql = f"""
-                WITH RECURSIVE ids(n) AS (
-                    SELECT 0 WHERE length(:ids) >= 16
-                    UNION ALL SELECT n + 1 FROM ids WHERE 16 * (n + 2) <= length(:ids)
-                ),
-                {_STATE_REFS.format(states=picked)},
-                roots(d) AS (SELECT DISTINCT dst FROM state_refs),
-                {_WALK}
-                SELECT x.digest, x.kind, x.refs FROM walk w
-                  JOIN immagent_assets x ON x.digest = w.a
-                 WHERE w.i = 0 AND x.kind IN ({kinds}) AND length(x.refs) > 0
-            """
-            params = {"ids": b"".join(i.bytes for i in states)}
+            sql = (f"SELECT x.digest, x.kind, x.refs FROM temp.immagent_reach r "
+                   f"JOIN immagent_assets x ON x.digest = r.digest "
+                   f"WHERE x.kind IN ({kinds}) AND length(x.refs) > 0")
+        ids = [] if states is None else [i.bytes for i in dict.fromkeys(states)]
 
-        def run(conn: sqlite3.Connection) -> list[Misfit]:
+        def misfits(conn: sqlite3.Connection) -> list[Misfit]:
             # In-process, one primary-key probe per ref costs microseconds, and each refs
             # BLOB is read once (splitting it in SQL with substr() re-reads its overflow
             # pages for every position). Memory: one row and the findings.
             found: list[Misfit] = []
             probe = "SELECT kind FROM immagent_assets WHERE digest = ?"
-            for digest, kind, raw in conn.execute(sql, params):
+            for digest, kind, raw in conn.execute(sql):
                 first, rest = expected[kind]
                 refs = split_refs(_blob(raw))
                 for i, ref in enumerate(refs):
@@ -856,6 +938,16 @@ class SQLiteBackend(StateQueries):
                         if len(found) >= limit:
                             return found
             return found
+
+        def run(conn: sqlite3.Connection) -> list[Misfit]:
+            if states is None:
+                return misfits(conn)
+            reader = walk.begin(conn)
+            try:
+                walk.mark(conn, state_ids=ids)
+                return misfits(conn)
+            finally:
+                walk.end(conn, reader)
 
         result: list[Misfit] = await self._read("misfit_refs", run)
         return result

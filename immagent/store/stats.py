@@ -10,9 +10,12 @@ __all__ = ["StoreStats"]
 class StoreStats(msgspec.Struct, frozen=True):
     """A snapshot of a store's size.
 
-    ``logical_bytes`` is what a copy-per-state layout would hold: for every agent state,
-    its system prompt plus every message of its conversation. ``payload_bytes`` is what
-    immagent holds in asset bodies; ``disk_bytes`` adds rows, indexes and agent rows.
+    ``logical_bytes`` is what a copy-per-state layout would hold, in content bytes (the
+    canonical, uncompressed bodies): for every state of every client, each asset it pins
+    with its whole chain (an agent state's system prompt and every message of its
+    conversation; a checkpoint's channel values; a session state's items on every
+    branch). ``payload_bytes`` is what immagent holds in asset bodies as stored (after
+    compression); ``disk_bytes`` adds rows, indexes and state rows.
     """
 
     agents: int
