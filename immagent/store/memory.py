@@ -175,48 +175,57 @@ class MemoryBackend:
         self._open()
         async with self._lock:  # nothing awaits below: atomic, as one transaction
             before = dict(self._states)
-            deleted: dict[int, int] = {}
-            state_bytes = 0
-            for plan in plans:
-                if any(_digest_of(self._states.get(p.mark)) != p.mark_digest
-                       for p in plan.streams):
-                    self._states = before
-                    return RetainResult({}, 0, stale=True)
-                doomed: list[StateRow] = []
-                moved: list[tuple[int, str, int, int]] = []
-                for p in plan.streams:
-                    line = sorted((s for s in self._states.values()
-                                   if s.kind == plan.kind and s.stream == p.stream),
-                                  key=lambda s: s.seq)
-                    gone, mark = self._judge(plan.kind, p, line)
-                    doomed += gone
-                    if mark is not None:
-                        moved.append((plan.kind, p.stream, *mark))
-                ids = {s.id for s in doomed}
-                doomed += [s for s in self._states.values()
-                           if s.kind in plan.followers and s.parent_id in ids]
-                rows = marks(moved)
-                streams = {m[1] for m in moved}
-                for p in plan.streams:
-                    if p.stream in streams or (p.keep_every is None and p.mark_digest):
-                        self._states.pop(p.mark, None)
-                for row in rows:
-                    self._states[row.id] = _with_seq(row, next(self._seq))
-                for s in doomed:
-                    del self._states[s.id]
-                    deleted[s.kind] = deleted.get(s.kind, 0) + 1
-                    state_bytes += len(s.body) + 32 * len(s.refs)
-            if not dry_run:
-                return RetainResult(deleted, state_bytes)
-            reached = _reachable((d for s in self._states.values() for d in s.refs),
-                                 self._assets)
-            swept = [a for d, a in self._assets.items() if d not in reached]
-            self._states = before
-            counts: dict[int, int] = {}
-            for a in swept:
-                counts[a.kind] = counts.get(a.kind, 0) + 1
-            return RetainResult(deleted, state_bytes, assets=counts,
-                                asset_bytes=sum(len(a.body) for a in swept))
+            try:
+                return self._retain(plans, marks, dry_run, before)
+            except BaseException:
+                self._states = before  # as a rolled-back transaction
+                raise
+
+    def _retain(self, plans: Sequence[RetentionPlan], marks: MarkRows, dry_run: bool,
+                before: dict[UUID, StateRow]) -> RetainResult:
+        """``retain`` under the lock; ``before``: the states to restore on a stale plan."""
+        deleted: dict[int, int] = {}
+        state_bytes = 0
+        for plan in plans:
+            if any(_digest_of(self._states.get(p.mark)) != p.mark_digest
+                   for p in plan.streams):
+                self._states = before
+                return RetainResult({}, 0, stale=True)
+            doomed: list[StateRow] = []
+            moved: list[tuple[int, str, int, int]] = []
+            for p in plan.streams:
+                line = sorted((s for s in self._states.values()
+                               if s.kind == plan.kind and s.stream == p.stream),
+                              key=lambda s: s.seq)
+                gone, mark = self._judge(plan.kind, p, line)
+                doomed += gone
+                if mark is not None:
+                    moved.append((plan.kind, p.stream, *mark))
+            ids = {s.id for s in doomed}
+            doomed += [s for s in self._states.values()
+                       if s.kind in plan.followers and s.parent_id in ids]
+            rows = marks(moved)
+            streams = {m[1] for m in moved}
+            for p in plan.streams:
+                if p.stream in streams or (p.keep_every is None and p.mark_digest):
+                    self._states.pop(p.mark, None)
+            for row in rows:
+                self._states[row.id] = _with_seq(row, next(self._seq))
+            for s in doomed:
+                del self._states[s.id]
+                deleted[s.kind] = deleted.get(s.kind, 0) + 1
+                state_bytes += len(s.body) + 32 * len(s.refs)
+        if not dry_run:
+            return RetainResult(deleted, state_bytes)
+        reached = _reachable((d for s in self._states.values() for d in s.refs),
+                             self._assets)
+        swept = [a for d, a in self._assets.items() if d not in reached]
+        self._states = before
+        counts: dict[int, int] = {}
+        for a in swept:
+            counts[a.kind] = counts.get(a.kind, 0) + 1
+        return RetainResult(deleted, state_bytes, assets=counts,
+                            asset_bytes=sum(len(a.body) for a in swept))
 
     def _judge(self, kind: int, plan: StreamPlan, line: Sequence[StateRow]
                ) -> tuple[list[StateRow], tuple[int, int] | None]:

@@ -195,7 +195,12 @@ def judge_query(kind: int, pin_kind: int, length: str) -> str:
     that is doomed (``StreamPlan``'s rule) or that moves its stream's mark (thinned by
     ``keep_every``: past the old mark, not among the newest ``latest`` nor young enough),
     with its position counted on from the mark (``ordinal``). ``length`` is the engine's
-    byte-length function. Kinds are ints, inlined."""
+    byte-length function. Kinds are ints, inlined.
+
+    Whether a state has a child or a pin is one probe of the parent_id index per state not
+    kept otherwise (the CASE decides in order; scalar subqueries, because PostgreSQL turns
+    an EXISTS into a hash of every state's parent, which past work_mem became a scan per
+    row: minutes a page)."""
     kind, pin_kind = int(kind), int(pin_kind)
     return f"""
         INSERT INTO immagent_judged (id, kind, stream, seq, bytes, doomed, ordinal, marked)
@@ -224,11 +229,14 @@ def judge_query(kind: int, pin_kind: int, length: str) -> str:
               FROM ranked r
         ), verdict AS (
             SELECT j.id, j.stream, j.seq, j.bytes, j.ordinal, j.marked,
-                   (j.id NOT IN (SELECT q.parent_id FROM immagent_states q
-                                  WHERE q.kind = {pin_kind} AND q.parent_id IS NOT NULL)
-                    AND (j.dropped OR NOT (j.kept OR NOT EXISTS (
-                        SELECT 1 FROM immagent_states c
-                         WHERE c.parent_id = j.id AND c.kind = {kind})))) AS doomed
+                   CASE WHEN j.kept AND NOT j.dropped THEN FALSE
+                        WHEN NOT j.dropped AND (
+                            SELECT c.id FROM immagent_states c
+                             WHERE c.parent_id = j.id AND c.kind = {kind} LIMIT 1) IS NULL
+                            THEN FALSE  -- a head
+                        ELSE (SELECT q.id FROM immagent_states q
+                               WHERE q.parent_id = j.id AND q.kind = {pin_kind} LIMIT 1) IS NULL
+                   END AS doomed
               FROM judged j
         )
         SELECT id, {kind}, stream, seq, bytes, doomed, ordinal, marked FROM verdict
