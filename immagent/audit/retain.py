@@ -94,8 +94,8 @@ class RetentionReport(msgspec.Struct, frozen=True):
     def lines(self) -> list[str]:
         """The report as lines (what ``immagent retain`` prints)."""
         verb = "would delete" if self.dry_run else "deleted"
-        states = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(self.states.items()))
-        assets = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(self.assets.items()))
+        states = ", ".join(f"{k.replace('_', ' ')} {n}" for k, n in sorted(self.states.items()))
+        assets = ", ".join(f"{k.replace('_', ' ')} {n}" for k, n in sorted(self.assets.items()))
         out = [f"{self.streams} stream(s) governed by a rule",
                f"{verb} {self.states_deleted} state(s) ({self.state_bytes} bytes)"
                + (f": {states}" if states else ""),
