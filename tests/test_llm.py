@@ -176,7 +176,9 @@ async def test_timeout_becomes_llm_error() -> None:
 async def test_timed_out_attempt_is_retried() -> None:
     await complete(Model.ECHO, "sys", USER)  # LiteLLM's one-off work, as above
     model = ScriptedModel([Reply(text="too late", delay=30), "in time"])
-    reply = await complete(model.model, "sys", USER, timeout=0.05, max_retries=1,
+    # The timeout bounds each attempt, the second included: it must leave a busy machine's
+    # LiteLLM call path time to answer (0.05 s failed under load), far below the delay.
+    reply = await complete(model.model, "sys", USER, timeout=2.0, max_retries=1,
                            retry_delay=FAST)
     assert reply.content == "in time"
     assert len(model.requests) == 2

@@ -80,10 +80,11 @@ async def test_retry_and_timeout_settings_are_used() -> None:
     model = ScriptedModel([Reply(text="slow", delay=30),
                            Reply.fail(litellm_error("unavailable")), "ok"])
     agent = SimpleAgent("a", "p", model.model)
-    agent = await agent.advance("hi", timeout=0.05, max_retries=2, retry_delay=0.001)
+    # Each attempt is bounded, the answering one too: 2 s leaves a busy machine time.
+    agent = await agent.advance("hi", timeout=2.0, max_retries=2, retry_delay=0.001)
     assert agent.last_response() == "ok"
     assert len(model.requests) == 3
-    assert model.requests[0].timeout == 0.05
+    assert model.requests[0].timeout == 2.0
 
 
 async def test_tokens_add_up_over_tool_rounds() -> None:

@@ -561,7 +561,7 @@ class EventLog:
 
     async def gc(self, *, dry_run: bool = False) -> gc.GCResult:
         """Remove every asset that no stored state can reach; safe while other tasks or
-        processes write (see docs/architecture.md). Aborts with IntegrityError, deleting
+        processes write (see docs/gc.md). Aborts with IntegrityError, deleting
         nothing, if a row it would mark from is damaged or something reachable is missing.
         ``dry_run``: the same sweep, rolled back; the result says what it would remove."""
         result = await gc.collect(self._open(), dry_run=check_flag("dry_run", dry_run))
