@@ -221,8 +221,11 @@ async def _until_queued(dsn: str, locktype: str, task: asyncio.Task[Any]) -> Non
     on and its integrity checks fail)."""
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         for _ in range(500):
-            cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted "
-                                     "AND locktype = %s", (locktype,))
+            # This database's sessions only: the server is shared with other test runs.
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE NOT l.granted AND l.locktype = %s "
+                "AND a.datname = current_database()", (locktype,))
             row = await cur.fetchone()
             if (row is not None and row[0] > 0) or task.done():
                 return

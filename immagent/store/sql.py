@@ -190,7 +190,7 @@ class StateQueries:
 # the (kind, stream, seq) index), never a Python step per state.
 
 
-def judge_query(kind: int, pin_kind: int, length: str) -> str:
+def judge_query(kind: int, pin_kind: int, length: str, fence: str = "") -> str:
     """INSERT into ``immagent_judged`` every state of kind ``kind`` in a planned stream
     that is doomed (``StreamPlan``'s rule) or that moves its stream's mark (thinned by
     ``keep_every``: past the old mark, not among the newest ``latest`` nor young enough),
@@ -200,7 +200,8 @@ def judge_query(kind: int, pin_kind: int, length: str) -> str:
     Whether a state has a child or a pin is one probe of the parent_id index per state not
     kept otherwise (the CASE decides in order; scalar subqueries, because PostgreSQL turns
     an EXISTS into a hash of every state's parent, which past work_mem became a scan per
-    row: minutes a page)."""
+    row: minutes a page). ``fence`` keeps the engine from inlining the verdict into the
+    outer filter, which would probe twice per doomed state (PostgreSQL: ``OFFSET 0``)."""
     kind, pin_kind = int(kind), int(pin_kind)
     return f"""
         INSERT INTO immagent_judged (id, kind, stream, seq, bytes, doomed, ordinal, marked)
@@ -237,7 +238,7 @@ def judge_query(kind: int, pin_kind: int, length: str) -> str:
                         ELSE (SELECT q.id FROM immagent_states q
                                WHERE q.parent_id = j.id AND q.kind = {pin_kind} LIMIT 1) IS NULL
                    END AS doomed
-              FROM judged j
+              FROM judged j {fence}
         )
         SELECT id, {kind}, stream, seq, bytes, doomed, ordinal, marked FROM verdict
          WHERE doomed OR marked
