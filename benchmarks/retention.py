@@ -144,10 +144,16 @@ async def run_scale(backend: Backend, dsn: str | None, workdir: Path, *, streams
     async with ours.open_store(backend, dsn, workdir, label) as (store, _):
         log(f"  loading {streams * per_stream:,} states in {streams:,} streams ({backend})")
         await _bulk_load(store, streams, per_stream)
+        if backend == "postgres":
+            # As autovacuum would after such a load: a store that grew over time has
+            # statistics (with a half-loaded table's, the run's judgement stalled for
+            # minutes while the writers ran; left for a follow-up).
+            await _analyzed(with_database(dsn or "", ours.pg_database(label)))
         writer_dsn = _target(backend, dsn, ours.pg_database(label),
                              ours.store_path(workdir, label))
         names = [f"agent-{s:05d}" for s in range(streams)]
         stop = asyncio.Event()
+        writing = asyncio.Event()
         expected: dict[str, tuple[PersistentAgent, int]] = {}
         written = 0
 
@@ -169,9 +175,11 @@ async def run_scale(backend: Backend, dsn: str | None, workdir: Path, *, streams
                     expected[name] = (agent, counts[name])
                     written += 1
                     turn += 1
+                    if written >= 10 * WRITERS:
+                        writing.set()
 
         tasks = [asyncio.create_task(writer(i)) for i in range(WRITERS)]
-        await asyncio.sleep(1.0)  # the writers are running
+        await writing.wait()  # the writers are committing (past their first reads)
         policy = Policy.of(Rule.of(kinds="agents", keep_latest=KEEP))
         started = time.perf_counter()
         report = await store.apply_retention(policy, gc=False)
@@ -205,6 +213,13 @@ async def run_scale(backend: Backend, dsn: str | None, workdir: Path, *, streams
                            round(total / seconds), round(report.states_deleted / seconds),
                            round(gc_seconds, 1), written, lost, verified.ok,
                            round(verify_seconds, 1))
+
+
+async def _analyzed(dsn: str) -> None:
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("ANALYZE")
 
 
 def _target(backend: Backend, dsn: str | None, database: str, path: Path) -> str:
