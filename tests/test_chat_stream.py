@@ -82,6 +82,20 @@ def on_terminal(args: list[str], cwd: Path, *, env: dict[str, str] | None = None
             if proc.poll() is not None and not ready:
                 break
         run.code = proc.wait(timeout=60)
+        # The process may have written its last words between the select above and its
+        # exit: read what is left (a pty says EOF, or EIO, once drained).
+        for fd in open_fds:
+            while select.select([fd], [], [], 1.0)[0]:
+                try:
+                    data = os.read(fd, 4096)
+                except OSError:
+                    break
+                if not data:
+                    break
+                if fd == out_master:
+                    run.reads.append(data)
+                else:
+                    run.err += data
     finally:
         proc.kill()
         os.close(out_master)

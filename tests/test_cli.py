@@ -585,7 +585,8 @@ def interrupt_mid_turn(args: list[str], cwd: Path, server: HangingServer,
             assert proc.stdin is not None
             proc.stdin.write(stdin)
             proc.stdin.flush()
-        assert server.connected.wait(120), "the model call never started"
+        # LiteLLM's import comes first: minutes on a loaded machine, seconds on a quiet one.
+        assert server.connected.wait(300), "the model call never started"
         time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)

@@ -367,7 +367,7 @@ asyncio.run(main())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "pip install 'immagent[langgraph]'" in out.stdout
+    assert "pip install 'immagent-core[langgraph]'" in out.stdout
     assert "verify: True 3" in out.stdout
     assert "history: ['delete', 'put', 'put']" in out.stdout
 

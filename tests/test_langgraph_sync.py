@@ -263,4 +263,4 @@ def test_a_missing_extra_names_the_install_command() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT)
     assert out.stdout.startswith("ExtraNotInstalledError True ")
-    assert "pip install 'immagent[langgraph]'" in out.stdout
+    assert "pip install 'immagent-core[langgraph]'" in out.stdout
