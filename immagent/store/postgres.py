@@ -541,7 +541,8 @@ class PostgresBackend(StateQueries):
                     " WHERE m.digest IS DISTINCT FROM p.mark_digest LIMIT 1")
                 if await cur.fetchone() is not None:
                     raise Rehearsal(RetainResult({}, 0, stale=True))
-                await cur.execute(judge_query(plan.kind, Kind.PIN, "octet_length", "OFFSET 0").encode())
+                await cur.execute(
+                    judge_query(plan.kind, Kind.PIN, "octet_length", "OFFSET 0").encode())
                 if plan.followers:
                     await cur.execute(followers_query(plan.followers, "octet_length").encode())
                 await cur.execute(MOVED_MARKS.encode())
