@@ -1,7 +1,7 @@
 """Install each flavour of immagent in a fresh virtualenv from this checkout's own wheels,
 then check it (``check``, what CI runs) or measure it (``measure``, the README's table).
 
-    python scripts/install_flavours.py check   [--uv "uv"] [--keep DIR]
+    python scripts/install_flavours.py check   [--uv "uv"] [--jobs 2] [--keep DIR]
     python scripts/install_flavours.py measure [--uv "uv"] [--runs 5]
 
 Both build immagent-core and immagent with ``uv build`` into a temporary directory and
@@ -12,8 +12,11 @@ uv.lock (``uv export`` as constraints: what the tests ran against, from uv's cac
 ``check``, per flavour: the installed ``immagent`` package is byte for byte this
 checkout's (``schema.sql`` included); the distributions it must leave out are absent;
 tests/flavour_probe.py passes in it (every module imports or names its extra, the store
-round trip, the errors without LiteLLM or MCP); the flavour's README example runs. The last
-line is ``N passed, N failed``.
+round trip, signing or its error, the errors without LiteLLM or MCP); the flavour's README
+example runs. ``--jobs`` flavours at a time (default: one per core, at most 2): each is
+mostly one interpreter compiling and importing its packages, so two cores halve the wall
+time; the installs share uv's cache, which CI's bootstrap has just filled from the same
+lock. The last line is ``N passed, N failed``.
 
 ``measure``, per flavour: installed distributions, their size on disk (site-packages with
 the bytecode pip would compile at install, apparent size), and the median CPU time (user +
@@ -37,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +59,8 @@ class Flavour:
     extras: tuple[str, ...]
     #: Distributions that must not be installed.
     absent: tuple[str, ...]
-    #: The README example that runs on it, offline.
-    example: str
+    #: The README example that runs on it, offline (None: the probe's checks are its use).
+    example: str | None
     #: What the flavour adds, imported for the import-time figure (besides ``immagent``).
     adds: str
     adds_label: str
@@ -84,6 +88,12 @@ FLAVOURS = (
             ("litellm", "mcp", "langgraph", "openai-agents"),
             "examples/pydantic_ai_conversations.py", "import immagent.integrations.pydantic_ai",
             "`immagent.integrations.pydantic_ai`"),
+    # For auditors: signed bundles and trust policies, and still no model or tool layer.
+    # The probe signs, exports and verifies under a trust policy (library and command line).
+    Flavour("core + signing", "'immagent-core[sign]'", ("sign",),
+            ("litellm", "mcp", *FRAMEWORKS), None,
+            "import immagent.audit.keys as k; k.require_signing('x')",
+            "`cryptography` (a key's first use)"),
     Flavour("immagent (everything 0.1.2 had)", "immagent", ("llm",), FRAMEWORKS,
             "examples/mcp_tools.py", "import immagent.lazy_litellm as l; l.load()",
             "LiteLLM (a provider model's first call)"),
@@ -187,7 +197,8 @@ def check(flavour: Flavour, venv: Path, workdir: Path) -> None:
                ",".join(flavour.extras)], cwd=work)
     if not out.strip().endswith(": ok"):
         raise Failed(f"the probe said {out!r}")
-    run([str(python(venv)), str(ROOT / flavour.example)], cwd=work, timeout=300)
+    if flavour.example is not None:
+        run([str(python(venv)), str(ROOT / flavour.example)], cwd=work, timeout=300)
 
 
 def check_same_code(venv: Path) -> None:
@@ -208,21 +219,26 @@ def check_same_code(venv: Path) -> None:
         raise Failed("installed schema.sql is not this checkout's")
 
 
-def run_check(builder: Builder) -> int:
-    passed = failed = 0
-    for flavour in FLAVOURS:
-        started = time.perf_counter()
-        try:
-            venv = builder.install(flavour)
-            check(flavour, venv, builder.workdir)
-        except (Failed, subprocess.TimeoutExpired) as e:
-            failed += 1
-            print(f"FAILED {flavour.name}: {e}", flush=True)
-        else:
-            passed += 1
-            print(f"ok     {flavour.name} ({len(distributions(venv))} packages, "
-                  f"{time.perf_counter() - started:.0f} s)", flush=True)
-    print(f"{passed} passed, {failed} failed")
+def check_one(builder: Builder, flavour: Flavour) -> str | None:
+    """Install and check ``flavour``: its line of the report, ``None`` when it passed."""
+    started = time.perf_counter()
+    try:
+        venv = builder.install(flavour)
+        check(flavour, venv, builder.workdir)
+        packages = len(distributions(venv))
+    except (Failed, subprocess.TimeoutExpired) as e:
+        print(f"FAILED {flavour.name}: {e}", flush=True)
+        return f"FAILED {flavour.name}"
+    print(f"ok     {flavour.name} ({packages} packages, "
+          f"{time.perf_counter() - started:.0f} s)", flush=True)
+    return None
+
+
+def run_check(builder: Builder, jobs: int) -> int:
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        results = list(pool.map(lambda f: check_one(builder, f), FLAVOURS))
+    failed = sum(r is not None for r in results)
+    print(f"{len(results) - failed} passed, {failed} failed")
     return 1 if failed else 0
 
 
@@ -278,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("mode", choices=("check", "measure"))
     parser.add_argument("--uv", default="uv", help="the uv command (default: uv)")
     parser.add_argument("--runs", type=int, default=5, help="measure: runs per figure")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="check: flavours at a time (default: cores, at most 2)")
     parser.add_argument("--keep", type=Path, help="build and install here, and keep it")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="immagent-flavours-") as tmp:
@@ -288,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"FAILED building the wheels: {e}\n0 passed, 1 failed")
             return 1
         if args.mode == "check":
-            return run_check(builder)
+            return run_check(builder, args.jobs)
         return run_measure(builder, args.runs)
 
 

@@ -14,7 +14,11 @@ distribution is ``llm``). The probe checks, and exits non-zero on the first miss
   provider model, an offline one routed through LiteLLM and ``immagent chat --model
   <provider>`` fail with ``ExtraNotInstalledError`` naming ``pip install immagent`` (the
   command line says it on one line, no traceback), and the offline models still work;
-* ``MCPManager()`` opens where the MCP SDK is installed, else says ``pip install immagent``.
+* ``MCPManager()`` opens where the MCP SDK is installed, else says ``pip install immagent``;
+* signing (``cryptography``: the ``sign`` extra, or brought by a framework or ``llm``): where
+  it is installed, a key made, a bundle exported signed and verified under a trust policy
+  (library and ``immagent verify-bundle --trusted-key``); where it is not, ``generate_key``
+  and ``immagent keygen`` say ``pip install 'immagent-core[sign]'`` and write no file.
 
 ``--simulate`` runs it in an environment that has every extra (the repository's own):
 imports of distributions outside the flavour's dependency closure then fail as if they were
@@ -72,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(check_litellm_missing(args.workdir))
     # The MCP SDK comes with llm, and with the Agents SDK (which has MCP tools of its own).
     asyncio.run(check_mcp(present=available("mcp_types")))
+    # cryptography comes with sign, and through llm's and the Agents SDK's own dependencies.
+    signing = available("cryptography")
+    assert signing or "sign" not in extras, "the sign extra without cryptography"
+    check_signing(args.workdir, present=signing)
     print(f"flavour {sorted(extras) or ['core']}: ok")
     return 0
 
@@ -194,6 +202,52 @@ async def check_mcp(*, present: bool) -> None:
         says_install_immagent(e, "the MCP SDK")
     else:
         assert present, "MCPManager() without the MCP SDK"
+
+
+def check_signing(workdir: Path, *, present: bool) -> None:
+    from immagent import Model, Store, TrustPolicy, generate_key, verify_bundle
+    from immagent.cli import main as cli
+    from immagent.exceptions import ExtraNotInstalledError
+
+    key_file = workdir / "alice"
+    for leftover in (key_file, workdir / "alice.pub", workdir / "cli-key",
+                     workdir / "cli-key.pub"):
+        leftover.unlink(missing_ok=True)
+    if not present:
+        try:
+            generate_key(key_file)
+        except ExtraNotInstalledError as e:
+            assert e.extra == "sign", e
+            assert str(e).endswith(": pip install 'immagent-core[sign]'"), e
+        else:
+            raise AssertionError("generate_key without cryptography")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            status = cli(["keygen", str(workdir / "cli-key")])
+        lines = err.getvalue().strip().splitlines()
+        assert status != 0 and len(lines) == 1, (status, err.getvalue())
+        assert lines[0].startswith("immagent: error: "), lines
+        assert lines[0].endswith("pip install 'immagent-core[sign]'"), lines
+        assert not [*workdir.glob("alice*"), *workdir.glob("cli-key*")]
+        return
+    key = generate_key(key_file)
+    bundle = workdir / "signed.bundle"
+
+    async def export_signed() -> None:
+        async with await Store.connect(str(workdir / "signed.db")) as store:
+            await store.init_schema()
+            agent = await (await store.create_agent("s", "sys", Model.ECHO)).advance("Sign me")
+            await store.export(agent, bundle, sign=[key])
+
+    asyncio.run(export_signed())
+    trust = TrustPolicy.from_files([workdir / "alice.pub"])
+    assert verify_bundle(bundle, trust=trust).trusted_by == (key.public.id,)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = cli(["verify-bundle", str(bundle), "--trusted-key",
+                      str(workdir / "alice.pub")])
+    assert status == 0 and f"vouch for it (1 needed): {key.public.id}" in out.getvalue(), (
+        status, out.getvalue())
 
 
 def says_install_immagent(e: BaseException, needs: str) -> None:

@@ -101,8 +101,8 @@ def test_the_wheel_ships_the_schema_file() -> None:
     assert (ROOT / "schema.sql").is_file()
 
 
-@pytest.mark.parametrize("extras", ["", "langgraph", "openai-agents", "pydantic-ai"],
-                         ids=["core", "langgraph", "openai-agents", "pydantic-ai"])
+@pytest.mark.parametrize("extras", ["", "langgraph", "openai-agents", "pydantic-ai", "sign"],
+                         ids=["core", "langgraph", "openai-agents", "pydantic-ai", "sign"])
 def test_a_lean_flavour_works_without_what_it_leaves_out(extras: str, tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(PROBE), str(tmp_path), "--extras", extras,
                            "--simulate"], capture_output=True, text=True, timeout=300,
