@@ -72,6 +72,7 @@ from immagent.assets import Item
 from immagent.audit.bundle import BundleInfo
 from immagent.clients.sessions import (
     MAIN,
+    Cursor,
     SessionInfo,
     SessionLog,
     SessionState,
@@ -369,6 +370,12 @@ class ImmAgentSession(SessionABC):
         """The branch this session object reads and writes (``main`` until switched)."""
         return self._log.branch if self._log is not None else MAIN
 
+    def _cursor(self) -> Cursor:
+        """The branch a call made now works on, read at call time (as the SDK's advanced
+        session snapshots its branch): an operation pinned to it keeps to that branch even
+        if a ``switch_to_branch`` completes while it waits to run."""
+        return self._log.cursor if self._log is not None else Cursor(MAIN, None)
+
     @property
     def owner(self) -> str | None:
         """The owner this object was made with (the session's own is in its states)."""
@@ -406,9 +413,10 @@ class ImmAgentSession(SessionABC):
         SDK's advanced session."""
         wanted = resolve_session_limit(limit, self.session_settings)
         _check_limit(wanted)
+        at = self._cursor()
 
         async def read(log: SessionLog) -> list[Any]:
-            return _latest(await log.items(branch_id), wanted)
+            return _latest(await log.items(branch_id, at=at), wanted)
 
         return cast(list[TResponseInputItem], await self._run(read))
 
@@ -418,9 +426,10 @@ class ImmAgentSession(SessionABC):
         cannot carry is an UnsupportedTypeError (a TypeError, as the SDK's sessions
         raise) or a ValidationError, and nothing is written."""
         checked = check_items(items)
+        at = self._cursor()
 
         async def change(log: SessionLog) -> None:
-            self._wrote(f"add {len(checked)} item(s)", await log.append(checked))
+            self._wrote(f"add {len(checked)} item(s)", await log.append(checked, at=at))
 
         if not checked:
             self._check_open()
@@ -429,10 +438,12 @@ class ImmAgentSession(SessionABC):
 
     async def pop_item(self) -> TResponseInputItem | None:
         """Remove and return the newest item of the current branch (None when it is empty);
-        the state before it stays stored."""
+        the state before it stays stored. The branch is the one current when called: a
+        ``switch_to_branch`` that completes while the pop waits does not redirect it."""
+        at = self._cursor()
 
         async def change(log: SessionLog) -> Item | None:
-            item, state = await log.pop()
+            item, state = await log.pop(at=at)
             if item is not None:
                 self._wrote("pop", state)
             return item
@@ -458,10 +469,14 @@ class ImmAgentSession(SessionABC):
         every item with its source. ValueError (ValidationError) if the turn has no user
         message or ``branch_name`` is blank or was used in this session before."""
 
+        return await self._create_branch(turn_number, branch_name, self._cursor())
+
+    async def _create_branch(self, turn_number: int, branch_name: str | None,
+                             at: Cursor) -> str:
         async def change(log: SessionLog) -> str:
-            source = log.branch
-            state = await log.create_branch(branch_name, turn_number)
-            self._wrote(f"branch {log.branch!r} from turn {turn_number} of {source!r}", state)
+            state = await log.create_branch(branch_name, turn_number, at=at)
+            self._wrote(f"branch {log.branch!r} from turn {turn_number} of {at.branch!r}",
+                        state)
             return log.branch
 
         return await self._run(change, write=True)
@@ -471,10 +486,11 @@ class ImmAgentSession(SessionABC):
         """``create_branch_from_turn`` at the first turn whose user message contains
         ``search_term`` (as ``find_turns_by_content`` matches); ValueError
         (ValidationError) if none does."""
-        found = await self.find_turns_by_content(search_term)
+        at = self._cursor()  # the branch searched is the branch cut
+        found = await self._find_turns(search_term, None, at)
         if not found:
             raise ValidationError("search_term", "no user turn contains it", search_term)
-        return await self.create_branch_from_turn(found[0]["turn"], branch_name)
+        return await self._create_branch(found[0]["turn"], branch_name, at)
 
     async def switch_to_branch(self, branch_id: str) -> None:
         """Read and write ``branch_id`` from now on (this object only); ValueError
@@ -529,24 +545,29 @@ class ImmAgentSession(SessionABC):
         ``full_content``, ``timestamp`` (None: items are content and carry no time; the
         states that added them do, see ``list_states``), ``can_branch``."""
         return [_turn(number, content, 100)
-                for number, content in await self._turns(branch_id)]
+                for number, content in await self._turns(branch_id, self._cursor())]
 
     async def find_turns_by_content(self, search_term: str, branch_id: str | None = None
                                     ) -> list[dict[str, Any]]:
         """The turns (as ``get_conversation_turns``, with the whole content as preview)
         whose user message text contains ``search_term``, ASCII letters matched without
         regard to case, as the SDK's advanced session does."""
+        return await self._find_turns(search_term, branch_id, self._cursor())
+
+    async def _find_turns(self, search_term: str, branch_id: str | None, at: Cursor
+                          ) -> list[dict[str, Any]]:
         if not isinstance(search_term, str):
             raise ValidationError("search_term", f"must be a str, got "
                                   f"{type(search_term).__name__}", None)
         pattern = re.compile(re.escape(search_term), re.IGNORECASE | re.ASCII)
         return [_turn(number, content, None)
-                for number, content in await self._turns(branch_id)
+                for number, content in await self._turns(branch_id, at)
                 if any(pattern.search(text) for text in _texts(content))]
 
-    async def _turns(self, branch_id: str | None) -> list[tuple[int, Any]]:
+    async def _turns(self, branch_id: str | None, at: Cursor) -> list[tuple[int, Any]]:
         async def read(log: SessionLog) -> list[tuple[int, Any]]:
-            return [(n, item.get("content", "")) for n, item in turns(await log.items(branch_id))]
+            items = await log.items(branch_id, at=at)
+            return [(n, item.get("content", "")) for n, item in turns(items)]
 
         return await self._run(read)
 
@@ -555,7 +576,9 @@ class ImmAgentSession(SessionABC):
         usage of the current branch's latest turn, in a new state (replacing an earlier
         record of that turn). As in the SDK's advanced session it never fails the caller's
         run: a failure is logged to the session's logger, and a branch without a turn
-        records nothing. A turn's usage goes with the turn (``pop_item``, compaction)."""
+        records nothing. A turn's usage goes with the turn (``pop_item``, compaction).
+        The branch is the one current when called (a later switch does not move it)."""
+        at = self._cursor()
         try:
             usage = result.context_wrapper.usage
             if usage is None:
@@ -568,7 +591,7 @@ class ImmAgentSession(SessionABC):
                       "output_tokens_details": _details(usage, "output_tokens_details")}
 
             async def change(log: SessionLog) -> None:
-                self._wrote("usage", await log.add_usage(record))
+                self._wrote("usage", await log.add_usage(record, at=at))
 
             await self._run(change, write=True)
         except Exception as e:  # the SDK's contract: usage never breaks a run
@@ -601,7 +624,8 @@ class ImmAgentSession(SessionABC):
         as a dict ({} if none), or of every turn with usage as a list ordered by turn, each
         with ``user_turn_number``: ``requests``, ``input_tokens``, ``output_tokens``,
         ``total_tokens``, ``input_tokens_details``, ``output_tokens_details``."""
-        by_turn = await self._run(lambda log: log.usage(branch_id))
+        at = self._cursor()
+        by_turn = await self._run(lambda log: log.usage(branch_id, at=at))
         if user_turn_number is not None:
             record = by_turn.get(user_turn_number)
             return {} if record is None else _usage_view(record)
@@ -616,9 +640,10 @@ class ImmAgentSession(SessionABC):
         replaced. (Without this hook the SDK clears then re-adds: two states, and a clear
         retires every branch.)"""
         checked = check_items(items)
+        at = self._cursor()
 
         async def change(log: SessionLog) -> bool:
-            applied, state = await log.replace(checked)
+            applied, state = await log.replace(checked, at=at)
             self._compacted(state, len(checked))
             return applied
 
@@ -635,10 +660,11 @@ class ImmAgentSession(SessionABC):
         histories)."""
         if _CompactionSnapshot is None:
             return None
+        at = self._cursor()  # the branch read is the branch replaced
 
         async def read(log: SessionLog) -> tuple[bytes, tuple[Item, ...]] | None:
             state = await log.newest()
-            found = None if state is None else state.branch(log.resolve_branch(state))
+            found = None if state is None else state.branch(log.resolve_branch(state, at))
             return None if found is None else (found.head, await log.history(found.head))
 
         seen = await self._run(read)
@@ -655,7 +681,7 @@ class ImmAgentSession(SessionABC):
 
             async def change(log: SessionLog) -> bool:
                 applied, state = await log.replace(checked, keep=offset + start, expect=head,
-                                                   drop_while=prune_prefix)
+                                                   drop_while=prune_prefix, at=at)
                 if applied:
                     self._compacted(state, len(checked))
                 return applied
@@ -685,9 +711,10 @@ class ImmAgentSession(SessionABC):
         It uses this session's store (a DSN-opened store stays open until both are
         closed). ValidationError if ``new_session_id`` already has states."""
         target = check_session_id("new_session_id", new_session_id)
+        at = self._cursor()
 
         async def change(log: SessionLog) -> None:
-            self._wrote(f"fork into {target!r}", await log.fork(target, at_turn))
+            self._wrote(f"fork into {target!r}", await log.fork(target, at_turn, at=at))
 
         await self._run(change, write=True)
         return ImmAgentSession._sharing(self._host, target, self.session_settings,

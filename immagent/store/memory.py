@@ -24,8 +24,12 @@ from immagent.store.backend import (
     SCHEMA_VERSION,
     CodecRefs,
     Head,
+    MarkRows,
     Misfit,
+    RetainResult,
+    RetentionPlan,
     RowCheck,
+    StreamPlan,
     SweepResult,
     WriteResult,
 )
@@ -71,9 +75,13 @@ class MemoryBackend:
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
-                    replace: Sequence[UUID] = ()) -> WriteResult:
+                    replace: Sequence[UUID] = (), *,
+                    require_states: Sequence[UUID] = ()) -> WriteResult:
         self._open()
         async with self._lock:
+            gone = tuple(i for i in dict.fromkeys(require_states) if i not in self._states)
+            if gone:
+                return WriteResult(missing_states=gone)
             inserted = {a.digest for a in assets}
             missing = tuple(d for d in require if d not in self._assets and d not in inserted)
             replaced = set(replace)
@@ -161,6 +169,91 @@ class MemoryBackend:
             for d in doomed:
                 del self._assets[d]
             return SweepResult(removed, freed, len(self._assets), states_removed=len(gone))
+
+    async def retain(self, plans: Sequence[RetentionPlan], marks: MarkRows, *,
+                     dry_run: bool = False) -> RetainResult:
+        self._open()
+        async with self._lock:  # nothing awaits below: atomic, as one transaction
+            before = dict(self._states)
+            try:
+                return self._retain(plans, marks, dry_run, before)
+            except BaseException:
+                self._states = before  # as a rolled-back transaction
+                raise
+
+    def _retain(self, plans: Sequence[RetentionPlan], marks: MarkRows, dry_run: bool,
+                before: dict[UUID, StateRow]) -> RetainResult:
+        """``retain`` under the lock; ``before``: the states to restore on a stale plan."""
+        deleted: dict[int, int] = {}
+        state_bytes = 0
+        for plan in plans:
+            if any(_digest_of(self._states.get(p.mark)) != p.mark_digest
+                   for p in plan.streams):
+                self._states = before
+                return RetainResult({}, 0, stale=True)
+            doomed: list[StateRow] = []
+            moved: list[tuple[int, str, int, int]] = []
+            for p in plan.streams:
+                line = sorted((s for s in self._states.values()
+                               if s.kind == plan.kind and s.stream == p.stream),
+                              key=lambda s: s.seq)
+                gone, mark = self._judge(plan.kind, p, line)
+                doomed += gone
+                if mark is not None:
+                    moved.append((plan.kind, p.stream, *mark))
+            ids = {s.id for s in doomed}
+            doomed += [s for s in self._states.values()
+                       if s.kind in plan.followers and s.parent_id in ids]
+            rows = marks(moved)
+            streams = {m[1] for m in moved}
+            for p in plan.streams:
+                if p.stream in streams or (p.keep_every is None and p.mark_digest):
+                    self._states.pop(p.mark, None)
+            for row in rows:
+                self._states[row.id] = _with_seq(row, next(self._seq))
+            for s in doomed:
+                del self._states[s.id]
+                deleted[s.kind] = deleted.get(s.kind, 0) + 1
+                state_bytes += len(s.body) + 32 * len(s.refs)
+        if not dry_run:
+            return RetainResult(deleted, state_bytes)
+        reached = _reachable((d for s in self._states.values() for d in s.refs),
+                             self._assets)
+        swept = [a for d, a in self._assets.items() if d not in reached]
+        self._states = before
+        counts: dict[int, int] = {}
+        for a in swept:
+            counts[a.kind] = counts.get(a.kind, 0) + 1
+        return RetainResult(deleted, state_bytes, assets=counts,
+                            asset_bytes=sum(len(a.body) for a in swept))
+
+    def _judge(self, kind: int, plan: StreamPlan, line: Sequence[StateRow]
+               ) -> tuple[list[StateRow], tuple[int, int] | None]:
+        """The doomed states of one stream (``line``: its states in log order) and its new
+        mark (position, ordinal), or None when the mark does not move: StreamPlan's rule,
+        state by state (the SQL backends judge a whole plan in one statement)."""
+        pinned = {s.parent_id for s in self._states.values() if s.kind == Kind.PIN}
+        parents = {s.parent_id for s in self._states.values() if s.kind == kind}
+        dropped = plan.drop and bool(line) and line[-1].seq == plan.head_seq
+        doomed: list[StateRow] = []
+        mark: tuple[int, int] | None = None
+        after = 0
+        for pos, s in enumerate(line, start=1):
+            if s.seq > plan.mark_seq:
+                after += 1
+            ordinal = plan.mark_ordinal + after
+            tail = (len(line) - pos < plan.keep_latest
+                    or (plan.newer_than is not None and s.created_at >= plan.newer_than))
+            anchor = plan.keep_every is not None and (
+                s.seq <= plan.mark_seq or ordinal % plan.keep_every == 0)
+            if (plan.keep_every is not None and not plan.drop and s.seq > plan.mark_seq
+                    and not tail):
+                mark = (s.seq, ordinal)
+            if s.id in pinned:
+                continue
+            if dropped or not (tail or anchor or s.id not in parents):
+                doomed.append(s)
+        return doomed, mark
 
     async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, StoredAsset]:
         self._open()
@@ -315,6 +408,10 @@ class MemoryBackend:
             current = (None if current.parent_id is None
                        else self._states.get(current.parent_id))
         return rows
+
+
+def _digest_of(row: StateRow | None) -> Digest | None:
+    return None if row is None else row.digest
 
 
 def _with_seq(state: StateRow, seq: int) -> StateRow:

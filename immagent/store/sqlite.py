@@ -51,12 +51,24 @@ from immagent.store.backend import (
     SCHEMA_VERSION,
     CodecRefs,
     Head,
+    MarkRows,
     Misfit,
+    RetainResult,
+    RetentionPlan,
     RowCheck,
     SweepResult,
     WriteResult,
 )
-from immagent.store.sql import ROOTED_STATES, Dialect, Rehearsal, StateQueries
+from immagent.store.sql import (
+    DOOMED_TOTALS,
+    MOVED_MARKS,
+    ROOTED_STATES,
+    Dialect,
+    Rehearsal,
+    StateQueries,
+    followers_query,
+    judge_query,
+)
 from immagent.store.sql import WriteAborted as _Abort
 
 __all__ = ["SQLiteBackend"]
@@ -561,13 +573,25 @@ class SQLiteBackend(StateQueries):
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
-                    replace: Sequence[UUID] = ()) -> WriteResult:
+                    replace: Sequence[UUID] = (), *,
+                    require_states: Sequence[UUID] = ()) -> WriteResult:
         asset_rows = [(a.digest, a.kind, join_refs(a.refs), a.body, a.codec) for a in assets]
         state_rows = [_state_params(s) for s in states]
         wanted = list(dict.fromkeys(require))
         replaced = [i.bytes for i in dict.fromkeys(replace)]
+        needed = list(dict.fromkeys(require_states))
 
         def run(conn: sqlite3.Connection) -> None:
+            # The single writer serialises this with retention: no lock beyond it.
+            if needed:
+                found: set[bytes] = set()
+                for chunk in _chunks([i.bytes for i in needed]):
+                    found.update(r[0] for r in conn.execute(
+                        f"SELECT id FROM immagent_states WHERE id IN ({_marks(len(chunk))})",
+                        chunk))
+                gone = tuple(i for i in needed if i.bytes not in found)
+                if gone:
+                    raise _Abort(WriteResult(missing_states=gone))
             if asset_rows:
                 conn.executemany(
                     f"INSERT INTO immagent_assets ({_ASSET_COLUMNS}) "
@@ -673,6 +697,83 @@ class SQLiteBackend(StateQueries):
                 "gc", lambda conn: transaction(conn, sweep))
         except Rehearsal as rehearsed:
             return rehearsed.result  # type: ignore[no-any-return]
+        return result
+
+    # -- retention ------------------------------------------------------------------------
+
+    async def retain(self, plans: Sequence[RetentionPlan], marks: MarkRows, *,
+                     dry_run: bool = False) -> RetainResult:
+        def run(conn: sqlite3.Connection) -> RetainResult:
+            # Temporary tables of the writer connection, emptied in this transaction.
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS immagent_plan (stream TEXT PRIMARY "
+                         "KEY, head_seq INTEGER, latest INTEGER, newer INTEGER, every INTEGER,"
+                         " dropped INTEGER, mseq INTEGER, mord INTEGER, mark BLOB, "
+                         "mark_digest BLOB)")
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS immagent_judged (id BLOB, kind "
+                         "INTEGER, stream TEXT, seq INTEGER, bytes INTEGER, doomed INTEGER, "
+                         "ordinal INTEGER, marked INTEGER)")
+            deleted: dict[int, int] = {}
+            state_bytes = 0
+            for plan in plans:
+                if not plan.streams:
+                    continue
+                conn.execute("DELETE FROM temp.immagent_plan")
+                conn.execute("DELETE FROM temp.immagent_judged")
+                conn.executemany(
+                    "INSERT INTO temp.immagent_plan VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(p.stream, p.head_seq, p.keep_latest,
+                      None if p.newer_than is None else _to_micros(p.newer_than),
+                      p.keep_every, int(p.drop), p.mark_seq, p.mark_ordinal, p.mark.bytes,
+                      p.mark_digest) for p in plan.streams])
+                # A concurrent run moved a mark since this plan read it: plan again.
+                if conn.execute(
+                        "SELECT 1 FROM temp.immagent_plan p LEFT JOIN immagent_states m "
+                        "ON m.id = p.mark WHERE m.digest IS NOT p.mark_digest LIMIT 1"
+                ).fetchone() is not None:
+                    raise Rehearsal(RetainResult({}, 0, stale=True))
+                conn.execute(judge_query(plan.kind, Kind.PIN, "length"))
+                if plan.followers:
+                    conn.execute(followers_query(plan.followers, "length"))
+                moved = {str(r[0]): (int(r[1]), int(r[2]))
+                         for r in conn.execute(MOVED_MARKS)}
+                rows = marks([(plan.kind, s, q, o) for s, (q, o) in sorted(moved.items())])
+                gone = [p.mark.bytes for p in plan.streams if p.stream in moved
+                        or (p.keep_every is None and p.mark_digest is not None)]
+                for chunk in _chunks(gone):
+                    conn.execute(f"DELETE FROM immagent_states WHERE id IN "
+                                 f"({_marks(len(chunk))})", chunk)
+                if rows:
+                    conn.executemany(
+                        f"INSERT INTO immagent_states ({_STATE_COLUMNS.removesuffix(', seq')})"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [_state_params(r) for r in rows])
+                conn.execute("DELETE FROM immagent_states WHERE id IN "
+                             "(SELECT id FROM temp.immagent_judged WHERE doomed)")
+                for kind, n, size in conn.execute(DOOMED_TOTALS):
+                    deleted[int(kind)] = deleted.get(int(kind), 0) + int(n)
+                    state_bytes += int(size)
+            if not dry_run:
+                if deleted:
+                    _give_back_free_pages(conn)  # as a sweep does: the file shrinks
+                return RetainResult(deleted, state_bytes)
+            # What a gc would then remove: the same mark as a sweep's, counted, not swept.
+            walk.begin(conn)
+            try:
+                walk.mark(conn, all_states=True)
+                swept = conn.execute(
+                    "SELECT kind, count(*), coalesce(sum(length(body)), 0) FROM "
+                    "immagent_assets WHERE digest NOT IN (SELECT digest FROM "
+                    "temp.immagent_reach) GROUP BY kind").fetchall()
+            finally:
+                walk.end(conn, False)
+            raise Rehearsal(RetainResult(deleted, state_bytes,
+                                         assets={int(k): int(n) for k, n, _ in swept},
+                                         asset_bytes=sum(int(b) for _, _, b in swept)))
+
+        try:
+            result: RetainResult = await self._pool.write(
+                "retain", lambda conn: transaction(conn, run))
+        except Rehearsal as done:
+            return done.result  # type: ignore[no-any-return]
         return result
 
     # -- reads ----------------------------------------------------------------------------
