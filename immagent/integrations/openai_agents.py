@@ -39,16 +39,13 @@ cancelled caller never leaves a write in flight behind it.
 
 from __future__ import annotations
 
-import abc
 import asyncio
-import concurrent.futures
 import json
 import logging
 import os
 import re
-import threading
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Generator
 from datetime import datetime
 from typing import Any, TypeVar, cast
 from uuid import UUID
@@ -84,8 +81,9 @@ from immagent.clients.sessions import (
     turns,
     user_turns,
 )
-from immagent.exceptions import SessionClosedError, StoreError, ValidationError
+from immagent.exceptions import SessionClosedError, ValidationError
 from immagent.store import dsn as dsns
+from immagent.store.hosting import Host, OwnedHost, SharedHost
 from immagent.store.log import EventLog
 
 __all__ = ["DEFAULT_DB", "ImmAgentSession", "SessionInfo", "SessionState"]
@@ -98,199 +96,8 @@ DEFAULT_DB = "memory://"
 _CompactionSnapshot: Any = getattr(_sdk_session, "_CompactionSnapshot", None)
 
 T = TypeVar("T")
-Work = Callable[[EventLog], Coroutine[Any, Any, T]]
-
-
-async def _settle(future: asyncio.Future[T]) -> T:
-    """The outcome of a write, even if the caller is cancelled while it runs: then the
-    write is waited for first and the cancellation re-raised after (never a write left
-    running behind a caller that believes it stopped it)."""
-    cancelled: asyncio.CancelledError | None = None
-    while not future.done():
-        try:
-            await asyncio.shield(future)
-        except asyncio.CancelledError as e:
-            if future.cancelled():
-                raise
-            cancelled = cancelled or e
-        except BaseException:
-            break  # the write failed: reported below
-    if cancelled is not None:
-        raise cancelled
-    return future.result()
-
-
-class _Host(abc.ABC):
-    """Where a session's store lives and how a call from any loop reaches it."""
-
-    def __init__(self) -> None:
-        self._users = 1
-        self._mutex = threading.Lock()
-
-    def share(self) -> _Host:
-        """One more session (a fork) uses this host; each one's close() releases it."""
-        with self._mutex:
-            if self._closed():
-                raise SessionClosedError("the session is closed")
-            self._users += 1
-        return self
-
-    @abc.abstractmethod
-    async def run(self, work: Work[T], *, write: bool) -> T:
-        """Run ``work(store)`` on the store's loop and return its result here."""
-
-    def release(self) -> None:
-        """One user is done; the last one closes what the host owns."""
-        with self._mutex:
-            self._users -= 1
-            last = self._users == 0
-        if last:
-            self._shutdown()
-
-    @abc.abstractmethod
-    def _closed(self) -> bool:
-        """True once the last user released the host."""
-
-    @abc.abstractmethod
-    def _shutdown(self) -> None:
-        """Close what the host owns (called once, by the last release)."""
-
-
-async def _hop(work: Coroutine[Any, Any, T], loop: asyncio.AbstractEventLoop,
-               write: bool) -> T:
-    """Run a coroutine on another thread's ``loop`` and await it from this one."""
-    waiter = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, loop))
-    return await (_settle(waiter) if write else waiter)
-
-
-class _OwnedHost(_Host):
-    """A store opened from a DSN, on a private event loop in a daemon thread."""
-
-    def __init__(self, dsn: str) -> None:
-        super().__init__()
-        self._dsn = dsn
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._store: EventLog | None = None
-        self._opening: asyncio.Lock | None = None
-        self._done = False
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    def _closed(self) -> bool:
-        return self._done
-
-    def _start(self) -> asyncio.AbstractEventLoop:
-        with self._mutex:
-            if self._done:
-                raise SessionClosedError("the session is closed")
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-                self._opening = asyncio.Lock()
-                self._thread = threading.Thread(target=self._serve, args=(self._loop,),
-                                                name="immagent-session", daemon=True)
-                self._thread.start()
-            return self._loop
-
-    @staticmethod
-    def _serve(loop: asyncio.AbstractEventLoop) -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_forever()
-        finally:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-
-    async def _open(self) -> EventLog:
-        assert self._opening is not None
-        async with self._opening:  # concurrent first calls open one store
-            if self._done:  # a call that slipped in as close() began opens nothing
-                raise SessionClosedError("the session is closed")
-            if self._store is None:
-                store = await EventLog.connect(self._dsn)
-                try:
-                    await store.init_schema()
-                except BaseException:
-                    await store.close()
-                    raise
-                self._store = store
-            return self._store
-
-    async def _call(self, work: Work[T]) -> T:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            return await work(await self._open())
-        finally:
-            self._tasks.discard(task)
-
-    async def run(self, work: Work[T], *, write: bool) -> T:
-        loop = self._start()
-        return await _hop(self._call(work), loop, write)
-
-    async def _close_store(self) -> None:
-        # Calls already running finish first (close() is refused to new ones).
-        current = asyncio.current_task()
-        await asyncio.gather(*(t for t in self._tasks if t is not current),
-                             return_exceptions=True)
-        if self._store is not None:
-            await self._store.close()
-
-    def _shutdown(self) -> None:
-        with self._mutex:
-            self._done = True
-            loop, thread = self._loop, self._thread
-        if loop is None or thread is None or loop.is_closed():
-            return
-        if threading.current_thread() is thread:
-            # Released from the loop's own thread (a finalizer): it cannot wait for
-            # itself, so the loop closes the store and then stops.
-            task = loop.create_task(self._close_store())
-            task.add_done_callback(lambda _: loop.stop())
-            return
-        try:
-            asyncio.run_coroutine_threadsafe(self._close_store(), loop).result()
-        except (concurrent.futures.CancelledError, RuntimeError):
-            pass  # the loop is already stopping: nothing left to close on it
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-
-
-class _SharedHost(_Host):
-    """An open Store given by the caller, on the loop it was opened on (never closed here)."""
-
-    def __init__(self, store: EventLog) -> None:
-        super().__init__()
-        self._store = store
-        self._done = False
-        try:
-            self._home: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            self._home = None  # taken from the first call
-
-    def _closed(self) -> bool:
-        return self._done
-
-    async def run(self, work: Work[T], *, write: bool) -> T:
-        if self._done:
-            raise SessionClosedError("the session is closed")
-        here = asyncio.get_running_loop()
-        with self._mutex:
-            if self._home is None:
-                self._home = here
-            home = self._home
-        if home is here:
-            return await (_settle(asyncio.ensure_future(work(self._store))) if write
-                          else work(self._store))
-        if home.is_closed() or not home.is_running():
-            raise StoreError("the Store this session shares belongs to an event loop that "
-                             "is not running, so it cannot be used from this one: keep its "
-                             "loop running, or give the session a DSN to own a store")
-        return await _hop(work(self._store), home, write)
-
-    def _shutdown(self) -> None:
-        self._done = True
+#: Names this adapter in the hosts' errors; a closed session raises the SDK's kind.
+_WHAT = "the session"
 
 
 class _Closed:
@@ -332,19 +139,20 @@ class ImmAgentSession(SessionABC):
                                           for level in ("debug", "info", "error")):
             raise ValidationError("logger", f"must be a logging.Logger (or have its debug, "
                                   f"info and error), got {type(logger).__name__}", None)
-        host: _Host
+        host: Host
         if isinstance(db, EventLog):
             if db.closed:
                 raise ValidationError("db", "the Store is closed", None)
-            host = _SharedHost(db)
+            host = SharedHost(db, _WHAT, closed=SessionClosedError)
         else:
             # A bad DSN fails here, before any thread starts.
             target = dsns.parse(DEFAULT_DB if db == ":memory:" else db)
-            host = _OwnedHost(target.dsn)
+            host = OwnedHost(target.dsn, _WHAT, closed=SessionClosedError,
+                             thread_name="immagent-session")
         self._bind(host, None if owner is None else check_owner("owner", owner),
                    logger or logging.getLogger("immagent.sessions"))
 
-    def _bind(self, host: _Host, owner: str | None, logger: Any) -> None:
+    def _bind(self, host: Host, owner: str | None, logger: Any) -> None:
         self._host = host
         self._owner = owner
         self._logger = logger
@@ -354,7 +162,7 @@ class ImmAgentSession(SessionABC):
         self._finalizer = weakref.finalize(self, host.release)
 
     @classmethod
-    def _sharing(cls, host: _Host, session_id: str, settings: SessionSettings | None,
+    def _sharing(cls, host: Host, session_id: str, settings: SessionSettings | None,
                  owner: str | None, logger: Any) -> ImmAgentSession:
         session = cls.__new__(cls)
         session.session_id = session_id
