@@ -341,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="skip ImmAgentConversationStore beside pydantic-ai-harness's store")
     parser.add_argument("--no-audits", action="store_true",
                         help="skip signing, verifying and diffing (benchmarks/audits.py)")
+    parser.add_argument("--no-retention", action="store_true",
+                        help="skip retention at scale and keep_latest's savings "
+                             "(benchmarks/retention.py)")
     args = parser.parse_args(argv)
     # Advances go through LiteLLM's real call path, as a provider model's do (the offline
     # models are otherwise answered in-process): per-advance overhead is then measured as
@@ -376,6 +379,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         found_audits = asyncio.run(audits.run(full=args.full, dsn=pg, backends=args.backends))
         audits.report(found_audits)
         numbers["audits"] = found_audits.as_dict()
+    if not args.no_retention:
+        from benchmarks import retention
+
+        pg = (args.dsn or ensure_postgres()) if "postgres" in args.backends else None
+        kept = asyncio.run(retention.run(pg, full=args.full, log=log))
+        retention.print_results(kept)
+        numbers["retention"] = dataclasses.asdict(kept)
 
     if not args.no_langgraph:  # DeltaChannel baselines, alone at the end (issues 22, 23)
         from benchmarks import langgraph_delta

@@ -107,6 +107,9 @@ class Kind(IntEnum):
     CONVERSATION_SCOPE = 22  # a state: lists one conversation under its scope
     STORE_ITEM = 24  # a state: one put, refresh or delete of a namespaced key (immagent.kv)
     STORE_HEAD = 25  # a state: the current value of a namespaced key (immagent.kv)
+    PIN = 30  # a state: a pin (or tag) on another state, its parent (immagent.retention)
+    RETENTION_POLICY = 31  # a state: the store's retention policy (immagent.retention)
+    RETENTION_MARK = 32  # a state: how far retention has thinned one stream
 
 
 _encoder = msgspec.msgpack.Encoder(order="deterministic")

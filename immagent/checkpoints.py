@@ -54,6 +54,7 @@ from immagent.exceptions import ValidationError
 
 __all__ = [
     "CHAIN",
+    "DELTA_KEYS",
     "LEAF",
     "SEP",
     "SNAPSHOT",
@@ -78,6 +79,9 @@ __all__ = [
     "writes_stream",
 ]
 
+#: Metadata keys LangGraph's DeltaChannel leaves: such a thread's newest checkpoint needs its
+#: ancestors' writes, so it is never pruned (``keep_latest``, retention policies).
+DELTA_KEYS: Final = ("counters_since_delta_snapshot", "delta_writes_versioned")
 #: Separates the parts of a stream: thread id, namespace, checkpoint id (none may hold it).
 SEP: Final = "\x1f"
 #: Shape of a value stored as one VALUE asset.

@@ -21,7 +21,7 @@ from uuid import UUID
 import blake3
 import msgspec
 
-from immagent import attestations, checkpoints, kv
+from immagent import attestations, checkpoints, kv, retention
 from immagent.assets import Digest, Kind, encode
 from immagent.exceptions import IntegrityError
 from immagent.ids import unpack_text_id
@@ -378,6 +378,38 @@ def _scope_digest(row: StateRow) -> Digest:
     return stream_digest(row.kind, row.stream, row.refs, row.body)
 
 
+# -- retention (immagent.retention): pins, the stored policy, marks ----------------------
+
+
+def _pin_digest(row: StateRow) -> Digest:
+    """A pin names its subject as parent and repeats the subject's refs (their kinds in its
+    body), so the pinned content stays; its stream is the subject's id."""
+    body = retention.decode_pin(row.body)
+    if len(body.ref_kinds) != len(row.refs):
+        raise ValueError(f"a pin lists {len(body.ref_kinds)} ref kinds for {len(row.refs)} "
+                         "refs")
+    if row.parent_id is None or row.stream != str(row.parent_id):
+        raise ValueError("a pin's stream is the id of the state it pins, its parent")
+    return stream_digest(row.kind, row.stream, row.refs, row.body)
+
+
+def _policy_digest(row: StateRow) -> Digest:
+    if row.refs or row.stream != retention.POLICY_STREAM:
+        raise ValueError(f"a retention policy pins nothing and lives in stream "
+                         f"{retention.POLICY_STREAM!r}")
+    retention.decode_policy(row.body)
+    return stream_digest(row.kind, row.stream, row.refs, row.body)
+
+
+def _mark_digest(row: StateRow) -> Digest:
+    mark = retention.decode_mark(row.body)
+    if (row.refs or row.stream != retention.MARK_STREAM
+            or row.id != retention.mark_id(mark.kind, mark.stream)):
+        raise ValueError("a retention mark pins nothing, lives in stream "
+                         f"{retention.MARK_STREAM!r} and has the id its stream derives")
+    return stream_digest(row.kind, row.stream, row.refs, row.body)
+
+
 # -- every state kind -------------------------------------------------------------------
 
 #: Each state kind's rules. A client of the store adds its kind here (kinds are data to
@@ -420,6 +452,11 @@ STATE_KINDS: dict[int, StateKind] = {
     # A signature over another state (immagent.attestations), attached to it.
     int(Kind.ATTESTATION): StateKind(digest=_attestation_digest, ref_kinds=lambda row: (),
                                      attached=True),
+    # Retention (immagent.retention): pins, the stored policy, per-stream marks.
+    int(Kind.PIN): StateKind(digest=_pin_digest,
+                             ref_kinds=lambda row: retention.decode_pin(row.body).ref_kinds),
+    int(Kind.RETENTION_POLICY): StateKind(digest=_policy_digest, ref_kinds=lambda row: ()),
+    int(Kind.RETENTION_MARK): StateKind(digest=_mark_digest, ref_kinds=lambda row: ()),
 }
 
 

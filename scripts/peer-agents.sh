@@ -8,6 +8,12 @@
 # version's tag given as $PEER_AGENTS_SRC. They are unpacked under .peer-agents/ and never
 # copied into this repository. The SDK's test-only dependencies are installed into the
 # project venv. Extra arguments go to pytest (e.g. -k, -x). The summary line is the count.
+#
+# A hung test cannot stop the run: the tests run in a pytest-xdist worker process
+# ($PEER_WORKERS, default 1: the machine may be shared) under pytest-timeout's thread
+# method, so a test that outlives $PEER_TIMEOUT seconds (setup, call and teardown; a
+# teardown can hang joining a worker thread the test left blocked) has its stacks dumped
+# and its worker ended; xdist reports it failed and carries on in a new worker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export UV_SYSTEM_CERTS=1 UV_PYTHON_DOWNLOADS=never LITELLM_LOCAL_MODEL_COST_MAP=True
@@ -28,7 +34,7 @@ else
 fi
 echo "== the Agents SDK $version's memory tests, from $src"
 # What those tests import beyond the SDK itself (its dev dependency group, the part used here).
-$UV pip install --quiet pytest-mock inline-snapshot aiosqlite "cryptography>=45" sqlalchemy pytest-timeout
+$UV pip install --quiet pytest-mock inline-snapshot aiosqlite "cryptography>=45" "sqlalchemy[asyncio]" pytest-timeout pytest-xdist
 modules=(
   tests/memory/test_session.py
   tests/memory/test_session_limit.py
@@ -40,11 +46,14 @@ modules=(
   tests/extensions/memory/test_advanced_sqlite_session.py
   tests/extensions/memory/test_encrypt_session.py
 )
-# Left out: the two tests that fork processes to contend for the SDK's SQLite file lock
-# (test_*_across_processes): they hang or fail for the SDK's own session in this
-# sandbox (its forkserver), and they test that backend's file locking, not the protocol.
+# Left out: the three tests that fork processes to contend for the SDK's SQLite file
+# (test_*_across_processes, test_concurrent_structure_table_claims_*): they hang or fail
+# for the SDK's own session in this sandbox (its forkserver), and they test that
+# backend's file locking and table layout, not the protocol.
 cd "$src"
 PYTHONPATH="$root/tests/peers:$src${PYTHONPATH:+:$PYTHONPATH}" \
   "$root/.venv/bin/python" -m pytest -p openai_agents_peer -p no:cacheprovider -q \
-  -o addopts="" --timeout "${PEER_TIMEOUT:-300}" -rs -k "not across_processes" \
+  -o addopts="" -n "${PEER_WORKERS:-1}" --max-worker-restart 50 \
+  --timeout "${PEER_TIMEOUT:-300}" --timeout-method thread -rs \
+  -k "not across_processes and not concurrent_structure_table_claims" \
   "${modules[@]}" "$@"

@@ -2,6 +2,8 @@
 
     python scripts/peer_langgraph.py graph [--src DIR] [--savers ...] [--dsn DSN]
                                            [-k EXPR] [--files ...] [--count N]
+                                           [--results FILE]
+    python scripts/peer_langgraph.py compare FILE...
     python scripts/peer_langgraph.py conformance [--src DIR] [--dsn DSN]
 
 ``graph``: LangGraph's graph tests (``libs/langgraph/tests``: the pregel tests and every
@@ -177,7 +179,8 @@ def graph(args: argparse.Namespace) -> int:
         print(f"... taking langgraph {release}'s sdist from PyPI instead", file=sys.stderr)
         source = _sdist(release)
     files = args.files or _test_files(source / "tests")
-    results = PEER / "langgraph-results.json"
+    results = Path(args.results).resolve()
+    results.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "IMMAGENT_PEER_DSN": _server(args.dsn),
            "IMMAGENT_PEER_SAVERS": ",".join(args.savers), "IMMAGENT_PEER_RESULTS": str(results),
            "NO_DOCKER": "true", "LANGGRAPH_TEST_FAST": "true",
@@ -198,6 +201,14 @@ def graph(args: argparse.Namespace) -> int:
         print("no results were written (pytest failed before running tests)", file=sys.stderr)
         return 1
     return _compare(json.loads(results.read_text()), done.returncode)
+
+
+def compare(args: argparse.Namespace) -> int:
+    """The comparison over several runs' results (e.g. a run split by ``--files``)."""
+    items: list[dict[str, str]] = []
+    for path in args.results:
+        items += json.loads(Path(path).read_text())
+    return _compare(items, 0)
 
 
 def _compare(items: list[dict[str, str]], pytest_status: int) -> int:
@@ -326,7 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--timeout", type=int, default=300, help="seconds per test")
     g.add_argument("-x", "--exitfirst", action="store_true")
     g.add_argument("--dsn", help="PostgreSQL server")
+    g.add_argument("--results", default=str(PEER / "langgraph-results.json"),
+                   help="where the outcomes go (JSON; one file per run, e.g. per --files batch)")
     g.set_defaults(run=graph)
+    m = sub.add_parser("compare", help="the comparison over the results of one or more runs")
+    m.add_argument("results", nargs="+", help="JSON files written by `graph --results`")
+    m.set_defaults(run=compare)
     c = sub.add_parser("conformance", help="the conformance suite of LangGraph's main branch")
     c.add_argument("--src", help="langchain-ai/langgraph: a checkout or git repository")
     c.add_argument("--dsn", help="PostgreSQL server")

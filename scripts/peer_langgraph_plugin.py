@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import tempfile
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from types import ModuleType
 from typing import Any
@@ -56,7 +56,9 @@ def _database() -> Iterator[str]:
     server = _server()
     if not server:
         raise RuntimeError("IMMAGENT_PEER_DSN is not set: no PostgreSQL for immagent_postgres")
-    name = f"immagent_peer_{uuid.uuid4().hex[:16]}"
+    # Not uuid.uuid4: tests such as test_root_graph patch it (deterministic_uuids) before
+    # this fixture runs and count on the ids it hands out.
+    name = f"immagent_peer_{secrets.token_hex(8)}"
     with psycopg.connect(server + "postgres", autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:

@@ -1,6 +1,7 @@
 """Garbage collection and lineage deletion: exactness, safety under concurrency (a stress
 run and every interleaving of the dedup race on two PostgreSQL connections), and a
-hypothesis state machine checked against a plain in-memory model."""
+hypothesis state machine (gc, lineage deletion and retention runs among writes) checked
+against a plain in-memory model."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from hypothesis.stateful import (
 import immagent
 from immagent import Message, PersistentAgent, Store
 from immagent.assets import EMPTY_CONVERSATION, ConversationNode, Digest, SystemPrompt
+from immagent.retention import Policy, Rule
 from tests import crafted
 from tests.conftest import raw_sql
 from tests.conftest import turn as support_turn
@@ -259,8 +261,11 @@ async def _until_queued(dsn: str, locktype: str, task: asyncio.Task[Any]) -> Non
     on and its integrity checks fail)."""
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         for _ in range(500):
-            cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted "
-                                     "AND locktype = %s", (locktype,))
+            # This database's sessions only: the server is shared with other test runs.
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE NOT l.granted AND l.locktype = %s "
+                "AND a.datname = current_database()", (locktype,))
             row = await cur.fetchone()
             if (row is not None and row[0] > 0) or task.done():
                 return
@@ -502,6 +507,25 @@ class GCMachine(RuleBasedStateMachine):
         for gone in expected:
             del self.parent[gone]
             self.dead.append(gone)
+
+    @precondition(lambda self: self.parent)
+    @rule(keep=st.integers(1, 3), drop=st.booleans())
+    def retain(self, keep: int, drop: bool) -> None:
+        # The model's retention: per agent name, the newest ``keep`` states and every head
+        # (no live child) stay; a drop takes whole streams. Content stays until gc.
+        streams: dict[str, list[UUID]] = {}
+        for state_id in self.parent:  # log order
+            streams.setdefault(self.handles[state_id].name, []).append(state_id)
+        parents = set(self.parent.values())
+        doomed = [i for ids in streams.values()
+                  for i in (ids if drop else [i for i in ids[:-keep] if i in parents])]
+        policy = Policy.of(Rule.of(kinds="agents", drop=True, idle_for=0) if drop
+                           else Rule.of(kinds="agents", keep_latest=keep))
+        report = self.run(self.store.apply_retention(policy, gc=False))
+        assert report.states_deleted == len(doomed)
+        for gone in doomed:
+            del self.parent[gone]
+            self.dead.append(gone)  # what the survivors read is checked by the gc step
 
     @rule()
     def gc(self) -> None:

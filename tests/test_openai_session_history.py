@@ -4,13 +4,19 @@ Both backends; sessions share the test's Store unless a test needs its own."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import sqlite3
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from uuid import uuid4
 
 import msgspec
+import psycopg
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -231,6 +237,66 @@ async def test_a_branch_deleted_elsewhere_is_an_error_not_a_silent_switch(store:
     await mine.switch_to_branch("main")
     await mine.add_items([user("kept")])
     assert (await other.get_items())[-1] == user("kept")
+
+
+@contextlib.contextmanager
+def writes_held(dsn: str) -> Iterator[None]:
+    """The store's writes wait (reads go on) until the block ends: another connection holds
+    the database's write lock (SQLite's, within the Store's 5 s busy timeout) or locks the
+    state table against writers (PostgreSQL)."""
+    if dsn.startswith("sqlite:///"):
+        conn = sqlite3.connect(dsn.removeprefix("sqlite:///"), isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+            conn.close()
+        return
+    with psycopg.connect(dsn) as pg:
+        pg.execute("LOCK TABLE immagent_states IN EXCLUSIVE MODE")
+        try:
+            yield
+        finally:
+            pg.rollback()
+
+
+def run_usage(tokens: int) -> Any:  # what store_run_usage reads of a RunResult
+    return SimpleNamespace(context_wrapper=SimpleNamespace(usage=SimpleNamespace(
+        requests=1, input_tokens=tokens, output_tokens=0, total_tokens=tokens)))
+
+
+@pytest.mark.parametrize("queued", ["pop", "add", "usage"])
+async def test_a_queued_write_keeps_the_branch_it_was_called_on(
+        store: Store, store_dsn: str, queued: str) -> None:
+    """As the SDK's advanced session snapshots its branch at call time: a write waiting
+    behind an earlier write of the same object goes to the branch current when it was
+    called, not to the one a switch_to_branch that completed meanwhile made current."""
+    session = await grown(store, "queued", 2)
+    await session.create_branch_from_turn(2, "side")
+    with writes_held(store_dsn):
+        first = asyncio.ensure_future(session.add_items([user("on side")]))
+        second = asyncio.ensure_future(
+            session.pop_item() if queued == "pop"
+            else session.add_items([user("also on side")]) if queued == "add"
+            else session.store_run_usage(run_usage(7)))
+        await asyncio.sleep(0)  # both called on "side"; the first holds the writes
+        await session.switch_to_branch("main")  # a read: it completes meanwhile
+        assert not first.done() and not second.done()
+    await first
+    outcome = await second
+    assert session.current_branch_id == "main"
+    assert await session.get_items() == [*turn(0), *turn(1)]  # main untouched
+    side = await session.get_items(branch_id="side")
+    if queued == "pop":
+        assert outcome == user("on side") and side == turn(0)
+    elif queued == "add":
+        assert side == [*turn(0), user("on side"), user("also on side")]
+    else:
+        assert await session.get_turn_usage(branch_id="main") == []
+        usage = await session.get_turn_usage(branch_id="side")
+        assert isinstance(usage, list)
+        assert [(u["user_turn_number"], u["total_tokens"]) for u in usage] == [(2, 7)]
 
 
 # -- audits ---------------------------------------------------------------------------------

@@ -48,7 +48,8 @@ _STATE_NAMES = {"agent_state": "agent states", "checkpoint": "checkpoints",
                 "checkpoint_writes": "checkpoint writes", "session_state": "session states",
                 "conversation_state": "conversation states",
                 "conversation_scope": "conversation scope entries",
-                "compression": "compression state"}
+                "compression": "compression state", "pin": "pins",
+                "retention_policy": "retention policies", "retention_mark": "retention marks"}
 
 
 # -- stats / gc ----------------------------------------------------------------------------

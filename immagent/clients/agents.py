@@ -85,6 +85,13 @@ class Store(EventLog):
         for state_id in ids:
             self._agents.pop(state_id, None)
 
+    async def _forget_gone(self) -> None:
+        """After a retention run: live objects of states it deleted are dropped."""
+        alive = list(self._agents.keys())
+        if alive:
+            kept = {r.id for r in await self._open().get_states(alive)}
+            self._forget([i for i in alive if i not in kept])
+
     # -- the agent book ---------------------------------------------------------------------
 
     async def create_agent(

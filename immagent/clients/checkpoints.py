@@ -76,8 +76,8 @@ _KNOWN_KEYS: Final = frozenset({"v", "id", "ts", "channel_values", "channel_vers
 #: Known keys a checkpoint may lack (and then reads back without).
 _OPTIONAL_KEYS: Final = ("versions_seen", "updated_channels")
 #: Metadata keys LangGraph's DeltaChannel leaves; the first names the delta channels.
-_DELTA_COUNTERS: Final = "counters_since_delta_snapshot"
-_DELTA_KEYS: Final = (_DELTA_COUNTERS, "delta_writes_versioned")
+_DELTA_KEYS: Final = cp.DELTA_KEYS
+_DELTA_COUNTERS: Final = _DELTA_KEYS[0]
 _PRUNE_STRATEGIES: Final = ("keep_latest", "delete")
 _PAGE: Final = 1000
 #: How far back a chain is walked, link by link, to find where a shortened list forks.

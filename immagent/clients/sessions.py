@@ -54,6 +54,7 @@ from immagent.validate import (
 __all__ = [
     "MAIN",
     "BranchHead",
+    "Cursor",
     "SessionInfo",
     "SessionLog",
     "SessionState",
@@ -74,6 +75,14 @@ _KIND = int(Kind.SESSION_STATE)
 _MAX_ATTEMPTS = 1000
 #: Item lists of recently seen heads kept per session (a branch's head, its parent, …).
 _HISTORIES = 8
+
+
+class Cursor(NamedTuple):
+    """Where a ``SessionLog`` reads and writes: a branch, and the clear generation it was
+    chosen in (None before the cursor has seen a state: then the branch is ``main``)."""
+
+    branch: str
+    generation: int | None
 
 
 class BranchHead(msgspec.Struct, frozen=True):
@@ -250,6 +259,12 @@ class SessionLog:
     caches hold no authority: the newest state it saw and the item lists of a few heads.
     Several objects (or processes) on one session stay correct through the head check; one
     object also serialises its own writers, so they do not race each other.
+
+    An operation works on the branch the cursor names when it *runs*, unless it is given
+    ``at`` (a ``cursor`` read when the caller asked for it, as the SDK's advanced session
+    snapshots its branch at call time): then on that branch, so a ``switch`` that completes
+    while the operation waits (behind an earlier write of this object, or a retry) cannot
+    redirect it. A clear in between still wins: the cleared session has only ``main``.
     """
 
     def __init__(self, store: EventLog, session_id: str, owner: str | None = None) -> None:
@@ -259,22 +274,34 @@ class SessionLog:
         self.store = store
         self.session_id = check_session_id("session_id", session_id)
         self.owner = None if owner is None else check_owner("owner", owner)
-        #: The branch reads and writes go to.
-        self.branch = MAIN
-        self._generation: int | None = None  # the clear generation ``branch`` belongs to
+        # One tuple, replaced whole, so ``cursor`` reads a coherent pair from any thread.
+        self._cursor = Cursor(MAIN, None)
         self._newest: SessionState | None = None
         self._known = False  # whether _newest was read or written by this object
         self._histories: OrderedDict[Digest, tuple[Item, ...]] = OrderedDict()
         self._lock = asyncio.Lock()
 
-    def resolve_branch(self, state: SessionState | None) -> str:
-        """The branch to use on ``state``: ours, unless the session was cleared since we
-        chose it (then ``main``, whose history the clear reset)."""
+    @property
+    def branch(self) -> str:
+        """The branch reads and writes go to."""
+        return self._cursor.branch
+
+    @property
+    def cursor(self) -> Cursor:
+        """The cursor now (its branch and generation), to pin an operation to as ``at``."""
+        return self._cursor
+
+    def resolve_branch(self, state: SessionState | None, at: Cursor | None = None) -> str:
+        """The branch to use on ``state``: ``at``'s (default: this cursor's), unless the
+        session was cleared since it was chosen (then this cursor's, which the clear sent
+        back to ``main``)."""
         generation = 0 if state is None else state.generation
-        if self._generation is not None and generation != self._generation:
-            self.branch = MAIN
-        self._generation = generation
-        return self.branch
+        branch, seen = self._cursor
+        self._cursor = Cursor(MAIN if seen is not None and seen != generation else branch,
+                              generation)
+        if at is not None and at.generation in (None, generation):
+            return at.branch
+        return self._cursor.branch
 
     # -- reads --------------------------------------------------------------------------
 
@@ -285,20 +312,22 @@ class SessionLog:
         self._known = True
         return self._newest
 
-    async def items(self, branch: str | None = None) -> tuple[Item, ...]:
-        """The items of ``branch`` (default: this cursor's) in the newest state; none for
-        a branch the newest state does not have (deleted, or never made), as the SDK's
-        advanced session reads it."""
+    async def items(self, branch: str | None = None, *,
+                    at: Cursor | None = None) -> tuple[Item, ...]:
+        """The items of ``branch`` (default: this cursor's, or ``at``'s) in the newest
+        state; none for a branch the newest state does not have (deleted, or never made),
+        as the SDK's advanced session reads it."""
         state = await self.newest()
-        name = self.resolve_branch(state) if branch is None else branch
+        name = self.resolve_branch(state, at) if branch is None else branch
         head = (state or _empty(self.session_id)).head(name)
         return () if head is None else await self.history(head)
 
-    async def usage(self, branch: str | None = None) -> dict[int, Any]:
-        """The usage recorded per turn on ``branch`` (default: this cursor's) in the
-        newest state: {turn: record}, the latest record of each turn."""
+    async def usage(self, branch: str | None = None, *,
+                    at: Cursor | None = None) -> dict[int, Any]:
+        """The usage recorded per turn on ``branch`` (default: this cursor's, or ``at``'s)
+        in the newest state: {turn: record}, the latest record of each turn."""
         state = await self.newest()
-        name = self.resolve_branch(state) if branch is None else branch
+        name = self.resolve_branch(state, at) if branch is None else branch
         found = (state or _empty(self.session_id)).branch(name)
         return {} if found is None else await self.branch_usage(found)
 
@@ -466,9 +495,10 @@ class SessionLog:
         newest = await self.newest()
         return (newest.id if newest else None) == (seen.id if seen else None)
 
-    async def append(self, items: Sequence[Item]) -> SessionState | None:
-        """Add ``items`` (checked by ``check_items``) to the end of the current branch in a
-        new state; no state for an empty list."""
+    async def append(self, items: Sequence[Item], *,
+                     at: Cursor | None = None) -> SessionState | None:
+        """Add ``items`` (checked by ``check_items``) to the end of the current branch (or
+        ``at``'s) in a new state; no state for an empty list."""
         added = tuple(items)
         check_fan_out("items", len(added), "items", base=1)  # one link lists them all
 
@@ -476,7 +506,7 @@ class SessionLog:
             if not added:
                 return None
             state = base or _empty(self.session_id)
-            branch = self.resolve_branch(base)
+            branch = self.resolve_branch(base, at)
             head = _branch_head(state, branch)
             parent = await self._node(head)
             node = parent.extend(added)
@@ -489,15 +519,16 @@ class SessionLog:
 
         return await self._commit(change)
 
-    async def pop(self) -> tuple[Item | None, SessionState | None]:
-        """Remove the last item of the current branch in a new state: (the item, the
-        state); (None, the unchanged state) when the branch is empty. Popping a turn's user
-        item drops that turn's recorded usage too."""
+    async def pop(self, *, at: Cursor | None = None
+                  ) -> tuple[Item | None, SessionState | None]:
+        """Remove the last item of the current branch (or ``at``'s) in a new state: (the
+        item, the state); (None, the unchanged state) when the branch is empty. Popping a
+        turn's user item drops that turn's recorded usage too."""
         popped: list[Item] = []
 
         async def change(base: SessionState | None) -> _Plan | None:
             popped.clear()
-            branch = self.resolve_branch(base)
+            branch = self.resolve_branch(base, at)
             if base is None:
                 return None
             found = base.branch(branch)
@@ -520,13 +551,13 @@ class SessionLog:
 
     async def replace(self, items: Sequence[Item], *, keep: int = 0,
                       expect: Digest | None = None,
-                      drop_while: Callable[[Any], bool] | None = None
-                      ) -> tuple[bool, SessionState | None]:
-        """Make the current branch hold its first ``keep`` items and then ``items``, in one
-        new state (a compaction: the state before it keeps the history it replaced).
-        With ``expect``, only if the branch's head is still that digest; with
-        ``drop_while``, the leading kept items whose value it holds true for are left out
-        too (expired ones). Recorded usage of turns past the kept items is dropped (all of
+                      drop_while: Callable[[Any], bool] | None = None,
+                      at: Cursor | None = None) -> tuple[bool, SessionState | None]:
+        """Make the current branch (or ``at``'s) hold its first ``keep`` items and then
+        ``items``, in one new state (a compaction: the state before it keeps the history
+        it replaced). With ``expect``, only if the branch's head is still that digest;
+        with ``drop_while``, the leading kept items whose value it holds true for are left
+        out too (expired ones). Recorded usage of turns past the kept items is dropped (all of
         it when leading items are). Returns (whether it was applied, the newest state)."""
         added = tuple(items)
         applied: list[bool] = []
@@ -534,7 +565,7 @@ class SessionLog:
         async def change(base: SessionState | None) -> _Plan | None:
             applied.clear()
             state = base or _empty(self.session_id)
-            branch = self.resolve_branch(base)
+            branch = self.resolve_branch(base, at)
             found = state.branch(branch)
             if found is None:
                 raise ValidationError("branch_id", f"branch {branch!r} does not exist in "
@@ -565,15 +596,17 @@ class SessionLog:
         state = await self._commit(change)
         return bool(applied), state
 
-    async def add_usage(self, record: dict[str, Any]) -> SessionState | None:
+    async def add_usage(self, record: dict[str, Any], *,
+                        at: Cursor | None = None) -> SessionState | None:
         """Record ``record`` (a JSON object of token counts) as the usage of the current
-        branch's latest turn, replacing an earlier record of that turn; nothing is written
-        while the branch has no turn (no user item). The record gains ``turn``."""
+        branch's (or ``at``'s) latest turn, replacing an earlier record of that turn;
+        nothing is written while the branch has no turn (no user item). The record gains
+        ``turn``."""
 
         async def change(base: SessionState | None) -> _Plan | None:
             if base is None:
                 return None
-            branch = self.resolve_branch(base)
+            branch = self.resolve_branch(base, at)
             found = base.branch(branch)
             if found is None:
                 return None  # deleted elsewhere: there is no turn to record against
@@ -614,13 +647,14 @@ class SessionLog:
         name = check_text("branch_id", branch, max_bytes=MAX_NAME_BYTES)
         state = await self.newest()
         _branch_head(state or _empty(self.session_id), name)
-        self.branch = name
-        self._generation = 0 if state is None else state.generation
+        self._cursor = Cursor(name, 0 if state is None else state.generation)
         return state
 
-    async def create_branch(self, name: str | None, turn: int) -> SessionState:
+    async def create_branch(self, name: str | None, turn: int, *,
+                            at: Cursor | None = None) -> SessionState:
         """A new state with branch ``name`` (None: a fresh ``branch_from_turn_…`` name)
-        holding the current branch's items before turn ``turn``, and switch to it.
+        holding the current branch's (or ``at``'s) items before turn ``turn``, and switch
+        to it.
         ValidationError if that turn has no user item or the name was used in this
         session before (names are never reused, even after a delete or a clear). The new
         branch has no usage recorded (as in the SDK's advanced session)."""
@@ -632,7 +666,7 @@ class SessionLog:
         async def change(base: SessionState | None) -> _Plan:
             made.clear()
             state = base or _empty(self.session_id)
-            source = self.resolve_branch(base)
+            source = self.resolve_branch(base, at)
             head = _branch_head(state, source)
             items = await self.history(head)
             index = turn_index(items, turn)
@@ -650,7 +684,7 @@ class SessionLog:
 
         state = await self._commit(change)
         assert state is not None  # change never declines
-        self.branch, self._generation = made[0], state.generation
+        self._cursor = Cursor(made[0], state.generation)
         return state
 
     async def delete_branch(self, name: str, *, force: bool = False) -> SessionState:
@@ -675,12 +709,13 @@ class SessionLog:
         state = await self._commit(change)
         assert state is not None
         if self.branch == name:
-            self.branch = MAIN
+            self._cursor = Cursor(MAIN, state.generation)
         return state
 
-    async def fork(self, new_session_id: str, at_turn: int | None = None) -> SessionState:
-        """The first state of session ``new_session_id``: the current branch of this
-        session's newest state (the items before turn ``at_turn``, or all) as its ``main``,
+    async def fork(self, new_session_id: str, at_turn: int | None = None, *,
+                   at: Cursor | None = None) -> SessionState:
+        """The first state of session ``new_session_id``: the current branch (or ``at``'s)
+        of this session's newest state (the items before turn ``at_turn``, or all) as its ``main``,
         parent = that state, owned by this session's owner. Shares every item and link;
         writes one state row and at most one link. ValidationError if ``new_session_id``
         already has states."""
@@ -689,7 +724,7 @@ class SessionLog:
             at_turn = _check_turn(at_turn, "at_turn")
         base = await self.newest()
         state = base or _empty(self.session_id)
-        branch = self.resolve_branch(base)
+        branch = self.resolve_branch(base, at)
         head = _branch_head(state, branch)
         assets: list[Asset] = [EMPTY_ITEMS] if head == EMPTY_ITEMS.digest else []
         if at_turn is not None:

@@ -39,16 +39,13 @@ cancelled caller never leaves a write in flight behind it.
 
 from __future__ import annotations
 
-import abc
 import asyncio
-import concurrent.futures
 import json
 import logging
 import os
 import re
-import threading
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Generator
 from datetime import datetime
 from typing import Any, TypeVar, cast
 from uuid import UUID
@@ -72,6 +69,7 @@ from immagent.assets import Item
 from immagent.audit.bundle import BundleInfo
 from immagent.clients.sessions import (
     MAIN,
+    Cursor,
     SessionInfo,
     SessionLog,
     SessionState,
@@ -83,8 +81,9 @@ from immagent.clients.sessions import (
     turns,
     user_turns,
 )
-from immagent.exceptions import SessionClosedError, StoreError, ValidationError
+from immagent.exceptions import SessionClosedError, ValidationError
 from immagent.store import dsn as dsns
+from immagent.store.hosting import Host, OwnedHost, SharedHost
 from immagent.store.log import EventLog
 
 __all__ = ["DEFAULT_DB", "ImmAgentSession", "SessionInfo", "SessionState"]
@@ -97,199 +96,8 @@ DEFAULT_DB = "memory://"
 _CompactionSnapshot: Any = getattr(_sdk_session, "_CompactionSnapshot", None)
 
 T = TypeVar("T")
-Work = Callable[[EventLog], Coroutine[Any, Any, T]]
-
-
-async def _settle(future: asyncio.Future[T]) -> T:
-    """The outcome of a write, even if the caller is cancelled while it runs: then the
-    write is waited for first and the cancellation re-raised after (never a write left
-    running behind a caller that believes it stopped it)."""
-    cancelled: asyncio.CancelledError | None = None
-    while not future.done():
-        try:
-            await asyncio.shield(future)
-        except asyncio.CancelledError as e:
-            if future.cancelled():
-                raise
-            cancelled = cancelled or e
-        except BaseException:
-            break  # the write failed: reported below
-    if cancelled is not None:
-        raise cancelled
-    return future.result()
-
-
-class _Host(abc.ABC):
-    """Where a session's store lives and how a call from any loop reaches it."""
-
-    def __init__(self) -> None:
-        self._users = 1
-        self._mutex = threading.Lock()
-
-    def share(self) -> _Host:
-        """One more session (a fork) uses this host; each one's close() releases it."""
-        with self._mutex:
-            if self._closed():
-                raise SessionClosedError("the session is closed")
-            self._users += 1
-        return self
-
-    @abc.abstractmethod
-    async def run(self, work: Work[T], *, write: bool) -> T:
-        """Run ``work(store)`` on the store's loop and return its result here."""
-
-    def release(self) -> None:
-        """One user is done; the last one closes what the host owns."""
-        with self._mutex:
-            self._users -= 1
-            last = self._users == 0
-        if last:
-            self._shutdown()
-
-    @abc.abstractmethod
-    def _closed(self) -> bool:
-        """True once the last user released the host."""
-
-    @abc.abstractmethod
-    def _shutdown(self) -> None:
-        """Close what the host owns (called once, by the last release)."""
-
-
-async def _hop(work: Coroutine[Any, Any, T], loop: asyncio.AbstractEventLoop,
-               write: bool) -> T:
-    """Run a coroutine on another thread's ``loop`` and await it from this one."""
-    waiter = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, loop))
-    return await (_settle(waiter) if write else waiter)
-
-
-class _OwnedHost(_Host):
-    """A store opened from a DSN, on a private event loop in a daemon thread."""
-
-    def __init__(self, dsn: str) -> None:
-        super().__init__()
-        self._dsn = dsn
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._store: EventLog | None = None
-        self._opening: asyncio.Lock | None = None
-        self._done = False
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    def _closed(self) -> bool:
-        return self._done
-
-    def _start(self) -> asyncio.AbstractEventLoop:
-        with self._mutex:
-            if self._done:
-                raise SessionClosedError("the session is closed")
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-                self._opening = asyncio.Lock()
-                self._thread = threading.Thread(target=self._serve, args=(self._loop,),
-                                                name="immagent-session", daemon=True)
-                self._thread.start()
-            return self._loop
-
-    @staticmethod
-    def _serve(loop: asyncio.AbstractEventLoop) -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_forever()
-        finally:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-
-    async def _open(self) -> EventLog:
-        assert self._opening is not None
-        async with self._opening:  # concurrent first calls open one store
-            if self._done:  # a call that slipped in as close() began opens nothing
-                raise SessionClosedError("the session is closed")
-            if self._store is None:
-                store = await EventLog.connect(self._dsn)
-                try:
-                    await store.init_schema()
-                except BaseException:
-                    await store.close()
-                    raise
-                self._store = store
-            return self._store
-
-    async def _call(self, work: Work[T]) -> T:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            return await work(await self._open())
-        finally:
-            self._tasks.discard(task)
-
-    async def run(self, work: Work[T], *, write: bool) -> T:
-        loop = self._start()
-        return await _hop(self._call(work), loop, write)
-
-    async def _close_store(self) -> None:
-        # Calls already running finish first (close() is refused to new ones).
-        current = asyncio.current_task()
-        await asyncio.gather(*(t for t in self._tasks if t is not current),
-                             return_exceptions=True)
-        if self._store is not None:
-            await self._store.close()
-
-    def _shutdown(self) -> None:
-        with self._mutex:
-            self._done = True
-            loop, thread = self._loop, self._thread
-        if loop is None or thread is None or loop.is_closed():
-            return
-        if threading.current_thread() is thread:
-            # Released from the loop's own thread (a finalizer): it cannot wait for
-            # itself, so the loop closes the store and then stops.
-            task = loop.create_task(self._close_store())
-            task.add_done_callback(lambda _: loop.stop())
-            return
-        try:
-            asyncio.run_coroutine_threadsafe(self._close_store(), loop).result()
-        except (concurrent.futures.CancelledError, RuntimeError):
-            pass  # the loop is already stopping: nothing left to close on it
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-
-
-class _SharedHost(_Host):
-    """An open Store given by the caller, on the loop it was opened on (never closed here)."""
-
-    def __init__(self, store: EventLog) -> None:
-        super().__init__()
-        self._store = store
-        self._done = False
-        try:
-            self._home: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            self._home = None  # taken from the first call
-
-    def _closed(self) -> bool:
-        return self._done
-
-    async def run(self, work: Work[T], *, write: bool) -> T:
-        if self._done:
-            raise SessionClosedError("the session is closed")
-        here = asyncio.get_running_loop()
-        with self._mutex:
-            if self._home is None:
-                self._home = here
-            home = self._home
-        if home is here:
-            return await (_settle(asyncio.ensure_future(work(self._store))) if write
-                          else work(self._store))
-        if home.is_closed() or not home.is_running():
-            raise StoreError("the Store this session shares belongs to an event loop that "
-                             "is not running, so it cannot be used from this one: keep its "
-                             "loop running, or give the session a DSN to own a store")
-        return await _hop(work(self._store), home, write)
-
-    def _shutdown(self) -> None:
-        self._done = True
+#: Names this adapter in the hosts' errors; a closed session raises the SDK's kind.
+_WHAT = "the session"
 
 
 class _Closed:
@@ -331,19 +139,20 @@ class ImmAgentSession(SessionABC):
                                           for level in ("debug", "info", "error")):
             raise ValidationError("logger", f"must be a logging.Logger (or have its debug, "
                                   f"info and error), got {type(logger).__name__}", None)
-        host: _Host
+        host: Host
         if isinstance(db, EventLog):
             if db.closed:
                 raise ValidationError("db", "the Store is closed", None)
-            host = _SharedHost(db)
+            host = SharedHost(db, _WHAT, closed=SessionClosedError)
         else:
             # A bad DSN fails here, before any thread starts.
             target = dsns.parse(DEFAULT_DB if db == ":memory:" else db)
-            host = _OwnedHost(target.dsn)
+            host = OwnedHost(target.dsn, _WHAT, closed=SessionClosedError,
+                             thread_name="immagent-session")
         self._bind(host, None if owner is None else check_owner("owner", owner),
                    logger or logging.getLogger("immagent.sessions"))
 
-    def _bind(self, host: _Host, owner: str | None, logger: Any) -> None:
+    def _bind(self, host: Host, owner: str | None, logger: Any) -> None:
         self._host = host
         self._owner = owner
         self._logger = logger
@@ -353,7 +162,7 @@ class ImmAgentSession(SessionABC):
         self._finalizer = weakref.finalize(self, host.release)
 
     @classmethod
-    def _sharing(cls, host: _Host, session_id: str, settings: SessionSettings | None,
+    def _sharing(cls, host: Host, session_id: str, settings: SessionSettings | None,
                  owner: str | None, logger: Any) -> ImmAgentSession:
         session = cls.__new__(cls)
         session.session_id = session_id
@@ -368,6 +177,12 @@ class ImmAgentSession(SessionABC):
     def current_branch_id(self) -> str:
         """The branch this session object reads and writes (``main`` until switched)."""
         return self._log.branch if self._log is not None else MAIN
+
+    def _cursor(self) -> Cursor:
+        """The branch a call made now works on, read at call time (as the SDK's advanced
+        session snapshots its branch): an operation pinned to it keeps to that branch even
+        if a ``switch_to_branch`` completes while it waits to run."""
+        return self._log.cursor if self._log is not None else Cursor(MAIN, None)
 
     @property
     def owner(self) -> str | None:
@@ -406,9 +221,10 @@ class ImmAgentSession(SessionABC):
         SDK's advanced session."""
         wanted = resolve_session_limit(limit, self.session_settings)
         _check_limit(wanted)
+        at = self._cursor()
 
         async def read(log: SessionLog) -> list[Any]:
-            return _latest(await log.items(branch_id), wanted)
+            return _latest(await log.items(branch_id, at=at), wanted)
 
         return cast(list[TResponseInputItem], await self._run(read))
 
@@ -418,9 +234,10 @@ class ImmAgentSession(SessionABC):
         cannot carry is an UnsupportedTypeError (a TypeError, as the SDK's sessions
         raise) or a ValidationError, and nothing is written."""
         checked = check_items(items)
+        at = self._cursor()
 
         async def change(log: SessionLog) -> None:
-            self._wrote(f"add {len(checked)} item(s)", await log.append(checked))
+            self._wrote(f"add {len(checked)} item(s)", await log.append(checked, at=at))
 
         if not checked:
             self._check_open()
@@ -429,10 +246,12 @@ class ImmAgentSession(SessionABC):
 
     async def pop_item(self) -> TResponseInputItem | None:
         """Remove and return the newest item of the current branch (None when it is empty);
-        the state before it stays stored."""
+        the state before it stays stored. The branch is the one current when called: a
+        ``switch_to_branch`` that completes while the pop waits does not redirect it."""
+        at = self._cursor()
 
         async def change(log: SessionLog) -> Item | None:
-            item, state = await log.pop()
+            item, state = await log.pop(at=at)
             if item is not None:
                 self._wrote("pop", state)
             return item
@@ -458,10 +277,14 @@ class ImmAgentSession(SessionABC):
         every item with its source. ValueError (ValidationError) if the turn has no user
         message or ``branch_name`` is blank or was used in this session before."""
 
+        return await self._create_branch(turn_number, branch_name, self._cursor())
+
+    async def _create_branch(self, turn_number: int, branch_name: str | None,
+                             at: Cursor) -> str:
         async def change(log: SessionLog) -> str:
-            source = log.branch
-            state = await log.create_branch(branch_name, turn_number)
-            self._wrote(f"branch {log.branch!r} from turn {turn_number} of {source!r}", state)
+            state = await log.create_branch(branch_name, turn_number, at=at)
+            self._wrote(f"branch {log.branch!r} from turn {turn_number} of {at.branch!r}",
+                        state)
             return log.branch
 
         return await self._run(change, write=True)
@@ -471,10 +294,11 @@ class ImmAgentSession(SessionABC):
         """``create_branch_from_turn`` at the first turn whose user message contains
         ``search_term`` (as ``find_turns_by_content`` matches); ValueError
         (ValidationError) if none does."""
-        found = await self.find_turns_by_content(search_term)
+        at = self._cursor()  # the branch searched is the branch cut
+        found = await self._find_turns(search_term, None, at)
         if not found:
             raise ValidationError("search_term", "no user turn contains it", search_term)
-        return await self.create_branch_from_turn(found[0]["turn"], branch_name)
+        return await self._create_branch(found[0]["turn"], branch_name, at)
 
     async def switch_to_branch(self, branch_id: str) -> None:
         """Read and write ``branch_id`` from now on (this object only); ValueError
@@ -529,24 +353,29 @@ class ImmAgentSession(SessionABC):
         ``full_content``, ``timestamp`` (None: items are content and carry no time; the
         states that added them do, see ``list_states``), ``can_branch``."""
         return [_turn(number, content, 100)
-                for number, content in await self._turns(branch_id)]
+                for number, content in await self._turns(branch_id, self._cursor())]
 
     async def find_turns_by_content(self, search_term: str, branch_id: str | None = None
                                     ) -> list[dict[str, Any]]:
         """The turns (as ``get_conversation_turns``, with the whole content as preview)
         whose user message text contains ``search_term``, ASCII letters matched without
         regard to case, as the SDK's advanced session does."""
+        return await self._find_turns(search_term, branch_id, self._cursor())
+
+    async def _find_turns(self, search_term: str, branch_id: str | None, at: Cursor
+                          ) -> list[dict[str, Any]]:
         if not isinstance(search_term, str):
             raise ValidationError("search_term", f"must be a str, got "
                                   f"{type(search_term).__name__}", None)
         pattern = re.compile(re.escape(search_term), re.IGNORECASE | re.ASCII)
         return [_turn(number, content, None)
-                for number, content in await self._turns(branch_id)
+                for number, content in await self._turns(branch_id, at)
                 if any(pattern.search(text) for text in _texts(content))]
 
-    async def _turns(self, branch_id: str | None) -> list[tuple[int, Any]]:
+    async def _turns(self, branch_id: str | None, at: Cursor) -> list[tuple[int, Any]]:
         async def read(log: SessionLog) -> list[tuple[int, Any]]:
-            return [(n, item.get("content", "")) for n, item in turns(await log.items(branch_id))]
+            items = await log.items(branch_id, at=at)
+            return [(n, item.get("content", "")) for n, item in turns(items)]
 
         return await self._run(read)
 
@@ -555,7 +384,9 @@ class ImmAgentSession(SessionABC):
         usage of the current branch's latest turn, in a new state (replacing an earlier
         record of that turn). As in the SDK's advanced session it never fails the caller's
         run: a failure is logged to the session's logger, and a branch without a turn
-        records nothing. A turn's usage goes with the turn (``pop_item``, compaction)."""
+        records nothing. A turn's usage goes with the turn (``pop_item``, compaction).
+        The branch is the one current when called (a later switch does not move it)."""
+        at = self._cursor()
         try:
             usage = result.context_wrapper.usage
             if usage is None:
@@ -568,7 +399,7 @@ class ImmAgentSession(SessionABC):
                       "output_tokens_details": _details(usage, "output_tokens_details")}
 
             async def change(log: SessionLog) -> None:
-                self._wrote("usage", await log.add_usage(record))
+                self._wrote("usage", await log.add_usage(record, at=at))
 
             await self._run(change, write=True)
         except Exception as e:  # the SDK's contract: usage never breaks a run
@@ -601,7 +432,8 @@ class ImmAgentSession(SessionABC):
         as a dict ({} if none), or of every turn with usage as a list ordered by turn, each
         with ``user_turn_number``: ``requests``, ``input_tokens``, ``output_tokens``,
         ``total_tokens``, ``input_tokens_details``, ``output_tokens_details``."""
-        by_turn = await self._run(lambda log: log.usage(branch_id))
+        at = self._cursor()
+        by_turn = await self._run(lambda log: log.usage(branch_id, at=at))
         if user_turn_number is not None:
             record = by_turn.get(user_turn_number)
             return {} if record is None else _usage_view(record)
@@ -616,9 +448,10 @@ class ImmAgentSession(SessionABC):
         replaced. (Without this hook the SDK clears then re-adds: two states, and a clear
         retires every branch.)"""
         checked = check_items(items)
+        at = self._cursor()
 
         async def change(log: SessionLog) -> bool:
-            applied, state = await log.replace(checked)
+            applied, state = await log.replace(checked, at=at)
             self._compacted(state, len(checked))
             return applied
 
@@ -635,10 +468,11 @@ class ImmAgentSession(SessionABC):
         histories)."""
         if _CompactionSnapshot is None:
             return None
+        at = self._cursor()  # the branch read is the branch replaced
 
         async def read(log: SessionLog) -> tuple[bytes, tuple[Item, ...]] | None:
             state = await log.newest()
-            found = None if state is None else state.branch(log.resolve_branch(state))
+            found = None if state is None else state.branch(log.resolve_branch(state, at))
             return None if found is None else (found.head, await log.history(found.head))
 
         seen = await self._run(read)
@@ -655,7 +489,7 @@ class ImmAgentSession(SessionABC):
 
             async def change(log: SessionLog) -> bool:
                 applied, state = await log.replace(checked, keep=offset + start, expect=head,
-                                                   drop_while=prune_prefix)
+                                                   drop_while=prune_prefix, at=at)
                 if applied:
                     self._compacted(state, len(checked))
                 return applied
@@ -685,9 +519,10 @@ class ImmAgentSession(SessionABC):
         It uses this session's store (a DSN-opened store stays open until both are
         closed). ValidationError if ``new_session_id`` already has states."""
         target = check_session_id("new_session_id", new_session_id)
+        at = self._cursor()
 
         async def change(log: SessionLog) -> None:
-            self._wrote(f"fork into {target!r}", await log.fork(target, at_turn))
+            self._wrote(f"fork into {target!r}", await log.fork(target, at_turn, at=at))
 
         await self._run(change, write=True)
         return ImmAgentSession._sharing(self._host, target, self.session_settings,

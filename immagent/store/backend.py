@@ -22,6 +22,8 @@ that cannot even be read back (a damaged column) is an ``IntegrityError``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from datetime import datetime
+from types import MappingProxyType
 from typing import NamedTuple, Protocol
 from uuid import UUID
 
@@ -31,7 +33,8 @@ from immagent.records import StateRow
 from immagent.rows import StoredAsset
 
 __all__ = ["SCHEMA_VERSION", "AdminBackend", "AuditBackend", "Backend", "CodecRefs", "Head",
-           "LogBackend", "Misfit", "NewNode", "NodeRow", "RowCheck", "SweepResult",
+           "LogBackend", "MarkRows", "Misfit", "NewNode", "NodeRow", "RetainResult",
+           "RetentionBackend", "RetentionPlan", "RowCheck", "StreamPlan", "SweepResult",
            "WriteResult"]
 
 #: Version of the storage layout this immagent writes; older versions are migrated.
@@ -68,6 +71,8 @@ class WriteResult(NamedTuple):
     conflicts: tuple[UUID, ...] = ()
     #: Expected heads that had moved on (the write committed nothing).
     stale: tuple[Head, ...] = ()
+    #: Required states that are not stored (the write committed nothing).
+    missing_states: tuple[UUID, ...] = ()
 
 
 class Misfit(NamedTuple):
@@ -93,6 +98,58 @@ class SweepResult(NamedTuple):
     states_removed: int = 0
 
 
+class StreamPlan(NamedTuple):
+    """What one retention run does to one stream (``audit/retain.py`` makes it from a policy;
+    the backend applies it in SQL). The states kept are the union of: the newest
+    ``keep_latest``; those created at or after ``newer_than``; with ``keep_every``, those at
+    or before the stream's mark and every ``keep_every``-th position after it (positions
+    counted on from ``mark_ordinal``, the position of the state at ``mark_seq``); every
+    state no other state of its kind names as parent (a head); every pinned state. With
+    ``drop`` only pinned states are kept, and only while the stream's newest state is still
+    the one at ``head_seq`` (a stream written to since it was planned is left alone)."""
+
+    stream: str
+    head_seq: int
+    keep_latest: int
+    newer_than: datetime | None
+    keep_every: int | None
+    drop: bool
+    #: The stream's mark as planned: its id (derived from kind and stream), the digest of
+    #: the mark row read (None: none stored), and the position and ordinal it holds (0, 0).
+    mark: UUID
+    mark_digest: Digest | None
+    mark_seq: int
+    mark_ordinal: int
+
+
+class RetentionPlan(NamedTuple):
+    """The streams of one state kind a retention run applies itself to, and the kinds of
+    the rows that belong to a state of that kind (its ``parent_id``) and go with it."""
+
+    kind: int
+    streams: tuple[StreamPlan, ...]
+    followers: tuple[int, ...] = ()
+
+
+class RetainResult(NamedTuple):
+    """What one ``Backend.retain`` call deleted (or, in a dry run, would delete)."""
+
+    #: States deleted, by kind (followers included).
+    deleted: dict[int, int]
+    #: Their stored bytes (refs and body).
+    state_bytes: int
+    #: A planned stream's mark changed since it was read (another run): nothing was done.
+    stale: bool = False
+    #: Dry runs only: the assets a gc would then remove, by kind, and their body bytes.
+    assets: Mapping[int, int] = MappingProxyType({})
+    asset_bytes: int = 0
+
+
+#: Builds the mark rows of the streams whose mark moves, from (kind, stream, position,
+#: ordinal) of each: called inside ``Backend.retain``'s transaction (pure, no I/O).
+MarkRows = Callable[[Sequence[tuple[int, str, int, int]]], Sequence[StateRow]]
+
+
 class LogBackend(Protocol):
     """The log's rows: writes, deletes and the reads every client makes."""
 
@@ -100,15 +157,16 @@ class LogBackend(Protocol):
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
-                    replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = ()
-                    ) -> WriteResult:
+                    replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = (), *,
+                    require_states: Sequence[UUID] = ()) -> WriteResult:
         """In one transaction: insert the assets and the chain nodes (skipping ones already
         present; each node after its parent, which is stored or earlier in ``nodes``),
-        check that every digest in ``require`` is stored (as an asset or a node) and every
-        head in ``heads`` is still the newest state of its stream, delete the state rows
-        whose ids are in ``replace`` (absent ones are fine), insert the states. Commits
-        nothing when a required digest or a node's parent is missing, a head moved on, or
-        a state id not in ``replace`` exists with another digest.
+        check that every digest in ``require`` is stored (as an asset or a node), every id
+        in ``require_states`` is a stored state, and every head in ``heads`` is still the
+        newest state of its stream, delete the state rows whose ids are in ``replace``
+        (absent ones are fine), insert the states. Commits nothing when a required digest,
+        a required state or a node's parent is missing, a head moved on, or a state id not
+        in ``replace`` exists with another digest.
 
         The checks see the rows as they were before the write: a head names a stream's
         newest state before a replacement. A replaced state written again takes the ``seq``
@@ -118,7 +176,10 @@ class LogBackend(Protocol):
         deduplicated onto or points at cannot be swept under it. Writes expecting heads of
         the same stream are serialised, so exactly one of two writers that read the same
         head commits; writes replacing the same id are serialised too, so each commits and
-        the later one replaces what the earlier one wrote.
+        the later one replaces what the earlier one wrote. Commits nothing either when a
+        state in ``require_states`` is not stored: that check holds the shared side of the
+        retention lock (``retain``), so a pin is either seen by a retention run or finds
+        its state gone, never pins a state a run deletes meanwhile.
         """
 
     async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
@@ -277,7 +338,23 @@ class AdminBackend(Protocol):
         been removed, nothing is."""
 
 
-class Backend(LogBackend, AdminBackend, Protocol):
+class RetentionBackend(Protocol):
+    """Retention: deleting, in SQL, the states a policy does not keep."""
+
+    async def retain(self, plans: Sequence[RetentionPlan], marks: MarkRows, *,
+                     dry_run: bool = False) -> RetainResult:
+        """In one transaction holding the exclusive side of the retention lock (a pin
+        waits, or is seen): for each plan, unless a planned stream's mark row no longer has
+        the planned digest (``stale``, nothing done), select the states of its streams that
+        ``StreamPlan`` does not keep, delete them and their followers, delete the marks of
+        the planned streams without ``keep_every`` and, for the others, replace the mark of
+        each stream whose newest thinned position moved (the newest state that is neither
+        among the newest ``keep_latest`` nor created at or after ``newer_than``) with the
+        rows ``marks`` builds. Never deletes an asset (gc does). With ``dry_run``, also
+        counts the assets no remaining state reaches, then rolls everything back."""
+
+
+class Backend(LogBackend, AdminBackend, RetentionBackend, Protocol):
     """What the log needs of a storage backend: facts about rows, never rules. The audits'
     queries go to ``audits()``: the backend itself, or (read replicas) the primary."""
 

@@ -71,8 +71,11 @@ class Host(abc.ABC):
     """Where an adapter's store lives and how a call from any loop reaches it. ``what``
     names the adapter object in errors ("the session", "the conversation store")."""
 
-    def __init__(self, what: str = "the session") -> None:
+    def __init__(self, what: str = "the session", *,
+                 closed: type[StoreClosedError] = StoreClosedError) -> None:
         self.what = what
+        #: What a call after the last release raises (an adapter may name its SDK's kind).
+        self._closed_error = closed
         self._users = 1
         self._mutex = threading.Lock()
 
@@ -80,7 +83,7 @@ class Host(abc.ABC):
         """One more adapter object (a fork) uses this host; each one's close() releases it."""
         with self._mutex:
             if self._closed():
-                raise StoreClosedError(f"{self.what} is closed")
+                raise self._closed_error(f"{self.what} is closed")
             self._users += 1
         return self
 
@@ -149,9 +152,12 @@ async def hop(work: Coroutine[Any, Any, T], loop: asyncio.AbstractEventLoop,
 class OwnedHost(Host):
     """A store opened from a DSN, on a private event loop in a daemon thread."""
 
-    def __init__(self, dsn: str, what: str = "the session") -> None:
-        super().__init__(what)
+    def __init__(self, dsn: str, what: str = "the session", *,
+                 closed: type[StoreClosedError] = StoreClosedError,
+                 thread_name: str = "immagent-store") -> None:
+        super().__init__(what, closed=closed)
         self._dsn = dsn
+        self._thread_name = thread_name
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._store: EventLog | None = None
@@ -165,12 +171,12 @@ class OwnedHost(Host):
     def _start(self) -> asyncio.AbstractEventLoop:
         with self._mutex:
             if self._done:
-                raise StoreClosedError(f"{self.what} is closed")
+                raise self._closed_error(f"{self.what} is closed")
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
                 self._opening = asyncio.Lock()
                 self._thread = threading.Thread(target=self._serve, args=(self._loop,),
-                                                name="immagent-store", daemon=True)
+                                                name=self._thread_name, daemon=True)
                 self._thread.start()
             return self._loop
 
@@ -187,7 +193,7 @@ class OwnedHost(Host):
         assert self._opening is not None
         async with self._opening:  # concurrent first calls open one store
             if self._done:  # a call that slipped in as close() began opens nothing
-                raise StoreClosedError(f"{self.what} is closed")
+                raise self._closed_error(f"{self.what} is closed")
             if self._store is None:
                 store = await EventLog.connect(self._dsn)
                 try:
@@ -259,8 +265,9 @@ class OwnedHost(Host):
 class SharedHost(Host):
     """An open store given by the caller, on the loop it was opened on (never closed here)."""
 
-    def __init__(self, store: EventLog, what: str = "the session") -> None:
-        super().__init__(what)
+    def __init__(self, store: EventLog, what: str = "the session", *,
+                 closed: type[StoreClosedError] = StoreClosedError) -> None:
+        super().__init__(what, closed=closed)
         self._store = store
         self._done = False
         try:
@@ -273,7 +280,7 @@ class SharedHost(Host):
 
     async def run(self, work: Work[T], *, write: bool) -> T:
         if self._done:
-            raise StoreClosedError(f"{self.what} is closed")
+            raise self._closed_error(f"{self.what} is closed")
         here = asyncio.get_running_loop()
         with self._mutex:
             if self._home is None:
@@ -294,7 +301,7 @@ class SharedHost(Host):
 
     def _target(self) -> tuple[asyncio.AbstractEventLoop, Runner]:
         if self._done:
-            raise StoreClosedError(f"{self.what} is closed")
+            raise self._closed_error(f"{self.what} is closed")
         home = self._home
         if home is None or home.is_closed() or not home.is_running():
             raise SyncCallError(f"the sync methods of {self.what} run on the event loop of "

@@ -47,7 +47,7 @@ from immagent.assets import (
     own_elements,
 )
 from immagent.attestations import MAX_NOTE_BYTES
-from immagent.audit import bundle, diff, gc, proofs, verify
+from immagent.audit import bundle, diff, gc, proofs, retain, verify
 from immagent.audit.keys import SigningKey
 from immagent.chain_rows import read_chain, read_context
 from immagent.chain_rows import read_node as chain_node
@@ -71,6 +71,14 @@ from immagent.records import (
     load_state,
     stream_digest,
 )
+from immagent.retention import (
+    POLICY_STREAM,
+    RETAINABLE,
+    Policy,
+    decode_policy,
+    encode_body,
+    parse_duration,
+)
 from immagent.rows import StoredAsset, load_row, stored
 from immagent.store import dsn as dsns
 from immagent.store import rules
@@ -79,6 +87,7 @@ from immagent.store.cache import AssetCache
 from immagent.store.compression import Compression
 from immagent.store.stats import StoreStats
 from immagent.validate import (
+    MAX_NAME_BYTES,
     check_count,
     check_digest,
     check_digests,
@@ -86,6 +95,7 @@ from immagent.validate import (
     check_flag,
     check_key,
     check_kind,
+    check_name,
     check_number,
     check_sequence,
     check_text,
@@ -271,7 +281,8 @@ class EventLog:
 
     async def _write(self, rows: Sequence[StoredAsset], states: Sequence[StateRow],
                      decoded: Sequence[Asset] = (), heads: Sequence[Head] = (),
-                     replace: Sequence[UUID] = (), *, legacy: bool = False) -> None:
+                     replace: Sequence[UUID] = (), *, legacy: bool = False,
+                     require_states: Sequence[UUID] = ()) -> None:
         """The one write path: rows proved storable (or read from a verified bundle),
         states checked, chain nodes checked against their parents (counters, accumulator
         root, span hash; ``legacy``: a node written before schema 3 may lack the last two)
@@ -314,9 +325,12 @@ class EventLog:
         # (PostgreSQL deadlocked on two writes listing them in other orders).
         encoded = await self._compression.encode(sorted(assets, key=_row_digest))
         result = await backend.write(encoded, list(states), sorted(wanted), list(heads),
-                                     list(dict.fromkeys(replace)), nodes=nodes)
+                                     list(dict.fromkeys(replace)), nodes=nodes,
+                                     require_states=list(require_states))
         if result.missing:
             raise AssetNotFoundError("referenced asset", result.missing[0])
+        if result.missing_states:
+            raise AssetNotFoundError("state", result.missing_states[0])
         if result.conflicts:
             raise ConflictError(result.conflicts[0])
         if result.stale:
@@ -1013,6 +1027,129 @@ class EventLog:
                                   f"which a bundle state names as parent) names "
                                   f"{closing.parent_id} of the bundle as its parent; "
                                   "refusing to import")
+
+    # -- retention and pins (immagent.retention; applied by audit/retain.py) ---------------
+
+    async def apply_retention(self, policy: Policy | None = None, *, dry_run: bool = False,
+                              gc: bool = True, now: datetime | None = None
+                              ) -> retain.RetentionReport:
+        """Delete the states ``policy`` (default: the stored one, ``set_retention_policy``)
+        does not keep, then gc (unless ``gc`` is False), and report what went: states,
+        their bytes, the assets gc removed. Pinned states, heads and what a head needs are
+        always kept (see ``immagent.retention``). Safe while other tasks and processes
+        write; a run killed midway leaves whole streams, applied or untouched. With
+        ``dry_run`` every deletion is rolled back and the report says what would go,
+        assets included. ``now`` (default: the clock) is what ages are measured from."""
+        if policy is None:
+            policy = await self.retention_policy()
+            if policy is None:
+                raise ValidationError("policy", "no policy given and none stored (see "
+                                      "set_retention_policy)", None)
+        elif not isinstance(policy, Policy):
+            raise ValidationError("policy", f"must be a retention Policy, got "
+                                  f"{type(policy).__name__}", None)
+        policy.checked()
+        dry = check_flag("dry_run", dry_run)
+        if now is not None and (not isinstance(now, datetime) or now.tzinfo is None):
+            raise ValidationError("now", "must be an aware datetime", None)
+        report = await retain.apply(
+            self._open(), policy, dry_run=dry, now=now,
+            collect=self.gc if check_flag("gc", gc) and not dry else None)
+        if report.states_deleted and not dry:
+            await self._forget_gone()
+        return report
+
+    async def retain_periodically(self, interval: object, *, policy: Policy | None = None,
+                                  on_report: Callable[[retain.RetentionReport], None]
+                                  | None = None) -> None:
+        """Apply retention (``policy``, default the stored one, read again at each run) every
+        ``interval`` (seconds, a timedelta or text such as "1h") until cancelled: run it as
+        ``asyncio.create_task(store.retain_periodically("1h"))``. A failed run is logged
+        and the next one goes on."""
+        seconds = parse_duration("interval", interval)
+        if seconds <= 0:
+            raise ValidationError("interval", "must be longer than 0 seconds", interval)
+        await retain.run_periodically(lambda: self.apply_retention(policy), seconds,
+                                      on_report=on_report)
+
+    async def retention_policy(self) -> Policy | None:
+        """The stored retention policy (the newest state of its stream), or None."""
+        rows = await self.stream_states(Kind.RETENTION_POLICY, POLICY_STREAM, limit=1)
+        return decode_policy(rows[0].body) if rows else None
+
+    async def set_retention_policy(self, policy: Policy) -> None:
+        """Store ``policy`` as the store's retention policy (a new state of its stream; the
+        previous ones stay as its history). The last of concurrent calls wins."""
+        if not isinstance(policy, Policy):
+            raise ValidationError("policy", f"must be a retention Policy, got "
+                                  f"{type(policy).__name__}", None)
+        body = encode_body(policy.checked())
+        for _ in range(100):
+            newest = await self.stream_states(Kind.RETENTION_POLICY, POLICY_STREAM, limit=1)
+            parent = newest[0].id if newest else None
+            row = StateRow(id=uuid7(), parent_id=parent, kind=int(Kind.RETENTION_POLICY),
+                           stream=POLICY_STREAM, refs=(), body=body,
+                           digest=stream_digest(Kind.RETENTION_POLICY, POLICY_STREAM, (),
+                                                body),
+                           created_at=datetime.now(UTC))
+            try:
+                await self.commit([], [row], heads=[Head(Kind.RETENTION_POLICY,
+                                                         POLICY_STREAM, parent)])
+            except StaleStreamError:
+                continue
+            return
+        raise StaleStreamError(Kind.RETENTION_POLICY, POLICY_STREAM)
+
+    async def pin(self, state: UUID | str, *, tag: str | None = None,
+                  note: str | None = None) -> UUID:
+        """Pin the state ``state``: retention never deletes it, and its content stays even
+        if the state is deleted by hand (the pin repeats its refs). A pin is a state of its
+        own (kind PIN, its parent the pinned state); returns its id. Pinning again with the
+        same tag returns the existing pin. AssetNotFoundError if the state is not stored
+        (or is deleted by a retention run meanwhile)."""
+        state_id = check_uuid("state", state)
+        tag = None if tag is None else check_name("tag", tag)
+        note = None if note is None else check_text("note", note, max_bytes=MAX_NAME_BYTES)
+        rows = await self.get_states([state_id])
+        if not rows:
+            raise AssetNotFoundError("state", state_id)
+        subject = rows[0]
+        if subject.kind not in RETAINABLE:
+            raise ValidationError("state", f"state {state_id} is a {_kind_name(subject.kind)}"
+                                  ": only the states retention governs can be pinned",
+                                  str(state_id))
+        for existing in await self.pins(state_id):
+            if existing.tag == tag:
+                return existing.id
+        row = retain.pin_row(subject, tag=tag, note=note, created_at=datetime.now(UTC))
+        await self._write([], [row], require_states=[state_id])
+        return row.id
+
+    async def unpin(self, state: UUID | str, *, tag: str | None = None) -> int:
+        """Remove the pins of ``state`` (only those with ``tag``, when given); returns how
+        many. Its content then stays only while a state reaches it."""
+        state_id = check_uuid("state", state)
+        doomed = [p.id for p in await self.pins(state_id) if tag is None or p.tag == tag]
+        return await self.delete_states(doomed) if doomed else 0
+
+    async def pins(self, state: UUID | str | None = None) -> list[retain.Pin]:
+        """The pins of ``state`` (one index probe), or every pin of the store, oldest
+        first."""
+        if state is not None:
+            rows = await self.stream_states(Kind.PIN, str(check_uuid("state", state)),
+                                            limit=MAX_PAGE, newest_first=False)
+        else:
+            rows = []
+            after: UUID | None = None
+            while page := await self.scan_states(Kind.PIN, after=after, limit=_PAGE):
+                rows += page
+                after = page[-1].id
+            rows.sort(key=lambda r: r.seq)
+        return [retain.Pin.of(r) for r in rows]
+
+    async def _forget_gone(self) -> None:
+        """After a retention run: a subclass that keeps live objects of states drops those
+        whose rows are gone (the ids deleted are not listed: there may be millions)."""
 
 
 def _check_known(found: int | None, where: str) -> None:

@@ -25,8 +25,12 @@ from immagent.store.backend import (
     SCHEMA_VERSION,
     CodecRefs,
     Head,
+    MarkRows,
     Misfit,
+    RetainResult,
+    RetentionPlan,
     RowCheck,
+    StreamPlan,
     SweepResult,
     WriteResult,
 )
@@ -74,10 +78,13 @@ class MemoryBackend:
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
-                    replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = ()
-                    ) -> WriteResult:
+                    replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = (), *,
+                    require_states: Sequence[UUID] = ()) -> WriteResult:
         self._open()
         async with self._lock:
+            gone = tuple(i for i in dict.fromkeys(require_states) if i not in self._states)
+            if gone:
+                return WriteResult(missing_states=gone)
             inserted = {a.digest for a in assets}
             placed: dict[Digest, NodeRow] = {}
             for n in nodes:
@@ -157,22 +164,9 @@ class MemoryBackend:
             dropped = set(gone)
             check([*(s for s in states if s.id not in dropped),
                    *(self._nodes[d] for d in nodes)])
-            removed: dict[int, int] = {}
-            freed = 0
             doomed = [d for d in self._assets if d not in assets]
             dead = [d for d in self._nodes if d not in nodes]
-            for d in doomed:
-                row = self._assets[d]
-                removed[row.kind] = removed.get(row.kind, 0) + 1
-                freed += len(row.body)
-            for d in dead:
-                node = self._nodes[d]
-                removed[node.kind] = removed.get(node.kind, 0) + 1
-                element = int(NODE_KINDS[node.kind].element_kind)
-                inline = node.added - len(node.refs)
-                if inline:
-                    removed[element] = removed.get(element, 0) + inline
-                freed += len(node.body)
+            removed, freed = self._counted(doomed, dead)
             kept = len(self._assets) + len(self._nodes) - len(doomed) - len(dead)
             if dry_run:
                 return SweepResult(removed, freed, kept, states_removed=len(gone))
@@ -183,6 +177,27 @@ class MemoryBackend:
             for d in dead:
                 del self._nodes[d]
             return SweepResult(removed, freed, kept, states_removed=len(gone))
+
+    def _counted(self, doomed: Iterable[Digest], dead: Iterable[Digest]
+                 ) -> tuple[dict[int, int], int]:
+        """Rows removed per kind and their bytes, for ``doomed`` assets and ``dead`` nodes
+        (a node's inline elements count as rows of their kind, as the SQL backends count
+        them)."""
+        removed: dict[int, int] = {}
+        freed = 0
+        for d in doomed:
+            row = self._assets[d]
+            removed[row.kind] = removed.get(row.kind, 0) + 1
+            freed += len(row.body)
+        for d in dead:
+            node = self._nodes[d]
+            removed[node.kind] = removed.get(node.kind, 0) + 1
+            element = int(NODE_KINDS[node.kind].element_kind)
+            inline = node.added - len(node.refs)
+            if inline:
+                removed[element] = removed.get(element, 0) + inline
+            freed += len(node.body)
+        return removed, freed
 
     def _reach(self, roots: Iterable[Digest]
                ) -> tuple[set[Digest], set[Digest], Digest | None]:
@@ -216,6 +231,87 @@ class MemoryBackend:
                 pending.extend((d, True) for d in node.refs)
                 digest = node.parent
         return nodes, assets, missing
+
+    async def retain(self, plans: Sequence[RetentionPlan], marks: MarkRows, *,
+                     dry_run: bool = False) -> RetainResult:
+        self._open()
+        async with self._lock:  # nothing awaits below: atomic, as one transaction
+            before = dict(self._states)
+            try:
+                return self._retain(plans, marks, dry_run, before)
+            except BaseException:
+                self._states = before  # as a rolled-back transaction
+                raise
+
+    def _retain(self, plans: Sequence[RetentionPlan], marks: MarkRows, dry_run: bool,
+                before: dict[UUID, StateRow]) -> RetainResult:
+        """``retain`` under the lock; ``before``: the states to restore on a stale plan."""
+        deleted: dict[int, int] = {}
+        state_bytes = 0
+        for plan in plans:
+            if any(_digest_of(self._states.get(p.mark)) != p.mark_digest
+                   for p in plan.streams):
+                self._states = before
+                return RetainResult({}, 0, stale=True)
+            doomed: list[StateRow] = []
+            moved: list[tuple[int, str, int, int]] = []
+            for p in plan.streams:
+                line = sorted((s for s in self._states.values()
+                               if s.kind == plan.kind and s.stream == p.stream),
+                              key=lambda s: s.seq)
+                gone, mark = self._judge(plan.kind, p, line)
+                doomed += gone
+                if mark is not None:
+                    moved.append((plan.kind, p.stream, *mark))
+            ids = {s.id for s in doomed}
+            doomed += [s for s in self._states.values()
+                       if s.kind in plan.followers and s.parent_id in ids]
+            rows = marks(moved)
+            streams = {m[1] for m in moved}
+            for p in plan.streams:
+                if p.stream in streams or (p.keep_every is None and p.mark_digest):
+                    self._states.pop(p.mark, None)
+            for row in rows:
+                self._states[row.id] = _with_seq(row, next(self._seq))
+            for s in doomed:
+                del self._states[s.id]
+                deleted[s.kind] = deleted.get(s.kind, 0) + 1
+                state_bytes += len(s.body) + 32 * len(s.refs)
+        if not dry_run:
+            return RetainResult(deleted, state_bytes)
+        nodes, assets, _ = self._reach(d for s in self._states.values() for d in s.refs)
+        counts, freed = self._counted([d for d in self._assets if d not in assets],
+                                      [d for d in self._nodes if d not in nodes])
+        self._states = before
+        return RetainResult(deleted, state_bytes, assets=counts, asset_bytes=freed)
+
+    def _judge(self, kind: int, plan: StreamPlan, line: Sequence[StateRow]
+               ) -> tuple[list[StateRow], tuple[int, int] | None]:
+        """The doomed states of one stream (``line``: its states in log order) and its new
+        mark (position, ordinal), or None when the mark does not move: StreamPlan's rule,
+        state by state (the SQL backends judge a whole plan in one statement)."""
+        pinned = {s.parent_id for s in self._states.values() if s.kind == Kind.PIN}
+        parents = {s.parent_id for s in self._states.values() if s.kind == kind}
+        dropped = plan.drop and bool(line) and line[-1].seq == plan.head_seq
+        doomed: list[StateRow] = []
+        mark: tuple[int, int] | None = None
+        after = 0
+        for pos, s in enumerate(line, start=1):
+            if s.seq > plan.mark_seq:
+                after += 1
+            ordinal = plan.mark_ordinal + after
+            tail = (len(line) - pos < plan.keep_latest
+                    or (plan.newer_than is not None and s.created_at >= plan.newer_than))
+            anchor = plan.keep_every is not None and (
+                s.seq <= plan.mark_seq or ordinal % plan.keep_every == 0)
+            if (plan.keep_every is not None and not plan.drop and s.seq > plan.mark_seq
+                    and not tail):
+                mark = (s.seq, ordinal)
+            if s.id in pinned:
+                continue
+            if dropped or not (tail or anchor or s.id not in parents):
+                doomed.append(s)
+        return doomed, mark
 
     async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, StoredAsset]:
         self._open()
@@ -419,6 +515,10 @@ class MemoryBackend:
             current = (None if current.parent_id is None
                        else self._states.get(current.parent_id))
         return rows
+
+
+def _digest_of(row: StateRow | None) -> Digest | None:
+    return None if row is None else row.digest
 
 
 def _with_seq(state: StateRow, seq: int) -> StateRow:

@@ -48,14 +48,26 @@ from immagent.store.backend import (
     SCHEMA_VERSION,
     CodecRefs,
     Head,
+    MarkRows,
     Misfit,
+    RetainResult,
+    RetentionPlan,
     RowCheck,
     SweepResult,
     WriteResult,
 )
 from immagent.store.dsn import redact, scrub
 from immagent.store.schema import schema_sql
-from immagent.store.sql import ROOTED_STATES, Dialect, Rehearsal, StateQueries
+from immagent.store.sql import (
+    DOOMED_TOTALS,
+    MOVED_MARKS,
+    ROOTED_STATES,
+    Dialect,
+    Rehearsal,
+    StateQueries,
+    followers_query,
+    judge_query,
+)
 from immagent.store.sql import WriteAborted as _Abort
 
 __all__ = ["PostgresBackend"]
@@ -68,6 +80,8 @@ T = TypeVar("T")
 _GC_LOCK = 0x1A3A_6E70_0000_0001
 _SCHEMA_LOCK = 0x1A3A_6E70_0000_0002
 _LINEAGE_LOCK = 0x1A3A_6E70_0000_0003
+# Retention runs take it exclusively, writes that require states to exist (pins) shared.
+_RETAIN_LOCK = 0x1A3A_6E70_0000_0004
 # Two-key advisory locks (int4, int4) per stream: the first key, this base plus the kind.
 _STREAM_LOCK_SPACE = 0x1A3A_0000
 # Two-key advisory locks per replaced state id: this first key (past every stream's, whose
@@ -232,6 +246,67 @@ def _node_rows(rows: Sequence[Sequence[Any]],
                            None if peaks is None else bytes(peaks), int(count)))
         previous = (loc, digest)
     return out
+
+
+async def _mark(conn: psycopg.AsyncConnection[Any]) -> None:
+    """gc's mark, into the transaction's temporary tables: per run, the last loc a live
+    lineage uses (immagent_reach_runs); every asset a state or a marked node's out-of-line
+    refs name, and what those assets name (immagent_reach)."""
+    await conn.execute("CREATE TEMP TABLE immagent_reach_runs (run bigint PRIMARY "
+                       "KEY, hi bigint NOT NULL) ON COMMIT DROP")
+    await conn.execute("CREATE TEMP TABLE immagent_reach (digest bytea PRIMARY KEY)"
+                       " ON COMMIT DROP")
+    await conn.execute(f"""
+        INSERT INTO immagent_reach_runs
+        WITH RECURSIVE seg(run, hi) AS (
+            SELECT n.loc >> {_SHIFT}, n.loc FROM immagent_states s
+              CROSS JOIN LATERAL immagent_refs(s.refs || ''::bytea) AS d
+              JOIN immagent_nodes n ON n.digest = d
+            UNION
+            {_UP}
+        )
+        SELECT run, max(hi) FROM seg GROUP BY run""".encode())
+    await conn.execute(f"""
+        INSERT INTO immagent_reach
+        SELECT d FROM immagent_states s
+         CROSS JOIN LATERAL immagent_refs(s.refs || ''::bytea) d
+         WHERE NOT EXISTS (SELECT 1 FROM immagent_nodes n WHERE n.digest = d)
+        UNION
+        SELECT immagent_refs(n.refs || ''::bytea) FROM immagent_reach_runs rr
+          JOIN immagent_nodes n ON n.loc BETWEEN rr.run << {_SHIFT} AND rr.hi
+         WHERE n.refs IS NOT NULL""".encode())
+    # What the marked assets name (a message's tool schemas; those name nothing).
+    await conn.execute("""
+        INSERT INTO immagent_reach
+        SELECT immagent_refs(a.refs || ''::bytea) FROM immagent_reach r
+          JOIN immagent_assets a ON a.digest = r.digest WHERE a.refs IS NOT NULL
+        ON CONFLICT DO NOTHING""")
+
+
+async def _delete_unmarked(conn: psycopg.AsyncConnection[Any]
+                           ) -> dict[int, tuple[int, int]]:
+    """Delete the nodes and assets ``_mark`` did not mark; rows and bytes per kind (a
+    node's inline elements count as rows of their kind)."""
+    cur = await conn.execute(f"""
+        WITH swept AS (
+            DELETE FROM immagent_nodes n WHERE NOT EXISTS (
+                SELECT 1 FROM immagent_reach_runs rr
+                 WHERE rr.run = n.loc >> {_SHIFT} AND n.loc <= rr.hi)
+            RETURNING n.kind, octet_length(n.body) AS size,
+                      n.count - coalesce(octet_length(n.refs), 0) / 32 AS inline
+        )
+        SELECT kind, count(*), coalesce(sum(size), 0), coalesce(sum(inline), 0)
+          FROM swept GROUP BY kind""".encode())
+    swept = list(await cur.fetchall())
+    cur = await conn.execute("""
+        WITH swept AS (
+            DELETE FROM immagent_assets a
+             WHERE NOT EXISTS (SELECT 1 FROM immagent_reach r WHERE r.digest = a.digest)
+            RETURNING a.kind, octet_length(a.body) AS size
+        )
+        SELECT kind, count(*), coalesce(sum(size), 0), 0 FROM swept GROUP BY kind""")
+    swept += await cur.fetchall()
+    return _stats(swept)
 
 
 def _stats(rows: Sequence[Sequence[Any]]) -> dict[int, tuple[int, int]]:
@@ -430,19 +505,23 @@ class PostgresBackend(StateQueries):
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
-                    replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = ()
-                    ) -> WriteResult:
+                    replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = (), *,
+                    require_states: Sequence[UUID] = ()) -> WriteResult:
         return await _retrying_transient(
-            lambda: self._write_once(assets, states, require, heads, replace, nodes))
+            lambda: self._write_once(assets, states, require, heads, replace, nodes,
+                                     require_states))
 
     async def _write_once(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                           require: Sequence[Digest], heads: Sequence[Head],
-                          replace: Sequence[UUID], nodes: Sequence[NewNode]) -> WriteResult:
+                          replace: Sequence[UUID], nodes: Sequence[NewNode],
+                          require_states: Sequence[UUID]) -> WriteResult:
         try:
             with _mapped("write"):
                 async with self._pool.connection() as conn, conn.transaction():
                     await conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (_GC_LOCK,))
                     async with conn.cursor() as cur:
+                        if require_states:
+                            await _check_states(cur, require_states)
                         if assets:
                             await cur.executemany(
                                 f"INSERT INTO immagent_assets ({_ASSET_COLUMNS}) "
@@ -546,37 +625,7 @@ class PostgresBackend(StateQueries):
                 # and no write can start until the sweep commits.
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_GC_LOCK,))
                 await conn.execute(_NO_JIT)
-                # Per run, the last loc a live lineage uses; every asset a state or a marked
-                # node's out-of-line refs name.
-                await conn.execute("CREATE TEMP TABLE immagent_reach_runs (run bigint PRIMARY "
-                                   "KEY, hi bigint NOT NULL) ON COMMIT DROP")
-                await conn.execute("CREATE TEMP TABLE immagent_reach (digest bytea PRIMARY KEY)"
-                                   " ON COMMIT DROP")
-                await conn.execute(f"""
-                    INSERT INTO immagent_reach_runs
-                    WITH RECURSIVE seg(run, hi) AS (
-                        SELECT n.loc >> {_SHIFT}, n.loc FROM immagent_states s
-                          CROSS JOIN LATERAL immagent_refs(s.refs || ''::bytea) AS d
-                          JOIN immagent_nodes n ON n.digest = d
-                        UNION
-                        {_UP}
-                    )
-                    SELECT run, max(hi) FROM seg GROUP BY run""".encode())
-                await conn.execute(f"""
-                    INSERT INTO immagent_reach
-                    SELECT d FROM immagent_states s
-                     CROSS JOIN LATERAL immagent_refs(s.refs || ''::bytea) d
-                     WHERE NOT EXISTS (SELECT 1 FROM immagent_nodes n WHERE n.digest = d)
-                    UNION
-                    SELECT immagent_refs(n.refs || ''::bytea) FROM immagent_reach_runs rr
-                      JOIN immagent_nodes n ON n.loc BETWEEN rr.run << {_SHIFT} AND rr.hi
-                     WHERE n.refs IS NOT NULL""".encode())
-                # What the marked assets name (a message's tool schemas; those name nothing).
-                await conn.execute("""
-                    INSERT INTO immagent_reach
-                    SELECT immagent_refs(a.refs || ''::bytea) FROM immagent_reach r
-                      JOIN immagent_assets a ON a.digest = r.digest WHERE a.refs IS NOT NULL
-                    ON CONFLICT DO NOTHING""")
+                await _mark(conn)
                 await conn.execute("ANALYZE immagent_reach")
                 await conn.execute("ANALYZE immagent_reach_runs")
                 cur = await conn.execute(f"""
@@ -620,30 +669,7 @@ class PostgresBackend(StateQueries):
                         batch = _node_rows(rows, previous)
                         previous = (rows[-1][0], batch[-1].digest)
                         check(batch)
-                cur = await conn.execute(f"""
-                    WITH swept AS (
-                        DELETE FROM immagent_nodes n WHERE NOT EXISTS (
-                            SELECT 1 FROM immagent_reach_runs rr
-                             WHERE rr.run = n.loc >> {_SHIFT} AND n.loc <= rr.hi)
-                        RETURNING n.kind, octet_length(n.body) AS size,
-                                  n.count - coalesce(octet_length(n.refs), 0) / 32 AS inline
-                    )
-                    SELECT kind, count(*), coalesce(sum(size), 0), coalesce(sum(inline), 0)
-                      FROM swept GROUP BY kind""".encode())
-                swept = list(await cur.fetchall())
-                cur = await conn.execute(
-                    """
-                    WITH swept AS (
-                        DELETE FROM immagent_assets a
-                         WHERE NOT EXISTS (SELECT 1 FROM immagent_reach r
-                                            WHERE r.digest = a.digest)
-                        RETURNING a.kind, octet_length(a.body) AS size
-                    )
-                    SELECT kind, count(*), coalesce(sum(size), 0), 0 FROM swept GROUP BY kind
-                    """
-                )
-                swept += await cur.fetchall()
-                stats = _stats(swept)
+                stats = await _delete_unmarked(conn)
                 removed = {k: n for k, (n, _) in stats.items()}
                 freed = sum(b for _, b in stats.values())
                 result = SweepResult(removed, freed, await _count_rows(conn),
@@ -651,6 +677,83 @@ class PostgresBackend(StateQueries):
                 if dry_run:  # the DELETEs ran in this transaction only: roll them back
                     raise Rehearsal(result)
         return result
+
+    # -- retention ------------------------------------------------------------------------
+
+    async def retain(self, plans: Sequence[RetentionPlan], marks: MarkRows, *,
+                     dry_run: bool = False) -> RetainResult:
+        try:
+            with _mapped("retain"):
+                async with self._pool.connection() as conn, conn.transaction():
+                    return await self._retain(conn, plans, marks, dry_run)
+        except Rehearsal as done:
+            return done.result  # type: ignore[no-any-return]
+
+    async def _retain(self, conn: psycopg.AsyncConnection[Any],
+                      plans: Sequence[RetentionPlan], marks: MarkRows,
+                      dry_run: bool) -> RetainResult:
+        # Exclusive against writes that require states (pins), taken before the statements,
+        # so their snapshots (READ COMMITTED: per statement) see every committed pin.
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_RETAIN_LOCK,))
+        await conn.execute(_NO_JIT)
+        # The judgement is index probes by design (sql.judge_query). Statistics that lag a
+        # bulk load (a table autovacuum has not analyzed yet) made the planner scan the
+        # table once per probed state: minutes for one page of 100,000 states.
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        await conn.execute(
+            "CREATE TEMP TABLE immagent_plan (stream text PRIMARY KEY, head_seq bigint, "
+            "latest int, newer timestamptz, every int, dropped boolean, mseq bigint, "
+            "mord bigint, mark uuid, mark_digest bytea) ON COMMIT DROP")
+        await conn.execute(
+            "CREATE TEMP TABLE immagent_judged (id uuid, kind smallint, stream text, "
+            "seq bigint, bytes bigint, doomed boolean, ordinal bigint, marked boolean) "
+            "ON COMMIT DROP")
+        deleted: dict[int, int] = {}
+        state_bytes = 0
+        async with conn.cursor() as cur:
+            for plan in plans:
+                if not plan.streams:
+                    continue
+                await cur.execute("TRUNCATE immagent_plan, immagent_judged")
+                await cur.execute(
+                    "INSERT INTO immagent_plan SELECT * FROM unnest(%s::text[], %s::bigint[], "
+                    "%s::int[], %s::timestamptz[], %s::int[], %s::boolean[], %s::bigint[], "
+                    "%s::bigint[], %s::uuid[], %s::bytea[])", _plan_columns(plan))
+                await cur.execute("ANALYZE immagent_plan")
+                # A concurrent run moved a mark since this plan read it: plan again.
+                await cur.execute(
+                    "SELECT 1 FROM immagent_plan p LEFT JOIN immagent_states m ON m.id = p.mark"
+                    " WHERE m.digest IS DISTINCT FROM p.mark_digest LIMIT 1")
+                if await cur.fetchone() is not None:
+                    raise Rehearsal(RetainResult({}, 0, stale=True))
+                await cur.execute(
+                    judge_query(plan.kind, Kind.PIN, "octet_length", "OFFSET 0").encode())
+                if plan.followers:
+                    await cur.execute(followers_query(plan.followers, "octet_length").encode())
+                await cur.execute(MOVED_MARKS.encode())
+                moved = {str(r[0]): (int(r[1]), int(r[2])) for r in await cur.fetchall()}
+                rows = marks([(plan.kind, s, q, o) for s, (q, o) in sorted(moved.items())])
+                gone = [p.mark for p in plan.streams if p.stream in moved
+                        or (p.keep_every is None and p.mark_digest is not None)]
+                if gone:
+                    await cur.execute("DELETE FROM immagent_states WHERE id = ANY(%s)",
+                                      (gone,))
+                if rows:
+                    await cur.executemany(_INSERT_STATE, [_state_params(r) for r in rows])
+                await cur.execute("DELETE FROM immagent_states s USING immagent_judged j "
+                                  "WHERE s.id = j.id AND j.doomed")
+                await cur.execute(DOOMED_TOTALS.encode())
+                for kind, n, size in await cur.fetchall():
+                    deleted[int(kind)] = deleted.get(int(kind), 0) + int(n)
+                    state_bytes += int(size)
+            if not dry_run:
+                return RetainResult(deleted, state_bytes)
+        # What a gc would then remove: a sweep's mark and deletes (rolled back), counted.
+        await _mark(conn)
+        stats = await _delete_unmarked(conn)
+        raise Rehearsal(RetainResult(deleted, state_bytes,
+                                     assets={k: n for k, (n, _) in stats.items()},
+                                     asset_bytes=sum(b for _, b in stats.values())))
 
     # -- assets ---------------------------------------------------------------------------
 
@@ -1108,6 +1211,18 @@ async def _check_heads(cur: psycopg.AsyncCursor[Any], heads: Sequence[Head]) -> 
         raise _Abort(WriteResult(stale=tuple(stale)))
 
 
+async def _check_states(cur: psycopg.AsyncCursor[Any], ids: Sequence[UUID]) -> None:
+    """Abort the write unless every state in ``ids`` is stored, read under the shared side
+    of the retention lock: a retention run deleting one of them commits first (and this
+    finds it gone) or waits for this write (and sees what it wrote, e.g. a pin)."""
+    await cur.execute("SELECT pg_advisory_xact_lock_shared(%s)", (_RETAIN_LOCK,))
+    await cur.execute("SELECT id FROM immagent_states WHERE id = ANY(%s)", (list(ids),))
+    found = {r[0] for r in await cur.fetchall()}
+    missing = tuple(i for i in dict.fromkeys(ids) if i not in found)
+    if missing:
+        raise _Abort(WriteResult(missing_states=missing))
+
+
 async def _delete_replaced(cur: psycopg.AsyncCursor[Any],
                            ids: Sequence[UUID]) -> dict[UUID, int]:
     """Delete the rows a write replaces, serialised with other writes replacing the same
@@ -1161,6 +1276,16 @@ async def _insert_states(cur: psycopg.AsyncCursor[Any], states: Sequence[StateRo
                           (list(conflicts),))
         kept.update({r[0]: r[1] for r in await cur.fetchall()})
         pending = [s for s in pending if s.id in conflicts]
+
+
+def _plan_columns(plan: RetentionPlan) -> list[list[Any]]:
+    """The columns of immagent_plan, in its order, one list each."""
+    return [[getattr(s, name) for s in plan.streams] for name in _PLAN_FIELDS]
+
+
+#: The StreamPlan field behind each column of immagent_plan, in column order.
+_PLAN_FIELDS = ("stream", "head_seq", "keep_latest", "newer_than", "keep_every", "drop",
+                "mark_seq", "mark_ordinal", "mark", "mark_digest")
 
 
 class _Lent:

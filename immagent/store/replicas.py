@@ -63,6 +63,9 @@ from immagent.store.backend import (
     Backend,
     CodecRefs,
     Head,
+    MarkRows,
+    RetainResult,
+    RetentionPlan,
     RowCheck,
     SweepResult,
     WriteResult,
@@ -360,14 +363,15 @@ class ReplicatedBackend:
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
-                    replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = ()
-                    ) -> WriteResult:
+                    replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = (), *,
+                    require_states: Sequence[UUID] = ()) -> WriteResult:
         if not replace:
-            return await self._primary.write(assets, states, require, heads, nodes=nodes)
+            return await self._primary.write(assets, states, require, heads, nodes=nodes,
+                                             require_states=require_states)
         # A replacement deletes rows: fenced as a delete is.
         with self._no_replicas():
             result = await self._primary.write(assets, states, require, heads, replace,
-                                               nodes)
+                                               nodes, require_states=require_states)
             if result == WriteResult():
                 await self._raise_fence()
         return result
@@ -388,6 +392,14 @@ class ReplicatedBackend:
             result = await self._primary.sweep(check, codec_refs, detached=detached,
                                                dry_run=dry_run)
             if (result.removed or result.states_removed) and not dry_run:
+                await self._raise_fence()
+        return result
+
+    async def retain(self, plans: Sequence[RetentionPlan], marks: MarkRows, *,
+                     dry_run: bool = False) -> RetainResult:
+        with self._no_replicas():
+            result = await self._primary.retain(plans, marks, dry_run=dry_run)
+            if result.deleted and not dry_run:
                 await self._raise_fence()
         return result
 

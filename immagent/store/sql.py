@@ -6,14 +6,16 @@ transaction with its result, and the one that rolls a dry run back."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Generic, NamedTuple, TypeVar
 from uuid import UUID
 
 from immagent.records import StateRow
 from immagent.store.backend import WriteResult
 
-__all__ = ["ROOTED_STATES", "Dialect", "Rehearsal", "StateQueries", "WriteAborted",
-           "count_query", "heads_query", "scan_query", "state_filter", "stream_query"]
+__all__ = ["DOOMED_TOTALS", "MOVED_MARKS", "ROOTED_STATES", "Dialect", "Rehearsal",
+           "StateQueries", "WriteAborted", "count_query", "followers_query", "heads_query",
+           "judge_query", "scan_query", "state_filter", "stream_query"]
 
 T = TypeVar("T")
 
@@ -177,3 +179,92 @@ class StateQueries:
                            limit: int = 100) -> list[StateRow]:
         return await self._states("stream_heads", *heads_query(
             self._dialect, kind, after=after, limit=limit))
+
+
+# -- retention (Backend.retain): one selection for both engines ------------------------------
+#
+# The engine fills a table ``immagent_plan`` with one row per planned stream (StreamPlan:
+# stream, head_seq, latest, newer, every, dropped, mseq, mord, mark, mark_digest) and an
+# empty ``immagent_judged`` (id, kind, stream, seq, bytes, doomed, ordinal, marked); these
+# statements judge every state of the planned streams in one pass (window functions over
+# the (kind, stream, seq) index), never a Python step per state.
+
+
+def judge_query(kind: int, pin_kind: int, length: str, fence: str = "") -> str:
+    """INSERT into ``immagent_judged`` every state of kind ``kind`` in a planned stream
+    that is doomed (``StreamPlan``'s rule) or that moves its stream's mark (thinned by
+    ``keep_every``: past the old mark, not among the newest ``latest`` nor young enough),
+    with its position counted on from the mark (``ordinal``). ``length`` is the engine's
+    byte-length function. Kinds are ints, inlined.
+
+    Whether a state has a child or a pin is one probe of the parent_id index per state not
+    kept otherwise (the CASE decides in order; scalar subqueries, because PostgreSQL turns
+    an EXISTS into a hash of every state's parent, which past work_mem became a scan per
+    row: minutes a page). ``fence`` keeps the engine from inlining the verdict into the
+    outer filter, which would probe twice per doomed state (PostgreSQL: ``OFFSET 0``)."""
+    kind, pin_kind = int(kind), int(pin_kind)
+    return f"""
+        INSERT INTO immagent_judged (id, kind, stream, seq, bytes, doomed, ordinal, marked)
+        WITH ranked AS (
+            SELECT s.id, s.stream, s.seq, s.created_at,
+                   {length}(s.body) + {length}(s.refs) AS bytes,
+                   p.head_seq, p.latest, p.newer, p.every, p.dropped, p.mseq, p.mord,
+                   row_number() OVER w AS pos,
+                   count(*) OVER (PARTITION BY s.stream) AS total,
+                   max(s.seq) OVER (PARTITION BY s.stream) AS newest,
+                   count(*) FILTER (WHERE s.seq > p.mseq) OVER w AS after_mark
+              FROM immagent_plan p
+              JOIN immagent_states s ON s.kind = {kind} AND s.stream = p.stream
+            WINDOW w AS (PARTITION BY s.stream ORDER BY s.seq ROWS UNBOUNDED PRECEDING)
+        ), judged AS (
+            SELECT r.id, r.stream, r.seq, r.bytes, r.mord + r.after_mark AS ordinal,
+                   (r.dropped AND r.newest = r.head_seq) AS dropped,
+                   (r.every IS NOT NULL AND NOT r.dropped AND r.seq > r.mseq
+                    AND r.total - r.pos >= r.latest
+                    AND NOT (r.newer IS NOT NULL AND r.created_at >= r.newer)) AS marked,
+                   (r.total - r.pos < r.latest
+                    OR (r.newer IS NOT NULL AND r.created_at >= r.newer)
+                    OR (r.every IS NOT NULL
+                        AND (r.seq <= r.mseq OR (r.mord + r.after_mark) % r.every = 0)))
+                       AS kept
+              FROM ranked r
+        ), verdict AS (
+            SELECT j.id, j.stream, j.seq, j.bytes, j.ordinal, j.marked,
+                   CASE WHEN j.kept AND NOT j.dropped THEN FALSE
+                        WHEN NOT j.dropped AND (
+                            SELECT c.id FROM immagent_states c
+                             WHERE c.parent_id = j.id AND c.kind = {kind} LIMIT 1) IS NULL
+                            THEN FALSE  -- a head
+                        ELSE (SELECT q.id FROM immagent_states q
+                               WHERE q.parent_id = j.id AND q.kind = {pin_kind} LIMIT 1) IS NULL
+                   END AS doomed
+              FROM judged j {fence}
+        )
+        SELECT id, {kind}, stream, seq, bytes, doomed, ordinal, marked FROM verdict
+         WHERE doomed OR marked
+    """
+
+
+def followers_query(kinds: Sequence[int], length: str) -> str:
+    """INSERT into ``immagent_judged``, as doomed, every row of the follower ``kinds``
+    whose parent is doomed (a doomed checkpoint's writes). Kinds are ints, inlined."""
+    listed = ", ".join(str(int(k)) for k in kinds)
+    return f"""
+        INSERT INTO immagent_judged (id, kind, stream, seq, bytes, doomed, ordinal, marked)
+        SELECT f.id, f.kind, f.stream, f.seq, {length}(f.body) + {length}(f.refs),
+               TRUE, 0, FALSE
+          FROM immagent_judged d JOIN immagent_states f ON f.parent_id = d.id
+         WHERE d.doomed AND f.kind IN ({listed})
+    """
+
+
+#: The new mark of each stream thinned past its old one: its newest thinned position and
+#: that position's ordinal (both maxima belong to the same row: ordinals grow with seq).
+MOVED_MARKS = """
+    SELECT stream, max(seq), max(ordinal) FROM immagent_judged WHERE marked GROUP BY stream
+"""
+#: What a retention transaction deleted, by kind: count and stored bytes.
+DOOMED_TOTALS = """
+    SELECT kind, count(*), coalesce(sum(bytes), 0) FROM immagent_judged WHERE doomed
+     GROUP BY kind
+"""

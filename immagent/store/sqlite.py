@@ -54,12 +54,24 @@ from immagent.store.backend import (
     SCHEMA_VERSION,
     CodecRefs,
     Head,
+    MarkRows,
     Misfit,
+    RetainResult,
+    RetentionPlan,
     RowCheck,
     SweepResult,
     WriteResult,
 )
-from immagent.store.sql import ROOTED_STATES, Dialect, Rehearsal, StateQueries
+from immagent.store.sql import (
+    DOOMED_TOTALS,
+    MOVED_MARKS,
+    ROOTED_STATES,
+    Dialect,
+    Rehearsal,
+    StateQueries,
+    followers_query,
+    judge_query,
+)
 from immagent.store.sql import WriteAborted as _Abort
 
 __all__ = ["SQLiteBackend"]
@@ -554,6 +566,71 @@ def _give_back_free_pages(conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA incremental_vacuum")
 
 
+def _mark(conn: sqlite3.Connection) -> None:
+    """gc's mark, into temporary tables of the writer's transaction (SQLite spills them to
+    disk; nothing goes through Python): per run, the last loc a live lineage uses; every
+    asset a state or a marked node's out-of-line refs name, and what those assets name."""
+    for table in ("immagent_reach", "immagent_reach_runs"):
+        conn.execute(f"DROP TABLE IF EXISTS temp.{table}")
+    conn.execute("CREATE TEMP TABLE immagent_reach_runs (run INTEGER PRIMARY KEY, "
+                 "hi INTEGER NOT NULL)")
+    conn.execute("CREATE TEMP TABLE immagent_reach (digest BLOB PRIMARY KEY) "
+                 "WITHOUT ROWID")
+    conn.execute(f"""
+        INSERT INTO temp.immagent_reach_runs
+        WITH RECURSIVE {_ALL_STATE_REFS},
+        seg(run, hi) AS (
+            SELECT n.loc >> {_SHIFT}, n.loc FROM state_refs s
+              JOIN immagent_nodes n ON {_BY_DIGEST.format(d="s.dst")}
+            UNION
+            {_UP}
+        )
+        SELECT run, max(hi) FROM seg GROUP BY run""")
+    conn.execute(f"""
+        INSERT OR IGNORE INTO temp.immagent_reach
+        WITH RECURSIVE {_ALL_STATE_REFS},
+        {_MARKED_REFS}
+        SELECT dst FROM state_refs WHERE NOT EXISTS (
+            SELECT 1 FROM immagent_nodes n WHERE {_BY_DIGEST.format(d="dst")})
+        UNION SELECT d FROM marked_refs""")
+    # What the marked assets name (a message's tool schemas; those name nothing).
+    conn.execute(f"""
+        INSERT OR IGNORE INTO temp.immagent_reach
+        WITH RECURSIVE {_ASSET_REFS.format(held="SELECT digest FROM temp.immagent_reach")}
+        SELECT dst FROM asset_refs""")
+
+
+#: The chain nodes ``_mark`` did not reach (a FROM clause and its condition).
+_DEAD_NODES = f"""
+    FROM immagent_nodes WHERE NOT EXISTS (
+        SELECT 1 FROM temp.immagent_reach_runs rr
+         WHERE rr.run = immagent_nodes.loc >> {_SHIFT} AND immagent_nodes.loc <= rr.hi)"""
+
+
+def _unmarked(conn: sqlite3.Connection) -> tuple[dict[int, int], int, int]:
+    """What a sweep after ``_mark`` deletes: rows per kind (a node's inline elements count
+    as rows of their kind), their bytes, and the stored rows (nodes and assets)."""
+    removed: dict[int, int] = {}
+    freed = rows_gone = 0
+    for kind, n, size, inline in conn.execute(
+            f"SELECT kind, count(*), coalesce(sum(length(body)), 0), "
+            f"coalesce(sum(count - length(refs) / 32), 0) {_DEAD_NODES} GROUP BY kind"):
+        removed[int(kind)] = removed.get(int(kind), 0) + int(n)
+        freed += int(size)
+        rows_gone += int(n)
+        element = NODE_KINDS.get(int(kind))
+        if element is not None and inline:
+            key = int(element.element_kind)
+            removed[key] = removed.get(key, 0) + int(inline)
+    for kind, n, size in conn.execute(
+            "SELECT kind, count(*), coalesce(sum(length(body)), 0) FROM immagent_assets "
+            "WHERE digest NOT IN (SELECT digest FROM temp.immagent_reach) GROUP BY kind"):
+        removed[int(kind)] = removed.get(int(kind), 0) + int(n)
+        freed += int(size)
+        rows_gone += int(n)
+    return removed, freed, rows_gone
+
+
 def _mark_codec_refs(conn: sqlite3.Connection, codec_refs: CodecRefs) -> None:
     """Mark what ``codec_refs`` names for the dictionaries the marked rows (assets and
     nodes) are stored with: gc's rule, a row's codec is a reference to its dictionary."""
@@ -667,14 +744,25 @@ class SQLiteBackend(StateQueries):
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
-                    replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = ()
-                    ) -> WriteResult:
+                    replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = (), *,
+                    require_states: Sequence[UUID] = ()) -> WriteResult:
         asset_rows = [(a.digest, a.kind, join_refs(a.refs), a.body, a.codec) for a in assets]
         state_rows = [_state_params(s) for s in states]
         wanted = list(dict.fromkeys(require))
         replaced = [i.bytes for i in dict.fromkeys(replace)]
+        needed = list(dict.fromkeys(require_states))
 
         def run(conn: sqlite3.Connection) -> None:
+            # The single writer serialises this with retention: no lock beyond it.
+            if needed:
+                found: set[bytes] = set()
+                for chunk in _chunks([i.bytes for i in needed]):
+                    found.update(r[0] for r in conn.execute(
+                        f"SELECT id FROM immagent_states WHERE id IN ({_marks(len(chunk))})",
+                        chunk))
+                gone = tuple(i for i in needed if i.bytes not in found)
+                if gone:
+                    raise _Abort(WriteResult(missing_states=gone))
             if asset_rows:
                 conn.executemany(
                     f"INSERT INTO immagent_assets ({_ASSET_COLUMNS}) "
@@ -771,38 +859,7 @@ class SQLiteBackend(StateQueries):
     async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
                     detached: Sequence[int] = (), dry_run: bool = False) -> SweepResult:
         def sweep(conn: sqlite3.Connection) -> SweepResult:
-            # Mark into temporary tables (SQLite spills them to disk; nothing goes through
-            # Python): per run, the last loc a live lineage uses; every asset a state or a
-            # marked node's out-of-line refs name. Then sweep the rest, all under the write
-            # lock.
-            for table in ("immagent_reach", "immagent_reach_runs"):
-                conn.execute(f"DROP TABLE IF EXISTS temp.{table}")
-            conn.execute("CREATE TEMP TABLE immagent_reach_runs (run INTEGER PRIMARY KEY, "
-                         "hi INTEGER NOT NULL)")
-            conn.execute("CREATE TEMP TABLE immagent_reach (digest BLOB PRIMARY KEY) "
-                         "WITHOUT ROWID")
-            conn.execute(f"""
-                INSERT INTO temp.immagent_reach_runs
-                WITH RECURSIVE {_ALL_STATE_REFS},
-                seg(run, hi) AS (
-                    SELECT n.loc >> {_SHIFT}, n.loc FROM state_refs s
-                      JOIN immagent_nodes n ON {_BY_DIGEST.format(d="s.dst")}
-                    UNION
-                    {_UP}
-                )
-                SELECT run, max(hi) FROM seg GROUP BY run""")
-            conn.execute(f"""
-                INSERT OR IGNORE INTO temp.immagent_reach
-                WITH RECURSIVE {_ALL_STATE_REFS},
-                {_MARKED_REFS}
-                SELECT dst FROM state_refs WHERE NOT EXISTS (
-                    SELECT 1 FROM immagent_nodes n WHERE {_BY_DIGEST.format(d="dst")})
-                UNION SELECT d FROM marked_refs""")
-            # What the marked assets name (a message's tool schemas; those name nothing).
-            conn.execute(f"""
-                INSERT OR IGNORE INTO temp.immagent_reach
-                WITH RECURSIVE {_ASSET_REFS.format(held="SELECT digest FROM temp.immagent_reach")}
-                SELECT dst FROM asset_refs""")
+            _mark(conn)
             missing = conn.execute(f"""
                 SELECT digest FROM temp.immagent_reach r WHERE NOT EXISTS
                     (SELECT 1 FROM immagent_assets a WHERE a.digest = r.digest)
@@ -844,34 +901,12 @@ class SQLiteBackend(StateQueries):
                 batch = _node_rows(rows, previous)
                 previous = (rows[-1][0], batch[-1].digest)
                 check(batch)
-            removed: dict[int, int] = {}
-            freed = rows_gone = 0
-            dead_nodes = f"""
-                FROM immagent_nodes WHERE NOT EXISTS (
-                    SELECT 1 FROM temp.immagent_reach_runs rr
-                     WHERE rr.run = immagent_nodes.loc >> {_SHIFT}
-                       AND immagent_nodes.loc <= rr.hi)"""
-            for kind, n, size, inline in conn.execute(
-                    f"SELECT kind, count(*), coalesce(sum(length(body)), 0), "
-                    f"coalesce(sum(count - length(refs) / 32), 0) {dead_nodes} GROUP BY kind"):
-                removed[int(kind)] = removed.get(int(kind), 0) + int(n)
-                freed += int(size)
-                rows_gone += int(n)
-                element = NODE_KINDS.get(int(kind))
-                if element is not None and inline:
-                    key = int(element.element_kind)
-                    removed[key] = removed.get(key, 0) + int(inline)
-            for kind, n, size in conn.execute(
-                    "SELECT kind, count(*), coalesce(sum(length(body)), 0) FROM immagent_assets "
-                    "WHERE digest NOT IN (SELECT digest FROM temp.immagent_reach) GROUP BY kind"):
-                removed[int(kind)] = removed.get(int(kind), 0) + int(n)
-                freed += int(size)
-                rows_gone += int(n)
+            removed, freed, rows_gone = _unmarked(conn)
             if dry_run:  # everything but the commit: the caller's transaction is rolled back
                 raise Rehearsal(SweepResult(removed, freed, _count_rows(conn) - rows_gone,
                                             states_removed=gone))
             if removed:
-                conn.execute(f"DELETE {dead_nodes}")
+                conn.execute(f"DELETE {_DEAD_NODES}")
                 conn.execute("DELETE FROM immagent_assets "
                              "WHERE digest NOT IN (SELECT digest FROM temp.immagent_reach)")
                 _give_back_free_pages(conn)
@@ -885,6 +920,75 @@ class SQLiteBackend(StateQueries):
                 "gc", lambda conn: transaction(conn, sweep))
         except Rehearsal as rehearsed:
             return rehearsed.result  # type: ignore[no-any-return]
+        return result
+
+    # -- retention ------------------------------------------------------------------------
+
+    async def retain(self, plans: Sequence[RetentionPlan], marks: MarkRows, *,
+                     dry_run: bool = False) -> RetainResult:
+        def run(conn: sqlite3.Connection) -> RetainResult:
+            # Temporary tables of the writer connection, emptied in this transaction.
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS immagent_plan (stream TEXT PRIMARY "
+                         "KEY, head_seq INTEGER, latest INTEGER, newer INTEGER, every INTEGER,"
+                         " dropped INTEGER, mseq INTEGER, mord INTEGER, mark BLOB, "
+                         "mark_digest BLOB)")
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS immagent_judged (id BLOB, kind "
+                         "INTEGER, stream TEXT, seq INTEGER, bytes INTEGER, doomed INTEGER, "
+                         "ordinal INTEGER, marked INTEGER)")
+            deleted: dict[int, int] = {}
+            state_bytes = 0
+            for plan in plans:
+                if not plan.streams:
+                    continue
+                conn.execute("DELETE FROM temp.immagent_plan")
+                conn.execute("DELETE FROM temp.immagent_judged")
+                conn.executemany(
+                    "INSERT INTO temp.immagent_plan VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(p.stream, p.head_seq, p.keep_latest,
+                      None if p.newer_than is None else _to_micros(p.newer_than),
+                      p.keep_every, int(p.drop), p.mark_seq, p.mark_ordinal, p.mark.bytes,
+                      p.mark_digest) for p in plan.streams])
+                # A concurrent run moved a mark since this plan read it: plan again.
+                if conn.execute(
+                        "SELECT 1 FROM temp.immagent_plan p LEFT JOIN immagent_states m "
+                        "ON m.id = p.mark WHERE m.digest IS NOT p.mark_digest LIMIT 1"
+                ).fetchone() is not None:
+                    raise Rehearsal(RetainResult({}, 0, stale=True))
+                conn.execute(judge_query(plan.kind, Kind.PIN, "length"))
+                if plan.followers:
+                    conn.execute(followers_query(plan.followers, "length"))
+                moved = {str(r[0]): (int(r[1]), int(r[2]))
+                         for r in conn.execute(MOVED_MARKS)}
+                rows = marks([(plan.kind, s, q, o) for s, (q, o) in sorted(moved.items())])
+                gone = [p.mark.bytes for p in plan.streams if p.stream in moved
+                        or (p.keep_every is None and p.mark_digest is not None)]
+                for chunk in _chunks(gone):
+                    conn.execute(f"DELETE FROM immagent_states WHERE id IN "
+                                 f"({_marks(len(chunk))})", chunk)
+                if rows:
+                    conn.executemany(
+                        f"INSERT INTO immagent_states ({_STATE_COLUMNS.removesuffix(', seq')})"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [_state_params(r) for r in rows])
+                conn.execute("DELETE FROM immagent_states WHERE id IN "
+                             "(SELECT id FROM temp.immagent_judged WHERE doomed)")
+                for kind, n, size in conn.execute(DOOMED_TOTALS):
+                    deleted[int(kind)] = deleted.get(int(kind), 0) + int(n)
+                    state_bytes += int(size)
+            if not dry_run:
+                if deleted:
+                    _give_back_free_pages(conn)  # as a sweep does: the file shrinks
+                return RetainResult(deleted, state_bytes)
+            # What a gc would then remove: a sweep's mark, counted (rolled back).
+            _mark(conn)
+            removed, freed, _ = _unmarked(conn)
+            raise Rehearsal(RetainResult(deleted, state_bytes, assets=removed,
+                                         asset_bytes=freed))
+
+        try:
+            result: RetainResult = await self._pool.write(
+                "retain", lambda conn: transaction(conn, run))
+        except Rehearsal as done:
+            return done.result  # type: ignore[no-any-return]
         return result
 
     # -- reads ----------------------------------------------------------------------------

@@ -70,6 +70,11 @@ class ImmAdvancedSQLiteSession(ImmAgentSession):
         self.db_path = db_path
         _built += 1
 
+    @property
+    def _current_branch_id(self) -> str:
+        """The SDK class's name for what ``current_branch_id`` is here (its tests read it)."""
+        return self.current_branch_id
+
 
 ADAPTERS: dict[str, type[ImmAgentSession]] = {
     "SQLiteSession": ImmSQLiteSession,
@@ -85,10 +90,15 @@ INTERNALS: tuple[tuple[re.Pattern[str], str], ...] = (
      "uses the SDK backend's private attributes or methods"),
     (re.compile(r"class \w+\((?:Advanced|Async)?SQLiteSession\)"),
      "subclasses the SDK's session class to reach its internals"),
-    (re.compile(r"sessions_table=|messages_table=|create_tables=False"),
+    (re.compile(r"sessions_table=|messages_table=|create_tables=False|_create_\w+_tables\("),
      "tests the SDK backend's table layout"),
     (re.compile(r"multiprocessing|_multiprocessing_context"),
      "tests the SDK backend's cross-process SQLite locking"),
+    (re.compile(r"_gate_worker\(|advanced_sqlite_session\.asyncio\.to_thread"),
+     "pauses the SDK backend's private worker functions (by name, through its module's "
+     "asyncio.to_thread) to force an interleaving: ImmAgentSession has no such workers, "
+     "so the test would wait for one forever (our tests/test_openai_session_history.py "
+     "forces the interleaving with a database lock instead)"),
     (re.compile(r"get_conversation_by_turns|get_tool_usage"),
      "uses get_conversation_by_turns/get_tool_usage, left out on purpose "
      "(views of the SDK's private item classification; docs/openai-agents.md)"),
@@ -100,6 +110,14 @@ DIFFERENCES: dict[str, str] = {
     "test_create_branch_logging_respects_model_data_policy[immagent-False]":
         "ImmAgentSession never logs an item's content (the SDK logs a turn's text unless "
         "DONT_LOG_MODEL_DATA is set)",
+    **dict.fromkeys(
+        ("test_encrypted_pop_wrong_key_preserves_recoverable_history",
+         "test_encrypted_pop_rechecks_authentication_after_expired_tail",
+         "test_encrypted_pop_cancellation_waits_for_authentication_rollback"),
+        "EncryptedSession authenticates a popped item inside the backend's transaction only "
+        "over the SDK's own SQLiteSession (through its private _pop_item_with_validation); "
+        "over any other backend it documents a plain pop, which removes an unreadable item "
+        "(over ImmAgentSession the state before the pop still holds it)"),
     "test_usage_tracking_failure_identity_follows_model_data_policy":
         "the SDK's own log-redaction switches (DONT_LOG_MODEL_DATA/_TOOL_DATA) do not "
         "govern our log lines, which name the session by repr and never carry content",
@@ -164,3 +182,33 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.longrepr = (str(Path(item.path)), item.location[1] or 0,
                            "Skipped: immagent: builds no session through the substituted "
                            "names (it would test the SDK's session again)")
+
+
+#: Each test's outcome (failed in any phase, else skipped, else passed), for the summary.
+_OUTCOMES: dict[str, str] = {}
+
+
+def _variant_of(nodeid: str) -> str:
+    """The variant in a test id (``test_x[sdk-1]`` -> ``sdk``; "" for a test without
+    one); works on the xdist controller too, which sees reports, not items."""
+    params = nodeid.rpartition("[")[2].rstrip("]").split("-") if nodeid.endswith("]") else []
+    return next((p for p in params if p in ("sdk", "immagent")), "")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    seen = _OUTCOMES.get(report.nodeid)
+    if report.failed:
+        _OUTCOMES[report.nodeid] = "failed"
+    elif report.skipped and seen != "failed":
+        _OUTCOMES[report.nodeid] = "skipped"
+    elif report.when == "call" and seen is None:
+        _OUTCOMES[report.nodeid] = "passed"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    terminalreporter.section("outcomes per variant")
+    for variant, label in (("sdk", "[sdk]"), ("immagent", "[immagent]"),
+                           ("", "tests without a session of the substituted classes")):
+        found = [o for n, o in _OUTCOMES.items() if _variant_of(n) == variant]
+        terminalreporter.line(f"{label}: " + ", ".join(
+            f"{found.count(k)} {k}" for k in ("passed", "failed", "skipped")))
