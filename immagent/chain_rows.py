@@ -30,6 +30,7 @@ reading the history. Pure: no I/O.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import operator
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +46,7 @@ from immagent.assets import (
     ConversationNode,
     Digest,
     Kind,
+    NodeFields,
     decode_element,
     node_fields,
     with_context,
@@ -75,10 +77,12 @@ class ChainRead(NamedTuple):
 
 
 class Parsed(NamedTuple):
-    """The rows of a chain decompressed and split: fields and entries per row."""
+    """The rows of a chain decompressed and split: fields and entries per row, and each
+    row's record as decompressed (what a span hash covers when the row holds no marker)."""
 
     fields: list[bytes]
     entries: list[list[bytes]]
+    records: list[bytes]
 
 
 _FIRST = operator.itemgetter(0)
@@ -127,7 +131,8 @@ def parse_rows(rows: Sequence[NodeRow],
             except (codec.CodecError, ValueError, TypeError) as e:
                 raise _corrupt(row, f"its record cannot be read ({e})") from None
         raise IntegrityError("a chain's records cannot be read (run store.verify())") from None
-    return Parsed([bytes(f) for f, _ in split], [list(map(bytes, e)) for _, e in split])
+    return Parsed([bytes(f) for f, _ in split], [list(map(bytes, e)) for _, e in split],
+                  records)
 
 
 class _Chain:
@@ -138,14 +143,42 @@ class _Chain:
         self.rows = rows
         self.fields = parsed.fields
         self.entries = parsed.entries
+        self.records = parsed.records
         self.leaves = leaves
         self.kind = int(node_type.kind)
         self.element_kind = int(node_type.element_kind)
         self.element_digests: dict[int, list[Digest]] = {}
+        self._counters: list[NodeFields] | None = None
+        self._counters_at_once = True
         # Rows holding markers (out-of-line elements, tombstones): their canonical record
         # differs from the stored one. Found in C: the first byte of every entry.
         self.marked = {i for i, e in enumerate(self.entries)
                        if rows[i].refs or any(map(_MARKER_FIRST, map(_FIRST, e)))}
+
+    def counters(self, i: int) -> NodeFields:
+        """Row ``i``'s decoded fields (only trusted once the row is verified). Every row's
+        are decoded at once, in C, on first use; one that cannot be decoded is a
+        NodeDamage naming its row."""
+        if self._counters is None and self._counters_at_once:
+            try:
+                self._counters = list(map(node_fields, self.fields))
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                self._counters_at_once = False  # one is malformed: row by row from now
+        if self._counters is not None:
+            return self._counters[i]
+        try:
+            return node_fields(self.fields[i])
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise _corrupt(self.rows[i], f"its fields cannot be read ({e})") from None
+
+    def all_counters(self) -> list[NodeFields]:
+        """Every row's decoded fields (see ``counters``)."""
+        if not self.rows:
+            return []
+        self.counters(0)
+        if self._counters is not None:
+            return self._counters
+        return [self.counters(i) for i in range(len(self.rows))]
 
     def digests_of(self, i: int) -> list[Digest]:
         """The element digests of row ``i``, from their bodies (hashed), tombstones and
@@ -216,9 +249,15 @@ class _Chain:
 
     def span_holds(self, j: int) -> bool:
         """Whether row ``j``'s span hash covers the SPAN rows before it as stored."""
-        span = node_fields(self.fields[j]).span
+        span = self.counters(j).span
         if span is None:
             return False
+        if self.marked.isdisjoint(range(j - SPAN, j)):
+            # A row without markers stores its canonical record (if a writer stored it in
+            # another encoding, the span does not match and its rows are checked one by one).
+            digests = [self.rows[k].digest for k in range(j - SPAN, j)]
+            return chains.span_hash(list(zip(digests, self.records[j - SPAN:j],
+                                                       strict=True))) == span
         try:
             window = [(self.rows[k].digest, self.canonical(k)) for k in range(j - SPAN, j)]
         except KeyError:
@@ -253,13 +292,12 @@ def read_chain(rows: Sequence[NodeRow], head: Digest, node_type: type[Conversati
     i = n - 1
     while True:
         chain.check_node(i, _parent(rows, i))
-        if i == 0 or (i >= SPAN and i % SPAN == 0
-                      and node_fields(parsed.fields[i]).span is not None):
+        if i == 0 or (i >= SPAN and i % SPAN == 0 and chain.counters(i).span is not None):
             break
         i -= 1
     # 2. Spans back to the root while they hold; 3. node by node where one does not.
     j = i
-    while j >= SPAN and j % SPAN == 0 and node_fields(parsed.fields[j]).span is not None:
+    while j >= SPAN and j % SPAN == 0 and chain.counters(j).span is not None:
         if not chain.span_holds(j):
             for k in range(j - 1, j - SPAN - 1, -1):
                 chain.check_node(k, _parent(rows, k))
@@ -373,13 +411,52 @@ def _load_leaves(rows: Sequence[NodeRow], leaves: Mapping[Digest, StoredAsset],
 
 def _history(chain: _Chain, head: Digest, node_type: type[ConversationNode]) -> ChainRead:
     """Elements, counters and the head's context of a verified chain."""
-    rows, fields, entries = chain.rows, chain.fields, chain.entries
+    rows = chain.rows
     decode = decode_element(node_type.element_kind)
+    found = None if chain.marked else _elements_at_once(chain, decode)
+    elements, ends, sizes = found or _elements_by_row(chain, decode)
+    counters = chain.all_counters()
+    if list(map(_LENGTH, counters)) != ends or list(map(_SIZE, counters)) != sizes:
+        i = next(i for i, c in enumerate(counters) if (c.length, c.size) != (ends[i], sizes[i]))
+        raise IntegrityError(f"node {rows[i].digest.hex()} claims {counters[i].length} "
+                             f"elements ({counters[i].size} bytes), its chain holds {ends[i]} "
+                             f"({sizes[i]})")
+    node, _ = _head(chain, head, node_type, 0, elements)
+    return ChainRead([r.digest for r in rows], ends, sizes, tuple(elements), node)
+
+
+_DICT = operator.attrgetter("__dict__")
+_LENGTH = operator.attrgetter("length")
+_SIZE = operator.attrgetter("size")
+
+
+def _elements_at_once(chain: _Chain, decode: Callable[[bytes], Asset]
+                      ) -> tuple[list[Asset], list[int], list[int]] | None:
+    """(elements, ends, sizes) of a chain whose rows hold no marker, every body decoded
+    and kept as the element's ``body`` (its digest stays the stored bytes' digest) in C
+    calls over the whole chain; None if one cannot be decoded (``_elements_by_row`` then
+    names its row)."""
+    bodies = list(itertools.chain.from_iterable(chain.entries))
+    try:
+        elements = list(map(decode, bodies))
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+        return None
+    collections.deque(map(operator.setitem, map(_DICT, elements), itertools.repeat("body"),
+                          bodies), 0)
+    ends = list(itertools.accumulate(map(len, chain.entries)))
+    body_ends = list(itertools.accumulate(map(len, bodies), initial=0))
+    return elements, ends, list(map(body_ends.__getitem__, ends))
+
+
+def _elements_by_row(chain: _Chain, decode: Callable[[bytes], Asset]
+                     ) -> tuple[list[Asset], list[int], list[int]]:
+    """(elements, ends, sizes) row by row: rows with markers (out-of-line elements,
+    tombstones), and naming the row of an element that cannot be decoded."""
     elements: list[Asset] = []
     sizes: list[int] = []
     ends: list[int] = []
     length = size = 0
-    for i, (row, found) in enumerate(zip(rows, entries, strict=True)):
+    for i, (row, found) in enumerate(zip(chain.rows, chain.entries, strict=True)):
         if i in chain.marked:
             own = _own(chain, i, decode)
             added = sum(len(e.body) for e in own)
@@ -395,14 +472,9 @@ def _history(chain: _Chain, head: Digest, node_type: type[ConversationNode]) -> 
         elements += own
         length += len(own)
         size += added
-        counters = node_fields(fields[i])
-        if (counters.length, counters.size) != (length, size):
-            raise IntegrityError(f"node {row.digest.hex()} claims {counters.length} elements "
-                                 f"({counters.size} bytes), its chain holds {length} ({size})")
         ends.append(length)
         sizes.append(size)
-    node, _ = _head(chain, head, node_type, 0, elements)
-    return ChainRead([r.digest for r in rows], ends, sizes, tuple(elements), node)
+    return elements, ends, sizes
 
 
 def _own(chain: _Chain, i: int, decode: Callable[[bytes], Asset]) -> list[Asset]:
@@ -442,13 +514,13 @@ def _head(chain: _Chain, head: Digest, node_type: type[ConversationNode], first:
     last = n - 1
     depth = rows[last].depth
     aligned = last - depth % SPAN  # the row at the last span depth
-    counters = [node_fields(f) for f in fields]
+    counters = chain.counters
     peaks: tuple[bytes, ...] | None = None
     count = 0
     if aligned >= first:
         stored = chains.split_peaks(rows[aligned].peaks)
-        count = counters[aligned].length
-        if stored is not None and accumulator.root(stored, count) == counters[aligned].acc:
+        count = counters(aligned).length
+        if stored is not None and accumulator.root(stored, count) == counters(aligned).acc:
             peaks = stored
     if peaks is None:  # no usable stored peaks: from every element digest of the lineage
         if first > 0 or rows[0].depth != 0:
@@ -462,7 +534,7 @@ def _head(chain: _Chain, head: Digest, node_type: type[ConversationNode], first:
     else:
         peaks, count = accumulator.append(peaks, count, itertools.chain.from_iterable(
             chain.element_digests[k] for k in range(aligned + 1, n)))
-    top = counters[last]
+    top = counters(last)
     if count != top.length:
         raise IntegrityError(f"node {head.hex()} claims {top.length} elements, its chain "
                              f"holds {count}")
