@@ -86,6 +86,7 @@ class Parsed(NamedTuple):
 
 
 _FIRST = operator.itemgetter(0)
+_REFS = operator.attrgetter("refs")
 _MARKER_FIRST = frozenset((0xc7, 0xc8, 0xc9, 0xd4, 0xd5, 0xd6, 0xd7, 0xd8)).__contains__
 _NODE_PREFIX = {k: blake3.blake3(bytes((k,))) for k in NODE_KINDS}
 _ELEMENT_PREFIX = {int(t.element_kind): blake3.blake3(bytes((t.element_kind,)))
@@ -150,10 +151,15 @@ class _Chain:
         self.element_digests: dict[int, list[Digest]] = {}
         self._counters: list[NodeFields] | None = None
         self._counters_at_once = True
+        self.digests = [r.digest for r in rows]
         # Rows holding markers (out-of-line elements, tombstones): their canonical record
-        # differs from the stored one. Found in C: the first byte of every entry.
-        self.marked = {i for i, e in enumerate(self.entries)
-                       if rows[i].refs or any(map(_MARKER_FIRST, map(_FIRST, e)))}
+        # differs from the stored one. Found in C: the first byte of every entry (of the
+        # whole chain first: most hold none).
+        self.marked: set[int] = set()
+        if any(map(_REFS, rows)) or any(map(_MARKER_FIRST, map(
+                _FIRST, itertools.chain.from_iterable(self.entries)))):
+            self.marked = {i for i, e in enumerate(self.entries)
+                           if rows[i].refs or any(map(_MARKER_FIRST, map(_FIRST, e)))}
 
     def counters(self, i: int) -> NodeFields:
         """Row ``i``'s decoded fields (only trusted once the row is verified). Every row's
@@ -255,9 +261,8 @@ class _Chain:
         if self.marked.isdisjoint(range(j - SPAN, j)):
             # A row without markers stores its canonical record (if a writer stored it in
             # another encoding, the span does not match and its rows are checked one by one).
-            digests = [self.rows[k].digest for k in range(j - SPAN, j)]
-            return chains.span_hash(list(zip(digests, self.records[j - SPAN:j],
-                                                       strict=True))) == span
+            return chains.span_hash_of(self.digests[j - SPAN:j],
+                                       self.records[j - SPAN:j]) == span
         try:
             window = [(self.rows[k].digest, self.canonical(k)) for k in range(j - SPAN, j)]
         except KeyError:
@@ -322,6 +327,12 @@ _PART = 4 << 20
 def _declared(rows: Sequence[NodeRow]) -> list[int]:
     """The bytes each row's record declares when decompressed (0 for a raw one), refused
     per frame by ``codec.check_declared`` before anything is allocated."""
+    try:
+        found = codec.declared_sizes([r.codec for r in rows], [r.body for r in rows])
+    except (TypeError, IndexError):  # a column of the wrong type: named below
+        found = None
+    if found is not None:
+        return found
     sizes = []
     for row in rows:
         if row.codec == codec.RAW:
@@ -422,7 +433,7 @@ def _history(chain: _Chain, head: Digest, node_type: type[ConversationNode]) -> 
                              f"elements ({counters[i].size} bytes), its chain holds {ends[i]} "
                              f"({sizes[i]})")
     node, _ = _head(chain, head, node_type, 0, elements)
-    return ChainRead([r.digest for r in rows], ends, sizes, tuple(elements), node)
+    return ChainRead(chain.digests, ends, sizes, tuple(elements), node)
 
 
 _DICT = operator.attrgetter("__dict__")

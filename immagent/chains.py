@@ -59,6 +59,7 @@ __all__ = [
     "record",
     "root_context",
     "span_hash",
+    "span_hash_of",
     "split_peaks",
     "split_record",
 ]
@@ -205,7 +206,16 @@ def tombstone_entry(digest: bytes, info: bytes) -> bytes:
 
 def span_hash(window: Sequence[tuple[bytes, bytes]]) -> bytes:
     """The span hash of ``SPAN`` nodes given as (digest, canonical record), oldest first."""
-    return blake3.blake3(_SPAN_PREFIX + b"".join(d + r for d, r in window)).digest()
+    return span_hash_of([d for d, _ in window], [r for _, r in window])
+
+
+def span_hash_of(digests: Sequence[bytes], records: Sequence[bytes]) -> bytes:
+    """``span_hash`` of the nodes with these digests and canonical records (a reader's
+    lists sliced, nothing paired)."""
+    parts: list[bytes] = [b""] * (2 * len(digests))
+    parts[::2] = digests
+    parts[1::2] = records
+    return blake3.blake3(_SPAN_PREFIX + b"".join(parts)).digest()
 
 
 def join_peaks(peaks: Sequence[bytes]) -> bytes:

@@ -129,3 +129,23 @@ def test_the_rules_of_one_frame() -> None:
                                           "codec says it is")
     with pytest.raises(IntegrityError, match="never compressed"):
         load_row(bomb)
+
+
+def test_declared_sizes_is_check_declared_of_each_frame() -> None:
+    # The batch form a chain read uses must accept and refuse exactly what the rule does:
+    # real frames of every content-size width, damaged headers, bombs, truncations.
+    frames = [zeros_frame(100_000), zeros_frame(10), b"", b"\x00", b"\xff" * 9]
+    for n in (0, 1, 255, 256, 300, 5_000, 65_791, 70_000, 1 << 20):
+        body = bytes(range(256)) * (n // 512) + b"a" * (n - 256 * (n // 512))
+        for size in (True, False):
+            frame = zstandard.ZstdCompressor(write_content_size=size).compress(body)
+            frames += [frame, frame[4:], frame[4:7]]  # with and without its magic, cut
+    frames += [bytes((fhd,)) + bytes(range(1, 12)) for fhd in range(256)]
+    for frame in frames:
+        try:
+            expected: list[int] | None = [codecs.check_declared(frame)]
+        except codecs.CodecError:
+            expected = None
+        assert codecs.declared_sizes([codecs.ZSTD], [frame]) == expected, frame[:12]
+    assert codecs.declared_sizes([codecs.RAW, codecs.ZSTD], [b"raw", frames[1]]) == (
+        [0, codecs.check_declared(frames[1])])
