@@ -208,3 +208,28 @@ def test_a_proof_is_not_written_to_a_terminal(tmp_path: Path) -> None:
     piped = subprocess.run([str(SCRIPT), "--db", db, "prove", "--message", "1"], env=env,
                            capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
     assert piped.returncode == 0 and proofs.verify_proof(piped.stdout).length == 2
+
+
+def test_a_sessions_item_is_proved_by_its_reference(cli: Any, store_dsn: str,
+                                                    tmp_path: Path) -> None:
+    import asyncio
+
+    from immagent import Store
+    from immagent.integrations.openai_agents import ImmAgentSession
+
+    async def build() -> None:
+        async with await Store.connect(store_dsn) as store:
+            await store.init_schema()
+            session = ImmAgentSession("audited", store)
+            await session.add_items([{"role": "user", "content": f"item {i}"}
+                                     for i in range(5)])
+
+    asyncio.run(build())
+    proof = tmp_path / "s.proof"
+    made = cli("prove", "session:audited", "--message", "4", "-o", str(proof),
+               database=store_dsn)
+    assert made.code == 0 and "item [4] of 5" in made.out, made
+    shown = cli("verify-proof", str(proof), "--json", database=None).json()
+    assert shown["element"]["value"] == {"role": "user", "content": "item 3"}
+    one_error_line(cli("prove", "session:audited", "--message", "6", database=store_dsn), 2,
+                   "has no item 6", "holds 5 items")
