@@ -124,6 +124,10 @@ def test_crafted_and_misplaced_proofs_are_refused_on_one_line(cli: Any, store_ds
     assert "\x1b" not in junk.err and "\x9b" not in junk.err
     future = _edit(proof, lambda p: msgspec.structs.replace(p, version=9))
     one_error_line(cli("verify-proof", str(future)), 4, "version 9")
+    named = _edit(proof, lambda p: msgspec.structs.replace(p, format=HOSTILE))
+    hostile = cli("verify-proof", str(named))
+    one_error_line(hostile, 4, "malformed", "tell ")
+    assert "\x1b" not in hostile.err and "\x9b" not in hostile.err
     one_error_line(cli("verify-proof", str(tmp_path / "none")), 4, "no such file")
     one_error_line(cli("verify-proof", str(tmp_path)), 4, "not a regular file")
     # Usage (exit 2): a digest that is not one.
