@@ -9,9 +9,10 @@ digest commits to:
    its verified out-of-line asset) and the node's digest recomputed from its kind, its
    parent's digest (the row before it), those element digests and its fields;
 2. from there, each span node's ``span`` (in its own hashed fields) must equal the hash of
-   the ``SPAN`` rows before it (digests and canonical records, one blake3 call): those
-   rows are then exactly the bytes the writer hashed, including the span hash of the span
-   before them, and so on back to the root;
+   the ``SPAN`` rows before it (digests and canonical records, one blake3 call; a row
+   without markers is hashed as its record is stored, which is its canonical record as a
+   writer stores it): those rows are then exactly the bytes the writer hashed, including
+   the span hash of the span before them, and so on back to the root;
 3. a span that does not match (a redacted body, damage) is checked the slow way, node by
    node and element by element; a legacy stretch (nodes written before schema 3, which
    have no span hashes) is checked node by node. A mismatch there is an IntegrityError
