@@ -41,6 +41,7 @@ __all__ = [
     "AssetProblem",
     "KindProblem",
     "MissingAsset",
+    "RedactedElement",
     "VerifyReport",
     "closing_iter",
     "verify_backend",
@@ -83,6 +84,15 @@ class KindProblem(msgspec.Struct, frozen=True):
     expected: int
 
 
+class RedactedElement(msgspec.Struct, frozen=True):
+    """A redacted element (``immagent.redaction``): the node whose record holds its
+    tombstone, its digest and the reason given. Not a problem: the node verifies."""
+
+    node: Digest
+    digest: Digest
+    reason: str
+
+
 class VerifyReport(msgspec.Struct, frozen=True):
     """What ``Store.verify`` found. ``ok`` is True only when every list is empty."""
 
@@ -104,6 +114,9 @@ class VerifyReport(msgspec.Struct, frozen=True):
     attestations_checked: int = 0  # attestation states among the states checked
     #: Attestations whose Ed25519 signature was not checked (no signing extra installed).
     signatures_unchecked: int = 0
+    #: Redacted elements found in the chain nodes checked (one entry per node holding a
+    #: tombstone): erased on purpose, neither corrupt nor missing.
+    redacted: tuple[RedactedElement, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -143,6 +156,10 @@ class VerifyReport(msgspec.Struct, frozen=True):
         if self.signatures_unchecked:
             out.append(f"{self.signatures_unchecked} attestation signature(s) not checked: "
                        "pip install 'immagent[sign]'")
+        if self.redacted:
+            erased = len({r.digest for r in self.redacted})
+            out.append(f"redacted: {erased} element(s), in {len(self.redacted)} node "
+                       "record(s) (erased on purpose, not a problem)")
         if self.truncated:
             out.append(f"(lists truncated at {MAX_LISTED} entries per category)")
         out.append("OK" if self.ok else f"{self.problems} problem(s) found")
@@ -288,8 +305,10 @@ async def verify_backend(backend: AuditBackend, agent_id: UUID | None = None, *,
             if progress is not None:
                 progress(checked)
 
+    redacted: list[RedactedElement] = []
     nodes = _NodePass(backend, dictionaries, lambda category, problem: note(
-        corrupt if category == "corrupt" else undecodable, problem))
+        corrupt if category == "corrupt" else undecodable, problem),
+        lambda found: note(redacted, found))
     async with closing_iter(node_batches):
         async for node_batch in node_batches:
             for node_row in node_batch:
@@ -313,6 +332,7 @@ async def verify_backend(backend: AuditBackend, agent_id: UUID | None = None, *,
         truncated=truncated, wrong_kinds=tuple(wrong_kinds), cycles=tuple(cycles[:MAX_LISTED]),
         nodes_checked=nodes.checked,
         attestations_checked=attestations_checked, signatures_unchecked=unchecked,
+        redacted=tuple(redacted),
     )
 
 
@@ -334,10 +354,12 @@ class _NodePass:
     continue from what it really holds, so one damaged row is one problem."""
 
     def __init__(self, backend: AuditBackend, dictionaries: Mapping[int, ZstdDictionary],
-                 report: Callable[[str, AssetProblem], None]) -> None:
+                 report: Callable[[str, AssetProblem], None],
+                 redacted: Callable[[RedactedElement], None]) -> None:
         self._backend = backend
         self._dictionaries = dictionaries
         self._report = report
+        self._redacted = redacted
         self._last: tuple[Digest, ChainContext, bool] | None = None
         self.checked = 0
 
@@ -365,6 +387,8 @@ class _NodePass:
         checked = chain_rows.audit_row(row, parent, leaves, self._dictionaries, trusted)
         for category, reason in checked.problems:
             self._report(category, AssetProblem(row.digest, kind, _node_reason(row, reason)))
+        for digest, reason in checked.redacted:
+            self._redacted(RedactedElement(row.digest, digest, reason))
         self._last = (row.digest, checked.context, checked.trusted)
 
     async def _context(self, digest: Digest) -> ChainContext:
