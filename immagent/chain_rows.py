@@ -664,12 +664,12 @@ def audit_row(row: NodeRow, parent: ChainContext | None, leaves: Mapping[Digest,
 
 
 def as_assets(row: NodeRow, dictionaries: Mapping[int, codec.ZstdDictionary]
-              ) -> tuple[StoredAsset, list[StoredAsset]]:
+              ) -> tuple[StoredAsset, list[StoredAsset], list[StoredAsset]]:
     """A node row in the canonical asset form bundles carry (digest, kind, refs = parent
-    then element digests, body = its fields) and its inline elements as assets of their
-    own: the same records a version-2 store exported, so the bundle format is unchanged.
-    IntegrityError if the row does not hash to its digest, or holds a redacted element
-    (bundles of redacted chains are not written yet)."""
+    then element digests, body = its fields), its inline elements as assets of their
+    own (the same records a version-2 store exported), and its redacted elements as
+    tombstones: (digest, element kind, no refs, the tombstone entry as body).
+    IntegrityError if the row does not hash to its digest or holds a damaged tombstone."""
     node_type = NODE_KINDS.get(row.kind)
     if node_type is None:
         raise IntegrityError(f"node {row.digest.hex()} has kind {row.kind}, no node kind "
@@ -679,16 +679,22 @@ def as_assets(row: NodeRow, dictionaries: Mapping[int, codec.ZstdDictionary]
     chain.check_node(0, row.parent)
     digests = chain.digests_of(0)
     elements: list[StoredAsset] = []
+    stones: list[StoredAsset] = []
     for digest, entry in zip(digests, parsed.entries[0], strict=True):
         if entry == chains.OUT_OF_LINE:
             continue
         if chains.is_marker(entry):
-            raise IntegrityError(f"node {row.digest.hex()} holds redacted element "
-                                 f"{digest.hex()}: bundles of redacted chains are not "
-                                 "written by this immagent")
+            stone = chains.tombstone(entry)
+            assert stone is not None  # digests_of decoded it
+            try:
+                redaction.decode_info(stone)
+            except ValueError as e:
+                raise _corrupt(row, str(e)) from None
+            stones.append(StoredAsset(digest, int(node_type.element_kind), (), entry))
+            continue
         elements.append(StoredAsset(digest, int(node_type.element_kind), (), entry))
     refs = () if row.parent is None else (row.parent, *digests)
-    return StoredAsset(row.digest, row.kind, refs, parsed.fields[0]), elements
+    return StoredAsset(row.digest, row.kind, refs, parsed.fields[0]), elements, stones
 
 
 def read_node(row: NodeRow, leaves: Mapping[Digest, StoredAsset],
