@@ -1168,7 +1168,7 @@ class EventLog:
                      reason: str = "", dry_run: bool = False) -> redact.RedactionReport:
         """Erase one message's content everywhere it is stored, keeping every digest true
         (``immagent.redaction``, docs/retention.md): by its digest (``message``: bytes or
-        hex), or as the message at ``position`` (1-based, as ``immagent history`` numbers
+        hex), or as the message at ``position`` (1-based, as ``immagent show`` numbers
         them) of the conversation of ``state``. Every node record that holds the body
         (in any lineage) gets a tombstone with its digest, ``reason`` and the time; an
         out-of-line copy is deleted; a REDACTION state records it, so a later write of the
