@@ -554,8 +554,8 @@ class Checked(NamedTuple):
     problems: list[tuple[str, str]]
     context: ChainContext
     trusted: bool = True
-    #: The redacted elements it holds: (digest, reason).
-    redacted: tuple[tuple[Digest, str], ...] = ()
+    #: The redacted elements it holds: (digest, their tombstone's description).
+    redacted: tuple[tuple[Digest, redaction.Redaction], ...] = ()
 
 
 def audit_row(row: NodeRow, parent: ChainContext | None, leaves: Mapping[Digest, Asset],
@@ -593,7 +593,7 @@ def audit_row(row: NodeRow, parent: ChainContext | None, leaves: Mapping[Digest,
     bodies: list[bytes] | None = []
     # Body lengths: a redacted element's from its tombstone (None: one is unknown).
     lengths: list[int] | None = []
-    redacted: list[tuple[Digest, str]] = []
+    redacted: list[tuple[Digest, redaction.Redaction]] = []
     decode = decode_element(node_type.element_kind)
     refs = iter(row.refs)
     for entry in parsed.entries[0]:
@@ -618,7 +618,7 @@ def audit_row(row: NodeRow, parent: ChainContext | None, leaves: Mapping[Digest,
                 problems.append(("corrupt", str(e)))
                 lengths = None
                 continue
-            redacted.append((stone.digest, info.reason))
+            redacted.append((stone.digest, info))
             if lengths is not None:
                 lengths.append(info.size)
             continue

@@ -25,7 +25,7 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.redaction import MAX_REASON_BYTES, redacted
-from tests.conftest import count_rows
+from tests.conftest import count_rows, node_record, write_record
 from tests.test_gc import _started, _until_queued
 from tests.test_verify import assert_clean
 
@@ -163,6 +163,28 @@ async def test_appends_after_a_redaction_cross_span_depths(store: Store) -> None
     shown = await fresh_messages(store, loaded)
     assert redacted(shown[2]) is not None and len(shown) == 60
     assert_clean(await store.verify())
+
+
+async def test_verify_checks_a_tombstone_against_its_redaction_record(
+        store_dsn: str) -> None:
+    # The reason and time were written after the node's digest: the REDACTION state (whose
+    # digest covers them) is what a damaged tombstone is caught by.
+    store = await Store.connect(store_dsn)
+    await store.init_schema()
+    try:
+        agent = await talk(store, "a", "hello", "secret")
+        await store.redact(state=agent.id, position=2, reason="REASON-A")
+        assert_clean(await store.verify())
+        record = node_record(store_dsn, agent.conversation_digest)
+        assert record.count(b"REASON-A") == 1
+        write_record(store_dsn, agent.conversation_digest,
+                     record.replace(b"REASON-A", b"REASON-B"))
+        report = await store.verify()
+        assert not report.ok and len(report.corrupt) == 1
+        assert "does not match its redaction record" in report.corrupt[0].reason
+        assert report.corrupt[0].digest == agent.conversation_digest
+    finally:
+        await store.close()
 
 
 async def test_the_marker_keeps_tool_call_structure(store: Store) -> None:

@@ -22,7 +22,7 @@ from uuid import UUID
 
 import msgspec
 
-from immagent import chain_rows, chains, codec
+from immagent import chain_rows, chains, codec, redaction
 from immagent.assets import NODE_KINDS, Asset, Digest, Kind, MissingAsset, ref_kind_table
 from immagent.attestations import attestation_of
 from immagent.audit import keys
@@ -86,11 +86,12 @@ class KindProblem(msgspec.Struct, frozen=True):
 
 class RedactedElement(msgspec.Struct, frozen=True):
     """A redacted element (``immagent.redaction``): the node whose record holds its
-    tombstone, its digest and the reason given. Not a problem: the node verifies."""
+    tombstone, its digest, the reason given and when. Not a problem: the node verifies."""
 
     node: Digest
     digest: Digest
     reason: str
+    at: int  # microseconds since the Unix epoch, UTC
 
 
 class VerifyReport(msgspec.Struct, frozen=True):
@@ -317,6 +318,8 @@ async def verify_backend(backend: AuditBackend, agent_id: UUID | None = None, *,
             if progress is not None:
                 progress(checked + nodes.checked)
 
+    await _check_tombstones(backend, redacted, lambda problem: note(corrupt, problem))
+
     # Last, so an asset absent when the walk ran is reported here even if it never was read.
     scope = None if agent_id is None else [agent_id]
     dangling = await backend.dangling_refs(scope, MAX_LISTED + 1)
@@ -387,8 +390,8 @@ class _NodePass:
         checked = chain_rows.audit_row(row, parent, leaves, self._dictionaries, trusted)
         for category, reason in checked.problems:
             self._report(category, AssetProblem(row.digest, kind, _node_reason(row, reason)))
-        for digest, reason in checked.redacted:
-            self._redacted(RedactedElement(row.digest, digest, reason))
+        for digest, info in checked.redacted:
+            self._redacted(RedactedElement(row.digest, digest, info.reason, info.at))
         self._last = (row.digest, checked.context, checked.trusted)
 
     async def _context(self, digest: Digest) -> ChainContext:
@@ -415,6 +418,26 @@ class _NodePass:
             except IntegrityError:
                 continue
         return found
+
+
+async def _check_tombstones(backend: AuditBackend, found: Sequence[RedactedElement],
+                            report: Callable[[AssetProblem], None]) -> None:
+    """A tombstone's reason and time are not covered by its node's digest (they were
+    written after it): each must match the REDACTION state of its digest, whose own digest
+    covers them. A tombstone without one (imported from a bundle) is taken as it is."""
+    by_id = {redaction.state_id(r.digest): r.digest for r in found}
+    notes: dict[Digest, redaction.RedactionNote] = {}
+    ids = list(by_id)
+    for start in range(0, len(ids), _BATCH):
+        for row in await backend.get_states(ids[start:start + _BATCH]):
+            if row.kind == Kind.REDACTION and check_state(row) is None:
+                notes[by_id[row.id]] = redaction.decode_note(row.body)
+    for element in found:
+        note = notes.get(element.digest)
+        if note is not None and (note.reason, note.at) != (element.reason, element.at):
+            report(AssetProblem(element.node, int(Kind.NODE),
+                                f"the tombstone of {element.digest.hex()} does not match "
+                                "its redaction record (reason or time altered)"))
 
 
 def _node_reason(row: NodeRow, reason: str) -> str:
