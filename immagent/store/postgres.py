@@ -156,6 +156,15 @@ _NO_JIT = "SET LOCAL jit = off"
 # strpos, not LIKE: the user's text has no wildcards to escape.
 _INSERT_STATE = ("INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, digest, "
                  "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING")
+# What a write checks after its rows are in place, under gc's shared lock: (0, digest) for
+# each required digest stored neither as an asset nor as a node, (1, id) for each
+# REDACTION state of the content it writes (redaction.state_id).
+_CHECK_WRITE = (
+    "SELECT 0, d FROM unnest(%s::bytea[]) AS d WHERE NOT EXISTS "
+    "(SELECT 1 FROM immagent_assets WHERE digest = d) AND NOT EXISTS "
+    "(SELECT 1 FROM immagent_nodes WHERE digest = d) "
+    "UNION ALL SELECT 1, uuid_send(id) FROM immagent_states WHERE id = ANY(%s::uuid[]) "
+    f"AND kind = {int(Kind.REDACTION)}")
 # A replacement keeps the place in the log (the seq) of the row it replaces.
 _INSERT_STATE_AT = ("INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, "
                     "digest, created_at, seq) OVERRIDING SYSTEM VALUE VALUES "
@@ -528,12 +537,6 @@ class PostgresBackend(StateQueries):
                     async with conn.cursor() as cur:
                         if require_states:
                             await _check_states(cur, require_states)
-                        if refuse:
-                            refused = {state_id(d): d for d in refuse}
-                            hit = await _redacted(cur, list(refused))
-                            if hit:
-                                raise _Abort(WriteResult(
-                                    redacted=tuple(refused[i] for i in hit)))
                         if assets:
                             await cur.executemany(
                                 f"INSERT INTO immagent_assets ({_ASSET_COLUMNS}) "
@@ -546,14 +549,17 @@ class PostgresBackend(StateQueries):
                             lost = await _place_nodes(cur, nodes)
                             if lost is not None:
                                 raise _Abort(WriteResult(missing=(lost,)))
-                        if require:
-                            await cur.execute(
-                                "SELECT d FROM unnest(%s::bytea[]) AS d WHERE NOT EXISTS "
-                                "(SELECT 1 FROM immagent_assets WHERE digest = d) AND NOT "
-                                "EXISTS (SELECT 1 FROM immagent_nodes WHERE digest = d)",
-                                (list(require),),
-                            )
-                            missing = tuple(bytes(r[0]) for r in await cur.fetchall())
+                        if require or refuse:
+                            # One statement (one round trip): the required digests not
+                            # stored, and the REDACTION states of the content written.
+                            refused = {state_id(d): d for d in refuse}
+                            await cur.execute(_CHECK_WRITE, (list(require), list(refused)))
+                            found = await cur.fetchall()
+                            hit = [UUID(bytes=bytes(r[1])) for r in found if r[0] == 1]
+                            if hit:
+                                raise _Abort(WriteResult(
+                                    redacted=tuple(refused[i] for i in hit)))
+                            missing = tuple(bytes(r[1]) for r in found if r[0] == 0)
                             if missing:
                                 raise _Abort(WriteResult(missing=missing))
                         if heads:
