@@ -88,6 +88,8 @@ async def test_redact_by_position_erases_it_from_both_lineages(store: Store) -> 
         found = redacted(marker)
         assert found is not None and found.digest == user(secret).digest
         assert found.reason == "pasted a key" and found.at == report.at
+    # The agent object read before the redaction reads the marker too (nothing cached).
+    assert redacted((await a.get_messages())[1]) is not None
     shown = await fresh_messages(store, a)
     assert redacted(shown[0]) is None and shown[0].content == "hello"
     assert shown[2].content == "thanks"
