@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from immagent import Message, PersistentAgent, Store
+from immagent import Message, PersistentAgent, Store, verify_proof
 from immagent.assets import Kind, ToolCall
 from immagent.audit.bundle import verify_bundle
 from immagent.exceptions import (
@@ -107,6 +107,14 @@ async def test_redact_by_position_erases_it_from_both_lineages(store: Store) -> 
     assert (await store.load_agent(a.id)).conversation_digest == a.conversation_digest
     rows = await store.redactions()
     assert [r.stream for r in rows] == [user(secret).digest.hex()]
+    # Inclusion proofs still hold, for the erased message (by its digest, no body) and
+    # for the others.
+    state_digest = (await store.load_agent(a.id)).digest
+    for element, index in ((user(secret).digest, 1), (0, 0), (2, 2)):
+        checked = verify_proof(await store.prove(a.id, element=element), state_digest)
+        assert checked.index == index
+        assert (checked.element is None) == (index == 1)  # no body for the erased one
+    assert checked.digest == user("thanks").digest
 
 
 async def test_redact_by_digest_deletes_the_out_of_line_copy(store: Store) -> None:

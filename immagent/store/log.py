@@ -845,7 +845,11 @@ class EventLog:
                                   "before schema 3 and carries no accumulator root: only "
                                   "states written since can be proved (append to it)",
                                   None)
-        leaves = [e.digest for e in history]
+        # A redacted element reads as a marker of its own digest: its node lists the erased
+        # one, which the accumulator covers (and its proof carries no body).
+        gone = [redaction.redacted(e) for e in history]
+        leaves = [e.digest if g is None else g.digest for e, g in zip(history, gone,
+                                                                       strict=True)]
         if isinstance(element, bytes):
             digest = check_digest("element", element)
             if digest not in leaves:
@@ -864,7 +868,7 @@ class EventLog:
         proof = proofs.build(row, ref, int(node.kind), node.parent, node.messages,
                              node.length, node.size, node.span, leaves, index,
                              history[index].body if check_flag("include_body", include_body)
-                             else None)
+                             and gone[index] is None else None)
         return proof.encode()
 
     async def export_lineage(self, state_id: UUID | str, path: str | os.PathLike[str], *,
