@@ -151,6 +151,10 @@ async def test_a_later_write_of_redacted_content_is_refused(store: Store) -> Non
     # Nothing of the refused writes was stored ("c" was created, its turn was refused).
     assert await store.count_agents() == states + 1
     assert len(await fresh_messages(store, await store.load_agent(a.id))) == 1
+    # The redaction record cannot be deleted (it is what refuses these writes).
+    (record,) = await store.redactions()
+    with pytest.raises(ValidationError, match="redaction"):
+        await store.delete_states([record.id])
     assert_clean(await store.verify())
 
 

@@ -1277,12 +1277,17 @@ def _check_known(found: int | None, where: str) -> None:
 
 
 def _refuse_own(states: Sequence[StateRow], field: str = "ids") -> None:
-    """The compression state keeps the dictionaries stored bodies need: never deleted."""
+    """The compression state keeps the dictionaries stored bodies need, a redaction record
+    keeps the erased content out of the store: never deleted."""
     for state in states:
         if state.kind == Kind.COMPRESSION:
             raise ValidationError(field, f"state {state.id} is the store's compression state "
                                   "(it keeps the dictionaries compressed bodies need); it "
                                   "cannot be deleted", str(state.id))
+        if state.kind == Kind.REDACTION:
+            raise ValidationError(field, f"state {state.id} records a redaction (it keeps "
+                                  "the erased content from being stored again); it cannot "
+                                  "be deleted", str(state.id))
 
 
 def check_limit(limit: object, bound: int | None = MAX_PAGE) -> None:
