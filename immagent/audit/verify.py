@@ -24,7 +24,7 @@ from immagent.assets import Digest, Kind, MissingAsset, ref_kind_table
 from immagent.attestations import attestation_of
 from immagent.audit import keys
 from immagent.codec import NO_DICTIONARIES, ZstdDictionary, decoded_size
-from immagent.exceptions import AgentNotFoundError, IntegrityError
+from immagent.exceptions import AgentNotFoundError, IntegrityError, install_command
 from immagent.records import STATE_KINDS, StateRow, check_state
 from immagent.rows import StoredAsset, check_row
 
@@ -137,7 +137,7 @@ class VerifyReport(msgspec.Struct, frozen=True):
                        f"{checked}")
         if self.signatures_unchecked:
             out.append(f"{self.signatures_unchecked} attestation signature(s) not checked: "
-                       "pip install 'immagent[sign]'")
+                       f"{install_command('sign')}")
         if self.truncated:
             out.append(f"(lists truncated at {MAX_LISTED} entries per category)")
         out.append("OK" if self.ok else f"{self.problems} problem(s) found")
