@@ -112,6 +112,10 @@ class CountingLog:
         self.assets += len(digests)
         return await self.store.get_assets(digests)
 
+    async def read_nodes(self, nodes: Sequence[Digest]) -> list[Any]:
+        self.assets += len(nodes)  # each node's own row, with the elements it adds
+        return await self.store.read_nodes(nodes)
+
     async def state_lineage(self, state_id: UUID, limit: int | None = None) -> list[Any]:
         assert limit is not None  # never a whole lineage
         self.states += limit

@@ -55,6 +55,9 @@ class _Log(Protocol):
 
     async def get_assets(self, digests: Sequence[Digest]) -> list[Asset]: ...
 
+    async def read_nodes(self, nodes: Sequence[Digest]
+                         ) -> list[tuple[ConversationNode, tuple[Asset, ...]]]: ...
+
     async def state_lineage(self, state_id: UUID, limit: int | None = None
                             ) -> list[StateRow]: ...
 
@@ -260,25 +263,25 @@ async def _chain(log: _Log, label: str, kind: int, head_a: Digest, head_b: Diges
     if base is not None:
         walked_a = walked_a[:seen_a[base.digest]]
         walked_b = walked_b[:seen_b[base.digest]]
-    added_a = [d for node in reversed(walked_a) for d in node.messages]
-    added_b = [d for node in reversed(walked_b) for d in node.messages]
-    elements = await log.get_assets(list(dict.fromkeys([*added_a, *added_b])))
-    by_digest = {e.digest: e for e in elements}
+    # The elements each walked node added, read from the nodes that hold them (one read).
+    walked = list(dict.fromkeys(n.digest for n in (*walked_a, *walked_b)))
+    own = {node.digest: elements for node, elements in await log.read_nodes(walked)}
     return ChainDiff(label, kind, head_a, head_b, None if base is None else base.digest,
                      0 if base is None else base.length,
-                     tuple(by_digest[d] for d in added_a), tuple(by_digest[d] for d in added_b))
+                     tuple(e for n in reversed(walked_a) for e in own[n.digest]),
+                     tuple(e for n in reversed(walked_b) for e in own[n.digest]))
 
 
 async def _nodes(log: _Log, digests: Sequence[Digest], node_type: type[ConversationNode]
                  ) -> list[ConversationNode]:
     """The nodes with these digests, in one verified read (IntegrityError for another kind)."""
-    found = await log.get_assets(digests)
+    found = [node for node, _ in await log.read_nodes(digests)]
     for node in found:
         if not isinstance(node, node_type):
             raise IntegrityError(f"asset {node.digest.hex()} is a "
                                  f"{_kind_name(node.kind)}, not a "
                                  f"{_kind_name(node_type.kind)}")
-    return found  # type: ignore[return-value]  # checked above
+    return found
 
 
 async def _leaf_changes(log: _Log, leaves: Sequence[tuple[str, Digest | None, Digest | None]]
