@@ -442,6 +442,9 @@ def _head(chain: _Chain, head: Digest, node_type: type[ConversationNode], first:
     last = n - 1
     depth = rows[last].depth
     aligned = last - depth % SPAN  # the row at the last span depth
+    if aligned < 0:  # the rows read stop short of it: a damaged lineage (a moved row)
+        raise IntegrityError(f"the lineage of node {head.hex()} is broken: the rows read "
+                             f"do not reach depth {depth - depth % SPAN} (run store.verify())")
     counters = [node_fields(f) for f in fields]
     peaks: tuple[bytes, ...] | None = None
     count = 0

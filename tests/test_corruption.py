@@ -367,3 +367,21 @@ async def test_a_node_column_of_the_wrong_type_is_listed_and_never_read(
             await (await store.load_agent(two.id)).get_messages()
         with pytest.raises(immagent.IntegrityError):
             await store.gc()
+
+
+async def test_a_head_row_moved_far_along_its_run_is_an_integrity_error(
+        store: Store, store_dsn: str) -> None:
+    # Found by the gc state machine: the rows an append reads (since the last span depth)
+    # then stop short of that depth, which indexed before the row list instead of failing.
+    agent = await store.create_agent("moved", PROMPT, "m")
+    for i in range(20):
+        agent = await store.append(agent, turn(i))
+    loc = node_loc(store_dsn, agent.conversation_digest)
+    raw_sql(store_dsn, "UPDATE immagent_nodes SET loc = %s WHERE loc = %s", [loc + 4096, loc])
+    store.clear_cache()
+    loaded = await soon(store.load_agent(agent.id))
+    with pytest.raises(immagent.IntegrityError, match=r"broken|corrupt"):
+        await soon(loaded.get_messages())
+    store.clear_cache()
+    with pytest.raises(immagent.IntegrityError, match=r"broken|corrupt"):
+        await soon(store.append(await soon(store.load_agent(agent.id)), turn(99)))

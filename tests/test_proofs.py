@@ -171,3 +171,76 @@ async def test_sessions_and_checkpoints_are_proved_too(store: Store) -> None:
     result = verify_proof(await store.prove(row.id, element=0), row.digest)
     assert isinstance(result.element, immagent.assets.Value)
     assert b"prove me" in result.element.data
+
+
+async def test_a_proof_carries_the_states_attestations_for_a_trust_policy(
+        store: Store, tmp_path: Any) -> None:
+    from immagent.attestations import Signed
+    from immagent.audit.keys import generate_key
+    from immagent.audit.trust import TrustPolicy
+
+    alice, bob, carol = (generate_key(tmp_path / n) for n in ("alice", "bob", "carol"))
+    agent = await grow(store, 4)
+    other = await grow(store, 4, "other")
+    await store.attest(agent.id, alice, note="reviewed")
+    await store.attest(agent.id, bob)
+    await store.attest(other.id, carol)
+    document = await store.prove(agent, element=2)
+    result = verify_proof(document, agent.digest,
+                          trust=TrustPolicy([alice.public, bob.public], 2))
+    assert result.trusted_by == tuple(sorted((alice.public.id, bob.public.id)))
+    assert [s.note for s in result.signers] == ["reviewed", ""]
+    assert all(s.verified and s.subjects == (str(agent.id),) for s in result.signers)
+    # Too few trusted signers: intact, untrusted (the CLI's exit 3), naming who signed.
+    with pytest.raises(immagent.UntrustedError, match=alice.public.id):
+        verify_proof(document, trust=TrustPolicy([carol.public]))
+    bare = await store.prove(agent, element=2, attested=False)
+    assert len(bare) < len(document) and verify_proof(bare).signers == ()
+    with pytest.raises(immagent.UntrustedError, match="carries no attestation"):
+        verify_proof(bare, trust=TrustPolicy([alice.public]))
+    # A signature altered, or one about another state swapped in: tampered, policy or not.
+    def forged(p: proofs.Proof) -> proofs.Proof:
+        signed = msgspec.msgpack.decode(p.signatures[0], type=Signed)
+        flipped = signed.signature[:-1] + bytes([signed.signature[-1] ^ 1])
+        bad = msgspec.structs.replace(signed, signature=flipped)
+        return msgspec.structs.replace(p, signatures=[msgspec.msgpack.encode(bad),
+                                                      *p.signatures[1:]])
+
+    (carols,) = await store.attestations(other.id)
+    for crafted, says in ((tamper(document, forged), "does not verify"),
+                          (tamper(document, lambda p: msgspec.structs.replace(
+                              p, signatures=[*p.signatures, carols.body])), "about state")):
+        for trust in (None, TrustPolicy([carol.public])):
+            with pytest.raises(immagent.ProofError, match=says) as refused:
+                verify_proof(crafted, trust=trust)
+            assert refused.value.problem == "tampered"
+    junk = tamper(document, lambda p: msgspec.structs.replace(p, signatures=[b"\x93"]))
+    with pytest.raises(immagent.ProofError) as refused:
+        verify_proof(junk)
+    assert refused.value.problem == "malformed"
+    many = tamper(document, lambda p: msgspec.structs.replace(
+        p, signatures=p.signatures * proofs.MAX_SIGNATURES))
+    with pytest.raises(immagent.ProofError) as refused:
+        verify_proof(many)
+    assert refused.value.problem == "oversized"
+
+
+def test_one_proof_has_one_form() -> None:
+    # A field past the last (msgspec would skip it) or bytes after the document: refused.
+    node = EMPTY_CONVERSATION.extend(turn(0))
+    record = AgentRecord(id=uuid.uuid4(), parent_id=None, created_at=datetime.now(UTC),
+                         name="one", model="m", system_prompt=b"\x01" * 32,
+                         conversation=node.digest, model_config={}, metadata={},
+                         digest=state_digest("one", "m", b"\x01" * 32, node.digest, {}, {}))
+    assert node.parent is not None
+    proof = proofs.build(record.to_row(), 1, int(Kind.NODE), node.parent, node.messages,
+                         node.length, node.size, node.span, list(node.messages), 0, None)
+    document = proof.encode()
+    assert verify_proof(document, record.digest).index == 0
+    fields = msgspec.msgpack.decode(document)
+    for crafted in (msgspec.msgpack.encode([*fields, [], "extra"]), document + b"\x00"):
+        with pytest.raises(immagent.ProofError) as refused:
+            verify_proof(crafted, record.digest)
+        assert refused.value.problem == "malformed", refused.value
+    with pytest.raises(immagent.ValidationError):
+        verify_proof(document, b"short")

@@ -72,7 +72,6 @@ from immagent.exceptions import (
     BundleError,
     FanOutError,
     IntegrityError,
-    UntrustedError,
     ValidationError,
 )
 from immagent.records import STATE_KINDS, AgentRecord, StateRow, check_state
@@ -704,20 +703,14 @@ def _judge(info: BundleInfo, trust: TrustPolicy) -> BundleInfo:
     vouching: set[bytes] = set()
     attested: dict[bytes, set[str]] = {}
     for signer in info.signers:
-        if not signer.verified or not trust.trusted(signer.key):
+        if not signer.verified:
             continue
         if signer.purpose == "bundle":
             vouching.add(signer.key)
         else:
             attested.setdefault(signer.key, set()).update(signer.subjects)
     vouching |= {key for key, subjects in attested.items() if heads <= subjects}
-    ids = tuple(sorted(attestations.key_id(k) for k in vouching))
-    if len(vouching) < trust.sigs_needed:
-        seen = sorted({s.key_id for s in info.signers})
-        raise UntrustedError(
-            f"{info.path}: intact, but vouched for by {len(vouching)} trusted key(s) where "
-            f"{trust.sigs_needed} are needed (signed by: {', '.join(seen) or 'nobody'}; "
-            f"trusted: {', '.join(sorted(k.id for k in trust.keys))})")
+    ids = trust.require(vouching, info.signers, str(info.path))
     return msgspec.structs.replace(info, trusted_by=ids)
 
 

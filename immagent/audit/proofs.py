@@ -21,7 +21,19 @@ element: the state's own fields (an agent's name, model, config and metadata; a
 checkpoint's versions), the head node's counters and the digests of the head's own
 elements; nothing of the rest of the history.
 
-The document is msgpack (a fixed array layout, ``FORMAT`` and ``VERSION`` first), at most
+**Who vouches for it.** A proof anchors on a state digest; which digest to believe is the
+verifier's question. Either they know it (``state_digest``: recorded elsewhere, read off a
+verified bundle), or the proof carries *attestations* of the state (``Store.attest``: an
+Ed25519 signature over the state's id, kind and digest, ``immagent.attestations``) and a
+trust policy says whose signatures count (``verify_proof(..., trust=TrustPolicy(...))``).
+An attestation signs the state digest, and the state digest commits to the whole chain
+through its head node's accumulator root, so a trusted attestation plus a valid path
+shows the element is in a state that key vouched for; no new kind of signature is needed.
+Every attestation a proof carries must be about the state it proves and verify (else the
+proof is ``tampered``), whether or not a policy is given.
+
+The document is msgpack (a fixed array layout, ``FORMAT`` and ``VERSION`` first, the
+attestations last and left out when there are none), in its canonical form, at most
 ``MAX_BYTES``; anything else is refused with a ``ProofError`` naming the problem. Pure:
 no I/O (``Store.prove`` builds proofs from the store).
 """
@@ -36,7 +48,7 @@ from uuid import UUID
 import blake3
 import msgspec
 
-from immagent import accumulator
+from immagent import accumulator, attestations
 from immagent.assets import (
     NODE_KINDS,
     Asset,
@@ -46,10 +58,13 @@ from immagent.assets import (
     digest_of,
     encode,
 )
-from immagent.exceptions import ProofError
+from immagent.audit import keys
+from immagent.audit.trust import Signer, TrustPolicy
+from immagent.exceptions import ProofError, ValidationError
 from immagent.records import STATE_KINDS, StateRow
 
-__all__ = ["FORMAT", "MAX_BYTES", "VERSION", "Proof", "ProofResult", "build", "verify_proof"]
+__all__ = ["FORMAT", "MAX_BYTES", "MAX_SIGNATURES", "VERSION", "Proof", "ProofResult",
+           "build", "verify_proof"]
 
 FORMAT: Final = "immagent-proof"
 VERSION: Final = 1
@@ -58,6 +73,8 @@ VERSION: Final = 1
 MAX_BYTES: Final = 1 << 20
 #: Largest number of digests a path or a peak list may hold (the accumulator's height).
 _MAX_DIGESTS: Final = accumulator.MAX_LEAVES.bit_length()
+#: Most attestations one proof carries (``Store.prove`` takes a state's oldest ones).
+MAX_SIGNATURES: Final = 64
 
 
 class ProvedState(msgspec.Struct, frozen=True, array_like=True):
@@ -90,8 +107,9 @@ class ProvedLeaf(msgspec.Struct, frozen=True, array_like=True):
     body: bytes | None = None
 
 
-class Proof(msgspec.Struct, frozen=True, array_like=True):
-    """An inclusion proof document (see the module docstring)."""
+class Proof(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    """An inclusion proof document (see the module docstring); ``signatures``: the
+    state's attestations, each a ``Signed`` record as an attestation's body holds it."""
 
     format: str
     version: int
@@ -101,6 +119,7 @@ class Proof(msgspec.Struct, frozen=True, array_like=True):
     leaf: ProvedLeaf
     path: list[bytes]
     peaks: list[bytes]
+    signatures: list[bytes] = []
 
     def encode(self) -> bytes:
         """The document's bytes (msgpack)."""
@@ -108,8 +127,11 @@ class Proof(msgspec.Struct, frozen=True, array_like=True):
 
 
 class ProofResult(msgspec.Struct, frozen=True):
-    """What a verified proof shows: the state digest it leads to, the element's position
-    and digest, the element itself when the proof carries it, and the head node."""
+    """What a verified proof shows: the state digest it leads to (and the state's kind),
+    the element's position and digest, the element itself when the proof carries it, the
+    head node and the chain's length; who attested the state (``signers``, each checked
+    when the signing extra is installed), and with a trust policy the trusted keys among
+    them (``trusted_by``)."""
 
     state_digest: bytes
     index: int
@@ -117,6 +139,9 @@ class ProofResult(msgspec.Struct, frozen=True):
     element: Asset | None
     head: bytes
     length: int
+    kind: int = 0
+    signers: tuple[Signer, ...] = ()
+    trusted_by: tuple[str, ...] = ()
 
 
 _decoder = msgspec.msgpack.Decoder(Proof)
@@ -124,22 +149,36 @@ _decoder = msgspec.msgpack.Decoder(Proof)
 
 def build(state: StateRow, head_ref: int, node_kind: int, parent: Digest,
           elements: Sequence[Digest], length: int, size: int, span: Digest | None,
-          leaves: Sequence[Digest], index: int, body: bytes | None) -> Proof:
+          leaves: Sequence[Digest], index: int, body: bytes | None,
+          signatures: Sequence[bytes] = ()) -> Proof:
     """The proof that ``leaves[index]`` (the chain's element digests, oldest first) is in
     ``state``, whose ref ``head_ref`` is the chain's head node (of ``node_kind``, with
-    that parent, own elements, counters and span)."""
+    that parent, own elements, counters and span), carrying ``signatures`` (the bodies
+    of the state's attestations, at most ``MAX_SIGNATURES``)."""
     path, peaks = accumulator.prove(leaves, index)
     refs = [b"" if i == head_ref else r for i, r in enumerate(state.refs)]
     return Proof(FORMAT, VERSION, state.digest,
                  ProvedState(state.kind, state.stream, refs, state.body, head_ref),
                  ProvedNode(node_kind, parent, list(elements), length, size, span),
-                 ProvedLeaf(index, leaves[index], body), path, peaks)
+                 ProvedLeaf(index, leaves[index], body), path, peaks,
+                 list(signatures[:MAX_SIGNATURES]))
 
 
-def verify_proof(document: bytes, state_digest: bytes | None = None) -> ProofResult:
-    """Check a proof offline; ``state_digest``: the digest the proof must lead to (a digest
-    recorded elsewhere, a signed head). ProofError names what is wrong otherwise; without
-    ``state_digest``, compare ``ProofResult.state_digest`` with a digest you trust."""
+def verify_proof(document: bytes, state_digest: bytes | None = None, *,
+                 trust: TrustPolicy | None = None) -> ProofResult:
+    """Check a proof offline. ``state_digest``: the digest the proof must lead to (recorded
+    elsewhere, read off a verified bundle); ``trust``: whose attestations of the state
+    count, and how many distinct keys must vouch (UntrustedError when too few do;
+    ExtraNotInstalledError without the signing extra). ProofError names what is wrong
+    with the document itself; with neither argument, compare ``ProofResult.state_digest``
+    with a digest you trust."""
+    if state_digest is not None and (not isinstance(state_digest, bytes)
+                                     or len(state_digest) != 32):
+        raise ValidationError("state_digest", "must be 32 bytes (a state's digest)", None)
+    if trust is not None:
+        if not isinstance(trust, TrustPolicy):
+            raise ValidationError("trust", "must be a TrustPolicy", None)
+        keys.require_signing("checking a proof against a trust policy")
     proof = _decode(document)
     state, node, leaf = proof.state, proof.node, proof.leaf
     node_type = NODE_KINDS.get(node.kind)
@@ -198,7 +237,48 @@ def verify_proof(document: bytes, state_digest: bytes | None = None) -> ProofRes
     if state_digest is not None and digest != state_digest:
         raise ProofError("wrong_state", f"it proves state digest {digest.hex()}, not "
                          f"{state_digest.hex()}")
-    return ProofResult(digest, leaf.index, leaf.digest, element, head, node.length)
+    signers = _signers(proof.signatures, digest, state.kind)
+    trusted_by: tuple[str, ...] = ()
+    if trust is not None:
+        trusted_by = trust.require(
+            (s.key for s in signers if s.verified), signers,
+            f"the proof's state {digest.hex()}",
+            "" if signers else "the proof carries no attestation (attest the state with "
+            "`immagent attest` or Store.attest, then prove again)")
+    return ProofResult(digest, leaf.index, leaf.digest, element, head, node.length,
+                       state.kind, signers, trusted_by)
+
+
+def _signers(signatures: Sequence[bytes], digest: bytes, kind: int) -> tuple[Signer, ...]:
+    """The attestations a proof carries, each about the proved state (its digest and kind)
+    and, when the signing extra is installed, verified; ProofError otherwise."""
+    if len(signatures) > MAX_SIGNATURES:
+        raise ProofError("oversized", f"{len(signatures)} attestations (at most "
+                         f"{MAX_SIGNATURES})")
+    checkable = bool(signatures) and keys.signing_available()
+    found: list[Signer] = []
+    for i, raw in enumerate(signatures):
+        try:
+            signed, statement = attestations.decode_signed(raw)
+        except ValueError as e:
+            raise ProofError("malformed", f"attestation {i}: {e}") from None
+        if statement.purpose != "attestation" or len(statement.subjects) != 1:
+            raise ProofError("malformed", f"attestation {i} is not an attestation of one "
+                             "state")
+        (subject,) = statement.subjects
+        if subject.digest != digest or subject.kind != kind:
+            raise ProofError("tampered", f"the attestation by {signed.key_id} is about "
+                             f"state {subject.id} with digest {subject.digest.hex()}, not "
+                             f"the proved state ({digest.hex()})")
+        verified = keys.verify_signed(signed) if checkable else None
+        if verified is False:
+            raise ProofError("tampered", f"the attestation by {signed.key_id} does not "
+                             "verify (made by another key, or its statement or signature "
+                             "was altered)")
+        found.append(Signer(key_id=signed.key_id, key=signed.key, purpose=statement.purpose,
+                            subjects=(str(subject.id),), verified=verified,
+                            note=statement.note, signed_at=statement.signed_at))
+    return tuple(found)
 
 
 def _decode(document: object) -> Proof:
@@ -217,6 +297,9 @@ def _decode(document: object) -> Proof:
     if proof.format != FORMAT or proof.version != VERSION:
         raise ProofError("malformed", f"a {proof.format!r} document of version "
                          f"{proof.version} (this immagent reads {FORMAT!r} {VERSION})")
+    if proof.encode() != data:
+        # One proof has one form: no fields past the last, no padding, no other encodings.
+        raise ProofError("malformed", "not in its canonical form (extra fields or bytes)")
     return proof
 
 

@@ -321,10 +321,10 @@ class Store(EventLog):
 
     async def prove(self, state: PersistentAgent | UUID | str, *,
                     element: int | Digest, ref: int | None = None,
-                    include_body: bool = True) -> bytes:
+                    include_body: bool = True, attested: bool = True) -> bytes:
         """``EventLog.prove`` of an agent given as a state or as its id."""
         return await super().prove(self._agent_id(state), element=element, ref=ref,
-                                   include_body=include_body)
+                                   include_body=include_body, attested=attested)
 
     async def export(self, agent: PersistentAgent | UUID | str,
                      path: str | os.PathLike[str], *,

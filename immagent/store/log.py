@@ -802,13 +802,15 @@ class EventLog:
 
     async def prove(self, state: UUID | str, *,
                     element: int | Digest, ref: int | None = None,
-                    include_body: bool = True) -> bytes:
+                    include_body: bool = True, attested: bool = True) -> bytes:
         """An inclusion proof (``immagent.audit.proofs``) that one element of a state's
         chain is in the state: ``element`` its position (0 = the first message) or its
         digest (the first occurrence), ``ref`` which of the state's refs is the chain (the
-        first chain by default: an agent's conversation, a session's ``main`` branch), and
-        the element's body unless ``include_body`` is False. O(log n) digests; check it
-        with ``immagent.verify_proof``. Reading the chain costs what a read of it does."""
+        first chain by default: an agent's conversation, a session's ``main`` branch), the
+        element's body unless ``include_body`` is False, and the state's attestations
+        (the oldest ``proofs.MAX_SIGNATURES``) unless ``attested`` is False. O(log n)
+        digests; check it with ``immagent.verify_proof``. Reading the chain costs what a
+        read of it does."""
         state_id = check_uuid("state", state)
         rows = await self.get_states([state_id])
         if not rows:
@@ -850,7 +852,9 @@ class EventLog:
         proof = proofs.build(row, ref, int(node.kind), node.parent, node.messages,
                              node.length, node.size, node.span, leaves, index,
                              history[index].body if check_flag("include_body", include_body)
-                             else None)
+                             else None,
+                             [a.body for a in await self.attestations(state_id)]
+                             if check_flag("attested", attested) else ())
         return proof.encode()
 
     async def export_lineage(self, state_id: UUID | str, path: str | os.PathLike[str], *,
