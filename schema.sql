@@ -1,5 +1,5 @@
--- immagent storage layout, version 2 (PostgreSQL). Applied by Store.init_schema(), which
--- also migrates a version-1 database (Backend.migrate). Idempotent: every statement is
+-- immagent storage layout, version 3 (PostgreSQL). Applied by Store.init_schema(), which
+-- also migrates a version-1 or version-2 database (Backend.migrate). Idempotent: every statement is
 -- IF NOT EXISTS / OR REPLACE. The version lives in immagent_schema; init_schema() refuses
 -- a database whose version it does not know. store/sqlite.py holds the same layout for
 -- SQLite; tests/test_schema.py checks both against immagent/store/layout.py.
@@ -61,3 +61,31 @@ CREATE TABLE IF NOT EXISTS immagent_states (
 -- A stream's states in log order; its newest state is one probe.
 CREATE INDEX IF NOT EXISTS immagent_states_stream ON immagent_states (kind, stream, seq);
 CREATE INDEX IF NOT EXISTS immagent_states_parent ON immagent_states (parent_id);
+
+-- Chain nodes (immagent/chains.py): a conversation's, a session branch's, a list channel's
+-- links, each holding its elements' canonical bodies inline (larger ones stay assets, named
+-- in `refs`) in one record (`body`, compressed per `codec`). A node is stored right after
+-- its parent: `loc` is (run << 24) | its offset in its run, and a run continues until a
+-- fork, so a lineage is one index range scan per run (git's packfiles make history walks
+-- sequential the same way). The parent of a node is the node at loc - 1; a run's first
+-- row names the node it continues from (`parent`, NULL for a chain's root) and its
+-- `depth`, both NULL on every other row (free: in the null bitmap). `digest` is unique
+-- through a hash index, as the assets'. `peaks` (every chains.SPAN-th depth) are the
+-- accumulator's peaks after the node, kept so a writer need not read the history; `count`
+-- is how many elements the node adds. Fixed-width columns first: no alignment padding.
+CREATE TABLE IF NOT EXISTS immagent_nodes (
+    loc         bigint      PRIMARY KEY,
+    kind        smallint    NOT NULL,
+    codec       smallint    NOT NULL DEFAULT 0,
+    count       integer     NOT NULL,
+    depth       integer,
+    digest      bytea       NOT NULL CHECK (octet_length(digest) = 32),
+    parent      bytea       CHECK (octet_length(parent) = 32),
+    refs        bytea       CHECK (octet_length(refs) % 32 = 0),
+    peaks       bytea       CHECK (octet_length(peaks) % 32 = 0),
+    body        bytea       NOT NULL,
+    CONSTRAINT immagent_nodes_digest EXCLUDE USING hash (digest WITH =)
+);
+
+-- Run numbers: a new run (a fork, a new chain) takes the next one.
+CREATE SEQUENCE IF NOT EXISTS immagent_runs AS bigint;

@@ -1,4 +1,5 @@
-"""What the audit features cost: signing and verifying a bundle, diffing two forks.
+"""What the audit features cost: signing and verifying a bundle, diffing two forks,
+proving one message.
 
     uv run python -m benchmarks.audits [--dsn DSN] [--backends postgres sqlite] [--full]
 
@@ -14,7 +15,17 @@
    three sequential round trips (the two lineage stretches together, the nodes they name,
    the elements), so on a loaded server its time is read best in those units.
 
-Numbers, not tests: nothing here asserts a timing. ``make bench`` prints these tables
+3. **Inclusion proofs.** An agent of 1,000 then 10,000 turns: ``store.prove`` of its
+   first, middle and last message (the first sits lowest in the largest subtree: the
+   longest path), the document's size without the message's body (the O(log n) digests and
+   the state's own fields; goal <= 1 KB) and with it, and ``verify_proof`` against the
+   state's digest (median of 300 checks; goal <= 1 ms). Beside it, the bytes per turn the
+   accumulator adds to the store (goal <= 64): every node's ``acc`` field (measured on a
+   stored node: its encoded fields with and without it) plus the ``peaks`` column kept at
+   every 16th node (summed from the table).
+
+The goals are printed PASS/MISS (``targets``). Numbers, not tests: nothing here asserts a
+timing. ``make bench`` prints these tables
 after the storage benchmarks (``benchmarks/run.py``).
 """
 
@@ -22,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import tempfile
 import time
@@ -31,9 +43,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from benchmarks.common import drop_database, fresh_database, print_table, user_text
-from immagent import Message, PersistentAgent, Store
-from immagent.assets import ConversationNode
+from immagent import Message, PersistentAgent, Store, verify_proof
+from immagent.assets import ConversationNode, NodeFields, encode
 from immagent.attestations import Statement, Subject
 from immagent.audit.bundle import verify_bundle
 from immagent.audit.keys import generate_key, verify_signed
@@ -72,13 +86,40 @@ class DiffTimes:
 
 
 @dataclass
+class ProofTimes:
+    backend: str
+    turns: int
+    proof_bytes: int  # the largest of the positions proved, without the message's body
+    proof_body_bytes: int  # the same proof with the body (a 400-byte user message)
+    prove_ms: float  # Store.prove, median (reads the chain: what a read of it costs)
+    verify_us: float  # verify_proof against the state digest, median
+    acc_field_bytes: int  # the acc field in one node's encoded fields
+    peaks_bytes_per_turn: float  # the peaks column, summed over the table, per turn
+
+    @property
+    def acc_bytes_per_turn(self) -> float:
+        return round(self.acc_field_bytes + self.peaks_bytes_per_turn, 1)
+
+
+#: Issue 24's goals.
+PROOF_BYTES_GOAL = 1000
+PROOF_VERIFY_US_GOAL = 1000.0
+ACC_BYTES_PER_TURN_GOAL = 64
+DIFF_MS_GOAL = 5.0
+
+
+@dataclass
 class AuditResults:
     bundles: list[BundleTimes] = field(default_factory=list)
     diffs: list[DiffTimes] = field(default_factory=list)
+    proofs: list[ProofTimes] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"bundles": [asdict(b) for b in self.bundles],
-                "diffs": [asdict(d) for d in self.diffs]}
+                "diffs": [asdict(d) for d in self.diffs],
+                "proofs": [asdict(p) | {"acc_bytes_per_turn": p.acc_bytes_per_turn}
+                           for p in self.proofs],
+                "targets": targets(self)}
 
 
 async def grow(store: Store, agent: PersistentAgent, turns: int, tag: str,
@@ -193,6 +234,86 @@ async def diff_times(backend: str, dsn: str, history: int, divergence: int,
                      round(statistics.median(cold) / statistics.median(probe), 1))
 
 
+async def _peaks_bytes(dsn: str) -> int:
+    """The bytes of the accumulator peaks kept beside nodes (the ``peaks`` column)."""
+    sql = "SELECT coalesce(sum(length(peaks)), 0) FROM immagent_nodes"
+    if dsn.startswith("sqlite:///"):
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(dsn.removeprefix("sqlite:///"))) as conn:
+            return int(conn.execute(sql).fetchone()[0])
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(sql)
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+
+async def proof_times(backend: str, dsn: str, sizes: Sequence[int], samples: int
+                      ) -> list[ProofTimes]:
+    """Proofs of one growing agent at each size (turns), on its own store."""
+    out = []
+    async with await Store.connect(dsn) as store:
+        await store.init_schema()
+        agent = await store.create_agent("proved", PROMPT, MODEL)
+        grown = 0
+        for turns in sizes:
+            agent = await grow(store, agent, turns - grown, f"p{turns}")
+            grown = turns
+            (head,) = await store.get_assets([agent.record.conversation], ConversationNode)
+            n = head.length
+            sizes_seen, with_body, prove_ms, verify_us = [], [], [], []
+            for index in (0, n // 2, n - 2):  # user messages: first, middle, last
+                start = time.perf_counter()
+                bare = await store.prove(agent, element=index, include_body=False)
+                prove_ms.append((time.perf_counter() - start) * 1000)
+                full_doc = await store.prove(agent, element=index)
+                sizes_seen.append(len(bare))
+                with_body.append(len(full_doc))
+                for _ in range(samples):
+                    start = time.perf_counter()
+                    verify_proof(bare, agent.digest)
+                    verify_us.append((time.perf_counter() - start) * 1e6)
+            fields = NodeFields(length=head.length, size=head.size, acc=head.acc,
+                                span=head.span)
+            acc_field = len(encode(fields)) - len(encode(
+                msgspec.structs.replace(fields, acc=None)))
+            peaks = await _peaks_bytes(dsn)
+            out.append(ProofTimes(backend, turns, max(sizes_seen), max(with_body),
+                                  _median(prove_ms), round(statistics.median(verify_us), 1),
+                                  acc_field, round(peaks / turns, 1)))
+    return out
+
+
+def targets(res: AuditResults) -> list[dict[str, str]]:
+    """Issue 24's goals, PASS/MISS, with the numbers behind each."""
+    def target(name: str, ok: bool, detail: str) -> dict[str, str]:
+        return {"target": name, "status": "PASS" if ok else "MISS", "detail": detail}
+
+    out = []
+    for p in res.proofs:
+        out.append(target(f"{p.backend}: proof at {p.turns:,} turns <= 1 KB",
+                          p.proof_bytes <= PROOF_BYTES_GOAL,
+                          f"{p.proof_bytes} B without the message's body "
+                          f"({p.proof_body_bytes} B with it)"))
+        out.append(target(f"{p.backend}: proof verifies at {p.turns:,} turns in <= 1 ms",
+                          p.verify_us <= PROOF_VERIFY_US_GOAL,
+                          f"{p.verify_us / 1000:.3f} ms (median)"))
+    for p in res.proofs:
+        if p.turns == max(q.turns for q in res.proofs if q.backend == p.backend):
+            out.append(target(f"{p.backend}: accumulator <= 64 B/turn at {p.turns:,} turns",
+                              p.acc_bytes_per_turn <= ACC_BYTES_PER_TURN_GOAL,
+                              f"{p.acc_bytes_per_turn} B/turn: acc field {p.acc_field_bytes}"
+                              f" B a node + peaks {p.peaks_bytes_per_turn} B/turn"))
+    for d in res.diffs:
+        out.append(target(f"{d.backend}: diff of 5-turn forks at {d.history:,} turns <= 5 ms",
+                          d.cold_ms <= DIFF_MS_GOAL,
+                          f"cold median {d.cold_ms} ms (best {d.cold_best_ms}, warm "
+                          f"{d.warm_ms}; one state read {d.probe_ms} ms)"))
+    return out
+
+
 async def run(*, full: bool = False, dsn: str | None = None,
               backends: Sequence[str] = ("postgres", "sqlite")) -> AuditResults:
     """Both measures on each backend asked for (PostgreSQL only with ``dsn``)."""
@@ -213,6 +334,11 @@ async def run(*, full: bool = False, dsn: str | None = None,
                           else f"sqlite:///{work / 'diff.db'}")
                 res.diffs.append(await diff_times(backend, target, 10_000, 5,
                                                   samples * 3))
+                target = (await fresh_database(dsn, "immagent_bench_audits")
+                          if backend == "postgres" and dsn is not None
+                          else f"sqlite:///{work / 'proofs.db'}")
+                res.proofs += await proof_times(backend, target, (1000, 10_000),
+                                                300 if full else 100)
             finally:
                 if backend == "postgres" and dsn is not None:
                     await drop_database(dsn, "immagent_bench_audits")
@@ -236,6 +362,17 @@ def report(res: AuditResults) -> None:
          "warm median", "1 read", "cold/read"],
         [(d.backend, d.history, d.divergence, d.cold_best_ms, d.cold_ms, d.cold_p95_ms,
           d.warm_ms, d.probe_ms, d.cold_in_probes) for d in res.diffs])
+    print_table(
+        "Inclusion proofs: one message of an agent (the largest of its first, middle and "
+        "last message's; bytes, ms, us median) and what the accumulator adds per turn",
+        ["backend", "turns", "proof", "with body", "prove (ms)", "verify (us)",
+         "acc B/turn", "(acc field", "+ peaks)"],
+        [(p.backend, p.turns, p.proof_bytes, p.proof_body_bytes, p.prove_ms, p.verify_us,
+          p.acc_bytes_per_turn, p.acc_field_bytes, p.peaks_bytes_per_turn)
+         for p in res.proofs])
+    print("\nIssue 24's goals")
+    for t in targets(res):
+        print(f"  {t['status']}  {t['target']}: {t['detail']}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -23,6 +23,7 @@ from immagent.audit.keys import (
     load_public_key,
     load_signing_key,
 )
+from immagent.audit.proofs import ProofResult, verify_proof
 from immagent.audit.trust import TrustPolicy
 from immagent.audit.verify import AgentProblem, AssetProblem, VerifyReport
 from immagent.clients.agents import Store
@@ -38,6 +39,7 @@ from immagent.exceptions import (
     IntegrityError,
     LLMError,
     MessageNotFoundError,
+    ProofError,
     SchemaMissingError,
     SchemaVersionError,
     SessionClosedError,
@@ -107,6 +109,8 @@ __all__ = [
     "MissingAsset",
     "Model",
     "PersistentAgent",
+    "ProofError",
+    "ProofResult",
     "PublicKey",
     "SchemaMissingError",
     "SchemaVersionError",
@@ -144,6 +148,7 @@ __all__ = [
     "load_public_key",
     "load_signing_key",
     "verify_bundle",
+    "verify_proof",
 ]
 
 

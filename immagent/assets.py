@@ -19,7 +19,7 @@ import collections
 import functools
 import operator
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from enum import IntEnum
 from itertools import repeat
@@ -29,7 +29,7 @@ from uuid import UUID
 import blake3
 import msgspec
 
-from immagent import codec
+from immagent import chains, codec
 from immagent.exceptions import ImmAgentError, ValidationError
 from immagent.ids import pack_text_id, unpack_text_id, uuid7, uuid_from_digest
 
@@ -53,6 +53,7 @@ __all__ = [
     "Kind",
     "Message",
     "MissingAsset",
+    "NodeFields",
     "Role",
     "SystemPrompt",
     "ToolCall",
@@ -61,16 +62,20 @@ __all__ = [
     "ValueNode",
     "attach_tools",
     "decode_asset",
+    "decode_element",
     "decode_leaves",
     "digest_of",
     "digests_of",
     "encode",
     "hash_prefix",
     "new_id",
+    "node_fields",
     "now",
+    "own_elements",
     "ref_kind_table",
     "ref_kinds",
     "tools_of",
+    "with_context",
 ]
 
 Digest: TypeAlias = bytes
@@ -360,7 +365,8 @@ class Dictionary(_Content, frozen=True, omit_defaults=True, dict=True, weakref=T
 
 
 class ConversationNode(_Content, frozen=True, omit_defaults=True, dict=True, weakref=True,
-                       rename={"parent": "p", "messages": "m", "length": "n", "size": "s"}):
+                       rename={"parent": "p", "messages": "m", "length": "n", "size": "s",
+                               "acc": "a", "span": "x"}):
     """A link of the conversation hash chain: its parent node and the messages it adds.
 
     The chain is generic: a subclass with another ``kind`` and ``element_kind`` (see
@@ -369,17 +375,26 @@ class ConversationNode(_Content, frozen=True, omit_defaults=True, dict=True, wea
 
     ``length`` and ``size`` are the number of messages and their total encoded bytes from
     the root up to and including this node: what a copy-per-step layout would store, known
-    without reading the history. The empty conversation has no parent and no messages;
-    every other node has a parent.
+    without reading the history. ``acc`` is the root of the accumulator over every message
+    digest from the root up to this node (``immagent.accumulator``: one message is proved
+    to be in a state by O(log n) digests); ``span`` is, at every ``chains.SPAN``-th depth,
+    the hash of the ``SPAN`` nodes before it (``chains.span_hash``: a reader verifies a
+    history with one hash per span). Both are in the digest; a node written before schema
+    3 has neither (its digest did not change), and reads and audits accept it. The empty
+    conversation has no parent and no messages; every other node has a parent.
 
-    Stored form: the links (parent, then messages) are the row's refs, and the body holds
-    only ``length`` and ``size`` — the digests are not written twice (see ``digest_of``).
+    Stored form: the links (parent, then messages) are the refs, and the body holds the
+    fields above (``digest_of``); the store keeps a node as a row carrying its messages'
+    bodies (``immagent.chains``). Build nodes with ``extend`` from a node the store
+    returned (or a chain's empty root): it needs the parent's ``ChainContext``.
     """
 
     parent: Digest | None = None
     messages: tuple[Digest, ...] = ()
     length: int = 0
     size: int = 0
+    acc: Digest | None = None
+    span: Digest | None = None
     kind: ClassVar[Kind] = Kind.NODE
     #: The kind every element of this chain must have.
     element_kind: ClassVar[Kind] = Kind.MESSAGE
@@ -390,31 +405,79 @@ class ConversationNode(_Content, frozen=True, omit_defaults=True, dict=True, wea
 
     @functools.cached_property
     def body(self) -> bytes:
-        """The stored body: the counters only (the links are the refs)."""
-        return encode(_NodeBody(length=self.length, size=self.size))
+        """The stored body: the fields that are not links (the links are the refs)."""
+        return encode(NodeFields(length=self.length, size=self.size, acc=self.acc,
+                                span=self.span))
 
     def refs(self) -> tuple[Digest, ...]:
         return () if self.parent is None else (self.parent, *self.messages)
 
+    def context(self) -> chains.ChainContext | None:
+        """What appending to this node needs (depth, counters, accumulator peaks, the
+        records since the last span depth): known for a chain's root, for nodes built by
+        ``extend`` and for nodes the store read; None otherwise."""
+        found: chains.ChainContext | None = self.__dict__.get("_ctx")
+        if found is None and self.parent is None and not self.messages:
+            found = chains.root_context(self.digest, self.body)
+        return found
+
     def extend(self, elements: Iterable[Asset]) -> Self:
-        """The node that appends ``elements`` (of ``element_kind``) to this chain."""
+        """The node that appends ``elements`` (of ``element_kind``) to this chain, with its
+        accumulator root and (at a span depth) span hash; ValueError if this node's context
+        is unknown (read it through the store)."""
         added = tuple(elements)
         for element in added:
             if element.kind != self.element_kind:
                 raise ValueError(f"a {self.kind.name.lower()} chains "
                                  f"{self.element_kind.name.lower()} assets, not "
                                  f"{element.kind.name.lower()}")
-        return type(self)(parent=self.digest, messages=tuple(e.digest for e in added),
-                          length=self.length + len(added),
-                          size=self.size + sum(len(e.body) for e in added))
+        context = self.context()
+        if context is None:
+            raise ValueError(f"the context of node {self.digest.hex()} is unknown: read the "
+                             "node through the store before extending it")
+        bodies = [e.body for e in added]
+        digests = tuple(e.digest for e in added)
+        length, size, acc, peaks, span = chains.advance(context, digests,
+                                                        list(map(len, bodies)))
+        node = type(self)(parent=self.digest, messages=digests, length=length, size=size,
+                          acc=acc, span=span)
+        node.__dict__["_ctx"] = chains.child_context(
+            context, node.digest, chains.canonical_record(node.body, bodies), length, size,
+            peaks)
+        node.__dict__["_elements"] = added
+        return node
 
 
-class _NodeBody(msgspec.Struct, frozen=True, omit_defaults=True,
-                rename={"length": "n", "size": "s"}):
-    """What a node stores besides its refs."""
+class NodeFields(msgspec.Struct, frozen=True, omit_defaults=True,
+                rename={"length": "n", "size": "s", "acc": "a", "span": "x"}):
+    """What a node stores besides its refs (its hashed fields): its body is these,
+    canonically encoded."""
 
     length: int = 0
     size: int = 0
+    acc: bytes | None = None
+    span: bytes | None = None
+
+
+def node_fields(body: bytes) -> NodeFields:
+    """A node's fields from its canonical body (msgspec errors if malformed)."""
+    return _node_body.decode(body)
+
+
+def with_context(node: ConversationNode, context: chains.ChainContext,
+                 elements: tuple[Asset, ...] | None = None) -> None:
+    """Attach a verified context (and the node's own elements, when known) to a node the
+    store read, so that ``extend`` works on it. Not hashed, never stored."""
+    node.__dict__["_ctx"] = context
+    if elements is not None:
+        node.__dict__["_elements"] = elements
+
+
+def own_elements(node: ConversationNode) -> tuple[Asset, ...] | None:
+    """The element assets a node adds, when it was built by ``extend`` (or read with them):
+    what the store inlines in its row."""
+    found: tuple[Asset, ...] | None = node.__dict__.get("_elements")
+    return found
 
 
 EMPTY_CONVERSATION = ConversationNode()
@@ -718,9 +781,18 @@ _decoders: dict[int, _BodyDecoder] = {
     int(Kind.DICTIONARY): msgspec.msgpack.Decoder(Dictionary),
     int(Kind.TOOLS): _ItemDecoder(Tools),
 }
-_node_body = msgspec.msgpack.Decoder(_NodeBody)
-#: The decoder of a node's stored body (its counters), for readers that need only those.
+_node_body = msgspec.msgpack.Decoder(NodeFields)
+#: The decoder of a node's stored body (its fields), for readers that need only those.
 NODE_BODY = _node_body
+
+
+def decode_element(kind: int) -> Callable[[bytes], Asset]:
+    """The decoder of a chain element kind's canonical bodies (msgspec errors or ValueError
+    on a malformed one); ValueError for a kind that is no chain's element."""
+    if kind not in {int(t.element_kind) for t in NODE_KINDS.values()}:
+        raise ValueError(f"kind {kind} is not a chain element kind")
+    decode: Callable[[bytes], Asset] = _decoders[kind].decode
+    return decode
 
 
 def decode_asset(kind: int, body: bytes, refs: Sequence[Digest] = ()) -> Asset:
@@ -731,9 +803,11 @@ def decode_asset(kind: int, body: bytes, refs: Sequence[Digest] = ()) -> Asset:
         counters = _node_body.decode(body)
         if any(len(r) != 32 for r in refs):
             raise ValueError("node refs must be 32-byte digests")
+        if any(f is not None and len(f) != 32 for f in (counters.acc, counters.span)):
+            raise ValueError("a node's accumulator root and span hash are 32-byte digests")
         parent, elements = (refs[0], tuple(refs[1:])) if refs else (None, ())
         return node_type(parent=parent, messages=elements, length=counters.length,
-                         size=counters.size)
+                         size=counters.size, acc=counters.acc, span=counters.span)
     decoder = _decoders.get(kind)
     if decoder is None:
         raise ValueError(f"unknown asset kind {kind}")

@@ -17,6 +17,7 @@ __all__ = [
     "IntegrityError",
     "LLMError",
     "MessageNotFoundError",
+    "ProofError",
     "SchemaMissingError",
     "SchemaVersionError",
     "SessionClosedError",
@@ -180,6 +181,18 @@ class BundleError(IntegrityError):
 
 class UntrustedError(ImmAgentError):
     """Intact, but not signed by enough trusted keys (a trust policy's ``sigs_needed``)."""
+
+
+class ProofError(IntegrityError):
+    """A proof document is refused; ``problem`` names why: ``oversized``, ``truncated``
+    (not a whole document), ``malformed`` (not an immagent proof of a known version),
+    ``not_in_state`` (the element is not where the proof says, under the state's
+    accumulator), ``wrong_state`` (it proves another state than the one expected),
+    ``tampered`` (a part does not hash to what it claims)."""
+
+    def __init__(self, problem: str, message: str) -> None:
+        self.problem = problem
+        super().__init__(f"proof refused ({problem}): {message}")
 
 
 class LLMError(ImmAgentError):

@@ -13,7 +13,7 @@ from tests.pg_cluster import PgCluster
 __all__ = ["CHAIN", "GET_ASSETS", "GET_STATES", "LINEAGE", "SCAN", "empty_store"]
 
 # LIKE patterns of the statements behind each backend read.
-CHAIN = "%WITH RECURSIVE chain%"
+CHAIN = "%WITH RECURSIVE seg(run, hi)%LATERAL (SELECT * FROM immagent_nodes%"
 LINEAGE = "%WITH RECURSIVE line%"
 GET_STATES = "%FROM immagent_states WHERE id = ANY%"
 GET_ASSETS = "%FROM immagent_assets WHERE digest = ANY%"
@@ -27,6 +27,6 @@ def empty_store(cluster: PgCluster) -> PgCluster:
         conn.execute(schema_sql().encode())
         conn.execute("INSERT INTO immagent_schema (version) VALUES (%s) ON CONFLICT DO NOTHING",
                      (SCHEMA_VERSION,))
-        conn.execute("TRUNCATE immagent_assets, immagent_states")
+        conn.execute("TRUNCATE immagent_assets, immagent_states, immagent_nodes")
     cluster.wait_caught_up()
     return cluster

@@ -108,7 +108,7 @@ def _pg_schema(pg_dsn: str) -> str:
 
 def _truncate(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("TRUNCATE immagent_assets, immagent_states")
+        conn.execute("TRUNCATE immagent_assets, immagent_states, immagent_nodes")
 
 
 @pytest.fixture
@@ -210,6 +210,82 @@ def raw_sql(dsn: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, .
 def count_rows(dsn: str, table: str, where: str = "TRUE") -> int:
     """Rows in one of our tables, read behind the Store's back (for storage assertions)."""
     return int(raw_sql(dsn, f"SELECT count(*) FROM {table} WHERE {where}")[0][0])
+
+
+def stored_elements(dsn: str, kind: int | None = None) -> int:
+    """Chain elements stored (schema 3): held inline by node rows, or as assets of their
+    own (larger bodies, and elements a state points at)."""
+    from immagent.assets import NODE_KINDS
+
+    width = "length" if dsn.startswith("sqlite:///") else "octet_length"
+    node_kinds = [k for k, t in NODE_KINDS.items() if kind is None or t.element_kind == kind]
+    held = sum(int(raw_sql(dsn, f"SELECT coalesce(sum(count - coalesce({width}(refs), 0) "
+                                f"/ 32), 0) FROM immagent_nodes WHERE kind = {k}")[0][0])
+               for k in node_kinds)
+    element_kinds = {int(t.element_kind) for t in NODE_KINDS.values()}
+    own = [k for k in element_kinds if kind is None or k == kind]
+    return held + sum(count_rows(dsn, "immagent_assets", f"kind = {k}") for k in own)
+
+
+def node_record(dsn: str, digest: bytes) -> bytes:
+    """A stored chain node's record, decompressed (what immagent.chains describes)."""
+    from immagent import codec
+    from immagent.store import _migrate
+
+    (row,) = raw_sql(dsn, "SELECT codec, body FROM immagent_nodes WHERE digest = %s",
+                     [digest])
+    dictionaries = _migrate.dictionaries_from(bytes(b) for (b,) in raw_sql(
+        dsn, "SELECT body FROM immagent_assets WHERE kind = 9"))
+    return codec.decode(int(row[0]), bytes(row[1]), dictionaries)
+
+
+def write_record(dsn: str, digest: bytes, record: bytes) -> None:
+    """Store ``record`` as a node's record, uncompressed (damage, behind the Store's back)."""
+    raw_sql(dsn, "UPDATE immagent_nodes SET codec = 0, body = %s WHERE digest = %s",
+            [record, digest])
+
+
+def root_row(node: Any) -> Any:
+    """The row that stores a chain's root node (its record: its fields, no elements), for
+    tests writing through a backend directly."""
+    from immagent import chains
+
+    return chains.NewNode(node.digest, int(node.kind), None, (),
+                          chains.record(node.body, []), 0, b"", 0)
+
+
+def node_row(node: Any, elements: Sequence[Any] = (), *, peaks: bytes | None = None,
+             out_of_line: Sequence[bytes] = ()) -> Any:
+    """The row that stores ``node`` with its elements inline (those whose digests are in
+    ``out_of_line`` named by refs instead), uncompressed: for tests writing through a
+    backend directly."""
+    from immagent import chains
+
+    entries = [chains.OUT_OF_LINE if e.digest in out_of_line else e.body for e in elements]
+    return chains.NewNode(node.digest, int(node.kind), node.parent, tuple(out_of_line),
+                          chains.record(node.body, entries), 0,
+                          b"" if peaks is None and node.parent is None else peaks,
+                          len(elements))
+
+
+def distinct_elements(dsn: str, kind: int) -> int:
+    """Distinct chain elements of ``kind`` stored, whether held by nodes or assets of their
+    own: what "stored once" means (a node may keep a second copy of a value another
+    process had just written as an asset of its own; that is a storage detail)."""
+    import blake3
+
+    from immagent import chains
+    from immagent.assets import NODE_KINDS
+
+    digests = {bytes(r[0]) for r in raw_sql(
+        dsn, f"SELECT digest FROM immagent_assets WHERE kind = {int(kind)}")}
+    node_kinds = [k for k, t in NODE_KINDS.items() if t.element_kind == kind]
+    for k in node_kinds:
+        for (digest,) in raw_sql(dsn, f"SELECT digest FROM immagent_nodes WHERE kind = {k}"):
+            _, entries = chains.split_record(node_record(dsn, bytes(digest)))
+            digests.update(blake3.blake3(bytes((int(kind),)) + e).digest() for e in entries
+                           if not chains.is_marker(e))
+    return len(digests)
 
 
 # -- shared by several modules: tools, the offline models' two paths, the examples ---------

@@ -46,7 +46,9 @@ async def test_an_append_costs_the_same_at_turn_600_as_at_turn_10() -> None:
             else:
                 agent = await store.append(agent, turn(i))
         # Before: 10 -> ~450 calls, 600 -> ~11,000 (one cache walk step per earlier turn).
-        assert costs[600] == costs[300] == costs[11] == costs[10], costs
+        # Now flat but for the accumulator's merges (as many as the trailing zero bits of
+        # the new leaf count: amortised one per leaf) and a span hash every SPAN steps.
+        assert max(costs.values()) <= 1.1 * min(costs.values()), costs
 
 
 async def test_a_long_lineages_history_is_served_from_memory(store_dsn: str) -> None:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from immagent import accumulator
 from immagent.assets import (
     EMPTY_CONVERSATION,
     ConversationNode,
@@ -156,7 +157,10 @@ def test_a_node_stores_its_links_once_and_hashes_them() -> None:
     m = Message(role="user", content="hi")
     node = EMPTY_CONVERSATION.extend([m])
     assert node.refs() == (EMPTY_CONVERSATION.digest, m.digest)
-    assert m.digest not in node.body and len(node.body) < 16  # links are not in the body
+    # Links are not in the body: its counters and its accumulator root are (one leaf: the
+    # root over that leaf alone).
+    assert m.digest not in node.body and len(node.body) < 16 + 34
+    assert node.acc == accumulator.root([m.digest], 1)
     assert decode_asset(Kind.NODE, node.body, node.refs()) == node
     assert digest_of(Kind.NODE, node.body, node.refs()) == node.digest
     # Any change to the links (a ref swapped, dropped or moved) is a different digest.

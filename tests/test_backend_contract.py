@@ -27,6 +27,7 @@ from immagent.assets import (
     MissingAsset,
     SystemPrompt,
 )
+from immagent.chains import NewNode, NodeRow
 from immagent.records import STATE_KINDS, StateKind, StateRow, stream_digest
 from immagent.rows import StoredAsset, stored
 from immagent.store.backend import SCHEMA_VERSION, Backend, Head, WriteResult
@@ -35,6 +36,7 @@ from immagent.store.postgres import PostgresBackend
 from immagent.store.replicas import ReplicatedBackend
 from immagent.store.sqlite import SQLiteBackend
 from tests.cluster_store import empty_store
+from tests.conftest import node_row
 from tests.pg_cluster import PgCluster
 
 #: A state kind for these tests only: the generic digest rule, refs of any kind.
@@ -63,13 +65,14 @@ def message(text: str) -> Message:
     return Message(role="user", content=text)
 
 
-def chain(*texts: str) -> tuple[list[StoredAsset], ConversationNode]:
-    """The rows of a conversation adding one message per node, and its head."""
-    node, rows = EMPTY_CONVERSATION, [stored(EMPTY_CONVERSATION)]
+def chain(*texts: str) -> tuple[list[NewNode], ConversationNode]:
+    """The node rows of a conversation adding one message per node (each held inline by
+    its node), root first, and its head."""
+    node, rows = EMPTY_CONVERSATION, [node_row(EMPTY_CONVERSATION)]
     for text in texts:
         m = message(text)
         node = node.extend([m])
-        rows += [stored(m), stored(node)]
+        rows.append(node_row(node, [m]))
     return rows, node
 
 
@@ -101,13 +104,18 @@ class BackendContract:
     # -- writes ---------------------------------------------------------------------------
 
     async def test_rows_round_trip_and_states_get_increasing_seqs(self, backend: Backend) -> None:
-        rows, head = chain("a", "b")
+        nodes, head = chain("a", "b")
         prompt = stored(SystemPrompt(text="p"))
         s1 = state(refs=[head.digest])
         s2 = state(refs=[prompt.digest], parent=s1.id)
-        assert await backend.write([*rows, prompt], [s1, s2]) == WriteResult()
-        got = await backend.get_assets([r.digest for r in [*rows, prompt]])
-        assert got == {r.digest: r for r in [*rows, prompt]}
+        assert await backend.write([prompt], [s1, s2], nodes=nodes) == WriteResult()
+        assert await backend.get_assets([prompt.digest, head.digest]) == {prompt.digest: prompt}
+        got, leaves = await backend.get_nodes([n.digest for n in nodes] + [b"\x01" * 32])
+        assert leaves == {} and set(got) == {n.digest for n in nodes}
+        for depth, n in enumerate(nodes):  # as written, with where they are stored
+            row = got[n.digest]
+            assert (row.kind, row.parent, row.refs, row.depth, row.added) == (
+                n.kind, n.parent, n.refs, depth, n.added)
         by_id = {s.id: s for s in await backend.get_states([s1.id, s2.id, uuid.uuid4()])}
         assert set(by_id) == {s1.id, s2.id}
         for mine in (s1, s2):
@@ -117,34 +125,47 @@ class BackendContract:
                     mine.parent_id, mine.kind, mine.stream, mine.refs, mine.body, mine.digest,
                     mine.created_at)
         assert 0 < by_id[s1.id].seq < by_id[s2.id].seq
+        assert await backend.kinds([prompt.digest, head.digest, b"\x02" * 32]) == {
+            prompt.digest: int(Kind.SYSTEM_PROMPT), head.digest: int(Kind.NODE)}
 
     async def test_inserts_are_idempotent(self, backend: Backend) -> None:
-        rows, head = chain("a")
+        nodes, head = chain("a")
         s = state(refs=[head.digest])
-        assert await backend.write(rows, [s]) == WriteResult()
-        assert await backend.write([*rows, *rows], [s]) == WriteResult()  # again: no-op
+        assert await backend.write([], [s], nodes=nodes) == WriteResult()
+        assert await backend.write([], [s], nodes=[*nodes, *nodes]) == WriteResult()  # no-op
         assert await backend.count_states(TEST_KIND) == 1
-        assert sum(n for n, _ in (await backend.audits().asset_stats()).values()) == len(rows)
+        # Two nodes, one message held by the second.
+        assert sum(n for n, _ in (await backend.audits().asset_stats()).values()) == 3
 
     async def test_a_write_with_one_missing_required_ref_writes_nothing(
             self, backend: Backend) -> None:
-        rows, head = chain("a")
+        nodes, head = chain("a")
         absent = b"\x07" * 32
         s = state(refs=[head.digest, absent])
-        result = await backend.write(rows, [s], require=[absent])
+        result = await backend.write([], [s], require=[absent], nodes=nodes)
         assert result.missing == (absent,)
-        assert await backend.get_assets([r.digest for r in rows]) == {}
+        assert await backend.get_nodes([n.digest for n in nodes]) == ({}, {})
         assert await backend.get_states([s.id]) == []
+
+    async def test_a_node_whose_parent_is_not_stored_is_missing_and_writes_nothing(
+            self, backend: Backend) -> None:
+        nodes, head = chain("a", "b")
+        prompt = stored(SystemPrompt(text="p"))
+        result = await backend.write([prompt], [state(refs=[head.digest])],
+                                     nodes=[nodes[0], nodes[2]])
+        assert result.missing == (nodes[1].digest,)
+        assert await backend.get_nodes([n.digest for n in nodes]) == ({}, {})
+        assert await backend.get_assets([prompt.digest]) == {}
 
     async def test_a_state_id_with_other_content_is_a_conflict_and_writes_nothing(
             self, backend: Backend) -> None:
         s = state(body=b"one")
         await backend.write([], [s])
         other = state(body=b"two", state_id=s.id)
-        rows, _ = chain("x")
-        result = await backend.write(rows, [state(), other])
+        nodes, _ = chain("x")
+        result = await backend.write([], [state(), other], nodes=nodes)
         assert result.conflicts == (s.id,)
-        assert await backend.get_assets([r.digest for r in rows]) == {}
+        assert await backend.get_nodes([n.digest for n in nodes]) == ({}, {})
         assert await backend.count_states(TEST_KIND) == 1
 
     async def test_expected_heads_let_exactly_one_of_two_writers_commit(
@@ -188,20 +209,20 @@ class BackendContract:
         old, other = state("f", body=b"one"), state("f", body=b"mine")
         await backend.write([], [old, other])
         absent = b"\x07" * 32
-        rows, _ = chain("x")
+        nodes, _ = chain("x")
         again = state("f", body=b"two", state_id=old.id)
         theirs = state("f", body=b"theirs", state_id=other.id)
-        assert await backend.write(rows, [again], require=[absent], replace=[old.id]) == \
-            WriteResult(missing=(absent,))
+        assert await backend.write([], [again], require=[absent], replace=[old.id],
+                                   nodes=nodes) == WriteResult(missing=(absent,))
         stale = Head(TEST_KIND, "f", old.id)  # `other` is the newest
-        assert await backend.write(rows, [again], heads=[stale], replace=[old.id]) == \
-            WriteResult(stale=(stale,))
+        assert await backend.write([], [again], heads=[stale], replace=[old.id],
+                                   nodes=nodes) == WriteResult(stale=(stale,))
         # A conflict on an id it does not replace: the replaced one stays, too.
-        result = await backend.write(rows, [again, theirs], replace=[old.id])
+        result = await backend.write([], [again, theirs], replace=[old.id], nodes=nodes)
         assert result == WriteResult(conflicts=(other.id,))
         by_id = {s.id: s for s in await backend.get_states([old.id, other.id])}
         assert by_id[old.id].digest == old.digest and by_id[other.id].digest == other.digest
-        assert await backend.get_assets([r.digest for r in rows]) == {}
+        assert await backend.get_nodes([n.digest for n in nodes]) == ({}, {})
         assert await backend.count_states(TEST_KIND) == 2
 
     async def test_heads_are_checked_against_the_rows_before_the_replacement(
@@ -248,65 +269,93 @@ class BackendContract:
 
     # -- chains and walks -----------------------------------------------------------------
 
-    async def test_get_chain_returns_the_nodes_newest_first_and_their_elements(
+    async def test_get_chain_returns_the_lineage_root_first_with_depths_and_parents(
             self, backend: Backend) -> None:
-        rows, head = chain("a", "b", "c")
-        await backend.write(rows, [])
-        nodes, leaves = await backend.get_chain(head.digest)
-        assert nodes[0].digest == head.digest and len(nodes) == 4
-        assert [n.refs[0] for n in nodes[:-1]] == [n.digest for n in nodes[1:]]
-        assert set(leaves) == {message(t).digest for t in "abc"}
+        nodes, head = chain("a", "b", "c")
+        await backend.write([], [], nodes=nodes)
+        rows, leaves = await backend.get_chain(head.digest)
+        assert [r.digest for r in rows] == [n.digest for n in nodes] and leaves == {}
+        assert [r.depth for r in rows] == [0, 1, 2, 3]
+        assert [r.parent for r in rows] == [None, *(n.digest for n in nodes[:-1])]
+        assert [r.body for r in rows] == [n.body for n in nodes]  # stored as written
         assert await backend.get_chain(b"\x01" * 32) == ([], {})
 
-    async def test_wide_nodes_and_large_batches_come_back_whole(
+    async def test_a_fork_is_a_run_of_its_own_and_reads_through_its_parent(
             self, backend: Backend) -> None:
-        # A node adding many elements (a tool round with many calls) and more digests than
-        # one statement asks for: backends fetch these in parts.
+        trunk, _ = chain(*"abcdefghij")
+        fork = EMPTY_CONVERSATION.extend([message("a")]).extend([message("B")])
+        await backend.write([], [], nodes=trunk)
+        await backend.write([], [], nodes=[node_row(fork, [message("B")])])
+        rows, _ = await backend.get_chain(fork.digest)
+        assert [r.digest for r in rows] == [trunk[0].digest, trunk[1].digest, fork.digest]
+        assert [r.depth for r in rows] == [0, 1, 2]
+        # What an append needs: from the row before the last span depth (here the root's
+        # span depth 0: every row) to the head.
+        context, _ = await backend.get_chain(trunk[-1].digest, context=True)
+        assert [r.digest for r in context] == [n.digest for n in trunk]
+
+    async def test_wide_nodes_out_of_line_elements_and_large_batches_come_back_whole(
+            self, backend: Backend) -> None:
+        # A node adding many elements (a tool round with many calls), one of them named by
+        # its refs (an asset of its own), and more digests than one statement asks for.
         wide = [message(f"w{i}") for i in range(25)]
-        node = EMPTY_CONVERSATION.extend([message("first")]).extend(wide)
-        rows = [stored(EMPTY_CONVERSATION), stored(message("first")),
-                stored(EMPTY_CONVERSATION.extend([message("first")])), *map(stored, wide),
-                stored(node)]
+        big = message("B" * 2000)
+        first = EMPTY_CONVERSATION.extend([message("first")])
+        node = first.extend([*wide, big])
+        nodes = [node_row(EMPTY_CONVERSATION), node_row(first, [message("first")]),
+                 node_row(node, [*wide, big], out_of_line=[big.digest])]
         many = [stored(message(f"m{i}")) for i in range(2500)]
-        await backend.write([*rows, *many], [])
-        nodes, leaves = await backend.get_chain(node.digest)
-        assert len(nodes) == 3 and set(leaves) == {m.digest for m in [message("first"), *wide]}
+        await backend.write([*many, stored(big)], [], nodes=nodes)
+        rows, leaves = await backend.get_chain(node.digest)
+        assert len(rows) == 3 and rows[-1].refs == (big.digest,)
+        assert leaves == {big.digest: stored(big)}
         got = await backend.get_assets([r.digest for r in many] + [b"\x05" * 32])
         assert got == {r.digest: r for r in many}
 
-    async def test_get_chain_stops_at_a_missing_node(self, backend: Backend) -> None:
-        rows, head = chain("a", "b")
-        parent = head.parent
-        await backend.write([r for r in rows if r.digest != parent], [])
-        nodes, _ = await backend.get_chain(head.digest)
-        assert [n.digest for n in nodes] == [head.digest]
-
-    async def test_iter_assets_batches(self, backend: Backend) -> None:
-        rows, head = chain("a", "b")
+    async def test_iter_nodes_and_iter_assets_batches(self, backend: Backend) -> None:
+        nodes, head = chain("a", "b")
+        others, other = chain("c")
         loose = stored(message("loose"))
-        await backend.write([*rows, loose], [])
-        batches = [b async for b in backend.audits().iter_assets(None, 2)]
+        await backend.write([loose], [], nodes=[*nodes, *others[1:]])
+        batches = [b async for b in backend.audits().iter_nodes(None, 2)]
         assert all(len(b) <= 2 for b in batches)
-        assert sorted(r.digest for b in batches for r in b) == sorted(
-            r.digest for r in [*rows, loose])
-        reached = [r async for b in backend.audits().iter_assets([head.digest, b"\x02" * 32])
+        every = [r for b in batches for r in b]
+        assert sorted(r.digest for r in every) == sorted(
+            n.digest for n in [*nodes, *others[1:]])
+        seen: set[bytes] = set()
+        for r in every:  # parents before children, each with its parent's digest
+            assert r.parent is None or r.parent in seen
+            seen.add(r.digest)
+        audits = backend.audits()
+        reached = [r.digest async for b in audits.iter_nodes([head.digest, b"\x02" * 32])
                    for r in b]
-        assert sorted(r.digest for r in reached) == sorted(r.digest for r in rows)
+        assert reached == [n.digest for n in nodes]
+        assert [r.digest async for b in audits.iter_assets(None, 2) for r in b] == [
+            loose.digest]
+        assert [r async for b in audits.iter_assets([head.digest]) for r in b] == []
+        assert [r.digest async for b in audits.iter_assets([loose.digest]) for r in b] == [
+            loose.digest]
+        assert other.digest not in reached
 
     async def test_dangling_refs_name_the_missing_digest_and_its_referrer(
             self, backend: Backend) -> None:
-        rows, head = chain("a", "b")
-        victim = message("a").digest
-        await backend.write([r for r in rows if r.digest != victim], [])
+        big = message("B" * 2000)
+        first = EMPTY_CONVERSATION.extend([big])
+        head = first.extend([message("b")])
+        # The write does not check what a node's refs name (the store requires it): here
+        # the out-of-line element is not stored.
+        await backend.write([], [], nodes=[node_row(EMPTY_CONVERSATION),
+                                           node_row(first, [big], out_of_line=[big.digest]),
+                                           node_row(head, [message("b")])])
         absent = b"\x03" * 32
         s = state(refs=[head.digest, absent])
         await backend.write([], [s])
         found = set(await backend.audits().dangling_refs())
-        holder = next(r.digest for r in rows if victim in r.refs)
-        assert found == {MissingAsset(victim, holder), MissingAsset(absent, s.id)}
+        assert found == {MissingAsset(big.digest, first.digest), MissingAsset(absent, s.id)}
         assert set(await backend.audits().dangling_refs([s.id])) == found
-        clean = state(refs=[chain()[1].digest])
-        await backend.write([], [clean])
+        clean_nodes, clean_head = chain()
+        clean = state(refs=[clean_head.digest])
+        await backend.write([], [clean], nodes=clean_nodes)
         assert await backend.audits().dangling_refs([clean.id]) == []
         assert len(await backend.audits().dangling_refs(limit=1)) == 1
 
@@ -471,7 +520,7 @@ class BackendContract:
         kept = state(parent=subject.id, kind=ATTACHED_KIND)
         orphan = state(parent=uuid.uuid4(), kind=ATTACHED_KIND, refs=[head.digest])
         plain = state(parent=uuid.uuid4())  # another kind: a deleted parent is nothing
-        await backend.write(rows, [subject, kept, orphan, plain])
+        await backend.write([], [subject, kept, orphan, plain], nodes=rows)
 
         def refuse(rows: Sequence[object]) -> None:
             raise RuntimeError("damaged root")
@@ -488,25 +537,41 @@ class BackendContract:
 
     async def test_sweep_removes_exactly_what_no_state_reaches(self, backend: Backend) -> None:
         kept_rows, kept = chain("k1", "k2")
-        gone_rows, _ = chain("k1", "g2")  # shares the empty node and "k1" with the kept one
+        gone_rows, _ = chain("k1", "g2")  # shares the empty node and "k1"'s node
         prompt = stored(SystemPrompt(text="p"))
-        await backend.write([*kept_rows, *gone_rows, prompt], [state(refs=[kept.digest])])
+        await backend.write([prompt], [state(refs=[kept.digest])],
+                            nodes=[*kept_rows, *gone_rows])
         marked: list[object] = []
         result = await backend.sweep(marked.extend)
         survivors = {r.digest for r in kept_rows}
-        doomed = {r.digest for r in [*gone_rows, prompt]} - survivors
         assert result.missing is None and result.kept == len(survivors)
-        assert sum(result.removed.values()) == len(doomed)
+        # g2's node (counted with the message it held) and the prompt.
         assert result.removed == {int(Kind.NODE): 1, int(Kind.MESSAGE): 1,
                                   int(Kind.SYSTEM_PROMPT): 1}
-        assert result.freed == sum(len(r.body) for r in [*gone_rows, prompt]
-                                   if r.digest in doomed)
-        assert set(await backend.get_assets(list(survivors | doomed))) == survivors
-        # check() saw every state and every reached node, the empty one included: a node
-        # whose refs were emptied marks nothing, so it must be checked all the same.
+        assert result.freed == len(gone_rows[-1].body) + len(prompt.body)
+        assert set((await backend.get_nodes([r.digest for r in [*kept_rows, *gone_rows]]))[0]
+                   ) == survivors
+        assert await backend.get_assets([prompt.digest]) == {}
+        # check() saw every state and every reached node, each with its parent's digest.
         assert sum(isinstance(r, StateRow) for r in marked) == 1
-        assert {r.digest for r in marked if isinstance(r, StoredAsset)} == {
-            r.digest for r in kept_rows if r.kind == Kind.NODE}
+        seen = {r.digest: r for r in marked if isinstance(r, NodeRow)}
+        assert set(seen) == survivors
+        assert [seen[n.digest].parent for n in kept_rows] == [None, *(
+            n.digest for n in kept_rows[:-1])]
+
+    async def test_sweep_cuts_a_run_after_its_last_live_node(self, backend: Backend) -> None:
+        rows, _ = chain(*"abcdef")
+        await backend.write([], [state(refs=[rows[2].digest])], nodes=rows)
+        result = await backend.sweep(lambda rows: None)
+        assert result.removed == {int(Kind.NODE): 4, int(Kind.MESSAGE): 4}
+        assert set((await backend.get_nodes([r.digest for r in rows]))[0]) == {
+            r.digest for r in rows[:3]}
+        # The run goes on from its last node again.
+        again = EMPTY_CONVERSATION.extend([message("a")]).extend([message("b")]).extend(
+            [message("x")])
+        await backend.write([], [], nodes=[node_row(again, [message("x")])])
+        chain_rows, _ = await backend.get_chain(again.digest)
+        assert [r.depth for r in chain_rows] == [0, 1, 2, 3]
 
     async def test_sweep_marks_what_the_codecs_of_marked_rows_name(
             self, backend: Backend) -> None:
@@ -542,25 +607,42 @@ class BackendContract:
         with pytest.raises(RuntimeError):
             await backend.sweep(lambda rows: None, refuse)
         assert gone.digest in await backend.get_assets([gone.digest])  # nothing deleted
+
     async def test_a_dry_run_sweep_reports_what_it_would_remove_and_removes_nothing(
             self, backend: Backend) -> None:
         kept_rows, kept = chain("k1", "k2")
         gone_rows, _ = chain("k1", "g2")
-        await backend.write([*kept_rows, *gone_rows], [state(refs=[kept.digest])])
+        await backend.write([], [state(refs=[kept.digest])], nodes=[*kept_rows, *gone_rows])
         everything = {r.digest for r in [*kept_rows, *gone_rows]}
         checked: list[object] = []
         rehearsed = await backend.sweep(checked.extend, dry_run=True)
         assert checked  # the same checks as a real sweep
-        assert set(await backend.get_assets(list(everything))) == everything
+        assert set((await backend.get_nodes(list(everything)))[0]) == everything
         real = await backend.sweep(lambda rows: None)
         assert rehearsed == real and sum(real.removed.values()) == 2
+
+    async def test_sweep_hears_the_codecs_of_marked_nodes(self, backend: Backend) -> None:
+        # Chain nodes are compressed too: a marked node's codec names its dictionary.
+        rows, head = chain("a")
+        rows = [*rows[:-1], rows[-1]._replace(codec=7)]
+        dictionary = StoredAsset(b"\x0b" * 32, int(Kind.DICTIONARY), (), b"seven")
+        await backend.write([dictionary], [state(refs=[head.digest])], nodes=rows)
+        heard: list[list[int]] = []
+
+        def codec_refs(used: Sequence[int], found: Sequence[StoredAsset]) -> list[bytes]:
+            heard.append(list(used))
+            return [dictionary.digest]
+
+        result = await backend.sweep(lambda rows: None, codec_refs)
+        assert heard == [[7]] and result.removed == {}
+        assert dictionary.digest in await backend.get_assets([dictionary.digest])
 
     async def test_sweep_deletes_nothing_when_something_reachable_is_missing(
             self, backend: Backend) -> None:
         rows, head = chain("a")
         loose = stored(message("loose"))
         absent = b"\x04" * 32
-        await backend.write([*rows, loose], [state(refs=[head.digest, absent])])
+        await backend.write([loose], [state(refs=[head.digest, absent])], nodes=rows)
         result = await backend.sweep(lambda rows: None)
         assert result.missing == absent and result.removed == {}
         assert loose.digest in await backend.get_assets([loose.digest])
@@ -578,9 +660,13 @@ class BackendContract:
 
     async def test_stats_and_size(self, backend: Backend) -> None:
         rows, _ = chain("a")
-        await backend.write(rows, [])
+        prompt = stored(SystemPrompt(text="p"))
+        await backend.write([prompt], [], nodes=rows)
         stats = await backend.audits().asset_stats()
-        assert stats[int(Kind.MESSAGE)] == (1, len(rows[1].body))
+        # The message is held by its node: counted, its bytes in the node's record.
+        assert stats[int(Kind.MESSAGE)] == (1, 0)
+        assert stats[int(Kind.NODE)] == (2, sum(len(r.body) for r in rows))
+        assert stats[int(Kind.SYSTEM_PROMPT)] == (1, len(prompt.body))
         assert await backend.audits().storage_bytes() > 0
         assert await backend.ping()
 

@@ -15,9 +15,9 @@ import pytest
 import immagent
 from immagent import Message, PersistentAgent, Store
 from immagent.audit.bundle import MAGIC, BundleInfo, verify_bundle
-from tests.conftest import count_rows, raw_sql
+from tests.conftest import count_rows, node_record, raw_sql, write_record
 from tests.conftest import turn as support_turn
-from tests.test_verify import assert_clean, flip_byte
+from tests.test_verify import assert_clean, stored_rows
 
 PROMPT = "You are exported."
 MARKER = "unique-marker-7f3a"
@@ -102,13 +102,12 @@ async def test_export_verify_import_into_the_other_backend(
         await target.load_agent(fork.id)
 
     # Idempotent: a second import (and one into the source store itself) adds nothing.
-    rows, assets = count_rows(target_dsn, "immagent_states"), count_rows(target_dsn,
-                                                                         "immagent_assets")
-    assert (rows, assets) == (5, 9)
+    rows, assets = count_rows(target_dsn, "immagent_states"), stored_rows(target_dsn)
+    # The prompt is an asset; the bundle's nodes are chain nodes holding its messages.
+    assert (rows, len(assets)) == (5, 1 + count_rows(target_dsn, "immagent_nodes"))
     again = await target.import_bundle(path)
     assert again.id == head.id
-    assert (count_rows(target_dsn, "immagent_states"),
-            count_rows(target_dsn, "immagent_assets")) == (rows, assets)
+    assert (count_rows(target_dsn, "immagent_states"), stored_rows(target_dsn)) == (rows, assets)
     assert (await store.import_bundle(path)).id == head.id
     assert await store.count_agents() == 7  # the fork and the clone's original too
 
@@ -212,8 +211,10 @@ async def test_export_of_a_corrupt_store_fails_and_keeps_the_old_file(
     (tmp_path / "out").mkdir()
     path = tmp_path / "out" / "keep.bundle"
     path.write_bytes(b"previous contents")
-    flip_byte(store_dsn, turn(1)[0].digest)
-    with pytest.raises(immagent.IntegrityError, match=turn(1)[0].digest.hex()):
+    victim = head.conversation_digest  # the node holding the turn's messages
+    record = node_record(store_dsn, victim)
+    write_record(store_dsn, victim, record[:-1] + bytes([record[-1] ^ 1]))
+    with pytest.raises(immagent.IntegrityError, match=victim.hex()):
         await store.export(head, path)
     assert path.read_bytes() == b"previous contents"
     assert os.listdir(tmp_path / "out") == ["keep.bundle"]  # no temp file left behind

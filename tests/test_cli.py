@@ -25,6 +25,7 @@ import immagent
 from immagent.cli import main
 from immagent.cli.chat import default_model
 from immagent.cli.render import Progress, human_bytes, table
+from tests.conftest import node_record, write_record
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).with_name("immagent")
@@ -291,11 +292,11 @@ def test_verify_passes_then_lists_a_corrupt_asset(cli: Any, db: str) -> None:
     ok = cli("verify")
     assert ok.code == 0 and ok.out.strip().endswith("OK") and ok.err == ""
     assert cli("verify", head, "--json").json()["ok"] is True
-    with sqlite3.connect(db) as conn:  # flip one byte of a stored message body
-        digest, body = conn.execute(
-            "SELECT digest, body FROM immagent_assets WHERE kind = 2 LIMIT 1").fetchone()
-        conn.execute("UPDATE immagent_assets SET body = ? WHERE digest = ?",
-                     (body[:-1] + bytes([body[-1] ^ 1]), digest))
+    with sqlite3.connect(db) as conn:  # find the turn's node (it holds the messages)
+        (digest,) = conn.execute(
+            "SELECT digest FROM immagent_nodes WHERE count > 0 LIMIT 1").fetchone()
+    record = node_record(f"sqlite:///{db}", digest)  # flip one byte of a message in it
+    write_record(f"sqlite:///{db}", digest, record[:-1] + bytes([record[-1] ^ 1]))
     bad = cli("verify")
     assert bad.code == 1 and f"corrupt {bytes(digest).hex()}" in bad.out
     one_error_line(bad, 1, "1 problem")
@@ -532,7 +533,8 @@ def test_chat_on_postgres(pg_store_dsn: str, cli: Any, tmp_path: Path) -> None:
     lineage = cli("log", agent_id(first), "--json", database=pg_store_dsn).json()["lineage"]
     assert [e["messages"] for e in lineage] == [2, 0]
     stats = cli("stats", "--json", database=pg_store_dsn).json()
-    assert stats["agents"] == 3 and stats["assets_by_kind"]["message"]["count"] == 3
+    # Two turns' messages, each held by its turn's node (small bodies are not shared).
+    assert stats["agents"] == 3 and stats["assets_by_kind"]["message"]["count"] == 4
     assert cli("verify", database=pg_store_dsn).code == 0
     assert cli("agents", database=pg_store_dsn).out.count("immagent/echo") == 1
     assert cli("agents", "--all", database=pg_store_dsn).out.count("immagent/echo") == 3

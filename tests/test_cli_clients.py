@@ -241,8 +241,9 @@ def test_export_and_verify_of_one_state_count_the_same_bytes(
     verified = cli("verify", head, "--json").json()
     assert exported["asset_bytes"] == verified["bytes_checked"] > len(LONG)
     lines = cli("verify", head).out.splitlines()
-    # prompt, 4 nodes (the empty one and a node a turn), 6 messages
-    assert lines[0].startswith(f"verified state {head} (agent 'assistant'): 11 assets (")
+    # The prompt; 4 nodes (the empty one and a node a turn) holding the 6 messages.
+    assert lines[0].startswith(f"verified state {head} (agent 'assistant'): 1 asset and "
+                               "4 chain nodes (")
     assert lines[-1] == "OK"
 
 

@@ -109,11 +109,11 @@ def test_verify_exits_1_on_a_problem_as_its_help_says(
 
     assert "exits 1 if anything is" in help_of(cli, "verify")
     cli("chat", "hi")
-    with sqlite3.connect(tmp_path / "help.db") as conn:
-        digest, body = conn.execute(
-            "SELECT digest, body FROM immagent_assets WHERE kind = 2 LIMIT 1").fetchone()
-        conn.execute("UPDATE immagent_assets SET body = ? WHERE digest = ?",
-                     (body[:-1] + bytes([body[-1] ^ 1]), digest))
+    with sqlite3.connect(tmp_path / "help.db") as conn:  # a byte of the turn's node row
+        loc, body = conn.execute(
+            "SELECT loc, body FROM immagent_nodes WHERE count > 0 LIMIT 1").fetchone()
+        conn.execute("UPDATE immagent_nodes SET body = ? WHERE loc = ?",
+                     (body[:-1] + bytes([body[-1] ^ 1]), loc))
     assert cli("verify").code == 1
 
 

@@ -1,22 +1,23 @@
-"""The batched cold read of a long chain, on PostgreSQL and SQLite.
+"""The cold read of a long chain (issues 11 and 22), on PostgreSQL and SQLite.
 
-``Store.get_chain`` verifies a chain's nodes and elements in batches and caches the chain as
-one run. These tests damage one row at a time behind the store's back, far from the head,
-and check that the batch still names the exact row (the batch falls back to row-by-row
-checks); that a node whose counters disagree with the chain is found wherever it is; that
-nodes adding more elements than the backends fetch in their first statement read back
-whole; and that the run cache shares a common prefix and never answers wrongly after
-evictions."""
+``Store.get_chain`` reads a lineage's node rows (each holding its elements) in a few range
+scans, verifies the head and the nodes down to the nearest span node one by one and the
+rest one span hash at a time, and caches the chain as one run. These tests damage one row
+at a time behind the store's back, far from the head (inside a span), and check that the
+read still names the exact row (a span that does not hold is checked node by node); that a
+node whose counters disagree with its chain is never stored; that wide nodes and bodies
+stored out of line read back whole and verified; and that the run cache shares a common
+prefix and never answers wrongly after evictions."""
 
 from __future__ import annotations
 
 import pytest
 
 import immagent
-from immagent import Message, PersistentAgent, Store
+from immagent import Message, PersistentAgent, Store, chains
 from immagent.assets import EMPTY_CONVERSATION, ConversationNode, Kind
 from immagent.store.cache import AssetCache
-from tests.conftest import raw_sql
+from tests.conftest import node_record, raw_sql, write_record
 
 TURNS = 40
 
@@ -46,6 +47,12 @@ def flip_body_byte(dsn: str, digest: bytes, at: int | None = None) -> None:
     raw_sql(dsn, "UPDATE immagent_assets SET body = %s WHERE digest = %s", [bytes(body), digest])
 
 
+def flip_record_byte(dsn: str, digest: bytes, at: int) -> None:
+    record = bytearray(node_record(dsn, digest))
+    record[at] ^= 0x01
+    write_record(dsn, digest, bytes(record))
+
+
 async def test_a_long_chain_reads_back_whole_and_in_order(store: Store) -> None:
     states = await grow(store)
     messages = await cold(store, states[-1])
@@ -54,69 +61,69 @@ async def test_a_long_chain_reads_back_whole_and_in_order(store: Store) -> None:
                for m in messages)
 
 
-@pytest.mark.parametrize("where", ["node", "message"])
+@pytest.mark.parametrize("where", ["fields", "message"])
 async def test_a_damaged_row_deep_in_the_chain_fails_the_cold_read_naming_it(
         store: Store, store_dsn: str, where: str) -> None:
     states = await grow(store)
-    middle = states[TURNS // 2]
-    victim = (middle.conversation_digest if where == "node"
-              else (await middle.get_messages())[-1].digest)
+    middle = states[TURNS // 2]  # depth 20: inside the span the node at depth 32 covers
+    victim = middle.conversation_digest
     assert await cold(store, states[-1])  # sound before the damage
-    # A node's last byte is its size counter: still a valid body, so only the hash tells.
-    flip_body_byte(store_dsn, victim, -1 if where == "node" else None)
+    # A byte of the node's own fields (its size counter, still a valid record: only the
+    # hash tells) or of a message it holds.
+    record = node_record(store_dsn, victim)
+    flip_record_byte(store_dsn, victim, 5 if where == "fields" else len(record) - 3)
     with pytest.raises(immagent.IntegrityError, match=f"{victim.hex()} is corrupt"):
         await cold(store, states[-1])
     # Nothing of the damaged chain was cached by the failed read.
     with pytest.raises(immagent.IntegrityError, match=f"{victim.hex()} is corrupt"):
         await (await store.load_agent(states[-1].id)).get_messages()
+    # The states before the damage still read (their lineage does not reach it).
+    assert len(await cold(store, states[TURNS // 2 - 1])) == TURNS - 2
 
 
-async def test_a_message_row_given_refs_fails_the_cold_read(store: Store,
-                                                            store_dsn: str) -> None:
+async def test_a_node_row_given_refs_fails_the_cold_read(store: Store,
+                                                         store_dsn: str) -> None:
     states = await grow(store)
-    victim = (await states[3].get_messages())[0].digest
-    raw_sql(store_dsn, "UPDATE immagent_assets SET refs = %s WHERE digest = %s",
+    victim = states[3].conversation_digest
+    raw_sql(store_dsn, "UPDATE immagent_nodes SET refs = %s WHERE digest = %s",
             [victim, victim])
     with pytest.raises(immagent.IntegrityError, match=f"{victim.hex()} is corrupt"):
         await cold(store, states[-1])
 
 
-async def test_elements_past_the_first_statement_are_read_and_verified(
+async def test_wide_nodes_and_bodies_out_of_line_are_read_and_verified(
         store: Store, store_dsn: str) -> None:
-    # PostgreSQL fetches 7 elements of a node in its first statement, SQLite 4: a step of
-    # 11 messages needs the second statement on both.
+    # Eleven messages in one node, and a body too large to be held inline (an asset of its
+    # own, shared by every chain holding it, verified by its own digest).
     agent = await store.create_agent("wide", "You get many at once.", "m")
     wide = [Message(role="user", content=f"part {i}: " + "x" * 40) for i in range(11)]
-    agent = await store.append(await store.append(agent, wide), turn(0))
+    big = Message(role="assistant", content="a long answer " * (chains.INLINE_MAX // 10))
+    assert len(big.body) > chains.INLINE_MAX
+    agent = await store.append(await store.append(agent, [*wide, big]), turn(0))
     assert [m.content for m in await cold(store, agent)] == [
-        m.content for m in [*wide, *turn(0)]]
-    flip_body_byte(store_dsn, wide[9].digest)
-    with pytest.raises(immagent.IntegrityError, match=f"{wide[9].digest.hex()} is corrupt"):
+        m.content for m in [*wide, big, *turn(0)]]
+    flip_body_byte(store_dsn, big.digest)
+    with pytest.raises(immagent.IntegrityError, match=f"{big.digest.hex()} is corrupt"):
         await cold(store, agent)
 
 
 @pytest.mark.parametrize("field", ["length", "size"])
-async def test_a_node_whose_counters_disagree_with_the_chain_is_found_anywhere(
-        store: Store, field: str) -> None:
+async def test_a_node_whose_counters_disagree_with_the_chain_is_never_stored(
+        store: Store, store_dsn: str, field: str) -> None:
     states = await grow(store, 10)
     (head,) = await store.get_assets([states[-1].conversation_digest], ConversationNode)
     extra = Message(role="user", content="one more")
-    above = Message(role="assistant", content="on top")
-    # A node that hashes right but miscounts, then a sound-looking node on top of it: the
-    # top's counters follow its parent's claim, so only the chain itself can tell.
+    # A node that hashes right but miscounts (with the right accumulator root): listings
+    # trust counters, so the write refuses it, naming it.
     true = head.extend([extra])
     bad = ConversationNode(parent=head.digest, messages=(extra.digest,),
                            length=true.length + (field == "length"),
-                           size=true.size + 7 * (field == "size"))
-    top = bad.extend([above])
-    await store.commit([extra, above, bad, top])
-    store.clear_cache()
-    with pytest.raises(immagent.IntegrityError, match=f"node {bad.digest.hex()} claims"):
-        await store.get_chain(top.digest)
-    store.clear_cache()
-    with pytest.raises(immagent.IntegrityError, match=f"node {bad.digest.hex()} claims"):
-        await store.get_chain(bad.digest)
-    # The sound chain under them still reads.
+                           size=true.size + 7 * (field == "size"), acc=true.acc)
+    with pytest.raises(immagent.ValidationError, match=f"node {bad.digest.hex()}.*claims"):
+        await store.commit([extra, bad])
+    assert not raw_sql(store_dsn, "SELECT 1 FROM immagent_nodes WHERE digest = %s",
+                       [bad.digest])
+    # The sound chain under it still reads.
     assert len(await store.get_chain(head.digest)) == 20
 
 

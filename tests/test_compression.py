@@ -47,11 +47,12 @@ def noise(seed: int, size: int = 24) -> str:
 
 
 def codec_of(dsn: str, digest: bytes) -> tuple[int, int]:
-    """(codec, stored body length) of one row, read behind the store's back."""
-    ((codec, size),) = raw_sql(dsn, "SELECT codec, length(body) FROM immagent_assets "
-                                    "WHERE digest = %s", [digest]) if dsn.startswith(
-        "sqlite") else raw_sql(dsn, "SELECT codec, octet_length(body) FROM immagent_assets "
-                                    "WHERE digest = %s", [digest])
+    """(codec, stored body length) of one asset or chain node row, read behind the store's
+    back (a node's body is its record: its fields and its elements' bodies)."""
+    length = "length" if dsn.startswith("sqlite") else "octet_length"
+    ((codec, size),) = raw_sql(dsn, f"SELECT codec, {length}(body) FROM immagent_assets "
+                                    f"WHERE digest = %s UNION ALL SELECT codec, {length}(body) "
+                                    "FROM immagent_nodes WHERE digest = %s", [digest, digest])
     return int(codec), int(size)
 
 
@@ -69,16 +70,22 @@ async def test_every_kind_round_trips_and_only_what_shrinks_is_compressed(
     assets: list[SystemPrompt | Message | ConversationNode] = [
         long_prompt, rich, tool, empty, random_text, EMPTY_CONVERSATION, node]
     await store.commit(assets)
-    for compressible in (long_prompt, rich, tool):
+    # The prompt is an asset; the messages are held by their node's row, whose record
+    # (fields and bodies) is compressed as one; the empty root's record is too small.
+    for compressible in (long_prompt, node):
         codec, size = codec_of(store_dsn, compressible.digest)
-        assert codec == codecs.ZSTD and size < len(compressible.body)
-    for raw in (empty, random_text, EMPTY_CONVERSATION, node):  # too small, no gain, refs
-        assert codec_of(store_dsn, raw.digest) == (codecs.RAW, len(raw.body))
+        assert codec == codecs.ZSTD and size < len(compressible.body) + sum(
+            len(m.body) for m in (rich, tool, empty, random_text))
+    assert codec_of(store_dsn, EMPTY_CONVERSATION.digest)[0] == codecs.RAW
     store.clear_cache()
-    got = await store.get_assets([a.digest for a in assets])
-    assert got == assets
-    assert [a.body for a in got] == [a.body for a in assets]  # canonical, not stored, bytes
+    shown = [long_prompt, EMPTY_CONVERSATION, node]
+    got = await store.get_assets([a.digest for a in shown])
+    assert got == shown
+    assert [a.body for a in got] == [a.body for a in shown]  # canonical, not stored, bytes
+    assert await store.node_elements([node.digest]) == [(rich, tool, empty, random_text)]
     assert await store.get_chain(node.digest) == (rich, tool, empty, random_text)
+    assert [m.body for m in await store.get_chain(node.digest)] == [
+        m.body for m in (rich, tool, empty, random_text)]
     assert_clean(await store.verify())
 
 
@@ -131,9 +138,9 @@ async def test_a_trained_dictionary_is_adopted_kept_by_gc_and_found_by_another_s
     assert len(rows) == 1
     states = await store.stream_states(int(Kind.COMPRESSION), STREAM)
     assert len(states) == 1 and states[0].refs == (bytes(rows[0][0]),)
-    later = Message.user(prose(10_000))
+    later = Message.user(prose(10_000, 300))
     agent = await store.append(agent, [later])
-    dictionary_id = codec_of(store_dsn, later.digest)[0]
+    dictionary_id = codec_of(store_dsn, agent.conversation_digest)[0]  # its node's record
     assert dictionary_id >= codecs.FIRST_DICTIONARY
     # Another store (another process) finds the dictionary when it meets a row using it.
     async with await Store.connect(store_dsn, min_size=1, max_size=2) as other:
@@ -184,20 +191,20 @@ async def test_the_compression_state_can_be_neither_deleted_nor_replaced(
 async def test_a_damaged_compressed_body_is_named_by_verify_and_refused_on_read(
         store: Store, store_dsn: str) -> None:
     agent = await store.create_agent("a", "p", "m")
-    victim = Message.user(prose(7, 1000))
-    agent = await store.append(agent, [victim])
-    codec, size = codec_of(store_dsn, victim.digest)
+    agent = await store.append(agent, [Message.user(prose(7, 1000))])
+    victim = agent.conversation_digest  # the node row holding the message
+    codec, size = codec_of(store_dsn, victim)
     assert codec == codecs.ZSTD
-    (body,) = raw_sql(store_dsn, "SELECT body FROM immagent_assets WHERE digest = %s",
-                      [victim.digest])[0]
+    (body,) = raw_sql(store_dsn, "SELECT body FROM immagent_nodes WHERE digest = %s",
+                      [victim])[0]
     damaged = bytearray(body)
     damaged[size // 2] ^= 0xFF
-    raw_sql(store_dsn, "UPDATE immagent_assets SET body = %s WHERE digest = %s",
-            [bytes(damaged), victim.digest])
+    raw_sql(store_dsn, "UPDATE immagent_nodes SET body = %s WHERE digest = %s",
+            [bytes(damaged), victim])
     report = await store.verify()
-    assert [p.digest for p in report.corrupt] == [victim.digest]
+    assert [p.digest for p in report.corrupt] == [victim]
     store.clear_cache()
-    with pytest.raises(IntegrityError, match=victim.digest.hex()):
+    with pytest.raises(IntegrityError, match=victim.hex()):
         await agent.get_messages()
 
 
@@ -234,8 +241,13 @@ async def test_bundles_carry_canonical_bodies_and_import_compresses_again(
     info = await store.export(agent, tmp_path / "a.bundle")
     _, _, rows = read_bundle(info.path)
     assert rows and all(r.codec == codecs.RAW for r in rows)
-    assert {r.digest: r.body for r in rows} == {
-        a.digest: a.body for a in await store.get_assets([r.digest for r in rows])}
+    # Every asset and node as its canonical form, every message as its canonical body
+    # (a bundle carries a node's messages as assets, as a version-2 store exported them).
+    messages = await agent.get_messages()
+    canonical = {a.digest: a.body for a in await store.get_assets(
+        [r.digest for r in rows if r.kind != Kind.MESSAGE])}
+    canonical.update((m.digest, m.body) for m in messages)
+    assert {r.digest: r.body for r in rows} == canonical
     target_path = tmp_path / "target.db"
     async with await Store.connect(f"sqlite:///{target_path}") as target:
         await target.init_schema()
@@ -244,4 +256,6 @@ async def test_bundles_carry_canonical_bodies_and_import_compresses_again(
         assert await imported.get_messages() == await agent.get_messages()
         compressed = raw_sql(f"sqlite:///{target_path}",
                              "SELECT count(*) FROM immagent_assets WHERE codec = 1")[0][0]
-        assert compressed >= 3  # the prompt and both messages
+        compressed += raw_sql(f"sqlite:///{target_path}",
+                              "SELECT count(*) FROM immagent_nodes WHERE codec = 1")[0][0]
+        assert compressed >= 2  # the prompt, and the node holding both messages

@@ -12,30 +12,51 @@ import signal
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
-from immagent import Message, Store
+from immagent import Message, PersistentAgent, Store
+from immagent.assets import ConversationNode
 from immagent.audit.bundle import verify_bundle
+from immagent.ids import uuid7
+from immagent.records import AgentRecord, state_digest
 from tests.conftest import ROOT
-from tests.test_verify import assert_clean, stored_digests
+from tests.test_verify import assert_clean, stored_rows
 
 APP = "immagent_crash"
 MESSAGES = 20_000  # enough that the write transaction lasts a good fraction of a second
+#: A large write is a chain of many nodes in one commit (each node row holds its messages).
+PER_NODE = 4
 
 CHILD = r"""
 import asyncio, sys
+from datetime import UTC, datetime
 from immagent import Message, Store
+from immagent.ids import uuid7
+from immagent.records import AgentRecord, state_digest
 
 async def main(dsn: str, op: str, arg: str, extra: str) -> None:
     async with await Store.connect(dsn, min_size=1, max_size=2) as store:
         if op == "append":
             agent = await store.load_agent(arg)
-            batch = [Message(role="user", content=f"crash {i} " + "x" * 200)
-                     for i in range(int(extra))]
+            (head,) = await store.get_assets([agent.conversation_digest])
+            batch = []
+            for i in range(int(extra) // 4):
+                added = [Message(role="user", content=f"crash {i} {j} " + "x" * 200)
+                         for j in range(4)]
+                head = head.extend(added)
+                batch += [*added, head]
+            r = agent.record
+            record = AgentRecord(id=uuid7(), parent_id=r.id, created_at=datetime.now(UTC),
+                                 name=r.name, model=r.model, system_prompt=r.system_prompt,
+                                 conversation=head.digest, model_config={}, metadata={},
+                                 digest=state_digest(r.name, r.model, r.system_prompt,
+                                                     head.digest, {}, {}))
             print("writing", flush=True)
-            await store.append(agent, batch)
+            await store.commit(batch, [record.to_row()])
         elif op == "import":
             print("writing", flush=True)
             await store.import_bundle(arg)
@@ -46,6 +67,27 @@ async def main(dsn: str, op: str, arg: str, extra: str) -> None:
 
 asyncio.run(main(*sys.argv[1:]))
 """
+
+
+async def grow_chain(store: Store, agent: PersistentAgent, tag: str,
+                     text: str) -> PersistentAgent:
+    """``agent`` with MESSAGES more messages, PER_NODE a node, in one commit (a state for
+    the last node): a long chain whose every node a write of it writes."""
+    (head,) = await store.get_assets([agent.conversation_digest])
+    assert isinstance(head, ConversationNode)
+    batch: list[Any] = []
+    for i in range(MESSAGES // PER_NODE):
+        added = [Message(role="user", content=f"{tag}{i} {j} " + text) for j in range(PER_NODE)]
+        head = head.extend(added)
+        batch += [*added, head]
+    r = agent.record
+    record = AgentRecord(id=uuid7(), parent_id=r.id, created_at=datetime.now(UTC), name=r.name,
+                         model=r.model, system_prompt=r.system_prompt,
+                         conversation=head.digest, model_config={}, metadata={},
+                         digest=state_digest(r.name, r.model, r.system_prompt, head.digest,
+                                             {}, {}))
+    await store.commit(batch, [record.to_row()])
+    return await store.load_agent(record.id)
 
 
 def _child_dsn(dsn: str) -> str:
@@ -138,14 +180,14 @@ async def test_kill_during_a_large_append_leaves_no_trace(store: Store, store_ds
     base = await store.append(await store.create_agent("victim", "p", "m"),
                               [Message(role="user", content="before the crash")])
     expected = await base.get_messages()
-    agents, assets = await store.count_agents(), stored_digests(store_dsn)
+    agents, assets = await store.count_agents(), stored_rows(store_dsn)
     await _kill_when([_child_dsn(store_dsn), "append", str(base.id), str(MESSAGES)],
                      _in_write_transaction(store_dsn))
     await _settled(store_dsn)
 
     async def check(fresh: Store) -> None:
         assert await fresh.count_agents() == agents
-        assert stored_digests(store_dsn) == assets  # not one message of the batch
+        assert stored_rows(store_dsn) == assets  # not one message of the batch
         assert await (await fresh.load_agent(base.id)).get_messages() == expected
         assert_clean(await fresh.verify())
         # The store still takes writes (no stale lock left behind).
@@ -160,21 +202,20 @@ async def test_kill_during_an_import_leaves_no_trace(
         store: Store, store_dsn: str, tmp_path: Path) -> None:
     old = await store.append(await store.create_agent("old", "p", "m"),
                              [Message(role="user", content="old")])
-    big = await store.create_agent("big", "p2", "m")
-    big = await store.append(big, [Message(role="user", content=f"bundled {i} " + "y" * 200)
-                                   for i in range(MESSAGES)])
+    big = await grow_chain(store, await store.create_agent("big", "p2", "m"), "bundled",
+                           "y" * 200)
     bundle = tmp_path / "big.bundle"
     await store.export(big, bundle)
     await store.delete_lineage(big)
     await store.gc()
-    agents, assets = await store.count_agents(), stored_digests(store_dsn)
+    agents, assets = await store.count_agents(), stored_rows(store_dsn)
     await _kill_when([_child_dsn(store_dsn), "import", str(bundle), ""],
                      _in_write_transaction(store_dsn))
     await _settled(store_dsn)
 
     async def check(fresh: Store) -> None:
         assert await fresh.count_agents() == agents
-        assert stored_digests(store_dsn) == assets
+        assert stored_rows(store_dsn) == assets
         assert await (await fresh.load_agent(old.id)).get_messages() == (
             Message(role="user", content="old"),)
         assert_clean(await fresh.verify())
@@ -190,9 +231,7 @@ async def test_kill_during_an_export_keeps_the_previous_bundle(
         store: Store, store_dsn: str, tmp_path: Path) -> None:
     small = await store.append(await store.create_agent("small", "p", "m"),
                                [Message(role="user", content="small")])
-    big = await store.append(await store.create_agent("big", "p", "m"),
-                             [Message(role="user", content=f"e{i} " + "z" * 400)
-                              for i in range(MESSAGES)])
+    big = await grow_chain(store, await store.create_agent("big", "p", "m"), "e", "z" * 400)
     out = tmp_path / "out"
     out.mkdir()
     dest = out / "agent.bundle"

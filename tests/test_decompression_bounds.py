@@ -6,14 +6,17 @@ size (the writer stores anything compressing further raw) and never more than
 ``codec.MAX_UNCHECKED`` bytes before checking their digests.
 
 The rows here are valid zstd frames (runs of zeros, so they inflate for real) put behind
-the store's back under real messages' digests. What a read allocates is measured with
+the store's back as the records of real chain nodes (since schema 3 a node's record holds
+its messages). What a read allocates is measured with
 tracemalloc, which sees zstd's output buffers (Python bytes), in every thread: memory
 counted, not time."""
 
 from __future__ import annotations
 
 import tracemalloc
+import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,8 @@ import zstandard
 
 from immagent import IntegrityError, Message, PersistentAgent, Store
 from immagent import codec as codecs
-from immagent.assets import EMPTY_CONVERSATION, Kind
+from immagent.assets import EMPTY_CONVERSATION, Asset, Kind, SystemPrompt
+from immagent.records import AgentRecord, state_digest
 from immagent.rows import check_row, load_row, stored
 from tests.conftest import raw_sql
 
@@ -39,15 +43,26 @@ def zeros_frame(size: int) -> bytes:
 
 
 async def _tampered(store: Store, dsn: str, count: int, size: int) -> PersistentAgent:
-    """An agent whose one step holds ``count`` messages, each row then replaced by a frame
-    inflating to ``size`` zero bytes (so every digest check fails, after decompression)."""
-    agent = await store.create_agent("bomb", "You are bombed.", "m")
-    messages = [Message(role="user", content=f"victim {i}") for i in range(count)]
-    agent = await store.append(agent, messages)
-    raw_sql(dsn, "UPDATE immagent_assets SET codec = %s, body = %s WHERE kind = %s",
-            [codecs.ZSTD, zeros_frame(size), int(Kind.MESSAGE)])  # the agent's only ones
+    """An agent of ``count`` steps of one message each, every step's node row then given a
+    frame inflating to ``size`` zero bytes as its record (so every digest check fails,
+    after decompression). The steps are committed at once, as a bundle import would."""
+    prompt = SystemPrompt(text="You are bombed.")
+    node = EMPTY_CONVERSATION
+    assets: list[Asset] = [prompt, node]
+    for i in range(count):
+        message = Message(role="user", content=f"victim {i}")
+        node = node.extend([message])
+        assets += [message, node]
+    record = AgentRecord(id=uuid.uuid4(), parent_id=None, created_at=datetime.now(UTC),
+                         name="bomb", model="m", system_prompt=prompt.digest,
+                         conversation=node.digest, model_config={}, metadata={},
+                         digest=state_digest("bomb", "m", prompt.digest, node.digest, {}, {}))
+    await store.commit(assets, [record.to_row()])
+    raw_sql(dsn, "UPDATE immagent_nodes SET codec = %s, body = %s WHERE kind = %s "
+            "AND digest <> %s", [codecs.ZSTD, zeros_frame(size), int(Kind.NODE),
+                                 EMPTY_CONVERSATION.digest])
     store.clear_cache()
-    return await store.load_agent(agent.id)
+    return await store.load_agent(record.id)
 
 
 async def _peak(call: Callable[[], Awaitable[Any]]) -> tuple[int, Any]:
@@ -69,7 +84,6 @@ async def test_frames_declaring_more_than_they_may_hold_are_refused_unread(
         store: Store, store_dsn: str, tmp_path: Path) -> None:
     # The probe's shape at a quarter of its size: 2 KB frames declaring 64 MiB each.
     agent = await _tampered(store, store_dsn, 4, 64 * _MIB)
-    digest = (await store.get_states([agent.id]))[0].refs[1]
     calls: list[Callable[[], Awaitable[Any]]] = [
         agent.get_messages, lambda: store.export(agent, tmp_path / "a.bundle")]
     for call in calls:
@@ -80,17 +94,18 @@ async def test_frames_declaring_more_than_they_may_hold_are_refused_unread(
         store.clear_cache()
     peak, report = await _peak(store.verify)
     assert peak < 8 * _MIB, peak
+    # The four step nodes, each named; the root and the prompt are sound.
     assert len(report.corrupt) == 4 and "declares 67108864 bytes" in report.corrupt[0].reason
-    assert digest not in {p.digest for p in report.corrupt}  # the node itself is sound
+    assert EMPTY_CONVERSATION.digest not in {p.digest for p in report.corrupt}
 
 
 async def test_a_batch_is_checked_in_parts(store: Store, store_dsn: str) -> None:
     # 3,000 small frames, each within the ratio it may hold (16 bytes inflating to 15,000),
-    # read in one batch: before, all 45 MB were inflated before the first digest check.
+    # read in one chain: before, all 45 MB were inflated before the first digest check. A
+    # chain declaring more than 16 MiB is checked in parts of 4 MiB first (chain_rows).
     size = 15_000
     agent = await _tampered(store, store_dsn, 3_000, size)
     peak, outcome = await _peak(agent.get_messages)
-    # A part is at most 1,020 such frames (MAX_UNCHECKED of frames declaring <= 64 KiB).
     assert peak < 24 * _MIB < 3_000 * size, peak
     assert isinstance(outcome, IntegrityError), outcome
     assert len(zeros_frame(size)) * codecs.MAX_RATIO >= size  # each within its own bound

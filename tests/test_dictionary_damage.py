@@ -39,11 +39,12 @@ def _state_row(dsn: str) -> tuple[Any, ...]:
 
 @pytest.fixture
 async def trained(store: Store, store_dsn: str) -> AsyncIterator[tuple[PersistentAgent, int]]:
-    """A store with a trained dictionary and a turn compressed with it (its dictionary id)."""
+    """A store with a trained dictionary and a turn compressed with it (its dictionary id):
+    the turn's node row, whose record holds its messages."""
     agent, _ = await talk_until_trained(store)
     agent = await store.append(agent, [Message.user(prose(9_001)),
                                        Message.assistant(prose(9_002))])
-    dictionary_id = codec_of(store_dsn, (await agent.get_messages())[-1].digest)[0]
+    dictionary_id = codec_of(store_dsn, agent.conversation_digest)[0]
     assert dictionary_id >= codecs.FIRST_DICTIONARY
     yield agent, dictionary_id
 
@@ -84,11 +85,13 @@ async def test_gc_aborts_when_a_live_row_needs_a_dictionary_that_is_not_stored(
         orphan = await other.append(await other.create_agent("orphan", "o", "m"),
                                     [Message.user("unreachable soon")])
         await other.delete(orphan)
-        before = raw_sql(store_dsn, "SELECT count(*) FROM immagent_assets")
+        rows = ("SELECT (SELECT count(*) FROM immagent_assets) + "
+                "(SELECT count(*) FROM immagent_nodes)")
+        before = raw_sql(store_dsn, rows)
         with pytest.raises(IntegrityError, match=f"dictionary {dictionary_id}") as caught:
             await other.gc()
         assert "nothing deleted" in str(caught.value)
-        assert raw_sql(store_dsn, "SELECT count(*) FROM immagent_assets") == before
+        assert raw_sql(store_dsn, rows) == before
 
 
 async def test_a_dictionary_nothing_needs_is_swept_like_any_asset(
@@ -114,13 +117,13 @@ async def test_a_damaged_dictionary_is_listed_and_stops_nothing_else(
     async with await _fresh(store_dsn) as other:
         report = await other.verify()  # lists, never raises
         assert digest in {p.digest for p in report.corrupt}, report.lines()
-        assert any(f"dictionary {dictionary_id}" in p.reason for p in report.undecodable)
+        assert any(f"dictionary {dictionary_id}" in p.reason for p in report.undecodable), \
+            report.lines()
         # Unrelated writes go on; new bodies are not compressed with the damaged dictionary.
         fresh = await other.create_agent("unrelated", prose(31, 2000), "m")
         later = await other.append(fresh, [Message.user(prose(32)), Message.assistant(
             prose(33))])
-        for m in await later.get_messages():
-            assert codec_of(store_dsn, m.digest)[0] != dictionary_id
+        assert codec_of(store_dsn, later.conversation_digest)[0] != dictionary_id
         assert codec_of(store_dsn, fresh.system_prompt_digest)[0] != dictionary_id
         other.clear_cache()
         assert (await (await other.load_agent(later.id)).get_messages())[-1] == \

@@ -8,10 +8,11 @@ one message 80,000 times imported in 0.2 s, then cost verify 237 s. Now:
   node, state or bundle record is refused with a FanOutError (a ValidationError naming the
   field and the count) before anything is written or hashed; on import, a BundleError
   that says the same;
-* **the walks** split a long refs value once (SQLite: in Python, past
-  ``_sqlite_walk.SPLIT_IN_SQL``), so nodes far longer than a turn's are walked in O(refs):
-  verify, per-state verify, gc and bundles give the same answers as for short ones.
-  Their cost is measured by ``benchmarks/reliability.py`` (80,000 refs), not here.
+* **the walks**: since schema 3 a node holds its elements in its record (refs name only
+  bodies over ``chains.INLINE_MAX``), so a long step is one row read once, never a long
+  refs value split digest by digest: verify, per-state verify, gc and bundles give the
+  same answers as for short ones. Their cost is measured by ``benchmarks/reliability.py``
+  (80,000 refs), not here.
 """
 
 from __future__ import annotations
@@ -32,15 +33,12 @@ from immagent import (
 )
 from immagent.assets import EMPTY_CONVERSATION, ConversationNode, Kind, SystemPrompt
 from immagent.records import AgentRecord
-from immagent.rows import stored
-from immagent.store._sqlite_walk import SPLIT_IN_SQL
 from immagent.validate import MAX_REFS
 from tests import crafted
 from tests.conftest import raw_sql
-from tests.pg_work import buffers, explained_store, statement
 
-#: Well past what SQLite splits in SQL: these nodes take the long path everywhere.
-LONG = 3 * SPLIT_IN_SQL // 32 + 7
+#: Far longer than a turn's node (two to ten elements).
+LONG = 79
 
 
 def _over_the_limit_node(n: int = MAX_REFS) -> ConversationNode:
@@ -105,7 +103,9 @@ async def test_a_crafted_bundle_listing_one_message_many_times_verifies_and_impo
     assert verify_bundle(path).assets == 4
     info = await store.import_states(path)
     report = await store.verify()
-    assert report.ok and report.assets_checked == 4, report.lines()
+    # The prompt, and the root and the node (whose record holds the message 1,580 times).
+    assert report.ok and (report.assets_checked, report.nodes_checked) == (1, 2), \
+        report.lines()
     assert (await store.verify(info.head)).ok
     assert (await store.gc()).assets_removed == 0
     agent = await store.load_agent(info.head)
@@ -114,8 +114,8 @@ async def test_a_crafted_bundle_listing_one_message_many_times_verifies_and_impo
 
 
 async def test_long_nodes_are_walked_like_short_ones(store: Store, store_dsn: str) -> None:
-    """verify, per-state verify and gc over nodes longer than SQL splits: what is missing,
-    of the wrong kind or unreachable is found exactly as for a turn's node."""
+    """verify, per-state verify and gc over nodes far longer than a turn's: what is damaged
+    or unreachable is found exactly as for a turn's node."""
     agent = await store.create_agent("wide", "You are wide.", "m")
     long_turn = [Message(role="user", content=f"long {i}") for i in range(LONG)]
     wide = await store.append(agent, long_turn)
@@ -127,49 +127,42 @@ async def test_long_nodes_are_walked_like_short_ones(store: Store, store_dsn: st
                                       for i in range(LONG)])
     await store.delete(gone)
     report = await store.verify()
-    assert report.ok and report.assets_checked == 3 * LONG + 7, report.lines()
-    assert (await store.verify(kept)).assets_checked == 2 * LONG + 6
+    # The prompt; the root, the three steps of kept's lineage and gone's step.
+    assert report.ok and (report.assets_checked, report.nodes_checked) == (1, 5), \
+        report.lines()
+    assert (await store.verify(kept)).nodes_checked == 4
     result = await store.gc()
     assert result["messages"] == LONG and result["conversations"] == 1
     assert len(await kept.get_messages()) == 2 * LONG + 1
-    # A message in the middle of the first long node goes missing (behind the store's
-    # back): every walk finds it, naming the long node that lists it.
-    lost = long_turn[LONG // 2]
-    node = (await store.get_assets([wide.conversation_digest]))[0]
-    raw_sql(store_dsn, "DELETE FROM immagent_assets WHERE digest = %s", [lost.digest])
+    # A byte in the middle of the first long node's record changes (behind the store's
+    # back): every walk names that node.
+    (row,) = raw_sql(store_dsn, "SELECT codec, body FROM immagent_nodes WHERE digest = %s",
+                     [wide.conversation_digest])
+    body = bytes(row[1])
+    raw_sql(store_dsn, "UPDATE immagent_nodes SET body = %s WHERE digest = %s",
+            [body[:len(body) // 2] + bytes([body[len(body) // 2] ^ 1])
+             + body[len(body) // 2 + 1:], wide.conversation_digest])
     for report in (await store.verify(), await store.verify(kept)):
-        assert [(m.digest, m.referrer) for m in report.missing] == [(lost.digest,
-                                                                     node.digest)]
-    with pytest.raises(ImmAgentError, match=lost.digest.hex()):
+        assert [p.digest for p in (*report.corrupt, *report.undecodable)] == [
+            wide.conversation_digest], report.lines()
+    with pytest.raises(ImmAgentError, match=wide.conversation_digest.hex()):
         await store.gc()
-    # Put back as a row of the wrong kind (a prompt under the message's digest): a wrong
-    # kind, found in the middle of the long node.
-    prompt = stored(SystemPrompt(text="not a message"))
-    raw_sql(store_dsn, "INSERT INTO immagent_assets (digest, kind, codec, refs, body) "
-            "VALUES (%s, %s, 0, %s, %s)",
-            [lost.digest, prompt.kind, b"" if store_dsn.startswith("sqlite") else None,
-             prompt.body])
-    for report in (await store.verify(), await store.verify(kept)):
-        assert [(k.referrer, k.digest) for k in report.wrong_kinds] == [(node.digest,
-                                                                         lost.digest)]
 
 
-async def test_postgres_splits_a_compressible_refs_value_once(pg_store_dsn: str,
-                                                              tmp_path: Path) -> None:
-    """PostgreSQL stores a long refs value compressed when it compresses (one message
-    listed again and again: 87x), and substring() of a compressed value decompresses it
-    again for each digest: verify's and gc's queries touched its TOAST pages once per
-    digest. They detoast each value once; counted in pages (auto_explain's buffers), not
-    seconds."""
-    async with explained_store(pg_store_dsn) as (store, plans):
+async def test_a_repeated_message_is_held_in_the_record_not_in_refs(pg_store_dsn: str,
+                                                                    tmp_path: Path) -> None:
+    """Before schema 3, a node listing one message 40,000 times stored a 1.25 MB refs value
+    that PostgreSQL's queries split digest by digest. Now the node's record holds the
+    message, 40,000 times (stored raw: a body compressing more than ``codec.MAX_RATIO``
+    is degenerate), and its refs value is NULL: no query splits anything, and verify and
+    gc read the row once."""
+    async with await Store.connect(pg_store_dsn, min_size=1, max_size=2) as store:
+        await store.init_schema()
         again = Message(role="user", content="again")
         node = EMPTY_CONVERSATION.extend([again] * 40_000)
         await store.import_states(_bundle_with_node(tmp_path / "b.bundle", node, "again"))
-        plans.clear()
+        ((refs, count),) = raw_sql(pg_store_dsn, "SELECT refs, count FROM immagent_nodes "
+                                   "WHERE digest = %s", [node.digest])
+        assert refs is None and count == 40_000
         assert (await store.verify()).ok
-        await store.gc()
-        queries = ("SELECT DISTINCT r, a.digest", "rules(kind, first, rest)",
-                   "INSERT INTO immagent_reach")
-        pages = [buffers(statement(plans, query)) for query in queries]
-        # The value is ~15 KB compressed, 8 TOAST pages: before, 40,000 x 8 page visits.
-        assert max(pages) < 2_000, pages
+        assert (await store.gc()).assets_removed == 0

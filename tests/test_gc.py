@@ -34,7 +34,7 @@ from immagent.retention import Policy, Rule
 from tests import crafted
 from tests.conftest import raw_sql
 from tests.conftest import turn as support_turn
-from tests.test_verify import assert_clean, delete_asset, stored_digests
+from tests.test_verify import assert_clean, stored_digests
 
 T = TypeVar("T")
 
@@ -48,25 +48,56 @@ def turn(i: int, tag: str = "") -> list[Message]:
 # -- exactness and lineage deletion (both backends) ---------------------------------------
 
 
+def stored(dsn: str) -> set[Digest]:
+    """Every stored asset and chain node."""
+    return stored_digests(dsn) | {bytes(r[0]) for r in raw_sql(
+        dsn, "SELECT digest FROM immagent_nodes")}
+
+
 async def test_gc_removes_exactly_the_unreachable(store: Store, store_dsn: str) -> None:
     base = await store.create_agent("bot", PROMPT, "m")
     kept = await store.append(base, turn(1))
     doomed = await store.append(kept, turn(2, "x"))
     fork = await store.append(kept, turn(2, "y"))
     await store.delete(doomed)
-    assert (await store.gc()).assets_removed == 3  # doomed's node and its two messages
-    present = stored_digests(store_dsn)
-    # Every asset is still reachable from some live row except doomed's node and messages.
-    only_doomed = {doomed.conversation_digest, *(m.digest for m in turn(2, "x"))}
-    assert not only_doomed & present
+    result = await store.gc()
+    # doomed's node, counted with the two messages it held.
+    assert result.assets_removed == 3 and result["conversations"] == 1
+    assert result["messages"] == 2
+    present = stored(store_dsn)
+    assert doomed.conversation_digest not in present
     assert {fork.conversation_digest, kept.conversation_digest} <= present
     await store.delete(fork)
     await store.delete(kept)
     result = await store.gc()
     assert result.assets_removed == 6 and result.bytes_freed > 0  # two turns: 2 nodes, 4 msgs
-    assert result.assets_kept == len(stored_digests(store_dsn)) == 2  # prompt + empty node
+    assert result.assets_kept == len(stored(store_dsn)) == 2  # prompt + empty node
     assert (await store.gc()).assets_removed == 0  # idempotent
     assert await (await store.load_agent(base.id)).get_messages() == ()
+    assert_clean(await store.verify())
+
+
+async def test_gc_after_deletes_in_the_middle_of_a_run(store: Store, store_dsn: str) -> None:
+    # One run of 40 nodes; a fork hangs from node 10 (a run of its own). Deleting the
+    # states of nodes 11..40 leaves the run's tail unreachable: gc cuts the run there,
+    # keeps the fork's run and the prefix it shares, and the freed slot is reused.
+    states = [await store.create_agent("long", PROMPT, "m")]
+    for i in range(40):
+        states.append(await store.append(states[-1], turn(i)))
+    fork = await store.append(states[10], turn(99, " fork"))
+    await store.delete_states([s.id for s in states[11:]])
+    result = await store.gc()
+    assert result["conversations"] == 30 and result["messages"] == 60
+    runs = "SELECT count(*) FROM immagent_nodes WHERE depth IS NOT NULL"  # first rows
+    assert raw_sql(store_dsn, runs)[0][0] == 2  # the trunk and the fork
+    store.clear_cache()
+    assert len(await (await store.load_agent(fork.id)).get_messages()) == 22
+    assert len(await (await store.load_agent(states[10].id)).get_messages()) == 20
+    # Extending node 10 again continues the cut run (the slot after it is free).
+    again = await store.append(states[10], turn(11, " again"))
+    assert raw_sql(store_dsn, runs)[0][0] == 2
+    store.clear_cache()
+    assert len(await (await store.load_agent(again.id)).get_messages()) == 22
     assert_clean(await store.verify())
 
 
@@ -76,12 +107,13 @@ async def test_gc_refuses_to_sweep_when_a_live_agent_dangles(
     # cannot know what it would have kept; it must delete nothing rather than the history.
     head = await store.append(await store.create_agent("bot", PROMPT, "m"), turn(1))
     orphan = await store.append(await store.create_agent("other", "p2", "m"), turn(9))
-    await store.delete(orphan)  # leaves unreachable assets a normal gc would sweep
-    delete_asset(store_dsn, head.conversation_digest)
-    before = stored_digests(store_dsn)
+    await store.delete(orphan)  # leaves unreachable rows a normal gc would sweep
+    raw_sql(store_dsn, "DELETE FROM immagent_nodes WHERE digest = %s",
+            [head.conversation_digest])
+    before = stored(store_dsn)
     with pytest.raises(immagent.IntegrityError, match=head.conversation_digest.hex()):
         await store.gc()
-    assert stored_digests(store_dsn) == before
+    assert stored(store_dsn) == before
 
 
 async def test_delete_lineage_stops_at_a_shared_ancestor(store: Store) -> None:
@@ -241,12 +273,15 @@ async def _until_queued(dsn: str, locktype: str, task: asyncio.Task[Any]) -> Non
     raise AssertionError(f"nobody queued on a {locktype} lock")
 
 
-async def _orphaned_turn(store: Store) -> tuple[PersistentAgent, list[Message]]:
-    """A deleted state whose turn (node + 2 messages) is now reachable from nothing."""
-    messages = turn(1, "orphan")
-    agent = await store.append(await store.create_agent("old", PROMPT, "m"), messages)
-    await store.delete(agent)
-    return agent, messages
+async def _orphaned_turns(store: Store) -> tuple[PersistentAgent, Message, Message]:
+    """Two nodes (one message each, M then O) reachable from nothing: their states were
+    deleted. A new conversation starting with M is the first of them again."""
+    m, other = turn(1, "orphan")
+    base = await store.create_agent("old", PROMPT, "m")
+    one = await store.append(base, [m])
+    two = await store.append(one, [other])
+    await store.delete_states([two.id, one.id])
+    return one, m, other
 
 
 @pytest.fixture
@@ -266,20 +301,18 @@ async def _started(coro: Awaitable[T]) -> asyncio.Task[T]:
 
 async def test_race_writer_in_flight_when_gc_marks(
         two_pg_stores: list[Store], pg_store_dsn: str) -> None:
-    # W has deduplicated onto the unreferenced message M (no row lock taken) and is frozen
-    # before commit; G starts. G must wait for W, then see W's node and keep M.
+    # W has deduplicated onto the unreferenced node N (M's) and is frozen before commit; G
+    # starts. G must wait for W, then see W's state and keep N.
     writer, collector = two_pg_stores
-    _, (m, other) = await _orphaned_turn(writer)
+    one, m, _ = await _orphaned_turns(writer)
     fresh = await writer.create_agent("new", PROMPT, "m")
-    node = EMPTY_CONVERSATION.extend([m])
     x = await psycopg.AsyncConnection.connect(pg_store_dsn)
     try:
-        # X inserts W's future node uncommitted: W's own insert of it queues behind X.
-        await x.execute("INSERT INTO immagent_assets (digest, kind, refs, body) "
-                        "VALUES (%s, %s, %s, %s)",
-                        (node.digest, int(node.kind), b"".join(node.refs()), node.body))
+        # X holds the states table against inserts: W's state insert queues behind it,
+        # after W found N stored (and took the shared gc lock).
+        await x.execute("LOCK TABLE immagent_states IN SHARE MODE")
         w = await _started(writer.append(fresh, [m]))
-        await _until_queued(pg_store_dsn, "transactionid", w)
+        await _until_queued(pg_store_dsn, "relation", w)
         g = await _started(collector.gc())
         await _until_queued(pg_store_dsn, "advisory", g)
         await x.rollback()
@@ -287,9 +320,10 @@ async def test_race_writer_in_flight_when_gc_marks(
         swept = await g
     finally:
         await x.close()
-    assert swept.assets_removed == 2  # the old node and the other message, never M
-    assert m.digest in stored_digests(pg_store_dsn)
-    assert other.digest not in stored_digests(pg_store_dsn)
+    assert new.conversation_digest == one.conversation_digest  # the same node: shared
+    # O's node and message, never N.
+    assert swept.assets_removed == 2 and swept["conversations"] == 1
+    assert one.conversation_digest in stored(pg_store_dsn)
     collector.clear_cache()
     assert await (await collector.load_agent(new.id)).get_messages() == (m,)
     assert_clean(await collector.verify())
@@ -297,14 +331,15 @@ async def test_race_writer_in_flight_when_gc_marks(
 
 async def test_race_gc_in_flight_when_writer_dedups(
         two_pg_stores: list[Store], pg_store_dsn: str) -> None:
-    # G has marked (M unreachable) and is frozen before deleting M; W starts and would dedup
-    # onto M. W must wait for G, then find M gone and insert it again.
+    # G has marked (N unreachable) and is frozen before deleting it; W starts and would
+    # dedup onto N. W must wait for G, then find N gone and insert it again.
     writer, collector = two_pg_stores
-    _, (m, _) = await _orphaned_turn(writer)
+    one, m, _ = await _orphaned_turns(writer)
     fresh = await writer.create_agent("new", PROMPT, "m")
     x = await psycopg.AsyncConnection.connect(pg_store_dsn)
     try:
-        await x.execute("SELECT 1 FROM immagent_assets WHERE digest = %s FOR UPDATE", (m.digest,))
+        await x.execute("SELECT 1 FROM immagent_nodes WHERE digest = %s FOR UPDATE",
+                        (one.conversation_digest,))
         g = await _started(collector.gc())
         await _until_queued(pg_store_dsn, "transactionid", g)  # G's DELETE queued behind X
         w = await _started(writer.append(fresh, [m]))
@@ -314,8 +349,8 @@ async def test_race_gc_in_flight_when_writer_dedups(
         new = await w
     finally:
         await x.close()
-    assert swept.assets_removed == 3
-    assert m.digest in stored_digests(pg_store_dsn)  # re-inserted by W after the sweep
+    assert swept["conversations"] == 2 and swept["messages"] == 2
+    assert one.conversation_digest in stored(pg_store_dsn)  # re-inserted by W after the sweep
     collector.clear_cache()
     assert await (await collector.load_agent(new.id)).get_messages() == (m,)
     assert_clean(await collector.verify())
@@ -326,12 +361,12 @@ async def test_race_gc_sweeps_the_parent_a_writer_extends(
     # W extends a deleted state whose node N it read before its transaction; G sweeps N while
     # W waits. W must re-check N under the lock and fail cleanly, writing nothing.
     writer, collector = two_pg_stores
-    dead, _ = await _orphaned_turn(writer)
+    dead, _, _ = await _orphaned_turns(writer)
     await writer.get_messages(dead)  # N is in W's cache: W will not read it again
     extra = Message(role="user", content="too late")
     x = await psycopg.AsyncConnection.connect(pg_store_dsn)
     try:
-        await x.execute("SELECT 1 FROM immagent_assets WHERE digest = %s FOR UPDATE",
+        await x.execute("SELECT 1 FROM immagent_nodes WHERE digest = %s FOR UPDATE",
                         (dead.conversation_digest,))
         g = await _started(collector.gc())
         await _until_queued(pg_store_dsn, "transactionid", g)
@@ -343,7 +378,7 @@ async def test_race_gc_sweeps_the_parent_a_writer_extends(
             await w
     finally:
         await x.close()
-    assert extra.digest not in stored_digests(pg_store_dsn)
+    assert dead.conversation_digest not in stored(pg_store_dsn)
     assert await collector.count_agents() == 1  # the created base state; nothing added
     assert_clean(await collector.verify())
 
@@ -388,7 +423,9 @@ class GCMachine(RuleBasedStateMachine):
         self.history: dict[UUID, tuple[Message, ...]] = {}
         self.parent: dict[UUID, UUID | None] = {}  # live rows only
         self.dead: list[UUID] = []
-        self.assets: dict[Digest, tuple[Digest, ...]] = {}  # what must be stored: refs
+        # What must be stored, by digest: prompts (no edges) and chain nodes (their parent:
+        # a node holds its messages, so a lineage is what gc keeps).
+        self.assets: dict[Digest, tuple[Digest, ...]] = {}
         self.nodes: dict[Digest, ConversationNode] = {EMPTY_CONVERSATION.digest:
                                                       EMPTY_CONVERSATION}
         self.prompts: dict[Digest, str] = {}
@@ -424,8 +461,7 @@ class GCMachine(RuleBasedStateMachine):
         node = self.nodes[agent.conversation_digest].extend(messages)
         assert new.conversation_digest == node.digest
         self.nodes[node.digest] = node
-        self.assets.update({m.digest: () for m in messages})
-        self.assets[node.digest] = node.refs()
+        self.assets[node.digest] = node.refs()[:1]
         self._keep(new, (*self.history[agent.id], *messages))
 
     @precondition(lambda self: self.parent)
@@ -497,7 +533,7 @@ class GCMachine(RuleBasedStateMachine):
                                                   self.handles[i].conversation_digest)]
         doomed = set(self.assets) - reachable(roots, self.assets)
         result = self.run(self.store.gc())
-        assert result.assets_removed == len(doomed)
+        assert result.assets_removed == self._removed(doomed)
         for digest in doomed:
             del self.assets[digest]
         assert set(self.assets) == reachable(roots, self.assets)
@@ -506,6 +542,11 @@ class GCMachine(RuleBasedStateMachine):
             agent = self.run(self.store.load_agent(agent_id))
             assert self.run(agent.get_messages()) == self.history[agent_id]
 
+    def _removed(self, doomed: set[Digest]) -> int:
+        """What gc counts for removing ``doomed``: each row, and each node's messages."""
+        return len(doomed) + sum(len(self.nodes[d].messages) for d in doomed
+                                 if d in self.nodes)
+
     # -- corrupt a row ----------------------------------------------------------------------
 
     def _roots(self) -> list[Digest]:
@@ -513,13 +554,13 @@ class GCMachine(RuleBasedStateMachine):
                                                  self.handles[i].conversation_digest)]
 
     def _stored(self) -> set[Digest]:
-        return {bytes(r[0]) for r in self.raw.rows("SELECT digest FROM immagent_assets")}
+        return {bytes(r[0]) for r in self.raw.rows(
+            "SELECT digest FROM immagent_assets UNION ALL SELECT digest FROM immagent_nodes")}
 
     def _damage(self, agent: PersistentAgent, how: str, pick: int) -> Callable[[], None] | None:
         """Damage one row reached from ``agent``; return how to restore it (None: ``how``
         does not apply to this agent)."""
         head = agent.conversation_digest
-        history = self.history[agent.id]
         if how.startswith("state"):
             (row,) = self.raw.rows_for("SELECT refs, body, parent_id FROM immagent_states "
                                        "WHERE id = %s", [agent.id])
@@ -537,37 +578,47 @@ class GCMachine(RuleBasedStateMachine):
                 "UPDATE immagent_states SET refs = %s, body = %s, parent_id = %s "
                 "WHERE id = %s", [refs, body, parent, agent.id])
         target = head
-        if how == "message_body_flipped":
-            if not history:
-                return None
-            target = history[pick % len(history)].digest
-        (row,) = self.raw.rows_for("SELECT kind, refs, body, codec FROM immagent_assets "
+        if how == "history_node_flipped":
+            lineage = [d for d, n in self._lineage(head)]
+            target = lineage[pick % len(lineage)]
+        (row,) = self.raw.rows_for("SELECT loc, kind, codec, body FROM immagent_nodes "
                                    "WHERE digest = %s", [target])
-        kind, refs, body, codec = int(row[0]), bytes(row[1] or b""), bytes(row[2]), row[3]
-        if how in ("node_refs_truncated", "node_parent_to_root", "node_refs_emptied") \
-                and not refs:
-            return None  # the empty node has no refs to damage
-        new_kind, new_refs, new_body = kind, refs, body
-        if how == "node_refs_truncated":
-            new_refs = refs[:-32]
-        elif how == "node_refs_emptied":
-            new_refs = b""
-        elif how == "node_parent_to_root":
-            if refs[:32] == EMPTY_CONVERSATION.digest:
-                return None  # its parent is the root already
-            new_refs = EMPTY_CONVERSATION.digest + refs[32:]
-        elif how == "node_disguised":  # a leaf's kind and no refs: looks like a message
-            new_kind, new_refs = 2, b""
-        else:
-            new_body = body[:-1] + bytes([body[-1] ^ 1])
-        self._set_asset(target, new_kind, new_refs, new_body, codec)
-        return lambda: self._set_asset(target, kind, refs, body, codec)
+        loc, kind, codec, body = int(row[0]), row[1], row[2], bytes(row[3])
+        if how in ("node_flipped", "history_node_flipped"):
+            self.raw.execute("UPDATE immagent_nodes SET body = %s WHERE loc = %s",
+                             [body[:-1] + bytes([body[-1] ^ 1]), loc])
+        elif how == "node_kind_changed":  # a leaf's kind: looks like a message
+            self.raw.execute("UPDATE immagent_nodes SET kind = 2 WHERE loc = %s", [loc])
+        elif how == "node_moved":  # further along its run: its parent is gone from before it
+            if not self.nodes[target].messages:
+                return None  # the empty root: nothing stored before it to lose
+            self.raw.execute("UPDATE immagent_nodes SET loc = %s WHERE loc = %s",
+                             [loc + 4096, loc])
+            return lambda: self.raw.execute(
+                "UPDATE immagent_nodes SET loc = %s WHERE loc = %s", [loc, loc + 4096])
+        else:  # run_reparented: a fork's run hung from the empty root instead
+            (first,) = self.raw.rows_for("SELECT parent FROM immagent_nodes WHERE loc = %s",
+                                         [loc])
+            parent = None if first[0] is None else bytes(first[0])
+            if parent is None or parent == EMPTY_CONVERSATION.digest:
+                return None  # not the first node of a fork's run
+            self.raw.execute("UPDATE immagent_nodes SET parent = %s WHERE loc = %s",
+                             [EMPTY_CONVERSATION.digest, loc])
+            return lambda: self.raw.execute(
+                "UPDATE immagent_nodes SET parent = %s WHERE loc = %s", [parent, loc])
+        return lambda: self.raw.execute(
+            "UPDATE immagent_nodes SET kind = %s, codec = %s, body = %s WHERE loc = %s",
+            [kind, codec, body, loc])
 
-    def _set_asset(self, digest: Digest, kind: int, refs: bytes, body: bytes,
-                   codec: Any) -> None:
-        empty: bytes | None = refs if refs or self.dsn.startswith("sqlite:///") else None
-        self.raw.execute("UPDATE immagent_assets SET kind = %s, refs = %s, body = %s, "
-                         "codec = %s WHERE digest = %s", [kind, empty, body, codec, digest])
+    def _lineage(self, head: Digest) -> list[tuple[Digest, ConversationNode]]:
+        """The nodes from ``head`` back to the root (the model's)."""
+        out: list[tuple[Digest, ConversationNode]] = []
+        digest: Digest | None = head
+        while digest is not None:
+            node = self.nodes[digest]
+            out.append((digest, node))
+            digest = node.parent
+        return out
 
     def _reads_are_true_or_refused(self) -> None:
         """Every live agent reads back what was stored, or its read raises IntegrityError:
@@ -588,8 +639,8 @@ class GCMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.parent)
     @rule(index=st.integers(0, 50), pick=st.integers(0, 50), how=st.sampled_from([
-        "node_refs_truncated", "node_refs_emptied", "node_parent_to_root", "node_disguised",
-        "message_body_flipped", "state_refs_swapped", "state_body_flipped", "state_cycle"]))
+        "node_flipped", "history_node_flipped", "node_kind_changed", "node_moved",
+        "run_reparented", "state_refs_swapped", "state_body_flipped", "state_cycle"]))
     def corrupt_a_row(self, index: int, pick: int, how: str) -> None:
         agent = self._pick(list(self.parent), index)
         restore = self._damage(agent, how, pick)
@@ -605,9 +656,9 @@ class GCMachine(RuleBasedStateMachine):
             else:
                 # It swept: only what no valid live state reaches (the damage kept gc from
                 # seeing no more than the truth), and exactly that.
-                assert how in ("message_body_flipped", "state_cycle"), how
+                assert how == "state_cycle", how
                 assert before - self._stored() == doomed
-                assert result.assets_removed == len(doomed)
+                assert result.assets_removed == self._removed(doomed)
                 for digest in doomed:
                     del self.assets[digest]
             self._reads_are_true_or_refused()
@@ -659,13 +710,12 @@ class GCMachine(RuleBasedStateMachine):
         self.nodes[head.digest] = head
         self.prompts[prompt.digest] = prompt.text
         self.assets.update({prompt.digest: (), EMPTY_CONVERSATION.digest: (),
-                            **{m.digest: () for m in messages}, head.digest: head.refs()})
+                            head.digest: head.refs()[:1]})
         self._keep(agent, tuple(messages))
 
     @invariant()
     def store_matches_model(self) -> None:
-        assert {bytes(r[0]) for r in self.raw.rows("SELECT digest FROM immagent_assets")} \
-            == set(self.assets)
+        assert self._stored() == set(self.assets)
         rows = self.raw.rows("SELECT id FROM immagent_states")
         ids = {r[0] if isinstance(r[0], UUID) else UUID(bytes=r[0]) for r in rows}
         assert ids == set(self.parent)
@@ -718,7 +768,7 @@ def test_gc_state_machine(backend_name: str, request: pytest.FixtureRequest,
     def open_dsn() -> str:
         if backend_name == "postgres":
             dsn = str(request.getfixturevalue("pg_store_dsn"))
-            raw_sql(dsn, "TRUNCATE immagent_assets, immagent_states")
+            raw_sql(dsn, "TRUNCATE immagent_assets, immagent_states, immagent_nodes")
             return dsn
         return f"sqlite:///{tmp_path / f'm{next(counter)}.db'}"
 

@@ -27,7 +27,7 @@ import immagent
 from immagent import Store, ValidationError
 from immagent.assets import Kind
 from immagent.integrations.langgraph import ImmAgentSaver, SyncCallError
-from tests.conftest import count_rows, raw_sql
+from tests.conftest import count_rows, raw_sql, stored_elements
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_CAPABILITIES = {"put", "put_writes", "get_tuple", "list", "delete_thread",
@@ -35,7 +35,10 @@ ALL_CAPABILITIES = {"put", "put_writes", "get_tuple", "list", "delete_thread",
 
 
 def _values(store_dsn: str, kind: Kind) -> int:
-    return count_rows(store_dsn, "immagent_assets", f"kind = {int(kind)}")
+    """Values stored (held by their chain's links, or assets of their own), or links."""
+    if kind == Kind.VALUE_NODE:
+        return count_rows(store_dsn, "immagent_nodes", f"kind = {int(kind)}")
+    return stored_elements(store_dsn, kind)
 
 
 def _config(thread: str, checkpoint_id: str | None = None, ns: str = "") -> Any:
@@ -582,7 +585,10 @@ async def test_verify_and_gc_check_every_row_the_saver_wrote(store: Store,
     stored = await _put(saver, "t", None, {"m": ["a", "b"]}, {"m": 1})
     await saver.aput_writes(stored, [("m", ["c"])], "task")
     report = await store.verify()
-    assert report.ok and report.agents_checked == 2 and report.assets_checked == 5
+    # The write's value "c" is an asset; the two links (the empty root, one holding "a"
+    # and "b") are chain nodes.
+    assert report.ok and report.agents_checked == 2
+    assert (report.assets_checked, report.nodes_checked) == (1, 2)
     state_id = _state_id(stored)
     (body,) = raw_sql(store_dsn, "SELECT body FROM immagent_states WHERE id = %s", [state_id])[0]
     raw_sql(store_dsn, "UPDATE immagent_states SET body = %s WHERE id = %s",

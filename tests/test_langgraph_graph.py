@@ -20,7 +20,7 @@ from langgraph.types import Command, StateSnapshot, interrupt
 from immagent import Store
 from immagent.assets import Kind
 from immagent.integrations.langgraph import ImmAgentSaver, SyncCallError
-from tests.conftest import count_rows, example
+from tests.conftest import count_rows, distinct_elements, example
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,11 @@ def expected(thread: str, turns: range) -> list[str]:
 
 
 def _values(dsn: str, kind: Kind) -> int:
-    return count_rows(dsn, "immagent_assets", f"kind = {int(kind)}")
+    """Distinct values stored (held by their chain's links, or assets of their own), or
+    links."""
+    if kind == Kind.VALUE_NODE:
+        return count_rows(dsn, "immagent_nodes", f"kind = {int(kind)}")
+    return distinct_elements(dsn, kind)
 
 
 # -- interrupted in one process, resumed in another -----------------------------------------

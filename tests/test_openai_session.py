@@ -24,10 +24,10 @@ from openai.types.responses import ResponseReasoningItem
 from openai.types.responses.response_reasoning_item import Summary
 
 import immagent
-from immagent import Store, StoreClosedError, ValidationError
+from immagent import Store, StoreClosedError, ValidationError, chains
 from immagent.assets import Kind
 from immagent.integrations.openai_agents import ImmAgentSession
-from tests.conftest import count_rows, example
+from tests.conftest import count_rows, example, stored_elements
 
 NO_TRACING = RunConfig(tracing_disabled=True)
 Make = Callable[..., ImmAgentSession]
@@ -237,10 +237,16 @@ async def test_items_must_be_a_list(make: Make) -> None:
 
 
 async def test_repeated_items_are_stored_once(make: Make, store_dsn: str) -> None:
-    hello = user("hello")
+    # An item larger than chains.INLINE_MAX is an asset of its own, stored once whatever
+    # holds it; small ones are held by each link that adds them.
+    pasted = user("a pasted page " * (chains.INLINE_MAX // 10))
     for name in ("s1", "s2", "s3"):
-        await make(name).add_items([hello, reply("hi!"), hello])
-    assert assets(store_dsn, Kind.ITEM) == 2
+        await make(name).add_items([pasted, reply("hi!"), pasted])
+    # The three sessions' links are one node (the same items on the same root): it holds
+    # the reply and names the pasted item twice.
+    assert assets(store_dsn, Kind.ITEM) == 1
+    assert stored_elements(store_dsn, Kind.ITEM) == 2
+    assert count_rows(store_dsn, "immagent_nodes", f"kind = {int(Kind.ITEM_NODE)}") == 2
 
 
 async def test_concurrent_add_items_lose_nothing_and_are_totally_ordered(

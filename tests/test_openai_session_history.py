@@ -27,7 +27,7 @@ from immagent.clients.sessions import SessionState, check_items, decode_items
 from immagent.integrations.openai_agents import ImmAgentSession
 from immagent.records import StateRow, check_state, stream_digest
 from immagent.rows import StoredAsset, check_row, load_row
-from tests.conftest import count_rows, raw_sql
+from tests.conftest import count_rows, node_record, raw_sql, stored_elements, write_record
 
 
 def user(text: str) -> Any:  # a TResponseInputItem (a TypedDict union)
@@ -44,7 +44,15 @@ def turn(i: int, tag: str = "") -> list[Any]:
 
 
 def rows(dsn: str, kind: Kind | None = None, table: str = "immagent_assets") -> int:
-    return count_rows(dsn, table, "TRUE" if kind is None else f"kind = {int(kind)}")
+    """Rows of a table; for content (the default), every asset and chain node row, or the
+    items stored (held by their links, or assets of their own) or the links."""
+    if table != "immagent_assets":
+        return count_rows(dsn, table, "TRUE" if kind is None else f"kind = {int(kind)}")
+    if kind == Kind.ITEM:
+        return stored_elements(dsn, Kind.ITEM)
+    if kind == Kind.ITEM_NODE:
+        return count_rows(dsn, "immagent_nodes", f"kind = {int(kind)}")
+    return count_rows(dsn, "immagent_assets") + count_rows(dsn, "immagent_nodes")
 
 
 async def grown(store: Store, session_id: str, turns: int) -> ImmAgentSession:
@@ -77,8 +85,9 @@ async def test_pop_and_clear_keep_every_earlier_state(store: Store, store_dsn: s
     later = await reader.list_states(limit=2, after_seq=history[1].seq)
     assert [s.id for s in later] == [history[2].id, history[3].id]
     assert rows(store_dsn, Kind.SESSION_STATE, "immagent_states") == 6
-    # A pop writes no items: the new state points at an existing link or one new link.
-    assert rows(store_dsn, Kind.ITEM) == 7
+    # A pop points at an existing link, or at one new link holding the items it keeps of
+    # the last one (here q2: small bodies are held by each link that adds them).
+    assert rows(store_dsn, Kind.ITEM) == 8
 
 
 async def test_state_digest_pins_content(store: Store) -> None:
@@ -132,7 +141,7 @@ async def test_fork_shares_every_row(store: Store, store_dsn: str) -> None:
     mid = await source.fork("mid", at_turn=7)  # inside the last link: one new link
     assert await mid.get_items() == [*(i for t in range(5) for i in turn(t)), user("q5"),
                                      answer("a5")]
-    assert rows(store_dsn) == assets_before + 3 + 1 + 1  # the 3 new items + their link + cut
+    assert rows(store_dsn) == assets_before + 2  # a link holding the 3 new items, and the cut
     await whole.add_items(turn(9, "w"))
     assert await source.get_items() != await whole.get_items()
     first = (await whole.list_states(newest_first=False))[0]
@@ -300,10 +309,14 @@ async def test_verify_covers_sessions(store: Store, store_dsn: str) -> None:
     assert report.ok and report.agents_checked == 4
     state = await session.current_state()
     assert state is not None and (await store.verify(state.id)).ok
-    raw_sql(store_dsn, "UPDATE immagent_assets SET body = %s WHERE kind = %s AND body = %s",
-            [Item.of(user("tampered")).body, int(Kind.ITEM), Item.of(user("q1")).body])
+    # An item held by its link: rewrite it inside the link's record.
+    original, tampered = Item.of(user("q1")).body, Item.of(user("tampered")).body
+    (link,) = [bytes(d) for (d,) in raw_sql(
+        store_dsn, "SELECT digest FROM immagent_nodes WHERE kind = %s", [int(Kind.ITEM_NODE)])
+        if original in node_record(store_dsn, bytes(d))]
+    write_record(store_dsn, link, node_record(store_dsn, link).replace(original, tampered))
     report = await store.verify()
-    assert [p.kind for p in report.corrupt] == [int(Kind.ITEM)]
+    assert [(p.digest, p.kind) for p in report.corrupt] == [(link, int(Kind.ITEM_NODE))]
     store.clear_cache()
     with pytest.raises(IntegrityError):
         await ImmAgentSession("audited", store).get_items(branch_id="main")

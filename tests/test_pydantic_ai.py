@@ -43,12 +43,12 @@ from pydantic_ai.tools import DeferredToolRequests
 
 import immagent
 from immagent import ImmAgentError, IntegrityError, Store, StoreClosedError, ValidationError
-from immagent.assets import Kind
+from immagent.assets import NODE_KINDS, Kind
 from immagent.integrations.pydantic_ai import (
     ImmAgentConversationConflict,
     ImmAgentConversationStore,
 )
-from tests.conftest import count_rows, raw_sql
+from tests.conftest import count_rows, raw_sql, stored_elements
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "pydantic_ai_conversations.py"
@@ -60,7 +60,10 @@ def states(dsn: str, kind: Kind = Kind.CONVERSATION_STATE) -> int:
 
 
 def assets(dsn: str, kind: Kind) -> int:
-    return count_rows(dsn, "immagent_assets", f"kind = {int(kind)}")
+    """Links stored (chain node rows), or entries stored (held by links or on their own)."""
+    if kind in NODE_KINDS:
+        return count_rows(dsn, "immagent_nodes", f"kind = {int(kind)}")
+    return stored_elements(dsn, kind)
 
 
 @pytest.fixture(params=["shared", "owned"])
@@ -632,8 +635,10 @@ async def test_purge_then_gc_reclaims_what_no_fork_holds(shared: Make, store: St
 async def test_damage_is_caught_on_read_and_by_verify(shared: Make, store: Store,
                                                       store_dsn: str) -> None:
     await chat(shared(), "victim", "hello")
-    raw_sql(store_dsn, f"UPDATE immagent_assets SET body = %s WHERE kind = {int(Kind.ENTRY)}",
-            [b"\x82\xa1i\xa1x\xa1m\xc4\x02{}"])
+    # Each link's record (which holds its entry) is replaced by another valid-looking one.
+    raw_sql(store_dsn, "UPDATE immagent_nodes SET codec = 0, body = %s "
+            f"WHERE kind = {int(Kind.ENTRY_NODE)} AND count > 0",
+            [b"\x92\x80\x91\x82\xa1i\xa1x\xa1m\xc4\x02{}"])
     store.clear_cache()
     with pytest.raises(IntegrityError):
         await shared().load("victim")

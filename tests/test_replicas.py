@@ -249,7 +249,9 @@ def impostor(cluster: PgCluster) -> Iterator[str]:
 
 
 def copy_rows(source: str, target: str) -> None:
-    for table, columns in (("immagent_assets", "digest, kind, refs, body"),
+    for table, columns in (("immagent_assets", "digest, kind, codec, refs, body"),
+                           ("immagent_nodes", "loc, kind, codec, count, depth, digest, "
+                                              "parent, refs, peaks, body"),
                            ("immagent_states", "id, parent_id, kind, stream, refs, digest, "
                                                "created_at, body")):
         rows = raw_sql(source, f"SELECT {columns} FROM {table}")
@@ -262,8 +264,8 @@ async def test_a_tampered_replica_row_fails_loudly(cluster: PgCluster, impostor:
     async with await replicated(cluster, impostor) as store:
         agent = await agent_with_turns(store, "victim")
         copy_rows(cluster.primary, impostor)
-        raw_sql(impostor, "UPDATE immagent_assets SET body = body || '\\x00'::bytea "
-                          "WHERE kind = 2")
+        raw_sql(impostor, "UPDATE immagent_nodes SET body = body || '\\x00'::bytea "
+                          "WHERE count > 0")  # the rows holding the messages
         store.clear_cache()
         loaded = await store.load_agent(agent.id)
         with pytest.raises(IntegrityError):
@@ -277,10 +279,9 @@ async def test_a_replica_missing_rows_is_completed_by_the_primary(
         expected = await agent.get_messages()
         copy_rows(cluster.primary, impostor)
         # A chain with a hole in the middle, and the state's parent gone.
-        (node,) = raw_sql(impostor, "SELECT refs FROM immagent_assets WHERE kind = 3 AND "
-                                    "digest = %s", [agent.conversation_digest])
-        parent = bytes(node[0])[:32]
-        raw_sql(impostor, "DELETE FROM immagent_assets WHERE digest = %s", [parent])
+        (node,) = raw_sql(impostor, "SELECT loc FROM immagent_nodes WHERE digest = %s",
+                          [agent.conversation_digest])
+        raw_sql(impostor, "DELETE FROM immagent_nodes WHERE loc = %s", [int(node[0]) - 1])
         raw_sql(impostor, "DELETE FROM immagent_states WHERE id = %s", [agent.parent_id])
         store.clear_cache()
         loaded = await store.load_agent(agent.id)

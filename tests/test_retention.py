@@ -424,10 +424,11 @@ async def test_race_a_writer_in_flight_keeps_its_parent_and_its_content(
     assert node.digest == agents[-1].conversation_digest
     node = node.extend([message])
     async with await psycopg.AsyncConnection.connect(pg_store_dsn) as x:
-        # X inserts W's future node uncommitted: W, holding gc's shared lock, queues on it.
-        await x.execute("INSERT INTO immagent_assets (digest, kind, refs, body) "
-                        "VALUES (%s, %s, %s, %s)",
-                        (node.digest, int(node.kind), b"".join(node.refs()), node.body))
+        # X inserts a chain node row with W's future node's digest, uncommitted, at a loc
+        # no writer uses: W, holding gc's shared lock, queues on the unique digest.
+        await x.execute("INSERT INTO immagent_nodes (loc, kind, codec, count, depth, digest, "
+                        "body) VALUES (%s, %s, 0, 4, 3, %s, %s)",
+                        (1 << 60, int(node.kind), node.digest, node.body))
         w = await _started(writer.append(agents[-1], [message]))
         await _until_queued(pg_store_dsn, "transactionid", w)
         # R judges without W's state (its parent is the head, kept), commits, and its gc

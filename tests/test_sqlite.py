@@ -29,7 +29,7 @@ from immagent.records import AgentRecord, load_agent, state_digest
 from immagent.rows import stored
 from immagent.store._sqlite_pool import SQLitePool
 from immagent.store.sqlite import SQLiteBackend
-from tests.conftest import turn
+from tests.conftest import root_row, turn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,8 @@ async def test_ids_timestamps_and_refs_are_compact_and_round_trip(
         model_config={"t": 0.5}, metadata={"k": [1, "x"]},
         digest=state_digest("n", "m", prompt.digest, EMPTY_CONVERSATION.digest,
                             {"t": 0.5}, {"k": [1, "x"]}))
-    await backend.write([stored(prompt), stored(EMPTY_CONVERSATION)], [record.to_row()])
+    await backend.write([stored(prompt)], [record.to_row()],
+                        nodes=[root_row(EMPTY_CONVERSATION)])
     (row,) = await backend.get_states([record.id])
     await backend.close()
     loaded = load_agent(row)
@@ -103,14 +104,15 @@ async def test_ids_timestamps_and_refs_are_compact_and_round_trip(
         id_type, id_len, parent_len, ts_type = raw.execute(
             "SELECT typeof(id), length(id), length(parent_id), typeof(created_at) "
             "FROM immagent_states WHERE id = ?", (record.id.bytes,)).fetchone()
-        (refs,) = raw.execute("SELECT refs FROM immagent_assets WHERE digest = ?",
-                              (agent.conversation_digest,)).fetchone()
-        (message_refs,) = raw.execute("SELECT refs FROM immagent_assets WHERE digest = ?",
-                                      (turn(1)[0].digest,)).fetchone()
+        root_loc, node_loc, refs = raw.execute(
+            "SELECT r.loc, n.loc, n.refs FROM immagent_nodes r, immagent_nodes n "
+            "WHERE r.digest = ? AND n.digest = ?",
+            (EMPTY_CONVERSATION.digest, agent.conversation_digest)).fetchone()
+        messages = raw.execute("SELECT count(*) FROM immagent_assets WHERE kind = 2").fetchone()
     assert (id_type, id_len, parent_len, ts_type) == ("blob", 16, 16, "integer")
-    # A node's refs: its parent, then its messages, 32 bytes each, in one BLOB.
-    assert refs == EMPTY_CONVERSATION.digest + b"".join(m.digest for m in turn(1))
-    assert message_refs == b""
+    # A node is stored right after its parent, in its run; it holds its messages (none
+    # is an asset) and names no out-of-line element.
+    assert node_loc == root_loc + 1 and refs == b"" and messages == (0,)
 
 
 @pytest.mark.parametrize("content", [b"just some notes\n", b"\x00" * 200, b"SQLite format 2\x00"])
@@ -572,12 +574,13 @@ async def test_iteration_reads_one_snapshot_in_batches(db: tuple[Store, Path]) -
         agent = await store.append(agent, turn(i))
     backend = await SQLiteBackend.open(str(db[1]))
     batches = []
-    async for batch in backend.iter_assets(batch_size=4):
+    async for batch in backend.iter_nodes(batch_size=4):
         batches.append(batch)
         if len(batches) == 1:  # a write in the middle is not seen by this iteration
             await store.append(agent, turn(99))
-    assert [len(b) for b in batches] == [4, 4, 4, 4, 1]  # prompt + 6 nodes + 10 messages
-    digests = [a.digest for b in batches for a in b]
-    assert digests == sorted(digests)
-    kinds = {a.kind for b in batches for a in b}
-    assert kinds == {int(Kind.SYSTEM_PROMPT), int(Kind.NODE), int(Kind.MESSAGE)}
+    assert [len(b) for b in batches] == [4, 2]  # the empty root + 5 turns
+    nodes = [n for b in batches for n in b]
+    assert [n.depth for n in nodes] == list(range(6))  # the run, in order
+    assert [n.parent for n in nodes] == [None, *(n.digest for n in nodes[:-1])]
+    assert nodes[-1].digest == agent.conversation_digest
+    assert [len(b) async for b in backend.iter_assets(batch_size=4)] == [1]  # the prompt

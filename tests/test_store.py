@@ -15,7 +15,7 @@ from immagent.clients.sessions import SessionLog, check_items
 from immagent.records import AgentRecord
 from immagent.store.backend import SCHEMA_VERSION
 from tests import crafted
-from tests.conftest import count_rows, raw_sql, turn
+from tests.conftest import count_rows, raw_sql, stored_elements, turn
 
 #: Also through PgBouncer and with a read replica (tests/conftest.py).
 pytestmark = pytest.mark.on_cluster
@@ -25,6 +25,10 @@ PROMPT = "You are helpful."
 
 def assets(dsn: str, kind: Kind | None = None) -> int:
     return count_rows(dsn, "immagent_assets", "TRUE" if kind is None else f"kind = {int(kind)}")
+
+
+def nodes(dsn: str) -> int:
+    return count_rows(dsn, "immagent_nodes")
 
 
 async def test_create_and_load_round_trip(store: Store) -> None:
@@ -46,12 +50,14 @@ async def test_create_and_load_round_trip(store: Store) -> None:
 async def test_step_is_a_new_state_and_stores_only_what_it_adds(
         store: Store, store_dsn: str) -> None:
     agent = await store.create_agent("bot", PROMPT, "immagent/echo")
-    before = assets(store_dsn)
+    before = assets(store_dsn), nodes(store_dsn)
     step = await store.append(agent, turn(1))
     assert step.id != agent.id and step.parent_id == agent.id and step.digest != agent.digest
-    assert assets(store_dsn, Kind.MESSAGE) == 2 and assets(store_dsn) == before + 3
+    # One node row holding the turn's two messages; no other row.
+    assert stored_elements(store_dsn, Kind.MESSAGE) == 2
+    assert (assets(store_dsn), nodes(store_dsn)) == (before[0], before[1] + 1)
     step2 = await store.append(step, turn(2))
-    assert assets(store_dsn) == before + 6
+    assert (assets(store_dsn), nodes(store_dsn)) == (before[0], before[1] + 2)
     assert count_rows(store_dsn, "immagent_states") == 3
     store.clear_cache()
     assert await step2.get_messages() == (*turn(1), *turn(2))
@@ -63,7 +69,7 @@ async def test_same_prompt_is_stored_once_for_1000_agents(store: Store, store_ds
     await asyncio.gather(*(store.create_agent(f"a{i}", PROMPT, "m") for i in range(1000)))
     assert await store.count_agents() == 1000
     assert assets(store_dsn, Kind.SYSTEM_PROMPT) == 1
-    assert assets(store_dsn, Kind.NODE) == 1  # the shared empty conversation
+    assert nodes(store_dsn) == 1  # the shared empty conversation
 
 
 async def test_clone_adds_no_assets(store: Store, store_dsn: str) -> None:
@@ -80,12 +86,13 @@ async def test_forks_share_history_and_identical_messages(store: Store, store_ds
     base = await store.create_agent("bot", PROMPT, "m")
     for i in range(5):
         base = await store.append(base, turn(i))
-    nodes, msgs = assets(store_dsn, Kind.NODE), assets(store_dsn, Kind.MESSAGE)
+    before, msgs = nodes(store_dsn), stored_elements(store_dsn, Kind.MESSAGE)
     a = await store.append(base, turn(99, " fork"))
     b = await store.append(base, turn(99, " fork"))  # identical content, another lineage
     assert a.id != b.id and a.digest == b.digest
-    assert assets(store_dsn, Kind.MESSAGE) == msgs + 2
-    assert assets(store_dsn, Kind.NODE) == nodes + 1
+    # One node (the same digest is stored once), holding the two messages.
+    assert stored_elements(store_dsn, Kind.MESSAGE) == msgs + 2
+    assert nodes(store_dsn) == before + 1
 
 
 async def test_metadata_change_is_a_new_state(store: Store) -> None:

@@ -8,10 +8,10 @@ import uuid
 import pytest
 
 import immagent
-from immagent import PersistentAgent, Store
+from immagent import Message, PersistentAgent, Store, chains
 from immagent.assets import Kind, digest_of
 from immagent.audit.verify import VerifyReport
-from tests.conftest import count_rows, raw_sql, turn
+from tests.conftest import count_rows, node_record, raw_sql, turn, write_record
 
 #: Also through PgBouncer and with a read replica (tests/conftest.py).
 pytestmark = pytest.mark.on_cluster
@@ -42,6 +42,12 @@ def stored_digests(dsn: str) -> set[bytes]:
     return {bytes(r[0]) for r in raw_sql(dsn, "SELECT digest FROM immagent_assets")}
 
 
+def stored_rows(dsn: str) -> set[bytes]:
+    """Every asset and chain node digest stored."""
+    return stored_digests(dsn) | {bytes(r[0]) for r in raw_sql(
+        dsn, "SELECT digest FROM immagent_nodes")}
+
+
 async def conversation(store: Store) -> tuple[PersistentAgent, PersistentAgent]:
     """A base agent and a two-turn descendant."""
     base = await store.create_agent("auditee", PROMPT, "m")
@@ -64,47 +70,80 @@ async def test_clean_store_verifies_with_exact_counts_and_progress(
     seen: list[int] = []
     report = await store.verify(progress=seen.append)
     assert_clean(report)
-    total = count_rows(store_dsn, "immagent_assets")
-    assert report.assets_checked == total == 8  # prompt, empty node + 2 nodes, 4 messages
+    # The prompt is an asset; the empty node and the two turns' nodes (each holding its
+    # two messages) are chain nodes.
+    assert report.assets_checked == count_rows(store_dsn, "immagent_assets") == 1
+    assert report.nodes_checked == count_rows(store_dsn, "immagent_nodes") == 3
     assert report.agents_checked == 4
+    # Content bytes, as a bundle counts them: the prompt's body, and each node's fields
+    # and the message bodies its record holds (uncompressed).
+    records = [chains.split_record(node_record(store_dsn, bytes(d))) for (d,) in raw_sql(
+        store_dsn, "SELECT digest FROM immagent_nodes")]
     assert report.bytes_checked == sum(
-        len(bytes(r[0])) for r in raw_sql(store_dsn, "SELECT body FROM immagent_assets"))
-    assert seen and seen[-1] == total and seen == sorted(seen)
+        len(bytes(r[0])) for r in raw_sql(store_dsn, "SELECT body FROM immagent_assets")
+    ) + sum(len(f) + sum(map(len, e)) for f, e in records)
+    assert seen and seen[-1] == 4 and seen == sorted(seen)
     # The count is of state rows of every kind (checkpoints and sessions are states too).
-    assert report.lines() == [f"verified whole store: 8 assets ({report.bytes_checked} "
-                              "bytes), 4 states", "OK"]
+    assert report.lines() == [f"verified whole store: 1 assets and 3 chain nodes "
+                              f"({report.bytes_checked} bytes), 4 states", "OK"]
 
 
-async def test_one_flipped_byte_names_exactly_that_asset(store: Store, store_dsn: str) -> None:
+async def test_one_flipped_byte_names_exactly_that_node(store: Store, store_dsn: str) -> None:
+    # A message is held in its turn's node row: one changed byte of it is that row's
+    # contents no longer hashing to its digest, wherever the byte is.
     _, head = await conversation(store)
-    victim = turn(2)[1]  # an assistant message of the last turn
-    flip_byte(store_dsn, victim.digest, index=len(victim.body) - 1)
+    victim = head.conversation_digest
+    record = bytearray(node_record(store_dsn, victim))
+    record[-1] ^= 0x01  # the last byte of the assistant message of the last turn
+    write_record(store_dsn, victim, bytes(record))
     for report in (await store.verify(), await store.verify(head)):
-        assert [p.digest for p in report.corrupt] == [victim.digest]
-        assert report.corrupt[0].kind == Kind.MESSAGE
+        assert [p.digest for p in report.corrupt] == [victim]
+        assert report.corrupt[0].kind == Kind.NODE
+        assert "depth 2" in report.corrupt[0].reason
         assert not report.missing and not report.undecodable and not report.bad_agents
         assert not report.ok and report.problems == 1
-        assert any(victim.digest.hex() in line for line in report.lines())
-    # Reads refuse the corrupt body too, naming it.
+        assert any(victim.hex() in line for line in report.lines())
+    # Reads refuse the corrupt row too, naming it.
     store.clear_cache()
-    with pytest.raises(immagent.IntegrityError, match=victim.digest.hex()):
+    with pytest.raises(immagent.IntegrityError, match=victim.hex()):
         await (await store.load_agent(head.id)).get_messages()
 
 
 async def test_a_deleted_row_is_missing_with_who_refers_to_it(
         store: Store, store_dsn: str) -> None:
-    base, head = await conversation(store)
-    victim = turn(1)[0]
-    delete_asset(store_dsn, victim.digest)
-    node1 = (await store.load_agent(head.parent_id or base.id)).conversation_digest
+    # A body larger than chains.INLINE_MAX is an asset of its own, named by its node.
+    base = await store.create_agent("auditee", PROMPT, "m")
+    big = Message.user("a long pasted text " * (chains.INLINE_MAX // 10))
+    assert len(big.body) > chains.INLINE_MAX
+    one = await store.append(base, [big, Message.assistant("ok")])
+    head = await store.append(one, turn(2))
+    delete_asset(store_dsn, big.digest)
+    node1 = one.conversation_digest
     report = await store.verify()
-    assert [(m.digest, m.referrer) for m in report.missing] == [(victim.digest, node1)]
+    assert [(m.digest, m.referrer) for m in report.missing] == [(big.digest, node1)]
     assert not report.corrupt and not report.undecodable and not report.bad_agents
-    assert f"missing {victim.digest.hex()} referenced by asset {node1.hex()}" in report.lines()
+    assert f"missing {big.digest.hex()} referenced by asset {node1.hex()}" in report.lines()
     scoped = await store.verify(head)
-    assert [(m.digest, m.referrer) for m in scoped.missing] == [(victim.digest, node1)]
+    assert [(m.digest, m.referrer) for m in scoped.missing] == [(big.digest, node1)]
     # The base state does not reach the message, so its own audit is clean.
     assert_clean(await store.verify(base))
+
+
+async def test_a_deleted_node_is_missing_and_breaks_only_its_lineage(
+        store: Store, store_dsn: str) -> None:
+    base, head = await conversation(store)
+    one = await store.load_agent(head.parent_id or base.id)
+    raw_sql(store_dsn, "DELETE FROM immagent_nodes WHERE digest = %s", [one.conversation_digest])
+    report = await store.verify()
+    # The state that pinned it names it; the next node of the run lost its parent.
+    assert [(m.digest, m.referrer) for m in report.missing] == [
+        (one.conversation_digest, one.id)]
+    assert [p.digest for p in report.corrupt] == [head.conversation_digest]
+    assert "parent" in report.corrupt[0].reason
+    store.clear_cache()
+    with pytest.raises(immagent.IntegrityError):
+        await (await store.load_agent(head.id)).get_messages()
+    assert await (await store.load_agent(base.id)).get_messages() == ()
 
 
 async def test_a_missing_root_names_the_agent_rows(store: Store, store_dsn: str) -> None:
@@ -121,11 +160,14 @@ async def test_a_missing_root_names_the_agent_rows(store: Store, store_dsn: str)
 
 
 async def test_a_wrong_refs_column_is_corrupt(store: Store, store_dsn: str) -> None:
-    # gc follows the refs column: a damaged column would sweep live data. A node's links
-    # live only there and are part of its digest, so the damage is a digest mismatch.
-    _, head = await conversation(store)
+    # gc follows a node's refs column to its out-of-line elements: a damaged column would
+    # sweep live data. The refs are the elements' digests, part of the node's digest, so
+    # the damage is a mismatch.
+    base = await store.create_agent("auditee", PROMPT, "m")
+    head = await store.append(base, [Message.user("x" * (chains.INLINE_MAX + 1)),
+                                      Message.assistant("ok")])
     empty = b"" if store_dsn.startswith("sqlite:///") else None
-    raw_sql(store_dsn, "UPDATE immagent_assets SET refs = %s WHERE digest = %s",
+    raw_sql(store_dsn, "UPDATE immagent_nodes SET refs = %s WHERE digest = %s",
             [empty, head.conversation_digest])
     report = await store.verify()
     assert [p.digest for p in report.corrupt] == [head.conversation_digest]

@@ -61,7 +61,7 @@ from uuid import UUID
 import blake3
 import msgspec
 
-from immagent import attestations
+from immagent import accumulator, attestations, chain_rows
 from immagent.assets import NODE_KINDS, ConversationNode, Digest, Kind, decode_asset, ref_kinds
 from immagent.attestations import Signed, Statement, Subject
 from immagent.audit import files, keys
@@ -72,7 +72,6 @@ from immagent.exceptions import (
     BundleError,
     FanOutError,
     IntegrityError,
-    UntrustedError,
     ValidationError,
 )
 from immagent.records import STATE_KINDS, AgentRecord, StateRow, check_state
@@ -261,6 +260,27 @@ class _Links:
             if digest not in self.wanted:
                 return (f"asset {digest.hex()} is not referenced by any state or asset "
                         "of the bundle")
+        return self._accumulators()
+
+    def _accumulators(self) -> str | None:
+        """The first node whose accumulator root (schema 3) is not the root over its chain.
+        (Span hashes, which only speed up reads, are checked when a bundle is imported and
+        by ``Store.verify``: they need the elements' bodies, which this check keeps out of
+        memory.)"""
+        after: dict[Digest, tuple[tuple[bytes, ...], int]] = {}
+        for node in self.nodes.values():
+            line: list[ConversationNode] = []
+            current: ConversationNode | None = node
+            while current is not None and current.digest not in after:
+                line.append(current)
+                current = None if current.parent is None else self.nodes[current.parent]
+            state = ((), 0) if current is None else after[current.digest]
+            for link in reversed(line):
+                state = accumulator.append(state[0], state[1], link.messages)
+                after[link.digest] = state
+                if link.acc is not None and accumulator.root(*state) != link.acc:
+                    return (f"asset {link.digest.hex()}'s accumulator root is not the root "
+                            "over its chain")
         return None
 
 
@@ -352,7 +372,24 @@ async def export_bundle(backend: AuditBackend, states: list[StateRow],
     asset_bytes = 0
     file = await asyncio.to_thread(files.TempFile, dest)
     try:
-        # A failed export releases the cursor's pooled connection at once.
+        # Chain nodes first, each as the asset form bundles carry (its refs and fields)
+        # plus its inline elements, every one checked against the node's digest; then the
+        # other assets. A failed export releases the cursor's pooled connection at once.
+        async with closing_iter(backend.iter_nodes(roots)) as node_batches:
+            async for node_batch in node_batches:
+                for node_row in node_batch:
+                    try:
+                        node, elements = chain_rows.as_assets(node_row, dictionaries)
+                    except IntegrityError as e:
+                        _refuse_export(head, str(e))
+                    for row in (node, *elements):
+                        if row.digest in links.kinds:
+                            continue
+                        _refuse_export(head, links.asset(row) or _content_problem(row))
+                        asset_bytes += len(row.body)
+                        writer.frame(_Asset(row.digest, row.kind, row.body,
+                                            join_refs(row.refs)))
+                await asyncio.to_thread(file.write, writer.take())
         async with closing_iter(backend.iter_assets(roots)) as batches:
             async for batch in batches:
                 for row in batch:
@@ -666,20 +703,14 @@ def _judge(info: BundleInfo, trust: TrustPolicy) -> BundleInfo:
     vouching: set[bytes] = set()
     attested: dict[bytes, set[str]] = {}
     for signer in info.signers:
-        if not signer.verified or not trust.trusted(signer.key):
+        if not signer.verified:
             continue
         if signer.purpose == "bundle":
             vouching.add(signer.key)
         else:
             attested.setdefault(signer.key, set()).update(signer.subjects)
     vouching |= {key for key, subjects in attested.items() if heads <= subjects}
-    ids = tuple(sorted(attestations.key_id(k) for k in vouching))
-    if len(vouching) < trust.sigs_needed:
-        seen = sorted({s.key_id for s in info.signers})
-        raise UntrustedError(
-            f"{info.path}: intact, but vouched for by {len(vouching)} trusted key(s) where "
-            f"{trust.sigs_needed} are needed (signed by: {', '.join(seen) or 'nobody'}; "
-            f"trusted: {', '.join(sorted(k.id for k in trust.keys))})")
+    ids = trust.require(vouching, info.signers, str(info.path))
     return msgspec.structs.replace(info, trusted_by=ids)
 
 

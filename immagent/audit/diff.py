@@ -55,6 +55,9 @@ class _Log(Protocol):
 
     async def get_assets(self, digests: Sequence[Digest]) -> list[Asset]: ...
 
+    async def read_nodes(self, nodes: Sequence[Digest]
+                         ) -> list[tuple[ConversationNode, tuple[Asset, ...]]]: ...
+
     async def state_lineage(self, state_id: UUID, limit: int | None = None
                             ) -> list[StateRow]: ...
 
@@ -121,9 +124,9 @@ async def diff_states(log: _Log, left: UUID, right: UUID) -> StateDiff:
     ancestor, walked = await _ancestor(log, line_a, line_b)
     # The chains' nodes near the heads are the refs of the states just walked (one node a
     # step, for most clients): read them in one round trip, so the chain walks below find
-    # them cached instead of asking once a step.
-    await _prefetch(log, a.kind, walked)
-    chains, changes = await _content(log, a, b)
+    # them here instead of asking once a step.
+    known = await _prefetch(log, a.kind, walked)
+    chains, changes = await _content(log, known, a, b)
     return StateDiff(left=left, right=right, kind=a.kind, ancestor=ancestor,
                      same_content=a.digest == b.digest, chains=chains, changes=changes)
 
@@ -164,8 +167,13 @@ async def _ancestor(log: _Log, first_a: list[StateRow], first_b: list[StateRow]
                                               _stretch(log, next_b, bound))
 
 
-async def _prefetch(log: _Log, kind: int, states: Sequence[StateRow]) -> None:
-    """Read (into the log's cache) every node the refs of ``states`` name."""
+#: Chain nodes read so far in one diff, with the elements each adds: by digest.
+_Known = dict[Digest, tuple[ConversationNode, tuple[Asset, ...]]]
+
+
+async def _prefetch(log: _Log, kind: int, states: Sequence[StateRow]) -> _Known:
+    """Every node the refs of ``states`` name, read in one batch (``read_nodes``: one row
+    a node; ``get_assets`` would read each node's context, one round trip a node)."""
     wanted: dict[Digest, None] = {}
     for row in states:
         if row.kind != kind:
@@ -173,8 +181,19 @@ async def _prefetch(log: _Log, kind: int, states: Sequence[StateRow]) -> None:
         for ref, ref_kind in zip(row.refs, STATE_KINDS[row.kind].ref_kinds(row), strict=True):
             if ref_kind in NODE_KINDS:
                 wanted[ref] = None
-    if wanted:
-        await log.get_assets(list(wanted))
+    known: _Known = {}
+    await _read(log, known, list(wanted))
+    return known
+
+
+async def _read(log: _Log, known: _Known, digests: Sequence[Digest]
+                ) -> list[tuple[ConversationNode, tuple[Asset, ...]]]:
+    """These nodes and their own elements: from ``known``, the rest in one read (kept)."""
+    missing = [d for d in dict.fromkeys(digests) if d not in known]
+    if missing:
+        for node, own in await log.read_nodes(missing):
+            known[node.digest] = (node, own)
+    return [known[d] for d in digests]
 
 
 async def _stretch(log: _Log, start: UUID | None, bound: int) -> list[StateRow]:
@@ -191,7 +210,7 @@ def _onwards(rows: Sequence[StateRow], bound: int) -> UUID | None:
 # -- what each side added, and what else changed ------------------------------------------
 
 
-async def _content(log: _Log, a: StateRow, b: StateRow
+async def _content(log: _Log, known: _Known, a: StateRow, b: StateRow
                    ) -> tuple[tuple[ChainDiff, ...], tuple[FieldChange, ...]]:
     kinds_a = STATE_KINDS[a.kind].ref_kinds(a)
     kinds_b = STATE_KINDS[b.kind].ref_kinds(b)
@@ -208,7 +227,7 @@ async def _content(log: _Log, a: StateRow, b: StateRow
         head_b = None if right is None else right[0]
         if kind in NODE_KINDS:
             if head_a is not None and head_b is not None:
-                pending.append(_chain(log, label, kind, head_a, head_b))
+                pending.append(_chain(log, known, label, kind, head_a, head_b))
             else:
                 chains.append(ChainDiff(label, kind, head_a, head_b, None, 0, (), ()))
         elif head_a != head_b:
@@ -221,14 +240,14 @@ async def _content(log: _Log, a: StateRow, b: StateRow
     return tuple(chains), tuple(changes)
 
 
-async def _chain(log: _Log, label: str, kind: int, head_a: Digest, head_b: Digest
-                 ) -> ChainDiff:
+async def _chain(log: _Log, known: _Known, label: str, kind: int, head_a: Digest,
+                 head_b: Digest) -> ChainDiff:
     """Walk two chains back together to their newest common node (see the module doc)."""
     node_type = NODE_KINDS[kind]
     if head_a == head_b:
-        (node,) = await _nodes(log, [head_a], node_type)
+        (node,) = await _nodes(log, known, [head_a], node_type)
         return ChainDiff(label, kind, head_a, head_b, head_a, node.length, (), ())
-    a, b = await _nodes(log, [head_a, head_b], node_type)
+    a, b = await _nodes(log, known, [head_a, head_b], node_type)
     walked_a: list[ConversationNode] = []
     walked_b: list[ConversationNode] = []
     seen_a = {a.digest: 0}
@@ -246,7 +265,7 @@ async def _chain(log: _Log, label: str, kind: int, head_a: Digest, head_b: Diges
         if not (step_a or step_b):  # two roots: no common node
             break
         wanted = [n.parent for n, step in ((a, step_a), (b, step_b)) if step]
-        found = await _nodes(log, wanted, node_type)  # type: ignore[arg-type]
+        found = await _nodes(log, known, wanted, node_type)  # type: ignore[arg-type]
         if step_a:
             walked_a.append(a)
             a = found[0]
@@ -260,25 +279,26 @@ async def _chain(log: _Log, label: str, kind: int, head_a: Digest, head_b: Diges
     if base is not None:
         walked_a = walked_a[:seen_a[base.digest]]
         walked_b = walked_b[:seen_b[base.digest]]
-    added_a = [d for node in reversed(walked_a) for d in node.messages]
-    added_b = [d for node in reversed(walked_b) for d in node.messages]
-    elements = await log.get_assets(list(dict.fromkeys([*added_a, *added_b])))
-    by_digest = {e.digest: e for e in elements}
+    # The elements each walked node added, read from the nodes that hold them (one read).
+    walked = list(dict.fromkeys(n.digest for n in (*walked_a, *walked_b)))
+    own = {node.digest: elements for node, elements in await _read(log, known, walked)}
     return ChainDiff(label, kind, head_a, head_b, None if base is None else base.digest,
                      0 if base is None else base.length,
-                     tuple(by_digest[d] for d in added_a), tuple(by_digest[d] for d in added_b))
+                     tuple(e for n in reversed(walked_a) for e in own[n.digest]),
+                     tuple(e for n in reversed(walked_b) for e in own[n.digest]))
 
 
-async def _nodes(log: _Log, digests: Sequence[Digest], node_type: type[ConversationNode]
-                 ) -> list[ConversationNode]:
-    """The nodes with these digests, in one verified read (IntegrityError for another kind)."""
-    found = await log.get_assets(digests)
+async def _nodes(log: _Log, known: _Known, digests: Sequence[Digest],
+                 node_type: type[ConversationNode]) -> list[ConversationNode]:
+    """The nodes with these digests, known or in one verified read (IntegrityError for
+    another kind)."""
+    found = [node for node, _ in await _read(log, known, digests)]
     for node in found:
         if not isinstance(node, node_type):
             raise IntegrityError(f"asset {node.digest.hex()} is a "
                                  f"{_kind_name(node.kind)}, not a "
                                  f"{_kind_name(node_type.kind)}")
-    return found  # type: ignore[return-value]  # checked above
+    return found
 
 
 async def _leaf_changes(log: _Log, leaves: Sequence[tuple[str, Digest | None, Digest | None]]

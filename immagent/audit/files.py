@@ -115,7 +115,10 @@ class TempFile:
     def discard(self) -> None:
         """Remove the temp file unless committed (idempotent)."""
         if self._file is not None:
-            self._file.close()
+            # Closing flushes what is buffered, which fails again on a full device: the
+            # file is closed all the same, and the error that stopped the export stands.
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None
         if not self._committed:
             self._committed = True  # idempotent

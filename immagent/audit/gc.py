@@ -4,15 +4,15 @@ The backend marks and sweeps (``Backend.sweep``: one transaction under the exclu
 of the gc lock, so no write can deduplicate onto an asset while it is being swept). The
 rules are here:
 
-* **Trust nothing it marks from.** The mark follows the ``refs`` of state rows and nodes;
-  a damaged one (a truncated refs column, a state pointed at another head) would make gc
+* **Trust nothing it marks from.** The mark follows the ``refs`` of state rows, the
+  lineages of the chain nodes they reach (where each node is stored: its run, its
+  parent's place) and the nodes' out-of-line elements; a damaged row (a truncated refs
+  column, a state pointed at another head, a node moved to another place) would make gc
   sweep live data. So every row marked from is re-hashed inside the sweep's transaction
-  (states: their content digest; assets with refs: refs and body) and any mismatch aborts
-  the sweep. So is every reached node and every row a state or a node links to as its
-  parent, whatever its stored kind and refs: a node whose refs were emptied, or whose kind
-  column was changed to a leaf's, marks nothing and would otherwise never be looked at.
-  The digest covers kind, refs and body, so any such damage is a mismatch. gc is never
-  less careful than verify.
+  (states: their content digest; every marked node: its digest from its record, its
+  out-of-line refs and the digest of the node stored before it, so a lineage as stored is
+  the lineage the digests say) and any mismatch aborts the sweep. gc is never less
+  careful than verify.
 * **Never treat an unreadable root as absent** (git's prune rule): if something reachable
   is missing, what it would have kept is unknown, so nothing is deleted.
 * **A row's codec is a reference like any other.** A body compressed with dictionary n
@@ -33,7 +33,9 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from immagent import chain_rows
 from immagent.assets import Dictionary, Digest, Kind
+from immagent.chains import NodeRow
 from immagent.codec import NO_DICTIONARIES, ZstdDictionary
 from immagent.exceptions import IntegrityError
 from immagent.records import StateRow, attached_kinds, check_state
@@ -76,7 +78,7 @@ class GCResult(dict[str, int]):
                 f"assets_kept={self.assets_kept})")
 
 
-def check_marked(rows: Sequence[StoredAsset | StateRow],
+def check_marked(rows: Sequence[StoredAsset | StateRow | NodeRow],
                  dictionaries: Mapping[int, ZstdDictionary] = NO_DICTIONARIES) -> None:
     """Raise IntegrityError naming the first row gc would mark from that does not hash to
     its digest (or cannot be decoded, with ``dictionaries`` for its codec): sweeping from
@@ -88,7 +90,8 @@ def check_marked(rows: Sequence[StoredAsset | StateRow],
                 raise IntegrityError(f"gc aborted, nothing deleted: state {row.id} is "
                                      f"{problem[0]} ({problem[1]}); run store.verify()")
             continue
-        found = check_row(row, dictionaries)
+        found = (chain_rows.check_row(row, dictionaries) if isinstance(row, NodeRow)
+                 else check_row(row, dictionaries))
         if found is not None:
             raise IntegrityError(f"gc aborted, nothing deleted: asset {row.digest.hex()} "
                                  f"is {found[0]} ({found[1]}); run store.verify()")

@@ -18,8 +18,9 @@ from typing import Final
 
 import msgspec
 
+from immagent.attestations import key_id
 from immagent.audit.keys import PublicKey, load_public_key
-from immagent.exceptions import ValidationError
+from immagent.exceptions import UntrustedError, ValidationError
 
 __all__ = ["MAX_TRUSTED_KEYS", "Signer", "TrustPolicy"]
 
@@ -84,3 +85,18 @@ class TrustPolicy:
     def trusted(self, key: bytes) -> bool:
         """Whether the raw public key ``key`` is one of the trusted keys."""
         return any(k.raw == key for k in self.keys)
+
+    def require(self, vouching: Iterable[bytes], signers: Iterable[Signer], what: str,
+                hint: str = "") -> tuple[str, ...]:
+        """The key ids of the trusted keys among ``vouching`` (raw keys whose valid
+        signatures vouch for ``what``), sorted; UntrustedError naming who signed and who is
+        trusted when fewer than ``sigs_needed`` distinct ones do (``hint``: what to do)."""
+        found = {k for k in vouching if self.trusted(k)}
+        if len(found) < self.sigs_needed:
+            seen = sorted({s.key_id for s in signers})
+            raise UntrustedError(
+                f"{what}: intact, but vouched for by {len(found)} trusted key(s) where "
+                f"{self.sigs_needed} are needed (signed by: {', '.join(seen) or 'nobody'}; "
+                f"trusted: {', '.join(sorted(k.id for k in self.keys))})"
+                + (f"; {hint}" if hint else ""))
+        return tuple(sorted(key_id(k) for k in found))

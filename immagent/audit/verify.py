@@ -1,14 +1,16 @@
 """Integrity audit of a store (git fsck's vocabulary): corrupt, missing, undecodable.
 
-Every check works on what is *stored*: asset rows are re-hashed exactly as read, refs and
-body (never a re-encoding of the decoded object, so the audit stays valid if the encoder
-changes; a node's digest covers the ``refs`` column gc follows), every state row's digest
-is recomputed from its content (``records.check_state``, which also reports a column of the
-wrong type), every reference must reach an asset of the kind it requires (the one table:
-``assets.ref_kinds`` and ``StateKind.ref_kinds``), and no lineage may run into a parent
-cycle. Dangling references, references of the wrong kind from assets and cycles are found by
-the database (anti-joins and recursive queries), state references a page of states at a
-time, so memory stays bounded by one batch of rows.
+Every check works on what is *stored*: asset rows are re-hashed exactly as read (never a
+re-encoding of the decoded object, so the audit stays valid if the encoder changes), every
+chain node is checked in full, run by run (``chain_rows.audit_row``: its digest from its
+record, its out-of-line refs and the node stored before it; its counters, accumulator root,
+span hash and stored peaks against its chain; every element decoded), every state row's
+digest is recomputed from its content (``records.check_state``, which also reports a
+column of the wrong type), every reference must reach a row of the kind it requires (the
+one table: ``assets.ref_kinds`` and ``StateKind.ref_kinds``), and no lineage may run into
+a parent cycle. Dangling references, references of the wrong kind from nodes and cycles
+are found by the database (anti-joins and recursive queries), state references a page of
+states at a time, so memory stays bounded by one batch of rows (and one span of nodes).
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ from uuid import UUID
 
 import msgspec
 
-from immagent.assets import Digest, Kind, MissingAsset, ref_kind_table
+from immagent import chain_rows, chains, codec
+from immagent.assets import NODE_KINDS, Asset, Digest, Kind, MissingAsset, ref_kind_table
 from immagent.attestations import attestation_of
 from immagent.audit import keys
+from immagent.chains import ChainContext, NodeRow
 from immagent.codec import NO_DICTIONARIES, ZstdDictionary, decoded_size
 from immagent.exceptions import AgentNotFoundError, IntegrityError
 from immagent.records import STATE_KINDS, StateRow, check_state
-from immagent.rows import StoredAsset, check_row
+from immagent.rows import StoredAsset, check_row, load_row
 
 if TYPE_CHECKING:
     from immagent.store.backend import AuditBackend
@@ -96,6 +100,7 @@ class VerifyReport(msgspec.Struct, frozen=True):
     truncated: bool = False  # some category had more than MAX_LISTED entries
     wrong_kinds: tuple[KindProblem, ...] = ()  # references to an asset of another kind
     cycles: tuple[UUID, ...] = ()  # states whose lineage runs into a parent cycle
+    nodes_checked: int = 0  # chain nodes (their inline elements included)
     attestations_checked: int = 0  # attestation states among the states checked
     #: Attestations whose Ed25519 signature was not checked (no signing extra installed).
     signatures_unchecked: int = 0
@@ -116,8 +121,8 @@ class VerifyReport(msgspec.Struct, frozen=True):
     def lines(self) -> list[str]:
         """The report as human-readable lines (what ``immagent verify`` prints)."""
         scope = f"state {self.agent_id}" if self.agent_id else "whole store"
-        out = [f"verified {scope}: {self.assets_checked} assets ({self.bytes_checked} bytes), "
-               f"{self.agents_checked} states"]
+        out = [f"verified {scope}: {self.assets_checked} assets and {self.nodes_checked} "
+               f"chain nodes ({self.bytes_checked} bytes), {self.agents_checked} states"]
         out += [f"corrupt {p.digest.hex()} ({_kind_name(p.kind)}): {p.reason}"
                 for p in self.corrupt]
         out += [f"missing {m.digest.hex()} referenced by {_referrer(m.referrer)}"
@@ -221,13 +226,13 @@ async def verify_backend(backend: AuditBackend, agent_id: UUID | None = None, *,
                 wanted.setdefault(ref, []).append((row.id, kind))
         if attested:
             await check_attestations(attested)
-        # A page of states pins few distinct assets (prompts, head nodes): read them here.
-        found = await backend.get_assets(sorted(wanted))
+        # A page of states pins few distinct rows (prompts, head nodes): look them up here.
+        found = await backend.kinds(sorted(wanted))
         for ref, uses in wanted.items():
             target = found.get(ref)
             for state_id, kind in uses:
-                if target is not None and target.kind != kind:
-                    note(wrong_kinds, KindProblem(state_id, ref, target.kind, kind))
+                if target is not None and target != kind:
+                    note(wrong_kinds, KindProblem(state_id, ref, target, kind))
 
     unreadable: list[str] = []
     cycles: list[UUID] = []
@@ -245,6 +250,7 @@ async def verify_backend(backend: AuditBackend, agent_id: UUID | None = None, *,
             after = page[-1].id
         cycles = await backend.cyclic_states(MAX_LISTED + 1)
         batches: AsyncIterator[list[StoredAsset]] = backend.iter_assets(None, _BATCH)
+        node_batches: AsyncIterator[list[NodeRow]] = backend.iter_nodes(None, _BATCH)
     else:
         try:
             rows = await backend.get_states([agent_id])
@@ -259,6 +265,7 @@ async def verify_backend(backend: AuditBackend, agent_id: UUID | None = None, *,
         if _in_cycle(agent_id, await backend.lineage(agent_id)):
             cycles = [agent_id]
         batches = backend.iter_assets(sorted(set(rows[0].refs)), _BATCH)
+        node_batches = backend.iter_nodes(sorted(set(rows[0].refs)), _BATCH)
 
     checked = size = 0
     # If progress() raises, the cursor (a pooled connection) is released at once.
@@ -281,6 +288,16 @@ async def verify_backend(backend: AuditBackend, agent_id: UUID | None = None, *,
             if progress is not None:
                 progress(checked)
 
+    nodes = _NodePass(backend, dictionaries, lambda category, problem: note(
+        corrupt if category == "corrupt" else undecodable, problem))
+    async with closing_iter(node_batches):
+        async for node_batch in node_batches:
+            for node_row in node_batch:
+                await nodes.check(node_row)
+                size += _content_bytes(node_row, dictionaries)
+            if progress is not None:
+                progress(checked + nodes.checked)
+
     # Last, so an asset absent when the walk ran is reported here even if it never was read.
     scope = None if agent_id is None else [agent_id]
     dangling = await backend.dangling_refs(scope, MAX_LISTED + 1)
@@ -294,8 +311,90 @@ async def verify_backend(backend: AuditBackend, agent_id: UUID | None = None, *,
         missing=tuple(dangling[:MAX_LISTED]), undecodable=tuple(undecodable),
         bad_agents=tuple(bad_states), unreadable_agents=tuple(unreadable[:MAX_LISTED]),
         truncated=truncated, wrong_kinds=tuple(wrong_kinds), cycles=tuple(cycles[:MAX_LISTED]),
+        nodes_checked=nodes.checked,
         attestations_checked=attestations_checked, signatures_unchecked=unchecked,
     )
+
+
+def _content_bytes(row: NodeRow, dictionaries: Mapping[int, ZstdDictionary]) -> int:
+    """A node row's content bytes as a bundle counts them: its canonical body (its fields)
+    and the canonical bodies of the elements its record holds (uncompressed); a record
+    that cannot be read counts as stored (it is listed as a problem anyway)."""
+    try:
+        fields, entries = chains.split_record(codec.decode(row.codec, row.body, dictionaries))
+    except (codec.CodecError, ValueError, TypeError):
+        return len(row.body) if isinstance(row.body, bytes) else 0
+    return len(fields) + sum(len(e) for e in entries if not chains.is_marker(e))
+
+
+class _NodePass:
+    """The full check of every chain node, run by run: each row continues from the context
+    of the row before it when that is its parent, else from its parent's context read from
+    the store (a fork, a run's first node). A row that fails is reported and its children
+    continue from what it really holds, so one damaged row is one problem."""
+
+    def __init__(self, backend: AuditBackend, dictionaries: Mapping[int, ZstdDictionary],
+                 report: Callable[[str, AssetProblem], None]) -> None:
+        self._backend = backend
+        self._dictionaries = dictionaries
+        self._report = report
+        self._last: tuple[Digest, ChainContext, bool] | None = None
+        self.checked = 0
+
+    async def check(self, row: NodeRow) -> None:
+        self.checked += 1
+        kind = row.kind if isinstance(row.kind, int) else -1
+        parent: ChainContext | None = None
+        trusted = True
+        if row.parent is not None:
+            if self._last is not None and self._last[0] == row.parent:
+                _, parent, trusted = self._last
+            else:
+                try:
+                    parent = await self._context(row.parent)
+                except IntegrityError as e:
+                    self._report("corrupt", AssetProblem(
+                        row.digest, kind, f"its parent {row.parent.hex()} cannot be read: {e}"))
+                    found = chain_rows.check_row(row, self._dictionaries)
+                    if found is not None:
+                        self._report(found[0], AssetProblem(row.digest, kind,
+                                                            _node_reason(row, found[1])))
+                    self._last = None
+                    return
+        leaves = await self._leaves(row)
+        checked = chain_rows.audit_row(row, parent, leaves, self._dictionaries, trusted)
+        for category, reason in checked.problems:
+            self._report(category, AssetProblem(row.digest, kind, _node_reason(row, reason)))
+        self._last = (row.digest, checked.context, checked.trusted)
+
+    async def _context(self, digest: Digest) -> ChainContext:
+        rows, leaves = await self._backend.get_chain(digest, context=True)
+        if not rows:
+            raise IntegrityError("it is not stored")
+        node_type = NODE_KINDS.get(rows[-1].kind)
+        if node_type is None:
+            raise IntegrityError(f"it has kind {rows[-1].kind}, no node kind")
+        node = chain_rows.read_context(rows, digest, node_type, leaves, self._dictionaries)
+        context = node.context()
+        assert context is not None
+        return context
+
+    async def _leaves(self, row: NodeRow) -> dict[Digest, Asset]:
+        """The row's out-of-line elements that are stored and sound (the asset pass reports
+        the others)."""
+        if not row.refs:
+            return {}
+        found: dict[Digest, Asset] = {}
+        for digest, stored in (await self._backend.get_assets(list(row.refs))).items():
+            try:
+                found[digest] = load_row(stored, self._dictionaries)
+            except IntegrityError:
+                continue
+        return found
+
+
+def _node_reason(row: NodeRow, reason: str) -> str:
+    return f"chain node at depth {row.depth}: {reason}"
 
 
 def _in_cycle(state_id: UUID, lineage: Sequence[StateRow]) -> bool:

@@ -156,7 +156,8 @@ def verify(ctx: Context, args: argparse.Namespace) -> int:
 
 def _verify_lines(report: VerifyReport, row: StateRow | None) -> Iterator[Line]:
     scope = "whole store" if row is None else f"state {row.id} ({describe(row)})"
-    yield (f"verified {scope}: {plural(report.assets_checked, 'asset')} "
+    yield (f"verified {scope}: {plural(report.assets_checked, 'asset')} and "
+           f"{plural(report.nodes_checked, 'chain node')} "
            f"({human_bytes(report.bytes_checked)}), {plural(report.agents_checked, 'state')}")
     # The report's own lines name each problem; its first (totals) and last (verdict)
     # are said here, in this command's units.

@@ -8,13 +8,20 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from immagent.assets import Asset, Item, Kind, Message, Value
+from immagent.assets import Asset, Kind
 from immagent.audit.diff import ChainDiff, StateDiff
 from immagent.cli.context import Context
 from immagent.cli.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNUSABLE, CLIError
 from immagent.cli.history import add_target, target
 from immagent.cli.refs import REF_HELP, parse_ref
-from immagent.cli.render import clip, jsonable, message_json, message_line
+from immagent.cli.render import (
+    clip,
+    element_json,
+    element_line,
+    jsonable,
+    message_json,
+    message_line,
+)
 from immagent.cli.spec import Command, count
 from immagent.replay import Rebuilt, Replayed, rebuild, replay
 
@@ -63,17 +70,7 @@ def _chain_lines(c: ChainDiff) -> Iterator[str]:
         yield f"{c.ref}: common history of {c.base_length} (up to {c.base.hex()[:16]})"
     for side, added in (("left", c.left), ("right", c.right)):
         yield f"  {side} adds {len(added)}" + (":" if added else "")
-        yield from (f"    {_element(e)}" for e in added)
-
-
-def _element(e: Asset) -> str:
-    if isinstance(e, Message):
-        return message_line(e, 96)
-    if isinstance(e, Item):
-        return clip(json.dumps(e.value, ensure_ascii=False, sort_keys=True), 96)
-    if isinstance(e, Value):
-        return f"a {e.type} value of {len(e.data)} bytes ({e.digest.hex()[:16]})"
-    return f"{Kind(e.kind).name.lower()} {e.digest.hex()[:16]}"
+        yield from (f"    {element_line(e, 96)}" for e in added)
 
 
 def _value(value: Any) -> str:
@@ -89,9 +86,7 @@ def _value(value: Any) -> str:
 
 def _diff_json(d: StateDiff) -> dict[str, Any]:
     def elements(added: tuple[Asset, ...]) -> list[Any]:
-        return [message_json(e) if isinstance(e, Message) else
-                {"kind": Kind(e.kind).name.lower(), "digest": e.digest.hex(),
-                 **({"value": e.value} if isinstance(e, Item) else {})} for e in added]
+        return [element_json(e) for e in added]
 
     return {"left": str(d.left), "right": str(d.right), "kind": _kind(d.kind),
             "ancestor": None if d.ancestor is None else str(d.ancestor),

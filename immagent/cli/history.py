@@ -192,21 +192,12 @@ async def _lineage(store: EventLog, view: View, head: StateRow,
     views = [view if r.kind == view.kind else view_of(r) for r in rows]
     convs = [v.conversation(r) for v, r in zip(views, rows, strict=True)]
     wanted = list(dict.fromkeys(c for c in convs if c is not None))
-    nodes: dict[Digest, ConversationNode] = dict(zip(
-        wanted, await store.get_assets(wanted, ConversationNode, "conversation node"),
-        strict=True)) if wanted else {}
+    # Each head node and the elements it adds, from its own row (no history read).
+    read = await store.read_nodes(wanted) if wanted else []
+    nodes: dict[Digest, ConversationNode] = {node.digest: node for node, _ in read}
+    own: dict[Digest, tuple[Asset, ...]] = {node.digest: els for node, els in read}
     parents: list[int | None] = [*range(1, len(rows)), None]
 
-    def step(i: int) -> tuple[Digest, ...]:
-        """What state ``i``'s node added, when it is one step past its parent's."""
-        mine, p = convs[i], parents[i]
-        theirs = None if p is None else convs[p]
-        if mine is None or theirs is None or nodes[mine].parent != theirs:
-            return ()
-        return nodes[mine].messages
-
-    direct = [d for i in range(len(shown)) for d in step(i)]
-    loaded = dict(zip(direct, await store.get_assets(direct), strict=True)) if direct else {}
     entries = []
     for i, row in enumerate(shown):
         p = parents[i]
@@ -225,7 +216,7 @@ async def _lineage(store: EventLog, view: View, head: StateRow,
         elif mine == theirs:
             added = ()
         elif node is not None and node.parent == theirs:
-            added = tuple(loaded[d] for d in node.messages)
+            added = own[node.digest]
         else:  # not one step: compare whole histories
             new = await store.get_chain(mine, view.node_kind)
             old = await store.get_chain(theirs, view.node_kind)

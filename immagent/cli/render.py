@@ -19,6 +19,7 @@ STORED column, gc's freed bytes, and the size on disk.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import sys
 import unicodedata
@@ -31,7 +32,7 @@ from uuid import UUID
 
 import msgspec
 
-from immagent.assets import Message
+from immagent.assets import Asset, Item, Kind, Message, Value
 
 __all__ = [
     "STYLES",
@@ -40,6 +41,8 @@ __all__ = [
     "Progress",
     "clip",
     "columns",
+    "element_json",
+    "element_line",
     "human_bytes",
     "json_text",
     "jsonable",
@@ -263,6 +266,28 @@ def message_line(message: Message, width: int = 100) -> str:
     if message.interrupted:
         role += " (interrupted)"
     return clip(f"{role}: {text}", width)
+
+
+def element_line(element: Asset, width: int = 100) -> str:
+    """One line for a chain's element: a message as ``message_line``, a session item as
+    its JSON, a checkpoint value by type, size and digest."""
+    if isinstance(element, Message):
+        return message_line(element, width)
+    if isinstance(element, Item):
+        return clip(json.dumps(element.value, ensure_ascii=False, sort_keys=True), width)
+    if isinstance(element, Value):
+        return f"a {element.type} value of {len(element.data)} bytes " \
+               f"({element.digest.hex()[:16]})"
+    return f"{Kind(element.kind).name.lower()} {element.digest.hex()[:16]}"
+
+
+def element_json(element: Asset) -> dict[str, Any]:
+    """A chain's element as a JSON object: a message as ``message_json``, else its kind and
+    digest (and a session item's value)."""
+    if isinstance(element, Message):
+        return message_json(element)
+    return {"kind": Kind(element.kind).name.lower(), "digest": element.digest.hex(),
+            **({"value": element.value} if isinstance(element, Item) else {})}
 
 
 class Progress:

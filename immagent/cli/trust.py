@@ -33,7 +33,7 @@ from immagent.exceptions import (
     ValidationError,
 )
 
-__all__ = ["COMMANDS", "bundle_lines", "signer_lines"]
+__all__ = ["COMMANDS", "add_trust_options", "bundle_lines", "policy", "signer_lines"]
 
 
 def keygen(ctx: Context, args: argparse.Namespace) -> int:
@@ -76,7 +76,7 @@ def verify_bundle(ctx: Context, args: argparse.Namespace) -> int:
     checked: no such file, not a bundle, a format this immagent does not read, or the
     signing extra missing), 2 a usage error (a bad --trusted-key file among them)."""
     path = Path(args.file)
-    trust = _policy(args)
+    trust = policy(args)
     if not path.is_file():
         raise CLIError(f"no bundle file at {path}", EXIT_UNUSABLE)
     try:
@@ -99,7 +99,7 @@ def verify_bundle(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _policy(args: argparse.Namespace) -> TrustPolicy | None:
+def policy(args: argparse.Namespace) -> TrustPolicy | None:
     """The trust policy of --trusted-key and --sigs-needed (usage errors for bad ones)."""
     if not args.trusted_key:
         if args.sigs_needed is not None:
@@ -153,6 +153,11 @@ def _add_attest(p: argparse.ArgumentParser) -> None:
 
 def _add_verify_bundle(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="the bundle to check")
+    add_trust_options(p)
+
+
+def add_trust_options(p: argparse.ArgumentParser) -> None:
+    """--trusted-key and --sigs-needed (read back with ``policy``)."""
     p.add_argument("--trusted-key", metavar="FILE", action="append", default=[],
                    help="a public key file whose signatures are trusted (repeatable)")
     p.add_argument("--sigs-needed", metavar="N", type=count(1),

@@ -224,9 +224,8 @@ class Store(EventLog):
         alone (one batched fetch, no history)."""
         records = [_record(a, f"agents[{i}]")
                    for i, a in enumerate(check_sequence("agents", agents))]
-        nodes = await self.get_assets([r.conversation for r in records],
-                                      ConversationNode, "conversation node")
-        return [n.length for n in nodes]
+        nodes = await self.read_nodes([r.conversation for r in records])
+        return [n.length for n, _ in nodes]
 
     async def get_system_prompt(self, agent: PersistentAgent) -> str:
         """The system prompt text of ``agent``."""
@@ -319,6 +318,13 @@ class Store(EventLog):
         ``progress`` gets the number of assets checked so far."""
         agent_id = None if agent is None else self._agent_id(agent)
         return await super().verify(agent_id, progress=progress)
+
+    async def prove(self, state: PersistentAgent | UUID | str, *,
+                    element: int | Digest, ref: int | None = None,
+                    include_body: bool = True, attested: bool = True) -> bytes:
+        """``EventLog.prove`` of an agent given as a state or as its id."""
+        return await super().prove(self._agent_id(state), element=element, ref=ref,
+                                   include_body=include_body, attested=attested)
 
     async def export(self, agent: PersistentAgent | UUID | str,
                      path: str | os.PathLike[str], *,

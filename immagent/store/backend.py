@@ -3,12 +3,16 @@ read replicas over PostgreSQL), one per role: the log's rows (``LogBackend``), t
 whole-store queries (``AuditBackend``), administration (``AdminBackend``). ``Backend`` is
 what the log is given; its ``audits()`` hands out the backend the audits ask.
 
-A backend stores two kinds of rows and reports facts about them; it applies no rule of its
-own. Assets (``StoredAsset``: digest, kind, refs, body) are append-only and content-
-addressed. States (``StateRow``) are the identity-bearing rows every client of the store
-writes (agent states today; checkpoints and sessions use the same table); they are inserted
-or deleted, never updated. Kinds are data: a new kind of asset or state needs no backend
-change. What to do with a fact (raise, retry, refuse) is decided in ``Store`` and the audits.
+A backend stores three kinds of rows and reports facts about them; it applies no rule of
+its own. Assets (``StoredAsset``: digest, kind, body) are append-only and content-
+addressed. Chain nodes (``chains.NodeRow``: a conversation's, a session's or a list's
+links, each carrying its elements' bodies) are content-addressed too and stored so that a
+lineage is a few range scans: a node is placed right after its parent (a *run* of
+consecutive nodes continues until a fork), and a backend answers for a node its depth and
+its parent's digest. States (``StateRow``) are the identity-bearing rows every client of
+the store writes (agent states, checkpoints, sessions); they are inserted or deleted,
+never updated. Kinds are data: a new kind of asset or state needs no backend change. What
+to do with a fact (raise, retry, refuse) is decided in ``Store`` and the audits.
 
 Every method is a coroutine and each write is one transaction, so a failed call writes
 nothing. Backends raise ``StoreError`` subclasses, never raw driver errors; a stored value
@@ -24,22 +28,26 @@ from typing import NamedTuple, Protocol
 from uuid import UUID
 
 from immagent.assets import Digest, MissingAsset
+from immagent.chains import NewNode, NodeRow
 from immagent.records import StateRow
 from immagent.rows import StoredAsset
 
 __all__ = ["SCHEMA_VERSION", "AdminBackend", "AuditBackend", "Backend", "CodecRefs", "Head",
-           "LogBackend", "MarkRows", "Misfit", "RetainResult", "RetentionBackend",
-           "RetentionPlan", "RowCheck", "StreamPlan", "SweepResult", "WriteResult"]
+           "LogBackend", "MarkRows", "Misfit", "NewNode", "NodeRow", "RetainResult",
+           "RetentionBackend", "RetentionPlan", "RowCheck", "StreamPlan", "SweepResult",
+           "WriteResult"]
 
 #: Version of the storage layout this immagent writes; older versions are migrated.
-SCHEMA_VERSION = 2
+#: 3: chain nodes in their own table, clustered by run, carrying their elements' bodies.
+SCHEMA_VERSION = 3
 
 #: A check gc runs, inside its exclusive transaction, on every row it marks from (states
-#: and assets with refs); it raises to abort the sweep.
-RowCheck = Callable[[Sequence[StoredAsset | StateRow]], None]
+#: and the chain nodes it reaches); it raises to abort the sweep.
+RowCheck = Callable[[Sequence[StoredAsset | StateRow | NodeRow]], None]
 #: gc's rule for what a compressed row needs, run in the same transaction before the rows
-#: are checked: given the dictionary ids (codecs >= 2) the marked rows are stored with and
-#: every stored DICTIONARY row, the digests to mark as well; it raises to abort the sweep.
+#: are checked: given the dictionary ids (codecs >= 2) the marked rows (assets and nodes)
+#: are stored with and every stored DICTIONARY row, the digests to mark as well; it raises
+#: to abort the sweep.
 CodecRefs = Callable[[Sequence[int], Sequence[StoredAsset]], Sequence[Digest]]
 
 
@@ -149,14 +157,16 @@ class LogBackend(Protocol):
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
-                    replace: Sequence[UUID] = (), *,
+                    replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = (), *,
                     require_states: Sequence[UUID] = ()) -> WriteResult:
-        """In one transaction: insert the assets (skipping ones already present), check that
-        every digest in ``require`` is stored and every head in ``heads`` is still the
+        """In one transaction: insert the assets and the chain nodes (skipping ones already
+        present; each node after its parent, which is stored or earlier in ``nodes``),
+        check that every digest in ``require`` is stored (as an asset or a node), every id
+        in ``require_states`` is a stored state, and every head in ``heads`` is still the
         newest state of its stream, delete the state rows whose ids are in ``replace``
-        (absent ones are fine), insert the states. Commits nothing when a required digest
-        is missing, a head moved on, or a state id not in ``replace`` exists with another
-        digest.
+        (absent ones are fine), insert the states. Commits nothing when a required digest,
+        a required state or a node's parent is missing, a head moved on, or a state id not
+        in ``replace`` exists with another digest.
 
         The checks see the rows as they were before the write: a head names a stream's
         newest state before a replacement. A replaced state written again takes the ``seq``
@@ -188,15 +198,24 @@ class LogBackend(Protocol):
     # -- assets ---------------------------------------------------------------------------
 
     async def get_assets(self, digests: Sequence[Digest]) -> dict[Digest, StoredAsset]:
-        """The rows for the digests present; absent ones are left out."""
+        """The asset rows for the digests present; absent ones (and nodes) are left out."""
 
-    async def get_chain(
-        self, head: Digest
-    ) -> tuple[list[StoredAsset], dict[Digest, StoredAsset]]:
-        """A hash chain in one round trip: the node rows from ``head`` back to the root
-        (following each node's first ref while it has the head's kind), newest first,
-        stopping early at a missing node; and the rows of every other digest those nodes
-        reference (their elements), by digest."""
+    async def get_chain(self, head: Digest, *, context: bool = False
+                        ) -> tuple[list[NodeRow], dict[Digest, StoredAsset]]:
+        """A lineage in one round trip: the node rows from the root to ``head``, root first
+        (each row's depth and parent digest filled in), and the asset rows of their
+        out-of-line elements by digest. With ``context``, only the rows from the one before
+        the head's last span depth (``chains.SPAN``) to the head: what an append needs.
+        Empty when ``head`` is no stored node; a lineage whose older part is missing starts
+        above depth 0."""
+
+    async def get_nodes(self, digests: Sequence[Digest]
+                        ) -> tuple[dict[Digest, NodeRow], dict[Digest, StoredAsset]]:
+        """The node rows for the digests present (each with its depth and parent digest;
+        absent ones left out) and the asset rows of their out-of-line elements."""
+
+    async def kinds(self, digests: Sequence[Digest]) -> dict[Digest, int]:
+        """The kind of each digest stored, as an asset or a node (absent ones left out)."""
 
     # -- states ---------------------------------------------------------------------------
 
@@ -236,34 +255,45 @@ class AuditBackend(LogBackend, Protocol):
     """A log backend that also answers the audits' whole-store queries (verify, stats,
     bundles): read-only, and asked of the one database that holds every row."""
 
+    def iter_nodes(self, roots: Sequence[Digest] | None = None,
+                   batch_size: int = 1000) -> AsyncIterator[list[NodeRow]]:
+        """Every stored node (``roots`` None), or the lineages of the nodes among
+        ``roots``, each once, in batches from one snapshot, ordered run by run (a run's
+        parent run first) and within a run by depth; depth and parent digest filled in."""
+        ...
+
     def iter_assets(self, roots: Sequence[Digest] | None = None,
                     batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
-        """Every stored asset (``roots`` None), or every one reachable from ``roots``
-        through refs (each once, any order; absent digests skipped), in batches from one
+        """Every stored asset (``roots`` None), or every one reachable from ``roots``: the
+        assets among them and the out-of-line elements of the lineages of the nodes among
+        them (each once, any order; absent digests skipped), in batches from one
         snapshot, so memory stays one batch."""
         ...
 
     async def dangling_refs(self, states: Sequence[UUID] | None = None,
                             limit: int = 10_000) -> list[MissingAsset]:
         """References to absent digests, found by the database (an anti-join), at most
-        ``limit``, distinct: from every asset and state, or (``states`` given) only from
-        those states and the assets they reach."""
+        ``limit``, distinct: from every state and node (its out-of-line elements; a run
+        whose parent node is gone names that parent), or (``states`` given) only from those
+        states and the nodes they reach."""
 
     async def misfit_refs(self, expected: Mapping[int, tuple[int, int]],
                           states: Sequence[UUID] | None = None,
                           limit: int = 10_000) -> list[Misfit]:
-        """References from assets to a stored asset of another kind than ``expected`` says,
+        """References from nodes to a stored row of another kind than ``expected`` says,
         found by the database, at most ``limit``: ``expected[kind] = (first, rest)`` is the
-        kind the first ref of an asset of ``kind`` must have, and every later one (assets of
-        kinds not in it are not checked; absent targets are ``dangling_refs``). From every
-        asset, or (``states`` given) from the assets those states reach."""
+        kind a node of ``kind`` must have as parent (``first``) and as out-of-line elements
+        (``rest``); absent targets are ``dangling_refs``. From every node, or (``states``
+        given) from the nodes those states reach."""
 
     async def cyclic_states(self, limit: int = 10_000) -> list[UUID]:
         """States whose lineage never ends (following ``parent_id`` runs into a cycle),
         found by the database, at most ``limit``, in id order."""
 
     async def asset_stats(self) -> dict[int, tuple[int, int]]:
-        """Per asset kind: (number of assets, total body bytes)."""
+        """Per kind: (number of assets, total stored body bytes); node kinds count their
+        rows and records, and element kinds also count the elements held inline in nodes
+        (their bytes are in the nodes' records)."""
 
     async def storage_bytes(self) -> int:
         """Bytes the backend occupies for immagent's tables (indexes included)."""
@@ -294,17 +324,18 @@ class AdminBackend(Protocol):
     async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
                     detached: Sequence[int] = (), dry_run: bool = False) -> SweepResult:
         """Delete the states of the ``detached`` kinds whose parent is not stored (attached
-        states whose subject is gone); mark every asset a remaining state reaches through
-        refs, then (when some marked row is stored with a dictionary) the digests
-        ``codec_refs`` names for the codecs in use; run ``check`` on every row marked from
-        (all those states, every reached asset that has refs or is of a node kind, and every
-        one a state or a node links to as parent: a node whose refs or kind column were
-        damaged marks nothing, yet must be checked); then delete the assets not marked: one
-        transaction holding the exclusive side of the gc lock (so a write restoring a subject
-        is either seen or waits). If ``codec_refs`` or ``check`` raises, or a reached digest
-        is missing, nothing is deleted (the exception propagates; the missing digest is
-        reported). With ``dry_run`` everything but the commit happens: the result says what
-        would have been removed, nothing is."""
+        states whose subject is gone); mark every node and asset a remaining state reaches
+        (a node reaches its whole lineage and its out-of-line elements, an asset what its
+        refs name: a message's tool schemas), then (when some marked row is stored with a
+        dictionary) the digests ``codec_refs`` names for the codecs in use; run ``check``
+        on every row marked from (all those states and every marked node, with its depth
+        and its parent's digest); then delete the nodes and assets not marked: one
+        transaction holding the exclusive side of the gc lock (so a write restoring a
+        subject is either seen or waits). If ``codec_refs`` or ``check`` raises, or a
+        reached digest (a state's ref, an out-of-line element, a run's parent) is missing,
+        nothing is deleted (the exception propagates; the missing digest is reported). With
+        ``dry_run`` everything but the commit happens: the result says what would have
+        been removed, nothing is."""
 
 
 class RetentionBackend(Protocol):

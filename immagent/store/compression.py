@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 
 from immagent import codec
 from immagent.assets import Dictionary, Digest, Kind
+from immagent.chains import NodeRow
 from immagent.exceptions import ImmAgentError, IntegrityError
 from immagent.ids import uuid7
 from immagent.records import StateRow, load_state, stream_digest
@@ -112,7 +113,7 @@ class Compression:
             loaded.append(dictionary)
         return codec.Dictionaries(loaded)
 
-    async def ready(self, rows: Iterable[StoredAsset]) -> codec.Dictionaries:
+    async def ready(self, rows: Iterable[StoredAsset | NodeRow]) -> codec.Dictionaries:
         """The dictionaries, re-read first if one of ``rows`` names one not known yet (written
         by another process since)."""
         if any(r.codec >= codec.FIRST_DICTIONARY and r.codec not in self.dictionaries
@@ -136,6 +137,21 @@ class Compression:
                 self._sample(row.body)
             out.append(row if chosen == codec.RAW else
                        StoredAsset(row.digest, row.kind, row.refs, body, chosen))
+        return out
+
+    async def encode_records(self, records: Sequence[bytes]) -> list[tuple[int, bytes]]:
+        """(codec, stored bytes) of chain node records (``immagent.chains``): compressed
+        like asset bodies, and sampled for the dictionaries (a record holds its elements'
+        bodies, so it is what the store compresses most)."""
+        if not self._loaded:
+            await self.load()
+        writer = self.dictionaries.newest()
+        sampling = len(self.dictionaries) < len(GENERATIONS)
+        out: list[tuple[int, bytes]] = []
+        for data in records:
+            out.append(codec.encode(int(Kind.NODE), (), data, writer))
+            if sampling and len(data) >= codec.MIN_COMPRESSED:
+                self._sample(data)
         return out
 
     def _sample(self, body: bytes) -> None:

@@ -27,11 +27,14 @@ class Column(NamedTuple):
 
 class Index(NamedTuple):
     """A secondary index. ``log_order``: entries end in ``seq`` (SQLite gets that for free:
-    seq is the rowid every index entry ends with; PostgreSQL lists it)."""
+    seq is the rowid every index entry ends with; PostgreSQL lists it). ``sqlite_only``:
+    an index on an expression SQLite needs where PostgreSQL has a hash index (the digest
+    exclusion constraints); its ``columns`` are then that expression."""
 
     table: str
     columns: tuple[str, ...]
     log_order: bool = False
+    sqlite_only: bool = False
 
 
 TABLES: dict[str, tuple[Column, ...]] = {
@@ -42,6 +45,19 @@ TABLES: dict[str, tuple[Column, ...]] = {
         Column("codec", "int"),
         # NULL for no refs on PostgreSQL, an empty BLOB on SQLite (which costs no byte).
         Column("refs", "blob", nullable=True, check="mult32"),
+        Column("body", "blob"),
+    ),
+    "immagent_nodes": (
+        Column("loc", "seq"),
+        Column("kind", "int"),
+        Column("codec", "int"),
+        Column("count", "int"),
+        Column("depth", "int", nullable=True),  # a run's first row only
+        Column("digest", "digest", check="len32"),
+        Column("parent", "digest", nullable=True, check="len32"),  # a run's first row only
+        # NULL for no out-of-line elements on PostgreSQL, an empty BLOB on SQLite.
+        Column("refs", "blob", nullable=True, check="mult32"),
+        Column("peaks", "blob", nullable=True, check="mult32"),
         Column("body", "blob"),
     ),
     "immagent_states": (
@@ -60,4 +76,6 @@ TABLES: dict[str, tuple[Column, ...]] = {
 INDEXES: dict[str, Index] = {
     "immagent_states_stream": Index("immagent_states", ("kind", "stream"), log_order=True),
     "immagent_states_parent": Index("immagent_states", ("parent_id",)),
+    "immagent_nodes_digest": Index("immagent_nodes", ("substr(digest, 1, 8)",),
+                                   sqlite_only=True),
 }

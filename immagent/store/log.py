@@ -21,13 +21,15 @@ import itertools
 import logging
 import operator
 import os
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Self, TypeVar, cast, overload
+from typing import Self, TypeVar, overload
 from uuid import UUID
 
 import msgspec
 
+from immagent import chains
 from immagent.assets import (
     NODE_KINDS,
     Asset,
@@ -42,10 +44,13 @@ from immagent.assets import (
     Value,
     decode_asset,
     encode,
+    own_elements,
 )
 from immagent.attestations import MAX_NOTE_BYTES
-from immagent.audit import bundle, diff, gc, retain, verify
+from immagent.audit import bundle, diff, gc, proofs, retain, verify
 from immagent.audit.keys import SigningKey
+from immagent.chain_rows import read_chain, read_context
+from immagent.chain_rows import read_node as chain_node
 from immagent.exceptions import (
     AssetNotFoundError,
     BundleError,
@@ -74,7 +79,7 @@ from immagent.retention import (
     encode_body,
     parse_duration,
 )
-from immagent.rows import StoredAsset, load_row, load_rows, nodes_counters, stored
+from immagent.rows import StoredAsset, load_row, stored
 from immagent.store import dsn as dsns
 from immagent.store import rules
 from immagent.store.backend import SCHEMA_VERSION, Backend, Head
@@ -108,6 +113,8 @@ A = TypeVar("A", bound=Asset)
 _PAGE = 1000
 #: Largest page a caller may ask for.
 MAX_PAGE = 10_000
+#: Asset digests remembered as stored on their own (see EventLog._standalone).
+_STANDALONE = 100_000
 
 
 class EventLog:
@@ -122,6 +129,9 @@ class EventLog:
         self._backend = backend
         self._name = name
         self._cache = AssetCache(recent=cache_entries)
+        # Digests this store wrote or read as assets of their own (a LangGraph write's
+        # values): a node listing one names it out of line instead of holding a second copy.
+        self._standalone: OrderedDict[Digest, None] = OrderedDict()
         self._compression = Compression(backend)
         self._closed = False
 
@@ -271,11 +281,13 @@ class EventLog:
 
     async def _write(self, rows: Sequence[StoredAsset], states: Sequence[StateRow],
                      decoded: Sequence[Asset] = (), heads: Sequence[Head] = (),
-                     replace: Sequence[UUID] = (), *,
+                     replace: Sequence[UUID] = (), *, legacy: bool = False,
                      require_states: Sequence[UUID] = ()) -> None:
         """The one write path: rows proved storable (or read from a verified bundle),
-        states checked, every outside reference required to exist, replaced states allowed
-        to be deleted, in one transaction."""
+        states checked, chain nodes checked against their parents (counters, accumulator
+        root, span hash; ``legacy``: a node written before schema 3 may lack the last two)
+        and laid out with their elements inline, every outside reference required to exist,
+        replaced states allowed to be deleted, in one transaction."""
         backend = self._open()
         for i, row in enumerate(rows):
             check_fan_out(f"assets[{i}].refs", len(row.refs))
@@ -288,9 +300,6 @@ class EventLog:
             if state.parent_id == state.id:
                 raise ValidationError(f"states[{i}].parent_id", "a state cannot be its own "
                                       "parent", state.parent_id)
-        inside = {row.digest for row in rows}
-        wanted = {d for row in rows for d in row.refs}
-        wanted.update(d for s in states for d in s.refs)
         for i, head in enumerate(heads):
             if not isinstance(head, Head):
                 raise ValidationError(f"heads[{i}]", "must be a Head", head)
@@ -300,12 +309,23 @@ class EventLog:
                 check_uuid(f"heads[{i}].state_id", head.state_id)
         if replace:
             await self._check_deletable("replace", replace)
+        others = {r.digest: r for r in rows if r.kind not in NODE_KINDS}
+        node_rows = list({r.digest: r for r in rows if r.kind in NODE_KINDS}.values())
+        state_refs = {d for s in states for d in s.refs}
+        nodes, listed, outside = await self._layout(node_rows, others, decoded, state_refs,
+                                                    legacy)
+        # An element held inline by the batch's nodes is not written again as an asset,
+        # unless a state of the batch points at it or a node keeps it out of line.
+        assets = [r for d, r in others.items() if d not in listed]
+        inside = set(others) | {n.digest for n in node_rows}
+        # What the batch points at: states' refs, nodes' parents and out-of-line elements,
+        # and the refs of the assets written (a message's tool schemas).
+        wanted = (state_refs | outside | {d for r in assets for d in r.refs}) - inside
         # In digest order: concurrent writers of shared assets then lock them in one order
         # (PostgreSQL deadlocked on two writes listing them in other orders).
-        encoded = await self._compression.encode(
-            sorted({r.digest: r for r in rows}.values(), key=_row_digest))
-        result = await backend.write(encoded, list(states), sorted(wanted - inside),
-                                     list(heads), list(dict.fromkeys(replace)),
+        encoded = await self._compression.encode(sorted(assets, key=_row_digest))
+        result = await backend.write(encoded, list(states), sorted(wanted), list(heads),
+                                     list(dict.fromkeys(replace)), nodes=nodes,
                                      require_states=list(require_states))
         if result.missing:
             raise AssetNotFoundError("referenced asset", result.missing[0])
@@ -316,8 +336,143 @@ class EventLog:
         if result.stale:
             raise StaleStreamError(result.stale[0].kind, result.stale[0].stream)
         self._forget(replace)
+        self._known_assets(r.digest for r in assets)
         self._cache.put_written(decoded)
         await self._compression.after_write()
+
+    def _known_assets(self, digests: Iterable[Digest]) -> None:
+        """Remember digests stored as assets of their own (bounded: an LRU)."""
+        known = self._standalone
+        for digest in digests:
+            known[digest] = None
+            known.move_to_end(digest)
+        while len(known) > _STANDALONE:
+            known.popitem(last=False)
+
+    async def _layout(self, node_rows: Sequence[StoredAsset],
+                      others: Mapping[Digest, StoredAsset], decoded: Sequence[Asset],
+                      state_refs: set[Digest], legacy: bool
+                      ) -> tuple[list[chains.NewNode], set[Digest], set[Digest]]:
+        """The node rows to write, parents first: each checked against its parent's context
+        and holding its elements' bodies inline where they are known and small. Returns
+        them, the element digests held inline only, and what they need stored outside the
+        batch (their parents and out-of-line elements)."""
+        if not node_rows:
+            return [], set(), set()
+        objects = {a.digest: a for a in decoded}
+        contexts: dict[Digest, chains.ChainContext] = {}
+        out: list[chains.NewNode] = []
+        records: list[bytes] = []
+        inline_only: set[Digest] = set()
+        kept_out: set[Digest] = set()
+        outside: set[Digest] = set()
+        batch_nodes = {r.digest for r in node_rows}
+        linked: set[Digest] = set()  # elements with refs of their own: kept out of line
+        for row in _parents_first(node_rows):
+            wrong = next((d for d in row.refs[1:] if d in batch_nodes), None)
+            if wrong is not None:
+                element = _kind_name(NODE_KINDS[row.kind].element_kind)
+                raise ValidationError(f"node {row.digest.hex()}", f"lists {wrong.hex()}, a "
+                                      f"node, where a {element} must be", None)
+            found = objects.get(row.digest)
+            node = found if isinstance(found, ConversationNode) else decode_asset(
+                row.kind, row.body, row.refs)
+            assert isinstance(node, ConversationNode)
+            elements = row.refs[1:]
+            bodies = await self._element_bodies(node, elements, others, linked)
+            if node.parent is None:
+                context = node.context()
+                assert context is not None  # a root (decode_asset refuses elements without parent)
+            else:
+                parent = contexts.get(node.parent)
+                if parent is None:
+                    parent = await self._context(node.parent)
+                    outside.add(node.parent)
+                context = _checked_child(node, parent, elements, bodies, legacy)
+            contexts[row.digest] = context
+            entries: list[bytes] = []
+            refs: list[Digest] = []
+            for digest, body in zip(elements, bodies, strict=True):
+                if (len(body) <= chains.INLINE_MAX and digest not in state_refs
+                        and digest not in self._standalone and digest not in linked):
+                    entries.append(body)
+                    inline_only.add(digest)
+                else:
+                    entries.append(chains.OUT_OF_LINE)
+                    refs.append(digest)
+                    kept_out.add(digest)
+                    if digest not in others:
+                        outside.add(digest)
+            records.append(chains.record(row.body, entries))
+            peaks = (chains.join_peaks(context.peaks) if context.depth % chains.SPAN == 0
+                     else None)
+            out.append(chains.NewNode(row.digest, row.kind, node.parent, tuple(refs), b"", 0,
+                                      peaks, len(elements)))
+        encoded = await self._compression.encode_records(records)
+        nodes = [n._replace(codec=c, body=b) for n, (c, b) in zip(out, encoded, strict=True)]
+        return nodes, inline_only - kept_out, outside
+
+    async def _element_bodies(self, node: ConversationNode, elements: Sequence[Digest],
+                              others: Mapping[Digest, StoredAsset],
+                              linked: set[Digest]) -> list[bytes]:
+        """The canonical bodies of a node's elements: from the batch, the node itself (built
+        by ``extend``), the cache, or the store (AssetNotFoundError if stored nowhere).
+        Each must be of the chain's element kind (ValidationError otherwise): a node row
+        holds its elements' bodies, read back as that kind. Elements with refs of their
+        own (a message naming its tool schemas) are added to ``linked``: they stay assets
+        of their own, where gc and audits follow their refs."""
+        own = {e.digest: e for e in own_elements(node) or ()}
+        found: dict[Digest, tuple[int, bytes, bool]] = {}
+        unknown: list[Digest] = []
+        for digest in elements:
+            row = others.get(digest)
+            asset = own.get(digest) or self._cache.get(digest)
+            if row is not None:
+                found[digest] = (row.kind, row.body, bool(row.refs))
+            elif asset is not None:
+                found[digest] = (int(asset.kind), asset.body, bool(asset.refs()))
+            else:
+                unknown.append(digest)
+        if unknown:
+            for asset in await self.get_assets(list(dict.fromkeys(unknown)),
+                                               what="chain element"):
+                found[asset.digest] = (int(asset.kind), asset.body, bool(asset.refs()))
+        for digest in elements:
+            if found[digest][0] != node.element_kind:
+                raise ValidationError(
+                    f"node {node.digest.hex()}", f"lists {digest.hex()}, a "
+                    f"{_kind_name(found[digest][0])}, where a "
+                    f"{_kind_name(node.element_kind)} must be", None)
+            if found[digest][2]:
+                linked.add(digest)
+        return [found[d][1] for d in elements]
+
+    async def _context(self, digest: Digest) -> chains.ChainContext:
+        """The verified context of a stored node (cache first; AssetNotFoundError if it is
+        not stored)."""
+        cached = self._cache.get(digest)
+        context = cached.context() if isinstance(cached, ConversationNode) else None
+        if context is None:
+            node = await self._read_node(digest)
+            if node is None:
+                raise AssetNotFoundError("referenced asset", digest)
+            context = node.context()
+            assert context is not None
+        return context
+
+    async def _read_node(self, digest: Digest) -> ConversationNode | None:
+        """A stored node with its context (read from at most SPAN + 1 rows), or None."""
+        rows, leaves = await self._open().get_chain(digest, context=True)
+        if not rows:
+            return None
+        node_type = NODE_KINDS.get(rows[-1].kind)
+        if node_type is None:
+            raise IntegrityError(f"node {digest.hex()} has kind {rows[-1].kind}, no node kind "
+                                 "(run store.verify())")
+        dictionaries = await self._compression.ready([*rows, *leaves.values()])
+        node = read_context(rows, digest, node_type, leaves, dictionaries)
+        self._cache.put(node)
+        return node
 
     @overload
     async def get_assets(self, digests: Sequence[Digest], kind: None = None,
@@ -355,11 +510,16 @@ class EventLog:
             dictionaries = await self._compression.ready(rows.values())
             for d in missing:
                 if d not in rows:
-                    if what == "message":
-                        raise MessageNotFoundError(d)
-                    raise AssetNotFoundError(what, d)
+                    node = await self._read_node(d)
+                    if node is None:
+                        if what == "message":
+                            raise MessageNotFoundError(d)
+                        raise AssetNotFoundError(what, d)
+                    found[d] = node
+                    continue
                 found[d] = load_row(rows[d], dictionaries)
                 self._cache.put(found[d])
+            self._known_assets(rows)
         if kind is not None:
             for d in digests:
                 if not isinstance(found[d], kind):
@@ -381,57 +541,70 @@ class EventLog:
             if cached and cached[0].kind != node_type.element_kind:
                 raise _wrong_chain(head, node_type)
             return cached
-        chain, leaves = await self._open().get_chain(head)
-        # The link from the head back to the root, as far as the rows go.
-        expected: Digest | None = head
-        count = 0
-        for row in chain:
-            if row.digest != expected or row.kind != node_kind:
-                break
-            expected = row.refs[0] if row.refs else None
-            count += 1
-        links = chain[:count][::-1]  # oldest (the root) first
-        # Every node row is verified, in one batch, but only the head becomes a node
-        # object: the walk needs each node's refs and counters, not 1,000 objects.
-        lengths, sizes = nodes_counters(links)
-        if expected is not None:  # the chain stopped before its root
-            await self._chain_break(head, expected, node_type)
-        added = [row.refs[1:] for row in links]
-        flat = list(_chain_from(added))  # the history's digests, oldest first
-        order = list(dict.fromkeys(flat))
-        found = list(map(leaves.get, order))
-        if None in found:
-            digest = order[found.index(None)]
-            raise (MessageNotFoundError(digest) if node_type.element_kind == Kind.MESSAGE
-                   else AssetNotFoundError("chain element", digest))
-        rows = cast("list[StoredAsset]", found)
-        # One row per codec is enough to tell whether a dictionary must be loaded first.
-        dictionaries = await self._compression.ready(
-            dict(zip(map(_codec, rows), rows, strict=True)).values())
-        loaded = load_rows(rows, dictionaries)
-        _check_elements(links, order, loaded, node_type)
-        elements = dict(zip(order, loaded, strict=True))
-        history = tuple(map(elements.__getitem__, flat))
-        ends = _check_counters(links, added, lengths, sizes, order, loaded)
+        rows, leaves = await self._open().get_chain(head)
+        if not rows or rows[-1].kind != node_kind:
+            await self._chain_break(head, head, node_type)
+        if rows[0].depth != 0:  # the lineage stops before its root
+            assert rows[0].parent is not None
+            await self._chain_break(head, rows[0].parent, node_type)
+        dictionaries = await self._compression.ready([*rows, *leaves.values()])
+        read = read_chain(rows, head, node_type, leaves, dictionaries)
         # The chain is cached as one run: every other state of its lineage (their heads are
         # its nodes) then reads its history from memory, sharing this one.
-        self._cache.put_chain(list(map(_digest, links)), ends, history, sizes)
-        self._cache.put(load_row(links[-1]))
-        self._cache.put_history(head, history)
-        return history
+        self._cache.put_chain(read.digests, read.ends, read.elements, read.sizes)
+        self._cache.put(read.head)
+        self._cache.put_history(head, read.elements)
+        return read.elements
 
     async def _chain_break(self, head: Digest, digest: Digest,
                            node_type: type[ConversationNode]) -> None:
-        """Why a chain walk stopped before its root: absent, or not a node of the expected
-        kind (a reference of the wrong kind). Always raises."""
-        rows = await self._open().get_assets([digest])
-        if digest not in rows:
+        """Why a chain read found no lineage down to its root: a node absent, or not a node
+        of the expected kind (a reference of the wrong kind). Always raises."""
+        found = await self._open().kinds([digest])
+        if digest not in found:
             raise AssetNotFoundError(_kind_name(node_type.kind).replace("_", " "), digest)
         if digest == head:
             raise _wrong_chain(head, node_type)
         raise IntegrityError(f"chain {head.hex()} links to {digest.hex()}, a "
-                             f"{_kind_name(rows[digest].kind)}, where a "
+                             f"{_kind_name(found[digest])}, where a "
                              f"{_kind_name(node_type.kind)} must be")
+
+    async def read_nodes(self, nodes: Sequence[Digest]
+                         ) -> list[tuple[ConversationNode, tuple[Asset, ...]]]:
+        """Chain nodes and the elements each adds to its parent (not its history), in
+        order, each verified alone: one row per node, what a listing (``immagent log``,
+        message counts) needs. AssetNotFoundError for one that is not stored. A node to
+        extend comes from ``get_assets`` (which reads what appending needs)."""
+        digests = check_digests("nodes", nodes)
+        found: dict[Digest, tuple[ConversationNode, tuple[Asset, ...]]] = {}
+        missing: list[Digest] = []
+        for digest in dict.fromkeys(digests):
+            cached = self._cache.get(digest)
+            own = own_elements(cached) if isinstance(cached, ConversationNode) else None
+            if own is not None:
+                assert isinstance(cached, ConversationNode)
+                found[digest] = (cached, own)
+            else:
+                missing.append(digest)
+        if missing:
+            rows, leaves = await self._open().get_nodes(missing)
+            dictionaries = await self._compression.ready([*rows.values(), *leaves.values()])
+            absent = [d for d in missing if d not in rows]
+            if absent:
+                kinds = await self._open().kinds(absent)
+                if absent[0] in kinds:
+                    raise IntegrityError(f"{absent[0].hex()} is a "
+                                         f"{_kind_name(kinds[absent[0]])}, not a chain node")
+                raise AssetNotFoundError("chain node", absent[0])
+            for digest in missing:
+                found[digest] = chain_node(rows[digest], leaves, dictionaries)
+        return [found[d] for d in digests]
+
+    async def node_elements(self, nodes: Sequence[Digest]) -> list[tuple[Asset, ...]]:
+        """The elements each of these chain nodes adds to its parent, in order (see
+        ``read_nodes``). Chain elements are stored in their nodes: this, ``get_chain`` and
+        ``get_assets`` (for bodies larger than ``chains.INLINE_MAX``) read them."""
+        return [own for _, own in await self.read_nodes(nodes)]
 
     async def get_states(self, ids: Sequence[UUID]) -> list[StateRow]:
         """The stored states with these ids (absent ones left out), each verified."""
@@ -603,12 +776,19 @@ class EventLog:
             after = page[-1].id
             for row in page:
                 counts[row.kind] = counts.get(row.kind, 0) + 1
-            # The store's own compression state pins dictionaries, not content.
+            # The store's own compression state pins dictionaries, not content. A node
+            # counts the content bytes of its chain (its own row: no history read).
             content = [r for r in page if r.kind != Kind.COMPRESSION]
+            nodes: set[Digest] = set()
+            others: set[Digest] = set()
+            for r in content:
+                for d, k in zip(r.refs, STATE_KINDS[r.kind].ref_kinds(r), strict=False):
+                    (nodes if k in NODE_KINDS else others).add(d)
             sizes: dict[Digest, int] = {}
-            for asset in await self.get_assets(sorted({d for r in content for d in r.refs})):
-                sizes[asset.digest] = (asset.size if isinstance(asset, ConversationNode)
-                                       else len(asset.body))
+            for asset in await self.get_assets(sorted(others)):
+                sizes[asset.digest] = len(asset.body)
+            for node, _ in await self.read_nodes(sorted(nodes)):
+                sizes[node.digest] = node.size
             logical += sum(sizes[d] for r in content for d in r.refs)
         states = {_kind_name(k): n for k, n in sorted(counts.items())}
         return StoreStats(
@@ -619,6 +799,63 @@ class EventLog:
             logical_bytes=logical,
             states_by_kind=states,
         )
+
+    async def prove(self, state: UUID | str, *,
+                    element: int | Digest, ref: int | None = None,
+                    include_body: bool = True, attested: bool = True) -> bytes:
+        """An inclusion proof (``immagent.audit.proofs``) that one element of a state's
+        chain is in the state: ``element`` its position (0 = the first message) or its
+        digest (the first occurrence), ``ref`` which of the state's refs is the chain (the
+        first chain by default: an agent's conversation, a session's ``main`` branch), the
+        element's body unless ``include_body`` is False, and the state's attestations
+        (the oldest ``proofs.MAX_SIGNATURES``) unless ``attested`` is False. O(log n)
+        digests; check it with ``immagent.verify_proof``. Reading the chain costs what a
+        read of it does."""
+        state_id = check_uuid("state", state)
+        rows = await self.get_states([state_id])
+        if not rows:
+            raise ValidationError("state", f"no state {state_id} is stored", str(state_id))
+        row = rows[0]
+        kinds = STATE_KINDS[row.kind].ref_kinds(row)
+        chains_at = [i for i, k in enumerate(kinds) if k in NODE_KINDS]
+        if ref is None:
+            if not chains_at:
+                raise ValidationError("state", f"state {state_id} pins no chain", None)
+            ref = chains_at[0]
+        elif isinstance(ref, bool) or not isinstance(ref, int) or ref not in chains_at:
+            raise ValidationError("ref", f"must be the index of one of the state's chains "
+                                  f"({chains_at}), got {ref!r}", ref)
+        head = row.refs[ref]
+        history = await self.get_chain(head, kinds[ref])
+        (node,) = await self.get_assets([head], ConversationNode, "chain node")
+        if node.acc is None:
+            raise ValidationError("state", f"the head node of state {state_id} was written "
+                                  "before schema 3 and carries no accumulator root: only "
+                                  "states written since can be proved (append to it)",
+                                  None)
+        leaves = [e.digest for e in history]
+        if isinstance(element, bytes):
+            digest = check_digest("element", element)
+            if digest not in leaves:
+                raise ValidationError("element", f"{digest.hex()} is not in state {state_id}",
+                                      digest.hex())
+            index = leaves.index(digest)
+        elif isinstance(element, bool) or not isinstance(element, int):
+            raise ValidationError("element", "must be a position (int) or a digest (bytes)",
+                                  element)
+        elif not 0 <= element < len(leaves):
+            raise ValidationError("element", f"state {state_id} holds {len(leaves)} "
+                                  f"elements, there is no element {element}", element)
+        else:
+            index = element
+        assert node.parent is not None  # a chain with elements has a parent node
+        proof = proofs.build(row, ref, int(node.kind), node.parent, node.messages,
+                             node.length, node.size, node.span, leaves, index,
+                             history[index].body if check_flag("include_body", include_body)
+                             else None,
+                             [a.body for a in await self.attestations(state_id)]
+                             if check_flag("attested", attested) else ())
+        return proof.encode()
 
     async def export_lineage(self, state_id: UUID | str, path: str | os.PathLike[str], *,
                              sign: Sequence[SigningKey] = ()) -> bundle.BundleInfo | None:
@@ -764,7 +1001,7 @@ class EventLog:
             # attached states (oldest first already) after the states they are about.
             await self._write(rows, [*reversed(subjects),
                                      *(s for s in states if s.id in attached
-                                       and s.id not in existing)])
+                                       and s.id not in existing)], legacy=True)
         except ConflictError as e:  # written meanwhile by someone else, differently
             raise bundle.conflict(info, e.state_id) from e
         log.info("imported bundle %s: head %s", os.fspath(path), info.head)
@@ -962,40 +1199,43 @@ def _wrong_chain(head: Digest, node_type: type[ConversationNode]) -> IntegrityEr
                           f"{_kind_name(node_type.element_kind)} assets")
 
 
-def _check_elements(links: Sequence[StoredAsset], order: Sequence[Digest],
-                    loaded: Sequence[Asset], node_type: type[ConversationNode]) -> None:
-    """Every element a chain's nodes list is of the chain's element kind."""
-    element_kind = node_type.element_kind
-    if all(t.kind == element_kind for t in {type(e) for e in loaded}):
-        return
-    digest, element = next((d, e) for d, e in zip(order, loaded, strict=True)
-                           if e.kind != element_kind)
-    lister = next(row for row in links if digest in row.refs[1:])
-    raise IntegrityError(f"node {lister.digest.hex()} lists {digest.hex()}, a "
-                         f"{Kind(element.kind).name.lower()}, where a "
-                         f"{element_kind.name.lower()} must be")
+def _parents_first(rows: Sequence[StoredAsset]) -> list[StoredAsset]:
+    """Node rows ordered so that a node whose parent is in the batch comes after it."""
+    by_digest = {r.digest: r for r in rows}
+    done: set[Digest] = set()
+    out: list[StoredAsset] = []
+    for row in rows:
+        line: list[StoredAsset] = []
+        current: StoredAsset | None = row
+        while current is not None and current.digest not in done:
+            done.add(current.digest)
+            line.append(current)
+            current = by_digest.get(current.refs[0]) if current.refs else None
+        out += reversed(line)
+    return out
 
 
-def _check_counters(links: Sequence[StoredAsset], added: Sequence[Sequence[Digest]],
-                    lengths: Sequence[int], sizes: Sequence[int], order: Sequence[Digest],
-                    loaded: Sequence[Asset]) -> list[int]:
-    """The rule of ``rules.check_counters`` over a whole chain at once: ``links`` oldest
-    first, each node's claimed ``lengths`` and ``sizes``; returns how many elements each
-    node's history holds (computed as running sums, without a Python step per element).
-    The first node that breaks the rule is reported by ``rules.check_counters`` itself."""
-    ends = list(itertools.accumulate(map(len, added)))
-    size_of = dict(zip(order, map(len, map(_body, loaded)), strict=True))
-    totals = list(itertools.accumulate(map(size_of.__getitem__, _chain_from(added)), initial=0))
-    counted = list(map(totals.__getitem__, ends))
-    if ends != lengths or counted != sizes:
-        i = next(i for i in range(len(links))
-                 if (lengths[i], sizes[i]) != (ends[i], counted[i]))
-        problem = rules.check_counters(
-            links[i].digest, (lengths[i], sizes[i]),
-            None if i == 0 else (ends[i - 1], counted[i - 1]),
-            [size_of[d] for d in added[i]])
-        raise IntegrityError(problem or f"node {links[i].digest.hex()}: wrong counters")
-    return ends
+def _checked_child(node: ConversationNode, parent: chains.ChainContext,
+                   elements: Sequence[Digest], bodies: Sequence[bytes],
+                   legacy: bool) -> chains.ChainContext:
+    """The context of ``node`` after proving it is the child of ``parent`` it claims to be:
+    its counters, its accumulator root and (at a span depth) its span hash are what the
+    chain gives (a node written before schema 3, ``legacy``, may lack the last two). A
+    client bug must never store a node that later reads would refuse."""
+    length, size, acc, peaks, span = chains.advance(parent, elements, list(map(len, bodies)))
+    field = f"node {node.digest.hex()}"
+    if (node.length, node.size) != (length, size):
+        raise ValidationError(field, f"claims {node.length} elements ({node.size} bytes), "
+                              f"its chain holds {length} ({size})", None)
+    for name, have, want in (("accumulator root", node.acc, acc), ("span hash", node.span,
+                                                                    span)):
+        if have != want and not (legacy and have is None):
+            raise ValidationError(field, f"its {name} is not the one its chain gives (build "
+                                  "nodes with extend() on a node read through the store)",
+                                  None)
+    return chains.child_context(parent, node.digest,
+                                chains.canonical_record(node.body, bodies), length, size,
+                                peaks)
 
 
 _digest = operator.itemgetter(0)

@@ -16,6 +16,7 @@ from typing import Self
 from uuid import UUID
 
 from immagent.assets import NODE_KINDS, Digest, Kind, MissingAsset
+from immagent.chains import SPAN, NewNode, NodeRow
 from immagent.codec import RAW, ZSTD
 from immagent.exceptions import StoreClosedError
 from immagent.records import StateRow
@@ -42,6 +43,8 @@ class MemoryBackend:
 
     def __init__(self) -> None:
         self._assets: dict[Digest, StoredAsset] = {}
+        # Chain nodes by digest, in insertion order, each with its depth and parent.
+        self._nodes: dict[Digest, NodeRow] = {}
         self._states: dict[UUID, StateRow] = {}
         self._seq = itertools.count(1)
         self._version: int | None = None
@@ -75,7 +78,7 @@ class MemoryBackend:
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
-                    replace: Sequence[UUID] = (), *,
+                    replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = (), *,
                     require_states: Sequence[UUID] = ()) -> WriteResult:
         self._open()
         async with self._lock:
@@ -83,7 +86,19 @@ class MemoryBackend:
             if gone:
                 return WriteResult(missing_states=gone)
             inserted = {a.digest for a in assets}
-            missing = tuple(d for d in require if d not in self._assets and d not in inserted)
+            placed: dict[Digest, NodeRow] = {}
+            for n in nodes:
+                if n.digest in self._nodes or n.digest in placed:
+                    continue
+                parent = None if n.parent is None else (
+                    self._nodes.get(n.parent) or placed.get(n.parent))
+                if n.parent is not None and parent is None:
+                    return WriteResult(missing=(n.parent,))
+                placed[n.digest] = NodeRow(n.digest, n.kind,
+                                           0 if parent is None else parent.depth + 1,
+                                           n.parent, n.refs, n.body, n.codec, n.peaks, n.added)
+            missing = tuple(d for d in require if d not in self._assets and d not in inserted
+                            and d not in self._nodes and d not in placed)
             replaced = set(replace)
             conflicts = tuple(s.id for s in states
                               if s.id in self._states and s.id not in replaced
@@ -93,6 +108,7 @@ class MemoryBackend:
                 return WriteResult(missing, conflicts, stale)
             for a in assets:
                 self._assets.setdefault(a.digest, a)
+            self._nodes.update(placed)
             kept: dict[UUID, int] = {}  # a replaced row's place in the log, kept
             for state_id in replaced:
                 old = self._states.pop(state_id, None)
@@ -133,42 +149,88 @@ class MemoryBackend:
         self._open()
         async with self._lock:
             states = list(self._states.values())
-            reached = _reachable((d for s in states for d in s.refs), self._assets)
-            missing = next((d for d in reached if d not in self._assets), None)
+            nodes, assets, missing = self._reach(d for st in states for d in st.refs)
             if missing is not None:
-                return SweepResult({}, 0, len(self._assets), missing)
-            used = sorted({self._assets[d].codec for d in reached} - {RAW, ZSTD})
+                return SweepResult({}, 0, len(self._assets) + len(self._nodes), missing)
+            used = sorted(({self._assets[d].codec for d in assets}
+                           | {self._nodes[d].codec for d in nodes}) - {RAW, ZSTD})
             if codec_refs is not None and used:
-                reached.update(codec_refs(used, [r for r in self._assets.values()
-                                                 if r.kind == Kind.DICTIONARY]))
+                assets.update(codec_refs(used, [r for r in self._assets.values()
+                                                if r.kind == Kind.DICTIONARY]))
             # Attached states whose subject is gone (marked from all the same, as the SQL
             # backends do: what they reach is kept one more cycle).
             gone = [s.id for s in states if s.kind in detached
                     and (s.parent_id is None or s.parent_id not in self._states)]
             dropped = set(gone)
-            states = [s for s in states if s.id not in dropped]
-            # As the SQL backends: rows with refs, nodes, and what states and nodes link to
-            # as parent, whatever their kind column says.
-            linked = {d for st in states for d in st.refs}
-            linked.update(self._assets[d].refs[0] for d in reached if self._assets[d].refs)
-            check([*states, *(self._assets[d] for d in reached
-                              if self._assets[d].refs or self._assets[d].kind in NODE_KINDS
-                              or d in linked)])
-            removed: dict[int, int] = {}
-            freed = 0
-            doomed = [d for d in self._assets if d not in reached]
-            for d in doomed:
-                row = self._assets[d]
-                removed[row.kind] = removed.get(row.kind, 0) + 1
-                freed += len(row.body)
+            check([*(s for s in states if s.id not in dropped),
+                   *(self._nodes[d] for d in nodes)])
+            doomed = [d for d in self._assets if d not in assets]
+            dead = [d for d in self._nodes if d not in nodes]
+            removed, freed = self._counted(doomed, dead)
+            kept = len(self._assets) + len(self._nodes) - len(doomed) - len(dead)
             if dry_run:
-                return SweepResult(removed, freed, len(self._assets) - len(doomed),
-                                   states_removed=len(gone))
+                return SweepResult(removed, freed, kept, states_removed=len(gone))
             for state_id in gone:
                 del self._states[state_id]
             for d in doomed:
                 del self._assets[d]
-            return SweepResult(removed, freed, len(self._assets), states_removed=len(gone))
+            for d in dead:
+                del self._nodes[d]
+            return SweepResult(removed, freed, kept, states_removed=len(gone))
+
+    def _counted(self, doomed: Iterable[Digest], dead: Iterable[Digest]
+                 ) -> tuple[dict[int, int], int]:
+        """Rows removed per kind and their bytes, for ``doomed`` assets and ``dead`` nodes
+        (a node's inline elements count as rows of their kind, as the SQL backends count
+        them)."""
+        removed: dict[int, int] = {}
+        freed = 0
+        for d in doomed:
+            row = self._assets[d]
+            removed[row.kind] = removed.get(row.kind, 0) + 1
+            freed += len(row.body)
+        for d in dead:
+            node = self._nodes[d]
+            removed[node.kind] = removed.get(node.kind, 0) + 1
+            element = int(NODE_KINDS[node.kind].element_kind)
+            inline = node.added - len(node.refs)
+            if inline:
+                removed[element] = removed.get(element, 0) + inline
+            freed += len(node.body)
+        return removed, freed
+
+    def _reach(self, roots: Iterable[Digest]
+               ) -> tuple[set[Digest], set[Digest], Digest | None]:
+        """(nodes, assets) reached from ``roots`` (whole lineages, out-of-line elements,
+        and what those assets reference: a message's tool schemas), and the first reached
+        digest that is not stored (None if all are)."""
+        nodes: set[Digest] = set()
+        assets: set[Digest] = set()
+        missing: Digest | None = None
+        # (digest, whether it must be an asset: a ref of a node or of an asset)
+        pending: list[tuple[Digest, bool]] = [(d, False) for d in roots]
+        while pending:
+            root, asset_only = pending.pop()
+            if root in assets:
+                continue
+            row = self._assets.get(root)
+            if row is not None:
+                assets.add(root)
+                pending.extend((d, True) for d in row.refs)
+                continue
+            if asset_only or root not in self._nodes:
+                missing = missing or root
+                continue
+            digest: Digest | None = root
+            while digest is not None and digest not in nodes:
+                node = self._nodes.get(digest)
+                if node is None:
+                    missing = missing or digest
+                    break
+                nodes.add(digest)
+                pending.extend((d, True) for d in node.refs)
+                digest = node.parent
+        return nodes, assets, missing
 
     async def retain(self, plans: Sequence[RetentionPlan], marks: MarkRows, *,
                      dry_run: bool = False) -> RetainResult:
@@ -217,15 +279,11 @@ class MemoryBackend:
                 state_bytes += len(s.body) + 32 * len(s.refs)
         if not dry_run:
             return RetainResult(deleted, state_bytes)
-        reached = _reachable((d for s in self._states.values() for d in s.refs),
-                             self._assets)
-        swept = [a for d, a in self._assets.items() if d not in reached]
+        nodes, assets, _ = self._reach(d for s in self._states.values() for d in s.refs)
+        counts, freed = self._counted([d for d in self._assets if d not in assets],
+                                      [d for d in self._nodes if d not in nodes])
         self._states = before
-        counts: dict[int, int] = {}
-        for a in swept:
-            counts[a.kind] = counts.get(a.kind, 0) + 1
-        return RetainResult(deleted, state_bytes, assets=counts,
-                            asset_bytes=sum(len(a.body) for a in swept))
+        return RetainResult(deleted, state_bytes, assets=counts, asset_bytes=freed)
 
     def _judge(self, kind: int, plan: StreamPlan, line: Sequence[StateRow]
                ) -> tuple[list[StateRow], tuple[int, int] | None]:
@@ -259,19 +317,47 @@ class MemoryBackend:
         self._open()
         return {d: self._assets[d] for d in digests if d in self._assets}
 
-    async def get_chain(
-        self, head: Digest
-    ) -> tuple[list[StoredAsset], dict[Digest, StoredAsset]]:
+    async def get_chain(self, head: Digest, *, context: bool = False
+                        ) -> tuple[list[NodeRow], dict[Digest, StoredAsset]]:
         self._open()
-        chain: list[StoredAsset] = []
-        row = self._assets.get(head)
-        kind = None if row is None else row.kind
-        while row is not None and row.kind == kind:
-            chain.append(row)
-            row = self._assets.get(row.refs[0]) if row.refs else None
-        leaves = {d: self._assets[d] for node in chain for d in node.refs[1:]
-                  if d in self._assets}
-        return chain, leaves
+        rows: list[NodeRow] = []
+        node = self._nodes.get(head)
+        since = 0
+        if node is not None and context:
+            since = max(0, node.depth - node.depth % SPAN - 1)
+        seen: set[Digest] = set()
+        while node is not None and node.digest not in seen and node.depth >= since:
+            seen.add(node.digest)
+            rows.append(node)
+            node = None if node.parent is None else self._nodes.get(node.parent)
+        rows.reverse()
+        leaves = {d: self._assets[d] for row in rows for d in row.refs if d in self._assets}
+        return rows, leaves
+
+    async def get_nodes(self, digests: Sequence[Digest]
+                        ) -> tuple[dict[Digest, NodeRow], dict[Digest, StoredAsset]]:
+        self._open()
+        rows = {d: self._nodes[d] for d in digests if d in self._nodes}
+        leaves = {r: self._assets[r] for row in rows.values() for r in row.refs
+                  if r in self._assets}
+        return rows, leaves
+
+    async def iter_nodes(self, roots: Sequence[Digest] | None = None,
+                         batch_size: int = 1000) -> AsyncIterator[list[NodeRow]]:
+        self._open()
+        if roots is None:
+            wanted = set(self._nodes)
+        else:
+            wanted, _, _ = self._reach(d for d in roots if d in self._nodes)
+        rows = [self._nodes[d] for d in _runs_order(self._nodes) if d in wanted]
+        for start in range(0, len(rows), batch_size):
+            yield rows[start:start + batch_size]
+
+    async def kinds(self, digests: Sequence[Digest]) -> dict[Digest, int]:
+        self._open()
+        found = {d: self._assets[d].kind for d in digests if d in self._assets}
+        found.update((d, self._nodes[d].kind) for d in digests if d in self._nodes)
+        return found
 
     async def iter_assets(self, roots: Sequence[Digest] | None = None,
                           batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
@@ -279,7 +365,8 @@ class MemoryBackend:
         if roots is None:
             rows = [self._assets[d] for d in sorted(self._assets)]
         else:
-            reached = _reachable(roots, self._assets)
+            _, reached, _ = self._reach(d for d in roots
+                                        if d in self._assets or d in self._nodes)
             rows = [self._assets[d] for d in reached if d in self._assets]
         for start in range(0, len(rows), batch_size):
             yield rows[start:start + batch_size]
@@ -289,16 +376,24 @@ class MemoryBackend:
         self._open()
         if states is None:
             roots = list(self._states.values())
-            sources: Iterable[StoredAsset] = self._assets.values()
+            sources: Iterable[NodeRow] = self._nodes.values()
+            held: Iterable[StoredAsset] = self._assets.values()
         else:
             roots = [self._states[i] for i in states if i in self._states]
-            reached = _reachable((d for s in roots for d in s.refs), self._assets)
-            sources = [self._assets[d] for d in reached if d in self._assets]
+            reached, assets, _ = self._reach(d for s in roots for d in s.refs
+                                             if d in self._nodes or d in self._assets)
+            sources = [self._nodes[d] for d in reached]
+            held = [self._assets[d] for d in assets]
         found: dict[tuple[Digest, Digest | UUID], None] = {}
-        for s in roots:
-            found.update(((d, s.id), None) for d in s.refs if d not in self._assets)
-        for a in sources:
+        for a in held:  # a message's tool schemas
             found.update(((d, a.digest), None) for d in a.refs if d not in self._assets)
+        for s in roots:
+            found.update(((d, s.id), None) for d in s.refs
+                         if d not in self._assets and d not in self._nodes)
+        for n in sources:
+            found.update(((d, n.digest), None) for d in n.refs if d not in self._assets)
+            if n.parent is not None and n.parent not in self._nodes:
+                found[(n.parent, n.digest)] = None
         return [MissingAsset(d, r) for d, r in itertools.islice(found, limit)]
 
     async def misfit_refs(self, expected: Mapping[int, tuple[int, int]],
@@ -306,21 +401,24 @@ class MemoryBackend:
                           limit: int = 10_000) -> list[Misfit]:
         self._open()
         if states is None:
-            sources: Iterable[StoredAsset] = self._assets.values()
+            sources: Iterable[NodeRow] = self._nodes.values()
         else:
-            roots = (d for i in states if i in self._states for d in self._states[i].refs)
-            sources = [self._assets[d] for d in _reachable(roots, self._assets)
-                       if d in self._assets]
+            roots = (d for i in states if i in self._states for d in self._states[i].refs
+                     if d in self._nodes)
+            reached, _, _ = self._reach(roots)
+            sources = [self._nodes[d] for d in reached]
         found: list[Misfit] = []
-        for a in sources:
-            if a.kind not in expected:
+        for n in sources:
+            if n.kind not in expected:
                 continue
-            first, rest = expected[a.kind]
-            for i, ref in enumerate(a.refs):
+            first, rest = expected[n.kind]
+            parent = None if n.parent is None else self._nodes.get(n.parent)
+            if parent is not None and parent.kind != first:
+                found.append(Misfit(n.digest, parent.digest, parent.kind, first))
+            for ref in n.refs:
                 target = self._assets.get(ref)
-                want = first if i == 0 else rest
-                if target is not None and target.kind != want:
-                    found.append(Misfit(a.digest, ref, target.kind, want))
+                if target is not None and target.kind != rest:
+                    found.append(Misfit(n.digest, ref, target.kind, rest))
         return found[:limit]
 
     async def cyclic_states(self, limit: int = 10_000) -> list[UUID]:
@@ -345,11 +443,20 @@ class MemoryBackend:
         for a in self._assets.values():
             n, size = stats.get(a.kind, (0, 0))
             stats[a.kind] = (n + 1, size + len(a.body))
+        for node in self._nodes.values():
+            n, size = stats.get(node.kind, (0, 0))
+            stats[node.kind] = (n + 1, size + len(node.body))
+            element = int(NODE_KINDS[node.kind].element_kind)
+            inline = node.added - len(node.refs)
+            if inline:
+                n, size = stats.get(element, (0, 0))
+                stats[element] = (n + inline, size)
         return stats
 
     async def storage_bytes(self) -> int:
         self._open()
         return (sum(32 + len(a.body) + 32 * len(a.refs) for a in self._assets.values())
+                + sum(48 + len(n.body) + 32 * len(n.refs) for n in self._nodes.values())
                 + sum(len(s.body) + 32 * len(s.refs) + 100 for s in self._states.values()))
 
     async def get_states(self, ids: Sequence[UUID]) -> list[StateRow]:
@@ -420,16 +527,18 @@ def _with_seq(state: StateRow, seq: int) -> StateRow:
                     digest=state.digest, created_at=state.created_at, seq=seq)
 
 
-def _reachable(roots: Iterable[Digest], assets: dict[Digest, StoredAsset]) -> set[Digest]:
-    """Every digest reachable from ``roots`` through refs, absent ones included."""
-    seen: set[Digest] = set()
-    stack = list(roots)
-    while stack:
-        digest = stack.pop()
-        if digest in seen:
-            continue
-        seen.add(digest)
-        row = assets.get(digest)
-        if row is not None:
-            stack.extend(r for r in row.refs if r not in seen)
-    return seen
+def _runs_order(nodes: Mapping[Digest, NodeRow]) -> list[Digest]:
+    """Node digests in the order a database's runs give them: depth first, a node's first
+    child (in insertion order) right after it, continuing its run, its other children
+    starting runs later; parents always before children."""
+    children: dict[Digest | None, list[Digest]] = {}
+    for digest, node in nodes.items():
+        parent = node.parent if node.parent in nodes else None
+        children.setdefault(parent, []).append(digest)
+    order: list[Digest] = []
+    pending = list(reversed(children.get(None, [])))
+    while pending:
+        digest = pending.pop()
+        order.append(digest)
+        pending.extend(reversed(children.get(digest, [])))
+    return order

@@ -29,7 +29,9 @@ import psycopg.rows
 import psycopg_pool
 from psycopg import errors as pg_errors
 
+from immagent import codec
 from immagent.assets import NODE_KINDS, Digest, Kind, MissingAsset
+from immagent.chains import SPAN, NewNode, NodeRow
 from immagent.codec import FIRST_DICTIONARY
 from immagent.exceptions import (
     SchemaMissingError,
@@ -40,7 +42,8 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.records import StateRow, state_from_v1
-from immagent.rows import StoredAsset, join_refs, split_refs, stored_rows, stored_tagged_rows
+from immagent.rows import StoredAsset, join_refs, split_refs, stored_rows
+from immagent.store import _migrate
 from immagent.store.backend import (
     SCHEMA_VERSION,
     CodecRefs,
@@ -87,38 +90,52 @@ _REPLACE_LOCK = 0x1A3B_0000
 
 _STATE_COLUMNS = "id, parent_id, kind, stream, refs, body, digest, created_at, seq"
 _ASSET_COLUMNS = "digest, kind, refs, body, codec"
-# The reached assets gc checks before it sweeps: every row with refs, every node, and every
-# row a state or a node links to as its parent, whatever its kind column says (a node whose
-# kind was changed and refs emptied would otherwise mark nothing and never be checked).
-_NODE_KINDS = ", ".join(str(int(k)) for k in sorted(NODE_KINDS))  # ints: safe to inline
-_GC_CHECKED = f"""
-    SELECT a.digest, a.kind, a.refs, a.body, a.codec FROM immagent_assets a
-      JOIN immagent_reach r ON r.digest = a.digest
-     WHERE a.refs IS NOT NULL OR a.kind IN ({_NODE_KINDS})
-        OR a.digest IN (SELECT immagent_refs(s.refs || ''::bytea) FROM immagent_states s)
-        OR a.digest IN (SELECT substring(p.refs FROM 1 FOR 32) FROM immagent_assets p
-                          JOIN immagent_reach pr ON pr.digest = p.digest
-                         WHERE p.refs IS NOT NULL)
-"""
-# gc's mark: every digest a state reaches through refs, into the transaction's temporary
-# immagent_reach (retention's dry run counts what it leaves out, as a sweep would delete it).
-_REACH = """
-    INSERT INTO immagent_reach
-    WITH RECURSIVE reach(digest) AS (
-        SELECT r FROM immagent_states s
-         CROSS JOIN LATERAL immagent_refs(s.refs || ''::bytea) r
-        UNION
-        SELECT r FROM reach
-          JOIN immagent_assets a ON a.digest = reach.digest
-          CROSS JOIN LATERAL immagent_refs(a.refs || ''::bytea) AS r
-    )
-    SELECT digest FROM reach
-"""
 #: Inserts a replacing write tries (see _insert_states).
 _REPLACE_ROUNDS = 2
-#: Elements of a node fetched in get_chain's first statement (see there); a turn adds 2-4.
-_INLINE_ELEMENTS = 4
-_INLINE_SERIES = ", ".join(f"({i})" for i in range(1, _INLINE_ELEMENTS + 1))
+#: A node's offset in its run takes the low 24 bits of its loc (see schema.sql).
+_SHIFT = 24
+_OFFSET = (1 << _SHIFT) - 1
+# `r` is always the first row of `n`'s run: its depth, and its parent (a run's first
+# node's parent; the row before it for every other node).
+_NODE_COLUMNS = ("n.loc, n.digest, n.kind, n.count, n.codec, n.refs, n.peaks, n.body, "
+                 f"r.depth, CASE WHEN n.loc & {_OFFSET} = 0 THEN r.parent END")
+_RUN_START = f"immagent_nodes r ON r.loc = n.loc >> {_SHIFT} << {_SHIFT}"
+# From a run (seg.run) to the run its first node continues: the parent's run and loc.
+_UP = f"""
+    SELECT p.loc >> {_SHIFT}, p.loc FROM seg
+      JOIN immagent_nodes r ON r.loc = seg.run << {_SHIFT}
+      JOIN immagent_nodes p ON p.digest = r.parent
+"""
+# The runs of a lineage, from the head's to the root's, each with the last loc the lineage
+# uses in it (UNION: damage that makes runs loop ends the walk); then the rows, one index
+# range scan per run.
+_CHAIN_NODES = f"""
+    WITH RECURSIVE seg(run, hi) AS (
+        SELECT loc >> {_SHIFT}, loc FROM immagent_nodes WHERE digest = %(head)s
+        UNION
+        {_UP} WHERE r.depth > %(since)s
+    )
+    SELECT {_NODE_COLUMNS} FROM seg
+      JOIN immagent_nodes r ON r.loc = seg.run << {_SHIFT}
+      CROSS JOIN LATERAL (SELECT * FROM immagent_nodes
+                           WHERE loc BETWEEN seg.run << {_SHIFT} AND seg.hi) n
+     WHERE r.depth + (n.loc & {_OFFSET}) >= %(since)s
+     ORDER BY n.loc
+""".encode()
+_HEAD_DEPTH = (f"SELECT r.depth + (n.loc & {_OFFSET}) FROM immagent_nodes n JOIN {_RUN_START} "
+               "WHERE n.digest = %s").encode()
+# The lineages of the nodes among `roots(d)`: per run, the last loc they use.
+_ROOT_SPANS = f"""
+    seg(run, hi) AS (
+        SELECT n.loc >> {_SHIFT}, n.loc FROM roots JOIN immagent_nodes n ON n.digest = roots.d
+        UNION
+        {_UP}
+    ),
+    span(run, hi) AS (SELECT run, max(hi) FROM seg GROUP BY run)
+"""
+_INSERT_NODE = (b"INSERT INTO immagent_nodes (loc, kind, codec, count, depth, digest, parent, "
+                b"refs, peaks, body) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                b"ON CONFLICT DO NOTHING")
 #: Digests looked up by one statement of _PROBE_SQL.
 _PROBES = 1000
 _PROBE_SQL = (f"SELECT a.* FROM unnest(%s::bytea[]) AS d CROSS JOIN LATERAL (SELECT "
@@ -207,6 +224,163 @@ def _state_params(s: StateRow) -> tuple[Any, ...]:
 def _asset(row: Sequence[Any]) -> StoredAsset:
     return StoredAsset(bytes(row[0]), int(row[1]), split_refs(row[2]), bytes(row[3]),
                        int(row[4]))
+
+
+def _node_rows(rows: Sequence[Sequence[Any]],
+               previous: tuple[int, bytes] | None = None) -> list[NodeRow]:
+    """NodeRows from (loc, digest, kind, count, codec, refs, peaks, body, run depth, run
+    parent digest) rows in loc order: a row's parent is the row before it in its run (None
+    where that row is missing, which the checks report), or its run's parent. A row whose
+    run has lost its first row (run depth None) gets its offset as depth and no parent, so
+    the checks report it instead of it going unseen."""
+    out: list[NodeRow] = []
+    for loc, digest, kind, count, row_codec, refs, peaks, body, depth, run_parent in rows:
+        offset = loc & _OFFSET
+        if offset == 0:
+            parent = None if run_parent is None else bytes(run_parent)
+        else:
+            parent = previous[1] if previous is not None and previous[0] == loc - 1 else None
+        digest = bytes(digest)
+        out.append(NodeRow(digest, int(kind), int(depth or 0) + offset, parent, split_refs(refs),
+                           bytes(body), int(row_codec),
+                           None if peaks is None else bytes(peaks), int(count)))
+        previous = (loc, digest)
+    return out
+
+
+async def _mark(conn: psycopg.AsyncConnection[Any]) -> None:
+    """gc's mark, into the transaction's temporary tables: per run, the last loc a live
+    lineage uses (immagent_reach_runs); every asset a state or a marked node's out-of-line
+    refs name, and what those assets name (immagent_reach)."""
+    await conn.execute("CREATE TEMP TABLE immagent_reach_runs (run bigint PRIMARY "
+                       "KEY, hi bigint NOT NULL) ON COMMIT DROP")
+    await conn.execute("CREATE TEMP TABLE immagent_reach (digest bytea PRIMARY KEY)"
+                       " ON COMMIT DROP")
+    await conn.execute(f"""
+        INSERT INTO immagent_reach_runs
+        WITH RECURSIVE seg(run, hi) AS (
+            SELECT n.loc >> {_SHIFT}, n.loc FROM immagent_states s
+              CROSS JOIN LATERAL immagent_refs(s.refs || ''::bytea) AS d
+              JOIN immagent_nodes n ON n.digest = d
+            UNION
+            {_UP}
+        )
+        SELECT run, max(hi) FROM seg GROUP BY run""".encode())
+    await conn.execute(f"""
+        INSERT INTO immagent_reach
+        SELECT d FROM immagent_states s
+         CROSS JOIN LATERAL immagent_refs(s.refs || ''::bytea) d
+         WHERE NOT EXISTS (SELECT 1 FROM immagent_nodes n WHERE n.digest = d)
+        UNION
+        SELECT immagent_refs(n.refs || ''::bytea) FROM immagent_reach_runs rr
+          JOIN immagent_nodes n ON n.loc BETWEEN rr.run << {_SHIFT} AND rr.hi
+         WHERE n.refs IS NOT NULL""".encode())
+    # What the marked assets name (a message's tool schemas; those name nothing).
+    await conn.execute("""
+        INSERT INTO immagent_reach
+        SELECT immagent_refs(a.refs || ''::bytea) FROM immagent_reach r
+          JOIN immagent_assets a ON a.digest = r.digest WHERE a.refs IS NOT NULL
+        ON CONFLICT DO NOTHING""")
+
+
+async def _delete_unmarked(conn: psycopg.AsyncConnection[Any]
+                           ) -> dict[int, tuple[int, int]]:
+    """Delete the nodes and assets ``_mark`` did not mark; rows and bytes per kind (a
+    node's inline elements count as rows of their kind)."""
+    cur = await conn.execute(f"""
+        WITH swept AS (
+            DELETE FROM immagent_nodes n WHERE NOT EXISTS (
+                SELECT 1 FROM immagent_reach_runs rr
+                 WHERE rr.run = n.loc >> {_SHIFT} AND n.loc <= rr.hi)
+            RETURNING n.kind, octet_length(n.body) AS size,
+                      n.count - coalesce(octet_length(n.refs), 0) / 32 AS inline
+        )
+        SELECT kind, count(*), coalesce(sum(size), 0), coalesce(sum(inline), 0)
+          FROM swept GROUP BY kind""".encode())
+    swept = list(await cur.fetchall())
+    cur = await conn.execute("""
+        WITH swept AS (
+            DELETE FROM immagent_assets a
+             WHERE NOT EXISTS (SELECT 1 FROM immagent_reach r WHERE r.digest = a.digest)
+            RETURNING a.kind, octet_length(a.body) AS size
+        )
+        SELECT kind, count(*), coalesce(sum(size), 0), 0 FROM swept GROUP BY kind""")
+    swept += await cur.fetchall()
+    return _stats(swept)
+
+
+def _stats(rows: Sequence[Sequence[Any]]) -> dict[int, tuple[int, int]]:
+    """asset_stats from (kind, rows, body bytes, inline elements) rows: a node kind's inline
+    elements count under their element kind (their bytes are the nodes')."""
+    stats: dict[int, tuple[int, int]] = {}
+    for kind, n, size, inline in rows:
+        count, total = stats.get(int(kind), (0, 0))
+        stats[int(kind)] = (count + int(n), total + int(size))
+        node_type = NODE_KINDS.get(int(kind))
+        if node_type is not None and inline:
+            element = int(node_type.element_kind)
+            count, total = stats.get(element, (0, 0))
+            stats[element] = (count + int(inline), total)
+    return stats
+
+
+async def _find_node(cur: psycopg.AsyncCursor[Any], digest: bytes) -> int | None:
+    await cur.execute(b"SELECT loc FROM immagent_nodes WHERE digest = %s", (digest,))
+    row = await cur.fetchone()
+    return None if row is None else int(row[0])
+
+
+async def _place_nodes(cur: psycopg.AsyncCursor[Any], nodes: Sequence[NewNode]) -> bytes | None:
+    """Insert new nodes, each right after its parent when that slot is free (the run goes
+    on), else as the first node of a new run that names its parent; a node already stored
+    (by anyone, committed or not: the unique digest waits for the other writer) is
+    skipped. Returns a parent that is not stored, if any (the caller rolls back)."""
+    placed: dict[bytes, int] = {}
+    for node in nodes:
+        if node.digest in placed:
+            continue
+        found = await _find_node(cur, node.digest)
+        if found is not None:
+            placed[node.digest] = found
+            continue
+        tail = (join_refs(node.refs) or None, node.peaks, node.body)
+        parent: int | None = None
+        if node.parent is not None:
+            parent = placed.get(node.parent)
+            if parent is None:
+                parent = await _find_node(cur, node.parent)
+            if parent is None:
+                return node.parent
+            if parent & _OFFSET < _OFFSET:
+                await cur.execute(_INSERT_NODE, (parent + 1, node.kind, node.codec, node.added,
+                                                 None, node.digest, None, *tail))
+                if cur.rowcount == 1:
+                    placed[node.digest] = parent + 1
+                    continue
+                found = await _find_node(cur, node.digest)  # a concurrent writer's
+                if found is not None:
+                    placed[node.digest] = found
+                    continue
+        # A root, a fork (the slot after the parent is another node's), or a run at its
+        # length limit: a new run.
+        depth = 0
+        if parent is not None:
+            await cur.execute(b"SELECT depth FROM immagent_nodes WHERE loc = %s",
+                              (parent >> _SHIFT << _SHIFT,))
+            row = await cur.fetchone()
+            depth = (0 if row is None else int(row[0])) + (parent & _OFFSET) + 1
+        await cur.execute(b"SELECT nextval('immagent_runs')")
+        row = await cur.fetchone()
+        assert row is not None
+        loc = int(row[0]) << _SHIFT
+        await cur.execute(_INSERT_NODE, (loc, node.kind, node.codec, node.added, depth,
+                                         node.digest, node.parent, *tail))
+        if cur.rowcount != 1:  # stored meanwhile by a concurrent writer
+            found = await _find_node(cur, node.digest)
+            assert found is not None
+            loc = found
+        placed[node.digest] = loc
+    return None
 
 
 class PostgresBackend(StateQueries):
@@ -319,6 +493,8 @@ class PostgresBackend(StateQueries):
                         "SELECT digest, kind, refs, body, 0 FROM immagent_assets_v1")
                     await conn.execute("DROP TABLE immagent_assets_v1")
                     await _migrate_v1(conn)
+                if current in (1, 2):
+                    await _migrate_v2(conn)
                 await conn.execute(
                     "INSERT INTO immagent_schema (version) VALUES (%s) ON CONFLICT DO NOTHING",
                     (SCHEMA_VERSION,),
@@ -329,15 +505,16 @@ class PostgresBackend(StateQueries):
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
-                    replace: Sequence[UUID] = (), *,
+                    replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = (), *,
                     require_states: Sequence[UUID] = ()) -> WriteResult:
         return await _retrying_transient(
-            lambda: self._write_once(assets, states, require, heads, replace, require_states))
+            lambda: self._write_once(assets, states, require, heads, replace, nodes,
+                                     require_states))
 
     async def _write_once(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
-                          require: Sequence[Digest] = (), heads: Sequence[Head] = (),
-                          replace: Sequence[UUID] = (),
-                          require_states: Sequence[UUID] = ()) -> WriteResult:
+                          require: Sequence[Digest], heads: Sequence[Head],
+                          replace: Sequence[UUID], nodes: Sequence[NewNode],
+                          require_states: Sequence[UUID]) -> WriteResult:
         try:
             with _mapped("write"):
                 async with self._pool.connection() as conn, conn.transaction():
@@ -353,10 +530,15 @@ class PostgresBackend(StateQueries):
                                 [(a.digest, a.kind, join_refs(a.refs) or None, a.body, a.codec)
                                  for a in assets],
                             )
+                        if nodes:
+                            lost = await _place_nodes(cur, nodes)
+                            if lost is not None:
+                                raise _Abort(WriteResult(missing=(lost,)))
                         if require:
                             await cur.execute(
                                 "SELECT d FROM unnest(%s::bytea[]) AS d WHERE NOT EXISTS "
-                                "(SELECT 1 FROM immagent_assets WHERE digest = d)",
+                                "(SELECT 1 FROM immagent_assets WHERE digest = d) AND NOT "
+                                "EXISTS (SELECT 1 FROM immagent_nodes WHERE digest = d)",
                                 (list(require),),
                             )
                             missing = tuple(bytes(r[0]) for r in await cur.fetchall())
@@ -443,18 +625,26 @@ class PostgresBackend(StateQueries):
                 # and no write can start until the sweep commits.
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_GC_LOCK,))
                 await conn.execute(_NO_JIT)
-                await conn.execute("CREATE TEMP TABLE immagent_reach (digest bytea PRIMARY KEY)"
-                                   " ON COMMIT DROP")
-                await conn.execute(_REACH)
+                await _mark(conn)
                 await conn.execute("ANALYZE immagent_reach")
-                cur = await conn.execute(
-                    "SELECT digest FROM immagent_reach r WHERE NOT EXISTS "
-                    "(SELECT 1 FROM immagent_assets a WHERE a.digest = r.digest) LIMIT 1")
+                await conn.execute("ANALYZE immagent_reach_runs")
+                cur = await conn.execute(f"""
+                    SELECT digest FROM immagent_reach r WHERE NOT EXISTS
+                        (SELECT 1 FROM immagent_assets a WHERE a.digest = r.digest)
+                    UNION ALL
+                    SELECT r.parent FROM immagent_reach_runs rr
+                      JOIN immagent_nodes r ON r.loc = rr.run << {_SHIFT}
+                     WHERE r.parent IS NOT NULL AND NOT EXISTS
+                           (SELECT 1 FROM immagent_nodes p WHERE p.digest = r.parent)
+                    UNION ALL
+                    SELECT n.digest FROM immagent_reach_runs rr
+                      JOIN immagent_nodes n ON n.loc = rr.hi
+                     WHERE NOT EXISTS (SELECT 1 FROM immagent_nodes r
+                                        WHERE r.loc = rr.run << {_SHIFT})
+                    LIMIT 1""".encode())
                 missing = await cur.fetchone()
                 if missing is not None:
-                    cur = await conn.execute("SELECT count(*) FROM immagent_assets")
-                    kept = await cur.fetchone()
-                    return SweepResult({}, 0, int(kept[0]) if kept else 0, bytes(missing[0]))
+                    return SweepResult({}, 0, await _count_rows(conn), bytes(missing[0]))
                 gone = 0
                 if detached:  # attached states whose subject is gone (marked from anyway)
                     cur = await conn.execute(
@@ -464,32 +654,27 @@ class PostgresBackend(StateQueries):
                     gone = cur.rowcount
                 if codec_refs is not None:
                     await _mark_codec_refs(conn, codec_refs)
-                for sql, decode in (
-                        (f"SELECT {_STATE_COLUMNS} FROM immagent_states", _state),
-                        (_GC_CHECKED, _asset)):
-                    async with conn.cursor(name="immagent_gc_check", binary=True) as named:
-                        await named.execute(sql.encode())
-                        while rows := await named.fetchmany(1000):
-                            check([decode(r) for r in rows])
-                cur = await conn.execute(
-                    """
-                    WITH swept AS (
-                        DELETE FROM immagent_assets a
-                         WHERE NOT EXISTS (SELECT 1 FROM immagent_reach r
-                                            WHERE r.digest = a.digest)
-                        RETURNING a.kind, octet_length(a.body) AS size
-                    )
-                    SELECT kind, count(*), coalesce(sum(size), 0) FROM swept GROUP BY kind
-                    """
-                )
-                swept = await cur.fetchall()
-                removed = {int(k): int(n) for k, n, _ in swept}
-                freed = sum(int(b) for _, _, b in swept)
-                cur = await conn.execute("SELECT count(*) FROM immagent_assets")
-                row = await cur.fetchone()
-                result = SweepResult(removed, freed, int(row[0]) if row else 0,
+                async with conn.cursor(name="immagent_gc_states", binary=True) as named:
+                    await named.execute(f"SELECT {_STATE_COLUMNS} FROM immagent_states".encode())
+                    while rows := await named.fetchmany(1000):
+                        check([_state(r) for r in rows])
+                async with conn.cursor(name="immagent_gc_nodes", binary=True) as named:
+                    await named.execute(f"""
+                        SELECT {_NODE_COLUMNS} FROM immagent_reach_runs rr
+                          JOIN immagent_nodes r ON r.loc = rr.run << {_SHIFT}
+                          JOIN immagent_nodes n ON n.loc BETWEEN rr.run << {_SHIFT} AND rr.hi
+                         ORDER BY n.loc""".encode())
+                    previous: tuple[int, bytes] | None = None
+                    while rows := await named.fetchmany(1000):
+                        batch = _node_rows(rows, previous)
+                        previous = (rows[-1][0], batch[-1].digest)
+                        check(batch)
+                stats = await _delete_unmarked(conn)
+                removed = {k: n for k, (n, _) in stats.items()}
+                freed = sum(b for _, b in stats.values())
+                result = SweepResult(removed, freed, await _count_rows(conn),
                                      states_removed=gone)
-                if dry_run:  # the DELETE ran in this transaction only: roll it back
+                if dry_run:  # the DELETEs ran in this transaction only: roll them back
                     raise Rehearsal(result)
         return result
 
@@ -563,18 +748,12 @@ class PostgresBackend(StateQueries):
                     state_bytes += int(size)
             if not dry_run:
                 return RetainResult(deleted, state_bytes)
-            # What a gc would then remove: the same mark as a sweep's, counted, not swept.
-            await cur.execute("CREATE TEMP TABLE immagent_reach (digest bytea PRIMARY KEY)"
-                              " ON COMMIT DROP")
-            await cur.execute(_REACH)
-            await cur.execute(
-                "SELECT kind, count(*), coalesce(sum(octet_length(body)), 0) "
-                "FROM immagent_assets a WHERE NOT EXISTS (SELECT 1 FROM immagent_reach r "
-                "WHERE r.digest = a.digest) GROUP BY kind")
-            swept = await cur.fetchall()
+        # What a gc would then remove: a sweep's mark and deletes (rolled back), counted.
+        await _mark(conn)
+        stats = await _delete_unmarked(conn)
         raise Rehearsal(RetainResult(deleted, state_bytes,
-                                     assets={int(k): int(n) for k, n, _ in swept},
-                                     asset_bytes=sum(int(b) for _, _, b in swept)))
+                                     assets={k: n for k, (n, _) in stats.items()},
+                                     asset_bytes=sum(b for _, b in stats.values())))
 
     # -- assets ---------------------------------------------------------------------------
 
@@ -593,61 +772,93 @@ class PostgresBackend(StateQueries):
                     found.update((r.digest, r) for r in stored_rows(await cur.fetchall()))
         return found
 
-    async def get_chain(
-        self, head: Digest
-    ) -> tuple[list[StoredAsset], dict[Digest, StoredAsset]]:
-        # The walk follows each node's first ref (its parent) while it has the head's kind,
-        # one primary-key probe per step (LATERAL ... LIMIT 1); UNION, not UNION ALL: a
-        # damaged refs column pointing back into the chain repeats a row and ends the walk
-        # instead of looping forever. Elements are found the same way, one probe each, for
-        # the first _INLINE_ELEMENTS of every node in the same statement (a turn adds two to
-        # four); a node with more gets the rest in a second statement. Why the constant:
-        # expanding refs with generate_series(1, n) of a column is estimated at 1,000 rows a
-        # node, so the planner chose a hash join over the whole asset table (O(table) per
-        # read), and with probes forced the estimate passed jit_above_cost (28 ms of JIT a
-        # read, measured at 60k assets); a constant series is estimated exactly. No
-        # DISTINCT over the element digests: a message repeated in one chain is fetched once
-        # per repeat (still linear in the chain) and deduplicated by the caller's dict,
-        # which measured ~10 % faster than the hash aggregate on a 1,000-turn read.
+    async def get_chain(self, head: Digest, *, context: bool = False
+                        ) -> tuple[list[NodeRow], dict[Digest, StoredAsset]]:
+        # One range scan per run of the lineage (see _CHAIN_NODES), then the out-of-line
+        # elements by probes, in the same transaction (one snapshot).
         with _mapped("get_chain"):
-            async with self._pool.connection() as conn, conn.cursor(binary=True) as cur:
-                await cur.execute(
-                    f"""
-                    WITH RECURSIVE chain({_ASSET_COLUMNS}) AS (
-                        SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE digest = %(head)s
-                        UNION
-                        SELECT a.* FROM chain c CROSS JOIN LATERAL (
-                               SELECT {_ASSET_COLUMNS} FROM immagent_assets
-                                WHERE digest = substring(c.refs FROM 1 FOR 32)
-                                  AND kind = c.kind LIMIT 1) AS a
-                    )
-                    SELECT 0, {_ASSET_COLUMNS} FROM chain
-                    UNION ALL
-                    SELECT 1, m.* FROM (
-                        SELECT substring(c.refs FROM s.i * 32 + 1 FOR 32) AS d
-                          FROM chain c CROSS JOIN (VALUES {_INLINE_SERIES}) AS s(i)
-                         WHERE s.i * 32 < octet_length(c.refs)
-                    ) r CROSS JOIN LATERAL (
-                        SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE digest = r.d LIMIT 1
-                    ) AS m
-                    """.encode(),
-                    {"head": head},
-                )
-                rows = await cur.fetchall()
-                node_rows, leaf_rows = stored_tagged_rows(rows)
-                nodes = {r.digest: r for r in node_rows}
-                leaves = {r.digest: r for r in leaf_rows}
-                chain: list[StoredAsset] = []
-                row = nodes.get(head)
-                while row is not None:  # newest first; each node at most once
-                    chain.append(row)
-                    row = nodes.pop(row.refs[0], None) if row.refs else None
-                rest = list(dict.fromkeys(d for n in chain for d in n.refs[1 + _INLINE_ELEMENTS:]
-                                          if d not in leaves))
-                for start in range(0, len(rest), _PROBES):
-                    await cur.execute(_PROBE_SQL, (rest[start:start + _PROBES],))
+            async with (self._pool.connection() as conn, conn.transaction(),
+                        conn.cursor(binary=True) as cur):
+                since = 0
+                if context:
+                    await cur.execute(_HEAD_DEPTH, (head,))
+                    row = await cur.fetchone()
+                    if row is None:
+                        return [], {}
+                    depth = int(row[0])
+                    since = max(0, depth - depth % SPAN - 1)
+                await cur.execute(_CHAIN_NODES, {"head": head, "since": since})
+                rows = _node_rows(await cur.fetchall())
+                wanted = list(dict.fromkeys(d for row in rows for d in row.refs))
+                leaves: dict[Digest, StoredAsset] = {}
+                for start in range(0, len(wanted), _PROBES):
+                    await cur.execute(_PROBE_SQL, (wanted[start:start + _PROBES],))
                     leaves.update((r.digest, r) for r in stored_rows(await cur.fetchall()))
-        return chain, leaves
+        return rows, leaves
+
+    async def get_nodes(self, digests: Sequence[Digest]
+                        ) -> tuple[dict[Digest, NodeRow], dict[Digest, StoredAsset]]:
+        sql = f"""
+            SELECT {_NODE_COLUMNS}, CASE WHEN n.loc & {_OFFSET} = 0 THEN r.parent
+                   ELSE (SELECT p.digest FROM immagent_nodes p WHERE p.loc = n.loc - 1) END
+              FROM unnest(%s::bytea[]) AS d
+              CROSS JOIN LATERAL (SELECT * FROM immagent_nodes WHERE digest = d LIMIT 1) n
+              JOIN {_RUN_START}""".encode()
+        with _mapped("get_nodes"):
+            async with (self._pool.connection() as conn, conn.transaction(),
+                        conn.cursor(binary=True) as cur):
+                await cur.execute(sql, (list(dict.fromkeys(digests)),))
+                found: dict[Digest, NodeRow] = {}
+                for row in await cur.fetchall():
+                    (node,) = _node_rows([row[:10]])
+                    found[node.digest] = node._replace(
+                        parent=None if row[10] is None else bytes(row[10]))
+                wanted = list(dict.fromkeys(d for n in found.values() for d in n.refs))
+                leaves: dict[Digest, StoredAsset] = {}
+                for start in range(0, len(wanted), _PROBES):
+                    await cur.execute(_PROBE_SQL, (wanted[start:start + _PROBES],))
+                    leaves.update((r.digest, r) for r in stored_rows(await cur.fetchall()))
+        return found, leaves
+
+    async def kinds(self, digests: Sequence[Digest]) -> dict[Digest, int]:
+        with _mapped("kinds"):
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT d, coalesce(a.kind, n.kind) FROM unnest(%s::bytea[]) AS d "
+                    "LEFT JOIN LATERAL (SELECT kind FROM immagent_assets WHERE digest = d "
+                    "LIMIT 1) a ON true LEFT JOIN LATERAL (SELECT kind FROM immagent_nodes "
+                    "WHERE digest = d LIMIT 1) n ON true",
+                    (list(dict.fromkeys(digests)),))
+                rows = await cur.fetchall()
+        return {bytes(d): int(k) for d, k in rows if k is not None}
+
+    async def iter_nodes(self, roots: Sequence[Digest] | None = None,
+                         batch_size: int = 1000) -> AsyncIterator[list[NodeRow]]:
+        if roots is None:
+            sql = (f"SELECT {_NODE_COLUMNS} FROM immagent_nodes n "
+                   f"LEFT JOIN {_RUN_START} ORDER BY n.loc")
+            params: tuple[Any, ...] = ()
+        else:
+            sql = f"""
+                WITH RECURSIVE roots(d) AS (SELECT unnest(%s::bytea[])), {_ROOT_SPANS}
+                SELECT {_NODE_COLUMNS} FROM span
+                  JOIN immagent_nodes n ON n.loc BETWEEN span.run << {_SHIFT} AND span.hi
+                  LEFT JOIN immagent_nodes r ON r.loc = span.run << {_SHIFT}
+                 ORDER BY n.loc"""
+            params = (list(roots),)
+        with _mapped("iter_nodes"):
+            async with (
+                self._pool.connection() as conn,
+                conn.transaction(),
+                conn.cursor(name="immagent_iter_nodes") as cur,
+            ):
+                await conn.execute(_NO_JIT)
+                await cur.execute(sql.encode(), params)
+                previous: tuple[int, bytes] | None = None
+                while rows := await cur.fetchmany(batch_size):
+                    batch = _node_rows(rows, previous)
+                    previous = (rows[-1][0], batch[-1].digest)
+                    yield batch
 
     async def iter_assets(self, roots: Sequence[Digest] | None = None,
                           batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
@@ -656,16 +867,24 @@ class PostgresBackend(StateQueries):
             sql = f"SELECT {_ASSET_COLUMNS} FROM immagent_assets"
             params: tuple[Any, ...] = ()
         else:
-            sql = """
-                WITH RECURSIVE reach(digest) AS (
-                    SELECT unnest(%s::bytea[])
+            sql = f"""
+                WITH RECURSIVE roots(d) AS (SELECT unnest(%s::bytea[])), {_ROOT_SPANS},
+                held(d) AS (
+                    SELECT d FROM roots
                     UNION
-                    SELECT r FROM reach
-                      JOIN immagent_assets a ON a.digest = reach.digest
-                      CROSS JOIN LATERAL immagent_refs(a.refs || ''::bytea) AS r
+                    SELECT immagent_refs(n.refs || ''::bytea) FROM span
+                      JOIN immagent_nodes n ON n.loc BETWEEN span.run << {_SHIFT} AND span.hi
+                     WHERE n.refs IS NOT NULL
+                ),
+                wanted(d) AS (  -- and what those assets name (a message's tool schemas)
+                    SELECT d FROM held
+                    UNION
+                    SELECT immagent_refs(a.refs || ''::bytea) FROM held
+                      JOIN immagent_assets a ON a.digest = held.d WHERE a.refs IS NOT NULL
                 )
-                SELECT a.digest, a.kind, a.refs, a.body, a.codec
-                  FROM reach JOIN immagent_assets a ON a.digest = reach.digest
+                SELECT a.* FROM wanted CROSS JOIN LATERAL (
+                    SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE digest = wanted.d
+                    LIMIT 1) a
                 """
             params = (list(roots),)
         with _mapped("iter_assets"):
@@ -683,38 +902,49 @@ class PostgresBackend(StateQueries):
     async def dangling_refs(self, states: Sequence[UUID] | None = None,
                             limit: int = 10_000) -> list[MissingAsset]:
         if states is None:
-            sql = """
-                SELECT DISTINCT r, a.digest, NULL::uuid
-                  FROM immagent_assets a CROSS JOIN LATERAL immagent_refs(a.refs || ''::bytea) AS r
-                 WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = r)
-                UNION ALL
-                SELECT DISTINCT d, NULL::bytea, s.id
-                  FROM immagent_states s CROSS JOIN LATERAL immagent_refs(s.refs || ''::bytea) AS d
-                 WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = d)
-                LIMIT %(limit)s
-                """
+            spans = (f"span(run, hi) AS (SELECT loc >> {_SHIFT}, NULL::bigint FROM "
+                     f"immagent_nodes WHERE loc & {_OFFSET} = 0)")
+            sources = "immagent_states"
         else:
-            sql = """
-                WITH RECURSIVE roots(id, digest) AS (
-                    SELECT id, immagent_refs(refs || ''::bytea) FROM immagent_states
-                     WHERE id = ANY(%(ids)s)
-                ), reach(digest) AS (
-                    SELECT digest FROM roots
-                    UNION
-                    SELECT r FROM reach
-                      JOIN immagent_assets a ON a.digest = reach.digest
-                      CROSS JOIN LATERAL immagent_refs(a.refs || ''::bytea) AS r
-                )
-                SELECT DISTINCT r, a.digest, NULL::uuid
-                  FROM reach JOIN immagent_assets a ON a.digest = reach.digest
-                  CROSS JOIN LATERAL immagent_refs(a.refs || ''::bytea) AS r
-                 WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = r)
-                UNION ALL
-                SELECT DISTINCT digest, NULL::bytea, id FROM roots
-                 WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b
-                                    WHERE b.digest = roots.digest)
-                LIMIT %(limit)s
-                """
+            spans = ("roots(d) AS (SELECT immagent_refs(refs || ''::bytea) FROM immagent_states "
+                     f"WHERE id = ANY(%(ids)s)), {_ROOT_SPANS}")
+            sources = "(SELECT * FROM immagent_states WHERE id = ANY(%(ids)s))"
+        # State refs stored nowhere; out-of-line refs not stored; runs whose parent node is
+        # gone (named by the run's first node); refs of the assets those name (a message's
+        # tool schemas) not stored.
+        held = ("SELECT a.digest, a.refs FROM immagent_assets a WHERE a.refs IS NOT NULL"
+                if states is None else f"""
+            SELECT a.digest, a.refs FROM immagent_assets a
+             WHERE a.refs IS NOT NULL AND a.digest IN (
+                   SELECT immagent_refs(s.refs || ''::bytea) FROM {sources} s
+                   UNION
+                   SELECT immagent_refs(n.refs || ''::bytea) FROM span
+                     JOIN immagent_nodes n ON n.loc BETWEEN span.run << {_SHIFT} AND span.hi
+                    WHERE n.refs IS NOT NULL)""")
+        sql = f"""
+            WITH RECURSIVE {spans}, held(digest, refs) AS ({held})
+            SELECT DISTINCT r, h.digest, NULL::uuid FROM held h
+              CROSS JOIN LATERAL immagent_refs(h.refs || ''::bytea) AS r
+             WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = r)
+            UNION ALL
+            SELECT DISTINCT d, NULL::bytea, s.id FROM {sources} s
+              CROSS JOIN LATERAL immagent_refs(s.refs || ''::bytea) AS d
+             WHERE NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = d)
+               AND NOT EXISTS (SELECT 1 FROM immagent_nodes b WHERE b.digest = d)
+            UNION ALL
+            SELECT DISTINCT r, n.digest, NULL::uuid FROM span
+              JOIN immagent_nodes n ON n.loc BETWEEN span.run << {_SHIFT}
+                                     AND coalesce(span.hi, (span.run << {_SHIFT}) | {_OFFSET})
+              CROSS JOIN LATERAL immagent_refs(n.refs || ''::bytea) AS r
+             WHERE n.refs IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM immagent_assets b WHERE b.digest = r)
+            UNION ALL
+            SELECT r.parent, r.digest, NULL::uuid FROM span
+              JOIN immagent_nodes r ON r.loc = span.run << {_SHIFT}
+             WHERE r.parent IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM immagent_nodes p WHERE p.digest = r.parent)
+            LIMIT %(limit)s
+        """
         with _mapped("dangling_refs"):
             async with self._pool.connection() as conn:
                 await conn.execute(_NO_JIT)
@@ -722,7 +952,8 @@ class PostgresBackend(StateQueries):
                     sql.encode(), {"ids": list(states or ()), "limit": limit}
                 )
                 rows = await cur.fetchall()
-        return [MissingAsset(bytes(m), bytes(d) if d is not None else i) for m, d, i in rows]
+        return [MissingAsset(bytes(m), bytes(d) if d is not None else i)
+                for m, d, i in rows if m is not None]
 
     async def misfit_refs(self, expected: Mapping[int, tuple[int, int]],
                           states: Sequence[UUID] | None = None,
@@ -730,29 +961,36 @@ class PostgresBackend(StateQueries):
         if not expected:
             return []
         rules = sorted(expected.items())
-        # From every asset, or from what the states reach (the reach CTE is only evaluated
-        # when it is read: PostgreSQL does not compute an unreferenced CTE).
-        sources = "immagent_assets" if states is None else "reach"
+        if states is None:
+            spans = (f"span(run, hi) AS (SELECT loc >> {_SHIFT}, NULL::bigint FROM "
+                     f"immagent_nodes WHERE loc & {_OFFSET} = 0)")
+        else:
+            spans = ("roots(d) AS (SELECT immagent_refs(refs || ''::bytea) FROM immagent_states "
+                     f"WHERE id = ANY(%(ids)s::uuid[])), {_ROOT_SPANS}")
+        # A node's parent (the row before it, or its run's parent) must be of its first
+        # kind, its out-of-line elements of its second.
         sql = f"""
-            WITH RECURSIVE reach(digest) AS (
-                SELECT immagent_refs(refs || ''::bytea) FROM immagent_states
-                 WHERE id = ANY(%(ids)s::uuid[])
-                UNION
-                SELECT r FROM reach
-                  JOIN immagent_assets a ON a.digest = reach.digest
-                  CROSS JOIN LATERAL immagent_refs(a.refs || ''::bytea) AS r
-            ), rules(kind, first, rest) AS (
+            WITH RECURSIVE {spans},
+            rules(kind, first, rest) AS (
                 SELECT * FROM unnest(%(kinds)s::int[], %(firsts)s::int[], %(rests)s::int[])
+            ),
+            nodes_in AS (
+                SELECT n.* FROM span JOIN immagent_nodes n
+                    ON n.loc BETWEEN span.run << {_SHIFT}
+                   AND coalesce(span.hi, (span.run << {_SHIFT}) | {_OFFSET})
             )
-            SELECT a.digest, t.digest, t.kind,
-                   CASE WHEN r.pos = 1 THEN k.first ELSE k.rest END
-              FROM {sources} src
-              JOIN immagent_assets a ON a.digest = src.digest
-              JOIN rules k ON k.kind = a.kind
-              CROSS JOIN LATERAL immagent_refs(a.refs || ''::bytea) WITH ORDINALITY AS r(ref, pos)
-              JOIN immagent_assets t ON t.digest = r.ref
-             WHERE t.kind <> CASE WHEN r.pos = 1 THEN k.first ELSE k.rest END
-             LIMIT %(limit)s
+            SELECT n.digest, p.digest, p.kind, k.first FROM nodes_in n
+              JOIN rules k ON k.kind = n.kind
+              JOIN immagent_nodes p ON CASE WHEN n.loc & {_OFFSET} = 0
+                   THEN p.digest = n.parent ELSE p.loc = n.loc - 1 END
+             WHERE p.kind <> k.first
+            UNION ALL
+            SELECT n.digest, t.digest, t.kind, k.rest FROM nodes_in n
+              JOIN rules k ON k.kind = n.kind
+              CROSS JOIN LATERAL immagent_refs(n.refs || ''::bytea) AS ref
+              JOIN immagent_assets t ON t.digest = ref
+             WHERE n.refs IS NOT NULL AND t.kind <> k.rest
+            LIMIT %(limit)s
         """
         params = {"ids": list(states or ()), "limit": limit,
                   "kinds": [k for k, _ in rules], "firsts": [f for _, (f, _) in rules],
@@ -781,11 +1019,14 @@ class PostgresBackend(StateQueries):
         with _mapped("asset_stats"):
             async with self._pool.connection() as conn:
                 cur = await conn.execute(
-                    "SELECT kind, count(*), coalesce(sum(octet_length(body)), 0) "
-                    "FROM immagent_assets GROUP BY kind"
+                    "SELECT kind, count(*), coalesce(sum(octet_length(body)), 0), 0 "
+                    "FROM immagent_assets GROUP BY kind UNION ALL "
+                    "SELECT kind, count(*), coalesce(sum(octet_length(body)), 0), "
+                    "coalesce(sum(count - coalesce(octet_length(refs), 0) / 32), 0) "
+                    "FROM immagent_nodes GROUP BY kind"
                 )
                 rows = await cur.fetchall()
-        return {int(k): (int(n), int(b)) for k, n, b in rows}
+        return _stats(rows)
 
     async def storage_bytes(self) -> int:
         with _mapped("storage_bytes"):
@@ -855,12 +1096,24 @@ class PostgresBackend(StateQueries):
             """, (state_id, limit))
 
 
+async def _count_rows(conn: psycopg.AsyncConnection[Any]) -> int:
+    cur = await conn.execute("SELECT (SELECT count(*) FROM immagent_assets) + "
+                             "(SELECT count(*) FROM immagent_nodes)")
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
 async def _mark_codec_refs(conn: psycopg.AsyncConnection[Any], codec_refs: CodecRefs) -> None:
     """Mark what ``codec_refs`` names for the dictionaries the marked rows are stored with
-    (gc's rule: a row's codec is a reference to its dictionary)."""
-    cur = await conn.execute(
-        "SELECT DISTINCT a.codec FROM immagent_assets a JOIN immagent_reach r "
-        f"ON r.digest = a.digest WHERE a.codec >= {FIRST_DICTIONARY}")
+    (gc's rule: a row's codec, an asset's or a node's, is a reference to its
+    dictionary)."""
+    cur = await conn.execute(f"""
+        SELECT a.codec FROM immagent_assets a JOIN immagent_reach r ON r.digest = a.digest
+         WHERE a.codec >= {FIRST_DICTIONARY}
+        UNION
+        SELECT n.codec FROM immagent_reach_runs rr
+          JOIN immagent_nodes n ON n.loc BETWEEN rr.run << {_SHIFT} AND rr.hi
+         WHERE n.codec >= {FIRST_DICTIONARY}""".encode())
     used = [int(r[0]) for r in await cur.fetchall()]
     if not used:
         return
@@ -896,6 +1149,48 @@ async def _migrate_v1(conn: psycopg.AsyncConnection[Any]) -> None:
                                             bytes(r[9])))
                 for r in rows])
     await conn.execute("DROP TABLE immagent_agents")
+
+
+async def _migrate_v2(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Version 2 -> 3: chain nodes move from the asset table into runs, holding their
+    elements' bodies (immagent/store/_migrate.py); digests unchanged."""
+    kinds = [int(k) for k in NODE_KINDS]
+    cur = await conn.execute("SELECT digest, substring(refs FROM 1 FOR 32) FROM immagent_assets "
+                             "WHERE kind = ANY(%s)", (kinds,))
+    links = {bytes(d): (bytes(p) if p else None) for d, p in await cur.fetchall()}
+    plan, runs = _migrate.plan_runs(links)
+    async with conn.cursor() as batch_cur:
+        # New runs continue after the ones the migration made.
+        await batch_cur.execute("SELECT setval('immagent_runs', %s)", (max(len(runs), 1),))
+        await batch_cur.execute("SELECT body FROM immagent_assets WHERE kind = %s",
+                                (int(Kind.DICTIONARY),))
+        dictionaries = _migrate.dictionaries_from(
+            bytes(b) for (b,) in await batch_cur.fetchall())
+        await batch_cur.execute("SELECT immagent_refs(refs || ''::bytea) FROM immagent_states")
+        standalone = {bytes(d) for (d,) in await batch_cur.fetchall()}
+        records = _migrate.Records(dictionaries, standalone, runs)
+        for start in range(0, len(plan), _migrate.BATCH):
+            batch = plan[start:start + _migrate.BATCH]
+            await batch_cur.execute(_PROBE_SQL, ([p.digest for p in batch],))
+            nodes = {r.digest: (r.kind, r.refs, codec.decode(r.codec, r.body, dictionaries))
+                     for r in stored_rows(await batch_cur.fetchall())}
+            wanted = list(dict.fromkeys(e for n in nodes.values() for e in n[1][1:]))
+            elements: dict[bytes, tuple[int, bytes]] = {}
+            for chunk in range(0, len(wanted), _PROBES):
+                await batch_cur.execute(_PROBE_SQL, (wanted[chunk:chunk + _PROBES],))
+                # An element with refs of its own (a message naming its tool schemas)
+                # stays an asset: its digest covers its refs, which a record cannot hold.
+                elements.update((r.digest, (r.codec, r.body))
+                                for r in stored_rows(await batch_cur.fetchall()) if not r.refs)
+            await batch_cur.executemany(
+                _INSERT_NODE.replace(b" ON CONFLICT DO NOTHING", b""),
+                [(*row[:7], row.refs or None, *row[8:])
+                 for row in records.rows(batch, nodes, elements)])
+            log.info("migrating to schema 3: %d of %d chain nodes", start + len(batch),
+                     len(plan))
+        await batch_cur.execute("DELETE FROM immagent_assets WHERE kind = ANY(%s)", (kinds,))
+        await batch_cur.execute("DELETE FROM immagent_assets WHERE digest = ANY(%s)",
+                                (sorted(records.deletable()),))
 
 
 async def _check_heads(cur: psycopg.AsyncCursor[Any], heads: Sequence[Head]) -> None:
@@ -1013,6 +1308,10 @@ class _Lent:
                  | psycopg.AsyncConnection[Any]) -> None:
         self._lent = lent
         self._one = asyncio.Lock()
+        # The task using a lone connection: a read it makes while it iterates a server-side
+        # cursor (verify looks up a node's out-of-line elements between node batches) runs
+        # on the same connection and transaction instead of waiting for itself.
+        self._holder: asyncio.Task[Any] | None = None
 
     @contextlib.asynccontextmanager
     async def connection(self, timeout: float | None = None
@@ -1024,13 +1323,20 @@ class _Lent:
         conn = self._lent
         if conn.closed:
             raise psycopg_pool.PoolClosed("the connection lent to immagent is closed")
+        task = asyncio.current_task()
+        if task is not None and task is self._holder:  # the outer call ends the transaction
+            yield conn
+            return
         async with self._one, _tuple_rows(conn):
+            self._holder = task
             try:
                 yield conn
             except BaseException:
                 if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                     await conn.rollback()
                 raise
+            finally:
+                self._holder = None
             if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 await conn.commit()
 

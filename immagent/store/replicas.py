@@ -54,6 +54,7 @@ from typing import TypeVar
 from uuid import UUID
 
 from immagent.assets import Digest
+from immagent.chains import SPAN, NewNode, NodeRow
 from immagent.exceptions import StoreConnectionError, StoreError, ValidationError
 from immagent.records import StateRow
 from immagent.rows import StoredAsset
@@ -362,15 +363,15 @@ class ReplicatedBackend:
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
-                    replace: Sequence[UUID] = (), *,
+                    replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = (), *,
                     require_states: Sequence[UUID] = ()) -> WriteResult:
         if not replace:
-            return await self._primary.write(assets, states, require, heads,
+            return await self._primary.write(assets, states, require, heads, nodes=nodes,
                                              require_states=require_states)
         # A replacement deletes rows: fenced as a delete is.
         with self._no_replicas():
             result = await self._primary.write(assets, states, require, heads, replace,
-                                               require_states=require_states)
+                                               nodes, require_states=require_states)
             if result == WriteResult():
                 await self._raise_fence()
         return result
@@ -415,13 +416,29 @@ class ReplicatedBackend:
             found.update(await self._primary.get_assets(missing))
         return found
 
-    async def get_chain(
-        self, head: Digest
-    ) -> tuple[list[StoredAsset], dict[Digest, StoredAsset]]:
-        found = await self._replica_read(lambda b: b.get_chain(head))
-        if found is not None and _whole_chain(*found):
+    async def get_chain(self, head: Digest, *, context: bool = False
+                        ) -> tuple[list[NodeRow], dict[Digest, StoredAsset]]:
+        found = await self._replica_read(lambda b: b.get_chain(head, context=context))
+        if found is not None and _whole_chain(*found, head, context):
             return found
-        return await self._primary.get_chain(head)
+        return await self._primary.get_chain(head, context=context)
+
+    async def get_nodes(self, digests: Sequence[Digest]
+                        ) -> tuple[dict[Digest, NodeRow], dict[Digest, StoredAsset]]:
+        found = await self._replica_read(lambda b: b.get_nodes(digests))
+        if found is not None and all(d in found[0] for d in digests) and all(
+                r in found[1] for n in found[0].values() for r in n.refs):
+            return found
+        return await self._primary.get_nodes(digests)
+
+    async def kinds(self, digests: Sequence[Digest]) -> dict[Digest, int]:
+        found = await self._replica_read(lambda b: b.kinds(digests))
+        if found is None:
+            return await self._primary.kinds(digests)
+        missing = [d for d in digests if d not in found]
+        if missing:
+            found.update(await self._primary.kinds(missing))
+        return found
 
     # -- states ---------------------------------------------------------------------------
 
@@ -472,21 +489,18 @@ def least_busy(loads: Sequence[int | None], turn: int) -> int | None:
     return min(usable, key=lambda i: (loads[i], (i - turn) % count))
 
 
-def _whole_chain(chain: Sequence[StoredAsset], leaves: dict[Digest, StoredAsset]) -> bool:
-    """Whether a chain read reached its root with every element: each node's first ref is
-    the next node, the last node (the empty root) has no refs, every other ref was read.
-    A replica that lags returns less; so does damage, which the primary then confirms."""
-    if not chain:
+def _whole_chain(rows: Sequence[NodeRow], leaves: dict[Digest, StoredAsset], head: Digest,
+                 context: bool) -> bool:
+    """Whether a chain read reached the head and its root (``context``: the head's last
+    span depth) with every out-of-line element. A replica that lags returns less; so does
+    damage, which the primary then confirms."""
+    if not rows or rows[-1].digest != head:
         return False
-    for node, older in zip(chain, [*chain[1:], None], strict=True):
-        if older is None:
-            if node.refs:
-                return False
-        elif not node.refs or node.refs[0] != older.digest:
-            return False
-        if any(d not in leaves for d in node.refs[1:]):
-            return False
-    return True
+    depth = rows[-1].depth
+    first = max(0, depth - depth % SPAN - 1) if context else 0
+    if rows[0].depth != first or any(r.depth != first + i for i, r in enumerate(rows)):
+        return False
+    return all(d in leaves for r in rows for d in r.refs)
 
 
 def _whole_line(rows: Sequence[StateRow], state_id: UUID, limit: int | None) -> bool:

@@ -10,9 +10,9 @@ no payload byte), no index. A side table of edges would store each edge as a row
 digests plus an index entry (> 100 bytes per edge, three edges per turn); an array encoding
 such as JSON would double the size (hex). Recursive queries split the BLOB with substr():
 a walk's rows are (asset, position in its refs), so each reachable asset is expanded once
-however many parents share it. substr() reads a value that spills into overflow pages
-whole each time, so only short values are split in SQL; longer ones (a step of many
-messages) are read once and split in Python (``_sqlite_walk``), and every walk is O(refs).
+however many parents share it. Since schema 3 only states and a node's out-of-line
+elements (bodies over ``chains.INLINE_MAX``) have refs: a step of many messages holds them
+in its record, so the substr() walks never split a long refs value of a history.
 
 Concurrency with gc: SQLite has one writer per database file. Every write and the gc sweep
 run as ``BEGIN IMMEDIATE`` transactions, which take that write lock at BEGIN, so gc's mark
@@ -28,14 +28,17 @@ at SQLite's default (off) and costs nothing.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self, TypeVar
 from uuid import UUID
 
+from immagent import codec
 from immagent.assets import NODE_KINDS, Digest, Kind, MissingAsset
+from immagent.chains import SPAN, NewNode, NodeRow
 from immagent.codec import FIRST_DICTIONARY
 from immagent.exceptions import (
     IntegrityError,
@@ -44,8 +47,8 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.records import StateRow, state_from_v1
-from immagent.rows import StoredAsset, join_refs, split_refs, stored_rows, stored_tagged_rows
-from immagent.store import _sqlite_walk as walk
+from immagent.rows import StoredAsset, join_refs, split_refs, stored_rows
+from immagent.store import _migrate
 from immagent.store._sqlite_pool import SQLitePool, is_busy, transaction
 from immagent.store.backend import (
     SCHEMA_VERSION,
@@ -72,6 +75,8 @@ from immagent.store.sql import (
 from immagent.store.sql import WriteAborted as _Abort
 
 __all__ = ["SQLiteBackend"]
+
+log = logging.getLogger("immagent")
 
 T = TypeVar("T")
 
@@ -125,7 +130,71 @@ _DDL = (
     # "a stream's states in log order" without storing seq twice.
     "CREATE INDEX IF NOT EXISTS immagent_states_stream ON immagent_states (kind, stream)",
     "CREATE INDEX IF NOT EXISTS immagent_states_parent ON immagent_states (parent_id)",
+    # Chain nodes (see schema.sql and immagent/chains.py), clustered by run: `loc` is the
+    # rowid, (run << 24) | the node's offset in its run, so a run is one range of the table
+    # b-tree (a rowid table keeps rows up to a page inline; WITHOUT ROWID spills past
+    # ~2 KB). A node's parent is the row before it; a run's first row names the node it
+    # continues from (`parent`, NULL for a chain's root) and its depth, NULL on every
+    # other row (a NULL costs one header byte). Nodes are found by digest through an index
+    # on its first 8 bytes (20 instead of ~45 bytes an entry; the digest itself is compared
+    # in the row, and the single writer checks for a node before inserting it, so it
+    # stays unique).
+    """
+    CREATE TABLE IF NOT EXISTS immagent_nodes (
+        loc     INTEGER PRIMARY KEY,
+        kind    INTEGER NOT NULL,
+        codec   INTEGER NOT NULL DEFAULT 0,
+        count   INTEGER NOT NULL,
+        depth   INTEGER,
+        digest  BLOB    NOT NULL CHECK (length(digest) = 32),
+        parent  BLOB    CHECK (length(parent) = 32),
+        refs    BLOB    NOT NULL DEFAULT x'' CHECK (length(refs) % 32 = 0),
+        peaks   BLOB    CHECK (length(peaks) % 32 = 0),
+        body    BLOB    NOT NULL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS immagent_nodes_digest ON immagent_nodes (substr(digest, 1, 8))",
 )
+
+#: A node's offset in its run takes the low bits of its loc: 2**24 nodes per run (a longer
+#: chain continues in a new run, as after a fork).
+_SHIFT = 24
+_OFFSET = (1 << _SHIFT) - 1
+# `r` is always the first row of `n`'s run: its depth, and its parent (a run's first
+# node's parent; the row before it for every other node).
+_NODE_COLUMNS = ("n.loc, n.digest, n.kind, n.count, n.codec, n.refs, n.peaks, n.body, "
+                 f"r.depth, CASE WHEN n.loc & {_OFFSET} = 0 THEN r.parent END")
+_RUN_START = f"immagent_nodes r ON r.loc = n.loc >> {_SHIFT} << {_SHIFT}"
+# A node by digest: the expression index on its first 8 bytes, then the digest itself.
+_BY_DIGEST = "substr(n.digest, 1, 8) = substr({d}, 1, 8) AND n.digest = {d}"
+# From a run (seg.run) to the run its first node continues: the parent's run and loc.
+_UP = f"""
+    SELECT p.loc >> {_SHIFT}, p.loc FROM seg
+      JOIN immagent_nodes r ON r.loc = seg.run << {_SHIFT}
+      JOIN immagent_nodes p ON substr(p.digest, 1, 8) = substr(r.parent, 1, 8)
+                           AND p.digest = r.parent
+"""
+# The runs of a lineage: from the head's run to the root's, each with the last loc the
+# lineage uses in it. UNION: a damaged row that makes runs loop ends the walk.
+_SEGMENTS = f"""
+    seg(run, hi) AS (
+        SELECT n.loc >> {_SHIFT}, n.loc FROM immagent_nodes n WHERE {_BY_DIGEST.format(d=":head")}
+        UNION
+        {_UP} WHERE r.depth > :since
+    )
+"""
+_CHAIN_NODES = f"""
+    WITH RECURSIVE {_SEGMENTS}
+    SELECT {_NODE_COLUMNS} FROM seg
+      JOIN immagent_nodes r ON r.loc = seg.run << {_SHIFT}
+      JOIN immagent_nodes n ON n.loc BETWEEN seg.run << {_SHIFT} AND seg.hi
+     WHERE r.depth + (n.loc & {_OFFSET}) >= :since
+     ORDER BY n.loc
+"""
+_HEAD_DEPTH = f"""
+    SELECT r.depth + (n.loc & {_OFFSET}) FROM immagent_nodes n JOIN {_RUN_START}
+     WHERE {_BY_DIGEST.format(d=":head")}
+"""
 
 _STATE_COLUMNS = "id, parent_id, kind, stream, refs, body, digest, created_at, seq"
 _ASSET_COLUMNS = "digest, kind, refs, body, codec"
@@ -141,11 +210,10 @@ _BLOB_ROOTS = """
     )
 """
 
-# The refs of states (all, or those whose seq is in `picked`), split by position; only
-# short ones (see _sqlite_walk: a long one is split in Python, once).
+# The refs of states (all, or those whose seq is in `picked`), split by position.
 _STATE_REFS = """
     srefs(s, i) AS (
-        SELECT seq, 0 FROM {states} WHERE length(refs) >= 32 AND length(refs) <= :small
+        SELECT seq, 0 FROM {states} WHERE length(refs) >= 32
         UNION ALL
         SELECT r.s, r.i + 1 FROM srefs r JOIN immagent_states x ON x.seq = r.s
          WHERE 32 * (r.i + 2) <= length(x.refs)
@@ -156,52 +224,56 @@ _STATE_REFS = """
     )
 """
 
-#: Elements of a node fetched by get_chain's first statement (a turn adds two to four).
-_INLINE_ELEMENTS = 4
-
-# The chain ending at :head and its nodes' first elements, in one statement (measured ~15 %
-# faster than a second statement for the elements, the rest is found by _ELEMENTS_SQL).
-# Each node's first ref is its parent, followed while it has the head's kind. UNION (not
-# UNION ALL): a damaged refs column pointing back into the chain repeats a row and ends the
-# walk instead of looping forever. Element digests are cut from each node's refs by
-# position (a constant series: 1 .. _INLINE_ELEMENTS), one primary-key probe each.
-_CHAIN_SQL = f"""
-    WITH RECURSIVE chain({_ASSET_COLUMNS}) AS (
-        SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE digest = :head
-        UNION
-        SELECT a.digest, a.kind, a.refs, a.body, a.codec
-          FROM chain c JOIN immagent_assets a
-            ON a.digest = substr(c.refs, 1, 32) AND a.kind = c.kind
+# The refs of the assets among `{held}` (a message names its tool schemas), split by
+# position: (src, dst) pairs.
+_ASSET_REFS = """
+    arefs(a, i) AS (
+        SELECT digest, 0 FROM immagent_assets WHERE length(refs) > 0 AND digest IN ({held})
+        UNION ALL
+        SELECT r.a, r.i + 1 FROM arefs r JOIN immagent_assets x ON x.digest = r.a
+         WHERE 32 * (r.i + 2) <= length(x.refs)
+    ),
+    asset_refs(src, dst) AS (
+        SELECT x.digest, substr(x.refs, 32 * r.i + 1, 32)
+          FROM arefs r JOIN immagent_assets x ON x.digest = r.a
     )
-    SELECT 0, {_ASSET_COLUMNS} FROM chain
-    UNION ALL
-    SELECT 1, x.digest, x.kind, x.refs, x.body, x.codec
-      FROM chain c
-      JOIN ({" UNION ALL ".join(f"SELECT {i} AS i" for i in range(1, _INLINE_ELEMENTS + 1))}) s
-      JOIN immagent_assets x ON x.digest = substr(c.refs, 32 * s.i + 1, 32)
-     WHERE 32 * s.i < length(c.refs)
 """
+
 _ELEMENTS_SQL = f"""
     WITH RECURSIVE {_BLOB_ROOTS}
     SELECT x.digest, x.kind, x.refs, x.body, x.codec
       FROM roots JOIN immagent_assets x ON x.digest = roots.d
 """
 
-# Node kinds, for gc's checks (ints from the core, safe to inline).
+_ALL_STATE_REFS = _STATE_REFS.format(states="immagent_states")
+
+# Node kinds, for the migration (ints from the core, safe to inline).
 _NODE_KINDS = ", ".join(str(int(k)) for k in sorted(NODE_KINDS))
 
-# The reached assets gc checks before it sweeps: every row with refs, every node, and every
-# row a state or a row links to as its first ref (a node's parent), whatever its kind
-# column says (a node whose kind was changed and refs emptied would otherwise mark nothing
-# and never be checked). The walk (_sqlite_walk.mark) flags what states link to; a first
-# ref is cut from each reached refs value once (substr of its first 32 bytes).
-_GC_CHECKED = f"""
-    SELECT a.digest, a.kind, a.refs, a.body, a.codec FROM temp.immagent_reach r
-      JOIN immagent_assets a ON a.digest = r.digest
-     WHERE length(a.refs) > 0 OR a.kind IN ({_NODE_KINDS}) OR r.linked
-        OR a.digest IN (SELECT substr(p.refs, 1, 32) FROM temp.immagent_reach pr
-                          JOIN immagent_assets p ON p.digest = pr.digest
-                         WHERE length(p.refs) > 0)
+# The out-of-line refs of the nodes gc marked (runs up to their last live loc).
+_MARKED_REFS = f"""
+    orefs(a, i) AS (
+        SELECT n.loc, 0 FROM temp.immagent_reach_runs rr
+          JOIN immagent_nodes n ON n.loc BETWEEN rr.run << {_SHIFT} AND rr.hi
+         WHERE length(n.refs) > 0
+        UNION ALL
+        SELECT o.a, o.i + 1 FROM orefs o JOIN immagent_nodes x ON x.loc = o.a
+         WHERE 32 * (o.i + 2) <= length(x.refs)
+    ),
+    marked_refs(d) AS (
+        SELECT substr(x.refs, 32 * o.i + 1, 32) FROM orefs o JOIN immagent_nodes x ON x.loc = o.a
+    )
+"""
+
+# The lineages of the nodes among `roots(d)`: per run, the last loc they use.
+_ROOT_SPANS = f"""
+    seg(run, hi) AS (
+        SELECT n.loc >> {_SHIFT}, n.loc FROM roots
+          JOIN immagent_nodes n ON {_BY_DIGEST.format(d="roots.d")}
+        UNION
+        {_UP}
+    ),
+    span(run, hi) AS (SELECT run, max(hi) FROM seg GROUP BY run)
 """
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -292,6 +364,97 @@ def _asset(row: Sequence[Any]) -> StoredAsset:
                        row[4])
 
 
+def _node_rows(rows: Sequence[Sequence[Any]],
+               previous: tuple[int, bytes] | None = None) -> list[NodeRow]:
+    """NodeRows from (loc, digest, kind, count, codec, refs, peaks, body, run depth, run
+    parent digest) rows in loc order: a row's parent is the row before it in its run (None
+    where that row is missing, which the checks report), or its run's parent. A row whose
+    run has lost its first row (run depth None) gets its offset as depth and no parent, so
+    the checks report it instead of it going unseen."""
+    out: list[NodeRow] = []
+    for loc, digest, kind, count, row_codec, refs, peaks, body, depth, run_parent in rows:
+        offset = loc & _OFFSET
+        if offset == 0:
+            parent = None if run_parent is None else _blob(run_parent)
+        else:
+            parent = previous[1] if previous is not None and previous[0] == loc - 1 else None
+        digest = _blob(digest)
+        out.append(NodeRow(digest, kind, (depth or 0) + offset, parent, split_refs(_blob(refs)),
+                           _blob(body), row_codec, None if peaks is None else _blob(peaks),
+                           count))
+        previous = (loc, digest)
+    return out
+
+
+def _find_node(conn: sqlite3.Connection, digest: bytes) -> int | None:
+    row = conn.execute(f"SELECT n.loc FROM immagent_nodes n WHERE {_BY_DIGEST.format(d='?1')}",
+                       (digest,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _node_depth(conn: sqlite3.Connection, loc: int) -> int:
+    (depth,) = conn.execute("SELECT depth FROM immagent_nodes WHERE loc = ?",
+                            (loc >> _SHIFT << _SHIFT,)).fetchone()
+    return int(depth) + (loc & _OFFSET)
+
+
+def _place_nodes(conn: sqlite3.Connection, nodes: Sequence[NewNode]) -> Digest | None:
+    """Insert new nodes, each right after its parent when that slot is free (the run goes
+    on), else as the first node of a new run that names its parent; a node already stored
+    is skipped. Returns a parent that is not stored, if any (nothing is kept then: the
+    caller rolls back)."""
+    placed: dict[bytes, int] = {}
+    insert = ("INSERT INTO immagent_nodes (loc, kind, codec, count, depth, digest, parent, "
+              "refs, peaks, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+              "ON CONFLICT (loc) DO NOTHING")
+    for node in nodes:
+        if node.digest in placed or _find_node(conn, node.digest) is not None:
+            continue
+        parent: int | None = None
+        if node.parent is not None:
+            parent = placed.get(node.parent)
+            if parent is None:
+                parent = _find_node(conn, node.parent)
+            if parent is None:
+                return node.parent
+        tail = (join_refs(node.refs), node.peaks, node.body)
+        if parent is not None and parent & _OFFSET < _OFFSET and conn.execute(
+                insert, (parent + 1, node.kind, node.codec, node.added, None, node.digest,
+                         None, *tail)).rowcount == 1:
+            placed[node.digest] = parent + 1
+            continue
+        # A root, a fork (the slot after the parent holds another node), or a run at its
+        # length limit: a new run, after the last one.
+        (last,) = conn.execute("SELECT coalesce(max(loc), 0) FROM immagent_nodes").fetchone()
+        loc = ((int(last) >> _SHIFT) + 1) << _SHIFT
+        depth = 0 if parent is None else _node_depth(conn, parent) + 1
+        conn.execute(insert, (loc, node.kind, node.codec, node.added, depth, node.digest,
+                              node.parent, *tail))
+        placed[node.digest] = loc
+    return None
+
+
+def _count_rows(conn: sqlite3.Connection) -> int:
+    (assets,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
+    (nodes,) = conn.execute("SELECT count(*) FROM immagent_nodes").fetchone()
+    return int(assets) + int(nodes)
+
+
+def _stats(rows: Sequence[Sequence[Any]]) -> dict[int, tuple[int, int]]:
+    """asset_stats from (kind, rows, body bytes, inline elements) rows: a node kind's inline
+    elements count under their element kind (their bytes are the nodes')."""
+    stats: dict[int, tuple[int, int]] = {}
+    for kind, n, size, inline in rows:
+        count, total = stats.get(int(kind), (0, 0))
+        stats[int(kind)] = (count + int(n), total + int(size))
+        node_type = NODE_KINDS.get(int(kind))
+        if node_type is not None and inline:
+            element = int(node_type.element_kind)
+            count, total = stats.get(element, (0, 0))
+            stats[element] = (count + int(inline), total)
+    return stats
+
+
 def _newest(conn: sqlite3.Connection, head: Head) -> UUID | None:
     row = conn.execute("SELECT id FROM immagent_states WHERE kind = ? AND stream = ? "
                        "ORDER BY seq DESC LIMIT 1", (head.kind, head.stream)).fetchone()
@@ -350,6 +513,46 @@ def _migrate_v1(conn: sqlite3.Connection) -> None:
     conn.execute("DROP TABLE immagent_agents")
 
 
+def _migrate_v2(conn: sqlite3.Connection) -> None:
+    """Version 2 -> 3: chain nodes move from the asset table into runs, holding their
+    elements' bodies (immagent/store/_migrate.py); digests unchanged."""
+    links = {_blob(d): (_blob(p) if p else None) for d, p in conn.execute(
+        f"SELECT digest, substr(refs, 1, 32) FROM immagent_assets WHERE kind IN ({_NODE_KINDS})")}
+    plan, runs = _migrate.plan_runs(links)
+    dictionaries = _migrate.dictionaries_from(
+        _blob(b) for (b,) in conn.execute("SELECT body FROM immagent_assets WHERE kind = ?",
+                                          (int(Kind.DICTIONARY),)))
+    standalone = {d for (refs,) in conn.execute("SELECT refs FROM immagent_states")
+                  for d in split_refs(_blob(refs))}
+    records = _migrate.Records(dictionaries, standalone, runs)
+    for start in range(0, len(plan), _migrate.BATCH):
+        batch = plan[start:start + _migrate.BATCH]
+        nodes: dict[bytes, tuple[int, tuple[bytes, ...], bytes]] = {}
+        for chunk in _chunks([p.digest for p in batch]):
+            for d, k, refs, body, row_codec in conn.execute(
+                    f"SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE digest IN "
+                    f"({_marks(len(chunk))})", chunk):
+                nodes[_blob(d)] = (k, split_refs(_blob(refs)),
+                                   codec.decode(row_codec, _blob(body), dictionaries))
+        wanted = list(dict.fromkeys(e for n in nodes.values() for e in n[1][1:]))
+        elements: dict[bytes, tuple[int, bytes]] = {}
+        for chunk in _chunks(wanted):
+            # An element with refs of its own (a message naming its tool schemas) stays an
+            # asset: its digest covers its refs, which a record cannot hold.
+            elements.update((_blob(d), (c, _blob(b))) for d, c, b in conn.execute(
+                f"SELECT digest, codec, body FROM immagent_assets WHERE digest IN "
+                f"({_marks(len(chunk))}) AND coalesce(length(refs), 0) = 0", chunk))
+        conn.executemany(
+            "INSERT INTO immagent_nodes (loc, kind, codec, count, depth, digest, parent, refs, "
+            "peaks, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            records.rows(batch, nodes, elements))
+        log.info("migrating to schema 3: %d of %d chain nodes", start + len(batch), len(plan))
+    conn.execute(f"DELETE FROM immagent_assets WHERE kind IN ({_NODE_KINDS})")
+    for chunk in _chunks(sorted(records.deletable())):
+        conn.execute(f"DELETE FROM immagent_assets WHERE digest IN ({_marks(len(chunk))})",
+                     chunk)
+
+
 def _give_back_free_pages(conn: sqlite3.Connection) -> None:
     """Shrink the file by the pages a sweep freed, inside the sweep's transaction.
 
@@ -363,122 +566,88 @@ def _give_back_free_pages(conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA incremental_vacuum")
 
 
-class _Referrers:
-    """(missing digest, referrer) pairs, distinct and at most ``limit``, found by splitting
-    refs values in Python (each read once, however long)."""
-
-    def __init__(self, missing: set[bytes], limit: int) -> None:
-        self.missing = missing
-        self.limit = limit
-        self.pairs: list[MissingAsset] = []
-        self._seen: set[tuple[bytes, bytes]] = set()
-
-    def scan(self, rows: Iterable[Sequence[Any]], *, state: bool) -> None:
-        for src, refs in rows:
-            if len(self.pairs) >= self.limit:
-                return
-            source = _blob(src)
-            for d in walk.split(refs):
-                if d in self.missing and (d, source) not in self._seen:
-                    self._seen.add((d, source))
-                    self.pairs.append(MissingAsset(d, UUID(bytes=source) if state else source))
-                    if len(self.pairs) >= self.limit:
-                        return
-
-
-def _all_dangling(conn: sqlite3.Connection, limit: int) -> list[MissingAsset]:
-    """Every (absent digest, referrer) pair of the store, at most ``limit``: short refs
-    values split in SQL, longer ones in Python (see _sqlite_walk)."""
-    sql = f"""
-        WITH RECURSIVE {_STATE_REFS.format(states="immagent_states")},
-        pos(a, i) AS (
-            SELECT digest, 0 FROM immagent_assets
-             WHERE length(refs) > 0 AND length(refs) <= :small
-            UNION ALL
-            SELECT p.a, p.i + 1 FROM pos p JOIN immagent_assets x ON x.digest = p.a
-             WHERE 32 * (p.i + 1) < length(x.refs)
-        ),
-        edges(src, dst) AS (
-            SELECT p.a, substr(x.refs, 32 * p.i + 1, 32)
-              FROM pos p JOIN immagent_assets x ON x.digest = p.a
+def _mark(conn: sqlite3.Connection) -> None:
+    """gc's mark, into temporary tables of the writer's transaction (SQLite spills them to
+    disk; nothing goes through Python): per run, the last loc a live lineage uses; every
+    asset a state or a marked node's out-of-line refs name, and what those assets name."""
+    for table in ("immagent_reach", "immagent_reach_runs"):
+        conn.execute(f"DROP TABLE IF EXISTS temp.{table}")
+    conn.execute("CREATE TEMP TABLE immagent_reach_runs (run INTEGER PRIMARY KEY, "
+                 "hi INTEGER NOT NULL)")
+    conn.execute("CREATE TEMP TABLE immagent_reach (digest BLOB PRIMARY KEY) "
+                 "WITHOUT ROWID")
+    conn.execute(f"""
+        INSERT INTO temp.immagent_reach_runs
+        WITH RECURSIVE {_ALL_STATE_REFS},
+        seg(run, hi) AS (
+            SELECT n.loc >> {_SHIFT}, n.loc FROM state_refs s
+              JOIN immagent_nodes n ON {_BY_DIGEST.format(d="s.dst")}
+            UNION
+            {_UP}
         )
-        SELECT dst, src, 1 FROM state_refs
-         WHERE NOT EXISTS (SELECT 1 FROM immagent_assets m WHERE m.digest = state_refs.dst)
-        UNION
-        SELECT dst, src, 0 FROM edges
-         WHERE NOT EXISTS (SELECT 1 FROM immagent_assets m WHERE m.digest = edges.dst)
-        LIMIT :limit
-    """
-    small = walk.SPLIT_IN_SQL
-    found = [MissingAsset(_blob(d), UUID(bytes=_blob(s)) if is_state else _blob(s))
-             for d, s, is_state in conn.execute(sql, {"limit": limit, "small": small})]
-    seen = {(m.digest, m.referrer) for m in found}
-    probe = "SELECT 1 FROM immagent_assets WHERE digest = ?"
-    for table, key, is_state in (("immagent_assets", "digest", False),
-                                 ("immagent_states", "id", True)):
-        cursor = conn.execute(f"SELECT {key}, refs FROM {table} WHERE length(refs) > ?",
-                              (small,))
-        while len(found) < limit and (rows := cursor.fetchmany(16)):
-            for src, refs in rows:
-                referrer: bytes | UUID = UUID(bytes=_blob(src)) if is_state else _blob(src)
-                for d in walk.split(refs):
-                    if (d, referrer) not in seen and conn.execute(probe, (d,)).fetchone() is None:
-                        seen.add((d, referrer))
-                        found.append(MissingAsset(d, referrer))
-    return found[:limit]
+        SELECT run, max(hi) FROM seg GROUP BY run""")
+    conn.execute(f"""
+        INSERT OR IGNORE INTO temp.immagent_reach
+        WITH RECURSIVE {_ALL_STATE_REFS},
+        {_MARKED_REFS}
+        SELECT dst FROM state_refs WHERE NOT EXISTS (
+            SELECT 1 FROM immagent_nodes n WHERE {_BY_DIGEST.format(d="dst")})
+        UNION SELECT d FROM marked_refs""")
+    # What the marked assets name (a message's tool schemas; those name nothing).
+    conn.execute(f"""
+        INSERT OR IGNORE INTO temp.immagent_reach
+        WITH RECURSIVE {_ASSET_REFS.format(held="SELECT digest FROM temp.immagent_reach")}
+        SELECT dst FROM asset_refs""")
 
 
-def _swept(conn: sqlite3.Connection, check: RowCheck, codec_refs: CodecRefs | None,
-           detached: Sequence[int], dry_run: bool) -> SweepResult:
-    """gc after the mark (temp.immagent_reach): refuse a missing asset, delete the attached
-    states whose subject is gone, mark what the codecs of marked rows name, check every row
-    marked from, delete every unmarked asset."""
-    missing = conn.execute(
-        "SELECT digest FROM temp.immagent_reach r WHERE NOT EXISTS "
-        "(SELECT 1 FROM immagent_assets a WHERE a.digest = r.digest) LIMIT 1").fetchone()
-    if missing is not None:
-        (kept,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
-        return SweepResult({}, 0, int(kept), _blob(missing[0]))
-    # Attached states whose subject is gone (marked from all the same: what they reach is
-    # kept one more cycle).
-    gone = conn.execute(
-        f"DELETE FROM immagent_states WHERE kind IN ({_marks(len(detached))}) AND "
-        "(parent_id IS NULL OR NOT EXISTS (SELECT 1 FROM immagent_states p "
-        "WHERE p.id = immagent_states.parent_id))", list(detached)
-    ).rowcount if detached else 0
-    if codec_refs is not None:
-        used = [int(c) for (c,) in conn.execute(
-            "SELECT DISTINCT a.codec FROM temp.immagent_reach r JOIN immagent_assets a "
-            f"ON a.digest = r.digest WHERE a.codec >= {FIRST_DICTIONARY}")]
-        if used:
-            dictionaries = [_asset(r) for r in conn.execute(
-                f"SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE kind = ?",
-                (int(Kind.DICTIONARY),))]
-            conn.executemany(
-                "INSERT OR IGNORE INTO temp.immagent_reach (digest, linked, big) "
-                "VALUES (?, 0, 2)", ((d,) for d in codec_refs(used, dictionaries)))
-    for sql, decode in ((f"SELECT {_STATE_COLUMNS} FROM immagent_states", _state),
-                        (_GC_CHECKED, _asset)):
-        cursor = conn.execute(sql)
-        while rows := cursor.fetchmany(1000):
-            check([decode(r) for r in rows])
+#: The chain nodes ``_mark`` did not reach (a FROM clause and its condition).
+_DEAD_NODES = f"""
+    FROM immagent_nodes WHERE NOT EXISTS (
+        SELECT 1 FROM temp.immagent_reach_runs rr
+         WHERE rr.run = immagent_nodes.loc >> {_SHIFT} AND immagent_nodes.loc <= rr.hi)"""
+
+
+def _unmarked(conn: sqlite3.Connection) -> tuple[dict[int, int], int, int]:
+    """What a sweep after ``_mark`` deletes: rows per kind (a node's inline elements count
+    as rows of their kind), their bytes, and the stored rows (nodes and assets)."""
     removed: dict[int, int] = {}
-    freed = 0
-    unmarked = "digest NOT IN (SELECT digest FROM temp.immagent_reach)"
+    freed = rows_gone = 0
+    for kind, n, size, inline in conn.execute(
+            f"SELECT kind, count(*), coalesce(sum(length(body)), 0), "
+            f"coalesce(sum(count - length(refs) / 32), 0) {_DEAD_NODES} GROUP BY kind"):
+        removed[int(kind)] = removed.get(int(kind), 0) + int(n)
+        freed += int(size)
+        rows_gone += int(n)
+        element = NODE_KINDS.get(int(kind))
+        if element is not None and inline:
+            key = int(element.element_kind)
+            removed[key] = removed.get(key, 0) + int(inline)
     for kind, n, size in conn.execute(
             "SELECT kind, count(*), coalesce(sum(length(body)), 0) FROM immagent_assets "
-            f"WHERE {unmarked} GROUP BY kind"):
-        removed[int(kind)] = int(n)
+            "WHERE digest NOT IN (SELECT digest FROM temp.immagent_reach) GROUP BY kind"):
+        removed[int(kind)] = removed.get(int(kind), 0) + int(n)
         freed += int(size)
-    if dry_run:  # everything but the commit: the caller's transaction is rolled back
-        (total,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
-        raise Rehearsal(SweepResult(removed, freed, int(total) - sum(removed.values()),
-                                    states_removed=gone))
-    if removed:
-        conn.execute(f"DELETE FROM immagent_assets WHERE {unmarked}")
-        _give_back_free_pages(conn)
-    (kept,) = conn.execute("SELECT count(*) FROM immagent_assets").fetchone()
-    return SweepResult(removed, freed, int(kept), states_removed=gone)
+        rows_gone += int(n)
+    return removed, freed, rows_gone
+
+
+def _mark_codec_refs(conn: sqlite3.Connection, codec_refs: CodecRefs) -> None:
+    """Mark what ``codec_refs`` names for the dictionaries the marked rows (assets and
+    nodes) are stored with: gc's rule, a row's codec is a reference to its dictionary."""
+    used = [int(c) for (c,) in conn.execute(f"""
+        SELECT a.codec FROM temp.immagent_reach r JOIN immagent_assets a
+            ON a.digest = r.digest WHERE a.codec >= {FIRST_DICTIONARY}
+        UNION
+        SELECT n.codec FROM temp.immagent_reach_runs rr
+          JOIN immagent_nodes n ON n.loc BETWEEN rr.run << {_SHIFT} AND rr.hi
+         WHERE n.codec >= {FIRST_DICTIONARY}""")]
+    if not used:
+        return
+    dictionaries = [_asset(r) for r in conn.execute(
+        f"SELECT {_ASSET_COLUMNS} FROM immagent_assets WHERE kind = ?",
+        (int(Kind.DICTIONARY),))]
+    conn.executemany("INSERT OR IGNORE INTO temp.immagent_reach (digest) VALUES (?)",
+                     ((d,) for d in codec_refs(used, dictionaries)))
 
 
 class SQLiteBackend(StateQueries):
@@ -557,6 +726,8 @@ class SQLiteBackend(StateQueries):
                              "ORDER BY digest")
                 conn.execute("DROP TABLE immagent_assets_v1")
                 _migrate_v1(conn)
+            if current in (1, 2):
+                _migrate_v2(conn)
                 _give_back_free_pages(conn)
             conn.execute("INSERT OR IGNORE INTO immagent_schema (version) VALUES (?)",
                          (SCHEMA_VERSION,))
@@ -573,7 +744,7 @@ class SQLiteBackend(StateQueries):
 
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
-                    replace: Sequence[UUID] = (), *,
+                    replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = (), *,
                     require_states: Sequence[UUID] = ()) -> WriteResult:
         asset_rows = [(a.digest, a.kind, join_refs(a.refs), a.body, a.codec) for a in assets]
         state_rows = [_state_params(s) for s in states]
@@ -596,12 +767,17 @@ class SQLiteBackend(StateQueries):
                 conn.executemany(
                     f"INSERT INTO immagent_assets ({_ASSET_COLUMNS}) "
                     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING", asset_rows)
+            if nodes:
+                lost = _place_nodes(conn, nodes)
+                if lost is not None:
+                    raise _Abort(WriteResult(missing=(lost,)))
             present: set[bytes] = set()
             for chunk in _chunks(wanted):
                 present.update(row[0] for row in conn.execute(
                     f"SELECT digest FROM immagent_assets WHERE digest IN ({_marks(len(chunk))})",
                     chunk))
-            missing = tuple(d for d in wanted if d not in present)
+            missing = tuple(d for d in wanted
+                            if d not in present and _find_node(conn, d) is None)
             if missing:
                 raise _Abort(WriteResult(missing=missing))
             # The single writer serialises every write: no lock beyond BEGIN IMMEDIATE.
@@ -683,14 +859,61 @@ class SQLiteBackend(StateQueries):
     async def sweep(self, check: RowCheck, codec_refs: CodecRefs | None = None, *,
                     detached: Sequence[int] = (), dry_run: bool = False) -> SweepResult:
         def sweep(conn: sqlite3.Connection) -> SweepResult:
-            # Mark into a temporary table (SQLite spills it to disk; Python only splits
-            # long refs values), then sweep what is not in it, all under the write lock.
-            walk.begin(conn)
-            try:
-                walk.mark(conn, all_states=True)
-                return _swept(conn, check, codec_refs, detached, dry_run)
-            finally:
-                walk.end(conn, False)
+            _mark(conn)
+            missing = conn.execute(f"""
+                SELECT digest FROM temp.immagent_reach r WHERE NOT EXISTS
+                    (SELECT 1 FROM immagent_assets a WHERE a.digest = r.digest)
+                UNION ALL
+                SELECT r.parent FROM temp.immagent_reach_runs rr
+                  JOIN immagent_nodes r ON r.loc = rr.run << {_SHIFT}
+                 WHERE r.parent IS NOT NULL AND NOT EXISTS (
+                       SELECT 1 FROM immagent_nodes p WHERE substr(p.digest, 1, 8) =
+                              substr(r.parent, 1, 8) AND p.digest = r.parent)
+                UNION ALL
+                SELECT n.digest FROM temp.immagent_reach_runs rr
+                  JOIN immagent_nodes n ON n.loc = rr.hi
+                 WHERE NOT EXISTS (SELECT 1 FROM immagent_nodes r
+                                    WHERE r.loc = rr.run << {_SHIFT})
+                LIMIT 1""").fetchone()
+            if missing is not None:
+                kept = _count_rows(conn)
+                found = missing[0]
+                return SweepResult({}, 0, kept, _blob(found))
+            # Attached states whose subject is gone (marked from all the same: what they
+            # reach is kept one more cycle).
+            gone = conn.execute(
+                f"DELETE FROM immagent_states WHERE kind IN ({_marks(len(detached))}) AND "
+                "(parent_id IS NULL OR NOT EXISTS (SELECT 1 FROM immagent_states p "
+                "WHERE p.id = immagent_states.parent_id))", list(detached)
+            ).rowcount if detached else 0
+            if codec_refs is not None:
+                _mark_codec_refs(conn, codec_refs)
+            cursor = conn.execute(f"SELECT {_STATE_COLUMNS} FROM immagent_states")
+            while rows := cursor.fetchmany(1000):
+                check([_state(r) for r in rows])
+            cursor = conn.execute(f"""
+                SELECT {_NODE_COLUMNS} FROM temp.immagent_reach_runs rr
+                  JOIN immagent_nodes r ON r.loc = rr.run << {_SHIFT}
+                  JOIN immagent_nodes n ON n.loc BETWEEN rr.run << {_SHIFT} AND rr.hi
+                 ORDER BY n.loc""")
+            previous: tuple[int, bytes] | None = None
+            while rows := cursor.fetchmany(1000):
+                batch = _node_rows(rows, previous)
+                previous = (rows[-1][0], batch[-1].digest)
+                check(batch)
+            removed, freed, rows_gone = _unmarked(conn)
+            if dry_run:  # everything but the commit: the caller's transaction is rolled back
+                raise Rehearsal(SweepResult(removed, freed, _count_rows(conn) - rows_gone,
+                                            states_removed=gone))
+            if removed:
+                conn.execute(f"DELETE {_DEAD_NODES}")
+                conn.execute("DELETE FROM immagent_assets "
+                             "WHERE digest NOT IN (SELECT digest FROM temp.immagent_reach)")
+                _give_back_free_pages(conn)
+            kept = _count_rows(conn)
+            conn.execute("DROP TABLE temp.immagent_reach")
+            conn.execute("DROP TABLE temp.immagent_reach_runs")
+            return SweepResult(removed, freed, kept, states_removed=gone)
 
         try:
             result: SweepResult = await self._pool.write(
@@ -755,19 +978,11 @@ class SQLiteBackend(StateQueries):
                 if deleted:
                     _give_back_free_pages(conn)  # as a sweep does: the file shrinks
                 return RetainResult(deleted, state_bytes)
-            # What a gc would then remove: the same mark as a sweep's, counted, not swept.
-            walk.begin(conn)
-            try:
-                walk.mark(conn, all_states=True)
-                swept = conn.execute(
-                    "SELECT kind, count(*), coalesce(sum(length(body)), 0) FROM "
-                    "immagent_assets WHERE digest NOT IN (SELECT digest FROM "
-                    "temp.immagent_reach) GROUP BY kind").fetchall()
-            finally:
-                walk.end(conn, False)
-            raise Rehearsal(RetainResult(deleted, state_bytes,
-                                         assets={int(k): int(n) for k, n, _ in swept},
-                                         asset_bytes=sum(int(b) for _, _, b in swept)))
+            # What a gc would then remove: a sweep's mark, counted (rolled back).
+            _mark(conn)
+            removed, freed, _ = _unmarked(conn)
+            raise Rehearsal(RetainResult(deleted, state_bytes, assets=removed,
+                                         asset_bytes=freed))
 
         try:
             result: RetainResult = await self._pool.write(
@@ -800,157 +1015,259 @@ class SQLiteBackend(StateQueries):
         result: dict[Digest, StoredAsset] = await self._read("get_assets", run)
         return result
 
-    async def get_chain(
-        self, head: Digest
-    ) -> tuple[list[StoredAsset], dict[Digest, StoredAsset]]:
-        def run(conn: sqlite3.Connection) -> tuple[list[StoredAsset],
-                                                   dict[Digest, StoredAsset]]:
-            rows = conn.execute(_CHAIN_SQL, {"head": head}).fetchall()
-            # A compound SELECT yields its parts in order: the nodes (tag 0), newest first
-            # (the queue of a one-row-per-step recursion), then the elements (tag 1).
+    async def get_chain(self, head: Digest, *, context: bool = False
+                        ) -> tuple[list[NodeRow], dict[Digest, StoredAsset]]:
+        def run(conn: sqlite3.Connection) -> tuple[list[NodeRow], dict[Digest, StoredAsset]]:
+            since = 0
+            if context:
+                found = conn.execute(_HEAD_DEPTH, {"head": head}).fetchone()
+                if found is None:
+                    return [], {}
+                depth = int(found[0])
+                since = max(0, depth - depth % SPAN - 1)
             try:
-                chain, elements = stored_tagged_rows(rows)
-            except (TypeError, ValueError):  # a column of the wrong type: decode each row
-                chain = [_asset(r[1:]) for r in rows if r[0] == 0]
-                elements = [_asset(r[1:]) for r in rows if r[0] == 1]
-            leaves = {r.digest: r for r in elements}
-            # Elements past the first _INLINE_ELEMENTS of a node, in a second statement of
-            # the same snapshot (in-process: no round trip), their digests passed as one
-            # BLOB split by position: measured 2-3x faster than IN lists of bound parameters.
-            rest = b"".join(d for row in chain for d in row.refs[1 + _INLINE_ELEMENTS:]
-                            if d not in leaves)
-            if rest:
-                found = conn.execute(_ELEMENTS_SQL, {"roots": rest}).fetchall()
-                try:
-                    leaves.update((r.digest, r) for r in stored_rows(found))
-                except (TypeError, ValueError):
-                    leaves.update((a.digest, a) for a in map(_asset, found))
-            return chain, leaves
+                rows = _node_rows(conn.execute(_CHAIN_NODES, {"head": head, "since": since})
+                                  .fetchall())
+            except TypeError as e:  # a column of the wrong type (SQLite keeps what it got)
+                raise IntegrityError(f"the lineage of node {head.hex()} holds a damaged row: "
+                                     f"{e} (run store.verify())") from None
+            # The out-of-line elements, in a second statement of the same snapshot, their
+            # digests passed as one BLOB split by position.
+            wanted = b"".join(dict.fromkeys(d for row in rows for d in row.refs))
+            leaves: dict[Digest, StoredAsset] = {}
+            if wanted:
+                found_rows = conn.execute(_ELEMENTS_SQL, {"roots": wanted}).fetchall()
+                leaves.update((r.digest, r) for r in _rows(found_rows))
+            return rows, leaves
 
-        result: tuple[list[StoredAsset], dict[Digest, StoredAsset]] = (
+        result: tuple[list[NodeRow], dict[Digest, StoredAsset]] = (
             await self._read("get_chain", run))
         return result
+
+    async def get_nodes(self, digests: Sequence[Digest]
+                        ) -> tuple[dict[Digest, NodeRow], dict[Digest, StoredAsset]]:
+        keys = list(dict.fromkeys(digests))
+        sql = f"""
+            SELECT {_NODE_COLUMNS}, CASE WHEN n.loc & {_OFFSET} = 0 THEN r.parent
+                   ELSE (SELECT p.digest FROM immagent_nodes p WHERE p.loc = n.loc - 1) END
+              FROM immagent_nodes n JOIN {_RUN_START}
+             WHERE {_BY_DIGEST.format(d="?1")}"""
+
+        def run(conn: sqlite3.Connection) -> tuple[dict[Digest, NodeRow],
+                                                   dict[Digest, StoredAsset]]:
+            found: dict[Digest, NodeRow] = {}
+            for digest in keys:  # in-process: a probe costs microseconds
+                row = conn.execute(sql, (digest,)).fetchone()
+                if row is not None:
+                    (node,) = _node_rows([row[:10]])
+                    found[digest] = node._replace(parent=None if row[10] is None
+                                                  else _blob(row[10]))
+            wanted = b"".join(dict.fromkeys(d for n in found.values() for d in n.refs))
+            leaves: dict[Digest, StoredAsset] = {}
+            if wanted:
+                leaves.update((r.digest, r) for r in _rows(
+                    conn.execute(_ELEMENTS_SQL, {"roots": wanted}).fetchall()))
+            return found, leaves
+
+        result: tuple[dict[Digest, NodeRow], dict[Digest, StoredAsset]] = (
+            await self._read("get_nodes", run))
+        return result
+
+    async def kinds(self, digests: Sequence[Digest]) -> dict[Digest, int]:
+        keys = list(dict.fromkeys(digests))
+
+        def run(conn: sqlite3.Connection) -> dict[Digest, int]:
+            found: dict[Digest, int] = {}
+            for chunk in _chunks(keys):
+                found.update((_blob(d), k) for d, k in conn.execute(
+                    f"SELECT digest, kind FROM immagent_assets "
+                    f"WHERE digest IN ({_marks(len(chunk))})", chunk))
+            for digest in keys:
+                if digest not in found:
+                    row = conn.execute(f"SELECT n.kind FROM immagent_nodes n WHERE "
+                                       f"{_BY_DIGEST.format(d='?1')}", (digest,)).fetchone()
+                    if row is not None:
+                        found[digest] = row[0]
+            return found
+
+        result: dict[Digest, int] = await self._read("kinds", run)
+        return result
+
+    async def _stream(self, operation: str, sql: str, params: dict[str, Any],
+                      batch_size: int) -> AsyncIterator[list[Any]]:
+        """Rows of ``sql`` in batches from one read snapshot on one reader connection."""
+        pool = self._pool
+        async with pool.reader(operation) as conn:
+            def start(c: sqlite3.Connection) -> sqlite3.Cursor:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                c.execute("BEGIN")  # one snapshot for the whole stream
+                return c.execute(sql, params)
+
+            cursor = await pool.call(operation, conn, start)
+            try:
+                while rows := await pool.call(operation, conn,
+                                              lambda _: cursor.fetchmany(batch_size)):
+                    yield rows
+            finally:
+                if not pool.closed:  # a closed pool closes the connection, ending the read
+                    def end(c: sqlite3.Connection) -> None:
+                        cursor.close()
+                        if c.in_transaction:
+                            c.execute("ROLLBACK")
+                    await pool.call(operation, conn, end)
+
+    async def iter_nodes(self, roots: Sequence[Digest] | None = None,
+                         batch_size: int = 1000) -> AsyncIterator[list[NodeRow]]:
+        if roots is None:
+            sql = (f"SELECT {_NODE_COLUMNS} FROM immagent_nodes n LEFT JOIN {_RUN_START} "
+                   "ORDER BY n.loc")
+            params: dict[str, Any] = {}
+        else:
+            sql = f"""
+                WITH RECURSIVE {_BLOB_ROOTS}, {_ROOT_SPANS}
+                SELECT {_NODE_COLUMNS} FROM span
+                  JOIN immagent_nodes n ON n.loc BETWEEN span.run << {_SHIFT} AND span.hi
+                  LEFT JOIN immagent_nodes r ON r.loc = span.run << {_SHIFT}
+                 ORDER BY n.loc"""
+            params = {"roots": join_refs(roots)}
+        previous: tuple[int, bytes] | None = None
+        async for rows in self._stream("iter_nodes", sql, params, batch_size):
+            batch = _node_rows(rows, previous)
+            previous = (rows[-1][0], batch[-1].digest)
+            yield batch
 
     async def iter_assets(self, roots: Sequence[Digest] | None = None,
                           batch_size: int = 1000) -> AsyncIterator[list[StoredAsset]]:
         if roots is None:
             sql = f"SELECT {_ASSET_COLUMNS} FROM immagent_assets ORDER BY digest"
+            params: dict[str, Any] = {}
         else:
-            sql = ("SELECT x.digest, x.kind, x.refs, x.body, x.codec FROM temp.immagent_reach r "
-                   "JOIN immagent_assets x ON x.digest = r.digest")
-        pool = self._pool
-        async with pool.reader("iter_assets") as conn:
-            walking = False
-
-            def start(c: sqlite3.Connection) -> sqlite3.Cursor:
-                nonlocal walking
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-                c.execute("BEGIN")  # one snapshot for the whole stream
-                if roots is not None:
-                    walking = walk.begin(c)
-                    walk.mark(c, roots=list(roots))
-                return c.execute(sql)
-
-            def end(c: sqlite3.Connection, cursor: sqlite3.Cursor | None) -> None:
-                if cursor is not None:
-                    cursor.close()
-                if roots is not None:
-                    walk.end(c, walking)
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-
-            try:
-                cursor = await pool.call("iter_assets", conn, start)
-            except BaseException:
-                if not pool.closed:
-                    await pool.call("iter_assets", conn, lambda c: end(c, None))
-                raise
-            try:
-                while rows := await pool.call("iter_assets", conn,
-                                              lambda _: cursor.fetchmany(batch_size)):
-                    yield _rows(rows)
-            finally:
-                if not pool.closed:  # a closed pool closes the connection, ending the read
-                    await pool.call("iter_assets", conn, lambda c: end(c, cursor))
+            sql = f"""
+                WITH RECURSIVE {_BLOB_ROOTS}, {_ROOT_SPANS},
+                orefs(a, i) AS (
+                    SELECT n.loc, 0 FROM span
+                      JOIN immagent_nodes n ON n.loc BETWEEN span.run << {_SHIFT} AND span.hi
+                     WHERE length(n.refs) > 0
+                    UNION ALL
+                    SELECT o.a, o.i + 1 FROM orefs o JOIN immagent_nodes x ON x.loc = o.a
+                     WHERE 32 * (o.i + 2) <= length(x.refs)
+                ),
+                held(d) AS (
+                    SELECT d FROM roots
+                    UNION SELECT substr(x.refs, 32 * o.i + 1, 32) FROM orefs o
+                      JOIN immagent_nodes x ON x.loc = o.a
+                ),
+                {_ASSET_REFS.format(held="SELECT d FROM held")},
+                wanted(d) AS (SELECT d FROM held UNION SELECT dst FROM asset_refs)
+                SELECT x.digest, x.kind, x.refs, x.body, x.codec
+                  FROM wanted JOIN immagent_assets x ON x.digest = wanted.d"""
+            params = {"roots": join_refs(roots)}
+        async for rows in self._stream("iter_assets", sql, params, batch_size):
+            yield _rows(rows)
 
     async def dangling_refs(self, states: Sequence[UUID] | None = None,
                             limit: int = 10_000) -> list[MissingAsset]:
         if states is None:
-            result: list[MissingAsset] = await self._read(
-                "dangling_refs", lambda conn: _all_dangling(conn, limit))
-            return result
-        ids = [i.bytes for i in dict.fromkeys(states)]
-
-        def run(conn: sqlite3.Connection) -> list[MissingAsset]:
-            reader = walk.begin(conn)
-            try:
-                walk.mark(conn, state_ids=ids)
-                missing = {_blob(r[0]) for r in conn.execute(
-                    "SELECT digest FROM temp.immagent_reach r WHERE NOT EXISTS "
-                    "(SELECT 1 FROM immagent_assets m WHERE m.digest = r.digest) LIMIT ?",
-                    (limit,))}
-                if not missing:
-                    return []
-                # Who refers to them: each reached refs value read once, split here.
-                found = _Referrers(missing, limit)
-                found.scan(conn.execute(f"SELECT id, refs FROM {walk.PICKED_STATES}"),
-                           state=True)
-                found.scan(conn.execute(
-                    "SELECT r.digest, x.refs FROM temp.immagent_reach r JOIN immagent_assets x"
-                    " ON x.digest = r.digest WHERE length(x.refs) > 0"), state=False)
-                return found.pairs
-            finally:
-                walk.end(conn, reader)
-
-        result = await self._read("dangling_refs", run)
-        return result
+            params: dict[str, Any] = {"limit": limit}
+            ctes = f"""
+                {_STATE_REFS.format(states="immagent_states")},
+                span(run, hi) AS (SELECT loc >> {_SHIFT}, NULL FROM immagent_nodes
+                                   WHERE loc & {_OFFSET} = 0)"""
+        else:
+            params = {"limit": limit, "ids": b"".join(i.bytes for i in states)}
+            picked = ("(SELECT seq, refs FROM immagent_states WHERE id IN "
+                      "(SELECT substr(:ids, 16 * n + 1, 16) FROM ids))")
+            ctes = f"""
+                ids(n) AS (
+                    SELECT 0 WHERE length(:ids) >= 16
+                    UNION ALL SELECT n + 1 FROM ids WHERE 16 * (n + 2) <= length(:ids)
+                ),
+                {_STATE_REFS.format(states=picked)},
+                roots(d) AS (SELECT DISTINCT dst FROM state_refs),
+                {_ROOT_SPANS}"""
+        # State refs stored nowhere; out-of-line refs that are not stored; runs whose parent
+        # node is gone (named by the run's first node); refs of the assets those name (a
+        # message's tool schemas) that are not stored.
+        held = ("SELECT digest FROM immagent_assets" if states is None else
+                "SELECT dst FROM state_refs UNION SELECT substr(x.refs, 32 * o.i + 1, 32) "
+                "FROM orefs o JOIN immagent_nodes x ON x.loc = o.a")
+        sql = f"""
+            WITH RECURSIVE {ctes},
+            nodes_in(loc) AS (
+                SELECT n.loc FROM span JOIN immagent_nodes n
+                    ON n.loc BETWEEN span.run << {_SHIFT}
+                   AND coalesce(span.hi, (span.run << {_SHIFT}) | {_OFFSET})
+            ),
+            orefs(a, i) AS (
+                SELECT x.loc, 0 FROM nodes_in JOIN immagent_nodes x ON x.loc = nodes_in.loc
+                 WHERE length(x.refs) > 0
+                UNION ALL
+                SELECT o.a, o.i + 1 FROM orefs o JOIN immagent_nodes x ON x.loc = o.a
+                 WHERE 32 * (o.i + 2) <= length(x.refs)
+            ),
+            {_ASSET_REFS.format(held=held)}
+            SELECT dst, src, 0 FROM asset_refs
+             WHERE NOT EXISTS (SELECT 1 FROM immagent_assets m WHERE m.digest = asset_refs.dst)
+            UNION
+            SELECT dst, src, 1 FROM state_refs
+             WHERE NOT EXISTS (SELECT 1 FROM immagent_assets m WHERE m.digest = state_refs.dst)
+               AND NOT EXISTS (SELECT 1 FROM immagent_nodes n
+                                WHERE {_BY_DIGEST.format(d="state_refs.dst")})
+            UNION
+            SELECT substr(x.refs, 32 * o.i + 1, 32), x.digest, 0 FROM orefs o
+              JOIN immagent_nodes x ON x.loc = o.a
+             WHERE NOT EXISTS (SELECT 1 FROM immagent_assets m
+                                WHERE m.digest = substr(x.refs, 32 * o.i + 1, 32))
+            UNION
+            SELECT r.parent, r.digest, 0 FROM span
+              JOIN immagent_nodes r ON r.loc = span.run << {_SHIFT}
+             WHERE r.parent IS NOT NULL AND NOT EXISTS (
+                   SELECT 1 FROM immagent_nodes p WHERE substr(p.digest, 1, 8) =
+                          substr(r.parent, 1, 8) AND p.digest = r.parent)
+            LIMIT :limit
+        """
+        rows: list[Any] = await self._read(
+            "dangling_refs", lambda conn: conn.execute(sql, params).fetchall())
+        return [MissingAsset(_blob(d), UUID(bytes=_blob(s)) if is_state else _blob(s))
+                for d, s, is_state in rows if d is not None]
 
     async def misfit_refs(self, expected: Mapping[int, tuple[int, int]],
                           states: Sequence[UUID] | None = None,
                           limit: int = 10_000) -> list[Misfit]:
         if not expected:
             return []
-        kinds = ", ".join(str(int(k)) for k in sorted(expected))  # ints: safe to inline
         if states is None:
-            sql = (f"SELECT digest, kind, refs FROM immagent_assets "
-                   f"WHERE kind IN ({kinds}) AND length(refs) > 0")
+            roots: list[Digest] | None = None
         else:
-            sql = (f"SELECT x.digest, x.kind, x.refs FROM temp.immagent_reach r "
-                   f"JOIN immagent_assets x ON x.digest = r.digest "
-                   f"WHERE x.kind IN ({kinds}) AND length(x.refs) > 0")
-        ids = [] if states is None else [i.bytes for i in dict.fromkeys(states)]
+            roots = [d for r in await self.get_states(states) for d in r.refs]
 
-        def misfits(conn: sqlite3.Connection) -> list[Misfit]:
-            # In-process, one primary-key probe per ref costs microseconds, and each refs
-            # BLOB is read once (splitting it in SQL with substr() re-reads its overflow
-            # pages for every position). Memory: one row and the findings.
-            found: list[Misfit] = []
-            probe = "SELECT kind FROM immagent_assets WHERE digest = ?"
-            for digest, kind, raw in conn.execute(sql):
-                first, rest = expected[kind]
-                refs = split_refs(_blob(raw))
-                for i, ref in enumerate(refs):
-                    target = conn.execute(probe, (ref,)).fetchone()
-                    want = first if i == 0 else rest
-                    if target is not None and target[0] != want:
-                        found.append(Misfit(_blob(digest), ref, target[0], want))
-                        if len(found) >= limit:
-                            return found
-            return found
+        found: list[Misfit] = []
+        probe = "SELECT kind FROM immagent_assets WHERE digest = ?"
 
-        def run(conn: sqlite3.Connection) -> list[Misfit]:
-            if states is None:
-                return misfits(conn)
-            reader = walk.begin(conn)
-            try:
-                walk.mark(conn, state_ids=ids)
-                return misfits(conn)
-            finally:
-                walk.end(conn, reader)
+        async for batch in self.iter_nodes(roots):
+            def check(conn: sqlite3.Connection, batch: list[NodeRow] = batch) -> None:
+                # In-process, one probe per ref or parent costs microseconds.
+                for node in batch:
+                    rule = expected.get(node.kind)
+                    if rule is None:
+                        continue
+                    first, rest = rule
+                    if node.parent is not None:
+                        parent = conn.execute(
+                            f"SELECT n.kind FROM immagent_nodes n WHERE "
+                            f"{_BY_DIGEST.format(d='?1')}", (node.parent,)).fetchone()
+                        if parent is not None and parent[0] != first:
+                            found.append(Misfit(node.digest, node.parent, parent[0], first))
+                    for ref in node.refs:
+                        target = conn.execute(probe, (ref,)).fetchone()
+                        if target is not None and target[0] != rest:
+                            found.append(Misfit(node.digest, ref, target[0], rest))
 
-        result: list[Misfit] = await self._read("misfit_refs", run)
-        return result
+            await self._read("misfit_refs", check)
+            if len(found) >= limit:
+                break
+        return found[:limit]
 
     async def cyclic_states(self, limit: int = 10_000) -> list[UUID]:
         sql = ROOTED_STATES + """
@@ -962,12 +1279,14 @@ class SQLiteBackend(StateQueries):
         return [_uuid(i, seq) for i, seq in rows]
 
     async def asset_stats(self) -> dict[int, tuple[int, int]]:
-        rows: list[Any] = await self._pool.read(
-            "asset_stats",
-            lambda conn: conn.execute(
-                "SELECT kind, count(*), coalesce(sum(length(body)), 0) "
-                "FROM immagent_assets GROUP BY kind").fetchall())
-        return {int(k): (int(n), int(b)) for k, n, b in rows}
+        def run(conn: sqlite3.Connection) -> list[Any]:
+            return [*conn.execute("SELECT kind, count(*), coalesce(sum(length(body)), 0), 0 "
+                                  "FROM immagent_assets GROUP BY kind"),
+                    *conn.execute("SELECT kind, count(*), coalesce(sum(length(body)), 0), "
+                                  "coalesce(sum(count - length(refs) / 32), 0) "
+                                  "FROM immagent_nodes GROUP BY kind")]
+
+        return _stats(await self._read("asset_stats", run))
 
     async def storage_bytes(self) -> int:
         path = self.path
