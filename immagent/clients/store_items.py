@@ -20,7 +20,9 @@ Reads:
 Writes (``put``): one commit for a batch: each key's new item state, expecting the key's
 newest item state to be the one it was computed from (``Head``), and its head replaced in
 the same transaction; a writer that lost the race re-reads and recomputes, so concurrent
-writers never fork a key's history and the last one wins.
+writers never fork a key's history and the last one wins. ``put_checked`` writes several
+batches (checked beforehand by ``check_puts``) in one transaction, each batch's put of a key
+a state of its own: how the adapter merges concurrent callers without dropping a put.
 
 TTL (minutes, as LangGraph's): a put with a TTL stores its expiry in the state; a read
 with ``refresh`` writes a refresh state with a new expiry (now + TTL) unless the stored one

@@ -13,6 +13,10 @@ ItemLog's items into LangGraph's ``Item``/``SearchItem``. What is stored and why
 its key (a delete too), values are content-addressed ITEM assets, a get is one
 primary-key probe.
 
+Concurrent calls (LangGraph's ``aput``/``aget``/… are one batch each) are merged as they
+queue on the store's loop: a group's identical reads run once and its puts commit in one
+transaction, each batch's put of a key still a state of its own (see ``_execute``).
+
 LangGraph's contract as its own stores keep it: ops of one ``batch`` read before they
 write (gets, searches and listings see the store as it was; puts of one key: the last
 wins), namespaces are validated as LangGraph validates them, searches list the most
@@ -223,9 +227,9 @@ class ImmAgentStore(BaseStore):
         # once, and one transaction per put, one scan of the heads per search, would make
         # that quadratic. Waiting batches queue here (on the store's loop); a drainer
         # merges what has queued into one group whenever one of a few slots is free
-        # (``_Merged``: identical reads done once, every put a state of its own, the puts
-        # of the whole group in one transaction). Each batch's own ops are checked first,
-        # so a bad batch fails alone.
+        # (``_Queue``, ``_execute``: identical reads done once, every put a state of its
+        # own, the puts of the whole group in one transaction). Each batch's own ops are
+        # checked first, so a bad batch fails alone.
         if self._queue is None:
             self._queue = _Queue(log)
         # The host waits for a write whose caller was cancelled (settle).
