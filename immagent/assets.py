@@ -110,6 +110,7 @@ class Kind(IntEnum):
     PIN = 30  # a state: a pin (or tag) on another state, its parent (immagent.retention)
     RETENTION_POLICY = 31  # a state: the store's retention policy (immagent.retention)
     RETENTION_MARK = 32  # a state: how far retention has thinned one stream
+    REDACTION = 33  # a state: one redacted element's digest, reason and time (redaction)
 
 
 _encoder = msgspec.msgpack.Encoder(order="deterministic")

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import blake3
 import msgspec
 
-from immagent import accumulator, chains, codec
+from immagent import accumulator, chains, codec, redaction
 from immagent.assets import (
     NODE_KINDS,
     Asset,
@@ -57,9 +57,12 @@ __all__ = ["REDACTED_READERS", "ChainRead", "Checked", "NodeDamage", "Parsed", "
            "audit_row",
            "check_row", "parse_rows", "read_chain", "read_context", "read_node"]
 
-#: How a redacted element of a kind reads (issue 25 registers these); without one, reading
-#: a redacted element is an IntegrityError that says so (its node still verifies).
-REDACTED_READERS: dict[int, Callable[[chains.Tombstone], Asset]] = {}
+#: How a redacted element of a kind reads (``immagent.redaction``: a marker message);
+#: without one, reading a redacted element is an IntegrityError that says so (its node
+#: still verifies). A reader raises ValueError for a damaged tombstone.
+REDACTED_READERS: dict[int, Callable[[chains.Tombstone], Asset]] = {
+    int(Kind.MESSAGE): redaction.marker,
+}
 
 
 class ChainRead(NamedTuple):
@@ -382,7 +385,7 @@ def _history(chain: _Chain, head: Digest, node_type: type[ConversationNode]) -> 
     for i, (row, found) in enumerate(zip(rows, entries, strict=True)):
         if i in chain.marked:
             own = _own(chain, i, decode)
-            added = sum(len(e.body) for e in own)
+            added = _added_bytes(chain, i)
         else:
             try:
                 own = list(map(decode, found))
@@ -405,6 +408,26 @@ def _history(chain: _Chain, head: Digest, node_type: type[ConversationNode]) -> 
     return ChainRead([r.digest for r in rows], ends, sizes, tuple(elements), node)
 
 
+def _added_bytes(chain: _Chain, i: int) -> int:
+    """The body bytes row ``i`` adds (what its ``size`` counter counts): a redacted
+    element's from its tombstone."""
+    refs = iter(chain.rows[i].refs)
+    total = 0
+    for entry in chain.entries[i]:
+        if entry == chains.OUT_OF_LINE:
+            total += len(chain.leaves[next(refs)].body)
+            continue
+        stone = chains.tombstone(entry)
+        if stone is None:
+            total += len(entry)
+            continue
+        try:
+            total += redaction.tombstone_size(stone)
+        except ValueError as e:
+            raise _corrupt(chain.rows[i], str(e)) from None
+    return total
+
+
 def _own(chain: _Chain, i: int, decode: Callable[[bytes], Asset]) -> list[Asset]:
     """The elements of a row holding markers."""
     refs = iter(chain.rows[i].refs)
@@ -420,7 +443,10 @@ def _own(chain: _Chain, i: int, decode: Callable[[bytes], Asset]) -> list[Asset]
                 raise IntegrityError(f"node {chain.rows[i].digest.hex()} holds redacted "
                                      f"element {stone.digest.hex()}, which this immagent "
                                      "cannot show")
-            out.append(reader(stone))
+            try:
+                out.append(reader(stone))
+            except ValueError as e:
+                raise _corrupt(chain.rows[i], str(e)) from None
             continue
         try:
             asset = decode(entry)
@@ -471,10 +497,8 @@ def _head(chain: _Chain, head: Digest, node_type: type[ConversationNode], first:
                              f"holds {count}")
     if top.acc is not None and accumulator.root(peaks, count) != top.acc:
         raise _corrupt(rows[last], "its accumulator root is not the root over its chain")
-    try:
-        window = tuple((rows[k].digest, chain.canonical(k)) for k in range(aligned, n))
-    except KeyError:
-        window = ()  # a redacted element in the window: no span can be made from it
+    window = tuple((rows[k].digest, _canonical_or_unknown(chain, k))
+                   for k in range(aligned, n))
     context = ChainContext(depth, top.length, top.size, peaks, window)
     parent = _parent(rows, last)
     node = node_type(parent=parent, messages=tuple(chain.digests_of(last)) if parent else (),
@@ -488,6 +512,15 @@ def _head(chain: _Chain, head: Digest, node_type: type[ConversationNode], first:
     with_context(node, context, own)
     return node, context
 
+
+
+def _canonical_or_unknown(chain: _Chain, k: int) -> bytes:
+    """Row ``k``'s canonical record, b"" when a redacted element makes it unknown (no
+    span can be made over it: ``chains.advance``)."""
+    try:
+        return chain.canonical(k)
+    except KeyError:
+        return b""
 
 
 def check_row(row: NodeRow, dictionaries: Mapping[int, codec.ZstdDictionary]
@@ -524,6 +557,8 @@ class Checked(NamedTuple):
     problems: list[tuple[str, str]]
     context: ChainContext
     trusted: bool = True
+    #: The redacted elements it holds: (digest, their tombstone's description).
+    redacted: tuple[tuple[Digest, redaction.Redaction], ...] = ()
 
 
 def audit_row(row: NodeRow, parent: ChainContext | None, leaves: Mapping[Digest, Asset],
@@ -559,6 +594,9 @@ def audit_row(row: NodeRow, parent: ChainContext | None, leaves: Mapping[Digest,
         digests = []
     fields = node_fields(parsed.fields[0])
     bodies: list[bytes] | None = []
+    # Body lengths: a redacted element's from its tombstone (None: one is unknown).
+    lengths: list[int] | None = []
+    redacted: list[tuple[Digest, redaction.Redaction]] = []
     decode = decode_element(node_type.element_kind)
     refs = iter(row.refs)
     for entry in parsed.entries[0]:
@@ -568,9 +606,24 @@ def audit_row(row: NodeRow, parent: ChainContext | None, leaves: Mapping[Digest,
                 bodies.append(leaf.body)
             else:
                 bodies = None
+            if lengths is not None and leaf is not None:
+                lengths.append(len(leaf.body))
+            else:
+                lengths = None
             continue
         if chains.is_marker(entry):
             bodies = None  # a tombstone: its size is in the tombstone, its body gone
+            try:
+                stone = chains.tombstone(entry)
+                assert stone is not None
+                info = redaction.decode_info(stone)
+            except ValueError as e:
+                problems.append(("corrupt", str(e)))
+                lengths = None
+                continue
+            redacted.append((stone.digest, info))
+            if lengths is not None:
+                lengths.append(info.size)
             continue
         try:
             decode(entry)
@@ -578,18 +631,22 @@ def audit_row(row: NodeRow, parent: ChainContext | None, leaves: Mapping[Digest,
             problems.append(("undecodable", f"an element cannot be decoded: {e}"))
         if bodies is not None:
             bodies.append(entry)
+        if lengths is not None:
+            lengths.append(len(entry))
     if parent is None:
         context = ChainContext(0, 0, 0, (), ((row.digest, chains.record(
             parsed.fields[0], [])),))
         if not problems and (row.parent is not None or digests):
             problems.append(("corrupt", "a root must have no parent and no elements"))
-        return Checked(problems, context)
+        return Checked(problems, context, redacted=tuple(redacted))
     # A row whose contents do not hash to its digest is one problem; what else is wrong
     # with it follows from that, and its descendants have nothing sound to be checked
     # against but their own digests.
     sound = not problems and trusted
-    sizes = [len(b) for b in bodies] if bodies is not None else None
-    window_known = (row.depth % SPAN != 0 or len(parent.window) == SPAN)
+    sizes = lengths
+    # A window holding a redacted record (b"") gives no span to check against.
+    window_known = (row.depth % SPAN != 0 or len(parent.window) == SPAN) and all(
+        r for _, r in parent.window)
     length, size, acc, peaks, span = chains.advance(
         parent if window_known else parent._replace(depth=parent.depth + 1), digests,
         sizes if sizes is not None else [0] * len(digests))
@@ -606,16 +663,16 @@ def audit_row(row: NodeRow, parent: ChainContext | None, leaves: Mapping[Digest,
     canonical = chains.record(parsed.fields[0], bodies) if bodies is not None else b""
     context = chains.child_context(parent, row.digest, canonical, length,
                                    fields.size if sizes is None else size, peaks)
-    return Checked(problems, context, sound)
+    return Checked(problems, context, sound, tuple(redacted))
 
 
 def as_assets(row: NodeRow, dictionaries: Mapping[int, codec.ZstdDictionary]
-              ) -> tuple[StoredAsset, list[StoredAsset]]:
+              ) -> tuple[StoredAsset, list[StoredAsset], list[StoredAsset]]:
     """A node row in the canonical asset form bundles carry (digest, kind, refs = parent
-    then element digests, body = its fields) and its inline elements as assets of their
-    own: the same records a version-2 store exported, so the bundle format is unchanged.
-    IntegrityError if the row does not hash to its digest, or holds a redacted element
-    (bundles of redacted chains are not written yet)."""
+    then element digests, body = its fields), its inline elements as assets of their
+    own (the same records a version-2 store exported), and its redacted elements as
+    tombstones: (digest, element kind, no refs, the tombstone entry as body).
+    IntegrityError if the row does not hash to its digest or holds a damaged tombstone."""
     node_type = NODE_KINDS.get(row.kind)
     if node_type is None:
         raise IntegrityError(f"node {row.digest.hex()} has kind {row.kind}, no node kind "
@@ -625,16 +682,22 @@ def as_assets(row: NodeRow, dictionaries: Mapping[int, codec.ZstdDictionary]
     chain.check_node(0, row.parent)
     digests = chain.digests_of(0)
     elements: list[StoredAsset] = []
+    stones: list[StoredAsset] = []
     for digest, entry in zip(digests, parsed.entries[0], strict=True):
         if entry == chains.OUT_OF_LINE:
             continue
         if chains.is_marker(entry):
-            raise IntegrityError(f"node {row.digest.hex()} holds redacted element "
-                                 f"{digest.hex()}: bundles of redacted chains are not "
-                                 "written by this immagent")
+            stone = chains.tombstone(entry)
+            assert stone is not None  # digests_of decoded it
+            try:
+                redaction.decode_info(stone)
+            except ValueError as e:
+                raise _corrupt(row, str(e)) from None
+            stones.append(StoredAsset(digest, int(node_type.element_kind), (), entry))
+            continue
         elements.append(StoredAsset(digest, int(node_type.element_kind), (), entry))
     refs = () if row.parent is None else (row.parent, *digests)
-    return StoredAsset(row.digest, row.kind, refs, parsed.fields[0]), elements
+    return StoredAsset(row.digest, row.kind, refs, parsed.fields[0]), elements, stones
 
 
 def read_node(row: NodeRow, leaves: Mapping[Digest, StoredAsset],

@@ -131,7 +131,8 @@ class Tombstone(msgspec.Struct, frozen=True, array_like=True):
 class ChainContext(NamedTuple):
     """What appending to a node needs: its depth, its counters, the accumulator's peaks
     after its elements, and ``window``: (digest, canonical record) of every node from the
-    last span depth (``depth - depth % SPAN``) up to and including it."""
+    last span depth (``depth - depth % SPAN``) up to and including it; a record is b""
+    when a redacted body makes it unknown (no span can then be made over it)."""
 
     depth: int
     length: int
@@ -233,7 +234,9 @@ def advance(parent: ChainContext, element_digests: Sequence[bytes],
     peaks, length = accumulator.append(parent.peaks, parent.length, element_digests)
     depth = parent.depth + 1
     span = None
-    if depth % SPAN == 0:
+    # A redacted body in the window (its canonical record unknown, b""): no span can be
+    # made; the node is then checked the slow way, like a node written before schema 3.
+    if depth % SPAN == 0 and all(r for _, r in parent.window):
         if len(parent.window) != SPAN:
             raise ValueError(f"a node at depth {depth} needs the {SPAN} nodes before it, "
                              f"the context holds {len(parent.window)}")

@@ -18,6 +18,7 @@ __all__ = [
     "LLMError",
     "MessageNotFoundError",
     "ProofError",
+    "RedactedError",
     "SchemaMissingError",
     "SchemaVersionError",
     "SessionClosedError",
@@ -163,6 +164,16 @@ class StaleStreamError(StoreError):
         self.stream = stream
         super().__init__(f"stream {stream!r} (kind {kind}) has a newer state than the one "
                          "this write was based on; nothing was written")
+
+
+class RedactedError(ImmAgentError):
+    """A write would store content that was redacted (``store.redact``): refused, nothing
+    written. ``digest`` names the redacted content."""
+
+    def __init__(self, digest: bytes) -> None:
+        self.digest = digest
+        super().__init__(f"content {digest.hex()} was redacted from this store and cannot be "
+                         "stored again; nothing was written")
 
 
 class IntegrityError(ImmAgentError):

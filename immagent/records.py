@@ -21,7 +21,7 @@ from uuid import UUID
 import blake3
 import msgspec
 
-from immagent import attestations, checkpoints, kv, retention
+from immagent import attestations, checkpoints, kv, redaction, retention
 from immagent.assets import Digest, Kind, encode
 from immagent.exceptions import IntegrityError
 from immagent.ids import unpack_text_id
@@ -410,6 +410,21 @@ def _mark_digest(row: StateRow) -> Digest:
     return stream_digest(row.kind, row.stream, row.refs, row.body)
 
 
+def _redaction_digest(row: StateRow) -> Digest:
+    """A redaction record pins nothing, has no parent, lives in the stream named by the
+    redacted digest (lowercase hex) and has the id that digest derives."""
+    redaction.decode_note(row.body)
+    try:
+        digest = bytes.fromhex(row.stream)
+    except ValueError:
+        digest = b""
+    if (len(digest) != 32 or row.stream != digest.hex() or row.refs
+            or row.parent_id is not None or row.id != redaction.state_id(digest)):
+        raise ValueError("a redaction record pins nothing, has no parent, lives in the "
+                         "stream of its digest (hex) and has the id its digest derives")
+    return stream_digest(row.kind, row.stream, row.refs, row.body)
+
+
 # -- every state kind -------------------------------------------------------------------
 
 #: Each state kind's rules. A client of the store adds its kind here (kinds are data to
@@ -457,6 +472,8 @@ STATE_KINDS: dict[int, StateKind] = {
                              ref_kinds=lambda row: retention.decode_pin(row.body).ref_kinds),
     int(Kind.RETENTION_POLICY): StateKind(digest=_policy_digest, ref_kinds=lambda row: ()),
     int(Kind.RETENTION_MARK): StateKind(digest=_mark_digest, ref_kinds=lambda row: ()),
+    # Redaction (immagent.redaction): one record per redacted digest.
+    int(Kind.REDACTION): StateKind(digest=_redaction_digest, ref_kinds=lambda row: ()),
 }
 
 

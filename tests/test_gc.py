@@ -29,7 +29,8 @@ from hypothesis.stateful import (
 
 import immagent
 from immagent import Message, PersistentAgent, Store
-from immagent.assets import EMPTY_CONVERSATION, ConversationNode, Digest, SystemPrompt
+from immagent.assets import EMPTY_CONVERSATION, ConversationNode, Digest, Kind, SystemPrompt
+from immagent.redaction import redacted
 from immagent.retention import Policy, Rule
 from tests import crafted
 from tests.conftest import raw_sql
@@ -410,7 +411,10 @@ class GCMachine(RuleBasedStateMachine):
     read returns data other than what was stored, and that nothing hangs, then restores the
     row; *import a crafted bundle* offers a bundle that must be refused (a parent cycle with
     stored rows, a wrong kind, a bad counter, a credential, an unreferenced asset) or, once
-    in a while, a sound one that must import exactly."""
+    in a while, a sound one that must import exactly. A *redaction* erases one message a live
+    state holds (by position or digest): nothing stored appears or disappears, every read
+    gives its marker, verify lists it, and from then on every write of it (an append, a
+    sound bundle) is refused."""
 
     def __init__(self, open_dsn: Callable[[], str]) -> None:
         super().__init__()
@@ -429,6 +433,7 @@ class GCMachine(RuleBasedStateMachine):
         self.nodes: dict[Digest, ConversationNode] = {EMPTY_CONVERSATION.digest:
                                                       EMPTY_CONVERSATION}
         self.prompts: dict[Digest, str] = {}
+        self.redacted: set[Digest] = set()  # messages whose bodies were erased
         self.files = tempfile.TemporaryDirectory()
 
     def run(self, coro: Awaitable[T]) -> T:
@@ -457,9 +462,24 @@ class GCMachine(RuleBasedStateMachine):
         self.assets[EMPTY_CONVERSATION.digest] = ()
 
     def _append(self, agent: PersistentAgent, messages: list[Message]) -> None:
+        if any(m.digest in self.redacted for m in messages):
+            before = self._stored()
+            with pytest.raises(immagent.RedactedError):
+                self.run(self.store.append(agent, messages))
+            assert self._stored() == before
+            return
         new = self.run(self.store.append(agent, messages))
         node = self.nodes[agent.conversation_digest].extend(messages)
-        assert new.conversation_digest == node.digest
+        if new.conversation_digest != node.digest:
+            # A redacted body in the window of a span depth: the store cannot make the span
+            # (the model, which kept the body, can). Everything else is the model's.
+            assert self.redacted and node.span is not None
+            found = self.run(self.store.get_assets([new.conversation_digest]))[0]
+            assert isinstance(found, ConversationNode)
+            assert (found.parent, found.messages, found.length, found.size, found.acc,
+                    found.span) == (node.parent, node.messages, node.length, node.size,
+                                    node.acc, None)
+            node = found
         self.nodes[node.digest] = node
         self.assets[node.digest] = node.refs()[:1]
         self._keep(new, (*self.history[agent.id], *messages))
@@ -476,8 +496,8 @@ class GCMachine(RuleBasedStateMachine):
         agent = self._pick(self.dead, index)
         if {agent.system_prompt_digest, agent.conversation_digest} <= set(self.assets):
             self._append(agent, [message])
-        else:
-            with pytest.raises(immagent.AssetNotFoundError):
+        else:  # refused; a redacted message may be refused for that first
+            with pytest.raises((immagent.AssetNotFoundError, immagent.RedactedError)):
                 self.run(self.store.append(agent, [message]))
 
     @precondition(lambda self: self.parent)
@@ -527,6 +547,42 @@ class GCMachine(RuleBasedStateMachine):
             del self.parent[gone]
             self.dead.append(gone)  # what the survivors read is checked by the gc step
 
+    @precondition(lambda self: self.parent)
+    @rule(index=st.integers(0, 50), pick=st.integers(0, 50), by_digest=st.booleans())
+    def redact(self, index: int, pick: int, by_digest: bool) -> None:
+        # The body goes from every node holding it; every digest, state and count stays.
+        agent = self._pick(list(self.parent), index)
+        history = self.history[agent.id]
+        if not history:
+            return
+        message = history[pick % len(history)]
+        before = self._stored()
+        if by_digest:
+            report = self.run(self.store.redact(message.digest, reason=f"r{pick}"))
+        else:
+            report = self.run(self.store.redact(state=agent.id,
+                                                position=pick % len(history) + 1,
+                                                reason=f"r{pick}"))
+        assert report.digest == message.digest
+        assert report.already == (message.digest in self.redacted)
+        self.redacted.add(message.digest)
+        assert self._stored() == before
+        self._reads_are_true_or_refused(refused=False)
+        verified = self.run(self.store.verify())
+        # Every redacted message a live state holds is listed (gc may have swept others).
+        live = {m.digest for i in self.parent for m in self.history[i]} & self.redacted
+        assert verified.ok and live <= {r.digest for r in verified.redacted} <= self.redacted
+
+    def _same(self, read: tuple[Message, ...], history: tuple[Message, ...]) -> bool:
+        """Whether ``read`` is ``history`` with every redacted message a marker for it."""
+        def view(m: Message) -> object:
+            gone = redacted(m)
+            return ("marker", gone.digest, m.role) if gone is not None else m
+
+        return list(map(view, read)) == [("marker", m.digest, m.role)
+                                         if m.digest in self.redacted else m
+                                         for m in history]
+
     @rule()
     def gc(self) -> None:
         roots = [d for i in self.parent for d in (self.handles[i].system_prompt_digest,
@@ -540,7 +596,7 @@ class GCMachine(RuleBasedStateMachine):
         self.store.clear_cache()
         for agent_id in self.parent:
             agent = self.run(self.store.load_agent(agent_id))
-            assert self.run(agent.get_messages()) == self.history[agent_id]
+            assert self._same(self.run(agent.get_messages()), self.history[agent_id])
 
     def _removed(self, doomed: set[Digest]) -> int:
         """What gc counts for removing ``doomed``: each row, and each node's messages."""
@@ -585,8 +641,12 @@ class GCMachine(RuleBasedStateMachine):
                                    "WHERE digest = %s", [target])
         loc, kind, codec, body = int(row[0]), row[1], row[2], bytes(row[3])
         if how in ("node_flipped", "history_node_flipped"):
+            # A tombstone's reason and time (a record's last bytes when its last message
+            # is redacted) are outside the digest: verify checks them against the
+            # redaction record (test_redaction.py), gc need not. Flip the first byte then.
+            at = 0 if set(self.nodes[target].messages) & self.redacted else len(body) - 1
             self.raw.execute("UPDATE immagent_nodes SET body = %s WHERE loc = %s",
-                             [body[:-1] + bytes([body[-1] ^ 1]), loc])
+                             [body[:at] + bytes([body[at] ^ 1]) + body[at + 1:], loc])
         elif how == "node_kind_changed":  # a leaf's kind: looks like a message
             self.raw.execute("UPDATE immagent_nodes SET kind = 2 WHERE loc = %s", [loc])
         elif how == "node_moved":  # further along its run: its parent is gone from before it
@@ -620,22 +680,23 @@ class GCMachine(RuleBasedStateMachine):
             digest = node.parent
         return out
 
-    def _reads_are_true_or_refused(self) -> None:
-        """Every live agent reads back what was stored, or its read raises IntegrityError:
-        never other data, never another exception, never a hang."""
+    def _reads_are_true_or_refused(self, refused: bool = True) -> None:
+        """Every live agent reads back what was stored, or (``refused``) its read raises
+        IntegrityError: never other data, never another exception, never a hang."""
         self.store.clear_cache()
         for agent_id in self.parent:
             try:
                 agent = self.run(asyncio.wait_for(self.store.load_agent(agent_id), 30))
                 assert agent.digest == self.handles[agent_id].digest
-                assert self.run(asyncio.wait_for(agent.get_messages(), 30)) \
-                    == self.history[agent_id]
+                assert self._same(self.run(asyncio.wait_for(agent.get_messages(), 30)),
+                                  self.history[agent_id])
                 assert self.run(asyncio.wait_for(agent.get_system_prompt(), 30)) \
                     == self.prompts[agent.system_prompt_digest]
                 lineage = self.run(asyncio.wait_for(agent.get_lineage(), 30))
                 assert lineage[-1].id == agent_id
             except immagent.IntegrityError:
-                pass
+                if not refused:
+                    raise
 
     @precondition(lambda self: self.parent)
     @rule(index=st.integers(0, 50), pick=st.integers(0, 50), how=st.sampled_from([
@@ -698,6 +759,13 @@ class GCMachine(RuleBasedStateMachine):
                                      **fields)
         path = crafted.write(Path(self.files.name) / f"{record.id}.bundle", [record], assets)
         states_before = self.raw.rows("SELECT id FROM immagent_states")
+        if how == "sound" and any(m.digest in self.redacted for m in messages):
+            before = self._stored()
+            with pytest.raises(immagent.RedactedError):  # a bundle never brings it back
+                self.run(asyncio.wait_for(self.store.import_bundle(path), 30))
+            assert self._stored() == before
+            assert self.raw.rows("SELECT id FROM immagent_states") == states_before
+            return
         if how != "sound":
             before = self._stored()
             with pytest.raises(immagent.BundleError):
@@ -716,9 +784,11 @@ class GCMachine(RuleBasedStateMachine):
     @invariant()
     def store_matches_model(self) -> None:
         assert self._stored() == set(self.assets)
-        rows = self.raw.rows("SELECT id FROM immagent_states")
+        rows = self.raw.rows(f"SELECT id FROM immagent_states WHERE kind <> {Kind.REDACTION}")
         ids = {r[0] if isinstance(r[0], UUID) else UUID(bytes=r[0]) for r in rows}
         assert ids == set(self.parent)
+        assert len(self.raw.rows("SELECT id FROM immagent_states WHERE kind = "
+                                 f"{Kind.REDACTION}")) == len(self.redacted)
 
 
 class _RawReader:

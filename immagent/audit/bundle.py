@@ -12,6 +12,7 @@ Format (version 4; versions 1, 2 and 3 are still read)::
                         the states, newest (the head) first; then the states attached to
                         them (attestations), each after every state it may be about
               asset   ["asset", digest, kind, body, refs]   every reachable asset, canonical
+              gone    ["gone", digest, kind, tombstone]     a redacted element (below)
               sig     ["sig", statement, key, signature]    signatures made at export
               end     ["end", states, assets, checksum]     last frame, then end of file
 
@@ -28,6 +29,14 @@ content rules the API applies when it makes a record (``store.rules``); ``_Links
 every reference with the one kind it must have, checks node counters against the chain,
 refuses unreferenced assets, and the lineage must end without a cycle. Exports run the same
 checks, so a store never writes a bundle it would refuse to read.
+
+**Redacted elements** (``immagent.redaction``) travel as ``gone`` records: the element's
+digest and kind and its tombstone (``chains.Tombstone``: the digest again, the reason, the
+time, the erased body's length), never the body. The nodes that list it still hash to
+their digests, their counters count the length the tombstone states, and an import writes
+the tombstone, not a body, so a bundle never brings an erased body back (a bundle made
+*before* a redaction is refused by the store that redacted it: ``RedactedError``). A
+reader older than ``gone`` records refuses such a bundle as malformed.
 
 ``checksum`` is blake3 over every byte before the end frame. It is checked last: the
 per-record checks name the bad record, the checksum catches what no content digest covers
@@ -61,7 +70,7 @@ from uuid import UUID
 import blake3
 import msgspec
 
-from immagent import accumulator, attestations, chain_rows
+from immagent import accumulator, attestations, chain_rows, chains, redaction
 from immagent.assets import NODE_KINDS, ConversationNode, Digest, Kind, decode_asset, ref_kinds
 from immagent.attestations import Signed, Statement, Subject
 from immagent.audit import files, keys
@@ -174,6 +183,14 @@ class _Asset(msgspec.Struct, frozen=True, array_like=True, tag="asset"):
     refs: bytes = b""  # a node's links, 32-byte digests concatenated (hashed, see digest_of)
 
 
+class _Gone(msgspec.Struct, frozen=True, array_like=True, tag="gone"):
+    """A redacted element: its digest, kind and tombstone entry (``chains``)."""
+
+    digest: bytes
+    kind: int
+    tombstone: bytes
+
+
 class _Sig(msgspec.Struct, frozen=True, array_like=True, tag="sig"):
     """A signature made at export: ``attestations.Signed``'s fields."""
 
@@ -189,7 +206,7 @@ class _End(msgspec.Struct, frozen=True, array_like=True, tag="end"):
 
 
 _encoder = msgspec.msgpack.Encoder()
-_record_decoder = msgspec.msgpack.Decoder(_Agent | _State | _Asset | _Sig | _End)
+_record_decoder = msgspec.msgpack.Decoder(_Agent | _State | _Asset | _Gone | _Sig | _End)
 
 
 # -- the checks reading and writing share -----------------------------------------------
@@ -225,6 +242,14 @@ class _Links:
         else:
             self.sizes[row.digest] = len(row.body)
         return self._want(row.digest, row.refs, ref_kinds(row.kind, len(row.refs)))
+
+    def tombstone(self, row: StoredAsset, size: int) -> str | None:
+        """Note a redacted element (a verified tombstone) of ``size`` erased bytes."""
+        if row.digest in self.kinds:
+            return f"asset {row.digest.hex()} appears twice"
+        self.kinds[row.digest] = row.kind
+        self.sizes[row.digest] = size
+        return None
 
     def _want(self, referrer: Digest | UUID, refs: tuple[Digest, ...],
               kinds: tuple[int, ...]) -> str | None:
@@ -379,9 +404,15 @@ async def export_bundle(backend: AuditBackend, states: list[StateRow],
             async for node_batch in node_batches:
                 for node_row in node_batch:
                     try:
-                        node, elements = chain_rows.as_assets(node_row, dictionaries)
+                        node, elements, stones = chain_rows.as_assets(node_row,
+                                                                      dictionaries)
                     except IntegrityError as e:
                         _refuse_export(head, str(e))
+                    for stone in stones:
+                        if stone.digest in links.kinds:
+                            continue
+                        _refuse_export(head, links.tombstone(stone, _gone_size(stone)))
+                        writer.frame(_Gone(stone.digest, stone.kind, stone.body))
                     for row in (node, *elements):
                         if row.digest in links.kinds:
                             continue
@@ -588,6 +619,12 @@ def _read(file: IO[bytes], source: Path, keep_assets: bool
                 states.append(state)
             refuse(links.state(state) or _content_problem(state))
             continue
+        if isinstance(record, _Gone):
+            row = _verified_tombstone(record, source)
+            refuse(links.tombstone(row, _gone_size(row)))
+            if keep_assets:
+                assets.append(row)
+            continue
         row = _verified_asset(record, source)
         refuse(links.asset(row) or _content_problem(row))
         asset_bytes += len(row.body)
@@ -790,6 +827,35 @@ def _verified_asset(record: _Asset, source: Path) -> StoredAsset:
             category == "corrupt") else f"cannot be decoded: {reason}"
         raise BundleError(f"{source}: asset {record.digest.hex()} {what}")
     return row
+
+
+def _verified_tombstone(record: _Gone, source: Path) -> StoredAsset:
+    """A bundle's redacted element, after the checks a stored tombstone passes: a
+    redactable kind, a well-formed tombstone naming the record's digest."""
+    problem = None
+    if record.kind not in redaction.REDACTABLE:
+        problem = f"of kind {record.kind}, which cannot be redacted"
+    else:
+        try:
+            stone = chains.tombstone(record.tombstone)
+            if stone is None:
+                raise ValueError("it is not a tombstone")
+            redaction.decode_info(stone)
+            if stone.digest != record.digest:
+                raise ValueError("its tombstone names another digest")
+        except ValueError as e:
+            problem = str(e)
+    if problem is not None:
+        raise BundleError(f"{source}: redacted element {record.digest.hex()} is malformed: "
+                          f"{problem}")
+    return StoredAsset(record.digest, record.kind, (), record.tombstone)
+
+
+def _gone_size(row: StoredAsset) -> int:
+    """The erased bytes a verified tombstone row stands for."""
+    stone = chains.tombstone(row.body)
+    assert stone is not None
+    return redaction.tombstone_size(stone)
 
 
 def _verified_state(record: _Agent | _State, source: Path) -> StateRow:

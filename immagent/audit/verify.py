@@ -22,7 +22,7 @@ from uuid import UUID
 
 import msgspec
 
-from immagent import chain_rows, chains, codec
+from immagent import chain_rows, chains, codec, redaction
 from immagent.assets import NODE_KINDS, Asset, Digest, Kind, MissingAsset, ref_kind_table
 from immagent.attestations import attestation_of
 from immagent.audit import keys
@@ -41,6 +41,7 @@ __all__ = [
     "AssetProblem",
     "KindProblem",
     "MissingAsset",
+    "RedactedElement",
     "VerifyReport",
     "closing_iter",
     "verify_backend",
@@ -83,6 +84,16 @@ class KindProblem(msgspec.Struct, frozen=True):
     expected: int
 
 
+class RedactedElement(msgspec.Struct, frozen=True):
+    """A redacted element (``immagent.redaction``): the node whose record holds its
+    tombstone, its digest, the reason given and when. Not a problem: the node verifies."""
+
+    node: Digest
+    digest: Digest
+    reason: str
+    at: int  # microseconds since the Unix epoch, UTC
+
+
 class VerifyReport(msgspec.Struct, frozen=True):
     """What ``Store.verify`` found. ``ok`` is True only when every list is empty."""
 
@@ -104,6 +115,9 @@ class VerifyReport(msgspec.Struct, frozen=True):
     attestations_checked: int = 0  # attestation states among the states checked
     #: Attestations whose Ed25519 signature was not checked (no signing extra installed).
     signatures_unchecked: int = 0
+    #: Redacted elements found in the chain nodes checked (one entry per node holding a
+    #: tombstone): erased on purpose, neither corrupt nor missing.
+    redacted: tuple[RedactedElement, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -143,6 +157,10 @@ class VerifyReport(msgspec.Struct, frozen=True):
         if self.signatures_unchecked:
             out.append(f"{self.signatures_unchecked} attestation signature(s) not checked: "
                        "pip install 'immagent[sign]'")
+        if self.redacted:
+            erased = len({r.digest for r in self.redacted})
+            out.append(f"redacted: {erased} element(s), in {len(self.redacted)} node "
+                       "record(s) (erased on purpose, not a problem)")
         if self.truncated:
             out.append(f"(lists truncated at {MAX_LISTED} entries per category)")
         out.append("OK" if self.ok else f"{self.problems} problem(s) found")
@@ -288,8 +306,10 @@ async def verify_backend(backend: AuditBackend, agent_id: UUID | None = None, *,
             if progress is not None:
                 progress(checked)
 
+    redacted: list[RedactedElement] = []
     nodes = _NodePass(backend, dictionaries, lambda category, problem: note(
-        corrupt if category == "corrupt" else undecodable, problem))
+        corrupt if category == "corrupt" else undecodable, problem),
+        lambda found: note(redacted, found))
     async with closing_iter(node_batches):
         async for node_batch in node_batches:
             for node_row in node_batch:
@@ -297,6 +317,8 @@ async def verify_backend(backend: AuditBackend, agent_id: UUID | None = None, *,
                 size += _content_bytes(node_row, dictionaries)
             if progress is not None:
                 progress(checked + nodes.checked)
+
+    await _check_tombstones(backend, redacted, lambda problem: note(corrupt, problem))
 
     # Last, so an asset absent when the walk ran is reported here even if it never was read.
     scope = None if agent_id is None else [agent_id]
@@ -313,6 +335,7 @@ async def verify_backend(backend: AuditBackend, agent_id: UUID | None = None, *,
         truncated=truncated, wrong_kinds=tuple(wrong_kinds), cycles=tuple(cycles[:MAX_LISTED]),
         nodes_checked=nodes.checked,
         attestations_checked=attestations_checked, signatures_unchecked=unchecked,
+        redacted=tuple(redacted),
     )
 
 
@@ -334,10 +357,12 @@ class _NodePass:
     continue from what it really holds, so one damaged row is one problem."""
 
     def __init__(self, backend: AuditBackend, dictionaries: Mapping[int, ZstdDictionary],
-                 report: Callable[[str, AssetProblem], None]) -> None:
+                 report: Callable[[str, AssetProblem], None],
+                 redacted: Callable[[RedactedElement], None]) -> None:
         self._backend = backend
         self._dictionaries = dictionaries
         self._report = report
+        self._redacted = redacted
         self._last: tuple[Digest, ChainContext, bool] | None = None
         self.checked = 0
 
@@ -365,6 +390,8 @@ class _NodePass:
         checked = chain_rows.audit_row(row, parent, leaves, self._dictionaries, trusted)
         for category, reason in checked.problems:
             self._report(category, AssetProblem(row.digest, kind, _node_reason(row, reason)))
+        for digest, info in checked.redacted:
+            self._redacted(RedactedElement(row.digest, digest, info.reason, info.at))
         self._last = (row.digest, checked.context, checked.trusted)
 
     async def _context(self, digest: Digest) -> ChainContext:
@@ -391,6 +418,26 @@ class _NodePass:
             except IntegrityError:
                 continue
         return found
+
+
+async def _check_tombstones(backend: AuditBackend, found: Sequence[RedactedElement],
+                            report: Callable[[AssetProblem], None]) -> None:
+    """A tombstone's reason and time are not covered by its node's digest (they were
+    written after it): each must match the REDACTION state of its digest, whose own digest
+    covers them. A tombstone without one (imported from a bundle) is taken as it is."""
+    by_id = {redaction.state_id(r.digest): r.digest for r in found}
+    notes: dict[Digest, redaction.RedactionNote] = {}
+    ids = list(by_id)
+    for start in range(0, len(ids), _BATCH):
+        for row in await backend.get_states(ids[start:start + _BATCH]):
+            if row.kind == Kind.REDACTION and check_state(row) is None:
+                notes[by_id[row.id]] = redaction.decode_note(row.body)
+    for element in found:
+        note = notes.get(element.digest)
+        if note is not None and (note.reason, note.at) != (element.reason, element.at):
+            report(AssetProblem(element.node, int(Kind.NODE),
+                                f"the tombstone of {element.digest.hex()} does not match "
+                                "its redaction record (reason or time altered)"))
 
 
 def _node_reason(row: NodeRow, reason: str) -> str:

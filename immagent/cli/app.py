@@ -15,7 +15,18 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from immagent import __version__
-from immagent.cli import audit, chat, diff, edit, heads, history, prove, retain, trust
+from immagent.cli import (
+    audit,
+    chat,
+    diff,
+    edit,
+    heads,
+    history,
+    prove,
+    redact,
+    retain,
+    trust,
+)
 from immagent.cli.context import Context
 from immagent.cli.database import DEFAULT_DB, ENV_DB, ENV_REPLICAS
 from immagent.cli.errors import (
@@ -34,8 +45,9 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: Every subcommand, in help order. A new command module adds its list here.
 COMMANDS: list[Command] = [*chat.COMMANDS, *heads.COMMANDS, *history.COMMANDS,
-                           *edit.COMMANDS, *audit.COMMANDS, *retain.COMMANDS, *trust.COMMANDS,
-                           *prove.COMMANDS, *diff.COMMANDS]
+                           *edit.COMMANDS, *audit.COMMANDS, *retain.COMMANDS,
+                           *redact.COMMANDS, *trust.COMMANDS, *prove.COMMANDS,
+                           *diff.COMMANDS]
 _MAX_ERROR_CHARS = 500
 
 

@@ -33,9 +33,9 @@ from immagent.records import StateRow
 from immagent.rows import StoredAsset
 
 __all__ = ["SCHEMA_VERSION", "AdminBackend", "AuditBackend", "Backend", "CodecRefs", "Head",
-           "LogBackend", "MarkRows", "Misfit", "NewNode", "NodeRow", "RetainResult",
-           "RetentionBackend", "RetentionPlan", "RowCheck", "StreamPlan", "SweepResult",
-           "WriteResult"]
+           "LogBackend", "MarkRows", "Misfit", "NewNode", "NodeChange", "NodeRow",
+           "RedactResult", "Redactor", "RetainResult", "RetentionBackend", "RetentionPlan",
+           "RowCheck", "StreamPlan", "SweepResult", "WriteResult"]
 
 #: Version of the storage layout this immagent writes; older versions are migrated.
 #: 3: chain nodes in their own table, clustered by run, carrying their elements' bodies.
@@ -73,6 +73,32 @@ class WriteResult(NamedTuple):
     stale: tuple[Head, ...] = ()
     #: Required states that are not stored (the write committed nothing).
     missing_states: tuple[UUID, ...] = ()
+    #: Digests in ``refuse`` that have a REDACTION state (the write committed nothing).
+    redacted: tuple[Digest, ...] = ()
+
+
+class NodeChange(NamedTuple):
+    """A node row rewritten by a redaction: its new out-of-line refs and record (stored
+    form). Its digest, place and every other column stay."""
+
+    digest: Digest
+    refs: tuple[Digest, ...]
+    body: bytes
+    codec: int
+
+
+#: A redaction's rewrite of one batch of node rows, given the stored asset rows of the
+#: digests being redacted (the out-of-line bodies): the rows that change.
+Redactor = Callable[[Sequence[NodeRow], Mapping[Digest, StoredAsset]], Sequence[NodeChange]]
+
+
+class RedactResult(NamedTuple):
+    """What ``Backend.redact`` did (or, rehearsed or with nothing found, would do)."""
+
+    nodes: int  # node rows rewritten
+    assets: int  # asset rows deleted (out-of-line bodies)
+    #: Digests that already had a REDACTION state (nothing done for them).
+    already: tuple[Digest, ...] = ()
 
 
 class Misfit(NamedTuple):
@@ -158,7 +184,8 @@ class LogBackend(Protocol):
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
                     replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = (), *,
-                    require_states: Sequence[UUID] = ()) -> WriteResult:
+                    require_states: Sequence[UUID] = (),
+                    refuse: Sequence[Digest] = ()) -> WriteResult:
         """In one transaction: insert the assets and the chain nodes (skipping ones already
         present; each node after its parent, which is stored or earlier in ``nodes``),
         check that every digest in ``require`` is stored (as an asset or a node), every id
@@ -179,7 +206,11 @@ class LogBackend(Protocol):
         the later one replaces what the earlier one wrote. Commits nothing either when a
         state in ``require_states`` is not stored: that check holds the shared side of the
         retention lock (``retain``), so a pin is either seen by a retention run or finds
-        its state gone, never pins a state a run deletes meanwhile.
+        its state gone, never pins a state a run deletes meanwhile. Commits nothing either
+        when a digest in ``refuse`` (the elements and assets the write stores) has a
+        REDACTION state: checked under the shared side of the gc lock, which a redaction
+        holds exclusively, so a write either commits before a redaction (which then erases
+        what it wrote) or sees it (``redacted``).
         """
 
     async def delete_states(self, ids: Sequence[UUID], *, stop_at_shared: bool = False,
@@ -336,6 +367,22 @@ class AdminBackend(Protocol):
         nothing is deleted (the exception propagates; the missing digest is reported). With
         ``dry_run`` everything but the commit happens: the result says what would have
         been removed, nothing is."""
+
+    # -- redaction ------------------------------------------------------------------------
+
+    async def redact(self, digests: Sequence[Digest], states: Sequence[StateRow],
+                     node_kinds: Sequence[int], rewrite: Redactor, *,
+                     dry_run: bool = False) -> RedactResult:
+        """Erase the bodies of ``digests`` (``immagent.redaction``) in one transaction
+        holding the exclusive side of the gc lock, so no write is between its check of
+        REDACTION states and its commit: skip the digests that already have a REDACTION
+        state (``already``); read the asset rows of the others; pass every node row of
+        ``node_kinds``, in batches, with those asset rows to ``rewrite`` and store the
+        records and refs it returns; delete those asset rows; insert ``states`` (the
+        REDACTION states of the digests not skipped). Commits nothing when no node row
+        changed and no asset row was found (the digests are stored nowhere), or with
+        ``dry_run``; if ``rewrite`` raises nothing is changed (the exception propagates).
+        Overwritten bytes may stay in free pages and logs: see docs/retention.md."""
 
 
 class RetentionBackend(Protocol):

@@ -29,7 +29,7 @@ from uuid import UUID
 
 import msgspec
 
-from immagent import chains
+from immagent import chains, redaction
 from immagent.assets import (
     NODE_KINDS,
     Asset,
@@ -47,7 +47,7 @@ from immagent.assets import (
     own_elements,
 )
 from immagent.attestations import MAX_NOTE_BYTES
-from immagent.audit import bundle, diff, gc, proofs, retain, verify
+from immagent.audit import bundle, diff, gc, proofs, redact, retain, verify
 from immagent.audit.keys import SigningKey
 from immagent.chain_rows import read_chain, read_context
 from immagent.chain_rows import read_node as chain_node
@@ -57,6 +57,7 @@ from immagent.exceptions import (
     ConflictError,
     IntegrityError,
     MessageNotFoundError,
+    RedactedError,
     SchemaMissingError,
     SchemaVersionError,
     StaleStreamError,
@@ -71,6 +72,7 @@ from immagent.records import (
     load_state,
     stream_digest,
 )
+from immagent.redaction import MAX_REASON_BYTES, REDACTABLE
 from immagent.retention import (
     POLICY_STREAM,
     RETAINABLE,
@@ -324,9 +326,18 @@ class EventLog:
         # In digest order: concurrent writers of shared assets then lock them in one order
         # (PostgreSQL deadlocked on two writes listing them in other orders).
         encoded = await self._compression.encode(sorted(assets, key=_row_digest))
+        # Redactable content the batch stores: refused if it was redacted (checked under
+        # the write's lock, which a redaction takes exclusively).
+        # A bundle's tombstones (``chains.Tombstone`` entries as bodies) store no content.
+        stoned = {d for d, r in others.items() if chains.is_marker(r.body)}
+        refuse = sorted(({d for r in node_rows if NODE_KINDS[r.kind].element_kind
+                          in REDACTABLE for d in r.refs[1:]}
+                         | {d for d, r in others.items() if r.kind in REDACTABLE}) - stoned)
         result = await backend.write(encoded, list(states), sorted(wanted), list(heads),
                                      list(dict.fromkeys(replace)), nodes=nodes,
-                                     require_states=list(require_states))
+                                     require_states=list(require_states), refuse=refuse)
+        if result.redacted:
+            raise RedactedError(result.redacted[0])
         if result.missing:
             raise AssetNotFoundError("referenced asset", result.missing[0])
         if result.missing_states:
@@ -393,7 +404,10 @@ class EventLog:
             entries: list[bytes] = []
             refs: list[Digest] = []
             for digest, body in zip(elements, bodies, strict=True):
-                if (len(body) <= chains.INLINE_MAX and digest not in state_refs
+                # Inline: small bodies (not pointed at by a state, not stored alone, no refs
+                # of their own), and a bundle's tombstones (no content to keep elsewhere).
+                if chains.is_marker(body) or (
+                        len(body) <= chains.INLINE_MAX and digest not in state_refs
                         and digest not in self._standalone and digest not in linked):
                     entries.append(body)
                     inline_only.add(digest)
@@ -833,7 +847,11 @@ class EventLog:
                                   "before schema 3 and carries no accumulator root: only "
                                   "states written since can be proved (append to it)",
                                   None)
-        leaves = [e.digest for e in history]
+        # A redacted element reads as a marker of its own digest: its node lists the erased
+        # one, which the accumulator covers (and its proof carries no body).
+        gone = [redaction.redacted(e) for e in history]
+        leaves = [e.digest if g is None else g.digest for e, g in zip(history, gone,
+                                                                       strict=True)]
         if isinstance(element, bytes):
             digest = check_digest("element", element)
             if digest not in leaves:
@@ -852,7 +870,7 @@ class EventLog:
         proof = proofs.build(row, ref, int(node.kind), node.parent, node.messages,
                              node.length, node.size, node.span, leaves, index,
                              history[index].body if check_flag("include_body", include_body)
-                             else None,
+                             and gone[index] is None else None,
                              [a.body for a in await self.attestations(state_id)]
                              if check_flag("attested", attested) else ())
         return proof.encode()
@@ -1151,9 +1169,107 @@ class EventLog:
             rows.sort(key=lambda r: r.seq)
         return [retain.Pin.of(r) for r in rows]
 
+    # -- redaction ------------------------------------------------------------------------
+
+    async def redact(self, message: Digest | str | None = None, *,
+                     state: UUID | str | None = None, position: int | None = None,
+                     reason: str = "", dry_run: bool = False) -> redact.RedactionReport:
+        """Erase one message's content everywhere it is stored, keeping every digest true
+        (``immagent.redaction``, docs/retention.md): by its digest (``message``: bytes or
+        hex), or as the message at ``position`` (1-based, as ``immagent show`` numbers
+        them) of the conversation of ``state``. Every node record that holds the body
+        (in any lineage) gets a tombstone with its digest, ``reason`` and the time; an
+        out-of-line copy is deleted; a REDACTION state records it, so a later write of the
+        same content is refused (RedactedError). Reads then give a marker message
+        (``redaction.marker``); ``verify`` lists it as redacted. One transaction, holding
+        gc's lock. ``dry_run``: what it would do, nothing changed. MessageNotFoundError if
+        the message is stored nowhere; a report with ``already`` if it was redacted
+        before. Only messages can be redacted (ValidationError for another kind)."""
+        backend = self._open()
+        if not isinstance(reason, str) or "\x00" in reason or len(
+                reason.encode("utf-8", "surrogatepass")) > MAX_REASON_BYTES:
+            raise ValidationError("reason", "must be a str without NUL characters of at "
+                                  f"most {MAX_REASON_BYTES} bytes", None)
+        check_flag("dry_run", dry_run)
+        if (message is None) == (state is None):
+            raise ValidationError("message", "give either a message digest or a state "
+                                  "and a position", None)
+        if message is not None:
+            if position is not None:
+                raise ValidationError("position", "goes with state, not with a message "
+                                      "digest", position)
+            digest = check_digest("message", _from_hex(message) if isinstance(message, str)
+                                  else message)
+        else:
+            assert state is not None
+            digest = await self._message_at(check_uuid("state", state), position)
+        kinds = await backend.kinds([digest])
+        if digest in kinds and kinds[digest] not in REDACTABLE:
+            raise ValidationError("message", f"{digest.hex()} is a "
+                                  f"{_kind_name(kinds[digest])}: only messages can be "
+                                  "redacted", digest.hex())
+        report = await redact.run(backend, digest, reason, await self._compression.load(),
+                                  dry_run=dry_run)
+        if not (report.already or report.nodes or report.assets):
+            raise MessageNotFoundError(digest)
+        if not dry_run and not report.already:
+            # Every cached history, node context and element may hold the body.
+            self._cache.clear()
+            self._standalone.pop(digest, None)
+        return report
+
+    async def _message_at(self, state_id: UUID, position: int | None) -> Digest:
+        """The digest of the message at ``position`` (1-based) of ``state``'s conversation
+        (the state's one ref to a conversation node)."""
+        if isinstance(position, bool) or not isinstance(position, int) or position < 1:
+            raise ValidationError("position", "must be a message number (1 or more)",
+                                  position)
+        rows = await self.get_states([state_id])
+        if not rows:
+            raise AssetNotFoundError("state", state_id)
+        row = rows[0]
+        heads = [d for d, k in zip(row.refs, STATE_KINDS[row.kind].ref_kinds(row),
+                                   strict=True) if k == Kind.NODE]
+        if len(heads) != 1:
+            raise ValidationError("state", f"state {state_id} is a {_kind_name(row.kind)}, "
+                                  "which has no conversation of messages", str(state_id))
+        rows_, leaves = await self._open().get_chain(heads[0])
+        if not rows_:
+            raise AssetNotFoundError("conversation node", heads[0])
+        dictionaries = await self._compression.ready([*rows_, *leaves.values()])
+        read = read_chain(rows_, heads[0], ConversationNode, leaves, dictionaries)
+        if position > len(read.elements):
+            raise ValidationError("position", f"state {state_id} has "
+                                  f"{len(read.elements)} message(s)", position)
+        # The element's digest as its node lists it (a marker's own digest is not it).
+        index = position - 1
+        node = next(i for i, end in enumerate(read.ends) if end > index)
+        start = read.ends[node - 1] if node else 0
+        found = await self.read_nodes([read.digests[node]])
+        return found[0][0].messages[index - start]
+
+    async def redactions(self) -> list[StateRow]:
+        """The REDACTION states of the store (one per redacted digest, its stream the
+        digest in hex, its body ``redaction.RedactionNote``), oldest first."""
+        rows: list[StateRow] = []
+        after: UUID | None = None
+        while page := await self.scan_states(Kind.REDACTION, after=after, limit=_PAGE):
+            rows += page
+            after = page[-1].id
+        rows.sort(key=lambda r: r.seq)
+        return rows
+
     async def _forget_gone(self) -> None:
         """After a retention run: a subclass that keeps live objects of states drops those
         whose rows are gone (the ids deleted are not listed: there may be millions)."""
+
+
+def _from_hex(text: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise ValidationError("message", "must be a digest in hex (64 characters)",
+                              None) from None
 
 
 def _check_known(found: int | None, where: str) -> None:
@@ -1165,12 +1281,17 @@ def _check_known(found: int | None, where: str) -> None:
 
 
 def _refuse_own(states: Sequence[StateRow], field: str = "ids") -> None:
-    """The compression state keeps the dictionaries stored bodies need: never deleted."""
+    """The compression state keeps the dictionaries stored bodies need, a redaction record
+    keeps the erased content out of the store: never deleted."""
     for state in states:
         if state.kind == Kind.COMPRESSION:
             raise ValidationError(field, f"state {state.id} is the store's compression state "
                                   "(it keeps the dictionaries compressed bodies need); it "
                                   "cannot be deleted", str(state.id))
+        if state.kind == Kind.REDACTION:
+            raise ValidationError(field, f"state {state.id} records a redaction (it keeps "
+                                  "the erased content from being stored again); it cannot "
+                                  "be deleted", str(state.id))
 
 
 def check_limit(limit: object, bound: int | None = MAX_PAGE) -> None:
@@ -1222,20 +1343,38 @@ def _checked_child(node: ConversationNode, parent: chains.ChainContext,
     its counters, its accumulator root and (at a span depth) its span hash are what the
     chain gives (a node written before schema 3, ``legacy``, may lack the last two). A
     client bug must never store a node that later reads would refuse."""
-    length, size, acc, peaks, span = chains.advance(parent, elements, list(map(len, bodies)))
+    # A tombstone (from a bundle of a redacted chain) counts the bytes its body had; its
+    # node's canonical record is unknown, and a span over a window holding one cannot be
+    # recomputed: the node keeps the span it was written with (reads check that window
+    # the slow way).
+    sizes = [_tombstone_size(b) if chains.is_marker(b) else len(b) for b in bodies]
+    length, size, acc, peaks, span = chains.advance(parent, elements, sizes)
+    unknown = (parent.depth + 1) % chains.SPAN == 0 and any(not r for _, r in parent.window)
     field = f"node {node.digest.hex()}"
     if (node.length, node.size) != (length, size):
         raise ValidationError(field, f"claims {node.length} elements ({node.size} bytes), "
                               f"its chain holds {length} ({size})", None)
     for name, have, want in (("accumulator root", node.acc, acc), ("span hash", node.span,
                                                                     span)):
-        if have != want and not (legacy and have is None):
+        if have != want and not (legacy and have is None) and not (
+                unknown and name == "span hash"):
             raise ValidationError(field, f"its {name} is not the one its chain gives (build "
                                   "nodes with extend() on a node read through the store)",
                                   None)
-    return chains.child_context(parent, node.digest,
-                                chains.canonical_record(node.body, bodies), length, size,
-                                peaks)
+    canonical = (b"" if any(map(chains.is_marker, bodies))
+                 else chains.canonical_record(node.body, bodies))
+    return chains.child_context(parent, node.digest, canonical, length, size, peaks)
+
+
+def _tombstone_size(entry: bytes) -> int:
+    """The body bytes a bundle's tombstone stands for (ValidationError if damaged)."""
+    try:
+        stone = chains.tombstone(entry)
+        if stone is None:
+            raise ValueError("not a tombstone")
+        return redaction.tombstone_size(stone)
+    except ValueError as e:
+        raise ValidationError("tombstone", str(e), None) from None
 
 
 _digest = operator.itemgetter(0)

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Self
 from uuid import UUID
 
+from immagent import redaction
 from immagent.assets import NODE_KINDS, Digest, Kind, MissingAsset
 from immagent.chains import SPAN, NewNode, NodeRow
 from immagent.codec import RAW, ZSTD
@@ -27,6 +28,9 @@ from immagent.store.backend import (
     Head,
     MarkRows,
     Misfit,
+    NodeChange,
+    Redactor,
+    RedactResult,
     RetainResult,
     RetentionPlan,
     RowCheck,
@@ -79,12 +83,16 @@ class MemoryBackend:
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
                     replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = (), *,
-                    require_states: Sequence[UUID] = ()) -> WriteResult:
+                    require_states: Sequence[UUID] = (),
+                    refuse: Sequence[Digest] = ()) -> WriteResult:
         self._open()
         async with self._lock:
             gone = tuple(i for i in dict.fromkeys(require_states) if i not in self._states)
             if gone:
                 return WriteResult(missing_states=gone)
+            redacted = tuple(d for d in dict.fromkeys(refuse) if self._redacted(d))
+            if redacted:
+                return WriteResult(redacted=redacted)
             inserted = {a.digest for a in assets}
             placed: dict[Digest, NodeRow] = {}
             for n in nodes:
@@ -119,6 +127,39 @@ class MemoryBackend:
                     self._states[s.id] = _with_seq(s, kept[s.id] if s.id in kept
                                                    else next(self._seq))
         return WriteResult()
+
+    def _redacted(self, digest: Digest) -> bool:
+        found = self._states.get(redaction.state_id(digest))  # its id derives from the digest
+        return found is not None and found.kind == Kind.REDACTION
+
+    async def redact(self, digests: Sequence[Digest], states: Sequence[StateRow],
+                     node_kinds: Sequence[int], rewrite: Redactor, *,
+                     dry_run: bool = False) -> RedactResult:
+        self._open()
+        async with self._lock:
+            already = tuple(d for d in dict.fromkeys(digests) if self._redacted(d))
+            todo = [d for d in dict.fromkeys(digests) if d not in already]
+            if not todo:
+                return RedactResult(0, 0, already)
+            leaves = {d: self._assets[d] for d in todo if d in self._assets}
+            kinds = set(node_kinds)
+            rows = [r for r in self._nodes.values() if r.kind in kinds]
+            changes: list[NodeChange] = []
+            for start in range(0, len(rows), 1000):
+                changes += rewrite(rows[start:start + 1000], leaves)
+            result = RedactResult(len(changes), len(leaves), already)
+            if dry_run or not (changes or leaves):
+                return result
+            for change in changes:
+                self._nodes[change.digest] = self._nodes[change.digest]._replace(
+                    refs=change.refs, body=change.body, codec=change.codec)
+            for digest in leaves:
+                del self._assets[digest]
+            wanted = {redaction.state_id(d) for d in todo}
+            for state in states:
+                if state.id in wanted and state.id not in self._states:
+                    self._states[state.id] = _with_seq(state, next(self._seq))
+            return result
 
     def _newest(self, kind: int, stream: str) -> UUID | None:
         mine = [s for s in self._states.values() if s.kind == kind and s.stream == stream]

@@ -42,6 +42,7 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.records import StateRow, state_from_v1
+from immagent.redaction import state_id
 from immagent.rows import StoredAsset, join_refs, split_refs, stored_rows
 from immagent.store import _migrate
 from immagent.store.backend import (
@@ -50,6 +51,9 @@ from immagent.store.backend import (
     Head,
     MarkRows,
     Misfit,
+    NodeChange,
+    Redactor,
+    RedactResult,
     RetainResult,
     RetentionPlan,
     RowCheck,
@@ -152,6 +156,15 @@ _NO_JIT = "SET LOCAL jit = off"
 # strpos, not LIKE: the user's text has no wildcards to escape.
 _INSERT_STATE = ("INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, digest, "
                  "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING")
+# What a write checks after its rows are in place, under gc's shared lock: (0, digest) for
+# each required digest stored neither as an asset nor as a node, (1, id) for each
+# REDACTION state of the content it writes (redaction.state_id).
+_CHECK_WRITE = (
+    "SELECT 0, d FROM unnest(%s::bytea[]) AS d WHERE NOT EXISTS "
+    "(SELECT 1 FROM immagent_assets WHERE digest = d) AND NOT EXISTS "
+    "(SELECT 1 FROM immagent_nodes WHERE digest = d) "
+    "UNION ALL SELECT 1, uuid_send(id) FROM immagent_states WHERE id = ANY(%s::uuid[]) "
+    f"AND kind = {int(Kind.REDACTION)}")
 # A replacement keeps the place in the log (the seq) of the row it replaces.
 _INSERT_STATE_AT = ("INSERT INTO immagent_states (id, parent_id, kind, stream, refs, body, "
                     "digest, created_at, seq) OVERRIDING SYSTEM VALUE VALUES "
@@ -506,15 +519,17 @@ class PostgresBackend(StateQueries):
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
                     replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = (), *,
-                    require_states: Sequence[UUID] = ()) -> WriteResult:
+                    require_states: Sequence[UUID] = (),
+                    refuse: Sequence[Digest] = ()) -> WriteResult:
         return await _retrying_transient(
             lambda: self._write_once(assets, states, require, heads, replace, nodes,
-                                     require_states))
+                                     require_states, refuse))
 
     async def _write_once(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                           require: Sequence[Digest], heads: Sequence[Head],
                           replace: Sequence[UUID], nodes: Sequence[NewNode],
-                          require_states: Sequence[UUID]) -> WriteResult:
+                          require_states: Sequence[UUID],
+                          refuse: Sequence[Digest]) -> WriteResult:
         try:
             with _mapped("write"):
                 async with self._pool.connection() as conn, conn.transaction():
@@ -534,14 +549,17 @@ class PostgresBackend(StateQueries):
                             lost = await _place_nodes(cur, nodes)
                             if lost is not None:
                                 raise _Abort(WriteResult(missing=(lost,)))
-                        if require:
-                            await cur.execute(
-                                "SELECT d FROM unnest(%s::bytea[]) AS d WHERE NOT EXISTS "
-                                "(SELECT 1 FROM immagent_assets WHERE digest = d) AND NOT "
-                                "EXISTS (SELECT 1 FROM immagent_nodes WHERE digest = d)",
-                                (list(require),),
-                            )
-                            missing = tuple(bytes(r[0]) for r in await cur.fetchall())
+                        if require or refuse:
+                            # One statement (one round trip): the required digests not
+                            # stored, and the REDACTION states of the content written.
+                            refused = {state_id(d): d for d in refuse}
+                            await cur.execute(_CHECK_WRITE, (list(require), list(refused)))
+                            found = await cur.fetchall()
+                            hit = [UUID(bytes=bytes(r[1])) for r in found if r[0] == 1]
+                            if hit:
+                                raise _Abort(WriteResult(
+                                    redacted=tuple(refused[i] for i in hit)))
+                            missing = tuple(bytes(r[1]) for r in found if r[0] == 0)
                             if missing:
                                 raise _Abort(WriteResult(missing=missing))
                         if heads:
@@ -676,6 +694,60 @@ class PostgresBackend(StateQueries):
                                      states_removed=gone)
                 if dry_run:  # the DELETEs ran in this transaction only: roll them back
                     raise Rehearsal(result)
+        return result
+
+    # -- redaction ------------------------------------------------------------------------
+
+    async def redact(self, digests: Sequence[Digest], states: Sequence[StateRow],
+                     node_kinds: Sequence[int], rewrite: Redactor, *,
+                     dry_run: bool = False) -> RedactResult:
+        try:
+            with _mapped("redact"):
+                async with self._pool.connection() as conn, conn.transaction():
+                    return await self._redact(conn, digests, states, node_kinds, rewrite,
+                                              dry_run)
+        except Rehearsal as rehearsed:
+            return rehearsed.result  # type: ignore[no-any-return]
+
+    async def _redact(self, conn: psycopg.AsyncConnection[Any], digests: Sequence[Digest],
+                      states: Sequence[StateRow], node_kinds: Sequence[int],
+                      rewrite: Redactor, dry_run: bool) -> RedactResult:
+        # The exclusive side of the writers' shared lock, as gc: a write either committed
+        # before (this erases what it wrote) or checks the REDACTION states after this
+        # commits (and is refused).
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_GC_LOCK,))
+        ids = {state_id(d): d for d in dict.fromkeys(digests)}
+        kinds = list(dict.fromkeys(int(k) for k in node_kinds))
+        async with conn.cursor() as cur:
+            already = tuple(ids[i] for i in await _redacted(cur, list(ids)))
+            todo = [d for d in ids.values() if d not in already]
+            if not todo or not kinds:
+                return RedactResult(0, 0, already)
+            await cur.execute(f"SELECT {_ASSET_COLUMNS} FROM immagent_assets "
+                              "WHERE digest = ANY(%s)", (todo,))
+            leaves = {a.digest: a for a in map(_asset, await cur.fetchall())}
+        changes: list[NodeChange] = []
+        async with conn.cursor(name="immagent_redact_nodes", binary=True) as named:
+            await named.execute("SELECT digest, kind, refs, body, codec FROM immagent_nodes "
+                                "WHERE kind = ANY(%s) ORDER BY loc", (kinds,))
+            while rows := await named.fetchmany(1000):
+                changes += rewrite([NodeRow(bytes(d), int(k), 0, None, split_refs(r),
+                                            bytes(b), int(c)) for d, k, r, b, c in rows],
+                                   leaves)
+        result = RedactResult(len(changes), len(leaves), already)
+        if dry_run or not (changes or leaves):
+            raise Rehearsal(result)
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "UPDATE immagent_nodes SET refs = %s, body = %s, codec = %s WHERE digest = %s",
+                [(join_refs(c.refs) or None, c.body, c.codec, c.digest) for c in changes])
+            if leaves:
+                await cur.execute("DELETE FROM immagent_assets WHERE digest = ANY(%s)",
+                                  (list(leaves),))
+            wanted = {state_id(d) for d in todo}
+            fresh = [_state_params(s) for s in states if s.id in wanted]
+            if fresh:
+                await cur.executemany(_INSERT_STATE, fresh)
         return result
 
     # -- retention ------------------------------------------------------------------------
@@ -1191,6 +1263,13 @@ async def _migrate_v2(conn: psycopg.AsyncConnection[Any]) -> None:
         await batch_cur.execute("DELETE FROM immagent_assets WHERE kind = ANY(%s)", (kinds,))
         await batch_cur.execute("DELETE FROM immagent_assets WHERE digest = ANY(%s)",
                                 (sorted(records.deletable()),))
+
+
+async def _redacted(cur: psycopg.AsyncCursor[Any], ids: Sequence[UUID]) -> list[UUID]:
+    """Those of ``ids`` (REDACTION state ids, ``redaction.state_id``) that are stored."""
+    await cur.execute("SELECT id FROM immagent_states WHERE id = ANY(%s) AND kind = %s",
+                      (list(ids), int(Kind.REDACTION)))
+    return [r[0] for r in await cur.fetchall()]
 
 
 async def _check_heads(cur: psycopg.AsyncCursor[Any], heads: Sequence[Head]) -> None:

@@ -64,6 +64,8 @@ from immagent.store.backend import (
     CodecRefs,
     Head,
     MarkRows,
+    Redactor,
+    RedactResult,
     RetainResult,
     RetentionPlan,
     RowCheck,
@@ -364,14 +366,16 @@ class ReplicatedBackend:
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
                     replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = (), *,
-                    require_states: Sequence[UUID] = ()) -> WriteResult:
+                    require_states: Sequence[UUID] = (),
+                    refuse: Sequence[Digest] = ()) -> WriteResult:
         if not replace:
             return await self._primary.write(assets, states, require, heads, nodes=nodes,
-                                             require_states=require_states)
+                                             require_states=require_states, refuse=refuse)
         # A replacement deletes rows: fenced as a delete is.
         with self._no_replicas():
             result = await self._primary.write(assets, states, require, heads, replace,
-                                               nodes, require_states=require_states)
+                                               nodes, require_states=require_states,
+                                               refuse=refuse)
             if result == WriteResult():
                 await self._raise_fence()
         return result
@@ -392,6 +396,17 @@ class ReplicatedBackend:
             result = await self._primary.sweep(check, codec_refs, detached=detached,
                                                dry_run=dry_run)
             if (result.removed or result.states_removed) and not dry_run:
+                await self._raise_fence()
+        return result
+
+    async def redact(self, digests: Sequence[Digest], states: Sequence[StateRow],
+                     node_kinds: Sequence[int], rewrite: Redactor, *,
+                     dry_run: bool = False) -> RedactResult:
+        # Rewrites rows in place: replicas serve reads again once they replayed it.
+        with self._no_replicas():
+            result = await self._primary.redact(digests, states, node_kinds, rewrite,
+                                                dry_run=dry_run)
+            if (result.nodes or result.assets) and not dry_run:
                 await self._raise_fence()
         return result
 

@@ -47,6 +47,7 @@ from immagent.exceptions import (
     ValidationError,
 )
 from immagent.records import StateRow, state_from_v1
+from immagent.redaction import state_id
 from immagent.rows import StoredAsset, join_refs, split_refs, stored_rows
 from immagent.store import _migrate
 from immagent.store._sqlite_pool import SQLitePool, is_busy, transaction
@@ -56,6 +57,9 @@ from immagent.store.backend import (
     Head,
     MarkRows,
     Misfit,
+    NodeChange,
+    Redactor,
+    RedactResult,
     RetainResult,
     RetentionPlan,
     RowCheck,
@@ -553,6 +557,16 @@ def _migrate_v2(conn: sqlite3.Connection) -> None:
                      chunk)
 
 
+def _redacted(conn: sqlite3.Connection, ids: Sequence[bytes]) -> list[bytes]:
+    """Those of ``ids`` (REDACTION state ids, ``redaction.state_id``) that are stored."""
+    found: list[bytes] = []
+    for chunk in _chunks(ids):
+        found += (r[0] for r in conn.execute(
+            f"SELECT id FROM immagent_states WHERE id IN ({_marks(len(chunk))}) "
+            f"AND kind = {int(Kind.REDACTION)}", chunk))
+    return found
+
+
 def _give_back_free_pages(conn: sqlite3.Connection) -> None:
     """Shrink the file by the pages a sweep freed, inside the sweep's transaction.
 
@@ -745,8 +759,10 @@ class SQLiteBackend(StateQueries):
     async def write(self, assets: Sequence[StoredAsset], states: Sequence[StateRow],
                     require: Sequence[Digest] = (), heads: Sequence[Head] = (),
                     replace: Sequence[UUID] = (), nodes: Sequence[NewNode] = (), *,
-                    require_states: Sequence[UUID] = ()) -> WriteResult:
+                    require_states: Sequence[UUID] = (),
+                    refuse: Sequence[Digest] = ()) -> WriteResult:
         asset_rows = [(a.digest, a.kind, join_refs(a.refs), a.body, a.codec) for a in assets]
+        refused = {state_id(d).bytes: d for d in refuse}
         state_rows = [_state_params(s) for s in states]
         wanted = list(dict.fromkeys(require))
         replaced = [i.bytes for i in dict.fromkeys(replace)]
@@ -763,6 +779,10 @@ class SQLiteBackend(StateQueries):
                 gone = tuple(i for i in needed if i.bytes not in found)
                 if gone:
                     raise _Abort(WriteResult(missing_states=gone))
+            if refused:
+                hit = _redacted(conn, list(refused))
+                if hit:
+                    raise _Abort(WriteResult(redacted=tuple(refused[i] for i in hit)))
             if asset_rows:
                 conn.executemany(
                     f"INSERT INTO immagent_assets ({_ASSET_COLUMNS}) "
@@ -918,6 +938,62 @@ class SQLiteBackend(StateQueries):
         try:
             result: SweepResult = await self._pool.write(
                 "gc", lambda conn: transaction(conn, sweep))
+        except Rehearsal as rehearsed:
+            return rehearsed.result  # type: ignore[no-any-return]
+        return result
+
+    # -- redaction ------------------------------------------------------------------------
+
+    async def redact(self, digests: Sequence[Digest], states: Sequence[StateRow],
+                     node_kinds: Sequence[int], rewrite: Redactor, *,
+                     dry_run: bool = False) -> RedactResult:
+        ids = {state_id(d).bytes: d for d in dict.fromkeys(digests)}
+        kinds = list(dict.fromkeys(int(k) for k in node_kinds))
+
+        def run(conn: sqlite3.Connection) -> RedactResult:
+            already = tuple(ids[i] for i in _redacted(conn, list(ids)))
+            todo = [d for d in ids.values() if d not in already]
+            if not todo or not kinds:
+                return RedactResult(0, 0, already)
+            leaves: dict[Digest, StoredAsset] = {}
+            for chunk in _chunks(todo):
+                leaves.update((a.digest, a) for a in _rows(conn.execute(
+                    f"SELECT {_ASSET_COLUMNS} FROM immagent_assets "
+                    f"WHERE digest IN ({_marks(len(chunk))})", chunk).fetchall()))
+            changes: list[NodeChange] = []
+            cursor = conn.execute(
+                "SELECT digest, kind, refs, body, codec FROM immagent_nodes "
+                f"WHERE kind IN ({_marks(len(kinds))}) ORDER BY loc", kinds)
+            while batch := cursor.fetchmany(1000):
+                changes += rewrite([NodeRow(_blob(d), k, 0, None, split_refs(_blob(r)),
+                                            _blob(b), c) for d, k, r, b, c in batch], leaves)
+            result = RedactResult(len(changes), len(leaves), already)
+            if dry_run or not (changes or leaves):
+                raise Rehearsal(result)
+            # Freed cells and pages are zeroed, so the erased bytes do not linger in the
+            # file's free space (docs/retention.md says what else to run).
+            conn.execute("PRAGMA secure_delete = ON")
+            try:
+                conn.executemany(
+                    "UPDATE immagent_nodes SET refs = ?1, body = ?2, codec = ?3 "
+                    "WHERE substr(digest, 1, 8) = substr(?4, 1, 8) AND digest = ?4",
+                    [(join_refs(c.refs), c.body, c.codec, c.digest) for c in changes])
+                for chunk in _chunks(list(leaves)):
+                    conn.execute(f"DELETE FROM immagent_assets WHERE digest IN "
+                                 f"({_marks(len(chunk))})", chunk)
+                wanted = {state_id(d).bytes for d in todo}
+                conn.executemany(
+                    f"INSERT INTO immagent_states ({_STATE_COLUMNS.removesuffix(', seq')}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                    [p for p in map(_state_params, states) if p[0] in wanted])
+                _give_back_free_pages(conn)
+            finally:
+                conn.execute("PRAGMA secure_delete = OFF")
+            return result
+
+        try:
+            result: RedactResult = await self._pool.write(
+                "redact", lambda conn: transaction(conn, run))
         except Rehearsal as rehearsed:
             return rehearsed.result  # type: ignore[no-any-return]
         return result
