@@ -40,6 +40,13 @@ class ImmAgentError(Exception):
     """Base class of every error raised by immagent."""
 
 
+def install_command(extra: str) -> str:
+    """The command that installs ``extra`` of ``immagent-core``, as the README's Install
+    table gives it: ``pip install immagent`` for ``llm`` (the ``immagent`` distribution is
+    immagent-core[llm]), else ``pip install 'immagent-core[<extra>]'``."""
+    return "pip install immagent" if extra == "llm" else f"pip install 'immagent-core[{extra}]'"
+
+
 class ExtraNotInstalledError(ImmAgentError, ImportError):
     """An optional dependency is not installed: ``what`` needs an extra of the
     ``immagent-core`` distribution. ``install`` is the command that installs it, and the
@@ -52,8 +59,7 @@ class ExtraNotInstalledError(ImmAgentError, ImportError):
     def __init__(self, what: str, extra: str, *, needs: str | None = None,
                  cause: ImportError | None = None) -> None:
         self.extra = extra
-        self.install = ("pip install immagent" if extra == "llm"
-                        else f"pip install 'immagent-core[{extra}]'")
+        self.install = install_command(extra)
         why = f" ({cause})" if cause is not None and str(cause) else ""
         super().__init__(f"{what} needs {needs or f'the {extra!r} extra'}, which is not "
                          f"installed{why}: {self.install}",

@@ -497,7 +497,8 @@ async def stream(
     Message (the one ``complete`` would return for the same reply: same digest).
 
     Transient errors are retried only before the first piece; a stream that breaks after
-    it raises LLMError. ``timeout`` bounds the wait for each chunk. Arguments are checked
+    it raises LLMError. ``timeout`` bounds the wait for each chunk (the first one also
+    waits for the response), not the whole reply. Arguments are checked
     when iteration starts.
     """
     call = _Call(model, system_prompt, config, max_retries, timeout, retry_delay)

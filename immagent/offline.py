@@ -118,9 +118,10 @@ class Reply:
     ``call_1``, ``call_2``, ... numbered per ScriptedModel.
 
     Streamed, the text arrives in ``chunks`` (default: word by word; given, they make up
-    the text) with ``chunk_delay`` seconds before each, and each tool call in two pieces.
-    Asked for whole, the reply comes after the same total delay. ``error`` with
-    ``chunks``: a stream that fails after sending them (asked for whole: the error).
+    the text) with ``chunk_delay`` seconds before each (``chunk_delays``: a gap of its own
+    before each), and each tool call in two pieces. Asked for whole, the reply comes after
+    the same total delay. ``error`` with ``chunks``: a stream that fails after sending
+    them (asked for whole: the error).
     """
 
     text: str | None = None
@@ -135,6 +136,8 @@ class Reply:
     chunks: Sequence[str] = field(default=())
     #: Seconds before each streamed chunk.
     chunk_delay: float = 0.0
+    #: Seconds before each streamed chunk, one per chunk (uneven gaps; replaces chunk_delay).
+    chunk_delays: Sequence[float] = field(default=())
 
     def __post_init__(self) -> None:
         if self.chunks:
@@ -145,8 +148,12 @@ class Reply:
             object.__setattr__(self, "text", joined)
         for name in ("delay", "chunk_delay"):
             value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            if not _seconds(value):
                 raise ValidationError(name, "must be a number of seconds >= 0", value)
+        gaps = self.chunk_delays
+        if gaps and (len(gaps) != len(_pieces(self)) or not all(map(_seconds, gaps))):
+            raise ValidationError("chunk_delays", "must be one number of seconds >= 0 "
+                                  f"per chunk ({len(_pieces(self))})", gaps)
 
     @classmethod
     def call(cls, name: str, /, **arguments: Any) -> Reply:
@@ -345,6 +352,15 @@ def _answer(name: str, messages: list[dict[str, Any]], options: Mapping[str, Any
     return _Answer(request, reply, calls, input_tokens, output_tokens)
 
 
+def _seconds(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value >= 0
+
+
+def _gaps(reply: Reply) -> list[float]:
+    """Seconds before each streamed text piece."""
+    return list(reply.chunk_delays) or [reply.chunk_delay] * len(_pieces(reply))
+
+
 def _pieces(reply: Reply) -> list[str]:
     """The text's streamed pieces: the script's chunks, else word by word (each word
     with the whitespace before it), so the pieces always join to the text."""
@@ -382,6 +398,11 @@ def _chunks(answer: _Answer, *, stream: bool) -> Iterator[Chunk]:
     yield _chunk(finish="tool_calls" if answer.calls else "stop", usage=usage)
 
 
+async def _sleep(seconds: float) -> None:
+    if seconds > 0:  # no sleep, not even sleep(0): an undelayed reply runs straight through
+        await asyncio.sleep(seconds)
+
+
 async def _play(answer: _Answer, *, stream: bool) -> AsyncGenerator[Chunk, None]:
     """The chunks of ``answer`` with the reply's delays, raising its error where scripted."""
     reply = answer.reply
@@ -389,11 +410,12 @@ async def _play(answer: _Answer, *, stream: bool) -> AsyncGenerator[Chunk, None]
         await asyncio.sleep(reply.delay)
     if reply.error is not None and not (stream and reply.chunks):
         raise reply.error
-    if not stream and reply.chunk_delay > 0:  # a whole reply takes as long as its stream
-        await asyncio.sleep(reply.chunk_delay * len(_pieces(reply)))
+    gaps = iter(_gaps(reply))
+    if not stream:  # a whole reply takes as long as its stream
+        await _sleep(sum(gaps))
     for chunk in _chunks(answer, stream=stream):
-        if stream and reply.chunk_delay > 0 and chunk["text"]:
-            await asyncio.sleep(reply.chunk_delay)
+        if stream and chunk["text"]:
+            await _sleep(next(gaps))
         if reply.error is not None and chunk["is_finished"]:
             raise reply.error  # a stream that breaks after its chunks
         yield chunk
@@ -467,7 +489,7 @@ def _make_handler() -> Any:
         def completion(self, *args: Any, **kwargs: Any) -> Any:
             answer = _kwargs_answer(kwargs, stream=False)
             reply = answer.reply
-            time.sleep(reply.delay + reply.chunk_delay * len(_pieces(reply)))
+            time.sleep(reply.delay + sum(_gaps(reply)))
             if reply.error is not None:
                 raise reply.error
             return _response(answer)

@@ -323,3 +323,48 @@ def test_pydantic_ai_conversations_are_listed_shown_and_deleted(
     assert [r["conversation"] for r in cli("conversations", "--json").json()[
         "conversations"]] == ["support-1"]
     assert cli("gc", "--yes").code == 0 and cli("verify").code == 0
+
+
+# -- how each client's elements read, tool calls and results included -----------------------
+
+
+def test_each_clients_tool_calls_and_results_read_alike() -> None:
+    """A reply with text and a call, and the call's result, as each client stores them: the
+    calls read ``[calls name(args)]`` after the text, a result's role names its call."""
+    from langchain_core.messages import AIMessage, ToolMessage
+    from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+
+    from immagent.assets import Entry, Item, Message, ToolCall, Value
+    from immagent.cli.clients import VIEWS
+
+    def read(kind: Kind, element: Any) -> tuple[str, str, bool]:
+        said = VIEWS[kind].said(element)
+        return said.role, said.text, said.turn
+
+    agent = [Message(role="assistant", content="Adding.",
+                     tool_calls=(ToolCall("c1", "add", '{"a": 1}'),)),
+             Message(role="tool", content="3", tool_call_id="c1", is_error=True)]
+    assert [read(Kind.AGENT_STATE, m) for m in agent] == [
+        ("assistant", 'Adding. [calls add({"a": 1})]', False), ("tool error c1", "3", False)]
+    serde = JsonPlusSerializer()
+    thread = [Value(*serde.dumps_typed(AIMessage(
+                  content="Adding.", tool_calls=[{"name": "add", "args": {"a": 1},
+                                                  "id": "c1"}]))),
+              Value(*serde.dumps_typed(ToolMessage(content="3", tool_call_id="c1")))]
+    assert [read(Kind.CHECKPOINT, v) for v in thread] == [
+        ("ai", 'Adding. [calls add({"a": 1})]', False), ("tool c1", "3", False)]
+    session = [Item.of({"type": "function_call", "name": "add", "arguments": '{"a": 1}',
+                        "call_id": "c1"}),
+               Item.of({"type": "function_call_output", "call_id": "c1", "output": "3"})]
+    assert [read(Kind.SESSION_STATE, i) for i in session] == [
+        ("assistant", '[calls add({"a": 1})]', False), ("tool c1", "3", False)]
+    conversation = [
+        Entry.of("e1", json.dumps({"kind": "response", "parts": [
+            {"part_kind": "text", "content": "Adding."},
+            {"part_kind": "tool-call", "tool_name": "add", "args": {"a": 1},
+             "tool_call_id": "c1"}]}).encode()),
+        Entry.of("e2", json.dumps({"kind": "request", "parts": [
+            {"part_kind": "tool-return", "tool_name": "add", "content": "3",
+             "tool_call_id": "c1"}]}).encode())]
+    assert [read(Kind.CONVERSATION_STATE, e) for e in conversation] == [
+        ("assistant", 'Adding.\n[calls add({"a": 1})]', False), ("tool c1", "3", False)]

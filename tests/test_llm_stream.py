@@ -99,13 +99,27 @@ async def test_a_permanent_failure_is_not_retried() -> None:
 
 
 async def test_timeout_bounds_each_chunk_not_the_whole_stream() -> None:
-    # 12 chunks 20 ms apart take longer than the timeout, each one well within it.
-    slow = ScriptedModel([Reply(chunks=["x"] * 12, chunk_delay=0.02)])
-    pieces, _ = await streamed(slow.model, timeout=0.2, max_retries=0)
+    # LiteLLM's first call in a process sets itself up (lazy imports, a tokenizer: about a
+    # second) inside that call's first wait; done here, so only the scripted gaps are timed.
+    await streamed(Model.ECHO)
+    # 12 chunks 0.1 s apart: the stream takes twice the timeout, each gap a sixth of it.
+    slow = ScriptedModel([Reply(chunks=["x"] * 12, chunk_delay=0.1)])
+    pieces, _ = await streamed(slow.model, timeout=0.6, max_retries=0)
     assert len(pieces) == 12
+    # Three chunks at once, then one gap over the timeout: the stream breaks there.
+    stalled = ScriptedModel([Reply(chunks=["a", "b", "c", "d"], chunk_delays=[0, 0, 0, 30])])
+    with pytest.raises(LLMError, match=r"broke off after 3 chunk\(s\): no reply within 0\.6 s"):
+        await streamed(stalled.model, timeout=0.6, max_retries=0)
     stuck = ScriptedModel([Reply(chunks=["a", "b"], chunk_delay=30)])
-    with pytest.raises(LLMError, match=r"no reply within 0\.05 s"):
+    with pytest.raises(LLMError, match=r"failed after 1 attempt\(s\): no reply within 0\.05 s"):
         await streamed(stuck.model, timeout=0.05, max_retries=0)
+
+
+def test_uneven_gaps_are_one_number_of_seconds_per_chunk() -> None:
+    assert Reply(chunks=["a", "", "b"], chunk_delays=[0.5, 0]).text == "ab"
+    for gaps in ([0.1], [0.1, 0.1, 0.1], [0.1, -1], [0.1, float("nan")]):
+        with pytest.raises(ValidationError, match=r"chunk_delays.*per chunk \(2\)"):
+            Reply(chunks=["a", "b"], chunk_delays=gaps)
 
 
 async def test_echo_delay_makes_the_echo_type(monkeypatch: pytest.MonkeyPatch) -> None:

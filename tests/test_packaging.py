@@ -127,3 +127,43 @@ def test_the_probe_fails_on_a_module_level_import_of_an_sdk(tmp_path: Path) -> N
     assert done.returncode != 0
     assert "No module named 'pydantic'" in done.stderr, done.stderr[-3000:]
     assert "immagent.careless" in done.stderr or "careless.py" in done.stderr
+
+
+# -- the install commands users are told --------------------------------------------------
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+#: Every "pip install <an immagent distribution>" in prose, code and docstrings (the
+#: command may wrap onto the next line in Markdown and docstrings).
+INSTALL = re.compile(r"pip\s+install\s+((['\"]?)immagent[\w-]*(?:\[[^\]\s]+\])?\2)")
+#: Extras that are no user's: the benchmarks' peers.
+NOT_FOR_USERS = {"bench"}
+
+
+def install_table() -> set[str]:
+    """The commands of the README's Install table (its "install" column)."""
+    section = README.split("\n## Install\n", 1)[1].split("\n#", 1)[0]
+    return set(re.findall(r"^\|[^|]+\| `(pip install [^`]+)` \|", section, re.MULTILINE))
+
+
+def test_a_missing_extra_names_the_command_the_install_table_gives() -> None:
+    table = install_table()
+    assert "pip install immagent" in table and len(table) == 6, table
+    extras = set(CORE["project"]["optional-dependencies"]) - NOT_FOR_USERS
+    assert extras == {"llm", "langgraph", "openai-agents", "pydantic-ai", "sign"}
+    for extra in extras:
+        error = immagent.ExtraNotInstalledError("this", extra)
+        assert error.install in table, (extra, error.install)
+        assert str(error).endswith(f": {error.install}"), error
+
+
+def test_every_install_command_users_are_told_is_one_the_install_table_gives() -> None:
+    table = install_table() | {"pip install 'immagent-core[<extra>]'"}  # the rule, stated
+    rule = ROOT / "immagent" / "exceptions.py"  # builds them: the test above checks it
+    places = [ROOT / "README.md", ROOT / "packages" / "immagent" / "README.md",
+              *(ROOT / "docs").rglob("*.md"),
+              *(p for p in (ROOT / "immagent").rglob("*.py") if p != rule)]
+    told = {(str(path.relative_to(ROOT)), f"pip install {found[1]}")
+            for path in places
+            for found in INSTALL.finditer(path.read_text(encoding="utf-8"))}
+    assert len(told) > 10  # the pattern finds them
+    assert {(where, command) for where, command in told if command not in table} == set()

@@ -38,11 +38,16 @@ async def two_stores(pg_store_dsn: str) -> AsyncIterator[list[Store]]:
 
 
 async def _queued(dsn: str, sessions: int, tasks: list[asyncio.Task[Any]]) -> None:
-    """Wait until ``sessions`` sessions wait for another transaction (or a task ended)."""
+    """Wait until ``sessions`` sessions of this database wait for another transaction (or
+    a task ended). Other databases' are not counted: the server is shared with other test
+    runs, whose waiting sessions ended this wait before the writers had queued, and the
+    interleaving was then left to chance."""
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         for _ in range(1000):
-            cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted "
-                                     "AND locktype = 'transactionid'")
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE NOT l.granted AND l.locktype = 'transactionid' "
+                "AND a.datname = current_database()")
             row = await cur.fetchone()
             if (row is not None and row[0] >= sessions) or any(t.done() for t in tasks):
                 return

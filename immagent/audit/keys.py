@@ -1,6 +1,6 @@
 """Ed25519 keys: generate a key pair, read key files safely, sign and check statements.
 
-Signing is an extra (``pip install 'immagent[sign]'``: the ``cryptography`` package),
+Signing is an extra (``pip install 'immagent-core[sign]'``: the ``cryptography`` package),
 imported on first use; without it every call here that needs it raises
 ``ExtraNotInstalledError`` naming that command. Ed25519 because its keys and signatures
 are small (32 and 64 bytes), signing is deterministic (no nonce to get wrong) and it is

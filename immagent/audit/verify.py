@@ -28,7 +28,7 @@ from immagent.attestations import attestation_of
 from immagent.audit import keys
 from immagent.chains import ChainContext, NodeRow
 from immagent.codec import NO_DICTIONARIES, ZstdDictionary, decoded_size
-from immagent.exceptions import AgentNotFoundError, IntegrityError
+from immagent.exceptions import AgentNotFoundError, IntegrityError, install_command
 from immagent.records import STATE_KINDS, StateRow, check_state
 from immagent.rows import StoredAsset, check_row, load_row
 
@@ -156,7 +156,7 @@ class VerifyReport(msgspec.Struct, frozen=True):
                        f"{checked}")
         if self.signatures_unchecked:
             out.append(f"{self.signatures_unchecked} attestation signature(s) not checked: "
-                       "pip install 'immagent[sign]'")
+                       f"{install_command('sign')}")
         if self.redacted:
             erased = len({r.digest for r in self.redacted})
             out.append(f"redacted: {erased} element(s), in {len(self.redacted)} node "

@@ -38,7 +38,7 @@ from immagent.assets import (
     Value,
 )
 from immagent.cli.errors import CLIError
-from immagent.cli.render import message_json
+from immagent.cli.render import message_json, message_said, with_calls
 from immagent.records import StateRow, conversation_body, load_agent, session_body
 from immagent.store import EventLog
 
@@ -118,23 +118,33 @@ class View:
         return f"{self.client}:{self.name(row)}"
 
     def conversation(self, row: StateRow) -> Digest | None:
-        """The head node of the state's conversation, or None if it has none."""
-        raise NotImplementedError
+        """The head node of the state's conversation, or None if it has none (here: its
+        first ref, as a session's and a pydantic-ai conversation's states hold it)."""
+        return row.refs[0] if row.refs else None
 
     def said(self, element: Asset) -> Said:
         """How one element of the conversation reads."""
         raise NotImplementedError
 
     def element_json(self, element: Asset) -> dict[str, Any]:
-        """An element for ``--json``, with its digest."""
+        """An element for ``--json``: how it reads, its data, its digest."""
         said = self.said(element)
-        return {"role": said.role, "text": said.text, "digest": element.digest.hex()}
+        return {"role": said.role, "text": said.text, **self.element_data(element),
+                "digest": element.digest.hex()}
+
+    def element_data(self, element: Asset) -> dict[str, Any]:
+        """What ``--json`` shows of an element besides how it reads (its stored data)."""
+        return {}
 
     def summary(self, row: StateRow) -> dict[str, Any]:
         """The identifying fields of a state, for ``--json``."""
         return {"id": str(row.id), "parent_id": str(row.parent_id) if row.parent_id else None,
-                "kind": _kind_name(row.kind), self.client: self.name(row),
-                "created_at": row.created_at.isoformat(), "digest": row.digest.hex()}
+                **self.labels(row), "created_at": row.created_at.isoformat(),
+                "digest": row.digest.hex()}
+
+    def labels(self, row: StateRow) -> dict[str, Any]:
+        """What names the state's conversation in its summary."""
+        return {"kind": _kind_name(row.kind), self.client: self.name(row)}
 
     def log_line(self, row: StateRow, elements: int | None) -> str:
         """The fields line of a state's ``log`` entry."""
@@ -177,27 +187,16 @@ class AgentView(View):
 
     def said(self, element: Asset) -> Said:
         assert isinstance(element, Message)
-        text = element.content or ""
-        if element.tool_calls:
-            calls = ", ".join(f"{c.name}({c.arguments})" for c in element.tool_calls)
-            text = f"{text} [calls {calls}]" if text else f"[calls {calls}]"
-        role: str = element.role
-        if element.role == "tool":
-            role = f"tool{' error' if element.is_error else ''} {element.tool_call_id or ''}"
-            role = role.strip()
-        if element.interrupted:
-            role += " (interrupted)"
+        role, text = message_said(element)
         return Said(role, text, element.role == "user", _style(element.role))
 
     def element_json(self, element: Asset) -> dict[str, Any]:
         assert isinstance(element, Message)
-        return message_json(element)
+        return message_json(element)  # every field of a message, as stored
 
-    def summary(self, row: StateRow) -> dict[str, Any]:
+    def labels(self, row: StateRow) -> dict[str, Any]:
         record = load_agent(row)
-        return {"id": str(row.id), "parent_id": str(row.parent_id) if row.parent_id else None,
-                "name": record.name, "model": record.model,
-                "created_at": row.created_at.isoformat(), "digest": row.digest.hex()}
+        return {"name": record.name, "model": record.model}
 
     def log_line(self, row: StateRow, elements: int | None) -> str:
         record = load_agent(row)
@@ -283,9 +282,8 @@ def _value_said(decoded: Any) -> Said:
             text = _parts_text(fields.get("content"))
             calls = fields.get("tool_calls")
             if isinstance(calls, list) and calls:
-                shown = ", ".join(f"{c.get('name')}({_compact(c.get('args', {}))})"
-                                  for c in calls if isinstance(c, dict))
-                text = f"{text} [calls {shown}]" if text else f"[calls {shown}]"
+                text = with_calls(text, ", ".join(f"{c.get('name')}({_compact(c.get('args', {}))})"
+                                                  for c in calls if isinstance(c, dict)))
             if role == "tool" and fields.get("tool_call_id"):
                 role = f"tool {fields['tool_call_id']}"
             return Said(role, text, role == "human", _style(role))
@@ -333,12 +331,9 @@ class ThreadView(View):
         assert isinstance(element, Value)
         return _value_said(decode_value(element))
 
-    def element_json(self, element: Asset) -> dict[str, Any]:
+    def element_data(self, element: Asset) -> dict[str, Any]:
         assert isinstance(element, Value)
-        decoded = decode_value(element)
-        said = _value_said(decoded)
-        return {"role": said.role, "text": said.text, "value": decoded,
-                "digest": element.digest.hex()}
+        return {"value": decode_value(element)}
 
     def summary(self, row: StateRow) -> dict[str, Any]:
         body = cp.decode_checkpoint(row.body)
@@ -395,7 +390,7 @@ def _item_said(value: Any) -> Said:
         return Said("item", _compact(value), False, "assistant")
     kind, role = value.get("type"), value.get("role")
     if kind == "function_call":
-        return Said("assistant", f"[calls {value.get('name')}({value.get('arguments')})]",
+        return Said("assistant", with_calls("", f"{value.get('name')}({value.get('arguments')})"),
                     False, "assistant")
     if kind == "function_call_output":
         output = value.get("output")
@@ -419,18 +414,13 @@ class SessionView(View):
     elements = "items"
     node_kind = int(Kind.ITEM_NODE)
 
-    def conversation(self, row: StateRow) -> Digest | None:
-        return row.refs[0] if row.refs else None
-
     def said(self, element: Asset) -> Said:
         assert isinstance(element, Item)
         return _item_said(element.value)
 
-    def element_json(self, element: Asset) -> dict[str, Any]:
+    def element_data(self, element: Asset) -> dict[str, Any]:
         assert isinstance(element, Item)
-        said = _item_said(element.value)
-        return {"role": said.role, "text": said.text, "item": element.value,
-                "digest": element.digest.hex()}
+        return {"item": element.value}
 
     def branches(self, row: StateRow) -> list[tuple[str, Digest]]:
         """(name, head node) of every branch of a session state, ``main`` first."""
@@ -491,7 +481,7 @@ def _entry_said(message: bytes) -> Said:
             role = role or "assistant"
             args = part.get("args")
             shown = args if isinstance(args, str) else _compact(args)
-            texts.append(f"[calls {part.get('tool_name')}({shown})]")
+            texts.append(with_calls("", f"{part.get('tool_name')}({shown})"))
         elif kind in ("tool-return", "retry-prompt"):
             role = role or f"tool {part.get('tool_call_id') or ''}".strip()
             content = part.get("content")
@@ -517,18 +507,13 @@ class ConversationView(View):
     def is_head(self, row: StateRow) -> bool:
         return not conversation_body(row).deleted
 
-    def conversation(self, row: StateRow) -> Digest | None:
-        return row.refs[0] if row.refs else None
-
     def said(self, element: Asset) -> Said:
         assert isinstance(element, Entry)
         return _entry_said(element.message)
 
-    def element_json(self, element: Asset) -> dict[str, Any]:
+    def element_data(self, element: Asset) -> dict[str, Any]:
         assert isinstance(element, Entry)
-        said = _entry_said(element.message)
-        return {"role": said.role, "text": said.text, "entry_id": element.entry_id,
-                "digest": element.digest.hex()}
+        return {"entry_id": element.entry_id}
 
     def log_line(self, row: StateRow, elements: int | None) -> str:
         body = conversation_body(row)

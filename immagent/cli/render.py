@@ -49,10 +49,12 @@ __all__ = [
     "local_time",
     "message_json",
     "message_line",
+    "message_said",
     "paint",
     "plural",
     "table",
     "visible",
+    "with_calls",
 ]
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
@@ -254,17 +256,29 @@ def message_json(message: Message) -> dict[str, Any]:
     return data
 
 
-def message_line(message: Message, width: int = 100) -> str:
-    """One line that says who said what (tool calls included), for logs and tables."""
+def with_calls(text: str, calls: str) -> str:
+    """``text`` followed by the tool calls a reply makes (``calls``: each as name(args))."""
+    return f"{text} [calls {calls}]" if text else f"[calls {calls}]"
+
+
+def message_said(message: Message) -> tuple[str, str]:
+    """Who said what: the role (a tool result's with its call id, a reply cut short marked
+    interrupted) and the text, tool calls included."""
     text = message.content or ""
     if message.tool_calls:
-        calls = ", ".join(f"{c.name}({c.arguments})" for c in message.tool_calls)
-        text = f"{text} [calls {calls}]" if text else f"[calls {calls}]"
+        text = with_calls(text, ", ".join(f"{c.name}({c.arguments})"
+                                          for c in message.tool_calls))
     role: str = message.role
     if message.role == "tool":
         role = f"tool{' error' if message.is_error else ''} {message.tool_call_id or ''}".strip()
     if message.interrupted:
         role += " (interrupted)"
+    return role, text
+
+
+def message_line(message: Message, width: int = 100) -> str:
+    """One line that says who said what (tool calls included), for logs and tables."""
+    role, text = message_said(message)
     return clip(f"{role}: {text}", width)
 
 

@@ -31,6 +31,7 @@ from immagent.exceptions import (
     ExtraNotInstalledError,
     UntrustedError,
     ValidationError,
+    install_command,
 )
 
 __all__ = ["COMMANDS", "add_trust_options", "bundle_lines", "policy", "signer_lines"]
@@ -128,7 +129,7 @@ def signer_lines(signers: tuple[Signer, ...]) -> Iterator[str]:
     """One line per signature: who, what, and whether it was checked."""
     for s in signers:
         checked = {True: "verified", False: "INVALID",
-                   None: "not checked: pip install 'immagent[sign]'"}[s.verified]
+                   None: f"not checked: {install_command('sign')}"}[s.verified]
         what = "signed the bundle" if s.purpose == "bundle" else \
             f"attests {', '.join(s.subjects)}"
         when = "" if not s.signed_at else f" on {local_time(_time(s.signed_at))}"

@@ -1,4 +1,6 @@
-"""ImmAgentSaver: a LangGraph checkpointer over immagent's store (extra ``immagent[langgraph]``).
+"""ImmAgentSaver: a LangGraph checkpointer over immagent's store.
+
+Needs the extra: ``pip install 'immagent-core[langgraph]'``.
 
 Switching a graph to it is one line, sync or async, as LangGraph's docs open its savers::
 
