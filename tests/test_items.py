@@ -149,6 +149,46 @@ async def test_a_batch_is_one_transaction_and_its_last_put_of_a_key_wins(
     assert [None if g is None else g.value for g in got] == [{"v": 3}, {"v": 2}, None]
 
 
+async def test_batches_written_together_keep_every_put_as_a_state(
+        store: Store, store_dsn: str) -> None:
+    log = ItemLog(store)
+    await log.put(("a",), "k", {"v": 0})
+    await log.put_checked([log.check_puts([Put(("a",), "k", {"v": 1})]),
+                           log.check_puts([Put(("a",), "k", {"v": 2}),
+                                           Put(("b",), "k", {"v": 9})]),
+                           log.check_puts([Put(("a",), "k", None)]),
+                           log.check_puts([Put(("a",), "k", {"v": 3})]),
+                           log.check_puts([Put(("b",), "gone", None)])])
+    assert log.stats["commits"] == 2  # the first put, then the five batches at once
+    history = await log.history(("a",), "k")
+    assert [(v.change, v.value) for v in history] == [
+        ("put", {"v": 3}), ("delete", None), ("put", {"v": 2}), ("put", {"v": 1}),
+        ("put", {"v": 0})]
+    assert [v.parent_id for v in history[:-1]] == [v.state_id for v in history[1:]]
+    # A put after a delete starts a new life; the delete of a key never put wrote nothing.
+    current = await log.get(("a",), "k")
+    assert current is not None and current.created_at == current.updated_at
+    assert states(store_dsn) == 6
+    assert (await store.verify()).ok
+
+
+async def test_a_key_deleted_elsewhere_is_found_by_the_write_not_probed_first(
+        store: Store, store_dsn: str) -> None:
+    # A writer that does not know a key and finds no head guesses it was never written;
+    # the commit's head check catches a key deleted by another writer, and the retry
+    # reads its tombstone: the new put is its child, nothing forks.
+    await ItemLog(store).put(("a",), "k", {"v": 1})
+    await ItemLog(store).put(("a",), "k", None)
+    late = ItemLog(store)
+    await late.put(("a",), "k", {"v": 2})
+    assert late.stats["retries"] == 1
+    history = await late.history(("a",), "k")
+    assert [v.change for v in history] == ["put", "delete", "put"]
+    assert [v.parent_id for v in history[:-1]] == [v.state_id for v in history[1:]]
+    await ItemLog(store).put(("a",), "fresh", {"v": 1})  # never written: no retry
+    assert states(store_dsn) == 4
+
+
 async def test_concurrent_writers_of_one_key_keep_one_line_and_lose_nothing(
         store: Store, store_dsn: str) -> None:
     logs = [ItemLog(store) for _ in range(4)]

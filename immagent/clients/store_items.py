@@ -20,7 +20,9 @@ Reads:
 Writes (``put``): one commit for a batch: each key's new item state, expecting the key's
 newest item state to be the one it was computed from (``Head``), and its head replaced in
 the same transaction; a writer that lost the race re-reads and recomputes, so concurrent
-writers never fork a key's history and the last one wins.
+writers never fork a key's history and the last one wins. ``put_checked`` writes several
+batches (checked beforehand by ``check_puts``) in one transaction, each batch's put of a key
+a state of its own: how the adapter merges concurrent callers without dropping a put.
 
 TTL (minutes, as LangGraph's): a put with a TTL stores its expiry in the state; a read
 with ``refresh`` writes a refresh state with a new expiry (now + TTL) unless the stored one
@@ -60,7 +62,8 @@ from immagent.store.backend import Head
 from immagent.store.log import EventLog
 from immagent.validate import MAX_STREAM_BYTES, check_json_value
 
-__all__ = ["FILTER_OPERATORS", "ItemLog", "ItemVersion", "Put", "StoredItem", "matches"]
+__all__ = ["FILTER_OPERATORS", "CheckedPuts", "ItemLog", "ItemVersion", "Put", "StoredItem",
+           "matches"]
 
 log = logging.getLogger("immagent")
 
@@ -128,6 +131,28 @@ class _Current(NamedTuple):
     row: StateRow
     body: kv.ItemBody
     version: UUID
+
+
+class _Change(NamedTuple):
+    """One checked put of a key (``value`` None: a delete)."""
+
+    namespace: tuple[str, ...]
+    key: str
+    value: Item | None
+    ttl: float | None
+
+
+class CheckedPuts:
+    """A batch of puts as ``ItemLog.check_puts`` validated it: one change per key (the
+    batch's last), in the batch's order of last puts. Opaque: hand it to ``put_checked``."""
+
+    __slots__ = ("changes",)
+
+    def __init__(self, changes: Mapping[str, _Change]) -> None:
+        self.changes: Mapping[str, _Change] = dict(changes)
+
+    def __len__(self) -> int:
+        return len(self.changes)
 
 
 class _Plan(NamedTuple):
@@ -203,6 +228,9 @@ class ItemLog:
         # write, which saves the read before it. Never trusted: the write expects it to be
         # the key's newest state (Head), and reads it again when it is not.
         self._known: OrderedDict[str, _Current | None] = OrderedDict()
+        #: What this object's writes cost: transactions committed, attempts that lost the
+        #: race to another writer (and were read and planned again), states written.
+        self.stats = {"commits": 0, "retries": 0, "states": 0}
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -316,7 +344,13 @@ class ItemLog:
     async def put_many(self, puts: Sequence[Put]) -> None:
         """Apply puts and deletes in one transaction (the last one of a key wins). A delete
         of a key that is not there writes nothing."""
-        last: dict[str, tuple[tuple[str, ...], str, Item | None, float | None]] = {}
+        await self.put_checked([self.check_puts(puts)])
+
+    def check_puts(self, puts: Sequence[Put]) -> CheckedPuts:
+        """``puts`` validated (ValidationError naming ``puts[i]`` and the field), the puts
+        of one key collapsed to the last one (a batch's puts of a key: the last wins), for
+        ``put_checked``. Nothing is read or written."""
+        last: dict[str, _Change] = {}
         for i, put in enumerate(_puts(puts)):
             ns = kv.check_namespace(f"puts[{i}].namespace", put.namespace)
             key = kv.check_key(f"puts[{i}].key", put.key)
@@ -328,30 +362,50 @@ class ItemLog:
                                       f"than {MAX_STREAM_BYTES} UTF-8 bytes together (they "
                                       "name an indexed stream)", None)
             last.pop(stream, None)  # re-inserted: the batch's order is its last puts' order
-            last[stream] = (ns, key, value, ttl)
-        if not last:
+            last[stream] = _Change(ns, key, value, ttl)
+        return CheckedPuts(last)
+
+    async def put_checked(self, batches: Sequence[CheckedPuts]) -> None:
+        """Write several batches of puts (from ``check_puts``) in one transaction, as if
+        one after the other: each batch's put of a key is a state of its own, the child of
+        the one before (so writers merged into one transaction lose nothing, and every put
+        stays in the key's history). A delete of a key that is not there writes nothing."""
+        chains: dict[str, list[_Change]] = {}
+        for batch in batches:
+            if not isinstance(batch, CheckedPuts):
+                raise ValidationError("batches", "must hold what check_puts returns", None)
+            for stream, change in batch.changes.items():
+                chain = chains.pop(stream, [])  # re-inserted: ordered by last puts
+                chains[stream] = [*chain, change]
+        if not chains:
             return
 
         def plan(current: Mapping[str, _Current | None], now: datetime) -> _Plan:
             made = _Plan([], [], [], [])
             at = kv.micros(now)
-            for stream, (ns, key, value, ttl) in last.items():
+            for stream, chain in chains.items():
                 before = current[stream]
                 alive = before is not None and _visible(before, now)
-                if value is None:
-                    if not alive:
-                        continue  # nothing to delete: a delete of nothing writes nothing
-                    body = kv.ItemBody(updated=at)
-                else:
-                    created = before.body.created if alive and before is not None else None
-                    body = kv.ItemBody(updated=at, created=at if created is None else created,
-                                       ttl=ttl, expires=_expiry(at, ttl))
-                    made.assets.append(value)
-                _add(made, ns, key, before, () if value is None else (value.digest,), body,
-                     now)
+                created = before.body.created if alive and before is not None else None
+                steps: list[tuple[tuple[Digest, ...], kv.ItemBody]] = []
+                for change in chain:
+                    if change.value is None:
+                        if alive:  # a delete of nothing writes nothing
+                            steps.append(((), kv.ItemBody(updated=at)))
+                        alive, created = False, None
+                        continue
+                    created = at if created is None else created
+                    steps.append(((change.value.digest,), kv.ItemBody(
+                        updated=at, created=created, ttl=change.ttl,
+                        expires=_expiry(at, change.ttl))))
+                    made.assets.append(change.value)
+                    alive = True
+                if steps:
+                    ns, key = chain[0].namespace, chain[0].key
+                    _add(made, ns, key, before, steps, now)
             return made
 
-        await self._write({s: (ns, key) for s, (ns, key, _, _) in last.items()}, plan)
+        await self._write({s: (c[0].namespace, c[0].key) for s, c in chains.items()}, plan)
 
     async def _refresh(self, items: Sequence[StoredItem], current: Mapping[str, _Current],
                        now: datetime) -> dict[str, StoredItem]:
@@ -379,7 +433,7 @@ class ItemLog:
                     continue  # changed or gone since it was read: not ours to refresh
                 body = msgspec.structs.replace(
                     newest.body, expires=_expiry(kv.micros(at), newest.body.ttl))
-                _add(made, item.namespace, item.key, newest, newest.row.refs, body, at)
+                _add(made, item.namespace, item.key, newest, [(newest.row.refs, body)], at)
             return made
 
         written = await self._write({s: (i.namespace, i.key) for s, i in due.items()}, plan,
@@ -407,7 +461,12 @@ class ItemLog:
         else:
             remembered = {s: self._known[s] for s in keys if s in self._known}
             missing = {s: k for s, k in keys.items() if s not in remembered}
-            current = {**remembered, **(await self._current(missing) if missing else {})}
+            # A key this object does not know and that has no head is taken to have
+            # never been written (the usual case: a new key) instead of probed one by
+            # one: the commit's head check finds the others (deleted keys), and the retry
+            # below reads them.
+            current = {**remembered,
+                       **(await self._current(missing, guess=True) if missing else {})}
         for attempt in range(_MAX_ATTEMPTS):
             now = at if at is not None and attempt == 0 else self._clock()
             made = plan(current, now)
@@ -417,12 +476,17 @@ class ItemLog:
                 await self.store.commit(made.assets, made.rows, heads=made.heads,
                                         replace=made.replace)
             except (StaleStreamError, ConflictError):
+                self.stats["retries"] += 1
                 # Another writer moved a key on (or, once in 2**70, an id collided): read
                 # again, from the item states themselves, after a short jittered pause
                 # that spreads competing processes.
                 await asyncio.sleep(random.random() * min(0.05, 0.001 * (attempt + 1)))
-                current = await self._current(keys, probe=True)
+                # Heads first (one query, the others probed); from the second retry on,
+                # every key's newest item state itself, in case a head lags behind it.
+                current = await self._current(keys, probe=attempt > 0)
                 continue
+            self.stats["commits"] += 1
+            self.stats["states"] += len(made.rows)
             written = {r.stream: r for r in made.rows if r.kind == _KIND}
             heads = {r.stream: r for r in made.rows if r.kind == _HEAD}
             for stream in keys:
@@ -506,10 +570,14 @@ class ItemLog:
         return {r.stream: _Current(r, _decode(r), r.parent_id or r.id) for r in rows
                 if r.kind == _HEAD and ids.get(r.id) == r.stream and r.parent_id is not None}
 
-    async def _current(self, keys: _Keys, *, probe: bool = False) -> dict[str, _Current | None]:
+    async def _current(self, keys: _Keys, *, probe: bool = False,
+                       guess: bool = False) -> dict[str, _Current | None]:
         """Each key's current state: its head, or (no head, or ``probe``) its newest item
-        state, one index probe each (concurrently)."""
+        state, one index probe each (concurrently); with ``guess``, a key without a head
+        is taken to have none (not probed: for a write, whose head check verifies it)."""
         found: dict[str, _Current | None] = {} if probe else dict(await self._heads(keys))
+        if guess:
+            return {s: found.get(s) for s in keys}
         rest = [s for s in keys if s not in found]
         pages = await asyncio.gather(*(self.store.stream_states(_KIND, s, limit=1)
                                        for s in rest))
@@ -590,19 +658,22 @@ def _row(kind: int, state_id: UUID, stream: str, parent: UUID | None,
 
 
 def _add(made: _Plan, namespace: tuple[str, ...], key: str, before: _Current | None,
-         refs: tuple[Digest, ...], body: kv.ItemBody, at: datetime) -> None:
-    """Plan one change of a key: its new item state (child of the key's newest, which must
-    still be the newest when it commits) and its head, replaced (removed for a delete)."""
+         steps: Sequence[tuple[tuple[Digest, ...], kv.ItemBody]], at: datetime) -> None:
+    """Plan changes of a key, each (refs, body) a new item state: the first a child of the
+    key's newest (which must still be the newest when it commits), each next one a child
+    of the one before; the head replaced by the last (removed when that is a delete)."""
     stream = kv.item_stream(namespace, key)
-    data = msgspec.msgpack.encode(body)
     parent = None if before is None else before.version
-    version = _row(_KIND, kv.item_state_id(namespace), stream, parent, refs, data, at)
-    made.rows.append(version)
+    made.heads.append(Head(_KIND, stream, parent))
     head_id = kv.head_state_id(namespace, key)
+    made.replace.append(head_id)
+    for refs, body in steps:
+        data = msgspec.msgpack.encode(body)
+        version = _row(_KIND, kv.item_state_id(namespace), stream, parent, refs, data, at)
+        made.rows.append(version)
+        parent = version.id
     if refs:
         made.rows.append(_row(_HEAD, head_id, stream, version.id, refs, data, at))
-    made.heads.append(Head(_KIND, stream, parent))
-    made.replace.append(head_id)
 
 
 def _copy(item: Item) -> dict[str, Any]:

@@ -13,6 +13,10 @@ ItemLog's items into LangGraph's ``Item``/``SearchItem``. What is stored and why
 its key (a delete too), values are content-addressed ITEM assets, a get is one
 primary-key probe.
 
+Concurrent calls (LangGraph's ``aput``/``aget``/… are one batch each) are merged as they
+queue on the store's loop: a group's identical reads run once and its puts commit in one
+transaction, each batch's put of a key still a state of its own (see ``_execute``).
+
 LangGraph's contract as its own stores keep it: ops of one ``batch`` read before they
 write (gets, searches and listings see the store as it was; puts of one key: the last
 wins), namespaces are validated as LangGraph validates them, searches list the most
@@ -37,6 +41,7 @@ and ``asweep_ttl``/``astart_ttl_sweeper``/``astop_ttl_sweeper`` (an asyncio task
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import os
@@ -46,11 +51,13 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+import msgspec
+
 from immagent.audit.bundle import BundleInfo
 from immagent.clients.store_items import ItemLog, ItemVersion, Put, StoredItem
 from immagent.exceptions import ExtraNotInstalledError, ValidationError
 from immagent.store import dsn as dsns
-from immagent.store.hosting import Host, OwnedHost, SharedHost, SyncCallError
+from immagent.store.hosting import Host, OwnedHost, SharedHost, SyncCallError, settle
 from immagent.store.log import EventLog
 
 try:
@@ -77,9 +84,12 @@ log = logging.getLogger("immagent")
 S = TypeVar("S", bound="ImmAgentStore")
 T = TypeVar("T")
 _WHAT = "the LangGraph store"
-#: Batches that run at once (the others wait their turn); a Store's pool has 10
-#: connections by default, and a batch uses one or two at a time.
-_CONCURRENT_BATCHES = 8
+#: Merged groups of batches that run at once (the others queue and merge); a Store's
+#: pool has 10 connections by default, and a group uses one or two at a time.
+_CONCURRENT_GROUPS = 4
+#: Ops merged into one group at most (a batch larger than this runs alone): bounds a
+#: group's transaction and the time its callers wait for the slowest op in it.
+_GROUP_OPS = 2000
 
 
 class ImmAgentStore(BaseStore):
@@ -121,7 +131,7 @@ class ImmAgentStore(BaseStore):
         self._sweeper: threading.Thread | None = None
         self._sweeper_stop = threading.Event()
         self._sweeper_task: asyncio.Task[None] | None = None
-        self._admission: asyncio.Semaphore | None = None
+        self._queue: _Queue | None = None
         self._closed = False
 
     @classmethod
@@ -202,18 +212,28 @@ class ImmAgentStore(BaseStore):
     async def abatch(self, ops: Iterable[Op]) -> list[Result]:
         """Run ``ops``: reads first, then every put in one transaction."""
         listed = _ops(ops)
-        return await self._async(lambda log: self._run(log, listed), write=_writes(listed))
+        write = _writes(listed)
+        queue = self._queue
+        if queue is not None and not self._closed and queue.loop is asyncio.get_running_loop():
+            # On the store's loop, once a batch has run: straight into the queue, with no
+            # task or coroutine of its own (a graph may gather thousands of calls, and
+            # each object they hold makes every garbage collection meanwhile longer).
+            return await queue.submit(_Batch(queue.log, listed), settled=write)
+        return await self._async(lambda log: self._run(log, listed), write=write)
 
     async def _run(self, log: ItemLog, ops: Sequence[Op]) -> list[Result]:
-        # Admission: a graph may fire thousands of store calls at once; each batch makes
-        # several round trips, and past the pool's size they would queue for connections
-        # one query at a time (and time out). A few batches run at once, the rest wait
-        # their turn here, untimed, as LangGraph's PostgreSQL store makes them wait for its
-        # connection. Runs on the store's loop, so the semaphore is made there.
-        if self._admission is None:
-            self._admission = asyncio.Semaphore(_CONCURRENT_BATCHES)
-        async with self._admission:
-            return await _execute(log, ops)
+        # Batches that arrive while others run are merged: a graph (or LangGraph's
+        # ``aput``/``aget`` helpers, one batch per call) may fire thousands of calls at
+        # once, and one transaction per put, one scan of the heads per search, would make
+        # that quadratic. Waiting batches queue here (on the store's loop); a drainer
+        # merges what has queued into one group whenever one of a few slots is free
+        # (``_Queue``, ``_execute``: identical reads done once, every put a state of its
+        # own, the puts of the whole group in one transaction). Each batch's own ops are
+        # checked first, so a bad batch fails alone.
+        if self._queue is None:
+            self._queue = _Queue(log)
+        # The host waits for a write whose caller was cancelled (settle).
+        return await self._queue.submit(_Batch(log, ops), settled=False)
 
     # -- history and audits (immagent's own) ------------------------------------------------
 
@@ -239,6 +259,13 @@ class ImmAgentStore(BaseStore):
                       key: str | None = None) -> BundleInfo:
         """``export`` from async code."""
         return await self._async(lambda log: log.export(path, namespace_prefix, key))
+
+    def write_stats(self) -> dict[str, int]:
+        """What this store's writes cost so far: ``commits`` (transactions), ``retries``
+        (attempts that lost the race to another writer of a key and were planned again),
+        ``states`` (rows written: item states and heads)."""
+        return dict(self._log.stats) if self._log is not None else \
+            {"commits": 0, "retries": 0, "states": 0}
 
     # -- TTL ---------------------------------------------------------------------------------
 
@@ -423,39 +450,186 @@ def _writes(ops: Sequence[Op]) -> bool:
     return any(isinstance(op, PutOp) or getattr(op, "refresh_ttl", False) for op in ops)
 
 
-async def _execute(log: ItemLog, ops: Sequence[Op]) -> list[Result]:
-    """LangGraph's batch semantics over ItemLog: gets, searches and listings read the
-    store as it was, then every put is written in one transaction."""
-    results: list[Result] = [None] * len(ops)
-    gets = [(i, op) for i, op in enumerate(ops) if isinstance(op, GetOp)]
+class _Batch:
+    """One caller's batch, checked, and the future its caller waits on."""
+
+    __slots__ = ("future", "group", "ops", "puts")
+
+    def __init__(self, log: ItemLog, ops: Sequence[Op]) -> None:
+        self.ops = ops
+        # Checked now: a bad value fails its own batch, never a group it would join.
+        puts = [Put(tuple(op.namespace), op.key, op.value, op.ttl)
+                for op in ops if isinstance(op, PutOp)]
+        self.puts = log.check_puts(puts) if puts else None
+        self.future: asyncio.Future[list[Result]] = \
+            asyncio.get_running_loop().create_future()
+        #: The task running the group this batch was merged into, once it runs.
+        self.group: asyncio.Task[None] | None = None
+
+
+class _Queue:
+    """The batches waiting on one store's loop, and the drainer that merges them."""
+
+    def __init__(self, log: ItemLog) -> None:
+        self.log = log
+        self.loop = asyncio.get_running_loop()
+        self._waiting: collections.deque[_Batch] = collections.deque()
+        self._slots = asyncio.Semaphore(_CONCURRENT_GROUPS)
+        self._drainer: asyncio.Task[None] | None = None
+        self._groups: set[asyncio.Task[None]] = set()
+
+    async def submit(self, batch: _Batch, *, settled: bool) -> list[Result]:
+        """The batch's results once its group has run; ``settled``: a cancelled caller
+        still waits for the outcome (a write is never left running behind it)."""
+        self._waiting.append(batch)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain(), name="immagent-store-batches")
+        try:
+            return await batch.future
+        except asyncio.CancelledError:
+            # A write whose group already runs is waited for before the cancellation is
+            # raised (one not yet taken into a group is dropped, unwritten). Done here
+            # rather than by shielding every call: thousands of pending calls would each
+            # hold a shield's future and callbacks.
+            if settled and batch.group is not None:
+                await settle(batch.group)
+            raise
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                await self._slots.acquire()
+                group: list[_Batch] = []
+                size = 0
+                while self._waiting and (not group
+                                         or size + len(self._waiting[0].ops) <= _GROUP_OPS):
+                    batch = self._waiting.popleft()
+                    if not batch.future.done():  # a cancelled reader is not waited for
+                        group.append(batch)
+                        size += len(batch.ops)
+                if not group:
+                    self._slots.release()
+                    continue
+                task = asyncio.create_task(self._run(group))
+                for batch in group:
+                    batch.group = task
+                self._groups.add(task)
+                task.add_done_callback(self._groups.discard)
+        except BaseException:  # cancelled (the loop is closing): no batch waits forever
+            while self._waiting:
+                self._waiting.popleft().future.cancel()
+            raise
+
+    async def _run(self, group: list[_Batch]) -> None:
+        try:
+            try:
+                outcomes: list[Any] = list(await _execute(self.log, group))
+            except Exception as e:
+                if len(group) == 1:
+                    outcomes = [e]
+                else:
+                    # Nothing of the group's puts was written (one transaction): each
+                    # batch runs again alone, so a failure reaches only its own callers.
+                    outcomes = []
+                    for batch in group:
+                        try:
+                            outcomes += await _execute(self.log, [batch])
+                        except Exception as alone:
+                            outcomes.append(alone)
+        except BaseException:  # cancelled (the loop is closing): so are its callers
+            for batch in group:
+                batch.future.cancel()
+            raise
+        finally:
+            self._slots.release()
+        for batch, outcome in zip(group, outcomes, strict=True):
+            if batch.future.done():
+                continue
+            if isinstance(outcome, Exception):
+                batch.future.set_exception(outcome)
+            else:
+                batch.future.set_result(outcome)
+
+
+async def _execute(log: ItemLog, group: Sequence[_Batch]) -> list[list[Result]]:
+    """LangGraph's batch semantics over ItemLog, for a group of batches as for one: gets,
+    searches and listings read the store as it was (identical reads are done once; a
+    result used again is a fresh copy), then every batch's puts are written in one
+    transaction, each batch's put of a key a state of its own, in the group's order."""
+    results: list[list[Result]] = [[None] * len(b.ops) for b in group]
+    places = [(n, i, op) for n, b in enumerate(group) for i, op in enumerate(b.ops)]
+    gets = [(n, i, op) for n, i, op in places if isinstance(op, GetOp)]
     for refresh in (False, True):
-        chosen = [(i, op) for i, op in gets if bool(op.refresh_ttl) is refresh]
+        chosen = [(n, i, op) for n, i, op in gets if bool(op.refresh_ttl) is refresh]
         if chosen:
-            found = await log.get_many([(op.namespace, op.key) for _, op in chosen],
+            found = await log.get_many([(op.namespace, op.key) for _, _, op in chosen],
                                        refresh=refresh)
-            for (i, _), item in zip(chosen, found, strict=True):
-                results[i] = None if item is None else _item(item)
-    for i, op in enumerate(ops):
+            given: set[int] = set()
+            for (n, i, _), item in zip(chosen, found, strict=True):
+                results[n][i] = None if item is None else _item(item, fresh=id(item) in given)
+                given.add(id(item))
+    done: dict[Any, list[Any]] = {}  # each distinct read and its result
+    for n, i, op in places:
+        if not isinstance(op, SearchOp | ListNamespacesOp):
+            continue
+        same = _read_key(op)
+        if same is not None and same in done:
+            results[n][i] = _fresh(done[same])
+            continue
         if isinstance(op, SearchOp):
             # ``query`` needs a vector index; without one it is ignored, as in LangGraph.
             found_items = await log.search(op.namespace_prefix, filter=op.filter,
                                            limit=op.limit, offset=op.offset,
                                            refresh=bool(op.refresh_ttl))
-            results[i] = [_search_item(item) for item in found_items]
-        elif isinstance(op, ListNamespacesOp):
-            results[i] = await log.list_namespaces(
+            result: list[Any] = [_search_item(item) for item in found_items]
+        else:
+            result = await log.list_namespaces(
                 match=[(c.match_type, c.path) for c in op.match_conditions or ()],
                 max_depth=op.max_depth, limit=op.limit, offset=op.offset)
-    puts = [Put(tuple(op.namespace), op.key, op.value, op.ttl)
-            for op in ops if isinstance(op, PutOp)]
-    if puts:
-        await log.put_many(puts)
+        if same is not None:
+            done[same] = result
+        results[n][i] = result
+    batches = [b.puts for b in group if b.puts]
+    if batches:
+        await log.put_checked(batches)
     return results
 
 
-def _item(found: StoredItem) -> Item:
-    return Item(value=found.value, key=found.key, namespace=found.namespace,
-                created_at=found.created_at, updated_at=found.updated_at)
+def _read_key(op: SearchOp | ListNamespacesOp) -> Any:
+    """What makes two reads the same read (None: not known to be the same as any other):
+    their type and fields, a filter in its canonical JSON (so ``True`` and ``1``, ``1``
+    and ``1.0`` stay apart, as ``matches`` compares them)."""
+    if isinstance(op, SearchOp):
+        try:
+            filter = msgspec.json.encode(op.filter, order="sorted")
+        except (TypeError, ValueError, msgspec.EncodeError):
+            return None  # refused by the search itself
+        key: Any = (SearchOp, op.namespace_prefix, filter, op.limit, op.offset, op.query,
+                    op.refresh_ttl)
+    else:
+        key = (ListNamespacesOp, op.match_conditions, op.max_depth, op.limit, op.offset)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _fresh(result: list[Any]) -> list[Any]:
+    """A copy of a read's result for another caller: its own list, its own values."""
+    return [SearchItem(namespace=r.namespace, key=r.key, value=_values_copy(r.value),
+                       created_at=r.created_at, updated_at=r.updated_at, score=r.score)
+            if isinstance(r, SearchItem) else r for r in result]
+
+
+def _values_copy(value: dict[str, Any]) -> dict[str, Any]:
+    copied: dict[str, Any] = msgspec.msgpack.decode(msgspec.msgpack.encode(value))
+    return copied
+
+
+def _item(found: StoredItem, *, fresh: bool = False) -> Item:
+    return Item(value=_values_copy(found.value) if fresh else found.value, key=found.key,
+                namespace=found.namespace, created_at=found.created_at, updated_at=found.updated_at)
 
 
 def _search_item(found: StoredItem) -> SearchItem:

@@ -1275,19 +1275,28 @@ async def _redacted(cur: psycopg.AsyncCursor[Any], ids: Sequence[UUID]) -> list[
 async def _check_heads(cur: psycopg.AsyncCursor[Any], heads: Sequence[Head]) -> None:
     """Abort the write unless every expected head is still its stream's newest state.
     A transaction lock per stream (taken in a fixed order, so two writers cannot
-    deadlock) makes the check and the insert one step for writers of the same stream."""
+    deadlock) makes the check and the insert one step for writers of the same stream.
+    One statement takes the locks, in that order, and one reads every stream's newest
+    state: a round trip per stream made a write of a thousand keys spend most of its time
+    here."""
     ordered = sorted(set(heads), key=lambda h: (h.kind, h.stream))
-    stale: list[Head] = []
-    for head in ordered:
-        await cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
-                          (_STREAM_LOCK_SPACE + head.kind, head.stream))
-        await cur.execute("SELECT id FROM immagent_states WHERE kind = %s AND stream = %s "
-                          "ORDER BY kind, stream, seq DESC LIMIT 1", (head.kind, head.stream))
-        row = await cur.fetchone()
-        if (None if row is None else row[0]) != head.state_id:
-            stale.append(head)
+    if not ordered:
+        return
+    kinds = [h.kind for h in ordered]
+    streams = [h.stream for h in ordered]
+    await cur.execute("SELECT pg_advisory_xact_lock(%s + t.k, hashtext(t.s)) "
+                      "FROM unnest(%s::int4[], %s::text[]) WITH ORDINALITY AS t(k, s, n) "
+                      "ORDER BY t.n", (_STREAM_LOCK_SPACE, kinds, streams))
+    await cur.execute("SELECT t.n, newest.id "
+                      "FROM unnest(%s::int2[], %s::text[]) WITH ORDINALITY AS t(k, s, n) "
+                      "LEFT JOIN LATERAL (SELECT id FROM immagent_states "
+                      "WHERE kind = t.k AND stream = t.s "
+                      "ORDER BY kind, stream, seq DESC LIMIT 1) AS newest ON true",
+                      (kinds, streams))
+    newest = {int(n) - 1: state_id for n, state_id in await cur.fetchall()}
+    stale = tuple(h for i, h in enumerate(ordered) if newest.get(i) != h.state_id)
     if stale:
-        raise _Abort(WriteResult(stale=tuple(stale)))
+        raise _Abort(WriteResult(stale=stale))
 
 
 async def _check_states(cur: psycopg.AsyncCursor[Any], ids: Sequence[UUID]) -> None:
