@@ -5,7 +5,7 @@ A store-only agent of N turns (the synthetic texts, ``Store.append``, as
 ``clear_cache()``, and SQLiteSession's ``get_items()`` of the same texts on a new session
 object, the two alternating sample by sample so load from elsewhere on the machine falls
 on both alike. ``--keep DIR`` keeps the stores (SQLite files in DIR, a PostgreSQL database
-named after N) so that a run of another checkout can read the very same rows: compare two
+named after N and DIR) so that a run of another checkout can read the very same rows: compare two
 versions by running each in turn, several times.
 
 Run: ``python -m benchmarks.cold_read --turns 1000 --samples 200 [--dsn DSN] [--keep DIR]
@@ -18,6 +18,8 @@ import argparse
 import asyncio
 import cProfile
 import gc
+import os
+import secrets
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,8 +27,10 @@ from pathlib import Path
 
 import psycopg
 from agents import SQLiteSession
+from blake3 import blake3
 
 from benchmarks.common import (
+    drop_database,
     fresh_database,
     percentile,
     print_table,
@@ -66,9 +70,17 @@ async def _agent(target: str, turns: int, build: bool) -> tuple[Store, Persisten
     return store, agent
 
 
-async def _pg_target(dsn: str, turns: int, keep: bool) -> tuple[str, bool]:
+def _pg_name(turns: int, keep: Path | None) -> str:
+    """The benchmark's database on a server others use too: kept ones are named after the
+    --keep directory (so every checkout given that directory reads the same rows, and
+    other directories never collide), a throwaway one after this process."""
+    if keep is None:
+        return f"immagent_coldread_{turns}_{os.getpid()}_{secrets.token_hex(3)}"
+    return f"immagent_coldread_{turns}_{blake3(str(keep.resolve()).encode()).hexdigest()[:8]}"
+
+
+async def _pg_target(dsn: str, name: str, keep: bool) -> tuple[str, bool]:
     """The DSN of the benchmark's database, and whether it must be built."""
-    name = f"immagent_coldread_{turns}"
     if keep:
         async with await psycopg.AsyncConnection.connect(with_database(dsn, "postgres"),
                                                          autocommit=True) as conn:
@@ -99,7 +111,8 @@ async def main(argv: Sequence[str] | None = None) -> None:
     theirs = workdir / f"openai-agents-{args.turns}.db"
     targets = {"sqlite": (str(ours), not (args.keep and ours.exists()))}
     if args.dsn:
-        targets["postgres"] = await _pg_target(args.dsn, args.turns, args.keep is not None)
+        pg_name = _pg_name(args.turns, args.keep)
+        targets["postgres"] = await _pg_target(args.dsn, pg_name, args.keep is not None)
     if not (args.keep and theirs.exists()):
         theirs.unlink(missing_ok=True)
         session = SQLiteSession(_NAME, theirs)
@@ -144,6 +157,8 @@ async def main(argv: Sequence[str] | None = None) -> None:
     finally:
         for store, _ in stores.values():
             await store.close()
+        if args.dsn and args.keep is None:
+            await drop_database(args.dsn, pg_name)
     if profile is not None:
         profile.dump_stats(args.profile)
     base = percentile(times["openai-agents"], 50)
