@@ -34,14 +34,14 @@ import msgspec
 from immagent import accumulator, chains, codec
 from immagent.assets import Dictionary, Digest, Kind
 from immagent.exceptions import IntegrityError
+from immagent.store.layout import LOC_OFFSET as _OFFSET
+from immagent.store.layout import LOC_SHIFT as _SHIFT
 
 __all__ = ["BATCH", "NodeColumns", "Planned", "Records", "Run", "dictionaries_from",
            "plan_runs"]
 
 #: Nodes migrated per batch (their elements are read in one statement).
 BATCH = 500
-_SHIFT = 24
-_OFFSET = (1 << _SHIFT) - 1
 
 
 class Planned(NamedTuple):

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
-__all__ = ["INDEXES", "TABLES", "Column", "Index"]
+__all__ = ["INDEXES", "LOC_OFFSET", "LOC_SHIFT", "TABLES", "Column", "Index"]
+
+#: A chain node's ``loc`` is ``run << LOC_SHIFT | offset``: its offset in its run takes the
+#: low LOC_SHIFT bits (docs/layout.md).
+LOC_SHIFT = 24
+LOC_OFFSET = (1 << LOC_SHIFT) - 1
 
 Type = Literal["digest", "uuid", "blob", "text", "int", "time", "seq"]
 Check = Literal["len32", "len16", "mult32"]

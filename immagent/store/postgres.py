@@ -61,6 +61,8 @@ from immagent.store.backend import (
     WriteResult,
 )
 from immagent.store.dsn import redact, scrub
+from immagent.store.layout import LOC_OFFSET as _OFFSET
+from immagent.store.layout import LOC_SHIFT as _SHIFT
 from immagent.store.schema import schema_sql
 from immagent.store.sql import (
     DOOMED_TOTALS,
@@ -71,6 +73,7 @@ from immagent.store.sql import (
     StateQueries,
     followers_query,
     judge_query,
+    node_rows,
 )
 from immagent.store.sql import WriteAborted as _Abort
 
@@ -96,9 +99,6 @@ _STATE_COLUMNS = "id, parent_id, kind, stream, refs, body, digest, created_at, s
 _ASSET_COLUMNS = "digest, kind, refs, body, codec"
 #: Inserts a replacing write tries (see _insert_states).
 _REPLACE_ROUNDS = 2
-#: A node's offset in its run takes the low 24 bits of its loc (see schema.sql).
-_SHIFT = 24
-_OFFSET = (1 << _SHIFT) - 1
 # `r` is always the first row of `n`'s run: its depth, and its parent (a run's first
 # node's parent; the row before it for every other node).
 _NODE_COLUMNS = ("n.loc, n.digest, n.kind, n.count, n.codec, n.refs, n.peaks, n.body, "
@@ -239,26 +239,13 @@ def _asset(row: Sequence[Any]) -> StoredAsset:
                        int(row[4]))
 
 
+def _bytes(value: Any) -> bytes | None:
+    return None if value is None else bytes(value)  # a NULL refs column: no refs
+
+
 def _node_rows(rows: Sequence[Sequence[Any]],
                previous: tuple[int, bytes] | None = None) -> list[NodeRow]:
-    """NodeRows from (loc, digest, kind, count, codec, refs, peaks, body, run depth, run
-    parent digest) rows in loc order: a row's parent is the row before it in its run (None
-    where that row is missing, which the checks report), or its run's parent. A row whose
-    run has lost its first row (run depth None) gets its offset as depth and no parent, so
-    the checks report it instead of it going unseen."""
-    out: list[NodeRow] = []
-    for loc, digest, kind, count, row_codec, refs, peaks, body, depth, run_parent in rows:
-        offset = loc & _OFFSET
-        if offset == 0:
-            parent = None if run_parent is None else bytes(run_parent)
-        else:
-            parent = previous[1] if previous is not None and previous[0] == loc - 1 else None
-        digest = bytes(digest)
-        out.append(NodeRow(digest, int(kind), int(depth or 0) + offset, parent, split_refs(refs),
-                           bytes(body), int(row_codec),
-                           None if peaks is None else bytes(peaks), int(count)))
-        previous = (loc, digest)
-    return out
+    return node_rows(rows, previous, _bytes, int)
 
 
 async def _mark(conn: psycopg.AsyncConnection[Any]) -> None:

@@ -6,16 +6,19 @@ transaction with its result, and the one that rolls a dry run back."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar
 from uuid import UUID
 
+from immagent.chains import NodeRow
 from immagent.records import StateRow
+from immagent.rows import split_refs
 from immagent.store.backend import WriteResult
+from immagent.store.layout import LOC_OFFSET
 
 __all__ = ["DOOMED_TOTALS", "MOVED_MARKS", "ROOTED_STATES", "Dialect", "Rehearsal",
            "StateQueries", "WriteAborted", "count_query", "followers_query", "heads_query",
-           "judge_query", "scan_query", "state_filter", "stream_query"]
+           "judge_query", "node_rows", "scan_query", "state_filter", "stream_query"]
 
 T = TypeVar("T")
 
@@ -268,3 +271,28 @@ DOOMED_TOTALS = """
     SELECT kind, count(*), coalesce(sum(bytes), 0) FROM immagent_judged WHERE doomed
      GROUP BY kind
 """
+
+
+def node_rows(rows: Sequence[Sequence[Any]], previous: tuple[int, bytes] | None,
+              blob: Callable[[Any], Any], integer: Callable[[Any], Any]) -> list[NodeRow]:
+    """NodeRows from (loc, digest, kind, count, codec, refs, peaks, body, run depth, run
+    parent digest) rows in loc order: a row's parent is the row before it in its run (None
+    where that row is missing, which the checks report), or its run's parent. A row whose
+    run has lost its first row (run depth None) gets its offset as depth and no parent, so
+    the checks report it instead of it going unseen. ``blob`` and ``integer`` turn a
+    driver's column values into bytes and ints (SQLite keeps a damaged column's type for
+    the checks to report)."""
+    out: list[NodeRow] = []
+    for loc, digest, kind, count, row_codec, refs, peaks, body, depth, run_parent in rows:
+        offset = loc & LOC_OFFSET
+        if offset == 0:
+            parent = None if run_parent is None else blob(run_parent)
+        else:
+            parent = previous[1] if previous is not None and previous[0] == loc - 1 else None
+        digest = blob(digest)
+        out.append(NodeRow(digest, integer(kind), integer(depth or 0) + offset, parent,
+                           split_refs(blob(refs)), blob(body),
+                           integer(row_codec), None if peaks is None else blob(peaks),
+                           integer(count)))
+        previous = (loc, digest)
+    return out

@@ -66,6 +66,8 @@ from immagent.store.backend import (
     SweepResult,
     WriteResult,
 )
+from immagent.store.layout import LOC_OFFSET as _OFFSET
+from immagent.store.layout import LOC_SHIFT as _SHIFT
 from immagent.store.sql import (
     DOOMED_TOTALS,
     MOVED_MARKS,
@@ -75,6 +77,7 @@ from immagent.store.sql import (
     StateQueries,
     followers_query,
     judge_query,
+    node_rows,
 )
 from immagent.store.sql import WriteAborted as _Abort
 
@@ -160,10 +163,6 @@ _DDL = (
     "CREATE INDEX IF NOT EXISTS immagent_nodes_digest ON immagent_nodes (substr(digest, 1, 8))",
 )
 
-#: A node's offset in its run takes the low bits of its loc: 2**24 nodes per run (a longer
-#: chain continues in a new run, as after a fork).
-_SHIFT = 24
-_OFFSET = (1 << _SHIFT) - 1
 # `r` is always the first row of `n`'s run: its depth, and its parent (a run's first
 # node's parent; the row before it for every other node).
 _NODE_COLUMNS = ("n.loc, n.digest, n.kind, n.count, n.codec, n.refs, n.peaks, n.body, "
@@ -370,24 +369,11 @@ def _asset(row: Sequence[Any]) -> StoredAsset:
 
 def _node_rows(rows: Sequence[Sequence[Any]],
                previous: tuple[int, bytes] | None = None) -> list[NodeRow]:
-    """NodeRows from (loc, digest, kind, count, codec, refs, peaks, body, run depth, run
-    parent digest) rows in loc order: a row's parent is the row before it in its run (None
-    where that row is missing, which the checks report), or its run's parent. A row whose
-    run has lost its first row (run depth None) gets its offset as depth and no parent, so
-    the checks report it instead of it going unseen."""
-    out: list[NodeRow] = []
-    for loc, digest, kind, count, row_codec, refs, peaks, body, depth, run_parent in rows:
-        offset = loc & _OFFSET
-        if offset == 0:
-            parent = None if run_parent is None else _blob(run_parent)
-        else:
-            parent = previous[1] if previous is not None and previous[0] == loc - 1 else None
-        digest = _blob(digest)
-        out.append(NodeRow(digest, kind, (depth or 0) + offset, parent, split_refs(_blob(refs)),
-                           _blob(body), row_codec, None if peaks is None else _blob(peaks),
-                           count))
-        previous = (loc, digest)
-    return out
+    return node_rows(rows, previous, _blob, _same)
+
+
+def _same(value: Any) -> Any:
+    return value  # SQLite's ints are ints; a damaged column keeps its type for the checks
 
 
 def _find_node(conn: sqlite3.Connection, digest: bytes) -> int | None:
